@@ -1,0 +1,233 @@
+"""Turn timestamps and product event names into words for the person reading an email."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+GENERIC_ACTION = "used the app"
+
+# Past tenses that "add -ed" gets wrong.
+_IRREGULAR_PAST = {
+    "begin": "began",
+    "build": "built",
+    "buy": "bought",
+    "chat": "chatted",
+    "commit": "committed",
+    "drop": "dropped",
+    "embed": "embedded",
+    "find": "found",
+    "get": "got",
+    "make": "made",
+    "pay": "paid",
+    "plan": "planned",
+    "read": "read",
+    "run": "ran",
+    "see": "saw",
+    "send": "sent",
+    "set": "set",
+    "ship": "shipped",
+    "stop": "stopped",
+    "submit": "submitted",
+    "tag": "tagged",
+    "write": "wrote",
+}
+# fmt: off
+_REGULAR_VERBS = (
+    "accept", "add", "apply", "approve", "archive", "assign", "attach", "book", "browse",
+    "cancel", "change", "click", "close", "comment", "complete", "configure", "connect", "copy",
+    "create", "customize", "delete", "deploy", "disable", "download", "downgrade", "duplicate",
+    "edit", "enable", "explore", "export", "filter", "finish", "follow", "generate", "import",
+    "install", "integrate", "invite", "join", "launch", "like", "link", "merge", "move", "open",
+    "order", "play", "post", "preview", "print", "publish", "purchase", "reach", "record",
+    "redeem", "remove", "rename", "reopen", "reply", "request", "reset", "resolve", "restore",
+    "review", "save", "schedule", "search", "share", "sort", "start", "subscribe", "sync",
+    "test", "try", "unsubscribe", "update", "upgrade", "upload", "use", "verify", "view",
+    "visit", "watch",
+)
+# fmt: on
+
+# Whole event names (after joining particles) that are phrases of their own.
+_PHRASES = {
+    "login": "logged in",
+    "logout": "logged out",
+    "signin": "signed in",
+    "signout": "signed out",
+    "signup": "signed up",
+    "checkout": "checked out",
+    "pageview": "viewed a page",
+}
+_PARTICLE_VERBS = {"log": "log", "logged": "log", "sign": "sign", "signed": "sign"}
+_PARTICLES = {"in", "out", "up"}
+
+# Things that happen to a user rather than actions they took: not worth naming in an email.
+_NOT_ACTIONS = {"bounced", "crashed", "errored", "expired", "failed", "timed"}
+_NAMESPACES = {"app", "event", "evt", "product", "user", "users"}
+_OWNED = {
+    "account",
+    "avatar",
+    "billing",
+    "card",
+    "email",
+    "organization",
+    "password",
+    "payment method",
+    "plan",
+    "preferences",
+    "profile",
+    "settings",
+    "subscription",
+    "team",
+    "workspace",
+}
+_UNCOUNTABLE = {"access", "analytics", "billing", "content", "data", "feedback", "onboarding"}
+_ACRONYMS = {"ai", "api", "crm", "csv", "json", "mfa", "pdf", "sdk", "sms", "sso", "ui", "url"}
+# Letters whose names start with a vowel sound: "an SSO login", "a CSV export".
+_AN_LETTERS = set("aefhilmnorsx")
+_A_PREFIXES = ("eu", "one", "uni", "use", "usa", "uti")
+_AN_PREFIXES = ("hour", "honest")
+
+
+def _regular_past(verb: str) -> str:
+    if verb.endswith("e"):
+        return verb + "d"
+    if verb.endswith("y") and verb[-2] not in "aeiou":
+        return verb[:-1] + "ied"
+    return verb + "ed"
+
+
+_PAST = {verb: _regular_past(verb) for verb in _REGULAR_VERBS} | _IRREGULAR_PAST
+_BASE_OF_PAST = {past: base for base, past in _PAST.items()}
+
+
+def time_ago(then: datetime, now: datetime, tz: str | None = None) -> str:
+    """How long before `now` `then` was, as people say it: "3 hours ago", "yesterday".
+
+    Calendar words ("yesterday") follow the reader's time zone `tz` (an IANA name); an unknown or
+    missing zone means UTC, because a bad value in a user's profile must not stop an email. Naive
+    datetimes are taken as UTC. A `then` after `now` (clock skew) reads "just now".
+    """
+    zone = _zone(tz)
+    then_local = _aware(then).astimezone(zone)
+    now_local = _aware(now).astimezone(zone)
+    seconds = (now_local - then_local).total_seconds()
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return _ago(int(seconds // 60), "minute", "a")
+    days = (now_local.date() - then_local.date()).days
+    # Late last night is "3 hours ago" in the morning, not "yesterday".
+    if days == 0 or seconds < 6 * 3600:
+        return _ago(int(seconds // 3600), "hour", "an")
+    if days == 1:
+        return "yesterday"
+    if days < 14:
+        return f"{days} days ago"
+    if days < 30:
+        return f"{days // 7} weeks ago"
+    if days < 365:
+        return _ago(days // 30, "month", "a")
+    return _ago(days // 365, "year", "a")
+
+
+def describe_action(event_name: str) -> str:
+    """A product event name as a phrase that completes "you ...": "exported a report".
+
+    Understands `object.verbed` (`report.exported`), `verb_object` (`export_report`), camelCase and
+    spaced names. Anything it cannot read becomes `GENERIC_ACTION`; it never raises.
+    """
+    words = _words(event_name if isinstance(event_name, str) else "")
+    for word in words:
+        if word in _PHRASES:
+            return _PHRASES[word]
+    if any(word in _NOT_ACTIONS for word in words):
+        return GENERIC_ACTION
+    verb_index = _verb_index(words)
+    if verb_index is None:
+        return GENERIC_ACTION
+    verb = words[verb_index]
+    past = _PAST.get(verb, verb)
+    thing = words[:verb_index] + words[verb_index + 1 :]
+    if len(thing) > 1 and thing[0] in _NAMESPACES:
+        thing = thing[1:]
+    if len(thing) > 4:
+        return GENERIC_ACTION
+    if not thing:
+        return past
+    return f"{past} {_noun_phrase(thing)}"
+
+
+def _zone(tz: str | None) -> tzinfo:
+    if not tz:
+        return UTC
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _ago(count: int, unit: str, article: str) -> str:
+    return f"{article} {unit} ago" if count == 1 else f"{count} {unit}s ago"
+
+
+def _words(event_name: str) -> list[str]:
+    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", event_name)
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", spaced)
+    # Digits mark ids and versions ("evt_123", "v2"), not words a reader wants to see.
+    raw = [
+        word
+        for word in re.findall(r"[a-z0-9]+", spaced.lower())
+        if not any(c.isdigit() for c in word)
+    ]
+    words: list[str] = []
+    for word in raw:
+        if words and word in _PARTICLES and words[-1] in _PARTICLE_VERBS:
+            words[-1] = _PARTICLE_VERBS[words[-1]] + word
+        else:
+            words.append(word)
+    return words
+
+
+def _verb_index(words: list[str]) -> int | None:
+    # A past tense names what happened ("invite_sent": sent, not invite); look from the end,
+    # where `object.verbed` names put it.
+    for index in range(len(words) - 1, -1, -1):
+        if words[index] in _BASE_OF_PAST:
+            return index
+    for index, word in enumerate(words):
+        if word in _PAST:
+            return index
+    last = words[-1] if words else ""
+    if len(last) >= 5 and last.endswith("ed") and not last.endswith("eed"):
+        return len(words) - 1
+    return None
+
+
+def _noun_phrase(words: list[str]) -> str:
+    phrase = " ".join(words)
+    head = words[-1]
+    shown = " ".join(word.upper() if word in _ACRONYMS else word for word in words)
+    if phrase in _OWNED or head in _OWNED:
+        return f"your {shown}"
+    if head in _UNCOUNTABLE or _is_plural(head):
+        return shown
+    return f"{_article(words[0])} {shown}"
+
+
+def _is_plural(word: str) -> bool:
+    return word.endswith("s") and not word.endswith(("ss", "us", "is"))
+
+
+def _article(word: str) -> str:
+    if word in _ACRONYMS:
+        return "an" if word[0] in _AN_LETTERS else "a"
+    if word.startswith(_AN_PREFIXES):
+        return "an"
+    if word[0] in "aeiou" and not word.startswith(_A_PREFIXES):
+        return "an"
+    return "a"

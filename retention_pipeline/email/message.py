@@ -1,0 +1,41 @@
+"""The values that cross the boundary between rendering, sending and the send log."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class OutgoingEmail:
+    """One rendered email, ready to hand to a sender.
+
+    `key` is the send-log key (for example `re_engagement:42:2026-11-20:1`): unique per email and
+    stable across retries, so a sender can use it to make re-sends harmless.
+    """
+
+    key: str
+    to: str
+    subject: str
+    html: str
+    text: str
+    headers: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What happened to one `OutgoingEmail`; `error` is set exactly when `status` is "failed"."""
+
+    key: str
+    status: Literal["sent", "failed"]
+    provider_id: str | None = None
+    error: str | None = None
+
+
+class EmailSender(Protocol):
+    def send(self, emails: Sequence[OutgoingEmail]) -> list[SendResult]:
+        """Send every email; return one result per input, in input order, without raising for
+        delivery failures (the caller records them)."""
+        ...

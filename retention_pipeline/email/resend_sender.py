@@ -1,0 +1,324 @@
+"""Send `OutgoingEmail`s through Resend's batch endpoint: paced, retried and idempotent.
+
+Delivery failures never raise: every email gets a `SendResult`, and the caller records the failed
+ones. The API key never leaves this module in an error, a log line or a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import resend
+from resend.exceptions import NoContentError, ResendError
+
+from retention_pipeline.email.message import OutgoingEmail, SendResult
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 100
+"""Resend accepts at most 100 emails per batch request."""
+
+# The SDK reads the API key from a module global when it builds each request, so two senders with
+# different keys in one process must not interleave between setting the key and sending.
+_SDK_LOCK = threading.Lock()
+
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_BEARER = re.compile(r"Bearer\s+\S+", re.IGNORECASE)
+_QUOTA_ERRORS = frozenset({"daily_quota_exceeded", "monthly_quota_exceeded"})
+_AUTH_STATUSES = frozenset({401, 403})
+
+
+def batch_idempotency_key(keys: Iterable[str]) -> str:
+    """The `Idempotency-Key` of a batch: a digest of its sorted send-log keys.
+
+    Sorting makes it independent of order inside the batch; JSON keeps `["a,b"]` and `["a", "b"]`
+    apart. Resend remembers the key for 24 hours, so re-sending the same batch in that window
+    returns the first response instead of sending again.
+    """
+    digest = hashlib.sha256(json.dumps(sorted(keys)).encode()).hexdigest()
+    return f"retention-batch/{digest}"
+
+
+@dataclass(frozen=True)
+class _Failure:
+    description: str
+    retryable: bool
+    retry_after: float | None = None
+    stops_run: bool = False
+    already_sent: bool = False
+
+
+class _Pacer:
+    """Spaces request starts at least `1 / requests_per_second` apart."""
+
+    def __init__(
+        self, requests_per_second: float, clock: Callable[[], float], sleep: Callable[[float], None]
+    ) -> None:
+        self._interval = 1.0 / requests_per_second
+        self._clock = clock
+        self._sleep = sleep
+        self._next_start: float | None = None
+
+    def wait(self) -> None:
+        now = self._clock()
+        if self._next_start is not None and now < self._next_start:
+            self._sleep(self._next_start - now)
+            now = self._next_start
+        self._next_start = now + self._interval
+
+
+class ResendSender:
+    """An `EmailSender` backed by the official `resend` SDK (`resend.Batch.send`).
+
+    Emails are split into batches of at most 100 in input order; each batch is sent sorted by key,
+    with an `Idempotency-Key` derived from its keys and permissive validation (an invalid email
+    fails alone). Results come back in input order. Requests are paced to `requests_per_second`;
+    429 waits `retry-after`, 5xx and connection errors back off exponentially with full jitter, up
+    to `max_attempts` requests per batch. Other 4xx answers fail the batch without a retry, and
+    401/403 fail the rest of the call too.
+
+    `sleep`, `clock` and `rng` (the jitter's source) are injectable so tests can observe waiting
+    without waiting.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        from_address: str,
+        requests_per_second: float = 2.0,
+        max_attempts: int = 6,
+        backoff_base_seconds: float = 0.5,
+        backoff_max_seconds: float = 30,
+        reply_to: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("ResendSender needs an API key; use OutboxSender when there is none")
+        if not from_address:
+            raise ValueError("ResendSender needs a from_address")
+        if requests_per_second <= 0:
+            raise ValueError(f"requests_per_second must be positive, got {requests_per_second}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        if backoff_base_seconds < 0 or backoff_max_seconds < 0:
+            raise ValueError("backoff_base_seconds and backoff_max_seconds must not be negative")
+        self._api_key = api_key
+        self.from_address = from_address
+        self.reply_to = reply_to
+        self.max_attempts = max_attempts
+        self.backoff_base_seconds = backoff_base_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self._sleep = sleep
+        self._pacer = _Pacer(requests_per_second, clock, sleep)
+        self._random = rng or random.Random()
+
+    def __repr__(self) -> str:
+        return f"ResendSender(from_address={self.from_address!r}, api_key=[redacted])"
+
+    def send(self, emails: Sequence[OutgoingEmail]) -> list[SendResult]:
+        duplicates = sorted(key for key, n in Counter(e.key for e in emails).items() if n > 1)
+        if duplicates:
+            # One key twice would share an Idempotency-Key yet be two deliveries: a caller bug.
+            raise ValueError(f"duplicate send keys in one send: {duplicates[:5]}")
+        batches = [
+            emails[start : start + BATCH_SIZE] for start in range(0, len(emails), BATCH_SIZE)
+        ]
+        results: list[SendResult] = []
+        stop_reason: str | None = None
+        for number, batch in enumerate(batches, start=1):
+            if stop_reason is not None:
+                # An invalid or missing key fails every request alike; don't hammer the API.
+                results.extend(_failed(batch, stop_reason))
+                continue
+            batch_results, stop_reason = self._send_batch(batch, number, len(batches))
+            results.extend(batch_results)
+        return results
+
+    def _send_batch(
+        self, batch: Sequence[OutgoingEmail], number: int, total: int
+    ) -> tuple[list[SendResult], str | None]:
+        # Resend answers 409 when a known Idempotency-Key comes with a different payload, so the
+        # payload, like the key, must depend only on which emails are in the batch, not their order.
+        ordered = sorted(batch, key=lambda email: email.key)
+        params = [self._params(email) for email in ordered]
+        idempotency_key = batch_idempotency_key(email.key for email in ordered)
+        options: resend.Batch.SendOptions = {
+            "idempotency_key": idempotency_key,
+            "batch_validation": "permissive",
+        }
+        label = f"Resend batch {number}/{total} ({len(batch)} emails)"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self._post(params, options)
+            except (ResendError, NoContentError) as exc:
+                failure = self._classify(exc)
+            else:
+                by_key = {result.key: result for result in self._results(ordered, response, label)}
+                return [by_key[email.key] for email in batch], None
+            if not failure.retryable:
+                logger.error("%s failed: %s", label, failure.description)
+                error = _rejection(failure)
+                return _failed(batch, error), error if failure.stops_run else None
+            if attempt == self.max_attempts:
+                logger.error(
+                    "%s: giving up after %d attempts: %s", label, attempt, failure.description
+                )
+                error = (
+                    f"gave up after {attempt} attempts, last error: {failure.description} "
+                    "(re-sending this batch within 24 hours reuses its Idempotency-Key, so emails "
+                    "Resend did accept are not sent twice)"
+                )
+                return _failed(batch, error), None
+            delay = (
+                failure.retry_after if failure.retry_after is not None else self._backoff(attempt)
+            )
+            logger.warning(
+                "%s: %s; retrying in %.2fs (attempt %d of %d)",
+                label,
+                failure.description,
+                delay,
+                attempt + 1,
+                self.max_attempts,
+            )
+            self._sleep(delay)
+
+    def _post(
+        self, params: list[resend.Emails.SendParams], options: resend.Batch.SendOptions
+    ) -> resend.Batch.SendResponse:
+        with _SDK_LOCK:
+            self._pacer.wait()
+            previous_key = resend.api_key
+            resend.api_key = self._api_key
+            try:
+                return resend.Batch.send(params, options)
+            finally:
+                resend.api_key = previous_key
+
+    def _params(self, email: OutgoingEmail) -> resend.Emails.SendParams:
+        params: resend.Emails.SendParams = {
+            "from": self.from_address,
+            "to": [email.to],
+            "subject": email.subject,
+            "html": email.html,
+            "text": email.text,
+        }
+        if email.headers:
+            params["headers"] = dict(email.headers)
+        if email.tags:
+            params["tags"] = [
+                {"name": _tag_part(name), "value": _tag_part(value)}
+                for name, value in email.tags.items()
+            ]
+        if self.reply_to:
+            params["reply_to"] = self.reply_to
+        return params
+
+    def _results(
+        self, batch: Sequence[OutgoingEmail], response: dict[str, Any], label: str
+    ) -> list[SendResult]:
+        errors: dict[int, str] = {}
+        for item in response.get("errors") or []:
+            index = item.get("index")
+            if isinstance(index, int) and 0 <= index < len(batch):
+                errors[index] = self._scrub(str(item.get("message") or "invalid email"))
+        # In permissive mode `data` lists only the accepted emails, in input order.
+        ids = [entry.get("id") for entry in response.get("data") or []]
+        if len(ids) != len(batch) - len(errors):
+            logger.warning(
+                "%s: Resend returned %d ids for %d accepted emails; some results have no id",
+                label,
+                len(ids),
+                len(batch) - len(errors),
+            )
+        accepted_ids = iter(ids)
+        results = []
+        for index, email in enumerate(batch):
+            if index in errors:
+                results.append(
+                    SendResult(email.key, "failed", None, f"rejected by Resend: {errors[index]}")
+                )
+            else:
+                results.append(SendResult(email.key, "sent", next(accepted_ids, None), None))
+        if errors:
+            logger.warning("%s: %d emails rejected individually", label, len(errors))
+        return results
+
+    def _classify(self, exc: ResendError | NoContentError) -> _Failure:
+        if isinstance(exc, NoContentError):
+            return _Failure("Resend returned an empty response", retryable=True)
+        message = self._scrub(str(exc.message))
+        error_type = self._scrub(str(exc.error_type))
+        if error_type == "HttpClientError":
+            return _Failure(f"connection error: {message}", retryable=True)
+        try:
+            status = int(exc.code)
+        except (TypeError, ValueError):
+            status = 500
+        description = f"HTTP {status} {error_type}: {message}"
+        if status == 429:
+            if error_type in _QUOTA_ERRORS:
+                return _Failure(description, retryable=False)
+            return _Failure(description, retryable=True, retry_after=_retry_after(exc.headers))
+        if status == 409 and error_type == "concurrent_idempotent_requests":
+            return _Failure(description, retryable=True)
+        if status == 409 and error_type == "invalid_idempotent_request":
+            return _Failure(description, retryable=False, already_sent=True)
+        if status >= 500:
+            return _Failure(description, retryable=True)
+        return _Failure(description, retryable=False, stops_run=status in _AUTH_STATUSES)
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.backoff_max_seconds, self.backoff_base_seconds * 2 ** (attempt - 1))
+        return self._random.uniform(0, ceiling)
+
+    def _scrub(self, text: str) -> str:
+        # A proxy or a misbehaving server may echo the request headers back in an error body.
+        text = text.replace(self._api_key, "[redacted]")
+        return _BEARER.sub("Bearer [redacted]", text)
+
+
+def _rejection(failure: _Failure) -> str:
+    if failure.already_sent:
+        return (
+            f"not sent again: {failure.description} (Resend saw this batch's Idempotency-Key with "
+            "different content in the last 24 hours, so these emails were most likely sent already)"
+        )
+    return f"rejected by Resend: {failure.description}"
+
+
+def _failed(batch: Sequence[OutgoingEmail], error: str) -> list[SendResult]:
+    return [SendResult(email.key, "failed", None, error) for email in batch]
+
+
+def _tag_part(value: str) -> str:
+    # Resend rejects tag names and values outside [A-Za-z0-9_-] or longer than 256 characters,
+    # and one bad tag would fail the whole email.
+    return _TAG_UNSAFE.sub("_", value)[:256] or "_"
+
+
+def _retry_after(headers: dict[str, str] | None) -> float | None:
+    # The SDK copies the response headers into a plain dict, so their case is the server's.
+    for name, value in (headers or {}).items():
+        if name.lower() == "retry-after":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None
+            return max(seconds, 0.0) if math.isfinite(seconds) else None
+    return None

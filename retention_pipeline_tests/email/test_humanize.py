@@ -1,0 +1,102 @@
+"""Words for people: how long ago, and what they did."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from retention_pipeline.email.humanize import GENERIC_ACTION, describe_action, time_ago
+
+NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("ago", "expected"),
+    [
+        (timedelta(seconds=0), "just now"),
+        (timedelta(seconds=59), "just now"),
+        (timedelta(minutes=1), "a minute ago"),
+        (timedelta(minutes=45), "45 minutes ago"),
+        (timedelta(hours=1), "an hour ago"),
+        (timedelta(hours=3), "3 hours ago"),
+        (timedelta(hours=24), "yesterday"),
+        (timedelta(days=2), "2 days ago"),
+        (timedelta(days=8), "8 days ago"),
+        (timedelta(days=13), "13 days ago"),
+        (timedelta(days=14), "2 weeks ago"),
+        (timedelta(days=21), "3 weeks ago"),
+        (timedelta(days=35), "a month ago"),
+        (timedelta(days=65), "2 months ago"),
+        (timedelta(days=400), "a year ago"),
+        (timedelta(days=1000), "2 years ago"),
+        (-timedelta(minutes=5), "just now"),
+    ],
+)
+def test_time_ago(ago: timedelta, expected: str) -> None:
+    assert time_ago(NOW - ago, NOW, "UTC") == expected
+
+
+def test_yesterday_follows_the_readers_calendar() -> None:
+    then = datetime(2026, 11, 19, 22, 0, tzinfo=UTC)
+    now = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+
+    # Los Angeles: 14:00 on the 19th to 02:00 on the 20th. Tokyo: both on the 20th.
+    assert time_ago(then, now, "America/Los_Angeles") == "yesterday"
+    assert time_ago(then, now, "Asia/Tokyo") == "12 hours ago"
+
+
+def test_late_last_night_is_hours_ago_not_yesterday() -> None:
+    then = datetime(2026, 11, 19, 23, 30, tzinfo=UTC)
+    assert time_ago(then, datetime(2026, 11, 20, 2, 30, tzinfo=UTC), None) == "3 hours ago"
+
+
+def test_naive_times_and_unknown_zones_mean_utc() -> None:
+    naive_then = datetime(2026, 11, 18, 15, 0)
+    assert time_ago(naive_then, NOW, "Not/AZone") == "2 days ago"
+    assert time_ago(naive_then, NOW, "") == "2 days ago"
+
+
+@pytest.mark.parametrize(
+    ("event_name", "expected"),
+    [
+        ("report.exported", "exported a report"),
+        ("export_report", "exported a report"),
+        ("invite_sent", "sent an invite"),
+        ("dashboard_viewed", "viewed a dashboard"),
+        ("project.created", "created a project"),
+        ("Report Exported", "exported a report"),
+        ("reportExported", "exported a report"),
+        ("APIKeyCreated", "created an API key"),
+        ("user.signed_up", "signed up"),
+        ("user_logged_in", "logged in"),
+        ("login", "logged in"),
+        ("page_view", "viewed a page"),
+        ("subscription_upgraded", "upgraded your subscription"),
+        ("user.profile_updated", "updated your profile"),
+        ("reports_exported", "exported reports"),
+        ("onboarding_completed", "completed onboarding"),
+        ("csv_export_downloaded", "downloaded a CSV export"),
+        ("team_member_invited", "invited a team member"),
+        ("invoice.paid", "paid an invoice"),
+        ("milestone_reached", "reached a milestone"),
+        ("widget.frobnicated", "frobnicated a widget"),
+    ],
+)
+def test_describe_action(event_name: str, expected: str) -> None:
+    assert describe_action(event_name) == expected
+
+
+@pytest.mark.parametrize(
+    "event_name",
+    ["", "___", "evt_123_xyz", "$$$", "payment_failed", "trial.expired", "a.b.c.d.e_created", "🙂"],
+)
+def test_unreadable_or_non_action_names_fall_back(event_name: str) -> None:
+    assert describe_action(event_name) == GENERIC_ACTION
+
+
+def test_describe_action_never_raises_or_leaks_raw_names() -> None:
+    for event_name in ["user__signed__up", "x" * 10_000, "a-b_c.d:e/f", "\x00\n\t", None, 42]:
+        phrase = describe_action(event_name)  # type: ignore[arg-type]
+        assert phrase
+        assert "_" not in phrase and "." not in phrase and "\n" not in phrase
