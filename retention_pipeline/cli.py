@@ -1,0 +1,241 @@
+"""`retention-pipeline`: the product's command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+
+from retention_pipeline.config.loader import CONFIG_ENV_VAR, ConfigError, load_config, project_root
+from retention_pipeline.database.app_tables import MappingError
+
+DEV_INSTANCE_YAML = """\
+# Written by `retention-pipeline dev`: a local instance (SQLite storage under this folder).
+# Production uses the project's dagster.yaml instead; see the README.
+run_retries:
+  enabled: true
+  max_retries: 3
+telemetry:
+  enabled: false
+"""
+
+
+def _engine(config):
+    from retention_pipeline.database.connection import create_app_engine, resolve_database_url
+
+    return create_app_engine(resolve_database_url(config), config.database.statement_timeout)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from retention_pipeline.database.app_tables import resolve_app_tables
+
+    config = load_config(args.config)
+    with _engine(config).connect() as connection:
+        resolve_app_tables(connection, config.database.tables)
+    print(f"ok: {len(config.loops)} loop(s); the app tables match the mapping")
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from retention_pipeline.tracking.install import install
+
+    config = load_config(args.config)
+    with _engine(config).begin() as connection:
+        report = install(connection, config)
+    print(
+        f"schema {config.database.schema_} at revision {report.revision}; tracking: {report.mode} "
+        f"({report.timezone}); rollup rows: {report.rollup_rows}"
+        + ("; backfilled from existing rows" if report.backfilled else "")
+    )
+    return 0
+
+
+def cmd_db_refresh(args: argparse.Namespace) -> int:
+    from retention_pipeline.tracking.install import refresh_incremental
+
+    config = load_config(args.config)
+    with _engine(config).begin() as connection:
+        since = refresh_incremental(connection, config)
+    print(f"rollup recomputed from {since or 'the beginning'}")
+    return 0
+
+
+def cmd_db_uninstall(args: argparse.Namespace) -> int:
+    from retention_pipeline.tracking.install import uninstall
+
+    config = load_config(args.config)
+    if not args.yes:
+        print("error: this drops the pipeline's schema and triggers; pass --yes", file=sys.stderr)
+        return 2
+    with _engine(config).begin() as connection:
+        uninstall(connection, config)
+    print(f"removed schema {config.database.schema_} and the tracking triggers")
+    return 0
+
+
+def cmd_demo_seed(args: argparse.Namespace) -> int:
+    from retention_pipeline.demo import seed_demo
+
+    config = load_config(args.config)
+    end = (
+        datetime.combine(args.end, time(), tzinfo=UTC)
+        if args.end
+        else datetime.now(UTC).replace(microsecond=0)
+    )
+    started = datetime.now(UTC)
+    with _engine(config).begin() as connection:
+        summary = seed_demo(connection, users=args.users, days=args.days, seed=args.seed, end=end)
+    elapsed = (datetime.now(UTC) - started).total_seconds()
+    print(f"{summary} in {elapsed:.1f}s")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from retention_pipeline.app import prepare_database
+    from retention_pipeline.database import embedded
+    from retention_pipeline.database.connection import redact, uses_embedded_database
+
+    config_path = Path(args.config).resolve() if args.config else None
+    config = load_config(config_path)
+    print("preparing the app database ...", flush=True)
+    prepared = prepare_database(config)
+    prepared.engine.dispose()
+    print(
+        f"database: {redact(prepared.url)}"
+        + (" (demo data seeded)" if prepared.seeded else "")
+        + f"; rollup rows: {prepared.install.rollup_rows}",
+        flush=True,
+    )
+    dagster_home = embedded.retention_home() / "dagster_home"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    instance_yaml = dagster_home / "dagster.yaml"
+    if not instance_yaml.exists():
+        instance_yaml.write_text(DEV_INSTANCE_YAML)
+    environment = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "RETENTION_DATABASE_URL": prepared.url,
+    }
+    if config_path:
+        environment[CONFIG_ENV_VAR] = str(config_path)
+    command = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(project_root() / "workspace.yaml"),
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
+    exit_code = _run_until_signalled(command, environment)
+    if uses_embedded_database(config) and embedded.stop():
+        print("stopped the embedded PostgreSQL", flush=True)
+    return exit_code
+
+
+def _restore_default_signals() -> None:
+    # A child started from a background shell inherits SIGINT/SIGTERM as ignored; dagster dev
+    # then never stops. Give it default handling and its own process group.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setsid()
+
+
+def _run_until_signalled(command: list[str], environment: dict[str, str]) -> int:
+    """Run `dagster dev` in its own process group; on Ctrl-C or SIGTERM stop the whole group."""
+    process = subprocess.Popen(
+        command, env=environment, cwd=project_root(), preexec_fn=_restore_default_signals
+    )
+
+    def forward(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        print("stopping dagster dev ...", flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_group(process)
+        return 0
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    # Code servers and the daemon can outlive dagster dev itself: end the whole group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retention-pipeline", description=__doc__)
+    parser.add_argument(
+        "--config",
+        help=f"loop configuration (default: ${CONFIG_ENV_VAR} "
+        "or retention.yaml at the project root)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="start the Dagster UI on the (embedded) database")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(handler=cmd_dev)
+
+    check = commands.add_parser("check", help="validate the configuration and the table mapping")
+    check.set_defaults(handler=cmd_check)
+
+    db = commands.add_parser("db", help="the pipeline's schema in the app database")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser(
+        "upgrade", help="apply migrations, install triggers, backfill"
+    ).set_defaults(handler=cmd_db_upgrade)
+    db_commands.add_parser(
+        "refresh", help="incremental mode: recompute recent rollup days"
+    ).set_defaults(handler=cmd_db_refresh)
+    uninstall = db_commands.add_parser("uninstall", help="remove everything the pipeline added")
+    uninstall.add_argument("--yes", action="store_true")
+    uninstall.set_defaults(handler=cmd_db_uninstall)
+
+    demo = commands.add_parser("demo", help="demo data")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True)
+    seed = demo_commands.add_parser("seed", help="generate a deterministic SaaS history")
+    seed.add_argument("--users", type=int, default=2000)
+    seed.add_argument("--days", type=int, default=120)
+    seed.add_argument("--seed", type=int, default=42)
+    seed.add_argument("--end", type=date.fromisoformat, help="last day (default: now)")
+    seed.set_defaults(handler=cmd_demo_seed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, MappingError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OperationalError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else "unreachable"
+        print(f"error: database.url: cannot use the app database: {reason}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

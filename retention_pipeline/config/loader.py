@@ -1,0 +1,104 @@
+"""Load `retention.yaml`: environment references, then validation, then one-line errors."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from retention_pipeline.config.models import RetentionConfig
+
+CONFIG_ENV_VAR = "RETENTION_CONFIG"
+DATABASE_URL_ENV_VAR = "RETENTION_DATABASE_URL"
+DEFAULT_CONFIG_NAME = "retention.yaml"
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the key path."""
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def default_config_path() -> Path:
+    explicit = os.environ.get(CONFIG_ENV_VAR)
+    if explicit:
+        return Path(explicit)
+    return project_root() / DEFAULT_CONFIG_NAME
+
+
+def _expand(value: Any, path: str, environ: Mapping[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: _expand(item, f"{path}.{key}" if path else str(key), environ)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_expand(item, f"{path}.{index}", environ) for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+
+    return ENV_REFERENCE.sub(substitute, value)
+
+
+def _format_location(location: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator's tag after a union field: `condition.query.timeout`
+    parts: list[str] = []
+    for index, part in enumerate(location):
+        if index and location[index - 1] == "condition" and part in ("segment", "query"):
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def parse_config(
+    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: str = "configuration"
+) -> RetentionConfig:
+    """Validate a parsed YAML document; raise ConfigError with one line on the first problem."""
+    environ = os.environ if environ is None else environ
+    try:
+        expanded = _expand(dict(raw), "", environ)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    try:
+        return RetentionConfig.model_validate(expanded)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = _format_location(first["loc"]) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {location}: {message}") from None
+
+
+def load_config(
+    path: Path | str | None = None, environ: Mapping[str, str] | None = None
+) -> RetentionConfig:
+    """Read and validate the loop configuration (default: $RETENTION_CONFIG or ./retention.yaml)."""
+    path = Path(path) if path else default_config_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(document, environ, source=str(path))

@@ -1,0 +1,337 @@
+"""The loop configuration: what `retention.yaml` may say, validated with pydantic.
+
+A loop says what the original `skene.config.ts` said: a schedule trigger, a condition (a built-in
+segment or a SQL query with a timeout), an email action and a recovery policy.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dagster import Backoff as DagsterBackoff
+from dagster import RetryPolicy
+from dagster._utils.schedules import is_valid_cron_string
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+DURATION_PATTERN = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+SEGMENTS = (
+    "new",
+    "active",
+    "at_risk",
+    "dormant",
+    "resurrected",
+    "never_activated",
+    "churned",
+)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_duration(value: str | int | float) -> timedelta:
+    """Turn `10m`, `30s`, `2h`, `500ms` (or a number of seconds) into a timedelta."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = DURATION_PATTERN.match(str(value).strip())
+        if not match:
+            raise ValueError(f"{value!r} is not a duration like 30s, 10m, 2h or 1d")
+        seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be a positive duration")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[str | int, Field(description="30s, 10m, 2h, 1d or seconds")]
+
+
+def _check_identifier(value: str) -> str:
+    if not IDENTIFIER_PATTERN.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid SQL identifier (letters, digits, _ and $, "
+            "at most 63 characters, not starting with a digit)"
+        )
+    return value
+
+
+Identifier = Annotated[str, Field(min_length=1, max_length=63)]
+
+
+class TableMapping(StrictModel):
+    """Where one of the app's tables lives and what its columns are called."""
+
+    table: Identifier
+    schema_: Identifier = Field("public", alias="schema")
+    columns: dict[str, Identifier]
+
+    @field_validator("table", "schema_")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        return _check_identifier(value)
+
+    @field_validator("columns")
+    @classmethod
+    def _column_identifiers(cls, value: dict[str, str]) -> dict[str, str]:
+        for column in value.values():
+            _check_identifier(column)
+        return value
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema_}.{self.table}"
+
+
+def _table(table: str, **columns: str) -> TableMapping:
+    return TableMapping(table=table, columns=columns)
+
+
+# The logical columns the pipeline reads from each app table; None means optional.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "users": ("id", "email", "created_at"),
+    "events": ("user_id", "name", "created_at"),
+    "sessions": ("user_id", "created_at"),
+    "subscriptions": ("user_id", "status", "plan", "amount_cents", "billing_interval"),
+}
+OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "users": ("name", "timezone"),
+    "events": ("properties",),
+    "sessions": (),
+    "subscriptions": ("updated_at", "currency"),
+}
+
+
+class AppTables(StrictModel):
+    """The app's tables, read and never written. Defaults follow a typical NestJS schema."""
+
+    users: TableMapping = _table(
+        "users", id="id", email="email", name="name", timezone="timezone", created_at="created_at"
+    )
+    events: TableMapping = _table(
+        "events", user_id="user_id", name="name", properties="properties", created_at="created_at"
+    )
+    sessions: TableMapping = _table("sessions", user_id="user_id", created_at="created_at")
+    subscriptions: TableMapping = _table(
+        "subscriptions",
+        user_id="user_id",
+        status="status",
+        plan="plan",
+        amount_cents="amount_cents",
+        billing_interval="billing_interval",
+        currency="currency",
+        updated_at="updated_at",
+    )
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> AppTables:
+        for name in REQUIRED_COLUMNS:
+            mapping: TableMapping = getattr(self, name)
+            known = set(REQUIRED_COLUMNS[name]) | set(OPTIONAL_COLUMNS[name])
+            unknown = sorted(set(mapping.columns) - known)
+            if unknown:
+                raise ValueError(
+                    f"{name}.columns: unknown column key {unknown[0]!r} "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+            missing = [key for key in REQUIRED_COLUMNS[name] if key not in mapping.columns]
+            if missing:
+                raise ValueError(f"{name}.columns: missing required column key {missing[0]!r}")
+        return self
+
+    def items(self) -> list[tuple[str, TableMapping]]:
+        return [(name, getattr(self, name)) for name in REQUIRED_COLUMNS]
+
+
+class DatabaseSettings(StrictModel):
+    url: str | None = Field(
+        None, description="SQLAlchemy URL of the app database; empty means the embedded server"
+    )
+    schema_: Identifier = Field("retention", alias="schema")
+    statement_timeout: Duration = "10m"
+    tracking: Literal["triggers", "incremental"] = "triggers"
+    tables: AppTables = AppTables()
+
+    @field_validator("schema_")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        return _check_identifier(value)
+
+    @field_validator("statement_timeout")
+    @classmethod
+    def _duration(cls, value: str | int) -> str | int:
+        parse_duration(value)
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _empty_is_embedded(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class EmailSettings(StrictModel):
+    provider: Literal["resend", "outbox"] = "resend"
+    from_address: str = Field("Acme <hello@acme.test>", alias="from")
+    reply_to: str | None = None
+    api_key: str | None = None
+    outbox_dir: str = ".retention/outbox"
+    requests_per_second: float = Field(2.0, gt=0)
+    product_name: str = "Acme"
+    app_url: str = "https://app.acme.test"
+    company_address: str = "Acme Inc., 1 Example Street, Springfield"
+    unsubscribe_url: str = "https://app.acme.test/email/unsubscribe"
+    unsubscribe_secret: str | None = None
+
+    @field_validator("api_key", "unsubscribe_secret")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class ScheduleTrigger(StrictModel):
+    type: Literal["schedule"] = "schedule"
+    cron: str = "0 9 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if not is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a valid cron expression")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a known IANA timezone") from None
+        return value
+
+
+class SegmentCondition(StrictModel):
+    type: Literal["segment"] = "segment"
+    segment: Literal[SEGMENTS] = "dormant"  # type: ignore[valid-type]
+
+
+class QueryCondition(StrictModel):
+    type: Literal["query"] = "query"
+    query: str = Field(min_length=1)
+    timeout: Duration = "10m"
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, value: str | int) -> str | int:
+        parse_duration(value)
+        return value
+
+
+Condition = Annotated[SegmentCondition | QueryCondition, Field(discriminator="type")]
+
+KNOWN_TEMPLATES = ("re_engagement", "re_engagement_follow_up", "re_engagement_last_call")
+
+
+class EmailAction(StrictModel):
+    type: Literal["email"] = "email"
+    provider: Literal["resend", "outbox"] = "resend"
+    template: str = "re_engagement"
+    personalization: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value not in KNOWN_TEMPLATES:
+            raise ValueError(f"unknown template {value!r} (known: {', '.join(KNOWN_TEMPLATES)})")
+        return value
+
+
+class Step(StrictModel):
+    trigger: ScheduleTrigger = ScheduleTrigger()
+    condition: Condition = SegmentCondition()
+    action: EmailAction = EmailAction()
+
+
+class Recovery(StrictModel):
+    retries: int = Field(3, ge=0, le=20)
+    backoff: Literal["exponential", "linear", "none"] = "exponential"
+    delay: Duration = "30s"
+
+    def retry_policy(self) -> RetryPolicy:
+        backoff = {
+            "exponential": DagsterBackoff.EXPONENTIAL,
+            "linear": DagsterBackoff.LINEAR,
+            "none": None,
+        }[self.backoff]
+        return RetryPolicy(
+            max_retries=self.retries,
+            delay=parse_duration(self.delay).total_seconds(),
+            backoff=backoff,
+        )
+
+
+class Loop(StrictModel):
+    name: Identifier
+    type: Literal["retention"] = "retention"
+    opinion: str = ""
+    steps: list[Step] = Field(min_length=1)
+    recovery: Recovery = Recovery()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_identifier(value)
+
+    @property
+    def trigger(self) -> ScheduleTrigger:
+        return self.steps[0].trigger
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> Loop:
+        first = self.steps[0].trigger
+        for index, step in enumerate(self.steps[1:], start=1):
+            if step.trigger != first:
+                raise ValueError(
+                    f"steps.{index}.trigger: every step of a loop runs on the loop's schedule "
+                    f"({first.cron} {first.timezone})"
+                )
+        return self
+
+
+class RetentionConfig(StrictModel):
+    database: DatabaseSettings = DatabaseSettings()
+    email: EmailSettings = EmailSettings()
+    loops: list[Loop] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _loops_consistent(self) -> RetentionConfig:
+        names = [loop.name for loop in self.loops]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"loops: duplicate loop name {duplicates[0]!r}")
+        first = self.loops[0].trigger.timezone
+        for index, loop in enumerate(self.loops):
+            if loop.trigger.timezone != first:
+                raise ValueError(
+                    f"loops.{index}.steps.0.trigger.timezone: all loops share one timezone, "
+                    f"because daily partitions and the activity rollup use it ({first!r} vs "
+                    f"{loop.trigger.timezone!r})"
+                )
+        return self
+
+    @property
+    def timezone(self) -> str:
+        return self.loops[0].trigger.timezone
+
+    def loop(self, name: str) -> Loop:
+        for loop in self.loops:
+            if loop.name == name:
+                return loop
+        raise KeyError(
+            f"no loop named {name!r} (known: {', '.join(known.name for known in self.loops)})"
+        )

@@ -1,0 +1,1 @@
+"""The app database: connection, the embedded server, the app-table contract and migrations."""

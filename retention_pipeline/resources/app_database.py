@@ -1,0 +1,58 @@
+"""The app database as a Dagster resource."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import dagster as dg
+from pydantic import Field
+from sqlalchemy import Engine
+
+from retention_pipeline.config import RetentionConfig, load_config
+from retention_pipeline.database import migrate
+from retention_pipeline.database.connection import (
+    create_app_engine,
+    redact,
+    resolve_database_url,
+)
+
+
+class AppDatabase(dg.ConfigurableResource):
+    """The app's PostgreSQL: the URL comes from the loop configuration (which may reference
+    $RETENTION_DATABASE_URL); with none, the embedded server."""
+
+    config_path: str | None = Field(
+        default=None, description="loop configuration; default $RETENTION_CONFIG or retention.yaml"
+    )
+
+    @cached_property
+    def config(self) -> RetentionConfig:
+        return load_config(self.config_path)
+
+    @cached_property
+    def url(self) -> str:
+        return resolve_database_url(self.config)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return create_app_engine(self.url, self.config.database.statement_timeout)
+
+    @property
+    def schema(self) -> str:
+        return self.config.database.schema_
+
+    @property
+    def display_url(self) -> str:
+        return redact(self.url)
+
+    def ensure_installed(self) -> None:
+        """Fail with one line when the pipeline's schema is missing or behind."""
+        with self.engine.connect() as connection:
+            current = migrate.current_revision(connection, self.schema)
+        head = migrate.head_revision()
+        if current != head:
+            raise dg.Failure(
+                description=f"schema {self.schema!r} in {self.display_url} is at revision {current or 'none'}, "
+                f"expected {head}: run `retention-pipeline db upgrade`",
+                allow_retries=False,
+            )

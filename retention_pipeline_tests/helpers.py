@@ -1,0 +1,36 @@
+"""Shared test helpers: configurations pointing at a test database."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from retention_pipeline.config import RetentionConfig, parse_config
+from retention_pipeline.config.loader import project_root
+
+SHIPPED_DOCUMENT = yaml.safe_load((project_root() / "retention.yaml").read_text())
+
+
+def make_config(url: str, *, timezone: str = "UTC", **database: Any) -> RetentionConfig:
+    """The shipped configuration, pointed at `url`, with database settings overridden."""
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"].update(database)
+    document["database"]["url"] = url
+    for loop in document["loops"]:
+        for step in loop["steps"]:
+            step["trigger"]["timezone"] = timezone
+    return parse_config(document, environ={})
+
+
+def write_config(directory: Path, url: str, **database: Any) -> Path:
+    """Write the shipped configuration, pointed at `url`, to a file; return its path."""
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"].update(database)
+    document["database"]["url"] = url
+    document["email"]["outbox_dir"] = str(directory / "outbox")
+    path = directory / "retention.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path

@@ -1,0 +1,64 @@
+"""The command line: one clear line and status 2 for bad input, idempotent upgrades."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.cli import main
+from retention_pipeline_tests.helpers import write_config
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "retention_pipeline.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_path, capsys):
+    config = str(write_config(tmp_path, app_database_url))
+    assert main(["--config", config, "check"]) == 0
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    first = capsys.readouterr().out
+    assert "revision 0001" in first and "backfilled" in first
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    assert "backfilled" not in capsys.readouterr().out
+    assert main(["--config", config, "db", "uninstall"]) == 2
+    assert main(["--config", config, "db", "uninstall", "--yes"]) == 0
+    engine = create_engine(app_database_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT to_regnamespace('retention')")).scalar() is None
+    engine.dispose()
+
+
+def test_bad_mapping_is_one_line_on_stderr(app_database_url, tmp_path):
+    tables = {"users": {"table": "accounts", "columns": {
+        "id": "id", "email": "email", "created_at": "created_at"}}}
+    config = str(write_config(tmp_path, app_database_url, tables=tables))
+    result = run("--config", config, "db", "upgrade")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: database.tables.users.table: app table public.accounts does not exist "
+        "in the app database\n"
+    )
+
+
+def test_bad_configuration_is_one_line_on_stderr(tmp_path):
+    config = tmp_path / "retention.yaml"
+    config.write_text("loops:\n  - name: x\n    steps:\n      - trigger: {cron: 'every day'}\n")
+    result = run("--config", str(config), "check")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: {config}: loops.0.steps.0.trigger.cron: 'every day' is not a valid cron "
+        "expression\n"
+    )
+
+
+def test_the_password_never_appears_in_output(tmp_path):
+    config = tmp_path / "retention.yaml"
+    url = "postgresql://app:s3cr3t-pw@127.0.0.1:1/app"
+    write_config(tmp_path, url)
+    result = run("--config", str(config), "check")
+    assert result.returncode != 0
+    assert "s3cr3t-pw" not in result.stdout + result.stderr

@@ -1,0 +1,144 @@
+"""The loop configuration: the shipped default and one-line errors for bad values."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retention_pipeline.config import ConfigError, load_config, parse_config
+from retention_pipeline.config.loader import project_root
+from retention_pipeline.config.models import parse_duration
+
+SHIPPED = project_root() / "retention.yaml"
+
+
+@pytest.fixture
+def document() -> dict:
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+def test_shipped_default_reproduces_the_seed_loop():
+    config = load_config(SHIPPED, environ={})
+    (loop,) = config.loops
+    assert loop.type == "retention"
+    assert loop.opinion == "Detect dormant users and trigger personalized re-engagement campaigns"
+    step = loop.steps[0]
+    assert (step.trigger.type, step.trigger.cron) == ("schedule", "0 9 * * *")
+    assert step.condition.type == "query"
+    assert step.condition.query == (
+        "SELECT * FROM users WHERE last_activity_at < NOW() - INTERVAL '7 days' "
+        "AND re_engagement_sent = false"
+    )
+    assert parse_duration(step.condition.timeout).total_seconds() == 600
+    assert (step.action.type, step.action.provider, step.action.template) == (
+        "email",
+        "resend",
+        "re_engagement",
+    )
+    assert step.action.personalization == {
+        "name": "{{user.name}}",
+        "lastActivity": "{{user.last_activity_at}}",
+    }
+    policy = loop.recovery.retry_policy()
+    assert policy.max_retries == 3
+    assert policy.backoff.value == "EXPONENTIAL"
+    assert config.database.url is None
+    assert config.email.api_key is None
+
+
+def test_environment_references_are_expanded(document):
+    config = parse_config(
+        document,
+        environ={"RETENTION_DATABASE_URL": "postgresql://db/app", "RESEND_API_KEY": "re_secret"},
+    )
+    assert config.database.url == "postgresql://db/app"
+    assert config.email.api_key == "re_secret"
+
+
+def _mutated(document: dict, path: str, value) -> dict:
+    changed = copy.deepcopy(document)
+    *parents, last = path.split(".")
+    target = changed
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    target[last] = value
+    return changed
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (
+            "loops.0.steps.0.trigger.cron",
+            "0 25 * * *",
+            "loops.0.steps.0.trigger.cron: '0 25 * * *' is not a valid cron expression",
+        ),
+        (
+            "loops.0.steps.0.trigger.timezone",
+            "Mars/Olympus",
+            "loops.0.steps.0.trigger.timezone: 'Mars/Olympus' is not a known IANA timezone",
+        ),
+        (
+            "loops.0.steps.0.action.template",
+            "win_back",
+            "loops.0.steps.0.action.template: unknown template 'win_back'",
+        ),
+        (
+            "loops.0.steps.0.condition.timeout",
+            "-10m",
+            "loops.0.steps.0.condition.timeout: '-10m' is not a duration",
+        ),
+        (
+            "loops.0.recovery.retries",
+            -1,
+            "loops.0.recovery.retries: Input should be greater than or equal to 0",
+        ),
+        ("database.tables.events.columns.colour", "colour", "unknown column key 'colour'"),
+        (
+            "database.tables.users.table",
+            "users; DROP TABLE users",
+            "database.tables.users.table: 'users; DROP TABLE users' is not a valid SQL identifier",
+        ),
+        (
+            "email.requests_per_second",
+            0,
+            "email.requests_per_second: Input should be greater than 0",
+        ),
+        ("loops.0.unknown_key", 1, "loops.0.unknown_key: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(document, path, value, expected):
+    with pytest.raises(ConfigError) as raised:
+        parse_config(_mutated(document, path, value), environ={})
+    message = str(raised.value)
+    assert "\n" not in message
+    assert expected in message
+
+
+def test_missing_environment_variable_names_key_and_variable(document):
+    document["email"]["api_key"] = "${RESEND_KEY_NOT_SET}"
+    with pytest.raises(
+        ConfigError,
+        match=r"email.api_key: environment variable "
+        r"RESEND_KEY_NOT_SET is not set",
+    ):
+        parse_config(document, environ={})
+
+
+def test_loops_must_share_one_timezone(document):
+    second = copy.deepcopy(document["loops"][0])
+    second["name"] = "second"
+    second["steps"][0]["trigger"]["timezone"] = "Europe/Berlin"
+    document["loops"].append(second)
+    with pytest.raises(ConfigError, match="loops.1.steps.0.trigger.timezone: all loops share"):
+        parse_config(document, environ={})
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path):
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loops: [\n  - name: x\n   bad")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
