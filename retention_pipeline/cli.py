@@ -11,6 +11,8 @@ import sys
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
+from sqlalchemy.exc import OperationalError
+
 from retention_pipeline.config.loader import CONFIG_ENV_VAR, ConfigError, load_config, project_root
 from retention_pipeline.database.app_tables import MappingError
 

@@ -12,8 +12,12 @@ from retention_pipeline_tests.helpers import write_config
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retention_pipeline.cli", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "retention_pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_path, capsys):
@@ -21,7 +25,7 @@ def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_pa
     assert main(["--config", config, "check"]) == 0
     assert main(["--config", config, "db", "upgrade"]) == 0
     first = capsys.readouterr().out
-    assert "revision 0001" in first and "backfilled" in first
+    assert "revision 0003" in first and "backfilled" in first
     assert main(["--config", config, "db", "upgrade"]) == 0
     assert "backfilled" not in capsys.readouterr().out
     assert main(["--config", config, "db", "uninstall"]) == 2
@@ -33,8 +37,12 @@ def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_pa
 
 
 def test_bad_mapping_is_one_line_on_stderr(app_database_url, tmp_path):
-    tables = {"users": {"table": "accounts", "columns": {
-        "id": "id", "email": "email", "created_at": "created_at"}}}
+    tables = {
+        "users": {
+            "table": "accounts",
+            "columns": {"id": "id", "email": "email", "created_at": "created_at"},
+        }
+    }
     config = str(write_config(tmp_path, app_database_url, tables=tables))
     result = run("--config", config, "db", "upgrade")
     assert result.returncode == 2

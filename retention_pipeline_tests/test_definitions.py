@@ -20,7 +20,11 @@ def test_dg_check_defs_passes(tmp_path: Path):
     environment = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     result = subprocess.run(
         [str(Path(os.sys.executable).parent / "dg"), "check", "defs"],
-        cwd=project_root(), env=environment, capture_output=True, text=True, timeout=300,
+        cwd=project_root(),
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All definitions loaded successfully" in result.stdout + result.stderr
@@ -38,14 +42,23 @@ def test_app_tables_are_external_assets_upstream_of_the_rollup():
 def test_rollup_asset_reports_size_and_tracking_errors(app_database_url, tmp_path):
     engine = create_engine(app_database_url)
     with engine.begin() as connection:
-        connection.execute(text(
-            "INSERT INTO users (email, created_at) VALUES ('a@example.com', '2026-10-01')"))
+        connection.execute(
+            text("INSERT INTO users (email, created_at) VALUES ('a@example.com', '2026-10-01')")
+        )
         install(connection, make_config(app_database_url))
-        connection.execute(text(
-            "INSERT INTO events (user_id, name, created_at) VALUES (1, 'x', '2026-11-20T10:00Z')"))
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) "
+                "VALUES (1, 'x', '2026-11-20T10:00Z')"
+            )
+        )
         connection.execute(text("DROP TABLE retention.action_daily"))
-        connection.execute(text(
-            "INSERT INTO events (user_id, name, created_at) VALUES (1, 'y', '2026-11-21T10:00Z')"))
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) "
+                "VALUES (1, 'y', '2026-11-21T10:00Z')"
+            )
+        )
     engine.dispose()
     database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
     result = dg.materialize([activity_rollup], resources={"app_database": database})
@@ -60,9 +73,10 @@ def test_rollup_asset_reports_size_and_tracking_errors(app_database_url, tmp_pat
 
 def test_rollup_asset_refuses_an_uninstalled_database(app_database_url, tmp_path):
     database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
-    result = dg.materialize([activity_rollup], resources={"app_database": database},
-                            raise_on_error=False)
+    result = dg.materialize(
+        [activity_rollup], resources={"app_database": database}, raise_on_error=False
+    )
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]
     message = failure.step_failure_data.error.message
-    assert "is at revision none, expected 0001: run `retention-pipeline db upgrade`" in message
+    assert "is at revision none, expected 0003: run `retention-pipeline db upgrade`" in message

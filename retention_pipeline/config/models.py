@@ -7,7 +7,7 @@ segment or a SQL query with a timeout), an email action and a recovery policy.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -275,11 +275,34 @@ class Recovery(StrictModel):
         )
 
 
+class SegmentRules(StrictModel):
+    """Thresholds of the engagement segments; every loop may set its own."""
+
+    dormant_after_days: int = Field(7, ge=1)
+    dormant_session_drop: float = Field(0.8, gt=0, le=1)
+    at_risk_session_drop: float = Field(0.5, gt=0, le=1)
+    minimum_baseline_sessions_per_week: float = Field(3, ge=0)
+    new_user_days: int = Field(7, ge=0)
+    never_activated_after_days: int = Field(7, ge=0)
+    churned_after_days: int = Field(30, ge=1)
+    dormant_jump_warning_factor: float = Field(3.0, gt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SegmentRules:
+        if self.at_risk_session_drop >= self.dormant_session_drop:
+            raise ValueError(
+                "at_risk_session_drop must be smaller than dormant_session_drop "
+                f"({self.at_risk_session_drop} >= {self.dormant_session_drop})"
+            )
+        return self
+
+
 class Loop(StrictModel):
     name: Identifier
     type: Literal["retention"] = "retention"
     opinion: str = ""
     steps: list[Step] = Field(min_length=1)
+    segments: SegmentRules = SegmentRules()
     recovery: Recovery = Recovery()
 
     @field_validator("name")
@@ -303,8 +326,17 @@ class Loop(StrictModel):
         return self
 
 
+class ActivitySettings(StrictModel):
+    """What the daily snapshot computes for every user."""
+
+    baseline_weeks: int = Field(4, ge=1, le=52)
+    last_actions: int = Field(3, ge=1, le=20)
+    history_start: date = Field(date(2026, 1, 1), description="first daily partition")
+
+
 class RetentionConfig(StrictModel):
     database: DatabaseSettings = DatabaseSettings()
+    activity: ActivitySettings = ActivitySettings()
     email: EmailSettings = EmailSettings()
     loops: list[Loop] = Field(min_length=1)
 
@@ -314,13 +346,18 @@ class RetentionConfig(StrictModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"loops: duplicate loop name {duplicates[0]!r}")
-        first = self.loops[0].trigger.timezone
+        first = self.loops[0].trigger
         for index, loop in enumerate(self.loops):
-            if loop.trigger.timezone != first:
+            if loop.trigger.timezone != first.timezone:
                 raise ValueError(
                     f"loops.{index}.steps.0.trigger.timezone: all loops share one timezone, "
-                    f"because daily partitions and the activity rollup use it ({first!r} vs "
-                    f"{loop.trigger.timezone!r})"
+                    f"because daily partitions and the activity rollup use it "
+                    f"({first.timezone!r} vs {loop.trigger.timezone!r})"
+                )
+            if loop.trigger.cron != first.cron:
+                raise ValueError(
+                    f"loops.{index}.steps.0.trigger.cron: all loops share one schedule, because "
+                    f"one daily run serves them all ({first.cron!r} vs {loop.trigger.cron!r})"
                 )
         return self
 

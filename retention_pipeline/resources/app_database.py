@@ -15,6 +15,7 @@ from retention_pipeline.database.connection import (
     redact,
     resolve_database_url,
 )
+from retention_pipeline.tracking.install import tracked_timezone
 
 
 class AppDatabase(dg.ConfigurableResource):
@@ -46,13 +47,20 @@ class AppDatabase(dg.ConfigurableResource):
         return redact(self.url)
 
     def ensure_installed(self) -> None:
-        """Fail with one line when the pipeline's schema is missing or behind."""
+        """Fail with one line when the pipeline's schema is missing, behind, or was installed
+        for another timezone than the loops now use."""
         with self.engine.connect() as connection:
             current = migrate.current_revision(connection, self.schema)
+            timezone = current and tracked_timezone(connection, self.schema)
         head = migrate.head_revision()
+        problem = None
         if current != head:
+            problem = f"is at revision {current or 'none'}, expected {head}"
+        elif timezone != self.config.timezone:
+            problem = f"buckets days in {timezone}, the loops use {self.config.timezone}"
+        if problem:
             raise dg.Failure(
-                description=f"schema {self.schema!r} in {self.display_url} is at revision {current or 'none'}, "
-                f"expected {head}: run `retention-pipeline db upgrade`",
+                description=f"schema {self.schema!r} in {self.display_url} {problem}: "
+                "run `retention-pipeline db upgrade`",
                 allow_retries=False,
             )

@@ -58,6 +58,12 @@ def _read_state(connection: Connection, sql: TrackingSql) -> dict | None:
     return dict(row) if row else None
 
 
+def tracked_timezone(connection: Connection, schema: str) -> str | None:
+    """The timezone the rollup buckets days in."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(text(f"SELECT timezone FROM {s}.tracking_state")).scalar()
+
+
 def install(connection: Connection, config: RetentionConfig) -> InstallReport:
     """Bring the pipeline's schema, triggers and rollup up to date with the configuration."""
     sql = tracking_sql(connection, config)

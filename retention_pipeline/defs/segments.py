@@ -1,0 +1,150 @@
+"""Daily activity snapshots and engagement segments, materialized every morning."""
+
+from datetime import date, timedelta
+
+import dagster as dg
+
+from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.resources.app_database import AppDatabase
+from retention_pipeline.segments.conditions import condition_user_ids
+from retention_pipeline.segments.rules import build_segments, segment_counts, segment_examples
+from retention_pipeline.segments.snapshot import (
+    build_snapshot,
+    reconcile_with_users,
+    snapshot_user_count,
+)
+from retention_pipeline.tracking.install import refresh_incremental
+
+ROLLUP = dg.AssetKey(["retention", "activity_rollup"])
+SNAPSHOT = dg.AssetKey(["retention", "user_activity_snapshot"])
+SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
+
+
+@dg.asset(
+    key=SNAPSHOT,
+    partitions_def=daily_partitions,
+    deps=[ROLLUP, dg.AssetKey(["app", "users"]), dg.AssetKey(["app", "subscriptions"])],
+    group_name="retention",
+    kinds={"postgres"},
+    description=(
+        "Every user's activity as of the end of the partition day: last activity, last actions, "
+        "7-day events and auth sessions, the session baseline, active days in the last 28, "
+        "account age and Stripe subscription state."
+    ),
+    check_specs=[
+        dg.AssetCheckSpec(
+            "reconciles_with_users",
+            asset=SNAPSHOT,
+            description="Every app user who existed by the day's end, exactly once.",
+        ),
+        dg.AssetCheckSpec(
+            "no_activity_after_partition_end",
+            asset=SNAPSHOT,
+            description="No last activity later than the end of the day.",
+        ),
+    ],
+)
+def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppDatabase):
+    app_database.ensure_installed()
+    day = date.fromisoformat(context.partition_key)
+    config = app_database.config
+    with app_database.engine.begin() as connection:
+        if config.database.tracking == "incremental":
+            refresh_incremental(connection, config)
+        summary = build_snapshot(connection, config, day)
+        reconciliation = reconcile_with_users(connection, config, day)
+    context.log.info(f"{day}: {summary.users} users, {summary.active_today} active that day")
+    yield dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": summary.users,
+            "active_that_day": summary.active_today,
+            "never_active": summary.never_active,
+        }
+    )
+    yield dg.AssetCheckResult(
+        check_name="reconciles_with_users",
+        passed=reconciliation.app_users == reconciliation.snapshot_users
+        and reconciliation.missing == 0,
+        metadata={
+            "app_users": reconciliation.app_users,
+            "snapshot_users": reconciliation.snapshot_users,
+            "missing": reconciliation.missing,
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_activity_after_partition_end",
+        passed=summary.leaked_rows == 0,
+        metadata={"rows_with_later_activity": summary.leaked_rows},
+    )
+
+
+@dg.asset(
+    key=SEGMENTS,
+    partitions_def=daily_partitions,
+    # Yesterday's segments give `entered_on`: backfills run the days in order.
+    deps=[
+        SNAPSHOT,
+        dg.AssetDep(
+            SEGMENTS,
+            partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-1, end_offset=-1),
+        ),
+    ],
+    group_name="retention",
+    kinds={"postgres"},
+    description=(
+        "One engagement segment per user, loop and day (new, active, at_risk, dormant, "
+        "resurrected, never_activated, churned) with the reason and the day the user entered it."
+    ),
+    check_specs=[
+        dg.AssetCheckSpec(
+            "one_segment_per_user",
+            asset=SEGMENTS,
+            description="Every snapshot user has exactly one segment per loop.",
+        ),
+        dg.AssetCheckSpec(
+            "plausible_dormant_flow",
+            asset=SEGMENTS,
+            description="Dormant users did not jump by more than the loop's "
+            "dormant_jump_warning_factor since the day before.",
+        ),
+    ],
+)
+def engagement_segments(context: dg.AssetExecutionContext, app_database: AppDatabase):
+    app_database.ensure_installed()
+    day = date.fromisoformat(context.partition_key)
+    config = app_database.config
+    metadata: dict[str, object] = {}
+    unsegmented = 0
+    jumps: list[str] = []
+    total = 0
+    with app_database.engine.begin() as connection:
+        snapshot_users = snapshot_user_count(connection, app_database.schema, day)
+        for loop in config.loops:
+            counts = build_segments(connection, app_database.schema, loop, config.timezone, day)
+            yesterday = segment_counts(
+                connection, app_database.schema, loop.name, day - timedelta(days=1)
+            )
+            total += sum(counts.values())
+            unsegmented += snapshot_users - sum(counts.values())
+            metadata.update({f"{loop.name}/{segment}": n for segment, n in counts.items()})
+            factor = loop.segments.dormant_jump_warning_factor
+            if yesterday["dormant"] and counts["dormant"] > factor * yesterday["dormant"]:
+                jumps.append(f"{loop.name}: {yesterday['dormant']} -> {counts['dormant']}")
+        examples = segment_examples(connection, app_database.schema, day)
+    for loop in config.loops:
+        matches = condition_user_ids(app_database.engine, app_database.schema, loop, day)
+        metadata[f"{loop.name}/condition_matches"] = len(matches)
+    metadata["dagster/row_count"] = total
+    metadata["preview"] = dg.MetadataValue.md(examples.to_markdown(index=False))
+    yield dg.MaterializeResult(metadata=metadata)
+    yield dg.AssetCheckResult(
+        check_name="one_segment_per_user",
+        passed=unsegmented == 0,
+        metadata={"snapshot_users": snapshot_users, "users_without_segment": unsegmented},
+    )
+    yield dg.AssetCheckResult(
+        check_name="plausible_dormant_flow",
+        passed=not jumps,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"jumps": "; ".join(jumps) or "none"},
+    )

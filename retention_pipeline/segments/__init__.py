@@ -1,0 +1,1 @@
+"""Daily activity snapshots, engagement segments and loop conditions (SQL, no Dagster)."""

@@ -1,0 +1,164 @@
+"""Engagement segments: exactly one per user, loop and day, with the reason, in SQL.
+
+Rules, first match wins (thresholds per loop, `SegmentRules`):
+
+1. churned: subscription canceled and no activity for `churned_after_days`
+2. new: signed up fewer than `new_user_days` days ago
+3. never_activated: older than that and no activity at all
+4. resurrected: active today after `dormant_after_days` or more without activity
+5. dormant: no activity for `dormant_after_days`, or auth sessions in the last 7 days fell by
+   `dormant_session_drop` or more against a baseline of at least
+   `minimum_baseline_sessions_per_week`
+6. at_risk: sessions fell by `at_risk_session_drop` or more against such a baseline
+7. active: everyone else
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pandas as pd
+from sqlalchemy import Connection, text
+
+from retention_pipeline.config.models import SEGMENTS, Loop
+
+CLASSIFY = """
+    WITH bounds AS (
+        SELECT CAST(:day AS date) AS day,
+               (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz AS day_end,
+               CAST(:day AS date)::timestamp AT TIME ZONE :tz AS day_start
+    ),
+    measured AS (
+        SELECT snap.*,
+               floor(extract(epoch FROM b.day_end - coalesce(snap.last_activity_at,
+                                                             snap.signed_up_at)) / 86400)::integer
+                   AS days_inactive,
+               b.day_end - snap.last_activity_at
+                   >= make_interval(days => CAST(:dormant_days AS integer)) AS inactive_long,
+               b.day_start - snap.previous_activity_at
+                   >= make_interval(days => CAST(:dormant_days AS integer)) AS was_away,
+               snap.baseline_sessions_per_week >= CAST(:minimum_baseline AS numeric)
+                   AS has_baseline,
+               CASE WHEN snap.baseline_sessions_per_week > 0
+                    THEN round(100 * (1 - snap.sessions_7d / snap.baseline_sessions_per_week))
+               END AS drop_percent
+        FROM {schema}.user_activity_snapshot AS snap, bounds AS b
+        WHERE snap.partition_date = b.day
+    ),
+    classified AS (
+        SELECT
+            CASE
+                WHEN m.subscription_status = 'canceled'
+                     AND m.days_inactive >= CAST(:churned_days AS integer) THEN 'churned'
+                WHEN m.account_age_days < CAST(:new_days AS integer) THEN 'new'
+                WHEN m.last_activity_at IS NULL
+                     AND m.account_age_days >= CAST(:never_days AS integer) THEN 'never_activated'
+                WHEN m.active_today AND m.was_away THEN 'resurrected'
+                WHEN m.inactive_long THEN 'dormant'
+                WHEN m.has_baseline AND m.sessions_7d * 100
+                     <= m.baseline_sessions_per_week * (100 - CAST(:dormant_drop AS numeric))
+                    THEN 'dormant'
+                WHEN m.has_baseline AND m.sessions_7d * 100
+                     <= m.baseline_sessions_per_week * (100 - CAST(:at_risk_drop AS numeric))
+                    THEN 'at_risk'
+                WHEN m.last_activity_at IS NULL THEN 'new'
+                ELSE 'active'
+            END AS segment,
+            m.*
+        FROM measured AS m
+    )
+    INSERT INTO {schema}.engagement_segments
+        (partition_date, loop_name, user_id, segment, reason, entered_on)
+    SELECT CAST(:day AS date), CAST(:loop AS text), c.user_id, c.segment,
+        CASE c.segment
+            WHEN 'churned' THEN format('subscription canceled; no activity for %s days',
+                                       c.days_inactive)
+            WHEN 'new' THEN format('signed up %s day(s) ago', c.account_age_days)
+            WHEN 'never_activated' THEN format('signed up %s days ago; no activity yet',
+                                               c.account_age_days)
+            WHEN 'resurrected' THEN format('active today after %s days away',
+                floor(extract(epoch FROM c.last_activity_at - c.previous_activity_at) / 86400))
+            WHEN 'dormant' THEN CASE
+                WHEN c.inactive_long THEN format('no activity for %s days (threshold %s)',
+                                                 c.days_inactive, CAST(:dormant_days AS integer))
+                ELSE format('auth sessions down %s%% (%s in the last 7 days vs %s a week before)',
+                            c.drop_percent, c.sessions_7d, c.baseline_sessions_per_week)
+                END
+            WHEN 'at_risk' THEN format(
+                'auth sessions down %s%% (%s in the last 7 days vs %s a week before)',
+                c.drop_percent, c.sessions_7d, c.baseline_sessions_per_week)
+            ELSE format('active %s of the last 28 days', c.active_days_28d)
+        END,
+        CASE WHEN previous.segment = c.segment THEN previous.entered_on ELSE CAST(:day AS date) END
+    FROM classified AS c
+    LEFT JOIN {schema}.engagement_segments AS previous
+        ON previous.partition_date = CAST(:day AS date) - 1
+       AND previous.loop_name = CAST(:loop AS text)
+       AND previous.user_id = c.user_id
+"""
+
+
+def build_segments(
+    connection: Connection, schema: str, loop: Loop, timezone: str, day: date
+) -> dict[str, int]:
+    """Replace the loop's segments of `day` from that day's snapshot; return counts per segment.
+
+    `entered_on` carries over from the previous day's row, so run days in order (the schedule
+    and single-run backfills do)."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    connection.execute(
+        text(
+            f"DELETE FROM {s}.engagement_segments WHERE partition_date = :day AND loop_name = :loop"
+        ),
+        {"day": day, "loop": loop.name},
+    )
+    rules = loop.segments
+    connection.execute(
+        text(CLASSIFY.format(schema=s)),
+        {
+            "day": day,
+            "loop": loop.name,
+            "tz": timezone,
+            "dormant_days": rules.dormant_after_days,
+            "dormant_drop": round(rules.dormant_session_drop * 100, 4),
+            "at_risk_drop": round(rules.at_risk_session_drop * 100, 4),
+            "minimum_baseline": rules.minimum_baseline_sessions_per_week,
+            "new_days": rules.new_user_days,
+            "never_days": rules.never_activated_after_days,
+            "churned_days": rules.churned_after_days,
+        },
+    )
+    return segment_counts(connection, schema, loop.name, day)
+
+
+def segment_counts(
+    connection: Connection, schema: str, loop_name: str, day: date
+) -> dict[str, int]:
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    rows = connection.execute(
+        text(f"""SELECT segment, count(*) FROM {s}.engagement_segments
+                 WHERE partition_date = :day AND loop_name = :loop GROUP BY segment"""),
+        {"day": day, "loop": loop_name},
+    ).all()
+    counts = dict.fromkeys(SEGMENTS, 0)
+    counts.update({segment: count for segment, count in rows})
+    return counts
+
+
+def segment_examples(
+    connection: Connection, schema: str, day: date, per_segment: int = 3
+) -> pd.DataFrame:
+    """A few users of each segment with their reason: a preview for people."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    rows = connection.execute(
+        text(f"""
+            SELECT loop_name, segment, user_id, reason, entered_on FROM (
+                SELECT seg.*, row_number() OVER (PARTITION BY loop_name, segment
+                                                 ORDER BY user_id) AS rank
+                FROM {s}.engagement_segments AS seg WHERE partition_date = :day
+            ) AS ranked
+            WHERE rank <= :per_segment
+            ORDER BY loop_name, segment, user_id"""),
+        {"day": day, "per_segment": per_segment},
+    ).all()
+    return pd.DataFrame(rows, columns=["loop", "segment", "user_id", "reason", "entered_on"])

@@ -1,0 +1,133 @@
+"""The snapshot and segment assets in real Dagster runs, and the 09:00 schedule across DST."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+import pytest
+from dagster._utils.schedules import cron_string_iterator
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.config import parse_config
+from retention_pipeline.defs.schedules import build_daily_schedule, daily_retention_job
+from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.resources.app_database import AppDatabase
+from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, write_config
+
+UTC = ZoneInfo("UTC")
+END = datetime(2026, 11, 21, tzinfo=UTC)
+
+
+@pytest.fixture
+def database(app_database_url, tmp_path):
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO users (id, email, name, created_at) "
+                "SELECT g, 'u' || g || '@example.com', "
+                "'User ' || g, '2026-09-01' FROM generate_series(1, 12) AS g"
+            )
+        )
+        # Users 1-2 went quiet 8 days before the 20th ends; 3-12 are active until the 18th.
+        connection.execute(
+            text(
+                "INSERT INTO sessions (user_id, created_at) SELECT g, CAST(:end AS timestamptz) "
+                "- interval '8 days' FROM generate_series(1, 2) AS g"
+            ),
+            {"end": END},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO sessions (user_id, created_at) SELECT g, CAST(:end AS timestamptz) "
+                "- interval '2 days 12 hours' FROM generate_series(3, 12) AS g"
+            ),
+            {"end": END},
+        )
+        install(connection, make_config(app_database_url))
+    yield engine, AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
+    engine.dispose()
+
+
+def materialize_day(app_database: AppDatabase, key: str) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [user_activity_snapshot, engagement_segments],
+        partition_key=key,
+        resources={"app_database": app_database},
+    )
+
+
+def test_a_day_materializes_with_counts_preview_and_passing_checks(database):
+    _engine, app_database = database
+    result = materialize_day(app_database, "2026-11-20")
+    assert result.success
+    (snapshot,) = result.asset_materializations_for_node("retention__user_activity_snapshot")
+    assert snapshot.metadata["dagster/row_count"].value == 12
+    (segments,) = result.asset_materializations_for_node("retention__engagement_segments")
+    assert segments.metadata["re_engagement/dormant"].value == 2
+    assert segments.metadata["re_engagement/active"].value == 10
+    # The shipped condition is the seed's query, which compares with NOW(), not the day's end:
+    # a week after the 20th, all twelve users are "inactive for 7 days".
+    assert segments.metadata["re_engagement/condition_matches"].value == 12
+    assert "no activity for 8 days" in segments.metadata["preview"].value
+    checks = {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
+    assert checks == {
+        "reconciles_with_users": True,
+        "no_activity_after_partition_end": True,
+        "one_segment_per_user": True,
+        "plausible_dormant_flow": True,
+    }
+
+
+def test_a_jump_in_dormant_users_warns(database):
+    _engine, app_database = database
+    # At the end of the 24th users 3-12 have been away 6.5 days; at the end of the 25th, 7.5.
+    assert materialize_day(app_database, "2026-11-24").success
+    result = materialize_day(app_database, "2026-11-25")
+    assert result.success
+    check = next(
+        check
+        for check in result.get_asset_check_evaluations()
+        if check.check_name == "plausible_dormant_flow"
+    )
+    assert check.passed is False
+    assert check.severity == dg.AssetCheckSeverity.WARN
+    assert check.metadata["jumps"].text == "re_engagement: 2 -> 12"
+
+
+def berlin_config():
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["loops"][0]["steps"][0]["trigger"]["timezone"] = "Europe/Berlin"
+    return parse_config(document, environ={})
+
+
+@pytest.mark.parametrize(
+    ("tick", "partition"),
+    [
+        (datetime(2026, 3, 29, 9, tzinfo=ZoneInfo("Europe/Berlin")), "2026-03-28"),  # 23-hour day
+        (datetime(2026, 3, 30, 9, tzinfo=ZoneInfo("Europe/Berlin")), "2026-03-29"),
+        (datetime(2026, 10, 26, 9, tzinfo=ZoneInfo("Europe/Berlin")), "2026-10-25"),  # 25 hours
+        (datetime(2026, 1, 1, 9, tzinfo=ZoneInfo("Europe/Berlin")), "2025-12-31"),
+    ],
+)
+def test_the_schedule_runs_the_day_just_ended_in_the_loop_timezone(tick, partition):
+    schedule = build_daily_schedule(berlin_config(), daily_retention_job)
+    request = schedule(dg.build_schedule_context(scheduled_execution_time=tick))
+    assert request.partition_key == partition
+    assert request.run_key == partition
+
+
+def test_the_schedule_fires_at_nine_local_time_across_daylight_saving():
+    schedule = build_daily_schedule(berlin_config(), daily_retention_job)
+    assert schedule.execution_timezone == "Europe/Berlin"
+    start = datetime(2026, 3, 27, 12, tzinfo=UTC).timestamp()
+    ticks = cron_string_iterator(start, schedule.cron_schedule, "Europe/Berlin")
+    utc_hours = [next(ticks).astimezone(UTC) for _ in range(4)]
+    assert [tick.day for tick in utc_hours] == [28, 29, 30, 31]
+    assert [tick.hour for tick in utc_hours] == [8, 7, 7, 7]  # CET, then CEST
+    assert all(tick.astimezone(ZoneInfo("Europe/Berlin")).hour == 9 for tick in utc_hours)
+    assert (utc_hours[1] - utc_hours[0]) == timedelta(hours=23)
