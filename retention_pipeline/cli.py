@@ -97,6 +97,63 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from retention_pipeline.database import embedded
+    from retention_pipeline.resources.email import unsubscribe_secret
+    from retention_pipeline.sending.preview import preview_email
+
+    config = load_config(args.config)
+    loop = config.loop(args.loop) if args.loop else config.loops[0]
+    with _engine(config).connect() as connection:
+        day, email = preview_email(
+            connection,
+            config=config,
+            loop=loop,
+            template=args.template,
+            user_id=args.user,
+            day=args.day,
+            variant=args.variant,
+            unsubscribe_secret=unsubscribe_secret(config.email.unsubscribe_secret, "outbox"),
+        )
+    out = (
+        Path(args.out)
+        if args.out
+        else (embedded.retention_home() / "preview" / f"{args.template}-{args.user}.html")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(email.html)
+    print(f"subject: {email.subject}\nas of {day}; written to {out}")
+    return 0
+
+
+def cmd_unsubscribe_server(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from retention_pipeline.sending.unsubscribe_server import make_server
+
+    config = load_config(args.config)
+    if not config.email.unsubscribe_secret:
+        raise ConfigError(
+            "email.unsubscribe_secret: required to verify unsubscribe links "
+            "(set $RETENTION_UNSUBSCRIBE_SECRET)"
+        )
+    path = urlsplit(config.email.unsubscribe_url).path or "/"
+    server = make_server(
+        _engine(config),
+        schema=config.database.schema_,
+        secret=config.email.unsubscribe_secret,
+        host=args.host,
+        port=args.port,
+        path=path,
+    )
+    print(f"unsubscribe endpoint on http://{args.host}:{server.server_port}{path}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from retention_pipeline.app import prepare_database
     from retention_pipeline.database import embedded
@@ -214,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     uninstall = db_commands.add_parser("uninstall", help="remove everything the pipeline added")
     uninstall.add_argument("--yes", action="store_true")
     uninstall.set_defaults(handler=cmd_db_uninstall)
+
+    preview = commands.add_parser("preview", help="render one email for one user to a file")
+    preview.add_argument("--template", required=True)
+    preview.add_argument("--user", required=True, help="the user's id")
+    preview.add_argument("--loop", help="default: the first loop")
+    preview.add_argument("--day", type=date.fromisoformat, help="default: the latest snapshot")
+    preview.add_argument("--variant")
+    preview.add_argument("--out", help="default: .retention/preview/TEMPLATE-USER.html")
+    preview.set_defaults(handler=cmd_preview)
+
+    unsubscribe = commands.add_parser(
+        "unsubscribe-server", help="serve the one-click unsubscribe endpoint (RFC 8058)"
+    )
+    unsubscribe.add_argument("--host", default="127.0.0.1")
+    unsubscribe.add_argument("--port", type=int, default=8025)
+    unsubscribe.set_defaults(handler=cmd_unsubscribe_server)
 
     demo = commands.add_parser("demo", help="demo data")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)

@@ -20,8 +20,7 @@ def make_config(url: str, *, timezone: str = "UTC", **database: Any) -> Retentio
     document["database"].update(database)
     document["database"]["url"] = url
     for loop in document["loops"]:
-        for step in loop["steps"]:
-            step["trigger"]["timezone"] = timezone
+        loop["steps"][0]["trigger"]["timezone"] = timezone
     return parse_config(document, environ={})
 
 

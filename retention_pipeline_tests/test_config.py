@@ -44,16 +44,19 @@ def test_shipped_default_reproduces_the_seed_loop():
     assert policy.max_retries == 3
     assert policy.backoff.value == "EXPONENTIAL"
     assert config.database.url is None
-    assert config.email.api_key is None
+    assert config.email.unsubscribe_secret is None
 
 
 def test_environment_references_are_expanded(document):
     config = parse_config(
         document,
-        environ={"RETENTION_DATABASE_URL": "postgresql://db/app", "RESEND_API_KEY": "re_secret"},
+        environ={
+            "RETENTION_DATABASE_URL": "postgresql://db/app",
+            "RETENTION_UNSUBSCRIBE_SECRET": "s3cret",
+        },
     )
     assert config.database.url == "postgresql://db/app"
-    assert config.email.api_key == "re_secret"
+    assert config.email.unsubscribe_secret == "s3cret"
 
 
 def _mutated(document: dict, path: str, value) -> dict:
@@ -117,11 +120,10 @@ def test_bad_values_give_one_line_naming_the_key(document, path, value, expected
 
 
 def test_missing_environment_variable_names_key_and_variable(document):
-    document["email"]["api_key"] = "${RESEND_KEY_NOT_SET}"
+    document["email"]["unsubscribe_secret"] = "${SECRET_NOT_SET}"
     with pytest.raises(
         ConfigError,
-        match=r"email.api_key: environment variable "
-        r"RESEND_KEY_NOT_SET is not set",
+        match=r"email.unsubscribe_secret: environment variable SECRET_NOT_SET is not set",
     ):
         parse_config(document, environ={})
 

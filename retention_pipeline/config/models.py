@@ -176,9 +176,11 @@ class DatabaseSettings(StrictModel):
 
 class EmailSettings(StrictModel):
     provider: Literal["resend", "outbox"] = "resend"
+    frequency_cap_days: int = Field(
+        3, ge=0, description="at most one email per this many days, across loops"
+    )
     from_address: str = Field("Acme <hello@acme.test>", alias="from")
     reply_to: str | None = None
-    api_key: str | None = None
     outbox_dir: str = ".retention/outbox"
     requests_per_second: float = Field(2.0, gt=0)
     product_name: str = "Acme"
@@ -187,7 +189,7 @@ class EmailSettings(StrictModel):
     unsubscribe_url: str = "https://app.acme.test/email/unsubscribe"
     unsubscribe_secret: str | None = None
 
-    @field_validator("api_key", "unsubscribe_secret")
+    @field_validator("unsubscribe_secret")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
@@ -242,6 +244,7 @@ class EmailAction(StrictModel):
     provider: Literal["resend", "outbox"] = "resend"
     template: str = "re_engagement"
     personalization: dict[str, str] = Field(default_factory=dict)
+    variants: list[Identifier] = Field(default_factory=lambda: ["a"], min_length=1)
 
     @field_validator("template")
     @classmethod
@@ -252,9 +255,33 @@ class EmailAction(StrictModel):
 
 
 class Step(StrictModel):
-    trigger: ScheduleTrigger = ScheduleTrigger()
-    condition: Condition = SegmentCondition()
+    """One email of a loop's sequence. Only the first step has a trigger and a condition: the
+    condition starts an episode, and later steps follow it `delay` after it started."""
+
+    trigger: ScheduleTrigger | None = None
+    condition: Condition | None = None
+    delay: Duration = "0d"
     action: EmailAction = EmailAction()
+
+    @field_validator("delay")
+    @classmethod
+    def _whole_days(cls, value: str | int) -> str | int:
+        if str(value).strip() in ("0", "0d"):
+            return value
+        if parse_duration(value).total_seconds() % 86400:
+            raise ValueError(f"{value!r} must be a whole number of days, like 3d")
+        return value
+
+    @property
+    def delay_days(self) -> int:
+        if str(self.delay).strip() in ("0", "0d"):
+            return 0
+        return int(parse_duration(self.delay).total_seconds() // 86400)
+
+
+class Holdout(StrictModel):
+    fraction: float = Field(0.1, ge=0, lt=1)
+    salt: str | None = Field(None, description="default: the loop's name")
 
 
 class Recovery(StrictModel):
@@ -303,6 +330,8 @@ class Loop(StrictModel):
     opinion: str = ""
     steps: list[Step] = Field(min_length=1)
     segments: SegmentRules = SegmentRules()
+    holdout: Holdout = Holdout()
+    cooldown_days: int = Field(30, ge=0, description="before a returned user may re-enter")
     recovery: Recovery = Recovery()
 
     @field_validator("name")
@@ -312,17 +341,31 @@ class Loop(StrictModel):
 
     @property
     def trigger(self) -> ScheduleTrigger:
-        return self.steps[0].trigger
+        return self.steps[0].trigger or ScheduleTrigger()
+
+    @property
+    def condition(self) -> SegmentCondition | QueryCondition:
+        return self.steps[0].condition or SegmentCondition()
+
+    @property
+    def holdout_salt(self) -> str:
+        return self.holdout.salt or self.name
 
     @model_validator(mode="after")
-    def _one_schedule(self) -> Loop:
-        first = self.steps[0].trigger
-        for index, step in enumerate(self.steps[1:], start=1):
-            if step.trigger != first:
+    def _sequence(self) -> Loop:
+        previous = -1
+        for index, step in enumerate(self.steps):
+            if index and (step.trigger is not None or step.condition is not None):
                 raise ValueError(
-                    f"steps.{index}.trigger: every step of a loop runs on the loop's schedule "
-                    f"({first.cron} {first.timezone})"
+                    f"steps.{index}: only the first step has a trigger and a condition; later "
+                    "steps follow the episode it starts"
                 )
+            if step.delay_days <= previous:
+                raise ValueError(
+                    f"steps.{index}.delay: each step comes after the one before "
+                    f"({step.delay_days} days <= {previous})"
+                )
+            previous = step.delay_days
         return self
 
 
@@ -358,6 +401,10 @@ class RetentionConfig(StrictModel):
                 raise ValueError(
                     f"loops.{index}.steps.0.trigger.cron: all loops share one schedule, because "
                     f"one daily run serves them all ({first.cron!r} vs {loop.trigger.cron!r})"
+                )
+            if loop.recovery != self.loops[0].recovery:
+                raise ValueError(
+                    f"loops.{index}.recovery: all loops share the send job's retry policy"
                 )
         return self
 

@@ -26,12 +26,18 @@ class OutgoingEmail:
 
 @dataclass(frozen=True)
 class SendResult:
-    """What happened to one `OutgoingEmail`; `error` is set exactly when `status` is "failed"."""
+    """What happened to one `OutgoingEmail`; `error` is set exactly when `status` is "failed".
+
+    `retryable` marks a failure a later attempt may fix (the sender gave up on a transient error:
+    rate limiting, a server error, the connection): the send log keeps such an email claimed, to
+    be re-sent in the same batch. Any other failure is final.
+    """
 
     key: str
     status: Literal["sent", "failed"]
     provider_id: str | None = None
     error: str | None = None
+    retryable: bool = False
 
 
 class EmailSender(Protocol):

@@ -85,8 +85,9 @@ class ResendSender:
     with an `Idempotency-Key` derived from its keys and permissive validation (an invalid email
     fails alone). Results come back in input order. Requests are paced to `requests_per_second`;
     429 waits `retry-after`, 5xx and connection errors back off exponentially with full jitter, up
-    to `max_attempts` requests per batch. Other 4xx answers fail the batch without a retry, and
-    401/403 fail the rest of the call too.
+    to `max_attempts` requests per batch; a batch given up on that way fails with
+    `retryable=True`. Other 4xx answers fail the batch for good, without a retry, and 401/403 fail
+    the rest of the call too.
 
     `sleep`, `clock` and `rng` (the jitter's source) are injectable so tests can observe waiting
     without waiting.
@@ -141,8 +142,9 @@ class ResendSender:
         stop_reason: str | None = None
         for number, batch in enumerate(batches, start=1):
             if stop_reason is not None:
-                # An invalid or missing key fails every request alike; don't hammer the API.
-                results.extend(_failed(batch, stop_reason))
+                # An invalid key or a spent quota fails every request alike; don't hammer the
+                # API. Nothing was sent, so these stay retryable for when it is fixed.
+                results.extend(_failed(batch, stop_reason, retryable=True))
                 continue
             batch_results, stop_reason = self._send_batch(batch, number, len(batches))
             results.extend(batch_results)
@@ -174,7 +176,9 @@ class ResendSender:
             if not failure.retryable:
                 logger.error("%s failed: %s", label, failure.description)
                 error = _rejection(failure)
-                return _failed(batch, error), error if failure.stops_run else None
+                if failure.stops_run:
+                    return _failed(batch, error, retryable=True), error
+                return _failed(batch, error), None
             if attempt == self.max_attempts:
                 logger.error(
                     "%s: giving up after %d attempts: %s", label, attempt, failure.description
@@ -184,7 +188,7 @@ class ResendSender:
                     "(re-sending this batch within 24 hours reuses its Idempotency-Key, so emails "
                     "Resend did accept are not sent twice)"
                 )
-                return _failed(batch, error), None
+                return _failed(batch, error, retryable=True), None
             delay = (
                 failure.retry_after if failure.retry_after is not None else self._backoff(attempt)
             )
@@ -273,7 +277,7 @@ class ResendSender:
         description = f"HTTP {status} {error_type}: {message}"
         if status == 429:
             if error_type in _QUOTA_ERRORS:
-                return _Failure(description, retryable=False)
+                return _Failure(description, retryable=False, stops_run=True)
             return _Failure(description, retryable=True, retry_after=_retry_after(exc.headers))
         if status == 409 and error_type == "concurrent_idempotent_requests":
             return _Failure(description, retryable=True)
@@ -302,8 +306,10 @@ def _rejection(failure: _Failure) -> str:
     return f"rejected by Resend: {failure.description}"
 
 
-def _failed(batch: Sequence[OutgoingEmail], error: str) -> list[SendResult]:
-    return [SendResult(email.key, "failed", None, error) for email in batch]
+def _failed(
+    batch: Sequence[OutgoingEmail], error: str, *, retryable: bool = False
+) -> list[SendResult]:
+    return [SendResult(email.key, "failed", None, error, retryable) for email in batch]
 
 
 def _tag_part(value: str) -> str:

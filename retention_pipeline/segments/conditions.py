@@ -25,7 +25,7 @@ class ConditionError(ValueError):
 
 def condition_user_ids(engine: Engine, schema: str, loop: Loop, day: date) -> set[str]:
     """The users the loop's condition selects on `day`, read in a transaction of its own."""
-    condition = loop.steps[0].condition
+    condition = loop.condition
     with engine.connect() as connection:
         if isinstance(condition, QueryCondition):
             return _run_query(connection, schema, loop, condition, day)

@@ -53,6 +53,7 @@ def test_250_emails_go_out_as_100_100_50_in_input_order(
         ]
     assert [result.key for result in results] == [email.key for email in emails]
     assert all(result.status == "sent" and result.error is None for result in results)
+    assert not any(result.retryable for result in results)
     assert {result.provider_id for result in results} == {e["id"] for e in fake_resend.delivered}
     for number, request in enumerate(fake_resend.requests):
         batch = emails[number * 100 : (number + 1) * 100]
@@ -154,6 +155,8 @@ def test_an_invalid_address_fails_alone(fake_resend: FakeResend, fake_clock: Fak
     assert [result.status for result in results] == ["sent", "sent", "failed", "sent", "sent"]
     assert results[2].provider_id is None
     assert "Invalid `to` field" in results[2].error
+    # Sending the same invalid address again cannot succeed: the failure is final.
+    assert not results[2].retryable
     assert all(result.error is None for n, result in enumerate(results) if n != 2)
     assert len(fake_resend.requests) == 1
     assert fake_resend.delivered_count == 4
@@ -185,9 +188,23 @@ def test_server_errors_give_up_after_max_attempts_without_raising(
     assert len(fake_resend.requests) == 3
     assert len(fake_clock.sleeps) == 2
     assert all(result.status == "failed" for result in results)
+    assert all(result.retryable for result in results)
     assert "gave up after 3 attempts" in results[0].error
     assert "HTTP 500" in results[0].error
     assert fake_resend.delivered_count == 0
+
+
+def test_rate_limiting_that_outlasts_max_attempts_is_retryable(
+    fake_resend: FakeResend, fake_clock: FakeClock
+) -> None:
+    fake_resend.rate_limit_next(10, retry_after=2)
+
+    results = make_sender(fake_clock, max_attempts=3).send(make_emails(2))
+
+    assert fake_clock.sleeps == [2.0, 2.0]
+    assert [result.status for result in results] == ["failed", "failed"]
+    assert all(result.retryable for result in results)
+    assert "HTTP 429 rate_limit_exceeded" in results[0].error
 
 
 @pytest.mark.parametrize(("status", "name"), [(422, "validation_error"), (400, "validation_error")])
@@ -200,19 +217,22 @@ def test_a_validation_error_is_never_retried(
 
     assert len(fake_resend.requests) == 1
     assert fake_clock.sleeps == []
-    assert all(result.status == "failed" for result in results)
+    assert all(result.status == "failed" and not result.retryable for result in results)
     assert results[0].error == (
         f"rejected by Resend: HTTP {status} validation_error: The `from` field is invalid."
     )
 
 
-def test_a_quota_429_is_not_retried(fake_resend: FakeResend, fake_clock: FakeClock) -> None:
+def test_a_quota_429_stops_the_send_and_leaves_every_email_retryable(
+    fake_resend: FakeResend, fake_clock: FakeClock
+) -> None:
     fake_resend.fail_next(1, status=429, name="daily_quota_exceeded", message="Daily quota hit.")
 
-    results = make_sender(fake_clock).send(make_emails(1))
+    results = make_sender(fake_clock).send(make_emails(150))
 
     assert len(fake_resend.requests) == 1
-    assert results[0].status == "failed"
+    assert fake_clock.sleeps == []
+    assert all(result.status == "failed" and result.retryable for result in results)
     assert "daily_quota_exceeded" in results[0].error
 
 
@@ -227,7 +247,7 @@ def test_connection_errors_are_retried_then_reported(
     results = make_sender(fake_clock, max_attempts=4, rng=CeilingJitter()).send(make_emails(2))
 
     assert fake_clock.sleeps == [0.5, 1.0, 2.0]
-    assert all(result.status == "failed" for result in results)
+    assert all(result.status == "failed" and result.retryable for result in results)
     assert "connection error" in results[0].error
     assert "gave up after 4 attempts" in results[0].error
 
@@ -238,7 +258,8 @@ def test_a_rejected_api_key_fails_every_batch_after_one_request(fake_clock: Fake
 
     assert len(fake.requests) == 1
     assert len(results) == 250
-    assert all(result.status == "failed" for result in results)
+    # Nothing was sent: once the key is fixed, a retry sends all of them.
+    assert all(result.status == "failed" and result.retryable for result in results)
     assert "HTTP 403 invalid_api_key" in results[-1].error
 
 
@@ -310,7 +331,8 @@ def test_same_batch_with_changed_content_is_not_sent_twice(
 
     assert [request.status for request in fake_resend.requests] == [200, 409]
     assert fake_resend.delivered_count == 2
-    assert all(result.status == "failed" for result in results)
+    # Retrying cannot help, and must not: the first send most likely went out.
+    assert all(result.status == "failed" and not result.retryable for result in results)
     assert "most likely sent already" in results[0].error
 
 

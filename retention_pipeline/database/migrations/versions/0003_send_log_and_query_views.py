@@ -1,4 +1,5 @@
-"""The email send log, suppressions, and the views custom condition queries read.
+"""Episodes, the daily audience, the email send log, suppressions, and the views custom
+condition queries read.
 
 Revision ID: 0003
 Revises: 0002
@@ -13,6 +14,33 @@ down_revision = "0002"
 def upgrade(schema: str) -> None:
     q = op.get_context().dialect.identifier_preparer.quote_schema(schema)
     op.execute(f"""
+        CREATE TABLE {q}.episodes (
+            loop_name text NOT NULL,
+            user_id text NOT NULL,
+            started_on date NOT NULL,
+            ended_on date,
+            end_reason text,
+            PRIMARY KEY (loop_name, user_id, started_on),
+            CHECK (ended_on IS NULL OR ended_on >= started_on)
+        )""")
+    op.execute(
+        f"CREATE UNIQUE INDEX episodes_one_open ON {q}.episodes (loop_name, user_id) "
+        "WHERE ended_on IS NULL"
+    )
+    op.execute(f"""
+        CREATE TABLE {q}.reengagement_audience (
+            partition_date date NOT NULL,
+            loop_name text NOT NULL,
+            user_id text NOT NULL,
+            email text NOT NULL,
+            episode_start date NOT NULL,
+            step integer NOT NULL,
+            template text NOT NULL,
+            arm text NOT NULL CHECK (arm IN ('treatment', 'holdout')),
+            variant text NOT NULL,
+            PRIMARY KEY (partition_date, loop_name, user_id)
+        )""")
+    op.execute(f"""
         CREATE TABLE {q}.email_send_log (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             send_key text NOT NULL UNIQUE,
@@ -24,17 +52,30 @@ def upgrade(schema: str) -> None:
             email text NOT NULL,
             template text NOT NULL,
             variant text NOT NULL,
+            batch_key text NOT NULL,
+            subject text NOT NULL,
+            html text NOT NULL,
+            body_text text NOT NULL,
+            headers jsonb NOT NULL DEFAULT '{{}}',
+            tags jsonb NOT NULL DEFAULT '{{}}',
             status text NOT NULL CHECK (status IN ('claimed', 'sent', 'failed')),
             provider text,
             provider_id text,
             error text,
             attempts integer NOT NULL DEFAULT 0,
             claimed_at timestamptz NOT NULL DEFAULT now(),
+            attempt_started_at timestamptz,
             sent_at timestamptz,
             updated_at timestamptz NOT NULL DEFAULT now(),
             UNIQUE (loop_name, user_id, episode_start, step)
         )""")
-    op.execute(f"CREATE INDEX email_send_log_by_user ON {q}.email_send_log (user_id, sent_at)")
+    op.execute(
+        f"CREATE INDEX email_send_log_by_user ON {q}.email_send_log (user_id, partition_date)"
+    )
+    op.execute(
+        f"CREATE INDEX email_send_log_unconfirmed ON {q}.email_send_log (loop_name, batch_key) "
+        "WHERE status = 'claimed'"
+    )
     op.execute(f"""
         CREATE TABLE {q}.email_suppressions (
             email text PRIMARY KEY CHECK (email = lower(email)),
@@ -89,3 +130,5 @@ def downgrade(schema: str) -> None:
     op.execute(f"DROP FUNCTION {q}.as_of()")
     op.execute(f"DROP TABLE {q}.email_suppressions")
     op.execute(f"DROP TABLE {q}.email_send_log")
+    op.execute(f"DROP TABLE {q}.reengagement_audience")
+    op.execute(f"DROP TABLE {q}.episodes")

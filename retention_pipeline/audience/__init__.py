@@ -1,0 +1,1 @@
+"""The daily re-engagement audience: episodes, due steps, exclusions, holdout and variants."""

@@ -1,0 +1,51 @@
+"""Exactly-once sending: compose a day's emails, claim them in the send log, send the claimed
+batches, record the outcomes; and the suppressions that unsubscribes add.
+
+A send job does, per loop and partition day:
+
+    with engine.begin() as connection:
+        emails = compose_emails(connection, schema=..., config=..., loop=..., day=...,
+                                unsubscribe_secret=...)
+        claim(connection, schema=..., loop_name=loop.name, day=day, emails=emails)
+    report = send_pending(engine, schema=..., loop_name=loop.name, sender=..., provider=...)
+    if report.still_pending:
+        raise ...  # so the job's RetryPolicy re-runs it; the re-run claims nothing new
+
+Plain Python over SQLAlchemy, no Dagster: the `defs` modules wire it into the send job.
+"""
+
+from retention_pipeline.sending.compose import compose_emails, day_end, send_key, treatment_rows
+from retention_pipeline.sending.dispatch import DispatchReport, send_pending
+from retention_pipeline.sending.send_log import (
+    BATCH_SIZE,
+    STATUSES,
+    claim,
+    pending_batches,
+    record,
+    send_log_summary,
+)
+from retention_pipeline.sending.suppressions import (
+    SUPPRESSION_REASONS,
+    suppress,
+    unsubscribe_with_token,
+)
+from retention_pipeline.sending.unsubscribe_server import make_server
+
+__all__ = [
+    "BATCH_SIZE",
+    "STATUSES",
+    "SUPPRESSION_REASONS",
+    "DispatchReport",
+    "claim",
+    "compose_emails",
+    "day_end",
+    "make_server",
+    "pending_batches",
+    "record",
+    "send_key",
+    "send_log_summary",
+    "send_pending",
+    "suppress",
+    "treatment_rows",
+    "unsubscribe_with_token",
+]

@@ -1,0 +1,180 @@
+"""Render the emails of one day's audience, reproducibly.
+
+Everything time-relative is measured against the end of the partition day in the loops' timezone,
+never the wall clock, and everything else comes from rows stored for that day: a retry, or a
+rerun a week later, renders the same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import date, datetime, time, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, text
+
+from retention_pipeline.email.humanize import GENERIC_ACTION, describe_action, time_ago
+from retention_pipeline.email.message import OutgoingEmail
+from retention_pipeline.email.render import render_email
+from retention_pipeline.email.unsubscribe import make_token, unsubscribe_headers, unsubscribe_url
+
+if TYPE_CHECKING:
+    from retention_pipeline.config.models import Loop, RetentionConfig
+
+# A personalization value that names a user field, as the seed writes them: "{{user.name}}".
+_USER_FIELD = re.compile(r"^\s*\{\{\s*user\.([A-Za-z_]\w*)\s*\}\}\s*$")
+
+
+def send_key(loop_name: str, user_id: str, episode_start: date, step: int) -> str:
+    """The send log's key of one email: unique per loop, user, episode and step."""
+    return f"{loop_name}:{user_id}:{episode_start.isoformat()}:{step}"
+
+
+def day_end(day: date, timezone: str) -> datetime:
+    """The first instant after `day` in `timezone`: the moment a partition is "as of"."""
+    return datetime.combine(day + timedelta(days=1), time.min, tzinfo=ZoneInfo(timezone))
+
+
+def treatment_rows(
+    connection: Connection, *, schema: str, loop_name: str, day: date
+) -> list[dict[str, Any]]:
+    """The loop's treatment rows of `reengagement_audience` for `day`, with what the snapshot of
+    that day knows about each user, ordered by user id. Also the rows `claim` pairs emails with."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    result = connection.execute(
+        text(f"""
+            SELECT a.user_id, a.email, a.episode_start, a.step, a.template, a.variant,
+                   snap.name, snap.timezone, snap.signed_up_at, snap.last_activity_at,
+                   coalesce(snap.last_actions, '[]'::jsonb) AS last_actions
+            FROM {s}.reengagement_audience AS a
+            LEFT JOIN {s}.user_activity_snapshot AS snap
+                ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
+            WHERE a.partition_date = :day AND a.loop_name = :loop AND a.arm = 'treatment'
+            ORDER BY a.user_id"""),
+        {"day": day, "loop": loop_name},
+    )
+    return [dict(row) for row in result.mappings()]
+
+
+def compose_emails(
+    connection: Connection,
+    *,
+    schema: str,
+    config: RetentionConfig,
+    loop: Loop,
+    day: date,
+    unsubscribe_secret: str,
+) -> list[OutgoingEmail]:
+    """One rendered email per treatment row of the loop's audience for `day`, in user-id order.
+
+    Each renders the template of the row's step with the row's variant. The unsubscribe link and
+    the RFC 8058 headers carry an HMAC token of the user and the loop, signed with
+    `unsubscribe_secret`; the tags name the loop, step and variant.
+    """
+    as_of = day_end(day, config.timezone)
+    base_url = config.email.unsubscribe_url
+    emails = []
+    for row in treatment_rows(connection, schema=schema, loop_name=loop.name, day=day):
+        if not 0 <= row["step"] < len(loop.steps):
+            raise ValueError(
+                f"loop {loop.name!r} has {len(loop.steps)} steps, but the audience of {day} has "
+                f"user {row['user_id']!r} at step {row['step']}"
+            )
+        step = loop.steps[row["step"]]
+        token = make_token(unsubscribe_secret, row["user_id"], loop.name)
+        context = email_context(
+            row,
+            config=config,
+            loop=loop,
+            as_of=as_of,
+            unsubscribe_link=unsubscribe_url(base_url, token),
+        )
+        rendered = render_email(step.action.template, context)
+        emails.append(
+            OutgoingEmail(
+                key=send_key(loop.name, row["user_id"], row["episode_start"], row["step"]),
+                to=row["email"],
+                subject=rendered.subject,
+                html=rendered.html,
+                text=rendered.text,
+                headers=unsubscribe_headers(base_url, token),
+                tags={"loop": loop.name, "step": str(row["step"]), "variant": row["variant"]},
+            )
+        )
+    return emails
+
+
+def email_context(
+    row: Mapping[str, Any],
+    *,
+    config: RetentionConfig,
+    loop: Loop,
+    as_of: datetime,
+    unsubscribe_link: str,
+) -> dict[str, Any]:
+    """What a template sees for one user (`row`: the audience row joined with the snapshot),
+    with every time-relative word computed against `as_of`, never the wall clock."""
+    # Calendar words ("yesterday", "9 days ago") are said from within the day, not from the next
+    # midnight, so they agree with `days_inactive`.
+    said_at = as_of - timedelta(microseconds=1)
+    user = {
+        "id": row["user_id"],
+        "email": row["email"],
+        "name": row["name"],
+        "timezone": row["timezone"],
+        "last_activity_at": row["last_activity_at"],
+    }
+    return {
+        "user": user,
+        "personalization": _personalization(loop, row["step"], user),
+        "variant": row["variant"],
+        "product_name": config.email.product_name,
+        "app_url": config.email.app_url,
+        "company_address": config.email.company_address,
+        "unsubscribe_url": unsubscribe_link,
+        "days_inactive": _days_inactive(row, as_of),
+        "last_activity": (
+            time_ago(row["last_activity_at"], said_at, row["timezone"] or config.timezone)
+            if row["last_activity_at"] is not None
+            else ""
+        ),
+        "last_actions": _phrases(row["last_actions"]),
+    }
+
+
+def _days_inactive(row: Mapping[str, Any], as_of: datetime) -> int:
+    # Whole days, as the segment reasons count them, so "no activity for 9 days" in the segment
+    # and "It's been 9 days" in the email agree; a user never active counts from signup.
+    since = row["last_activity_at"] or row["signed_up_at"]
+    if since is None:
+        return 0
+    return max(0, int((as_of - since).total_seconds() // 86400))
+
+
+def _phrases(last_actions: list[Mapping[str, Any]]) -> list[str]:
+    # "you: used the app" says nothing, and two event names may read the same.
+    phrases: list[str] = []
+    for action in last_actions:
+        phrase = describe_action(str(action.get("name") or ""))
+        if phrase != GENERIC_ACTION and phrase not in phrases:
+            phrases.append(phrase)
+    return phrases
+
+
+def _personalization(loop: Loop, step: int, user: Mapping[str, Any]) -> dict[str, Any]:
+    """The step's `personalization` entries with `{{user.FIELD}}` references resolved."""
+    values = {}
+    for name, value in loop.steps[step].action.personalization.items():
+        match = _USER_FIELD.match(value)
+        if match is None:
+            values[name] = value
+        elif match.group(1) in user:
+            values[name] = user[match.group(1)]
+        else:
+            raise ValueError(
+                f"loops.{loop.name}.steps.{step}.action.personalization.{name}: "
+                f"unknown user field {match.group(1)!r} (known: {', '.join(sorted(user))})"
+            )
+    return values

@@ -1,0 +1,259 @@
+"""The send log: claim emails before sending, send exactly what was claimed, record the outcome.
+
+A row is claimed once per loop, user, episode and step (both unique keys of `email_send_log`),
+with its rendered content and a `batch_key` that fixes which batch it goes out in, forever. The
+sender's `Idempotency-Key` is a digest of a batch's send keys, so a batch re-sent after a crash or
+a transient failure carries the same key and the same bytes: what Resend accepted the first time
+is answered from its idempotency store, not delivered again.
+
+A batch is pending as a whole or not at all: `record` settles every row of a batch in one
+transaction, and only failures of a whole request are retryable. So a re-sent batch has exactly
+the members it was first sent with, and the same key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from retention_pipeline.email.message import OutgoingEmail, SendResult
+from retention_pipeline.sending.compose import send_key, treatment_rows
+
+BATCH_SIZE = 100
+"""Emails per batch: the most Resend accepts in one batch request."""
+
+STATUSES = ("claimed", "sent", "failed")
+
+
+def batch_key(loop_name: str, day: date, number: int) -> str:
+    return f"{loop_name}:{day.isoformat()}:{number}"
+
+
+def claim(
+    connection: Connection,
+    *,
+    schema: str,
+    loop_name: str,
+    day: date,
+    emails: Sequence[OutgoingEmail],
+    audience_rows: Iterable[Mapping[str, Any]] | None = None,
+) -> int:
+    """Claim `emails` for sending, in the caller's transaction; return how many were new.
+
+    `audience_rows` are mappings with `user_id`, `episode_start` (a date), `step`, `template` and
+    `variant`, such as `compose.treatment_rows` returns or a DataFrame's `to_dict("records")`;
+    without them, the loop's treatment rows of `day` are read from `reengagement_audience`. Each
+    email is paired with the row of the same send key; rows without an email (the holdout) are
+    ignored. Emails already in the log are left as they are, content included. The new ones,
+    sorted by send key, are split into batches of `BATCH_SIZE` numbered after the loop's batches
+    already stored for `day`.
+    """
+    if not emails:
+        return 0
+    if audience_rows is None:
+        audience_rows = treatment_rows(connection, schema=schema, loop_name=loop_name, day=day)
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    keys = [email.key for email in emails]
+    duplicates = sorted(key for key, count in Counter(keys).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"duplicate send keys: {duplicates[:5]}")
+    rows = {
+        send_key(loop_name, str(row["user_id"]), row["episode_start"], int(row["step"])): row
+        for row in audience_rows
+    }
+    unpaired = sorted(key for key in keys if key not in rows)
+    if unpaired:
+        raise ValueError(f"{len(unpaired)} emails have no audience row, first: {unpaired[0]!r}")
+
+    # Claims of one loop take turns, so two of them cannot number batches alike.
+    connection.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext(:lock))"),
+        {"lock": f"retention-pipeline:{schema}:claim:{loop_name}"},
+    )
+    existing = set(
+        connection.execute(
+            text(f"SELECT send_key FROM {s}.email_send_log WHERE send_key = ANY(:keys)"),
+            {"keys": keys},
+        ).scalars()
+    )
+    new = sorted((email for email in emails if email.key not in existing), key=lambda e: e.key)
+    if not new:
+        return 0
+    stored_batches = connection.execute(
+        text(f"""
+            SELECT coalesce(max(CAST(substring(batch_key FROM '[0-9]+$') AS integer)), 0)
+            FROM {s}.email_send_log WHERE loop_name = :loop AND partition_date = :day"""),
+        {"loop": loop_name, "day": day},
+    ).scalar_one()
+    paired = [rows[email.key] for email in new]
+    columns = {
+        "send_key": [email.key for email in new],
+        "user_id": [str(row["user_id"]) for row in paired],
+        "episode_start": [row["episode_start"] for row in paired],
+        "step": [int(row["step"]) for row in paired],
+        "email": [email.to for email in new],
+        "template": [row["template"] for row in paired],
+        "variant": [row["variant"] for row in paired],
+        "batch_key": [
+            batch_key(loop_name, day, stored_batches + 1 + index // BATCH_SIZE)
+            for index in range(len(new))
+        ],
+        "subject": [email.subject for email in new],
+        "html": [email.html for email in new],
+        "body_text": [email.text for email in new],
+        "headers": [json.dumps(email.headers) for email in new],
+        "tags": [json.dumps(email.tags) for email in new],
+    }
+    # One statement for the whole claim; ON CONFLICT without a target covers both unique keys.
+    inserted = connection.execute(
+        text(f"""
+            INSERT INTO {s}.email_send_log (send_key, loop_name, user_id, episode_start, step,
+                partition_date, email, template, variant, batch_key, subject, html, body_text,
+                headers, tags, status)
+            SELECT r.send_key, :loop, r.user_id, r.episode_start, r.step, :day, r.email,
+                   r.template, r.variant, r.batch_key, r.subject, r.html, r.body_text,
+                   CAST(r.headers AS jsonb), CAST(r.tags AS jsonb), 'claimed'
+            FROM unnest(CAST(:send_key AS text[]), CAST(:user_id AS text[]),
+                        CAST(:episode_start AS date[]), CAST(:step AS integer[]),
+                        CAST(:email AS text[]), CAST(:template AS text[]),
+                        CAST(:variant AS text[]), CAST(:batch_key AS text[]),
+                        CAST(:subject AS text[]), CAST(:html AS text[]),
+                        CAST(:body_text AS text[]), CAST(:headers AS text[]),
+                        CAST(:tags AS text[]))
+                AS r(send_key, user_id, episode_start, step, email, template, variant,
+                     batch_key, subject, html, body_text, headers, tags)
+            ORDER BY r.send_key
+            ON CONFLICT DO NOTHING
+            RETURNING send_key"""),
+        {"loop": loop_name, "day": day, **columns},
+    )
+    return len(inserted.all())
+
+
+def pending_batches(
+    connection: Connection, *, schema: str, loop_name: str
+) -> list[list[OutgoingEmail]]:
+    """Every batch of the loop with rows still claimed, rebuilt from the stored content.
+
+    Oldest batch first, emails in send-key order. `headers` and `tags` come back with their keys
+    sorted: jsonb does not keep key order, and the payload of a re-sent batch must not depend on it.
+    """
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    result = connection.execute(
+        text(f"""
+            SELECT send_key, email, subject, html, body_text, headers, tags, batch_key
+            FROM {s}.email_send_log
+            WHERE loop_name = :loop AND status = 'claimed'
+            ORDER BY partition_date, min(id) OVER (PARTITION BY batch_key), send_key"""),
+        {"loop": loop_name},
+    )
+    batches: dict[str, list[OutgoingEmail]] = {}
+    for row in result.mappings():
+        batches.setdefault(row["batch_key"], []).append(
+            OutgoingEmail(
+                key=row["send_key"],
+                to=row["email"],
+                subject=row["subject"],
+                html=row["html"],
+                text=row["body_text"],
+                headers=dict(sorted(row["headers"].items())),
+                tags=dict(sorted(row["tags"].items())),
+            )
+        )
+    return list(batches.values())
+
+
+def record(
+    connection: Connection, *, schema: str, results: Sequence[SendResult], provider: str
+) -> None:
+    """Record what the sender said, in the caller's transaction.
+
+    Sent: status 'sent' with the provider's id and `sent_at`. Failed: status 'failed' with the
+    error, final. Failed but retryable: still 'claimed', with the error, to be re-sent in its batch.
+    Every result counts an attempt. Rows no longer claimed are left alone, so a late or repeated
+    result never undoes an outcome.
+    """
+    if not results:
+        return
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    connection.execute(
+        text(f"""
+            UPDATE {s}.email_send_log AS log
+            SET status = r.status,
+                provider = :provider,
+                provider_id = r.provider_id,
+                error = r.error,
+                attempts = log.attempts + 1,
+                attempt_started_at = NULL,
+                sent_at = CASE WHEN r.status = 'sent' THEN now() END,
+                updated_at = now()
+            FROM unnest(CAST(:keys AS text[]), CAST(:statuses AS text[]),
+                        CAST(:provider_ids AS text[]), CAST(:errors AS text[]))
+                AS r(send_key, status, provider_id, error)
+            WHERE log.send_key = r.send_key AND log.status = 'claimed'"""),
+        {
+            "provider": provider,
+            "keys": [result.key for result in results],
+            "statuses": [_status(result) for result in results],
+            "provider_ids": [result.provider_id for result in results],
+            "errors": [result.error for result in results],
+        },
+    )
+
+
+def mark_attempt(connection: Connection, *, schema: str, keys: Sequence[str]) -> None:
+    """Note, before a batch goes out, that it is in flight: if the process dies before `record`,
+    the rows keep this mark and `expire_unanswered` can tell them from never-sent ones."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    connection.execute(
+        text(f"""UPDATE {s}.email_send_log SET attempt_started_at = now(), updated_at = now()
+                 WHERE send_key = ANY(CAST(:keys AS text[])) AND status = 'claimed'"""),
+        {"keys": list(keys)},
+    )
+
+
+def expire_unanswered(
+    connection: Connection, *, schema: str, loop_name: str, older_than: timedelta
+) -> int:
+    """Give up on batches that went out but got no recorded answer longer ago than the provider
+    remembers idempotency keys: re-sending them could deliver twice, so they fail instead."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(
+        text(f"""
+            UPDATE {s}.email_send_log
+            SET status = 'failed', updated_at = now(),
+                error = 'no answer recorded for a send started at ' || attempt_started_at
+                        || '; not re-sent, since the idempotency key has expired and the email '
+                        || 'may have been delivered'
+            WHERE loop_name = :loop AND status = 'claimed'
+              AND attempt_started_at < now() - CAST(:older_than AS interval)"""),
+        {"loop": loop_name, "older_than": older_than},
+    ).rowcount
+
+
+def send_log_summary(
+    connection: Connection, *, schema: str, loop_name: str, day: date
+) -> dict[str, int]:
+    """How many of the loop's emails for `day` are in each status (every status, zeros too)."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    counts = dict(
+        connection.execute(
+            text(f"""
+                SELECT status, count(*) FROM {s}.email_send_log
+                WHERE loop_name = :loop AND partition_date = :day
+                GROUP BY status"""),
+            {"loop": loop_name, "day": day},
+        ).all()
+    )
+    return {status: int(counts.get(status, 0)) for status in STATUSES}
+
+
+def _status(result: SendResult) -> str:
+    if result.status == "sent":
+        return "sent"
+    return "claimed" if result.retryable else "failed"

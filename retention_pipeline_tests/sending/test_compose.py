@@ -1,0 +1,171 @@
+"""Composing a day's emails from the audience and snapshot rows, as of the end of that day."""
+
+from __future__ import annotations
+
+import copy
+import re
+from datetime import UTC, date, datetime
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from retention_pipeline.config import parse_config
+from retention_pipeline.email.unsubscribe import verify_token
+from retention_pipeline.sending import compose_emails, day_end, treatment_rows
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+from retention_pipeline_tests.sending.support import (
+    DAY,
+    LOOP,
+    SCHEMA,
+    SECRET,
+    SendingDatabase,
+    User,
+    add_users,
+)
+
+
+def compose(db: SendingDatabase, **config_changes: object) -> list:
+    config = db.config.model_copy(update=config_changes) if config_changes else db.config
+    with db.engine.connect() as connection:
+        return compose_emails(
+            connection,
+            schema=SCHEMA,
+            config=config,
+            loop=config.loop(LOOP),
+            day=DAY,
+            unsubscribe_secret=SECRET,
+        )
+
+
+def test_each_treated_user_gets_their_steps_template_and_variant(
+    sending_db: SendingDatabase,
+) -> None:
+    add_users(
+        sending_db.engine,
+        [
+            User("u1", "ada@example.com", variant="a"),
+            User("u2", "bob@example.com", name="Bob Stone", variant="b"),
+            User("u3", "cy@example.com", name="Cy", step=1),
+            User("u4", "held@example.com", arm="holdout"),
+        ],
+    )
+
+    emails = {email.to: email for email in compose(sending_db)}
+
+    assert sorted(emails) == ["ada@example.com", "bob@example.com", "cy@example.com"]
+    assert emails["ada@example.com"].subject == "Ada, we miss you at Acme"
+    assert emails["bob@example.com"].subject == "Bob, your Acme work is right where you left it"
+    assert emails["cy@example.com"].subject == "A 2-minute tip for getting more out of Acme"
+    assert emails["ada@example.com"].key == "re_engagement:u1:2026-11-20:0"
+    # Step 1 of an episode that started three days before.
+    assert emails["cy@example.com"].key == "re_engagement:u3:2026-11-17:1"
+    assert emails["cy@example.com"].tags == {"loop": LOOP, "step": "1", "variant": "a"}
+    assert emails["bob@example.com"].tags == {"loop": LOOP, "step": "0", "variant": "b"}
+    ada = emails["ada@example.com"]
+    assert "https://app.acme.test" in ada.html
+    assert "Acme Inc., 1 Example Street, Springfield" in ada.text
+
+
+def test_time_is_measured_at_the_end_of_the_partition_day_not_now(
+    sending_db: SendingDatabase,
+) -> None:
+    # 9 days and 14 hours before the end of 2026-11-20 (UTC); the wall clock says otherwise.
+    add_users(
+        sending_db.engine,
+        [User("u1", "ada@example.com", last_activity_at=datetime(2026, 11, 11, 10, tzinfo=UTC))],
+    )
+
+    (email,) = compose(sending_db)
+
+    assert "It's been 9 days since we last saw you in Acme." in email.text
+    assert "The last time you were here (9 days ago), you:" in email.text
+    assert "  - exported a report\n  - created a project\n" in email.text
+    assert re.search(r"<li[^>]*>exported a report</li>", email.html)
+
+
+def test_composing_again_renders_the_same_bytes(sending_db: SendingDatabase) -> None:
+    add_users(sending_db.engine, [User("u1", "ada@example.com"), User("u2", "bob@example.com")])
+
+    assert compose(sending_db) == compose(sending_db)
+
+
+def test_the_day_ends_at_midnight_in_the_loops_timezone() -> None:
+    assert day_end(date(2026, 3, 8), "America/New_York") == datetime(2026, 3, 9, 4, tzinfo=UTC)
+    assert day_end(date(2026, 11, 1), "America/New_York") == datetime(2026, 11, 2, 5, tzinfo=UTC)
+
+
+def test_missing_and_hostile_names_render_safely(sending_db: SendingDatabase) -> None:
+    add_users(
+        sending_db.engine,
+        [
+            User("u1", "anon@example.com", name=None, last_activity_at=None, last_actions=()),
+            User("u2", "evil@example.com", name="<script>alert(1)</script>"),
+        ],
+    )
+
+    emails = {email.to: email for email in compose(sending_db)}
+
+    anon = emails["anon@example.com"]
+    assert anon.subject == "We miss you at Acme"
+    assert re.search(r"<h1[^>]*>We miss you</h1>", anon.html)
+    # Never active: counted from signup (2026-01-05), with no made-up last actions.
+    assert "It's been 320 days" in anon.text
+    assert "everything in it are right where you left them" in anon.text
+    evil = emails["evil@example.com"]
+    assert "<script>" not in evil.html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in evil.html
+
+
+def test_every_email_carries_a_verifiable_one_click_unsubscribe(
+    sending_db: SendingDatabase,
+) -> None:
+    add_users(sending_db.engine, [User("u1", "ada@example.com")])
+
+    (email,) = compose(sending_db)
+
+    assert email.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    url = email.headers["List-Unsubscribe"].strip("<>")
+    assert url.startswith("https://app.acme.test/email/unsubscribe?token=")
+    token = parse_qs(urlsplit(url).query)["token"][0]
+    assert verify_token(SECRET, token) == ("u1", LOOP)
+    assert url.replace("&", "&amp;") in email.html
+    assert url in email.text
+
+
+def test_the_template_context_carries_the_loops_personalization(
+    sending_db: SendingDatabase,
+) -> None:
+    add_users(sending_db.engine, [User("u1", "ada@example.com")])
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = sending_db.url
+    document["loops"][0]["steps"][0]["action"]["personalization"] = {"nick": "{{user.nickname}}"}
+    broken = parse_config(document, environ={})
+
+    with pytest.raises(ValueError, match=r"personalization\.nick: unknown user field 'nickname'"):
+        compose(sending_db, loops=broken.loops)
+    # The shipped loop asks for the name and the last activity, which the user record holds.
+    assert compose(sending_db)
+
+
+def test_the_audience_rows_are_the_treatment_arm_with_the_snapshot(
+    sending_db: SendingDatabase,
+) -> None:
+    add_users(
+        sending_db.engine, [User("u1", "a@example.com"), User("u2", "b@x.com", arm="holdout")]
+    )
+    with sending_db.engine.connect() as connection:
+        rows = treatment_rows(connection, schema=SCHEMA, loop_name=LOOP, day=DAY)
+
+    assert [(row["user_id"], row["step"], row["variant"]) for row in rows] == [("u1", 0, "a")]
+    assert rows[0]["name"] == "Ada Lovelace"
+
+
+def test_a_step_the_loop_no_longer_has_is_a_one_line_error(sending_db: SendingDatabase) -> None:
+    add_users(sending_db.engine, [User("u1", "a@example.com", step=2)])
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = sending_db.url
+    document["loops"][0]["steps"] = document["loops"][0]["steps"][:1]
+    shortened = parse_config(document, environ={})
+
+    with pytest.raises(ValueError, match="has 1 steps, but the audience of 2026-11-20 has user"):
+        compose(sending_db, loops=shortened.loops)

@@ -1,0 +1,191 @@
+"""The daily audience on real PostgreSQL: episodes and step delays, the exit rule and cooldown,
+exclusions, the frequency cap across loops, and a stable holdout."""
+
+from __future__ import annotations
+
+import copy
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.audience.build import build_audience
+from retention_pipeline.config import parse_config
+from retention_pipeline.segments.conditions import condition_user_ids
+from retention_pipeline.segments.rules import build_segments
+from retention_pipeline.segments.snapshot import build_snapshot
+from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+
+UTC = ZoneInfo("UTC")
+D = date(2026, 11, 10)
+
+
+def config_for(url: str, *, holdout: float = 0.0, cooldown: int = 30, loops: int = 1):
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = url
+    loop = document["loops"][0]
+    loop["steps"][0]["condition"] = {"type": "segment", "segment": "dormant"}
+    loop["holdout"] = {"fraction": holdout}
+    loop["cooldown_days"] = cooldown
+    document["loops"] = [dict(copy.deepcopy(loop), name=f"loop_{n}") for n in range(loops)]
+    return parse_config(document, environ={})
+
+
+@pytest.fixture
+def world(app_database_url):
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        install(connection, config_for(app_database_url))
+    yield engine, app_database_url
+    engine.dispose()
+
+
+def add_users(engine, ids, *, last_seen: datetime, email=None):
+    with engine.begin() as connection:
+        for user in ids:
+            connection.execute(
+                text("INSERT INTO users (id, email, created_at) VALUES (:id, :email, :at)"),
+                {
+                    "id": user,
+                    "email": email or f"user{user}@example.com",
+                    "at": datetime(2026, 6, 1, tzinfo=UTC),
+                },
+            )
+            connection.execute(
+                text("INSERT INTO sessions (user_id, created_at) VALUES (:id, :at)"),
+                {"id": user, "at": last_seen},
+            )
+
+
+def run_day(engine, config, day: date, loop_index: int = 0):
+    loop = config.loops[loop_index]
+    with engine.begin() as connection:
+        build_snapshot(connection, config, day)
+        for each in config.loops:
+            build_segments(connection, "retention", each, config.timezone, day)
+    candidates = condition_user_ids(engine, "retention", loop, day)
+    with engine.begin() as connection:
+        return build_audience(connection, config=config, loop=loop, day=day, candidates=candidates)
+
+
+def audience(engine, day: date, loop: str = "loop_0"):
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT user_id, step, template, arm, variant, episode_start "
+                "FROM retention.reengagement_audience "
+                "WHERE partition_date = :day AND loop_name = :loop "
+                "ORDER BY user_id"
+            ),
+            {"day": day, "loop": loop},
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+def test_a_sequence_follows_the_step_delays_once_per_episode(world):
+    engine, url = world
+    config = config_for(url)
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    steps = {}
+    for offset in range(0, 10):
+        summary = run_day(engine, config, D + timedelta(days=offset))
+        steps[offset] = [(row[1], row[2]) for row in audience(engine, D + timedelta(days=offset))]
+        if offset == 1:
+            assert summary.excluded["no_step_due"] == 1
+    assert steps == {
+        0: [(0, "re_engagement")],
+        1: [],
+        2: [],
+        3: [(1, "re_engagement_follow_up")],
+        4: [],
+        5: [],
+        6: [],
+        7: [(2, "re_engagement_last_call")],
+        8: [],
+        9: [],
+    }
+    assert {
+        row[5] for offset in (0, 3, 7) for row in audience(engine, D + timedelta(days=offset))
+    } == {D}
+
+
+def test_running_a_day_again_gives_the_same_audience(world):
+    engine, url = world
+    config = config_for(url, holdout=0.5)
+    add_users(engine, range(1, 41), last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    first = run_day(engine, config, D)
+    rows = audience(engine, D)
+    again = run_day(engine, config, D)
+    assert audience(engine, D) == rows
+    assert first == again
+    assert first.treatment + first.holdout == 40
+
+
+def test_a_user_who_comes_back_leaves_the_episode_and_reenters_after_the_cooldown(world):
+    engine, url = world
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    config = config_for(url, cooldown=30)
+    run_day(engine, config, D)
+    with engine.begin() as connection:  # back on D+1
+        connection.execute(
+            text("INSERT INTO sessions (user_id, created_at) VALUES (1, :at)"),
+            {"at": datetime(2026, 11, 11, 15, tzinfo=UTC)},
+        )
+    summary = run_day(engine, config, D + timedelta(days=1))
+    assert summary.returned == 1
+    assert run_day(engine, config, D + timedelta(days=3)).treatment == 0  # no follow-up
+    # Away again: dormant on D+8, but within the 30-day cooldown.
+    later = run_day(engine, config, D + timedelta(days=8))
+    assert later.candidates == 1 and later.excluded["cooldown"] == 1 and later.treatment == 0
+    # With no cooldown the user starts a new episode at step 0.
+    run_day(engine, config_for(url, cooldown=0), D + timedelta(days=9))
+    assert audience(engine, D + timedelta(days=9)) == [
+        ("1", 0, "re_engagement", "treatment", audience(engine, D)[0][4], D + timedelta(days=9))
+    ]
+
+
+def test_exclusions_are_counted_and_never_make_the_audience(world):
+    engine, url = world
+    config = config_for(url)
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    add_users(engine, [2], last_seen=datetime(2026, 10, 1, tzinfo=UTC), email="not an address")
+    add_users(engine, [3], last_seen=datetime(2026, 10, 1, tzinfo=UTC), email="Gone@Example.com")
+    add_users(engine, [4], last_seen=datetime(2026, 11, 9, tzinfo=UTC))  # active: no candidate
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO retention.email_suppressions (email, reason) "
+                "VALUES ('gone@example.com', 'unsubscribed')"
+            )
+        )
+    summary = run_day(engine, config, D)
+    assert [row[0] for row in audience(engine, D)] == ["1"]
+    assert summary.excluded["no_email"] == 1
+    assert summary.excluded["suppressed"] == 1
+    assert summary.candidates == 3
+
+
+def test_the_frequency_cap_holds_across_loops(world):
+    engine, url = world
+    config = config_for(url, loops=2)
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    assert run_day(engine, config, D, loop_index=0).treatment == 1
+    second = run_day(engine, config, D, loop_index=1)
+    assert second.treatment == 0 and second.excluded["frequency_cap"] == 1
+    # Three days later the cap has passed: the second loop's first step goes out.
+    assert run_day(engine, config, D + timedelta(days=3), loop_index=1).treatment == 1
+
+
+def test_the_holdout_is_stable_and_about_the_configured_share(world):
+    engine, url = world
+    add_users(engine, range(1, 1001), last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    summary = run_day(engine, config_for(url, holdout=0.1), D)
+    assert summary.treatment + summary.holdout == 1000
+    assert 60 <= summary.holdout <= 140
+    arms = {row[0]: row[3] for row in audience(engine, D)}
+    variants = {row[4] for row in audience(engine, D)}
+    assert variants == {"a", "b"}
+    run_day(engine, config_for(url, holdout=0.1), D)
+    assert {row[0]: row[3] for row in audience(engine, D)} == arms

@@ -1,0 +1,170 @@
+"""The whole morning on demo data: the daily run builds the audience, the sensor launches the
+send job, the outbox holds one readable email per treated user, and nothing is sent twice."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.defs.emails import (
+    reengagement_audience,
+    send_on_new_audience,
+    send_reengagement_emails,
+)
+from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.demo import seed_demo
+from retention_pipeline.resources.app_database import AppDatabase
+from retention_pipeline.resources.email import OutboxEmail
+from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.helpers import make_config, write_config
+
+
+@pytest.fixture
+def morning(create_database, tmp_path: Path):
+    url = create_database()
+    engine = create_engine(url)
+    day = datetime.now(UTC).date() - timedelta(days=1)
+    with engine.begin() as connection:
+        seed_demo(
+            connection,
+            users=400,
+            days=60,
+            seed=11,
+            end=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC),
+        )
+        install(connection, make_config(url))
+    resources = {
+        "app_database": AppDatabase(config_path=str(write_config(tmp_path, url))),
+        "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test"),
+    }
+    with dg.instance_for_test() as instance:
+        yield engine, instance, resources, day.isoformat(), tmp_path / "outbox"
+    engine.dispose()
+
+
+def treated(engine, day: str) -> set[str]:
+    with engine.connect() as connection:
+        return set(
+            connection.execute(
+                text(
+                    "SELECT user_id FROM retention.reengagement_audience "
+                    "WHERE partition_date = :day AND arm = 'treatment'"
+                ),
+                {"day": day},
+            ).scalars()
+        )
+
+
+def test_the_daily_run_the_sensor_and_the_send_job(morning):
+    engine, instance, resources, day, outbox = morning
+    daily = dg.materialize(
+        [user_activity_snapshot, engagement_segments, reengagement_audience],
+        partition_key=day,
+        instance=instance,
+        resources=resources,
+    )
+    assert daily.success
+    users = treated(engine, day)
+    assert users
+
+    context = dg.build_sensor_context(instance=instance)
+    requests = list(send_on_new_audience(context))
+    assert [request.run_key for request in requests] == [f"re_engagement:{day}"]
+    (request,) = requests
+    sent = send_reengagement_emails.execute_in_process(
+        run_config=request.run_config, instance=instance, resources=resources
+    )
+    assert sent.success
+    files = sorted(outbox.glob("*.html"))
+    assert len(files) == len(users)
+    with engine.connect() as connection:
+        statuses = dict(
+            connection.execute(
+                text("SELECT status, count(*) FROM retention.email_send_log GROUP BY status")
+            ).all()
+        )
+    assert statuses == {"sent": len(users)}
+    (materialization,) = [
+        event.event_specific_data.materialization
+        for event in sent.all_events
+        if event.event_type_value == "ASSET_MATERIALIZATION"
+    ]
+    assert materialization.asset_key == dg.AssetKey(["retention", "email_send_log"])
+    assert materialization.partition == day
+    assert materialization.metadata["sent_this_run"].value == len(users)
+
+    # A second run for the same day sends nothing, and the sensor asks for no new run.
+    again = send_reengagement_emails.execute_in_process(
+        run_config=request.run_config, instance=instance, resources=resources
+    )
+    assert again.success
+    assert len(sorted(outbox.glob("*.html"))) == len(users)
+    with engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT count(*) FROM retention.email_send_log")
+        ).scalar() == len(users)
+    later = dg.build_sensor_context(instance=instance, cursor=context.cursor)
+    assert [item for item in send_on_new_audience(later) if isinstance(item, dg.RunRequest)] == []
+
+    # Re-materializing the day's audience keeps the emailed users: nothing new to claim.
+    assert dg.materialize(
+        [reengagement_audience], partition_key=day, instance=instance, resources=resources
+    ).success
+    third = send_reengagement_emails.execute_in_process(
+        run_config=request.run_config, instance=instance, resources=resources
+    )
+    assert third.success
+    assert len(sorted(outbox.glob("*.html"))) == len(users)
+
+
+def test_preview_renders_one_users_email_to_a_file(morning, tmp_path, capsys):
+    from retention_pipeline.cli import main
+
+    engine, instance, resources, day, _outbox = morning
+    assert dg.materialize(
+        [user_activity_snapshot], partition_key=day, instance=instance, resources=resources
+    ).success
+    with engine.connect() as connection:
+        user_id, name = connection.execute(
+            text(
+                "SELECT user_id, name FROM retention.user_activity_snapshot "
+                "WHERE name IS NOT NULL AND last_activity_at IS NOT NULL ORDER BY user_id LIMIT 1"
+            )
+        ).one()
+    config = resources["app_database"].config_path
+    out = tmp_path / "preview.html"
+    assert (
+        main(
+            [
+                "--config",
+                config,
+                "preview",
+                "--template",
+                "re_engagement_last_call",
+                "--user",
+                user_id,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert f"as of {day}" in capsys.readouterr().out
+    html = out.read_text()
+    assert name.split()[0] in html and "unsubscribe" in html.lower()
+
+    assert (
+        main(
+            ["--config", config, "preview", "--template", "re_engagement", "--user", "no-such-user"]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"error: --user: no user 'no-such-user' in the snapshot of {day}\n"
+    )
+    assert main(["--config", config, "unsubscribe-server"]) == 2
+    assert "email.unsubscribe_secret: required" in capsys.readouterr().err
