@@ -96,10 +96,13 @@ def test_install_backfills_existing_rows_then_triggers_keep_it_current(engine, a
     assert rollup(engine)[0] == ("1", date(2026, 11, 20), 3, 1)
 
 
-def test_hostile_rows_never_fail_the_app_insert(engine, app_database_url):
+@pytest.mark.parametrize("path", ["triggers", "backfill"])
+def test_hostile_rows_never_fail_the_app_insert(engine, app_database_url, path):
+    """The same rows give the same rollup whether triggers see them or the install backfills."""
     with engine.begin() as connection:
         insert_users(connection)
-        install(connection, make_config(app_database_url))
+        if path == "triggers":
+            install(connection, make_config(app_database_url))
     with engine.begin() as connection:
         connection.execute(
             text(
@@ -120,6 +123,9 @@ def test_hostile_rows_never_fail_the_app_insert(engine, app_database_url):
                 "SELECT 1, 'bulk', '2026-11-22T10:00Z' FROM generate_series(1, 500)"
             )
         )
+    if path == "backfill":
+        with engine.begin() as connection:
+            install(connection, make_config(app_database_url))
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 509
     assert rollup(engine) == [

@@ -105,7 +105,7 @@ def refresh(connection: Connection, sql: TrackingSql, since: date | None) -> Non
     tz = f"(SELECT timezone FROM {s}.tracking_state)"
     if since is None:
         connection.execute(text(f"TRUNCATE {s}.activity_daily, {s}.action_daily"))
-        events_filter = sessions_filter = "TRUE"
+        events_filter = sessions_filter = day_filter = "TRUE"
     else:
         for table in ("activity_daily", "action_daily"):
             connection.execute(
@@ -114,17 +114,10 @@ def refresh(connection: Connection, sql: TrackingSql, since: date | None) -> Non
         start = f"(CAST(:since AS date)::timestamp AT TIME ZONE {tz})"
         events_filter = f"{sql.timestamp(sql.events)} >= {start}"
         sessions_filter = f"{sql.timestamp(sql.sessions)} >= {start}"
+        day_filter = "day >= :since"
     params = {} if since is None else {"since": since}
-    connection.execute(
-        text(sql.upsert_events(sql.event_rows(sql.table_name(sql.events), events_filter), tz)),
-        params,
-    )
-    connection.execute(
-        text(
-            sql.upsert_sessions(sql.session_rows(sql.table_name(sql.sessions), sessions_filter), tz)
-        ),
-        params,
-    )
+    for statement in sql.rebuild(events_filter, sessions_filter, day_filter, tz):
+        connection.execute(text(statement), params)
     connection.execute(text(f"UPDATE {s}.tracking_state SET refreshed_through = now()"))
 
 

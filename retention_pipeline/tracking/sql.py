@@ -102,6 +102,39 @@ class TrackingSql:
             SET session_count = t.session_count + EXCLUDED.session_count,
                 last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at)"""
 
+    def rebuild(
+        self, events_filter: str, sessions_filter: str, day_filter: str, tz: str
+    ) -> list[str]:
+        """Fill emptied rollup days from the app tables: the actions from one pass over the
+        events, then the daily rows from those actions and the sessions. Plain inserts, as the
+        days being rebuilt were deleted first."""
+        s = self.q_schema
+        actions = f"""
+            INSERT INTO {s}.action_daily (user_id, day, event_name, event_count, last_at)
+            SELECT user_id, (at AT TIME ZONE {tz})::date, event_name, count(*), max(at)
+            FROM ({self.event_rows(self.table_name(self.events), events_filter)}) AS e
+            GROUP BY 1, 2, 3"""
+        daily = f"""
+            INSERT INTO {s}.activity_daily
+                (user_id, day, event_count, session_count, last_event_at, last_session_at)
+            SELECT coalesce(e.user_id, x.user_id), coalesce(e.day, x.day),
+                   coalesce(e.event_count, 0), coalesce(x.session_count, 0),
+                   e.last_event_at, x.last_session_at
+            FROM (
+                SELECT user_id, day, sum(event_count)::integer AS event_count,
+                       max(last_at) AS last_event_at
+                FROM {s}.action_daily
+                WHERE {day_filter}
+                GROUP BY user_id, day
+            ) AS e
+            FULL JOIN (
+                SELECT user_id, (at AT TIME ZONE {tz})::date AS day,
+                       count(*)::integer AS session_count, max(at) AS last_session_at
+                FROM ({self.session_rows(self.table_name(self.sessions), sessions_filter)}) AS x
+                GROUP BY 1, 2
+            ) AS x ON x.user_id = e.user_id AND x.day = e.day"""
+        return [actions, daily]
+
     def trigger_function(self, kind: str) -> str:
         """A statement-level trigger function over the `new_rows` transition table.
 
