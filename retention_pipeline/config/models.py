@@ -181,7 +181,7 @@ class EmailSettings(StrictModel):
     )
     from_address: str = Field("Acme <hello@acme.test>", alias="from")
     reply_to: str | None = None
-    outbox_dir: str = ".retention/outbox"
+    outbox_dir: str | None = Field(None, description="default: outbox/ under $RETENTION_HOME")
     requests_per_second: float = Field(2.0, gt=0)
     product_name: str = "Acme"
     app_url: str = "https://app.acme.test"

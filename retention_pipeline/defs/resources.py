@@ -5,6 +5,7 @@ import os
 import dagster as dg
 
 from retention_pipeline.config import load_config
+from retention_pipeline.database.embedded import retention_home
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import RESEND_KEY_ENV_VAR, OutboxEmail, ResendEmail
 
@@ -21,5 +22,6 @@ def resources() -> dg.Definitions:
             requests_per_second=email.requests_per_second,
         )
     else:
-        sender = OutboxEmail(directory=email.outbox_dir, from_address=email.from_address)
+        directory = email.outbox_dir or str(retention_home() / "outbox")
+        sender = OutboxEmail(directory=directory, from_address=email.from_address)
     return dg.Definitions(resources={"app_database": AppDatabase(), "email": sender})

@@ -101,6 +101,12 @@ _PAST = {verb: _regular_past(verb) for verb in _REGULAR_VERBS} | _IRREGULAR_PAST
 _BASE_OF_PAST = {past: base for base, past in _PAST.items()}
 
 
+def calendar_days(then: datetime, now: datetime, tz: str | None = None) -> int:
+    """How many midnights in the reader's time zone `tz` lie between `then` and `now`."""
+    zone = _zone(tz)
+    return (_aware(now).astimezone(zone).date() - _aware(then).astimezone(zone).date()).days
+
+
 def time_ago(then: datetime, now: datetime, tz: str | None = None) -> str:
     """How long before `now` `then` was, as people say it: "3 hours ago", "yesterday".
 
@@ -116,7 +122,7 @@ def time_ago(then: datetime, now: datetime, tz: str | None = None) -> str:
         return "just now"
     if seconds < 3600:
         return _ago(int(seconds // 60), "minute", "a")
-    days = (now_local.date() - then_local.date()).days
+    days = calendar_days(then, now, tz)
     # Late last night is "3 hours ago" in the morning, not "yesterday".
     if days == 0 or seconds < 6 * 3600:
         return _ago(int(seconds // 3600), "hour", "an")

@@ -15,7 +15,12 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.email.humanize import GENERIC_ACTION, describe_action, time_ago
+from retention_pipeline.email.humanize import (
+    GENERIC_ACTION,
+    calendar_days,
+    describe_action,
+    time_ago,
+)
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.email.render import render_email
 from retention_pipeline.email.unsubscribe import make_token, unsubscribe_headers, unsubscribe_url
@@ -119,6 +124,7 @@ def email_context(
     # Calendar words ("yesterday", "9 days ago") are said from within the day, not from the next
     # midnight, so they agree with `days_inactive`.
     said_at = as_of - timedelta(microseconds=1)
+    reader_timezone = row["timezone"] or config.timezone
     user = {
         "id": row["user_id"],
         "email": row["email"],
@@ -134,9 +140,9 @@ def email_context(
         "app_url": config.email.app_url,
         "company_address": config.email.company_address,
         "unsubscribe_url": unsubscribe_link,
-        "days_inactive": _days_inactive(row, as_of),
+        "days_inactive": _days_inactive(row, said_at, reader_timezone),
         "last_activity": (
-            time_ago(row["last_activity_at"], said_at, row["timezone"] or config.timezone)
+            time_ago(row["last_activity_at"], said_at, reader_timezone)
             if row["last_activity_at"] is not None
             else ""
         ),
@@ -144,13 +150,13 @@ def email_context(
     }
 
 
-def _days_inactive(row: Mapping[str, Any], as_of: datetime) -> int:
-    # Whole days, as the segment reasons count them, so "no activity for 9 days" in the segment
-    # and "It's been 9 days" in the email agree; a user never active counts from signup.
+def _days_inactive(row: Mapping[str, Any], said_at: datetime, timezone: str) -> int:
+    # Calendar days in the reader's time zone, as `time_ago` counts them, so "It's been 10 days"
+    # and "(10 days ago)" in one email agree; a user never active counts from signup.
     since = row["last_activity_at"] or row["signed_up_at"]
     if since is None:
         return 0
-    return max(0, int((as_of - since).total_seconds() // 86400))
+    return max(0, calendar_days(since, said_at, timezone))
 
 
 def _phrases(last_actions: list[Mapping[str, Any]]) -> list[str]:

@@ -83,6 +83,26 @@ def test_time_is_measured_at_the_end_of_the_partition_day_not_now(
     assert re.search(r"<li[^>]*>exported a report</li>", email.html)
 
 
+def test_the_days_away_agree_in_the_readers_time_zone(sending_db: SendingDatabase) -> None:
+    # Last seen at 20:00 UTC on the 10th: the 11th, 01:30 in Kolkata, where the end of the 20th
+    # (UTC) is already the 21st. In both zones the two numbers of one email agree.
+    seen = datetime(2026, 11, 10, 20, tzinfo=UTC)
+    add_users(
+        sending_db.engine,
+        [
+            User("u1", "ada@example.com", last_activity_at=seen, timezone="Asia/Kolkata"),
+            User("u2", "bob@example.com", last_activity_at=seen, timezone=None),
+        ],
+    )
+
+    kolkata, utc = compose(sending_db)
+
+    assert "It's been 10 days since" in kolkata.text
+    assert "(10 days ago)" in kolkata.text
+    assert "It's been 10 days since" in utc.text
+    assert "(10 days ago)" in utc.text
+
+
 def test_composing_again_renders_the_same_bytes(sending_db: SendingDatabase) -> None:
     add_users(sending_db.engine, [User("u1", "ada@example.com"), User("u2", "bob@example.com")])
 
@@ -109,7 +129,7 @@ def test_missing_and_hostile_names_render_safely(sending_db: SendingDatabase) ->
     assert anon.subject == "We miss you at Acme"
     assert re.search(r"<h1[^>]*>We miss you</h1>", anon.html)
     # Never active: counted from signup (2026-01-05), with no made-up last actions.
-    assert "It's been 320 days" in anon.text
+    assert "It's been 319 days" in anon.text  # calendar days to the 20th
     assert "everything in it are right where you left them" in anon.text
     evil = emails["evil@example.com"]
     assert "<script>" not in evil.html
