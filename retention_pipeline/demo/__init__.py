@@ -12,9 +12,9 @@ yet fade, churn or come back are daily or weekly instead, as new users are):
 - fading (14%): used the product steadily, then faded. Half decayed to nothing over one to three
   weeks and have been silent for at least 8 days (dormant for 7+ days); half kept up until about
   a week ago and have logged in only once in the last week (auth sessions down 80%+ against
-  their own baseline).
-- churned (14%): active for a while, silent for three weeks or more; most canceled their
-  subscription a few days after going quiet.
+  their average week over the four weeks before).
+- churned (14%): active for at least a few weeks, then silent for 30 days or more; most
+  canceled their subscription a few days after going quiet.
 - never_activated (12%): signed up and did nothing; half logged in once right after signing up.
 - resurrected (10%): active, then gone for 10 to 20 days, back within the last 1-3 days.
 

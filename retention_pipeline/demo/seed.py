@@ -18,9 +18,9 @@ HABITS: tuple[str, ...] = (
     "resurrected",
 )
 
-# Fading and churned users need five weeks of history before they can fade or churn, and the
-# oldest signups are `days` ago, so shorter windows could not show every habit.
-MIN_DAYS = 42
+# Churned users need a few weeks of use and then 30 days of silence (what the pipeline calls
+# churned), and the oldest signups are `days` ago, so shorter windows would hardly show them.
+MIN_DAYS = 56
 MAX_DAYS = 3650
 # Keys fed to the hash are (user_id * 8192 + day) * 32 + k; these bounds keep them in a bigint.
 MAX_USERS = 100_000_000
@@ -41,9 +41,10 @@ class DemoSummary:
 
 # A uniform draw in [0, 1) from (seed, key, salt). hashint8extended is the hash PostgreSQL uses
 # for hash partitioning, so it must stay stable across major versions (15 here, 18 embedded);
-# unlike random() it does not depend on scan order or parallel workers. Salts 0-19 are for draws
-# per user, 20-39 per user-day, 40-63 per event or session, so different levels never share an
-# input. The function is IMMUTABLE plain SQL, which the planner inlines: no call overhead.
+# unlike random() it does not depend on scan order or parallel workers. Salts 0-23 are for draws
+# per user, 24-39 per user-day, 40-63 per event or session, so different levels never share an
+# input, and each draw has its own salt. The function is IMMUTABLE plain SQL, which the planner
+# inlines: no call overhead.
 _CREATE_UNIT_FUNCTION = """
 CREATE FUNCTION pg_temp.demo_unit(key bigint, salt integer, seed bigint) RETURNS float8
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -112,9 +113,9 @@ patterned AS (
                WHEN a.u_habit < 0.22 THEN 'daily'
                WHEN a.u_habit < 0.50 THEN 'weekly'
                WHEN a.u_habit < 0.62 THEN 'never_activated'
-               WHEN a.u_habit < 0.69 AND a.signup_a >= 35 THEN 'fading_dormant'
-               WHEN a.u_habit < 0.76 AND a.signup_a >= 35 THEN 'fading_sessions'
-               WHEN a.u_habit < 0.90 AND a.signup_a >= 35 THEN 'churned'
+               WHEN a.u_habit < 0.69 AND a.signup_a >= 36 THEN 'fading_dormant'
+               WHEN a.u_habit < 0.76 AND a.signup_a >= 36 THEN 'fading_sessions'
+               WHEN a.u_habit < 0.90 AND a.signup_a >= 42 THEN 'churned'
                WHEN a.u_habit >= 0.90 AND a.signup_a >= 21 THEN 'resurrected'
                WHEN a.u_fallback < 0.4 THEN 'daily'
                ELSE 'weekly'
@@ -126,7 +127,7 @@ turned AS (
            CASE p.pattern
                WHEN 'fading_dormant' THEN 8 + floor(p.u_turn * 14)::integer
                WHEN 'fading_sessions' THEN 1 + floor(p.u_turn * 6)::integer
-               WHEN 'churned' THEN 21 + floor(p.u_turn * (p.signup_a - 30))::integer
+               WHEN 'churned' THEN 30 + floor(p.u_turn * (p.signup_a - 39))::integer
                WHEN 'resurrected' THEN 1 + floor(p.u_turn * 3)::integer
            END AS turn_a
     FROM patterned p
@@ -172,14 +173,50 @@ SELECT t.id,
 FROM turned t
 """
 
-_FIRST_NAMES = (
-    "Ada Alan Grace Linus Priya Arjun Mei Hiro Sofia Lucas "
-    "Amara Kwame Elena Mateo Fatima Omar Hannah Jonas Chloe Noah"
-).split()
-_LAST_NAMES = (
-    "Lovelace Turing Hopper Patel Sharma Chen Tanaka Rossi Silva Okafor "
-    "Mensah Novak Garcia Haddad Schmidt Fischer Dubois Kim Nguyen Smith"
-).split()
+_FIRST_NAMES = [
+    "Ada",
+    "Alan",
+    "Grace",
+    "Linus",
+    "Priya",
+    "Arjun",
+    "Mei",
+    "Hiro",
+    "Sofia",
+    "Lucas",
+    "Amara",
+    "Kwame",
+    "Elena",
+    "Mateo",
+    "Fatima",
+    "Omar",
+    "Hannah",
+    "Jonas",
+    "Chloe",
+    "Noah",
+]
+_LAST_NAMES = [
+    "Lovelace",
+    "Turing",
+    "Hopper",
+    "Patel",
+    "Sharma",
+    "Chen",
+    "Tanaka",
+    "Rossi",
+    "Silva",
+    "Okafor",
+    "Mensah",
+    "Novak",
+    "Garcia",
+    "Haddad",
+    "Schmidt",
+    "Fischer",
+    "Dubois",
+    "Kim",
+    "Nguyen",
+    "Smith",
+]
 
 
 def _sql_text_array(values: tuple[str, ...] | list[str]) -> str:
@@ -224,173 +261,185 @@ _USER_AGENTS = (
     "Chrome/126.0.0.0 Safari/537.36 Edg/126.0.0.0",
 )
 
-# One statement per local day offset :a, oldest first, so ids grow with time as in a real app
-# and each statement's sort stays small. `active` holds the user-days with a login; sessions and
-# events are both drawn from it, and ids continue from the rows already written (a total order,
-# so the numbering does not depend on the plan).
+# One statement per local day offset :a, oldest first, so ids grow day by day as in a real app.
+# `active` holds the user-days with a login; sessions and events are both drawn from it. Within a
+# user-day, logins and events come in time order and are numbered in that order, after the rows of
+# the users before (a running sum in user order: the input is already in that order, so its sort
+# is a linear check), continuing from the rows already written. Ids are therefore dense and do not
+# depend on the plan, and no statement sorts the events themselves.
 _INSERT_DAY = f"""
 WITH candidates AS (
     SELECT p.*,
            CAST(:a AS integer) AS a,
+           p.id * 8192 + CAST(:a AS integer) AS day_key,
            (p.end_local - CAST(:a AS integer) - DATE '1970-01-05') % 7 AS weekday,
-           pg_temp.demo_unit(p.id * 8192 + CAST(:a AS integer), 20, CAST(:seed AS bigint))
+           pg_temp.demo_unit(p.id * 8192 + CAST(:a AS integer), 24, CAST(:seed AS bigint))
                AS u_active
     FROM demo_seed_plan p
     WHERE CAST(:a AS integer) BETWEEN p.last_a AND p.signup_a
 ),
-active AS MATERIALIZED (
-    SELECT d.id AS user_id,
-           d.a,
-           d.signup_a,
-           d.n_events,
-           CASE
-               WHEN d.n_events > 1
-                    AND pg_temp.demo_unit(d.day_key, 21, CAST(:seed AS bigint)) < 0.3 THEN 2
-               ELSE 1
-           END AS n_sessions,
-           d.day_key,
-           -- On the signup day, activity starts just after signing up.
+started AS (
+    SELECT c.*,
+           -- Around the user's preferred hour, +-3 h, local time; on the signup day, just after
+           -- signing up.
            greatest(
-               (d.end_local - d.a + make_interval(secs => d.start_second)) AT TIME ZONE d.zone,
-               CASE WHEN d.a = d.signup_a THEN d.signup_at + interval '5 minutes' END
+               (c.end_local - c.a + make_interval(secs => c.pref_minute * 60 + floor(
+                   (pg_temp.demo_unit(c.day_key, 27, CAST(:seed AS bigint)) - 0.5) * 21600
+               ))) AT TIME ZONE c.zone,
+               CASE WHEN c.a = c.signup_a THEN c.signup_at + interval '5 minutes' END
            ) AS start_at
-    FROM (
-        SELECT c.*,
-               c.id * 8192 + c.a AS day_key,
+    FROM candidates c
+    WHERE c.a = c.signup_a
+       OR CASE c.pattern
+              WHEN 'daily' THEN c.u_active < 0.85
+              WHEN 'weekly'
+                  THEN c.u_active < CASE WHEN c.weekday IN (c.weekday_1, c.weekday_2)
+                                         THEN 0.85 ELSE 0.03 END
+              WHEN 'fading_dormant'
+                  THEN c.u_active < 0.85 * least(1.0, (c.a - c.turn_a)::float8 / c.turn_len)
+              WHEN 'fading_sessions'
+                  THEN c.a = c.turn_a
+                       OR (c.a >= 10 AND c.u_active < 0.85)
+                       OR (c.a >= 7 AND c.u_active < 0.35)
+              WHEN 'churned' THEN c.u_active < 0.6
+              WHEN 'resurrected'
+                  THEN c.a = c.turn_a
+                       OR (c.a < c.turn_a AND c.u_active < 0.6)
+                       OR (c.a > c.turn_a + c.turn_len AND c.u_active < 0.7)
+              ELSE false
+          END
+),
+sized AS (
+    -- Event k falls in the k-th 20-minute slot after start_at; on the last day only the slots
+    -- that end by :end are kept, so nothing lands after it.
+    SELECT s.id AS user_id,
+           s.a,
+           s.signup_a,
+           s.day_key,
+           s.start_at,
+           least(
                CASE
-                   WHEN c.pattern = 'never_activated' THEN 0
-                   WHEN c.pattern = 'fading_sessions' AND c.a = c.turn_a THEN 1
-                   ELSE 1 + floor(pg_temp.demo_unit(c.id * 8192 + c.a, 22, CAST(:seed AS bigint))
-                                  * c.intensity)::integer
-               END AS n_events,
-               -- Around the user's preferred hour, +-3 h, in local time.
-               c.pref_minute * 60
-                   + floor((pg_temp.demo_unit(c.id * 8192 + c.a, 23, CAST(:seed AS bigint)) - 0.5)
-                           * 21600) AS start_second
-        FROM candidates c
-        WHERE c.a = c.signup_a
-           OR CASE c.pattern
-                  WHEN 'daily' THEN c.u_active < 0.85
-                  WHEN 'weekly'
-                      THEN c.u_active < CASE WHEN c.weekday IN (c.weekday_1, c.weekday_2)
-                                             THEN 0.85 ELSE 0.03 END
-                  WHEN 'fading_dormant'
-                      THEN c.u_active < 0.85 * least(1.0, (c.a - c.turn_a)::float8 / c.turn_len)
-                  WHEN 'fading_sessions'
-                      THEN c.a = c.turn_a
-                           OR (c.a >= 10 AND c.u_active < 0.85)
-                           OR (c.a >= 7 AND c.u_active < 0.35)
-                  WHEN 'churned' THEN c.u_active < 0.6
-                  WHEN 'resurrected'
-                      THEN c.a = c.turn_a
-                           OR (c.a < c.turn_a AND c.u_active < 0.6)
-                           OR (c.a > c.turn_a + c.turn_len AND c.u_active < 0.7)
-                  ELSE false
-              END
-    ) d
+                   WHEN s.pattern = 'never_activated' THEN 0
+                   WHEN s.pattern = 'fading_sessions' AND s.a = s.turn_a THEN 1
+                   ELSE 1 + floor(pg_temp.demo_unit(s.day_key, 26, CAST(:seed AS bigint))
+                                  * s.intensity)::integer
+               END,
+               floor(extract(epoch FROM CAST(:end AS timestamptz) - s.start_at) / 1200)::integer
+           ) AS n_events
+    FROM started s
+    WHERE s.start_at <= CAST(:end AS timestamptz)
+),
+counted AS (
+    SELECT z.*,
+           CASE
+               WHEN z.n_events > 1
+                    AND pg_temp.demo_unit(z.day_key, 25, CAST(:seed AS bigint)) < 0.3 THEN 2
+               ELSE 1
+           END AS n_sessions
+    FROM sized z
+),
+active AS MATERIALIZED (
+    SELECT c.*,
+           sum(c.n_sessions) OVER by_user - c.n_sessions AS sessions_before,
+           sum(c.n_events) OVER by_user - c.n_events AS events_before
+    FROM counted c
+    WINDOW by_user AS (ORDER BY c.user_id ROWS UNBOUNDED PRECEDING)
 ),
 new_sessions AS (
+    -- The first login opens the day just before its first event, a second one comes mid-way.
     INSERT INTO {{schema}}.sessions (id, user_id, created_at, expires_at, ip_address, user_agent)
-    SELECT prev.id + row_number() OVER (ORDER BY s.created_at, s.user_id, s.j),
-           s.user_id,
-           s.created_at,
-           s.created_at + interval '30 days',
+    SELECT prev.id + a.sessions_before + j.j,
+           a.user_id,
+           u.created_at,
+           u.created_at + interval '30 days',
            ({_sql_text_array(["198.51.100.", "203.0.113.", "192.0.2."])})[
-               1 + floor(s.u_ip * 3)::integer] || (1 + floor(s.u_ip * 762)::integer % 254),
-           ({_sql_text_array(_USER_AGENTS)})[1 + floor(s.u_agent * {len(_USER_AGENTS)})::integer]
-    FROM (
-        SELECT a.user_id,
-               j.j,
-               CASE
-                   WHEN j.j = 1 THEN a.start_at - interval '1 second' * (20 + floor(u.u_when * 270))
+               1 + floor(u.u_ip * 3)::integer] || (1 + floor(u.u_ip * 762)::integer % 254),
+           ({_sql_text_array(_USER_AGENTS)})[1 + floor(u.u_agent * {len(_USER_AGENTS)})::integer]
+    FROM (SELECT coalesce(max(id), 0) AS id FROM {{schema}}.sessions) AS prev
+    CROSS JOIN active a
+    CROSS JOIN LATERAL generate_series(1, a.n_sessions) AS j(j)
+    CROSS JOIN LATERAL (
+        SELECT CASE
+                   WHEN j.j = 1 THEN a.start_at - interval '1 second' * (20 + floor(w.u_when * 270))
                    ELSE a.start_at
-                        + interval '1 second' * floor((0.3 + 0.5 * u.u_when) * (a.n_events * 1200))
+                        + interval '1 second' * floor((0.3 + 0.5 * w.u_when) * (a.n_events * 1200))
                END AS created_at,
-               -- Mostly the user's usual device and network, sometimes another one.
-               pg_temp.demo_unit(u.device_key, 41, CAST(:seed AS bigint)) AS u_ip,
-               pg_temp.demo_unit(u.device_key, 42, CAST(:seed AS bigint)) AS u_agent
-        FROM active a
-        CROSS JOIN LATERAL generate_series(1, a.n_sessions) AS j(j)
-        CROSS JOIN LATERAL (
+               pg_temp.demo_unit(w.device_key, 41, CAST(:seed AS bigint)) AS u_ip,
+               pg_temp.demo_unit(w.device_key, 42, CAST(:seed AS bigint)) AS u_agent
+        FROM (
             SELECT pg_temp.demo_unit(a.day_key * 32 + j.j, 40, CAST(:seed AS bigint)) AS u_when,
+                   -- Mostly the user's usual device and network, sometimes another one.
                    CASE
                        WHEN pg_temp.demo_unit(a.day_key * 32 + j.j, 43, CAST(:seed AS bigint))
                             < 0.15 THEN a.day_key * 32 + j.j
                        ELSE a.user_id
                    END AS device_key
-        ) u
-    ) s
-    CROSS JOIN (SELECT coalesce(max(id), 0) AS id FROM {{schema}}.sessions) AS prev
-    WHERE s.created_at <= CAST(:end AS timestamptz)
-    RETURNING 1
-),
-new_events AS (
-    INSERT INTO {{schema}}.events (id, user_id, name, properties, created_at)
-    SELECT prev.id + row_number() OVER (ORDER BY e.created_at, e.user_id, e.k),
-           e.user_id,
-           e.name,
-           CASE e.name
-               WHEN 'dashboard.viewed' THEN jsonb_build_object(
-                   'dashboard_id', e.user_id * 16 + floor(e.u_detail * 6)::integer,
-                   'project_id', e.project_id)
-               WHEN 'comment.added' THEN jsonb_build_object(
-                   'project_id', e.project_id,
-                   'length', 12 + floor(e.u_detail * 400)::integer)
-               WHEN 'file.uploaded' THEN jsonb_build_object(
-                   'project_id', e.project_id,
-                   'file_type', ({_sql_text_array(["pdf", "png", "csv", "docx"])})[
-                       1 + floor(e.u_detail * 4)::integer],
-                   'size_kb', 4 + floor(e.u_detail * 1e6)::integer % 20000)
-               WHEN 'report.exported' THEN jsonb_build_object(
-                   'report_id', e.user_id * 16 + floor(e.u_detail * 8)::integer,
-                   'format', ({_sql_text_array(["csv", "pdf", "xlsx"])})[
-                       1 + floor(e.u_detail * 3)::integer])
-               WHEN 'project.created' THEN jsonb_build_object(
-                   'project_id', e.project_id,
-                   'template', ({_sql_text_array(["blank", "kanban", "roadmap", "crm"])})[
-                       1 + floor(e.u_detail * 4)::integer])
-               WHEN 'invite.sent' THEN jsonb_build_object(
-                   'project_id', e.project_id,
-                   'role', ({_sql_text_array(["member", "member", "viewer", "admin"])})[
-                       1 + floor(e.u_detail * 4)::integer])
-               ELSE jsonb_build_object(
-                   'provider', ({_sql_text_array(["slack", "github", "google_drive", "hubspot"])})[
-                       1 + floor(e.u_detail * 4)::integer])
-           END,
-           e.created_at
-    FROM (
-        SELECT a.user_id,
-               k.k,
-               a.start_at + interval '1 second' * floor(
-                   pg_temp.demo_unit(a.day_key * 32 + k.k, 50, CAST(:seed AS bigint))
-                   * (a.n_events * 1200)
-               ) AS created_at,
-               -- The first thing a new user does is create a project.
-               CASE
-                   WHEN a.a = a.signup_a AND k.k = 1 THEN 'project.created'
-                   WHEN u.u_name < 0.40 THEN 'dashboard.viewed'
-                   WHEN u.u_name < 0.60 THEN 'comment.added'
-                   WHEN u.u_name < 0.74 THEN 'file.uploaded'
-                   WHEN u.u_name < 0.86 THEN 'report.exported'
-                   WHEN u.u_name < 0.92 THEN 'project.created'
-                   WHEN u.u_name < 0.97 THEN 'invite.sent'
-                   ELSE 'integration.connected'
-               END AS name,
-               a.user_id * 16 + floor(u.u_project * 4)::integer AS project_id,
-               u.u_detail
-        FROM active a
-        CROSS JOIN LATERAL generate_series(1, a.n_events) AS k(k)
-        CROSS JOIN LATERAL (
-            SELECT pg_temp.demo_unit(a.day_key * 32 + k.k, 51, CAST(:seed AS bigint)) AS u_name,
-                   pg_temp.demo_unit(a.day_key * 32 + k.k, 52, CAST(:seed AS bigint)) AS u_project,
-                   pg_temp.demo_unit(a.day_key * 32 + k.k, 53, CAST(:seed AS bigint)) AS u_detail
-        ) u
-    ) e
-    CROSS JOIN (SELECT coalesce(max(id), 0) AS id FROM {{schema}}.events) AS prev
-    WHERE e.created_at <= CAST(:end AS timestamptz)
-    RETURNING 1
+        ) w
+    ) u
 )
-SELECT (SELECT count(*) FROM new_sessions) AS sessions, (SELECT count(*) FROM new_events) AS events
+INSERT INTO {{schema}}.events (id, user_id, name, properties, created_at)
+SELECT prev.id + e.events_before + e.k,
+       e.user_id,
+       e.name,
+       CASE e.name
+           WHEN 'dashboard.viewed' THEN jsonb_build_object(
+               'dashboard_id', e.user_id * 16 + floor(e.u_detail * 6)::integer,
+               'project_id', e.project_id)
+           WHEN 'comment.added' THEN jsonb_build_object(
+               'project_id', e.project_id,
+               'length', 12 + floor(e.u_detail * 400)::integer)
+           WHEN 'file.uploaded' THEN jsonb_build_object(
+               'project_id', e.project_id,
+               'file_type', ({_sql_text_array(["pdf", "png", "csv", "docx"])})[
+                   1 + floor(e.u_detail * 4)::integer],
+               'size_kb', 4 + floor(e.u_detail * 1e6)::integer % 20000)
+           WHEN 'report.exported' THEN jsonb_build_object(
+               'report_id', e.user_id * 16 + floor(e.u_detail * 8)::integer,
+               'format', ({_sql_text_array(["csv", "pdf", "xlsx"])})[
+                   1 + floor(e.u_detail * 3)::integer])
+           WHEN 'project.created' THEN jsonb_build_object(
+               'project_id', e.project_id,
+               'template', ({_sql_text_array(["blank", "kanban", "roadmap", "crm"])})[
+                   1 + floor(e.u_detail * 4)::integer])
+           WHEN 'invite.sent' THEN jsonb_build_object(
+               'project_id', e.project_id,
+               'role', ({_sql_text_array(["member", "member", "viewer", "admin"])})[
+                   1 + floor(e.u_detail * 4)::integer])
+           ELSE jsonb_build_object(
+               'provider', ({_sql_text_array(["slack", "github", "google_drive", "hubspot"])})[
+                   1 + floor(e.u_detail * 4)::integer])
+       END,
+       e.created_at
+FROM (SELECT coalesce(max(id), 0) AS id FROM {{schema}}.events) AS prev
+CROSS JOIN (
+    SELECT a.user_id,
+           a.events_before,
+           k.k,
+           a.start_at + interval '1 second' * floor(
+               (k.k - 1 + pg_temp.demo_unit(a.day_key * 32 + k.k, 50, CAST(:seed AS bigint)))
+               * 1200
+           ) AS created_at,
+           -- The first thing a new user does is create a project.
+           CASE
+               WHEN a.a = a.signup_a AND k.k = 1 THEN 'project.created'
+               WHEN u.u_name < 0.40 THEN 'dashboard.viewed'
+               WHEN u.u_name < 0.60 THEN 'comment.added'
+               WHEN u.u_name < 0.74 THEN 'file.uploaded'
+               WHEN u.u_name < 0.86 THEN 'report.exported'
+               WHEN u.u_name < 0.92 THEN 'project.created'
+               WHEN u.u_name < 0.97 THEN 'invite.sent'
+               ELSE 'integration.connected'
+           END AS name,
+           a.user_id * 16 + floor(u.u_project * 4)::integer AS project_id,
+           u.u_detail
+    FROM active a
+    CROSS JOIN LATERAL generate_series(1, a.n_events) AS k(k)
+    CROSS JOIN LATERAL (
+        SELECT pg_temp.demo_unit(a.day_key * 32 + k.k, 51, CAST(:seed AS bigint)) AS u_name,
+               pg_temp.demo_unit(a.day_key * 32 + k.k, 52, CAST(:seed AS bigint)) AS u_project,
+               pg_temp.demo_unit(a.day_key * 32 + k.k, 53, CAST(:seed AS bigint)) AS u_detail
+    ) u
+) e
 """
 
 # Stripe-like subscriptions; users on the free plan have no row. Trials last 14 days; Stripe
@@ -409,7 +458,11 @@ SELECT row_number() OVER (ORDER BY t.created_at, t.user_id),
        t.plan,
        CASE t.plan WHEN 'starter' THEN 1900 WHEN 'pro' THEN 4900 ELSE 19900 END
            * CASE t.billing_interval WHEN 'year' THEN 10 ELSE 1 END,
-       CASE t.timezone WHEN 'Europe/Berlin' THEN 'eur' WHEN 'Europe/London' THEN 'gbp' ELSE 'usd' END,
+       CASE t.timezone
+           WHEN 'Europe/Berlin' THEN 'eur'
+           WHEN 'Europe/London' THEN 'gbp'
+           ELSE 'usd'
+       END,
        t.billing_interval,
        CASE t.status
            WHEN 'trialing' THEN t.created_at + interval '14 days'
@@ -485,7 +538,7 @@ FROM (
                    CASE p.habit WHEN 'fading' THEN 0.25 WHEN 'resurrected' THEN 0.10
                        WHEN 'weekly' THEN 0.08 ELSE 0.05 END AS past_due_share
             FROM demo_seed_plan p
-            WHERE pg_temp.demo_unit(p.id, 13, CAST(:seed AS bigint)) < CASE p.habit
+            WHERE pg_temp.demo_unit(p.id, 20, CAST(:seed AS bigint)) < CASE p.habit
                 WHEN 'daily' THEN 0.70
                 WHEN 'weekly' THEN 0.45
                 WHEN 'fading' THEN 0.55
@@ -510,8 +563,9 @@ def _schema_statements(schema: str) -> tuple[list[str], list[str]]:
 
 
 # JIT would compile every day's statement anew (the planner overestimates generate_series rows),
-# which cost more than the statement itself; each day's sort of new rows should stay in memory.
-_SEED_SETTINGS = {"jit": "off", "work_mem": "256MB"}
+# which cost more than the statement itself; each day's running sum over its user-days should
+# stay in memory, and so should the sorts that build the indexes over tens of millions of rows.
+_SEED_SETTINGS = {"jit": "off", "work_mem": "256MB", "maintenance_work_mem": "1GB"}
 
 
 def _set_local(connection: sa.Connection, settings: Mapping[str, str]) -> dict[str, str]:
@@ -576,28 +630,24 @@ def seed_demo(
     connection.exec_driver_sql("DROP FUNCTION IF EXISTS pg_temp.demo_unit(bigint, integer, bigint)")
     connection.exec_driver_sql(_CREATE_UNIT_FUNCTION)
     connection.execute(sa.text(_CREATE_PLAN), params)
-    connection.exec_driver_sql("ANALYZE pg_temp.demo_seed_plan")
 
     connection.execute(sa.text(_INSERT_USERS.format(schema=quoted)), params)
     oldest = connection.execute(sa.text("SELECT max(signup_a) FROM demo_seed_plan")).scalar_one()
     insert_day = sa.text(_INSERT_DAY.format(schema=quoted))
-    events = sessions = 0
     for a in range(oldest, -1, -1):
-        day_sessions, day_events = connection.execute(insert_day, {**params, "a": a}).one()
-        sessions += day_sessions
-        events += day_events
-    subscriptions = connection.execute(
-        sa.text(_INSERT_SUBSCRIPTIONS.format(schema=quoted)), params
-    ).rowcount
+        connection.execute(insert_day, {**params, "a": a})
+    connection.execute(sa.text(_INSERT_SUBSCRIPTIONS.format(schema=quoted)), params)
 
-    # Explicit ids leave the identity sequences behind; later app inserts must not collide.
+    # Ids run densely from 1, so the highest id is the row count. Explicit ids leave the identity
+    # sequences behind; move them on so later app inserts do not collide.
+    counts = {}
     for table in TABLES:
+        counts[table] = connection.execute(
+            sa.text(f"SELECT coalesce(max(id), 0) FROM {quoted}.{table}")
+        ).scalar_one()
         connection.execute(
-            sa.text(
-                f"SELECT setval(pg_get_serial_sequence(:table, 'id'), "
-                f"coalesce(max(id), 0) + 1, false) FROM {quoted}.{table}"
-            ),
-            {"table": f"{quoted}.{table}"},
+            sa.text("SELECT setval(pg_get_serial_sequence(:table, 'id'), :next, false)"),
+            {"table": f"{quoted}.{table}", "next": counts[table] + 1},
         )
     for statement in indexes:
         connection.exec_driver_sql(statement)
@@ -614,9 +664,9 @@ def seed_demo(
         connection.exec_driver_sql(f"ANALYZE {quoted}.{table}")
 
     return DemoSummary(
-        users=users,
-        events=events,
-        sessions=sessions,
-        subscriptions=subscriptions,
+        users=counts["users"],
+        events=counts["events"],
+        sessions=counts["sessions"],
+        subscriptions=counts["subscriptions"],
         habits={habit: habit_counts.get(habit, 0) for habit in HABITS},
     )
