@@ -33,6 +33,46 @@ def _engine(config):
     return create_app_engine(resolve_database_url(config), config.database.statement_timeout)
 
 
+def _unsubscribe_secret(config) -> str:
+    """The secret the send job signs links with: the configured one, or with no Resend key
+    (emails go to the outbox) the local one, so outbox links can be tried locally."""
+    from retention_pipeline.resources.email import (
+        RESEND_KEY_ENV_VAR,
+        unsubscribe_secret,
+    )
+
+    provider = "resend" if os.environ.get(RESEND_KEY_ENV_VAR) else "outbox"
+    try:
+        return unsubscribe_secret(config.email.unsubscribe_secret, provider)
+    except Exception as error:  # dg.Failure: the same one line the send job would give
+        raise ConfigError(getattr(error, "description", None) or str(error)) from None
+
+
+def cmd_suppress(args: argparse.Namespace) -> int:
+    from retention_pipeline.sending.suppressions import suppress
+
+    config = load_config(args.config)
+    with _engine(config).begin() as connection:
+        _require_installed(connection, config)
+        added = suppress(
+            connection,
+            schema=config.database.schema_,
+            email=args.email,
+            reason=args.reason,
+            source="cli",
+        )
+    print(f"{args.email.lower()}: {args.reason}" + ("" if added else " (already suppressed)"))
+    return 0
+
+
+def _require_installed(connection, config) -> None:
+    from retention_pipeline.database.migrate import installation_problem
+
+    problem = installation_problem(connection, config.database.schema_)
+    if problem:
+        raise ValueError(problem)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from retention_pipeline.database.app_tables import resolve_app_tables
 
@@ -58,11 +98,16 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_db_refresh(args: argparse.Namespace) -> int:
-    from retention_pipeline.tracking.install import refresh_incremental
+    from retention_pipeline.tracking.install import refresh_from, refresh_incremental
 
     config = load_config(args.config)
     with _engine(config).begin() as connection:
-        since = refresh_incremental(connection, config)
+        _require_installed(connection, config)
+        if args.since:
+            refresh_from(connection, config, args.since)
+            since = args.since
+        else:
+            since = refresh_incremental(connection, config)
     print(f"rollup recomputed from {since or 'the beginning'}")
     return 0
 
@@ -99,12 +144,12 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from retention_pipeline.database import embedded
-    from retention_pipeline.resources.email import unsubscribe_secret
     from retention_pipeline.sending.preview import preview_email
 
     config = load_config(args.config)
     loop = config.loop(args.loop) if args.loop else config.loops[0]
     with _engine(config).connect() as connection:
+        _require_installed(connection, config)
         day, email = preview_email(
             connection,
             config=config,
@@ -113,7 +158,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
             user_id=args.user,
             day=args.day,
             variant=args.variant,
-            unsubscribe_secret=unsubscribe_secret(config.email.unsubscribe_secret, "outbox"),
+            unsubscribe_secret=_unsubscribe_secret(config),
         )
     out = (
         Path(args.out)
@@ -132,16 +177,12 @@ def cmd_unsubscribe_server(args: argparse.Namespace) -> int:
     from retention_pipeline.sending.unsubscribe_server import make_server
 
     config = load_config(args.config)
-    if not config.email.unsubscribe_secret:
-        raise ConfigError(
-            "email.unsubscribe_secret: required to verify unsubscribe links "
-            "(set $RETENTION_UNSUBSCRIBE_SECRET)"
-        )
+    secret = _unsubscribe_secret(config)
     path = urlsplit(config.email.unsubscribe_url).path or "/"
     server = make_server(
         _engine(config),
         schema=config.database.schema_,
-        secret=config.email.unsubscribe_secret,
+        secret=secret,
         host=args.host,
         port=args.port,
         path=path,
@@ -265,9 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser(
         "upgrade", help="apply migrations, install triggers, backfill"
     ).set_defaults(handler=cmd_db_upgrade)
-    db_commands.add_parser(
-        "refresh", help="incremental mode: recompute recent rollup days"
-    ).set_defaults(handler=cmd_db_refresh)
+    refresh = db_commands.add_parser("refresh", help="recompute rollup days from the app tables")
+    refresh.add_argument(
+        "--since",
+        type=date.fromisoformat,
+        help="first day to recompute (repairs days the triggers skipped); default in "
+        "incremental mode: the day before the last refresh",
+    )
+    refresh.set_defaults(handler=cmd_db_refresh)
     uninstall = db_commands.add_parser("uninstall", help="remove everything the pipeline added")
     uninstall.add_argument("--yes", action="store_true")
     uninstall.set_defaults(handler=cmd_db_uninstall)
@@ -280,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--variant")
     preview.add_argument("--out", help="default: .retention/preview/TEMPLATE-USER.html")
     preview.set_defaults(handler=cmd_preview)
+
+    suppress = commands.add_parser(
+        "suppress", help="never email an address again (a bounce, a complaint, a request)"
+    )
+    suppress.add_argument("email")
+    suppress.add_argument(
+        "--reason", choices=["unsubscribed", "bounced", "complained"], default="unsubscribed"
+    )
+    suppress.set_defaults(handler=cmd_suppress)
 
     unsubscribe = commands.add_parser(
         "unsubscribe-server", help="serve the one-click unsubscribe endpoint (RFC 8058)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
@@ -70,3 +71,50 @@ def test_the_password_never_appears_in_output(tmp_path):
     result = run("--config", str(config), "check")
     assert result.returncode != 0
     assert "s3cr3t-pw" not in result.stdout + result.stderr
+
+
+def test_more_bad_input_is_one_line_not_a_traceback(app_database_url, tmp_path):
+    config = str(write_config(tmp_path, app_database_url))
+    cases = [
+        (
+            ["--config", config, "preview", "--template", "re_engagement", "--user", "1"],
+            "error: schema 'retention' is at revision none, expected 0003: run "
+            "`retention-pipeline db upgrade`",
+        ),
+        (["--config", config, "db", "refresh"], "error: schema 'retention' is at revision none"),
+        (
+            ["--config", str(tmp_path), "check"],
+            f"error: {tmp_path}: cannot read the configuration: Is a directory",
+        ),
+    ]
+    for args, expected in cases:
+        result = run(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1
+
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    result = run(
+        "--config",
+        config,
+        "preview",
+        "--template",
+        "re_engagement",
+        "--user",
+        "1",
+        "--loop",
+        "nope",
+    )
+    assert result.stderr == "error: no loop named 'nope' (known: re_engagement)\n"
+
+    bad_url = tmp_path / "bad_url.yaml"
+    bad_url.write_text(Path(config).read_text().replace(app_database_url, "not a url"))
+    result = run("--config", str(bad_url), "check")
+    assert result.stderr == (
+        "error: database.url: not a database URL (postgresql://user@host/db)\n"
+    )
+
+    bad_date = tmp_path / "bad_date.yaml"
+    bad_date.write_text(Path(config).read_text() + "activity: {history_start: 2026-02-30}\n")
+    result = run("--config", str(bad_date), "check")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {bad_date}: day is out of range for month")

@@ -3,7 +3,7 @@ send job, the outbox holds one readable email per treated user, and nothing is s
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -121,7 +121,7 @@ def test_the_daily_run_the_sensor_and_the_send_job(morning):
     assert len(sorted(outbox.glob("*.html"))) == len(users)
 
 
-def test_preview_renders_one_users_email_to_a_file(morning, tmp_path, capsys):
+def test_preview_renders_one_users_email_to_a_file(morning, tmp_path, capsys, monkeypatch):
     from retention_pipeline.cli import main
 
     engine, instance, resources, day, _outbox = morning
@@ -166,5 +166,39 @@ def test_preview_renders_one_users_email_to_a_file(morning, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: --user: no user 'no-such-user' in the snapshot of {day}\n"
     )
+    # Sending through Resend without a secret to sign links with is refused in one line.
+    monkeypatch.setenv("RESEND_API_KEY", "re_test")
     assert main(["--config", config, "unsubscribe-server"]) == 2
-    assert "email.unsubscribe_secret: required" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "error: email.unsubscribe_secret: required to send through Resend "
+        "(set $RETENTION_UNSUBSCRIBE_SECRET)\n"
+    )
+
+    assert main(["--config", config, "suppress", "Bounced@Example.com", "--reason", "bounced"]) == 0
+    assert main(["--config", config, "suppress", "bounced@example.com"]) == 0
+    assert "(already suppressed)" in capsys.readouterr().out
+    with engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT email, reason FROM retention.email_suppressions")
+        ).all() == [("bounced@example.com", "bounced")]
+
+
+def test_the_sensor_launches_every_recent_day_once_and_skips_history(morning):
+    _engine, instance, resources, day, _outbox = morning
+    yesterday = date.fromisoformat(day)
+    days = [yesterday - timedelta(days=back) for back in (5, 1, 0)]
+    for each in days:  # in order, as a backfill would: a week-old day, then the last two
+        assert dg.materialize(
+            [user_activity_snapshot, engagement_segments, reengagement_audience],
+            partition_key=each.isoformat(),
+            instance=instance,
+            resources=resources,
+        ).success
+    context = dg.build_sensor_context(instance=instance)
+    requests = [item for item in send_on_new_audience(context) if isinstance(item, dg.RunRequest)]
+    assert [request.run_key for request in requests] == [
+        f"re_engagement:{each}" for each in days[1:]
+    ]
+    # Nothing new since: the next tick launches nothing.
+    later = dg.build_sensor_context(instance=instance, cursor=context.cursor)
+    assert [item for item in send_on_new_audience(later) if isinstance(item, dg.RunRequest)] == []

@@ -3,6 +3,7 @@ must never make the app's insert fail."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import date
 
@@ -10,7 +11,12 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.database.app_tables import MappingError
-from retention_pipeline.tracking.install import install, refresh_incremental, uninstall
+from retention_pipeline.tracking.install import (
+    install,
+    refresh_from,
+    refresh_incremental,
+    uninstall,
+)
 from retention_pipeline_tests.helpers import make_config
 
 
@@ -329,3 +335,65 @@ def test_incremental_mode_installs_no_trigger_and_refreshes_recent_days(engine, 
     with engine.begin() as connection:
         refresh_incremental(connection, config)
     assert sum(row[2] for row in rollup(engine)) == 3
+
+
+def test_an_insert_never_waits_long_on_another_transaction_of_the_same_user(
+    engine, app_database_url
+):
+    """Two app transactions touching one user's day: the second waits at most the trigger's lock
+    timeout, then goes through with its rollup update skipped and logged."""
+    with engine.begin() as connection:
+        insert_users(connection)
+        install(connection, make_config(app_database_url))
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(
+        text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'a', '2026-11-20T10:00Z')")
+    )
+    try:
+        started = time.monotonic()
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO events (user_id, name, created_at) "
+                    "VALUES (1, 'b', '2026-11-20T11:00Z')"
+                )
+            )
+        waited = time.monotonic() - started
+    finally:
+        holder.commit()
+        holder.close()
+    assert waited < 10
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 2
+        sqlstate = connection.execute(
+            text("SELECT sqlstate FROM retention.tracking_errors")
+        ).scalar()
+    assert sqlstate == "55P03"
+    assert rollup(engine) == [("1", date(2026, 11, 20), 1, 0)]
+
+
+def test_refresh_repairs_days_the_triggers_skipped(engine, app_database_url):
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+        install(connection, config)
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) "
+                "VALUES (1, 'a', '2026-11-19T10:00Z')"
+            )
+        )
+        connection.execute(text("ALTER TABLE retention.action_daily RENAME TO broken"))
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) "
+                "VALUES (1, 'b', '2026-11-20T10:00Z')"
+            )
+        )
+        connection.execute(text("ALTER TABLE retention.broken RENAME TO action_daily"))
+    assert rollup(engine) == [("1", date(2026, 11, 19), 1, 0)]
+    with engine.begin() as connection:
+        refresh_from(connection, config, date(2026, 11, 20))
+    assert rollup(engine) == [("1", date(2026, 11, 19), 1, 0), ("1", date(2026, 11, 20), 1, 0)]
+    assert ("1", date(2026, 11, 20), "b", 1) in actions(engine)

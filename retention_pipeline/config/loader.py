@@ -93,12 +93,16 @@ def load_config(
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the configuration: {error.strerror}") from None
     try:
         document = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    except ValueError as error:  # a scalar YAML cannot build, like the date 2026-02-30
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return parse_config(document, environ, source=str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from datetime import date, timedelta
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dagster import Backoff as DagsterBackoff
@@ -189,6 +190,16 @@ class EmailSettings(StrictModel):
     unsubscribe_url: str = "https://app.acme.test/email/unsubscribe"
     unsubscribe_secret: str | None = None
 
+    @field_validator("unsubscribe_url")
+    @classmethod
+    def _one_click_url(cls, value: str) -> str:
+        # RFC 8058: one-click unsubscribe URLs are https; plain http only for a local test.
+        parsed = urlsplit(value)
+        local = parsed.scheme == "http" and parsed.hostname in ("localhost", "127.0.0.1")
+        if not (parsed.scheme == "https" and parsed.hostname) and not local:
+            raise ValueError(f"{value!r} must be an https:// URL (RFC 8058)")
+        return value
+
     @field_validator("unsubscribe_secret")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
@@ -237,6 +248,9 @@ class QueryCondition(StrictModel):
 Condition = Annotated[SegmentCondition | QueryCondition, Field(discriminator="type")]
 
 KNOWN_TEMPLATES = ("re_engagement", "re_engagement_follow_up", "re_engagement_last_call")
+# What `{{user.FIELD}}` may name in a step's personalization, as the seed writes it.
+USER_FIELDS = ("id", "email", "name", "timezone", "last_activity_at")
+USER_FIELD_REFERENCE = re.compile(r"^\s*\{\{\s*user\.([A-Za-z_]\w*)\s*\}\}\s*$")
 
 
 class EmailAction(StrictModel):
@@ -245,6 +259,18 @@ class EmailAction(StrictModel):
     template: str = "re_engagement"
     personalization: dict[str, str] = Field(default_factory=dict)
     variants: list[Identifier] = Field(default_factory=lambda: ["a"], min_length=1)
+
+    @field_validator("personalization")
+    @classmethod
+    def _user_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, reference in value.items():
+            match = USER_FIELD_REFERENCE.match(reference)
+            if match and match.group(1) not in USER_FIELDS:
+                raise ValueError(
+                    f"{name}: unknown user field {match.group(1)!r} "
+                    f"(known: {', '.join(USER_FIELDS)})"
+                )
+        return value
 
     @field_validator("template")
     @classmethod
@@ -416,6 +442,5 @@ class RetentionConfig(StrictModel):
         for loop in self.loops:
             if loop.name == name:
                 return loop
-        raise KeyError(
-            f"no loop named {name!r} (known: {', '.join(known.name for known in self.loops)})"
-        )
+        known = ", ".join(loop.name for loop in self.loops)
+        raise ValueError(f"no loop named {name!r} (known: {known})")

@@ -6,6 +6,7 @@ import os
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from retention_pipeline.config.loader import DATABASE_URL_ENV_VAR
 from retention_pipeline.config.models import RetentionConfig, parse_duration
@@ -13,7 +14,10 @@ from retention_pipeline.config.models import RetentionConfig, parse_duration
 
 def normalize_url(url: str) -> str:
     """Our own code speaks psycopg 3: accept plain `postgresql://` URLs and say so explicitly."""
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError("database.url: not a database URL (postgresql://user@host/db)") from None
     if parsed.get_backend_name() != "postgresql":
         raise ValueError(f"database.url: expected a PostgreSQL URL, got {parsed.drivername!r}")
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)

@@ -32,6 +32,18 @@ def current_revision(connection: Connection, schema: str) -> str | None:
     return context.get_current_revision()
 
 
+def installation_problem(connection: Connection, schema: str) -> str | None:
+    """Why the pipeline cannot run against this database yet, or None when it can."""
+    current = current_revision(connection, schema)
+    head = head_revision()
+    if current == head:
+        return None
+    return (
+        f"schema {schema!r} is at revision {current or 'none'}, expected {head}: run "
+        "`retention-pipeline db upgrade`"
+    )
+
+
 def upgrade(connection: Connection, schema: str) -> None:
     """Create the schema if needed and bring it to the newest revision, inside the caller's
     transaction, so a failure leaves nothing half-applied."""

@@ -1,6 +1,6 @@
 """The daily audience, and the send job a sensor launches when a new audience lands."""
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 import dagster as dg
 from pydantic import Field
@@ -10,12 +10,14 @@ from retention_pipeline.defs.partitions import CONFIG, daily_partitions
 from retention_pipeline.defs.segments import SEGMENTS
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import EmailResource, unsubscribe_secret
+from retention_pipeline.segments.calendar import send_window, within_send_window
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.sending.compose import compose_emails
 from retention_pipeline.sending.dispatch import send_pending
 from retention_pipeline.sending.send_log import claim, send_log_summary
 
 AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
+SENSOR_BATCH = 100
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
 
 
@@ -102,18 +104,24 @@ def send_emails(
     loop = settings.loop(config.loop)
     day = date.fromisoformat(config.partition_date)
     secret = unsubscribe_secret(settings.email.unsubscribe_secret, email.provider)
-    with app_database.engine.begin() as connection:
-        emails = compose_emails(
-            connection,
-            schema=app_database.schema,
-            config=settings,
-            loop=loop,
-            day=day,
-            unsubscribe_secret=secret,
-        )
-        claimed = claim(
-            connection, schema=app_database.schema, loop_name=loop.name, day=day, emails=emails
-        )
+    claimed = 0
+    for audience_day in send_window(day):
+        with app_database.engine.begin() as connection:
+            emails = compose_emails(
+                connection,
+                schema=app_database.schema,
+                config=settings,
+                loop=loop,
+                day=audience_day,
+                unsubscribe_secret=secret,
+            )
+            claimed += claim(
+                connection,
+                schema=app_database.schema,
+                loop_name=loop.name,
+                day=audience_day,
+                emails=emails,
+            )
     report = send_pending(
         app_database.engine,
         schema=app_database.schema,
@@ -156,19 +164,39 @@ def send_reengagement_emails():
     send_emails()
 
 
-@dg.asset_sensor(
-    asset_key=AUDIENCE,
+@dg.sensor(
     job=send_reengagement_emails,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="A new audience partition launches one send run per loop.",
+    minimum_interval_seconds=30,
+    description=(
+        "Every new audience partition of the last days launches one send run per loop; older "
+        "partitions (backfills) are history and are not emailed."
+    ),
 )
-def send_on_new_audience(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
-    partition = asset_event.dagster_event.partition
-    for loop in CONFIG.loops:
-        yield dg.RunRequest(
-            run_key=f"{loop.name}:{partition}",
-            run_config=dg.RunConfig(
-                ops={"send_emails": SendConfig(loop=loop.name, partition_date=partition)}
-            ),
-            tags={"retention/loop": loop.name, "retention/partition": partition},
-        )
+def send_on_new_audience(context: dg.SensorEvaluationContext):
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=AUDIENCE, after_storage_id=after),
+        limit=SENSOR_BATCH,
+        ascending=True,
+    ).records
+    if not records:
+        yield dg.SkipReason("no new reengagement_audience materialization")
+        return
+    now = datetime.now(UTC)
+    for record in records:
+        partition = record.partition_key
+        if partition is None or not within_send_window(
+            date.fromisoformat(partition), now, CONFIG.timezone
+        ):
+            context.log.info(f"audience {partition} is history: not emailed")
+            continue
+        for loop in CONFIG.loops:
+            yield dg.RunRequest(
+                run_key=f"{loop.name}:{partition}",
+                run_config=dg.RunConfig(
+                    ops={"send_emails": SendConfig(loop=loop.name, partition_date=partition)}
+                ),
+                tags={"retention/loop": loop.name, "retention/partition": partition},
+            )
+    context.update_cursor(str(records[-1].storage_id))

@@ -50,17 +50,15 @@ class AppDatabase(dg.ConfigurableResource):
         """Fail with one line when the pipeline's schema is missing, behind, or was installed
         for another timezone than the loops now use."""
         with self.engine.connect() as connection:
-            current = migrate.current_revision(connection, self.schema)
-            timezone = current and tracked_timezone(connection, self.schema)
-        head = migrate.head_revision()
-        problem = None
-        if current != head:
-            problem = f"is at revision {current or 'none'}, expected {head}"
-        elif timezone != self.config.timezone:
-            problem = f"buckets days in {timezone}, the loops use {self.config.timezone}"
+            problem = migrate.installation_problem(connection, self.schema)
+            timezone = problem is None and tracked_timezone(connection, self.schema)
+        if problem is None and timezone != self.config.timezone:
+            problem = (
+                f"schema {self.schema!r} buckets days in {timezone}, the loops use "
+                f"{self.config.timezone}: run `retention-pipeline db upgrade`"
+            )
         if problem:
             raise dg.Failure(
-                description=f"schema {self.schema!r} in {self.display_url} {problem}: "
-                "run `retention-pipeline db upgrade`",
+                description=f"{self.display_url}: {problem}",
                 allow_retries=False,
             )

@@ -7,3 +7,19 @@ from zoneinfo import ZoneInfo
 def day_just_ended(scheduled: datetime, timezone: str) -> date:
     """The partition a run at `scheduled` materializes: the day before, in the loop timezone."""
     return scheduled.astimezone(ZoneInfo(timezone)).date() - timedelta(days=1)
+
+
+# An audience this many days old or older is history (a backfill), not a reason to email today.
+SEND_WINDOW_DAYS = 3
+
+
+def within_send_window(day: date, now: datetime, timezone: str) -> bool:
+    """Whether an audience of `day` may still be emailed at `now`: the day just ended, or the
+    one before it for a run that was late."""
+    return day > now.astimezone(ZoneInfo(timezone)).date() - timedelta(days=SEND_WINDOW_DAYS)
+
+
+def send_window(day: date) -> list[date]:
+    """The audience days a send run for `day` claims: `day` and the ones before it in the
+    window, so rows added by re-materializing a recent day are not left behind."""
+    return [day - timedelta(days=back) for back in range(SEND_WINDOW_DAYS - 1, -1, -1)]

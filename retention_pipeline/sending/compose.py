@@ -7,7 +7,6 @@ rerun a week later, renders the same bytes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, text
 
+from retention_pipeline.config.models import USER_FIELD_REFERENCE
 from retention_pipeline.email.humanize import (
     GENERIC_ACTION,
     calendar_days,
@@ -27,9 +27,6 @@ from retention_pipeline.email.unsubscribe import make_token, unsubscribe_headers
 
 if TYPE_CHECKING:
     from retention_pipeline.config.models import Loop, RetentionConfig
-
-# A personalization value that names a user field, as the seed writes them: "{{user.name}}".
-_USER_FIELD = re.compile(r"^\s*\{\{\s*user\.([A-Za-z_]\w*)\s*\}\}\s*$")
 
 
 def send_key(loop_name: str, user_id: str, episode_start: date, step: int) -> str:
@@ -170,17 +167,10 @@ def _phrases(last_actions: list[Mapping[str, Any]]) -> list[str]:
 
 
 def _personalization(loop: Loop, step: int, user: Mapping[str, Any]) -> dict[str, Any]:
-    """The step's `personalization` entries with `{{user.FIELD}}` references resolved."""
+    """The step's `personalization` entries with `{{user.FIELD}}` references resolved (the
+    configuration admits only fields the user record has)."""
     values = {}
     for name, value in loop.steps[step].action.personalization.items():
-        match = _USER_FIELD.match(value)
-        if match is None:
-            values[name] = value
-        elif match.group(1) in user:
-            values[name] = user[match.group(1)]
-        else:
-            raise ValueError(
-                f"loops.{loop.name}.steps.{step}.action.personalization.{name}: "
-                f"unknown user field {match.group(1)!r} (known: {', '.join(sorted(user))})"
-            )
+        match = USER_FIELD_REFERENCE.match(value)
+        values[name] = user[match.group(1)] if match else value
     return values

@@ -10,6 +10,7 @@ from sqlalchemy import Engine, text
 
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.sending.send_log import (
+    drop_suppressed,
     expire_unanswered,
     mark_attempt,
     pending_batches,
@@ -30,7 +31,9 @@ class DispatchReport:
     still_pending: int
     """Rows of the loop still claimed afterwards: transient failures a retry will re-send."""
     expired: int = 0
-    """Rows given up on: sent over a day ago with no answer recorded (see expire_unanswered)."""
+    """Rows given up on: first sent over a day ago and still unconfirmed (expire_unanswered)."""
+    suppressed: int = 0
+    """Claimed rows not sent because the address was suppressed since (drop_suppressed)."""
 
 
 def send_pending(
@@ -47,6 +50,7 @@ def send_pending(
         expired = expire_unanswered(
             connection, schema=schema, loop_name=loop_name, older_than=IDEMPOTENCY_WINDOW
         )
+        suppressed = drop_suppressed(connection, schema=schema, loop_name=loop_name)
     if expired:
         logger.warning(
             "%s: %d emails sent over a day ago with no answer: not re-sent", loop_name, expired
@@ -88,5 +92,9 @@ def send_pending(
             {"loop": loop_name},
         ).scalar_one()
     return DispatchReport(
-        sent=sent, failed=failed, still_pending=int(still_pending), expired=expired
+        sent=sent,
+        failed=failed,
+        still_pending=int(still_pending),
+        expired=expired,
+        suppressed=suppressed,
     )

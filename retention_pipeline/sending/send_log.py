@@ -189,7 +189,6 @@ def record(
                 provider_id = r.provider_id,
                 error = r.error,
                 attempts = log.attempts + 1,
-                attempt_started_at = NULL,
                 sent_at = CASE WHEN r.status = 'sent' THEN now() END,
                 updated_at = now()
             FROM unnest(CAST(:keys AS text[]), CAST(:statuses AS text[]),
@@ -207,31 +206,53 @@ def record(
 
 
 def mark_attempt(connection: Connection, *, schema: str, keys: Sequence[str]) -> None:
-    """Note, before a batch goes out, that it is in flight: if the process dies before `record`,
-    the rows keep this mark and `expire_unanswered` can tell them from never-sent ones."""
+    """Note, before a batch first goes out, when it did: from then on the provider may have it,
+    and after its idempotency window `expire_unanswered` stops re-sending it."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     connection.execute(
-        text(f"""UPDATE {s}.email_send_log SET attempt_started_at = now(), updated_at = now()
+        text(f"""UPDATE {s}.email_send_log
+                 SET first_attempt_at = coalesce(first_attempt_at, now()), updated_at = now()
                  WHERE send_key = ANY(CAST(:keys AS text[])) AND status = 'claimed'"""),
         {"keys": list(keys)},
     )
 
 
+def drop_suppressed(connection: Connection, *, schema: str, loop_name: str) -> int:
+    """Fail, before they ever go out, claimed emails whose address was suppressed since the
+    claim. Only never-attempted batches: their Idempotency-Key was never used, so changing
+    their members is safe; an attempted batch must be re-sent as it was."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(
+        text(f"""
+            UPDATE {s}.email_send_log AS log
+            SET status = 'failed', updated_at = now(),
+                error = 'not sent: the address was suppressed (' || sup.reason || ') after the '
+                        || 'email was claimed'
+            FROM {s}.email_suppressions AS sup
+            WHERE log.loop_name = :loop AND log.status = 'claimed'
+              AND sup.email = lower(log.email)
+              AND NOT EXISTS (SELECT FROM {s}.email_send_log AS sibling
+                              WHERE sibling.batch_key = log.batch_key
+                                AND sibling.first_attempt_at IS NOT NULL)"""),
+        {"loop": loop_name},
+    ).rowcount
+
+
 def expire_unanswered(
     connection: Connection, *, schema: str, loop_name: str, older_than: timedelta
 ) -> int:
-    """Give up on batches that went out but got no recorded answer longer ago than the provider
-    remembers idempotency keys: re-sending them could deliver twice, so they fail instead."""
+    """Give up on batches first sent longer ago than the provider remembers idempotency keys and
+    still not confirmed: re-sending them could deliver twice, so they fail instead."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     return connection.execute(
         text(f"""
             UPDATE {s}.email_send_log
             SET status = 'failed', updated_at = now(),
-                error = 'no answer recorded for a send started at ' || attempt_started_at
+                error = 'not confirmed since its first send at ' || first_attempt_at
                         || '; not re-sent, since the idempotency key has expired and the email '
                         || 'may have been delivered'
             WHERE loop_name = :loop AND status = 'claimed'
-              AND attempt_started_at < now() - CAST(:older_than AS interval)"""),
+              AND first_attempt_at < now() - CAST(:older_than AS interval)"""),
         {"loop": loop_name, "older_than": older_than},
     ).rowcount
 

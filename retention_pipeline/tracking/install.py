@@ -121,6 +121,19 @@ def refresh(connection: Connection, sql: TrackingSql, since: date | None) -> Non
     connection.execute(text(f"UPDATE {s}.tracking_state SET refreshed_through = now()"))
 
 
+def refresh_from(connection: Connection, config: RetentionConfig, since: date) -> None:
+    """Recompute the rollup from `since` on, in either mode: the repair for days the triggers
+    skipped (see `tracking_errors`). App inserts into the tracked tables wait until it commits,
+    so the triggers cannot add to days while they are being rebuilt."""
+    sql = tracking_sql(connection, config)
+    _lock(connection, sql.schema)
+    if _read_state(connection, sql) is None:
+        raise RuntimeError("the pipeline is not installed: run `retention-pipeline db upgrade`")
+    for table in (sql.events, sql.sessions):
+        connection.execute(text(f"LOCK TABLE {sql.table_name(table)} IN SHARE ROW EXCLUSIVE MODE"))
+    refresh(connection, sql, since)
+
+
 def refresh_incremental(connection: Connection, config: RetentionConfig) -> date | None:
     """Trigger-free mode: recompute from the day before the last refresh, so rows that arrived
     late (up to a day) are still counted. Returns the first recomputed day."""

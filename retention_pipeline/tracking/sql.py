@@ -15,6 +15,7 @@ from sqlalchemy.engine.interfaces import Dialect
 from retention_pipeline.database.app_tables import ResolvedTable
 
 MAX_EVENT_NAME_LENGTH = 200
+TRIGGER_LOCK_TIMEOUT = "1s"
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class TrackingSql:
 
         SECURITY DEFINER lets the app's role insert without rights on our schema; the exception
         block means a tracking problem becomes a warning and a logged row, never a failed insert.
+        The lock timeout bounds how long an insert waits on another open transaction that
+        touched the same user and day: past it, this statement's rollup update is skipped (and
+        logged) rather than the app kept waiting.
         """
         s = self.q_schema
         if kind == "events":
@@ -148,7 +152,10 @@ class TrackingSql:
             body = self.upsert_sessions(self.session_rows("new_rows"), "tz")
         return f"""
             CREATE OR REPLACE FUNCTION {s}.{self.function_name(kind)}() RETURNS trigger
-            LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+            LANGUAGE plpgsql SECURITY DEFINER
+            SET search_path = pg_catalog, pg_temp
+            SET lock_timeout = '{TRIGGER_LOCK_TIMEOUT}'
+            AS $body$
             DECLARE
                 tz text;
             BEGIN

@@ -200,7 +200,7 @@ def test_a_batch_in_flight_for_over_a_day_is_given_up_not_resent(
         connection.execute(
             text(
                 "UPDATE retention.email_send_log SET claimed_at = now() - interval '25 hours', "
-                "attempt_started_at = CASE WHEN batch_key = :first "
+                "first_attempt_at = CASE WHEN batch_key = :first "
                 "THEN now() - interval '25 hours' END"
             ),
             {"first": f"{LOOP}:{DAY}:1"},
@@ -215,7 +215,51 @@ def test_a_batch_in_flight_for_over_a_day_is_given_up_not_resent(
     expired = [row for row in rows if row["status"] == "failed"]
     assert len(expired) == 100
     assert "may have been delivered" in expired[0]["error"]
-    assert all(row["attempt_started_at"] is None for row in rows if row["status"] == "sent")
+    assert all(row["first_attempt_at"] is not None for row in rows if row["status"] == "sent")
+
+
+def test_a_batch_retried_after_a_crash_still_expires_from_its_first_send(
+    sending_db: SendingDatabase, fake_resend: FakeResend
+) -> None:
+    add_users(sending_db.engine, users(10))
+    compose_and_claim(sending_db)
+    # A send whose outcome is unknown, then a retry that gives up on 503s: still unconfirmed.
+    fake_resend.fail_next(2, status=503, name="service_unavailable")
+    assert dispatch(sending_db, max_attempts=2).still_pending == 10
+    rows = log_rows(sending_db).values()
+    assert all(row["first_attempt_at"] is not None for row in rows)
+    # A day and more later, re-sending could deliver twice: the batch is given up instead.
+    with sending_db.engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE retention.email_send_log SET first_attempt_at = now() - interval '30 hours'"
+            )
+        )
+    report = dispatch(sending_db)
+    assert report.expired == 10 and report.sent == 0
+    assert len(fake_resend.requests) == 2
+
+
+def test_an_address_suppressed_after_the_claim_is_not_sent(
+    sending_db: SendingDatabase, fake_resend: FakeResend
+) -> None:
+    add_users(sending_db.engine, users(3))
+    compose_and_claim(sending_db)
+    gone = next(iter(log_rows(sending_db)))
+    with sending_db.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO retention.email_suppressions (email, reason) "
+                "VALUES (lower(:email), 'unsubscribed')"
+            ),
+            {"email": gone},
+        )
+
+    report = dispatch(sending_db)
+
+    assert report.sent == 2 and report.suppressed == 1
+    assert gone not in fake_resend.delivered_to()
+    assert "suppressed (unsubscribed)" in log_rows(sending_db)[gone]["error"]
 
 
 def test_a_rejected_api_key_keeps_every_email_claimed_for_a_retry_with_the_right_key(

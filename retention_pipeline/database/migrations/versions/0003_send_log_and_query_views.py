@@ -40,6 +40,15 @@ def upgrade(schema: str) -> None:
             variant text NOT NULL,
             PRIMARY KEY (partition_date, loop_name, user_id)
         )""")
+    # Which steps an episode already had, and who was picked lately (the frequency cap).
+    op.execute(
+        f"CREATE INDEX reengagement_audience_by_episode "
+        f"ON {q}.reengagement_audience (loop_name, user_id, episode_start, step)"
+    )
+    op.execute(
+        f"CREATE INDEX reengagement_audience_by_user "
+        f"ON {q}.reengagement_audience (user_id, partition_date)"
+    )
     op.execute(f"""
         CREATE TABLE {q}.email_send_log (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -64,13 +73,16 @@ def upgrade(schema: str) -> None:
             error text,
             attempts integer NOT NULL DEFAULT 0,
             claimed_at timestamptz NOT NULL DEFAULT now(),
-            attempt_started_at timestamptz,
+            first_attempt_at timestamptz,
             sent_at timestamptz,
             updated_at timestamptz NOT NULL DEFAULT now(),
             UNIQUE (loop_name, user_id, episode_start, step)
         )""")
     op.execute(
         f"CREATE INDEX email_send_log_by_user ON {q}.email_send_log (user_id, partition_date)"
+    )
+    op.execute(
+        f"CREATE INDEX email_send_log_by_day ON {q}.email_send_log (loop_name, partition_date)"
     )
     op.execute(
         f"CREATE INDEX email_send_log_unconfirmed ON {q}.email_send_log (loop_name, batch_key) "
