@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # platformdirs warns on every embedded-server start where XDG_RUNTIME_DIR is unset (as
+    # root, in containers); it falls back to /tmp, which is fine.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
