@@ -80,7 +80,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     with _engine(config).connect() as connection:
         resolve_app_tables(connection, config.database.tables)
-    print(f"ok: {len(config.loops)} loop(s); the app tables match the mapping")
+    if args.config:  # the definitions read the configuration from the environment
+        os.environ[CONFIG_ENV_VAR] = str(Path(args.config).resolve())
+    import dagster as dg
+
+    from retention_pipeline.definitions import defs
+
+    dg.Definitions.validate_loadable(defs)
+    assets = len(defs.resolve_asset_graph().get_all_asset_keys())
+    print(f"ok: {len(config.loops)} loop(s); the app tables match the mapping; "
+          f"the Dagster definitions ({assets} assets) load")
     return 0
 
 

@@ -24,6 +24,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_path, capsys):
     config = str(write_config(tmp_path, app_database_url))
     assert main(["--config", config, "check"]) == 0
+    assert "the Dagster definitions (9 assets) load" in capsys.readouterr().out
     assert main(["--config", config, "db", "upgrade"]) == 0
     first = capsys.readouterr().out
     assert "revision 0003" in first and "backfilled" in first
