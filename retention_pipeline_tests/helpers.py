@@ -24,10 +24,13 @@ def make_config(url: str, *, timezone: str = "UTC", **database: Any) -> Retentio
     return parse_config(document, environ={})
 
 
-def write_config(directory: Path, url: str, **database: Any) -> Path:
+def write_config(
+    directory: Path, url: str, *, email: dict[str, Any] | None = None, **database: Any
+) -> Path:
     """Write the shipped configuration, pointed at `url`, to a file; return its path."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"].update(database)
+    document["email"].update(email or {})
     document["database"]["url"] = url
     document["email"]["outbox_dir"] = str(directory / "outbox")
     path = directory / "retention.yaml"

@@ -1,9 +1,12 @@
-"""`send_pending` in a process of its own, for the crash test to kill.
+"""A send in a process of its own, for the crash tests to kill.
 
     python -m retention_pipeline_tests.sending.dispatch_worker DATABASE_URL
+    python -m retention_pipeline_tests.sending.dispatch_worker --job CONFIG_PATH DAY
 
-Sends the pending batches of the test loop through the Resend SDK, at $RESEND_API_URL, and prints
-the `DispatchReport` as JSON.
+The first sends the pending batches of the test loop with `send_pending` and prints the
+`DispatchReport` as JSON. The second runs the Dagster job `send_reengagement_emails` for DAY in
+process, as a run worker would, and prints whether the run succeeded. Both send through the
+Resend SDK at $RESEND_API_URL.
 """
 
 from __future__ import annotations
@@ -21,13 +24,39 @@ from retention_pipeline.sending import send_pending
 from retention_pipeline_tests.sending.support import API_KEY, FROM, LOOP, SCHEMA
 
 
-def main(argv: list[str]) -> None:
-    (url,) = argv
-    resend.api_url = os.environ["RESEND_API_URL"]
+def dispatch(url: str) -> None:
     engine = create_engine(url)
     sender = ResendSender(API_KEY, FROM, requests_per_second=1000)
     report = send_pending(engine, schema=SCHEMA, loop_name=LOOP, sender=sender, provider="resend")
     print(json.dumps(dataclasses.asdict(report)), flush=True)
+
+
+def run_job(config_path: str, day: str) -> None:
+    from retention_pipeline.defs.emails import SendConfig, send_reengagement_emails
+    from retention_pipeline.resources.app_database import AppDatabase
+    from retention_pipeline.resources.email import ResendEmail
+
+    result = send_reengagement_emails.execute_in_process(
+        run_config={
+            "ops": {
+                "send_emails": {"config": SendConfig(loop=LOOP, partition_date=day).model_dump()}
+            }
+        },
+        resources={
+            "app_database": AppDatabase(config_path=config_path),
+            "email": ResendEmail(api_key=API_KEY, from_address=FROM, requests_per_second=1000),
+        },
+        raise_on_error=False,
+    )
+    print(json.dumps({"success": result.success}), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    resend.api_url = os.environ["RESEND_API_URL"]
+    if argv[0] == "--job":
+        run_job(argv[1], argv[2])
+    else:
+        dispatch(argv[0])
 
 
 if __name__ == "__main__":

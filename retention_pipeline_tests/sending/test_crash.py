@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from retention_pipeline_tests.helpers import write_config
 from retention_pipeline_tests.sending.support import (
+    DAY,
     SendingDatabase,
     SlowFakeResend,
     add_users,
@@ -29,10 +31,10 @@ from retention_pipeline_tests.sending.support import (
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(*args: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as output:
         return subprocess.Popen(
-            [sys.executable, "-m", "retention_pipeline_tests.sending.dispatch_worker", url],
+            [sys.executable, "-m", "retention_pipeline_tests.sending.dispatch_worker", *args],
             cwd=PROJECT_ROOT,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -65,7 +67,7 @@ def test_a_killed_send_resumes_and_delivers_every_email_exactly_once(
 
     with serving(fake, monkeypatch):
         # Crash 1: batch 3 is accepted, the worker has not heard back, so has not recorded it.
-        worker = start_worker(sending_db.url, log)
+        worker = start_worker(sending_db.url, log=log)
         wait_for(fake.holding.is_set, worker, log)
         kill(worker)
         fake.release.set()
@@ -73,7 +75,7 @@ def test_a_killed_send_resumes_and_delivers_every_email_exactly_once(
         assert statuses(sending_db.engine) == {"sent": 200, "claimed": 600}
 
         # Crash 2: somewhere after two more batches went out.
-        worker = start_worker(sending_db.url, log)
+        worker = start_worker(sending_db.url, log=log)
         wait_for(lambda: fake.delivered_count >= 500, worker, log)
         kill(worker)
         assert statuses(sending_db.engine)["claimed"] > 0
@@ -111,3 +113,36 @@ def test_a_killed_send_resumes_and_delivers_every_email_exactly_once(
             ).all()
         )
     assert logged_ids == delivered_ids
+
+
+def test_a_killed_dagster_send_run_is_run_again_and_delivers_every_email_exactly_once(
+    sending_db: SendingDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The same, through the real job: the run worker dies (SIGKILL) mid-send after claiming,
+    and the run launched again composes, claims nothing twice and resends under the same keys."""
+    add_users(sending_db.engine, users(500))
+    config = write_config(tmp_path, sending_db.url, email={"unsubscribe_secret": "s3cret"})
+    job = ["--job", str(config), DAY.isoformat()]
+    log = tmp_path / "job.log"
+    fake = SlowFakeResend(response_delay=0.3, hold_at_delivered=200)
+
+    with serving(fake, monkeypatch):
+        worker = start_worker(*job, log=log)
+        wait_for(fake.holding.is_set, worker, log)
+        kill(worker)
+        fake.release.set()
+        assert statuses(sending_db.engine) == {"sent": 100, "claimed": 400}
+
+        fake.response_delay = 0
+        finished = subprocess.run(
+            [sys.executable, "-m", "retention_pipeline_tests.sending.dispatch_worker", *job],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert json.loads(finished.stdout.strip().splitlines()[-1]) == {"success": True}
+    assert Counter(fake.delivered_to()) == Counter(f"user{n}@example.com" for n in range(500))
+    assert statuses(sending_db.engine) == {"sent": 500}
