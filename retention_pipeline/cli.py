@@ -88,8 +88,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     dg.Definitions.validate_loadable(defs)
     assets = len(defs.resolve_asset_graph().get_all_asset_keys())
-    print(f"ok: {len(config.loops)} loop(s); the app tables match the mapping; "
-          f"the Dagster definitions ({assets} assets) load")
+    print(
+        f"ok: {len(config.loops)} loop(s); the app tables match the mapping; "
+        f"the Dagster definitions ({assets} assets) load"
+    )
     return 0
 
 

@@ -77,6 +77,7 @@ def test_a_day_materializes_with_counts_preview_and_passing_checks(database):
     checks = {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
     assert checks == {
         "reconciles_with_users": True,
+        "no_user_vanished": True,
         "no_activity_after_partition_end": True,
         "one_segment_per_user": True,
         "plausible_dormant_flow": True,
@@ -131,3 +132,18 @@ def test_the_schedule_fires_at_nine_local_time_across_daylight_saving():
     assert [tick.hour for tick in utc_hours] == [8, 7, 7, 7]  # CET, then CEST
     assert all(tick.astimezone(ZoneInfo("Europe/Berlin")).hour == 9 for tick in utc_hours)
     assert (utc_hours[1] - utc_hours[0]) == timedelta(hours=23)
+
+
+def test_a_user_deleted_from_the_app_is_reported_the_next_day(database):
+    engine, app_database = database
+    assert materialize_day(app_database, "2026-11-20").success
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM users WHERE id = 12"))
+    result = materialize_day(app_database, "2026-11-21")
+    check = next(
+        check
+        for check in result.get_asset_check_evaluations()
+        if check.check_name == "no_user_vanished"
+    )
+    assert check.passed is False
+    assert check.metadata["vanished_users"].value == 1

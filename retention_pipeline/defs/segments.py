@@ -12,6 +12,7 @@ from retention_pipeline.segments.snapshot import (
     build_snapshot,
     reconcile_with_users,
     snapshot_user_count,
+    vanished_since_yesterday,
 )
 from retention_pipeline.tracking.install import refresh_incremental
 
@@ -38,6 +39,11 @@ SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
             description="Every app user who existed by the day's end, exactly once.",
         ),
         dg.AssetCheckSpec(
+            "no_user_vanished",
+            asset=SNAPSHOT,
+            description="Every user of the day before's snapshot is still there.",
+        ),
+        dg.AssetCheckSpec(
             "no_activity_after_partition_end",
             asset=SNAPSHOT,
             description="No last activity later than the end of the day.",
@@ -53,6 +59,7 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
             refresh_incremental(connection, config)
         summary = build_snapshot(connection, config, day)
         reconciliation = reconcile_with_users(connection, config, day)
+        vanished = vanished_since_yesterday(connection, app_database.schema, day)
     context.log.info(f"{day}: {summary.users} users, {summary.active_today} active that day")
     yield dg.MaterializeResult(
         metadata={
@@ -69,6 +76,15 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
             "app_users": reconciliation.app_users,
             "snapshot_users": reconciliation.snapshot_users,
             "missing": reconciliation.missing,
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_user_vanished",
+        passed=not vanished,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "vanished_users": vanished or 0,
+            "compared_with": "the day before" if vanished is not None else "nothing (first day)",
         },
     )
     yield dg.AssetCheckResult(

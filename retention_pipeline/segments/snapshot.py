@@ -209,6 +209,23 @@ def reconcile_with_users(
     return Reconciliation(*row)
 
 
+def vanished_since_yesterday(connection: Connection, schema: str, day: date) -> int | None:
+    """Users in the day before's snapshot who are not in this one (deleted from the app, or a
+    mapping that lost them); None when there is no snapshot of the day before."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(
+        text(f"""
+            SELECT CASE WHEN count(*) = 0 THEN NULL
+                        ELSE count(*) FILTER (WHERE NOT EXISTS (
+                            SELECT FROM {s}.user_activity_snapshot AS today
+                            WHERE today.partition_date = :day
+                              AND today.user_id = yesterday.user_id)) END
+            FROM {s}.user_activity_snapshot AS yesterday
+            WHERE yesterday.partition_date = CAST(:day AS date) - 1"""),
+        {"day": day},
+    ).scalar()
+
+
 def snapshot_user_count(connection: Connection, schema: str, day: date) -> int:
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     return connection.execute(
