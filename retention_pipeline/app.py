@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, text
 
 from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.database.app_tables import table_sql
 from retention_pipeline.database.connection import (
     create_app_engine,
     resolve_database_url,
@@ -31,8 +32,7 @@ class PreparedDatabase:
 def _has_users(engine: Engine, config: RetentionConfig) -> bool:
     users = config.database.tables.users
     with engine.connect() as connection:
-        preparer = connection.dialect.identifier_preparer
-        table = f"{preparer.quote_schema(users.schema_)}.{preparer.quote(users.table)}"
+        table = table_sql(users, connection.dialect.identifier_preparer)
         if connection.execute(text("SELECT to_regclass(:name)"), {"name": table}).scalar() is None:
             return False
         return connection.execute(text(f"SELECT EXISTS (SELECT FROM {table})")).scalar()

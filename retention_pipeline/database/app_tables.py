@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, inspect
+from sqlalchemy.sql.compiler import IdentifierPreparer
 from sqlalchemy.sql.elements import quoted_name
 
 from retention_pipeline.config.models import AppTables, TableMapping
@@ -27,8 +28,26 @@ class ResolvedTable:
     mapping: TableMapping
     column_types: dict[str, str]
 
-    def is_naive_timestamp(self, key: str) -> bool:
-        return self.column_types[key] == "TIMESTAMP"
+    def sql_name(self, preparer: IdentifierPreparer) -> str:
+        return table_sql(self.mapping, preparer)
+
+    def column_sql(self, key: str, alias: str, preparer: IdentifierPreparer) -> str:
+        """`alias."column"` for a mapped key; NULL for an optional key left unmapped."""
+        if key not in self.mapping.columns:
+            return "NULL"
+        return f"{alias}.{preparer.quote(self.mapping.columns[key])}"
+
+    def timestamp_sql(self, key: str, alias: str, preparer: IdentifierPreparer) -> str:
+        """The column as timestamptz; naive timestamps are taken as UTC, as ORMs store them."""
+        column = self.column_sql(key, alias, preparer)
+        if self.column_types.get(key) in ("TIMESTAMP", "DATE"):
+            return f"({column}::timestamp AT TIME ZONE 'UTC')"
+        return column
+
+
+def table_sql(mapping: TableMapping, preparer: IdentifierPreparer) -> str:
+    """The mapped table's schema-qualified, quoted name."""
+    return f"{preparer.quote_schema(mapping.schema_)}.{preparer.quote(mapping.table)}"
 
 
 def _column_types(connection: Connection, mapping: TableMapping) -> dict[str, str] | None:

@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from retention_pipeline.audience.build import build_audience
-from retention_pipeline.defs.partitions import CONFIG, daily_partitions
+from retention_pipeline.defs.partitions import CONFIG, daily_partitions, previous_day_of
 from retention_pipeline.defs.segments import SEGMENTS
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import EmailResource, unsubscribe_secret
@@ -27,10 +27,7 @@ SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
     # Episodes carry over from day to day: backfills run the days in order.
     deps=[
         SEGMENTS,
-        dg.AssetDep(
-            AUDIENCE,
-            partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-1, end_offset=-1),
-        ),
+        previous_day_of(AUDIENCE),
     ],
     group_name="retention",
     kinds={"postgres"},

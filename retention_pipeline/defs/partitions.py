@@ -10,3 +10,11 @@ daily_partitions = dg.DailyPartitionsDefinition(
     start_date=CONFIG.activity.history_start.isoformat(),
     timezone=CONFIG.timezone,
 )
+
+
+def previous_day_of(key: dg.AssetKey) -> dg.AssetDep:
+    """A dependency on the asset's own partition of the day before: state carried from day to
+    day makes a backfill run the days in order."""
+    return dg.AssetDep(
+        key, partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-1, end_offset=-1)
+    )

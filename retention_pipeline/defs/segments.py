@@ -4,7 +4,7 @@ from datetime import date, timedelta
 
 import dagster as dg
 
-from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.defs.partitions import daily_partitions, previous_day_of
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_segments, segment_counts, segment_examples
@@ -100,10 +100,7 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
     # Yesterday's segments give `entered_on`: backfills run the days in order.
     deps=[
         SNAPSHOT,
-        dg.AssetDep(
-            SEGMENTS,
-            partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-1, end_offset=-1),
-        ),
+        previous_day_of(SEGMENTS),
     ],
     group_name="retention",
     kinds={"postgres"},

@@ -38,20 +38,13 @@ class _Names:
         self.tables = tables
 
     def table(self, name: str) -> str:
-        mapping = self.tables[name].mapping
-        return f"{self.preparer.quote_schema(mapping.schema_)}.{self.preparer.quote(mapping.table)}"
+        return self.tables[name].sql_name(self.preparer)
 
     def column(self, name: str, key: str, alias: str) -> str:
-        mapping = self.tables[name].mapping
-        if key not in mapping.columns:
-            return "NULL"
-        return f"{alias}.{self.preparer.quote(mapping.columns[key])}"
+        return self.tables[name].column_sql(key, alias, self.preparer)
 
     def timestamp(self, name: str, key: str, alias: str) -> str:
-        column = self.column(name, key, alias)
-        if self.tables[name].column_types.get(key) in ("TIMESTAMP", "DATE"):
-            return f"({column}::timestamp AT TIME ZONE 'UTC')"
-        return column
+        return self.tables[name].timestamp_sql(key, alias, self.preparer)
 
 
 def snapshot_sql(connection: Connection, config: RetentionConfig) -> str:

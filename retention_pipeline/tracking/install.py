@@ -14,8 +14,8 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
-from retention_pipeline.database.app_tables import resolve_app_tables
-from retention_pipeline.tracking.sql import TrackingSql
+from retention_pipeline.database.app_tables import resolve_app_tables, table_sql
+from retention_pipeline.tracking.sql import TrackingSql, trigger_name
 
 TRACKED_KINDS = ("events", "sessions")
 
@@ -161,14 +161,13 @@ def uninstall(connection: Connection, config: RetentionConfig) -> None:
     schema = config.database.schema_
     _lock(connection, schema)
     preparer = connection.dialect.identifier_preparer
-    trigger = preparer.quote(f"{schema}_track_activity")
+    trigger = preparer.quote(trigger_name(schema))
     for _name, mapping in config.database.tables.items():
+        table = table_sql(mapping, preparer)
         exists = connection.execute(
-            text("SELECT to_regclass(:name) IS NOT NULL"),
-            {"name": f"{preparer.quote_schema(mapping.schema_)}.{preparer.quote(mapping.table)}"},
+            text("SELECT to_regclass(:name) IS NOT NULL"), {"name": table}
         ).scalar()
         if exists:
-            table = f"{preparer.quote_schema(mapping.schema_)}.{preparer.quote(mapping.table)}"
             connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
     connection.execute(text(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)} CASCADE"))
 

@@ -18,6 +18,11 @@ MAX_EVENT_NAME_LENGTH = 200
 TRIGGER_LOCK_TIMEOUT = "1s"
 
 
+def trigger_name(schema: str) -> str:
+    """The name of the tracking trigger on each app table: one per pipeline schema."""
+    return f"{schema}_track_activity"
+
+
 @dataclass(frozen=True)
 class TrackingSql:
     dialect: Dialect
@@ -33,18 +38,13 @@ class TrackingSql:
         return self.dialect.identifier_preparer.quote_schema(self.schema)
 
     def table_name(self, table: ResolvedTable) -> str:
-        preparer = self.dialect.identifier_preparer
-        return f"{preparer.quote_schema(table.mapping.schema_)}.{self.quote(table.mapping.table)}"
+        return table.sql_name(self.dialect.identifier_preparer)
 
     def column(self, table: ResolvedTable, key: str) -> str:
-        return f"src.{self.quote(table.mapping.columns[key])}"
+        return table.column_sql(key, "src", self.dialect.identifier_preparer)
 
     def timestamp(self, table: ResolvedTable, key: str = "created_at") -> str:
-        """The column as timestamptz; naive timestamps are taken as UTC, as ORMs store them."""
-        column = self.column(table, key)
-        if table.column_types[key] in ("TIMESTAMP", "DATE"):
-            return f"({column}::timestamp AT TIME ZONE 'UTC')"
-        return column
+        return table.timestamp_sql(key, "src", self.dialect.identifier_preparer)
 
     def _valid_rows(self, table: ResolvedTable) -> str:
         at = self.timestamp(table)
@@ -185,7 +185,7 @@ class TrackingSql:
         return f"track_{kind}"
 
     def trigger_name(self) -> str:
-        return self.quote(f"{self.schema}_track_activity")
+        return self.quote(trigger_name(self.schema))
 
     def create_trigger(self, kind: str) -> str:
         table = self.events if kind == "events" else self.sessions
