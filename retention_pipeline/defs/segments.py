@@ -6,7 +6,6 @@ import dagster as dg
 
 from retention_pipeline.defs.partitions import daily_partitions, previous_day_of
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_segments, segment_counts, segment_examples
 from retention_pipeline.segments.snapshot import (
     build_snapshot,
@@ -144,9 +143,6 @@ def engagement_segments(context: dg.AssetExecutionContext, app_database: AppData
             if yesterday["dormant"] and counts["dormant"] > factor * yesterday["dormant"]:
                 jumps.append(f"{loop.name}: {yesterday['dormant']} -> {counts['dormant']}")
         examples = segment_examples(connection, app_database.schema, day)
-    for loop in config.loops:
-        matches = condition_user_ids(app_database.engine, app_database.schema, loop, day)
-        metadata[f"{loop.name}/condition_matches"] = len(matches)
     metadata["dagster/row_count"] = total
     metadata["preview"] = dg.MetadataValue.md(examples.to_markdown(index=False))
     yield dg.MaterializeResult(metadata=metadata)
