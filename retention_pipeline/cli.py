@@ -37,16 +37,15 @@ def _engine(config):
 def _unsubscribe_secret(config) -> str:
     """The secret the send job signs links with: the configured one, or with no Resend key
     (emails go to the outbox) the local one, so outbox links can be tried locally."""
-    from retention_pipeline.resources.email import (
-        RESEND_KEY_ENV_VAR,
-        unsubscribe_secret,
-    )
+    import dagster as dg
+
+    from retention_pipeline.resources.email import RESEND_KEY_ENV_VAR, unsubscribe_secret
 
     provider = "resend" if os.environ.get(RESEND_KEY_ENV_VAR) else "outbox"
     try:
         return unsubscribe_secret(config.email.unsubscribe_secret, provider)
-    except Exception as error:  # dg.Failure: the same one line the send job would give
-        raise ConfigError(getattr(error, "description", None) or str(error)) from None
+    except dg.Failure as error:  # the same one line the send job would give
+        raise ConfigError(error.description) from None
 
 
 def cmd_suppress(args: argparse.Namespace) -> int:
