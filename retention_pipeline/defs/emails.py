@@ -111,6 +111,8 @@ def send_emails(
                 loop=loop,
                 day=audience_day,
                 unsubscribe_secret=secret,
+                # Claimed emails keep their stored content: rendering them again is waste.
+                unclaimed_only=True,
             )
             claimed += claim(
                 connection,

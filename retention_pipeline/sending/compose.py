@@ -40,11 +40,16 @@ def day_end(day: date, timezone: str) -> datetime:
 
 
 def treatment_rows(
-    connection: Connection, *, schema: str, loop_name: str, day: date
+    connection: Connection, *, schema: str, loop_name: str, day: date, unclaimed_only: bool = False
 ) -> list[dict[str, Any]]:
     """The loop's treatment rows of `reengagement_audience` for `day`, with what the snapshot of
-    that day knows about each user, ordered by user id. Also the rows `claim` pairs emails with."""
+    that day knows about each user, ordered by user id. Also the rows `claim` pairs emails with.
+    `unclaimed_only` leaves out rows already in the send log, whose content is fixed there."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
+    unclaimed = f"""AND NOT EXISTS (
+                SELECT FROM {s}.email_send_log AS log
+                WHERE log.loop_name = a.loop_name AND log.user_id = a.user_id
+                  AND log.episode_start = a.episode_start AND log.step = a.step)"""
     result = connection.execute(
         text(f"""
             SELECT a.user_id, a.email, a.episode_start, a.step, a.template, a.variant,
@@ -54,6 +59,7 @@ def treatment_rows(
             LEFT JOIN {s}.user_activity_snapshot AS snap
                 ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
             WHERE a.partition_date = :day AND a.loop_name = :loop AND a.arm = 'treatment'
+              {unclaimed if unclaimed_only else ""}
             ORDER BY a.user_id"""),
         {"day": day, "loop": loop_name},
     )
@@ -68,17 +74,22 @@ def compose_emails(
     loop: Loop,
     day: date,
     unsubscribe_secret: str,
+    unclaimed_only: bool = False,
 ) -> list[OutgoingEmail]:
     """One rendered email per treatment row of the loop's audience for `day`, in user-id order.
 
     Each renders the template of the row's step with the row's variant. The unsubscribe link and
     the RFC 8058 headers carry an HMAC token of the user and the loop, signed with
-    `unsubscribe_secret`; the tags name the loop, step and variant.
+    `unsubscribe_secret`; the tags name the loop, step and variant. `unclaimed_only` skips the
+    rows already claimed in the send log.
     """
     as_of = day_end(day, config.timezone)
     base_url = config.email.unsubscribe_url
     emails = []
-    for row in treatment_rows(connection, schema=schema, loop_name=loop.name, day=day):
+    rows = treatment_rows(
+        connection, schema=schema, loop_name=loop.name, day=day, unclaimed_only=unclaimed_only
+    )
+    for row in rows:
         if not 0 <= row["step"] < len(loop.steps):
             raise ValueError(
                 f"loop {loop.name!r} has {len(loop.steps)} steps, but the audience of {day} has "

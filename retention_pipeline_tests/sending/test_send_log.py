@@ -132,6 +132,20 @@ def test_a_claim_keeps_its_content_when_the_day_is_rendered_again(
     assert compose_and_claim(sending_db) == 0
 
     assert [email.subject for email in pending(sending_db)[0]] == ["Ada, we miss you at Acme"] * 2
+    # The send job does not even render what is claimed already.
+    with sending_db.engine.connect() as connection:
+        assert (
+            compose_emails(
+                connection,
+                schema=SCHEMA,
+                config=sending_db.config,
+                loop=sending_db.config.loop(LOOP),
+                day=DAY,
+                unsubscribe_secret=SECRET,
+                unclaimed_only=True,
+            )
+            == []
+        )
 
 
 def test_a_later_claim_of_the_day_numbers_its_batches_after_the_stored_ones(
