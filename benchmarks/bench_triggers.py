@@ -76,6 +76,17 @@ def prepare(server_url: str, design: str, users: int) -> str:
     admin.dispose()
     url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     engine = create_engine(url)
+    try:
+        _install(engine, url, design, users)
+    except BaseException:
+        engine.dispose()
+        drop(server_url, url)
+        raise
+    engine.dispose()
+    return url
+
+
+def _install(engine, url: str, design: str, users: int) -> None:
     with engine.begin() as connection:
         connection.exec_driver_sql(APP_SCHEMA.replace("{schema}", "public"))
         connection.execute(
@@ -89,8 +100,6 @@ def prepare(server_url: str, design: str, users: int) -> str:
             install(connection, make_config(url))
         if design == "row":
             connection.execute(text(ROW_LEVEL))
-    engine.dispose()
-    return url
 
 
 def libpq(url: str) -> str:
