@@ -144,3 +144,20 @@ def test_missing_file_and_bad_yaml(tmp_path: Path):
     bad.write_text("loops: [\n  - name: x\n   bad")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(("delay", "days"), [("0d", 0), (0, 0), ("0s", 0), ("3d", 3), ("72h", 3)])
+def test_step_delays_are_whole_days(document, delay, days):
+    document["loops"][0]["steps"][1]["delay"] = delay
+    document["loops"][0]["steps"][0]["delay"] = 0
+    if days == 0:
+        with pytest.raises(ConfigError, match=r"steps.1.delay: each step comes after"):
+            parse_config(document, environ={})
+        return
+    assert parse_config(document, environ={}).loops[0].steps[1].delay_days == days
+
+
+def test_a_step_delay_of_part_of_a_day_is_refused(document):
+    document["loops"][0]["steps"][1]["delay"] = "36h"
+    with pytest.raises(ConfigError, match=r"steps.1.delay: '36h' must be a whole number of days"):
+        parse_config(document, environ={})

@@ -36,8 +36,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def parse_duration(value: str | int | float) -> timedelta:
-    """Turn `10m`, `30s`, `2h`, `500ms` (or a number of seconds) into a timedelta."""
+def parse_duration(value: str | int | float, *, allow_zero: bool = False) -> timedelta:
+    """Turn `10m`, `30s`, `2h`, `500ms` (or a number of seconds) into a timedelta; zero only
+    where `allow_zero` says it means something (a step sent the day its episode starts)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     else:
@@ -45,7 +46,7 @@ def parse_duration(value: str | int | float) -> timedelta:
         if not match:
             raise ValueError(f"{value!r} is not a duration like 30s, 10m, 2h or 1d")
         seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"{value!r} must be a positive duration")
     return timedelta(seconds=seconds)
 
@@ -292,17 +293,13 @@ class Step(StrictModel):
     @field_validator("delay")
     @classmethod
     def _whole_days(cls, value: str | int) -> str | int:
-        if str(value).strip() in ("0", "0d"):
-            return value
-        if parse_duration(value).total_seconds() % 86400:
+        if parse_duration(value, allow_zero=True).total_seconds() % 86400:
             raise ValueError(f"{value!r} must be a whole number of days, like 3d")
         return value
 
     @property
     def delay_days(self) -> int:
-        if str(self.delay).strip() in ("0", "0d"):
-            return 0
-        return int(parse_duration(self.delay).total_seconds() // 86400)
+        return int(parse_duration(self.delay, allow_zero=True).total_seconds() // 86400)
 
 
 class Holdout(StrictModel):
