@@ -58,8 +58,7 @@ def main() -> None:
                 connection, users=args.users, days=args.days, seed=args.seed, end=end
             )
         seeded = time.perf_counter()
-        with engine.begin() as connection:
-            report = install(connection, make_config(url))
+        report = install(engine, make_config(url))
         installed = time.perf_counter()
         with engine.connect() as connection:
             connection.execute(text("ANALYZE"))

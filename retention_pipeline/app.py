@@ -57,6 +57,5 @@ def prepare_database(config: RetentionConfig) -> PreparedDatabase:
                 end=datetime.now(UTC).replace(microsecond=0),
             )
         seeded = True
-    with engine.begin() as connection:
-        report = install(connection, config)
+    report = install(engine, config, progress=lambda line: print(line, flush=True))
     return PreparedDatabase(url=url, engine=engine, seeded=seeded, install=report)

@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from retention_pipeline.config.loader import CONFIG_ENV_VAR, ConfigError, load_config, project_root
 from retention_pipeline.database.app_tables import MappingError
+from retention_pipeline.tracking.install import TrackingError
 
 DEV_INSTANCE_YAML = """\
 # Written by `retention-pipeline dev`: a local instance (SQLite storage under this folder).
@@ -98,28 +99,40 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from retention_pipeline.tracking.install import install
 
     config = load_config(args.config)
-    with _engine(config).begin() as connection:
-        report = install(connection, config)
+    report = install(_engine(config), config, progress=lambda line: print(line, flush=True))
     print(
         f"schema {config.database.schema_} at revision {report.revision}; tracking: {report.mode} "
         f"({report.timezone}); rollup rows: {report.rollup_rows}"
-        + ("; backfilled from existing rows" if report.backfilled else "")
+        + (
+            f"; rebuilt from the app tables in {report.rebuilt_chunks} day range(s)"
+            if report.rebuilt_chunks
+            else ""
+        )
     )
     return 0
 
 
 def cmd_db_refresh(args: argparse.Namespace) -> int:
-    from retention_pipeline.tracking.install import refresh_from, refresh_incremental
+    from retention_pipeline.tracking.drain import update_rollup
+    from retention_pipeline.tracking.install import refresh_from
 
     config = load_config(args.config)
-    with _engine(config).begin() as connection:
+    engine = _engine(config)
+    with engine.connect() as connection:
         _require_installed(connection, config)
-        if args.since:
-            refresh_from(connection, config, args.since)
-            since = args.since
-        else:
-            since = refresh_incremental(connection, config)
-    print(f"rollup recomputed from {since or 'the beginning'}")
+    if args.since:
+        added = refresh_from(engine, config, args.since)
+        print(
+            f"rollup recomputed from {args.since}: {added.events:,} events, "
+            f"{added.sessions:,} sessions"
+        )
+        return 0
+    update = update_rollup(engine, config)
+    print(
+        f"rollup updated: {update.events:,} events and {update.sessions:,} sessions folded"
+        + (f" (recomputed from {update.recomputed_from})" if update.recomputed_from else "")
+        + (f"; late rows for {', '.join(map(str, update.late_days))}" if update.late_days else "")
+    )
     return 0
 
 
@@ -130,8 +143,7 @@ def cmd_db_uninstall(args: argparse.Namespace) -> int:
     if not args.yes:
         print("error: this drops the pipeline's schema and triggers; pass --yes", file=sys.stderr)
         return 2
-    with _engine(config).begin() as connection:
-        uninstall(connection, config)
+    uninstall(_engine(config), config)
     print(f"removed schema {config.database.schema_} and the tracking triggers")
     return 0
 
@@ -317,12 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser(
         "upgrade", help="apply migrations, install triggers, backfill"
     ).set_defaults(handler=cmd_db_upgrade)
-    refresh = db_commands.add_parser("refresh", help="recompute rollup days from the app tables")
+    refresh = db_commands.add_parser(
+        "refresh", help="fold the captured activity in, or recompute days from the app tables"
+    )
     refresh.add_argument(
         "--since",
         type=date.fromisoformat,
-        help="first day to recompute (repairs days the triggers skipped); default in "
-        "incremental mode: the day before the last refresh",
+        help="recompute every day from this one on from the app tables (a repair); without it, "
+        "drain the capture (in incremental mode: recompute from the day before the last refresh)",
     )
     refresh.set_defaults(handler=cmd_db_refresh)
     uninstall = db_commands.add_parser("uninstall", help="remove everything the pipeline added")
@@ -372,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, MappingError, ValueError) as error:
+    except (ConfigError, MappingError, TrackingError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OperationalError as error:

@@ -15,6 +15,7 @@ from retention_pipeline.config import parse_config
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_segments
 from retention_pipeline.segments.snapshot import build_snapshot
+from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
 
@@ -36,8 +37,7 @@ def config_for(url: str, *, holdout: float = 0.0, cooldown: int = 30, loops: int
 @pytest.fixture
 def world(app_database_url):
     engine = create_engine(app_database_url)
-    with engine.begin() as connection:
-        install(connection, config_for(app_database_url))
+    install(engine, config_for(app_database_url))
     yield engine, app_database_url
     engine.dispose()
 
@@ -61,6 +61,7 @@ def add_users(engine, ids, *, last_seen: datetime, email=None):
 
 def run_day(engine, config, day: date, loop_index: int = 0):
     loop = config.loops[loop_index]
+    update_rollup(engine, config)  # as the daily run does before the snapshot
     with engine.begin() as connection:
         build_snapshot(connection, config, day)
         for each in config.loops:

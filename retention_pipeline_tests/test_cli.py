@@ -27,9 +27,9 @@ def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_pa
     assert "the Dagster definitions (9 assets) load" in capsys.readouterr().out
     assert main(["--config", config, "db", "upgrade"]) == 0
     first = capsys.readouterr().out
-    assert "revision 0003" in first and "backfilled" in first
+    assert "revision 0004" in first and "rebuilt from the app tables" in first
     assert main(["--config", config, "db", "upgrade"]) == 0
-    assert "backfilled" not in capsys.readouterr().out
+    assert "rebuilt" not in capsys.readouterr().out
     assert main(["--config", config, "db", "uninstall"]) == 2
     assert main(["--config", config, "db", "uninstall", "--yes"]) == 0
     engine = create_engine(app_database_url)
@@ -79,7 +79,7 @@ def test_more_bad_input_is_one_line_not_a_traceback(app_database_url, tmp_path):
     cases = [
         (
             ["--config", config, "preview", "--template", "re_engagement", "--user", "1"],
-            "error: schema 'retention' is at revision none, expected 0003: run "
+            "error: schema 'retention' is at revision none, expected 0004: run "
             "`retention-pipeline db upgrade`",
         ),
         (["--config", config, "db", "refresh"], "error: schema 'retention' is at revision none"),

@@ -43,7 +43,8 @@ def demo(create_database):
             seed=7,
             end=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC),
         )
-        install(connection, config)
+    install(engine, config)
+    with engine.begin() as connection:
         build_snapshot(connection, config, day)
         build_segments(connection, "retention", config.loops[0], "UTC", day)
     yield engine, url, day

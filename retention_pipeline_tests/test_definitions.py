@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.defs.activity import activity_rollup
 from retention_pipeline.resources.app_database import AppDatabase
+from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import make_config, write_config
 
@@ -35,48 +36,81 @@ def test_app_tables_are_external_assets_upstream_of_the_rollup():
 
     graph = defs.resolve_asset_graph()
     rollup = graph.get(dg.AssetKey(["retention", "activity_rollup"]))
-    assert rollup.parent_keys == {dg.AssetKey(["app", "events"]), dg.AssetKey(["app", "sessions"])}
+    assert rollup.parent_keys == {
+        dg.AssetKey(["app", "events"]),
+        dg.AssetKey(["app", "sessions"]),
+        dg.AssetKey(["app", "users"]),
+    }
     assert not graph.get(dg.AssetKey(["app", "events"])).is_materializable
 
 
-def test_rollup_asset_reports_size_and_tracking_errors(app_database_url, tmp_path):
+def test_the_daily_job_drains_before_the_snapshot_and_a_schedule_drains_hourly():
+    from retention_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("daily_retention")
+    assert dg.AssetKey(["retention", "activity_rollup"]) in job.asset_layer.executable_asset_keys
+    schedule = defs.resolve_schedule_def("drain_activity_hourly")
+    assert schedule.cron_schedule == "30 * * * *"
+    assert schedule.job_name == "drain_activity"
+
+
+def test_rollup_asset_folds_the_capture_and_reconciles_the_last_day(app_database_url, tmp_path):
     engine = create_engine(app_database_url)
+    yesterday_noon = "date_trunc('day', now() AT TIME ZONE 'UTC') - interval '12 hours'"
     with engine.begin() as connection:
         connection.execute(
             text("INSERT INTO users (email, created_at) VALUES ('a@example.com', '2026-10-01')")
         )
-        install(connection, make_config(app_database_url))
+    install(engine, make_config(app_database_url))
+    with engine.begin() as connection:
         connection.execute(
             text(
                 "INSERT INTO events (user_id, name, created_at) "
-                "VALUES (1, 'x', '2026-11-20T10:00Z')"
+                f"SELECT 1, 'x', ({yesterday_noon}) AT TIME ZONE 'UTC' FROM generate_series(1, 3)"
             )
         )
-        connection.execute(text("DROP TABLE retention.action_daily"))
         connection.execute(
             text(
-                "INSERT INTO events (user_id, name, created_at) "
-                "VALUES (1, 'y', '2026-11-21T10:00Z')"
+                "INSERT INTO sessions (user_id, created_at) "
+                f"VALUES (1, ({yesterday_noon}) AT TIME ZONE 'UTC')"
             )
         )
-    engine.dispose()
     database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
-    result = dg.materialize([activity_rollup], resources={"app_database": database})
-    assert result.success
+    resources = {
+        "app_database": database,
+        "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test"),
+    }
+    result = dg.materialize([activity_rollup], resources=resources)
     (materialization,) = result.asset_materializations_for_node("retention__activity_rollup")
     assert materialization.metadata["dagster/row_count"].value == 1
+    assert materialization.metadata["folded_events"].value == 3
+    assert materialization.metadata["folded_sessions"].value == 1
     assert materialization.metadata["tracking_mode"].value == "triggers"
     (check,) = result.get_asset_check_evaluations()
+    assert check.passed
+    assert check.metadata["app_events"].value == check.metadata["tracked_events"].value == 3
+
+    # A rollup that lost a count no longer reconciles.
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE retention.activity_daily SET event_count = 2"))
+    engine.dispose()
+    result = dg.materialize([activity_rollup], resources=resources)
+    (check,) = result.get_asset_check_evaluations()
     assert not check.passed
-    assert check.metadata["errors_last_24h"].value == 1
+    assert (check.metadata["app_events"].value, check.metadata["tracked_events"].value) == (3, 2)
 
 
 def test_rollup_asset_refuses_an_uninstalled_database(app_database_url, tmp_path):
     database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
     result = dg.materialize(
-        [activity_rollup], resources={"app_database": database}, raise_on_error=False
+        [activity_rollup],
+        resources={
+            "app_database": database,
+            "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test"),
+        },
+        raise_on_error=False,
     )
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]
     message = failure.step_failure_data.error.message
-    assert "is at revision none, expected 0003: run `retention-pipeline db upgrade`" in message
+    assert "is at revision none, expected 0004: run `retention-pipeline db upgrade`" in message

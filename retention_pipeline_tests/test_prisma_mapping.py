@@ -6,6 +6,7 @@ from datetime import date
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.database.app_tables import resolve_app_tables
+from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import make_config
 
@@ -77,7 +78,7 @@ def test_prisma_schema_through_configuration_alone(create_database):
         )
         resolved = resolve_app_tables(connection, config.database.tables)
         assert resolved["events"].column_types["created_at"] == "TIMESTAMP"
-        install(connection, config)
+    install(engine, config)
     with engine.begin() as connection:
         connection.execute(
             text(
@@ -88,6 +89,8 @@ def test_prisma_schema_through_configuration_alone(create_database):
         connection.execute(
             text("""INSERT INTO "AuthSession" VALUES ('s1', 'ckuser1', '2026-11-21 15:00:00')""")
         )
+    update_rollup(engine, config)
+    with engine.begin() as connection:
         rows = connection.execute(
             text(
                 "SELECT user_id, day, event_count, session_count, last_event_at "

@@ -48,7 +48,7 @@ def database(app_database_url, tmp_path):
             ),
             {"end": END},
         )
-        install(connection, make_config(app_database_url))
+    install(engine, make_config(app_database_url))
     yield engine, AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
     engine.dispose()
 

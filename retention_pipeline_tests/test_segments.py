@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.segments.rules import build_segments
 from retention_pipeline.segments.snapshot import build_snapshot
+from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import make_config
 
@@ -23,8 +24,7 @@ DAY_END = datetime(2026, 11, 21, tzinfo=BERLIN)  # 23:00 UTC on the 20th
 def world(app_database_url):
     config = make_config(app_database_url, timezone="Europe/Berlin")
     engine = create_engine(app_database_url)
-    with engine.begin() as connection:
-        install(connection, config)
+    install(engine, config)
     yield engine, config
     engine.dispose()
 
@@ -63,6 +63,7 @@ def weekly_sessions(per_week: int, weeks: int = 4) -> list[datetime]:
 
 
 def segments_of(engine, config, day: date = DAY) -> dict[int, tuple[str, str]]:
+    update_rollup(engine, config)  # as the daily run does before the snapshot
     with engine.begin() as connection:
         build_snapshot(connection, config, day)
         build_segments(connection, config.database.schema_, config.loops[0], config.timezone, day)

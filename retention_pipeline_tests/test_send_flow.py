@@ -36,7 +36,7 @@ def morning(create_database, tmp_path: Path):
             seed=11,
             end=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC),
         )
-        install(connection, make_config(url))
+    install(engine, make_config(url))
     resources = {
         "app_database": AppDatabase(config_path=str(write_config(tmp_path, url))),
         "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test"),

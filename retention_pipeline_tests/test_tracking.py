@@ -1,20 +1,30 @@
-"""The activity rollup: backfill at install, triggers on every insert, and hostile rows that
-must never make the app's insert fail."""
+"""Activity tracking: the triggers only append to a capture, the drain folds it into the rollup,
+an install rebuilds history online, and users deleted from the app are erased.
+
+Every test that counts compares the rollup with the truth computed from the app tables."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 import uuid
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.database.app_tables import MappingError
+from retention_pipeline.email.message import OutgoingEmail
+from retention_pipeline.email.outbox import OutboxSender
+from retention_pipeline.segments.snapshot import build_snapshot
+from retention_pipeline.tracking import install as install_module
+from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import (
+    RebuildPending,
     install,
     refresh_from,
-    refresh_incremental,
     uninstall,
 )
 from retention_pipeline_tests.helpers import make_config
@@ -49,6 +59,39 @@ def actions(engine):
     return [tuple(row) for row in rows]
 
 
+def truth(engine, timezone="UTC"):
+    """The rollup as it should be, computed from the app tables alone."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("""
+                WITH e AS (
+                    SELECT user_id::text AS user_id, (created_at AT TIME ZONE :tz)::date AS day,
+                           count(*) AS n
+                    FROM events
+                    WHERE user_id IS NOT NULL AND isfinite(created_at) GROUP BY 1, 2),
+                s AS (
+                    SELECT user_id::text AS user_id, (created_at AT TIME ZONE :tz)::date AS day,
+                           count(*) AS n
+                    FROM sessions WHERE isfinite(created_at) GROUP BY 1, 2)
+                SELECT coalesce(e.user_id, s.user_id), coalesce(e.day, s.day),
+                       coalesce(e.n, 0), coalesce(s.n, 0)
+                FROM e FULL JOIN s USING (user_id, day)
+                ORDER BY 1, 2"""),
+            {"tz": timezone},
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+def capture_rows(engine) -> int:
+    with engine.connect() as connection:
+        return connection.execute(
+            text(
+                "SELECT (SELECT count(*) FROM retention.activity_capture_0) "
+                "+ (SELECT count(*) FROM retention.activity_capture_1)"
+            )
+        ).scalar_one()
+
+
 def insert_users(connection, count=2):
     for number in range(1, count + 1):
         connection.execute(
@@ -60,80 +103,126 @@ def insert_users(connection, count=2):
         )
 
 
-def test_install_backfills_existing_rows_then_triggers_keep_it_current(engine, app_database_url):
+def insert_events(engine, rows: list[tuple[int | None, str, str]]) -> None:
+    with engine.begin() as connection:
+        for user_id, name, at in rows:
+            connection.execute(
+                text("INSERT INTO events (user_id, name, created_at) VALUES (:u, :n, :at)"),
+                {"u": user_id, "n": name, "at": at},
+            )
+
+
+def test_install_backfills_then_the_capture_is_drained_into_the_rollup(engine, app_database_url):
     config = make_config(app_database_url)
     with engine.begin() as connection:
         insert_users(connection)
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) VALUES "
-                "(1, 'report.exported', '2026-11-20T10:00Z'), "
-                "(1, 'report.exported', '2026-11-20T11:00Z')"
-            )
-        )
+    insert_events(
+        engine,
+        [(1, "report.exported", "2026-11-20T10:00Z"), (1, "report.exported", "2026-11-20T11:00Z")],
+    )
+    with engine.begin() as connection:
         connection.execute(
             text("INSERT INTO sessions (user_id, created_at) VALUES (2, '2026-11-21T08:00Z')")
         )
-    with engine.begin() as connection:
-        report = install(connection, config)
-    assert report.backfilled and report.rollup_rows == 2
+    report = install(engine, config)
+    assert report.rebuilt_chunks == 1 and report.rollup_rows == 2
     assert rollup(engine) == [("1", date(2026, 11, 20), 2, 0), ("2", date(2026, 11, 21), 0, 1)]
 
+    insert_events(
+        engine,
+        [(1, "project.created", "2026-11-20T12:00Z"), (2, "invite.sent", "2026-11-21T09:00Z")],
+    )
     with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) VALUES "
-                "(1, 'project.created', '2026-11-20T12:00Z'), "
-                "(2, 'invite.sent', '2026-11-21T09:00Z')"
-            )
-        )
         connection.execute(
             text("INSERT INTO sessions (user_id, created_at) VALUES (1, '2026-11-20T07:00Z')")
         )
-    assert rollup(engine) == [("1", date(2026, 11, 20), 3, 1), ("2", date(2026, 11, 21), 1, 1)]
+    # The app's transactions only appended to the capture; the rollup waits for the drain.
+    assert capture_rows(engine) == 3
+    assert rollup(engine)[0] == ("1", date(2026, 11, 20), 2, 0)
+    update = update_rollup(engine, config)
+    assert (update.events, update.sessions) == (2, 1)
+    assert (
+        rollup(engine)
+        == truth(engine)
+        == [
+            ("1", date(2026, 11, 20), 3, 1),
+            ("2", date(2026, 11, 21), 1, 1),
+        ]
+    )
     assert actions(engine) == [
         ("1", date(2026, 11, 20), "project.created", 1),
         ("1", date(2026, 11, 20), "report.exported", 2),
         ("2", date(2026, 11, 21), "invite.sent", 1),
     ]
-    with engine.begin() as connection:
-        again = install(connection, config)
-    assert not again.backfilled
-    assert rollup(engine)[0] == ("1", date(2026, 11, 20), 3, 1)
+    assert capture_rows(engine) == 0
+    # Draining again, or installing again, counts nothing twice.
+    assert update_rollup(engine, config).events == 0
+    assert install(engine, config).rebuilt_chunks == 0
+    assert rollup(engine) == truth(engine)
 
 
-@pytest.mark.parametrize("path", ["triggers", "backfill"])
-def test_hostile_rows_never_fail_the_app_insert(engine, app_database_url, path):
-    """The same rows give the same rollup whether triggers see them or the install backfills."""
+def test_the_capture_is_truncated_whole_and_does_not_grow(engine, app_database_url):
+    config = make_config(app_database_url)
     with engine.begin() as connection:
         insert_users(connection)
-        if path == "triggers":
-            install(connection, make_config(app_database_url))
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) VALUES "
-                "(NULL, 'orphan', '2026-11-20T10:00Z'),"  # no user
-                "(424242, 'ghost', '2026-11-20T10:00Z'),"  # unknown user
-                "(1, 'time.travel', '2099-01-01T00:00Z'),"  # far future
-                "(1, 'ancient', '1901-01-01T00:00Z'),"  # far past
-                "(1, 'forever', 'infinity'),"  # not a finite time
-                "(1, '', '2026-11-20T10:00Z'),"  # empty name
-                "(2, repeat('x', 5000), '2026-11-20T10:00Z'),"  # absurd name
-                "(2, 'dup', '2026-11-20T10:00Z'), (2, 'dup', '2026-11-20T10:00Z')"  # duplicates
+    install(engine, config)
+    for _round in range(3):
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO events (user_id, name, created_at) "
+                    "SELECT 1, 'bulk', '2026-11-22T10:00Z' FROM generate_series(1, 5000)"
+                )
             )
-        )
+        update_rollup(engine, config)
+        with engine.connect() as connection:
+            sizes = connection.execute(
+                text(
+                    "SELECT pg_relation_size('retention.activity_capture_0') "
+                    "+ pg_relation_size('retention.activity_capture_1')"
+                )
+            ).scalar_one()
+        assert sizes == 0
+    assert rollup(engine) == [("1", date(2026, 11, 22), 15000, 0)]
+
+
+HOSTILE_ROWS = [
+    (None, "orphan", "2026-11-20T10:00Z"),  # no user
+    (424242, "ghost", "2026-11-20T10:00Z"),  # unknown user
+    (1, "time.travel", "2099-01-01T00:00Z"),  # far future
+    (1, "ancient", "1901-01-01T00:00Z"),  # far past
+    (1, "forever", "infinity"),  # not a finite time
+    (1, "never", "-infinity"),
+    (1, "", "2026-11-20T10:00Z"),  # empty name
+    (2, "x" * 10_000, "2026-11-20T10:00Z"),  # a 10 kB name
+    (2, "dup", "2026-11-20T10:00Z"),  # duplicates
+    (2, "dup", "2026-11-20T10:00Z"),
+]
+
+
+@pytest.mark.parametrize("path", ["capture", "rebuild"])
+def test_hostile_rows_never_fail_the_app_insert(engine, app_database_url, path):
+    """The same rows give the same rollup whether captured and drained, or rebuilt."""
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    if path == "capture":
+        install(engine, config)
+    insert_events(engine, HOSTILE_ROWS)
+    with engine.begin() as connection:
         connection.execute(
             text(
                 "INSERT INTO events (user_id, name, created_at) "
                 "SELECT 1, 'bulk', '2026-11-22T10:00Z' FROM generate_series(1, 500)"
             )
         )
-    if path == "backfill":
-        with engine.begin() as connection:
-            install(connection, make_config(app_database_url))
+    if path == "rebuild":
+        install(engine, config)
+    else:
+        update_rollup(engine, config)
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 509
+        assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 510
+    assert rollup(engine) == truth(engine)
     assert rollup(engine) == [
         ("1", date(1901, 1, 1), 1, 0),
         ("1", date(2026, 11, 20), 1, 0),
@@ -148,37 +237,69 @@ def test_hostile_rows_never_fail_the_app_insert(engine, app_database_url, path):
     assert ("2", date(2026, 11, 20), "dup", 2) in actions(engine)
 
 
-def test_a_broken_rollup_is_a_warning_and_a_logged_error_not_a_failed_insert(
-    engine, app_database_url
-):
+def test_a_broken_rollup_never_fails_an_app_insert(engine, app_database_url):
+    config = make_config(app_database_url)
     with engine.begin() as connection:
         insert_users(connection)
-        install(connection, make_config(app_database_url))
-        connection.execute(text("DROP TABLE retention.action_daily"))
+    install(engine, config)
     with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) "
-                "VALUES (1, 'x', '2026-11-20T10:00Z')"
-            )
-        )
+        connection.execute(text("DROP TABLE retention.action_daily"))
+    insert_events(engine, [(1, "x", "2026-11-20T10:00Z")])
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
-        ((source, sqlstate, message),) = connection.execute(
-            text("SELECT source_table, sqlstate, message FROM retention.tracking_errors")
-        ).all()
-    assert source == "public.events"
-    assert sqlstate == "42P01"
-    assert "action_daily" in message
+    assert capture_rows(engine) == 1
+    # The drain fails, folds nothing, and keeps the capture for after the repair.
+    with pytest.raises(Exception, match="action_daily"):
+        update_rollup(engine, config)
+    assert capture_rows(engine) == 1
+
+
+def test_inserts_of_one_hot_user_never_wait_on_each_other(engine, app_database_url):
+    """Two open app transactions writing the same user's day: neither waits on the other, and
+    both are counted (the old in-transaction upsert made the second wait, then lost it)."""
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    install(engine, config)
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(
+        text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'a', '2026-11-20T10:00Z')")
+    )
+    holder.execute(
+        text("INSERT INTO sessions (user_id, created_at) VALUES (1, '2026-11-20T10:00Z')")
+    )
+    try:
+        with engine.begin() as connection:
+            # Any lock wait at all would fail this transaction.
+            connection.execute(text("SET LOCAL lock_timeout = '50ms'"))
+            connection.execute(
+                text(
+                    "INSERT INTO events (user_id, name, created_at) "
+                    "VALUES (1, 'b', '2026-11-20T11:00Z')"
+                )
+            )
+            connection.execute(
+                text("INSERT INTO sessions (user_id, created_at) VALUES (1, '2026-11-20T11:00Z')")
+            )
+    finally:
+        holder.commit()
+        holder.close()
+    update_rollup(engine, config)
+    assert rollup(engine) == truth(engine) == [("1", date(2026, 11, 20), 2, 2)]
 
 
 def test_the_app_role_needs_no_rights_on_the_pipeline_schema(engine, app_database_url):
+    config = make_config(app_database_url)
     role = f"app_{uuid.uuid4().hex[:8]}"
     with engine.begin() as connection:
         insert_users(connection)
-        install(connection, make_config(app_database_url))
+    install(engine, config)
+    with engine.begin() as connection:
         connection.execute(text(f"CREATE ROLE {role}"))
-        connection.execute(text(f"GRANT INSERT ON events, sessions TO {role}"))
+        connection.execute(
+            text(f"GRANT INSERT, DELETE, SELECT ON events, sessions, users TO {role}")
+        )
     try:
         with engine.begin() as connection:
             connection.execute(text(f"SET ROLE {role}"))
@@ -191,32 +312,37 @@ def test_the_app_role_needs_no_rights_on_the_pipeline_schema(engine, app_databas
             connection.execute(
                 text("INSERT INTO sessions (user_id, created_at) VALUES (1, '2026-11-20T10:00Z')")
             )
+            connection.execute(text("DELETE FROM users WHERE id = 2"))
             connection.execute(text("RESET ROLE"))
+        update_rollup(engine, config)
         assert rollup(engine) == [("1", date(2026, 11, 20), 1, 1)]
     finally:
         with engine.begin() as connection:
-            connection.execute(text(f"REVOKE ALL ON events, sessions FROM {role}"))
+            connection.execute(text(f"REVOKE ALL ON events, sessions, users FROM {role}"))
             connection.execute(text(f"DROP ROLE {role}"))
 
 
 def test_days_are_bucketed_in_the_loop_timezone(engine, app_database_url):
+    berlin = make_config(app_database_url, timezone="Europe/Berlin")
     with engine.begin() as connection:
         insert_users(connection)
-        install(connection, make_config(app_database_url, timezone="Europe/Berlin"))
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) VALUES "
-                "(1, 'late', '2026-11-20T22:59Z'),"  # 23:59 in Berlin: the 20th
-                "(1, 'early', '2026-11-20T23:01Z')"  # 00:01 in Berlin: the 21st
-            )
-        )
+    install(engine, berlin)
+    insert_events(
+        engine,
+        [
+            (1, "late", "2026-11-20T22:59Z"),  # 23:59 in Berlin: the 20th
+            (1, "early", "2026-11-20T23:01Z"),  # 00:01 in Berlin: the 21st
+        ],
+    )
+    update_rollup(engine, berlin)
     assert rollup(engine) == [("1", date(2026, 11, 20), 1, 0), ("1", date(2026, 11, 21), 1, 0)]
 
-    # Changing the timezone rebuilds the rollup in the new buckets.
-    with engine.begin() as connection:
-        report = install(connection, make_config(app_database_url, timezone="UTC"))
-    assert report.backfilled
-    assert rollup(engine) == [("1", date(2026, 11, 20), 2, 0)]
+    # Changing the timezone rebuilds the rollup in the new buckets, the capture included.
+    insert_events(engine, [(1, "undrained", "2026-11-20T23:30Z")])
+    report = install(engine, make_config(app_database_url, timezone="UTC"))
+    assert report.rebuilt_chunks == 1
+    update_rollup(engine, make_config(app_database_url, timezone="UTC"))
+    assert rollup(engine) == truth(engine) == [("1", date(2026, 11, 20), 3, 0)]
 
 
 def test_bad_mapping_is_one_line_and_installs_nothing(engine, app_database_url):
@@ -226,8 +352,8 @@ def test_bad_mapping_is_one_line_and_installs_nothing(engine, app_database_url):
             "columns": {"user_id": "user_id", "name": "name", "created_at": "created_at"},
         }
     }
-    with pytest.raises(MappingError) as raised, engine.begin() as connection:
-        install(connection, make_config(app_database_url, tables=tables))
+    with pytest.raises(MappingError) as raised:
+        install(engine, make_config(app_database_url, tables=tables))
     assert str(raised.value) == (
         "database.tables.events.table: app table public.product_events does not exist "
         "in the app database"
@@ -238,15 +364,12 @@ def test_bad_mapping_is_one_line_and_installs_nothing(engine, app_database_url):
             "columns": {"user_id": "account_id", "created_at": "created_at"},
         }
     }
-    with (
-        pytest.raises(
-            MappingError,
-            match=r"^database.tables.sessions.columns.user_id: column "
-            r"'account_id' does not exist in public.sessions",
-        ),
-        engine.begin() as connection,
+    with pytest.raises(
+        MappingError,
+        match=r"^database.tables.sessions.columns.user_id: column "
+        r"'account_id' does not exist in public.sessions",
     ):
-        install(connection, make_config(app_database_url, tables=tables))
+        install(engine, make_config(app_database_url, tables=tables))
     with engine.connect() as connection:
         assert connection.execute(text("SELECT to_regnamespace('retention')")).scalar() is None
         assert (
@@ -262,8 +385,8 @@ def test_a_failure_midway_leaves_nothing_half_installed(engine, app_database_url
         connection.execute(text("CREATE SCHEMA retention"))
         # An object in the way of the first migration makes it fail after the schema step.
         connection.execute(text("CREATE TABLE retention.activity_daily (x int)"))
-    with pytest.raises(Exception, match="already exists"), engine.begin() as connection:
-        install(connection, make_config(app_database_url))
+    with pytest.raises(Exception, match="already exists"):
+        install(engine, make_config(app_database_url))
     with engine.connect() as connection:
         assert (
             connection.execute(
@@ -277,13 +400,335 @@ def test_a_failure_midway_leaves_nothing_half_installed(engine, app_database_url
         )
 
 
+def test_an_app_transaction_holding_a_table_delays_the_install_not_the_app(
+    engine, app_database_url
+):
+    """While a long app transaction holds the events table, the install gives up its lock
+    request every 200 ms instead of queueing every later insert behind it, and goes through
+    once the transaction ends."""
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(
+        text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'a', '2026-11-20T10:00Z')")
+    )
+    import threading
+
+    installed = threading.Thread(target=install, args=(engine, config))
+    installed.start()
+    try:
+        time.sleep(1.0)
+        # Meanwhile other app inserts go through without waiting on the install's request.
+        with engine.begin() as connection:
+            connection.execute(text("SET LOCAL lock_timeout = '300ms'"))
+            connection.execute(
+                text(
+                    "INSERT INTO events (user_id, name, created_at) "
+                    "VALUES (2, 'b', '2026-11-20T10:00Z')"
+                )
+            )
+    finally:
+        holder.commit()
+        holder.close()
+    installed.join(timeout=60)
+    assert not installed.is_alive()
+    update_rollup(engine, config)
+    assert rollup(engine) == truth(engine)
+    assert sum(row[2] for row in rollup(engine)) == 2
+
+
+def test_rows_written_during_a_rebuild_count_once_at_the_seam(
+    engine, app_database_url, monkeypatch
+):
+    """Rows committed while the install rebuilds are in the app tables and in the capture at
+    once; whether their day range is already rebuilt or not, each counts exactly once."""
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) "
+                "SELECT 1 + g % 2, 'history', timestamptz '2026-11-01T12:00Z' + g * interval '1 day'"
+                " FROM generate_series(0, 19) AS g"
+            )
+        )
+    monkeypatch.setattr(install_module, "REBUILD_CHUNK_ROWS", 4)
+    written = []
+
+    def write_during_rebuild(line: str) -> None:
+        # After each range: one row in the first (rebuilt) range, one in the last (not yet).
+        insert_events(engine, [(1, "seam", "2026-11-01T13:00Z"), (2, "seam", "2026-11-30T13:00Z")])
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO sessions (user_id, created_at) VALUES (1, '2026-11-15T09:00Z')")
+            )
+        written.append(line)
+
+    report = install(engine, config, progress=write_during_rebuild)
+    assert report.rebuilt_chunks == len(written) == 5
+    update_rollup(engine, config)
+    assert rollup(engine) == truth(engine)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 30
+
+
+def test_the_drain_waits_for_an_unfinished_rebuild(engine, app_database_url):
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    install(engine, config)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE retention.tracking_state SET rebuild_pending = true"))
+    with pytest.raises(RebuildPending, match="run it again if it stopped"):
+        update_rollup(engine, config)
+    install(engine, config)
+    assert update_rollup(engine, config).events == 0
+
+
+def kill_after(arguments: list[str], until: str | float) -> str:
+    """Start the tracking worker; SIGKILL it when it prints `until` (or after `until` s)."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "retention_pipeline_tests.tracking_worker", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    try:
+        if isinstance(until, str):
+            for line in worker.stdout:
+                seen += line
+                if until in line:
+                    break
+        else:
+            time.sleep(until)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    return seen
+
+
+def test_an_install_killed_midway_resumes_and_counts_everything_once(engine, app_database_url):
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection, count=20)
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) "
+                "SELECT 1 + g % 20, 'e' || g % 3, "
+                "       timestamptz '2026-09-01T12:00Z' + (g % 60) * interval '1 day' "
+                "FROM generate_series(1, 6000) AS g"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO sessions (user_id, created_at) "
+                "SELECT 1 + g % 20, timestamptz '2026-09-01T08:00Z' + (g % 60) * interval '1 day' "
+                "FROM generate_series(1, 600) AS g"
+            )
+        )
+    seen = kill_after(["install", app_database_url, "1000"], until="rollup rebuild 2/")
+    assert "rollup rebuild 2/" in seen
+    insert_events(engine, [(3, "meanwhile", "2026-09-02T10:00Z"), (4, "meanwhile", "2026-12-01")])
+    with pytest.raises(RebuildPending):
+        update_rollup(engine, config)
+    report = install(engine, config)
+    assert 0 < report.rebuilt_chunks < 7
+    update_rollup(engine, config)
+    assert rollup(engine) == truth(engine)
+
+
+def test_a_drain_killed_at_any_point_loses_and_repeats_nothing(engine, app_database_url):
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection, count=50)
+    install(engine, config)
+    for delay in (0.0, 0.3, 0.6, 0.9, 1.2, 1.5):
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO events (user_id, name, created_at) "
+                    "SELECT 1 + g % 50, 'e' || g % 7, "
+                    "       timestamptz '2026-11-01' + (g % 1000) * interval '1 hour' "
+                    "FROM generate_series(1, 60000) AS g"
+                )
+            )
+        kill_after(["drain", app_database_url], until=delay)
+    update_rollup(engine, config)
+    assert rollup(engine) == truth(engine)
+    assert capture_rows(engine) == 0
+
+
+def test_rows_for_a_day_already_snapshotted_are_named_as_late(engine, app_database_url):
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    install(engine, config)
+    insert_events(engine, [(1, "on time", "2026-11-20T10:00Z")])
+    update_rollup(engine, config)
+    with engine.begin() as connection:
+        build_snapshot(connection, config, date(2026, 11, 20))
+    insert_events(engine, [(1, "late", "2026-11-20T23:00Z"), (2, "today", "2026-11-21T01:00Z")])
+    update = update_rollup(engine, config)
+    assert update.late_days == (date(2026, 11, 20),)
+    assert rollup(engine) == truth(engine)
+
+
+def test_refresh_repairs_days_without_double_counting_the_capture(engine, app_database_url):
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    install(engine, config)
+    insert_events(engine, [(1, "a", "2026-11-19T10:00Z"), (1, "b", "2026-11-20T10:00Z")])
+    update_rollup(engine, config)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE retention.activity_daily SET event_count = 99"))
+    insert_events(engine, [(1, "c", "2026-11-20T11:00Z")])  # still in the capture
+    added = refresh_from(engine, config, date(2026, 11, 20))
+    assert added.events == 1
+    update_rollup(engine, config)
+    assert rollup(engine) == [("1", date(2026, 11, 19), 99, 0), ("1", date(2026, 11, 20), 2, 0)]
+    assert ("1", date(2026, 11, 20), "c", 1) in actions(engine)
+
+
+def test_incremental_mode_installs_no_trigger_and_uses_the_same_fold(engine, app_database_url):
+    config = make_config(app_database_url, tracking="incremental")
+    with engine.begin() as connection:
+        insert_users(connection)
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) "
+                "VALUES (1, 'old', now() - interval '5 days')"
+            )
+        )
+    install(engine, config)
+    with engine.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal")
+            ).scalar()
+            == 0
+        )
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) VALUES (1, 'new', now()), "
+                "(2, 'late', now() - interval '20 hours')"
+            )
+        )
+    assert sum(row[2] for row in rollup(engine)) == 1
+    update = update_rollup(engine, config)
+    assert update.recomputed_from is not None
+    assert rollup(engine) == truth(engine)
+    update_rollup(engine, config)
+    assert rollup(engine) == truth(engine)
+
+
+def test_switching_from_triggers_to_incremental_keeps_the_undrained_capture(
+    engine, app_database_url
+):
+    with engine.begin() as connection:
+        insert_users(connection)
+    install(engine, make_config(app_database_url))
+    insert_events(engine, [(1, "captured", "2026-11-01T10:00Z")])
+    incremental = make_config(app_database_url, tracking="incremental")
+    install(engine, incremental)
+    update_rollup(engine, incremental)
+    assert rollup(engine) == truth(engine) == [("1", date(2026, 11, 1), 1, 0)]
+
+
+def seed_send_log(engine, user_id: str, key: str, status: str) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            text("""
+                INSERT INTO retention.email_send_log
+                    (send_key, loop_name, user_id, episode_start, step, partition_date, email,
+                     template, variant, batch_key, subject, html, body_text, status)
+                VALUES (:key, 're_engagement', :user, '2026-11-20', 0, '2026-11-20',
+                        :email, 're_engagement', 'a', 'batch-1', 'We miss you, ' || :user,
+                        '<p>Hi ' || :user || '</p>', 'Hi', :status)"""),
+            {"key": key, "user": user_id, "email": f"user{user_id}@example.com", "status": status},
+        )
+
+
+@pytest.mark.parametrize("mode", ["triggers", "incremental"])
+def test_a_user_deleted_in_the_app_is_erased_everywhere(engine, app_database_url, tmp_path, mode):
+    config = make_config(app_database_url, tracking=mode)
+    with engine.begin() as connection:
+        insert_users(connection)
+    insert_events(engine, [(1, "a", "2026-11-20T10:00Z"), (2, "b", "2026-11-20T10:00Z")])
+    install(engine, config)
+    with engine.begin() as connection:
+        build_snapshot(connection, config, date(2026, 11, 20))
+        connection.execute(
+            text("""
+                INSERT INTO retention.engagement_segments
+                    (partition_date, loop_name, user_id, segment, reason, entered_on)
+                SELECT '2026-11-20', 're_engagement', id::text, 'active', 'r', '2026-11-20'
+                FROM users""")
+        )
+        connection.execute(
+            text(
+                "INSERT INTO retention.email_suppressions (email, user_id, reason) "
+                "VALUES ('user1@example.com', '1', 'unsubscribed')"
+            )
+        )
+    seed_send_log(engine, "1", "sent-1", "sent")
+    seed_send_log(engine, "2", "sent-2", "sent")
+    outbox = OutboxSender(tmp_path)
+    outbox.send(
+        [
+            OutgoingEmail(key=key, to="x@example.com", subject="s", html="<p>h</p>", text="t")
+            for key in ("sent-1", "sent-2")
+        ]
+    )
+
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM users WHERE id = 1"))
+    update = update_rollup(engine, config)
+    assert update.erased_users == 1
+    assert update.erased_send_keys == ("sent-1",)
+
+    with engine.connect() as connection:
+        for table in (
+            "activity_daily",
+            "action_daily",
+            "user_activity_snapshot",
+            "engagement_segments",
+        ):
+            users = connection.execute(
+                text(f"SELECT DISTINCT user_id FROM retention.{table} ORDER BY 1")
+            ).scalars()
+            assert list(users) == ["2"], table
+        logged = connection.execute(
+            text(
+                "SELECT user_id, email, subject, html, status FROM retention.email_send_log "
+                "ORDER BY user_id"
+            )
+        ).all()
+        assert [tuple(row) for row in logged] == [
+            ("1", "", "", "", "sent"),
+            ("2", "user2@example.com", "We miss you, 2", "<p>Hi 2</p>", "sent"),
+        ]
+        suppressed = connection.execute(
+            text("SELECT email, user_id FROM retention.email_suppressions")
+        ).one()
+        assert tuple(suppressed) == ("user1@example.com", None)
+    from retention_pipeline.email.outbox import remove_from_outbox
+
+    assert remove_from_outbox(tmp_path, update.erased_send_keys) == 2
+    remaining = sorted(path.suffix for path in tmp_path.iterdir())
+    assert remaining == [".eml", ".html"]
+
+
 def test_uninstall_removes_everything_the_pipeline_added(engine, app_database_url):
     config = make_config(app_database_url)
     with engine.begin() as connection:
         insert_users(connection)
-        install(connection, config)
-    with engine.begin() as connection:
-        uninstall(connection, config)
+    install(engine, config)
+    uninstall(engine, config)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT to_regnamespace('retention')")).scalar() is None
         assert (
@@ -298,102 +743,60 @@ def test_uninstall_removes_everything_the_pipeline_added(engine, app_database_ur
             ).scalar()
             == 0
         )
+    with engine.begin() as connection:
         connection.execute(
             text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'x', now())")
         )
-        assert connection.execute(text("SELECT count(*) FROM users")).scalar() == 2
+        connection.execute(text("DELETE FROM users WHERE id = 2"))
+        assert connection.execute(text("SELECT count(*) FROM users")).scalar() == 1
 
 
-def test_incremental_mode_installs_no_trigger_and_refreshes_recent_days(engine, app_database_url):
-    config = make_config(app_database_url, tracking="incremental")
-    with engine.begin() as connection:
-        insert_users(connection)
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) "
-                "VALUES (1, 'old', now() - interval '5 days')"
-            )
-        )
-        install(connection, config)
-        assert (
-            connection.execute(
-                text("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal")
-            ).scalar()
-            == 0
-        )
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) VALUES (1, 'new', now()), "
-                "(2, 'late', now() - interval '20 hours')"
-            )
-        )
-    assert sum(row[2] for row in rollup(engine)) == 1
-    with engine.begin() as connection:
-        since = refresh_incremental(connection, config)
-    assert since is not None
-    assert sum(row[2] for row in rollup(engine)) == 3
-    with engine.begin() as connection:
-        refresh_incremental(connection, config)
-    assert sum(row[2] for row in rollup(engine)) == 3
+def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url):
+    """An install made before the capture existed keeps its rollup: the trigger functions are
+    replaced in place, so no row is counted by both the old and the new body."""
+    from retention_pipeline.database import migrate
 
-
-def test_an_insert_never_waits_long_on_another_transaction_of_the_same_user(
-    engine, app_database_url
-):
-    """Two app transactions touching one user's day: the second waits at most the trigger's lock
-    timeout, then goes through with its rollup update skipped and logged."""
-    with engine.begin() as connection:
-        insert_users(connection)
-        install(connection, make_config(app_database_url))
-    holder = engine.connect()
-    holder.begin()
-    holder.execute(
-        text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'a', '2026-11-20T10:00Z')")
-    )
-    try:
-        started = time.monotonic()
-        with engine.begin() as connection:
-            connection.execute(
-                text(
-                    "INSERT INTO events (user_id, name, created_at) "
-                    "VALUES (1, 'b', '2026-11-20T11:00Z')"
-                )
-            )
-        waited = time.monotonic() - started
-    finally:
-        holder.commit()
-        holder.close()
-    assert waited < 10
-    with engine.connect() as connection:
-        assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 2
-        sqlstate = connection.execute(
-            text("SELECT sqlstate FROM retention.tracking_errors")
-        ).scalar()
-    assert sqlstate == "55P03"
-    assert rollup(engine) == [("1", date(2026, 11, 20), 1, 0)]
-
-
-def test_refresh_repairs_days_the_triggers_skipped(engine, app_database_url):
     config = make_config(app_database_url)
     with engine.begin() as connection:
         insert_users(connection)
-        install(connection, config)
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) "
-                "VALUES (1, 'a', '2026-11-19T10:00Z')"
-            )
-        )
-        connection.execute(text("ALTER TABLE retention.action_daily RENAME TO broken"))
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) "
-                "VALUES (1, 'b', '2026-11-20T10:00Z')"
-            )
-        )
-        connection.execute(text("ALTER TABLE retention.broken RENAME TO action_daily"))
-    assert rollup(engine) == [("1", date(2026, 11, 19), 1, 0)]
+    insert_events(engine, [(1, "before", "2026-11-20T10:00Z")])
+    install(engine, config)
     with engine.begin() as connection:
-        refresh_from(connection, config, date(2026, 11, 20))
-    assert rollup(engine) == [("1", date(2026, 11, 19), 1, 0), ("1", date(2026, 11, 20), 1, 0)]
-    assert ("1", date(2026, 11, 20), "b", 1) in actions(engine)
+        connection.execute(text("DROP TABLE retention.activity_capture_0"))
+        connection.execute(text("DROP TABLE retention.activity_capture_1"))
+        connection.execute(text("DROP TABLE retention.rebuild_chunks, retention.erased_users"))
+        connection.execute(
+            text(
+                "ALTER TABLE retention.tracking_state DROP COLUMN capture_slot, "
+                "DROP COLUMN rebuild_pending, DROP COLUMN last_drained_at"
+            )
+        )
+        connection.execute(text("CREATE TABLE retention.tracking_errors (id int)"))
+        connection.execute(text("UPDATE retention.alembic_version SET version_num = '0003'"))
+        assert migrate.current_revision(connection, "retention") == "0003"
+    report = install(engine, config)
+    assert report.rebuilt_chunks == 0
+    insert_events(engine, [(1, "after", "2026-11-20T11:00Z")])
+    update_rollup(engine, config)
+    assert rollup(engine) == truth(engine) == [("1", date(2026, 11, 20), 2, 0)]
+
+
+def test_the_schedule_day_is_complete_after_the_drain(engine, app_database_url):
+    """Rows written up to the drain are in the rollup the snapshot reads."""
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    install(engine, config)
+    yesterday = datetime.now(UTC).date() - timedelta(days=1)
+    insert_events(engine, [(1, "late evening", f"{yesterday}T23:59:59Z")])
+    update_rollup(engine, config)
+    with engine.begin() as connection:
+        build_snapshot(connection, config, yesterday)
+        last = connection.execute(
+            text(
+                "SELECT last_activity_at FROM retention.user_activity_snapshot "
+                "WHERE user_id = '1' AND partition_date = :day"
+            ),
+            {"day": yesterday},
+        ).scalar_one()
+    assert last == datetime(yesterday.year, yesterday.month, yesterday.day, 23, 59, 59, tzinfo=UTC)

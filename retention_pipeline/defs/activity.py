@@ -1,41 +1,60 @@
-"""The activity rollup the triggers keep current (or the incremental refresh recomputes)."""
+"""The activity rollup: the capture drained into it, hourly and before every daily run."""
 
 import dagster as dg
 
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.tracking.install import refresh_incremental, rollup_status
+from retention_pipeline.resources.email import EmailResource
+from retention_pipeline.tracking.drain import update_rollup
+from retention_pipeline.tracking.status import reconcile_last_day, rollup_status
+
+ROLLUP = dg.AssetKey(["retention", "activity_rollup"])
 
 
 @dg.asset(
-    key=dg.AssetKey(["retention", "activity_rollup"]),
-    deps=[dg.AssetKey(["app", "events"]), dg.AssetKey(["app", "sessions"])],
+    key=ROLLUP,
+    deps=[
+        dg.AssetKey(["app", "events"]),
+        dg.AssetKey(["app", "sessions"]),
+        dg.AssetKey(["app", "users"]),
+    ],
     group_name="retention",
     kinds={"postgres"},
     description=(
-        "Per-user, per-day events, auth sessions, last activity and last actions. Kept current "
-        "by triggers on the app's events and sessions; in incremental mode this recomputes the "
-        "recent days."
+        "Per-user, per-day events, auth sessions, last activity and last actions. Triggers on "
+        "the app's events and sessions append to a capture table; this folds the capture in "
+        "(in incremental mode it recomputes the recent days), and erases users deleted from the "
+        "app from every table of the pipeline."
     ),
     check_specs=[
         dg.AssetCheckSpec(
-            "no_recent_tracking_errors",
-            asset=dg.AssetKey(["retention", "activity_rollup"]),
-            description="The tracking triggers recorded no error in the last 24 hours.",
+            "reconciles_with_app_tables",
+            asset=ROLLUP,
+            description="The last complete day's events and sessions in the rollup (plus what "
+            "the capture still holds) equal the app's rows of that day.",
         )
     ],
 )
-def activity_rollup(context: dg.AssetExecutionContext, app_database: AppDatabase):
+def activity_rollup(
+    context: dg.AssetExecutionContext, app_database: AppDatabase, email: EmailResource
+):
     app_database.ensure_installed()
     config = app_database.config
-    recomputed_from = None
-    with app_database.engine.begin() as connection:
-        if config.database.tracking == "incremental":
-            recomputed_from = refresh_incremental(connection, config)
-        status = rollup_status(connection, app_database.schema)
+    update = update_rollup(app_database.engine, config)
+    forgotten = email.forget(update.erased_send_keys)
+    if update.late_days:
+        context.log.warning(
+            f"rows arrived for days whose snapshot was already taken: "
+            f"{', '.join(map(str, update.late_days))}; re-materialize the daily assets from "
+            f"{update.late_days[0]} to include them"
+        )
     context.log.info(
-        f"rollup: {status.rows} rows for {status.users} users, {status.first_day} to "
-        f"{status.last_day} ({status.mode}, {status.timezone})"
+        f"folded {update.events:,} events and {update.sessions:,} sessions into "
+        f"{update.user_days:,} user-days in {update.seconds:.1f}s"
+        + (f"; erased {update.erased_users} deleted user(s)" if update.erased_users else "")
     )
+    with app_database.engine.connect() as connection:
+        status = rollup_status(connection, app_database.schema)
+        reconciliation = reconcile_last_day(connection, config)
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": status.rows,
@@ -44,12 +63,41 @@ def activity_rollup(context: dg.AssetExecutionContext, app_database: AppDatabase
             "last_day": str(status.last_day),
             "tracking_mode": status.mode,
             "timezone": status.timezone,
-            "recomputed_from": str(recomputed_from) if recomputed_from else "(triggers)",
+            "folded_events": update.events,
+            "folded_sessions": update.sessions,
+            "folded_rows_per_second": round(update.rows / update.seconds) if update.seconds else 0,
+            "late_days": ", ".join(map(str, update.late_days)) or "none",
+            "rematerialize_from": str(update.late_days[0]) if update.late_days else "",
+            "recomputed_from": str(update.recomputed_from or ""),
+            "erased_users": update.erased_users,
+            "erased_outbox_files": forgotten,
         }
     )
     yield dg.AssetCheckResult(
-        check_name="no_recent_tracking_errors",
-        passed=status.recent_errors == 0,
+        check_name="reconciles_with_app_tables",
+        passed=reconciliation.matches,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"errors_last_24h": status.recent_errors, "last_error": status.last_error or ""},
+        metadata={
+            "day": str(reconciliation.day),
+            "app_events": reconciliation.app_events,
+            "tracked_events": reconciliation.tracked_events,
+            "app_sessions": reconciliation.app_sessions,
+            "tracked_sessions": reconciliation.tracked_sessions,
+        },
     )
+
+
+drain_activity_job = dg.define_asset_job(
+    "drain_activity",
+    selection=dg.AssetSelection.assets(ROLLUP),
+    description="Fold the captured activity into the rollup.",
+)
+
+# Hourly keeps the capture to an hour of the app's writes; the daily run drains once more.
+drain_activity_schedule = dg.ScheduleDefinition(
+    name="drain_activity_hourly",
+    job=drain_activity_job,
+    cron_schedule="30 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Every hour, fold the captured activity into the rollup.",
+)

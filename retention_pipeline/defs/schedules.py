@@ -3,6 +3,7 @@
 import dagster as dg
 
 from retention_pipeline.config import RetentionConfig
+from retention_pipeline.defs.activity import ROLLUP
 from retention_pipeline.defs.emails import AUDIENCE
 from retention_pipeline.defs.partitions import CONFIG
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
@@ -10,8 +11,9 @@ from retention_pipeline.segments.calendar import day_just_ended
 
 daily_retention_job = dg.define_asset_job(
     "daily_retention",
-    selection=dg.AssetSelection.assets(SNAPSHOT, SEGMENTS, AUDIENCE),
-    description="Snapshot and segment every user for one day, and pick the day's audience.",
+    selection=dg.AssetSelection.assets(ROLLUP, SNAPSHOT, SEGMENTS, AUDIENCE),
+    description="Fold the captured activity in, then snapshot and segment every user for one "
+    "day, and pick the day's audience.",
 )
 
 

@@ -4,6 +4,7 @@ from datetime import date, timedelta
 
 import dagster as dg
 
+from retention_pipeline.defs.activity import ROLLUP
 from retention_pipeline.defs.partitions import daily_partitions, previous_day_of
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.rules import build_segments, segment_counts, segment_examples
@@ -13,9 +14,7 @@ from retention_pipeline.segments.snapshot import (
     snapshot_user_count,
     vanished_since_yesterday,
 )
-from retention_pipeline.tracking.install import refresh_incremental
 
-ROLLUP = dg.AssetKey(["retention", "activity_rollup"])
 SNAPSHOT = dg.AssetKey(["retention", "user_activity_snapshot"])
 SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
 
@@ -54,8 +53,6 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
     day = date.fromisoformat(context.partition_key)
     config = app_database.config
     with app_database.engine.begin() as connection:
-        if config.database.tracking == "incremental":
-            refresh_incremental(connection, config)
         summary = build_snapshot(connection, config, day)
         reconciliation = reconcile_with_users(connection, config, day)
         vanished = vanished_since_yesterday(connection, app_database.schema, day)

@@ -114,6 +114,18 @@ class OutboxSender:
         )
 
 
+def remove_from_outbox(directory: Path, keys: Sequence[str]) -> int:
+    """Delete the files of these send keys (their user was erased); returns how many."""
+    removed = 0
+    for key in keys:
+        for suffix in (".eml", ".html"):
+            path = Path(directory) / f"{_file_stem(key)}{suffix}"
+            if path.exists():
+                path.unlink()
+                removed += 1
+    return removed
+
+
 def _file_stem(key: str) -> str:
     # The readable part may collide ("a:b" and "a/b") or differ only in case, which some file
     # systems ignore; the digest of the exact key keeps one file per key.

@@ -15,7 +15,7 @@ from retention_pipeline.database.connection import (
     redact,
     resolve_database_url,
 )
-from retention_pipeline.tracking.install import tracked_timezone
+from retention_pipeline.tracking.install import rebuild_problem, tracked_timezone
 
 
 class AppDatabase(dg.ConfigurableResource):
@@ -47,16 +47,19 @@ class AppDatabase(dg.ConfigurableResource):
         return redact(self.url)
 
     def ensure_installed(self) -> None:
-        """Fail with one line when the pipeline's schema is missing, behind, or was installed
-        for another timezone than the loops now use."""
+        """Fail with one line when the pipeline's schema is missing, behind, installed for
+        another timezone than the loops now use, or its rollup not yet rebuilt."""
         with self.engine.connect() as connection:
             problem = migrate.installation_problem(connection, self.schema)
-            timezone = problem is None and tracked_timezone(connection, self.schema)
-        if problem is None and timezone != self.config.timezone:
-            problem = (
-                f"schema {self.schema!r} buckets days in {timezone}, the loops use "
-                f"{self.config.timezone}: run `retention-pipeline db upgrade`"
-            )
+            if problem is None:
+                timezone = tracked_timezone(connection, self.schema)
+                if timezone != self.config.timezone:
+                    problem = (
+                        f"schema {self.schema!r} buckets days in {timezone}, the loops use "
+                        f"{self.config.timezone}: run `retention-pipeline db upgrade`"
+                    )
+                else:
+                    problem = rebuild_problem(connection, self.schema)
         if problem:
             raise dg.Failure(
                 description=f"{self.display_url}: {problem}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
@@ -9,7 +10,7 @@ from pydantic import Field
 
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.email.message import EmailSender
-from retention_pipeline.email.outbox import OutboxSender
+from retention_pipeline.email.outbox import OutboxSender, remove_from_outbox
 from retention_pipeline.email.resend_sender import ResendSender
 
 RESEND_KEY_ENV_VAR = "RESEND_API_KEY"
@@ -24,6 +25,11 @@ class EmailResource(dg.ConfigurableResource):
 
     def sender(self) -> EmailSender:
         raise NotImplementedError
+
+    def forget(self, keys: Sequence[str]) -> int:
+        """Delete what this provider keeps here of these emails (their user was erased);
+        returns how many files went."""
+        return 0
 
 
 class ResendEmail(EmailResource):
@@ -58,11 +64,16 @@ class OutboxEmail(EmailResource):
         return "outbox"
 
     def sender(self) -> EmailSender:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return OutboxSender(self.path, from_address=self.from_address)
+
+    def forget(self, keys: Sequence[str]) -> int:
+        return remove_from_outbox(self.path, keys)
+
+    @property
+    def path(self) -> Path:
         path = Path(self.directory)
-        if not path.is_absolute():
-            path = project_root() / path
-        path.mkdir(parents=True, exist_ok=True)
-        return OutboxSender(path, from_address=self.from_address)
+        return path if path.is_absolute() else project_root() / path
 
 
 # Outbox emails never leave this machine; a fixed secret keeps their links verifiable locally.

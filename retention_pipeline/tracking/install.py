@@ -1,23 +1,54 @@
-"""Install, refresh and remove what the pipeline adds to the app database.
+"""Install, rebuild, repair and remove what the pipeline adds to the app database, online.
 
-`install` validates the mapping, applies migrations, records the tracking timezone and mode,
-installs the triggers and backfills the rollup, all in the caller's transaction: a failure at
-any step leaves the database as it was.
+`install` applies the migrations and swaps in the capture triggers in one short transaction
+that gives up and retries rather than queue app inserts behind it for long. When the rollup has
+to be built from the app tables (a first install, a new timezone, triggers after incremental),
+it is rebuilt in day ranges committed one by one: an install stopped midway resumes where it
+was, and the app's writes never wait on it.
+
+Every rebuild or repair reads the app's rows less those still in the capture, in one statement:
+a capture row commits with the app row it copies, so in any snapshot the difference is exactly
+the rows the capture will never fold. The drain (which folds and truncates the capture) is kept
+out while a rebuild is under way.
 """
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
+from typing import TypeVar
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
 from retention_pipeline.database.app_tables import resolve_app_tables, table_sql
-from retention_pipeline.tracking.sql import TrackingSql, trigger_name
+from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
 
-TRACKED_KINDS = ("events", "sessions")
+# Triggers on users record deletions (erasure); on events and sessions they capture activity.
+TRIGGER_KINDS = (*TRACKED_KINDS, "users")
+# How long one attempt may queue app writes behind the trigger DDL, and how often to try.
+BRIEF_LOCK_TIMEOUT = "200ms"
+BRIEF_LOCK_ATTEMPTS = 60
+REBUILD_CHUNK_ROWS = 2_000_000
+# Sorting and grouping a chunk or a drain in memory is far cheaper than spilling it to disk.
+FOLD_WORK_MEM = "256MB"
+LOCK_NOT_AVAILABLE = "55P03"
+
+Progress = Callable[[str], None]
+T = TypeVar("T")
+
+
+class TrackingError(RuntimeError):
+    """Activity tracking cannot proceed; one line saying why and what to run."""
+
+
+class RebuildPending(TrackingError):
+    """The rollup is being rebuilt from the app tables and is incomplete until that finishes."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +56,7 @@ class InstallReport:
     revision: str
     mode: str
     timezone: str
-    backfilled: bool
+    rebuilt_chunks: int
     rollup_rows: int
 
 
@@ -34,23 +65,27 @@ def tracking_sql(connection: Connection, config: RetentionConfig) -> TrackingSql
     return TrackingSql(
         dialect=connection.dialect,
         schema=config.database.schema_,
+        users=resolved["users"],
         events=resolved["events"],
         sessions=resolved["sessions"],
     )
 
 
-def _lock(connection: Connection, schema: str) -> None:
-    # Two processes installing at once (say, two dagster runs) take turns.
+def lock(connection: Connection, schema: str) -> None:
+    """Take turns with every other install, rebuild and drain of this schema."""
     connection.execute(
         text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
         {"key": f"retention-pipeline:{schema}"},
     )
 
 
-def _read_state(connection: Connection, sql: TrackingSql) -> dict | None:
+def read_state(connection: Connection, sql: TrackingSql) -> dict | None:
     row = (
         connection.execute(
-            text(f"SELECT timezone, mode, refreshed_through FROM {sql.q_schema}.tracking_state")
+            text(f"""
+                SELECT timezone, mode, refreshed_through, capture_slot, rebuild_pending,
+                       last_drained_at
+                FROM {sql.q_schema}.tracking_state""")
         )
         .mappings()
         .first()
@@ -64,140 +99,302 @@ def tracked_timezone(connection: Connection, schema: str) -> str | None:
     return connection.execute(text(f"SELECT timezone FROM {s}.tracking_state")).scalar()
 
 
-def install(connection: Connection, config: RetentionConfig) -> InstallReport:
-    """Bring the pipeline's schema, triggers and rollup up to date with the configuration."""
-    sql = tracking_sql(connection, config)
-    _lock(connection, sql.schema)
-    migrate.upgrade(connection, sql.schema)
-    state = _read_state(connection, sql)
-    mode, timezone = config.database.tracking, config.timezone
-    connection.execute(
-        text(f"""
-            INSERT INTO {sql.q_schema}.tracking_state (timezone, mode) VALUES (:tz, :mode)
-            ON CONFLICT (singleton) DO UPDATE SET timezone = :tz, mode = :mode"""),
-        {"tz": timezone, "mode": mode},
+def rebuild_problem(connection: Connection, schema: str) -> str | None:
+    """Why the rollup is incomplete (a rebuild not finished), or None."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    if not connection.execute(text(f"SELECT rebuild_pending FROM {s}.tracking_state")).scalar():
+        return None
+    done, planned = connection.execute(
+        text(f"SELECT count(done_at), count(*) FROM {s}.rebuild_chunks")
+    ).one()
+    return (
+        f"the activity rollup is being rebuilt ({done} of {planned or '?'} day ranges done): "
+        "wait for the running `retention-pipeline db upgrade`, or run it again if it stopped"
     )
-    for kind in TRACKED_KINDS:
-        connection.execute(text(sql.drop_trigger(kind)))
-        if mode == "triggers":
-            connection.execute(text(sql.trigger_function(kind)))
-            connection.execute(text(sql.create_trigger(kind)))
-    # Day buckets depend on the timezone, and triggers only see rows inserted after they exist:
-    # rebuild whenever the rollup may be missing rows or bucketed differently.
-    needs_backfill = (
-        state is None or state["timezone"] != timezone or (state["mode"] != mode == "triggers")
+
+
+def with_brief_locks(engine: Engine, work: Callable[[Connection], T], what: str) -> T:
+    """Run `work` in a transaction whose lock waits end after BRIEF_LOCK_TIMEOUT, retrying:
+    DDL on an app table queues every later app write behind it while it waits, so it must
+    never wait long. Gives up with one line after BRIEF_LOCK_ATTEMPTS."""
+    for attempt in range(BRIEF_LOCK_ATTEMPTS):
+        try:
+            with engine.begin() as connection:
+                return work(connection)
+        except OperationalError as error:
+            if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            time.sleep(min(2.0, 0.05 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0))
+    raise TrackingError(
+        f"{what}: gave up after {BRIEF_LOCK_ATTEMPTS} tries to take a brief lock on the app "
+        "tables; a long-running transaction holds one (see pg_stat_activity)"
     )
-    if needs_backfill:
-        refresh(connection, sql, since=None)
-    rows = connection.execute(text(f"SELECT count(*) FROM {sql.q_schema}.activity_daily")).scalar()
+
+
+def _brief_lock_timeout(connection: Connection) -> None:
+    connection.execute(text(f"SET LOCAL lock_timeout = '{BRIEF_LOCK_TIMEOUT}'"))
+
+
+def _has_trigger(connection: Connection, sql: TrackingSql, kind: str) -> bool:
+    return connection.execute(
+        text(
+            "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = to_regclass(:t) AND tgname = :n)"
+        ),
+        {"t": sql.table_name(sql.tracked_table(kind)), "n": trigger_name(sql.schema)},
+    ).scalar_one()
+
+
+def install(
+    engine: Engine, config: RetentionConfig, progress: Progress | None = None
+) -> InstallReport:
+    """Bring the pipeline's schema, triggers and rollup up to date with the configuration,
+    without holding up the app's writes for more than a moment. Idempotent, and resumes a
+    rebuild an earlier install left unfinished."""
+    schema, mode, timezone = config.database.schema_, config.database.tracking, config.timezone
+
+    def set_up(connection: Connection) -> None:
+        sql = tracking_sql(connection, config)
+        lock(connection, schema)
+        _brief_lock_timeout(connection)
+        migrate.upgrade(connection, schema)
+        state = read_state(connection, sql)
+        # Day buckets depend on the timezone, and triggers only capture rows inserted after
+        # they exist: rebuild whenever the rollup may miss rows or be bucketed differently.
+        rebuild = (
+            state is None or state["timezone"] != timezone or (state["mode"] != mode == "triggers")
+        )
+        connection.execute(
+            text(f"""
+                INSERT INTO {sql.q_schema}.tracking_state (timezone, mode) VALUES (:tz, :mode)
+                ON CONFLICT (singleton) DO UPDATE SET timezone = :tz, mode = :mode"""),
+            {"tz": timezone, "mode": mode},
+        )
+        if rebuild:
+            connection.execute(
+                text(f"TRUNCATE {sql.q_schema}.activity_daily, {sql.q_schema}.action_daily")
+            )
+            connection.execute(text(f"DELETE FROM {sql.q_schema}.rebuild_chunks"))
+            connection.execute(
+                text(f"UPDATE {sql.q_schema}.tracking_state SET rebuild_pending = true")
+            )
+        elif state is not None and state["mode"] == "triggers" and mode == "incremental":
+            # Complete up to now: the next incremental refresh starts from the day before.
+            connection.execute(
+                text(f"UPDATE {sql.q_schema}.tracking_state SET refreshed_through = now()")
+            )
+        connection.execute(text(sql.capture_function("events")))
+        connection.execute(text(sql.capture_function("sessions")))
+        connection.execute(text(sql.erasure_function()))
+        for kind in TRIGGER_KINDS:
+            present = _has_trigger(connection, sql, kind)
+            if mode == "triggers" and not present:
+                connection.execute(text(sql.create_trigger(kind)))
+            elif mode == "incremental" and present:
+                connection.execute(text(sql.drop_trigger(kind)))
+
+    with_brief_locks(engine, set_up, "db upgrade")
+    chunks = finish_rebuild(engine, config, progress)
+    with engine.connect() as connection:
+        s = connection.dialect.identifier_preparer.quote_schema(schema)
+        rows = connection.execute(text(f"SELECT count(*) FROM {s}.activity_daily")).scalar_one()
     return InstallReport(
         revision=migrate.head_revision(),
         mode=mode,
         timezone=timezone,
-        backfilled=needs_backfill,
-        rollup_rows=int(rows or 0),
+        rebuilt_chunks=chunks,
+        rollup_rows=int(rows),
     )
 
 
-def refresh(connection: Connection, sql: TrackingSql, since: date | None) -> None:
-    """Recompute the rollup from the app tables for every day from `since` (all days if None)."""
-    s = sql.q_schema
-    tz = f"(SELECT timezone FROM {s}.tracking_state)"
-    if since is None:
-        connection.execute(text(f"TRUNCATE {s}.activity_daily, {s}.action_daily"))
-        events_filter = sessions_filter = day_filter = "TRUE"
-    else:
-        for table in ("activity_daily", "action_daily"):
+@dataclass(frozen=True)
+class Chunk:
+    number: int
+    first_day: date | None
+    end_day: date | None
+    planned_rows: int
+
+    def describe(self) -> str:
+        first = self.first_day.isoformat() if self.first_day else "the beginning"
+        end = self.end_day.isoformat() if self.end_day else "now"
+        return f"{first} to {end}"
+
+
+def _plan(connection: Connection, sql: TrackingSql, timezone: str) -> list[Chunk]:
+    """Cut the app's history into consecutive day ranges of about REBUILD_CHUNK_ROWS rows; the
+    first and last ranges are open, so rows outside every planned day still belong to one."""
+    per_day: dict[date, int] = {}
+    for kind in TRACKED_KINDS:
+        for day, rows in connection.execute(
+            text(sql.day_histogram(kind, "CAST(:tz AS text)")), {"tz": timezone}
+        ):
+            per_day[day] = per_day.get(day, 0) + rows
+    chunks: list[Chunk] = []
+    first: date | None = None
+    rows_in_chunk = 0
+    for day in sorted(per_day):
+        if rows_in_chunk >= REBUILD_CHUNK_ROWS:
+            chunks.append(Chunk(len(chunks) + 1, first, day, rows_in_chunk))
+            first, rows_in_chunk = day, 0
+        rows_in_chunk += per_day[day]
+    chunks.append(Chunk(len(chunks) + 1, first, None, rows_in_chunk))
+    return chunks
+
+
+def finish_rebuild(
+    engine: Engine, config: RetentionConfig, progress: Progress | None = None
+) -> int:
+    """Rebuild the rollup's pending day ranges, one committed transaction each; returns how
+    many ranges this call rebuilt."""
+    schema, timezone = config.database.schema_, config.timezone
+    with engine.begin() as connection:
+        sql = tracking_sql(connection, config)
+        lock(connection, schema)
+        state = read_state(connection, sql)
+        if not state or not state["rebuild_pending"]:
+            return 0
+        chunks = _stored_chunks(connection, sql)
+        if not chunks:
+            chunks = _plan(connection, sql, timezone)
+            for chunk in chunks:
+                connection.execute(
+                    text(f"""
+                        INSERT INTO {sql.q_schema}.rebuild_chunks
+                            (number, first_day, end_day, planned_rows)
+                        VALUES (:number, :first_day, :end_day, :planned_rows)"""),
+                    chunk.__dict__,
+                )
             connection.execute(
-                text(f"DELETE FROM {s}.{table} WHERE day >= :since"), {"since": since}
+                text(f"UPDATE {sql.q_schema}.tracking_state SET refreshed_through = now()")
             )
-        start = f"(CAST(:since AS date)::timestamp AT TIME ZONE {tz})"
-        events_filter = f"{sql.timestamp(sql.events)} >= {start}"
-        sessions_filter = f"{sql.timestamp(sql.sessions)} >= {start}"
-        day_filter = "day >= :since"
-    params = {} if since is None else {"since": since}
-    for statement in sql.rebuild(events_filter, sessions_filter, day_filter, tz):
-        connection.execute(text(statement), params)
-    connection.execute(text(f"UPDATE {s}.tracking_state SET refreshed_through = now()"))
+    rebuilt = 0
+    for chunk in chunks:
+        started = time.monotonic()
+        with engine.begin() as connection:
+            lock(connection, schema)
+            done = connection.execute(
+                text(
+                    f"SELECT done_at IS NOT NULL FROM {sql.q_schema}.rebuild_chunks "
+                    "WHERE number = :n"
+                ),
+                {"n": chunk.number},
+            ).scalar()
+            if done:
+                continue
+            added = recompute_days(connection, sql, timezone, chunk.first_day, chunk.end_day)
+            connection.execute(
+                text(f"UPDATE {sql.q_schema}.rebuild_chunks SET done_at = now() WHERE number = :n"),
+                {"n": chunk.number},
+            )
+        rebuilt += 1
+        if progress:
+            progress(
+                f"rollup rebuild {chunk.number}/{len(chunks)}: {chunk.describe()}: "
+                f"{added.events:,} events, {added.sessions:,} sessions "
+                f"({time.monotonic() - started:.1f}s)"
+            )
+    with engine.begin() as connection:
+        lock(connection, schema)
+        connection.execute(
+            text(f"UPDATE {sql.q_schema}.tracking_state SET rebuild_pending = false")
+        )
+        connection.execute(text(f"DELETE FROM {sql.q_schema}.rebuild_chunks"))
+    return rebuilt
 
 
-def refresh_from(connection: Connection, config: RetentionConfig, since: date) -> None:
-    """Recompute the rollup from `since` on, in either mode: the repair for days the triggers
-    skipped (see `tracking_errors`). App inserts into the tracked tables wait until it commits,
-    so the triggers cannot add to days while they are being rebuilt."""
-    sql = tracking_sql(connection, config)
-    _lock(connection, sql.schema)
-    if _read_state(connection, sql) is None:
-        raise RuntimeError("the pipeline is not installed: run `retention-pipeline db upgrade`")
-    for table in (sql.events, sql.sessions):
-        connection.execute(text(f"LOCK TABLE {sql.table_name(table)} IN SHARE ROW EXCLUSIVE MODE"))
-    refresh(connection, sql, since)
-
-
-def refresh_incremental(connection: Connection, config: RetentionConfig) -> date | None:
-    """Trigger-free mode: recompute from the day before the last refresh, so rows that arrived
-    late (up to a day) are still counted. Returns the first recomputed day."""
-    sql = tracking_sql(connection, config)
-    _lock(connection, sql.schema)
-    state = _read_state(connection, sql)
-    if state is None:
-        raise RuntimeError("the pipeline is not installed: run `retention-pipeline db upgrade`")
-    since = _day_before(connection, state["refreshed_through"], state["timezone"])
-    refresh(connection, sql, since)
-    return since
-
-
-def _day_before(connection: Connection, moment: datetime | None, timezone: str) -> date | None:
-    if moment is None:
-        return None
-    return connection.execute(
-        text("SELECT (CAST(:moment AS timestamptz) AT TIME ZONE :tz)::date - 1"),
-        {"moment": moment, "tz": timezone},
-    ).scalar_one()
-
-
-def uninstall(connection: Connection, config: RetentionConfig) -> None:
-    """Remove the triggers from the app tables and drop the pipeline's schema."""
-    schema = config.database.schema_
-    _lock(connection, schema)
-    preparer = connection.dialect.identifier_preparer
-    trigger = preparer.quote(trigger_name(schema))
-    for _name, mapping in config.database.tables.items():
-        table = table_sql(mapping, preparer)
-        exists = connection.execute(
-            text("SELECT to_regclass(:name) IS NOT NULL"), {"name": table}
-        ).scalar()
-        if exists:
-            connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
-    connection.execute(text(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)} CASCADE"))
+def _stored_chunks(connection: Connection, sql: TrackingSql) -> list[Chunk]:
+    rows = connection.execute(
+        text(
+            f"SELECT number, first_day, end_day, planned_rows FROM {sql.q_schema}.rebuild_chunks "
+            "ORDER BY number"
+        )
+    ).all()
+    return [Chunk(*row) for row in rows]
 
 
 @dataclass(frozen=True)
-class RollupStatus:
-    mode: str
-    timezone: str
-    rows: int
-    users: int
-    first_day: date | None
-    last_day: date | None
-    recent_errors: int
-    last_error: str | None
+class Added:
+    """What one fold added to the rollup."""
+
+    events: int
+    sessions: int
+    user_days: int
+    days: tuple[date, ...]
 
 
-def rollup_status(connection: Connection, schema: str) -> RollupStatus:
-    """What the rollup holds, and how many tracking errors the last day saw."""
-    s = connection.dialect.identifier_preparer.quote_schema(schema)
-    row = connection.execute(
-        text(f"""
-        SELECT state.mode, state.timezone, rollup.rows, rollup.users, rollup.first_day,
-               rollup.last_day, errors.recent, errors.last_message
-        FROM {s}.tracking_state AS state,
-             (SELECT count(*) AS rows, count(DISTINCT user_id) AS users,
-                     min(day) AS first_day, max(day) AS last_day
-              FROM {s}.activity_daily) AS rollup,
-             (SELECT count(*) AS recent,
-                     (array_agg(sqlstate || ': ' || message ORDER BY id DESC))[1] AS last_message
-              FROM {s}.tracking_errors
-              WHERE occurred_at > now() - interval '1 day') AS errors""")
-    ).one()
-    return RollupStatus(*row)
+def added_by(result_rows) -> Added:
+    rows = list(result_rows)
+    return Added(
+        events=sum(row.events for row in rows),
+        sessions=sum(row.sessions for row in rows),
+        user_days=sum(row.user_days for row in rows),
+        days=tuple(sorted(row.day for row in rows)),
+    )
+
+
+def recompute_days(
+    connection: Connection,
+    sql: TrackingSql,
+    timezone: str,
+    first_day: date | None,
+    end_day: date | None,
+    *,
+    clear: bool = False,
+) -> Added:
+    """Fold the app's rows of days [first_day, end_day) (None: open) into the rollup, less what
+    the capture still holds, after removing those days from the rollup when `clear`."""
+    s = sql.q_schema
+    params = {"tz": timezone, "first_day": first_day, "end_day": end_day}
+    if clear:
+        for table in ("activity_daily", "action_daily"):
+            connection.execute(
+                text(f"""
+                    DELETE FROM {s}.{table}
+                    WHERE day >= coalesce(CAST(:first_day AS date), '-infinity')
+                      AND day < coalesce(CAST(:end_day AS date), 'infinity')"""),
+                params,
+            )
+    connection.execute(text(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'"))
+    return added_by(
+        connection.execute(text(sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)")), params)
+    )
+
+
+def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
+    """Recompute the rollup's days from `since` on from the app tables, in either mode: a
+    repair. Takes no lock on the app's tables; the capture keeps what arrives meanwhile."""
+    with engine.begin() as connection:
+        sql = tracking_sql(connection, config)
+        lock(connection, sql.schema)
+        require_complete(connection, sql)
+        return recompute_days(connection, sql, config.timezone, since, None, clear=True)
+
+
+def require_complete(connection: Connection, sql: TrackingSql) -> dict:
+    state = read_state(connection, sql)
+    if state is None:
+        raise TrackingError("the pipeline is not installed: run `retention-pipeline db upgrade`")
+    problem = rebuild_problem(connection, sql.schema)
+    if problem:
+        raise RebuildPending(problem)
+    return state
+
+
+def uninstall(engine: Engine, config: RetentionConfig) -> None:
+    """Remove the triggers from the app tables and drop the pipeline's schema."""
+    schema = config.database.schema_
+
+    def remove(connection: Connection) -> None:
+        lock(connection, schema)
+        _brief_lock_timeout(connection)
+        preparer = connection.dialect.identifier_preparer
+        trigger = preparer.quote(trigger_name(schema))
+        for _name, mapping in config.database.tables.items():
+            table = table_sql(mapping, preparer)
+            exists = connection.execute(
+                text("SELECT to_regclass(:name) IS NOT NULL"), {"name": table}
+            ).scalar()
+            if exists:
+                connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
+        connection.execute(text(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)} CASCADE"))
+
+    with_brief_locks(engine, remove, "db uninstall")

@@ -1,9 +1,11 @@
-"""SQL that keeps the activity rollup current, built from the configured mapping.
+"""SQL that tracks activity, built from the configured mapping.
 
 Names come from configuration and are quoted through SQLAlchemy's identifier preparer; values
 (timezone, days) are read from the tracking state or bound, never pasted into the text.
-The same additive upsert serves the triggers (reading a statement's transition table) and the
-backfill or incremental refresh (reading the app table itself).
+
+The triggers only append to a capture table. Every write to the rollup goes through one
+additive fold, whatever it reads: the capture (the drain), or the app tables less what is
+still in the capture (a rebuild or a repair of some days).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from sqlalchemy.engine.interfaces import Dialect
 from retention_pipeline.database.app_tables import ResolvedTable
 
 MAX_EVENT_NAME_LENGTH = 200
-TRIGGER_LOCK_TIMEOUT = "1s"
+CAPTURE_TABLES = ("activity_capture_0", "activity_capture_1")
+TRACKED_KINDS = ("events", "sessions")
+# The start of :first_day and of :end_day in :tz; a missing day leaves that end open.
+RANGE_START = (
+    "coalesce(CAST(:first_day AS date)::timestamp AT TIME ZONE CAST(:tz AS text), '-infinity')"
+)
+RANGE_END = "coalesce(CAST(:end_day AS date)::timestamp AT TIME ZONE CAST(:tz AS text), 'infinity')"
 
 
 def trigger_name(schema: str) -> str:
@@ -27,6 +35,7 @@ def trigger_name(schema: str) -> str:
 class TrackingSql:
     dialect: Dialect
     schema: str
+    users: ResolvedTable
     events: ResolvedTable
     sessions: ResolvedTable
 
@@ -43,139 +52,148 @@ class TrackingSql:
     def column(self, table: ResolvedTable, key: str) -> str:
         return table.column_sql(key, "src", self.dialect.identifier_preparer)
 
-    def timestamp(self, table: ResolvedTable, key: str = "created_at") -> str:
-        return table.timestamp_sql(key, "src", self.dialect.identifier_preparer)
+    def timestamp(self, table: ResolvedTable) -> str:
+        return table.timestamp_sql("created_at", "src", self.dialect.identifier_preparer)
 
-    def _valid_rows(self, table: ResolvedTable) -> str:
+    def tracked_table(self, kind: str) -> ResolvedTable:
+        return {"events": self.events, "sessions": self.sessions, "users": self.users}[kind]
+
+    def captured_rows(self, kind: str, source: str, time_range: str = "TRUE") -> str:
+        """What the capture keeps of each app row: kind, user id, time and (for events) the
+        name, cut to a length worth showing. Rows without a user or a finite time are skipped."""
+        table = self.tracked_table(kind)
         at = self.timestamp(table)
-        return (
-            f"{self.column(table, 'user_id')} IS NOT NULL AND {at} IS NOT NULL AND isfinite({at})"
-        )
-
-    def event_rows(self, source: str, extra_filter: str = "TRUE") -> str:
-        table = self.events
-        name = self.column(table, "name")
+        if kind == "events":
+            name = self.column(table, "name")
+            event_name = (
+                f"left(coalesce(nullif({name}::text, ''), '(unnamed)'), {MAX_EVENT_NAME_LENGTH})"
+            )
+        else:
+            event_name = "NULL::text"
         return f"""
-            SELECT {self.column(table, "user_id")}::text AS user_id,
-                   {self.timestamp(table)} AS at,
-                   left(coalesce(nullif({name}::text, ''), '(unnamed)'),
-                        {MAX_EVENT_NAME_LENGTH}) AS event_name
+            SELECT '{kind[0]}'::"char" AS kind, {self.column(table, "user_id")}::text AS user_id,
+                   {at} AS at, {event_name} AS event_name
             FROM {source} AS src
-            WHERE {self._valid_rows(table)} AND {extra_filter}"""
+            WHERE {self.column(table, "user_id")} IS NOT NULL AND {at} IS NOT NULL
+              AND isfinite({at}) AND {time_range.format(at=at)}"""
 
-    def session_rows(self, source: str, extra_filter: str = "TRUE") -> str:
-        table = self.sessions
-        return f"""
-            SELECT {self.column(table, "user_id")}::text AS user_id,
-                   {self.timestamp(table)} AS at
-            FROM {source} AS src
-            WHERE {self._valid_rows(table)} AND {extra_filter}"""
-
-    def upsert_events(self, rows: str, tz: str) -> str:
-        """Add events to both rollups. Rows are grouped first, so one statement touching the
-        same user and day twice is one upsert, and sorted, so concurrent writers lock in order."""
+    def fold(self, source: str, tz: str) -> str:
+        """Add `source` (kind, user_id, at, event_name, n) to the rollup. Rows with a negative
+        n cancel rows of the same key; keys left at zero or below add nothing. The latest time
+        is a maximum over the added rows: one that is also cancelled (it is in the capture) sets
+        it harmlessly, as the drain will set the same time again. Sorted, so the indexes grow at their end. Returns per day: user-days,
+        events and sessions added."""
         s = self.q_schema
         return f"""
-            WITH new_events AS ({rows}),
-            per_action AS (
+            WITH source AS ({source}),
+            per_key AS (
+                SELECT kind, user_id, (at AT TIME ZONE {tz})::date AS day, event_name,
+                       sum(n)::integer AS n, max(at) FILTER (WHERE n > 0) AS last_at
+                FROM source
+                GROUP BY 1, 2, 3, 4
+                HAVING sum(n) > 0
+            ),
+            actions AS (
                 INSERT INTO {s}.action_daily AS t (user_id, day, event_name, event_count, last_at)
-                SELECT user_id, (at AT TIME ZONE {tz})::date, event_name, count(*), max(at)
-                FROM new_events GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+                SELECT user_id, day, event_name, n, last_at
+                FROM per_key WHERE kind = 'e'
+                ORDER BY 1, 2, 3
                 ON CONFLICT (user_id, day, event_name) DO UPDATE
                 SET event_count = t.event_count + EXCLUDED.event_count,
                     last_at = greatest(t.last_at, EXCLUDED.last_at)
-            )
-            INSERT INTO {s}.activity_daily AS t (user_id, day, event_count, last_event_at)
-            SELECT user_id, (at AT TIME ZONE {tz})::date, count(*), max(at)
-            FROM new_events GROUP BY 1, 2 ORDER BY 1, 2
-            ON CONFLICT (user_id, day) DO UPDATE
-            SET event_count = t.event_count + EXCLUDED.event_count,
-                last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at)"""
-
-    def upsert_sessions(self, rows: str, tz: str) -> str:
-        s = self.q_schema
-        return f"""
-            WITH new_sessions AS ({rows})
-            INSERT INTO {s}.activity_daily AS t (user_id, day, session_count, last_session_at)
-            SELECT user_id, (at AT TIME ZONE {tz})::date, count(*), max(at)
-            FROM new_sessions GROUP BY 1, 2 ORDER BY 1, 2
-            ON CONFLICT (user_id, day) DO UPDATE
-            SET session_count = t.session_count + EXCLUDED.session_count,
-                last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at)"""
-
-    def rebuild(
-        self, events_filter: str, sessions_filter: str, day_filter: str, tz: str
-    ) -> list[str]:
-        """Fill emptied rollup days from the app tables: the actions from one pass over the
-        events, then the daily rows from those actions and the sessions. Plain inserts, as the
-        days being rebuilt were deleted first, in primary-key order: the index then grows at
-        its end instead of at random pages (2.5x faster on the demo's 8M events)."""
-        s = self.q_schema
-        actions = f"""
-            INSERT INTO {s}.action_daily (user_id, day, event_name, event_count, last_at)
-            SELECT user_id, (at AT TIME ZONE {tz})::date, event_name, count(*), max(at)
-            FROM ({self.event_rows(self.table_name(self.events), events_filter)}) AS e
-            GROUP BY 1, 2, 3
-            ORDER BY 1, 2, 3"""
-        daily = f"""
-            INSERT INTO {s}.activity_daily
-                (user_id, day, event_count, session_count, last_event_at, last_session_at)
-            SELECT coalesce(e.user_id, x.user_id), coalesce(e.day, x.day),
-                   coalesce(e.event_count, 0), coalesce(x.session_count, 0),
-                   e.last_event_at, x.last_session_at
-            FROM (
-                SELECT user_id, day, sum(event_count)::integer AS event_count,
-                       max(last_at) AS last_event_at
-                FROM {s}.action_daily
-                WHERE {day_filter}
-                GROUP BY user_id, day
-            ) AS e
-            FULL JOIN (
-                SELECT user_id, (at AT TIME ZONE {tz})::date AS day,
-                       count(*)::integer AS session_count, max(at) AS last_session_at
-                FROM ({self.session_rows(self.table_name(self.sessions), sessions_filter)}) AS x
+            ),
+            daily AS (
+                INSERT INTO {s}.activity_daily AS t
+                    (user_id, day, event_count, session_count, last_event_at, last_session_at)
+                SELECT user_id, day,
+                       coalesce(sum(n) FILTER (WHERE kind = 'e'), 0),
+                       coalesce(sum(n) FILTER (WHERE kind = 's'), 0),
+                       max(last_at) FILTER (WHERE kind = 'e'),
+                       max(last_at) FILTER (WHERE kind = 's')
+                FROM per_key
                 GROUP BY 1, 2
-            ) AS x ON x.user_id = e.user_id AND x.day = e.day
-            ORDER BY 1, 2"""
-        return [actions, daily]
+                ORDER BY 1, 2
+                ON CONFLICT (user_id, day) DO UPDATE
+                SET event_count = t.event_count + EXCLUDED.event_count,
+                    session_count = t.session_count + EXCLUDED.session_count,
+                    last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
+                    last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at)
+            )
+            SELECT day, count(DISTINCT user_id) AS user_days,
+                   coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
+                   coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions
+            FROM per_key
+            GROUP BY day"""
 
-    def trigger_function(self, kind: str) -> str:
-        """A statement-level trigger function over the `new_rows` transition table.
+    def capture_source(self, table: str) -> str:
+        return f"SELECT kind, user_id, at, event_name, 1 AS n FROM {self.q_schema}.{table}"
 
-        SECURITY DEFINER lets the app's role insert without rights on our schema; the exception
-        block means a tracking problem becomes a warning and a logged row, never a failed insert.
-        The lock timeout bounds how long an insert waits on another open transaction that
-        touched the same user and day: past it, this statement's rollup update is skipped (and
-        logged) rather than the app kept waiting.
+    def app_rows_less_capture(self) -> str:
+        """The app's rows of days [:first_day, :end_day) that the capture does not hold: those
+        written before the triggers existed, or by an insert the capture missed. A capture row
+        commits with its app row, so within one statement's snapshot both sides agree."""
+        time_range = f"{{at}} >= {RANGE_START} AND {{at}} < {RANGE_END}"
+        app = " UNION ALL ".join(
+            f"SELECT kind, user_id, at, event_name, 1 AS n FROM ("
+            f"{self.captured_rows(kind, self.table_name(self.tracked_table(kind)), time_range)}"
+            ") AS app_rows"
+            for kind in TRACKED_KINDS
+        )
+        captured = " UNION ALL ".join(
+            f"SELECT kind, user_id, at, event_name, -1 FROM {self.q_schema}.{table}"
+            f" WHERE at >= {RANGE_START} AND at < {RANGE_END}"
+            for table in CAPTURE_TABLES
+        )
+        return f"{app} UNION ALL {captured}"
+
+    def day_histogram(self, kind: str, tz: str) -> str:
+        """Rows per day in the tracking timezone: the plan a rebuild is cut into."""
+        rows = self.captured_rows(kind, self.table_name(self.tracked_table(kind)))
+        return f"""
+            SELECT (at AT TIME ZONE {tz})::date AS day, count(*) AS rows
+            FROM ({rows}) AS app_rows GROUP BY 1"""
+
+    def capture_function(self, kind: str) -> str:
+        """A statement-level trigger function appending the statement's rows (from the
+        `new_rows` transition table) to the active capture table.
+
+        SECURITY DEFINER lets the app's role insert without rights on our schema. It takes no
+        lock another transaction holds and does no upsert, so an app insert never waits on
+        another app transaction because of it. There is no exception block: that would open a
+        subtransaction (and spend a subtransaction id) on every statement the app makes, and the
+        append has nothing left that can fail where the app's own insert would not.
         """
         s = self.q_schema
-        if kind == "events":
-            body = self.upsert_events(self.event_rows("new_rows"), "tz")
-        else:
-            body = self.upsert_sessions(self.session_rows("new_rows"), "tz")
+        rows = self.captured_rows(kind, "new_rows")
+        columns = "(kind, user_id, at, event_name)"
         return f"""
             CREATE OR REPLACE FUNCTION {s}.{self.function_name(kind)}() RETURNS trigger
             LANGUAGE plpgsql SECURITY DEFINER
             SET search_path = pg_catalog, pg_temp
-            SET lock_timeout = '{TRIGGER_LOCK_TIMEOUT}'
             AS $body$
-            DECLARE
-                tz text;
             BEGIN
-                SELECT timezone INTO tz FROM {s}.tracking_state;
-                IF tz IS NOT NULL THEN
-                    {body};
+                IF (SELECT capture_slot FROM {s}.tracking_state) = 1 THEN
+                    INSERT INTO {s}.{CAPTURE_TABLES[1]} {columns} {rows};
+                ELSE
+                    INSERT INTO {s}.{CAPTURE_TABLES[0]} {columns} {rows};
                 END IF;
                 RETURN NULL;
-            EXCEPTION WHEN OTHERS THEN
-                BEGIN
-                    INSERT INTO {s}.tracking_errors (source_table, sqlstate, message)
-                    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, SQLSTATE, left(SQLERRM, 1000));
-                EXCEPTION WHEN OTHERS THEN
-                    NULL;
-                END;
-                RAISE WARNING 'retention-pipeline: activity tracking skipped a statement on %.%: %',
-                    TG_TABLE_SCHEMA, TG_TABLE_NAME, SQLERRM;
+            END
+            $body$"""
+
+    def erasure_function(self) -> str:
+        """A statement-level trigger function on the users table recording deleted users, so
+        the next drain erases them from every table of the pipeline."""
+        s = self.q_schema
+        user_id = self.column(self.users, "id")
+        return f"""
+            CREATE OR REPLACE FUNCTION {s}.{self.function_name("users")}() RETURNS trigger
+            LANGUAGE plpgsql SECURITY DEFINER
+            SET search_path = pg_catalog, pg_temp
+            AS $body$
+            BEGIN
+                INSERT INTO {s}.erased_users (user_id)
+                SELECT {user_id}::text FROM old_rows AS src WHERE {user_id} IS NOT NULL;
                 RETURN NULL;
             END
             $body$"""
@@ -188,13 +206,13 @@ class TrackingSql:
         return self.quote(trigger_name(self.schema))
 
     def create_trigger(self, kind: str) -> str:
-        table = self.events if kind == "events" else self.sessions
+        operation, transition = ("DELETE", "OLD") if kind == "users" else ("INSERT", "NEW")
         return f"""
             CREATE TRIGGER {self.trigger_name()}
-            AFTER INSERT ON {self.table_name(table)}
-            REFERENCING NEW TABLE AS new_rows
+            AFTER {operation} ON {self.table_name(self.tracked_table(kind))}
+            REFERENCING {transition} TABLE AS {transition.lower()}_rows
             FOR EACH STATEMENT EXECUTE FUNCTION {self.q_schema}.{self.function_name(kind)}()"""
 
     def drop_trigger(self, kind: str) -> str:
-        table = self.events if kind == "events" else self.sessions
-        return f"DROP TRIGGER IF EXISTS {self.trigger_name()} ON {self.table_name(table)}"
+        table = self.table_name(self.tracked_table(kind))
+        return f"DROP TRIGGER IF EXISTS {self.trigger_name()} ON {table}"

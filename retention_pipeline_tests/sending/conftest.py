@@ -16,8 +16,7 @@ def sending_db(app_database_url: str) -> Iterator[SendingDatabase]:
     """The demo app's database with the pipeline's schema installed and nothing in it."""
     config = make_config(app_database_url)
     engine = create_engine(app_database_url)
-    with engine.begin() as connection:
-        install(connection, config)
+    install(engine, config)
     yield SendingDatabase(engine=engine, config=config, url=app_database_url)
     engine.dispose()
 

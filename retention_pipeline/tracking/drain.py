@@ -1,0 +1,143 @@
+"""Fold the capture into the rollup, outside the app's transactions.
+
+The triggers append to the active one of two capture tables. A drain folds the inactive one,
+switches the triggers to it, then folds the one they were writing to. Each fold runs with the
+table locked (so every transaction that wrote to it has committed), and truncates it in the
+same transaction: a drain killed midway folds nothing, a drain run twice counts nothing twice,
+and the capture never bloats.
+
+In incremental mode no trigger writes the capture; the same fold recomputes recent days from
+the app tables instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import date
+
+from sqlalchemy import Connection, Engine, text
+
+from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.tracking.erasure import erase_users, users_gone_from_app
+from retention_pipeline.tracking.install import (
+    FOLD_WORK_MEM,
+    Added,
+    added_by,
+    lock,
+    read_state,
+    recompute_days,
+    require_complete,
+    tracking_sql,
+)
+from retention_pipeline.tracking.sql import CAPTURE_TABLES, TrackingSql
+
+
+@dataclass(frozen=True)
+class RollupUpdate:
+    """What one update of the rollup did."""
+
+    mode: str
+    events: int
+    sessions: int
+    user_days: int
+    # Days that received rows after their snapshot was taken: re-materialize from the first.
+    late_days: tuple[date, ...]
+    recomputed_from: date | None
+    erased_users: int
+    erased_send_keys: tuple[str, ...] = field(default=())
+    seconds: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.events + self.sessions
+
+
+def _fold_capture(connection: Connection, sql: TrackingSql, slot: int, timezone: str) -> Added:
+    table = f"{sql.q_schema}.{CAPTURE_TABLES[slot]}"
+    connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+    connection.execute(text(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'"))
+    added = added_by(
+        connection.execute(
+            text(sql.fold(sql.capture_source(CAPTURE_TABLES[slot]), "CAST(:tz AS text)")),
+            {"tz": timezone},
+        )
+    )
+    connection.execute(text(f"TRUNCATE {table}"))
+    return added
+
+
+def _late_days(connection: Connection, sql: TrackingSql, days: set[date]) -> tuple[date, ...]:
+    if not days:
+        return ()
+    rows = connection.execute(
+        text(f"""
+            SELECT day FROM unnest(CAST(:days AS date[])) AS day
+            WHERE EXISTS (SELECT FROM {sql.q_schema}.user_activity_snapshot
+                          WHERE partition_date = day)
+            ORDER BY day"""),
+        {"days": sorted(days)},
+    )
+    return tuple(row.day for row in rows)
+
+
+def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
+    """Bring the rollup up to date: drain the capture, recompute recent days in incremental
+    mode, and erase users deleted from the app."""
+    started = time.monotonic()
+    timezone = config.timezone
+    folds: list[Added] = []
+    with engine.begin() as connection:
+        sql = tracking_sql(connection, config)
+        lock(connection, sql.schema)
+        state = require_complete(connection, sql)
+        # Left over from a drain that stopped after switching, or written by a transaction
+        # that read the slot just before the switch.
+        folds.append(_fold_capture(connection, sql, 1 - state["capture_slot"], timezone))
+    with engine.begin() as connection:
+        lock(connection, sql.schema)
+        written = connection.execute(
+            text(f"""
+                UPDATE {sql.q_schema}.tracking_state SET capture_slot = 1 - capture_slot
+                RETURNING 1 - capture_slot""")
+        ).scalar_one()
+    recomputed_from = None
+    with engine.begin() as connection:
+        lock(connection, sql.schema)
+        state = read_state(connection, sql)
+        folds.append(_fold_capture(connection, sql, written, timezone))
+        if config.database.tracking == "incremental":
+            recomputed_from = _day_before(connection, state["refreshed_through"], timezone)
+            folds.append(
+                recompute_days(connection, sql, timezone, recomputed_from, None, clear=True)
+            )
+            users_gone_from_app(connection, config)
+        connection.execute(
+            text(f"""
+                UPDATE {sql.q_schema}.tracking_state
+                SET last_drained_at = now(),
+                    refreshed_through = CASE WHEN mode = 'incremental' THEN now()
+                                             ELSE refreshed_through END""")
+        )
+        erased_users, erased_keys = erase_users(connection, sql.schema)
+        late = _late_days(connection, sql, {day for fold in folds for day in fold.days})
+    return RollupUpdate(
+        mode=config.database.tracking,
+        events=sum(fold.events for fold in folds),
+        sessions=sum(fold.sessions for fold in folds),
+        user_days=sum(fold.user_days for fold in folds),
+        late_days=() if recomputed_from else late,
+        recomputed_from=recomputed_from,
+        erased_users=erased_users,
+        erased_send_keys=tuple(erased_keys),
+        seconds=time.monotonic() - started,
+    )
+
+
+def _day_before(connection: Connection, moment, timezone: str) -> date | None:
+    if moment is None:
+        return None
+    return connection.execute(
+        text("SELECT (CAST(:moment AS timestamptz) AT TIME ZONE :tz)::date - 1"),
+        {"moment": moment, "tz": timezone},
+    ).scalar_one()

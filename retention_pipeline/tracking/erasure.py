@@ -1,0 +1,88 @@
+"""Erasure: a user deleted from the app disappears from every table of the pipeline.
+
+Per-user tables lose the user's rows. The send log keeps each row (so counts and the
+exactly-once guarantee still hold) with the address and the rendered content blanked, and an
+email not yet sent is never sent. The suppression list keeps the address, without the user,
+so a person who unsubscribed and signs up again is still not emailed.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, text
+
+from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.database.app_tables import resolve_app_tables
+
+PER_USER_TABLES = (
+    "activity_daily",
+    "action_daily",
+    "user_activity_snapshot",
+    "engagement_segments",
+    "reengagement_audience",
+    "episodes",
+)
+
+
+def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
+    """Erase the users recorded in `erased_users`; returns how many, and the send keys whose
+    content was blanked (their outbox files go too). A user whose email is in a batch that
+    went out unconfirmed waits for the next drain: blanking it would change the batch."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    user_ids = list(
+        connection.execute(
+            text(f"""
+                SELECT DISTINCT erased.user_id FROM {s}.erased_users AS erased
+                WHERE NOT EXISTS (
+                    SELECT FROM {s}.email_send_log AS log
+                    WHERE log.user_id = erased.user_id AND log.status = 'claimed'
+                      AND log.first_attempt_at IS NOT NULL)""")
+        ).scalars()
+    )
+    if not user_ids:
+        return 0, []
+    params = {"ids": user_ids}
+    for table in PER_USER_TABLES:
+        connection.execute(
+            text(f"DELETE FROM {s}.{table} WHERE user_id = ANY(CAST(:ids AS text[]))"), params
+        )
+    keys = connection.execute(
+        text(f"""
+            UPDATE {s}.email_send_log
+            SET email = '', subject = '', html = '', body_text = '', headers = '{{}}',
+                status = CASE WHEN status = 'claimed' THEN 'failed' ELSE status END,
+                error = CASE WHEN status = 'claimed' THEN :erased ELSE error END,
+                updated_at = now()
+            WHERE user_id = ANY(CAST(:ids AS text[]))
+            RETURNING send_key"""),
+        {**params, "erased": "user erased before sending"},
+    ).scalars()
+    keys = list(keys)
+    connection.execute(
+        text(
+            f"UPDATE {s}.email_suppressions SET user_id = NULL "
+            "WHERE user_id = ANY(CAST(:ids AS text[]))"
+        ),
+        params,
+    )
+    connection.execute(
+        text(f"DELETE FROM {s}.erased_users WHERE user_id = ANY(CAST(:ids AS text[]))"), params
+    )
+    return len(user_ids), keys
+
+
+def users_gone_from_app(connection: Connection, config: RetentionConfig) -> None:
+    """Without triggers, find deleted users by comparing the latest snapshot with the app's
+    users table, and record them for erasure."""
+    users = resolve_app_tables(connection, config.database.tables)["users"]
+    preparer = connection.dialect.identifier_preparer
+    s = preparer.quote_schema(config.database.schema_)
+    connection.execute(
+        text(f"""
+            INSERT INTO {s}.erased_users (user_id)
+            SELECT snap.user_id FROM {s}.user_activity_snapshot AS snap
+            WHERE snap.partition_date = (SELECT max(partition_date)
+                                         FROM {s}.user_activity_snapshot)
+              AND NOT EXISTS (
+                  SELECT FROM {users.sql_name(preparer)} AS u
+                  WHERE {users.column_sql("id", "u", preparer)}::text = snap.user_id)""")
+    )
