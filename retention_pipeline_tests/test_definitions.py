@@ -7,10 +7,12 @@ import subprocess
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.defs.activity import activity_rollup
+from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.install import install
@@ -114,3 +116,54 @@ def test_rollup_asset_refuses_an_uninstalled_database(app_database_url, tmp_path
     (failure,) = [event for event in result.all_events if event.is_step_failure]
     message = failure.step_failure_data.error.message
     assert "is at revision none, expected 0004: run `retention-pipeline db upgrade`" in message
+
+
+def test_the_rollup_asset_erases_deleted_users_and_their_outbox_files(app_database_url, tmp_path):
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO users (id, email, created_at) VALUES "
+                "(1, 'a@example.com', '2026-10-01'), (2, 'b@example.com', '2026-10-01')"
+            )
+        )
+    install(engine, make_config(app_database_url))
+    with engine.begin() as connection:
+        connection.execute(
+            text("""
+                INSERT INTO retention.email_send_log
+                    (send_key, loop_name, user_id, episode_start, step, partition_date, email,
+                     template, variant, batch_key, subject, html, body_text, status)
+                SELECT 'key-' || id, 're_engagement', id::text, '2026-11-20', 0, '2026-11-20',
+                       email, 're_engagement', 'a', 'b1', 's', '<p>h</p>', 't', 'sent'
+                FROM users""")
+        )
+    outbox = OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test")
+    outbox.sender().send(
+        [
+            OutgoingEmail(key=key, to="x@example.com", subject="s", html="<p>h</p>", text="t")
+            for key in ("key-1", "key-2")
+        ]
+    )
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM users WHERE id = 1"))
+    engine.dispose()
+    database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
+    result = dg.materialize(
+        [activity_rollup], resources={"app_database": database, "email": outbox}
+    )
+    (materialization,) = result.asset_materializations_for_node("retention__activity_rollup")
+    assert materialization.metadata["erased_users"].value == 1
+    assert materialization.metadata["erased_outbox_files"].value == 2
+    assert sorted(path.name[:5] for path in (tmp_path / "outbox").iterdir()) == ["key-2", "key-2"]
+
+
+def test_the_daily_assets_refuse_a_half_rebuilt_rollup(app_database_url, tmp_path):
+    engine = create_engine(app_database_url)
+    install(engine, make_config(app_database_url))
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE retention.tracking_state SET rebuild_pending = true"))
+    engine.dispose()
+    database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
+    with pytest.raises(dg.Failure, match=r"being rebuilt .*run it again if it stopped"):
+        database.ensure_installed()

@@ -450,8 +450,9 @@ def test_rows_written_during_a_rebuild_count_once_at_the_seam(
         connection.execute(
             text(
                 "INSERT INTO events (user_id, name, created_at) "
-                "SELECT 1 + g % 2, 'history', timestamptz '2026-11-01T12:00Z' + g * interval '1 day'"
-                " FROM generate_series(0, 19) AS g"
+                "SELECT 1 + g % 2, 'history', "
+                "       timestamptz '2026-11-01T12:00Z' + g * interval '1 day' "
+                "FROM generate_series(0, 19) AS g"
             )
         )
     monkeypatch.setattr(install_module, "REBUILD_CHUNK_ROWS", 4)
@@ -800,3 +801,44 @@ def test_the_schedule_day_is_complete_after_the_drain(engine, app_database_url):
             {"day": yesterday},
         ).scalar_one()
     assert last == datetime(yesterday.year, yesterday.month, yesterday.day, 23, 59, 59, tzinfo=UTC)
+
+
+def test_the_triggers_ignore_the_callers_search_path(engine, app_database_url):
+    """The trigger functions run as their owner without a search_path of their own (setting
+    one costs the app's inserts): a caller who puts look-alike functions and operators first
+    must not get them run."""
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    install(engine, config)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE SCHEMA evil"))
+        connection.execute(
+            text(
+                "CREATE FUNCTION evil.left(text, integer) RETURNS text LANGUAGE sql "
+                "AS $$ SELECT 'hijacked' $$"
+            )
+        )
+        connection.execute(
+            text(
+                "CREATE FUNCTION evil.isfinite(timestamptz) RETURNS boolean LANGUAGE plpgsql "
+                "AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$"
+            )
+        )
+        connection.execute(
+            text(
+                "CREATE FUNCTION evil.always(text, text) RETURNS boolean LANGUAGE sql "
+                "AS $$ SELECT true $$"
+            )
+        )
+        connection.execute(
+            text("CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.always)")
+        )
+    with engine.begin() as connection:
+        connection.execute(text("SET LOCAL search_path = evil, pg_catalog, public"))
+        connection.execute(
+            text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'real', now())")
+        )
+        connection.execute(text("DELETE FROM users WHERE id = 2"))
+    update_rollup(engine, config)
+    assert {name for _user, _day, name, _count in actions(engine)} == {"real"}

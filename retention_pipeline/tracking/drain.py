@@ -30,7 +30,7 @@ from retention_pipeline.tracking.install import (
     require_complete,
     tracking_sql,
 )
-from retention_pipeline.tracking.sql import CAPTURE_TABLES, TrackingSql
+from retention_pipeline.tracking.sql import CAPTURE_TABLES, TRACKED_KINDS, TrackingSql
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,15 @@ def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
         folds.append(_fold_capture(connection, sql, 1 - state["capture_slot"], timezone))
     with engine.begin() as connection:
         lock(connection, sql.schema)
-        written = connection.execute(
+        active = connection.execute(
             text(f"""
                 UPDATE {sql.q_schema}.tracking_state SET capture_slot = 1 - capture_slot
-                RETURNING 1 - capture_slot""")
+                RETURNING capture_slot""")
         ).scalar_one()
+        # Statements that start once this commits append to the other table.
+        for kind in TRACKED_KINDS:
+            connection.execute(text(sql.capture_function(kind, active)))
+    written = 1 - active
     recomputed_from = None
     with engine.begin() as connection:
         lock(connection, sql.schema)

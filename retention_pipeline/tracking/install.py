@@ -182,8 +182,9 @@ def install(
             connection.execute(
                 text(f"UPDATE {sql.q_schema}.tracking_state SET refreshed_through = now()")
             )
-        connection.execute(text(sql.capture_function("events")))
-        connection.execute(text(sql.capture_function("sessions")))
+        slot = read_state(connection, sql)["capture_slot"]
+        for kind in TRACKED_KINDS:
+            connection.execute(text(sql.capture_function(kind, slot)))
         connection.execute(text(sql.erasure_function()))
         for kind in TRIGGER_KINDS:
             present = _has_trigger(connection, sql, kind)
@@ -354,9 +355,8 @@ def recompute_days(
                 params,
             )
     connection.execute(text(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'"))
-    return added_by(
-        connection.execute(text(sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)")), params)
-    )
+    fold = sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)", into_emptied_days=True)
+    return added_by(connection.execute(text(fold), params))
 
 
 def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
