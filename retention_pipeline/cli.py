@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from retention_pipeline.config.loader import CONFIG_ENV_VAR, ConfigError, load_config, project_root
 from retention_pipeline.database.app_tables import MappingError
-from retention_pipeline.tracking.install import TrackingError
+from retention_pipeline.tracking.state import TrackingError
 
 DEV_INSTANCE_YAML = """\
 # Written by `retention-pipeline dev`: a local instance (SQLite storage under this folder).

@@ -21,12 +21,8 @@ from retention_pipeline.email.outbox import OutboxSender
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking import install as install_module
 from retention_pipeline.tracking.drain import update_rollup
-from retention_pipeline.tracking.install import (
-    RebuildPending,
-    install,
-    refresh_from,
-    uninstall,
-)
+from retention_pipeline.tracking.install import install, refresh_from, uninstall
+from retention_pipeline.tracking.state import RebuildPending
 from retention_pipeline_tests.helpers import make_config
 
 

@@ -15,7 +15,7 @@ from retention_pipeline.database.connection import (
     redact,
     resolve_database_url,
 )
-from retention_pipeline.tracking.install import rebuild_problem, tracked_timezone
+from retention_pipeline.tracking.state import rebuild_problem, tracked_timezone
 
 
 class AppDatabase(dg.ConfigurableResource):

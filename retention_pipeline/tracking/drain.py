@@ -20,17 +20,9 @@ from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.tracking.erasure import erase_users, users_gone_from_app
-from retention_pipeline.tracking.install import (
-    FOLD_WORK_MEM,
-    Added,
-    added_by,
-    lock,
-    read_state,
-    recompute_days,
-    require_complete,
-    tracking_sql,
-)
+from retention_pipeline.tracking.fold import FOLD_WORK_MEM, Added, added_by, recompute_days
 from retention_pipeline.tracking.sql import CAPTURE_TABLES, TRACKED_KINDS, TrackingSql
+from retention_pipeline.tracking.state import lock, read_state, require_complete, tracking_sql
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date
 from typing import TypeVar
 
@@ -26,8 +26,16 @@ from sqlalchemy.exc import OperationalError
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
-from retention_pipeline.database.app_tables import resolve_app_tables, table_sql
+from retention_pipeline.database.app_tables import table_sql
+from retention_pipeline.tracking.fold import Added, recompute_days
 from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
+from retention_pipeline.tracking.state import (
+    TrackingError,
+    lock,
+    read_state,
+    require_complete,
+    tracking_sql,
+)
 
 # Triggers on users record deletions (erasure); on events and sessions they capture activity.
 TRIGGER_KINDS = (*TRACKED_KINDS, "users")
@@ -35,20 +43,10 @@ TRIGGER_KINDS = (*TRACKED_KINDS, "users")
 BRIEF_LOCK_TIMEOUT = "200ms"
 BRIEF_LOCK_ATTEMPTS = 60
 REBUILD_CHUNK_ROWS = 2_000_000
-# Sorting and grouping a chunk or a drain in memory is far cheaper than spilling it to disk.
-FOLD_WORK_MEM = "256MB"
 LOCK_NOT_AVAILABLE = "55P03"
 
 Progress = Callable[[str], None]
 T = TypeVar("T")
-
-
-class TrackingError(RuntimeError):
-    """Activity tracking cannot proceed; one line saying why and what to run."""
-
-
-class RebuildPending(TrackingError):
-    """The rollup is being rebuilt from the app tables and is incomplete until that finishes."""
 
 
 @dataclass(frozen=True)
@@ -58,59 +56,6 @@ class InstallReport:
     timezone: str
     rebuilt_chunks: int
     rollup_rows: int
-
-
-def tracking_sql(connection: Connection, config: RetentionConfig) -> TrackingSql:
-    resolved = resolve_app_tables(connection, config.database.tables)
-    return TrackingSql(
-        dialect=connection.dialect,
-        schema=config.database.schema_,
-        users=resolved["users"],
-        events=resolved["events"],
-        sessions=resolved["sessions"],
-    )
-
-
-def lock(connection: Connection, schema: str) -> None:
-    """Take turns with every other install, rebuild and drain of this schema."""
-    connection.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-        {"key": f"retention-pipeline:{schema}"},
-    )
-
-
-def read_state(connection: Connection, sql: TrackingSql) -> dict | None:
-    row = (
-        connection.execute(
-            text(f"""
-                SELECT timezone, mode, refreshed_through, capture_slot, rebuild_pending,
-                       last_drained_at
-                FROM {sql.q_schema}.tracking_state""")
-        )
-        .mappings()
-        .first()
-    )
-    return dict(row) if row else None
-
-
-def tracked_timezone(connection: Connection, schema: str) -> str | None:
-    """The timezone the rollup buckets days in."""
-    s = connection.dialect.identifier_preparer.quote_schema(schema)
-    return connection.execute(text(f"SELECT timezone FROM {s}.tracking_state")).scalar()
-
-
-def rebuild_problem(connection: Connection, schema: str) -> str | None:
-    """Why the rollup is incomplete (a rebuild not finished), or None."""
-    s = connection.dialect.identifier_preparer.quote_schema(schema)
-    if not connection.execute(text(f"SELECT rebuild_pending FROM {s}.tracking_state")).scalar():
-        return None
-    done, planned = connection.execute(
-        text(f"SELECT count(done_at), count(*) FROM {s}.rebuild_chunks")
-    ).one()
-    return (
-        f"the activity rollup is being rebuilt ({done} of {planned or '?'} day ranges done): "
-        "wait for the running `retention-pipeline db upgrade`, or run it again if it stopped"
-    )
 
 
 def with_brief_locks(engine: Engine, work: Callable[[Connection], T], what: str) -> T:
@@ -262,7 +207,7 @@ def finish_rebuild(
                         INSERT INTO {sql.q_schema}.rebuild_chunks
                             (number, first_day, end_day, planned_rows)
                         VALUES (:number, :first_day, :end_day, :planned_rows)"""),
-                    chunk.__dict__,
+                    asdict(chunk),
                 )
             connection.execute(
                 text(f"UPDATE {sql.q_schema}.tracking_state SET refreshed_through = now()")
@@ -312,53 +257,6 @@ def _stored_chunks(connection: Connection, sql: TrackingSql) -> list[Chunk]:
     return [Chunk(*row) for row in rows]
 
 
-@dataclass(frozen=True)
-class Added:
-    """What one fold added to the rollup."""
-
-    events: int
-    sessions: int
-    user_days: int
-    days: tuple[date, ...]
-
-
-def added_by(result_rows) -> Added:
-    rows = list(result_rows)
-    return Added(
-        events=sum(row.events for row in rows),
-        sessions=sum(row.sessions for row in rows),
-        user_days=sum(row.user_days for row in rows),
-        days=tuple(sorted(row.day for row in rows)),
-    )
-
-
-def recompute_days(
-    connection: Connection,
-    sql: TrackingSql,
-    timezone: str,
-    first_day: date | None,
-    end_day: date | None,
-    *,
-    clear: bool = False,
-) -> Added:
-    """Fold the app's rows of days [first_day, end_day) (None: open) into the rollup, less what
-    the capture still holds, after removing those days from the rollup when `clear`."""
-    s = sql.q_schema
-    params = {"tz": timezone, "first_day": first_day, "end_day": end_day}
-    if clear:
-        for table in ("activity_daily", "action_daily"):
-            connection.execute(
-                text(f"""
-                    DELETE FROM {s}.{table}
-                    WHERE day >= coalesce(CAST(:first_day AS date), '-infinity')
-                      AND day < coalesce(CAST(:end_day AS date), 'infinity')"""),
-                params,
-            )
-    connection.execute(text(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'"))
-    fold = sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)", into_emptied_days=True)
-    return added_by(connection.execute(text(fold), params))
-
-
 def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
     """Recompute the rollup's days from `since` on from the app tables, in either mode: a
     repair. Takes no lock on the app's tables; the capture keeps what arrives meanwhile."""
@@ -367,16 +265,6 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
         lock(connection, sql.schema)
         require_complete(connection, sql)
         return recompute_days(connection, sql, config.timezone, since, None, clear=True)
-
-
-def require_complete(connection: Connection, sql: TrackingSql) -> dict:
-    state = read_state(connection, sql)
-    if state is None:
-        raise TrackingError("the pipeline is not installed: run `retention-pipeline db upgrade`")
-    problem = rebuild_problem(connection, sql.schema)
-    if problem:
-        raise RebuildPending(problem)
-    return state
 
 
 def uninstall(engine: Engine, config: RetentionConfig) -> None:

@@ -8,8 +8,8 @@ from datetime import date
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import RetentionConfig
-from retention_pipeline.tracking.install import tracking_sql
 from retention_pipeline.tracking.sql import CAPTURE_TABLES
+from retention_pipeline.tracking.state import tracking_sql
 
 
 @dataclass(frozen=True)

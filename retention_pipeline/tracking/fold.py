@@ -1,0 +1,60 @@
+"""Folding rows into the rollup: what one fold added, and recomputing a range of days."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+from sqlalchemy import Connection, text
+
+from retention_pipeline.tracking.sql import TrackingSql
+
+# Sorting and grouping a chunk or a drain in memory is far cheaper than spilling it to disk.
+FOLD_WORK_MEM = "256MB"
+
+
+@dataclass(frozen=True)
+class Added:
+    """What one fold added to the rollup."""
+
+    events: int
+    sessions: int
+    user_days: int
+    days: tuple[date, ...]
+
+
+def added_by(result_rows) -> Added:
+    rows = list(result_rows)
+    return Added(
+        events=sum(row.events for row in rows),
+        sessions=sum(row.sessions for row in rows),
+        user_days=sum(row.user_days for row in rows),
+        days=tuple(sorted(row.day for row in rows)),
+    )
+
+
+def recompute_days(
+    connection: Connection,
+    sql: TrackingSql,
+    timezone: str,
+    first_day: date | None,
+    end_day: date | None,
+    *,
+    clear: bool = False,
+) -> Added:
+    """Fold the app's rows of days [first_day, end_day) (None: open) into the rollup, less what
+    the capture still holds, after removing those days from the rollup when `clear`."""
+    s = sql.q_schema
+    params = {"tz": timezone, "first_day": first_day, "end_day": end_day}
+    if clear:
+        for table in ("activity_daily", "action_daily"):
+            connection.execute(
+                text(f"""
+                    DELETE FROM {s}.{table}
+                    WHERE day >= coalesce(CAST(:first_day AS date), '-infinity')
+                      AND day < coalesce(CAST(:end_day AS date), 'infinity')"""),
+                params,
+            )
+    connection.execute(text(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'"))
+    fold = sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)", into_emptied_days=True)
+    return added_by(connection.execute(text(fold), params))

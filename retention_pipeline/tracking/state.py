@@ -1,0 +1,80 @@
+"""The tracking state every install, rebuild and drain shares, and the lock they take turns on."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, text
+
+from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.database.app_tables import resolve_app_tables
+from retention_pipeline.tracking.sql import TrackingSql
+
+
+class TrackingError(RuntimeError):
+    """Activity tracking cannot proceed; one line saying why and what to run."""
+
+
+class RebuildPending(TrackingError):
+    """The rollup is being rebuilt from the app tables and is incomplete until that finishes."""
+
+
+def tracking_sql(connection: Connection, config: RetentionConfig) -> TrackingSql:
+    resolved = resolve_app_tables(connection, config.database.tables)
+    return TrackingSql(
+        dialect=connection.dialect,
+        schema=config.database.schema_,
+        users=resolved["users"],
+        events=resolved["events"],
+        sessions=resolved["sessions"],
+    )
+
+
+def lock(connection: Connection, schema: str) -> None:
+    """Take turns with every other install, rebuild and drain of this schema."""
+    connection.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+        {"key": f"retention-pipeline:{schema}"},
+    )
+
+
+def read_state(connection: Connection, sql: TrackingSql) -> dict | None:
+    row = (
+        connection.execute(
+            text(f"""
+                SELECT timezone, mode, refreshed_through, capture_slot, rebuild_pending,
+                       last_drained_at
+                FROM {sql.q_schema}.tracking_state""")
+        )
+        .mappings()
+        .first()
+    )
+    return dict(row) if row else None
+
+
+def tracked_timezone(connection: Connection, schema: str) -> str | None:
+    """The timezone the rollup buckets days in."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(text(f"SELECT timezone FROM {s}.tracking_state")).scalar()
+
+
+def rebuild_problem(connection: Connection, schema: str) -> str | None:
+    """Why the rollup is incomplete (a rebuild not finished), or None."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    if not connection.execute(text(f"SELECT rebuild_pending FROM {s}.tracking_state")).scalar():
+        return None
+    done, planned = connection.execute(
+        text(f"SELECT count(done_at), count(*) FROM {s}.rebuild_chunks")
+    ).one()
+    return (
+        f"the activity rollup is being rebuilt ({done} of {planned or '?'} day ranges done): "
+        "wait for the running `retention-pipeline db upgrade`, or run it again if it stopped"
+    )
+
+
+def require_complete(connection: Connection, sql: TrackingSql) -> dict:
+    state = read_state(connection, sql)
+    if state is None:
+        raise TrackingError("the pipeline is not installed: run `retention-pipeline db upgrade`")
+    problem = rebuild_problem(connection, sql.schema)
+    if problem:
+        raise RebuildPending(problem)
+    return state
