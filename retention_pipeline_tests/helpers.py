@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy import Engine, text
 
 from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.config.loader import project_root
@@ -36,3 +37,18 @@ def write_config(
     path = directory / "retention.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+def insert_sent_email(engine: Engine, user_id: str, key: str, status: str = "sent") -> None:
+    """A send-log row of the shipped loop for `user_id`, with content naming the user."""
+    with engine.begin() as connection:
+        connection.execute(
+            text("""
+                INSERT INTO retention.email_send_log
+                    (send_key, loop_name, user_id, episode_start, step, partition_date, email,
+                     template, variant, batch_key, subject, html, body_text, status)
+                VALUES (:key, 're_engagement', :user, '2026-11-20', 0, '2026-11-20',
+                        :email, 're_engagement', 'a', 'batch-1', 'We miss you, ' || :user,
+                        '<p>Hi ' || :user || '</p>', 'Hi', :status)"""),
+            {"key": key, "user": user_id, "email": f"user{user_id}@example.com", "status": status},
+        )

@@ -16,7 +16,7 @@ from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import make_config, write_config
+from retention_pipeline_tests.helpers import insert_sent_email, make_config, write_config
 
 
 def test_dg_check_defs_passes(tmp_path: Path):
@@ -128,16 +128,8 @@ def test_the_rollup_asset_erases_deleted_users_and_their_outbox_files(app_databa
             )
         )
     install(engine, make_config(app_database_url))
-    with engine.begin() as connection:
-        connection.execute(
-            text("""
-                INSERT INTO retention.email_send_log
-                    (send_key, loop_name, user_id, episode_start, step, partition_date, email,
-                     template, variant, batch_key, subject, html, body_text, status)
-                SELECT 'key-' || id, 're_engagement', id::text, '2026-11-20', 0, '2026-11-20',
-                       email, 're_engagement', 'a', 'b1', 's', '<p>h</p>', 't', 'sent'
-                FROM users""")
-        )
+    insert_sent_email(engine, "1", "key-1")
+    insert_sent_email(engine, "2", "key-2")
     outbox = OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test")
     outbox.sender().send(
         [

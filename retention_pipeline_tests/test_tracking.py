@@ -23,7 +23,7 @@ from retention_pipeline.tracking import install as install_module
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install, refresh_from, uninstall
 from retention_pipeline.tracking.state import RebuildPending
-from retention_pipeline_tests.helpers import make_config
+from retention_pipeline_tests.helpers import insert_sent_email, make_config
 
 
 @pytest.fixture
@@ -86,6 +86,16 @@ def capture_rows(engine) -> int:
                 "+ (SELECT count(*) FROM retention.activity_capture_1)"
             )
         ).scalar_one()
+
+
+@pytest.fixture
+def installed(engine, app_database_url):
+    """Two users, and the pipeline installed; returns the configuration."""
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    install(engine, config)
+    return config
 
 
 def insert_users(connection, count=2):
@@ -157,11 +167,8 @@ def test_install_backfills_then_the_capture_is_drained_into_the_rollup(engine, a
     assert rollup(engine) == truth(engine)
 
 
-def test_the_capture_is_truncated_whole_and_does_not_grow(engine, app_database_url):
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+def test_the_capture_is_truncated_whole_and_does_not_grow(engine, installed):
+    config = installed
     for _round in range(3):
         with engine.begin() as connection:
             connection.execute(
@@ -233,11 +240,8 @@ def test_hostile_rows_never_fail_the_app_insert(engine, app_database_url, path):
     assert ("2", date(2026, 11, 20), "dup", 2) in actions(engine)
 
 
-def test_a_broken_rollup_never_fails_an_app_insert(engine, app_database_url):
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+def test_a_broken_rollup_never_fails_an_app_insert(engine, installed):
+    config = installed
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE retention.action_daily"))
     insert_events(engine, [(1, "x", "2026-11-20T10:00Z")])
@@ -250,13 +254,10 @@ def test_a_broken_rollup_never_fails_an_app_insert(engine, app_database_url):
     assert capture_rows(engine) == 1
 
 
-def test_inserts_of_one_hot_user_never_wait_on_each_other(engine, app_database_url):
+def test_inserts_of_one_hot_user_never_wait_on_each_other(engine, installed):
     """Two open app transactions writing the same user's day: neither waits on the other, and
     both are counted (the old in-transaction upsert made the second wait, then lost it)."""
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+    config = installed
     holder = engine.connect()
     holder.begin()
     holder.execute(
@@ -471,11 +472,8 @@ def test_rows_written_during_a_rebuild_count_once_at_the_seam(
         assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 30
 
 
-def test_the_drain_waits_for_an_unfinished_rebuild(engine, app_database_url):
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+def test_the_drain_waits_for_an_unfinished_rebuild(engine, installed):
+    config = installed
     with engine.begin() as connection:
         connection.execute(text("UPDATE retention.tracking_state SET rebuild_pending = true"))
     with pytest.raises(RebuildPending, match="run it again if it stopped"):
@@ -558,11 +556,8 @@ def test_a_drain_killed_at_any_point_loses_and_repeats_nothing(engine, app_datab
     assert capture_rows(engine) == 0
 
 
-def test_rows_for_a_day_already_snapshotted_are_named_as_late(engine, app_database_url):
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+def test_rows_for_a_day_already_snapshotted_are_named_as_late(engine, installed):
+    config = installed
     insert_events(engine, [(1, "on time", "2026-11-20T10:00Z")])
     update_rollup(engine, config)
     with engine.begin() as connection:
@@ -573,11 +568,8 @@ def test_rows_for_a_day_already_snapshotted_are_named_as_late(engine, app_databa
     assert rollup(engine) == truth(engine)
 
 
-def test_refresh_repairs_days_without_double_counting_the_capture(engine, app_database_url):
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+def test_refresh_repairs_days_without_double_counting_the_capture(engine, installed):
+    config = installed
     insert_events(engine, [(1, "a", "2026-11-19T10:00Z"), (1, "b", "2026-11-20T10:00Z")])
     update_rollup(engine, config)
     with engine.begin() as connection:
@@ -636,20 +628,6 @@ def test_switching_from_triggers_to_incremental_keeps_the_undrained_capture(
     assert rollup(engine) == truth(engine) == [("1", date(2026, 11, 1), 1, 0)]
 
 
-def seed_send_log(engine, user_id: str, key: str, status: str) -> None:
-    with engine.begin() as connection:
-        connection.execute(
-            text("""
-                INSERT INTO retention.email_send_log
-                    (send_key, loop_name, user_id, episode_start, step, partition_date, email,
-                     template, variant, batch_key, subject, html, body_text, status)
-                VALUES (:key, 're_engagement', :user, '2026-11-20', 0, '2026-11-20',
-                        :email, 're_engagement', 'a', 'batch-1', 'We miss you, ' || :user,
-                        '<p>Hi ' || :user || '</p>', 'Hi', :status)"""),
-            {"key": key, "user": user_id, "email": f"user{user_id}@example.com", "status": status},
-        )
-
-
 @pytest.mark.parametrize("mode", ["triggers", "incremental"])
 def test_a_user_deleted_in_the_app_is_erased_everywhere(engine, app_database_url, tmp_path, mode):
     config = make_config(app_database_url, tracking=mode)
@@ -672,8 +650,8 @@ def test_a_user_deleted_in_the_app_is_erased_everywhere(engine, app_database_url
                 "VALUES ('user1@example.com', '1', 'unsubscribed')"
             )
         )
-    seed_send_log(engine, "1", "sent-1", "sent")
-    seed_send_log(engine, "2", "sent-2", "sent")
+    insert_sent_email(engine, "1", "sent-1", "sent")
+    insert_sent_email(engine, "2", "sent-2", "sent")
     outbox = OutboxSender(tmp_path)
     outbox.send(
         [
@@ -720,11 +698,8 @@ def test_a_user_deleted_in_the_app_is_erased_everywhere(engine, app_database_url
     assert remaining == [".eml", ".html"]
 
 
-def test_uninstall_removes_everything_the_pipeline_added(engine, app_database_url):
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+def test_uninstall_removes_everything_the_pipeline_added(engine, installed):
+    config = installed
     uninstall(engine, config)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT to_regnamespace('retention')")).scalar() is None
@@ -778,12 +753,9 @@ def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url)
     assert rollup(engine) == truth(engine) == [("1", date(2026, 11, 20), 2, 0)]
 
 
-def test_the_schedule_day_is_complete_after_the_drain(engine, app_database_url):
+def test_the_schedule_day_is_complete_after_the_drain(engine, installed):
     """Rows written up to the drain are in the rollup the snapshot reads."""
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+    config = installed
     yesterday = datetime.now(UTC).date() - timedelta(days=1)
     insert_events(engine, [(1, "late evening", f"{yesterday}T23:59:59Z")])
     update_rollup(engine, config)
@@ -799,14 +771,11 @@ def test_the_schedule_day_is_complete_after_the_drain(engine, app_database_url):
     assert last == datetime(yesterday.year, yesterday.month, yesterday.day, 23, 59, 59, tzinfo=UTC)
 
 
-def test_the_triggers_ignore_the_callers_search_path(engine, app_database_url):
+def test_the_triggers_ignore_the_callers_search_path(engine, installed):
     """The trigger functions run as their owner without a search_path of their own (setting
     one costs the app's inserts): a caller who puts look-alike functions and operators first
     must not get them run."""
-    config = make_config(app_database_url)
-    with engine.begin() as connection:
-        insert_users(connection)
-    install(engine, config)
+    config = installed
     with engine.begin() as connection:
         connection.execute(text("CREATE SCHEMA evil"))
         connection.execute(
