@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.defs.activity import activity_rollup
+from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
@@ -167,3 +168,36 @@ def test_the_daily_assets_refuse_a_half_rebuilt_rollup(app_database_url, tmp_pat
     database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
     with pytest.raises(dg.Failure, match=r"being rebuilt .*run it again if it stopped"):
         database.ensure_installed()
+
+
+def test_a_failing_integrity_check_keeps_the_snapshot_from_the_segments(app_database_url, tmp_path):
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO users (id, email, created_at) VALUES (1, 'a@example.com', '2026-11-01')"
+            )
+        )
+        connection.execute(
+            text("INSERT INTO sessions (user_id, created_at) VALUES (1, '2026-11-19 12:00+00')")
+        )
+    install(engine, make_config(app_database_url))
+    # A rollup that claims activity after the day's end: the snapshot of the 20th leaks it.
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE retention.activity_daily SET last_session_at = '2100-01-01'")
+        )
+    engine.dispose()
+    database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
+    result = dg.materialize(
+        [user_activity_snapshot, engagement_segments],
+        partition_key="2026-11-20",
+        resources={"app_database": database},
+        raise_on_error=False,
+    )
+    checks = {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
+    assert checks["no_activity_after_partition_end"] is False
+    assert checks["reconciles_with_users"] is True
+    assert result.asset_materializations_for_node("retention__user_activity_snapshot")
+    assert not result.asset_materializations_for_node("retention__engagement_segments")
+    assert not result.success
