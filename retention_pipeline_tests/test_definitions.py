@@ -175,7 +175,8 @@ def test_a_failing_integrity_check_keeps_the_snapshot_from_the_segments(app_data
     with engine.begin() as connection:
         connection.execute(
             text(
-                "INSERT INTO users (id, email, created_at) VALUES (1, 'a@example.com', '2026-11-01')"
+                "INSERT INTO users (id, email, created_at) "
+                "VALUES (1, 'a@example.com', '2026-11-01')"
             )
         )
         connection.execute(
@@ -201,3 +202,25 @@ def test_a_failing_integrity_check_keeps_the_snapshot_from_the_segments(app_data
     assert result.asset_materializations_for_node("retention__user_activity_snapshot")
     assert not result.asset_materializations_for_node("retention__engagement_segments")
     assert not result.success
+
+
+def test_the_shipped_instance_retries_only_crashed_runs_and_ends_dead_ones():
+    from dagster._config import validate_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster_postgres import DagsterPostgresStorage
+
+    # Validated against Dagster's instance schema: an unknown or mistyped key raises here.
+    settings, _ = dagster_instance_config(str(project_root()))
+    storage = validate_config(DagsterPostgresStorage.config_type(), settings["storage"]["postgres"])
+    assert storage.success, storage.errors
+    assert settings["run_retries"] == {
+        "enabled": True,
+        "max_retries": 3,
+        "retry_on_asset_or_op_failure": False,
+    }
+    monitoring = settings["run_monitoring"]
+    assert monitoring["enabled"] is True
+    assert monitoring["start_timeout_seconds"] == monitoring["cancel_timeout_seconds"] == 180
+    assert monitoring["max_runtime_seconds"] == 3 * 3600
+    # The default run launcher cannot resume a run: a dead one is failed, not resumed.
+    assert monitoring["max_resume_run_attempts"] == 0
