@@ -116,7 +116,7 @@ def test_more_bad_input_is_one_line_not_a_traceback(app_database_url, tmp_path):
     )
 
     bad_date = tmp_path / "bad_date.yaml"
-    bad_date.write_text(Path(config).read_text() + "activity: {history_start: 2026-02-30}\n")
+    bad_date.write_text(Path(config).read_text() + "start_date: 2026-02-30\n")
     result = run("--config", str(bad_date), "check")
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {bad_date}: day is out of range for month")

@@ -224,3 +224,23 @@ def test_the_shipped_instance_retries_only_crashed_runs_and_ends_dead_ones():
     assert monitoring["max_runtime_seconds"] == 3 * 3600
     # The default run launcher cannot resume a run: a dead one is failed, not resumed.
     assert monitoring["max_resume_run_attempts"] == 0
+
+
+def test_the_definitions_read_retention_config_and_start_at_its_start_date(tmp_path):
+    config = write_config(tmp_path, "postgresql://app@127.0.0.1:1/app")
+    config.write_text(
+        config.read_text().replace("start_date: 2026-08-01", "start_date: 2026-10-01")
+    )
+    first_partition = (
+        "from retention_pipeline.definitions import defs; "
+        "print(defs.resolve_job_def('daily_retention').partitions_def.get_first_partition_key())"
+    )
+    result = subprocess.run(
+        [os.sys.executable, "-c", first_partition],
+        env={**os.environ, "RETENTION_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2026-10-01"

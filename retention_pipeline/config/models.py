@@ -207,6 +207,20 @@ class EmailSettings(StrictModel):
         return value or None
 
 
+# Cron macros that fire at most once a day (`@hourly` and `@reboot` do not).
+AT_MOST_DAILY_MACROS = ("@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+
+
+def fires_at_most_once_a_day(cron: str) -> bool:
+    """Whether a valid cron expression fires at most once a day: a macro such as `@daily`, or a
+    single minute and a single hour (no list, range, step or `*`)."""
+    fields = cron.split()
+    if len(fields) == 1:
+        return fields[0].lower() in AT_MOST_DAILY_MACROS
+    minute, hour = fields[:2]
+    return minute.isdigit() and hour.isdigit()
+
+
 class ScheduleTrigger(StrictModel):
     type: Literal["schedule"] = "schedule"
     cron: str = "0 9 * * *"
@@ -217,6 +231,11 @@ class ScheduleTrigger(StrictModel):
     def _cron(cls, value: str) -> str:
         if not is_valid_cron_string(value):
             raise ValueError(f"{value!r} is not a valid cron expression")
+        if not fires_at_most_once_a_day(value):
+            raise ValueError(
+                f"{value!r} fires more than once a day, and every run of a day serves the same "
+                "partition (the day just ended): give one minute and one hour, like '0 9 * * *'"
+            )
         return value
 
     @field_validator("timezone")
@@ -397,7 +416,6 @@ class ActivitySettings(StrictModel):
 
     baseline_weeks: int = Field(4, ge=1, le=52)
     last_actions: int = Field(3, ge=1, le=20)
-    history_start: date = Field(date(2026, 1, 1), description="first daily partition")
 
 
 class RetentionConfig(StrictModel):
@@ -405,6 +423,10 @@ class RetentionConfig(StrictModel):
     activity: ActivitySettings = ActivitySettings()
     email: EmailSettings = EmailSettings()
     loops: list[Loop] = Field(min_length=1)
+    start_date: date = Field(
+        date(2026, 1, 1),
+        description="the first daily partition: the first day snapshots and emails are made for",
+    )
 
     @model_validator(mode="after")
     def _loops_consistent(self) -> RetentionConfig:
