@@ -14,8 +14,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dagster import Backoff as DagsterBackoff
 from dagster import RetryPolicy
-from dagster._utils.schedules import is_valid_cron_string
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cron
 
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 DURATION_PATTERN = re.compile(r"^(\d+)(ms|s|m|h|d)$")
@@ -207,20 +208,6 @@ class EmailSettings(StrictModel):
         return value or None
 
 
-# Cron macros that fire at most once a day (`@hourly` and `@reboot` do not).
-AT_MOST_DAILY_MACROS = ("@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
-
-
-def fires_at_most_once_a_day(cron: str) -> bool:
-    """Whether a valid cron expression fires at most once a day: a macro such as `@daily`, or a
-    single minute and a single hour (no list, range, step or `*`)."""
-    fields = cron.split()
-    if len(fields) == 1:
-        return fields[0].lower() in AT_MOST_DAILY_MACROS
-    minute, hour = fields[:2]
-    return minute.isdigit() and hour.isdigit()
-
-
 class ScheduleTrigger(StrictModel):
     type: Literal["schedule"] = "schedule"
     cron: str = "0 9 * * *"
@@ -229,7 +216,7 @@ class ScheduleTrigger(StrictModel):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        if not is_valid_cron_string(value):
+        if not is_valid_cron(value):
             raise ValueError(f"{value!r} is not a valid cron expression")
         if not fires_at_most_once_a_day(value):
             raise ValueError(
