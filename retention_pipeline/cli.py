@@ -9,24 +9,49 @@ import signal
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 
-from retention_pipeline.config.loader import CONFIG_ENV_VAR, ConfigError, load_config, project_root
+from retention_pipeline.config.loader import (
+    CONFIG_ENV_VAR,
+    ConfigError,
+    default_config_path,
+    load_config,
+    project_root,
+)
 from retention_pipeline.database.app_tables import MappingError
 from retention_pipeline.tracking.state import TrackingError
 
 DEV_INSTANCE_YAML = """\
-# Written by `retention-pipeline dev`: a local instance (SQLite storage under this folder).
-# Production uses the project's dagster.yaml instead; see the README.
+# Written by `retention-pipeline dev` on every start: a local instance (SQLite storage under this
+# folder). Production uses the project's dagster.yaml instead; see the README.
+# Run retries only for crashed workers: a failing step retries as its loop's `recovery` says.
 run_retries:
   enabled: true
   max_retries: 3
+  retry_on_asset_or_op_failure: false
+# A run whose worker died fails (or, if terminated, ends canceled) instead of blocking its loop.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  max_runtime_seconds: 10800
+  max_resume_run_attempts: 0
+  poll_interval_seconds: 60
 telemetry:
   enabled: false
 """
+
+# Warnings Dagster prints about its own internals, which a user of `dev` can do nothing about:
+# `dagster dev` calls itself superseded by `dg dev`, and Dagster passes a beta parameter to the
+# sensors it builds. (PYTHONWARNINGS entries match the start of the message.)
+DAGSTER_INTERNAL_WARNINGS = (
+    "ignore:Function `dev_command` is superseded",
+    "ignore:Parameter `owners` of initializer `SensorDefinition.__init__` is currently in beta",
+)
 
 
 def _engine(config):
@@ -218,50 +243,73 @@ def cmd_unsubscribe_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dev(args: argparse.Namespace) -> int:
-    from retention_pipeline.app import prepare_database
-    from retention_pipeline.database import embedded
-    from retention_pipeline.database.connection import redact, uses_embedded_database
-
-    config_path = Path(args.config).resolve() if args.config else None
-    config = load_config(config_path)
-    print("preparing the app database ...", flush=True)
-    prepared = prepare_database(config)
-    prepared.engine.dispose()
-    print(
-        f"database: {redact(prepared.url)}"
-        + (" (demo data seeded)" if prepared.seeded else "")
-        + f"; rollup rows: {prepared.install.rollup_rows}",
-        flush=True,
-    )
-    dagster_home = embedded.retention_home() / "dagster_home"
+def write_dev_instance(dagster_home: Path) -> None:
+    """The local Dagster instance `dev` runs on, rewritten on every start so that an upgrade of
+    this project reaches existing homes."""
     dagster_home.mkdir(parents=True, exist_ok=True)
-    instance_yaml = dagster_home / "dagster.yaml"
-    if not instance_yaml.exists():
-        instance_yaml.write_text(DEV_INSTANCE_YAML)
-    environment = {
-        **os.environ,
-        "DAGSTER_HOME": str(dagster_home),
-        "RETENTION_DATABASE_URL": prepared.url,
-    }
-    if config_path:
-        environment[CONFIG_ENV_VAR] = str(config_path)
-    command = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "dev",
-        "-w",
-        str(project_root() / "workspace.yaml"),
-        "-h",
-        args.host,
-        "-p",
-        str(args.port),
-    ]
-    exit_code = _run_until_signalled(command, environment)
-    if uses_embedded_database(config) and embedded.stop():
-        print("stopped the embedded PostgreSQL", flush=True)
-    return exit_code
+    (dagster_home / "dagster.yaml").write_text(DEV_INSTANCE_YAML)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from retention_pipeline.database import embedded
+    from retention_pipeline.database.connection import redact
+    from retention_pipeline.dev import prepare_database, single_dev
+
+    # Absolute, so that the code servers and run workers read this very file from any folder.
+    config_path = Path(args.config or default_config_path()).resolve()
+    config = load_config(config_path)
+    home = embedded.retention_home()
+    url = f"http://{args.host}:{args.port}"
+    with single_dev(home, url), _stopping_the_embedded_server_at_the_end(config):
+        print("preparing the app database ...", flush=True)
+        prepared = prepare_database(config)
+        prepared.engine.dispose()
+        print(
+            f"database: {redact(prepared.url)}"
+            + (" (demo data seeded)" if prepared.seeded else "")
+            + f"; rollup rows: {prepared.install.rollup_rows}",
+            flush=True,
+        )
+        dagster_home = home / "dagster_home"
+        write_dev_instance(dagster_home)
+        environment = {
+            **os.environ,
+            "DAGSTER_HOME": str(dagster_home),
+            "RETENTION_DATABASE_URL": prepared.url,
+            CONFIG_ENV_VAR: str(config_path),
+            "PYTHONWARNINGS": ",".join(
+                filter(None, [os.environ.get("PYTHONWARNINGS"), *DAGSTER_INTERNAL_WARNINGS])
+            ),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            "-w",
+            str(project_root() / "workspace.yaml"),
+            "-h",
+            args.host,
+            "-p",
+            str(args.port),
+        ]
+        # Started from the Dagster home, not the project root: Dagster would otherwise warn that
+        # it ignores the production dagster.yaml it finds there.
+        return _run_until_signalled(command, environment, cwd=dagster_home)
+
+
+@contextlib.contextmanager
+def _stopping_the_embedded_server_at_the_end(config) -> Iterator[None]:
+    """`dev` owns the embedded server while it runs (its lock keeps a second `dev` out): stop it
+    when `dev` ends, however it ends."""
+    from retention_pipeline.database import embedded
+    from retention_pipeline.database.connection import uses_embedded_database
+
+    try:
+        yield
+    finally:
+        if uses_embedded_database(config) and embedded.stop():
+            print("stopped the embedded PostgreSQL", flush=True)
 
 
 def _restore_default_signals() -> None:
@@ -272,10 +320,10 @@ def _restore_default_signals() -> None:
     os.setsid()
 
 
-def _run_until_signalled(command: list[str], environment: dict[str, str]) -> int:
+def _run_until_signalled(command: list[str], environment: dict[str, str], cwd: Path) -> int:
     """Run `dagster dev` in its own process group; on Ctrl-C or SIGTERM stop the whole group."""
     process = subprocess.Popen(
-        command, env=environment, cwd=project_root(), preexec_fn=_restore_default_signals
+        command, env=environment, cwd=cwd, preexec_fn=_restore_default_signals
     )
 
     def forward(_signum, _frame) -> None:
@@ -307,30 +355,60 @@ def _stop_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
+@contextlib.contextmanager
+def _stopping_the_embedded_server_it_starts() -> Iterator[None]:
+    """Stop the embedded PostgreSQL when the command ends if the command started it, unless a
+    running `dev` now uses it."""
+    from retention_pipeline.database import embedded
+    from retention_pipeline.dev import running_dev
+
+    was_running = embedded.is_running()
+    try:
+        yield
+    finally:
+        if (
+            not was_running
+            and embedded.is_running()
+            and running_dev(embedded.retention_home()) is None
+        ):
+            embedded.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retention-pipeline", description=__doc__)
-    parser.add_argument(
-        "--config",
-        help=f"loop configuration (default: ${CONFIG_ENV_VAR} "
-        "or retention.yaml at the project root)",
+    config_help = (
+        f"loop configuration (default: ${CONFIG_ENV_VAR}, else retention.yaml at the project root)"
     )
+    parser.add_argument("--config", help=config_help)
+    # Every subcommand takes --config too, so it may come before or after the subcommand; there
+    # it defaults to "not given" rather than None, which would erase one given before.
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    dev = commands.add_parser("dev", help="start the Dagster UI on the (embedded) database")
+    dev = commands.add_parser(
+        "dev", parents=[config_option], help="start the Dagster UI on the (embedded) database"
+    )
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
     dev.set_defaults(handler=cmd_dev)
 
-    check = commands.add_parser("check", help="validate the configuration and the table mapping")
+    check = commands.add_parser(
+        "check", parents=[config_option], help="validate the configuration and the table mapping"
+    )
     check.set_defaults(handler=cmd_check)
 
-    db = commands.add_parser("db", help="the pipeline's schema in the app database")
+    db = commands.add_parser(
+        "db", parents=[config_option], help="the pipeline's schema in the app database"
+    )
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser(
-        "upgrade", help="apply migrations, install triggers, backfill"
+        "upgrade", parents=[config_option], help="apply migrations, install triggers, backfill"
     ).set_defaults(handler=cmd_db_upgrade)
     refresh = db_commands.add_parser(
-        "refresh", help="fold the captured activity in, or recompute days from the app tables"
+        "refresh",
+        parents=[config_option],
+        help="fold the captured activity in, or recompute days from the app tables",
     )
     refresh.add_argument(
         "--since",
@@ -339,11 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
         "drain the capture (in incremental mode: recompute from the day before the last refresh)",
     )
     refresh.set_defaults(handler=cmd_db_refresh)
-    uninstall = db_commands.add_parser("uninstall", help="remove everything the pipeline added")
+    uninstall = db_commands.add_parser(
+        "uninstall", parents=[config_option], help="remove everything the pipeline added"
+    )
     uninstall.add_argument("--yes", action="store_true")
     uninstall.set_defaults(handler=cmd_db_uninstall)
 
-    preview = commands.add_parser("preview", help="render one email for one user to a file")
+    preview = commands.add_parser(
+        "preview", parents=[config_option], help="render one email for one user to a file"
+    )
     preview.add_argument("--template", required=True)
     preview.add_argument("--user", required=True, help="the user's id")
     preview.add_argument("--loop", help="default: the first loop")
@@ -353,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     preview.set_defaults(handler=cmd_preview)
 
     suppress = commands.add_parser(
-        "suppress", help="never email an address again (a bounce, a complaint, a request)"
+        "suppress",
+        parents=[config_option],
+        help="never email an address again (a bounce, a complaint, a request)",
     )
     suppress.add_argument("email")
     suppress.add_argument(
@@ -362,15 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
     suppress.set_defaults(handler=cmd_suppress)
 
     unsubscribe = commands.add_parser(
-        "unsubscribe-server", help="serve the one-click unsubscribe endpoint (RFC 8058)"
+        "unsubscribe-server",
+        parents=[config_option],
+        help="serve the one-click unsubscribe endpoint (RFC 8058)",
     )
     unsubscribe.add_argument("--host", default="127.0.0.1")
     unsubscribe.add_argument("--port", type=int, default=8025)
     unsubscribe.set_defaults(handler=cmd_unsubscribe_server)
 
-    demo = commands.add_parser("demo", help="demo data")
+    demo = commands.add_parser("demo", parents=[config_option], help="demo data")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)
-    seed = demo_commands.add_parser("seed", help="generate a deterministic SaaS history")
+    seed = demo_commands.add_parser(
+        "seed", parents=[config_option], help="generate a deterministic SaaS history"
+    )
     seed.add_argument("--users", type=int, default=2000)
     seed.add_argument("--days", type=int, default=120)
     seed.add_argument("--seed", type=int, default=42)
@@ -385,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        if args.handler is cmd_dev:  # dev keeps the embedded server running until it stops
+            return args.handler(args)
+        with _stopping_the_embedded_server_it_starts():
+            return args.handler(args)
     except (ConfigError, MappingError, TrackingError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ $RETENTION_TEST_DATABASE_URL. Every test run creates its own databases and drops
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,3 +69,13 @@ def app_database_url(create_database: Callable[[], str]) -> str:
         connection.exec_driver_sql(APP_SCHEMA.read_text().replace("{schema}", "public"))
     engine.dispose()
     return url
+
+
+@pytest.fixture
+def embedded_home() -> Iterator[Path]:
+    """A RETENTION_HOME for an embedded server that a test starts through the CLI. Not under
+    pytest's tmp_path: as root the server runs as another user, who must traverse the folders
+    above it, and any pytest session starting meanwhile makes /tmp/pytest-of-root private again."""
+    home = Path(tempfile.mkdtemp(prefix="retention-home-"))
+    yield home / "home"
+    shutil.rmtree(home, ignore_errors=True)

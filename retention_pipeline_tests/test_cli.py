@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,68 @@ def test_more_bad_input_is_one_line_not_a_traceback(app_database_url, tmp_path):
     )
 
     bad_date = tmp_path / "bad_date.yaml"
-    bad_date.write_text(Path(config).read_text() + "activity: {history_start: 2026-02-30}\n")
+    bad_date.write_text(Path(config).read_text() + "start_date: 2026-02-30\n")
     result = run("--config", str(bad_date), "check")
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {bad_date}: day is out of range for month")
+
+
+def test_the_dev_instance_retries_only_crashed_runs_and_ends_dead_ones(tmp_path):
+    import dagster as dg
+
+    from retention_pipeline.cli import write_dev_instance
+
+    # A home written by an older version is brought up to date.
+    (tmp_path / "dagster.yaml").write_text("run_retries: {enabled: true, max_retries: 3}\n")
+    write_dev_instance(tmp_path)
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 3
+        assert instance.run_retries_retry_on_asset_or_op_failure is False
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_max_runtime_seconds == 3 * 3600
+        assert instance.run_monitoring_max_resume_run_attempts == 0
+
+
+def test_config_may_come_before_or_after_the_subcommand(app_database_url, tmp_path, capsys):
+    config = str(write_config(tmp_path, app_database_url))
+    assert main(["check", "--config", config]) == 0
+    assert main(["db", "upgrade", "--config", config]) == 0
+    assert "revision 0004" in capsys.readouterr().out
+    assert main(["db", "--config", config, "refresh"]) == 0
+    assert main(["--config", config, "db", "refresh"]) == 0
+    assert capsys.readouterr().out.count("rollup updated") == 2
+
+
+def test_a_command_stops_the_embedded_server_it_started_unless_dev_uses_it(tmp_path, embedded_home):
+    from retention_pipeline.database import embedded
+    from retention_pipeline.dev import single_dev
+
+    home = embedded_home
+    config = str(write_config(tmp_path, ""))  # no URL: the embedded server
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RETENTION_DATABASE_URL", "RETENTION_CONFIG")
+    }
+    environment["RETENTION_HOME"] = str(home)
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "retention_pipeline.cli", "check", "--config", config],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    try:
+        first = check()  # the empty embedded database has no app tables: one line, status 2
+        assert first.stderr.startswith("error: database.tables.users.table: app table")
+        assert (home / "pgdata" / "PG_VERSION").exists()
+        assert not embedded.is_running(home)
+
+        with single_dev(home, "http://127.0.0.1:3000"):  # as a running `dev` holds it
+            check()
+            assert embedded.is_running(home)
+    finally:
+        embedded.stop(home)

@@ -3,12 +3,14 @@
 import copy
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
 
 from retention_pipeline.config import ConfigError, load_config, parse_config
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.config.models import parse_duration
+from retention_pipeline.defs.retries import retry_policy
 
 SHIPPED = project_root() / "retention.yaml"
 
@@ -40,8 +42,8 @@ def test_shipped_default_reproduces_the_seed_loop():
         "name": "{{user.name}}",
         "lastActivity": "{{user.last_activity_at}}",
     }
-    policy = loop.recovery.retry_policy()
-    assert policy.max_retries == 3
+    policy = retry_policy(loop.recovery)
+    assert (policy.max_retries, policy.delay) == (3, 30)
     assert policy.backoff.value == "EXPONENTIAL"
     assert config.database.url is None
     assert config.email.unsubscribe_secret is None
@@ -109,6 +111,7 @@ def _mutated(document: dict, path: str, value) -> dict:
             "email.requests_per_second: Input should be greater than 0",
         ),
         ("loops.0.unknown_key", 1, "loops.0.unknown_key: Extra inputs are not permitted"),
+        ("start_date", "yesterday", "start_date: Input should be a valid date"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(document, path, value, expected):
@@ -161,3 +164,57 @@ def test_a_step_delay_of_part_of_a_day_is_refused(document):
     document["loops"][0]["steps"][1]["delay"] = "36h"
     with pytest.raises(ConfigError, match=r"steps.1.delay: '36h' must be a whole number of days"):
         parse_config(document, environ={})
+
+
+@pytest.mark.parametrize("cron", ["*/10 * * * *", "0 9,17 * * *", "0 8-18 * * 1-5", "@hourly"])
+def test_a_cron_that_fires_more_than_once_a_day_is_refused(document, cron):
+    with pytest.raises(ConfigError) as raised:
+        parse_config(_mutated(document, "loops.0.steps.0.trigger.cron", cron), environ={})
+    assert str(raised.value) == (
+        f"configuration: loops.0.steps.0.trigger.cron: {cron!r} fires more than once a day, and "
+        "every run of a day serves the same partition (the day just ended): give one minute and "
+        "one hour, like '0 9 * * *'"
+    )
+
+
+@pytest.mark.parametrize(
+    "cron",
+    ["30 6 * * *", "0 9 * * 1", "0 09 1,15 * *", "0 9 */2 * *", "0 9 ? JAN mon-fri", "@daily"],
+)
+def test_a_cron_that_fires_at_most_once_a_day_is_accepted_and_dagster_schedules_it(document, cron):
+    config = parse_config(_mutated(document, "loops.0.steps.0.trigger.cron", cron), environ={})
+    assert config.loops[0].trigger.cron == cron
+    job = dg.define_asset_job("any_job")
+    assert dg.ScheduleDefinition(job=job, cron_schedule=cron).cron_schedule == cron
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "0 25 * * *",
+        "60 9 * * *",
+        "0 9 0 * *",
+        "0 9 * 13 *",
+        "0 9 * * 8",
+        "0 9 30 2 *",
+        "0 9 * *",
+        "0 9 L * *",
+        "0 9 * * funday",
+        "0 9 */0 * *",
+        "@reboot",
+    ],
+)
+def test_an_invalid_cron_is_refused_in_one_line(document, cron):
+    with pytest.raises(ConfigError) as raised:
+        parse_config(_mutated(document, "loops.0.steps.0.trigger.cron", cron), environ={})
+    assert str(raised.value) == (
+        f"configuration: loops.0.steps.0.trigger.cron: {cron!r} is not a valid cron expression"
+    )
+
+
+def test_the_partitions_start_at_the_configured_start_date(document):
+    from datetime import date
+
+    assert load_config(SHIPPED, environ={}).start_date == date(2026, 8, 1)
+    config = parse_config({**document, "start_date": "2026-10-01"}, environ={})
+    assert config.start_date == date(2026, 10, 1)

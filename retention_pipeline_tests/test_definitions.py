@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.defs.activity import activity_rollup
+from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
@@ -159,3 +160,79 @@ def test_the_daily_assets_refuse_a_half_rebuilt_rollup(app_database_url, tmp_pat
     database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
     with pytest.raises(dg.Failure, match=r"being rebuilt .*run it again if it stopped"):
         database.ensure_installed()
+
+
+def test_a_failing_integrity_check_keeps_the_snapshot_from_the_segments(app_database_url, tmp_path):
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO users (id, email, created_at) "
+                "VALUES (1, 'a@example.com', '2026-11-01')"
+            )
+        )
+        connection.execute(
+            text("INSERT INTO sessions (user_id, created_at) VALUES (1, '2026-11-19 12:00+00')")
+        )
+    install(engine, make_config(app_database_url))
+    # A rollup that claims activity after the day's end: the snapshot of the 20th leaks it.
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE retention.activity_daily SET last_session_at = '2100-01-01'")
+        )
+    engine.dispose()
+    database = AppDatabase(config_path=str(write_config(tmp_path, app_database_url)))
+    result = dg.materialize(
+        [user_activity_snapshot, engagement_segments],
+        partition_key="2026-11-20",
+        resources={"app_database": database},
+        raise_on_error=False,
+    )
+    checks = {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
+    assert checks["no_activity_after_partition_end"] is False
+    assert checks["reconciles_with_users"] is True
+    assert result.asset_materializations_for_node("retention__user_activity_snapshot")
+    assert not result.asset_materializations_for_node("retention__engagement_segments")
+    assert not result.success
+
+
+def test_the_shipped_instance_retries_only_crashed_runs_and_ends_dead_ones():
+    from dagster._config import validate_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster_postgres import DagsterPostgresStorage
+
+    # Validated against Dagster's instance schema: an unknown or mistyped key raises here.
+    settings, _ = dagster_instance_config(str(project_root()))
+    storage = validate_config(DagsterPostgresStorage.config_type(), settings["storage"]["postgres"])
+    assert storage.success, storage.errors
+    assert settings["run_retries"] == {
+        "enabled": True,
+        "max_retries": 3,
+        "retry_on_asset_or_op_failure": False,
+    }
+    monitoring = settings["run_monitoring"]
+    assert monitoring["enabled"] is True
+    assert monitoring["start_timeout_seconds"] == monitoring["cancel_timeout_seconds"] == 180
+    assert monitoring["max_runtime_seconds"] == 3 * 3600
+    # The default run launcher cannot resume a run: a dead one is failed, not resumed.
+    assert monitoring["max_resume_run_attempts"] == 0
+
+
+def test_the_definitions_read_retention_config_and_start_at_its_start_date(tmp_path):
+    config = write_config(tmp_path, "postgresql://app@127.0.0.1:1/app")
+    config.write_text(
+        config.read_text().replace("start_date: 2026-08-01", "start_date: 2026-10-01")
+    )
+    first_partition = (
+        "from retention_pipeline.definitions import defs; "
+        "print(defs.resolve_job_def('daily_retention').partitions_def.get_first_partition_key())"
+    )
+    result = subprocess.run(
+        [os.sys.executable, "-c", first_partition],
+        env={**os.environ, "RETENTION_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2026-10-01"

@@ -1,5 +1,6 @@
 """`retention-pipeline dev` on a fresh machine: the embedded PostgreSQL, demo data, the Dagster UI
-with the asset graph, and a clean stop on SIGTERM that leaves no process behind."""
+with the asset graph, no second `dev` on the same home, and a clean stop on SIGTERM that leaves
+no process behind."""
 
 from __future__ import annotations
 
@@ -49,30 +50,34 @@ def asset_paths(port: int) -> list[str] | None:
     return sorted("/".join(node["assetKey"]["path"]) for node in nodes) or None
 
 
-@pytest.fixture
-def dev_process(tmp_path: Path):
-    port = free_port()
+def dev_environment(home: Path) -> dict[str, str]:
     environment = {
         key: value
         for key, value in os.environ.items()
         if key not in ("RETENTION_DATABASE_URL", "DAGSTER_HOME", "RETENTION_CONFIG")
     }
-    environment["RETENTION_HOME"] = str(tmp_path / "home")
+    environment["RETENTION_HOME"] = str(home)
+    return environment
+
+
+@pytest.fixture
+def dev_process(embedded_home: Path):
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "retention_pipeline.cli", "dev", "--port", str(port)],
-        env=environment,
+        env=dev_environment(embedded_home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    yield process, port, tmp_path / "home"
+    yield process, port, embedded_home
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
-def test_dev_serves_the_asset_graph_and_stops_cleanly(dev_process):
+def test_dev_serves_the_asset_graph_refuses_a_second_dev_and_stops_cleanly(dev_process):
     process, port, home = dev_process
     deadline = time.monotonic() + 240
     paths = None
@@ -85,12 +90,31 @@ def test_dev_serves_the_asset_graph_and_stops_cleanly(dev_process):
     assert (home / "pgdata" / "PG_VERSION").exists()
     assert (home / "dagster_home" / "dagster.yaml").exists()
 
-    started = psutil.Process(process.pid).children(recursive=True)
     postmaster = (home / "pgdata" / "postmaster.pid").read_text().split()[0]
+
+    # A second `dev` on the same home refuses in one line, and leaves the first one working.
+    second = subprocess.run(
+        [sys.executable, "-m", "retention_pipeline.cli", "dev", "--port", str(free_port())],
+        env=dev_environment(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2
+    assert second.stderr == (
+        f"error: retention-pipeline dev already runs (pid {process.pid}) at "
+        f"http://127.0.0.1:{port}: use that one, or stop it first\n"
+    )
+    assert alive(psutil.Process(int(postmaster)))
+    assert asset_paths(port) == paths
+
+    started = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=90)
     assert process.returncode == 0, output
     assert "demo data seeded" in output
+    # Nothing the user can do anything about: no Dagster deprecation or beta warning.
+    assert "Warning" not in output and "dagster.yaml file will not be used" not in output
     assert "stopped the embedded PostgreSQL" in output
     survivors = [child for child in started if alive(child)]
     assert survivors == []

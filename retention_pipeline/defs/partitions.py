@@ -7,7 +7,7 @@ from retention_pipeline.config import load_config
 CONFIG = load_config()
 
 daily_partitions = dg.DailyPartitionsDefinition(
-    start_date=CONFIG.activity.history_start.isoformat(),
+    start_date=CONFIG.start_date.isoformat(),
     timezone=CONFIG.timezone,
 )
 

@@ -30,9 +30,11 @@ SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
         "7-day events and auth sessions, the session baseline, active days in the last 28, "
         "account age and Stripe subscription state."
     ),
+    # Blocking: a snapshot that loses users or leaks later activity never reaches the segments.
     check_specs=[
         dg.AssetCheckSpec(
             "reconciles_with_users",
+            blocking=True,
             asset=SNAPSHOT,
             description="Every app user who existed by the day's end, exactly once.",
         ),
@@ -43,6 +45,7 @@ SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
         ),
         dg.AssetCheckSpec(
             "no_activity_after_partition_end",
+            blocking=True,
             asset=SNAPSHOT,
             description="No last activity later than the end of the day.",
         ),
@@ -104,9 +107,11 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
         "One engagement segment per user, loop and day (new, active, at_risk, dormant, "
         "resurrected, never_activated, churned) with the reason and the day the user entered it."
     ),
+    # Blocking: a user without a segment would silently miss (or wrongly join) the audience.
     check_specs=[
         dg.AssetCheckSpec(
             "one_segment_per_user",
+            blocking=True,
             asset=SEGMENTS,
             description="Every snapshot user has exactly one segment per loop.",
         ),
