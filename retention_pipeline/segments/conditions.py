@@ -49,7 +49,8 @@ def condition_statement(loop: Loop, condition: QueryCondition) -> str:
         statements = pglast.parse_sql(condition.query)
     except pglast.parser.ParseError as error:
         message, position = error.args
-        raise ConditionError(f"{where}: {message} (at character {position + 1})") from None
+        at = f" (at character {position + 1})" if position is not None else ""
+        raise ConditionError(f"{where}: {message}{at}") from None
     if len(statements) != 1:
         raise ConditionError(
             f"{where}: a condition must be a single SELECT (got {len(statements)} statements)"
@@ -154,13 +155,16 @@ def _run_query(
         cursor.connection.rollback()
 
 
-def explain_condition(engine: Engine, schema: str, loop: Loop, day: date) -> None:
+def explain_condition(engine: Engine, schema: str, loop: Loop, day: date) -> bool:
     """Plan the statements the loop's condition query runs on `day`, as the run would (read-only,
-    with its timeout), reading no rows; ConditionError naming the loop when one would fail."""
+    with its timeout), reading no rows; ConditionError naming the loop when one would fail.
+    False when the condition is a built-in segment (nothing to plan)."""
     condition = loop.condition
-    if isinstance(condition, QueryCondition):
-        with engine.connect() as connection:
-            _run_query(connection, schema, loop, condition, day, explain_only=True)
+    if not isinstance(condition, QueryCondition):
+        return False
+    with engine.connect() as connection:
+        _run_query(connection, schema, loop, condition, day, explain_only=True)
+    return True
 
 
 def _first_line(error: BaseException) -> str:
