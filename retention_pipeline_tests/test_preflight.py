@@ -17,6 +17,14 @@ from retention_pipeline_tests.helpers import make_config
 def test_a_healthy_installation_plans_every_statement(app_database_url):
     config = make_config(app_database_url)
     engine = create_app_engine(app_database_url)
+    with engine.begin() as connection:
+        # Enums for event names and statuses, as Prisma schemas often have, are fine.
+        connection.execute(text("CREATE TYPE event_kind AS ENUM ('signed_in', 'exported')"))
+        connection.execute(text("ALTER TABLE events ALTER name TYPE event_kind USING NULL"))
+        connection.execute(text("CREATE TYPE sub_status AS ENUM ('active', 'canceled')"))
+        connection.execute(
+            text("ALTER TABLE subscriptions ALTER status TYPE sub_status USING NULL")
+        )
     install(engine, config)
     report = preflight(engine, config)
     engine.dispose()

@@ -20,7 +20,7 @@ EXPECTED_KINDS: dict[tuple[str, str], str] = {
     ("users", "name"): "text",
     ("users", "timezone"): "text",
     ("users", "created_at"): "timestamp",
-    ("events", "name"): "text",
+    ("events", "name"): "label",
     ("events", "created_at"): "timestamp",
     ("sessions", "created_at"): "timestamp",
     ("subscriptions", "status"): "label",
