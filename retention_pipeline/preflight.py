@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import TextClause
 
@@ -107,9 +108,8 @@ def _plan_recorded(
 ) -> bool:
     """Plan the statements a build function executes, recorded by running it against a
     recorder instead of a connection (it binds the same values a run does)."""
-    with engine.connect() as connection:
-        recorder = _StatementRecorder(connection)
-        build(recorder)  # type: ignore[arg-type]
+    recorder = _StatementRecorder(engine.dialect)
+    build(recorder)  # type: ignore[arg-type]
     # A temporary table the statements use is created for real: DDL has no plan, and a
     # read-only transaction may not create one. It goes with the rollback.
     setup, planned = [], []
@@ -163,8 +163,8 @@ class _NoRows:
 class _StatementRecorder:
     """Stands in for a connection: keeps each statement and its values instead of running it."""
 
-    def __init__(self, connection: Connection):
-        self.dialect = connection.dialect
+    def __init__(self, dialect: Dialect):
+        self.dialect = dialect
         self.statements: list[tuple[TextClause, dict]] = []
 
     def execute(self, statement: TextClause, parameters: dict | None = None) -> _NoRows:
