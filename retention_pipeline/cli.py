@@ -100,11 +100,14 @@ def _require_installed(connection, config) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from retention_pipeline.database.app_tables import resolve_app_tables
+    from retention_pipeline.preflight import preflight
 
     config = load_config(args.config)
-    with _engine(config).connect() as connection:
-        resolve_app_tables(connection, config.database.tables)
+    engine = _engine(config)
+    try:
+        report = preflight(engine, config)
+    finally:
+        engine.dispose()
     if args.config:  # the definitions read the configuration from the environment
         os.environ[CONFIG_ENV_VAR] = str(Path(args.config).resolve())
     import dagster as dg
@@ -113,8 +116,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     dg.Definitions.validate_loadable(defs)
     assets = len(defs.resolve_asset_graph().get_all_asset_keys())
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if report.unchecked:
+        print(f"not checked: {report.unchecked}")
+    if report.problems:
+        return 2
     print(
         f"ok: {len(config.loops)} loop(s); the app tables match the mapping; "
+        f"{report.planned} statement(s) of a daily run planned; "
         f"the Dagster definitions ({assets} assets) load"
     )
     return 0

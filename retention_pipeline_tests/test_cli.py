@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.cli import main
@@ -20,6 +22,10 @@ def run(*args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def errors(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
 
 
 def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_path, capsys):
@@ -181,3 +187,88 @@ def test_a_command_stops_the_embedded_server_it_started_unless_dev_uses_it(tmp_p
             assert embedded.is_running(home)
     finally:
         embedded.stop(home)
+
+
+def test_check_reports_every_problem_the_run_would_hit_one_line_each(app_database_url, tmp_path):
+    good = str(write_config(tmp_path, app_database_url))
+    assert main(["--config", good, "db", "upgrade"]) == 0
+    document = yaml.safe_load(Path(good).read_text())
+    document["database"]["tables"] = {
+        # The email mapped to a timestamp: the run would find no address and email nobody.
+        "users": {
+            "table": "users",
+            "columns": {"id": "id", "email": "created_at", "created_at": "created_at"},
+        },
+        "events": {
+            "table": "events",
+            "columns": {"user_id": "user_id", "name": "name", "created_at": "name"},
+        },
+        "sessions": {
+            "table": "sessions",
+            "columns": {"user_id": "account_id", "created_at": "created_at"},
+        },
+        # No updated_at, currency or billing_interval: optional, not a problem.
+        "subscriptions": {
+            "table": "subscriptions",
+            "columns": {
+                "user_id": "user_id",
+                "status": "status",
+                "plan": "plan",
+                "amount_cents": "amount_cents",
+            },
+        },
+    }
+    first = document["loops"][0]
+    first["steps"][0]["condition"] = {"type": "query", "query": "SELECT id FORM users"}
+    deleting = copy.deepcopy(first)
+    deleting["name"] = "deleting"
+    deleting["steps"][0]["condition"] = {"type": "query", "query": "DELETE FROM users"}
+    unknown_column = copy.deepcopy(first)
+    unknown_column["name"] = "unknown_column"
+    unknown_column["steps"][0]["condition"] = {
+        "type": "query",
+        "query": "SELECT id FROM users WHERE plan_name = 'pro' -- paying",
+    }
+    document["loops"] += [deleting, unknown_column]
+    bad = tmp_path / "mis-mapped.yaml"
+    bad.write_text(yaml.safe_dump(document))
+
+    result = run("--config", str(bad), "check")
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    # (Dagster's own BetaWarning lines are another issue's; only the error lines are ours.)
+    assert errors(result) == [
+        "error: database.tables.users.columns.email: column public.users.created_at is "
+        "timestamp with time zone, expected a text type",
+        "error: database.tables.events.columns.created_at: column public.events.name is text, "
+        "expected a timestamp",
+        "error: database.tables.sessions.columns.user_id: column 'account_id' does not exist "
+        "in public.sessions (it has: created_at, expires_at, id, ip_address, user_agent, "
+        "user_id)",
+        'error: loops.re_engagement.condition.query: syntax error at or near "users" '
+        "(at character 16)",
+        "error: loops.deleting.condition.query: a condition must be a single SELECT (got DELETE)",
+        'error: loops.unknown_column.condition.query: column "plan_name" does not exist',
+    ]
+
+
+def test_check_says_what_it_cannot_check_before_the_schema_is_installed(app_database_url, tmp_path):
+    document = yaml.safe_load(write_config(tmp_path, app_database_url).read_text())
+    document["loops"][0]["steps"][0]["condition"] = {
+        "type": "query",
+        "query": "UPDATE users SET email = NULL",
+    }
+    config = tmp_path / "update.yaml"
+    config.write_text(yaml.safe_dump(document))
+    result = run("--config", str(config), "check")
+    assert result.returncode == 2
+    assert result.stdout == (
+        "not checked: database.schema: schema 'retention' is at revision none, expected 0004: "
+        "run `retention-pipeline db upgrade`; until then the snapshot, segments, audience and "
+        "condition queries cannot be planned\n"
+    )
+    assert errors(result) == [
+        "error: loops.re_engagement.condition.query: a condition must be a single SELECT "
+        "(got UPDATE)"
+    ]

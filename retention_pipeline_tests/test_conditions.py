@@ -136,13 +136,54 @@ def test_a_query_cannot_write(demo):
         condition_user_ids(engine, "retention", loop, day)
 
 
-def test_several_statements_are_refused(demo):
+def test_valid_sql_that_text_rules_refused_runs(demo):
     engine, url, day = demo
-    _, loop = loop_with(
-        {"type": "query", "query": "SELECT id FROM users; DROP TABLE users", "timeout": "1m"}, url
-    )
-    with pytest.raises(ConditionError, match="must be a single SELECT statement"):
+    _, plain = loop_with({"type": "query", "query": "SELECT id FROM users", "timeout": "1m"}, url)
+    everyone = condition_user_ids(engine, "retention", plain, day)
+    assert everyone
+    for query in (
+        "SELECT id FROM users -- every user",
+        "SELECT id FROM users; -- every user",
+        "SELECT id FROM users WHERE email <> ';' /* not a separator */;",
+        "-- leading comment\nSELECT id FROM users WHERE name IS DISTINCT FROM 'é;'",
+    ):
+        _, loop = loop_with({"type": "query", "query": query, "timeout": "1m"}, url)
+        assert condition_user_ids(engine, "retention", loop, day) == everyone, query
+
+
+@pytest.mark.parametrize(
+    ("query", "got"),
+    [
+        ("SELECT id FROM users; DROP TABLE users", "2 statements"),
+        ("DELETE FROM users WHERE id = 1", "DELETE"),
+        ("UPDATE users SET email = NULL", "UPDATE"),
+        (
+            "WITH gone AS (DELETE FROM users RETURNING id) SELECT id FROM gone",
+            "DELETE inside a WITH",
+        ),
+        ("SELECT id INTO kept FROM users", "SELECT INTO"),
+        ("SELECT id FROM users FOR UPDATE", "a row-locking SELECT (FOR UPDATE/SHARE)"),
+        ("-- nothing here", "0 statements"),
+    ],
+)
+def test_anything_but_one_select_is_refused_plainly(demo, query, got):
+    engine, url, day = demo
+    _, loop = loop_with({"type": "query", "query": query, "timeout": "1m"}, url)
+    with pytest.raises(ConditionError) as raised:
         condition_user_ids(engine, "retention", loop, day)
+    assert str(raised.value) == (
+        f"loops.re_engagement.condition.query: a condition must be a single SELECT (got {got})"
+    )
+
+
+def test_a_syntax_error_is_postgresqls_own_message(demo):
+    engine, url, day = demo
+    _, loop = loop_with({"type": "query", "query": "SELECT id FORM users", "timeout": "1m"}, url)
+    with pytest.raises(ConditionError) as raised:
+        condition_user_ids(engine, "retention", loop, day)
+    assert str(raised.value) == (
+        'loops.re_engagement.condition.query: syntax error at or near "users" (at character 16)'
+    )
 
 
 def test_connection_is_usable_after_a_failed_query(demo):

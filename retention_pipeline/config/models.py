@@ -95,18 +95,19 @@ def _table(table: str, **columns: str) -> TableMapping:
     return TableMapping(table=table, columns=columns)
 
 
-# The logical columns the pipeline reads from each app table; None means optional.
+# The logical columns the pipeline reads from each app table: a mapping must name the required
+# ones and may leave the optional ones out (the app has no such column).
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "users": ("id", "email", "created_at"),
     "events": ("user_id", "name", "created_at"),
     "sessions": ("user_id", "created_at"),
-    "subscriptions": ("user_id", "status", "plan", "amount_cents", "billing_interval"),
+    "subscriptions": ("user_id", "status", "plan", "amount_cents"),
 }
 OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "users": ("name", "timezone"),
     "events": ("properties",),
     "sessions": (),
-    "subscriptions": ("updated_at", "currency"),
+    "subscriptions": ("updated_at", "currency", "billing_interval"),
 }
 
 

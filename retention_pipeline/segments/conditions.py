@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from datetime import date
 
+import pglast
 import psycopg
+from pglast import ast
+from pglast.visitors import Visitor
 from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import Loop, QueryCondition, parse_duration
@@ -38,17 +41,80 @@ def condition_user_ids(engine: Engine, schema: str, loop: Loop, day: date) -> se
         return set(rows)
 
 
+def condition_statement(loop: Loop, condition: QueryCondition) -> str:
+    """The condition's one SELECT as written (comments kept, a final `;` dropped), decided by
+    PostgreSQL's own parser; ConditionError naming the loop for anything else."""
+    where = f"loops.{loop.name}.condition.query"
+    try:
+        statements = pglast.parse_sql(condition.query)
+    except pglast.parser.ParseError as error:
+        message, position = error.args
+        at = f" (at character {position + 1})" if position is not None else ""
+        raise ConditionError(f"{where}: {message}{at}") from None
+    if len(statements) != 1:
+        raise ConditionError(
+            f"{where}: a condition must be a single SELECT (got {len(statements)} statements)"
+        )
+    (raw,) = statements
+    refusal = _not_a_read_only_select(raw.stmt)
+    if refusal:
+        raise ConditionError(f"{where}: a condition must be a single SELECT (got {refusal})")
+    end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(condition.query)
+    return condition.query[raw.stmt_location : end]
+
+
+WRITING_STATEMENTS = {
+    ast.InsertStmt: "INSERT",
+    ast.UpdateStmt: "UPDATE",
+    ast.DeleteStmt: "DELETE",
+    ast.MergeStmt: "MERGE",
+}
+
+
+class _Writes(Visitor):
+    """Finds what would make a SELECT write or lock: a data-modifying WITH, SELECT INTO,
+    FOR UPDATE/SHARE."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def visit(self, ancestors, node) -> None:
+        if type(node) in WRITING_STATEMENTS:
+            self.found.append(f"{WRITING_STATEMENTS[type(node)]} inside a WITH")
+        elif isinstance(node, ast.SelectStmt):
+            if node.intoClause is not None:
+                self.found.append("SELECT INTO")
+            if node.lockingClause:
+                self.found.append("a row-locking SELECT (FOR UPDATE/SHARE)")
+
+
+def _not_a_read_only_select(statement: ast.Node) -> str | None:
+    """What the statement is instead of a read-only SELECT, or None when it is one."""
+    if not isinstance(statement, ast.SelectStmt):
+        kind = type(statement).__name__
+        return WRITING_STATEMENTS.get(type(statement), kind.removesuffix("Stmt").upper())
+    writes = _Writes()
+    writes(statement)
+    return writes.found[0] if writes.found else None
+
+
 def _run_query(
-    connection: Connection, schema: str, loop: Loop, condition: QueryCondition, day: date
+    connection: Connection,
+    schema: str,
+    loop: Loop,
+    condition: QueryCondition,
+    day: date,
+    *,
+    explain_only: bool = False,
 ) -> set[str]:
     where = f"loops.{loop.name}.condition.query"
-    query = condition.query.strip().rstrip(";").strip()
-    if ";" in query:
-        raise ConditionError(f"{where}: must be a single SELECT statement")
+    query = condition_statement(loop, condition)
     timeout_ms = int(parse_duration(condition.timeout).total_seconds() * 1000)
     preparer = connection.dialect.identifier_preparer
     # The user's SQL goes to the driver untouched (no bind-parameter parsing), inside a
-    # read-only transaction whose settings end with it.
+    # read-only transaction whose settings end with it. It is wrapped on lines of its own, so
+    # a trailing `-- comment` ends before the wrapper goes on.
+    subquery = f"(\n{query}\n) AS condition"
     cursor = connection.connection.driver_connection.cursor()
     try:
         cursor.execute("SET TRANSACTION READ ONLY")
@@ -64,7 +130,8 @@ def _run_query(
                 loop.name,
             ),
         )
-        cursor.execute(f"SELECT * FROM ({query}) AS condition LIMIT 0")
+        # LIMIT 0 plans the query and names its columns without reading a row.
+        cursor.execute(f"SELECT * FROM {subquery} LIMIT 0")
         columns = [column.name for column in cursor.description]
         id_column = next((name for name in USER_ID_COLUMNS if name in columns), None)
         if id_column is None:
@@ -73,15 +140,31 @@ def _run_query(
                 f"{', '.join(USER_ID_COLUMNS)}; got {', '.join(columns) or 'none'})"
             )
         column = preparer.quote(id_column)
-        cursor.execute(
-            f"SELECT DISTINCT condition.{column}::text FROM ({query}) AS condition "
+        select_ids = (
+            f"SELECT DISTINCT condition.{column}::text FROM {subquery} "
             f"WHERE condition.{column} IS NOT NULL"
         )
+        if explain_only:
+            cursor.execute(f"EXPLAIN {select_ids}")
+            return set()
+        cursor.execute(select_ids)
         return {row[0] for row in cursor.fetchall()}
     except psycopg.Error as error:
         raise ConditionError(f"{where}: {_first_line(error)}") from None
     finally:
         cursor.connection.rollback()
+
+
+def explain_condition(engine: Engine, schema: str, loop: Loop, day: date) -> bool:
+    """Plan the statements the loop's condition query runs on `day`, as the run would (read-only,
+    with its timeout), reading no rows; ConditionError naming the loop when one would fail.
+    False when the condition is a built-in segment (nothing to plan)."""
+    condition = loop.condition
+    if not isinstance(condition, QueryCondition):
+        return False
+    with engine.connect() as connection:
+        _run_query(connection, schema, loop, condition, day, explain_only=True)
+    return True
 
 
 def _first_line(error: BaseException) -> str:

@@ -47,26 +47,71 @@ class _Names:
         return self.tables[name].timestamp_sql(key, alias, self.preparer)
 
 
-def snapshot_sql(connection: Connection, config: RetentionConfig) -> str:
-    names = _Names(connection, resolve_app_tables(connection, config.database.tables))
-    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
-    interval = names.column("subscriptions", "billing_interval", "sub")
-    amount = names.column("subscriptions", "amount_cents", "sub")
-    status = names.column("subscriptions", "status", "sub")
-    updated = names.timestamp("subscriptions", "updated_at", "sub")
-    return f"""
-        WITH bounds AS (
+BOUNDS = """bounds AS (
             SELECT CAST(:day AS date) AS day,
                    (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz AS day_end
-        ),
-        app_users AS (
-            SELECT {names.column("users", "id", "u")}::text AS user_id,
+        )"""
+
+
+def _app_users_sql(names: _Names) -> str:
+    return f"""SELECT {names.column("users", "id", "u")}::text AS user_id,
                    {names.column("users", "email", "u")}::text AS email,
                    {names.column("users", "name", "u")}::text AS name,
                    {names.column("users", "timezone", "u")}::text AS timezone,
                    {names.timestamp("users", "created_at", "u")} AS signed_up_at
             FROM {names.table("users")} AS u, bounds
-            WHERE {names.timestamp("users", "created_at", "u")} < bounds.day_end
+            WHERE {names.timestamp("users", "created_at", "u")} < bounds.day_end"""
+
+
+def _subscription_sql(names: _Names) -> str:
+    subscriptions = names.tables["subscriptions"]
+    amount = names.column("subscriptions", "amount_cents", "sub")
+    status = names.column("subscriptions", "status", "sub")
+    if subscriptions.maps("billing_interval"):
+        interval = names.column("subscriptions", "billing_interval", "sub")
+        monthly_amount = f"""CASE
+                       WHEN lower({interval}::text) = ANY(CAST(:yearly AS text[]))
+                           THEN round({amount} / 12.0)
+                       WHEN lower({interval}::text) = ANY(CAST(:weekly AS text[]))
+                           THEN round({amount} * 52 / 12.0)
+                       ELSE {amount}
+                   END"""
+    else:  # no interval column: amounts are taken as monthly
+        monthly_amount = amount
+    # A live subscription describes the user better than an old canceled one, and among those
+    # the latest change (when the app records one) wins.
+    order = [f"({status}::text IN ('active', 'trialing', 'past_due')) DESC"]
+    if subscriptions.maps("updated_at"):
+        order.append(f"{names.timestamp('subscriptions', 'updated_at', 'sub')} DESC NULLS LAST")
+    return f"""SELECT DISTINCT ON (1)
+                   {names.column("subscriptions", "user_id", "sub")}::text AS user_id,
+                   {status}::text AS status,
+                   {names.column("subscriptions", "plan", "sub")}::text AS plan,
+                   ({monthly_amount})::integer AS monthly_amount_cents
+            FROM {names.table("subscriptions")} AS sub
+            ORDER BY 1, {", ".join(order)}"""
+
+
+def app_reads_sql(connection: Connection, tables: dict[str, ResolvedTable]) -> dict[str, str]:
+    """The snapshot's reads of the app tables as standalone SELECTs (same binds as the
+    snapshot), for checking a mapping before the pipeline's schema exists."""
+    names = _Names(connection, tables)
+    return {
+        "users": f"WITH {BOUNDS} {_app_users_sql(names)}",
+        "subscriptions": _subscription_sql(names),
+    }
+
+
+def snapshot_sql(
+    connection: Connection, config: RetentionConfig, tables: dict[str, ResolvedTable] | None = None
+) -> str:
+    """The statement that inserts the day's snapshot; `tables` resolves the mapping when None."""
+    names = _Names(connection, tables or resolve_app_tables(connection, config.database.tables))
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    return f"""
+        WITH {BOUNDS},
+        app_users AS (
+            {_app_users_sql(names)}
         ),
         activity AS (
             SELECT a.user_id,
@@ -104,21 +149,7 @@ def snapshot_sql(connection: Connection, config: RetentionConfig) -> str:
             GROUP BY ranked.user_id
         ),
         subscription AS (
-            SELECT DISTINCT ON (1)
-                   {names.column("subscriptions", "user_id", "sub")}::text AS user_id,
-                   {status}::text AS status,
-                   {names.column("subscriptions", "plan", "sub")}::text AS plan,
-                   CASE
-                       WHEN lower({interval}::text) = ANY(CAST(:yearly AS text[]))
-                           THEN round({amount} / 12.0)
-                       WHEN lower({interval}::text) = ANY(CAST(:weekly AS text[]))
-                           THEN round({amount} * 52 / 12.0)
-                       ELSE {amount}
-                   END::integer AS monthly_amount_cents
-            FROM {names.table("subscriptions")} AS sub
-            -- A live subscription describes the user better than an old canceled one.
-            ORDER BY 1, ({status}::text IN ('active', 'trialing', 'past_due')) DESC,
-                     {updated} DESC NULLS LAST
+            {_subscription_sql(names)}
         )
         INSERT INTO {s}.user_activity_snapshot (
             partition_date, user_id, email, name, timezone, signed_up_at, account_age_days,
@@ -141,23 +172,25 @@ def snapshot_sql(connection: Connection, config: RetentionConfig) -> str:
         LEFT JOIN subscription AS sub USING (user_id)"""
 
 
+def snapshot_parameters(config: RetentionConfig, day: date) -> dict[str, object]:
+    """The values bound into the snapshot statement (and its standalone app reads)."""
+    return {
+        "day": day,
+        "tz": config.timezone,
+        "baseline_weeks": config.activity.baseline_weeks,
+        "last_actions": config.activity.last_actions,
+        "yearly": list(YEARLY_INTERVALS),
+        "weekly": list(WEEKLY_INTERVALS),
+    }
+
+
 def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -> SnapshotSummary:
     """Replace the snapshot of `day`, in the caller's transaction."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     connection.execute(
         text(f"DELETE FROM {s}.user_activity_snapshot WHERE partition_date = :day"), {"day": day}
     )
-    connection.execute(
-        text(snapshot_sql(connection, config)),
-        {
-            "day": day,
-            "tz": config.timezone,
-            "baseline_weeks": config.activity.baseline_weeks,
-            "last_actions": config.activity.last_actions,
-            "yearly": list(YEARLY_INTERVALS),
-            "weekly": list(WEEKLY_INTERVALS),
-        },
-    )
+    connection.execute(text(snapshot_sql(connection, config)), snapshot_parameters(config, day))
     row = connection.execute(
         text(f"""
             SELECT count(*),

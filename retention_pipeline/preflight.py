@@ -1,0 +1,172 @@
+"""What `retention-pipeline check` verifies: that a run would not fail on this database.
+
+It checks the mapping against the catalog (every table and column, and what kind of values each
+holds), then plans with EXPLAIN the statements a daily run executes (the snapshot, each loop's
+segments, audience and condition query) with the values a run binds, in read-only transactions
+under the run's timeouts: nothing is read from the app's rows and nothing is written. Every
+problem is one line naming the table, column or loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.elements import TextClause
+
+from retention_pipeline.audience.build import build_audience
+from retention_pipeline.config.models import REQUIRED_COLUMNS, QueryCondition, RetentionConfig
+from retention_pipeline.database.app_tables import inspect_app_tables
+from retention_pipeline.database.migrate import installation_problem
+from retention_pipeline.segments.conditions import (
+    ConditionError,
+    condition_statement,
+    explain_condition,
+)
+from retention_pipeline.segments.rules import build_segments
+from retention_pipeline.segments.snapshot import app_reads_sql, snapshot_parameters, snapshot_sql
+
+
+@dataclass
+class PreflightReport:
+    problems: list[str] = field(default_factory=list)
+    # What could not be checked, and why (the pipeline's schema is not installed yet).
+    unchecked: str | None = None
+    planned: int = 0
+
+
+def preflight(engine: Engine, config: RetentionConfig) -> PreflightReport:
+    """Check everything a daily run of yesterday would execute; collect every problem."""
+    report = PreflightReport()
+    day = datetime.now(ZoneInfo(config.timezone)).date() - timedelta(days=1)
+    schema = config.database.schema_
+    with engine.connect() as connection:
+        mapping = inspect_app_tables(connection, config.database.tables)
+        not_installed = installation_problem(connection, schema)
+        connection.rollback()
+    report.problems.extend(mapping.problems)
+    parameters = snapshot_parameters(config, day)
+    tables = mapping.resolved
+    if {"users", "subscriptions"} <= tables.keys():
+        with engine.connect() as connection:
+            reads = app_reads_sql(connection, tables)
+        reads_plan = [
+            _plan(engine, report, f"database.tables.{table}: the snapshot's read", sql, parameters)
+            for table, sql in reads.items()
+        ]
+        if not_installed is None and len(tables) == len(REQUIRED_COLUMNS) and all(reads_plan):
+            with engine.connect() as connection:
+                sql = snapshot_sql(connection, config, tables)
+            _plan(engine, report, "the snapshot", sql, parameters)
+    for loop in config.loops:
+        where = f"loops.{loop.name}"
+        if not_installed is None:
+            _plan_recorded(
+                engine,
+                report,
+                f"{where}: the segments",
+                lambda c, loop=loop: build_segments(c, schema, loop, config.timezone, day),
+            )
+            _plan_recorded(
+                engine,
+                report,
+                f"{where}: the audience",
+                lambda c, loop=loop: build_audience(
+                    c, config=config, loop=loop, day=day, candidates=set()
+                ),
+            )
+            try:
+                if explain_condition(engine, schema, loop, day):
+                    report.planned += 1
+            except ConditionError as error:
+                report.problems.append(str(error))
+        elif isinstance(loop.condition, QueryCondition):
+            # Without the schema its views are missing; the parser still judges the query.
+            try:
+                condition_statement(loop, loop.condition)
+            except ConditionError as error:
+                report.problems.append(str(error))
+    if not_installed is not None:
+        report.unchecked = (
+            f"database.schema: {not_installed}; until then the snapshot, segments, audience and "
+            "condition queries cannot be planned"
+        )
+    return report
+
+
+def _plan(engine: Engine, report: PreflightReport, what: str, sql: str, parameters: dict) -> bool:
+    return _explain(engine, report, what, [], [(text(sql), parameters)])
+
+
+def _plan_recorded(
+    engine: Engine, report: PreflightReport, what: str, build: Callable[[Connection], object]
+) -> bool:
+    """Plan the statements a build function executes, recorded by running it against a
+    recorder instead of a connection (it binds the same values a run does)."""
+    recorder = _StatementRecorder(engine.dialect)
+    build(recorder)  # type: ignore[arg-type]
+    # A temporary table the statements use is created for real: DDL has no plan, and a
+    # read-only transaction may not create one. It goes with the rollback.
+    setup, planned = [], []
+    for clause, parameters in recorder.statements:
+        creates_temp_table = clause.text.lstrip().upper().startswith("CREATE TEMP")
+        (setup if creates_temp_table else planned).append((clause, parameters))
+    return _explain(engine, report, what, setup, planned)
+
+
+def _explain(
+    engine: Engine,
+    report: PreflightReport,
+    what: str,
+    setup: list[tuple[TextClause, dict]],
+    statements: list[tuple[TextClause, dict]],
+) -> bool:
+    """EXPLAIN each statement in one read-only transaction; the first failure is a problem."""
+    with engine.connect() as connection:
+        try:
+            for clause, parameters in setup:
+                connection.execute(clause, parameters)
+            connection.execute(text("SET TRANSACTION READ ONLY"))
+            for clause, parameters in statements:
+                connection.execute(text(f"EXPLAIN {clause.text}"), parameters)
+                report.planned += 1
+        except DBAPIError as error:
+            report.problems.append(f"{what} would fail: {_first_line(error)}")
+            return False
+        finally:
+            connection.rollback()
+    return True
+
+
+def _first_line(error: DBAPIError) -> str:
+    message = str(error.orig).strip()
+    return message.splitlines()[0] if message else type(error.orig).__name__
+
+
+class _NoRows:
+    """What a recorded statement returns: nothing, so the build function goes on."""
+
+    rowcount = 0
+
+    def scalar_one(self) -> int:
+        return 0
+
+    def all(self) -> list:
+        return []
+
+
+class _StatementRecorder:
+    """Stands in for a connection: keeps each statement and its values instead of running it."""
+
+    def __init__(self, dialect: Dialect):
+        self.dialect = dialect
+        self.statements: list[tuple[TextClause, dict]] = []
+
+    def execute(self, statement: TextClause, parameters: dict | None = None) -> _NoRows:
+        self.statements.append((statement, dict(parameters or {})))
+        return _NoRows()

@@ -1,0 +1,73 @@
+"""`check`'s preflight plans the statements a run executes, so it catches what the catalog does
+not show: a table the pipeline's role may not read, a pipeline table gone missing."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from retention_pipeline.database.connection import create_app_engine
+from retention_pipeline.preflight import preflight
+from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.helpers import make_config
+
+
+def test_a_healthy_installation_plans_every_statement(app_database_url):
+    config = make_config(app_database_url)
+    engine = create_app_engine(app_database_url)
+    with engine.begin() as connection:
+        # Enums for event names and statuses, as Prisma schemas often have, are fine.
+        connection.execute(text("CREATE TYPE event_kind AS ENUM ('signed_in', 'exported')"))
+        connection.execute(text("ALTER TABLE events ALTER name TYPE event_kind USING NULL"))
+        connection.execute(text("CREATE TYPE sub_status AS ENUM ('active', 'canceled')"))
+        connection.execute(
+            text("ALTER TABLE subscriptions ALTER status TYPE sub_status USING NULL")
+        )
+    install(engine, config)
+    report = preflight(engine, config)
+    engine.dispose()
+    assert report.problems == []
+    assert report.unchecked is None
+    # 2 app reads, the snapshot, 2 segment and 9 audience statements, the condition query.
+    assert report.planned == 15
+
+
+def test_a_missing_pipeline_table_fails_the_audience_plan(app_database_url):
+    config = make_config(app_database_url)
+    engine = create_app_engine(app_database_url)
+    install(engine, config)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE retention.email_suppressions RENAME TO gone"))
+    report = preflight(engine, config)
+    engine.dispose()
+    assert report.problems == [
+        "loops.re_engagement: the audience would fail: "
+        'relation "retention.email_suppressions" does not exist'
+    ]
+
+
+def test_a_table_the_role_may_not_read_is_one_line(app_database_url):
+    config = make_config(app_database_url)
+    owner = create_engine(app_database_url)
+    install(owner, config)
+    role = f"rp_reader_{uuid.uuid4().hex[:8]}"
+    with owner.begin() as connection:
+        connection.execute(text(f"CREATE ROLE {role} LOGIN"))
+        connection.execute(text(f"GRANT USAGE ON SCHEMA retention TO {role}"))
+        connection.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA retention TO {role}"))
+        connection.execute(text(f"GRANT SELECT ON users, events, sessions TO {role}"))
+    reader = create_app_engine(make_url(app_database_url).set(username=role).render_as_string())
+    try:
+        report = preflight(reader, make_config(app_database_url))
+    finally:
+        reader.dispose()
+        with owner.begin() as connection:
+            connection.execute(text(f"DROP OWNED BY {role}"))
+            connection.execute(text(f"DROP ROLE {role}"))
+        owner.dispose()
+    assert report.problems == [
+        "database.tables.subscriptions: the snapshot's read would fail: "
+        "permission denied for table subscriptions"
+    ]
