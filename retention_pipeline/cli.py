@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     # platformdirs warns on every embedded-server start where XDG_RUNTIME_DIR is unset (as
     # root, in containers); it falls back to /tmp, which is fine.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    for entry in DAGSTER_INTERNAL_WARNINGS:  # `check` loads the definitions in this process
+        warnings.filterwarnings("ignore", message=entry.removeprefix("ignore:"))
     args = build_parser().parse_args(argv)
     try:
         if args.handler is cmd_dev:  # dev keeps the embedded server running until it stops

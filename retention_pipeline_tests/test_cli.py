@@ -178,6 +178,7 @@ def test_a_command_stops_the_embedded_server_it_started_unless_dev_uses_it(tmp_p
 
     try:
         first = check()  # the empty embedded database has no app tables: one line, status 2
+        assert first.returncode == 2
         assert first.stderr.startswith("error: database.tables.users.table: app table")
         assert (home / "pgdata" / "PG_VERSION").exists()
         assert not embedded.is_running(home)
