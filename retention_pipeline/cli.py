@@ -36,15 +36,14 @@ def _engine(config):
 
 
 def _unsubscribe_secret(config) -> str:
-    """The secret the send job signs links with: the configured one, or with no Resend key
-    (emails go to the outbox) the local one, so outbox links can be tried locally."""
+    """The secret the send job signs links with: the configured one, or when emails go to the
+    outbox the local one, so outbox links can be tried locally."""
     import dagster as dg
 
-    from retention_pipeline.resources.email import RESEND_KEY_ENV_VAR, unsubscribe_secret
+    from retention_pipeline.resources.email import email_provider, unsubscribe_secret
 
-    provider = "resend" if os.environ.get(RESEND_KEY_ENV_VAR) else "outbox"
     try:
-        return unsubscribe_secret(config.email.unsubscribe_secret, provider)
+        return unsubscribe_secret(config.email.unsubscribe_secret, email_provider(config))
     except dg.Failure as error:  # the same one line the send job would give
         raise ConfigError(error.description) from None
 
@@ -76,10 +75,13 @@ def _require_installed(connection, config) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from retention_pipeline.database.app_tables import resolve_app_tables
+    from retention_pipeline.resources.email import missing_resend_key
 
     config = load_config(args.config)
     with _engine(config).connect() as connection:
         resolve_app_tables(connection, config.database.tables)
+    if problem := missing_resend_key(config):
+        raise ConfigError(problem)
     if args.config:  # the definitions read the configuration from the environment
         os.environ[CONFIG_ENV_VAR] = str(Path(args.config).resolve())
     import dagster as dg

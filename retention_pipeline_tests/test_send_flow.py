@@ -168,7 +168,10 @@ def test_preview_renders_one_users_email_to_a_file(morning, tmp_path, capsys, mo
     )
     # Sending through Resend without a secret to sign links with is refused in one line.
     monkeypatch.setenv("RESEND_API_KEY", "re_test")
-    assert main(["--config", config, "unsubscribe-server"]) == 2
+    url = resources["app_database"].config.database.url
+    (tmp_path / "resend").mkdir()
+    resend_config = str(write_config(tmp_path / "resend", url, email={"provider": "resend"}))
+    assert main(["--config", resend_config, "unsubscribe-server"]) == 2
     assert capsys.readouterr().err == (
         "error: email.unsubscribe_secret: required to send through Resend "
         "(set $RETENTION_UNSUBSCRIBE_SECRET)\n"
