@@ -61,15 +61,14 @@ def _engine(config):
 
 
 def _unsubscribe_secret(config) -> str:
-    """The secret the send job signs links with: the configured one, or with no Resend key
-    (emails go to the outbox) the local one, so outbox links can be tried locally."""
+    """The secret the send job signs links with: the configured one, or when emails go to the
+    outbox the local one, so outbox links can be tried locally."""
     import dagster as dg
 
-    from retention_pipeline.resources.email import RESEND_KEY_ENV_VAR, unsubscribe_secret
+    from retention_pipeline.resources.email import email_provider, unsubscribe_secret
 
-    provider = "resend" if os.environ.get(RESEND_KEY_ENV_VAR) else "outbox"
     try:
-        return unsubscribe_secret(config.email.unsubscribe_secret, provider)
+        return unsubscribe_secret(config.email.unsubscribe_secret, email_provider(config))
     except dg.Failure as error:  # the same one line the send job would give
         raise ConfigError(error.description) from None
 
@@ -101,6 +100,7 @@ def _require_installed(connection, config) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from retention_pipeline.preflight import preflight
+    from retention_pipeline.resources.email import missing_resend_key
 
     config = load_config(args.config)
     engine = _engine(config)
@@ -108,6 +108,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = preflight(engine, config)
     finally:
         engine.dispose()
+    problems = [*report.problems, *filter(None, [missing_resend_key(config)])]
     if args.config:  # the definitions read the configuration from the environment
         os.environ[CONFIG_ENV_VAR] = str(Path(args.config).resolve())
     import dagster as dg
@@ -116,11 +117,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     dg.Definitions.validate_loadable(defs)
     assets = len(defs.resolve_asset_graph().get_all_asset_keys())
-    for problem in report.problems:
+    for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if report.unchecked:
         print(f"not checked: {report.unchecked}")
-    if report.problems:
+    if problems:
         return 2
     print(
         f"ok: {len(config.loops)} loop(s); the app tables match the mapping; "

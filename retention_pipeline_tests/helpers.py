@@ -28,9 +28,11 @@ def make_config(url: str, *, timezone: str = "UTC", **database: Any) -> Retentio
 def write_config(
     directory: Path, url: str, *, email: dict[str, Any] | None = None, **database: Any
 ) -> Path:
-    """Write the shipped configuration, pointed at `url`, to a file; return its path."""
+    """Write the shipped configuration, pointed at `url`, to a file; return its path. Its emails
+    go to the outbox under `directory` unless `email` says otherwise."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"].update(database)
+    document["email"]["provider"] = "outbox"
     document["email"].update(email or {})
     document["database"]["url"] = url
     document["email"]["outbox_dir"] = str(directory / "outbox")

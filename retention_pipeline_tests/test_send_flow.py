@@ -168,7 +168,10 @@ def test_preview_renders_one_users_email_to_a_file(morning, tmp_path, capsys, mo
     )
     # Sending through Resend without a secret to sign links with is refused in one line.
     monkeypatch.setenv("RESEND_API_KEY", "re_test")
-    assert main(["--config", config, "unsubscribe-server"]) == 2
+    url = resources["app_database"].config.database.url
+    (tmp_path / "resend").mkdir()
+    resend_config = str(write_config(tmp_path / "resend", url, email={"provider": "resend"}))
+    assert main(["--config", resend_config, "unsubscribe-server"]) == 2
     assert capsys.readouterr().err == (
         "error: email.unsubscribe_secret: required to send through Resend "
         "(set $RETENTION_UNSUBSCRIBE_SECRET)\n"
@@ -202,3 +205,80 @@ def test_the_sensor_launches_every_recent_day_once_and_skips_history(morning):
     # Nothing new since: the next tick launches nothing.
     later = dg.build_sensor_context(instance=instance, cursor=context.cursor)
     assert [item for item in send_on_new_audience(later) if isinstance(item, dg.RunRequest)] == []
+
+
+def project_resources(monkeypatch, tmp_path: Path, url: str, **email: str):
+    """The resources the project's definitions choose for this email configuration."""
+    from retention_pipeline.config.loader import CONFIG_ENV_VAR
+    from retention_pipeline.defs.resources import resources
+
+    directory = tmp_path / "config"
+    directory.mkdir(exist_ok=True)
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(write_config(directory, url, email=email)))
+    return resources().resources
+
+
+def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is_a_choice(
+    morning, monkeypatch, tmp_path, capsys
+):
+    from retention_pipeline.cli import main
+
+    engine, instance, resources, day, _outbox = morning
+    url = resources["app_database"].config.database.url
+    monkeypatch.delenv("RESEND_API_KEY", raising=False)
+    daily = dg.materialize(
+        [user_activity_snapshot, engagement_segments, reengagement_audience],
+        partition_key=day,
+        instance=instance,
+        resources=resources,
+    )
+    assert daily.success
+    run_config = {
+        "ops": {"send_emails": {"config": {"loop": "re_engagement", "partition_date": day}}}
+    }
+
+    chosen = project_resources(
+        monkeypatch, tmp_path, url, provider="resend", unsubscribe_secret="s"
+    )
+    failed = send_reengagement_emails.execute_in_process(
+        run_config=run_config,
+        instance=instance,
+        resources=chosen,
+        raise_on_error=False,
+    )
+    assert not failed.success
+    (failure,) = [event for event in failed.all_events if event.event_type_value == "STEP_FAILURE"]
+    assert failure.step_failure_data.user_failure_data.description == (
+        "RESEND_API_KEY is not set: email.provider is resend, so no email can be sent (set it, "
+        "or choose email.provider: outbox to write emails to files instead)"
+    )
+    with engine.connect() as connection:
+        assert (
+            connection.execute(text("SELECT count(*) FROM retention.email_send_log")).scalar() == 0
+        )
+    # `check` reports the same line.
+    config = str(tmp_path / "config" / "retention.yaml")
+    capsys.readouterr()
+    assert main(["--config", config, "check"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {failure.step_failure_data.user_failure_data.description}\n"
+    )
+
+    # Choosing the outbox writes the emails there; the key stays unset.
+    chosen = project_resources(monkeypatch, tmp_path, url, provider="outbox")
+    sent = send_reengagement_emails.execute_in_process(
+        run_config=run_config, instance=instance, resources=chosen
+    )
+    assert sent.success
+    written = list((tmp_path / "config" / "outbox").glob("*.html"))
+    assert len(written) == len(treated(engine, day)) > 0
+
+    # The run's event log tells the progress in words, a line per batch, and no Python repr.
+    messages = [entry.user_message for entry in instance.all_logs(sent.run_id)]
+    assert any(message.startswith("re_engagement batch 1 of ") for message in messages)
+    assert any(message.startswith(f"re_engagement {day}: claimed ") for message in messages)
+    assert not [m for m in messages if "Report(" in m or "Summary(" in m]
+    audience_logs = [entry.user_message for entry in instance.all_logs(daily.run_id)]
+    assert any("users meet the condition" in m for m in audience_logs)
+    assert not [m for m in audience_logs if "Report(" in m or "Summary(" in m]

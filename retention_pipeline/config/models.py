@@ -12,8 +12,6 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from dagster import Backoff as DagsterBackoff
-from dagster import RetryPolicy
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cron
@@ -318,18 +316,6 @@ class Recovery(StrictModel):
     retries: int = Field(3, ge=0, le=20)
     backoff: Literal["exponential", "linear", "none"] = "exponential"
     delay: Duration = "30s"
-
-    def retry_policy(self) -> RetryPolicy:
-        backoff = {
-            "exponential": DagsterBackoff.EXPONENTIAL,
-            "linear": DagsterBackoff.LINEAR,
-            "none": None,
-        }[self.backoff]
-        return RetryPolicy(
-            max_retries=self.retries,
-            delay=parse_duration(self.delay).total_seconds(),
-            backoff=backoff,
-        )
 
 
 class SegmentRules(StrictModel):

@@ -7,17 +7,18 @@ from pydantic import Field
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.defs.partitions import CONFIG, daily_partitions, previous_day_of
+from retention_pipeline.defs.retries import retry_policy
 from retention_pipeline.defs.segments import SEGMENTS
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import EmailResource, unsubscribe_secret
-from retention_pipeline.segments.calendar import send_window, within_send_window
+from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.segments.conditions import condition_user_ids
-from retention_pipeline.sending.compose import compose_emails
-from retention_pipeline.sending.dispatch import send_pending
-from retention_pipeline.sending.send_log import claim, send_log_summary
+from retention_pipeline.sending.run import send_loop_day
+from retention_pipeline.sending.sender_lock import SenderBusy
 
 AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
 SENSOR_BATCH = 100
+LOOP_TAG = "retention/loop"
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
 
 
@@ -59,7 +60,12 @@ def reengagement_audience(context: dg.AssetExecutionContext, app_database: AppDa
                 **{f"{loop.name}/excluded_{reason}": n for reason, n in summary.excluded.items()},
             }
         )
-        context.log.info(f"{loop.name} {day}: {summary}")
+        context.log.info(
+            f"{loop.name} {day}: {summary.candidates} users meet the condition; "
+            f"{summary.treatment} to be emailed, {summary.holdout} held out, "
+            f"{summary.returned} came back; excluded: "
+            + (", ".join(f"{n} {reason}" for reason, n in summary.excluded.items()) or "none")
+        )
     metadata["dagster/row_count"] = total
     return dg.MaterializeResult(metadata=metadata)
 
@@ -83,7 +89,7 @@ class SendConfig(dg.Config):
 
 
 @dg.op(
-    retry_policy=CONFIG.loops[0].recovery.retry_policy(),
+    retry_policy=retry_policy(CONFIG.loops[0].recovery),
     tags={"retention/kind": "send"},
 )
 def send_emails(
@@ -92,65 +98,49 @@ def send_emails(
     app_database: AppDatabase,
     email: EmailResource,
 ):
-    """Claim the day's treated audience in the send log, then send what is not yet confirmed.
-
-    A retry (or a rerun after a crash) claims nothing twice and resends unconfirmed batches
-    with their original Idempotency-Keys."""
+    """Claim the day's treated audience in the send log, then send what is not yet confirmed
+    (`send_loop_day`), and report each changed day of the send log."""
     app_database.ensure_installed()
     settings = app_database.config
     loop = settings.loop(config.loop)
     day = date.fromisoformat(config.partition_date)
+    if context.run_tags.get(LOOP_TAG) != loop.name:
+        # A run launched by hand or re-executed may lack the tag the sensor gives; tagged now,
+        # the queue's per-loop limit holds back other send runs of the loop while it runs.
+        # The sender lock, not the tag, is what keeps two senders of a loop apart.
+        context.instance.add_run_tags(context.run_id, {LOOP_TAG: loop.name})
+    # Both fail here, before anything is claimed, when a secret or the key is missing.
     secret = unsubscribe_secret(settings.email.unsubscribe_secret, email.provider)
-    claimed = 0
-    for audience_day in send_window(day):
-        with app_database.engine.begin() as connection:
-            emails = compose_emails(
-                connection,
-                schema=app_database.schema,
-                config=settings,
-                loop=loop,
-                day=audience_day,
-                unsubscribe_secret=secret,
-                # Claimed emails keep their stored content: rendering them again is waste.
-                unclaimed_only=True,
-            )
-            claimed += claim(
-                connection,
-                schema=app_database.schema,
-                loop_name=loop.name,
-                day=audience_day,
-                emails=emails,
-            )
-    report = send_pending(
-        app_database.engine,
-        schema=app_database.schema,
-        loop_name=loop.name,
-        sender=email.sender(),
-        provider=email.provider,
-    )
-    with app_database.engine.connect() as connection:
-        ledger = send_log_summary(
-            connection, schema=app_database.schema, loop_name=loop.name, day=day
+    sender = email.sender(log=context.log)
+    try:
+        report = send_loop_day(
+            app_database.engine,
+            config=settings,
+            loop=loop,
+            day=day,
+            now=datetime.now(UTC),
+            sender=sender,
+            provider=email.provider,
+            unsubscribe_secret=secret,
+            holder=f"retention sender {loop.name} run {context.run_id[:8]}",
+            log=context.log,
         )
-    context.log.info(f"{loop.name} {day}: claimed {claimed}; {report}")
-    context.log_event(
-        dg.AssetMaterialization(
-            asset_key=SEND_LOG,
-            partition=config.partition_date,
-            metadata={
-                "loop": loop.name,
-                "provider": email.provider,
-                "claimed_this_run": claimed,
-                "sent_this_run": report.sent,
-                "failed_this_run": report.failed,
-                **{f"status/{status}": n for status, n in ledger.items()},
-            },
+    except SenderBusy as busy:
+        raise dg.Failure(description=str(busy)) from None
+    context.log.info(str(report))
+    for changed_day in report.days_changed:
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=SEND_LOG,
+                partition=changed_day.isoformat(),
+                metadata={"provider": email.provider, **report.metadata_for(changed_day)},
+            )
         )
-    )
-    if report.still_pending:
+    if report.dispatch.still_pending:
         raise dg.Failure(
-            description=f"{report.still_pending} emails of {loop.name} {day} are not confirmed "
-            "yet (transient errors); a retry resends them with the same idempotency keys",
+            description=f"{report.dispatch.still_pending} emails of {loop.name} are not "
+            "confirmed yet (transient errors); a retry resends them with the same "
+            "idempotency keys",
         )
 
 
@@ -196,6 +186,6 @@ def send_on_new_audience(context: dg.SensorEvaluationContext):
                 run_config=dg.RunConfig(
                     ops={"send_emails": SendConfig(loop=loop.name, partition_date=partition)}
                 ),
-                tags={"retention/loop": loop.name, "retention/partition": partition},
+                tags={LOOP_TAG: loop.name, "retention/partition": partition},
             )
     context.update_cursor(str(records[-1].storage_id))

@@ -1,22 +1,29 @@
 """Resources shared by every asset, job and sensor."""
 
-import os
-
 import dagster as dg
 
 from retention_pipeline.config import load_config
 from retention_pipeline.database.embedded import retention_home
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.resources.email import RESEND_KEY_ENV_VAR, OutboxEmail, ResendEmail
+from retention_pipeline.resources.email import (
+    RESEND_KEY_ENV_VAR,
+    OutboxEmail,
+    ResendEmail,
+    email_provider,
+    missing_resend_key,
+)
 
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    email = load_config().email
-    if email.provider == "resend" and os.environ.get(RESEND_KEY_ENV_VAR):
-        # The key stays an environment reference: the UI shows its name, never its value.
+    config = load_config()
+    email = config.email
+    if email_provider(config) == "resend":
         sender = ResendEmail(
-            api_key=dg.EnvVar(RESEND_KEY_ENV_VAR),
+            # The key stays an environment reference: the UI shows its name, never its value.
+            # Unset, it is left out, so the definitions still load and every send run stops
+            # with one line naming it instead of sending elsewhere.
+            api_key=None if missing_resend_key(config) else dg.EnvVar(RESEND_KEY_ENV_VAR),
             from_address=email.from_address,
             reply_to=email.reply_to,
             requests_per_second=email.requests_per_second,

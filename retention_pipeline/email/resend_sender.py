@@ -90,7 +90,8 @@ class ResendSender:
     the rest of the call too.
 
     `sleep`, `clock` and `rng` (the jitter's source) are injectable so tests can observe waiting
-    without waiting.
+    without waiting. Retries, waits and failures go to `log` (a Dagster run passes its own, so
+    they show in the run's event log).
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class ResendSender:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        log: logging.Logger = logger,
     ) -> None:
         if not api_key:
             raise ValueError("ResendSender needs an API key; use OutboxSender when there is none")
@@ -126,6 +128,7 @@ class ResendSender:
         self._sleep = sleep
         self._pacer = _Pacer(requests_per_second, clock, sleep)
         self._random = rng or random.Random()
+        self._log = log
 
     def __repr__(self) -> str:
         return f"ResendSender(from_address={self.from_address!r}, api_key=[redacted])"
@@ -174,13 +177,13 @@ class ResendSender:
                 by_key = {result.key: result for result in self._results(ordered, response, label)}
                 return [by_key[email.key] for email in batch], None
             if not failure.retryable:
-                logger.error("%s failed: %s", label, failure.description)
+                self._log.error("%s failed: %s", label, failure.description)
                 error = _rejection(failure)
                 if failure.stops_run:
                     return _failed(batch, error, retryable=True), error
                 return _failed(batch, error), None
             if attempt == self.max_attempts:
-                logger.error(
+                self._log.error(
                     "%s: giving up after %d attempts: %s", label, attempt, failure.description
                 )
                 error = (
@@ -192,7 +195,7 @@ class ResendSender:
             delay = (
                 failure.retry_after if failure.retry_after is not None else self._backoff(attempt)
             )
-            logger.warning(
+            self._log.warning(
                 "%s: %s; retrying in %.2fs (attempt %d of %d)",
                 label,
                 failure.description,
@@ -244,7 +247,7 @@ class ResendSender:
         # In permissive mode `data` lists only the accepted emails, in input order.
         ids = [entry.get("id") for entry in response.get("data") or []]
         if len(ids) != len(batch) - len(errors):
-            logger.warning(
+            self._log.warning(
                 "%s: Resend returned %d ids for %d accepted emails; some results have no id",
                 label,
                 len(ids),
@@ -260,7 +263,7 @@ class ResendSender:
             else:
                 results.append(SendResult(email.key, "sent", next(accepted_ids, None), None))
         if errors:
-            logger.warning("%s: %d emails rejected individually", label, len(errors))
+            self._log.warning("%s: %d emails rejected individually", label, len(errors))
         return results
 
     def _classify(self, exc: ResendError | NoContentError) -> _Failure:

@@ -19,7 +19,9 @@ def within_send_window(day: date, now: datetime, timezone: str) -> bool:
     return day > now.astimezone(ZoneInfo(timezone)).date() - timedelta(days=SEND_WINDOW_DAYS)
 
 
-def send_window(day: date) -> list[date]:
-    """The audience days a send run for `day` claims: `day` and the ones before it in the
-    window, so rows added by re-materializing a recent day are not left behind."""
-    return [day - timedelta(days=back) for back in range(SEND_WINDOW_DAYS - 1, -1, -1)]
+def send_window(day: date, now: datetime, timezone: str) -> list[date]:
+    """The audience days a send run for `day` claims at `now`: `day` and the ones before it that
+    are still within the send window, oldest first, so rows added by re-materializing a recent
+    day are not left behind while older days, history like any backfill, are never emailed."""
+    candidates = [day - timedelta(days=back) for back in range(SEND_WINDOW_DAYS - 1, -1, -1)]
+    return [each for each in candidates if within_send_window(each, now, timezone)]

@@ -1,21 +1,23 @@
 """Exactly-once sending: compose a day's emails, claim them in the send log, send the claimed
 batches, record the outcomes; and the suppressions that unsubscribes add.
 
-A send job does, per loop and partition day:
+A send run is `send_loop_day` (run.py): under the loop's sender lock, per audience day of the
+send window,
 
     with engine.begin() as connection:
         emails = compose_emails(connection, schema=..., config=..., loop=..., day=...,
                                 unsubscribe_secret=...)
         claim(connection, schema=..., loop_name=loop.name, day=day, emails=emails)
-    report = send_pending(engine, schema=..., loop_name=loop.name, sender=..., provider=...)
-    if report.still_pending:
-        raise ...  # so the job's RetryPolicy re-runs it; the re-run claims nothing new
+
+then `send_pending(engine, ...)`; the job fails while `still_pending` emails remain, so its
+RetryPolicy re-runs it, and the re-run claims nothing new.
 
 Plain Python over SQLAlchemy, no Dagster: the `defs` modules wire it into the send job.
 """
 
 from retention_pipeline.sending.compose import compose_emails, day_end, send_key, treatment_rows
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
+from retention_pipeline.sending.run import SendRunReport, send_loop_day
 from retention_pipeline.sending.send_log import (
     BATCH_SIZE,
     STATUSES,
@@ -24,6 +26,7 @@ from retention_pipeline.sending.send_log import (
     record,
     send_log_summary,
 )
+from retention_pipeline.sending.sender_lock import SenderBusy, sender_lock
 from retention_pipeline.sending.suppressions import (
     SUPPRESSION_REASONS,
     suppress,
@@ -36,6 +39,8 @@ __all__ = [
     "STATUSES",
     "SUPPRESSION_REASONS",
     "DispatchReport",
+    "SendRunReport",
+    "SenderBusy",
     "claim",
     "compose_emails",
     "day_end",
@@ -44,7 +49,9 @@ __all__ = [
     "record",
     "send_key",
     "send_log_summary",
+    "send_loop_day",
     "send_pending",
+    "sender_lock",
     "suppress",
     "treatment_rows",
     "unsubscribe_with_token",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import timedelta
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 
 from sqlalchemy import Engine, text
 
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DispatchReport:
+    """What one dispatch changed in the send log. Every count is of rows this dispatch itself
+    moved out of 'claimed', so two dispatches never count the same email."""
+
     sent: int
     failed: int
     """Failed for good in this dispatch (rejected addresses, validation, auth)."""
@@ -34,17 +38,35 @@ class DispatchReport:
     """Rows given up on: first sent over a day ago and still unconfirmed (expire_unanswered)."""
     suppressed: int = 0
     """Claimed rows not sent because the address was suppressed since (drop_suppressed)."""
+    by_day: dict[date, Counter[str]] = field(default_factory=dict, compare=False)
+    """The same changes by partition day: 'sent' and 'failed' (expired and suppressed included)."""
+
+    def __str__(self) -> str:
+        sentence = f"{self.sent} sent, {self.failed} failed"
+        if self.expired:
+            sentence += f", {self.expired} given up on (unconfirmed for a day)"
+        if self.suppressed:
+            sentence += f", {self.suppressed} not sent (suppressed since they were claimed)"
+        return sentence + f"; {self.still_pending} still claimed, to be retried"
 
 
 def send_pending(
-    engine: Engine, *, schema: str, loop_name: str, sender: EmailSender, provider: str
+    engine: Engine,
+    *,
+    schema: str,
+    loop_name: str,
+    sender: EmailSender,
+    provider: str,
+    log: logging.Logger = logger,
 ) -> DispatchReport:
     """Send every pending batch of the loop, recording each batch in its own transaction.
 
     A crash loses at most the outcome of the batch in flight; the next call re-sends that batch
     with the same members, content and `Idempotency-Key`, so what the provider accepted before the
-    crash is not delivered twice. Two dispatches of one loop at once are safe for the same reason,
-    and because `record` never changes a row that is no longer claimed.
+    crash is not delivered twice. Two dispatches of one loop at once deliver nothing twice for the
+    same reason, and count nothing twice because `record` never changes a row that is no longer
+    claimed (`send_loop_day` also keeps them apart with a lock). Progress goes to `log`, a line
+    per batch.
     """
     with engine.begin() as connection:
         expired = expire_unanswered(
@@ -52,35 +74,46 @@ def send_pending(
         )
         suppressed = drop_suppressed(connection, schema=schema, loop_name=loop_name)
     if expired:
-        logger.warning(
-            "%s: %d emails sent over a day ago with no answer: not re-sent", loop_name, expired
+        log.warning(
+            "%s: %d emails sent over a day ago with no answer: not re-sent",
+            loop_name,
+            expired.total(),
         )
+    by_day: dict[date, Counter[str]] = {}
+    for day, count in (expired + suppressed).items():
+        by_day.setdefault(day, Counter())["failed"] += count
     with engine.connect() as connection:
         batches = pending_batches(connection, schema=schema, loop_name=loop_name)
+    if batches:
+        log.info("%s: %d batches to send", loop_name, len(batches))
     sent = failed = 0
     for number, batch in enumerate(batches, start=1):
         with engine.begin() as connection:
             mark_attempt(connection, schema=schema, keys=[email.key for email in batch])
         results = sender.send(batch)
         with engine.begin() as connection:
-            record(connection, schema=schema, results=results, provider=provider)
-        batch_sent = sum(result.status == "sent" for result in results)
-        batch_failed = sum(result.status == "failed" and not result.retryable for result in results)
+            changed = record(connection, schema=schema, results=results, provider=provider)
+        batch_sent = batch_failed = 0
+        for (day, status), count in changed.items():
+            if status in ("sent", "failed"):
+                by_day.setdefault(day, Counter())[status] += count
+            batch_sent += count if status == "sent" else 0
+            batch_failed += count if status == "failed" else 0
         sent += batch_sent
         failed += batch_failed
-        logger.info(
-            "%s batch %d/%d: %d sent, %d failed, %d left to retry",
+        log.info(
+            "%s batch %d of %d: %d sent, %d failed, %d left to retry",
             loop_name,
             number,
             len(batches),
             batch_sent,
             batch_failed,
-            len(results) - batch_sent - batch_failed,
+            changed.total() - batch_sent - batch_failed,
         )
         if results and all(result.retryable for result in results):
             # The provider is refusing whole requests even after retries (outage, bad key,
             # spent quota): leave the rest claimed for the job's retry instead of hammering it.
-            logger.warning("%s: stopping after batch %d; the rest stays claimed", loop_name, number)
+            log.warning("%s: stopping after batch %d; the rest stays claimed", loop_name, number)
             break
     s = engine.dialect.identifier_preparer.quote_schema(schema)
     with engine.connect() as connection:
@@ -95,6 +128,7 @@ def send_pending(
         sent=sent,
         failed=failed,
         still_pending=int(still_pending),
-        expired=expired,
-        suppressed=suppressed,
+        expired=expired.total(),
+        suppressed=suppressed.total(),
+        by_day=by_day,
     )

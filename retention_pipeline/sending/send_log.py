@@ -170,18 +170,20 @@ def pending_batches(
 
 def record(
     connection: Connection, *, schema: str, results: Sequence[SendResult], provider: str
-) -> None:
-    """Record what the sender said, in the caller's transaction.
+) -> Counter[tuple[date, str]]:
+    """Record what the sender said, in the caller's transaction; return how many rows this call
+    changed, by partition day and new status.
 
     Sent: status 'sent' with the provider's id and `sent_at`. Failed: status 'failed' with the
     error, final. Failed but retryable: still 'claimed', with the error, to be re-sent in its batch.
     Every result counts an attempt. Rows no longer claimed are left alone, so a late or repeated
-    result never undoes an outcome.
+    result never undoes an outcome, and is not counted: a batch another sender settled first
+    counts once, for that sender.
     """
     if not results:
-        return
+        return Counter()
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    connection.execute(
+    changed = connection.execute(
         text(f"""
             UPDATE {s}.email_send_log AS log
             SET status = r.status,
@@ -194,7 +196,8 @@ def record(
             FROM unnest(CAST(:keys AS text[]), CAST(:statuses AS text[]),
                         CAST(:provider_ids AS text[]), CAST(:errors AS text[]))
                 AS r(send_key, status, provider_id, error)
-            WHERE log.send_key = r.send_key AND log.status = 'claimed'"""),
+            WHERE log.send_key = r.send_key AND log.status = 'claimed'
+            RETURNING log.partition_date, log.status"""),
         {
             "provider": provider,
             "keys": [result.key for result in results],
@@ -203,6 +206,7 @@ def record(
             "errors": [result.error for result in results],
         },
     )
+    return Counter((day, status) for day, status in changed.all())
 
 
 def mark_attempt(connection: Connection, *, schema: str, keys: Sequence[str]) -> None:
@@ -217,12 +221,13 @@ def mark_attempt(connection: Connection, *, schema: str, keys: Sequence[str]) ->
     )
 
 
-def drop_suppressed(connection: Connection, *, schema: str, loop_name: str) -> int:
+def drop_suppressed(connection: Connection, *, schema: str, loop_name: str) -> Counter[date]:
     """Fail, before they ever go out, claimed emails whose address was suppressed since the
-    claim. Only never-attempted batches: their Idempotency-Key was never used, so changing
-    their members is safe; an attempted batch must be re-sent as it was."""
+    claim; return how many, by partition day. Only never-attempted batches: their
+    Idempotency-Key was never used, so changing their members is safe; an attempted batch must
+    be re-sent as it was."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    return connection.execute(
+    changed = connection.execute(
         text(f"""
             UPDATE {s}.email_send_log AS log
             SET status = 'failed', updated_at = now(),
@@ -233,18 +238,21 @@ def drop_suppressed(connection: Connection, *, schema: str, loop_name: str) -> i
               AND sup.email = lower(log.email)
               AND NOT EXISTS (SELECT FROM {s}.email_send_log AS sibling
                               WHERE sibling.batch_key = log.batch_key
-                                AND sibling.first_attempt_at IS NOT NULL)"""),
+                                AND sibling.first_attempt_at IS NOT NULL)
+            RETURNING log.partition_date"""),
         {"loop": loop_name},
-    ).rowcount
+    )
+    return Counter(changed.scalars())
 
 
 def expire_unanswered(
     connection: Connection, *, schema: str, loop_name: str, older_than: timedelta
-) -> int:
+) -> Counter[date]:
     """Give up on batches first sent longer ago than the provider remembers idempotency keys and
-    still not confirmed: re-sending them could deliver twice, so they fail instead."""
+    still not confirmed: re-sending them could deliver twice, so they fail instead. Returns how
+    many rows, by partition day."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    return connection.execute(
+    changed = connection.execute(
         text(f"""
             UPDATE {s}.email_send_log
             SET status = 'failed', updated_at = now(),
@@ -252,9 +260,11 @@ def expire_unanswered(
                         || '; not re-sent, since the idempotency key has expired and the email '
                         || 'may have been delivered'
             WHERE loop_name = :loop AND status = 'claimed'
-              AND first_attempt_at < now() - CAST(:older_than AS interval)"""),
+              AND first_attempt_at < now() - CAST(:older_than AS interval)
+            RETURNING partition_date"""),
         {"loop": loop_name, "older_than": older_than},
-    ).rowcount
+    )
+    return Counter(changed.scalars())
 
 
 def send_log_summary(

@@ -4,9 +4,9 @@
     python -m retention_pipeline_tests.sending.dispatch_worker --job CONFIG_PATH DAY
 
 The first sends the pending batches of the test loop with `send_pending` and prints the
-`DispatchReport` as JSON. The second runs the Dagster job `send_reengagement_emails` for DAY in
-process, as a run worker would, and prints whether the run succeeded. Both send through the
-Resend SDK at $RESEND_API_URL.
+`DispatchReport`'s counts as JSON. The second runs the Dagster job `send_reengagement_emails`
+for DAY in process, as a run worker would, and prints whether the run succeeded. Both send
+through the Resend SDK at $RESEND_API_URL.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def dispatch(url: str) -> None:
     engine = create_engine(url)
     sender = ResendSender(API_KEY, FROM, requests_per_second=1000)
     report = send_pending(engine, schema=SCHEMA, loop_name=LOOP, sender=sender, provider="resend")
-    print(json.dumps(dataclasses.asdict(report)), flush=True)
+    counts = {name: value for name, value in dataclasses.asdict(report).items() if name != "by_day"}
+    print(json.dumps(counts), flush=True)
 
 
 def run_job(config_path: str, day: str) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,6 @@ from sqlalchemy import text
 
 from retention_pipeline_tests.helpers import write_config
 from retention_pipeline_tests.sending.support import (
-    DAY,
     SendingDatabase,
     SlowFakeResend,
     add_users,
@@ -120,9 +120,11 @@ def test_a_killed_dagster_send_run_is_run_again_and_delivers_every_email_exactly
 ) -> None:
     """The same, through the real job: the run worker dies (SIGKILL) mid-send after claiming,
     and the run launched again composes, claims nothing twice and resends under the same keys."""
-    add_users(sending_db.engine, users(500))
+    # The job claims only days within the send window of today: yesterday's audience.
+    day = datetime.now(UTC).date() - timedelta(days=1)
+    add_users(sending_db.engine, users(500), day=day)
     config = write_config(tmp_path, sending_db.url, email={"unsubscribe_secret": "s3cret"})
-    job = ["--job", str(config), DAY.isoformat()]
+    job = ["--job", str(config), day.isoformat()]
     log = tmp_path / "job.log"
     fake = SlowFakeResend(response_delay=0.3, hold_at_delivered=200)
 

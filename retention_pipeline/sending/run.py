@@ -1,0 +1,144 @@
+"""One send run: a loop's emails for one audience day, from the audience to the provider.
+
+The send job's op calls `send_loop_day` and reports what it returns; everything here is plain
+Python over SQLAlchemy, so it runs and is tested without Dagster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date, datetime
+
+from sqlalchemy import Engine
+
+from retention_pipeline.config.models import Loop, RetentionConfig
+from retention_pipeline.email.message import EmailSender
+from retention_pipeline.segments.calendar import send_window
+from retention_pipeline.sending.compose import compose_emails
+from retention_pipeline.sending.dispatch import DispatchReport, send_pending
+from retention_pipeline.sending.send_log import claim, send_log_summary
+from retention_pipeline.sending.sender_lock import sender_lock
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SendRunReport:
+    """What one send run did, by audience day, and where each day's send log stands now."""
+
+    loop_name: str
+    day: date
+    audience_days: tuple[date, ...]
+    """The days this run claimed from: `day` and the recent days before it (`send_window`)."""
+    claimed: dict[date, int]
+    """New send-log rows this run claimed, by audience day."""
+    dispatch: DispatchReport
+    ledger: dict[date, dict[str, int]]
+    """Every row of each day in `days_changed`, by status, whichever run wrote it."""
+
+    @property
+    def days_changed(self) -> list[date]:
+        """The run's own day, and every other day whose send log this run changed."""
+        return _days_changed(self.day, self.claimed, self.dispatch)
+
+    def metadata_for(self, day: date) -> dict[str, object]:
+        """One day's send-log metadata: this run's changes to that day, and the day's totals,
+        so no count of this run exceeds the total it belongs to."""
+        changes = self.dispatch.by_day.get(day, Counter())
+        return {
+            "loop": self.loop_name,
+            "send_run_day": self.day.isoformat(),
+            "send_run_audience_days": ", ".join(each.isoformat() for each in self.audience_days)
+            or "none (the day is older than the send window)",
+            "claimed_this_run": self.claimed.get(day, 0),
+            "sent_this_run": changes["sent"],
+            "failed_this_run": changes["failed"],
+            **{f"status/{status}": count for status, count in self.ledger[day].items()},
+        }
+
+    def __str__(self) -> str:
+        if self.audience_days:
+            days = ", ".join(each.isoformat() for each in self.audience_days)
+            claimed = f"claimed {sum(self.claimed.values())} new emails from audience days {days}"
+        else:
+            claimed = "claimed nothing: the day is older than the send window (history)"
+        return f"{self.loop_name} {self.day}: {claimed}; {self.dispatch}"
+
+
+def send_loop_day(
+    engine: Engine,
+    *,
+    config: RetentionConfig,
+    loop: Loop,
+    day: date,
+    now: datetime,
+    sender: EmailSender,
+    provider: str,
+    unsubscribe_secret: str,
+    holder: str,
+    log: logging.Logger = logger,
+) -> SendRunReport:
+    """Claim the loop's treated audience of `day` (and of the recent days before it) in the send
+    log, then send everything of the loop not yet confirmed.
+
+    Only one sender per loop runs at a time (`sender_lock`, named `holder`); another raises
+    `SenderBusy` before claiming anything. Audience days older than the send window at `now` are
+    history and are never claimed. A retry, or a rerun after a crash, claims nothing twice and
+    re-sends unconfirmed batches with their original Idempotency-Keys.
+    """
+    schema = config.database.schema_
+    with sender_lock(engine, schema=schema, loop_name=loop.name, holder=holder):
+        audience_days = tuple(send_window(day, now, config.timezone))
+        if not audience_days:
+            log.warning(
+                "%s %s: the audience is older than the send window, so it is history: "
+                "nothing claimed",
+                loop.name,
+                day,
+            )
+        claimed: dict[date, int] = {}
+        for audience_day in audience_days:
+            with engine.begin() as connection:
+                emails = compose_emails(
+                    connection,
+                    schema=schema,
+                    config=config,
+                    loop=loop,
+                    day=audience_day,
+                    unsubscribe_secret=unsubscribe_secret,
+                    # Claimed emails keep their stored content: rendering them again is waste.
+                    unclaimed_only=True,
+                )
+                claimed[audience_day] = claim(
+                    connection, schema=schema, loop_name=loop.name, day=audience_day, emails=emails
+                )
+            if claimed[audience_day]:
+                log.info(
+                    "%s: claimed %d new emails of audience day %s",
+                    loop.name,
+                    claimed[audience_day],
+                    audience_day,
+                )
+        dispatch = send_pending(
+            engine, schema=schema, loop_name=loop.name, sender=sender, provider=provider, log=log
+        )
+    with engine.connect() as connection:
+        ledger = {
+            each: send_log_summary(connection, schema=schema, loop_name=loop.name, day=each)
+            for each in _days_changed(day, claimed, dispatch)
+        }
+    return SendRunReport(
+        loop_name=loop.name,
+        day=day,
+        audience_days=audience_days,
+        claimed=claimed,
+        dispatch=dispatch,
+        ledger=ledger,
+    )
+
+
+def _days_changed(day: date, claimed: dict[date, int], dispatch: DispatchReport) -> list[date]:
+    changed = {day} | {each for each, count in claimed.items() if count}
+    return sorted(changed | set(dispatch.by_day))
