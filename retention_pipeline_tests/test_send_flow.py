@@ -250,12 +250,12 @@ def test_a_re_materialized_recent_day_is_sent_again_and_history_is_not():
 def project_resources(monkeypatch, tmp_path: Path, url: str, **email: str):
     """The resources the project's definitions choose for this email configuration."""
     from retention_pipeline.config.loader import CONFIG_ENV_VAR
-    from retention_pipeline.defs.resources import resources
+    from retention_pipeline.defs.resource_bindings import resource_bindings
 
     directory = tmp_path / "config"
     directory.mkdir(exist_ok=True)
     monkeypatch.setenv(CONFIG_ENV_VAR, str(write_config(directory, url, email=email)))
-    return resources().resources
+    return resource_bindings().resources
 
 
 def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is_a_choice(
