@@ -33,7 +33,6 @@ def make_emails(count: int) -> list[OutgoingEmail]:
             "company_address": "Acme Inc., 1 Example Street, Springfield",
             "unsubscribe_url": "https://app.acme.test/email/unsubscribe?token=x",
             "days_inactive": 9,
-            "last_activity": "9 days ago",
             "last_actions": ["exported a report", "created a project"],
         },
     )

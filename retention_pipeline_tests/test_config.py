@@ -110,6 +110,11 @@ def _mutated(document: dict, path: str, value) -> dict:
             0,
             "email.requests_per_second: Input should be greater than 0",
         ),
+        ("email.from", "Acme", "email.from: 'Acme' is not an email address like"),
+        ("email.from", "hello@acme", "email.from: 'hello@acme' is not an email address"),
+        ("email.from", "Acme <hello@acme.test", "email.from: 'Acme <hello@acme.test' is not"),
+        ("email.from", "a@b.c junk", "email.from: 'a@b.c junk' is not an email address"),
+        ("email.from", "a@b.c, d@e.f", "email.from: 'a@b.c, d@e.f' is not an email address"),
         ("loops.0.unknown_key", 1, "loops.0.unknown_key: Extra inputs are not permitted"),
         ("start_date", "yesterday", "start_date: Input should be a valid date"),
     ],
@@ -120,6 +125,14 @@ def test_bad_values_give_one_line_naming_the_key(document, path, value, expected
     message = str(raised.value)
     assert "\n" not in message
     assert expected in message
+
+
+@pytest.mark.parametrize(
+    "address", ["Acme <hello@acme.test>", "hello@acme.test", "a@b.c", '"Acme, Inc." <a@b.c>']
+)
+def test_a_sender_address_with_or_without_a_name_is_accepted(document, address):
+    config = parse_config(_mutated(document, "email.from", address), environ={})
+    assert config.email.from_address == address
 
 
 def test_missing_environment_variable_names_key_and_variable(document):

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.defs.emails import (
+    AUDIENCE,
     reengagement_audience,
     send_on_new_audience,
     send_reengagement_emails,
 )
+from retention_pipeline.defs.partitions import CONFIG
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
+from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import make_config, write_config
 
@@ -73,8 +77,8 @@ def test_the_daily_run_the_sensor_and_the_send_job(morning):
 
     context = dg.build_sensor_context(instance=instance)
     requests = list(send_on_new_audience(context))
-    assert [request.run_key for request in requests] == [f"re_engagement:{day}"]
     (request,) = requests
+    assert request.run_key.startswith(f"re_engagement:{day}:")
     sent = send_reengagement_emails.execute_in_process(
         run_config=request.run_config, instance=instance, resources=resources
     )
@@ -199,23 +203,59 @@ def test_the_sensor_launches_every_recent_day_once_and_skips_history(morning):
         ).success
     context = dg.build_sensor_context(instance=instance)
     requests = [item for item in send_on_new_audience(context) if isinstance(item, dg.RunRequest)]
-    assert [request.run_key for request in requests] == [
-        f"re_engagement:{each}" for each in days[1:]
+    assert [request.tags["retention/partition"] for request in requests] == [
+        each.isoformat() for each in days[1:]
     ]
     # Nothing new since: the next tick launches nothing.
     later = dg.build_sensor_context(instance=instance, cursor=context.cursor)
     assert [item for item in send_on_new_audience(later) if isinstance(item, dg.RunRequest)] == []
 
 
+def audience_landed(instance: dg.DagsterInstance, day: date) -> None:
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key=AUDIENCE, partition=day.isoformat())
+    )
+
+
+def run_requests(context: dg.SensorEvaluationContext) -> list[dg.RunRequest]:
+    return [item for item in send_on_new_audience(context) if isinstance(item, dg.RunRequest)]
+
+
+def test_a_re_materialized_recent_day_is_sent_again_and_history_is_not():
+    today = datetime.now(ZoneInfo(CONFIG.timezone)).date()
+    with dg.DagsterInstance.ephemeral() as instance:
+        audience_landed(instance, today - timedelta(days=1))
+        first = dg.build_sensor_context(instance=instance)
+        (sent_first,) = run_requests(first)
+
+        # The day is re-materialized (users were added): a new run, not the one already made.
+        audience_landed(instance, today - timedelta(days=1))
+        audience_landed(instance, today - timedelta(days=SEND_WINDOW_DAYS))
+        second = dg.build_sensor_context(instance=instance, cursor=first.cursor)
+        (sent_again,) = run_requests(second)
+
+        # Both re-materializations of one day in a single tick: one run each.
+        audience_landed(instance, today)
+        audience_landed(instance, today)
+        third = dg.build_sensor_context(instance=instance, cursor=second.cursor)
+        both = run_requests(third)
+
+    assert sent_again.tags == sent_first.tags
+    assert sent_again.run_config == sent_first.run_config
+    assert sent_again.run_key != sent_first.run_key
+    assert [request.tags["retention/partition"] for request in both] == [today.isoformat()] * 2
+    assert len({request.run_key for request in [sent_first, sent_again, *both]}) == 4
+
+
 def project_resources(monkeypatch, tmp_path: Path, url: str, **email: str):
     """The resources the project's definitions choose for this email configuration."""
     from retention_pipeline.config.loader import CONFIG_ENV_VAR
-    from retention_pipeline.defs.resources import resources
+    from retention_pipeline.defs.resource_bindings import resource_bindings
 
     directory = tmp_path / "config"
     directory.mkdir(exist_ok=True)
     monkeypatch.setenv(CONFIG_ENV_VAR, str(write_config(directory, url, email=email)))
-    return resources().resources
+    return resource_bindings().resources
 
 
 def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is_a_choice(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, timedelta
+from email.utils import parseaddr
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,6 +20,10 @@ from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cr
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 DURATION_PATTERN = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# A local part, "@", and a domain of at least two labels; no spaces, brackets or separators.
+EMAIL_ADDRESS_PATTERN = re.compile(
+    r'[^\s@<>,;:()"\[\]]+@[^\s@<>,;:()"\[\].]+(\.[^\s@<>,;:()"\[\].]+)+'
+)
 
 SEGMENTS = (
     "new",
@@ -190,6 +195,23 @@ class EmailSettings(StrictModel):
     company_address: str = "Acme Inc., 1 Example Street, Springfield"
     unsubscribe_url: str = "https://app.acme.test/email/unsubscribe"
     unsubscribe_secret: str | None = None
+
+    @field_validator("from_address")
+    @classmethod
+    def _an_address(cls, value: str) -> str:
+        # parseaddr never fails: it drops an unclosed "<" and glues trailing words onto the
+        # address, so the address must also be the whole value or its "<...>" part.
+        _name, address = parseaddr(value)
+        whole = value.strip()
+        if not (
+            EMAIL_ADDRESS_PATTERN.fullmatch(address)
+            and (whole == address or whole.endswith(f"<{address}>"))
+        ):
+            raise ValueError(
+                f"{value!r} is not an email address like 'Acme <hello@acme.test>' or "
+                "'hello@acme.test'"
+            )
+        return value
 
     @field_validator("unsubscribe_url")
     @classmethod

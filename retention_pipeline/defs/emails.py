@@ -158,8 +158,8 @@ def send_reengagement_emails():
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description=(
-        "Every new audience partition of the last days launches one send run per loop; older "
-        "partitions (backfills) are history and are not emailed."
+        "Every new materialization of an audience partition of the last days launches one send "
+        "run per loop; older partitions (backfills) are history and are not emailed."
     ),
 )
 def send_on_new_audience(context: dg.SensorEvaluationContext):
@@ -182,7 +182,9 @@ def send_on_new_audience(context: dg.SensorEvaluationContext):
             continue
         for loop in CONFIG.loops:
             yield dg.RunRequest(
-                run_key=f"{loop.name}:{partition}",
+                # One run per materialization, not per day: a re-materialized audience may hold
+                # new users, and the send log's claims keep a second run from sending twice.
+                run_key=f"{loop.name}:{partition}:{record.storage_id}",
                 run_config=dg.RunConfig(
                     ops={"send_emails": SendConfig(loop=loop.name, partition_date=partition)}
                 ),

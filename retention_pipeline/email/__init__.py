@@ -3,7 +3,7 @@
 Plain Python, no Dagster: the `defs` modules wire it into the send job.
 """
 
-from retention_pipeline.email.humanize import describe_action, time_ago
+from retention_pipeline.email.humanize import describe_action
 from retention_pipeline.email.message import EmailSender, OutgoingEmail, SendResult
 from retention_pipeline.email.outbox import OutboxSender
 from retention_pipeline.email.render import (
@@ -35,7 +35,6 @@ __all__ = [
     "describe_action",
     "make_token",
     "render_email",
-    "time_ago",
     "unsubscribe_headers",
     "unsubscribe_url",
     "verify_token",

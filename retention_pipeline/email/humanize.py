@@ -1,4 +1,4 @@
-"""Turn timestamps and product event names into words for the person reading an email."""
+"""Count the days a reader was away, and turn product event names into words for an email."""
 
 from __future__ import annotations
 
@@ -102,39 +102,11 @@ _BASE_OF_PAST = {past: base for base, past in _PAST.items()}
 
 
 def calendar_days(then: datetime, now: datetime, tz: str | None = None) -> int:
-    """How many midnights in the reader's time zone `tz` lie between `then` and `now`."""
+    """How many midnights in the reader's time zone `tz` (an IANA name) lie between `then` and
+    `now`. An unknown or missing zone means UTC, because a bad value in a user's profile must not
+    stop an email; naive datetimes are taken as UTC."""
     zone = _zone(tz)
     return (_aware(now).astimezone(zone).date() - _aware(then).astimezone(zone).date()).days
-
-
-def time_ago(then: datetime, now: datetime, tz: str | None = None) -> str:
-    """How long before `now` `then` was, as people say it: "3 hours ago", "yesterday".
-
-    Calendar words ("yesterday") follow the reader's time zone `tz` (an IANA name); an unknown or
-    missing zone means UTC, because a bad value in a user's profile must not stop an email. Naive
-    datetimes are taken as UTC. A `then` after `now` (clock skew) reads "just now".
-    """
-    zone = _zone(tz)
-    then_local = _aware(then).astimezone(zone)
-    now_local = _aware(now).astimezone(zone)
-    seconds = (now_local - then_local).total_seconds()
-    if seconds < 60:
-        return "just now"
-    if seconds < 3600:
-        return _ago(int(seconds // 60), "minute", "a")
-    days = calendar_days(then, now, tz)
-    # Late last night is "3 hours ago" in the morning, not "yesterday".
-    if days == 0 or seconds < 6 * 3600:
-        return _ago(int(seconds // 3600), "hour", "an")
-    if days == 1:
-        return "yesterday"
-    if days < 14:
-        return f"{days} days ago"
-    if days < 30:
-        return f"{days // 7} weeks ago"
-    if days < 365:
-        return _ago(days // 30, "month", "a")
-    return _ago(days // 365, "year", "a")
 
 
 def describe_action(event_name: str) -> str:
@@ -175,10 +147,6 @@ def _zone(tz: str | None) -> tzinfo:
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _ago(count: int, unit: str, article: str) -> str:
-    return f"{article} {unit} ago" if count == 1 else f"{count} {unit}s ago"
 
 
 def _words(event_name: str) -> list[str]:

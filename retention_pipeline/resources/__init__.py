@@ -1,1 +1,2 @@
-"""Dagster resources: thin wrappers over the plain modules."""
+"""Dagster resource classes: thin wrappers over the plain modules. The one home for them;
+`defs/resource_bindings.py` only binds them to resource keys."""

@@ -19,7 +19,6 @@ from retention_pipeline.email.humanize import (
     GENERIC_ACTION,
     calendar_days,
     describe_action,
-    time_ago,
 )
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.email.render import render_email
@@ -129,8 +128,8 @@ def email_context(
 ) -> dict[str, Any]:
     """What a template sees for one user (`row`: the audience row joined with the snapshot),
     with every time-relative word computed against `as_of`, never the wall clock."""
-    # Calendar words ("yesterday", "9 days ago") are said from within the day, not from the next
-    # midnight, so they agree with `days_inactive`.
+    # Days away are counted from within the day, not from the next midnight: at the end of the
+    # 20th, a user last seen on the 11th has been away 9 days, not 10.
     said_at = as_of - timedelta(microseconds=1)
     reader_timezone = row["timezone"] or config.timezone
     user = {
@@ -149,18 +148,13 @@ def email_context(
         "company_address": config.email.company_address,
         "unsubscribe_url": unsubscribe_link,
         "days_inactive": _days_inactive(row, said_at, reader_timezone),
-        "last_activity": (
-            time_ago(row["last_activity_at"], said_at, reader_timezone)
-            if row["last_activity_at"] is not None
-            else ""
-        ),
         "last_actions": _phrases(row["last_actions"]),
     }
 
 
 def _days_inactive(row: Mapping[str, Any], said_at: datetime, timezone: str) -> int:
-    # Calendar days in the reader's time zone, as `time_ago` counts them, so "It's been 10 days"
-    # and "(10 days ago)" in one email agree; a user never active counts from signup.
+    # Calendar days in the reader's time zone, the one measure of the absence an email gives
+    # (never also "2 weeks ago"); a user never active counts from signup.
     since = row["last_activity_at"] or row["signed_up_at"]
     if since is None:
         return 0

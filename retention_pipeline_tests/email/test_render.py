@@ -24,7 +24,6 @@ def context(**overrides: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "user": {"name": "Ada Lovelace", "email": "ada@example.com"},
         "days_inactive": 8,
-        "last_activity": "8 days ago",
         "last_actions": ["exported a report", "sent an invite", "viewed a dashboard"],
         "product_name": "Acme Analytics",
         "app_url": APP_URL,
@@ -95,7 +94,7 @@ def test_a_hostile_name_is_escaped_in_html(template: str) -> None:
     "user", [{"name": None, "email": "x@example.com"}, {"name": "  ", "email": "x@example.com"}]
 )
 def test_a_missing_name_falls_back(template: str, user: dict[str, Any]) -> None:
-    email = render_email(template, context(user=user, last_actions=[], last_activity=None))
+    email = render_email(template, context(user=user, last_actions=[]))
 
     assert "Hi there," in email.text
     assert "None" not in email.html + email.text + email.subject

@@ -1,4 +1,5 @@
-"""Resources shared by every asset, job and sensor."""
+"""Binds the resource classes of `retention_pipeline.resources` to the keys every asset, job and
+sensor asks for (`app_database`, `email`), choosing the email sender from the configuration."""
 
 import dagster as dg
 
@@ -15,7 +16,7 @@ from retention_pipeline.resources.email import (
 
 
 @dg.definitions
-def resources() -> dg.Definitions:
+def resource_bindings() -> dg.Definitions:
     config = load_config()
     email = config.email
     if email_provider(config) == "resend":
