@@ -165,7 +165,7 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
         return 0
     update = update_rollup(engine, config)
     print(
-        f"rollup updated: {update.events:,} events and {update.sessions:,} sessions folded"
+        f"rollup updated: folded {update.events:,} event(s) and {update.sessions:,} session(s)"
         + (f" (recomputed from {update.recomputed_from})" if update.recomputed_from else "")
         + (f"; late rows for {', '.join(map(str, update.late_days))}" if update.late_days else "")
     )

@@ -48,7 +48,7 @@ def activity_rollup(
             f"{update.late_days[0]} to include them"
         )
     context.log.info(
-        f"folded {update.events:,} events and {update.sessions:,} sessions into "
+        f"folded {update.events:,} event(s) and {update.sessions:,} session(s) into "
         f"{update.user_days:,} user-days in {update.seconds:.1f}s"
         + (f"; erased {update.erased_users} deleted user(s)" if update.erased_users else "")
     )
