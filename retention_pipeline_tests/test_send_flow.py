@@ -322,3 +322,28 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
     audience_logs = [entry.user_message for entry in instance.all_logs(daily.run_id)]
     assert any("users meet the condition" in m for m in audience_logs)
     assert not [m for m in audience_logs if "Report(" in m or "Summary(" in m]
+
+
+def test_the_demo_database_that_dev_hands_dagster_still_means_the_outbox(tmp_path, monkeypatch):
+    """`retention-pipeline dev` gives its Dagster processes the embedded server's URL; their
+    send runs must still write to the outbox, not look for a Resend key."""
+    from retention_pipeline.config import load_config
+    from retention_pipeline.database import embedded
+    from retention_pipeline.defs.resource_bindings import resource_bindings
+    from retention_pipeline.resources.email import email_provider
+
+    monkeypatch.setenv("RETENTION_HOME", str(tmp_path))
+    monkeypatch.delenv("RESEND_API_KEY", raising=False)
+    shipped_provider = {"provider": "resend"}
+    monkeypatch.setenv("RETENTION_CONFIG", str(write_config(tmp_path, "", email=shipped_provider)))
+    demo_url = embedded.sqlalchemy_url(
+        f"postgresql://postgres:@/postgres?host={embedded.data_directory()}", "app"
+    )
+    monkeypatch.setenv("RETENTION_DATABASE_URL", demo_url)
+    assert email_provider(load_config()) == "outbox"
+    assert isinstance(resource_bindings().resources["email"], OutboxEmail)
+    # Any other server is the user's own: its emails go through Resend.
+    monkeypatch.setenv(
+        "RETENTION_DATABASE_URL", "postgresql+psycopg://postgres@/app?host=/elsewhere/pgdata"
+    )
+    assert email_provider(load_config()) == "resend"

@@ -24,7 +24,14 @@ def normalize_url(url: str) -> str:
 
 
 def uses_embedded_database(config: RetentionConfig) -> bool:
-    return not (config.database.url or os.environ.get(DATABASE_URL_ENV_VAR))
+    """Whether the app database is the embedded demo server: no URL configured, or the URL of
+    that server, which `retention-pipeline dev` hands the Dagster processes it starts."""
+    url = config.database.url or os.environ.get(DATABASE_URL_ENV_VAR)
+    if not url:
+        return True
+    from retention_pipeline.database import embedded
+
+    return embedded.is_embedded_url(url)
 
 
 def resolve_database_url(config: RetentionConfig) -> str:

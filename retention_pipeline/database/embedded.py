@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from retention_pipeline.config.loader import project_root
 
@@ -26,6 +27,14 @@ def retention_home() -> Path:
 
 def data_directory(home: Path | None = None) -> Path:
     return (home or retention_home()) / "pgdata"
+
+
+def is_embedded_url(url: str, home: Path | None = None) -> bool:
+    """Whether `url` points at this home's embedded server (through its socket folder)."""
+    socket_folder = make_url(url).query.get("host")
+    return isinstance(socket_folder, str) and (
+        Path(socket_folder).resolve() == data_directory(home).resolve()
+    )
 
 
 def _server(home: Path | None):
