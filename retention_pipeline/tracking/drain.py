@@ -29,7 +29,6 @@ from retention_pipeline.tracking.state import lock, read_state, require_complete
 class RollupUpdate:
     """What one update of the rollup did."""
 
-    mode: str
     events: int
     sessions: int
     user_days: int
@@ -118,7 +117,6 @@ def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
         erased_users, erased_keys = erase_users(connection, sql.schema)
         late = _late_days(connection, sql, {day for fold in folds for day in fold.days})
     return RollupUpdate(
-        mode=config.database.tracking,
         events=sum(fold.events for fold in folds),
         sessions=sum(fold.sessions for fold in folds),
         user_days=sum(fold.user_days for fold in folds),
