@@ -144,6 +144,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             if report.rebuilt_chunks
             else ""
         )
+        + (
+            f"; daily partitions start at {config.start_date} (start_date)"
+            if config.start_date
+            else f"; daily partitions start at {report.first_data_day} (the first day with data)"
+        )
     )
     return 0
 

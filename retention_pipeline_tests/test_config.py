@@ -231,3 +231,14 @@ def test_the_partitions_start_at_the_configured_start_date(document):
     assert load_config(SHIPPED, environ={}).start_date == date(2026, 8, 1)
     config = parse_config({**document, "start_date": "2026-10-01"}, environ={})
     assert config.start_date == date(2026, 10, 1)
+
+
+def test_loops_may_each_have_their_own_cron_and_recovery(document):
+    second = copy.deepcopy(document["loops"][0])
+    second["name"] = "second"
+    second["steps"][0]["trigger"]["cron"] = "30 15 * * 1-5"
+    second["recovery"] = {"retries": 0}
+    document["loops"].append(second)
+    config = parse_config(document, environ={})
+    assert [loop.trigger.cron for loop in config.loops] == ["0 9 * * *", "30 15 * * 1-5"]
+    assert [loop.recovery.retries for loop in config.loops] == [3, 0]

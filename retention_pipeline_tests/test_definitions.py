@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import date
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +12,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config.loader import project_root
+from retention_pipeline.database.connection import normalize_url, redact
+from retention_pipeline.database.migrate import head_revision
 from retention_pipeline.defs.activity import activity_rollup
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.email.message import OutgoingEmail
@@ -18,6 +21,8 @@ from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import insert_sent_email, make_config, write_config
+
+HEAD = head_revision()
 
 
 def test_dg_check_defs_passes(tmp_path: Path):
@@ -116,7 +121,7 @@ def test_rollup_asset_refuses_an_uninstalled_database(app_database_url, tmp_path
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]
     message = failure.step_failure_data.error.message
-    assert "is at revision none, expected 0004: run `retention-pipeline db upgrade`" in message
+    assert f"is at revision none, expected {HEAD}: run `retention-pipeline db upgrade`" in message
 
 
 def test_the_rollup_asset_erases_deleted_users_and_their_outbox_files(app_database_url, tmp_path):
@@ -236,3 +241,63 @@ def test_the_definitions_read_retention_config_and_start_at_its_start_date(tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "2026-10-01"
+
+
+def first_partition_of(config: Path) -> subprocess.CompletedProcess:
+    program = (
+        "from retention_pipeline.definitions import defs; "
+        "print(defs.resolve_job_def('daily_retention').partitions_def.get_first_partition_key())"
+    )
+    return subprocess.run(
+        [os.sys.executable, "-c", program],
+        env={**os.environ, "RETENTION_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_without_start_date_the_partitions_start_at_the_first_day_with_data(
+    app_database_url, tmp_path
+):
+    config = write_config(tmp_path, app_database_url)
+    config.write_text(
+        "\n".join(line for line in config.read_text().splitlines() if "start_date" not in line)
+    )
+    not_installed = first_partition_of(config)
+    assert not_installed.returncode != 0
+    assert (
+        not_installed.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"start_date: not set, and {redact(normalize_url(app_database_url))} has no installed "
+            "pipeline to read the first day with data from: run `retention-pipeline db upgrade`, "
+            "or set start_date"
+        )
+    )
+
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO users (id, email, created_at) VALUES ('1', 'a@example.com', "
+                "'2026-02-01'), ('2', 'b@example.com', '2026-03-01')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO sessions (user_id, created_at) VALUES "
+                "('2', '2026-03-05 10:00+00'), ('1', '2026-03-02 23:30+00')"
+            )
+        )
+    report = install(engine, make_config(app_database_url))
+    assert report.first_data_day == date(2026, 3, 2)
+    installed = first_partition_of(config)
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout.strip() == "2026-03-02"
+
+    # Later installs keep it, even once that history is gone.
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM users WHERE id = '1'"))
+    assert install(engine, make_config(app_database_url)).first_data_day == date(2026, 3, 2)
+    engine.dispose()

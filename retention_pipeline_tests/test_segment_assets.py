@@ -12,7 +12,7 @@ from dagster._utils.schedules import cron_string_iterator
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import parse_config
-from retention_pipeline.defs.schedules import build_daily_schedule, daily_retention_job
+from retention_pipeline.defs.schedules import build_daily_schedules, daily_retention_job
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.tracking.install import install
@@ -113,14 +113,14 @@ def berlin_config():
     ],
 )
 def test_the_schedule_runs_the_day_just_ended_in_the_loop_timezone(tick, partition):
-    schedule = build_daily_schedule(berlin_config(), daily_retention_job)
+    (schedule,) = build_daily_schedules(berlin_config(), daily_retention_job)
     request = schedule(dg.build_schedule_context(scheduled_execution_time=tick))
     assert request.partition_key == partition
     assert request.run_key == partition
 
 
 def test_the_schedule_fires_at_nine_local_time_across_daylight_saving():
-    schedule = build_daily_schedule(berlin_config(), daily_retention_job)
+    (schedule,) = build_daily_schedules(berlin_config(), daily_retention_job)
     assert schedule.execution_timezone == "Europe/Berlin"
     start = datetime(2026, 3, 27, 12, tzinfo=UTC).timestamp()
     ticks = cron_string_iterator(start, schedule.cron_schedule, "Europe/Berlin")

@@ -3,28 +3,37 @@ send job, the outbox holds one readable email per treated user, and nothing is s
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+import copy
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
+import yaml
+from dagster._core.definitions.dependency import NodeHandle
 from sqlalchemy import create_engine, text
 
+from retention_pipeline.config import parse_config
 from retention_pipeline.defs.emails import (
     AUDIENCE,
+    build_send_job,
+    loops_picked,
     reengagement_audience,
+    send_jobs,
     send_on_new_audience,
-    send_reengagement_emails,
 )
 from retention_pipeline.defs.partitions import CONFIG
+from retention_pipeline.defs.schedules import build_daily_schedules, daily_retention_job
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import make_config, write_config
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, write_config
+
+(send_re_engagement,) = send_jobs  # the shipped configuration has one loop
 
 
 @pytest.fixture
@@ -79,7 +88,7 @@ def test_the_daily_run_the_sensor_and_the_send_job(morning):
     requests = list(send_on_new_audience(context))
     (request,) = requests
     assert request.run_key.startswith(f"re_engagement:{day}:")
-    sent = send_reengagement_emails.execute_in_process(
+    sent = send_re_engagement.execute_in_process(
         run_config=request.run_config, instance=instance, resources=resources
     )
     assert sent.success
@@ -102,7 +111,7 @@ def test_the_daily_run_the_sensor_and_the_send_job(morning):
     assert materialization.metadata["sent_this_run"].value == len(users)
 
     # A second run for the same day sends nothing, and the sensor asks for no new run.
-    again = send_reengagement_emails.execute_in_process(
+    again = send_re_engagement.execute_in_process(
         run_config=request.run_config, instance=instance, resources=resources
     )
     assert again.success
@@ -118,7 +127,7 @@ def test_the_daily_run_the_sensor_and_the_send_job(morning):
     assert dg.materialize(
         [reengagement_audience], partition_key=day, instance=instance, resources=resources
     ).success
-    third = send_reengagement_emails.execute_in_process(
+    third = send_re_engagement.execute_in_process(
         run_config=request.run_config, instance=instance, resources=resources
     )
     assert third.success
@@ -273,14 +282,12 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
         resources=resources,
     )
     assert daily.success
-    run_config = {
-        "ops": {"send_emails": {"config": {"loop": "re_engagement", "partition_date": day}}}
-    }
+    run_config = {"ops": {"send_emails": {"config": {"partition_date": day}}}}
 
     chosen = project_resources(
         monkeypatch, tmp_path, url, provider="resend", unsubscribe_secret="s"
     )
-    failed = send_reengagement_emails.execute_in_process(
+    failed = send_re_engagement.execute_in_process(
         run_config=run_config,
         instance=instance,
         resources=chosen,
@@ -307,7 +314,7 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
 
     # Choosing the outbox writes the emails there; the key stays unset.
     chosen = project_resources(monkeypatch, tmp_path, url, provider="outbox")
-    sent = send_reengagement_emails.execute_in_process(
+    sent = send_re_engagement.execute_in_process(
         run_config=run_config, instance=instance, resources=chosen
     )
     assert sent.success
@@ -347,3 +354,105 @@ def test_the_demo_database_that_dev_hands_dagster_still_means_the_outbox(tmp_pat
         "RETENTION_DATABASE_URL", "postgresql+psycopg://postgres@/app?host=/elsewhere/pgdata"
     )
     assert email_provider(load_config()) == "resend"
+
+
+def two_loop_document() -> dict:
+    """The shipped loop at 09:00, and a second loop, `win_back`, at 15:00 with its own retries."""
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    win_back = copy.deepcopy(document["loops"][0])
+    win_back["name"] = "win_back"
+    win_back["steps"][0]["trigger"]["cron"] = "0 15 * * *"
+    win_back["steps"][0]["condition"] = {"type": "segment", "segment": "dormant"}
+    win_back["recovery"] = {"retries": 1, "backoff": "none", "delay": "10s"}
+    document["loops"].append(win_back)
+    return document
+
+
+def test_each_loop_runs_at_its_own_cron_and_sends_with_its_own_job(morning, tmp_path):
+    engine, instance, resources, day, _outbox = morning
+    document = two_loop_document()
+    config = parse_config(document, environ={})
+
+    schedules = {s.name: s for s in build_daily_schedules(config, daily_retention_job)}
+    assert {name: s.cron_schedule for name, s in schedules.items()} == {
+        "daily_retention_re_engagement": "0 9 * * *",
+        "daily_retention_win_back": "0 15 * * *",
+    }
+    tick = datetime.combine(date.fromisoformat(day) + timedelta(days=1), time(15), UTC)
+    request = schedules["daily_retention_win_back"](
+        dg.build_schedule_context(scheduled_execution_time=tick)
+    )
+    assert request.partition_key == day
+
+    # The 15:00 run picks the win_back audience only; the 09:00 run's picks stay as they were.
+    (tmp_path / "two").mkdir()
+    path = write_config(tmp_path / "two", resources["app_database"].config.database.url)
+    path.write_text(
+        yaml.safe_dump({**yaml.safe_load(path.read_text()), "loops": document["loops"]})
+    )
+    two_loops = {**resources, "app_database": AppDatabase(config_path=str(path))}
+    result = dg.materialize(
+        [user_activity_snapshot, engagement_segments, reengagement_audience],
+        partition_key=day,
+        instance=instance,
+        resources=two_loops,
+        run_config=request.run_config,
+    )
+    assert result.success
+    with engine.connect() as connection:
+        picked = connection.execute(
+            text(
+                "SELECT DISTINCT loop_name FROM retention.reengagement_audience "
+                "WHERE partition_date = :day"
+            ),
+            {"day": day},
+        ).scalars()
+        assert list(picked) == ["win_back"]
+    (materialization,) = result.asset_materializations_for_node("retention__reengagement_audience")
+    assert materialization.metadata["loops"].value == "win_back"
+    assert materialization.metadata["win_back/treatment"].value > 0
+    assert loops_picked(materialization) == ["win_back"]
+
+    # Each loop sends through its own job, tagged with the loop on every run, retrying as the
+    # loop's recovery says.
+    loop = config.loop("win_back")
+    job = build_send_job(loop)
+    assert job.name == "send_win_back"
+    assert job.run_tags["retention/loop"] == "win_back"
+    policy = job.get_retry_policy_for_handle(NodeHandle("send_emails", None))
+    assert (policy.max_retries, policy.delay, policy.backoff) == (1, 10, None)
+    shipped = send_re_engagement.get_retry_policy_for_handle(NodeHandle("send_emails", None))
+    assert (shipped.max_retries, shipped.backoff) == (3, dg.Backoff.EXPONENTIAL)
+
+
+def test_a_send_run_launched_without_tags_carries_its_loop_tag(morning):
+    _engine, instance, resources, day, _outbox = morning
+    run = send_re_engagement.execute_in_process(
+        run_config={"ops": {"send_emails": {"config": {"partition_date": day}}}},
+        instance=instance,
+        resources=resources,
+    )
+    assert run.success
+    assert instance.get_run_by_id(run.run_id).tags["retention/loop"] == "re_engagement"
+
+
+def test_the_sensor_sends_the_loops_an_audience_picked_through_their_jobs():
+    today = datetime.now(ZoneInfo(CONFIG.timezone)).date()
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=AUDIENCE, partition=today.isoformat(), metadata={"loops": ""}
+            )
+        )
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=AUDIENCE,
+                partition=today.isoformat(),
+                metadata={"loops": "re_engagement"},
+            )
+        )
+        (request,) = run_requests(dg.build_sensor_context(instance=instance))
+    assert request.job_name == "send_re_engagement"
+    assert request.run_config["ops"] == {
+        "send_emails": {"config": {"partition_date": today.isoformat()}}
+    }

@@ -740,7 +740,8 @@ def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url)
         connection.execute(
             text(
                 "ALTER TABLE retention.tracking_state DROP COLUMN capture_slot, "
-                "DROP COLUMN rebuild_pending, DROP COLUMN last_drained_at"
+                "DROP COLUMN rebuild_pending, DROP COLUMN last_drained_at, "
+                "DROP COLUMN first_data_day"
             )
         )
         connection.execute(text("CREATE TABLE retention.tracking_errors (id int)"))
@@ -748,6 +749,7 @@ def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url)
         assert migrate.current_revision(connection, "retention") == "0003"
     report = install(engine, config)
     assert report.rebuilt_chunks == 0
+    assert report.first_data_day == date(2026, 11, 20)
     insert_events(engine, [(1, "after", "2026-11-20T11:00Z")])
     update_rollup(engine, config)
     assert rollup(engine) == truth(engine) == [("1", date(2026, 11, 20), 2, 0)]

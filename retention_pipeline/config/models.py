@@ -419,9 +419,10 @@ class RetentionConfig(StrictModel):
     activity: ActivitySettings = ActivitySettings()
     email: EmailSettings = EmailSettings()
     loops: list[Loop] = Field(min_length=1)
-    start_date: date = Field(
-        date(2026, 1, 1),
-        description="the first daily partition: the first day snapshots and emails are made for",
+    start_date: date | None = Field(
+        None,
+        description="the first daily partition: the first day snapshots and emails are made "
+        "for (default: the first day with activity when the pipeline was installed)",
     )
 
     @model_validator(mode="after")
@@ -437,15 +438,6 @@ class RetentionConfig(StrictModel):
                     f"loops.{index}.steps.0.trigger.timezone: all loops share one timezone, "
                     f"because daily partitions and the activity rollup use it "
                     f"({first.timezone!r} vs {loop.trigger.timezone!r})"
-                )
-            if loop.trigger.cron != first.cron:
-                raise ValueError(
-                    f"loops.{index}.steps.0.trigger.cron: all loops share one schedule, because "
-                    f"one daily run serves them all ({first.cron!r} vs {loop.trigger.cron!r})"
-                )
-            if loop.recovery != self.loops[0].recovery:
-                raise ValueError(
-                    f"loops.{index}.recovery: all loops share the send job's retry policy"
                 )
         return self
 

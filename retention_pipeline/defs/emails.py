@@ -6,6 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from retention_pipeline.audience.build import build_audience
+from retention_pipeline.config.models import Loop
 from retention_pipeline.defs.partitions import CONFIG, daily_partitions, previous_day_of
 from retention_pipeline.defs.retries import retry_policy
 from retention_pipeline.defs.segments import SEGMENTS
@@ -19,7 +20,22 @@ from retention_pipeline.sending.sender_lock import SenderBusy
 AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
 SENSOR_BATCH = 100
 LOOP_TAG = "retention/loop"
+LOOPS_METADATA = "loops"
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
+
+
+class AudienceConfig(dg.Config):
+    loops: list[str] | None = Field(
+        None, description="the loops to pick the day's audience for (default: every loop)"
+    )
+
+
+def loops_picked(materialization: dg.AssetMaterialization | None) -> list[str]:
+    """The loops an audience materialization picked users for, as its `loops` metadata says."""
+    picked = materialization.metadata.get(LOOPS_METADATA) if materialization else None
+    if picked is None:  # reported without the pipeline's metadata: it stands for every loop
+        return [loop.name for loop in CONFIG.loops]
+    return [name for name in picked.value.split(",") if name]
 
 
 @dg.asset(
@@ -37,17 +53,23 @@ SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
         "unreachable, frequency-capped and returned users, split into treatment and holdout."
     ),
 )
-def reengagement_audience(context: dg.AssetExecutionContext, app_database: AppDatabase):
+def reengagement_audience(
+    context: dg.AssetExecutionContext, config: AudienceConfig, app_database: AppDatabase
+):
     app_database.ensure_installed()
     day = date.fromisoformat(context.partition_key)
-    config = app_database.config
-    metadata: dict[str, object] = {}
+    settings = app_database.config
+    try:
+        loops = settings.loops if config.loops is None else [settings.loop(n) for n in config.loops]
+    except ValueError as unknown:
+        raise dg.Failure(description=f"config.loops: {unknown}") from None
+    metadata: dict[str, object] = {LOOPS_METADATA: ",".join(loop.name for loop in loops)}
     total = 0
-    for loop in config.loops:
+    for loop in loops:
         candidates = condition_user_ids(app_database.engine, app_database.schema, loop, day)
         with app_database.engine.begin() as connection:
             summary = build_audience(
-                connection, config=config, loop=loop, day=day, candidates=candidates
+                connection, config=settings, loop=loop, day=day, candidates=candidates
             )
         total += summary.treatment + summary.holdout
         metadata.update(
@@ -78,37 +100,29 @@ email_send_log = dg.AssetSpec(
     kinds={"postgres", "resend"},
     description=(
         "Every email claimed, sent or failed, one row per loop, user, episode and step: the "
-        "exactly-once ledger. Materialized by the send_reengagement_emails job."
+        "exactly-once ledger. Materialized by each loop's send job (send_LOOP)."
     ),
 )
 
 
 class SendConfig(dg.Config):
-    loop: str = Field(description="the loop whose audience to send")
     partition_date: str = Field(description="the audience day, YYYY-MM-DD")
 
 
-@dg.op(
-    retry_policy=retry_policy(CONFIG.loops[0].recovery),
-    tags={"retention/kind": "send"},
-)
+@dg.op(tags={"retention/kind": "send"})
 def send_emails(
     context: dg.OpExecutionContext,
     config: SendConfig,
     app_database: AppDatabase,
     email: EmailResource,
 ):
-    """Claim the day's treated audience in the send log, then send what is not yet confirmed
-    (`send_loop_day`), and report each changed day of the send log."""
+    """Claim the day's treated audience of the job's loop in the send log, then send what is not
+    yet confirmed (`send_loop_day`), and report each changed day of the send log."""
     app_database.ensure_installed()
     settings = app_database.config
-    loop = settings.loop(config.loop)
+    # The job's own tag, not the run's: a tag edited at launch cannot point a job at another loop.
+    loop = settings.loop(context.job_def.tags[LOOP_TAG])
     day = date.fromisoformat(config.partition_date)
-    if context.run_tags.get(LOOP_TAG) != loop.name:
-        # A run launched by hand or re-executed may lack the tag the sensor gives; tagged now,
-        # the queue's per-loop limit holds back other send runs of the loop while it runs.
-        # The sender lock, not the tag, is what keeps two senders of a loop apart.
-        context.instance.add_run_tags(context.run_id, {LOOP_TAG: loop.name})
     # Both fail here, before anything is claimed, when a secret or the key is missing.
     secret = unsubscribe_secret(settings.email.unsubscribe_secret, email.provider)
     sender = email.sender(log=context.log)
@@ -144,22 +158,36 @@ def send_emails(
         )
 
 
-@dg.job(
-    name="send_reengagement_emails",
-    description="Send one loop's emails for one audience day, exactly once.",
-    tags={"retention/kind": "send"},
-)
-def send_reengagement_emails():
-    send_emails()
+def send_job_name(loop_name: str) -> str:
+    return f"send_{loop_name}"
+
+
+def build_send_job(loop: Loop) -> dg.JobDefinition:
+    """The loop's own send job: its tag is on every run, however launched (sensor, Launchpad,
+    re-execution), so the queue's one-run-per-loop limit always applies, and its step retries
+    as the loop's `recovery` says."""
+
+    @dg.job(
+        name=send_job_name(loop.name),
+        description=f"Send the {loop.name} loop's emails for one audience day, exactly once.",
+        tags={"retention/kind": "send", LOOP_TAG: loop.name},
+    )
+    def send_loop_emails():
+        send_emails.with_retry_policy(retry_policy(loop.recovery))()
+
+    return send_loop_emails
+
+
+send_jobs = [build_send_job(loop) for loop in CONFIG.loops]
 
 
 @dg.sensor(
-    job=send_reengagement_emails,
+    jobs=send_jobs,
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description=(
         "Every new materialization of an audience partition of the last days launches one send "
-        "run per loop; older partitions (backfills) are history and are not emailed."
+        "run per loop it picked; older partitions (backfills) are history and are not emailed."
     ),
 )
 def send_on_new_audience(context: dg.SensorEvaluationContext):
@@ -180,14 +208,13 @@ def send_on_new_audience(context: dg.SensorEvaluationContext):
         ):
             context.log.info(f"audience {partition} is history: not emailed")
             continue
-        for loop in CONFIG.loops:
+        for loop_name in loops_picked(record.asset_materialization):
             yield dg.RunRequest(
+                job_name=send_job_name(loop_name),
                 # One run per materialization, not per day: a re-materialized audience may hold
                 # new users, and the send log's claims keep a second run from sending twice.
-                run_key=f"{loop.name}:{partition}:{record.storage_id}",
-                run_config=dg.RunConfig(
-                    ops={"send_emails": SendConfig(loop=loop.name, partition_date=partition)}
-                ),
-                tags={LOOP_TAG: loop.name, "retention/partition": partition},
+                run_key=f"{loop_name}:{partition}:{record.storage_id}",
+                run_config=dg.RunConfig(ops={"send_emails": SendConfig(partition_date=partition)}),
+                tags={"retention/partition": partition},
             )
     context.update_cursor(str(records[-1].storage_id))

@@ -3,11 +3,12 @@
 import dagster as dg
 
 from retention_pipeline.config import load_config
+from retention_pipeline.tracking.state import partitions_start_date
 
 CONFIG = load_config()
 
 daily_partitions = dg.DailyPartitionsDefinition(
-    start_date=CONFIG.start_date.isoformat(),
+    start_date=partitions_start_date(CONFIG).isoformat(),
     timezone=CONFIG.timezone,
 )
 

@@ -1,10 +1,10 @@
-"""The daily run: every loop's assets for the day just ended, at the loops' trigger time."""
+"""The daily run: the loops' assets for the day just ended, at each loop's trigger time."""
 
 import dagster as dg
 
 from retention_pipeline.config import RetentionConfig
 from retention_pipeline.defs.activity import ROLLUP
-from retention_pipeline.defs.emails import AUDIENCE
+from retention_pipeline.defs.emails import AUDIENCE, AudienceConfig
 from retention_pipeline.defs.partitions import CONFIG
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.segments.calendar import day_just_ended
@@ -17,23 +17,51 @@ daily_retention_job = dg.define_asset_job(
 )
 
 
-def build_daily_schedule(config: RetentionConfig, job) -> dg.ScheduleDefinition:
-    """At the loops' cron (default 09:00) in their timezone, run the day that just ended."""
-    timezone = config.timezone
+def build_daily_schedules(config: RetentionConfig, job) -> list[dg.ScheduleDefinition]:
+    """One schedule per distinct loop cron, in the loops' shared timezone: each runs the day that
+    just ended for the loops with that cron. Loops that share a cron share a run, so the day's
+    snapshot is not built twice at once; with a single cron the schedule is
+    `daily_retention_schedule`, otherwise `daily_retention_<loop>[_<loop>...]`."""
+    by_cron: dict[str, list[str]] = {}
+    for loop in config.loops:
+        by_cron.setdefault(loop.trigger.cron, []).append(loop.name)
+    return [
+        _daily_schedule(
+            job,
+            cron=cron,
+            timezone=config.timezone,
+            loops=loops,
+            name="daily_retention_schedule"
+            if len(by_cron) == 1
+            else "daily_retention_" + "_".join(loops),
+        )
+        for cron, loops in by_cron.items()
+    ]
 
+
+def _daily_schedule(
+    job, *, cron: str, timezone: str, loops: list[str], name: str
+) -> dg.ScheduleDefinition:
     @dg.schedule(
-        name="daily_retention_schedule",
+        name=name,
         job=job,
-        cron_schedule=config.loops[0].trigger.cron,
+        cron_schedule=cron,
         execution_timezone=timezone,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Each morning, materialize the daily assets for the day just ended.",
+        description=f"Each day at {cron} ({timezone}), materialize the daily assets for the day "
+        f"just ended and pick the audience of {', '.join(loops)}.",
     )
-    def daily_retention_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    def daily_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         key = day_just_ended(context.scheduled_execution_time, timezone).isoformat()
-        return dg.RunRequest(run_key=key, partition_key=key)
+        return dg.RunRequest(
+            run_key=key,
+            partition_key=key,
+            run_config=dg.RunConfig(
+                ops={"retention__reengagement_audience": AudienceConfig(loops=loops)}
+            ),
+        )
 
-    return daily_retention_schedule
+    return daily_schedule
 
 
-daily_retention_schedule = build_daily_schedule(CONFIG, daily_retention_job)
+daily_schedules = build_daily_schedules(CONFIG, daily_retention_job)

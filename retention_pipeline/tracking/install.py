@@ -56,6 +56,7 @@ class InstallReport:
     timezone: str
     rebuilt_chunks: int
     rollup_rows: int
+    first_data_day: date
 
 
 def with_brief_locks(engine: Engine, work: Callable[[Connection], T], what: str) -> T:
@@ -140,15 +141,26 @@ def install(
 
     with_brief_locks(engine, set_up, "db upgrade")
     chunks = finish_rebuild(engine, config, progress)
-    with engine.connect() as connection:
+    with engine.begin() as connection:
         s = connection.dialect.identifier_preparer.quote_schema(schema)
         rows = connection.execute(text(f"SELECT count(*) FROM {s}.activity_daily")).scalar_one()
+        # Kept from the first install on: the partitions must not move when history is erased.
+        first_data_day = connection.execute(
+            text(f"""
+                UPDATE {s}.tracking_state SET first_data_day = coalesce(
+                    first_data_day,
+                    (SELECT min(day) FROM {s}.activity_daily),
+                    CAST(now() AT TIME ZONE :tz AS date))
+                RETURNING first_data_day"""),
+            {"tz": timezone},
+        ).scalar_one()
     return InstallReport(
         revision=migrate.head_revision(),
         mode=mode,
         timezone=timezone,
         rebuilt_chunks=chunks,
         rollup_rows=int(rows),
+        first_data_day=first_data_day,
     )
 
 

@@ -4,7 +4,7 @@
     python -m retention_pipeline_tests.sending.dispatch_worker --job CONFIG_PATH DAY
 
 The first sends the pending batches of the test loop with `send_pending` and prints the
-`DispatchReport`'s counts as JSON. The second runs the Dagster job `send_reengagement_emails`
+`DispatchReport`'s counts as JSON. The second runs the loop's Dagster send job
 for DAY in process, as a run worker would, and prints whether the run succeeded. Both send
 through the Resend SDK at $RESEND_API_URL.
 """
@@ -33,15 +33,14 @@ def dispatch(url: str) -> None:
 
 
 def run_job(config_path: str, day: str) -> None:
-    from retention_pipeline.defs.emails import SendConfig, send_reengagement_emails
+    from retention_pipeline.defs.emails import SendConfig, send_jobs
     from retention_pipeline.resources.app_database import AppDatabase
     from retention_pipeline.resources.email import ResendEmail
 
-    result = send_reengagement_emails.execute_in_process(
+    (send_job,) = (job for job in send_jobs if job.tags["retention/loop"] == LOOP)
+    result = send_job.execute_in_process(
         run_config={
-            "ops": {
-                "send_emails": {"config": SendConfig(loop=LOOP, partition_date=day).model_dump()}
-            }
+            "ops": {"send_emails": {"config": SendConfig(partition_date=day).model_dump()}}
         },
         resources={
             "app_database": AppDatabase(config_path=config_path),
