@@ -726,6 +726,8 @@ def test_uninstall_removes_everything_the_pipeline_added(engine, installed):
 def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url):
     """An install made before the capture existed keeps its rollup: the trigger functions are
     replaced in place, so no row is counted by both the old and the new body."""
+    from alembic import command
+
     from retention_pipeline.database import migrate
 
     config = make_config(app_database_url)
@@ -734,18 +736,7 @@ def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url)
     insert_events(engine, [(1, "before", "2026-11-20T10:00Z")])
     install(engine, config)
     with engine.begin() as connection:
-        connection.execute(text("DROP TABLE retention.activity_capture_0"))
-        connection.execute(text("DROP TABLE retention.activity_capture_1"))
-        connection.execute(text("DROP TABLE retention.rebuild_chunks, retention.erased_users"))
-        connection.execute(
-            text(
-                "ALTER TABLE retention.tracking_state DROP COLUMN capture_slot, "
-                "DROP COLUMN rebuild_pending, DROP COLUMN last_drained_at, "
-                "DROP COLUMN first_data_day"
-            )
-        )
-        connection.execute(text("CREATE TABLE retention.tracking_errors (id int)"))
-        connection.execute(text("UPDATE retention.alembic_version SET version_num = '0003'"))
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0003")
         assert migrate.current_revision(connection, "retention") == "0003"
     report = install(engine, config)
     assert report.rebuilt_chunks == 0

@@ -22,7 +22,13 @@ SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
 @dg.asset(
     key=SNAPSHOT,
     partitions_def=daily_partitions,
-    deps=[ROLLUP, dg.AssetKey(["app", "users"]), dg.AssetKey(["app", "subscriptions"])],
+    # The day before's snapshot is rolled forward when it can be: backfills run the days in order.
+    deps=[
+        ROLLUP,
+        dg.AssetKey(["app", "users"]),
+        dg.AssetKey(["app", "subscriptions"]),
+        previous_day_of(SNAPSHOT),
+    ],
     group_name="retention",
     kinds={"postgres"},
     description=(
@@ -59,12 +65,17 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
         summary = build_snapshot(connection, config, day)
         reconciliation = reconcile_with_users(connection, config, day)
         vanished = vanished_since_yesterday(connection, app_database.schema, day)
-    context.log.info(f"{day}: {summary.users} users, {summary.active_today} active that day")
+    context.log.info(
+        f"{day}: {summary.users} users, {summary.active_today} active that day; built "
+        f"{summary.path}: {summary.path_reason}"
+    )
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": summary.users,
             "active_that_day": summary.active_today,
             "never_active": summary.never_active,
+            "build": summary.path,
+            "build_reason": summary.path_reason,
         }
     )
     yield dg.AssetCheckResult(

@@ -8,7 +8,7 @@ Subscriptions are the app's current state (it keeps no history), so a backfill s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 from sqlalchemy import Connection, text
 
@@ -28,6 +28,8 @@ class SnapshotSummary:
     active_today: int
     never_active: int
     leaked_rows: int
+    path: str  # "full" or "incremental"
+    path_reason: str
 
 
 class _Names:
@@ -47,20 +49,34 @@ class _Names:
         return self.tables[name].timestamp_sql(key, alias, self.preparer)
 
 
+def _insert_snapshot(s: str) -> str:
+    return f"""INSERT INTO {s}.user_activity_snapshot (
+            partition_date, user_id, email, name, timezone, signed_up_at, account_age_days,
+            last_activity_at, previous_activity_at, active_today, last_actions, events_7d,
+            sessions_7d, baseline_sessions, baseline_sessions_per_week, active_days_28d,
+            subscription_status, subscription_plan, monthly_amount_cents)"""
+
+
 BOUNDS = """bounds AS (
             SELECT CAST(:day AS date) AS day,
                    (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz AS day_end
         )"""
 
 
-def _app_users_sql(names: _Names) -> str:
-    return f"""SELECT {names.column("users", "id", "u")}::text AS user_id,
+def _app_users_sql(names: _Names, only: str = "") -> str:
+    user_id = f"{names.column('users', 'id', 'u')}::text"
+    created_at = names.timestamp("users", "created_at", "u")
+    return f"""SELECT {user_id} AS user_id,
                    {names.column("users", "email", "u")}::text AS email,
                    {names.column("users", "name", "u")}::text AS name,
                    {names.column("users", "timezone", "u")}::text AS timezone,
-                   {names.timestamp("users", "created_at", "u")} AS signed_up_at
+                   {created_at} AS signed_up_at
             FROM {names.table("users")} AS u, bounds
-            WHERE {names.timestamp("users", "created_at", "u")} < bounds.day_end"""
+            WHERE {created_at} < bounds.day_end{only.format(user_id)}"""
+
+
+# Restricts a full build to the users of :only (those a rolled-forward build has no row for).
+ONLY_THESE_USERS = " AND {} = ANY(CAST(:only AS text[]))"
 
 
 def _subscription_sql(names: _Names) -> str:
@@ -103,15 +119,22 @@ def app_reads_sql(connection: Connection, tables: dict[str, ResolvedTable]) -> d
 
 
 def snapshot_sql(
-    connection: Connection, config: RetentionConfig, tables: dict[str, ResolvedTable] | None = None
+    connection: Connection,
+    config: RetentionConfig,
+    tables: dict[str, ResolvedTable] | None = None,
+    *,
+    only_listed_users: bool = False,
 ) -> str:
-    """The statement that inserts the day's snapshot; `tables` resolves the mapping when None."""
+    """The statement that inserts the day's snapshot from the whole rollup up to the day, for
+    every user or, with `only_listed_users`, for those bound as :only; `tables` resolves the
+    mapping when None."""
     names = _Names(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    only = ONLY_THESE_USERS if only_listed_users else ""
     return f"""
         WITH {BOUNDS},
         app_users AS (
-            {_app_users_sql(names)}
+            {_app_users_sql(names, only)}
         ),
         activity AS (
             SELECT a.user_id,
@@ -127,7 +150,7 @@ def snapshot_sql(
                          AND a.day <= b.day - 7), 0) AS baseline_sessions,
                    count(*) FILTER (WHERE a.day > b.day - 28) AS active_days_28d
             FROM {s}.activity_daily AS a, bounds AS b
-            WHERE a.day <= b.day
+            WHERE a.day <= b.day{only.format("a.user_id")}
             GROUP BY a.user_id
         ),
         recent_actions AS (
@@ -142,6 +165,7 @@ def snapshot_sql(
                     SELECT x.user_id, x.event_name, max(x.last_at) AS last_at
                     FROM {s}.action_daily AS x, bounds AS b
                     WHERE x.day <= b.day AND x.day > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}
+                          {only.format("x.user_id")}
                     GROUP BY x.user_id, x.event_name
                 ) AS per_name
             ) AS ranked
@@ -151,16 +175,13 @@ def snapshot_sql(
         subscription AS (
             {_subscription_sql(names)}
         )
-        INSERT INTO {s}.user_activity_snapshot (
-            partition_date, user_id, email, name, timezone, signed_up_at, account_age_days,
-            last_activity_at, previous_activity_at, active_today, last_actions, events_7d,
-            sessions_7d, baseline_sessions_per_week, active_days_28d, subscription_status,
-            subscription_plan, monthly_amount_cents)
+        {_insert_snapshot(s)}
         SELECT b.day, u.user_id, u.email, u.name, u.timezone, u.signed_up_at,
                b.day - (u.signed_up_at AT TIME ZONE :tz)::date,
                act.last_activity_at, act.previous_activity_at, coalesce(act.active_today, false),
                coalesce(ra.last_actions, '[]'::jsonb),
                coalesce(act.events_7d, 0), coalesce(act.sessions_7d, 0),
+               coalesce(act.baseline_sessions, 0),
                round(coalesce(act.baseline_sessions, 0)::numeric
                      / CAST(:baseline_weeks AS integer), 2),
                coalesce(act.active_days_28d, 0),
@@ -184,13 +205,175 @@ def snapshot_parameters(config: RetentionConfig, day: date) -> dict[str, object]
     }
 
 
+def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
+    """The statement that inserts the day's snapshot of every user the day before's snapshot
+    holds, from that row and the rollup days entering or leaving each window: the day itself,
+    the day 7 days back (leaves the 7-day sums, enters the baseline), the day the baseline
+    leaves, the day 28 days back, and the day's actions. No read of the history before."""
+    names = _Names(connection, resolve_app_tables(connection, config.database.tables))
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    return f"""
+        WITH {BOUNDS},
+        app_users AS (
+            {_app_users_sql(names)}
+        ),
+        previous AS (
+            SELECT p.* FROM {s}.user_activity_snapshot AS p, bounds AS b
+            WHERE p.partition_date = b.day - 1
+        ),
+        window_edges AS (
+            SELECT a.user_id,
+                   max(greatest(a.last_event_at, a.last_session_at)) FILTER (WHERE a.day = b.day)
+                       AS last_activity_today,
+                   bool_or(a.day = b.day) AS active_today,
+                   bool_or(a.day = b.day - 28) AS active_28_days_back,
+                   coalesce(sum(a.event_count) FILTER (WHERE a.day = b.day), 0) AS events_today,
+                   coalesce(sum(a.event_count) FILTER (WHERE a.day = b.day - 7), 0)
+                       AS events_7_days_back,
+                   coalesce(sum(a.session_count) FILTER (WHERE a.day = b.day), 0)
+                       AS sessions_today,
+                   coalesce(sum(a.session_count) FILTER (WHERE a.day = b.day - 7), 0)
+                       AS sessions_7_days_back,
+                   coalesce(sum(a.session_count) FILTER (
+                       WHERE a.day = b.day - 7 - 7 * CAST(:baseline_weeks AS integer)), 0)
+                       AS sessions_leaving_baseline
+            FROM {s}.activity_daily AS a, bounds AS b
+            WHERE a.day = ANY(ARRAY[b.day, b.day - 7, b.day - 28,
+                                    b.day - 7 - 7 * CAST(:baseline_weeks AS integer)])
+            GROUP BY a.user_id
+        ),
+        recent_actions AS (
+            SELECT ranked.user_id,
+                   jsonb_agg(jsonb_build_object('name', ranked.event_name, 'at', ranked.last_at)
+                             ORDER BY ranked.last_at DESC, ranked.event_name) AS last_actions
+            FROM (
+                SELECT per_name.*, row_number() OVER (
+                           PARTITION BY per_name.user_id
+                           ORDER BY per_name.last_at DESC, per_name.event_name) AS rank
+                FROM (
+                    SELECT known.user_id, known.event_name, max(known.last_at) AS last_at
+                    FROM (
+                        SELECT p.user_id, action->>'name' AS event_name,
+                               CAST(action->>'at' AS timestamptz) AS last_at
+                        FROM previous AS p, jsonb_array_elements(p.last_actions) AS action
+                        UNION ALL
+                        SELECT x.user_id, x.event_name, x.last_at
+                        FROM {s}.action_daily AS x, bounds AS b
+                        WHERE x.day = b.day
+                    ) AS known, bounds AS b
+                    WHERE (known.last_at AT TIME ZONE :tz)::date
+                          > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}
+                    GROUP BY known.user_id, known.event_name
+                ) AS per_name
+            ) AS ranked
+            WHERE ranked.rank <= CAST(:last_actions AS integer)
+            GROUP BY ranked.user_id
+        ),
+        subscription AS (
+            {_subscription_sql(names)}
+        )
+        {_insert_snapshot(s)}
+        SELECT b.day, u.user_id, u.email, u.name, u.timezone, u.signed_up_at,
+               b.day - (u.signed_up_at AT TIME ZONE :tz)::date,
+               greatest(p.last_activity_at, e.last_activity_today), p.last_activity_at,
+               coalesce(e.active_today, false),
+               coalesce(ra.last_actions, '[]'::jsonb),
+               p.events_7d + coalesce(e.events_today - e.events_7_days_back, 0),
+               p.sessions_7d + coalesce(e.sessions_today - e.sessions_7_days_back, 0),
+               p.baseline_sessions
+                   + coalesce(e.sessions_7_days_back - e.sessions_leaving_baseline, 0),
+               round((p.baseline_sessions
+                      + coalesce(e.sessions_7_days_back - e.sessions_leaving_baseline, 0))::numeric
+                     / CAST(:baseline_weeks AS integer), 2),
+               p.active_days_28d + coalesce(e.active_today::integer
+                                            - e.active_28_days_back::integer, 0),
+               sub.status, sub.plan, sub.monthly_amount_cents
+        FROM app_users AS u
+        JOIN previous AS p USING (user_id)
+        CROSS JOIN bounds AS b
+        LEFT JOIN window_edges AS e USING (user_id)
+        LEFT JOIN recent_actions AS ra USING (user_id)
+        LEFT JOIN subscription AS sub USING (user_id)"""
+
+
+def _users_new_to_the_day_before_sql(connection: Connection, config: RetentionConfig) -> str:
+    names = _Names(connection, resolve_app_tables(connection, config.database.tables))
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    return f"""
+        WITH {BOUNDS},
+        app_users AS (
+            {_app_users_sql(names)}
+        )
+        SELECT u.user_id FROM app_users AS u, bounds AS b
+        WHERE NOT EXISTS (SELECT FROM {s}.user_activity_snapshot AS p
+                          WHERE p.partition_date = b.day - 1 AND p.user_id = u.user_id)"""
+
+
+def full_build_reason(connection: Connection, config: RetentionConfig, day: date) -> str | None:
+    """Why the snapshot of `day` cannot be rolled forward from the day before's, or None."""
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    before = day - timedelta(days=1)
+    built = connection.execute(
+        text(f"""
+            SELECT built_at, timezone, baseline_weeks, last_actions
+            FROM {s}.snapshot_builds WHERE partition_date = :before"""),
+        {"before": before},
+    ).first()
+    if built is None:
+        return f"no snapshot of {before} to roll forward"
+    settings = (config.timezone, config.activity.baseline_weeks, config.activity.last_actions)
+    if (built.timezone, built.baseline_weeks, built.last_actions) != settings:
+        return (
+            f"the snapshot of {before} was built with another timezone, "
+            "activity.baseline_weeks or activity.last_actions"
+        )
+    late = connection.execute(
+        text(f"""
+            SELECT min(day) FROM {s}.late_activity
+            WHERE day <= :before AND noticed_at > :built_at"""),
+        {"before": before, "built_at": built.built_at},
+    ).scalar()
+    if late is not None:
+        return f"activity of {late} arrived after the snapshot of {before} was built"
+    return None
+
+
 def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -> SnapshotSummary:
-    """Replace the snapshot of `day`, in the caller's transaction."""
+    """Replace the snapshot of `day`, in the caller's transaction: rolled forward from the day
+    before's when it can be (users it lacks are built in full), else built in full."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     connection.execute(
         text(f"DELETE FROM {s}.user_activity_snapshot WHERE partition_date = :day"), {"day": day}
     )
-    connection.execute(text(snapshot_sql(connection, config)), snapshot_parameters(config, day))
+    parameters = snapshot_parameters(config, day)
+    reason = full_build_reason(connection, config, day)
+    if reason:
+        connection.execute(text(snapshot_sql(connection, config)), parameters)
+        path = "full"
+    else:
+        new_users = list(
+            connection.execute(
+                text(_users_new_to_the_day_before_sql(connection, config)), parameters
+            ).scalars()
+        )
+        if new_users:
+            connection.execute(
+                text(snapshot_sql(connection, config, only_listed_users=True)),
+                {**parameters, "only": new_users},
+            )
+        connection.execute(text(rolled_forward_sql(connection, config)), parameters)
+        path = "incremental"
+        reason = f"rolled forward from {day - timedelta(days=1)}; {len(new_users)} users new to it"
+    connection.execute(
+        text(f"""
+            INSERT INTO {s}.snapshot_builds AS b
+                (partition_date, built_at, path, timezone, baseline_weeks, last_actions)
+            VALUES (:day, now(), :path, :tz, :baseline_weeks, :last_actions)
+            ON CONFLICT (partition_date) DO UPDATE SET
+                built_at = excluded.built_at, path = excluded.path, timezone = excluded.timezone,
+                baseline_weeks = excluded.baseline_weeks, last_actions = excluded.last_actions"""),
+        parameters | {"path": path},
+    )
     row = connection.execute(
         text(f"""
             SELECT count(*),
@@ -201,7 +384,7 @@ def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -
             FROM {s}.user_activity_snapshot WHERE partition_date = :day"""),
         {"day": day, "tz": config.timezone},
     ).one()
-    return SnapshotSummary(*row)
+    return SnapshotSummary(*row, path=path, path_reason=reason)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,13 @@ from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.tracking.erasure import erase_users, users_gone_from_app
-from retention_pipeline.tracking.fold import FOLD_WORK_MEM, Added, added_by, recompute_days
+from retention_pipeline.tracking.fold import (
+    FOLD_WORK_MEM,
+    Added,
+    added_by,
+    recompute_days,
+    record_late_days,
+)
 from retention_pipeline.tracking.sql import CAPTURE_TABLES, TRACKED_KINDS, TrackingSql
 from retention_pipeline.tracking.state import lock, read_state, require_complete, tracking_sql
 
@@ -56,20 +62,6 @@ def _fold_capture(connection: Connection, sql: TrackingSql, slot: int, timezone:
     )
     connection.execute(text(f"TRUNCATE {table}"))
     return added
-
-
-def _late_days(connection: Connection, sql: TrackingSql, days: set[date]) -> tuple[date, ...]:
-    if not days:
-        return ()
-    rows = connection.execute(
-        text(f"""
-            SELECT day FROM unnest(CAST(:days AS date[])) AS day
-            WHERE EXISTS (SELECT FROM {sql.q_schema}.user_activity_snapshot
-                          WHERE partition_date = day)
-            ORDER BY day"""),
-        {"days": sorted(days)},
-    )
-    return tuple(row.day for row in rows)
 
 
 def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
@@ -115,7 +107,7 @@ def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
                                              ELSE refreshed_through END""")
         )
         erased_users, erased_keys = erase_users(connection, sql.schema)
-        late = _late_days(connection, sql, {day for fold in folds for day in fold.days})
+        late = record_late_days(connection, sql, {day for fold in folds for day in fold.days})
     return RollupUpdate(
         events=sum(fold.events for fold in folds),
         sessions=sum(fold.sessions for fold in folds),

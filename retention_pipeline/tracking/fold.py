@@ -58,3 +58,21 @@ def recompute_days(
     connection.execute(text(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'"))
     fold = sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)", into_emptied_days=True)
     return added_by(connection.execute(text(fold), params))
+
+
+def record_late_days(connection: Connection, sql: TrackingSql, days: set[date]) -> tuple[date, ...]:
+    """The days among `days` that already have a snapshot, noted as changed now: a snapshot
+    built before that cannot be rolled forward into the next day."""
+    if not days:
+        return ()
+    rows = connection.execute(
+        text(f"""
+            INSERT INTO {sql.q_schema}.late_activity AS late (day, noticed_at)
+            SELECT day, now() FROM unnest(CAST(:days AS date[])) AS day
+            WHERE EXISTS (SELECT FROM {sql.q_schema}.user_activity_snapshot
+                          WHERE partition_date = day)
+            ON CONFLICT (day) DO UPDATE SET noticed_at = excluded.noticed_at
+            RETURNING late.day"""),
+        {"days": sorted(days)},
+    )
+    return tuple(sorted(row.day for row in rows))

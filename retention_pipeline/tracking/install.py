@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
 from retention_pipeline.database.app_tables import table_sql
-from retention_pipeline.tracking.fold import Added, recompute_days
+from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
 from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
 from retention_pipeline.tracking.state import (
     TrackingError,
@@ -120,6 +120,8 @@ def install(
                 text(f"TRUNCATE {sql.q_schema}.activity_daily, {sql.q_schema}.action_daily")
             )
             connection.execute(text(f"DELETE FROM {sql.q_schema}.rebuild_chunks"))
+            # Every day of the rollup changes: the next snapshot is built in full.
+            connection.execute(text(f"DELETE FROM {sql.q_schema}.snapshot_builds"))
             connection.execute(
                 text(f"UPDATE {sql.q_schema}.tracking_state SET rebuild_pending = true")
             )
@@ -276,7 +278,9 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
         sql = tracking_sql(connection, config)
         lock(connection, sql.schema)
         require_complete(connection, sql)
-        return recompute_days(connection, sql, config.timezone, since, None, clear=True)
+        added = recompute_days(connection, sql, config.timezone, since, None, clear=True)
+        record_late_days(connection, sql, set(added.days))
+        return added
 
 
 def uninstall(engine: Engine, config: RetentionConfig) -> None:

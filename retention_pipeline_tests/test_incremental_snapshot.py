@@ -1,0 +1,154 @@
+"""A day's snapshot rolled forward from the day before's equals the one built from the whole
+rollup, over a generated month that crosses a daylight-saving change, with signups, a deleted
+user and late activity."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.demo import seed_demo
+from retention_pipeline.segments.snapshot import build_snapshot
+from retention_pipeline.tracking.drain import update_rollup
+from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.helpers import make_config
+
+TIMEZONE = "America/New_York"  # daylight saving ends on 2026-11-01: a 25-hour day
+FIRST = date(2026, 10, 18)
+LAST = date(2026, 11, 14)
+
+
+@pytest.fixture
+def month(create_database):
+    url = create_database()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        seed_demo(
+            connection,
+            users=300,
+            days=80,
+            seed=7,
+            end=datetime(2026, 11, 15, tzinfo=ZoneInfo(TIMEZONE)),
+        )
+    config = make_config(url, timezone=TIMEZONE)
+    install(engine, config)
+    yield engine, config
+    engine.dispose()
+
+
+def snapshot_rows(engine, day: date) -> list[tuple]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT * FROM retention.user_activity_snapshot WHERE partition_date = :day "
+                "ORDER BY user_id"
+            ),
+            {"day": day},
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+def build(engine, config, day: date):
+    with engine.begin() as connection:
+        return build_snapshot(connection, config, day)
+
+
+def build_in_full(engine, config, day: date):
+    with engine.begin() as connection:
+        connection.execute(
+            text("DELETE FROM retention.snapshot_builds WHERE partition_date = :before"),
+            {"before": day - timedelta(days=1)},
+        )
+    summary = build(engine, config, day)
+    assert summary.path == "full"
+    return snapshot_rows(engine, day)
+
+
+def differences(full: list[tuple], rolled: list[tuple]) -> list[str]:
+    """Each (user, column) whose value differs, the full build's first."""
+    if [row[1] for row in full] != [row[1] for row in rolled]:
+        users = {row[1] for row in full}, {row[1] for row in rolled}
+        return [
+            f"users only in the full build: {sorted(users[0] - users[1])}, only in the "
+            f"rolled-forward one: {sorted(users[1] - users[0])}"
+        ]
+    return [
+        f"user {a[1]} column {index}: {a[index]!r} != {b[index]!r}"
+        for a, b in zip(full, rolled, strict=True)
+        for index in range(len(a))
+        if a[index] != b[index]
+    ]
+
+
+def days(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+
+def test_rolled_forward_snapshots_equal_full_builds_over_a_month(month):
+    engine, config = month
+    rolled: dict[date, list[tuple]] = {}
+    paths = []
+    for day in days(FIRST, LAST):
+        if day == date(2026, 11, 5):  # a user leaves the app; the drain erases them
+            with engine.begin() as connection:
+                connection.execute(text("DELETE FROM events WHERE user_id = 42"))
+                connection.execute(text("DELETE FROM sessions WHERE user_id = 42"))
+                connection.execute(text("DELETE FROM subscriptions WHERE user_id = 42"))
+                connection.execute(text("DELETE FROM users WHERE id = 42"))
+            update_rollup(engine, config)
+        summary = build(engine, config, day)
+        paths.append(summary.path)
+        rolled[day] = snapshot_rows(engine, day)
+
+    assert paths == ["full"] + ["incremental"] * (len(paths) - 1)
+    signups = {row[1] for row in rolled[LAST]} - {row[1] for row in rolled[FIRST]}
+    assert signups, "the month has signups, built in full by the rolled-forward days"
+    assert "42" not in {row[1] for row in rolled[LAST]}
+    assert any(row[10] != [] for row in rolled[LAST])  # last actions carried forward
+    for day in days(FIRST + timedelta(days=1), LAST):
+        # Built now, in full: the user who left is in no day's snapshot any more.
+        full = build_in_full(engine, config, day)
+        still_in_the_app = [row for row in rolled[day] if row[1] != "42"]
+        assert differences(full, still_in_the_app) == [], day
+
+
+def test_late_activity_and_a_changed_configuration_build_in_full(month):
+    engine, config = month
+    for day in days(LAST - timedelta(days=3), LAST - timedelta(days=1)):
+        build(engine, config, day)
+
+    # An event of three days back arrives after that day's snapshot.
+    late_day = LAST - timedelta(days=3)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) VALUES (7, 'report.exported', :at)"
+            ),
+            {
+                "at": datetime.combine(late_day, datetime.min.time(), ZoneInfo(TIMEZONE))
+                + timedelta(hours=12)
+            },
+        )
+    assert update_rollup(engine, config).late_days == (late_day,)
+    summary = build(engine, config, LAST)
+    assert summary.path == "full"
+    assert summary.path_reason == (
+        f"activity of {late_day} arrived after the snapshot of {LAST - timedelta(days=1)} was built"
+    )
+    with_late_event = snapshot_rows(engine, LAST)
+    assert build_in_full(engine, config, LAST) == with_late_event
+
+    # The day after rolls forward again; other settings build in full.
+    assert build(engine, config, LAST + timedelta(days=1)).path == "incremental"
+    wider = config.model_copy(
+        update={"activity": config.activity.model_copy(update={"baseline_weeks": 6})}
+    )
+    changed = build(engine, wider, LAST + timedelta(days=2))
+    assert (changed.path, changed.path_reason) == (
+        "full",
+        f"the snapshot of {LAST + timedelta(days=1)} was built with another timezone, "
+        "activity.baseline_weeks or activity.last_actions",
+    )
