@@ -744,6 +744,11 @@ def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url)
             )
         )
         connection.execute(text("CREATE TABLE retention.tracking_errors (id int)"))
+        # What 0006 (outcomes) added.
+        connection.execute(
+            text("DROP TABLE retention.reengagement_outcomes, retention.campaign_decisions")
+        )
+        connection.execute(text("ALTER TABLE retention.reengagement_audience DROP decided_on"))
         connection.execute(text("UPDATE retention.alembic_version SET version_num = '0003'"))
         assert migrate.current_revision(connection, "retention") == "0003"
     report = install(engine, config)
