@@ -36,6 +36,13 @@ EXCLUSION_REASONS = (
     "no_step_due",
 )
 
+# The holdout draw: a user's bucket in [0, 10000) from their id and the loop's salt, whatever the
+# step or decision, so a user stays in one arm. (The demo generator draws its true email effect
+# with it too.)
+HOLDOUT_BUCKET_SQL = (
+    "('x' || substr(md5({user_id} || '/' || {salt}), 1, 8))::bit(32)::bigint % 10000"
+)
+
 # A usable address: something@domain.tld with no spaces. Anything else is not worth a bounce.
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 
@@ -195,8 +202,7 @@ def build_audience(
                                    AND recent.partition_date > :day - :cap
                                    AND recent.partition_date <= :day) THEN 'frequency_cap'
                 END AS excluded,
-                ('x' || substr(md5(due.user_id || '/' || :salt), 1, 8))::bit(32)::bigint % 10000
-                    AS arm_bucket,
+                {HOLDOUT_BUCKET_SQL.format(user_id="due.user_id", salt=":salt")} AS arm_bucket,
                 ('x' || substr(md5(due.user_id || '/' || :salt || '/variant'
                     || coalesce('/' || (CAST(:plan AS jsonb) -> due.step ->> 'decided_on'), '')),
                     1, 8))::bit(32)::bigint / 4294967296.0 AS variant_position

@@ -2,7 +2,8 @@
 assigned, emailed and came back in each arm, the lift over the holdout with its intervals, and
 the revenue still billed at the end of each window. Aggregated in PostgreSQL; the rows are few.
 
-Rates count outcomes whose window is over (pending ones wait). A variant's treated users are
+Rates count outcomes whose window is over (pending ones wait, and so do returns within a window
+not over yet). A variant's treated users are
 compared with the whole holdout of their step: the holdout gets no email, so it has no variant.
 The loop as a whole counts assignments: a user sent three steps counts three times.
 """
@@ -139,11 +140,11 @@ def performance_rows(
     schema: str,
     loop: Loop,
     *,
-    through: date,
     since: date | None = None,
+    through: date | None = None,
 ) -> list[PerformanceRow]:
-    """The performance of the loop's assignments made from `since` (default: all) through
-    `through`, as their outcomes stand: the loop, each step, each variant, each window."""
+    """The performance of the loop's assignments made from `since` through `through` (default:
+    all), as their outcomes stand: the loop, each step, each variant, each window."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""
@@ -151,14 +152,19 @@ def performance_rows(
                GROUPING(variant) = 1 AS all_variants,
                count(*) AS assigned,
                count(*) FILTER (WHERE emailed) AS emailed,
-               count(*) FILTER (WHERE status <> 'pending') AS finished,
-               count(*) FILTER (WHERE status = 'returned') AS returned,
-               coalesce(sum(active_revenue_cents) FILTER (WHERE status <> 'pending'), 0)
-                   AS revenue_cents,
-               count(active_revenue_cents) FILTER (WHERE status <> 'pending') AS revenue_known
-        FROM {s}.reengagement_outcomes
-        WHERE loop_name = :loop AND partition_date <= :through
+               count(*) FILTER (WHERE over) AS finished,
+               count(*) FILTER (WHERE over AND status = 'returned') AS returned,
+               coalesce(sum(active_revenue_cents) FILTER (WHERE over), 0) AS revenue_cents,
+               count(active_revenue_cents) FILTER (WHERE over) AS revenue_known
+        FROM (
+            -- A return is known as soon as it happens, but a rate counts only windows that
+            -- are over: early returns alone would inflate it.
+            SELECT *, partition_date + window_days <= evaluated_through AS over
+            FROM {s}.reengagement_outcomes
+        ) AS outcome
+        WHERE loop_name = :loop
           AND (CAST(:since AS date) IS NULL OR partition_date >= :since)
+          AND (CAST(:through AS date) IS NULL OR partition_date <= :through)
         GROUP BY GROUPING SETS ((window_days, arm), (step, window_days, arm),
                                 (step, variant, window_days, arm))"""),
         {"loop": loop.name, "through": through, "since": since},
@@ -175,8 +181,13 @@ def performance_rows(
             revenue_cents=int(row.revenue_cents),
             revenue_known=row.revenue_known,
         )
+    # A step with one variant needs no line per variant.
     scopes = sorted(
-        {(step, variant) for step, variant, _, _ in counts},
+        {
+            (step, variant)
+            for step, variant, _, _ in counts
+            if variant is None or len(loop.steps[step].action.variants) > 1
+        },
         key=lambda scope: (-1 if scope[0] is None else scope[0], scope[1] or ""),
     )
     table = []
