@@ -109,7 +109,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _require_installed(connection, config)
         for loop in loops:
             rows = performance_rows(connection, schema, loop, since=args.since)
-            since = f" assigned since {args.since}" if args.since else ""
+            since = f" since {args.since}" if args.since else ""
             if not rows:
                 print(f"{loop.name}: no assignments{since} yet\n")
                 continue
@@ -211,7 +211,7 @@ def cmd_db_uninstall(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_seed(args: argparse.Namespace) -> int:
-    from retention_pipeline.demo import seed_demo
+    from retention_pipeline.demo import EmailEffect, seed_demo
 
     config = load_config(args.config)
     end = (
@@ -221,7 +221,14 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
     )
     started = datetime.now(UTC)
     with _engine(config).begin() as connection:
-        summary = seed_demo(connection, users=args.users, days=args.days, seed=args.seed, end=end)
+        summary = seed_demo(
+            connection,
+            users=args.users,
+            days=args.days,
+            seed=args.seed,
+            end=end,
+            email_effect=EmailEffect.for_loop(config.loops[0]),
+        )
     elapsed = (datetime.now(UTC) - started).total_seconds()
     print(f"{summary} in {elapsed:.1f}s")
     return 0

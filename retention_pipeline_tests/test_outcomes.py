@@ -9,6 +9,7 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import ConfigError, parse_config
@@ -290,3 +291,29 @@ def test_measurement_defaults():
     loop = parse_config(copy.deepcopy(SHIPPED_DOCUMENT), environ={}).loops[0]
     assert loop.window_days == [7, 14, 30]
     assert loop.success.type == "activity" and loop.adjust is True
+
+
+def test_the_report_command_prints_the_verdicts(engine, app_database_url, tmp_path, capsys):
+    from retention_pipeline.cli import main
+
+    config = config_for(app_database_url, holdout=0.5)
+    add_users(engine, range(1, 61), last_seen=LONG_AGO)
+    run_day(engine, config, D)
+    visit(engine, [str(user) for user in range(1, 31)], D + timedelta(days=1))
+    evaluate(engine, config, D + timedelta(days=7))
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = app_database_url
+    document["loops"][0].update(name="loop_0", holdout={"fraction": 0.5})
+    path = tmp_path / "retention.yaml"
+    path.write_text(yaml.safe_dump(document))
+
+    assert main(["report", "--config", str(path), "--loop", "loop_0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("loop_0: outcomes of the assignments\n")
+    assert "step 0 re_engagement / b" in out and "points, 95% CI" in out
+    assert "not enough data yet (0 of 10 outcomes)" in out  # the 30-day window
+
+    assert main(["report", "--config", str(path), "--since", "2026-11-11"]) == 0
+    assert capsys.readouterr().out == "loop_0: no assignments since 2026-11-11 yet\n\n"
+    assert main(["report", "--config", str(path), "--loop", "nope"]) == 2
+    assert "no loop named 'nope'" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from importlib.resources import files
 import sqlalchemy as sa
 
 from retention_pipeline.audience.build import HOLDOUT_BUCKET_SQL
+from retention_pipeline.config.models import Loop
 
 HABITS: tuple[str, ...] = (
     "daily",
@@ -570,6 +571,11 @@ class EmailEffect:
     comeback_probability: float = 0.5
     holdout_salt: str = "re_engagement"
     holdout_fraction: float = 0.1
+
+    @classmethod
+    def for_loop(cls, loop: Loop) -> EmailEffect:
+        """The effect of the loop's email, treated as its holdout draw says."""
+        return cls(holdout_salt=loop.holdout_salt, holdout_fraction=loop.holdout.fraction)
 
 
 # After the habits, one statement over every quiet spell of every user: from a (UTC) day with a
