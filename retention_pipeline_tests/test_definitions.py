@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config.loader import project_root
+from retention_pipeline.database.migrate import head_revision
 from retention_pipeline.defs.activity import activity_rollup
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.email.message import OutgoingEmail
@@ -116,7 +117,8 @@ def test_rollup_asset_refuses_an_uninstalled_database(app_database_url, tmp_path
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]
     message = failure.step_failure_data.error.message
-    assert "is at revision none, expected 0004: run `retention-pipeline db upgrade`" in message
+    head = head_revision()
+    assert f"is at revision none, expected {head}: run `retention-pipeline db upgrade`" in message
 
 
 def test_the_rollup_asset_erases_deleted_users_and_their_outbox_files(app_database_url, tmp_path):
