@@ -98,6 +98,32 @@ def _require_installed(connection, config) -> None:
         raise ValueError(problem)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from retention_pipeline.outcomes.decisions import decisions_in_force
+    from retention_pipeline.outcomes.performance import performance_frame, performance_rows
+
+    config = load_config(args.config)
+    loops = [config.loop(args.loop)] if args.loop else config.loops
+    schema = config.database.schema_
+    with _engine(config).connect() as connection:
+        _require_installed(connection, config)
+        for loop in loops:
+            rows = performance_rows(connection, schema, loop, since=args.since)
+            since = f" since {args.since}" if args.since else ""
+            if not rows:
+                print(f"{loop.name}: no assignments{since} yet\n")
+                continue
+            print(f"{loop.name}: outcomes of the assignments{since}")
+            print(performance_frame(rows).drop(columns="loop").to_string(index=False))
+            decisions = decisions_in_force(connection, schema, loop, date.max)
+            if not loop.adjust:
+                print("adjust: false; variants share traffic evenly, no step is paused")
+            for decision in decisions.values():
+                print(f"decided {decision.decided_on}: {decision}")
+            print()
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from retention_pipeline.preflight import preflight
     from retention_pipeline.resources.email import missing_resend_key
@@ -190,7 +216,7 @@ def cmd_db_uninstall(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_seed(args: argparse.Namespace) -> int:
-    from retention_pipeline.demo import seed_demo
+    from retention_pipeline.demo import EmailEffect, seed_demo
 
     config = load_config(args.config)
     end = (
@@ -200,7 +226,14 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
     )
     started = datetime.now(UTC)
     with _engine(config).begin() as connection:
-        summary = seed_demo(connection, users=args.users, days=args.days, seed=args.seed, end=end)
+        summary = seed_demo(
+            connection,
+            users=args.users,
+            days=args.days,
+            seed=args.seed,
+            end=end,
+            email_effect=EmailEffect.for_loop(config.loops[0]),
+        )
     elapsed = (datetime.now(UTC) - started).total_seconds()
     print(f"{summary} in {elapsed:.1f}s")
     return 0
@@ -449,6 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--variant")
     preview.add_argument("--out", help="default: .retention/preview/TEMPLATE-USER.html")
     preview.set_defaults(handler=cmd_preview)
+
+    report = commands.add_parser(
+        "report",
+        parents=[config_option],
+        help="how each loop performs against its holdout, with a verdict per line",
+    )
+    report.add_argument("--loop", help="default: every loop")
+    report.add_argument(
+        "--since", type=date.fromisoformat, help="only assignments from this day (YYYY-MM-DD) on"
+    )
+    report.set_defaults(handler=cmd_report)
 
     suppress = commands.add_parser(
         "suppress",

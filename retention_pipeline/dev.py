@@ -56,7 +56,7 @@ def prepare_database(config: RetentionConfig) -> PreparedDatabase:
     engine = create_app_engine(url, config.database.statement_timeout)
     seeded = False
     if uses_embedded_database(config) and not _has_users(engine, config):
-        from retention_pipeline.demo import seed_demo
+        from retention_pipeline.demo import EmailEffect, seed_demo
 
         with engine.begin() as connection:
             seed_demo(
@@ -65,6 +65,7 @@ def prepare_database(config: RetentionConfig) -> PreparedDatabase:
                 days=DEMO_DAYS,
                 seed=DEMO_SEED,
                 end=datetime.now(UTC).replace(microsecond=0),
+                email_effect=EmailEffect.for_loop(config.loops[0]),
             )
         seeded = True
     report = install(engine, config, progress=lambda line: print(line, flush=True))

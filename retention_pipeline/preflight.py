@@ -23,6 +23,8 @@ from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config.models import REQUIRED_COLUMNS, QueryCondition, RetentionConfig
 from retention_pipeline.database.app_tables import inspect_app_tables
 from retention_pipeline.database.migrate import installation_problem
+from retention_pipeline.outcomes.evaluate import evaluate_outcomes
+from retention_pipeline.outcomes.performance import performance_rows
 from retention_pipeline.segments.conditions import (
     ConditionError,
     condition_statement,
@@ -80,6 +82,20 @@ def preflight(engine: Engine, config: RetentionConfig) -> PreflightReport:
                     c, config=config, loop=loop, day=day, candidates=set()
                 ),
             )
+            _plan_recorded(
+                engine,
+                report,
+                f"{where}: the outcomes",
+                lambda c, loop=loop: evaluate_outcomes(
+                    c, config=config, loop=loop, day=day, successes=[]
+                ),
+            )
+            _plan_recorded(
+                engine,
+                report,
+                f"{where}: the performance",
+                lambda c, loop=loop: performance_rows(c, schema, loop, through=day),
+            )
             try:
                 if explain_condition(engine, schema, loop, day):
                     report.planned += 1
@@ -93,8 +109,8 @@ def preflight(engine: Engine, config: RetentionConfig) -> PreflightReport:
                 report.problems.append(str(error))
     if not_installed is not None:
         report.unchecked = (
-            f"database.schema: {not_installed}; until then the snapshot, segments, audience and "
-            "condition queries cannot be planned"
+            f"database.schema: {not_installed}; until then the snapshot, segments, audience, "
+            "outcomes and condition queries cannot be planned"
         )
     return report
 

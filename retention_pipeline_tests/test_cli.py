@@ -34,7 +34,7 @@ def errors(result: subprocess.CompletedProcess) -> list[str]:
 def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_path, capsys):
     config = str(write_config(tmp_path, app_database_url))
     assert main(["--config", config, "check"]) == 0
-    assert "the Dagster definitions (9 assets) load" in capsys.readouterr().out
+    assert "the Dagster definitions (11 assets) load" in capsys.readouterr().out
     assert main(["--config", config, "db", "upgrade"]) == 0
     first = capsys.readouterr().out
     assert f"revision {HEAD}" in first and "rebuilt from the app tables" in first
@@ -269,8 +269,8 @@ def test_check_says_what_it_cannot_check_before_the_schema_is_installed(app_data
     assert result.returncode == 2
     assert result.stdout == (
         f"not checked: database.schema: schema 'retention' is at revision none, expected {HEAD}: "
-        "run `retention-pipeline db upgrade`; until then the snapshot, segments, audience and "
-        "condition queries cannot be planned\n"
+        "run `retention-pipeline db upgrade`; until then the snapshot, segments, audience, "
+        "outcomes and condition queries cannot be planned\n"
     )
     assert errors(result) == [
         "error: loops.re_engagement.condition.query: a condition must be a single SELECT "

@@ -9,6 +9,11 @@ Every eligible user is assigned, by a hash of their id and the loop's salt, to t
 the holdout arm (both are recorded; only treatment is emailed) and to a template variant. The
 exclusions (suppressed address, no usable address, frequency cap) apply to both arms alike, so
 the holdout stays comparable.
+
+Unless the loop says `adjust: false`, the audience follows the latest decision made before its
+day (see `outcomes.decisions`): a paused step is sent to nobody, and variants get the decided
+shares of the step, drawn by a hash of the user and the decision's day (the holdout's hash does
+not change, so the shares never move a user between arms).
 """
 
 from __future__ import annotations
@@ -20,8 +25,23 @@ from datetime import date
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import Loop, RetentionConfig
+from retention_pipeline.outcomes.decisions import decisions_in_force
 
-EXCLUSION_REASONS = ("no_email", "suppressed", "frequency_cap", "cooldown", "no_step_due")
+EXCLUSION_REASONS = (
+    "no_email",
+    "suppressed",
+    "frequency_cap",
+    "cooldown",
+    "step_paused",
+    "no_step_due",
+)
+
+# The holdout draw: a user's bucket in [0, 10000) from their id and the loop's salt, whatever the
+# step or decision, so a user stays in one arm. (The demo generator draws its true email effect
+# with it too.)
+HOLDOUT_BUCKET_SQL = (
+    "('x' || substr(md5({user_id} || '/' || {salt}), 1, 8))::bit(32)::bigint % 10000"
+)
 
 # A usable address: something@domain.tld with no spaces. Anything else is not worth a bounce.
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
@@ -65,6 +85,34 @@ def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
     )
 
 
+def _variant_plan(connection: Connection, schema: str, loop: Loop, day: date) -> list[dict]:
+    """Per step: whether it is paused, the variants with the upper end of each one's share of
+    [0, 1), and the day of the decision that set the shares (None for an even split)."""
+    decisions = decisions_in_force(connection, schema, loop, day) if loop.adjust else {}
+    plan = []
+    for index, step in enumerate(loop.steps):
+        variants = step.action.variants
+        decision = decisions.get(index)
+        shares = [1 / len(variants)] * len(variants)
+        decided_on = None
+        if decision is not None and set(decision.variant_shares) == set(variants):
+            shares = [decision.variant_shares[variant] for variant in variants]
+            decided_on = decision.decided_on.isoformat()
+        upper, bounds = 0.0, []
+        for variant, share in zip(variants, shares, strict=True):
+            upper += share / sum(shares)
+            bounds.append([variant, upper])
+        bounds[-1][1] = 1.0  # every hash in [0, 1) finds a variant, whatever the rounding
+        plan.append(
+            {
+                "paused": bool(decision and decision.paused),
+                "bounds": bounds,
+                "decided_on": decided_on,
+            }
+        )
+    return plan
+
+
 def build_audience(
     connection: Connection, *, config: RetentionConfig, loop: Loop, day: date, candidates: set[str]
 ) -> AudienceSummary:
@@ -89,6 +137,7 @@ def build_audience(
         "salt": loop.holdout_salt,
         "holdout_per_10000": round(loop.holdout.fraction * 10000),
         "email_pattern": EMAIL_PATTERN,
+        "plan": json.dumps(_variant_plan(connection, config.database.schema_, loop, day)),
     }
     returned = connection.execute(
         text(f"""
@@ -119,21 +168,31 @@ def build_audience(
     )
     counts = connection.execute(
         text(f"""
-        WITH due AS (
+        WITH open_steps AS (
+            SELECT e.user_id, e.started_on, i - 1 AS step,
+                   (CAST(:plan AS jsonb) -> (i - 1) ->> 'paused')::boolean AS paused
+            FROM {s}.episodes AS e
+            CROSS JOIN generate_subscripts(CAST(:delays AS int[]), 1) AS i
+            WHERE e.loop_name = :loop AND e.ended_on IS NULL
+              AND (CAST(:delays AS int[]))[i] <= :day - e.started_on
+              AND NOT EXISTS (
+                  SELECT FROM {s}.reengagement_audience AS past
+                  WHERE past.loop_name = :loop AND past.user_id = e.user_id
+                    AND past.episode_start = e.started_on AND past.step = i - 1)
+        ),
+        due AS (
             SELECT e.user_id, e.started_on,
-                   (SELECT min(i) - 1 FROM generate_subscripts(CAST(:delays AS int[]), 1) AS i
-                    WHERE (CAST(:delays AS int[]))[i] <= :day - e.started_on
-                      AND NOT EXISTS (
-                          SELECT FROM {s}.reengagement_audience AS past
-                          WHERE past.loop_name = :loop AND past.user_id = e.user_id
-                            AND past.episode_start = e.started_on AND past.step = i - 1)
-                   ) AS step
+                   (SELECT min(o.step) FROM open_steps AS o WHERE o.user_id = e.user_id
+                      AND NOT o.paused) AS step,
+                   EXISTS (SELECT FROM open_steps AS o WHERE o.user_id = e.user_id AND o.paused)
+                       AS paused_step_due
             FROM {s}.episodes AS e
             WHERE e.loop_name = :loop AND e.ended_on IS NULL
         ),
         judged AS (
             SELECT due.*, snap.email,
                 CASE
+                    WHEN due.step IS NULL AND due.paused_step_due THEN 'step_paused'
                     WHEN due.step IS NULL THEN 'no_step_due'
                     WHEN snap.email IS NULL OR snap.email !~ :email_pattern THEN 'no_email'
                     WHEN EXISTS (SELECT FROM {s}.email_suppressions AS sup
@@ -143,22 +202,25 @@ def build_audience(
                                    AND recent.partition_date > :day - :cap
                                    AND recent.partition_date <= :day) THEN 'frequency_cap'
                 END AS excluded,
-                ('x' || substr(md5(due.user_id || '/' || :salt), 1, 8))::bit(32)::bigint % 10000
-                    AS arm_bucket,
-                ('x' || substr(md5(due.user_id || '/' || :salt || '/variant'), 1, 8))::bit(32)
-                    ::bigint AS variant_bucket
+                {HOLDOUT_BUCKET_SQL.format(user_id="due.user_id", salt=":salt")} AS arm_bucket,
+                ('x' || substr(md5(due.user_id || '/' || :salt || '/variant'
+                    || coalesce('/' || (CAST(:plan AS jsonb) -> due.step ->> 'decided_on'), '')),
+                    1, 8))::bit(32)::bigint / 4294967296.0 AS variant_position
             FROM due
             LEFT JOIN {s}.user_activity_snapshot AS snap
                 ON snap.partition_date = :day AND snap.user_id = due.user_id
         ),
         inserted AS (
             INSERT INTO {s}.reengagement_audience (partition_date, loop_name, user_id, email,
-                episode_start, step, template, arm, variant)
+                episode_start, step, template, arm, variant, decided_on)
             SELECT :day, :loop, j.user_id, j.email, j.started_on, j.step,
                    (CAST(:templates AS text[]))[j.step + 1],
                    CASE WHEN j.arm_bucket < :holdout_per_10000 THEN 'holdout' ELSE 'treatment' END,
-                   CAST(:variants AS jsonb) -> j.step ->> (j.variant_bucket
-                       % jsonb_array_length(CAST(:variants AS jsonb) -> j.step))::integer
+                   (SELECT bound ->> 0
+                    FROM jsonb_array_elements(CAST(:plan AS jsonb) -> j.step -> 'bounds') AS bound
+                    WHERE (bound ->> 1)::float8 > j.variant_position
+                    ORDER BY (bound ->> 1)::float8 LIMIT 1),
+                   (CAST(:plan AS jsonb) -> j.step ->> 'decided_on')::date
             FROM judged AS j WHERE j.excluded IS NULL
             ORDER BY j.user_id
             RETURNING arm, step
@@ -167,7 +229,7 @@ def build_audience(
         UNION ALL SELECT 'step:' || step, count(*) FROM inserted GROUP BY step
         UNION ALL SELECT 'excluded:' || excluded, count(*) FROM judged
                   WHERE excluded IS NOT NULL GROUP BY excluded"""),
-        {**params, "variants": json.dumps([step.action.variants for step in loop.steps])},
+        params,
     ).all()
     tallies = dict(counts)
     excluded = {reason: int(tallies.get(f"excluded:{reason}", 0)) for reason in EXCLUSION_REASONS}

@@ -56,11 +56,18 @@ def _expand(value: Any, path: str, environ: Mapping[str, str]) -> Any:
     return ENV_REFERENCE.sub(substitute, value)
 
 
+# (union field, tag) pairs whose tag pydantic inserts into an error's location.
+DISCRIMINATOR_TAGS = {
+    *(("condition", tag) for tag in ("segment", "query")),
+    *(("success", tag) for tag in ("activity", "events", "query")),
+}
+
+
 def _format_location(location: tuple[Any, ...]) -> str:
     # pydantic puts the discriminator's tag after a union field: `condition.query.timeout`
     parts: list[str] = []
     for index, part in enumerate(location):
-        if index and location[index - 1] == "condition" and part in ("segment", "query"):
+        if index and (location[index - 1], part) in DISCRIMINATOR_TAGS:
             continue
         parts.append(str(part))
     return ".".join(parts)

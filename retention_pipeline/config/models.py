@@ -261,8 +261,9 @@ class SegmentCondition(StrictModel):
     segment: Literal[SEGMENTS] = "dormant"  # type: ignore[valid-type]
 
 
-class QueryCondition(StrictModel):
-    type: Literal["query"] = "query"
+class TimedQuery(StrictModel):
+    """A SQL query the pipeline runs read-only, under its own timeout."""
+
     query: str = Field(min_length=1)
     timeout: Duration = "10m"
 
@@ -273,7 +274,33 @@ class QueryCondition(StrictModel):
         return value
 
 
+class QueryCondition(TimedQuery):
+    type: Literal["query"] = "query"
+
+
 Condition = Annotated[SegmentCondition | QueryCondition, Field(discriminator="type")]
+
+
+class ActivitySuccess(StrictModel):
+    """A user came back: any product event or auth session."""
+
+    type: Literal["activity"] = "activity"
+
+
+class EventSuccess(StrictModel):
+    """A user came back: one of these named product events."""
+
+    type: Literal["events"] = "events"
+    events: list[str] = Field(min_length=1)
+
+
+class QuerySuccess(TimedQuery):
+    """A user came back: a row of this query, which returns `user_id` and `at` (when)."""
+
+    type: Literal["query"] = "query"
+
+
+Success = Annotated[ActivitySuccess | EventSuccess | QuerySuccess, Field(discriminator="type")]
 
 KNOWN_TEMPLATES = ("re_engagement", "re_engagement_follow_up", "re_engagement_last_call")
 # What `{{user.FIELD}}` may name in a step's personalization, as the seed writes it.
@@ -371,6 +398,15 @@ class Loop(StrictModel):
     holdout: Holdout = Holdout()
     cooldown_days: int = Field(30, ge=0, description="before a returned user may re-enter")
     recovery: Recovery = Recovery()
+    success: Success = ActivitySuccess()
+    windows: list[Duration] = Field(
+        default_factory=lambda: ["7d", "14d", "30d"],
+        min_length=1,
+        description="how long after an assignment a return counts; the first one decides",
+    )
+    adjust: bool = Field(
+        True, description="share traffic between variants by results and pause harmful steps"
+    )
 
     @field_validator("name")
     @classmethod
@@ -388,6 +424,23 @@ class Loop(StrictModel):
     @property
     def holdout_salt(self) -> str:
         return self.holdout.salt or self.name
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: list[str | int]) -> list[str | int]:
+        days = []
+        for window in value:
+            seconds = parse_duration(window).total_seconds()
+            if seconds % 86400:
+                raise ValueError(f"{window!r} must be a whole number of days, like 7d")
+            days.append(int(seconds // 86400))
+        if days != sorted(set(days)):
+            raise ValueError(f"windows must grow, each once ({', '.join(map(str, value))})")
+        return value
+
+    @property
+    def window_days(self) -> list[int]:
+        return [int(parse_duration(window).total_seconds() // 86400) for window in self.windows]
 
     @model_validator(mode="after")
     def _sequence(self) -> Loop:

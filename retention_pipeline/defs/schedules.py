@@ -5,15 +5,17 @@ import dagster as dg
 from retention_pipeline.config import RetentionConfig
 from retention_pipeline.defs.activity import ROLLUP
 from retention_pipeline.defs.emails import AUDIENCE, AudienceConfig
+from retention_pipeline.defs.outcomes import OUTCOMES, PERFORMANCE
 from retention_pipeline.defs.partitions import CONFIG
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.segments.calendar import day_just_ended
 
 daily_retention_job = dg.define_asset_job(
     "daily_retention",
-    selection=dg.AssetSelection.assets(ROLLUP, SNAPSHOT, SEGMENTS, AUDIENCE),
+    selection=dg.AssetSelection.assets(ROLLUP, SNAPSHOT, SEGMENTS, AUDIENCE, OUTCOMES, PERFORMANCE),
     description="Fold the captured activity in, then snapshot and segment every user for one "
-    "day, and pick the day's audience.",
+    "day, pick the day's audience, re-evaluate the outcomes whose windows are open and measure "
+    "each loop against its holdout (the decisions apply from the next day's audience).",
 )
 
 

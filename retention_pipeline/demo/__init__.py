@@ -18,10 +18,14 @@ yet fade, churn or come back are daily or weekly instead, as new users are):
 - never_activated (12%): signed up and did nothing; half logged in once right after signing up.
 - resurrected (10%): active, then gone for 10 to 20 days, back within the last 1-3 days.
 
+On top of the habits, the re-engagement email works, with a known effect (`EmailEffect`): a
+user the loop's holdout draw puts in the treatment who has been away a week, and would not come
+back on their own, comes back two to five days after the email with probability 0.5.
+
 Signups follow exponential growth (recent days see about 5x more than the start of the window),
 at plausible local times in a handful of timezones (a few users have none, as in real apps).
 """
 
-from retention_pipeline.demo.seed import DemoSummary, seed_demo
+from retention_pipeline.demo.seed import DemoSummary, EmailEffect, seed_demo
 
-__all__ = ["DemoSummary", "seed_demo"]
+__all__ = ["DemoSummary", "EmailEffect", "seed_demo"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
 
 import sqlalchemy as sa
+
+from retention_pipeline.audience.build import HOLDOUT_BUCKET_SQL
+from retention_pipeline.config.models import Loop
 
 HABITS: tuple[str, ...] = (
     "daily",
@@ -552,6 +556,71 @@ FROM (
 """
 
 
+@dataclass(frozen=True)
+class EmailEffect:
+    """The demo's true email effect. A user last active on (UTC) day L is dormant from day L+7,
+    when the loop's audience takes them in; if the holdout draw (the same hash of the user id and
+    `holdout_salt` the audience uses) puts them in the treatment, and they do not come back on
+    their own before, they come back with probability `comeback_probability` on day L+9 to L+12
+    (two to five days after the email): one `dashboard.viewed` event tagged
+    `{"utm_source": "re_engagement"}`. Users who never made an event (never activated) do not
+    answer, and held-out users come back only on their own. So among users assigned the day
+    they turn dormant, the true lift of the 7-day window is `comeback_probability` times the
+    share who would not come back on their own within it."""
+
+    comeback_probability: float = 0.5
+    holdout_salt: str = "re_engagement"
+    holdout_fraction: float = 0.1
+
+    @classmethod
+    def for_loop(cls, loop: Loop) -> EmailEffect:
+        """The effect of the loop's email, treated as its holdout draw says."""
+        return cls(holdout_salt=loop.holdout_salt, holdout_fraction=loop.holdout.fraction)
+
+
+# After the habits, one statement over every quiet spell of every user: from a (UTC) day with a
+# session (every active day has one) to the next. Drawn per spell (salts 28 and 29 of the
+# user-day draws, keyed by the spell's first day), so the same arguments give the same rows.
+_INSERT_COMEBACKS = f"""
+WITH active_days AS (
+    SELECT DISTINCT s.user_id, (s.created_at AT TIME ZONE 'UTC')::date AS day
+    FROM {{schema}}.sessions AS s
+),
+spells AS (
+    SELECT d.user_id, d.day AS last_day,
+           lead(d.day) OVER (PARTITION BY d.user_id ORDER BY d.day) AS next_day,
+           (d.user_id * 8192 + ((CAST(:end AS timestamptz) AT TIME ZONE 'UTC')::date - d.day))
+               AS spell_key
+    FROM active_days AS d
+),
+answers AS (
+    SELECT sp.user_id, sp.next_day, p.pref_minute,
+           sp.last_day + 9
+               + floor(pg_temp.demo_unit(sp.spell_key, 28, CAST(:seed AS bigint)) * 4)::integer
+               AS comeback_day
+    FROM spells AS sp JOIN demo_seed_plan AS p ON p.id = sp.user_id
+    WHERE p.pattern <> 'never_activated'
+      AND {HOLDOUT_BUCKET_SQL.format(user_id="sp.user_id::text", salt="CAST(:salt AS text)")}
+          >= CAST(:holdout_per_10000 AS integer)
+      AND pg_temp.demo_unit(sp.spell_key, 29, CAST(:seed AS bigint))
+          < CAST(:comeback_probability AS float8)
+)
+INSERT INTO {{schema}}.events (id, user_id, name, properties, created_at)
+SELECT prev.id + row_number() OVER (ORDER BY c.created_at, c.user_id), c.user_id,
+       'dashboard.viewed', CAST(:tag AS jsonb), c.created_at
+FROM (SELECT coalesce(max(id), 0) AS id FROM {{schema}}.events) AS prev
+CROSS JOIN (
+    SELECT a.user_id, (a.comeback_day + make_interval(secs => a.pref_minute * 60))
+               AT TIME ZONE 'UTC' AS created_at
+    FROM answers AS a
+    WHERE a.next_day IS NULL OR a.comeback_day < a.next_day
+) AS c
+WHERE c.created_at <= CAST(:end AS timestamptz)
+"""
+
+COMEBACK_TAG = {"utm_source": "re_engagement"}
+
+
 def _schema_statements(schema: str) -> tuple[list[str], list[str]]:
     """Split schema.sql into (CREATE TABLE statements, CREATE INDEX statements)."""
     source = files(__package__).joinpath("schema.sql").read_text(encoding="utf-8")
@@ -589,6 +658,7 @@ def seed_demo(
     seed: int,
     end: datetime,
     schema: str = "public",
+    email_effect: EmailEffect = EmailEffect(),
 ) -> DemoSummary:
     """Create the demo app tables in `schema` if missing and fill them with `days` of history.
 
@@ -636,6 +706,16 @@ def seed_demo(
     insert_day = sa.text(_INSERT_DAY.format(schema=quoted))
     for a in range(oldest, -1, -1):
         connection.execute(insert_day, {**params, "a": a})
+    connection.execute(
+        sa.text(_INSERT_COMEBACKS.format(schema=quoted)),
+        {
+            **params,
+            "salt": email_effect.holdout_salt,
+            "holdout_per_10000": round(email_effect.holdout_fraction * 10000),
+            "comeback_probability": email_effect.comeback_probability,
+            "tag": json.dumps(COMEBACK_TAG),
+        },
+    )
     connection.execute(sa.text(_INSERT_SUBSCRIPTIONS.format(schema=quoted)), params)
 
     # Ids run densely from 1, so the highest id is the row count. Explicit ids leave the identity

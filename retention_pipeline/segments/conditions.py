@@ -9,6 +9,8 @@ the partition day, for queries that must backfill exactly).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 
 import pglast
@@ -44,9 +46,14 @@ def condition_user_ids(engine: Engine, schema: str, loop: Loop, day: date) -> se
 def condition_statement(loop: Loop, condition: QueryCondition) -> str:
     """The condition's one SELECT as written (comments kept, a final `;` dropped), decided by
     PostgreSQL's own parser; ConditionError naming the loop for anything else."""
-    where = f"loops.{loop.name}.condition.query"
+    return single_select(condition.query, f"loops.{loop.name}.condition.query")
+
+
+def single_select(query: str, where: str) -> str:
+    """The query's one read-only SELECT as written (comments kept, a final `;` dropped), decided
+    by PostgreSQL's own parser; ConditionError naming `where` for anything else."""
     try:
-        statements = pglast.parse_sql(condition.query)
+        statements = pglast.parse_sql(query)
     except pglast.parser.ParseError as error:
         message, position = error.args
         at = f" (at character {position + 1})" if position is not None else ""
@@ -59,8 +66,8 @@ def condition_statement(loop: Loop, condition: QueryCondition) -> str:
     refusal = _not_a_read_only_select(raw.stmt)
     if refusal:
         raise ConditionError(f"{where}: a condition must be a single SELECT (got {refusal})")
-    end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(condition.query)
-    return condition.query[raw.stmt_location : end]
+    end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(query)
+    return query[raw.stmt_location : end]
 
 
 WRITING_STATEMENTS = {
@@ -108,28 +115,10 @@ def _run_query(
     explain_only: bool = False,
 ) -> set[str]:
     where = f"loops.{loop.name}.condition.query"
-    query = condition_statement(loop, condition)
-    timeout_ms = int(parse_duration(condition.timeout).total_seconds() * 1000)
+    # Wrapped on lines of its own, so a trailing `-- comment` ends before the wrapper goes on.
+    subquery = f"(\n{condition_statement(loop, condition)}\n) AS condition"
     preparer = connection.dialect.identifier_preparer
-    # The user's SQL goes to the driver untouched (no bind-parameter parsing), inside a
-    # read-only transaction whose settings end with it. It is wrapped on lines of its own, so
-    # a trailing `-- comment` ends before the wrapper goes on.
-    subquery = f"(\n{query}\n) AS condition"
-    cursor = connection.connection.driver_connection.cursor()
-    try:
-        cursor.execute("SET TRANSACTION READ ONLY")
-        cursor.execute(
-            "SELECT set_config('statement_timeout', %s, true),"
-            " set_config('search_path', %s, true),"
-            " set_config('retention.partition_date', %s, true),"
-            " set_config('retention.loop', %s, true)",
-            (
-                str(timeout_ms),
-                f"{preparer.quote_schema(schema)}, pg_catalog",
-                day.isoformat(),
-                loop.name,
-            ),
-        )
+    with read_only_cursor(connection, schema, loop, day, condition.timeout, where) as cursor:
         # LIMIT 0 plans the query and names its columns without reading a row.
         cursor.execute(f"SELECT * FROM {subquery} LIMIT 0")
         columns = [column.name for column in cursor.description]
@@ -149,6 +138,34 @@ def _run_query(
             return set()
         cursor.execute(select_ids)
         return {row[0] for row in cursor.fetchall()}
+
+
+@contextmanager
+def read_only_cursor(
+    connection: Connection, schema: str, loop: Loop, day: date, timeout: str | int, where: str
+) -> Iterator[psycopg.Cursor]:
+    """A driver cursor for a user's SQL: it goes to the driver untouched (no bind-parameter
+    parsing), inside a read-only transaction whose settings (the timeout, the search path on
+    the pipeline's schema, the partition day and the loop) end with it. A failure of the
+    query is a ConditionError naming `where`."""
+    timeout_ms = int(parse_duration(timeout).total_seconds() * 1000)
+    preparer = connection.dialect.identifier_preparer
+    cursor = connection.connection.driver_connection.cursor()
+    try:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        cursor.execute(
+            "SELECT set_config('statement_timeout', %s, true),"
+            " set_config('search_path', %s, true),"
+            " set_config('retention.partition_date', %s, true),"
+            " set_config('retention.loop', %s, true)",
+            (
+                str(timeout_ms),
+                f"{preparer.quote_schema(schema)}, pg_catalog",
+                day.isoformat(),
+                loop.name,
+            ),
+        )
+        yield cursor
     except psycopg.Error as error:
         raise ConditionError(f"{where}: {_first_line(error)}") from None
     finally:

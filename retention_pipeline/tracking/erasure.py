@@ -20,6 +20,7 @@ PER_USER_TABLES = (
     "engagement_segments",
     "reengagement_audience",
     "episodes",
+    "reengagement_outcomes",
 )
 
 

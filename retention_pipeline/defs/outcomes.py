@@ -1,0 +1,116 @@
+"""Measure and adjust: who came back after each assignment, and how each loop performs against
+its holdout, with the decisions the next day's audience follows."""
+
+from datetime import date
+
+import dagster as dg
+import pandas as pd
+
+from retention_pipeline.config.models import QuerySuccess
+from retention_pipeline.defs.activity import ROLLUP
+from retention_pipeline.defs.emails import AUDIENCE, SEND_LOG
+from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.defs.segments import SNAPSHOT
+from retention_pipeline.outcomes.decisions import decide, store_decisions
+from retention_pipeline.outcomes.evaluate import evaluate_outcomes, success_days
+from retention_pipeline.outcomes.performance import (
+    performance_frame,
+    performance_metadata,
+    performance_rows,
+)
+from retention_pipeline.resources.app_database import AppDatabase
+
+OUTCOMES = dg.AssetKey(["retention", "reengagement_outcomes"])
+PERFORMANCE = dg.AssetKey(["retention", "campaign_performance"])
+
+
+@dg.asset(
+    key=OUTCOMES,
+    partitions_def=daily_partitions,
+    # The snapshots give the subscription billed at the end of each window.
+    deps=[AUDIENCE, SEND_LOG, ROLLUP, SNAPSHOT],
+    group_name="retention",
+    kinds={"postgres"},
+    description=(
+        "For every assignment, holdout and treatment, whether the user came back (the loop's "
+        "success) within each window after it, as of the partition day; windows not over yet "
+        "are pending. Each day re-evaluates every assignment whose windows were still open."
+    ),
+)
+def reengagement_outcomes(context: dg.AssetExecutionContext, app_database: AppDatabase):
+    app_database.ensure_installed()
+    day = date.fromisoformat(context.partition_key)
+    config = app_database.config
+    metadata: dict[str, object] = {}
+    total = 0
+    for loop in config.loops:
+        successes = None
+        if isinstance(loop.success, QuerySuccess):
+            successes = success_days(
+                app_database.engine, app_database.schema, loop, loop.success, day, config.timezone
+            )
+        with app_database.engine.begin() as connection:
+            summary = evaluate_outcomes(
+                connection, config=config, loop=loop, day=day, successes=successes
+            )
+        total += summary.assignments
+        metadata[f"{loop.name}/assignments_evaluated"] = summary.assignments
+        for window, statuses in summary.by_window.items():
+            for status in ("returned", "not_returned", "pending"):
+                metadata[f"{loop.name}/{window}d/{status}"] = statuses[status]
+        context.log.info(
+            f"{loop.name} {day}: {summary.assignments} assignment(s) with open windows "
+            "evaluated; "
+            + "; ".join(
+                f"{window}d: {statuses['returned']} returned, {statuses['not_returned']} not, "
+                f"{statuses['pending']} pending"
+                for window, statuses in summary.by_window.items()
+            )
+        )
+    metadata["dagster/row_count"] = total
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    key=PERFORMANCE,
+    partitions_def=daily_partitions,
+    deps=[OUTCOMES],
+    group_name="retention",
+    kinds={"postgres"},
+    description=(
+        "Per loop, step and variant: assigned, emailed and returned in each arm, the lift over "
+        "the holdout with its 95% interval, the billed revenue difference, a verdict per row; "
+        "and the day's decisions (variant shares, paused steps), which the next day's audience "
+        "follows unless the loop says adjust: false."
+    ),
+)
+def campaign_performance(context: dg.AssetExecutionContext, app_database: AppDatabase):
+    app_database.ensure_installed()
+    day = date.fromisoformat(context.partition_key)
+    config = app_database.config
+    metadata: dict[str, object] = {}
+    tables, decision_lines = [], []
+    for loop in config.loops:
+        with app_database.engine.begin() as connection:
+            rows = performance_rows(connection, app_database.schema, loop, through=day)
+            if loop.adjust:
+                decisions = decide(loop, rows, day)
+                store_decisions(connection, app_database.schema, loop, day, decisions)
+                decision_lines += [f"- **{loop.name}** {decision}" for decision in decisions]
+            else:
+                decision_lines.append(f"- **{loop.name}**: adjust is off; nothing decided")
+        metadata.update(performance_metadata(rows))
+        tables.append(performance_frame(rows))
+        context.log.info(
+            f"{loop.name} {day}: "
+            + "; ".join(
+                f"{row.scope} {row.window_days}d: {row.verdict}" for row in rows if row.step is None
+            )
+        )
+    frame = pd.concat(tables, ignore_index=True)
+    metadata["performance"] = dg.MetadataValue.md(
+        frame.to_markdown(index=False) if len(frame) else "no assignments yet"
+    )
+    metadata["decisions"] = dg.MetadataValue.md("\n".join(decision_lines))
+    metadata["dagster/row_count"] = len(frame)
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,174 @@
+"""Adjusting a loop from its outcomes: the share of each step's treatment traffic each variant
+gets, and whether a step is paused. Decided each day from the outcomes of the loop's first
+window, stored with the numbers behind it, and followed by the audiences of the next days
+(unless the loop says `adjust: false`).
+
+- Variants share traffic by Thompson sampling on their treated users' returns, each keeping at
+  least MINIMUM_VARIANT_SHARE. The holdout is drawn before and apart from the variants, so the
+  shares never bias the lift.
+- A step whose always-valid interval of the lift lies below zero, once both arms have at least
+  MINIMUM_OUTCOMES_TO_PAUSE known outcomes, is paused: it is sent to nobody from the next day on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+from sqlalchemy import Connection, text
+
+from retention_pipeline.config.models import Loop
+from retention_pipeline.outcomes.performance import PerformanceRow
+from retention_pipeline.outcomes.stats import thompson_shares
+
+MINIMUM_VARIANT_SHARE = 0.1
+MINIMUM_OUTCOMES_TO_PAUSE = 100
+
+
+@dataclass(frozen=True)
+class Decision:
+    step: int
+    decided_on: date
+    variant_shares: dict[str, float]
+    paused: bool
+    reason: str
+    evidence: dict
+
+    def __str__(self) -> str:
+        return f"step {self.step}: {self.reason}"
+
+
+def _seed(loop: str, step: int, day: date) -> int:
+    """The same loop, step and day always draw the same shares."""
+    digest = hashlib.sha256(f"{loop}/{step}/{day.isoformat()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def decide(loop: Loop, rows: list[PerformanceRow], day: date) -> list[Decision]:
+    """Each step's decision as of `day`, from the performance rows of the loop's first window."""
+    window = loop.window_days[0]
+    decisions = []
+    for step, definition in enumerate(loop.steps):
+        variants = definition.action.variants
+        at_window = [row for row in rows if row.step == step and row.window_days == window]
+        whole = next((row for row in at_window if row.variant is None), None)
+        by_variant = {row.variant: row.treatment for row in at_window if row.variant}
+        returned = np.array([by_variant[v].returned if v in by_variant else 0 for v in variants])
+        finished = np.array([by_variant[v].finished if v in by_variant else 0 for v in variants])
+        shares = thompson_shares(
+            returned,
+            finished - returned,
+            minimum_share=MINIMUM_VARIANT_SHARE if len(variants) > 1 else 0,
+            rng=np.random.default_rng(_seed(loop.name, step, day)),
+        )
+        variant_shares = {
+            v: round(float(share), 4) for v, share in zip(variants, shares, strict=True)
+        }
+        evidence: dict = {
+            "window_days": window,
+            "variants": {
+                v: {"returned": int(r), "outcomes": int(n)}
+                for v, r, n in zip(variants, returned, finished, strict=True)
+            },
+        }
+        paused = False
+        reasons = []
+        if len(variants) > 1:
+            reasons.append(
+                "shares "
+                + ", ".join(
+                    f"{v} {share:.0%} ({r}/{n} returned)"
+                    for (v, share), r, n in zip(
+                        variant_shares.items(), returned, finished, strict=True
+                    )
+                )
+            )
+        if whole is not None and whole.holdout.finished and whole.treatment.finished:
+            lower, upper = whole.always_valid
+            lift = whole.lift[0]
+            evidence["lift"] = {
+                "treated_returned": whole.treatment.returned,
+                "treated_outcomes": whole.treatment.finished,
+                "holdout_returned": whole.holdout.returned,
+                "holdout_outcomes": whole.holdout.finished,
+                "lift": round(lift, 5),
+                "always_valid_lower": round(lower, 5),
+                "always_valid_upper": round(upper, 5),
+            }
+            enough = min(whole.treatment.finished, whole.holdout.finished)
+            if enough >= MINIMUM_OUTCOMES_TO_PAUSE and upper < 0:
+                paused = True
+                reasons.insert(
+                    0,
+                    f"paused: lift {100 * lift:+.1f} points, always-valid 95% interval "
+                    f"{100 * lower:+.1f} to {100 * upper:+.1f} after {enough}+ outcomes per arm",
+                )
+        decisions.append(
+            Decision(
+                step=step,
+                decided_on=day,
+                variant_shares=variant_shares,
+                paused=paused,
+                reason="; ".join(reasons) or "one variant, not harmful",
+                evidence=evidence,
+            )
+        )
+    return decisions
+
+
+def store_decisions(
+    connection: Connection, schema: str, loop: Loop, day: date, decisions: list[Decision]
+) -> None:
+    """Replace the loop's decisions of `day`."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    connection.execute(
+        text(f"DELETE FROM {s}.campaign_decisions WHERE loop_name = :loop AND decided_on = :day"),
+        {"loop": loop.name, "day": day},
+    )
+    for decision in decisions:
+        connection.execute(
+            text(f"""
+                INSERT INTO {s}.campaign_decisions (loop_name, step, decided_on, variant_shares,
+                    paused, reason, evidence)
+                VALUES (:loop, :step, :day, CAST(:shares AS jsonb), :paused, :reason,
+                        CAST(:evidence AS jsonb))"""),
+            {
+                "loop": loop.name,
+                "step": decision.step,
+                "day": day,
+                "shares": json.dumps(decision.variant_shares),
+                "paused": decision.paused,
+                "reason": decision.reason,
+                "evidence": json.dumps(decision.evidence),
+            },
+        )
+
+
+def decisions_in_force(
+    connection: Connection, schema: str, loop: Loop, day: date
+) -> dict[int, Decision]:
+    """Per step, the latest decision made before `day`: the one the audience of `day` follows."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    rows = connection.execute(
+        text(f"""
+            SELECT DISTINCT ON (step) step, decided_on, variant_shares, paused, reason, evidence
+            FROM {s}.campaign_decisions
+            WHERE loop_name = :loop AND decided_on < :day
+            ORDER BY step, decided_on DESC"""),
+        {"loop": loop.name, "day": day},
+    ).all()
+    return {
+        row.step: Decision(
+            step=row.step,
+            decided_on=row.decided_on,
+            variant_shares=row.variant_shares,
+            paused=row.paused,
+            reason=row.reason,
+            evidence=row.evidence,
+        )
+        for row in rows
+        if row.step < len(loop.steps)
+    }
