@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config import parse_config
 from retention_pipeline.segments.conditions import condition_user_ids
-from retention_pipeline.segments.rules import build_segments
+from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
@@ -64,8 +64,7 @@ def run_day(engine, config, day: date, loop_index: int = 0):
     update_rollup(engine, config)  # as the daily run does before the snapshot
     with engine.begin() as connection:
         build_snapshot(connection, config, day)
-        for each in config.loops:
-            build_segments(connection, "retention", each, config.timezone, day)
+        build_day_segments(connection, "retention", config.loops, config.timezone, day)
     candidates = condition_user_ids(engine, "retention", loop, day)
     with engine.begin() as connection:
         return build_audience(connection, config=config, loop=loop, day=day, candidates=candidates)

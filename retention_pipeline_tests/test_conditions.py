@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, text
 from retention_pipeline.config import parse_config
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.segments.conditions import ConditionError, condition_user_ids
-from retention_pipeline.segments.rules import build_segments
+from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
@@ -46,7 +46,7 @@ def demo(create_database):
     install(engine, config)
     with engine.begin() as connection:
         build_snapshot(connection, config, day)
-        build_segments(connection, "retention", config.loops[0], "UTC", day)
+        build_day_segments(connection, "retention", config.loops, "UTC", day)
     yield engine, url, day
     engine.dispose()
 

@@ -20,7 +20,7 @@ from retention_pipeline.demo.seed import COMEBACK_TAG, EmailEffect, seed_demo
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.conditions import condition_user_ids
-from retention_pipeline.segments.rules import build_segments
+from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
@@ -88,7 +88,7 @@ def test_a_30_day_backfill_finds_the_demo_email_effect(create_database, tmp_path
     for day in days[:-1]:  # the backfill, day by day, as its runs would
         with engine.begin() as connection:
             build_snapshot(connection, config, day)
-            build_segments(connection, "retention", loop, config.timezone, day)
+            build_day_segments(connection, "retention", [loop], config.timezone, day)
         candidates = condition_user_ids(engine, "retention", loop, day)
         with engine.begin() as connection:
             build_audience(connection, config=config, loop=loop, day=day, candidates=candidates)

@@ -19,6 +19,7 @@ from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, write_config
 
 UTC = ZoneInfo("UTC")
+DAILY_TABLES = ("user_activity_snapshot", "engagement_segments")
 END = datetime(2026, 11, 21, tzinfo=UTC)
 
 
@@ -79,6 +80,52 @@ def test_a_day_materializes_with_counts_preview_and_passing_checks(database):
         "one_segment_per_user": True,
         "plausible_dormant_flow": True,
     }
+
+
+def partition_state(engine, table: str, day: str) -> tuple[float, int] | None:
+    """(rows the planner's statistics expect, bytes on disk) of the day's partition; None when
+    there is no such partition."""
+    with engine.connect() as connection:
+        return connection.execute(
+            text("""
+                SELECT reltuples, pg_relation_size(oid) FROM pg_class
+                WHERE oid = to_regclass(:name)"""),
+            {"name": f"retention.{table}_{day.replace('-', '')}"},
+        ).first()
+
+
+def test_a_day_is_rebuilt_in_its_own_partition_with_fresh_statistics(database):
+    engine, app_database = database
+    assert materialize_day(app_database, "2026-11-20").success
+    first = {table: partition_state(engine, table, "2026-11-20") for table in DAILY_TABLES}
+    # Rebuilt: the day's partition is emptied, not deleted from row by row, so it leaves no dead
+    # rows behind (nothing would vacuum them here: autovacuum may be off).
+    result = materialize_day(app_database, "2026-11-20")
+    assert result.success
+    for table in DAILY_TABLES:
+        planned, size = partition_state(engine, table, "2026-11-20")
+        # Analyzed as soon as written: the next step plans with the day's real size.
+        assert planned == 12, table
+        assert size == first[table][1], table
+    (snapshot,) = result.asset_materializations_for_node("retention__user_activity_snapshot")
+    assert snapshot.metadata["temp_bytes"].value >= 0
+    assert snapshot.metadata["partitions_dropped"].value == 0
+
+
+def test_days_older_than_keep_days_are_dropped(app_database_url, tmp_path):
+    engine = create_engine(app_database_url)
+    install(engine, make_config(app_database_url))
+    app_database = AppDatabase(
+        config_path=str(write_config(tmp_path, app_database_url, keep_days=35))
+    )
+    days = ("2026-10-10", "2026-10-16", "2026-11-19", "2026-11-20")
+    for day in days:
+        assert materialize_day(app_database, day).success
+    for table in DAILY_TABLES:
+        kept = [day for day in days if partition_state(engine, table, day) is not None]
+        # Building the 19th drops what is more than 35 days older: the 10th, not the 16th.
+        assert kept == ["2026-10-16", "2026-11-19", "2026-11-20"], table
+    engine.dispose()
 
 
 def test_a_jump_in_dormant_users_warns(database):

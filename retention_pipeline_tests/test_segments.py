@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import create_engine, text
 
-from retention_pipeline.segments.rules import build_segments
+from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
@@ -66,7 +66,7 @@ def segments_of(engine, config, day: date = DAY) -> dict[int, tuple[str, str]]:
     update_rollup(engine, config)  # as the daily run does before the snapshot
     with engine.begin() as connection:
         build_snapshot(connection, config, day)
-        build_segments(connection, config.database.schema_, config.loops[0], config.timezone, day)
+        build_day_segments(connection, config.database.schema_, config.loops, config.timezone, day)
         rows = connection.execute(
             text(
                 "SELECT user_id, segment, reason FROM retention.engagement_segments "

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.database.app_tables import MappingError
+from retention_pipeline.database.day_partitions import ensure_day_partition
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.email.outbox import OutboxSender
 from retention_pipeline.segments.snapshot import build_snapshot
@@ -637,6 +638,7 @@ def test_a_user_deleted_in_the_app_is_erased_everywhere(engine, app_database_url
     install(engine, config)
     with engine.begin() as connection:
         build_snapshot(connection, config, date(2026, 11, 20))
+        ensure_day_partition(connection, "retention", "engagement_segments", date(2026, 11, 20))
         connection.execute(
             text("""
                 INSERT INTO retention.engagement_segments
@@ -800,3 +802,50 @@ def test_the_triggers_ignore_the_callers_search_path(engine, installed):
         connection.execute(text("DELETE FROM users WHERE id = 2"))
     update_rollup(engine, config)
     assert {name for _user, _day, name, _count in actions(engine)} == {"real"}
+
+
+def test_upgrading_to_day_partitions_keeps_every_snapshot_and_segment(engine, app_database_url):
+    from alembic import command
+
+    from retention_pipeline.database import migrate
+    from retention_pipeline.segments.rules import build_day_segments
+
+    config = make_config(app_database_url)
+    with engine.begin() as connection:
+        insert_users(connection)
+    insert_events(engine, [(1, "a", "2026-11-19T10:00Z"), (2, "b", "2026-11-20T10:00Z")])
+    install(engine, config)
+    days = (date(2026, 11, 19), date(2026, 11, 20))
+    for day in days:
+        with engine.begin() as connection:
+            build_snapshot(connection, config, day)
+            build_day_segments(connection, "retention", config.loops, "UTC", day)
+
+    def contents() -> list[tuple]:
+        with engine.connect() as connection:
+            return [
+                tuple(row)
+                for table in ("user_activity_snapshot", "engagement_segments")
+                for row in connection.execute(
+                    text(f"SELECT * FROM retention.{table} ORDER BY partition_date, user_id")
+                )
+            ]
+
+    before = contents()
+    with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0007")
+        assert migrate.current_revision(connection, "retention") == "0007"
+    install(engine, config)
+    assert contents() == before
+    with engine.connect() as connection:
+        partitions = connection.execute(
+            text("""
+                SELECT child.relname FROM pg_inherits
+                JOIN pg_class AS child ON child.oid = inhrelid
+                WHERE inhparent = 'retention.user_activity_snapshot'::regclass
+                ORDER BY 1""")
+        ).scalars()
+        assert list(partitions) == [
+            "user_activity_snapshot_20261119",
+            "user_activity_snapshot_20261120",
+        ]

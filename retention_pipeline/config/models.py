@@ -163,6 +163,12 @@ class DatabaseSettings(StrictModel):
     statement_timeout: Duration = "10m"
     tracking: Literal["triggers", "incremental"] = "triggers"
     tables: AppTables = AppTables()
+    keep_days: int = Field(
+        400,
+        ge=35,
+        description="days of snapshots and segments kept before the day being built; older "
+        "daily partitions are dropped (the send log, suppressions and outcomes are kept)",
+    )
 
     @field_validator("schema_")
     @classmethod

@@ -4,10 +4,11 @@ from datetime import date, timedelta
 
 import dagster as dg
 
+from retention_pipeline.database.day_partitions import rebuilding_day
 from retention_pipeline.defs.activity import ROLLUP
 from retention_pipeline.defs.partitions import daily_partitions, previous_day_of
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.segments.rules import build_segments, segment_counts, segment_examples
+from retention_pipeline.segments.rules import build_day_segments, segment_counts, segment_examples
 from retention_pipeline.segments.snapshot import (
     build_snapshot,
     reconcile_with_users,
@@ -17,6 +18,8 @@ from retention_pipeline.segments.snapshot import (
 
 SNAPSHOT = dg.AssetKey(["retention", "user_activity_snapshot"])
 SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
+SNAPSHOT_TABLE = "user_activity_snapshot"
+SEGMENTS_TABLE = "engagement_segments"
 
 
 @dg.asset(
@@ -61,7 +64,9 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
     app_database.ensure_installed()
     day = date.fromisoformat(context.partition_key)
     config = app_database.config
-    with app_database.engine.begin() as connection:
+    with rebuilding_day(
+        app_database.engine, app_database.schema, SNAPSHOT_TABLE, day, config.database.keep_days
+    ) as (connection, rebuild):
         summary = build_snapshot(connection, config, day)
         reconciliation = reconcile_with_users(connection, config, day)
         vanished = vanished_since_yesterday(connection, app_database.schema, day)
@@ -76,6 +81,7 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
             "never_active": summary.never_active,
             "build": summary.path,
             "build_reason": summary.path_reason,
+            **rebuild,
         }
     )
     yield dg.AssetCheckResult(
@@ -142,10 +148,15 @@ def engagement_segments(context: dg.AssetExecutionContext, app_database: AppData
     unsegmented = 0
     jumps: list[str] = []
     total = 0
-    with app_database.engine.begin() as connection:
+    with rebuilding_day(
+        app_database.engine, app_database.schema, SEGMENTS_TABLE, day, config.database.keep_days
+    ) as (connection, rebuild):
         snapshot_users = snapshot_user_count(connection, app_database.schema, day)
+        by_loop = build_day_segments(
+            connection, app_database.schema, config.loops, config.timezone, day
+        )
         for loop in config.loops:
-            counts = build_segments(connection, app_database.schema, loop, config.timezone, day)
+            counts = by_loop[loop.name]
             yesterday = segment_counts(
                 connection, app_database.schema, loop.name, day - timedelta(days=1)
             )
@@ -156,6 +167,7 @@ def engagement_segments(context: dg.AssetExecutionContext, app_database: AppData
             if yesterday["dormant"] and counts["dormant"] > factor * yesterday["dormant"]:
                 jumps.append(f"{loop.name}: {yesterday['dormant']} -> {counts['dormant']}")
         examples = segment_examples(connection, app_database.schema, day)
+    metadata.update(rebuild)
     metadata["dagster/row_count"] = total
     metadata["preview"] = dg.MetadataValue.md(examples.to_markdown(index=False))
     yield dg.MaterializeResult(metadata=metadata)

@@ -21,6 +21,7 @@ import pandas as pd
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import SEGMENTS, Loop
+from retention_pipeline.database.day_partitions import analyze_day_partition, empty_day_partition
 
 CLASSIFY = """
     WITH bounds AS (
@@ -129,6 +130,17 @@ def build_segments(
         },
     )
     return segment_counts(connection, schema, loop.name, day)
+
+
+def build_day_segments(
+    connection: Connection, schema: str, loops: list[Loop], timezone: str, day: date
+) -> dict[str, dict[str, int]]:
+    """Replace every segment of `day` with the loops' segments, in the caller's transaction:
+    the day's partition is emptied, not deleted from row by row. Counts per loop and segment."""
+    empty_day_partition(connection, schema, "engagement_segments", day)
+    counts = {loop.name: build_segments(connection, schema, loop, timezone, day) for loop in loops}
+    analyze_day_partition(connection, schema, "engagement_segments", day)
+    return counts
 
 
 def segment_counts(

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import ResolvedTable, resolve_app_tables
+from retention_pipeline.database.day_partitions import analyze_day_partition, empty_day_partition
 
 # Distinct actions older than this are not worth naming in an email; the bound keeps the
 # snapshot from re-reading a user's whole history every day.
@@ -341,10 +342,9 @@ def full_build_reason(connection: Connection, config: RetentionConfig, day: date
 def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -> SnapshotSummary:
     """Replace the snapshot of `day`, in the caller's transaction: rolled forward from the day
     before's when it can be (users it lacks are built in full), else built in full."""
-    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
-    connection.execute(
-        text(f"DELETE FROM {s}.user_activity_snapshot WHERE partition_date = :day"), {"day": day}
-    )
+    schema = config.database.schema_
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    empty_day_partition(connection, schema, "user_activity_snapshot", day)
     parameters = snapshot_parameters(config, day)
     reason = full_build_reason(connection, config, day)
     if reason:
@@ -364,6 +364,7 @@ def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -
         connection.execute(text(rolled_forward_sql(connection, config)), parameters)
         path = "incremental"
         reason = f"rolled forward from {day - timedelta(days=1)}; {len(new_users)} users new to it"
+    analyze_day_partition(connection, schema, "user_activity_snapshot", day)
     connection.execute(
         text(f"""
             INSERT INTO {s}.snapshot_builds AS b

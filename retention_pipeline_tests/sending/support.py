@@ -19,6 +19,7 @@ import resend
 from sqlalchemy import Engine, text
 
 from retention_pipeline.config import RetentionConfig
+from retention_pipeline.database.day_partitions import ensure_day_partition
 from retention_pipeline.email.resend_sender import ResendSender
 from retention_pipeline.sending import claim, compose_emails
 from retention_pipeline_tests.email.fake_resend import FakeClock, FakeResend
@@ -97,6 +98,7 @@ def add_users(engine: Engine, people: Sequence[User], *, day: date = DAY) -> Non
             }
         )
     with engine.begin() as connection:
+        ensure_day_partition(connection, SCHEMA, "user_activity_snapshot", day)
         connection.execute(
             text("""
                 INSERT INTO retention.user_activity_snapshot (partition_date, user_id, email,
