@@ -13,6 +13,7 @@ from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.config.loader import project_root
 
 SHIPPED_DOCUMENT = yaml.safe_load((project_root() / "retention.yaml").read_text())
+TEST_UNSUBSCRIBE_SECRET = "unsubscribe-secret-for-tests"
 
 
 def make_config(url: str, *, timezone: str = "UTC", **database: Any) -> RetentionConfig:
@@ -29,10 +30,12 @@ def write_config(
     directory: Path, url: str, *, email: dict[str, Any] | None = None, **database: Any
 ) -> Path:
     """Write the shipped configuration, pointed at `url`, to a file; return its path. Its emails
-    go to the outbox under `directory` unless `email` says otherwise."""
+    go to the outbox under `directory`, with links signed by `TEST_UNSUBSCRIBE_SECRET`, unless
+    `email` says otherwise."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"].update(database)
     document["email"]["provider"] = "outbox"
+    document["email"]["unsubscribe_secret"] = TEST_UNSUBSCRIBE_SECRET
     document["email"].update(email or {})
     document["database"]["url"] = url
     document["email"]["outbox_dir"] = str(directory / "outbox")

@@ -34,7 +34,7 @@ def test_upgrade_is_idempotent_and_uninstall_removes_it(app_database_url, tmp_pa
     assert "the Dagster definitions (9 assets) load" in capsys.readouterr().out
     assert main(["--config", config, "db", "upgrade"]) == 0
     first = capsys.readouterr().out
-    assert "revision 0004" in first and "rebuilt from the app tables" in first
+    assert "revision 0005" in first and "rebuilt from the app tables" in first
     assert main(["--config", config, "db", "upgrade"]) == 0
     assert "rebuilt" not in capsys.readouterr().out
     assert main(["--config", config, "db", "uninstall"]) == 2
@@ -86,7 +86,7 @@ def test_more_bad_input_is_one_line_not_a_traceback(app_database_url, tmp_path):
     cases = [
         (
             ["--config", config, "preview", "--template", "re_engagement", "--user", "1"],
-            "error: schema 'retention' is at revision none, expected 0004: run "
+            "error: schema 'retention' is at revision none, expected 0005: run "
             "`retention-pipeline db upgrade`",
         ),
         (["--config", config, "db", "refresh"], "error: schema 'retention' is at revision none"),
@@ -148,7 +148,7 @@ def test_config_may_come_before_or_after_the_subcommand(app_database_url, tmp_pa
     config = str(write_config(tmp_path, app_database_url))
     assert main(["check", "--config", config]) == 0
     assert main(["db", "upgrade", "--config", config]) == 0
-    assert "revision 0004" in capsys.readouterr().out
+    assert "revision 0005" in capsys.readouterr().out
     assert main(["db", "--config", config, "refresh"]) == 0
     assert main(["--config", config, "db", "refresh"]) == 0
     assert capsys.readouterr().out.count("rollup updated") == 2
@@ -265,7 +265,7 @@ def test_check_says_what_it_cannot_check_before_the_schema_is_installed(app_data
     result = run("--config", str(config), "check")
     assert result.returncode == 2
     assert result.stdout == (
-        "not checked: database.schema: schema 'retention' is at revision none, expected 0004: "
+        "not checked: database.schema: schema 'retention' is at revision none, expected 0005: "
         "run `retention-pipeline db upgrade`; until then the snapshot, segments, audience and "
         "condition queries cannot be planned\n"
     )

@@ -116,7 +116,7 @@ def test_rollup_asset_refuses_an_uninstalled_database(app_database_url, tmp_path
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]
     message = failure.step_failure_data.error.message
-    assert "is at revision none, expected 0004: run `retention-pipeline db upgrade`" in message
+    assert "is at revision none, expected 0005: run `retention-pipeline db upgrade`" in message
 
 
 def test_the_rollup_asset_erases_deleted_users_and_their_outbox_files(app_database_url, tmp_path):

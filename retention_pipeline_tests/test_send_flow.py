@@ -170,14 +170,16 @@ def test_preview_renders_one_users_email_to_a_file(morning, tmp_path, capsys, mo
     assert capsys.readouterr().err == (
         f"error: --user: no user 'no-such-user' in the snapshot of {day}\n"
     )
-    # Sending through Resend without a secret to sign links with is refused in one line.
-    monkeypatch.setenv("RESEND_API_KEY", "re_test")
+    # Without a secret to sign links with, the preview is refused in one line naming it.
     url = resources["app_database"].config.database.url
-    (tmp_path / "resend").mkdir()
-    resend_config = str(write_config(tmp_path / "resend", url, email={"provider": "resend"}))
-    assert main(["--config", resend_config, "unsubscribe-server"]) == 2
+    (tmp_path / "unsigned").mkdir()
+    unsigned = str(write_config(tmp_path / "unsigned", url, email={"unsubscribe_secret": ""}))
+    assert (
+        main(["--config", unsigned, "preview", "--template", "re_engagement", "--user", user_id])
+        == 2
+    )
     assert capsys.readouterr().err == (
-        "error: email.unsubscribe_secret: required to send through Resend "
+        "error: email.unsubscribe_secret: required to sign and check unsubscribe links "
         "(set $RETENTION_UNSUBSCRIBE_SECRET)\n"
     )
 

@@ -29,10 +29,10 @@ from retention_pipeline.sending.send_log import (
 from retention_pipeline.sending.sender_lock import SenderBusy, sender_lock
 from retention_pipeline.sending.suppressions import (
     SUPPRESSION_REASONS,
+    normalize_address,
     suppress,
     unsubscribe_with_token,
 )
-from retention_pipeline.sending.unsubscribe_server import make_server
 
 __all__ = [
     "BATCH_SIZE",
@@ -44,7 +44,6 @@ __all__ = [
     "claim",
     "compose_emails",
     "day_end",
-    "make_server",
     "pending_batches",
     "record",
     "send_key",
@@ -52,6 +51,7 @@ __all__ = [
     "send_loop_day",
     "send_pending",
     "sender_lock",
+    "normalize_address",
     "suppress",
     "treatment_rows",
     "unsubscribe_with_token",

@@ -1,17 +1,13 @@
-"""Suppressions, unsubscribe tokens, and the one-click unsubscribe HTTP endpoint."""
+"""Suppressions: normalized addresses, one loop or every loop, unsubscribe tokens, and the list
+surviving `db uninstall`."""
 
 from __future__ import annotations
-
-import threading
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
 
 from retention_pipeline.email.unsubscribe import make_token
-from retention_pipeline.sending import make_server, suppress, unsubscribe_with_token
+from retention_pipeline.sending import suppress, unsubscribe_with_token
 from retention_pipeline_tests.sending.support import (
     LOOP,
     SCHEMA,
@@ -105,67 +101,4 @@ def test_a_bad_token_is_a_one_line_error_and_suppresses_nothing(
 
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
-    assert suppressions(emailed) == []
-
-
-@pytest.fixture
-def server(emailed: SendingDatabase) -> Iterator[str]:
-    """The unsubscribe endpoint on a free local port; yields its base URL."""
-    httpd = make_server(emailed.engine, schema=SCHEMA, secret=SECRET, host="127.0.0.1", port=0)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    host, port = httpd.server_address[:2]
-    yield f"http://{host}:{port}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
-
-
-def request(url: str, body: bytes | None = None) -> tuple[int, str]:
-    headers = {"Content-Type": "application/x-www-form-urlencoded"} if body is not None else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def test_one_click_post_unsubscribes_with_200(server: str, emailed: SendingDatabase) -> None:
-    token = make_token(SECRET, "u1", LOOP)
-
-    status, page = request(
-        f"{server}/email/unsubscribe?token={token}", b"List-Unsubscribe=One-Click"
-    )
-
-    assert status == 200
-    assert "You are unsubscribed" in page
-    assert suppressions(emailed) == [
-        ("ada@example.com", "u1", "unsubscribed", "unsubscribe_link:re_engagement")
-    ]
-
-
-def test_get_shows_a_button_that_posts_and_unsubscribes_no_one(
-    server: str, emailed: SendingDatabase
-) -> None:
-    token = make_token(SECRET, "u1", LOOP)
-
-    status, page = request(f"{server}/email/unsubscribe?token={token}")
-
-    assert status == 200
-    assert '<form method="post" action="/email/unsubscribe?token=' in page
-    assert token in page
-    assert suppressions(emailed) == []
-
-
-def test_the_endpoint_answers_bad_requests_briefly(server: str, emailed: SendingDatabase) -> None:
-    forged = make_token("another secret", "u1", LOOP)
-
-    assert request(f"{server}/email/unsubscribe?token={forged}", b"") == (
-        400,
-        "unsubscribe token signature does not match: "
-        "the token was altered or signed with another secret\n",
-    )
-    assert request(f"{server}/email/unsubscribe?token={forged}")[0] == 400
-    assert request(f"{server}/email/unsubscribe", b"") == (400, "missing unsubscribe token\n")
-    assert request(f"{server}/elsewhere?token={forged}", b"")[0] == 404
     assert suppressions(emailed) == []
