@@ -20,13 +20,14 @@ MAX_HEAD_BYTES = 16 * 1024
 
 def uvicorn_config(app: ASGIApp, *, host: str, port: int) -> uvicorn.Config:
     """How `serve` runs `app`; port 0 picks a free port."""
+    # uvicorn's access line prints the query string, the unsubscribe token: off, whichever
+    # handlers logging has (it logs whenever its logger has one). The app logs requests itself.
+    logging.getLogger("uvicorn.access").disabled = True
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        # h11 bounds the request head (httptools does not); the app logs requests itself,
-        # without the query string that uvicorn's access log would print.
-        http="h11",
+        http="h11",  # h11 bounds the request head; httptools does not
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         access_log=False,
         log_config=None,
