@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.config.loader import project_root
+from retention_pipeline.demo import seed_demo
+from retention_pipeline.tracking.install import install
 
 SHIPPED_DOCUMENT = yaml.safe_load((project_root() / "retention.yaml").read_text())
 TEST_UNSUBSCRIBE_SECRET = "unsubscribe-secret-for-tests"
@@ -57,3 +60,20 @@ def insert_sent_email(engine: Engine, user_id: str, key: str, status: str = "sen
                         '<p>Hi ' || :user || '</p>', 'Hi', :status)"""),
             {"key": key, "user": user_id, "email": f"user{user_id}@example.com", "status": status},
         )
+
+
+def demo_until_yesterday(url: str) -> tuple[Engine, date]:
+    """The demo app's history (400 users, 60 days) up to the end of yesterday in the database at
+    `url`, with the pipeline installed; returns an engine on it, and yesterday."""
+    engine = create_engine(url)
+    day = datetime.now(UTC).date() - timedelta(days=1)
+    with engine.begin() as connection:
+        seed_demo(
+            connection,
+            users=400,
+            days=60,
+            seed=11,
+            end=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC),
+        )
+    install(engine, make_config(url))
+    return engine, day

@@ -3,13 +3,13 @@ send job, the outbox holds one readable email per treated user, and nothing is s
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from retention_pipeline.defs.emails import (
     AUDIENCE,
@@ -19,28 +19,16 @@ from retention_pipeline.defs.emails import (
 )
 from retention_pipeline.defs.partitions import CONFIG
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
-from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
-from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import make_config, write_config
+from retention_pipeline_tests.helpers import demo_until_yesterday, write_config
 
 
 @pytest.fixture
 def morning(create_database, tmp_path: Path):
     url = create_database()
-    engine = create_engine(url)
-    day = datetime.now(UTC).date() - timedelta(days=1)
-    with engine.begin() as connection:
-        seed_demo(
-            connection,
-            users=400,
-            days=60,
-            seed=11,
-            end=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC),
-        )
-    install(engine, make_config(url))
+    engine, day = demo_until_yesterday(url)
     resources = {
         "app_database": AppDatabase(config_path=str(write_config(tmp_path, url))),
         "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test"),

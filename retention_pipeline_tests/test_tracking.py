@@ -726,6 +726,8 @@ def test_uninstall_removes_everything_the_pipeline_added(engine, installed):
 def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url):
     """An install made before the capture existed keeps its rollup: the trigger functions are
     replaced in place, so no row is counted by both the old and the new body."""
+    from alembic import command
+
     from retention_pipeline.database import migrate
 
     config = make_config(app_database_url)
@@ -734,6 +736,7 @@ def test_upgrading_from_revision_0003_keeps_the_rollup(engine, app_database_url)
     insert_events(engine, [(1, "before", "2026-11-20T10:00Z")])
     install(engine, config)
     with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0004")
         connection.execute(text("DROP TABLE retention.activity_capture_0"))
         connection.execute(text("DROP TABLE retention.activity_capture_1"))
         connection.execute(text("DROP TABLE retention.rebuild_chunks, retention.erased_users"))

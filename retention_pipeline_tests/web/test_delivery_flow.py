@@ -4,21 +4,22 @@ email, and the next audience and the send log's metadata show it."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import dagster as dg
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from retention_pipeline.defs.emails import reengagement_audience, send_reengagement_emails
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
-from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import ResendEmail
-from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.email.fake_resend import serve_fake_resend
-from retention_pipeline_tests.helpers import TEST_UNSUBSCRIBE_SECRET, make_config, write_config
+from retention_pipeline_tests.helpers import (
+    TEST_UNSUBSCRIBE_SECRET,
+    demo_until_yesterday,
+    write_config,
+)
 from retention_pipeline_tests.web.support import call, resend_event, serving, signed
 
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
@@ -51,17 +52,7 @@ def test_bounces_complaints_and_one_click_unsubscribes_reach_the_next_audience(
     create_database, tmp_path: Path
 ) -> None:
     url = create_database()
-    engine = create_engine(url)
-    day = datetime.now(UTC).date() - timedelta(days=1)
-    with engine.begin() as connection:
-        seed_demo(
-            connection,
-            users=400,
-            days=60,
-            seed=11,
-            end=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC),
-        )
-    install(engine, make_config(url))
+    engine, day = demo_until_yesterday(url)
     partition = day.isoformat()
     resources = {
         "app_database": AppDatabase(

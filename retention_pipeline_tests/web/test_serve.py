@@ -21,39 +21,31 @@ from retention_pipeline_tests.web.support import (
 )
 
 
-def events(db: SendingDatabase) -> list[tuple]:
+def rows(db: SendingDatabase, query: str) -> list[tuple]:
     with db.engine.connect() as connection:
-        return [
-            tuple(row)
-            for row in connection.execute(
-                text(
-                    "SELECT svix_id, event_type, provider_email_id, send_log_id IS NOT NULL "
-                    "FROM retention.email_events ORDER BY received_at, svix_id"
-                )
-            )
-        ]
+        return [tuple(row) for row in connection.execute(text(query))]
+
+
+def events(db: SendingDatabase) -> list[tuple]:
+    return rows(
+        db,
+        "SELECT svix_id, event_type, provider_email_id, send_log_id IS NOT NULL "
+        "FROM retention.email_events ORDER BY received_at, svix_id",
+    )
 
 
 def last_events(db: SendingDatabase) -> dict[str, str | None]:
-    with db.engine.connect() as connection:
-        return dict(
-            connection.execute(
-                text("SELECT user_id, last_event FROM retention.email_send_log ORDER BY user_id")
-            ).all()
-        )
+    return dict(
+        rows(db, "SELECT user_id, last_event FROM retention.email_send_log ORDER BY user_id")
+    )
 
 
 def suppressions(db: SendingDatabase) -> list[tuple]:
-    with db.engine.connect() as connection:
-        return [
-            tuple(row)
-            for row in connection.execute(
-                text(
-                    "SELECT email, user_id, reason, loop_name FROM retention.email_suppressions "
-                    "ORDER BY email, loop_name"
-                )
-            )
-        ]
+    return rows(
+        db,
+        "SELECT email, user_id, reason, loop_name FROM retention.email_suppressions "
+        "ORDER BY email, loop_name",
+    )
 
 
 def post_event(server: str, body: bytes, headers: dict[str, str]):

@@ -10,6 +10,8 @@ from alembic import op
 revision = "0005"
 down_revision = "0004"
 
+# Written out, not imported: a migration states the schema of its revision, whatever the code
+# says later.
 EVENT_TYPES = (
     "sent",
     "delivered",
