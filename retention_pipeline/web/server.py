@@ -52,6 +52,8 @@ def serve(
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    # The health check reads the schema's revision, which alembic announces at INFO every time.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     app = create_app(
         engine,
         schema=schema,
