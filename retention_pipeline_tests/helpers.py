@@ -77,3 +77,17 @@ def demo_until_yesterday(url: str) -> tuple[Engine, date]:
         )
     install(engine, make_config(url))
     return engine, day
+
+
+def treated(engine: Engine, day: str) -> set[str]:
+    """The users of the audience of `day` (YYYY-MM-DD) in the treatment arm."""
+    with engine.connect() as connection:
+        return set(
+            connection.execute(
+                text(
+                    "SELECT user_id FROM retention.reengagement_audience "
+                    "WHERE partition_date = :day AND arm = 'treatment'"
+                ),
+                {"day": day},
+            ).scalars()
+        )

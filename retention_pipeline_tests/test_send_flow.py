@@ -22,7 +22,7 @@ from retention_pipeline.defs.segments import engagement_segments, user_activity_
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
-from retention_pipeline_tests.helpers import demo_until_yesterday, write_config
+from retention_pipeline_tests.helpers import demo_until_yesterday, treated, write_config
 
 
 @pytest.fixture
@@ -36,19 +36,6 @@ def morning(create_database, tmp_path: Path):
     with dg.instance_for_test() as instance:
         yield engine, instance, resources, day.isoformat(), tmp_path / "outbox"
     engine.dispose()
-
-
-def treated(engine, day: str) -> set[str]:
-    with engine.connect() as connection:
-        return set(
-            connection.execute(
-                text(
-                    "SELECT user_id FROM retention.reengagement_audience "
-                    "WHERE partition_date = :day AND arm = 'treatment'"
-                ),
-                {"day": day},
-            ).scalars()
-        )
 
 
 def test_the_daily_run_the_sensor_and_the_send_job(morning):

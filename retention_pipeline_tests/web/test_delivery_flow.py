@@ -18,24 +18,12 @@ from retention_pipeline_tests.email.fake_resend import serve_fake_resend
 from retention_pipeline_tests.helpers import (
     TEST_UNSUBSCRIBE_SECRET,
     demo_until_yesterday,
+    treated,
     write_config,
 )
 from retention_pipeline_tests.web.support import call, resend_event, serving, signed
 
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
-
-
-def treated(engine, day: str) -> set[str]:
-    with engine.connect() as connection:
-        return set(
-            connection.execute(
-                text(
-                    "SELECT user_id FROM retention.reengagement_audience "
-                    "WHERE partition_date = :day AND arm = 'treatment'"
-                ),
-                {"day": day},
-            ).scalars()
-        )
 
 
 def send_log_materializations(result: dg.ExecuteInProcessResult, day: str) -> list:
