@@ -39,6 +39,10 @@ from retention_pipeline.sending.suppressions import NothingToUnsubscribe, unsubs
 MAX_URL_BYTES = 8 * 1024
 MAX_BODY_BYTES = 256 * 1024
 """Resend's events and one-click bodies are a few kB; the limits keep anything else out."""
+DISCARD_BYTES = 32 * 1024 * 1024
+"""How much of an oversized body is read and dropped before the 413: a client that is still
+sending when the answer comes would otherwise lose it to a reset connection. Beyond this the
+connection is simply closed."""
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("retention_pipeline.web.access")
@@ -186,25 +190,11 @@ class _Guard:
             return
         started = time.perf_counter()
         status: int | None = None
+        logged = False
 
-        async def respond(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), *_SAFETY_HEADERS]
-            await send(message)
-
-        try:
-            refusal = _refusal(scope)
-            if refusal:
-                await _text(*refusal)(scope, receive, respond)
-            else:
-                await self.app(scope, receive, respond)
-        except Exception:
-            logger.exception("%s %s failed", scope["method"], scope["path"][:200])
-            if status is None:
-                await _text(500, "internal error; try again later")(scope, receive, respond)
-        finally:
+        def log_access() -> None:
+            nonlocal logged
+            logged = True
             access_logger.info(
                 "request",
                 extra={
@@ -217,6 +207,31 @@ class _Guard:
                     }
                 },
             )
+
+        async def respond(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), *_SAFETY_HEADERS]
+            elif not message.get("more_body", False):
+                log_access()  # before the last bytes: whoever got the answer finds the line
+            await send(message)
+
+        try:
+            refusal = _refusal(scope)
+            if refusal:
+                if refusal[0] == 413:
+                    await _discard_body(receive)
+                await _text(*refusal)(scope, receive, respond)
+            else:
+                await self.app(scope, receive, respond)
+        except Exception:
+            logger.exception("%s %s failed", scope["method"], scope["path"][:200])
+            if status is None:
+                await _text(500, "internal error; try again later")(scope, receive, respond)
+        finally:
+            if not logged:  # the client went away, or the answer never completed
+                log_access()
 
 
 def _refusal(scope: Scope) -> tuple[int, str] | None:
@@ -239,11 +254,23 @@ async def _body(request: Request) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
+            await _discard_body(request.receive, size)
             raise HTTPException(
                 413, f"the request body is larger than {MAX_BODY_BYTES // 1024} KiB"
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _discard_body(receive: Receive, already_read: int = 0) -> None:
+    size = already_read
+    while size <= DISCARD_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _http_error(_request: Request, error: Exception) -> Response:

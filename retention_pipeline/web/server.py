@@ -14,8 +14,10 @@ from starlette.types import ASGIApp
 
 from retention_pipeline.web.app import create_app
 
-MAX_HEAD_BYTES = 16 * 1024
-"""Request line and headers: uvicorn answers 400 to anything longer, before the app sees it."""
+MAX_HEAD_BYTES = 256 * 1024
+"""Request line and headers. Up to this the app sees the request and answers a long URL with a
+clean 414; past it uvicorn answers 400 and drops the connection, which a client still sending
+may see as a reset instead."""
 
 
 def uvicorn_config(app: ASGIApp, *, host: str, port: int) -> uvicorn.Config:
