@@ -60,33 +60,21 @@ def _engine(config):
     return create_app_engine(resolve_database_url(config), config.database.statement_timeout)
 
 
-def _unsubscribe_secret(config) -> str:
-    """The secret the send job signs links with: the configured one, or when emails go to the
-    outbox the local one, so outbox links can be tried locally."""
-    import dagster as dg
-
-    from retention_pipeline.resources.email import email_provider, unsubscribe_secret
-
-    try:
-        return unsubscribe_secret(config.email.unsubscribe_secret, email_provider(config))
-    except dg.Failure as error:  # the same one line the send job would give
-        raise ConfigError(error.description) from None
-
-
 def cmd_suppress(args: argparse.Namespace) -> int:
-    from retention_pipeline.sending.suppressions import suppress
+    from retention_pipeline.sending.suppressions import normalize_address, suppress
 
+    address = normalize_address(args.email)
     config = load_config(args.config)
     with _engine(config).begin() as connection:
         _require_installed(connection, config)
         added = suppress(
             connection,
             schema=config.database.schema_,
-            email=args.email,
+            email=address,
             reason=args.reason,
             source="cli",
         )
-    print(f"{args.email.lower()}: {args.reason}" + ("" if added else " (already suppressed)"))
+    print(f"{address}: {args.reason}" + ("" if added else " (already suppressed)"))
     return 0
 
 
@@ -204,14 +192,23 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_db_uninstall(args: argparse.Namespace) -> int:
+    from retention_pipeline.sending.suppressions import KEPT_TABLE
     from retention_pipeline.tracking.install import uninstall
 
     config = load_config(args.config)
     if not args.yes:
         print("error: this drops the pipeline's schema and triggers; pass --yes", file=sys.stderr)
         return 2
-    uninstall(_engine(config), config)
-    print(f"removed schema {config.database.schema_} and the tracking triggers")
+    schema = config.database.schema_
+    kept = uninstall(_engine(config), config, forget_suppressions=args.forget_suppressions)
+    if kept:
+        print(
+            f"removed the tracking triggers and everything in schema {schema} but the "
+            f"suppression list: {kept} suppressed address(es) kept in {schema}.{KEPT_TABLE}, "
+            "restored by the next `db upgrade` (--forget-suppressions drops them too)"
+        )
+    else:
+        print(f"removed schema {schema} and the tracking triggers")
     return 0
 
 
@@ -241,6 +238,7 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from retention_pipeline.database import embedded
+    from retention_pipeline.email.secrets import unsubscribe_secret
     from retention_pipeline.sending.preview import preview_email
 
     config = load_config(args.config)
@@ -255,7 +253,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
             user_id=args.user,
             day=args.day,
             variant=args.variant,
-            unsubscribe_secret=_unsubscribe_secret(config),
+            unsubscribe_secret=unsubscribe_secret(config),
         )
     out = (
         Path(args.out)
@@ -268,27 +266,26 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_unsubscribe_server(args: argparse.Namespace) -> int:
-    from urllib.parse import urlsplit
-
-    from retention_pipeline.sending.unsubscribe_server import make_server
+def cmd_serve(args: argparse.Namespace) -> int:
+    from retention_pipeline.email.secrets import unsubscribe_secret, webhook_secret
+    from retention_pipeline.web.server import serve
 
     config = load_config(args.config)
-    secret = _unsubscribe_secret(config)
-    path = urlsplit(config.email.unsubscribe_url).path or "/"
-    server = make_server(
-        _engine(config),
-        schema=config.database.schema_,
-        secret=secret,
-        host=args.host,
-        port=args.port,
-        path=path,
-    )
-    print(f"unsubscribe endpoint on http://{args.host}:{server.server_port}{path}", flush=True)
+    # Both before anything listens: without either, the service cannot do its job.
+    link_secret, event_secret = unsubscribe_secret(config), webhook_secret(config)
+    engine = _engine(config)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()
+        serve(
+            engine,
+            schema=config.database.schema_,
+            unsubscribe_secret=link_secret,
+            webhook_secret=event_secret,
+            product_name=config.email.product_name,
+            host=args.host,
+            port=args.port,
+        )
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -470,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         "uninstall", parents=[config_option], help="remove everything the pipeline added"
     )
     uninstall.add_argument("--yes", action="store_true")
+    uninstall.add_argument(
+        "--forget-suppressions",
+        action="store_true",
+        help="drop the suppression list too (kept by default, so that nobody who unsubscribed, "
+        "bounced or complained is emailed after a reinstall)",
+    )
     uninstall.set_defaults(handler=cmd_db_uninstall)
 
     preview = commands.add_parser(
@@ -505,14 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     suppress.set_defaults(handler=cmd_suppress)
 
-    unsubscribe = commands.add_parser(
-        "unsubscribe-server",
+    serve = commands.add_parser(
+        "serve",
         parents=[config_option],
-        help="serve the one-click unsubscribe endpoint (RFC 8058)",
+        help="the web service: Resend's delivery webhooks, unsubscribe links, a health check",
     )
-    unsubscribe.add_argument("--host", default="127.0.0.1")
-    unsubscribe.add_argument("--port", type=int, default=8025)
-    unsubscribe.set_defaults(handler=cmd_unsubscribe_server)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8025)
+    serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser("demo", parents=[config_option], help="demo data")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)

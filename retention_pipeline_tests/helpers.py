@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.config.loader import project_root
+from retention_pipeline.demo import seed_demo
+from retention_pipeline.tracking.install import install
 
 SHIPPED_DOCUMENT = yaml.safe_load((project_root() / "retention.yaml").read_text())
+TEST_UNSUBSCRIBE_SECRET = "unsubscribe-secret-for-tests"
 
 
 def make_config(url: str, *, timezone: str = "UTC", **database: Any) -> RetentionConfig:
@@ -29,10 +33,12 @@ def write_config(
     directory: Path, url: str, *, email: dict[str, Any] | None = None, **database: Any
 ) -> Path:
     """Write the shipped configuration, pointed at `url`, to a file; return its path. Its emails
-    go to the outbox under `directory` unless `email` says otherwise."""
+    go to the outbox under `directory`, with links signed by `TEST_UNSUBSCRIBE_SECRET`, unless
+    `email` says otherwise."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"].update(database)
     document["email"]["provider"] = "outbox"
+    document["email"]["unsubscribe_secret"] = TEST_UNSUBSCRIBE_SECRET
     document["email"].update(email or {})
     document["database"]["url"] = url
     document["email"]["outbox_dir"] = str(directory / "outbox")
@@ -53,4 +59,35 @@ def insert_sent_email(engine: Engine, user_id: str, key: str, status: str = "sen
                         :email, 're_engagement', 'a', 'batch-1', 'We miss you, ' || :user,
                         '<p>Hi ' || :user || '</p>', 'Hi', :status)"""),
             {"key": key, "user": user_id, "email": f"user{user_id}@example.com", "status": status},
+        )
+
+
+def demo_until_yesterday(url: str) -> tuple[Engine, date]:
+    """The demo app's history (400 users, 60 days) up to the end of yesterday in the database at
+    `url`, with the pipeline installed; returns an engine on it, and yesterday."""
+    engine = create_engine(url)
+    day = datetime.now(UTC).date() - timedelta(days=1)
+    with engine.begin() as connection:
+        seed_demo(
+            connection,
+            users=400,
+            days=60,
+            seed=11,
+            end=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC),
+        )
+    install(engine, make_config(url))
+    return engine, day
+
+
+def treated(engine: Engine, day: str) -> set[str]:
+    """The users of the audience of `day` (YYYY-MM-DD) in the treatment arm."""
+    with engine.connect() as connection:
+        return set(
+            connection.execute(
+                text(
+                    "SELECT user_id FROM retention.reengagement_audience "
+                    "WHERE partition_date = :day AND arm = 'treatment'"
+                ),
+                {"day": day},
+            ).scalars()
         )

@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 import yaml
 from dagster._core.definitions.dependency import NodeHandle
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from retention_pipeline.config import parse_config
 from retention_pipeline.defs.emails import (
@@ -26,12 +26,15 @@ from retention_pipeline.defs.emails import (
 from retention_pipeline.defs.partitions import CONFIG
 from retention_pipeline.defs.schedules import build_daily_schedules, daily_retention_job
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
-from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
-from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, write_config
+from retention_pipeline_tests.helpers import (
+    SHIPPED_DOCUMENT,
+    demo_until_yesterday,
+    treated,
+    write_config,
+)
 
 (send_re_engagement,) = send_jobs  # the shipped configuration has one loop
 
@@ -39,17 +42,7 @@ from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, writ
 @pytest.fixture
 def morning(create_database, tmp_path: Path):
     url = create_database()
-    engine = create_engine(url)
-    day = datetime.now(UTC).date() - timedelta(days=1)
-    with engine.begin() as connection:
-        seed_demo(
-            connection,
-            users=400,
-            days=60,
-            seed=11,
-            end=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC),
-        )
-    install(engine, make_config(url))
+    engine, day = demo_until_yesterday(url)
     resources = {
         "app_database": AppDatabase(config_path=str(write_config(tmp_path, url))),
         "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test"),
@@ -57,19 +50,6 @@ def morning(create_database, tmp_path: Path):
     with dg.instance_for_test() as instance:
         yield engine, instance, resources, day.isoformat(), tmp_path / "outbox"
     engine.dispose()
-
-
-def treated(engine, day: str) -> set[str]:
-    with engine.connect() as connection:
-        return set(
-            connection.execute(
-                text(
-                    "SELECT user_id FROM retention.reengagement_audience "
-                    "WHERE partition_date = :day AND arm = 'treatment'"
-                ),
-                {"day": day},
-            ).scalars()
-        )
 
 
 def test_the_daily_run_the_sensor_and_the_send_job(morning):
@@ -179,14 +159,16 @@ def test_preview_renders_one_users_email_to_a_file(morning, tmp_path, capsys, mo
     assert capsys.readouterr().err == (
         f"error: --user: no user 'no-such-user' in the snapshot of {day}\n"
     )
-    # Sending through Resend without a secret to sign links with is refused in one line.
-    monkeypatch.setenv("RESEND_API_KEY", "re_test")
+    # Without a secret to sign links with, the preview is refused in one line naming it.
     url = resources["app_database"].config.database.url
-    (tmp_path / "resend").mkdir()
-    resend_config = str(write_config(tmp_path / "resend", url, email={"provider": "resend"}))
-    assert main(["--config", resend_config, "unsubscribe-server"]) == 2
+    (tmp_path / "unsigned").mkdir()
+    unsigned = str(write_config(tmp_path / "unsigned", url, email={"unsubscribe_secret": ""}))
+    assert (
+        main(["--config", unsigned, "preview", "--template", "re_engagement", "--user", user_id])
+        == 2
+    )
     assert capsys.readouterr().err == (
-        "error: email.unsubscribe_secret: required to send through Resend "
+        "error: email.unsubscribe_secret: required to sign and check unsubscribe links "
         "(set $RETENTION_UNSUBSCRIBE_SECRET)\n"
     )
 

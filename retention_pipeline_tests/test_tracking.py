@@ -654,6 +654,15 @@ def test_a_user_deleted_in_the_app_is_erased_everywhere(engine, app_database_url
         )
     insert_sent_email(engine, "1", "sent-1", "sent")
     insert_sent_email(engine, "2", "sent-2", "sent")
+    with engine.begin() as connection:
+        connection.execute(
+            text("""
+                INSERT INTO retention.email_events (svix_id, event_type, provider_email_id,
+                    send_log_id, occurred_at, detail)
+                SELECT 'msg-' || user_id, 'bounced', 're-' || user_id, id, now(),
+                       jsonb_build_object('bounce', '550 <' || email || '> unknown')
+                FROM retention.email_send_log""")
+        )
     outbox = OutboxSender(tmp_path)
     outbox.send(
         [
@@ -693,6 +702,13 @@ def test_a_user_deleted_in_the_app_is_erased_everywhere(engine, app_database_url
             text("SELECT email, user_id FROM retention.email_suppressions")
         ).one()
         assert tuple(suppressed) == ("user1@example.com", None)
+        details = connection.execute(
+            text("SELECT svix_id, detail FROM retention.email_events ORDER BY svix_id")
+        ).all()
+        assert [tuple(row) for row in details] == [
+            ("msg-1", {}),
+            ("msg-2", {"bounce": "550 <user2@example.com> unknown"}),
+        ]
     from retention_pipeline.email.outbox import remove_from_outbox
 
     assert remove_from_outbox(tmp_path, update.erased_send_keys) == 2

@@ -196,7 +196,9 @@ def build_audience(
                     WHEN due.step IS NULL THEN 'no_step_due'
                     WHEN snap.email IS NULL OR snap.email !~ :email_pattern THEN 'no_email'
                     WHEN EXISTS (SELECT FROM {s}.email_suppressions AS sup
-                                 WHERE sup.email = lower(snap.email)) THEN 'suppressed'
+                                 WHERE sup.email = lower(snap.email)
+                                   AND (sup.loop_name IS NULL OR sup.loop_name = :loop))
+                        THEN 'suppressed'
                     WHEN EXISTS (SELECT FROM {s}.reengagement_audience AS recent
                                  WHERE recent.user_id = due.user_id
                                    AND recent.partition_date > :day - :cap

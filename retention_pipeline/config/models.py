@@ -199,8 +199,9 @@ class EmailSettings(StrictModel):
     product_name: str = "Acme"
     app_url: str = "https://app.acme.test"
     company_address: str = "Acme Inc., 1 Example Street, Springfield"
-    unsubscribe_url: str = "https://app.acme.test/email/unsubscribe"
+    unsubscribe_url: str = "https://app.acme.test/unsubscribe"
     unsubscribe_secret: str | None = None
+    webhook_secret: str | None = None
 
     @field_validator("from_address")
     @classmethod
@@ -229,7 +230,7 @@ class EmailSettings(StrictModel):
             raise ValueError(f"{value!r} must be an https:// URL (RFC 8058)")
         return value
 
-    @field_validator("unsubscribe_secret")
+    @field_validator("unsubscribe_secret", "webhook_secret")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

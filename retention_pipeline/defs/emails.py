@@ -10,8 +10,9 @@ from retention_pipeline.config.models import Loop
 from retention_pipeline.defs.partitions import CONFIG, daily_partitions, previous_day_of
 from retention_pipeline.defs.retries import retry_policy
 from retention_pipeline.defs.segments import SEGMENTS
+from retention_pipeline.email.secrets import MissingSecretError, unsubscribe_secret
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.resources.email import EmailResource, unsubscribe_secret
+from retention_pipeline.resources.email import EmailResource
 from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.sending.run import send_loop_day
@@ -100,7 +101,10 @@ email_send_log = dg.AssetSpec(
     kinds={"postgres", "resend"},
     description=(
         "Every email claimed, sent or failed, one row per loop, user, episode and step: the "
-        "exactly-once ledger. Materialized by each loop's send job (send_LOOP)."
+        "exactly-once ledger, with each email's last delivery event from Resend. Materialized "
+        "by each loop's send job (send_LOOP), which also reports the last 7 days again with "
+        "the emails delivered, bounced, complained, opened and clicked so far (opens are "
+        "inflated by mail privacy proxies: not a success measure)."
     ),
 )
 
@@ -124,7 +128,10 @@ def send_emails(
     loop = settings.loop(context.job_def.tags[LOOP_TAG])
     day = date.fromisoformat(config.partition_date)
     # Both fail here, before anything is claimed, when a secret or the key is missing.
-    secret = unsubscribe_secret(settings.email.unsubscribe_secret, email.provider)
+    try:
+        secret = unsubscribe_secret(settings)
+    except MissingSecretError as missing:
+        raise dg.Failure(description=str(missing), allow_retries=False) from None
     sender = email.sender(log=context.log)
     try:
         report = send_loop_day(
@@ -142,12 +149,12 @@ def send_emails(
     except SenderBusy as busy:
         raise dg.Failure(description=str(busy)) from None
     context.log.info(str(report))
-    for changed_day in report.days_changed:
+    for reported_day in report.days_reported:
         context.log_event(
             dg.AssetMaterialization(
                 asset_key=SEND_LOG,
-                partition=changed_day.isoformat(),
-                metadata={"provider": email.provider, **report.metadata_for(changed_day)},
+                partition=reported_day.isoformat(),
+                metadata={"provider": email.provider, **report.metadata_for(reported_day)},
             )
         )
     if report.dispatch.still_pending:

@@ -12,13 +12,19 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from email.message import EmailMessage
+from email.policy import default as default_policy
+from email.utils import format_datetime, parseaddr
 from html import escape
 from pathlib import Path
 
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+# Headers up to the 998 characters RFC 5322 allows stay on one line: the default 78 would fold a
+# long `List-Unsubscribe` URL into RFC 2047 encoded words, which no client reads as a URL.
+_MIME_POLICY = default_policy.clone(max_line_length=998)
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -81,10 +87,12 @@ class OutboxSender:
         return results
 
     def _mime(self, email: OutgoingEmail) -> EmailMessage:
-        message = EmailMessage()
+        message = EmailMessage(policy=_MIME_POLICY)
         message["From"] = self.from_address
         message["To"] = email.to
         message["Subject"] = email.subject
+        message["Date"] = format_datetime(datetime.now(UTC))
+        message["Message-ID"] = _message_id(email.key, self.from_address)
         message["X-Send-Key"] = email.key
         for name, value in email.headers.items():
             message[name] = value
@@ -124,6 +132,12 @@ def remove_from_outbox(directory: Path, keys: Sequence[str]) -> int:
                 path.unlink()
                 removed += 1
     return removed
+
+
+def _message_id(key: str, from_address: str) -> str:
+    # One id per send key, like the file name: writing the email again keeps its identity.
+    domain = parseaddr(from_address)[1].rpartition("@")[2] or "localhost"
+    return f"<{hashlib.sha256(key.encode()).hexdigest()[:32]}@{domain}>"
 
 
 def _file_stem(key: str) -> str:

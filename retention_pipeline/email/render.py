@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,20 @@ _ENVIRONMENT.filters["first_name"] = _first_name
 _INLINER = css_inline.CSSInliner(keep_at_rules=True, load_remote_stylesheets=False)
 
 
+# Bidirectional embeddings, overrides and isolates (and the marks that steer them): a user's name
+# holding U+202E would show the rest of the subject reversed, a classic spoofing trick.
+_BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _one_plain_line(text: str) -> str:
+    """`text` without control characters (a line break would end the header) and bidirectional
+    controls, its blanks collapsed to single spaces."""
+    visible = "".join(
+        " " if unicodedata.category(char) in ("Cc", "Zl", "Zp") else char for char in text
+    )
+    return " ".join(_BIDI_CONTROLS.sub("", visible).split())
+
+
 def render_email(template: str, context: Mapping[str, Any]) -> RenderedEmail:
     """Render one of `TEMPLATE_NAMES` with `context` (see the templates for the variables).
 
@@ -73,8 +88,7 @@ def render_email(template: str, context: Mapping[str, Any]) -> RenderedEmail:
     html = _ENVIRONMENT.get_template(f"{template}/body.html.j2").render(values)
     text = _ENVIRONMENT.get_template(f"{template}/body.txt.j2").render(values)
     return RenderedEmail(
-        # One line: a line break in a subject would end the header.
-        subject=" ".join(subject.split()),
+        subject=_one_plain_line(subject),
         html=_INLINER.inline(html),
         text=re.sub(r"\n{3,}", "\n\n", text).strip() + "\n",
     )

@@ -1,8 +1,8 @@
 """Signed unsubscribe links and the RFC 8058 one-click unsubscribe headers.
 
 A token is `<payload>.<signature>`, both base64url without padding: the payload is compact JSON
-with the user id and the loop, the signature an HMAC-SHA256 of it. Tokens do not expire, because an
-unsubscribe link in an old email must keep working.
+with the user id and the loop (null: every loop), the signature an HMAC-SHA256 of it. Tokens do
+not expire, because an unsubscribe link in an old email must keep working.
 """
 
 from __future__ import annotations
@@ -24,19 +24,20 @@ class InvalidUnsubscribeTokenError(ValueError):
     """The token was not made by `make_token` with this secret, or was altered."""
 
 
-def make_token(secret: str | bytes, user_id: int | str, loop: str) -> str:
-    """A URL-safe token naming `user_id` and `loop`, signed with `secret`."""
+def make_token(secret: str | bytes, user_id: int | str, loop: str | None) -> str:
+    """A URL-safe token naming `user_id` and `loop` (None: every loop), signed with `secret`."""
     if isinstance(user_id, bool) or not isinstance(user_id, int | str) or user_id == "":
         raise ValueError(f"user_id must be an int or a non-empty string, got {user_id!r}")
-    if not isinstance(loop, str) or not loop:
-        raise ValueError(f"loop must be a non-empty string, got {loop!r}")
+    if loop is not None and (not isinstance(loop, str) or not loop):
+        raise ValueError(f"loop must be None or a non-empty string, got {loop!r}")
     payload = json.dumps({"u": user_id, "l": loop}, separators=(",", ":")).encode()
     encoded = _b64encode(payload)
     return f"{encoded}.{_b64encode(_sign(secret, encoded))}"
 
 
-def verify_token(secret: str | bytes, token: str) -> tuple[int | str, str]:
-    """Return `(user_id, loop)` from a token made by `make_token` with the same secret.
+def verify_token(secret: str | bytes, token: str) -> tuple[int | str, str | None]:
+    """Return `(user_id, loop)` from a token made by `make_token` with the same secret; `loop` is
+    None for a token that covers every loop.
 
     Raises `InvalidUnsubscribeTokenError` (a `ValueError`) when the token is malformed or its
     signature does not match.
@@ -55,7 +56,11 @@ def verify_token(secret: str | bytes, token: str) -> tuple[int | str, str]:
         user_id, loop = data["u"], data["l"]
     except (ValueError, TypeError, KeyError):
         raise InvalidUnsubscribeTokenError("unsubscribe token payload is malformed") from None
-    if isinstance(user_id, bool) or not isinstance(user_id, int | str) or not isinstance(loop, str):
+    if (
+        isinstance(user_id, bool)
+        or not isinstance(user_id, int | str)
+        or not (loop is None or (isinstance(loop, str) and loop))
+    ):
         raise InvalidUnsubscribeTokenError("unsubscribe token payload is malformed")
     return user_id, loop
 

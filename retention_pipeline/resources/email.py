@@ -108,20 +108,3 @@ class OutboxEmail(EmailResource):
     def path(self) -> Path:
         path = Path(self.directory)
         return path if path.is_absolute() else project_root() / path
-
-
-# Outbox emails never leave this machine; a fixed secret keeps their links verifiable locally.
-LOCAL_UNSUBSCRIBE_SECRET = "retention-pipeline-local-outbox"
-
-
-def unsubscribe_secret(configured: str | None, provider: str) -> str:
-    """The HMAC secret for unsubscribe links: required for real email, optional for the outbox."""
-    if configured:
-        return configured
-    if provider == "outbox":
-        return LOCAL_UNSUBSCRIBE_SECRET
-    raise dg.Failure(
-        description="email.unsubscribe_secret: required to send through Resend "
-        "(set $RETENTION_UNSUBSCRIBE_SECRET)",
-        allow_retries=False,
-    )

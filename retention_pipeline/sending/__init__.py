@@ -29,10 +29,10 @@ from retention_pipeline.sending.send_log import (
 from retention_pipeline.sending.sender_lock import SenderBusy, sender_lock
 from retention_pipeline.sending.suppressions import (
     SUPPRESSION_REASONS,
+    normalize_address,
     suppress,
     unsubscribe_with_token,
 )
-from retention_pipeline.sending.unsubscribe_server import make_server
 
 __all__ = [
     "BATCH_SIZE",
@@ -44,7 +44,7 @@ __all__ = [
     "claim",
     "compose_emails",
     "day_end",
-    "make_server",
+    "normalize_address",
     "pending_batches",
     "record",
     "send_key",

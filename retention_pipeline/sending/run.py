@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from sqlalchemy import Engine
 
@@ -17,11 +17,16 @@ from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.segments.calendar import send_window
 from retention_pipeline.sending.compose import compose_emails
+from retention_pipeline.sending.delivery import delivery_counts
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
-from retention_pipeline.sending.send_log import claim, send_log_summary
+from retention_pipeline.sending.send_log import claim, days_with_emails, send_log_summary
 from retention_pipeline.sending.sender_lock import sender_lock
 
 logger = logging.getLogger(__name__)
+
+DELIVERY_REPORT_DAYS = 7
+"""How many days back each send run reports the send log again, with the delivery events
+(bounces, complaints, clicks) that arrived since the emails went out."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +41,20 @@ class SendRunReport:
     """New send-log rows this run claimed, by audience day."""
     dispatch: DispatchReport
     ledger: dict[date, dict[str, int]]
-    """Every row of each day in `days_changed`, by status, whichever run wrote it."""
+    """Every row of each day in `days_reported`, by status, whichever run wrote it."""
+    delivery: dict[date, dict[str, int]]
+    """Per day in `days_reported`, the emails Resend reported delivered, bounced, ... so far."""
 
     @property
     def days_changed(self) -> list[date]:
         """The run's own day, and every other day whose send log this run changed."""
         return _days_changed(self.day, self.claimed, self.dispatch)
+
+    @property
+    def days_reported(self) -> list[date]:
+        """`days_changed`, and the loop's days of the last `DELIVERY_REPORT_DAYS` with emails,
+        whose delivery events keep arriving after they were sent."""
+        return sorted(self.ledger)
 
     def metadata_for(self, day: date) -> dict[str, object]:
         """One day's send-log metadata: this run's changes to that day, and the day's totals,
@@ -56,6 +69,7 @@ class SendRunReport:
             "sent_this_run": changes["sent"],
             "failed_this_run": changes["failed"],
             **{f"status/{status}": count for status, count in self.ledger[day].items()},
+            **{f"delivery/{event}": count for event, count in self.delivery[day].items()},
         }
 
     def __str__(self) -> str:
@@ -125,10 +139,23 @@ def send_loop_day(
             engine, schema=schema, loop_name=loop.name, sender=sender, provider=provider, log=log
         )
     with engine.connect() as connection:
+        days = sorted(
+            set(_days_changed(day, claimed, dispatch))
+            | set(
+                days_with_emails(
+                    connection,
+                    schema=schema,
+                    loop_name=loop.name,
+                    first=day - timedelta(days=DELIVERY_REPORT_DAYS - 1),
+                    last=day,
+                )
+            )
+        )
         ledger = {
             each: send_log_summary(connection, schema=schema, loop_name=loop.name, day=each)
-            for each in _days_changed(day, claimed, dispatch)
+            for each in days
         }
+        delivery = delivery_counts(connection, schema=schema, loop_name=loop.name, days=days)
     return SendRunReport(
         loop_name=loop.name,
         day=day,
@@ -136,6 +163,7 @@ def send_loop_day(
         claimed=claimed,
         dispatch=dispatch,
         ledger=ledger,
+        delivery=delivery,
     )
 
 

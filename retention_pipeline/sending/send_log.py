@@ -23,6 +23,7 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.sending.compose import send_key, treatment_rows
+from retention_pipeline.sending.delivery import link_early_events
 
 BATCH_SIZE = 100
 """Emails per batch: the most Resend accepts in one batch request."""
@@ -206,7 +207,13 @@ def record(
             "errors": [result.error for result in results],
         },
     )
-    return Counter((day, status) for day, status in changed.all())
+    counts = Counter((day, status) for day, status in changed.all())
+    link_early_events(
+        connection,
+        schema=schema,
+        send_keys=[result.key for result in results if result.status == "sent"],
+    )
+    return counts
 
 
 def mark_attempt(connection: Connection, *, schema: str, keys: Sequence[str]) -> None:
@@ -236,6 +243,7 @@ def drop_suppressed(connection: Connection, *, schema: str, loop_name: str) -> C
             FROM {s}.email_suppressions AS sup
             WHERE log.loop_name = :loop AND log.status = 'claimed'
               AND sup.email = lower(log.email)
+              AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
               AND NOT EXISTS (SELECT FROM {s}.email_send_log AS sibling
                               WHERE sibling.batch_key = log.batch_key
                                 AND sibling.first_attempt_at IS NOT NULL)
@@ -282,6 +290,22 @@ def send_log_summary(
         ).all()
     )
     return {status: int(counts.get(status, 0)) for status in STATUSES}
+
+
+def days_with_emails(
+    connection: Connection, *, schema: str, loop_name: str, first: date, last: date
+) -> list[date]:
+    """The audience days from `first` to `last` for which the loop claimed emails."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return list(
+        connection.execute(
+            text(f"""
+                SELECT DISTINCT partition_date FROM {s}.email_send_log
+                WHERE loop_name = :loop AND partition_date BETWEEN :first AND :last
+                ORDER BY partition_date"""),
+            {"loop": loop_name, "first": first, "last": last},
+        ).scalars()
+    )
 
 
 def _status(result: SendResult) -> str:

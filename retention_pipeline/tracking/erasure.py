@@ -58,6 +58,14 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
         {**params, "erased": "user erased before sending"},
     ).scalars()
     keys = list(keys)
+    # A bounce message may quote the address.
+    connection.execute(
+        text(f"""
+            UPDATE {s}.email_events SET detail = '{{}}'
+            WHERE send_log_id IN (SELECT id FROM {s}.email_send_log
+                                  WHERE user_id = ANY(CAST(:ids AS text[])))"""),
+        params,
+    )
     connection.execute(
         text(
             f"UPDATE {s}.email_suppressions SET user_id = NULL "

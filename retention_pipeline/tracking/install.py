@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
 from retention_pipeline.database.app_tables import table_sql
+from retention_pipeline.sending.suppressions import keep_for_reinstall, restore_kept
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
 from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
 from retention_pipeline.tracking.state import (
@@ -103,6 +104,7 @@ def install(
         lock(connection, schema)
         _brief_lock_timeout(connection)
         migrate.upgrade(connection, schema)
+        restore_kept(connection, schema)
         state = read_state(connection, sql)
         # Day buckets depend on the timezone, and triggers only capture rows inserted after
         # they exist: rebuild whenever the rollup may miss rows or be bucketed differently.
@@ -283,11 +285,18 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
         return added
 
 
-def uninstall(engine: Engine, config: RetentionConfig) -> None:
-    """Remove the triggers from the app tables and drop the pipeline's schema."""
+def uninstall(engine: Engine, config: RetentionConfig, *, forget_suppressions: bool = False) -> int:
+    """Remove the triggers from the app tables and drop the pipeline's schema.
+
+    Unless `forget_suppressions`, the suppression list stays behind, alone in the schema, for the
+    next install to restore: whoever unsubscribed is not emailed after a reinstall. Returns how
+    many suppressions stayed.
+    """
     schema = config.database.schema_
+    kept = 0
 
     def remove(connection: Connection) -> None:
+        nonlocal kept
         lock(connection, schema)
         _brief_lock_timeout(connection)
         preparer = connection.dialect.identifier_preparer
@@ -299,6 +308,11 @@ def uninstall(engine: Engine, config: RetentionConfig) -> None:
             ).scalar()
             if exists:
                 connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
-        connection.execute(text(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)} CASCADE"))
+        kept = 0 if forget_suppressions else keep_for_reinstall(connection, schema)
+        if not kept:
+            connection.execute(
+                text(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)} CASCADE")
+            )
 
     with_brief_locks(engine, remove, "db uninstall")
+    return kept

@@ -104,3 +104,24 @@ def test_a_header_with_a_line_break_fails_that_email_only(tmp_path: Path) -> Non
     assert [result.status for result in results] == ["failed", "sent"]
     assert results[0].error.startswith("outbox:")
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_the_eml_has_a_date_a_stable_message_id_and_a_bare_unsubscribe_url(
+    tmp_path: Path,
+) -> None:
+    long_link = (
+        "<https://app.acme.test/unsubscribe?token=" + "eyJ1IjoidTEifQ" * 8 + ".c2lnbmF0dXJl>"
+    )
+    email = OutgoingEmail(**{**make_email().__dict__, "headers": {"List-Unsubscribe": long_link}})
+
+    OutboxSender(tmp_path, from_address="Acme <hello@acme.test>").send([email])
+    (eml,) = tmp_path.glob("*.eml")
+    raw = eml.read_bytes()
+    OutboxSender(tmp_path, from_address="Acme <hello@acme.test>").send([email])
+
+    assert f"List-Unsubscribe: {long_link}\n".encode() in raw  # one line, no =?utf-8?q?
+    message = message_from_bytes(raw, policy=policy.default)
+    assert message["Date"].datetime.tzinfo is not None
+    assert message["Message-ID"].endswith("@acme.test>")
+    rewritten = message_from_bytes(eml.read_bytes(), policy=policy.default)
+    assert rewritten["Message-ID"] == message["Message-ID"]

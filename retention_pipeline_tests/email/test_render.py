@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 import jinja2
@@ -155,3 +156,21 @@ def test_a_missing_required_variable_is_an_error_not_a_dead_link() -> None:
 
     with pytest.raises(jinja2.UndefinedError, match="app_url"):
         render_email("re_engagement", values)
+
+
+BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+@pytest.mark.parametrize("template", TEMPLATE_NAMES)
+def test_a_name_cannot_smuggle_controls_or_bidi_overrides_into_the_subject(template: str) -> None:
+    hostile = {"name": "\x1b[31mAda\u202egnp.exe\u2066\x00\x7f", "email": "x@example.com"}
+
+    subjects = [
+        render_email(template, context(user=hostile, variant=variant)).subject
+        for variant in ("a", "b")
+    ]
+
+    assert any("Adagnp.exe" in subject for subject in subjects)  # the name is still there
+    for subject in subjects:
+        assert not [c for c in subject if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+        assert not set(subject) & BIDI_CONTROLS

@@ -100,3 +100,15 @@ def test_one_click_needs_https_except_on_localhost() -> None:
         unsubscribe_headers("http://acme.test/unsubscribe", "t.t")
     local = unsubscribe_headers("http://localhost:3000/unsubscribe", "t.t")
     assert local["List-Unsubscribe"] == "<http://localhost:3000/unsubscribe?token=t.t>"
+
+
+def test_a_token_may_cover_every_loop_and_cannot_be_turned_into_one() -> None:
+    every = make_token("s3cret", "u1", None)
+    one = make_token("s3cret", "u1", "re_engagement")
+
+    assert verify_token("s3cret", every) == ("u1", None)
+    # Swapping the payloads of two tokens breaks the signature.
+    payload_of_every, _ = every.split(".")
+    _, signature_of_one = one.split(".")
+    with pytest.raises(ValueError, match="signature does not match"):
+        verify_token("s3cret", f"{payload_of_every}.{signature_of_one}")

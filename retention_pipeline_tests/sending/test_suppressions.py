@@ -1,17 +1,14 @@
-"""Suppressions, unsubscribe tokens, and the one-click unsubscribe HTTP endpoint."""
+"""Suppressions: normalized addresses, one loop or every loop, unsubscribe tokens, and the list
+surviving `db uninstall`."""
 
 from __future__ import annotations
-
-import threading
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
 
 from retention_pipeline.email.unsubscribe import make_token
-from retention_pipeline.sending import make_server, suppress, unsubscribe_with_token
+from retention_pipeline.sending import suppress, unsubscribe_with_token
+from retention_pipeline_tests.helpers import write_config
 from retention_pipeline_tests.sending.support import (
     LOOP,
     SCHEMA,
@@ -30,7 +27,7 @@ def suppressions(db: SendingDatabase) -> list[tuple]:
             for row in connection.execute(
                 text(
                     "SELECT email, user_id, reason, source FROM retention.email_suppressions "
-                    "ORDER BY email"
+                    "ORDER BY email, loop_name NULLS FIRST"
                 )
             )
         ]
@@ -108,64 +105,98 @@ def test_a_bad_token_is_a_one_line_error_and_suppresses_nothing(
     assert suppressions(emailed) == []
 
 
-@pytest.fixture
-def server(emailed: SendingDatabase) -> Iterator[str]:
-    """The unsubscribe endpoint on a free local port; yields its base URL."""
-    httpd = make_server(emailed.engine, schema=SCHEMA, secret=SECRET, host="127.0.0.1", port=0)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    host, port = httpd.server_address[:2]
-    yield f"http://{host}:{port}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+def test_a_loops_suppression_leaves_the_other_loops_and_every_loop_covers_all(
+    sending_db: SendingDatabase,
+) -> None:
+    with sending_db.engine.begin() as connection:
+        scoped = suppress(
+            connection,
+            schema=SCHEMA,
+            email="ada@example.com",
+            reason="unsubscribed",
+            source="test",
+            loop_name=LOOP,
+        )
+        everywhere = suppress(
+            connection, schema=SCHEMA, email="bob@example.com", reason="bounced", source="test"
+        )
+        # Already suppressed everywhere: a loop's own row would add nothing.
+        redundant = suppress(
+            connection,
+            schema=SCHEMA,
+            email="BOB@example.com",
+            reason="unsubscribed",
+            source="test",
+            loop_name=LOOP,
+        )
 
-
-def request(url: str, body: bytes | None = None) -> tuple[int, str]:
-    headers = {"Content-Type": "application/x-www-form-urlencoded"} if body is not None else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def test_one_click_post_unsubscribes_with_200(server: str, emailed: SendingDatabase) -> None:
-    token = make_token(SECRET, "u1", LOOP)
-
-    status, page = request(
-        f"{server}/email/unsubscribe?token={token}", b"List-Unsubscribe=One-Click"
-    )
-
-    assert status == 200
-    assert "You are unsubscribed" in page
-    assert suppressions(emailed) == [
-        ("ada@example.com", "u1", "unsubscribed", "unsubscribe_link:re_engagement")
+    assert (scoped, everywhere, redundant) == (True, True, False)
+    assert suppressions(sending_db) == [
+        ("ada@example.com", None, "unsubscribed", "test"),
+        ("bob@example.com", None, "bounced", "test"),
     ]
 
 
-def test_get_shows_a_button_that_posts_and_unsubscribes_no_one(
-    server: str, emailed: SendingDatabase
+@pytest.mark.parametrize(
+    "address",
+    ["", "ada", "ada@", "@example.com", "Ada <ada@example.com>", "ada@example", "a b@c.de"],
+)
+def test_what_is_not_an_address_is_refused_in_one_line(
+    sending_db: SendingDatabase, address: str
 ) -> None:
-    token = make_token(SECRET, "u1", LOOP)
+    with (
+        sending_db.engine.begin() as connection,
+        pytest.raises(ValueError, match="is not an email address") as raised,
+    ):
+        suppress(connection, schema=SCHEMA, email=address, reason="bounced", source="test")
+    assert "\n" not in str(raised.value)
+    assert suppressions(sending_db) == []
 
-    status, page = request(f"{server}/email/unsubscribe?token={token}")
 
-    assert status == 200
-    assert '<form method="post" action="/email/unsubscribe?token=' in page
-    assert token in page
-    assert suppressions(emailed) == []
+def test_the_suppress_command_normalizes_and_refuses_non_addresses(
+    sending_db: SendingDatabase, tmp_path, capsys
+) -> None:
+    from retention_pipeline.cli import main
 
+    config = str(write_config(tmp_path, sending_db.url))
 
-def test_the_endpoint_answers_bad_requests_briefly(server: str, emailed: SendingDatabase) -> None:
-    forged = make_token("another secret", "u1", LOOP)
-
-    assert request(f"{server}/email/unsubscribe?token={forged}", b"") == (
-        400,
-        "unsubscribe token signature does not match: "
-        "the token was altered or signed with another secret\n",
+    assert main(["--config", config, "suppress", "  Ada@Example.COM "]) == 0
+    assert capsys.readouterr().out == "ada@example.com: unsubscribed\n"
+    assert main(["--config", config, "suppress", "not-an-address"]) == 2
+    assert capsys.readouterr().err == (
+        "error: 'not-an-address' is not an email address like ada@example.com\n"
     )
-    assert request(f"{server}/email/unsubscribe?token={forged}")[0] == 400
-    assert request(f"{server}/email/unsubscribe", b"") == (400, "missing unsubscribe token\n")
-    assert request(f"{server}/elsewhere?token={forged}", b"")[0] == 404
-    assert suppressions(emailed) == []
+    assert suppressions(sending_db) == [("ada@example.com", None, "unsubscribed", "cli")]
+
+
+def test_db_uninstall_keeps_the_suppression_list_for_the_next_install(
+    emailed: SendingDatabase, tmp_path, capsys
+) -> None:
+    from retention_pipeline.cli import main
+
+    config = str(write_config(tmp_path, emailed.url))
+    with emailed.engine.begin() as connection:
+        unsubscribe_with_token(
+            connection, schema=SCHEMA, secret=SECRET, token=make_token(SECRET, "u1", LOOP)
+        )
+        suppress(connection, schema=SCHEMA, email="bob@example.com", reason="bounced", source="x")
+    before = suppressions(emailed)
+
+    assert main(["--config", config, "db", "uninstall", "--yes"]) == 0
+    said = capsys.readouterr().out
+    assert "2 suppressed address(es) kept in retention.email_suppressions_kept" in said
+    with emailed.engine.connect() as connection:
+        left = connection.execute(
+            text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
+            {"s": SCHEMA},
+        ).scalars()
+        assert list(left) == ["email_suppressions_kept"]
+    # Uninstalling again keeps what the first one kept.
+    assert main(["--config", config, "db", "uninstall", "--yes"]) == 0
+
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    assert suppressions(emailed) == before
+
+    assert main(["--config", config, "db", "uninstall", "--yes", "--forget-suppressions"]) == 0
+    with emailed.engine.connect() as connection:
+        assert connection.execute(text("SELECT to_regnamespace('retention')")).scalar() is None

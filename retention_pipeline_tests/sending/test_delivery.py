@@ -1,0 +1,71 @@
+"""Delivery events without HTTP: parsing, storing once, and events that beat the send run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import text
+
+from retention_pipeline.email.message import SendResult
+from retention_pipeline.sending import record
+from retention_pipeline.sending.delivery import InvalidEventError, parse_event, store_event
+from retention_pipeline_tests.sending.support import (
+    SCHEMA,
+    SendingDatabase,
+    User,
+    add_users,
+    compose_and_claim,
+)
+
+KEY = "re_engagement:u1:2026-11-20:0"
+
+
+def event(kind: str, email_id: str = "re-1", **data) -> dict:
+    return {
+        "type": kind,
+        "created_at": "2026-11-20T09:00:00Z",
+        "data": {"email_id": email_id, "to": ["Ada@Example.com"], **data},
+    }
+
+
+def test_an_event_that_arrives_before_the_run_records_the_id_is_linked_then(
+    sending_db: SendingDatabase,
+) -> None:
+    add_users(sending_db.engine, [User("u1", "Ada@Example.com")])
+    compose_and_claim(sending_db)
+
+    with sending_db.engine.begin() as connection:
+        early = store_event(
+            connection, schema=SCHEMA, event=parse_event("msg_1", event("email.delivered"))
+        )
+        record(
+            connection,
+            schema=SCHEMA,
+            results=[SendResult(KEY, "sent", "re-1")],
+            provider="resend",
+        )
+
+    assert (early.outcome, early.send_log_id) == ("stored", None)
+    with sending_db.engine.connect() as connection:
+        assert connection.execute(
+            text(
+                "SELECT log.last_event, log.last_event_at, event.send_log_id = log.id "
+                "FROM retention.email_send_log AS log, retention.email_events AS event"
+            )
+        ).one() == ("delivered", datetime(2026, 11, 20, 9, tzinfo=UTC), True)
+
+
+def test_events_the_pipeline_does_not_keep_and_malformed_ones() -> None:
+    assert parse_event("m", {"type": "domain.updated", "data": {}}) is None
+    assert parse_event("m", event("email.received")) is None
+    with pytest.raises(InvalidEventError, match="email.bounced: data.email_id is missing"):
+        parse_event("m", {"type": "email.bounced", "data": {}})
+    with pytest.raises(InvalidEventError, match="created_at is not a timestamp: 'yesterday'"):
+        parse_event("m", {**event("email.opened"), "created_at": "yesterday"})
+    bounce = parse_event(
+        "m",
+        event("email.bounced", bounce={"type": "Transient", "subType": "MailboxFull"}),
+    )
+    assert bounce.suppression_reason is None
+    assert bounce.detail == {"bounce_type": "Transient", "bounce_subtype": "MailboxFull"}
