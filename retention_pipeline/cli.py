@@ -45,12 +45,13 @@ telemetry:
   enabled: false
 """
 
-# Warnings Dagster prints about its own internals, which a user of `dev` can do nothing about:
-# `dagster dev` calls itself superseded by `dg dev`, and Dagster passes a beta parameter to the
-# sensors it builds. (PYTHONWARNINGS entries match the start of the message.)
+# Warnings a user of `dev` can do nothing about: `dagster dev` calls itself superseded by
+# `dg dev`, Dagster passes a beta parameter to the sensors it builds, and the daily assets' single-
+# run backfill policy is a beta parameter. (PYTHONWARNINGS entries match the message's start.)
 DAGSTER_INTERNAL_WARNINGS = (
     "ignore:Function `dev_command` is superseded",
     "ignore:Parameter `owners` of initializer `SensorDefinition.__init__` is currently in beta",
+    "ignore:Parameter `backfill_policy` of function `asset` is currently in beta",
 )
 
 

@@ -128,6 +128,53 @@ def test_days_older_than_keep_days_are_dropped(app_database_url, tmp_path):
     engine.dispose()
 
 
+def test_a_backfill_is_one_run_that_builds_its_days_in_order(database):
+    engine, app_database = database
+    result = dg.materialize(
+        [user_activity_snapshot, engagement_segments],
+        resources={"app_database": app_database},
+        tags={
+            "dagster/asset_partition_range_start": "2026-11-17",
+            "dagster/asset_partition_range_end": "2026-11-20",
+        },
+    )
+    assert result.success
+    with engine.connect() as connection:
+        builds = connection.execute(
+            text("SELECT partition_date::text, path FROM retention.snapshot_builds ORDER BY 1")
+        ).all()
+        segmented = connection.execute(
+            text(
+                "SELECT partition_date::text, count(*) FROM retention.engagement_segments "
+                "GROUP BY 1 ORDER BY 1"
+            )
+        ).all()
+    # Oldest first: each day after the first rolled the one before forward.
+    assert [tuple(row) for row in builds] == [
+        ("2026-11-17", "full"),
+        ("2026-11-18", "incremental"),
+        ("2026-11-19", "incremental"),
+        ("2026-11-20", "incremental"),
+    ]
+    assert [tuple(row) for row in segmented] == [
+        (day, 12) for day in ("2026-11-17", "2026-11-18", "2026-11-19", "2026-11-20")
+    ]
+    snapshots = result.asset_materializations_for_node("retention__user_activity_snapshot")
+    assert sorted(m.partition for m in snapshots) == [
+        "2026-11-17",
+        "2026-11-18",
+        "2026-11-19",
+        "2026-11-20",
+    ]
+    metadata = snapshots[0].metadata
+    assert metadata["days"].value == "2026-11-17 to 2026-11-20 (4 days, one run)"
+    assert metadata["dagster/row_count"].value == 12  # the same every day: shared
+    assert "| 2026-11-19 |" in metadata["per_day"].value
+    checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
+    assert checks["one_segment_per_user"].passed
+    assert checks["one_segment_per_user"].metadata["failing_days"].value == "none"
+
+
 def test_a_jump_in_dormant_users_warns(database):
     _engine, app_database = database
     # At the end of the 24th users 3-12 have been away 6.5 days; at the end of the 25th, 7.5.

@@ -7,7 +7,14 @@ from pydantic import Field
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config.models import Loop
-from retention_pipeline.defs.partitions import CONFIG, daily_partitions, previous_day_of
+from retention_pipeline.defs.partitions import (
+    CONFIG,
+    DayResult,
+    daily_backfill_policy,
+    daily_partitions,
+    day_by_day,
+    previous_day_of,
+)
 from retention_pipeline.defs.retries import retry_policy
 from retention_pipeline.defs.segments import SEGMENTS
 from retention_pipeline.email.secrets import MissingSecretError, unsubscribe_secret
@@ -42,6 +49,7 @@ def loops_picked(materialization: dg.AssetMaterialization | None) -> list[str]:
 @dg.asset(
     key=AUDIENCE,
     partitions_def=daily_partitions,
+    backfill_policy=daily_backfill_policy,
     # Episodes carry over from day to day: backfills run the days in order.
     deps=[
         SEGMENTS,
@@ -58,19 +66,24 @@ def reengagement_audience(
     context: dg.AssetExecutionContext, config: AudienceConfig, app_database: AppDatabase
 ):
     app_database.ensure_installed()
-    day = date.fromisoformat(context.partition_key)
     settings = app_database.config
     try:
         loops = settings.loops if config.loops is None else [settings.loop(n) for n in config.loops]
     except ValueError as unknown:
         raise dg.Failure(description=f"config.loops: {unknown}") from None
+    yield from day_by_day(context, lambda day: _audience_day(context, app_database, loops, day))
+
+
+def _audience_day(
+    context: dg.AssetExecutionContext, app_database: AppDatabase, loops: list[Loop], day: date
+) -> DayResult:
     metadata: dict[str, object] = {LOOPS_METADATA: ",".join(loop.name for loop in loops)}
     total = 0
     for loop in loops:
         candidates = condition_user_ids(app_database.engine, app_database.schema, loop, day)
         with app_database.engine.begin() as connection:
             summary = build_audience(
-                connection, config=settings, loop=loop, day=day, candidates=candidates
+                connection, config=app_database.config, loop=loop, day=day, candidates=candidates
             )
         total += summary.treatment + summary.holdout
         metadata.update(
@@ -90,7 +103,7 @@ def reengagement_audience(
             + (", ".join(f"{n} {reason}" for reason, n in summary.excluded.items()) or "none")
         )
     metadata["dagster/row_count"] = total
-    return dg.MaterializeResult(metadata=metadata)
+    return DayResult(metadata=metadata)
 
 
 email_send_log = dg.AssetSpec(

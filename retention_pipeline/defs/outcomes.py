@@ -9,7 +9,12 @@ import pandas as pd
 from retention_pipeline.config.models import QuerySuccess
 from retention_pipeline.defs.activity import ROLLUP
 from retention_pipeline.defs.emails import AUDIENCE, SEND_LOG
-from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.defs.partitions import (
+    DayResult,
+    daily_backfill_policy,
+    daily_partitions,
+    day_by_day,
+)
 from retention_pipeline.defs.segments import SNAPSHOT
 from retention_pipeline.outcomes.decisions import decide, store_decisions
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes, success_days
@@ -27,6 +32,7 @@ PERFORMANCE = dg.AssetKey(["retention", "campaign_performance"])
 @dg.asset(
     key=OUTCOMES,
     partitions_def=daily_partitions,
+    backfill_policy=daily_backfill_policy,
     # The snapshots give the subscription billed at the end of each window.
     deps=[AUDIENCE, SEND_LOG, ROLLUP, SNAPSHOT],
     group_name="retention",
@@ -39,7 +45,12 @@ PERFORMANCE = dg.AssetKey(["retention", "campaign_performance"])
 )
 def reengagement_outcomes(context: dg.AssetExecutionContext, app_database: AppDatabase):
     app_database.ensure_installed()
-    day = date.fromisoformat(context.partition_key)
+    yield from day_by_day(context, lambda day: _outcomes_day(context, app_database, day))
+
+
+def _outcomes_day(
+    context: dg.AssetExecutionContext, app_database: AppDatabase, day: date
+) -> DayResult:
     config = app_database.config
     metadata: dict[str, object] = {}
     total = 0
@@ -68,12 +79,13 @@ def reengagement_outcomes(context: dg.AssetExecutionContext, app_database: AppDa
             )
         )
     metadata["dagster/row_count"] = total
-    return dg.MaterializeResult(metadata=metadata)
+    return DayResult(metadata=metadata)
 
 
 @dg.asset(
     key=PERFORMANCE,
     partitions_def=daily_partitions,
+    backfill_policy=daily_backfill_policy,
     deps=[OUTCOMES],
     group_name="retention",
     kinds={"postgres"},
@@ -86,7 +98,12 @@ def reengagement_outcomes(context: dg.AssetExecutionContext, app_database: AppDa
 )
 def campaign_performance(context: dg.AssetExecutionContext, app_database: AppDatabase):
     app_database.ensure_installed()
-    day = date.fromisoformat(context.partition_key)
+    yield from day_by_day(context, lambda day: _performance_day(context, app_database, day))
+
+
+def _performance_day(
+    context: dg.AssetExecutionContext, app_database: AppDatabase, day: date
+) -> DayResult:
     config = app_database.config
     metadata: dict[str, object] = {}
     tables, decision_lines = [], []
@@ -113,4 +130,4 @@ def campaign_performance(context: dg.AssetExecutionContext, app_database: AppDat
     )
     metadata["decisions"] = dg.MetadataValue.md("\n".join(decision_lines))
     metadata["dagster/row_count"] = len(frame)
-    return dg.MaterializeResult(metadata=metadata)
+    return DayResult(metadata=metadata)

@@ -6,7 +6,13 @@ import dagster as dg
 
 from retention_pipeline.database.day_partitions import rebuilding_day
 from retention_pipeline.defs.activity import ROLLUP
-from retention_pipeline.defs.partitions import daily_partitions, previous_day_of
+from retention_pipeline.defs.partitions import (
+    DayResult,
+    daily_backfill_policy,
+    daily_partitions,
+    day_by_day,
+    previous_day_of,
+)
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.rules import build_day_segments, segment_counts, segment_examples
 from retention_pipeline.segments.snapshot import (
@@ -25,6 +31,7 @@ SEGMENTS_TABLE = "engagement_segments"
 @dg.asset(
     key=SNAPSHOT,
     partitions_def=daily_partitions,
+    backfill_policy=daily_backfill_policy,
     # The day before's snapshot is rolled forward when it can be: backfills run the days in order.
     deps=[
         ROLLUP,
@@ -62,7 +69,14 @@ SEGMENTS_TABLE = "engagement_segments"
 )
 def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppDatabase):
     app_database.ensure_installed()
-    day = date.fromisoformat(context.partition_key)
+    yield from day_by_day(
+        context, lambda day: _snapshot_day(context, app_database, day), ("no_user_vanished",)
+    )
+
+
+def _snapshot_day(
+    context: dg.AssetExecutionContext, app_database: AppDatabase, day: date
+) -> DayResult:
     config = app_database.config
     with rebuilding_day(
         app_database.engine, app_database.schema, SNAPSHOT_TABLE, day, config.database.keep_days
@@ -74,7 +88,7 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
         f"{day}: {summary.users} users, {summary.active_today} active that day; built "
         f"{summary.path}: {summary.path_reason}"
     )
-    yield dg.MaterializeResult(
+    return DayResult(
         metadata={
             "dagster/row_count": summary.users,
             "active_that_day": summary.active_today,
@@ -82,37 +96,38 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
             "build": summary.path,
             "build_reason": summary.path_reason,
             **rebuild,
-        }
-    )
-    yield dg.AssetCheckResult(
-        check_name="reconciles_with_users",
-        passed=reconciliation.app_users == reconciliation.snapshot_users
-        and reconciliation.missing == 0,
-        metadata={
-            "app_users": reconciliation.app_users,
-            "snapshot_users": reconciliation.snapshot_users,
-            "missing": reconciliation.missing,
         },
-    )
-    yield dg.AssetCheckResult(
-        check_name="no_user_vanished",
-        passed=not vanished,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "vanished_users": vanished or 0,
-            "compared_with": "the day before" if vanished is not None else "nothing (first day)",
+        checks={
+            "reconciles_with_users": (
+                reconciliation.app_users == reconciliation.snapshot_users
+                and reconciliation.missing == 0,
+                {
+                    "app_users": reconciliation.app_users,
+                    "snapshot_users": reconciliation.snapshot_users,
+                    "missing": reconciliation.missing,
+                },
+            ),
+            "no_user_vanished": (
+                not vanished,
+                {
+                    "vanished_users": vanished or 0,
+                    "compared_with": "the day before"
+                    if vanished is not None
+                    else "nothing (first day)",
+                },
+            ),
+            "no_activity_after_partition_end": (
+                summary.leaked_rows == 0,
+                {"rows_with_later_activity": summary.leaked_rows},
+            ),
         },
-    )
-    yield dg.AssetCheckResult(
-        check_name="no_activity_after_partition_end",
-        passed=summary.leaked_rows == 0,
-        metadata={"rows_with_later_activity": summary.leaked_rows},
     )
 
 
 @dg.asset(
     key=SEGMENTS,
     partitions_def=daily_partitions,
+    backfill_policy=daily_backfill_policy,
     # Yesterday's segments give `entered_on`: backfills run the days in order.
     deps=[
         SNAPSHOT,
@@ -142,7 +157,12 @@ def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppD
 )
 def engagement_segments(context: dg.AssetExecutionContext, app_database: AppDatabase):
     app_database.ensure_installed()
-    day = date.fromisoformat(context.partition_key)
+    yield from day_by_day(
+        context, lambda day: _segments_day(app_database, day), ("plausible_dormant_flow",)
+    )
+
+
+def _segments_day(app_database: AppDatabase, day: date) -> DayResult:
     config = app_database.config
     metadata: dict[str, object] = {}
     unsegmented = 0
@@ -170,15 +190,13 @@ def engagement_segments(context: dg.AssetExecutionContext, app_database: AppData
     metadata.update(rebuild)
     metadata["dagster/row_count"] = total
     metadata["preview"] = dg.MetadataValue.md(examples.to_markdown(index=False))
-    yield dg.MaterializeResult(metadata=metadata)
-    yield dg.AssetCheckResult(
-        check_name="one_segment_per_user",
-        passed=unsegmented == 0,
-        metadata={"snapshot_users": snapshot_users, "users_without_segment": unsegmented},
-    )
-    yield dg.AssetCheckResult(
-        check_name="plausible_dormant_flow",
-        passed=not jumps,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"jumps": "; ".join(jumps) or "none"},
+    return DayResult(
+        metadata=metadata,
+        checks={
+            "one_segment_per_user": (
+                unsegmented == 0,
+                {"snapshot_users": snapshot_users, "users_without_segment": unsegmented},
+            ),
+            "plausible_dormant_flow": (not jumps, {"jumps": "; ".join(jumps) or "none"}),
+        },
     )
