@@ -109,6 +109,23 @@ def _subscription_sql(names: _Names) -> str:
             ORDER BY 1, {", ".join(order)}"""
 
 
+def _latest_actions_sql(last_per_name: str) -> str:
+    """Each user's `:last_actions` latest distinct actions as a JSON array, newest first, from
+    a query giving (user_id, event_name, last_at) once per user and action."""
+    return f"""
+            SELECT ranked.user_id,
+                   jsonb_agg(jsonb_build_object('name', ranked.event_name, 'at', ranked.last_at)
+                             ORDER BY ranked.last_at DESC, ranked.event_name) AS last_actions
+            FROM (
+                SELECT per_name.*, row_number() OVER (
+                           PARTITION BY per_name.user_id
+                           ORDER BY per_name.last_at DESC, per_name.event_name) AS rank
+                FROM ({last_per_name}) AS per_name
+            ) AS ranked
+            WHERE ranked.rank <= CAST(:last_actions AS integer)
+            GROUP BY ranked.user_id"""
+
+
 def app_reads_sql(connection: Connection, tables: dict[str, ResolvedTable]) -> dict[str, str]:
     """The snapshot's reads of the app tables as standalone SELECTs (same binds as the
     snapshot), for checking a mapping before the pipeline's schema exists."""
@@ -132,6 +149,12 @@ def snapshot_sql(
     names = _Names(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     only = ONLY_THESE_USERS if only_listed_users else ""
+    latest_actions = _latest_actions_sql(f"""
+            SELECT x.user_id, x.event_name, max(x.last_at) AS last_at
+            FROM {s}.action_daily AS x, bounds AS b
+            WHERE x.day <= b.day AND x.day > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}
+                  {only.format("x.user_id")}
+            GROUP BY x.user_id, x.event_name""")
     return f"""
         WITH {BOUNDS},
         app_users AS (
@@ -154,25 +177,7 @@ def snapshot_sql(
             WHERE a.day <= b.day{only.format("a.user_id")}
             GROUP BY a.user_id
         ),
-        recent_actions AS (
-            SELECT ranked.user_id,
-                   jsonb_agg(jsonb_build_object('name', ranked.event_name, 'at', ranked.last_at)
-                             ORDER BY ranked.last_at DESC, ranked.event_name) AS last_actions
-            FROM (
-                SELECT per_name.*, row_number() OVER (
-                           PARTITION BY per_name.user_id
-                           ORDER BY per_name.last_at DESC, per_name.event_name) AS rank
-                FROM (
-                    SELECT x.user_id, x.event_name, max(x.last_at) AS last_at
-                    FROM {s}.action_daily AS x, bounds AS b
-                    WHERE x.day <= b.day AND x.day > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}
-                          {only.format("x.user_id")}
-                    GROUP BY x.user_id, x.event_name
-                ) AS per_name
-            ) AS ranked
-            WHERE ranked.rank <= CAST(:last_actions AS integer)
-            GROUP BY ranked.user_id
-        ),
+        recent_actions AS ({latest_actions}),
         subscription AS (
             {_subscription_sql(names)}
         )
@@ -213,6 +218,20 @@ def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
     leaves, the day 28 days back, and the day's actions. No read of the history before."""
     names = _Names(connection, resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    # The day before's latest actions, with the day's own: nothing older is read.
+    latest_actions = _latest_actions_sql(f"""
+            SELECT known.user_id, known.event_name, max(known.last_at) AS last_at
+            FROM (
+                SELECT p.user_id, action->>'name' AS event_name,
+                       CAST(action->>'at' AS timestamptz) AS last_at
+                FROM previous AS p, jsonb_array_elements(p.last_actions) AS action
+                UNION ALL
+                SELECT x.user_id, x.event_name, x.last_at
+                FROM {s}.action_daily AS x, bounds AS b
+                WHERE x.day = b.day
+            ) AS known, bounds AS b
+            WHERE (known.last_at AT TIME ZONE :tz)::date > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}
+            GROUP BY known.user_id, known.event_name""")
     return f"""
         WITH {BOUNDS},
         app_users AS (
@@ -243,33 +262,7 @@ def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
                                     b.day - 7 - 7 * CAST(:baseline_weeks AS integer)])
             GROUP BY a.user_id
         ),
-        recent_actions AS (
-            SELECT ranked.user_id,
-                   jsonb_agg(jsonb_build_object('name', ranked.event_name, 'at', ranked.last_at)
-                             ORDER BY ranked.last_at DESC, ranked.event_name) AS last_actions
-            FROM (
-                SELECT per_name.*, row_number() OVER (
-                           PARTITION BY per_name.user_id
-                           ORDER BY per_name.last_at DESC, per_name.event_name) AS rank
-                FROM (
-                    SELECT known.user_id, known.event_name, max(known.last_at) AS last_at
-                    FROM (
-                        SELECT p.user_id, action->>'name' AS event_name,
-                               CAST(action->>'at' AS timestamptz) AS last_at
-                        FROM previous AS p, jsonb_array_elements(p.last_actions) AS action
-                        UNION ALL
-                        SELECT x.user_id, x.event_name, x.last_at
-                        FROM {s}.action_daily AS x, bounds AS b
-                        WHERE x.day = b.day
-                    ) AS known, bounds AS b
-                    WHERE (known.last_at AT TIME ZONE :tz)::date
-                          > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}
-                    GROUP BY known.user_id, known.event_name
-                ) AS per_name
-            ) AS ranked
-            WHERE ranked.rank <= CAST(:last_actions AS integer)
-            GROUP BY ranked.user_id
-        ),
+        recent_actions AS ({latest_actions}),
         subscription AS (
             {_subscription_sql(names)}
         )
