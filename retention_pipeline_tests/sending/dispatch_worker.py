@@ -33,15 +33,13 @@ def dispatch(url: str) -> None:
 
 
 def run_job(config_path: str, day: str) -> None:
-    from retention_pipeline.defs.emails import SendConfig, send_jobs
+    from retention_pipeline.defs.emails import send_jobs, send_partition_key
     from retention_pipeline.resources.app_database import AppDatabase
     from retention_pipeline.resources.email import ResendEmail
 
     (send_job,) = (job for job in send_jobs if job.tags["retention/loop"] == LOOP)
     result = send_job.execute_in_process(
-        run_config={
-            "ops": {"send_emails": {"config": SendConfig(partition_date=day).model_dump()}}
-        },
+        partition_key=send_partition_key(day, 0),
         resources={
             "app_database": AppDatabase(config_path=config_path),
             "email": ResendEmail(api_key=API_KEY, from_address=FROM, requests_per_second=1000),
