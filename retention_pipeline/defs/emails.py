@@ -141,13 +141,13 @@ def send_partition_key(day: str, shard: int) -> dg.MultiPartitionKey:
 
 
 def _day_and_shard(context: dg.OpExecutionContext) -> tuple[date, Shard]:
+    """The run's audience day and shard; the shard count is the job's, so the shards of one
+    job always cover every user."""
     partitions = context.job_def.partitions_def
     assert isinstance(partitions, dg.MultiPartitionsDefinition)
     keys = partitions.get_partition_key_from_str(context.partition_key).keys_by_dimension
-    shards = next(d for d in partitions.partitions_defs if d.name == "shard").partitions_def
-    return date.fromisoformat(keys["day"]), Shard(
-        int(keys["shard"]), len(shards.get_partition_keys())
-    )
+    count = len(partitions.get_partitions_def_for_dimension("shard").get_partition_keys())
+    return date.fromisoformat(keys["day"]), Shard(int(keys["shard"]), count)
 
 
 @dg.op(tags={"retention/kind": "send"}, pool=SEND_POOL)
