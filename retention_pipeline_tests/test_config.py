@@ -110,6 +110,8 @@ def _mutated(document: dict, path: str, value) -> dict:
             0,
             "email.requests_per_second: Input should be greater than 0",
         ),
+        ("email.send_shards", 0, "email.send_shards: Input should be greater than or equal to 1"),
+        ("email.send_shards", 33, "email.send_shards: Input should be less than or equal to 32"),
         ("email.from", "Acme", "email.from: 'Acme' is not an email address like"),
         ("email.from", "hello@acme", "email.from: 'hello@acme' is not an email address"),
         ("email.from", "Acme <hello@acme.test", "email.from: 'Acme <hello@acme.test' is not"),

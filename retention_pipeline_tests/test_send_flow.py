@@ -67,9 +67,10 @@ def test_the_daily_run_the_sensor_and_the_send_job(morning):
     context = dg.build_sensor_context(instance=instance)
     requests = list(send_on_new_audience(context))
     (request,) = requests
-    assert request.run_key.startswith(f"re_engagement:{day}:")
+    assert request.run_key.startswith(f"re_engagement:{day}:0:")
+    assert request.partition_key == f"{day}|0"
     sent = send_re_engagement.execute_in_process(
-        run_config=request.run_config, instance=instance, resources=resources
+        partition_key=request.partition_key, instance=instance, resources=resources
     )
     assert sent.success
     files = sorted(outbox.glob("*.html"))
@@ -92,7 +93,7 @@ def test_the_daily_run_the_sensor_and_the_send_job(morning):
 
     # A second run for the same day sends nothing, and the sensor asks for no new run.
     again = send_re_engagement.execute_in_process(
-        run_config=request.run_config, instance=instance, resources=resources
+        partition_key=request.partition_key, instance=instance, resources=resources
     )
     assert again.success
     assert len(sorted(outbox.glob("*.html"))) == len(users)
@@ -108,7 +109,7 @@ def test_the_daily_run_the_sensor_and_the_send_job(morning):
         [reengagement_audience], partition_key=day, instance=instance, resources=resources
     ).success
     third = send_re_engagement.execute_in_process(
-        run_config=request.run_config, instance=instance, resources=resources
+        partition_key=request.partition_key, instance=instance, resources=resources
     )
     assert third.success
     assert len(sorted(outbox.glob("*.html"))) == len(users)
@@ -194,8 +195,8 @@ def test_the_sensor_launches_every_recent_day_once_and_skips_history(morning):
         ).success
     context = dg.build_sensor_context(instance=instance)
     requests = [item for item in send_on_new_audience(context) if isinstance(item, dg.RunRequest)]
-    assert [request.tags["retention/partition"] for request in requests] == [
-        each.isoformat() for each in days[1:]
+    assert [request.partition_key for request in requests] == [
+        f"{each.isoformat()}|0" for each in days[1:]
     ]
     # Nothing new since: the next tick launches nothing.
     later = dg.build_sensor_context(instance=instance, cursor=context.cursor)
@@ -231,10 +232,9 @@ def test_a_re_materialized_recent_day_is_sent_again_and_history_is_not():
         third = dg.build_sensor_context(instance=instance, cursor=second.cursor)
         both = run_requests(third)
 
-    assert sent_again.tags == sent_first.tags
-    assert sent_again.run_config == sent_first.run_config
+    assert sent_again.partition_key == sent_first.partition_key
     assert sent_again.run_key != sent_first.run_key
-    assert [request.tags["retention/partition"] for request in both] == [today.isoformat()] * 2
+    assert [request.partition_key for request in both] == [f"{today.isoformat()}|0"] * 2
     assert len({request.run_key for request in [sent_first, sent_again, *both]}) == 4
 
 
@@ -264,13 +264,13 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
         resources=resources,
     )
     assert daily.success
-    run_config = {"ops": {"send_emails": {"config": {"partition_date": day}}}}
+    partition = f"{day}|0"
 
     chosen = project_resources(
         monkeypatch, tmp_path, url, provider="resend", unsubscribe_secret="s"
     )
     failed = send_re_engagement.execute_in_process(
-        run_config=run_config,
+        partition_key=partition,
         instance=instance,
         resources=chosen,
         raise_on_error=False,
@@ -297,7 +297,7 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
     # Choosing the outbox writes the emails there; the key stays unset.
     chosen = project_resources(monkeypatch, tmp_path, url, provider="outbox")
     sent = send_re_engagement.execute_in_process(
-        run_config=run_config, instance=instance, resources=chosen
+        partition_key=partition, instance=instance, resources=chosen
     )
     assert sent.success
     written = list((tmp_path / "config" / "outbox").glob("*.html"))
@@ -398,7 +398,7 @@ def test_each_loop_runs_at_its_own_cron_and_sends_with_its_own_job(morning, tmp_
     # Each loop sends through its own job, tagged with the loop on every run, retrying as the
     # loop's recovery says.
     loop = config.loop("win_back")
-    job = build_send_job(loop)
+    job = build_send_job(loop, shards=1)
     assert job.name == "send_win_back"
     assert job.run_tags["retention/loop"] == "win_back"
     policy = job.get_retry_policy_for_handle(NodeHandle("send_emails", None))
@@ -407,15 +407,15 @@ def test_each_loop_runs_at_its_own_cron_and_sends_with_its_own_job(morning, tmp_
     assert (shipped.max_retries, shipped.backoff) == (3, dg.Backoff.EXPONENTIAL)
 
 
-def test_a_send_run_launched_without_tags_carries_its_loop_tag(morning):
+def test_a_send_run_launched_by_partition_alone_carries_its_loop_and_shard_tags(morning):
     _engine, instance, resources, day, _outbox = morning
     run = send_re_engagement.execute_in_process(
-        run_config={"ops": {"send_emails": {"config": {"partition_date": day}}}},
-        instance=instance,
-        resources=resources,
+        partition_key=f"{day}|0", instance=instance, resources=resources
     )
     assert run.success
-    assert instance.get_run_by_id(run.run_id).tags["retention/loop"] == "re_engagement"
+    tags = instance.get_run_by_id(run.run_id).tags
+    assert tags["retention/loop"] == "re_engagement"
+    assert tags["retention/send_shard"] == "re_engagement/0"
 
 
 def test_the_sensor_sends_the_loops_an_audience_picked_through_their_jobs():
@@ -435,6 +435,4 @@ def test_the_sensor_sends_the_loops_an_audience_picked_through_their_jobs():
         )
         (request,) = run_requests(dg.build_sensor_context(instance=instance))
     assert request.job_name == "send_re_engagement"
-    assert request.run_config["ops"] == {
-        "send_emails": {"config": {"partition_date": today.isoformat()}}
-    }
+    assert request.partition_key == f"{today.isoformat()}|0"

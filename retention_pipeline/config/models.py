@@ -196,6 +196,14 @@ class EmailSettings(StrictModel):
     reply_to: str | None = None
     outbox_dir: str | None = Field(None, description="default: outbox/ under $RETENTION_HOME")
     requests_per_second: float = Field(2.0, gt=0)
+    send_shards: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="send runs per loop and day, each for its own users, sending together at "
+        "requests_per_second in total (every shard is a partition of every day: a handful "
+        "is plenty)",
+    )
     product_name: str = "Acme"
     app_url: str = "https://app.acme.test"
     company_address: str = "Acme Inc., 1 Example Street, Springfield"

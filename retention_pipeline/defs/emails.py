@@ -22,12 +22,16 @@ from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import EmailResource
 from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.segments.conditions import condition_user_ids
+from retention_pipeline.sending.pace import SharedPace
 from retention_pipeline.sending.run import send_loop_day
 from retention_pipeline.sending.sender_lock import SenderBusy
+from retention_pipeline.sending.shards import Shard
 
 AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
 SENSOR_BATCH = 100
 LOOP_TAG = "retention/loop"
+SEND_SHARD_TAG = "retention/send_shard"
+SEND_POOL = "resend"
 LOOPS_METADATA = "loops"
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
 
@@ -122,30 +126,60 @@ email_send_log = dg.AssetSpec(
 )
 
 
-class SendConfig(dg.Config):
-    partition_date: str = Field(description="the audience day, YYYY-MM-DD")
+def send_partitions(shards: int) -> dg.MultiPartitionsDefinition:
+    """A send job's partitions: each audience day times each shard, keys like `2026-11-27|0`."""
+    return dg.MultiPartitionsDefinition(
+        {
+            "day": daily_partitions,
+            "shard": dg.StaticPartitionsDefinition([str(index) for index in range(shards)]),
+        }
+    )
 
 
-@dg.op(tags={"retention/kind": "send"})
+def send_partition_key(day: str, shard: int) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"day": day, "shard": str(shard)})
+
+
+def _day_and_shard(context: dg.OpExecutionContext) -> tuple[date, Shard]:
+    """The run's audience day and shard; the shard count is the job's, so the shards of one
+    job always cover every user."""
+    partitions = context.job_def.partitions_def
+    assert isinstance(partitions, dg.MultiPartitionsDefinition)
+    keys = partitions.get_partition_key_from_str(context.partition_key).keys_by_dimension
+    count = len(partitions.get_partitions_def_for_dimension("shard").get_partition_keys())
+    return date.fromisoformat(keys["day"]), Shard(int(keys["shard"]), count)
+
+
+@dg.op(tags={"retention/kind": "send"}, pool=SEND_POOL)
 def send_emails(
     context: dg.OpExecutionContext,
-    config: SendConfig,
     app_database: AppDatabase,
     email: EmailResource,
 ):
-    """Claim the day's treated audience of the job's loop in the send log, then send what is not
-    yet confirmed (`send_loop_day`), and report each changed day of the send log."""
+    """Claim the treated audience of the run's day and shard for the job's loop in the send log,
+    then send what of the shard is not yet confirmed (`send_loop_day`), and report each changed
+    day of the send log."""
     app_database.ensure_installed()
     settings = app_database.config
     # The job's own tag, not the run's: a tag edited at launch cannot point a job at another loop.
     loop = settings.loop(context.job_def.tags[LOOP_TAG])
-    day = date.fromisoformat(config.partition_date)
+    day, shard = _day_and_shard(context)
     # Both fail here, before anything is claimed, when a secret or the key is missing.
     try:
         secret = unsubscribe_secret(settings)
     except MissingSecretError as missing:
         raise dg.Failure(description=str(missing), allow_retries=False) from None
-    sender = email.sender(log=context.log)
+
+    # Every shard's run, and every loop's, paces its requests on one shared schedule.
+    def shared_pace(requests_per_second: float) -> SharedPace:
+        return SharedPace(
+            app_database.engine,
+            schema=settings.database.schema_,
+            provider=email.provider,
+            requests_per_second=requests_per_second,
+        )
+
+    sender = email.sender(log=context.log, shared_pace=shared_pace)
     try:
         report = send_loop_day(
             app_database.engine,
@@ -156,8 +190,9 @@ def send_emails(
             sender=sender,
             provider=email.provider,
             unsubscribe_secret=secret,
-            holder=f"retention sender {loop.name} run {context.run_id[:8]}",
+            holder=f"retention sender {loop.name}/{shard.index} run {context.run_id[:8]}",
             log=context.log,
+            shard=shard,
         )
     except SenderBusy as busy:
         raise dg.Failure(description=str(busy)) from None
@@ -172,8 +207,8 @@ def send_emails(
         )
     if report.dispatch.still_pending:
         raise dg.Failure(
-            description=f"{report.dispatch.still_pending} emails of {loop.name} are not "
-            "confirmed yet (transient errors); a retry resends them with the same "
+            description=f"{report.dispatch.still_pending} emails of {loop.name} ({shard}) are "
+            "not confirmed yet (transient errors); a retry resends them with the same "
             "idempotency keys",
         )
 
@@ -182,15 +217,28 @@ def send_job_name(loop_name: str) -> str:
     return f"send_{loop_name}"
 
 
-def build_send_job(loop: Loop) -> dg.JobDefinition:
-    """The loop's own send job: its tag is on every run, however launched (sensor, Launchpad,
-    re-execution), so the queue's one-run-per-loop limit always applies, and its step retries
-    as the loop's `recovery` says."""
+def build_send_job(loop: Loop, shards: int) -> dg.JobDefinition:
+    """The loop's own send job, partitioned by audience day and shard. Its loop tag is on every
+    run, however launched (sensor, Launchpad, re-execution), and every run launched for a
+    partition also carries `retention/send_shard` = LOOP/SHARD, so the queue's
+    one-run-per-loop-and-shard limit applies; its step retries as the loop's `recovery` says."""
+
+    partitions = send_partitions(shards)
+
+    def shard_tag(partition_key: str) -> dict[str, str]:
+        keys = partitions.get_partition_key_from_str(partition_key).keys_by_dimension
+        return {SEND_SHARD_TAG: f"{loop.name}/{keys['shard']}"}
 
     @dg.job(
         name=send_job_name(loop.name),
-        description=f"Send the {loop.name} loop's emails for one audience day, exactly once.",
+        description=f"Send the {loop.name} loop's emails for one audience day and shard, "
+        "exactly once.",
         tags={"retention/kind": "send", LOOP_TAG: loop.name},
+        config=dg.PartitionedConfig(
+            partitions_def=partitions,
+            run_config_for_partition_key_fn=lambda _key: {},
+            tags_for_partition_key_fn=shard_tag,
+        ),
     )
     def send_loop_emails():
         send_emails.with_retry_policy(retry_policy(loop.recovery))()
@@ -198,7 +246,7 @@ def build_send_job(loop: Loop) -> dg.JobDefinition:
     return send_loop_emails
 
 
-send_jobs = [build_send_job(loop) for loop in CONFIG.loops]
+send_jobs = [build_send_job(loop, CONFIG.email.send_shards) for loop in CONFIG.loops]
 
 
 @dg.sensor(
@@ -206,8 +254,9 @@ send_jobs = [build_send_job(loop) for loop in CONFIG.loops]
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description=(
-        "Every new materialization of an audience partition of the last days launches one send "
-        "run per loop it picked; older partitions (backfills) are history and are not emailed."
+        "Every new materialization of an audience partition of the last days launches, per loop "
+        "it picked, one send run per shard; older partitions (backfills) are history and are "
+        "not emailed."
     ),
 )
 def send_on_new_audience(context: dg.SensorEvaluationContext):
@@ -229,12 +278,13 @@ def send_on_new_audience(context: dg.SensorEvaluationContext):
             context.log.info(f"audience {partition} is history: not emailed")
             continue
         for loop_name in loops_picked(record.asset_materialization):
-            yield dg.RunRequest(
-                job_name=send_job_name(loop_name),
-                # One run per materialization, not per day: a re-materialized audience may hold
-                # new users, and the send log's claims keep a second run from sending twice.
-                run_key=f"{loop_name}:{partition}:{record.storage_id}",
-                run_config=dg.RunConfig(ops={"send_emails": SendConfig(partition_date=partition)}),
-                tags={"retention/partition": partition},
-            )
+            for shard in range(CONFIG.email.send_shards):
+                yield dg.RunRequest(
+                    job_name=send_job_name(loop_name),
+                    # One run per materialization and shard, not per day: a re-materialized
+                    # audience may hold new users, and the send log's claims keep a second run
+                    # from sending twice.
+                    run_key=f"{loop_name}:{partition}:{shard}:{record.storage_id}",
+                    partition_key=send_partition_key(partition, shard),
+                )
     context.update_cursor(str(records[-1].storage_id))

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import resend
 from resend.exceptions import NoContentError, ResendError
@@ -59,8 +59,14 @@ class _Failure:
     already_sent: bool = False
 
 
+class Pacer(Protocol):
+    """Decides when the next request may start: `wait` returns when it may."""
+
+    def wait(self) -> None: ...
+
+
 class _Pacer:
-    """Spaces request starts at least `1 / requests_per_second` apart."""
+    """Spaces this sender's request starts at least `1 / requests_per_second` apart."""
 
     def __init__(
         self, requests_per_second: float, clock: Callable[[], float], sleep: Callable[[float], None]
@@ -91,7 +97,8 @@ class ResendSender:
 
     `sleep`, `clock` and `rng` (the jitter's source) are injectable so tests can observe waiting
     without waiting. Retries, waits and failures go to `log` (a Dagster run passes its own, so
-    they show in the run's event log).
+    they show in the run's event log). A `pacer` shared with other senders (several send runs on
+    one Resend account) replaces the sender's own pacing at `requests_per_second`.
     """
 
     def __init__(
@@ -108,6 +115,7 @@ class ResendSender:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         log: logging.Logger = logger,
+        pacer: Pacer | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("ResendSender needs an API key; use OutboxSender when there is none")
@@ -126,7 +134,7 @@ class ResendSender:
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self._sleep = sleep
-        self._pacer = _Pacer(requests_per_second, clock, sleep)
+        self._pacer = pacer or _Pacer(requests_per_second, clock, sleep)
         self._random = rng or random.Random()
         self._log = log
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +16,7 @@ from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.connection import uses_embedded_database
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.email.outbox import OutboxSender, remove_from_outbox
-from retention_pipeline.email.resend_sender import ResendSender
+from retention_pipeline.email.resend_sender import Pacer, ResendSender
 
 RESEND_KEY_ENV_VAR = "RESEND_API_KEY"
 MISSING_RESEND_KEY = (
@@ -48,9 +48,14 @@ class EmailResource(dg.ConfigurableResource):
     def provider(self) -> str:
         raise NotImplementedError
 
-    def sender(self, log: logging.Logger | None = None) -> EmailSender:
+    def sender(
+        self,
+        log: logging.Logger | None = None,
+        shared_pace: Callable[[float], Pacer] | None = None,
+    ) -> EmailSender:
         """The sender of a run; raises a `dg.Failure` naming what is missing before anything is
-        claimed. `log` receives the sender's retries and waits."""
+        claimed. `log` receives the sender's retries and waits. `shared_pace`, given the
+        provider's requests per second, makes the pacer this sender shares with other runs'."""
         raise NotImplementedError
 
     def forget(self, keys: Sequence[str]) -> int:
@@ -74,7 +79,11 @@ class ResendEmail(EmailResource):
     def provider(self) -> str:
         return "resend"
 
-    def sender(self, log: logging.Logger | None = None) -> EmailSender:
+    def sender(
+        self,
+        log: logging.Logger | None = None,
+        shared_pace: Callable[[float], Pacer] | None = None,
+    ) -> EmailSender:
         if not self.api_key:
             raise dg.Failure(description=MISSING_RESEND_KEY, allow_retries=False)
         return ResendSender(
@@ -82,6 +91,7 @@ class ResendEmail(EmailResource):
             from_address=self.from_address,
             reply_to=self.reply_to,
             requests_per_second=self.requests_per_second,
+            pacer=shared_pace(self.requests_per_second) if shared_pace else None,
             **({"log": log} if log else {}),
         )
 
@@ -97,7 +107,11 @@ class OutboxEmail(EmailResource):
     def provider(self) -> str:
         return "outbox"
 
-    def sender(self, log: logging.Logger | None = None) -> EmailSender:
+    def sender(
+        self,
+        log: logging.Logger | None = None,
+        shared_pace: Callable[[float], Pacer] | None = None,
+    ) -> EmailSender:
         self.path.mkdir(parents=True, exist_ok=True)
         return OutboxSender(self.path, from_address=self.from_address)
 

@@ -1,16 +1,18 @@
 """Exactly-once sending: compose a day's emails, claim them in the send log, send the claimed
 batches, record the outcomes; and the suppressions that unsubscribes add.
 
-A send run is `send_loop_day` (run.py): under the loop's sender lock, per audience day of the
-send window,
+A send run is `send_loop_day` (run.py), for one shard of the loop's users (shards.py; the whole
+loop unless `email.send_shards` says more): under the shard's sender lock, per audience day of
+the send window,
 
     with engine.begin() as connection:
         emails = compose_emails(connection, schema=..., config=..., loop=..., day=...,
                                 unsubscribe_secret=...)
         claim(connection, schema=..., loop_name=loop.name, day=day, emails=emails)
 
-then `send_pending(engine, ...)`; the job fails while `still_pending` emails remain, so its
-RetryPolicy re-runs it, and the re-run claims nothing new.
+then `send_pending(engine, ...)`, its requests paced with every other run's (pace.py); the job
+fails while `still_pending` emails remain, so its RetryPolicy re-runs it, and the re-run claims
+nothing new.
 
 Plain Python over SQLAlchemy, no Dagster: the `defs` modules wire it into the send job.
 """

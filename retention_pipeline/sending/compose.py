@@ -23,6 +23,7 @@ from retention_pipeline.email.humanize import (
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.email.render import render_email
 from retention_pipeline.email.unsubscribe import make_token, unsubscribe_headers, unsubscribe_url
+from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, user_in_shard
 
 if TYPE_CHECKING:
     from retention_pipeline.config.models import Loop, RetentionConfig
@@ -39,11 +40,18 @@ def day_end(day: date, timezone: str) -> datetime:
 
 
 def treatment_rows(
-    connection: Connection, *, schema: str, loop_name: str, day: date, unclaimed_only: bool = False
+    connection: Connection,
+    *,
+    schema: str,
+    loop_name: str,
+    day: date,
+    unclaimed_only: bool = False,
+    shard: Shard = WHOLE_LOOP,
 ) -> list[dict[str, Any]]:
-    """The loop's treatment rows of `reengagement_audience` for `day`, with what the snapshot of
-    that day knows about each user, ordered by user id. Also the rows `claim` pairs emails with.
-    `unclaimed_only` leaves out rows already in the send log, whose content is fixed there."""
+    """The loop's treatment rows of `reengagement_audience` for `day` whose users are in
+    `shard`, with what the snapshot of that day knows about each user, ordered by user id. Also
+    the rows `claim` pairs emails with. `unclaimed_only` leaves out rows already in the send log,
+    whose content is fixed there."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     unclaimed = f"""AND NOT EXISTS (
                 SELECT FROM {s}.email_send_log AS log
@@ -58,9 +66,10 @@ def treatment_rows(
             LEFT JOIN {s}.user_activity_snapshot AS snap
                 ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
             WHERE a.partition_date = :day AND a.loop_name = :loop AND a.arm = 'treatment'
+              AND {user_in_shard("a.user_id")}
               {unclaimed if unclaimed_only else ""}
             ORDER BY a.user_id"""),
-        {"day": day, "loop": loop_name},
+        {"day": day, "loop": loop_name, **shard.params},
     )
     return [dict(row) for row in result.mappings()]
 
@@ -74,8 +83,10 @@ def compose_emails(
     day: date,
     unsubscribe_secret: str,
     unclaimed_only: bool = False,
+    shard: Shard = WHOLE_LOOP,
 ) -> list[OutgoingEmail]:
-    """One rendered email per treatment row of the loop's audience for `day`, in user-id order.
+    """One rendered email per treatment row of the loop's audience for `day` whose user is in
+    `shard`, in user-id order.
 
     Each renders the template of the row's step with the row's variant. The unsubscribe link and
     the RFC 8058 headers carry an HMAC token of the user and the loop, signed with
@@ -86,7 +97,12 @@ def compose_emails(
     base_url = config.email.unsubscribe_url
     emails = []
     rows = treatment_rows(
-        connection, schema=schema, loop_name=loop.name, day=day, unclaimed_only=unclaimed_only
+        connection,
+        schema=schema,
+        loop_name=loop.name,
+        day=day,
+        unclaimed_only=unclaimed_only,
+        shard=shard,
     )
     for row in rows:
         if not 0 <= row["step"] < len(loop.steps):

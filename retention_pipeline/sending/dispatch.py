@@ -17,6 +17,7 @@ from retention_pipeline.sending.send_log import (
     pending_batches,
     record,
 )
+from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
 
 # Resend keeps an Idempotency-Key for 24 hours; stop trusting it a little earlier.
 IDEMPOTENCY_WINDOW = timedelta(hours=23)
@@ -33,7 +34,8 @@ class DispatchReport:
     failed: int
     """Failed for good in this dispatch (rejected addresses, validation, auth)."""
     still_pending: int
-    """Rows of the loop still claimed afterwards: transient failures a retry will re-send."""
+    """Rows of the loop's shard still claimed afterwards: transient failures a retry will
+    re-send."""
     expired: int = 0
     """Rows given up on: first sent over a day ago and still unconfirmed (expire_unanswered)."""
     suppressed: int = 0
@@ -58,8 +60,10 @@ def send_pending(
     sender: EmailSender,
     provider: str,
     log: logging.Logger = logger,
+    shard: Shard = WHOLE_LOOP,
 ) -> DispatchReport:
-    """Send every pending batch of the loop, recording each batch in its own transaction.
+    """Send every pending batch of the loop's `shard`, recording each batch in its own
+    transaction.
 
     A crash loses at most the outcome of the batch in flight; the next call re-sends that batch
     with the same members, content and `Idempotency-Key`, so what the provider accepted before the
@@ -70,9 +74,13 @@ def send_pending(
     """
     with engine.begin() as connection:
         expired = expire_unanswered(
-            connection, schema=schema, loop_name=loop_name, older_than=IDEMPOTENCY_WINDOW
+            connection,
+            schema=schema,
+            loop_name=loop_name,
+            older_than=IDEMPOTENCY_WINDOW,
+            shard=shard,
         )
-        suppressed = drop_suppressed(connection, schema=schema, loop_name=loop_name)
+        suppressed = drop_suppressed(connection, schema=schema, loop_name=loop_name, shard=shard)
     if expired:
         log.warning(
             "%s: %d emails sent over a day ago with no answer: not re-sent",
@@ -83,7 +91,7 @@ def send_pending(
     for day, count in (expired + suppressed).items():
         by_day.setdefault(day, Counter())["failed"] += count
     with engine.connect() as connection:
-        batches = pending_batches(connection, schema=schema, loop_name=loop_name)
+        batches = pending_batches(connection, schema=schema, loop_name=loop_name, shard=shard)
     if batches:
         log.info("%s: %d batches to send", loop_name, len(batches))
     sent = failed = 0
@@ -120,9 +128,9 @@ def send_pending(
         still_pending = connection.execute(
             text(
                 f"SELECT count(*) FROM {s}.email_send_log "
-                "WHERE loop_name = :loop AND status = 'claimed'"
+                f"WHERE loop_name = :loop AND status = 'claimed' AND {row_in_shard('send_shard')}"
             ),
-            {"loop": loop_name},
+            {"loop": loop_name, **shard.params},
         ).scalar_one()
     return DispatchReport(
         sent=sent,

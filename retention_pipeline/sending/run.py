@@ -21,6 +21,7 @@ from retention_pipeline.sending.delivery import delivery_counts
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
 from retention_pipeline.sending.send_log import claim, days_with_emails, send_log_summary
 from retention_pipeline.sending.sender_lock import sender_lock
+from retention_pipeline.sending.shards import WHOLE_LOOP, Shard
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class SendRunReport:
     """Every row of each day in `days_reported`, by status, whichever run wrote it."""
     delivery: dict[date, dict[str, int]]
     """Per day in `days_reported`, the emails Resend reported delivered, bounced, ... so far."""
+    shard: Shard = WHOLE_LOOP
+    """Whose emails this run claimed and sent; the ledger and delivery counts cover every shard."""
 
     @property
     def days_changed(self) -> list[date]:
@@ -63,6 +66,7 @@ class SendRunReport:
         return {
             "loop": self.loop_name,
             "send_run_day": self.day.isoformat(),
+            "send_run_shard": f"{self.shard.index} of {self.shard.count}",
             "send_run_audience_days": ", ".join(each.isoformat() for each in self.audience_days)
             or "none (the day is older than the send window)",
             "claimed_this_run": self.claimed.get(day, 0),
@@ -78,7 +82,8 @@ class SendRunReport:
             claimed = f"claimed {sum(self.claimed.values())} new emails from audience days {days}"
         else:
             claimed = "claimed nothing: the day is older than the send window (history)"
-        return f"{self.loop_name} {self.day}: {claimed}; {self.dispatch}"
+        which = "" if self.shard == WHOLE_LOOP else f" ({self.shard})"
+        return f"{self.loop_name} {self.day}{which}: {claimed}; {self.dispatch}"
 
 
 def send_loop_day(
@@ -93,17 +98,19 @@ def send_loop_day(
     unsubscribe_secret: str,
     holder: str,
     log: logging.Logger = logger,
+    shard: Shard = WHOLE_LOOP,
 ) -> SendRunReport:
     """Claim the loop's treated audience of `day` (and of the recent days before it) in the send
-    log, then send everything of the loop not yet confirmed.
+    log, then send everything of the loop not yet confirmed; of the users in `shard` only, when
+    several runs send the loop.
 
-    Only one sender per loop runs at a time (`sender_lock`, named `holder`); another raises
-    `SenderBusy` before claiming anything. Audience days older than the send window at `now` are
-    history and are never claimed. A retry, or a rerun after a crash, claims nothing twice and
-    re-sends unconfirmed batches with their original Idempotency-Keys.
+    Only one sender per loop and shard runs at a time (`sender_lock`, named `holder`); another
+    raises `SenderBusy` before claiming anything. Audience days older than the send window at
+    `now` are history and are never claimed. A retry, or a rerun after a crash, claims nothing
+    twice and re-sends unconfirmed batches with their original Idempotency-Keys.
     """
     schema = config.database.schema_
-    with sender_lock(engine, schema=schema, loop_name=loop.name, holder=holder):
+    with sender_lock(engine, schema=schema, loop_name=loop.name, holder=holder, shard=shard):
         audience_days = tuple(send_window(day, now, config.timezone))
         if not audience_days:
             log.warning(
@@ -124,9 +131,15 @@ def send_loop_day(
                     unsubscribe_secret=unsubscribe_secret,
                     # Claimed emails keep their stored content: rendering them again is waste.
                     unclaimed_only=True,
+                    shard=shard,
                 )
                 claimed[audience_day] = claim(
-                    connection, schema=schema, loop_name=loop.name, day=audience_day, emails=emails
+                    connection,
+                    schema=schema,
+                    loop_name=loop.name,
+                    day=audience_day,
+                    emails=emails,
+                    shard=shard,
                 )
             if claimed[audience_day]:
                 log.info(
@@ -136,7 +149,13 @@ def send_loop_day(
                     audience_day,
                 )
         dispatch = send_pending(
-            engine, schema=schema, loop_name=loop.name, sender=sender, provider=provider, log=log
+            engine,
+            schema=schema,
+            loop_name=loop.name,
+            sender=sender,
+            provider=provider,
+            log=log,
+            shard=shard,
         )
     with engine.connect() as connection:
         days = sorted(
@@ -164,6 +183,7 @@ def send_loop_day(
         dispatch=dispatch,
         ledger=ledger,
         delivery=delivery,
+        shard=shard,
     )
 
 

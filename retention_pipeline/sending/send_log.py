@@ -24,6 +24,7 @@ from sqlalchemy import Connection, text
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.sending.compose import send_key, treatment_rows
 from retention_pipeline.sending.delivery import link_early_events
+from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
 
 BATCH_SIZE = 100
 """Emails per batch: the most Resend accepts in one batch request."""
@@ -43,8 +44,10 @@ def claim(
     day: date,
     emails: Sequence[OutgoingEmail],
     audience_rows: Iterable[Mapping[str, Any]] | None = None,
+    shard: Shard = WHOLE_LOOP,
 ) -> int:
-    """Claim `emails` for sending, in the caller's transaction; return how many were new.
+    """Claim `emails`, all of users in `shard`, for sending, in the caller's transaction; return
+    how many were new.
 
     `audience_rows` are mappings with `user_id`, `episode_start` (a date), `step`, `template` and
     `variant`, such as `compose.treatment_rows` returns or a DataFrame's `to_dict("records")`;
@@ -52,12 +55,14 @@ def claim(
     email is paired with the row of the same send key; rows without an email (the holdout) are
     ignored. Emails already in the log are left as they are, content included. The new ones,
     sorted by send key, are split into batches of `BATCH_SIZE` numbered after the loop's batches
-    already stored for `day`.
+    already stored for `day` (by every shard), and stored as `shard`'s to send.
     """
     if not emails:
         return 0
     if audience_rows is None:
-        audience_rows = treatment_rows(connection, schema=schema, loop_name=loop_name, day=day)
+        audience_rows = treatment_rows(
+            connection, schema=schema, loop_name=loop_name, day=day, shard=shard
+        )
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     keys = [email.key for email in emails]
     duplicates = sorted(key for key, count in Counter(keys).items() if count > 1)
@@ -71,7 +76,7 @@ def claim(
     if unpaired:
         raise ValueError(f"{len(unpaired)} emails have no audience row, first: {unpaired[0]!r}")
 
-    # Claims of one loop take turns, so two of them cannot number batches alike.
+    # Claims of one loop take turns, shards too, so two of them cannot number batches alike.
     connection.execute(
         text("SELECT pg_advisory_xact_lock(hashtext(:lock))"),
         {"lock": f"retention-pipeline:{schema}:claim:{loop_name}"},
@@ -115,10 +120,10 @@ def claim(
         text(f"""
             INSERT INTO {s}.email_send_log (send_key, loop_name, user_id, episode_start, step,
                 partition_date, email, template, variant, batch_key, subject, html, body_text,
-                headers, tags, status)
+                headers, tags, status, send_shard)
             SELECT r.send_key, :loop, r.user_id, r.episode_start, r.step, :day, r.email,
                    r.template, r.variant, r.batch_key, r.subject, r.html, r.body_text,
-                   CAST(r.headers AS jsonb), CAST(r.tags AS jsonb), 'claimed'
+                   CAST(r.headers AS jsonb), CAST(r.tags AS jsonb), 'claimed', :shard
             FROM unnest(CAST(:send_key AS text[]), CAST(:user_id AS text[]),
                         CAST(:episode_start AS date[]), CAST(:step AS integer[]),
                         CAST(:email AS text[]), CAST(:template AS text[]),
@@ -131,15 +136,15 @@ def claim(
             ORDER BY r.send_key
             ON CONFLICT DO NOTHING
             RETURNING send_key"""),
-        {"loop": loop_name, "day": day, **columns},
+        {"loop": loop_name, "day": day, "shard": shard.index, **columns},
     )
     return len(inserted.all())
 
 
 def pending_batches(
-    connection: Connection, *, schema: str, loop_name: str
+    connection: Connection, *, schema: str, loop_name: str, shard: Shard = WHOLE_LOOP
 ) -> list[list[OutgoingEmail]]:
-    """Every batch of the loop with rows still claimed, rebuilt from the stored content.
+    """Every batch of the loop's `shard` with rows still claimed, rebuilt from the stored content.
 
     Oldest batch first, emails in send-key order. `headers` and `tags` come back with their keys
     sorted: jsonb does not keep key order, and the payload of a re-sent batch must not depend on it.
@@ -149,9 +154,9 @@ def pending_batches(
         text(f"""
             SELECT send_key, email, subject, html, body_text, headers, tags, batch_key
             FROM {s}.email_send_log
-            WHERE loop_name = :loop AND status = 'claimed'
+            WHERE loop_name = :loop AND status = 'claimed' AND {row_in_shard("send_shard")}
             ORDER BY partition_date, min(id) OVER (PARTITION BY batch_key), send_key"""),
-        {"loop": loop_name},
+        {"loop": loop_name, **shard.params},
     )
     batches: dict[str, list[OutgoingEmail]] = {}
     for row in result.mappings():
@@ -228,11 +233,13 @@ def mark_attempt(connection: Connection, *, schema: str, keys: Sequence[str]) ->
     )
 
 
-def drop_suppressed(connection: Connection, *, schema: str, loop_name: str) -> Counter[date]:
-    """Fail, before they ever go out, claimed emails whose address was suppressed since the
-    claim; return how many, by partition day. Only never-attempted batches: their
-    Idempotency-Key was never used, so changing their members is safe; an attempted batch must
-    be re-sent as it was."""
+def drop_suppressed(
+    connection: Connection, *, schema: str, loop_name: str, shard: Shard = WHOLE_LOOP
+) -> Counter[date]:
+    """Fail, before they ever go out, claimed emails of the loop's `shard` whose address was
+    suppressed since the claim; return how many, by partition day. Only never-attempted
+    batches: their Idempotency-Key was never used, so changing their members is safe; an
+    attempted batch must be re-sent as it was."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     changed = connection.execute(
         text(f"""
@@ -242,23 +249,29 @@ def drop_suppressed(connection: Connection, *, schema: str, loop_name: str) -> C
                         || 'email was claimed'
             FROM {s}.email_suppressions AS sup
             WHERE log.loop_name = :loop AND log.status = 'claimed'
+              AND {row_in_shard("log.send_shard")}
               AND sup.email = lower(log.email)
               AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
               AND NOT EXISTS (SELECT FROM {s}.email_send_log AS sibling
                               WHERE sibling.batch_key = log.batch_key
                                 AND sibling.first_attempt_at IS NOT NULL)
             RETURNING log.partition_date"""),
-        {"loop": loop_name},
+        {"loop": loop_name, **shard.params},
     )
     return Counter(changed.scalars())
 
 
 def expire_unanswered(
-    connection: Connection, *, schema: str, loop_name: str, older_than: timedelta
+    connection: Connection,
+    *,
+    schema: str,
+    loop_name: str,
+    older_than: timedelta,
+    shard: Shard = WHOLE_LOOP,
 ) -> Counter[date]:
-    """Give up on batches first sent longer ago than the provider remembers idempotency keys and
-    still not confirmed: re-sending them could deliver twice, so they fail instead. Returns how
-    many rows, by partition day."""
+    """Give up on the batches of the loop's `shard` first sent longer ago than the provider
+    remembers idempotency keys and still not confirmed: re-sending them could deliver twice, so
+    they fail instead. Returns how many rows, by partition day."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     changed = connection.execute(
         text(f"""
@@ -267,10 +280,10 @@ def expire_unanswered(
                 error = 'not confirmed since its first send at ' || first_attempt_at
                         || '; not re-sent, since the idempotency key has expired and the email '
                         || 'may have been delivered'
-            WHERE loop_name = :loop AND status = 'claimed'
+            WHERE loop_name = :loop AND status = 'claimed' AND {row_in_shard("send_shard")}
               AND first_attempt_at < now() - CAST(:older_than AS interval)
             RETURNING partition_date"""),
-        {"loop": loop_name, "older_than": older_than},
+        {"loop": loop_name, "older_than": older_than, **shard.params},
     )
     return Counter(changed.scalars())
 

@@ -1,9 +1,10 @@
-"""One sender per loop at a time: a PostgreSQL advisory lock held for the sender's lifetime.
+"""One sender per loop and shard at a time: a PostgreSQL advisory lock held for the sender's
+lifetime.
 
 The lock lives on a dedicated connection (session level, autocommit, so no transaction stays
 open for the length of a send), and goes when the sender ends or its process dies, since
 PostgreSQL releases a session's advisory locks when its connection closes. A second sender of the
-same loop does not wait behind the first: it stops with one line naming the holder, so an
+same loop and shard does not wait behind the first: it stops with one line naming the holder, so an
 operator sees which process still sends (a step process that outlived its run worker, say).
 """
 
@@ -15,28 +16,35 @@ from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, text
 
+from retention_pipeline.sending.shards import WHOLE_LOOP, Shard
+
 # The first half of the two-key advisory lock: which kind of lock this is. The second half
-# names the schema and loop.
+# names the schema, loop and shard.
 _SENDER_LOCK_SPACE = zlib.crc32(b"retention-pipeline:sender") & 0x7FFFFFFF
 
 
 class SenderBusy(RuntimeError):
-    """Another sender holds the loop's lock; the message names it in one line."""
+    """Another sender holds the loop's (shard's) lock; the message names it in one line."""
 
 
-def sender_lock_keys(schema: str, loop_name: str) -> tuple[int, int]:
-    """The (space, key) pair of the loop's lock; both positive, as pg_locks shows them."""
-    return _SENDER_LOCK_SPACE, zlib.crc32(f"{schema}:{loop_name}".encode()) & 0x7FFFFFFF
+def sender_lock_keys(schema: str, loop_name: str, shard: Shard) -> tuple[int, int]:
+    """The (space, key) pair of the lock of the loop's shard; both positive, as pg_locks shows
+    them."""
+    name = f"{schema}:{loop_name}:{shard.index}"
+    return _SENDER_LOCK_SPACE, zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 @contextmanager
-def sender_lock(engine: Engine, *, schema: str, loop_name: str, holder: str) -> Iterator[None]:
-    """Hold the loop's sender lock for the duration of the block, or raise `SenderBusy`.
+def sender_lock(
+    engine: Engine, *, schema: str, loop_name: str, holder: str, shard: Shard = WHOLE_LOOP
+) -> Iterator[None]:
+    """Hold the sender lock of the loop's `shard` for the duration of the block, or raise
+    `SenderBusy`.
 
     `holder` becomes the dedicated connection's `application_name` (PostgreSQL keeps 63
     characters of it), which is how the next sender, and `pg_stat_activity`, name this one.
     """
-    space, key = sender_lock_keys(schema, loop_name)
+    space, key = sender_lock_keys(schema, loop_name, shard)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(
             text("SELECT set_config('application_name', :holder, false)"), {"holder": holder}
@@ -46,8 +54,9 @@ def sender_lock(engine: Engine, *, schema: str, loop_name: str, holder: str) -> 
         ).scalar_one()
         if not taken:
             connection.execute(text("RESET application_name"))
+            which = f"loop {loop_name}" if shard == WHOLE_LOOP else f"loop {loop_name}, {shard}"
             raise SenderBusy(
-                f"loop {loop_name} (schema {schema}) is already being sent by "
+                f"{which} (schema {schema}) is already being sent by "
                 f"{_describe_holder(connection, space, key)}; this sender stops without sending"
             )
         try:

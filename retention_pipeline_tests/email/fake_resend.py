@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ class RecordedRequest:
     body: Any
     status: int
     replayed: bool
+    arrived_at: float
+    """When its headers had arrived, on `time.monotonic()`: what a rate limit counts."""
 
     @property
     def idempotency_key(self) -> str | None:
@@ -139,6 +142,7 @@ class FakeResend:
             self._scripted.extend([scripted] * count)
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        arrived_at = time.monotonic()
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length)
         headers = {name.lower(): value for name, value in handler.headers.items()}
@@ -150,7 +154,13 @@ class FakeResend:
             answer, replayed = self._answer(handler.command, handler.path, headers, body)
             self.requests.append(
                 RecordedRequest(
-                    handler.command, handler.path, headers, body, answer.status, replayed
+                    handler.command,
+                    handler.path,
+                    headers,
+                    body,
+                    answer.status,
+                    replayed,
+                    arrived_at,
                 )
             )
         content = json.dumps(answer.body).encode()

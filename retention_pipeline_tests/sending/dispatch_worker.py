@@ -2,11 +2,16 @@
 
     python -m retention_pipeline_tests.sending.dispatch_worker DATABASE_URL
     python -m retention_pipeline_tests.sending.dispatch_worker --job CONFIG_PATH DAY
+    python -m retention_pipeline_tests.sending.dispatch_worker \
+        --shard-job CONFIG_PATH DAY SHARD SHARDS REQUESTS_PER_SECOND
 
 The first sends the pending batches of the test loop with `send_pending` and prints the
 `DispatchReport`'s counts as JSON. The second runs the loop's Dagster send job
-for DAY in process, as a run worker would, and prints whether the run succeeded. Both send
-through the Resend SDK at $RESEND_API_URL.
+for DAY in process, as a run worker would, and prints whether the run succeeded. The third
+builds the loop's send job with SHARDS shards, prints `ready`, waits for a line on stdin, then
+runs the partition DAY|SHARD on the Dagster instance of $DAGSTER_HOME and prints whether it
+succeeded, so a test can start several at the same moment. All send through the Resend SDK at
+$RESEND_API_URL.
 """
 
 from __future__ import annotations
@@ -33,15 +38,13 @@ def dispatch(url: str) -> None:
 
 
 def run_job(config_path: str, day: str) -> None:
-    from retention_pipeline.defs.emails import SendConfig, send_jobs
+    from retention_pipeline.defs.emails import send_jobs, send_partition_key
     from retention_pipeline.resources.app_database import AppDatabase
     from retention_pipeline.resources.email import ResendEmail
 
     (send_job,) = (job for job in send_jobs if job.tags["retention/loop"] == LOOP)
     result = send_job.execute_in_process(
-        run_config={
-            "ops": {"send_emails": {"config": SendConfig(partition_date=day).model_dump()}}
-        },
+        partition_key=send_partition_key(day, 0),
         resources={
             "app_database": AppDatabase(config_path=config_path),
             "email": ResendEmail(api_key=API_KEY, from_address=FROM, requests_per_second=1000),
@@ -51,10 +54,41 @@ def run_job(config_path: str, day: str) -> None:
     print(json.dumps({"success": result.success}), flush=True)
 
 
+def run_shard_job(
+    config_path: str, day: str, shard: int, shards: int, requests_per_second: float
+) -> None:
+    import dagster as dg
+
+    from retention_pipeline.defs.emails import build_send_job, send_partition_key
+    from retention_pipeline.resources.app_database import AppDatabase
+    from retention_pipeline.resources.email import ResendEmail
+
+    app_database = AppDatabase(config_path=config_path)
+    send_job = build_send_job(app_database.config.loop(LOOP), shards)
+    resources = {
+        "app_database": app_database,
+        "email": ResendEmail(
+            api_key=API_KEY, from_address=FROM, requests_per_second=requests_per_second
+        ),
+    }
+    with dg.DagsterInstance.get() as instance:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        result = send_job.execute_in_process(
+            partition_key=send_partition_key(day, shard),
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+        )
+    print(json.dumps({"success": result.success, "run_id": result.run_id}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     resend.api_url = os.environ["RESEND_API_URL"]
     if argv[0] == "--job":
         run_job(argv[1], argv[2])
+    elif argv[0] == "--shard-job":
+        run_shard_job(argv[1], argv[2], int(argv[3]), int(argv[4]), float(argv[5]))
     else:
         dispatch(argv[0])
 

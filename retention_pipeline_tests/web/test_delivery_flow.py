@@ -52,7 +52,7 @@ def test_bounces_complaints_and_one_click_unsubscribes_reach_the_next_audience(
             api_key="re_test_key", from_address="Acme <hello@acme.test>", requests_per_second=1e3
         ),
     }
-    run_config = {"ops": {"send_emails": {"config": {"partition_date": partition}}}}
+    send_partition = f"{partition}|0"
     with dg.instance_for_test() as instance, serve_fake_resend() as resend_api:
         assert dg.materialize(
             [user_activity_snapshot, engagement_segments, reengagement_audience],
@@ -62,7 +62,7 @@ def test_bounces_complaints_and_one_click_unsubscribes_reach_the_next_audience(
         ).success
         audience = treated(engine, partition)
         assert send_re_engagement.execute_in_process(
-            run_config=run_config, instance=instance, resources=resources
+            partition_key=send_partition, instance=instance, resources=resources
         ).success
 
         # What Resend received: the one-click header as a bare <https://...>, never encoded.
@@ -129,7 +129,7 @@ def test_bounces_complaints_and_one_click_unsubscribes_reach_the_next_audience(
 
         # The next send run reports the day again, with what Resend said about its emails.
         again = send_re_engagement.execute_in_process(
-            run_config=run_config, instance=instance, resources=resources
+            partition_key=send_partition, instance=instance, resources=resources
         )
         assert again.success
         (report,) = send_log_materializations(again, partition)
