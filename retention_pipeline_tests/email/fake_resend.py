@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ class RecordedRequest:
     body: Any
     status: int
     replayed: bool
+    received_at: float = field(default_factory=time.monotonic)
+    """time.monotonic() on arrival: rates can be read off the requests."""
 
     @property
     def idempotency_key(self) -> str | None:
