@@ -11,7 +11,9 @@ throttled, at the default 2 requests per second of 100 emails, is what a Resend 
 from __future__ import annotations
 
 import argparse
+import bisect
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from retention_pipeline.email.message import OutgoingEmail
@@ -54,8 +56,25 @@ def make_emails(count: int) -> list[OutgoingEmail]:
     ]
 
 
-def measure(emails: list[OutgoingEmail], requests_per_second: float) -> tuple[float, int, int]:
-    """Seconds to send `emails`, requests made, emails the server accepted."""
+@dataclass(frozen=True)
+class Sending:
+    seconds: float
+    requests: int
+    accepted: int
+    peak_requests_per_second: int
+    """The most requests the server received within any one second."""
+
+
+def peak_per_second(arrivals: list[float]) -> int:
+    arrivals = sorted(arrivals)
+    return max(
+        (bisect.bisect_left(arrivals, start + 1.0) - index for index, start in enumerate(arrivals)),
+        default=0,
+    )
+
+
+def measure(emails: list[OutgoingEmail], requests_per_second: float) -> Sending:
+    """Send `emails` to a fresh fake server at `requests_per_second`."""
     # A fresh server each time: its idempotency store would otherwise answer repeats from memory.
     with serve_fake_resend() as fake:
         sender = ResendSender(API_KEY, "Acme <hello@acme.test>", requests_per_second)
@@ -64,7 +83,12 @@ def measure(emails: list[OutgoingEmail], requests_per_second: float) -> tuple[fl
         elapsed = time.perf_counter() - started
         if any(result.status != "sent" for result in results):
             raise SystemExit("the fake server rejected emails; the measurement is void")
-        return elapsed, len(fake.requests), fake.delivered_count
+        return Sending(
+            elapsed,
+            len(fake.requests),
+            fake.delivered_count,
+            peak_per_second([request.arrived_at for request in fake.requests]),
+        )
 
 
 def main() -> None:
@@ -82,10 +106,16 @@ def main() -> None:
         ("unthrottled", 1e9),
         (f"throttled ({args.throttled_rps:g} req/s)", args.throttled_rps),
     ]
-    print(f"{'mode':<24} {'requests':>8} {'accepted':>8} {'seconds':>8} {'emails/s':>9}")
+    print(
+        f"{'mode':<24} {'requests':>8} {'accepted':>8} {'seconds':>8} {'emails/s':>9} "
+        f"{'peak req/s':>10}"
+    )
     for label, rate in rows:
-        elapsed, requests, accepted = measure(emails, rate)
-        print(f"{label:<24} {requests:>8} {accepted:>8} {elapsed:>8.2f} {accepted / elapsed:>9.0f}")
+        sent = measure(emails, rate)
+        print(
+            f"{label:<24} {sent.requests:>8} {sent.accepted:>8} {sent.seconds:>8.2f} "
+            f"{sent.accepted / sent.seconds:>9.0f} {sent.peak_requests_per_second:>10}"
+        )
 
 
 if __name__ == "__main__":

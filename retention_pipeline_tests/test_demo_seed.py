@@ -267,6 +267,27 @@ def test_refuses_to_seed_twice(seeded: tuple[sa.Engine, DemoSummary]) -> None:
     assert _dump_digests(engine) == before
 
 
+def test_events_per_slot_makes_bursts_of_the_events_drawn_without_it(
+    seeded: tuple[sa.Engine, DemoSummary], make_database: Callable[[], sa.Engine]
+) -> None:
+    engine, summary = seeded
+    deep = make_database()
+    deep_summary = _seed(deep, events_per_slot=3)
+    # Per user: events drawn by the habits (not the email's comebacks).
+    per_user = sa.text(
+        "SELECT user_id, count(*) FROM events "
+        "WHERE properties <> CAST(:tag AS jsonb) GROUP BY user_id ORDER BY user_id"
+    )
+    tag = '{"utm_source": "re_engagement"}'
+    with engine.connect() as connection:
+        drawn = connection.execute(per_user, {"tag": tag}).all()
+    with deep.connect() as connection:
+        bursts = connection.execute(per_user, {"tag": tag}).all()
+
+    assert (deep_summary.users, deep_summary.sessions) == (summary.users, summary.sessions)
+    assert [(user, 3 * n) for user, n in drawn] == [tuple(row) for row in bursts]
+
+
 def test_seeds_a_schema_whose_name_needs_quoting(make_database: Callable[[], sa.Engine]) -> None:
     engine = make_database()
     summary = _seed(engine, users=50, schema="Demo App")
@@ -281,6 +302,7 @@ def test_seeds_a_schema_whose_name_needs_quoting(make_database: Callable[[], sa.
         ({"end": datetime(2025, 6, 1)}, "timezone-aware"),
         ({"days": 7}, "days must be between"),
         ({"users": 0}, "users must be between"),
+        ({"events_per_slot": 0}, "events_per_slot must be between"),
     ],
 )
 def test_rejects_bad_arguments(

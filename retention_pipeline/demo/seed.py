@@ -28,6 +28,8 @@ MIN_DAYS = 56
 MAX_DAYS = 3650
 # Keys fed to the hash are (user_id * 8192 + day) * 32 + k; these bounds keep them in a bigint.
 MAX_USERS = 100_000_000
+# A bound against typos: 100 events per 20-minute slot is one every 12 seconds all day long.
+MAX_EVENTS_PER_SLOT = 100
 
 TABLES: tuple[str, ...] = ("users", "events", "sessions", "subscriptions")
 
@@ -382,7 +384,7 @@ new_sessions AS (
     ) u
 )
 INSERT INTO {{schema}}.events (id, user_id, name, properties, created_at)
-SELECT prev.id + e.events_before + e.k,
+SELECT prev.id + (e.events_before + e.k - 1) * CAST(:events_per_slot AS integer) + e.r,
        e.user_id,
        e.name,
        CASE e.name
@@ -419,13 +421,15 @@ CROSS JOIN (
     SELECT a.user_id,
            a.events_before,
            k.k,
+           r.r,
            a.start_at + interval '1 second' * floor(
-               (k.k - 1 + pg_temp.demo_unit(a.day_key * 32 + k.k, 50, CAST(:seed AS bigint)))
+               (k.k - 1 + (r.r - 1 + pg_temp.demo_unit(a.day_key * 32 + k.k, 50, r.seed))
+                          / CAST(:events_per_slot AS integer))
                * 1200
            ) AS created_at,
            -- The first thing a new user does is create a project.
            CASE
-               WHEN a.a = a.signup_a AND k.k = 1 THEN 'project.created'
+               WHEN a.a = a.signup_a AND k.k = 1 AND r.r = 1 THEN 'project.created'
                WHEN u.u_name < 0.40 THEN 'dashboard.viewed'
                WHEN u.u_name < 0.60 THEN 'comment.added'
                WHEN u.u_name < 0.74 THEN 'file.uploaded'
@@ -438,10 +442,16 @@ CROSS JOIN (
            u.u_detail
     FROM active a
     CROSS JOIN LATERAL generate_series(1, a.n_events) AS k(k)
+    -- Event r of a slot draws with the seed shifted by r - 1: the first is the event drawn
+    -- without bursts, the others are independent of it.
     CROSS JOIN LATERAL (
-        SELECT pg_temp.demo_unit(a.day_key * 32 + k.k, 51, CAST(:seed AS bigint)) AS u_name,
-               pg_temp.demo_unit(a.day_key * 32 + k.k, 52, CAST(:seed AS bigint)) AS u_project,
-               pg_temp.demo_unit(a.day_key * 32 + k.k, 53, CAST(:seed AS bigint)) AS u_detail
+        SELECT g.r, CAST(:seed AS bigint) + g.r - 1 AS seed
+        FROM generate_series(1, CAST(:events_per_slot AS integer)) AS g(r)
+    ) r
+    CROSS JOIN LATERAL (
+        SELECT pg_temp.demo_unit(a.day_key * 32 + k.k, 51, r.seed) AS u_name,
+               pg_temp.demo_unit(a.day_key * 32 + k.k, 52, r.seed) AS u_project,
+               pg_temp.demo_unit(a.day_key * 32 + k.k, 53, r.seed) AS u_detail
     ) u
 ) e
 """
@@ -659,10 +669,14 @@ def seed_demo(
     end: datetime,
     schema: str = "public",
     email_effect: EmailEffect = EmailEffect(),
+    events_per_slot: int = 1,
 ) -> DemoSummary:
     """Create the demo app tables in `schema` if missing and fill them with `days` of history.
 
-    The same arguments always write byte-identical rows, ids and timestamps included. Everything
+    The same arguments always write byte-identical rows, ids and timestamps included.
+    `events_per_slot` turns each drawn event into that many events of the same 20-minute slot
+    (the benchmarks' deep shape, about 30 events per active user-day at 10); at 1 the rows are
+    those written without it. Everything
     runs inside PostgreSQL, in the caller's transaction; the caller commits. Raises ValueError on
     bad arguments or when the tables already hold rows.
     """
@@ -674,6 +688,10 @@ def seed_demo(
         raise ValueError(f"days must be between {MIN_DAYS} and {MAX_DAYS}, got {days}")
     if end.tzinfo is None or end.utcoffset() is None:
         raise ValueError("end must be a timezone-aware datetime")
+    if not 1 <= events_per_slot <= MAX_EVENTS_PER_SLOT:
+        raise ValueError(
+            f"events_per_slot must be between 1 and {MAX_EVENTS_PER_SLOT}, got {events_per_slot}"
+        )
 
     quoted = connection.dialect.identifier_preparer.quote_schema(schema)
     tables, indexes = _schema_statements(quoted)
@@ -705,7 +723,7 @@ def seed_demo(
     oldest = connection.execute(sa.text("SELECT max(signup_a) FROM demo_seed_plan")).scalar_one()
     insert_day = sa.text(_INSERT_DAY.format(schema=quoted))
     for a in range(oldest, -1, -1):
-        connection.execute(insert_day, {**params, "a": a})
+        connection.execute(insert_day, {**params, "a": a, "events_per_slot": events_per_slot})
     connection.execute(
         sa.text(_INSERT_COMEBACKS.format(schema=quoted)),
         {

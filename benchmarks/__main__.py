@@ -1,0 +1,53 @@
+"""python -m benchmarks run --users N [--shape wide|deep|both] [--repeats R] [--url URL]
+[--output benchmarks/RESULTS.md]"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.run import SHAPES, Options, run
+from retention_pipeline.database.connection import normalize_url
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Growth seeds three more databases of up to 180 days; past this it would cost more than the
+# rest of the run, and one day's growth with history shows at this size already.
+GROWTH_USERS_CAP = 20_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("run", help="every figure, written to a Markdown file")
+    command.add_argument("--users", type=int, required=True)
+    command.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
+    command.add_argument("--repeats", type=int, default=3)
+    command.add_argument(
+        "--url", default=DEFAULT_URL, help="a database of the server (scratch ones are created)"
+    )
+    command.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
+    command.add_argument(
+        "--growth-users",
+        type=int,
+        help=f"users of the growth-with-history databases (default: --users, at most "
+        f"{GROWTH_USERS_CAP:,})",
+    )
+    command.add_argument("--capture-seconds", type=float, default=5)
+    command.add_argument("--emails", type=int, default=1000)
+    args = parser.parse_args()
+    run(
+        Options(
+            users=args.users,
+            shapes=list(SHAPES) if args.shape == "both" else [args.shape],
+            repeats=args.repeats,
+            server_url=normalize_url(args.url),
+            output=args.output,
+            growth_users=args.growth_users or min(args.users, GROWTH_USERS_CAP),
+            capture_seconds=args.capture_seconds,
+            emails=args.emails,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`python -m benchmarks run` end to end at a tiny size: real seeding, installs, Dagster runs in
+the worker process, SQL floor and naive statements, capture loads and sending. Checks that the
+report has every section, that its figures are numbers in a sane range and that the floor and
+naive statements wrote the snapshot's figures; never how fast anything was."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from benchmarks.run import BACKFILL_DAYS, HISTORIES, Options, run
+
+
+def test_the_benchmark_writes_every_section_with_sane_figures(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    output = tmp_path / "RESULTS.md"
+    run(
+        Options(
+            users=150,
+            shapes=["wide"],
+            repeats=1,
+            server_url=postgres_server_url,
+            output=output,
+            growth_users=100,
+            capture_seconds=0.3,
+            emails=150,
+        )
+    )
+    report = output.read_text()
+
+    assert report.startswith("# Benchmark results\n")
+    for heading in (
+        "## Machine",
+        "## Targets",
+        "## wide: 150 users",
+        "### One partition",
+        "### Growth with history",
+        f"### {BACKFILL_DAYS}-day backfill",
+        "### Memory and temp files",
+        "### Capture",
+        "## Sending",
+    ):
+        assert f"\n{heading}" in report, heading
+    assert (
+        "Figures written by the SQL floor that differ from the snapshot's: 0 users; by the "
+        "naive statement: 0" in report
+    )
+    for history in HISTORIES:
+        assert f"| {history} days |" in report
+    # The full build is the first day's, the next one is rolled forward, and so is every day
+    # of the backfill.
+    assert "| snapshot, full build |" in report and "| full |" in report
+    assert "| snapshot, incremental |" in report and "| incremental |" in report
+    assert "(snapshot builds: incremental)" in report
+
+    targets = report.split("## Targets")[1].split("\n## ")[0]
+    rows = [line for line in targets.splitlines() if line.startswith("| wide |")]
+    assert len(rows) == 5  # the naive ratio has a target on the deep shape only
+    for row in rows:
+        measured = row.split("|")[3]
+        value = float(re.match(r"\s*([0-9.]+)", measured).group(1))
+        assert 0 <= value < 10_000, row
+        assert row.rstrip(" |").endswith(("met", "**not met**")), row
+    rss = next(row for row in rows if "peak RSS" in row)
+    assert 20 < float(rss.split("|")[3].split()[0]) < 4096  # MiB: a Python process with Dagster
+    assert re.search(r"\| throttled at 2 requests/s \| [0-9]+ emails/s", report)
