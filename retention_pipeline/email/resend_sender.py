@@ -66,7 +66,8 @@ class Pacer(Protocol):
 
 
 class _Pacer:
-    """Spaces this sender's request starts at least `1 / requests_per_second` apart."""
+    """Spaces this sender's request starts at least `1 / requests_per_second` apart, counted
+    from when each really started: a late wake-up must not bring the next start closer."""
 
     def __init__(
         self, requests_per_second: float, clock: Callable[[], float], sleep: Callable[[float], None]
@@ -80,7 +81,7 @@ class _Pacer:
         now = self._clock()
         if self._next_start is not None and now < self._next_start:
             self._sleep(self._next_start - now)
-            now = self._next_start
+            now = self._clock()
         self._next_start = now + self._interval
 
 

@@ -178,6 +178,20 @@ def test_requests_are_paced_to_two_per_second(
     assert sum(fake_clock.sleeps) == pytest.approx(2.0)
 
 
+def test_a_late_wake_up_does_not_bring_the_next_request_closer(fake_resend: FakeResend) -> None:
+    oversleeping = FakeClock()
+
+    def sleep(seconds: float) -> None:
+        oversleeping.sleep(seconds + 0.2)  # a busy machine wakes the sender late
+
+    sender = ResendSender("re_test", "Acme <hello@acme.test>", 2.0, sleep=sleep, clock=oversleeping)
+    for email in make_emails(3):
+        sender.send([email])
+
+    # Each wait is the whole interval after the request before really started.
+    assert oversleeping.sleeps == pytest.approx([0.7, 0.7])
+
+
 def test_server_errors_give_up_after_max_attempts_without_raising(
     fake_resend: FakeResend, fake_clock: FakeClock
 ) -> None:
