@@ -646,8 +646,8 @@ def render(
         "| shape | figure | measured | target | |",
         "|---|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in targets),
-        "| — | sharded sending, 4 concurrent send runs | not measured | shared limit, "
-        "exactly once | the send job has no shards yet |",
+        "| — | sharded sending, 4 concurrent send runs | not measured here | shared limit, "
+        "exactly once | see `retention_pipeline_tests/sending/test_shards.py` |",
         *body,
         "",
         "## Sending",
