@@ -23,6 +23,7 @@ import dagster as dg
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
+from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.resources.app_database import AppDatabase
 
@@ -124,6 +125,8 @@ def run_sql(step: dict) -> StepResult:
         with engine.begin() as connection:
             for statement in step.get("before", []):
                 connection.execute(text(statement))
+            # Measured as the pipeline runs its own statements.
+            tune_for_batch(connection)
             started = time.perf_counter()
             connection.execute(text(step["sql"]), step["parameters"])
             seconds = time.perf_counter() - started

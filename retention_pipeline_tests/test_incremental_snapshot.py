@@ -1,6 +1,6 @@
 """A day's snapshot rolled forward from the day before's equals the one built from the whole
 rollup, over a generated month that crosses a daylight-saving change, with signups, a deleted
-user and late activity."""
+user, late activity and last actions that age out of the lookback."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.demo import seed_demo
-from retention_pipeline.segments.snapshot import build_snapshot
+from retention_pipeline.segments.snapshot import LAST_ACTIONS_LOOKBACK_DAYS, build_snapshot
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import make_config
@@ -29,7 +29,8 @@ def month(create_database):
         seed_demo(
             connection,
             users=300,
-            days=80,
+            # Longer than the last actions' lookback, so some users' actions age out of it.
+            days=LAST_ACTIONS_LOOKBACK_DAYS + 30,
             seed=7,
             end=datetime(2026, 11, 15, tzinfo=ZoneInfo(TIMEZONE)),
         )
@@ -108,6 +109,12 @@ def test_rolled_forward_snapshots_equal_full_builds_over_a_month(month):
     assert signups, "the month has signups, built in full by the rolled-forward days"
     assert "42" not in {row[1] for row in rolled[LAST]}
     assert any(row[10] != [] for row in rolled[LAST])  # last actions carried forward
+    actions = {day: {row[1]: row[10] for row in rows} for day, rows in rolled.items()}
+    assert any(
+        len(actions[day + timedelta(days=1)].get(user, [])) < len(listed)
+        for day in days(FIRST, LAST - timedelta(days=1))
+        for user, listed in actions[day].items()
+    ), "some user's oldest action ages out of the lookback during the month"
     for day in days(FIRST + timedelta(days=1), LAST):
         # Built now, in full: the user who left is in no day's snapshot any more.
         full = build_in_full(engine, config, day)

@@ -11,6 +11,7 @@ from datetime import date, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, text
 
+from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.database.temp_files import temp_bytes_so_far
 
 SUFFIX_FORMAT = "%Y%m%d"
@@ -85,7 +86,8 @@ def rebuilding_day(
 ) -> Iterator[tuple[Connection, dict[str, int]]]:
     """The transaction that rebuilds one day of a daily table, and a dict of what happened
     around it, filled once it commits: the day's partition is created beforehand in a
-    transaction of its own (creating one briefly locks the whole table), `temp_bytes` counts
+    transaction of its own (creating one briefly locks the whole table), the rebuild's has the
+    batch settings (`tune_for_batch`), `temp_bytes` counts
     what the rebuild spilled to disk, and `partitions_dropped` the days older than `keep_days`
     before `day` that were dropped afterwards."""
     with engine.begin() as connection:
@@ -93,6 +95,7 @@ def rebuilding_day(
     spilled_before = temp_bytes_so_far(engine)
     around: dict[str, int] = {}
     with engine.begin() as connection:
+        tune_for_batch(connection)
         yield connection, around
     around["temp_bytes"] = temp_bytes_so_far(engine) - spilled_before
     with engine.begin() as connection:

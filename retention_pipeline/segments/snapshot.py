@@ -77,7 +77,59 @@ def _app_users_sql(names: _Names, only: str = "") -> str:
 
 
 # Restricts a full build to the users of :only (those a rolled-forward build has no row for).
-ONLY_THESE_USERS = " AND {} = ANY(CAST(:only AS text[]))"
+ONLY_THESE_USERS = " AND {} IN (SELECT unnest(CAST(:only AS text[])))"
+
+
+# What the snapshot keeps of a user's rollup rows up to the day (`a`, bounds `b`).
+ACTIVITY_FIGURES = """
+                   max(greatest(a.last_event_at, a.last_session_at)) AS last_activity_at,
+                   max(greatest(a.last_event_at, a.last_session_at))
+                       FILTER (WHERE a.day < b.day) AS previous_activity_at,
+                   bool_or(a.day = b.day) AS active_today,
+                   coalesce(sum(a.event_count) FILTER (WHERE a.day > b.day - 7), 0) AS events_7d,
+                   coalesce(sum(a.session_count) FILTER (WHERE a.day > b.day - 7), 0)
+                       AS sessions_7d,
+                   coalesce(sum(a.session_count) FILTER (
+                       WHERE a.day > b.day - 7 - 7 * CAST(:baseline_weeks AS integer)
+                         AND a.day <= b.day - 7), 0) AS baseline_sessions,
+                   count(*) FILTER (WHERE a.day > b.day - 28) AS active_days_28d"""
+
+
+def _per_user(s: str, only_listed_users: bool) -> tuple[str, str]:
+    """The rollup's figures per user up to the day, and each user's actions in the lookback
+    (once per action, at its latest): for every user, or for the users bound as :only, whose
+    rows are read user by user through the primary keys (aggregates per listed user, which the
+    planner cannot turn into a scan of every user's history)."""
+    actions_window = f"x.day <= b.day AND x.day > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}"
+    if not only_listed_users:
+        return (
+            f"""SELECT a.user_id, {ACTIVITY_FIGURES}
+            FROM {s}.activity_daily AS a, bounds AS b
+            WHERE a.day <= b.day
+            GROUP BY a.user_id""",
+            f"""SELECT x.user_id, x.event_name, max(x.last_at) AS last_at
+            FROM {s}.action_daily AS x, bounds AS b
+            WHERE {actions_window}
+            GROUP BY x.user_id, x.event_name""",
+        )
+    listed = "unnest(CAST(:only AS text[])) AS listed(user_id) CROSS JOIN bounds AS b"
+    return (
+        f"""SELECT listed.user_id, figures.*
+            FROM {listed}
+            CROSS JOIN LATERAL (
+                SELECT {ACTIVITY_FIGURES}
+                FROM {s}.activity_daily AS a
+                WHERE a.user_id = listed.user_id AND a.day <= b.day
+            ) AS figures""",
+        f"""SELECT listed.user_id, per_name.event_name, per_name.last_at
+            FROM {listed}
+            CROSS JOIN LATERAL (
+                SELECT x.event_name, max(x.last_at) AS last_at
+                FROM {s}.action_daily AS x
+                WHERE x.user_id = listed.user_id AND {actions_window}
+                GROUP BY x.event_name
+            ) AS per_name""",
+    )
 
 
 def _subscription_sql(names: _Names) -> str:
@@ -149,35 +201,16 @@ def snapshot_sql(
     names = _Names(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     only = ONLY_THESE_USERS if only_listed_users else ""
-    latest_actions = _latest_actions_sql(f"""
-            SELECT x.user_id, x.event_name, max(x.last_at) AS last_at
-            FROM {s}.action_daily AS x, bounds AS b
-            WHERE x.day <= b.day AND x.day > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}
-                  {only.format("x.user_id")}
-            GROUP BY x.user_id, x.event_name""")
+    activity, actions = _per_user(s, only_listed_users)
     return f"""
         WITH {BOUNDS},
         app_users AS (
             {_app_users_sql(names, only)}
         ),
         activity AS (
-            SELECT a.user_id,
-                   max(greatest(a.last_event_at, a.last_session_at)) AS last_activity_at,
-                   max(greatest(a.last_event_at, a.last_session_at))
-                       FILTER (WHERE a.day < b.day) AS previous_activity_at,
-                   bool_or(a.day = b.day) AS active_today,
-                   coalesce(sum(a.event_count) FILTER (WHERE a.day > b.day - 7), 0) AS events_7d,
-                   coalesce(sum(a.session_count) FILTER (WHERE a.day > b.day - 7), 0)
-                       AS sessions_7d,
-                   coalesce(sum(a.session_count) FILTER (
-                       WHERE a.day > b.day - 7 - 7 * CAST(:baseline_weeks AS integer)
-                         AND a.day <= b.day - 7), 0) AS baseline_sessions,
-                   count(*) FILTER (WHERE a.day > b.day - 28) AS active_days_28d
-            FROM {s}.activity_daily AS a, bounds AS b
-            WHERE a.day <= b.day{only.format("a.user_id")}
-            GROUP BY a.user_id
+            {activity}
         ),
-        recent_actions AS ({latest_actions}),
+        recent_actions AS ({_latest_actions_sql(actions)}),
         subscription AS (
             {_subscription_sql(names)}
         )
@@ -211,6 +244,11 @@ def snapshot_parameters(config: RetentionConfig, day: date) -> dict[str, object]
     }
 
 
+def _in_lookback(at: str) -> str:
+    """Whether the timestamp `at` falls in the last actions' lookback before the day's end."""
+    return f"(({at} AT TIME ZONE :tz)::date > b.day - {LAST_ACTIONS_LOOKBACK_DAYS})"
+
+
 def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
     """The statement that inserts the day's snapshot of every user the day before's snapshot
     holds, from that row and the rollup days entering or leaving each window: the day itself,
@@ -218,20 +256,35 @@ def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
     leaves, the day 28 days back, and the day's actions. No read of the history before."""
     names = _Names(connection, resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
-    # The day before's latest actions, with the day's own: nothing older is read.
-    latest_actions = _latest_actions_sql(f"""
-            SELECT known.user_id, known.event_name, max(known.last_at) AS last_at
-            FROM (
-                SELECT p.user_id, action->>'name' AS event_name,
-                       CAST(action->>'at' AS timestamptz) AS last_at
-                FROM previous AS p, jsonb_array_elements(p.last_actions) AS action
-                UNION ALL
-                SELECT x.user_id, x.event_name, x.last_at
-                FROM {s}.action_daily AS x, bounds AS b
-                WHERE x.day = b.day
-            ) AS known, bounds AS b
-            WHERE (known.last_at AT TIME ZONE :tz)::date > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}
-            GROUP BY known.user_id, known.event_name""")
+    # A user who acted on the day gets the day before's list merged with the day's actions, user
+    # by user (a few rows each, nothing older read). A list is newest first: anyone else's is
+    # unchanged unless its last (oldest) action left the lookback.
+    kept_actions = f"""CASE
+                   WHEN t.user_id IS NOT NULL THEN (
+                       SELECT jsonb_agg(jsonb_build_object('name', k.event_name, 'at', k.at)
+                                        ORDER BY k.at DESC, k.event_name)
+                       FROM (
+                           SELECT event_name, max(at) AS at
+                           FROM (
+                               SELECT action->>'name', CAST(action->>'at' AS timestamptz)
+                               FROM jsonb_array_elements(p.last_actions) AS action
+                               UNION ALL
+                               SELECT * FROM unnest(t.event_names, t.last_ats)
+                           ) AS known(event_name, at)
+                           WHERE {_in_lookback("at")}
+                           GROUP BY event_name
+                           ORDER BY at DESC, event_name
+                           LIMIT CAST(:last_actions AS integer)
+                       ) AS k)
+                   WHEN coalesce({_in_lookback("(p.last_actions->-1->>'at')::timestamptz")}, true)
+                       THEN p.last_actions
+                   ELSE coalesce((
+                       SELECT jsonb_agg(action ORDER BY position)
+                       FROM jsonb_array_elements(p.last_actions)
+                            WITH ORDINALITY AS listed(action, position)
+                       WHERE {_in_lookback("(action->>'at')::timestamptz")}
+                   ), '[]'::jsonb)
+               END"""
     return f"""
         WITH {BOUNDS},
         app_users AS (
@@ -240,6 +293,13 @@ def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
         previous AS (
             SELECT p.* FROM {s}.user_activity_snapshot AS p, bounds AS b
             WHERE p.partition_date = b.day - 1
+        ),
+        todays_actions AS (
+            SELECT x.user_id, array_agg(x.event_name) AS event_names,
+                   array_agg(x.last_at) AS last_ats
+            FROM {s}.action_daily AS x, bounds AS b
+            WHERE x.day = b.day
+            GROUP BY x.user_id
         ),
         window_edges AS (
             SELECT a.user_id,
@@ -262,7 +322,6 @@ def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
                                     b.day - 7 - 7 * CAST(:baseline_weeks AS integer)])
             GROUP BY a.user_id
         ),
-        recent_actions AS ({latest_actions}),
         subscription AS (
             {_subscription_sql(names)}
         )
@@ -271,7 +330,7 @@ def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
                b.day - (u.signed_up_at AT TIME ZONE :tz)::date,
                greatest(p.last_activity_at, e.last_activity_today), p.last_activity_at,
                coalesce(e.active_today, false),
-               coalesce(ra.last_actions, '[]'::jsonb),
+               {kept_actions},
                p.events_7d + coalesce(e.events_today - e.events_7_days_back, 0),
                p.sessions_7d + coalesce(e.sessions_today - e.sessions_7_days_back, 0),
                p.baseline_sessions
@@ -286,7 +345,7 @@ def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
         JOIN previous AS p USING (user_id)
         CROSS JOIN bounds AS b
         LEFT JOIN window_edges AS e USING (user_id)
-        LEFT JOIN recent_actions AS ra USING (user_id)
+        LEFT JOIN todays_actions AS t USING (user_id)
         LEFT JOIN subscription AS sub USING (user_id)"""
 
 

@@ -19,9 +19,9 @@ from datetime import date
 from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.tracking.erasure import erase_users, users_gone_from_app
 from retention_pipeline.tracking.fold import (
-    FOLD_WORK_MEM,
     Added,
     added_by,
     recompute_days,
@@ -53,7 +53,7 @@ class RollupUpdate:
 def _fold_capture(connection: Connection, sql: TrackingSql, slot: int, timezone: str) -> Added:
     table = f"{sql.q_schema}.{CAPTURE_TABLES[slot]}"
     connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
-    connection.execute(text(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'"))
+    tune_for_batch(connection)
     added = added_by(
         connection.execute(
             text(sql.fold(sql.capture_source(CAPTURE_TABLES[slot]), "CAST(:tz AS text)")),

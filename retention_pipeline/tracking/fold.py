@@ -7,10 +7,8 @@ from datetime import date
 
 from sqlalchemy import Connection, text
 
+from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.tracking.sql import TrackingSql
-
-# Sorting and grouping a chunk or a drain in memory is far cheaper than spilling it to disk.
-FOLD_WORK_MEM = "256MB"
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ def recompute_days(
                       AND day < coalesce(CAST(:end_day AS date), 'infinity')"""),
                 params,
             )
-    connection.execute(text(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'"))
+    tune_for_batch(connection)
     fold = sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)", into_emptied_days=True)
     return added_by(connection.execute(text(fold), params))
 
