@@ -11,7 +11,12 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.demo import seed_demo
-from retention_pipeline.segments.snapshot import LAST_ACTIONS_LOOKBACK_DAYS, build_snapshot
+from retention_pipeline.segments.snapshot import (
+    LAST_ACTIONS_LOOKBACK_DAYS,
+    Reconciliation,
+    build_snapshot,
+    reconcile_with_users,
+)
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import make_config
@@ -159,3 +164,22 @@ def test_late_activity_and_a_changed_configuration_build_in_full(month):
         f"the snapshot of {LAST + timedelta(days=1)} was built with another timezone, "
         "activity.baseline_weeks or activity.last_actions",
     )
+
+
+def test_reconciliation_names_the_users_a_snapshot_lost(month):
+    engine, config = month
+    summary = build(engine, config, LAST)
+    with engine.begin() as connection:
+        assert reconcile_with_users(connection, config, LAST, summary.users) == Reconciliation(
+            summary.users, summary.users, 0
+        )
+        connection.execute(
+            text(
+                "DELETE FROM retention.user_activity_snapshot "
+                "WHERE partition_date = :day AND user_id IN ('5', '6')"
+            ),
+            {"day": LAST},
+        )
+        assert reconcile_with_users(connection, config, LAST, summary.users - 2) == Reconciliation(
+            summary.users, summary.users - 2, 2
+        )

@@ -19,7 +19,6 @@ from retention_pipeline.segments.snapshot import (
     build_snapshot,
     reconcile_with_users,
     snapshot_user_count,
-    vanished_since_yesterday,
 )
 
 SNAPSHOT = dg.AssetKey(["retention", "user_activity_snapshot"])
@@ -82,8 +81,7 @@ def _snapshot_day(
         app_database.engine, app_database.schema, SNAPSHOT_TABLE, day, config.database.keep_days
     ) as (connection, rebuild):
         summary = build_snapshot(connection, config, day)
-        reconciliation = reconcile_with_users(connection, config, day)
-        vanished = vanished_since_yesterday(connection, app_database.schema, day)
+        reconciliation = reconcile_with_users(connection, config, day, summary.users)
     context.log.info(
         f"{day}: {summary.users} users, {summary.active_today} active that day; built "
         f"{summary.path}: {summary.path_reason}"
@@ -108,11 +106,11 @@ def _snapshot_day(
                 },
             ),
             "no_user_vanished": (
-                not vanished,
+                not summary.vanished,
                 {
-                    "vanished_users": vanished or 0,
+                    "vanished_users": summary.vanished or 0,
                     "compared_with": "the day before"
-                    if vanished is not None
+                    if summary.vanished is not None
                     else "nothing (first day)",
                 },
             ),

@@ -31,6 +31,9 @@ class SnapshotSummary:
     leaked_rows: int
     path: str  # "full" or "incremental"
     path_reason: str
+    vanished: int | None
+    """Users of the day before's snapshot missing from this one (deleted from the app, or a
+    mapping that lost them); None when there is no snapshot of the day before."""
 
 
 class _Names:
@@ -401,6 +404,7 @@ def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -
     reason = full_build_reason(connection, config, day)
     if reason:
         connection.execute(text(snapshot_sql(connection, config)), parameters)
+        vanished = _vanished_since_yesterday(connection, s, day)
         path = "full"
     else:
         new_users = list(
@@ -413,7 +417,10 @@ def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -
                 text(snapshot_sql(connection, config, only_listed_users=True)),
                 {**parameters, "only": new_users},
             )
-        connection.execute(text(rolled_forward_sql(connection, config)), parameters)
+        rolled = connection.execute(text(rolled_forward_sql(connection, config)), parameters)
+        # Rolled forward are the day before's users still among the app's: the rest vanished.
+        before = snapshot_user_count(connection, schema, day - timedelta(days=1))
+        vanished = before - rolled.rowcount
         path = "incremental"
         reason = f"rolled forward from {day - timedelta(days=1)}; {len(new_users)} users new to it"
     analyze_day_partition(connection, schema, "user_activity_snapshot", day)
@@ -437,7 +444,7 @@ def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -
             FROM {s}.user_activity_snapshot WHERE partition_date = :day"""),
         {"day": day, "tz": config.timezone},
     ).one()
-    return SnapshotSummary(*row, path=path, path_reason=reason)
+    return SnapshotSummary(*row, path=path, path_reason=reason, vanished=vanished)
 
 
 @dataclass(frozen=True)
@@ -448,33 +455,33 @@ class Reconciliation:
 
 
 def reconcile_with_users(
-    connection: Connection, config: RetentionConfig, day: date
+    connection: Connection, config: RetentionConfig, day: date, snapshot_users: int
 ) -> Reconciliation:
-    """Compare the snapshot of `day` with the users the app had by the end of that day."""
+    """Compare the snapshot of `day` (`snapshot_users` rows, one per user by its key) with the
+    users the app had by the end of that day. Its rows come from those users, so equal counts
+    mean none is missing; the users are matched one by one only when the counts differ."""
     names = _Names(connection, resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     created = names.timestamp("users", "created_at", "u")
-    row = connection.execute(
+    app = f"""SELECT {names.column("users", "id", "u")}::text AS user_id
+              FROM {names.table("users")} AS u
+              WHERE {created} < (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz"""
+    parameters = {"day": day, "tz": config.timezone}
+    app_users = connection.execute(text(f"SELECT count(*) FROM ({app}) AS app"), parameters)
+    app_users = app_users.scalar_one()
+    if app_users == snapshot_users:
+        return Reconciliation(app_users, snapshot_users, 0)
+    missing = connection.execute(
         text(f"""
-            WITH app AS (
-                SELECT {names.column("users", "id", "u")}::text AS user_id
-                FROM {names.table("users")} AS u
-                WHERE {created} < (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz
-            )
-            SELECT (SELECT count(*) FROM app),
-                   (SELECT count(*) FROM {s}.user_activity_snapshot WHERE partition_date = :day),
-                   (SELECT count(*) FROM app WHERE NOT EXISTS (
-                        SELECT FROM {s}.user_activity_snapshot AS snap
-                        WHERE snap.partition_date = :day AND snap.user_id = app.user_id))"""),
-        {"day": day, "tz": config.timezone},
-    ).one()
-    return Reconciliation(*row)
+            SELECT count(*) FROM ({app}) AS app
+            WHERE NOT EXISTS (SELECT FROM {s}.user_activity_snapshot AS snap
+                              WHERE snap.partition_date = :day AND snap.user_id = app.user_id)"""),
+        parameters,
+    ).scalar_one()
+    return Reconciliation(app_users, snapshot_users, missing)
 
 
-def vanished_since_yesterday(connection: Connection, schema: str, day: date) -> int | None:
-    """Users in the day before's snapshot who are not in this one (deleted from the app, or a
-    mapping that lost them); None when there is no snapshot of the day before."""
-    s = connection.dialect.identifier_preparer.quote_schema(schema)
+def _vanished_since_yesterday(connection: Connection, s: str, day: date) -> int | None:
     return connection.execute(
         text(f"""
             SELECT CASE WHEN count(*) = 0 THEN NULL
