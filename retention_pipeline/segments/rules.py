@@ -96,6 +96,8 @@ CLASSIFY = """
         ON previous.partition_date = CAST(:day AS date) - 1
        AND previous.loop_name = CAST(:loop AS text)
        AND previous.user_id = c.user_id
+    -- In key order, each row lands at the end of the partition's primary key, not at random.
+    ORDER BY c.user_id
 """
 
 

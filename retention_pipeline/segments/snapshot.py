@@ -70,17 +70,18 @@ BOUNDS = """bounds AS (
 def _app_users_sql(names: _Names, only: str = "") -> str:
     user_id = f"{names.column('users', 'id', 'u')}::text"
     created_at = names.timestamp("users", "created_at", "u")
+    listed = f" AND {only.format(user_id)}" if only else ""
     return f"""SELECT {user_id} AS user_id,
                    {names.column("users", "email", "u")}::text AS email,
                    {names.column("users", "name", "u")}::text AS name,
                    {names.column("users", "timezone", "u")}::text AS timezone,
                    {created_at} AS signed_up_at
             FROM {names.table("users")} AS u, bounds
-            WHERE {created_at} < bounds.day_end{only.format(user_id)}"""
+            WHERE {created_at} < bounds.day_end{listed}"""
 
 
 # Restricts a full build to the users of :only (those a rolled-forward build has no row for).
-ONLY_THESE_USERS = " AND {} IN (SELECT unnest(CAST(:only AS text[])))"
+ONLY_THESE_USERS = "{} IN (SELECT unnest(CAST(:only AS text[])))"
 
 
 # What the snapshot keeps of a user's rollup rows up to the day (`a`, bounds `b`).
@@ -135,7 +136,7 @@ def _per_user(s: str, only_listed_users: bool) -> tuple[str, str]:
     )
 
 
-def _subscription_sql(names: _Names) -> str:
+def _subscription_sql(names: _Names, only: str = "") -> str:
     subscriptions = names.tables["subscriptions"]
     amount = names.column("subscriptions", "amount_cents", "sub")
     status = names.column("subscriptions", "status", "sub")
@@ -155,12 +156,15 @@ def _subscription_sql(names: _Names) -> str:
     order = [f"({status}::text IN ('active', 'trialing', 'past_due')) DESC"]
     if subscriptions.maps("updated_at"):
         order.append(f"{names.timestamp('subscriptions', 'updated_at', 'sub')} DESC NULLS LAST")
+    user_id = f"{names.column('subscriptions', 'user_id', 'sub')}::text"
+    # `only` restricts to the listed users (ONLY_THESE_USERS), as their full build needs.
+    listed = f"\n            WHERE {only.format(user_id)}" if only else ""
     return f"""SELECT DISTINCT ON (1)
-                   {names.column("subscriptions", "user_id", "sub")}::text AS user_id,
+                   {user_id} AS user_id,
                    {status}::text AS status,
                    {names.column("subscriptions", "plan", "sub")}::text AS plan,
                    ({monthly_amount})::integer AS monthly_amount_cents
-            FROM {names.table("subscriptions")} AS sub
+            FROM {names.table("subscriptions")} AS sub{listed}
             ORDER BY 1, {", ".join(order)}"""
 
 
@@ -215,7 +219,7 @@ def snapshot_sql(
         ),
         recent_actions AS ({_latest_actions_sql(actions)}),
         subscription AS (
-            {_subscription_sql(names)}
+            {_subscription_sql(names, only)}
         )
         {_insert_snapshot(s)}
         SELECT b.day, u.user_id, u.email, u.name, u.timezone, u.signed_up_at,
@@ -252,12 +256,16 @@ def _in_lookback(at: str) -> str:
     return f"(({at} AT TIME ZONE :tz)::date > b.day - {LAST_ACTIONS_LOOKBACK_DAYS})"
 
 
-def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
+def rolled_forward_sql(
+    connection: Connection,
+    config: RetentionConfig,
+    tables: dict[str, ResolvedTable] | None = None,
+) -> str:
     """The statement that inserts the day's snapshot of every user the day before's snapshot
     holds, from that row and the rollup days entering or leaving each window: the day itself,
     the day 7 days back (leaves the 7-day sums, enters the baseline), the day the baseline
     leaves, the day 28 days back, and the day's actions. No read of the history before."""
-    names = _Names(connection, resolve_app_tables(connection, config.database.tables))
+    names = _Names(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     # A user who acted on the day gets the day before's list merged with the day's actions, user
     # by user (a few rows each, nothing older read). A list is newest first: anyone else's is
@@ -352,8 +360,12 @@ def rolled_forward_sql(connection: Connection, config: RetentionConfig) -> str:
         LEFT JOIN subscription AS sub USING (user_id)"""
 
 
-def _users_new_to_the_day_before_sql(connection: Connection, config: RetentionConfig) -> str:
-    names = _Names(connection, resolve_app_tables(connection, config.database.tables))
+def _users_new_to_the_day_before_sql(
+    connection: Connection,
+    config: RetentionConfig,
+    tables: dict[str, ResolvedTable] | None = None,
+) -> str:
+    names = _Names(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     return f"""
         WITH {BOUNDS},
@@ -394,30 +406,38 @@ def full_build_reason(connection: Connection, config: RetentionConfig, day: date
     return None
 
 
-def build_snapshot(connection: Connection, config: RetentionConfig, day: date) -> SnapshotSummary:
+def build_snapshot(
+    connection: Connection,
+    config: RetentionConfig,
+    day: date,
+    tables: dict[str, ResolvedTable] | None = None,
+) -> SnapshotSummary:
     """Replace the snapshot of `day`, in the caller's transaction: rolled forward from the day
-    before's when it can be (users it lacks are built in full), else built in full."""
+    before's when it can be (users it lacks are built in full), else built in full. `tables`
+    (default: the mapping resolved here) says where the app's users and subscriptions are read."""
     schema = config.database.schema_
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     empty_day_partition(connection, schema, "user_activity_snapshot", day)
     parameters = snapshot_parameters(config, day)
     reason = full_build_reason(connection, config, day)
     if reason:
-        connection.execute(text(snapshot_sql(connection, config)), parameters)
+        connection.execute(text(snapshot_sql(connection, config, tables)), parameters)
         vanished = _vanished_since_yesterday(connection, s, day)
         path = "full"
     else:
         new_users = list(
             connection.execute(
-                text(_users_new_to_the_day_before_sql(connection, config)), parameters
+                text(_users_new_to_the_day_before_sql(connection, config, tables)), parameters
             ).scalars()
         )
         if new_users:
             connection.execute(
-                text(snapshot_sql(connection, config, only_listed_users=True)),
+                text(snapshot_sql(connection, config, tables, only_listed_users=True)),
                 {**parameters, "only": new_users},
             )
-        rolled = connection.execute(text(rolled_forward_sql(connection, config)), parameters)
+        rolled = connection.execute(
+            text(rolled_forward_sql(connection, config, tables)), parameters
+        )
         # Rolled forward are the day before's users still among the app's: the rest vanished.
         before = snapshot_user_count(connection, schema, day - timedelta(days=1))
         vanished = before - rolled.rowcount
@@ -455,12 +475,16 @@ class Reconciliation:
 
 
 def reconcile_with_users(
-    connection: Connection, config: RetentionConfig, day: date, snapshot_users: int
+    connection: Connection,
+    config: RetentionConfig,
+    day: date,
+    snapshot_users: int,
+    tables: dict[str, ResolvedTable] | None = None,
 ) -> Reconciliation:
     """Compare the snapshot of `day` (`snapshot_users` rows, one per user by its key) with the
     users the app had by the end of that day. Its rows come from those users, so equal counts
     mean none is missing; the users are matched one by one only when the counts differ."""
-    names = _Names(connection, resolve_app_tables(connection, config.database.tables))
+    names = _Names(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     created = names.timestamp("users", "created_at", "u")
     app = f"""SELECT {names.column("users", "id", "u")}::text AS user_id
