@@ -114,15 +114,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from retention_pipeline.database.connection import create_app_engine
     from retention_pipeline.preflight import preflight
     from retention_pipeline.resources.email import missing_resend_key
 
     config = load_config(args.config)
     engine = _engine(config)
+    read_url = config.database.read_url
+    read_engine = (
+        create_app_engine(read_url, config.database.statement_timeout) if read_url else None
+    )
     try:
-        report = preflight(engine, config)
+        report = preflight(engine, config, read_engine)
     finally:
         engine.dispose()
+        if read_engine is not None:
+            read_engine.dispose()
     problems = [*report.problems, *filter(None, [missing_resend_key(config)])]
     if args.config:  # the definitions read the configuration from the environment
         os.environ[CONFIG_ENV_VAR] = str(Path(args.config).resolve())

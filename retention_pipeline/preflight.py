@@ -16,13 +16,14 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine.interfaces import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import TextClause
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config.models import REQUIRED_COLUMNS, QueryCondition, RetentionConfig
 from retention_pipeline.database.app_tables import inspect_app_tables
 from retention_pipeline.database.migrate import installation_problem
+from retention_pipeline.database.replica import COPIED_TABLES, copy_source_sql
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.outcomes.performance import performance_rows
 from retention_pipeline.segments.conditions import (
@@ -42,9 +43,14 @@ class PreflightReport:
     planned: int = 0
 
 
-def preflight(engine: Engine, config: RetentionConfig) -> PreflightReport:
-    """Check everything a daily run of yesterday would execute; collect every problem."""
+def preflight(
+    engine: Engine, config: RetentionConfig, read_engine: Engine | None = None
+) -> PreflightReport:
+    """Check everything a daily run of yesterday would execute, on the app database and on its
+    read replica (`read_engine`, when `database.read_url` names one); collect every problem."""
     report = PreflightReport()
+    if read_engine is not None:
+        _check_replica(read_engine, config, report)
     day = datetime.now(ZoneInfo(config.timezone)).date() - timedelta(days=1)
     schema = config.database.schema_
     with engine.connect() as connection:
@@ -113,6 +119,26 @@ def preflight(engine: Engine, config: RetentionConfig) -> PreflightReport:
             "outcomes and condition queries cannot be planned"
         )
     return report
+
+
+def _check_replica(read_engine: Engine, config: RetentionConfig, report: PreflightReport) -> None:
+    """The replica has the mapped tables and columns, and the snapshot's copies of users and
+    subscriptions plan there."""
+    try:
+        with read_engine.connect() as replica:
+            mapping = inspect_app_tables(replica, config.database.tables)
+            sources = {
+                name: copy_source_sql(replica, mapping.resolved[name])
+                for name in COPIED_TABLES
+                if name in mapping.resolved
+            }
+            replica.rollback()
+    except OperationalError as error:
+        report.problems.append(f"database.read_url: cannot connect: {_first_line(error)}")
+        return
+    report.problems.extend(f"database.read_url: {problem}" for problem in mapping.problems)
+    for name, sql in sources.items():
+        _plan(read_engine, report, f"database.read_url: the copy of {name}", sql, {})
 
 
 def _plan(engine: Engine, report: PreflightReport, what: str, sql: str, parameters: dict) -> bool:

@@ -159,6 +159,12 @@ class DatabaseSettings(StrictModel):
     url: str | None = Field(
         None, description="SQLAlchemy URL of the app database; empty means the embedded server"
     )
+    read_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of a read replica of the app database: the daily snapshot "
+        "reads the app's users and subscriptions there; the capture, the rollup and the "
+        "pipeline's own tables stay on `url`",
+    )
     schema_: Identifier = Field("retention", alias="schema")
     statement_timeout: Duration = "10m"
     tracking: Literal["triggers", "incremental"] = "triggers"
@@ -181,9 +187,9 @@ class DatabaseSettings(StrictModel):
         parse_duration(value)
         return value
 
-    @field_validator("url")
+    @field_validator("url", "read_url")
     @classmethod
-    def _empty_is_embedded(cls, value: str | None) -> str | None:
+    def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
 

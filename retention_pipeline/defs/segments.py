@@ -5,6 +5,7 @@ from datetime import date, timedelta
 import dagster as dg
 
 from retention_pipeline.database.day_partitions import rebuilding_day
+from retention_pipeline.database.replica import copy_app_reads
 from retention_pipeline.defs.activity import ROLLUP
 from retention_pipeline.defs.partitions import (
     DayResult,
@@ -80,8 +81,19 @@ def _snapshot_day(
     with rebuilding_day(
         app_database.engine, app_database.schema, SNAPSHOT_TABLE, day, config.database.keep_days
     ) as (connection, rebuild):
-        summary = build_snapshot(connection, config, day)
-        reconciliation = reconcile_with_users(connection, config, day, summary.users)
+        tables, read_from = None, {"app_read_from": "the primary"}
+        if app_database.read_engine is not None:
+            reads = copy_app_reads(connection, app_database.read_engine, config.database.tables)
+            tables = reads.tables
+            read_from = {
+                "app_read_from": "the replica (a standby, caught up)"
+                if reads.standby
+                else "the replica (not a standby: read as it is)",
+                "replica_wait_seconds": round(reads.waited_seconds, 3),
+                **{f"replica_rows/{name}": rows for name, rows in reads.rows.items()},
+            }
+        summary = build_snapshot(connection, config, day, tables)
+        reconciliation = reconcile_with_users(connection, config, day, summary.users, tables)
     context.log.info(
         f"{day}: {summary.users} users, {summary.active_today} active that day; built "
         f"{summary.path}: {summary.path_reason}"
@@ -93,6 +105,7 @@ def _snapshot_day(
             "never_active": summary.never_active,
             "build": summary.path,
             "build_reason": summary.path_reason,
+            **read_from,
             **rebuild,
         },
         checks={

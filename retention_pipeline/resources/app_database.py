@@ -38,6 +38,14 @@ class AppDatabase(dg.ConfigurableResource):
     def engine(self) -> Engine:
         return create_app_engine(self.url, self.config.database.statement_timeout)
 
+    @cached_property
+    def read_engine(self) -> Engine | None:
+        """The read replica's (`database.read_url`); None when the app is read on the primary."""
+        read_url = self.config.database.read_url
+        if read_url is None:
+            return None
+        return create_app_engine(read_url, self.config.database.statement_timeout)
+
     @property
     def schema(self) -> str:
         return self.config.database.schema_

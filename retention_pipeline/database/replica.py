@@ -1,0 +1,120 @@
+"""The app's users and subscriptions read from a read replica (`database.read_url`).
+
+The snapshot joins the app's users and subscriptions with the pipeline's own tables in one
+statement, on the primary, where the rollup is. With a replica configured, the mapped columns
+of those two tables are streamed from the replica (COPY) into temporary tables of the primary's
+build transaction, and the snapshot reads those: the primary serves no scan of the app's tables.
+A standby is first waited for until it has replayed everything the primary had written when the
+build began, so the copy is never older than the rollup it is joined with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from sqlalchemy import Connection, Engine, text
+
+from retention_pipeline.config.models import AppTables
+from retention_pipeline.database.app_tables import MappingError, ResolvedTable, resolve_app_tables
+
+COPIED_TABLES = ("users", "subscriptions")
+REPLAY_TIMEOUT_SECONDS = 300.0
+REPLAY_POLL_SECONDS = 0.5
+
+
+class ReplicaError(RuntimeError):
+    """The replica cannot serve the snapshot's reads; the message names `database.read_url`."""
+
+
+@dataclass(frozen=True)
+class ReplicaReads:
+    tables: dict[str, ResolvedTable]
+    """The mapping, with users and subscriptions pointing at their copies."""
+    rows: dict[str, int]
+    standby: bool
+    """Whether the replica is a standby in recovery (waited for), or a server read as it is."""
+    waited_seconds: float
+
+
+def replica_tables(replica: Connection, tables: AppTables) -> dict[str, ResolvedTable]:
+    """The mapping resolved on the replica; ReplicaError names the first problem."""
+    try:
+        return resolve_app_tables(replica, tables)
+    except MappingError as error:
+        raise ReplicaError(f"database.read_url: {error}") from None
+
+
+def copy_source_sql(replica: Connection, table: ResolvedTable) -> str:
+    """The SELECT whose rows are copied: the table's mapped columns, each once."""
+    preparer = replica.dialect.identifier_preparer
+    return f"SELECT {_columns(replica, table)} FROM {table.sql_name(preparer)}"
+
+
+def wait_for_replay(connection: Connection, replica: Connection) -> tuple[bool, float]:
+    """When the replica is a standby, wait until it has replayed the primary's WAL up to where
+    it was now; return whether it is one and how long it took."""
+    if not replica.execute(text("SELECT pg_is_in_recovery()")).scalar_one():
+        return False, 0.0
+    target = connection.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
+    started = time.monotonic()
+    while not replica.execute(
+        text("SELECT coalesce(pg_last_wal_replay_lsn() >= CAST(:target AS pg_lsn), false)"),
+        {"target": target},
+    ).scalar_one():
+        if time.monotonic() - started > REPLAY_TIMEOUT_SECONDS:
+            raise ReplicaError(
+                f"database.read_url: the replica has not replayed the primary's writes up to "
+                f"{target} after {REPLAY_TIMEOUT_SECONDS:.0f} s"
+            )
+        time.sleep(REPLAY_POLL_SECONDS)
+    return True, time.monotonic() - started
+
+
+def copy_app_reads(connection: Connection, read_engine: Engine, tables: AppTables) -> ReplicaReads:
+    """Copy the app's users and subscriptions from the replica into temporary tables of the
+    caller's transaction on the primary (dropped when it ends); return the mapping pointed at
+    them."""
+    preparer = connection.dialect.identifier_preparer
+    with read_engine.connect() as replica:
+        replica = replica.execution_options(isolation_level="AUTOCOMMIT")
+        on_replica = replica_tables(replica, tables)
+        standby, waited = wait_for_replay(connection, replica)
+        copies: dict[str, ResolvedTable] = {}
+        rows: dict[str, int] = {}
+        for name in COPIED_TABLES:
+            table = on_replica[name]
+            copy = preparer.quote(f"retention_read_{name}")
+            columns = _columns(connection, table)
+            # Same columns, same types as the app's table on the primary; no rows read there.
+            connection.execute(
+                text(f"""
+                    CREATE TEMP TABLE {copy} ON COMMIT DROP AS
+                    SELECT {columns} FROM {table.sql_name(preparer)} WITH NO DATA""")
+            )
+            source = replica.connection.driver_connection
+            target = connection.connection.driver_connection
+            with source.cursor() as out_cursor, target.cursor() as in_cursor:
+                with (
+                    out_cursor.copy(f"COPY ({copy_source_sql(replica, table)}) TO STDOUT") as out,
+                    in_cursor.copy(f"COPY pg_temp.{copy} ({columns}) FROM STDIN") as into,
+                ):
+                    for block in out:
+                        into.write(block)
+                rows[name] = in_cursor.rowcount
+            # Temporary tables are never analyzed by autovacuum: the snapshot's plans need counts.
+            connection.execute(text(f"ANALYZE pg_temp.{copy}"))
+            copies[name] = replace(
+                table,
+                mapping=table.mapping.model_copy(
+                    update={"schema_": "pg_temp", "table": f"retention_read_{name}"}
+                ),
+            )
+    return ReplicaReads(copies, rows, standby, waited)
+
+
+def _columns(connection: Connection, table: ResolvedTable) -> str:
+    preparer = connection.dialect.identifier_preparer
+    return ", ".join(
+        preparer.quote(column) for column in dict.fromkeys(table.mapping.columns.values())
+    )
