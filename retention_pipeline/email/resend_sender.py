@@ -65,14 +65,22 @@ class Pacer(Protocol):
     def wait(self) -> None: ...
 
 
+JITTER_MARGIN_SECONDS = 0.025
+"""Added to every interval between request starts. The time from a request's start to its arrival
+at the provider varies (serializing a batch, connecting, the network, the scheduler of a busy
+machine: about 10 ms here), so requests spaced exactly would sometimes arrive closer together
+than the limit."""
+
+
 class _Pacer:
-    """Spaces this sender's request starts at least `1 / requests_per_second` apart, counted
-    from when each really started: a late wake-up must not bring the next start closer."""
+    """Spaces this sender's request starts at least `1 / requests_per_second` (and
+    `JITTER_MARGIN_SECONDS`) apart, counted from when each really started: a late wake-up must
+    not bring the next start closer."""
 
     def __init__(
         self, requests_per_second: float, clock: Callable[[], float], sleep: Callable[[float], None]
     ) -> None:
-        self._interval = 1.0 / requests_per_second
+        self._interval = 1.0 / requests_per_second + JITTER_MARGIN_SECONDS
         self._clock = clock
         self._sleep = sleep
         self._next_start: float | None = None

@@ -16,10 +16,7 @@ import time
 
 from sqlalchemy import Engine, text
 
-JITTER_MARGIN_SECONDS = 0.025
-"""Added to every interval. The time from a request's start to its arrival at the provider varies
-(serializing a batch, connecting, the network, the scheduler of a busy machine: about 10 ms
-here), so requests spaced exactly would sometimes arrive closer together than the limit."""
+from retention_pipeline.email.resend_sender import JITTER_MARGIN_SECONDS
 
 
 class SharedPace:

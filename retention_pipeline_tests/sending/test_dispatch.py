@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import text
 
-from retention_pipeline.email.resend_sender import batch_idempotency_key
+from retention_pipeline.email.resend_sender import JITTER_MARGIN_SECONDS, batch_idempotency_key
 from retention_pipeline.email.unsubscribe import verify_token
 from retention_pipeline.sending import DispatchReport, pending_batches, send_pending
 from retention_pipeline_tests.email.fake_resend import FakeClock, FakeResend
@@ -87,8 +87,8 @@ def test_rate_limits_and_server_errors_are_retried_and_an_invalid_address_fails_
     assert report == DispatchReport(sent=149, failed=1, still_pending=0)
     assert [request.status for request in fake_resend.requests] == [429, 500, 500, 200, 200]
     # The 429's retry-after is waited out as given; the 500s back off with full jitter under
-    # ceilings of 1s and 2s (attempts 2 and 3). The pacer's microsecond gaps aside.
-    waits = [seconds for seconds in clock.sleeps if seconds > 0.001]
+    # ceilings of 1s and 2s (attempts 2 and 3). The pacer's gaps (its margin) aside.
+    waits = [seconds for seconds in clock.sleeps if seconds > JITTER_MARGIN_SECONDS + 0.001]
     assert len(waits) == 3
     assert waits[0] == 1.5
     assert waits[1] <= 1.0
