@@ -101,9 +101,9 @@ ACTIVITY_FIGURES = """
 
 def _per_user(s: str, only_listed_users: bool) -> tuple[str, str]:
     """The rollup's figures per user up to the day, and each user's actions in the lookback
-    (once per action, at its latest): for every user, or for the users bound as :only, whose
-    rows are read user by user through the primary keys (aggregates per listed user, which the
-    planner cannot turn into a scan of every user's history)."""
+    (once per action, at its latest), for every user or only for the users bound as :only. Those
+    are read user by user through the primary keys: an aggregate per listed user, which the
+    planner cannot turn into a scan of everyone's history."""
     actions_window = f"x.day <= b.day AND x.day > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}"
     if not only_listed_users:
         return (
@@ -491,8 +491,9 @@ def reconcile_with_users(
               FROM {names.table("users")} AS u
               WHERE {created} < (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz"""
     parameters = {"day": day, "tz": config.timezone}
-    app_users = connection.execute(text(f"SELECT count(*) FROM ({app}) AS app"), parameters)
-    app_users = app_users.scalar_one()
+    app_users = connection.execute(
+        text(f"SELECT count(*) FROM ({app}) AS app"), parameters
+    ).scalar_one()
     if app_users == snapshot_users:
         return Reconciliation(app_users, snapshot_users, 0)
     missing = connection.execute(
@@ -506,6 +507,7 @@ def reconcile_with_users(
 
 
 def _vanished_since_yesterday(connection: Connection, s: str, day: date) -> int | None:
+    """`SnapshotSummary.vanished`, by matching the two days' users one by one."""
     return connection.execute(
         text(f"""
             SELECT CASE WHEN count(*) = 0 THEN NULL
