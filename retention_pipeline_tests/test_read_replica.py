@@ -123,6 +123,16 @@ def test_a_replica_without_a_mapped_column_stops_the_run_and_check(
     errors = capsys.readouterr().err.splitlines()
     assert any(line.startswith(f"error: {problem}") for line in errors), errors
 
+    unreachable = tmp_path / "unreachable"
+    unreachable.mkdir()
+    gone = make_url(replica).set(database="no_such_database").render_as_string(False)
+    assert main(["--config", str(write_config(unreachable, primary, read_url=gone)), "check"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert any(
+        line.startswith("error: database.read_url: cannot connect: ") and "no_such_database" in line
+        for line in errors
+    ), errors
+
 
 @pytest.fixture
 def primary_with_standby():

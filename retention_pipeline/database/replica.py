@@ -36,6 +36,16 @@ class ReplicaReads:
     """Whether the replica is a standby in recovery (waited for), or a server read as it is."""
     waited_seconds: float
 
+    @property
+    def metadata(self) -> dict[str, object]:
+        """What the snapshot's materialization reports of where it read the app."""
+        kind = "a standby, caught up" if self.standby else "not a standby: read as it is"
+        return {
+            "app_read_from": f"the replica ({kind})",
+            "replica_wait_seconds": round(self.waited_seconds, 3),
+            **{f"replica_rows/{name}": rows for name, rows in self.rows.items()},
+        }
+
 
 def replica_tables(replica: Connection, tables: AppTables) -> dict[str, ResolvedTable]:
     """The mapping resolved on the replica; ReplicaError names the first problem."""

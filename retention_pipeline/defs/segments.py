@@ -84,14 +84,7 @@ def _snapshot_day(
         tables, read_from = None, {"app_read_from": "the primary"}
         if app_database.read_engine is not None:
             reads = copy_app_reads(connection, app_database.read_engine, config.database.tables)
-            tables = reads.tables
-            read_from = {
-                "app_read_from": "the replica (a standby, caught up)"
-                if reads.standby
-                else "the replica (not a standby: read as it is)",
-                "replica_wait_seconds": round(reads.waited_seconds, 3),
-                **{f"replica_rows/{name}": rows for name, rows in reads.rows.items()},
-            }
+            tables, read_from = reads.tables, reads.metadata
         summary = build_snapshot(connection, config, day, tables)
         reconciliation = reconcile_with_users(connection, config, day, summary.users, tables)
     context.log.info(
