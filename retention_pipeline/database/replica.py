@@ -85,42 +85,48 @@ def copy_app_reads(connection: Connection, read_engine: Engine, tables: AppTable
     """Copy the app's users and subscriptions from the replica into temporary tables of the
     caller's transaction on the primary (dropped when it ends); return the mapping pointed at
     them."""
-    preparer = connection.dialect.identifier_preparer
     with read_engine.connect() as replica:
         replica = replica.execution_options(isolation_level="AUTOCOMMIT")
         on_replica = replica_tables(replica, tables)
         standby, waited = wait_for_replay(connection, replica)
-        copies: dict[str, ResolvedTable] = {}
-        rows: dict[str, int] = {}
-        for name in COPIED_TABLES:
-            table = on_replica[name]
-            copy = preparer.quote(f"retention_read_{name}")
-            columns = _columns(connection, table)
-            # Same columns, same types as the app's table on the primary; no rows read there.
-            connection.execute(
-                text(f"""
-                    CREATE TEMP TABLE {copy} ON COMMIT DROP AS
-                    SELECT {columns} FROM {table.sql_name(preparer)} WITH NO DATA""")
-            )
-            source = replica.connection.driver_connection
-            target = connection.connection.driver_connection
-            with source.cursor() as out_cursor, target.cursor() as in_cursor:
-                with (
-                    out_cursor.copy(f"COPY ({copy_source_sql(replica, table)}) TO STDOUT") as out,
-                    in_cursor.copy(f"COPY pg_temp.{copy} ({columns}) FROM STDIN") as into,
-                ):
-                    for block in out:
-                        into.write(block)
-                rows[name] = in_cursor.rowcount
-            # Temporary tables are never analyzed by autovacuum: the snapshot's plans need counts.
-            connection.execute(text(f"ANALYZE pg_temp.{copy}"))
-            copies[name] = replace(
-                table,
-                mapping=table.mapping.model_copy(
-                    update={"schema_": "pg_temp", "table": f"retention_read_{name}"}
-                ),
-            )
+    # Both tables from one snapshot of the replica, taken once it has caught up.
+    with read_engine.connect() as replica:
+        replica = replica.execution_options(isolation_level="REPEATABLE READ")
+        with replica.begin():
+            copied = {name: _copy(connection, replica, on_replica[name]) for name in COPIED_TABLES}
+    copies = {name: table for name, (table, _) in copied.items()}
+    rows = {name: count for name, (_, count) in copied.items()}
     return ReplicaReads(copies, rows, standby, waited)
+
+
+def _copy(
+    connection: Connection, replica: Connection, table: ResolvedTable
+) -> tuple[ResolvedTable, int]:
+    """Stream the table's mapped columns from the replica into a temporary table of the same
+    columns on the primary; return the table pointed at the copy, and its rows."""
+    preparer = connection.dialect.identifier_preparer
+    name = f"retention_read_{table.name}"
+    columns = _columns(connection, table)
+    # Same columns, same types as the app's table on the primary; no rows read there.
+    connection.execute(
+        text(f"""
+            CREATE TEMP TABLE {preparer.quote(name)} ON COMMIT DROP AS
+            SELECT {columns} FROM {table.sql_name(preparer)} WITH NO DATA""")
+    )
+    source = replica.connection.driver_connection
+    target = connection.connection.driver_connection
+    with source.cursor() as out_cursor, target.cursor() as in_cursor:
+        with (
+            out_cursor.copy(f"COPY ({copy_source_sql(replica, table)}) TO STDOUT") as out,
+            in_cursor.copy(f"COPY pg_temp.{preparer.quote(name)} ({columns}) FROM STDIN") as into,
+        ):
+            for block in out:
+                into.write(block)
+        rows = in_cursor.rowcount
+    # Temporary tables are never analyzed by autovacuum: the snapshot's plans need counts.
+    connection.execute(text(f"ANALYZE pg_temp.{preparer.quote(name)}"))
+    copy = table.mapping.model_copy(update={"schema_": "pg_temp", "table": name})
+    return replace(table, mapping=copy), rows
 
 
 def _columns(connection: Connection, table: ResolvedTable) -> str:
