@@ -44,7 +44,7 @@ CLASSIFY = """
                     THEN round(100 * (1 - snap.sessions_7d / snap.baseline_sessions_per_week))
                END AS drop_percent
         FROM {schema}.user_activity_snapshot AS snap, bounds AS b
-        WHERE snap.partition_date = b.day
+        WHERE snap.partition_date = CAST(:day AS date)  -- the bound value: one partition read
     ),
     classified AS (
         SELECT

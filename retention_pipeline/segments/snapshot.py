@@ -302,8 +302,10 @@ def rolled_forward_sql(
             {_app_users_sql(names)}
         ),
         previous AS (
-            SELECT p.* FROM {s}.user_activity_snapshot AS p, bounds AS b
-            WHERE p.partition_date = b.day - 1
+            -- The bound value itself, not the bounds' column: only then does PostgreSQL read the
+            -- day before's partition alone instead of every day's.
+            SELECT p.* FROM {s}.user_activity_snapshot AS p
+            WHERE p.partition_date = CAST(:day AS date) - 1
         ),
         todays_actions AS (
             SELECT x.user_id, array_agg(x.event_name) AS event_names,
@@ -372,9 +374,10 @@ def _users_new_to_the_day_before_sql(
         app_users AS (
             {_app_users_sql(names)}
         )
-        SELECT u.user_id FROM app_users AS u, bounds AS b
+        SELECT u.user_id FROM app_users AS u
         WHERE NOT EXISTS (SELECT FROM {s}.user_activity_snapshot AS p
-                          WHERE p.partition_date = b.day - 1 AND p.user_id = u.user_id)"""
+                          WHERE p.partition_date = CAST(:day AS date) - 1
+                            AND p.user_id = u.user_id)"""
 
 
 def full_build_reason(connection: Connection, config: RetentionConfig, day: date) -> str | None:
