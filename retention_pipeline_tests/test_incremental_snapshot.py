@@ -4,6 +4,7 @@ user, late activity and last actions that age out of the lookback."""
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -16,6 +17,9 @@ from retention_pipeline.segments.snapshot import (
     Reconciliation,
     build_snapshot,
     reconcile_with_users,
+    rolled_forward_sql,
+    snapshot_parameters,
+    users_new_to_the_day_before_sql,
 )
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
@@ -183,3 +187,25 @@ def test_reconciliation_names_the_users_a_snapshot_lost(month):
         assert reconcile_with_users(connection, config, LAST, summary.users - 2) == Reconciliation(
             summary.users, summary.users - 2, 2
         )
+
+
+def test_a_rolled_forward_day_reads_the_day_before_alone(month):
+    """Its plan names the day before's partition and no other: a day's cost must not grow with
+    the days already built (a backfill of 30 days once read every day before each)."""
+    engine, config = month
+    for day in days(LAST - timedelta(days=5), LAST - timedelta(days=1)):
+        build(engine, config, day)
+    before = (LAST - timedelta(days=1)).strftime("%Y%m%d")
+    with engine.connect() as connection:
+        statements = {
+            "rolled forward": rolled_forward_sql(connection, config),
+            "users new to the day before": users_new_to_the_day_before_sql(connection, config),
+        }
+        for what, sql in statements.items():
+            plan = "\n".join(
+                connection.execute(
+                    text(f"EXPLAIN {sql}"), snapshot_parameters(config, LAST)
+                ).scalars()
+            )
+            read = set(re.findall(r"user_activity_snapshot_(\d{8})", plan))
+            assert read == {before}, (what, read)

@@ -362,7 +362,7 @@ def rolled_forward_sql(
         LEFT JOIN subscription AS sub USING (user_id)"""
 
 
-def _users_new_to_the_day_before_sql(
+def users_new_to_the_day_before_sql(
     connection: Connection,
     config: RetentionConfig,
     tables: dict[str, ResolvedTable] | None = None,
@@ -430,7 +430,7 @@ def build_snapshot(
     else:
         new_users = list(
             connection.execute(
-                text(_users_new_to_the_day_before_sql(connection, config, tables)), parameters
+                text(users_new_to_the_day_before_sql(connection, config, tables)), parameters
             ).scalars()
         )
         if new_users:
