@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
 from retention_pipeline.database.app_tables import table_sql
-from retention_pipeline.sending.suppressions import keep_for_reinstall, restore_kept
+from retention_pipeline.database.reinstall import keep_for_reinstall, restore_kept
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
 from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
 from retention_pipeline.tracking.state import (
@@ -45,6 +45,13 @@ BRIEF_LOCK_TIMEOUT = "200ms"
 BRIEF_LOCK_ATTEMPTS = 60
 REBUILD_CHUNK_ROWS = 2_000_000
 LOCK_NOT_AVAILABLE = "55P03"
+# What `db uninstall` keeps for the next install unless told to forget it, each table after
+# those it refers to. Who unsubscribed, bounced or complained:
+SUPPRESSION_TABLES = ("email_suppressions",)
+# Who was picked (the audience of both arms, which steps each episode had, the frequency cap),
+# who was emailed, and what Resend said of each email: a re-run of a day sends nobody twice,
+# and the links of emails already sent still unsubscribe.
+SEND_HISTORY_TABLES = ("episodes", "reengagement_audience", "email_send_log", "email_events")
 
 Progress = Callable[[str], None]
 T = TypeVar("T")
@@ -104,7 +111,7 @@ def install(
         lock(connection, schema)
         _brief_lock_timeout(connection)
         migrate.upgrade(connection, schema)
-        restore_kept(connection, schema)
+        restore_kept(connection, schema, (*SUPPRESSION_TABLES, *SEND_HISTORY_TABLES))
         state = read_state(connection, sql)
         # Day buckets depend on the timezone, and triggers only capture rows inserted after
         # they exist: rebuild whenever the rollup may miss rows or be bucketed differently.
@@ -285,15 +292,26 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
         return added
 
 
-def uninstall(engine: Engine, config: RetentionConfig, *, forget_suppressions: bool = False) -> int:
+def uninstall(
+    engine: Engine,
+    config: RetentionConfig,
+    *,
+    forget_suppressions: bool = False,
+    forget_send_history: bool = False,
+) -> dict[str, int]:
     """Remove the triggers from the app tables and drop the pipeline's schema.
 
-    Unless `forget_suppressions`, the suppression list stays behind, alone in the schema, for the
-    next install to restore: whoever unsubscribed is not emailed after a reinstall. Returns how
-    many suppressions stayed.
+    Unless told to forget them, the suppression list and the send history stay behind, alone in
+    the schema, for the next install to restore: whoever unsubscribed is not emailed after a
+    reinstall, and whoever was emailed is not emailed again. Returns how many rows stayed, per
+    table.
     """
     schema = config.database.schema_
-    kept = 0
+    tables = (
+        *(() if forget_suppressions else SUPPRESSION_TABLES),
+        *(() if forget_send_history else SEND_HISTORY_TABLES),
+    )
+    kept: dict[str, int] = {}
 
     def remove(connection: Connection) -> None:
         nonlocal kept
@@ -308,11 +326,7 @@ def uninstall(engine: Engine, config: RetentionConfig, *, forget_suppressions: b
             ).scalar()
             if exists:
                 connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
-        kept = 0 if forget_suppressions else keep_for_reinstall(connection, schema)
-        if not kept:
-            connection.execute(
-                text(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)} CASCADE")
-            )
+        kept = keep_for_reinstall(connection, schema, tables)
 
     with_brief_locks(engine, remove, "db uninstall")
     return kept
