@@ -83,6 +83,15 @@ def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, 
     `NothingToUnsubscribe` when no such email exists.
     """
     user_id, loop_name = verify_token(secret, token)
+    return unsubscribe_user(connection, schema=schema, user_id=str(user_id), loop_name=loop_name)
+
+
+def unsubscribe_user(
+    connection: Connection, *, schema: str, user_id: str, loop_name: str | None
+) -> str:
+    """What a verified unsubscribe token asks: suppress the address `loop_name` (any loop, when
+    None) last emailed `user_id`, for that loop or every loop; return that address. Raises
+    `NothingToUnsubscribe` when no such email exists."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     email = connection.execute(
         text(f"""
@@ -91,7 +100,7 @@ def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, 
               AND (loop_name = :loop OR CAST(:loop AS text) IS NULL)
             ORDER BY claimed_at DESC, id DESC
             LIMIT 1"""),
-        {"user_id": str(user_id), "loop": loop_name},
+        {"user_id": user_id, "loop": loop_name},
     ).scalar_one_or_none()
     if email is None:
         never = f"loop {loop_name!r} never" if loop_name else "no loop ever"
@@ -102,7 +111,7 @@ def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, 
         email=email,
         reason="unsubscribed",
         source=f"unsubscribe_link:{loop_name or 'all'}",
-        user_id=str(user_id),
+        user_id=user_id,
         loop_name=loop_name,
     )
     return normalize_address(email)
