@@ -19,6 +19,7 @@ from retention_pipeline.defs.segments import engagement_segments, user_activity_
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
+from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install, uninstall
 from retention_pipeline_tests.helpers import insert_sent_email, make_config, write_config
 
@@ -200,4 +201,31 @@ def test_restored_rows_keep_their_ids_and_new_rows_number_on(app_database_url: s
     assert uninstall(engine, config) == {"email_send_log": 3, "email_events": 1}
     assert uninstall(engine, config, forget_send_history=True) == {}
     assert count(engine, "SELECT count(*) FROM pg_namespace WHERE nspname = 'retention'") == 0
+    engine.dispose()
+
+
+def test_users_the_app_deleted_while_uninstalled_are_erased_from_the_kept_history(
+    app_database_url: str,
+) -> None:
+    config = make_config(app_database_url)
+    engine = create_engine(app_database_url)
+    install(engine, config)
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO users (id, email) VALUES (1, 'a@example.com'), (2, 'b@example.com')")
+        )
+    insert_sent_email(engine, "1", "key-1")
+    insert_sent_email(engine, "2", "key-2")
+    uninstall(engine, config)
+
+    with engine.begin() as connection:  # no trigger sees it
+        connection.execute(text("DELETE FROM users WHERE id = 2"))
+    install(engine, config)
+    update_rollup(engine, config)
+
+    with engine.connect() as connection:
+        emails = dict(
+            connection.execute(text("SELECT user_id, email FROM retention.email_send_log")).all()
+        )
+    assert emails == {"1": "user1@example.com", "2": ""}
     engine.dispose()

@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
-from retention_pipeline.database.app_tables import table_sql
+from retention_pipeline.database.app_tables import resolve_app_tables, table_sql
 from retention_pipeline.database.reinstall import keep_for_reinstall, restore_kept
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
 from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
@@ -111,7 +111,8 @@ def install(
         lock(connection, schema)
         _brief_lock_timeout(connection)
         migrate.upgrade(connection, schema)
-        restore_kept(connection, schema, (*SUPPRESSION_TABLES, *SEND_HISTORY_TABLES))
+        if restore_kept(connection, schema, (*SUPPRESSION_TABLES, *SEND_HISTORY_TABLES)):
+            _record_users_gone_while_uninstalled(connection, config)
         state = read_state(connection, sql)
         # Day buckets depend on the timezone, and triggers only capture rows inserted after
         # they exist: rebuild whenever the rollup may miss rows or be bucketed differently.
@@ -292,6 +293,27 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
         return added
 
 
+def _record_users_gone_while_uninstalled(connection: Connection, config: RetentionConfig) -> None:
+    """Users of the restored history that the app deleted while no trigger watched (or before
+    a drain erased them): recorded for the next drain to erase, as the trigger would have."""
+    users = resolve_app_tables(connection, config.database.tables)["users"]
+    preparer = connection.dialect.identifier_preparer
+    s = preparer.quote_schema(config.database.schema_)
+    connection.execute(
+        text(f"""
+            INSERT INTO {s}.erased_users (user_id)
+            SELECT kept.user_id FROM (
+                SELECT user_id FROM {s}.email_send_log
+                UNION SELECT user_id FROM {s}.episodes
+                UNION SELECT user_id FROM {s}.reengagement_audience
+                UNION SELECT user_id FROM {s}.email_suppressions WHERE user_id IS NOT NULL
+            ) AS kept
+            WHERE NOT EXISTS (
+                SELECT FROM {users.sql_name(preparer)} AS u
+                WHERE {users.column_sql("id", "u", preparer)}::text = kept.user_id)""")
+    )
+
+
 def uninstall(
     engine: Engine,
     config: RetentionConfig,
@@ -311,10 +333,8 @@ def uninstall(
         *(() if forget_suppressions else SUPPRESSION_TABLES),
         *(() if forget_send_history else SEND_HISTORY_TABLES),
     )
-    kept: dict[str, int] = {}
 
-    def remove(connection: Connection) -> None:
-        nonlocal kept
+    def remove_triggers(connection: Connection) -> None:
         lock(connection, schema)
         _brief_lock_timeout(connection)
         preparer = connection.dialect.identifier_preparer
@@ -326,7 +346,12 @@ def uninstall(
             ).scalar()
             if exists:
                 connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
-        kept = keep_for_reinstall(connection, schema, tables)
 
-    with_brief_locks(engine, remove, "db uninstall")
-    return kept
+    def drop_schema(connection: Connection) -> dict[str, int]:
+        lock(connection, schema)
+        _brief_lock_timeout(connection)  # in case a trigger of an unmapped table depends on it
+        return keep_for_reinstall(connection, schema, tables)
+
+    with_brief_locks(engine, remove_triggers, "db uninstall")
+    # Apart: copying the send history takes a while, and the app's writes must not wait on it.
+    return with_brief_locks(engine, drop_schema, "db uninstall")
