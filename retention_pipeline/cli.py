@@ -200,7 +200,7 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_db_uninstall(args: argparse.Namespace) -> int:
-    from retention_pipeline.sending.suppressions import KEPT_TABLE
+    from retention_pipeline.database.reinstall import kept_name
     from retention_pipeline.tracking.install import uninstall
 
     config = load_config(args.config)
@@ -208,15 +208,28 @@ def cmd_db_uninstall(args: argparse.Namespace) -> int:
         print("error: this drops the pipeline's schema and triggers; pass --yes", file=sys.stderr)
         return 2
     schema = config.database.schema_
-    kept = uninstall(_engine(config), config, forget_suppressions=args.forget_suppressions)
-    if kept:
-        print(
-            f"removed the tracking triggers and everything in schema {schema} but the "
-            f"suppression list: {kept} suppressed address(es) kept in {schema}.{KEPT_TABLE}, "
-            "restored by the next `db upgrade` (--forget-suppressions drops them too)"
-        )
-    else:
+    kept = uninstall(
+        _engine(config),
+        config,
+        forget_suppressions=args.forget_suppressions,
+        forget_send_history=args.forget_send_history,
+    )
+    if not kept:
         print(f"removed schema {schema} and the tracking triggers")
+        return 0
+    print(
+        f"removed the tracking triggers and everything in schema {schema} but what the next "
+        "`db upgrade` restores (--forget-suppressions, --forget-send-history drop it):"
+    )
+    rows_of = {
+        "email_suppressions": "suppressed address(es)",
+        "episodes": "episode(s)",
+        "reengagement_audience": "audience row(s)",
+        "email_send_log": "email(s) in the send log",
+        "email_events": "delivery event(s)",
+    }
+    for table, rows in kept.items():
+        print(f"  kept {rows} {rows_of[table]} in {schema}.{kept_name(table)}")
     return 0
 
 
@@ -480,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="drop the suppression list too (kept by default, so that nobody who unsubscribed, "
         "bounced or complained is emailed after a reinstall)",
+    )
+    uninstall.add_argument(
+        "--forget-send-history",
+        action="store_true",
+        help="drop the send log, episodes, audiences and delivery events too (kept by default, so "
+        "that a re-run after a reinstall emails nobody twice and the frequency cap holds)",
     )
     uninstall.set_defaults(handler=cmd_db_uninstall)
 

@@ -19,8 +19,6 @@ from retention_pipeline.config.models import EMAIL_ADDRESS_PATTERN
 from retention_pipeline.email.unsubscribe import verify_token
 
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
-KEPT_TABLE = "email_suppressions_kept"
-"""Where `db uninstall` keeps the suppression list until the next `db upgrade` restores it."""
 
 
 def normalize_address(address: str) -> str:
@@ -85,6 +83,15 @@ def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, 
     `NothingToUnsubscribe` when no such email exists.
     """
     user_id, loop_name = verify_token(secret, token)
+    return unsubscribe_user(connection, schema=schema, user_id=str(user_id), loop_name=loop_name)
+
+
+def unsubscribe_user(
+    connection: Connection, *, schema: str, user_id: str, loop_name: str | None
+) -> str:
+    """What a verified unsubscribe token asks: suppress the address `loop_name` (any loop, when
+    None) last emailed `user_id`, for that loop or every loop; return that address. Raises
+    `NothingToUnsubscribe` when no such email exists."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     email = connection.execute(
         text(f"""
@@ -93,7 +100,7 @@ def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, 
               AND (loop_name = :loop OR CAST(:loop AS text) IS NULL)
             ORDER BY claimed_at DESC, id DESC
             LIMIT 1"""),
-        {"user_id": str(user_id), "loop": loop_name},
+        {"user_id": user_id, "loop": loop_name},
     ).scalar_one_or_none()
     if email is None:
         never = f"loop {loop_name!r} never" if loop_name else "no loop ever"
@@ -104,7 +111,7 @@ def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, 
         email=email,
         reason="unsubscribed",
         source=f"unsubscribe_link:{loop_name or 'all'}",
-        user_id=str(user_id),
+        user_id=user_id,
         loop_name=loop_name,
     )
     return normalize_address(email)
@@ -112,61 +119,3 @@ def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, 
 
 class NothingToUnsubscribe(ValueError):
     """A valid token whose user the loop never emailed."""
-
-
-def keep_for_reinstall(connection: Connection, schema: str) -> int:
-    """Before the schema is dropped: copy the suppression list into a table of its own, in a
-    schema that then takes the dropped one's name; returns how many rows it keeps. Keeps
-    nothing, and leaves the schema to be dropped whole, when the list is empty."""
-    preparer = connection.dialect.identifier_preparer
-    s = preparer.quote_schema(schema)
-    live, already_kept = (
-        connection.execute(
-            text("SELECT to_regclass(:table) IS NOT NULL"), {"table": f"{s}.{table}"}
-        ).scalar_one()
-        for table in ("email_suppressions", KEPT_TABLE)
-    )
-    if not live:  # uninstalled before: the schema holds the kept list alone, or nothing
-        if not already_kept:
-            return 0
-        return int(connection.execute(text(f"SELECT count(*) FROM {s}.{KEPT_TABLE}")).scalar_one())
-    kept = connection.execute(text(f"SELECT count(*) FROM {s}.email_suppressions")).scalar_one()
-    if not kept:
-        return 0
-    holder = preparer.quote_schema(f"{schema}_uninstalling")
-    connection.execute(text(f"CREATE SCHEMA {holder}"))
-    # A plain copy, without the constraints and indexes whose names the next install reuses.
-    connection.execute(
-        text(f"CREATE TABLE {holder}.{KEPT_TABLE} AS SELECT * FROM {s}.email_suppressions")
-    )
-    connection.execute(text(f"DROP SCHEMA {s} CASCADE"))
-    connection.execute(text(f"ALTER SCHEMA {holder} RENAME TO {s}"))
-    return int(kept)
-
-
-def restore_kept(connection: Connection, schema: str) -> int:
-    """After the migrations: put back the suppression list a `db uninstall` kept, with the
-    columns both tables have; returns how many rows came back."""
-    preparer = connection.dialect.identifier_preparer
-    s = preparer.quote_schema(schema)
-    columns = connection.execute(
-        text("""
-            SELECT kept.column_name FROM information_schema.columns AS kept
-            JOIN information_schema.columns AS live
-              ON live.table_schema = kept.table_schema AND live.column_name = kept.column_name
-             AND live.table_name = 'email_suppressions'
-            WHERE kept.table_schema = :schema AND kept.table_name = :kept
-            ORDER BY kept.ordinal_position"""),
-        {"schema": schema, "kept": KEPT_TABLE},
-    ).scalars()
-    names = ", ".join(preparer.quote(column) for column in columns)
-    if not names:
-        return 0
-    restored = connection.execute(
-        text(f"""
-            INSERT INTO {s}.email_suppressions ({names})
-            SELECT {names} FROM {s}.{KEPT_TABLE}
-            ON CONFLICT DO NOTHING""")
-    ).rowcount
-    connection.execute(text(f"DROP TABLE {s}.{KEPT_TABLE}"))
-    return int(restored)

@@ -26,8 +26,8 @@ from sqlalchemy.exc import OperationalError
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
-from retention_pipeline.database.app_tables import table_sql
-from retention_pipeline.sending.suppressions import keep_for_reinstall, restore_kept
+from retention_pipeline.database.app_tables import resolve_app_tables, table_sql
+from retention_pipeline.database.reinstall import keep_for_reinstall, restore_kept
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
 from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
 from retention_pipeline.tracking.state import (
@@ -45,6 +45,13 @@ BRIEF_LOCK_TIMEOUT = "200ms"
 BRIEF_LOCK_ATTEMPTS = 60
 REBUILD_CHUNK_ROWS = 2_000_000
 LOCK_NOT_AVAILABLE = "55P03"
+# What `db uninstall` keeps for the next install unless told to forget it, each table after
+# those it refers to. Who unsubscribed, bounced or complained:
+SUPPRESSION_TABLES = ("email_suppressions",)
+# Who was picked (the audience of both arms, which steps each episode had, the frequency cap),
+# who was emailed, and what Resend said of each email: a re-run of a day sends nobody twice,
+# and the links of emails already sent still unsubscribe.
+SEND_HISTORY_TABLES = ("episodes", "reengagement_audience", "email_send_log", "email_events")
 
 Progress = Callable[[str], None]
 T = TypeVar("T")
@@ -104,7 +111,8 @@ def install(
         lock(connection, schema)
         _brief_lock_timeout(connection)
         migrate.upgrade(connection, schema)
-        restore_kept(connection, schema)
+        if restore_kept(connection, schema, (*SUPPRESSION_TABLES, *SEND_HISTORY_TABLES)):
+            _record_users_gone_while_uninstalled(connection, config)
         state = read_state(connection, sql)
         # Day buckets depend on the timezone, and triggers only capture rows inserted after
         # they exist: rebuild whenever the rollup may miss rows or be bucketed differently.
@@ -285,18 +293,48 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
         return added
 
 
-def uninstall(engine: Engine, config: RetentionConfig, *, forget_suppressions: bool = False) -> int:
+def _record_users_gone_while_uninstalled(connection: Connection, config: RetentionConfig) -> None:
+    """Users of the restored history that the app deleted while no trigger watched (or before
+    a drain erased them): recorded for the next drain to erase, as the trigger would have."""
+    users = resolve_app_tables(connection, config.database.tables)["users"]
+    preparer = connection.dialect.identifier_preparer
+    s = preparer.quote_schema(config.database.schema_)
+    connection.execute(
+        text(f"""
+            INSERT INTO {s}.erased_users (user_id)
+            SELECT kept.user_id FROM (
+                SELECT user_id FROM {s}.email_send_log
+                UNION SELECT user_id FROM {s}.episodes
+                UNION SELECT user_id FROM {s}.reengagement_audience
+                UNION SELECT user_id FROM {s}.email_suppressions WHERE user_id IS NOT NULL
+            ) AS kept
+            WHERE NOT EXISTS (
+                SELECT FROM {users.sql_name(preparer)} AS u
+                WHERE {users.column_sql("id", "u", preparer)}::text = kept.user_id)""")
+    )
+
+
+def uninstall(
+    engine: Engine,
+    config: RetentionConfig,
+    *,
+    forget_suppressions: bool = False,
+    forget_send_history: bool = False,
+) -> dict[str, int]:
     """Remove the triggers from the app tables and drop the pipeline's schema.
 
-    Unless `forget_suppressions`, the suppression list stays behind, alone in the schema, for the
-    next install to restore: whoever unsubscribed is not emailed after a reinstall. Returns how
-    many suppressions stayed.
+    Unless told to forget them, the suppression list and the send history stay behind, alone in
+    the schema, for the next install to restore: whoever unsubscribed is not emailed after a
+    reinstall, and whoever was emailed is not emailed again. Returns how many rows stayed, per
+    table.
     """
     schema = config.database.schema_
-    kept = 0
+    tables = (
+        *(() if forget_suppressions else SUPPRESSION_TABLES),
+        *(() if forget_send_history else SEND_HISTORY_TABLES),
+    )
 
-    def remove(connection: Connection) -> None:
-        nonlocal kept
+    def remove_triggers(connection: Connection) -> None:
         lock(connection, schema)
         _brief_lock_timeout(connection)
         preparer = connection.dialect.identifier_preparer
@@ -308,11 +346,12 @@ def uninstall(engine: Engine, config: RetentionConfig, *, forget_suppressions: b
             ).scalar()
             if exists:
                 connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
-        kept = 0 if forget_suppressions else keep_for_reinstall(connection, schema)
-        if not kept:
-            connection.execute(
-                text(f"DROP SCHEMA IF EXISTS {preparer.quote_schema(schema)} CASCADE")
-            )
 
-    with_brief_locks(engine, remove, "db uninstall")
-    return kept
+    def drop_schema(connection: Connection) -> dict[str, int]:
+        lock(connection, schema)
+        _brief_lock_timeout(connection)  # in case a trigger of an unmapped table depends on it
+        return keep_for_reinstall(connection, schema, tables)
+
+    with_brief_locks(engine, remove_triggers, "db uninstall")
+    # Apart: copying the send history takes a while, and the app's writes must not wait on it.
+    return with_brief_locks(engine, drop_schema, "db uninstall")

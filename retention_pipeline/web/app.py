@@ -1,11 +1,14 @@
 """The ASGI app of `retention-pipeline serve`.
 
 - `POST /webhooks/resend`: Resend's delivery events, verified (Svix signature, at most 5 minutes
-  old) by the resend SDK, stored once per `svix-id` (see `sending.delivery`).
+  old) by the resend SDK, stored once per `svix-id` (see `sending.delivery`); 503 while the
+  database cannot store it, so that Resend delivers it again.
 - `GET /unsubscribe?token=...`: a page with buttons that POST; link scanners and previews follow
   GET links and must not unsubscribe anyone.
 - `POST /unsubscribe?token=...`: RFC 8058 one-click unsubscribe: 200, and the address is
-  suppressed; repeating it is harmless.
+  suppressed; repeating it is harmless. While the database cannot take it, the unsubscribe goes
+  to a journal on local disk (`web.journal`) that a background task replays every
+  `replay_seconds`, from start-up on, until the database takes it.
 - `GET /healthz`: 200 when the database answers and holds the pipeline's current schema.
 
 Requests over `MAX_URL_BYTES` of URL or `MAX_BODY_BYTES` of body get a 4xx before any work;
@@ -15,8 +18,11 @@ query string (which carries the unsubscribe token).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from html import escape
 from urllib.parse import urlencode
 
@@ -34,7 +40,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from retention_pipeline.database.migrate import installation_problem
 from retention_pipeline.email.unsubscribe import make_token, verify_token
 from retention_pipeline.sending.delivery import InvalidEventError, parse_event, store_event
-from retention_pipeline.sending.suppressions import NothingToUnsubscribe, unsubscribe_with_token
+from retention_pipeline.sending.suppressions import NothingToUnsubscribe, unsubscribe_user
+from retention_pipeline.web.journal import UnsubscribeJournal, database_failure
 
 MAX_URL_BYTES = 8 * 1024
 MAX_BODY_BYTES = 256 * 1024
@@ -74,8 +81,11 @@ def create_app(
     unsubscribe_secret: str,
     webhook_secret: str,
     product_name: str,
+    journal: UnsubscribeJournal,
+    replay_seconds: float = 30.0,
 ) -> ASGIApp:
-    """The web service over the pipeline's schema in `engine`'s database."""
+    """The web service over the pipeline's schema in `engine`'s database; unsubscribes the
+    database cannot take wait in `journal`."""
 
     async def resend_webhook(request: Request) -> Response:
         body = await _body(request)
@@ -104,7 +114,16 @@ def create_app(
             with engine.begin() as connection:
                 return store_event(connection, schema=schema, event=event)
 
-        stored = await run_in_threadpool(store)
+        try:
+            stored = await run_in_threadpool(store)
+        except SQLAlchemyError as error:
+            logger.warning(
+                "resend event %s %s not stored: %s; answered 503 for Resend to deliver it again",
+                event.event_type,
+                event.delivery_id,
+                database_failure(error),
+            )
+            return _text(503, "the database is unavailable; deliver the event again later")
         logger.info(
             "resend event %s %s: %s%s",
             event.event_type,
@@ -128,14 +147,23 @@ def create_app(
 
         def record():
             with engine.begin() as connection:
-                return unsubscribe_with_token(
-                    connection, schema=schema, secret=unsubscribe_secret, token=token
-                )
+                unsubscribe_user(connection, schema=schema, user_id=str(user_id), loop_name=loop)
 
         try:
             await run_in_threadpool(record)
         except NothingToUnsubscribe as nothing:
             return _page(404, "Nothing to unsubscribe", f"{nothing}.")
+        except SQLAlchemyError as error:
+            # Kept on disk before the reader hears it is done; a failing disk is a 500.
+            await run_in_threadpool(journal.record, str(user_id), loop)
+            logger.warning(
+                "unsubscribe of user %s from %s journaled in %s: %s; the journal is replayed "
+                "when the database answers",
+                user_id,
+                f"loop {loop}" if loop else "every loop",
+                journal.path,
+                database_failure(error),
+            )
         scope = "these emails" if loop else f"any email from {product_name}"
         return _page(200, "You are unsubscribed", f"You will not receive {scope} any more.")
 
@@ -164,7 +192,47 @@ def create_app(
             return _text(503, problem)
         return _text(200, "ok")
 
+    def replay_journal() -> None:
+        if not journal.pending():
+            return
+        replay = journal.replay(engine, schema)
+        if replay.suppressed or replay.nothing_to_unsubscribe:
+            logger.info(
+                "unsubscribe journal replayed: %d written to the database, %d of users never "
+                "emailed dropped, %d left",
+                replay.suppressed,
+                replay.nothing_to_unsubscribe,
+                replay.left,
+            )
+        if replay.failure:
+            logger.warning(
+                "%d journaled unsubscribe(s) in %s wait for the database: %s; next try in %gs",
+                replay.left,
+                journal.path,
+                replay.failure,
+                replay_seconds,
+            )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async def keep_replaying() -> None:
+            while True:
+                try:
+                    await run_in_threadpool(replay_journal)
+                except Exception:
+                    logger.exception("replaying the unsubscribe journal %s failed", journal.path)
+                await asyncio.sleep(replay_seconds)
+
+        replaying = asyncio.create_task(keep_replaying())
+        try:
+            yield
+        finally:
+            replaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replaying
+
     app = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/webhooks/resend", resend_webhook, methods=["POST"]),
             Route("/unsubscribe", unsubscribe, methods=["GET", "POST"]),

@@ -12,7 +12,9 @@ import uvicorn
 from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
+from retention_pipeline.database.embedded import retention_home
 from retention_pipeline.web.app import create_app
+from retention_pipeline.web.journal import UnsubscribeJournal
 
 MAX_HEAD_BYTES = 256 * 1024
 """Request line and headers. Up to this the app sees the request and answers a long URL with a
@@ -34,7 +36,7 @@ def uvicorn_config(app: ASGIApp, *, host: str, port: int) -> uvicorn.Config:
         access_log=False,
         log_config=None,
         server_header=False,
-        lifespan="off",
+        lifespan="on",  # the app replays its unsubscribe journal in the background
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
     )
@@ -50,7 +52,8 @@ def serve(
     host: str,
     port: int,
 ) -> None:
-    """Serve until SIGINT or SIGTERM."""
+    """Serve until SIGINT or SIGTERM. Unsubscribes the database cannot take wait in
+    `$RETENTION_HOME/unsubscribe_journal_<schema>.jsonl`."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
@@ -62,6 +65,7 @@ def serve(
         unsubscribe_secret=unsubscribe_secret,
         webhook_secret=webhook_secret,
         product_name=product_name,
+        journal=UnsubscribeJournal(retention_home() / f"unsubscribe_journal_{schema}.jsonl"),
     )
     logging.getLogger(__name__).info(
         "serving POST /webhooks/resend, GET and POST /unsubscribe, GET /healthz on http://%s:%d",

@@ -184,19 +184,28 @@ def test_db_uninstall_keeps_the_suppression_list_for_the_next_install(
 
     assert main(["--config", config, "db", "uninstall", "--yes"]) == 0
     said = capsys.readouterr().out
-    assert "2 suppressed address(es) kept in retention.email_suppressions_kept" in said
+    assert "kept 2 suppressed address(es) in retention.email_suppressions_kept" in said
     with emailed.engine.connect() as connection:
         left = connection.execute(
             text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
             {"s": SCHEMA},
         ).scalars()
-        assert list(left) == ["email_suppressions_kept"]
+        assert sorted(left) == [
+            "email_send_log_kept",
+            "email_suppressions_kept",
+            "reengagement_audience_kept",
+        ]
     # Uninstalling again keeps what the first one kept.
     assert main(["--config", config, "db", "uninstall", "--yes"]) == 0
 
     assert main(["--config", config, "db", "upgrade"]) == 0
     assert suppressions(emailed) == before
+    capsys.readouterr()
 
     assert main(["--config", config, "db", "uninstall", "--yes", "--forget-suppressions"]) == 0
+    assert "suppressed" not in capsys.readouterr().out
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    assert suppressions(emailed) == []
+    assert main(["--config", config, "db", "uninstall", "--yes", "--forget-send-history"]) == 0
     with emailed.engine.connect() as connection:
         assert connection.execute(text("SELECT to_regnamespace('retention')")).scalar() is None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
@@ -22,14 +23,14 @@ from retention_pipeline_tests.web.support import serving
 PROVIDER_IDS = {"u1": "re-email-of-u1", "u2": "re-email-of-u2"}
 
 
-@pytest.fixture
-def emailed(app_database_url: str) -> Iterator[SendingDatabase]:
-    """The loop sent u1 (Ada@Example.com) and u2 (bob@example.com) an email through Resend,
-    which gave them the ids in `PROVIDER_IDS`."""
-    config = make_config(app_database_url)
-    engine = create_engine(app_database_url)
+def email_two_users(url: str) -> SendingDatabase:
+    """Install the pipeline in the app database at `url`, where the loop then sent u1
+    (Ada@Example.com) and u2 (bob@example.com) an email through Resend, which gave them the ids
+    in `PROVIDER_IDS`."""
+    config = make_config(url)
+    engine = create_engine(url)
     install(engine, config)
-    db = SendingDatabase(engine=engine, config=config, url=app_database_url)
+    db = SendingDatabase(engine=engine, config=config, url=url)
     add_users(engine, [User("u1", "Ada@Example.com"), User("u2", "bob@example.com")])
     compose_and_claim(db)
     with engine.begin() as connection:
@@ -42,12 +43,24 @@ def emailed(app_database_url: str) -> Iterator[SendingDatabase]:
             ],
             provider="resend",
         )
-    yield db
-    engine.dispose()
+    return db
 
 
 @pytest.fixture
-def server(emailed: SendingDatabase) -> Iterator[str]:
+def emailed(app_database_url: str) -> Iterator[SendingDatabase]:
+    """`email_two_users` on the test server."""
+    db = email_two_users(app_database_url)
+    yield db
+    db.engine.dispose()
+
+
+@pytest.fixture
+def server(emailed: SendingDatabase, tmp_path: Path) -> Iterator[str]:
     """The web service over `emailed`, on a loopback port; yields its base URL."""
-    with serving(emailed.engine, schema=SCHEMA, unsubscribe_secret=SECRET) as url:
+    with serving(
+        emailed.engine,
+        schema=SCHEMA,
+        unsubscribe_secret=SECRET,
+        journal=tmp_path / "unsubscribe_journal.jsonl",
+    ) as url:
         yield url

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ import uvicorn
 from sqlalchemy import Engine
 
 from retention_pipeline.web.app import create_app
+from retention_pipeline.web.journal import UnsubscribeJournal
 from retention_pipeline.web.server import uvicorn_config
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"resend-signing-key-for-tests").decode()
@@ -34,14 +36,24 @@ class Answer:
 
 
 @contextmanager
-def serving(engine: Engine, *, schema: str, unsubscribe_secret: str) -> Iterator[str]:
-    """`retention-pipeline serve`'s app under uvicorn on a free loopback port; yields its URL."""
+def serving(
+    engine: Engine,
+    *,
+    schema: str,
+    unsubscribe_secret: str,
+    journal: Path,
+    replay_seconds: float = 30.0,
+) -> Iterator[str]:
+    """`retention-pipeline serve`'s app under uvicorn on a free loopback port, its unsubscribe
+    journal at `journal`; yields its URL."""
     app = create_app(
         engine,
         schema=schema,
         unsubscribe_secret=unsubscribe_secret,
         webhook_secret=WEBHOOK_SECRET,
         product_name="Acme",
+        journal=UnsubscribeJournal(journal),
+        replay_seconds=replay_seconds,
     )
     server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=0))
     thread = threading.Thread(target=server.run, name="serve", daemon=True)

@@ -85,7 +85,10 @@ def test_bounces_complaints_and_one_click_unsubscribes_reach_the_next_audience(
         assert {bouncer, leaver} <= audience
 
         with serving(
-            engine, schema="retention", unsubscribe_secret=TEST_UNSUBSCRIBE_SECRET
+            engine,
+            schema="retention",
+            unsubscribe_secret=TEST_UNSUBSCRIBE_SECRET,
+            journal=tmp_path / "unsubscribe_journal.jsonl",
         ) as server:
             reports = [
                 ("msg_1", resend_event("email.delivered", leaver_id, leaver_email)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -254,10 +255,14 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(
     assert call(server, "GET", "/healthz").body == "ok\n"
 
 
-def test_healthz_says_when_the_database_is_unreachable(emailed: SendingDatabase) -> None:
+def test_healthz_says_when_the_database_is_unreachable(
+    emailed: SendingDatabase, tmp_path: Path
+) -> None:
     nowhere = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")
 
-    with serving(nowhere, schema=SCHEMA, unsubscribe_secret=SECRET) as server:
+    with serving(
+        nowhere, schema=SCHEMA, unsubscribe_secret=SECRET, journal=tmp_path / "journal.jsonl"
+    ) as server:
         answer = call(server, "GET", "/healthz")
 
     assert (answer.status, answer.body) == (503, "the database is unreachable\n")

@@ -1,0 +1,231 @@
+"""`db uninstall` then `db upgrade` forgets nothing a user did or was sent, unless told to: a
+re-run of a day emails nobody twice and the frequency cap still holds across loops."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from sqlalchemy import Engine, create_engine, text
+
+from retention_pipeline.cli import main
+from retention_pipeline.config import parse_config
+from retention_pipeline.defs.emails import AudienceConfig, build_send_job, reengagement_audience
+from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.demo import seed_demo
+from retention_pipeline.resources.app_database import AppDatabase
+from retention_pipeline.resources.email import OutboxEmail
+from retention_pipeline.tracking.drain import update_rollup
+from retention_pipeline.tracking.install import install, uninstall
+from retention_pipeline_tests.helpers import insert_sent_email, make_config, write_config
+
+LOOP, OTHER_LOOP = "re_engagement", "win_back"
+HISTORY = ("email_send_log", "episodes", "reengagement_audience")
+
+
+def count(engine: Engine, query: str, **params) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text(query), params).scalar_one())
+
+
+def history(engine: Engine) -> dict[str, int]:
+    return {table: count(engine, f"SELECT count(*) FROM retention.{table}") for table in HISTORY}
+
+
+def users_of(engine: Engine, loop: str, day: str, *, arm: str | None = None) -> set[str]:
+    with engine.connect() as connection:
+        return set(
+            connection.execute(
+                text("""
+                    SELECT user_id FROM retention.reengagement_audience
+                    WHERE loop_name = :loop AND partition_date = :day
+                      AND (arm = :arm OR CAST(:arm AS text) IS NULL)"""),
+                {"loop": loop, "day": day, "arm": arm},
+            ).scalars()
+        )
+
+
+class Deployment:
+    """The demo app up to yesterday, two loops with the same condition, emails to an outbox;
+    the pipeline installed, uninstalled and upgraded through the command line."""
+
+    def __init__(self, url: str, directory: Path, instance: dg.DagsterInstance) -> None:
+        self.engine = create_engine(url)
+        self.day = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+        path = write_config(directory, url)
+        document = yaml.safe_load(path.read_text())
+        second = copy.deepcopy(document["loops"][0])
+        second["name"] = OTHER_LOOP
+        document["loops"].append(second)
+        path.write_text(yaml.safe_dump(document))
+        self.config_path = str(path)
+        self.config = parse_config(document, environ={})
+        self.outbox = directory / "outbox"
+        self.instance = instance
+        self.resources = {
+            "app_database": AppDatabase(config_path=self.config_path),
+            "email": OutboxEmail(directory=str(self.outbox), from_address="a@acme.test"),
+        }
+
+    def cli(self, *args: str) -> None:
+        assert main(["--config", self.config_path, *args]) == 0
+
+    def run_day(self, loop: str) -> dict:
+        """The loop's daily run of yesterday, then its send run; returns the audience's
+        metadata."""
+        daily = dg.materialize(
+            [user_activity_snapshot, engagement_segments, reengagement_audience],
+            partition_key=self.day,
+            instance=self.instance,
+            resources=self.resources,
+            run_config=dg.RunConfig(
+                ops={"retention__reengagement_audience": AudienceConfig(loops=[loop])}
+            ),
+        )
+        assert daily.success
+        (audience,) = [
+            m
+            for m in daily.asset_materializations_for_node("retention__reengagement_audience")
+            if m.partition == self.day
+        ]
+        send = build_send_job(self.config.loop(loop), 1)
+        assert send.execute_in_process(
+            partition_key=f"{self.day}|0", instance=self.instance, resources=self.resources
+        ).success
+        return {key: value.value for key, value in audience.metadata.items()}
+
+    def emails_in_outbox(self) -> int:
+        return len(list(self.outbox.glob("*.html")))
+
+
+@pytest.fixture
+def deployment(create_database, tmp_path: Path):
+    url = create_database()
+    engine = create_engine(url)
+    end = datetime.combine(datetime.now(UTC).date(), datetime.min.time(), UTC)
+    with engine.begin() as connection:
+        seed_demo(connection, users=400, days=60, seed=11, end=end)
+    engine.dispose()
+    with dg.instance_for_test() as instance:
+        deployed = Deployment(url, tmp_path, instance)
+        deployed.cli("db", "upgrade")
+        yield deployed
+        deployed.engine.dispose()
+
+
+def test_a_reinstall_keeps_the_send_history_and_a_rerun_emails_nobody_twice(
+    deployment: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    day, engine = deployment.day, deployment.engine
+    deployment.run_day(LOOP)
+    emailed = users_of(engine, LOOP, day, arm="treatment")
+    picked = users_of(engine, LOOP, day)
+    assert emailed and deployment.emails_in_outbox() == len(emailed)
+    before = history(engine)
+    capsys.readouterr()
+
+    deployment.cli("db", "uninstall", "--yes")
+    said = capsys.readouterr().out
+    assert f"kept {len(emailed)} email(s) in the send log in retention.email_send_log_kept" in said
+    assert f"kept {len(picked)} audience row(s) in retention.reengagement_audience_kept" in said
+    deployment.cli("db", "upgrade")
+    assert history(engine) == before
+
+    # The other loop's first day after the reinstall: whoever the first loop picked yesterday
+    # (in either arm) is within the frequency cap.
+    other = deployment.run_day(OTHER_LOOP)
+    assert other[f"{OTHER_LOOP}/excluded_frequency_cap"] >= len(picked) > 0
+    assert users_of(engine, OTHER_LOOP, day) & picked == set()
+    assert deployment.emails_in_outbox() == len(emailed) + len(
+        users_of(engine, OTHER_LOOP, day, arm="treatment")
+    )
+    emails_so_far = deployment.emails_in_outbox()
+
+    # The same day again: the same audience, and not one email more.
+    deployment.run_day(LOOP)
+    assert users_of(engine, LOOP, day, arm="treatment") == emailed
+    assert deployment.emails_in_outbox() == emails_so_far
+    assert count(
+        engine, "SELECT count(*) FROM retention.email_send_log WHERE loop_name = :l", l=LOOP
+    ) == len(emailed)
+
+    # Told to, the uninstall forgets the send history.
+    deployment.cli("db", "uninstall", "--yes", "--forget-send-history")
+    assert "send log" not in capsys.readouterr().out
+    deployment.cli("db", "upgrade")
+    assert history(engine) == dict.fromkeys(HISTORY, 0)
+
+
+def test_restored_rows_keep_their_ids_and_new_rows_number_on(app_database_url: str) -> None:
+    config = make_config(app_database_url)
+    engine = create_engine(app_database_url)
+    install(engine, config)
+    insert_sent_email(engine, "u1", "key-1")
+    insert_sent_email(engine, "u2", "key-2")
+    with engine.begin() as connection:
+        connection.execute(
+            text("""
+                INSERT INTO retention.email_events
+                    (svix_id, event_type, provider_email_id, send_log_id, occurred_at)
+                SELECT 'msg-1', 'delivered', 'e-2', id, now() FROM retention.email_send_log
+                WHERE send_key = 'key-2'""")
+        )
+    with engine.connect() as connection:
+        ids = dict(
+            connection.execute(text("SELECT send_key, id FROM retention.email_send_log")).all()
+        )
+
+    assert uninstall(engine, config) == {"email_send_log": 2, "email_events": 1}
+    install(engine, config)
+    insert_sent_email(engine, "u3", "key-3")
+
+    with engine.connect() as connection:
+        restored = dict(
+            connection.execute(text("SELECT send_key, id FROM retention.email_send_log")).all()
+        )
+        linked = connection.execute(
+            text("""
+                SELECT log.send_key FROM retention.email_events AS event
+                JOIN retention.email_send_log AS log ON log.id = event.send_log_id""")
+        ).scalar_one()
+    assert {key: restored[key] for key in ids} == ids
+    assert restored["key-3"] > max(ids.values())
+    assert linked == "key-2"
+
+    # Uninstalled twice, the second time told to forget the history: the schema goes whole.
+    assert uninstall(engine, config) == {"email_send_log": 3, "email_events": 1}
+    assert uninstall(engine, config) == {"email_send_log": 3, "email_events": 1}
+    assert uninstall(engine, config, forget_send_history=True) == {}
+    assert count(engine, "SELECT count(*) FROM pg_namespace WHERE nspname = 'retention'") == 0
+    engine.dispose()
+
+
+def test_users_the_app_deleted_while_uninstalled_are_erased_from_the_kept_history(
+    app_database_url: str,
+) -> None:
+    config = make_config(app_database_url)
+    engine = create_engine(app_database_url)
+    install(engine, config)
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO users (id, email) VALUES (1, 'a@example.com'), (2, 'b@example.com')")
+        )
+    insert_sent_email(engine, "1", "key-1")
+    insert_sent_email(engine, "2", "key-2")
+    uninstall(engine, config)
+
+    with engine.begin() as connection:  # no trigger sees it
+        connection.execute(text("DELETE FROM users WHERE id = 2"))
+    install(engine, config)
+    update_rollup(engine, config)
+
+    with engine.connect() as connection:
+        emails = dict(
+            connection.execute(text("SELECT user_id, email FROM retention.email_send_log")).all()
+        )
+    assert emails == {"1": "user1@example.com", "2": ""}
+    engine.dispose()
