@@ -3,28 +3,46 @@ it did not start stays claimed, and the next send run sends it once."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, time, timedelta
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from types import SimpleNamespace
 
+import dagster as dg
 import pytest
-from sqlalchemy import text
+import yaml
+from dagster._core.test_utils import create_run_for_test
+from dagster._daemon.monitoring import concurrency as monitoring_concurrency
+from dagster._time import get_current_datetime
+from sqlalchemy import make_url, text
 
+from retention_pipeline.config.models import Recovery
+from retention_pipeline.defs.emails import build_send_job, send_partition_key
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.email.resend_sender import ResendSender
+from retention_pipeline.resources.app_database import AppDatabase
+from retention_pipeline.resources.email import ResendEmail
 from retention_pipeline.sending import SenderLockLost, SendRunReport, send_loop_day, sender_lock
 from retention_pipeline_tests.email.fake_resend import FakeResend
+from retention_pipeline_tests.helpers import write_config
 from retention_pipeline_tests.sending.support import (
+    API_KEY,
     DAY,
+    FROM,
     LOOP,
     SECRET,
     SendingDatabase,
     add_users,
     make_sender,
+    serving,
     statuses,
     users,
 )
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MORNING = datetime.combine(DAY + timedelta(days=1), time(9), UTC)
 HOLDER = "retention sender re_engagement/0 run deadbeef"
 
@@ -144,3 +162,94 @@ def test_the_error_that_ended_a_sender_is_not_hidden_by_its_lost_lock(
     # The lock went with its connection: the next sender takes it at once.
     with sender_lock(sending_db.engine, schema="retention", loop_name=LOOP, holder=HOLDER) as lock:
         lock.ensure_held()
+
+
+class RunDiesAtFirstRequest(FakeResend):
+    """A stand-in Resend at whose first request the send run is marked failed, as run monitoring
+    marks a run whose worker was killed while its step process goes on sending."""
+
+    def __init__(self, instance: dg.DagsterInstance) -> None:
+        super().__init__()
+        self._instance = instance
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        if not self.requests:  # the run dies while its first batch is on the way
+            (run,) = self._instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+            self._instance.report_run_failed(run, "the run worker was killed")
+        super()._handle(handler)
+
+
+def test_the_send_op_stops_before_its_next_batch_once_its_run_is_no_longer_started(
+    sending_db: SendingDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    day = datetime.now(UTC).date() - timedelta(days=1)  # within the send window of today
+    add_users(sending_db.engine, users(250), day=day)
+    app_database = AppDatabase(
+        config_path=str(write_config(tmp_path, sending_db.url, email={"unsubscribe_secret": "s"}))
+    )
+    loop = app_database.config.loop(LOOP)
+    # No step retries: what stops the sender here is its run, not the step's recovery.
+    job = build_send_job(loop.model_copy(update={"recovery": Recovery(retries=0)}), 1)
+    resources = {
+        "app_database": app_database,
+        "email": ResendEmail(api_key=API_KEY, from_address=FROM, requests_per_second=1000),
+    }
+
+    with (
+        dg.instance_for_test() as instance,
+        serving(RunDiesAtFirstRequest(instance), monkeypatch) as fake,
+    ):
+        dead = job.execute_in_process(
+            partition_key=send_partition_key(day.isoformat(), 0),
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+        )
+        assert not dead.success
+        assert len(fake.requests) == 1
+        assert statuses(sending_db.engine) == {"sent": 100, "claimed": 150}
+        messages = [entry.user_message for entry in instance.all_logs(dead.run_id)]
+        assert any("stopping before batch 2 of 3" in message for message in messages)
+
+        retry = job.execute_in_process(
+            partition_key=send_partition_key(day.isoformat(), 0),
+            instance=instance,
+            resources=resources,
+        )
+        assert retry.success
+        assert Counter(fake.delivered_to()) == Counter(f"user{n}@example.com" for n in range(250))
+    assert statuses(sending_db.engine) == {"sent": 250}
+
+
+def test_the_shipped_instance_frees_the_resend_slot_of_a_send_run_that_died(
+    create_database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed mid-send never releases its `resend` pool slot; the daemon's run monitoring
+    frees it as the shipped `dagster.yaml` says, or four such crashes stop every send run."""
+    shipped = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    free_after = shipped["run_monitoring"]["free_slots_after_run_end_seconds"]
+    url = make_url(create_database()).set(drivername="postgresql+psycopg2")
+    overrides = {
+        "storage": {"postgres": {"postgres_url": url.render_as_string(hide_password=False)}},
+        "run_monitoring": shipped["run_monitoring"],
+    }
+    with dg.instance_for_test(overrides=overrides) as instance:
+        slots = instance.event_log_storage
+        slots.set_concurrency_slots("resend", 1)
+        run = create_run_for_test(
+            instance, job_name="send_re_engagement", status=dg.DagsterRunStatus.STARTED
+        )
+        assert slots.claim_concurrency_slot("resend", run.run_id, "send_emails").is_claimed
+        instance.report_run_failed(run, "the run worker was killed")
+        assert slots.get_concurrency_info("resend").active_run_ids == {run.run_id}
+
+        # The daemon's concurrency pass, a little later than the shipped delay.
+        later = get_current_datetime() + timedelta(seconds=free_after + 5)
+        monkeypatch.setattr(monitoring_concurrency, "get_current_datetime", lambda: later)
+        daemon = SimpleNamespace(instance=instance)
+        list(
+            monitoring_concurrency.execute_concurrency_slots_iteration(daemon, logging.getLogger())
+        )
+
+        assert slots.get_concurrency_info("resend").active_slot_count == 0
+    assert 0 < free_after <= 300
