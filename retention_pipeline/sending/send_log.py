@@ -14,9 +14,10 @@ has not seen the key and sends the smaller batch. For one attempted before (its 
 either Resend never took that request, and the smaller batch goes out as a first send, or it did,
 and Resend answers the same key with a different payload `409 invalid_idempotent_request`
 instead of sending anything: every remaining member was in the earlier, larger request Resend
-accepted, so they are recorded as sent (without Resend's ids), and the withheld member, emailed
-in a request that started before the suppression, is not emailed again. Either way nobody is
-emailed twice, and no request that starts after a suppression carries the address.
+accepted, so they are recorded as sent (without Resend's ids; one Resend rejected in that request
+would count as sent too), and the withheld member, emailed in a request that started before the
+suppression, is not emailed again. Either way nobody is emailed twice, and no request that starts
+after a suppression carries the address.
 
 A batch is pending as a whole or not at all: `record` settles every row of a batch in one
 transaction, and only failures of a whole request are retryable.
@@ -173,9 +174,6 @@ def pending_batch_keys(
     )
 
 
-WITHHELD_REASONS = ("suppressed", "erased")
-
-
 @dataclass(frozen=True)
 class StartedBatch:
     """A batch as it goes out: the members still to send, and the members withheld."""
@@ -186,7 +184,7 @@ class StartedBatch:
     emails: list[OutgoingEmail]
     """In send-key order, rebuilt from the stored content."""
     withheld: Counter[tuple[date, str]] = field(default_factory=Counter)
-    """Members failed instead of sent, by partition day and reason (`WITHHELD_REASONS`)."""
+    """Members failed instead of sent, by partition day and reason: 'suppressed' or 'erased'."""
 
 
 def start_batch(

@@ -7,13 +7,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from alembic import command
 from sqlalchemy import text
 
+from retention_pipeline.database import migrate
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.email.resend_sender import ResendSender
-from retention_pipeline.sending import send_pending
+from retention_pipeline.sending import pending_batch_keys, send_pending, start_batch
 from retention_pipeline.sending.dispatch import DispatchReport
 from retention_pipeline.tracking.erasure import erase_users
+from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.email.fake_resend import FakeResend
 from retention_pipeline_tests.sending.support import (
     LOOP,
@@ -189,3 +192,31 @@ def test_a_batch_delivered_unanswered_then_withheld_from_is_never_delivered_twic
     # Settled: nothing more is requested.
     assert dispatch(sending_db, make_sender()) == DispatchReport(sent=0, failed=0, still_pending=0)
     assert len(fake_resend.requests) == 2
+
+
+def test_a_batch_attempted_before_the_upgrade_is_retried_under_the_key_it_went_out_with(
+    sending_db: SendingDatabase, fake_resend: FakeResend
+) -> None:
+    """Revision 0011 stores each batch's key; a batch still claimed keeps the key the sender of
+    revision 0010 derived from its members, or Resend would deliver it again."""
+    add_users(sending_db.engine, users(5))
+    compose_and_claim(sending_db)
+    with sending_db.engine.connect() as connection:
+        (key,) = pending_batch_keys(connection, schema=SCHEMA, loop_name=LOOP)
+        emails = start_batch(connection, schema=SCHEMA, loop_name=LOOP, batch_key=key).emails
+        connection.rollback()
+    with sending_db.engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, SCHEMA), "0010")
+    # Revision 0010's send: the key derived from the members, delivered, the answer lost.
+    fake_resend.drop_answer_next()
+    make_sender(max_attempts=1).send(emails)
+    with sending_db.engine.begin() as connection:
+        connection.execute(text("UPDATE retention.email_send_log SET first_attempt_at = now()"))
+
+    install(sending_db.engine, sending_db.config)
+    report = dispatch(sending_db, make_sender())
+
+    before, after = fake_resend.requests
+    assert after.idempotency_key == before.idempotency_key and after.replayed
+    assert fake_resend.delivered_count == 5
+    assert (report.sent, report.still_pending) == (5, 0)
