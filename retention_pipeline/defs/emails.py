@@ -24,7 +24,7 @@ from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.sending.pace import SharedPace
 from retention_pipeline.sending.run import send_loop_day
-from retention_pipeline.sending.sender_lock import SenderBusy
+from retention_pipeline.sending.sender_lock import SenderBusy, SenderLockLost
 from retention_pipeline.sending.shards import Shard
 
 AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
@@ -193,8 +193,13 @@ def send_emails(
             holder=f"retention sender {loop.name}/{shard.index} run {context.run_id[:8]}",
             log=context.log,
             shard=shard,
+            # A step process whose run worker was killed (the run FAILURE, its retry queued)
+            # must not keep sending: it stops before its next batch.
+            keep_going=lambda: (
+                context.instance.get_run_by_id(context.run_id).status == dg.DagsterRunStatus.STARTED
+            ),
         )
-    except SenderBusy as busy:
+    except (SenderBusy, SenderLockLost) as busy:
         raise dg.Failure(description=str(busy)) from None
     context.log.info(str(report))
     for reported_day in report.days_reported:

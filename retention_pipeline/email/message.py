@@ -26,7 +26,8 @@ class OutgoingEmail:
 
 @dataclass(frozen=True)
 class SendResult:
-    """What happened to one `OutgoingEmail`; `error` is set exactly when `status` is "failed".
+    """What happened to one `OutgoingEmail`. `error` says why it failed, or why an email sent has
+    no `provider_id`.
 
     `retryable` marks a failure a later attempt may fix (the sender gave up on a transient error:
     rate limiting, a server error, the connection): the send log keeps such an email claimed, to
@@ -41,7 +42,14 @@ class SendResult:
 
 
 class EmailSender(Protocol):
-    def send(self, emails: Sequence[OutgoingEmail]) -> list[SendResult]:
+    def send(
+        self, emails: Sequence[OutgoingEmail], *, idempotency_key: str | None = None
+    ) -> list[SendResult]:
         """Send every email; return one result per input, in input order, without raising for
-        delivery failures (the caller records them)."""
+        delivery failures (the caller records them).
+
+        `idempotency_key`: the key a stored batch was claimed with; the emails are then that
+        batch's (at most one request's worth), and every request for it carries the key, whoever
+        was withheld from it since. Without it, the sender derives keys from the send keys.
+        """
         ...

@@ -70,7 +70,10 @@ class OutboxSender:
         self.directory = Path(directory)
         self.from_address = from_address
 
-    def send(self, emails: Sequence[OutgoingEmail]) -> list[SendResult]:
+    def send(
+        self, emails: Sequence[OutgoingEmail], *, idempotency_key: str | None = None
+    ) -> list[SendResult]:
+        # Files are named after send keys, which makes re-sends harmless without a batch key.
         self.directory.mkdir(parents=True, exist_ok=True)
         results = []
         for email in emails:

@@ -40,7 +40,8 @@ _AUTH_STATUSES = frozenset({401, 403})
 
 
 def batch_idempotency_key(keys: Iterable[str]) -> str:
-    """The `Idempotency-Key` of a batch: a digest of its sorted send-log keys.
+    """The `Idempotency-Key` of a batch sent without one of its own: a digest of its sorted
+    send-log keys.
 
     Sorting makes it independent of order inside the batch; JSON keeps `["a,b"]` and `["a", "b"]`
     apart. Resend remembers the key for 24 hours, so re-sending the same batch in that window
@@ -97,12 +98,17 @@ class ResendSender:
     """An `EmailSender` backed by the official `resend` SDK (`resend.Batch.send`).
 
     Emails are split into batches of at most 100 in input order; each batch is sent sorted by key,
-    with an `Idempotency-Key` derived from its keys and permissive validation (an invalid email
-    fails alone). Results come back in input order. Requests are paced to `requests_per_second`;
-    429 waits `retry-after`, 5xx and connection errors back off exponentially with full jitter, up
-    to `max_attempts` requests per batch; a batch given up on that way fails with
-    `retryable=True`. Other 4xx answers fail the batch for good, without a retry, and 401/403 fail
-    the rest of the call too.
+    with the caller's `idempotency_key` (a stored batch's, so at most 100 emails) or one derived
+    from its keys, and permissive validation (an invalid email fails alone). Results come back in
+    input order. Requests are paced to `requests_per_second`; 429 waits `retry-after`, 5xx and
+    connection errors back off exponentially with full jitter, up to `max_attempts` requests per
+    batch; a batch given up on that way fails with `retryable=True`.
+
+    `409 invalid_idempotent_request` (the key came before with a different payload: the same
+    batch before members were withheld from it) means Resend accepted an earlier request with
+    the key, which held every email of this one: they count as sent, without Resend's ids. Other
+    4xx answers fail the batch for good, without a retry, and 401/403 fail the rest of the call
+    too.
 
     `sleep`, `clock` and `rng` (the jitter's source) are injectable so tests can observe waiting
     without waiting. Retries, waits and failures go to `log` (a Dagster run passes its own, so
@@ -150,11 +156,18 @@ class ResendSender:
     def __repr__(self) -> str:
         return f"ResendSender(from_address={self.from_address!r}, api_key=[redacted])"
 
-    def send(self, emails: Sequence[OutgoingEmail]) -> list[SendResult]:
+    def send(
+        self, emails: Sequence[OutgoingEmail], *, idempotency_key: str | None = None
+    ) -> list[SendResult]:
         duplicates = sorted(key for key, n in Counter(e.key for e in emails).items() if n > 1)
         if duplicates:
             # One key twice would share an Idempotency-Key yet be two deliveries: a caller bug.
             raise ValueError(f"duplicate send keys in one send: {duplicates[:5]}")
+        if idempotency_key is not None and len(emails) > BATCH_SIZE:
+            # Two requests with one key: Resend would answer the second with the first's reply.
+            raise ValueError(
+                f"{len(emails)} emails under one idempotency key; one request takes {BATCH_SIZE}"
+            )
         batches = [
             emails[start : start + BATCH_SIZE] for start in range(0, len(emails), BATCH_SIZE)
         ]
@@ -166,18 +179,25 @@ class ResendSender:
                 # API. Nothing was sent, so these stay retryable for when it is fixed.
                 results.extend(_failed(batch, stop_reason, retryable=True))
                 continue
-            batch_results, stop_reason = self._send_batch(batch, number, len(batches))
+            batch_results, stop_reason = self._send_batch(
+                batch, number, len(batches), idempotency_key
+            )
             results.extend(batch_results)
         return results
 
     def _send_batch(
-        self, batch: Sequence[OutgoingEmail], number: int, total: int
+        self,
+        batch: Sequence[OutgoingEmail],
+        number: int,
+        total: int,
+        idempotency_key: str | None,
     ) -> tuple[list[SendResult], str | None]:
         # Resend answers 409 when a known Idempotency-Key comes with a different payload, so the
         # payload, like the key, must depend only on which emails are in the batch, not their order.
         ordered = sorted(batch, key=lambda email: email.key)
         params = [self._params(email) for email in ordered]
-        idempotency_key = batch_idempotency_key(email.key for email in ordered)
+        if idempotency_key is None:
+            idempotency_key = batch_idempotency_key(email.key for email in ordered)
         options: resend.Batch.SendOptions = {
             "idempotency_key": idempotency_key,
             "batch_validation": "permissive",
@@ -193,9 +213,21 @@ class ResendSender:
             else:
                 by_key = {result.key: result for result in self._results(ordered, response, label)}
                 return [by_key[email.key] for email in batch], None
+            if failure.already_sent:
+                self._log.warning(
+                    "%s: Resend accepted an earlier request with this Idempotency-Key, which held "
+                    "every email of this one: recorded as sent (%s)",
+                    label,
+                    failure.description,
+                )
+                note = (
+                    "sent by an earlier request with this batch's Idempotency-Key, so Resend's id "
+                    f"is unknown ({failure.description})"
+                )
+                return [SendResult(email.key, "sent", None, note) for email in batch], None
             if not failure.retryable:
                 self._log.error("%s failed: %s", label, failure.description)
-                error = _rejection(failure)
+                error = f"rejected by Resend: {failure.description}"
                 if failure.stops_run:
                     return _failed(batch, error, retryable=True), error
                 return _failed(batch, error), None
@@ -315,15 +347,6 @@ class ResendSender:
         # A proxy or a misbehaving server may echo the request headers back in an error body.
         text = text.replace(self._api_key, "[redacted]")
         return _BEARER.sub("Bearer [redacted]", text)
-
-
-def _rejection(failure: _Failure) -> str:
-    if failure.already_sent:
-        return (
-            f"not sent again: {failure.description} (Resend saw this batch's Idempotency-Key with "
-            "different content in the last 24 hours, so these emails were most likely sent already)"
-        )
-    return f"rejected by Resend: {failure.description}"
 
 
 def _failed(

@@ -1,9 +1,19 @@
-"""Send a loop's claimed batches and record each outcome before sending the next."""
+"""Send a loop's claimed batches and record each outcome before sending the next.
+
+Each batch starts in one statement (`send_log.start_batch`) that withholds the members
+suppressed or erased since the claim and marks the rest attempted, right before its request:
+what was suppressed before that statement is never in a request, and the batch keeps the
+Idempotency-Key it was claimed with, so a retry never delivers anyone twice (the send log's
+docstring has the reasoning). Before each batch the dispatch also asks `keep_going`, which the
+send run answers from its sender lock and its Dagster run: a sender that lost either stops, and
+what it has not started stays claimed for the next one.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -11,11 +21,10 @@ from sqlalchemy import Engine, text
 
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.sending.send_log import (
-    drop_suppressed,
     expire_unanswered,
-    mark_attempt,
-    pending_batches,
+    pending_batch_keys,
     record,
+    start_batch,
 )
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
 
@@ -39,9 +48,12 @@ class DispatchReport:
     expired: int = 0
     """Rows given up on: first sent over a day ago and still unconfirmed (expire_unanswered)."""
     suppressed: int = 0
-    """Claimed rows not sent because the address was suppressed since (drop_suppressed)."""
+    """Claimed rows not sent because the address was suppressed since the claim."""
+    erased: int = 0
+    """Claimed rows not sent because the user was erased since the claim."""
     by_day: dict[date, Counter[str]] = field(default_factory=dict, compare=False)
-    """The same changes by partition day: 'sent' and 'failed' (expired and suppressed included)."""
+    """The same changes by partition day: 'sent' and 'failed' (expired, suppressed and erased
+    included)."""
 
     def __str__(self) -> str:
         sentence = f"{self.sent} sent, {self.failed} failed"
@@ -49,6 +61,8 @@ class DispatchReport:
             sentence += f", {self.expired} given up on (unconfirmed for a day)"
         if self.suppressed:
             sentence += f", {self.suppressed} not sent (suppressed since they were claimed)"
+        if self.erased:
+            sentence += f", {self.erased} not sent (user erased since they were claimed)"
         return sentence + f"; {self.still_pending} still claimed, to be retried"
 
 
@@ -61,16 +75,20 @@ def send_pending(
     provider: str,
     log: logging.Logger = logger,
     shard: Shard = WHOLE_LOOP,
+    keep_going: Callable[[], bool] = lambda: True,
 ) -> DispatchReport:
     """Send every pending batch of the loop's `shard`, recording each batch in its own
     transaction.
 
     A crash loses at most the outcome of the batch in flight; the next call re-sends that batch
-    with the same members, content and `Idempotency-Key`, so what the provider accepted before the
-    crash is not delivered twice. Two dispatches of one loop at once deliver nothing twice for the
-    same reason, and count nothing twice because `record` never changes a row that is no longer
-    claimed (`send_loop_day` also keeps them apart with a lock). Progress goes to `log`, a line
-    per batch.
+    with the same content and `Idempotency-Key` (less the members suppressed or erased since), so
+    what the provider accepted before the crash is not delivered twice. Two dispatches of one loop
+    at once deliver nothing twice for the same reason, and count nothing twice because `record`
+    never changes a row that is no longer claimed (`send_loop_day` also keeps them apart with a
+    lock). Progress goes to `log`, a line per batch.
+
+    `keep_going` is asked before each batch: when it answers False, or raises, the dispatch stops
+    there and the batches not started stay claimed.
     """
     with engine.begin() as connection:
         expired = expire_unanswered(
@@ -80,7 +98,6 @@ def send_pending(
             older_than=IDEMPOTENCY_WINDOW,
             shard=shard,
         )
-        suppressed = drop_suppressed(connection, schema=schema, loop_name=loop_name, shard=shard)
     if expired:
         log.warning(
             "%s: %d emails sent over a day ago with no answer: not re-sent",
@@ -88,17 +105,32 @@ def send_pending(
             expired.total(),
         )
     by_day: dict[date, Counter[str]] = {}
-    for day, count in (expired + suppressed).items():
+    for day, count in expired.items():
         by_day.setdefault(day, Counter())["failed"] += count
     with engine.connect() as connection:
-        batches = pending_batches(connection, schema=schema, loop_name=loop_name, shard=shard)
-    if batches:
-        log.info("%s: %d batches to send", loop_name, len(batches))
+        batch_keys = pending_batch_keys(connection, schema=schema, loop_name=loop_name, shard=shard)
+    if batch_keys:
+        log.info("%s: %d batches to send", loop_name, len(batch_keys))
     sent = failed = 0
-    for number, batch in enumerate(batches, start=1):
+    withheld: Counter[str] = Counter()
+    for number, key in enumerate(batch_keys, start=1):
+        if not keep_going():
+            log.warning(
+                "%s: stopping before batch %d of %d: the send run is no longer alive; the rest "
+                "stays claimed for its retry",
+                loop_name,
+                number,
+                len(batch_keys),
+            )
+            break
         with engine.begin() as connection:
-            mark_attempt(connection, schema=schema, keys=[email.key for email in batch])
-        results = sender.send(batch)
+            batch = start_batch(connection, schema=schema, loop_name=loop_name, batch_key=key)
+        for (day, reason), count in batch.withheld.items():
+            by_day.setdefault(day, Counter())["failed"] += count
+            withheld[reason] += count
+        if not batch.emails:  # settled by another sender meanwhile, or every member withheld
+            continue
+        results = sender.send(batch.emails, idempotency_key=batch.idempotency_key)
         with engine.begin() as connection:
             changed = record(connection, schema=schema, results=results, provider=provider)
         batch_sent = batch_failed = 0
@@ -110,13 +142,16 @@ def send_pending(
         sent += batch_sent
         failed += batch_failed
         log.info(
-            "%s batch %d of %d: %d sent, %d failed, %d left to retry",
+            "%s batch %d of %d: %d sent, %d failed, %d left to retry%s",
             loop_name,
             number,
-            len(batches),
+            len(batch_keys),
             batch_sent,
             batch_failed,
             changed.total() - batch_sent - batch_failed,
+            f", {batch.withheld.total()} withheld (suppressed or erased since the claim)"
+            if batch.withheld
+            else "",
         )
         if results and all(result.retryable for result in results):
             # The provider is refusing whole requests even after retries (outage, bad key,
@@ -137,6 +172,7 @@ def send_pending(
         failed=failed,
         still_pending=int(still_pending),
         expired=expired.total(),
-        suppressed=suppressed.total(),
+        suppressed=withheld["suppressed"],
+        erased=withheld["erased"],
         by_day=by_day,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -99,6 +100,7 @@ def send_loop_day(
     holder: str,
     log: logging.Logger = logger,
     shard: Shard = WHOLE_LOOP,
+    keep_going: Callable[[], bool] = lambda: True,
 ) -> SendRunReport:
     """Claim the loop's treated audience of `day` (and of the recent days before it) in the send
     log, then send everything of the loop not yet confirmed; of the users in `shard` only, when
@@ -108,9 +110,21 @@ def send_loop_day(
     raises `SenderBusy` before claiming anything. Audience days older than the send window at
     `now` are history and are never claimed. A retry, or a rerun after a crash, claims nothing
     twice and re-sends unconfirmed batches with their original Idempotency-Keys.
+
+    Before each batch the sender checks that it still holds its lock (`SenderLockLost` if not:
+    its connection was terminated, and another sender may have taken over) and asks
+    `keep_going` (the send op: is the Dagster run still alive?); when that says no, it stops and
+    the rest stays claimed for the next send run.
     """
     schema = config.database.schema_
-    with sender_lock(engine, schema=schema, loop_name=loop.name, holder=holder, shard=shard):
+    with sender_lock(
+        engine, schema=schema, loop_name=loop.name, holder=holder, shard=shard
+    ) as lock:
+
+        def still_sending() -> bool:
+            lock.ensure_held()
+            return keep_going()
+
         audience_days = tuple(send_window(day, now, config.timezone))
         if not audience_days:
             log.warning(
@@ -156,6 +170,7 @@ def send_loop_day(
             provider=provider,
             log=log,
             shard=shard,
+            keep_going=still_sending,
         )
     with engine.connect() as connection:
         days = sorted(

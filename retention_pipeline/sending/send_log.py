@@ -1,21 +1,35 @@
 """The send log: claim emails before sending, send exactly what was claimed, record the outcome.
 
 A row is claimed once per loop, user, episode and step (both unique keys of `email_send_log`),
-with its rendered content and a `batch_key` that fixes which batch it goes out in, forever. The
-sender's `Idempotency-Key` is a digest of a batch's send keys, so a batch re-sent after a crash or
-a transient failure carries the same key and the same bytes: what Resend accepted the first time
-is answered from its idempotency store, not delivered again.
+with its rendered content, a `batch_key` that fixes which batch it goes out in, and the batch's
+`idempotency_key`, both fixed forever at the claim. Every request for a batch carries that key, so
+a batch re-sent after a crash or a transient failure is answered from Resend's idempotency store,
+not delivered again.
+
+A batch starts (`start_batch`) in one statement that withholds its members whose address was
+suppressed, or whose user was erased, since the claim, and marks the rest attempted and returns
+them: nothing suppressed or erased before that statement goes into the request. Withholding a
+member changes a batch's payload but never its key. For a batch that was never attempted, Resend
+has not seen the key and sends the smaller batch. For one attempted before (its outcome unknown),
+either Resend never took that request, and the smaller batch goes out as a first send, or it did,
+and Resend answers the same key with a different payload `409 invalid_idempotent_request`
+instead of sending anything: every remaining member was in the earlier, larger request Resend
+accepted, so they are recorded as sent (without Resend's ids; one Resend rejected in that request
+would count as sent too), and the withheld member, emailed in a request that started before the
+suppression, is not emailed again. Either way nobody is emailed twice, and no request that starts
+after a suppression carries the address.
 
 A batch is pending as a whole or not at all: `record` settles every row of a batch in one
-transaction, and only failures of a whole request are retryable. So a re-sent batch has exactly
-the members it was first sent with, and the same key.
+transaction, and only failures of a whole request are retryable.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
@@ -97,6 +111,10 @@ def claim(
         {"loop": loop_name, "day": day},
     ).scalar_one()
     paired = [rows[email.key] for email in new]
+    numbers = [stored_batches + 1 + index // BATCH_SIZE for index in range(len(new))]
+    # Random, not derived from the batch: unique across schemas, reinstalls and deployments
+    # sharing one Resend account, whose idempotency store would otherwise mix their batches up.
+    idempotency_keys = {number: f"retention-batch/{uuid.uuid4()}" for number in set(numbers)}
     columns = {
         "send_key": [email.key for email in new],
         "user_id": [str(row["user_id"]) for row in paired],
@@ -105,10 +123,8 @@ def claim(
         "email": [email.to for email in new],
         "template": [row["template"] for row in paired],
         "variant": [row["variant"] for row in paired],
-        "batch_key": [
-            batch_key(loop_name, day, stored_batches + 1 + index // BATCH_SIZE)
-            for index in range(len(new))
-        ],
+        "batch_key": [batch_key(loop_name, day, number) for number in numbers],
+        "idempotency_key": [idempotency_keys[number] for number in numbers],
         "subject": [email.subject for email in new],
         "html": [email.html for email in new],
         "body_text": [email.text for email in new],
@@ -119,20 +135,20 @@ def claim(
     inserted = connection.execute(
         text(f"""
             INSERT INTO {s}.email_send_log (send_key, loop_name, user_id, episode_start, step,
-                partition_date, email, template, variant, batch_key, subject, html, body_text,
-                headers, tags, status, send_shard)
+                partition_date, email, template, variant, batch_key, idempotency_key, subject,
+                html, body_text, headers, tags, status, send_shard)
             SELECT r.send_key, :loop, r.user_id, r.episode_start, r.step, :day, r.email,
-                   r.template, r.variant, r.batch_key, r.subject, r.html, r.body_text,
-                   CAST(r.headers AS jsonb), CAST(r.tags AS jsonb), 'claimed', :shard
+                   r.template, r.variant, r.batch_key, r.idempotency_key, r.subject, r.html,
+                   r.body_text, CAST(r.headers AS jsonb), CAST(r.tags AS jsonb), 'claimed', :shard
             FROM unnest(CAST(:send_key AS text[]), CAST(:user_id AS text[]),
                         CAST(:episode_start AS date[]), CAST(:step AS integer[]),
                         CAST(:email AS text[]), CAST(:template AS text[]),
                         CAST(:variant AS text[]), CAST(:batch_key AS text[]),
-                        CAST(:subject AS text[]), CAST(:html AS text[]),
-                        CAST(:body_text AS text[]), CAST(:headers AS text[]),
-                        CAST(:tags AS text[]))
+                        CAST(:idempotency_key AS text[]), CAST(:subject AS text[]),
+                        CAST(:html AS text[]), CAST(:body_text AS text[]),
+                        CAST(:headers AS text[]), CAST(:tags AS text[]))
                 AS r(send_key, user_id, episode_start, step, email, template, variant,
-                     batch_key, subject, html, body_text, headers, tags)
+                     batch_key, idempotency_key, subject, html, body_text, headers, tags)
             ORDER BY r.send_key
             ON CONFLICT DO NOTHING
             RETURNING send_key"""),
@@ -141,26 +157,108 @@ def claim(
     return len(inserted.all())
 
 
-def pending_batches(
+def pending_batch_keys(
     connection: Connection, *, schema: str, loop_name: str, shard: Shard = WHOLE_LOOP
-) -> list[list[OutgoingEmail]]:
-    """Every batch of the loop's `shard` with rows still claimed, rebuilt from the stored content.
+) -> list[str]:
+    """The batches of the loop's `shard` with rows still claimed, oldest first."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return list(
+        connection.execute(
+            text(f"""
+                SELECT batch_key FROM {s}.email_send_log
+                WHERE loop_name = :loop AND status = 'claimed' AND {row_in_shard("send_shard")}
+                GROUP BY batch_key
+                ORDER BY min(partition_date), min(id)"""),
+            {"loop": loop_name, **shard.params},
+        ).scalars()
+    )
 
-    Oldest batch first, emails in send-key order. `headers` and `tags` come back with their keys
+
+@dataclass(frozen=True)
+class StartedBatch:
+    """A batch as it goes out: the members still to send, and the members withheld."""
+
+    batch_key: str
+    idempotency_key: str | None
+    """Fixed at the claim; None only when no member is left to send."""
+    emails: list[OutgoingEmail]
+    """In send-key order, rebuilt from the stored content."""
+    withheld: Counter[tuple[date, str]] = field(default_factory=Counter)
+    """Members failed instead of sent, by partition day and reason: 'suppressed' or 'erased'."""
+
+
+def start_batch(
+    connection: Connection, *, schema: str, loop_name: str, batch_key: str
+) -> StartedBatch:
+    """Move the batch's claimed rows towards the provider, in one statement in the caller's
+    transaction: fail those whose address is suppressed (for this loop or every loop) or whose user
+    is waiting to be erased, and mark the others attempted and return them to send.
+
+    From the first attempt on, the provider may have the batch, and after its idempotency window
+    `expire_unanswered` stops re-sending it. `headers` and `tags` come back with their keys
     sorted: jsonb does not keep key order, and the payload of a re-sent batch must not depend on it.
     """
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    result = connection.execute(
+    # One statement, one snapshot: what is withheld and what is sent are decided together.
+    # `log.status = 'claimed'` again in each UPDATE: a row settled by another sender meanwhile is
+    # re-read after its lock and left alone.
+    rows = connection.execute(
         text(f"""
-            SELECT send_key, email, subject, html, body_text, headers, tags, batch_key
-            FROM {s}.email_send_log
-            WHERE loop_name = :loop AND status = 'claimed' AND {row_in_shard("send_shard")}
-            ORDER BY partition_date, min(id) OVER (PARTITION BY batch_key), send_key"""),
-        {"loop": loop_name, **shard.params},
-    )
-    batches: dict[str, list[OutgoingEmail]] = {}
-    for row in result.mappings():
-        batches.setdefault(row["batch_key"], []).append(
+            WITH members AS (
+                SELECT log.id,
+                       EXISTS (SELECT FROM {s}.erased_users AS erased
+                               WHERE erased.user_id = log.user_id) AS erased,
+                       (SELECT sup.reason FROM {s}.email_suppressions AS sup
+                        WHERE sup.email = lower(log.email)
+                          AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
+                        ORDER BY sup.loop_name NULLS FIRST LIMIT 1) AS suppressed
+                FROM {s}.email_send_log AS log
+                WHERE log.loop_name = :loop AND log.batch_key = :batch AND log.status = 'claimed'
+            ),
+            withheld AS (
+                UPDATE {s}.email_send_log AS log
+                SET status = 'failed', updated_at = now(),
+                    error = CASE WHEN m.erased THEN 'the user was erased'
+                                 ELSE 'the address was suppressed (' || m.suppressed || ')' END
+                            || ' after the email was claimed: not sent'
+                            || CASE WHEN log.first_attempt_at IS NOT NULL
+                                    THEN ' again (an earlier request for its batch, its outcome '
+                                         || 'unknown, may have delivered it before)'
+                                    ELSE '' END
+                FROM members AS m
+                WHERE log.id = m.id AND log.status = 'claimed'
+                  AND (m.erased OR m.suppressed IS NOT NULL)
+                RETURNING log.partition_date, CASE WHEN m.erased THEN 'erased'
+                                                   ELSE 'suppressed' END AS withheld
+            ),
+            started AS (
+                UPDATE {s}.email_send_log AS log
+                SET first_attempt_at = coalesce(log.first_attempt_at, now()), updated_at = now()
+                FROM members AS m
+                WHERE log.id = m.id AND log.status = 'claimed'
+                  AND NOT m.erased AND m.suppressed IS NULL
+                RETURNING log.send_key, log.email, log.subject, log.html, log.body_text,
+                          log.headers, log.tags, log.idempotency_key
+            )
+            SELECT partition_date, withheld, NULL AS send_key, NULL AS email, NULL AS subject,
+                   NULL AS html, NULL AS body_text, NULL::jsonb AS headers, NULL::jsonb AS tags,
+                   NULL AS idempotency_key
+            FROM withheld
+            UNION ALL
+            SELECT NULL, NULL, send_key, email, subject, html, body_text, headers, tags,
+                   idempotency_key
+            FROM started"""),
+        {"loop": loop_name, "batch": batch_key},
+    ).mappings()
+    withheld: Counter[tuple[date, str]] = Counter()
+    emails: list[OutgoingEmail] = []
+    idempotency_key: str | None = None
+    for row in rows:
+        if row["withheld"] is not None:
+            withheld[(row["partition_date"], row["withheld"])] += 1
+            continue
+        idempotency_key = row["idempotency_key"]
+        emails.append(
             OutgoingEmail(
                 key=row["send_key"],
                 to=row["email"],
@@ -171,7 +269,12 @@ def pending_batches(
                 tags=dict(sorted(row["tags"].items())),
             )
         )
-    return list(batches.values())
+    return StartedBatch(
+        batch_key=batch_key,
+        idempotency_key=idempotency_key,
+        emails=sorted(emails, key=lambda email: email.key),
+        withheld=withheld,
+    )
 
 
 def record(
@@ -219,46 +322,6 @@ def record(
         send_keys=[result.key for result in results if result.status == "sent"],
     )
     return counts
-
-
-def mark_attempt(connection: Connection, *, schema: str, keys: Sequence[str]) -> None:
-    """Note, before a batch first goes out, when it did: from then on the provider may have it,
-    and after its idempotency window `expire_unanswered` stops re-sending it."""
-    s = connection.dialect.identifier_preparer.quote_schema(schema)
-    connection.execute(
-        text(f"""UPDATE {s}.email_send_log
-                 SET first_attempt_at = coalesce(first_attempt_at, now()), updated_at = now()
-                 WHERE send_key = ANY(CAST(:keys AS text[])) AND status = 'claimed'"""),
-        {"keys": list(keys)},
-    )
-
-
-def drop_suppressed(
-    connection: Connection, *, schema: str, loop_name: str, shard: Shard = WHOLE_LOOP
-) -> Counter[date]:
-    """Fail, before they ever go out, claimed emails of the loop's `shard` whose address was
-    suppressed since the claim; return how many, by partition day. Only never-attempted
-    batches: their Idempotency-Key was never used, so changing their members is safe; an
-    attempted batch must be re-sent as it was."""
-    s = connection.dialect.identifier_preparer.quote_schema(schema)
-    changed = connection.execute(
-        text(f"""
-            UPDATE {s}.email_send_log AS log
-            SET status = 'failed', updated_at = now(),
-                error = 'not sent: the address was suppressed (' || sup.reason || ') after the '
-                        || 'email was claimed'
-            FROM {s}.email_suppressions AS sup
-            WHERE log.loop_name = :loop AND log.status = 'claimed'
-              AND {row_in_shard("log.send_shard")}
-              AND sup.email = lower(log.email)
-              AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
-              AND NOT EXISTS (SELECT FROM {s}.email_send_log AS sibling
-                              WHERE sibling.batch_key = log.batch_key
-                                AND sibling.first_attempt_at IS NOT NULL)
-            RETURNING log.partition_date"""),
-        {"loop": loop_name, **shard.params},
-    )
-    return Counter(changed.scalars())
 
 
 def expire_unanswered(

@@ -3,8 +3,9 @@
 It answers what the `resend` SDK (2.52) expects: JSON bodies with `application/json`, errors as
 `{"statusCode", "name", "message"}`, success as `{"data": [{"id"}], "errors": [{"index",
 "message"}]}` when the request carries `x-batch-validation: permissive`. It records every request,
-replays the stored response for a repeated `Idempotency-Key` (409 when the payload differs), and can
-be scripted to answer the next requests with 429 or 5xx.
+replays the stored response for a repeated `Idempotency-Key` (409 `invalid_idempotent_request` when
+the payload differs, as Resend does; only accepted requests are stored), and can be scripted to
+answer the next requests with 429 or 5xx, or to accept them and drop the answer.
 
 Use `serve_fake_resend()` (or the `fake_resend` fixture in this package's conftest) so the SDK is
 pointed at the server and restored afterwards.
@@ -82,6 +83,7 @@ class FakeResend:
         self.requests: list[RecordedRequest] = []
         self.delivered: list[dict[str, Any]] = []
         self._scripted: deque[_Scripted] = deque()
+        self._answers_to_drop = 0
         self._stored: dict[str, tuple[str, _Answer]] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -133,6 +135,12 @@ class FakeResend:
         Authorization header into the message, as a careless proxy might."""
         self._script(count, _Scripted(status, name, message, {}, echo_authorization))
 
+    def drop_answer_next(self, count: int = 1) -> None:
+        """Handle the next `count` requests as usual (deliver, remember the key), then close the
+        connection without answering: the emails went out, the client cannot know."""
+        with self._lock:
+            self._answers_to_drop += count
+
     def delivered_to(self) -> list[str]:
         with self._lock:
             return [address for email in self.delivered for address in email["to"]]
@@ -152,6 +160,8 @@ class FakeResend:
             body = None
         with self._lock:
             answer, replayed = self._answer(handler.command, handler.path, headers, body)
+            drop_answer = self._answers_to_drop > 0
+            self._answers_to_drop -= drop_answer
             self.requests.append(
                 RecordedRequest(
                     handler.command,
@@ -163,6 +173,9 @@ class FakeResend:
                     arrived_at,
                 )
             )
+        if drop_answer:
+            handler.close_connection = True
+            return
         content = json.dumps(answer.body).encode()
         handler.send_response(answer.status)
         handler.send_header("Content-Type", "application/json; charset=utf-8")

@@ -347,24 +347,29 @@ def test_the_idempotency_key_ignores_order_and_fits_resends_limit() -> None:
     assert len(key) <= 256
 
 
-def test_same_batch_with_changed_content_is_not_sent_twice(
+def test_same_key_with_another_payload_counts_as_sent_and_is_not_sent_twice(
     fake_resend: FakeResend, fake_clock: FakeClock
 ) -> None:
     emails = make_emails(2)
     sender = make_sender(fake_clock)
-    sender.send(emails)
-    rerendered = [
-        OutgoingEmail(e.key, e.to, e.subject + "!", e.html, e.text, e.headers, e.tags)
-        for e in emails
-    ]
-
-    results = sender.send(rerendered)
+    sender.send(emails, idempotency_key="retention-batch/stored-at-claim")
+    # The same batch less a member withheld since: Resend refuses the key with this payload.
+    results = sender.send(emails[1:], idempotency_key="retention-batch/stored-at-claim")
 
     assert [request.status for request in fake_resend.requests] == [200, 409]
     assert fake_resend.delivered_count == 2
-    # Retrying cannot help, and must not: the first send most likely went out.
-    assert all(result.status == "failed" and not result.retryable for result in results)
-    assert "most likely sent already" in results[0].error
+    # The key's earlier request was accepted and held this email: retrying cannot help.
+    [result] = results
+    assert (result.status, result.provider_id, result.retryable) == ("sent", None, False)
+    assert "earlier request" in result.error and "invalid_idempotent_request" in result.error
+
+
+def test_one_idempotency_key_never_spans_two_requests(
+    fake_resend: FakeResend, fake_clock: FakeClock
+) -> None:
+    with pytest.raises(ValueError, match="one request takes 100"):
+        make_sender(fake_clock).send(make_emails(101), idempotency_key="retention-batch/one")
+    assert fake_resend.requests == []
 
 
 def test_a_concurrent_request_with_the_same_key_is_retried(

@@ -9,9 +9,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import text
 
-from retention_pipeline.email.resend_sender import JITTER_MARGIN_SECONDS, batch_idempotency_key
+from retention_pipeline.email.resend_sender import JITTER_MARGIN_SECONDS
 from retention_pipeline.email.unsubscribe import verify_token
-from retention_pipeline.sending import DispatchReport, pending_batches, send_pending
+from retention_pipeline.sending import DispatchReport, send_pending
 from retention_pipeline_tests.email.fake_resend import FakeClock, FakeResend
 from retention_pipeline_tests.sending.support import (
     API_KEY,
@@ -51,15 +51,21 @@ def test_250_treated_users_go_out_in_3_batches_and_a_rerun_sends_nothing(
     add_users(sending_db.engine, users(250))
     compose_and_claim(sending_db)
     with sending_db.engine.connect() as connection:
-        batches = pending_batches(connection, schema=SCHEMA, loop_name=LOOP)
+        stored_keys = connection.execute(
+            text(
+                "SELECT idempotency_key FROM retention.email_send_log "
+                "GROUP BY batch_key, idempotency_key ORDER BY min(id)"
+            )
+        ).scalars()
+        stored_keys = list(stored_keys)
 
     report = dispatch(sending_db)
 
     assert report == DispatchReport(sent=250, failed=0, still_pending=0)
     assert [len(request.emails) for request in fake_resend.requests] == [100, 100, 50]
-    assert [request.idempotency_key for request in fake_resend.requests] == [
-        batch_idempotency_key(email.key for email in batch) for batch in batches
-    ]
+    # Each batch goes out under the key stored with it at the claim, one key per batch.
+    assert [request.idempotency_key for request in fake_resend.requests] == stored_keys
+    assert len(set(stored_keys)) == 3
     assert sorted(fake_resend.delivered_to()) == sorted(f"user{n}@example.com" for n in range(250))
     assert statuses(sending_db.engine) == {"sent": 250}
     ids = {email["to"][0]: email["id"] for email in fake_resend.delivered}

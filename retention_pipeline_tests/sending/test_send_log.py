@@ -11,9 +11,10 @@ from retention_pipeline.email.message import SendResult
 from retention_pipeline.sending import (
     claim,
     compose_emails,
-    pending_batches,
+    pending_batch_keys,
     record,
     send_log_summary,
+    start_batch,
     treatment_rows,
 )
 from retention_pipeline_tests.sending.support import (
@@ -43,8 +44,15 @@ def composed(db: SendingDatabase, day: date = DAY) -> list:
 
 
 def pending(db: SendingDatabase) -> list:
+    """The emails of each pending batch, as `start_batch` would send them (and rolled back)."""
     with db.engine.connect() as connection:
-        return pending_batches(connection, schema=SCHEMA, loop_name=LOOP)
+        keys = pending_batch_keys(connection, schema=SCHEMA, loop_name=LOOP)
+        batches = [
+            start_batch(connection, schema=SCHEMA, loop_name=LOOP, batch_key=key).emails
+            for key in keys
+        ]
+        connection.rollback()
+        return batches
 
 
 def batch_keys(db: SendingDatabase) -> dict[str, int]:
