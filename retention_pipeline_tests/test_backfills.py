@@ -9,13 +9,13 @@ import dagster as dg
 import pytest
 from sqlalchemy import create_engine, text
 
-from retention_pipeline.defs.emails import AUDIENCE, reengagement_audience
-from retention_pipeline.defs.segments import SEGMENTS, engagement_segments, user_activity_snapshot
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import make_config, write_config
+from retention_pipeline_tests.helpers import daily_assets, make_config, write_config
 
 DAYS = [date(2026, 11, 10) + timedelta(days=offset) for offset in range(4)]
+SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
+AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def backfilled(app_database_url, tmp_path):
     install(engine, make_config(app_database_url))
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [user_activity_snapshot, engagement_segments, reengagement_audience],
+            daily_assets("user_activity_snapshot", "engagement_segments", "reengagement_audience"),
             instance=instance,
             resources={
                 "app_database": AppDatabase(

@@ -8,10 +8,8 @@ import pytest
 from sqlalchemy import text
 
 from retention_pipeline.cli import main
-from retention_pipeline.defs.emails import reengagement_audience
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline_tests.helpers import demo_until_yesterday, write_config
+from retention_pipeline_tests.helpers import daily_assets, demo_until_yesterday, write_config
 
 
 @pytest.fixture
@@ -22,7 +20,7 @@ def audience(create_database, tmp_path):
     config_path = str(write_config(tmp_path, url))
     with dg.instance_for_test() as instance:
         assert dg.materialize(
-            [user_activity_snapshot, engagement_segments, reengagement_audience],
+            daily_assets("user_activity_snapshot", "engagement_segments", "reengagement_audience"),
             partition_key=day.isoformat(),
             instance=instance,
             resources={"app_database": AppDatabase(config_path=config_path)},
