@@ -235,7 +235,16 @@ def cmd_db_uninstall(args: argparse.Namespace) -> int:
 
 def cmd_demo_seed(args: argparse.Namespace) -> int:
     from retention_pipeline.demo import EmailEffect, seed_demo
+    from retention_pipeline.demo.seed import MAX_DAYS, MAX_USERS, MIN_DAYS
 
+    # Before any database is started or touched.
+    if not MIN_DAYS <= args.days <= MAX_DAYS:
+        raise ValueError(
+            f"--days: must be between {MIN_DAYS} and {MAX_DAYS}, got {args.days} (churned users "
+            "need a few weeks of use and then 30 days of silence)"
+        )
+    if not 1 <= args.users <= MAX_USERS:
+        raise ValueError(f"--users: must be between 1 and {MAX_USERS:,}, got {args.users}")
     config = load_config(args.config)
     end = (
         datetime.combine(args.end, time(), tzinfo=UTC)
@@ -258,6 +267,7 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    from retention_pipeline.audience.assignment import assignment_of
     from retention_pipeline.database import embedded
     from retention_pipeline.email.secrets import unsubscribe_secret
     from retention_pipeline.sending.preview import preview_email
@@ -266,14 +276,21 @@ def cmd_preview(args: argparse.Namespace) -> int:
     loop = config.loop(args.loop) if args.loop else config.loops[0]
     with _engine(config).connect() as connection:
         _require_installed(connection, config)
+        assigned = assignment_of(
+            connection, config.database.schema_, loop.name, args.user, args.day
+        )
+        # The assigned variant is its step's: another template's preview shows that step's first.
+        variant = args.variant or (
+            assigned.variant if assigned and assigned.template == args.template else None
+        )
         day, email = preview_email(
             connection,
             config=config,
             loop=loop,
             template=args.template,
             user_id=args.user,
-            day=args.day,
-            variant=args.variant,
+            day=args.day or (assigned.day if assigned else None),
+            variant=variant,
             unsubscribe_secret=unsubscribe_secret(config),
         )
     out = (
@@ -283,7 +300,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(email.html)
-    print(f"subject: {email.subject}\nas of {day}; written to {out}")
+    shown = f"variant {variant}" if variant else "the step's first variant"
+    assignment = (
+        f"assigned on {assigned.day}: {assigned}"
+        if assigned
+        else f"not in the {loop.name} audience of {day}"
+    )
+    print(f"subject: {email.subject}\n{assignment}; shown: {shown}\nas of {day}; written to {out}")
     return 0
 
 
@@ -550,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
         "seed", parents=[config_option], help="generate a deterministic SaaS history"
     )
     seed.add_argument("--users", type=int, default=2000)
-    seed.add_argument("--days", type=int, default=120)
+    seed.add_argument(
+        "--days", type=int, default=120, help="days of history, at least 56 (default: 120)"
+    )
     seed.add_argument("--seed", type=int, default=42)
     seed.add_argument("--end", type=date.fromisoformat, help="last day (default: now)")
     seed.set_defaults(handler=cmd_demo_seed)

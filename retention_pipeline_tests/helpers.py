@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import yaml
 from sqlalchemy import Engine, create_engine, text
 
@@ -91,3 +92,12 @@ def treated(engine: Engine, day: str) -> set[str]:
                 {"day": day},
             ).scalars()
         )
+
+
+def daily_assets(*names: str) -> list[dg.AssetsDefinition]:
+    """The code location's own assets `retention/NAME`, unbound: each test binds its resources."""
+    from retention_pipeline.definitions import defs  # loaded on first use: few tests need it
+
+    assets = [asset for asset in defs.assets or () if isinstance(asset, dg.AssetsDefinition)]
+    by_key = {asset.key: asset for asset in assets}
+    return [by_key[dg.AssetKey(["retention", name])] for name in names]

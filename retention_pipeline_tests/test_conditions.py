@@ -11,7 +11,11 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import parse_config
 from retention_pipeline.demo import seed_demo
-from retention_pipeline.segments.conditions import ConditionError, condition_user_ids
+from retention_pipeline.segments.conditions import (
+    ConditionError,
+    as_of_day_end,
+    condition_user_ids,
+)
 from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking.install import install
@@ -91,8 +95,8 @@ def test_the_seed_query_and_the_dormant_rule_differ_only_as_documented(demo):
     assert {segment_of[user] for user in seed_as_of - dormant} <= {"churned"}
     assert all(reason_of[user].startswith("auth sessions down") for user in dormant - seed_as_of)
     assert dormant & seed_as_of
-    # NOW() is later than the end of the partition day, so as written it selects a superset.
-    assert seed_as_of <= seed_as_written
+    # NOW() means the end of the partition day, as as_of() does.
+    assert seed_as_of == seed_as_written
 
 
 def test_a_query_without_a_user_id_column_is_one_line(demo):
@@ -194,3 +198,103 @@ def test_connection_is_usable_after_a_failed_query(demo):
     with engine.connect() as connection:
         assert connection.execute(text("SELECT 1")).scalar() == 1
         assert connection.execute(text("SHOW transaction_read_only")).scalar() == "off"
+
+
+@pytest.mark.parametrize(
+    ("clock", "as_day_end"),
+    [
+        ("now()", "CAST($1 AS timestamp with time zone)"),
+        ("NOW()", "CAST($1 AS timestamp with time zone)"),
+        ("pg_catalog.now()", "CAST($1 AS timestamp with time zone)"),
+        ("transaction_timestamp()", "CAST($1 AS timestamp with time zone)"),
+        ("statement_timestamp()", "CAST($1 AS timestamp with time zone)"),
+        ("clock_timestamp()", "CAST($1 AS timestamp with time zone)"),
+        ("timeofday()", "CAST($1 AS pg_catalog.text)"),
+        ("current_timestamp", "CAST($1 AS timestamp with time zone)"),
+        ("current_timestamp(3)", "CAST($1 AS timestamp with time zone)"),
+        ("current_date", "CAST($1 AS pg_catalog.date)"),
+        ("current_time", "CAST($1 AS time with time zone)"),
+        ("current_time(0)", "CAST($1 AS time with time zone)"),
+        ("localtimestamp", "CAST($1 AS timestamp)"),
+        ("localtimestamp(2)", "CAST($1 AS timestamp)"),
+        ("localtime", "CAST($1 AS time)"),
+        ("localtime(1)", "CAST($1 AS time)"),
+        ("'now'::timestamptz", "CAST($1 AS timestamp with time zone)"),
+        ("timestamp 'now'", "CAST($1 AS timestamp)"),
+        ("CAST('today' AS date)", "CAST($1 AS pg_catalog.date)"),
+    ],
+)
+def test_every_read_of_the_clock_becomes_the_bound_day_end(clock, as_day_end):
+    rewritten = as_of_day_end(f"SELECT id FROM users WHERE created_at < {clock}", "here")
+    assert rewritten == f"SELECT id FROM users WHERE created_at < {as_day_end}"
+
+
+def test_the_seed_query_reads_the_day_end_and_nothing_else_changes():
+    assert as_of_day_end(SEED_QUERY, "here") == (
+        "SELECT * FROM users WHERE last_activity_at < CAST($1 AS timestamp with time zone) "
+        "- CAST('7 days' AS interval) AND re_engagement_sent = FALSE"
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT id FROM users WHERE email LIKE '%now()%' -- current_date in a comment",
+        "SELECT id, 'now'::text AS word FROM users",
+        "SELECT id FROM users WHERE now_ish(created_at)",
+        "SELECT id FROM users WHERE elsewhere.now() > created_at",
+    ],
+)
+def test_a_query_that_reads_no_clock_runs_as_written(query):
+    assert as_of_day_end(query, "here") is None
+
+
+def test_a_query_with_parameters_of_its_own_is_refused():
+    with pytest.raises(ConditionError) as raised:
+        as_of_day_end("SELECT id FROM users WHERE created_at < $1", "loops.x.condition.query")
+    assert str(raised.value) == (
+        "loops.x.condition.query: a condition takes no parameters ($1, $2, ...)"
+    )
+
+
+@pytest.mark.parametrize(
+    "clock_at_day_end",
+    [
+        "now() = TIMESTAMPTZ '{end} 00:00+00'",
+        "current_timestamp = TIMESTAMPTZ '{end} 00:00+00'",
+        "clock_timestamp() = as_of()",
+        "statement_timestamp() = as_of() AND transaction_timestamp() = as_of()",
+        "timeofday()::timestamptz = as_of()",
+        "current_date = DATE '{end}'",
+        "current_date - 7 = (now() - interval '7 days')::date",
+        "localtimestamp = TIMESTAMP '{end} 00:00'",
+        "localtime = TIME '00:00' AND current_time = TIMETZ '00:00+00'",
+        "'now'::timestamptz = as_of() AND date 'today' = DATE '{end}'",
+    ],
+)
+def test_the_clock_reads_as_the_end_of_the_partition_day(demo, clock_at_day_end):
+    engine, url, day = demo
+    _, plain = loop_with({"type": "query", "query": "SELECT id FROM users", "timeout": "1m"}, url)
+    everyone = condition_user_ids(engine, "retention", plain, day)
+    condition = clock_at_day_end.format(end=day + timedelta(days=1))
+    query = f"SELECT id FROM users WHERE {condition} AND email <> '%s' -- literal %"
+    _, loop = loop_with({"type": "query", "query": query, "timeout": "1m"}, url)
+    assert condition_user_ids(engine, "retention", loop, day) == everyone
+
+
+def test_the_clock_reads_the_day_end_in_the_loops_timezone(demo):
+    engine, url, day = demo
+    end = day + timedelta(days=1)
+    query = (
+        f"SELECT id FROM users WHERE now() = TIMESTAMPTZ '{end} 00:00+09' "
+        f"AND current_date = DATE '{end}' AND localtimestamp = TIMESTAMP '{end} 00:00'"
+    )
+    _, loop = loop_with({"type": "query", "query": query, "timeout": "1m"}, url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE retention.tracking_state SET timezone = 'Asia/Tokyo'"))
+    try:
+        selected = condition_user_ids(engine, "retention", loop, day)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE retention.tracking_state SET timezone = 'UTC'"))
+    assert selected

@@ -75,7 +75,7 @@ def test_a_30_day_backfill_finds_the_demo_email_effect(create_database, tmp_path
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["url"] = url
     loop_document = document["loops"][0]
-    # Exactly as of each day (the seed's query compares with NOW()), half held out.
+    # The built-in dormant segment, half held out.
     loop_document["steps"][0]["condition"] = {"type": "segment", "segment": "dormant"}
     loop_document["holdout"] = {"fraction": EFFECT.holdout_fraction}
     config_path = tmp_path / "retention.yaml"

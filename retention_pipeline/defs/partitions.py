@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from datetime import date
 
 import dagster as dg
-import pandas as pd
 
 from retention_pipeline.config import load_config
 from retention_pipeline.tracking.state import partitions_start_date
@@ -44,56 +43,40 @@ def day_by_day(
     build_day: Callable[[date], DayResult],
     warn_only: tuple[str, ...] = (),
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """Build the run's days oldest first, then report them: one day (the schedule) as it is;
-    several (a backfill) as the values they share plus a per-day table, and each check passed
-    only if it passed every day. Checks named in `warn_only` warn instead of failing."""
+    """Build the run's days oldest first, then report them: each day's materialization carries
+    that day's own metadata (`report_each_day`); each check passes only if it passed every day.
+    Checks named in `warn_only` warn instead of failing."""
     results = {
         day: build_day(day) for day in sorted(map(date.fromisoformat, context.partition_keys))
     }
+    yield report_each_day(context, results)
     if len(results) == 1:
         (only,) = results.values()
-        yield dg.MaterializeResult(metadata=only.metadata)
         for name, (passed, metadata) in only.checks.items():
             yield _check(name, passed, metadata, warn_only)
         return
-    yield dg.MaterializeResult(metadata=_shared_and_per_day(results))
     for name in next(iter(results.values())).checks:
         failing = [day.isoformat() for day, result in results.items() if not result.checks[name][0]]
         metadata = {"days_checked": len(results), "failing_days": ", ".join(failing) or "none"}
         yield _check(name, not failing, metadata, warn_only)
 
 
+def report_each_day(
+    context: dg.AssetExecutionContext, results: dict[date, DayResult]
+) -> dg.MaterializeResult:
+    """The run's result, with each day's metadata on that day's own materialization, so the UI
+    plots one point per day however many days a run built; a run of several days also says
+    which (`days`) on each."""
+    for day, result in results.items():
+        context.add_asset_metadata(result.metadata, partition_key=day.isoformat())
+    if len(results) == 1:
+        return dg.MaterializeResult()
+    first, *_, last = results
+    return dg.MaterializeResult(
+        metadata={"days": f"{first} to {last} ({len(results)} days, one run)"}
+    )
+
+
 def _check(name: str, passed: bool, metadata: dict, warn_only: tuple[str, ...]):
     severity = dg.AssetCheckSeverity.WARN if name in warn_only else dg.AssetCheckSeverity.ERROR
     return dg.AssetCheckResult(check_name=name, passed=passed, severity=severity, metadata=metadata)
-
-
-def _shared_and_per_day(results: dict[date, DayResult]) -> dict[str, object]:
-    days = list(results)
-    every = [result.metadata for result in results.values()]
-    keys = list(
-        dict.fromkeys(
-            key
-            for m in every
-            for key, value in m.items()
-            if not isinstance(value, dg.MetadataValue)
-        )
-    )
-    shared = {
-        key: every[0][key]
-        for key in keys
-        if all(key in m and m[key] == every[0].get(key) for m in every)
-    }
-    table = pd.DataFrame(
-        [
-            {"day": day.isoformat(), **{k: m.get(k) for k in keys if k not in shared}}
-            for day, m in zip(days, every, strict=True)
-        ]
-    )
-    last_tables = {k: v for k, v in every[-1].items() if isinstance(v, dg.MetadataValue)}
-    return {
-        **shared,
-        **last_tables,  # the previews and tables of the last day
-        "days": f"{days[0]} to {days[-1]} ({len(days)} days, one run)",
-        "per_day": dg.MetadataValue.md(table.to_markdown(index=False)),
-    }

@@ -3,19 +3,23 @@
 A built-in segment reads the segments table. A custom query (as in the seed:
 `SELECT * FROM users WHERE last_activity_at < NOW() - INTERVAL '7 days' AND re_engagement_sent =
 false`) runs in a read-only transaction with the loop's timeout, with the search path set to the
-pipeline's schema so `users` is the as-of view of the snapshot (`retention.as_of()` is the end of
-the partition day, for queries that must backfill exactly).
+pipeline's schema so `users` is the as-of view of the snapshot. The query reads the clock as of
+the end of the partition day: `NOW()`, `current_date` and the like are rewritten in its parse tree
+into a bound parameter holding that instant (`retention.as_of()`), so a backfilled day selects
+whom the day's own run would have selected.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import date
+from datetime import date, datetime
 
 import pglast
 import psycopg
 from pglast import ast
+from pglast.enums import SQLValueFunctionOp
+from pglast.stream import RawStream
 from pglast.visitors import Visitor
 from sqlalchemy import Connection, Engine, text
 
@@ -105,6 +109,90 @@ def _not_a_read_only_select(statement: ast.Node) -> str | None:
     return writes.found[0] if writes.found else None
 
 
+# What each read of the clock becomes: the day's end (bound as $1, a timestamptz) cast to the
+# type the read returns, in the loops' timezone (the query's session time zone).
+CLOCK_VALUE_FUNCTIONS = {
+    SQLValueFunctionOp.SVFOP_CURRENT_TIMESTAMP: "timestamptz",
+    SQLValueFunctionOp.SVFOP_CURRENT_TIMESTAMP_N: "timestamptz",
+    SQLValueFunctionOp.SVFOP_CURRENT_DATE: "date",
+    SQLValueFunctionOp.SVFOP_CURRENT_TIME: "timetz",
+    SQLValueFunctionOp.SVFOP_CURRENT_TIME_N: "timetz",
+    SQLValueFunctionOp.SVFOP_LOCALTIMESTAMP: "timestamp",
+    SQLValueFunctionOp.SVFOP_LOCALTIMESTAMP_N: "timestamp",
+    SQLValueFunctionOp.SVFOP_LOCALTIME: "time",
+    SQLValueFunctionOp.SVFOP_LOCALTIME_N: "time",
+}
+CLOCK_FUNCTIONS = {
+    "now": "timestamptz",
+    "transaction_timestamp": "timestamptz",
+    "statement_timestamp": "timestamptz",
+    "clock_timestamp": "timestamptz",
+    "timeofday": "text",
+}
+# Date/time input strings that read the clock, as in `'now'::timestamptz` or `date 'today'`
+# (the day's end is midnight, so 'today' is the same instant as 'now').
+CLOCK_STRINGS = {"now", "today"}
+DATE_TIME_TYPES = {"timestamptz", "timestamp", "date", "time", "timetz"}
+
+
+def _day_end_as(type_name: str) -> ast.TypeCast:
+    return ast.TypeCast(
+        arg=ast.ParamRef(number=1),
+        typeName=ast.TypeName(names=(ast.String(sval="pg_catalog"), ast.String(sval=type_name))),
+    )
+
+
+class _ClockReads(Visitor):
+    """Replaces every read of the clock with the day's end, $1; counts them, and the
+    parameters the query already had."""
+
+    def __init__(self) -> None:
+        self.replaced = 0
+        self.parameters = 0
+
+    def visit_SQLValueFunction(self, ancestors, node: ast.SQLValueFunction):
+        type_name = CLOCK_VALUE_FUNCTIONS.get(node.op)
+        return self._replace(type_name) if type_name else None
+
+    def visit_FuncCall(self, ancestors, node: ast.FuncCall):
+        *schema, name = (part.sval.lower() for part in node.funcname)
+        type_name = CLOCK_FUNCTIONS.get(name)
+        if type_name and schema in ([], ["pg_catalog"]) and not node.args:
+            return self._replace(type_name)
+        return None
+
+    def visit_TypeCast(self, ancestors, node: ast.TypeCast):
+        value = node.arg.val if isinstance(node.arg, ast.A_Const) else None
+        type_name = node.typeName.names[-1].sval.lower()
+        if (
+            isinstance(value, ast.String)
+            and value.sval.strip().lower() in CLOCK_STRINGS
+            and type_name in DATE_TIME_TYPES
+        ):
+            return self._replace(type_name)
+        return None
+
+    def visit_ParamRef(self, ancestors, node: ast.ParamRef) -> None:
+        self.parameters += 1
+
+    def _replace(self, type_name: str) -> ast.TypeCast:
+        self.replaced += 1
+        return _day_end_as(type_name)
+
+
+def as_of_day_end(statement: str, where: str) -> str | None:
+    """The SELECT with every read of the clock (`now()`, `current_timestamp`, `current_date`,
+    `localtime`, `'now'::timestamptz`, ...) replaced in its parse tree by the bound parameter
+    $1, the end of the partition day, then deparsed; None when it reads no clock (it then runs
+    as written). ConditionError naming `where` for a query with parameters of its own."""
+    (raw,) = pglast.parse_sql(statement)
+    clock_reads = _ClockReads()
+    tree = clock_reads(raw.stmt)
+    if clock_reads.parameters:
+        raise ConditionError(f"{where}: a condition takes no parameters ($1, $2, ...)")
+    return RawStream()(tree) if clock_reads.replaced else None
+
+
 def _run_query(
     connection: Connection,
     schema: str,
@@ -115,13 +203,19 @@ def _run_query(
     explain_only: bool = False,
 ) -> set[str]:
     where = f"loops.{loop.name}.condition.query"
+    statement = condition_statement(loop, condition)
+    rewritten = as_of_day_end(statement, where)
     # Wrapped on lines of its own, so a trailing `-- comment` ends before the wrapper goes on.
-    subquery = f"(\n{condition_statement(loop, condition)}\n) AS condition"
+    subquery = f"(\n{rewritten or statement}\n) AS condition"
     preparer = connection.dialect.identifier_preparer
     with read_only_cursor(connection, schema, loop, day, condition.timeout, where) as cursor:
+        # PostgreSQL's own placeholders: the query goes to the server as deparsed, with the
+        # day's end bound as $1 when it reads the clock.
+        raw = psycopg.RawCursor(cursor.connection)
+        parameters = [_day_end_in_loops_timezone(cursor)] if rewritten else None
         # LIMIT 0 plans the query and names its columns without reading a row.
-        cursor.execute(f"SELECT * FROM {subquery} LIMIT 0")
-        columns = [column.name for column in cursor.description]
+        raw.execute(f"SELECT * FROM {subquery} LIMIT 0", parameters)
+        columns = [column.name for column in raw.description]
         id_column = next((name for name in USER_ID_COLUMNS if name in columns), None)
         if id_column is None:
             raise ConditionError(
@@ -134,10 +228,19 @@ def _run_query(
             f"WHERE condition.{column} IS NOT NULL"
         )
         if explain_only:
-            cursor.execute(f"EXPLAIN {select_ids}")
+            raw.execute(f"EXPLAIN {select_ids}", parameters)
             return set()
-        cursor.execute(select_ids)
-        return {row[0] for row in cursor.fetchall()}
+        raw.execute(select_ids, parameters)
+        return {row[0] for row in raw.fetchall()}
+
+
+def _day_end_in_loops_timezone(cursor: psycopg.Cursor) -> datetime:
+    """The end of the partition day (`as_of()`, as the views read it), with the session's time
+    zone set to the loops' for the rest of the transaction: `current_date` is then the date,
+    and `localtimestamp` the wall-clock time, at that instant where the loops run."""
+    cursor.execute("SELECT set_config('TimeZone', timezone, true), as_of() FROM tracking_state")
+    _, day_end = cursor.fetchone()
+    return day_end
 
 
 @contextmanager
