@@ -13,16 +13,19 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from retention_pipeline.config.loader import (
     CONFIG_ENV_VAR,
+    DATABASE_URL_ENV_VAR,
     ConfigError,
     default_config_path,
     load_config,
     project_root,
 )
 from retention_pipeline.database.app_tables import MappingError
+from retention_pipeline.database.privileges import permission_problem
 from retention_pipeline.tracking.state import TrackingError
 
 DEV_INSTANCE_YAML = """\
@@ -557,6 +560,24 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(error.orig).strip().splitlines()[0] if error.orig else "unreachable"
         print(f"error: database.url: cannot use the app database: {reason}", file=sys.stderr)
         return 2
+    except DBAPIError as error:
+        problem = permission_problem(error, _database_role(args), _command_name(args))
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    subcommand = getattr(args, "db_command", None) or getattr(args, "demo_command", None)
+    return f"{args.command} {subcommand}" if subcommand else args.command
+
+
+def _database_role(args: argparse.Namespace) -> str | None:
+    """The role the command connected as: the configured URL's user (None when it names none
+    and libpq picked the default)."""
+    url = load_config(args.config).database.url or os.environ.get(DATABASE_URL_ENV_VAR)
+    return make_url(url).username if url else None
 
 
 if __name__ == "__main__":
