@@ -30,7 +30,7 @@ from retention_pipeline.tracking.state import TrackingError
 
 DEV_INSTANCE_YAML = """\
 # Written by `retention-pipeline dev` on every start: a local instance (SQLite storage under this
-# folder). Production uses the project's dagster.yaml instead; see the README.
+# folder). Production uses the project's deploy/dagster.yaml instead; see the README.
 # Run retries only for crashed workers: a failing step retries as its loop's `recovery` says.
 run_retries:
   enabled: true
@@ -350,8 +350,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "-p",
             str(args.port),
         ]
-        # Started from the Dagster home, not the project root: Dagster would otherwise warn that
-        # it ignores the production dagster.yaml it finds there.
+        # Started from the Dagster home, whatever folder `dev` was started from: Dagster warns
+        # that it ignores a dagster.yaml it finds in its working folder (deploy/ has one).
         return _run_until_signalled(command, environment, cwd=dagster_home)
 
 
