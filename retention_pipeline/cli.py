@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -310,106 +308,59 @@ def write_dev_instance(dagster_home: Path) -> None:
 def cmd_dev(args: argparse.Namespace) -> int:
     from retention_pipeline.database import embedded
     from retention_pipeline.database.connection import redact
-    from retention_pipeline.dev import prepare_database, single_dev
+    from retention_pipeline.dev import (
+        prepare_database,
+        require_free_port,
+        run_until_signalled,
+        single_dev,
+        stopping_the_embedded_server_at_the_end,
+    )
 
     # Absolute, so that the code servers and run workers read this very file from any folder.
     config_path = Path(args.config or default_config_path()).resolve()
     config = load_config(config_path)
     home = embedded.retention_home()
     url = f"http://{args.host}:{args.port}"
-    with single_dev(home, url), _stopping_the_embedded_server_at_the_end(config):
-        print("preparing the app database ...", flush=True)
-        prepared = prepare_database(config)
-        prepared.engine.dispose()
-        print(
-            f"database: {redact(prepared.url)}"
-            + (" (demo data seeded)" if prepared.seeded else "")
-            + f"; rollup rows: {prepared.install.rollup_rows}",
-            flush=True,
-        )
-        dagster_home = home / "dagster_home"
-        write_dev_instance(dagster_home)
-        environment = {
-            **os.environ,
-            "DAGSTER_HOME": str(dagster_home),
-            "RETENTION_DATABASE_URL": prepared.url,
-            CONFIG_ENV_VAR: str(config_path),
-            "PYTHONWARNINGS": ",".join(
-                filter(None, [os.environ.get("PYTHONWARNINGS"), *DAGSTER_INTERNAL_WARNINGS])
-            ),
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "dagster",
-            "dev",
-            "-w",
-            str(project_root() / "workspace.yaml"),
-            "-h",
-            args.host,
-            "-p",
-            str(args.port),
-        ]
-        # Started from the Dagster home, whatever folder `dev` was started from: Dagster warns
-        # that it ignores a dagster.yaml it finds in its working folder (deploy/ has one).
-        return _run_until_signalled(command, environment, cwd=dagster_home)
-
-
-@contextlib.contextmanager
-def _stopping_the_embedded_server_at_the_end(config) -> Iterator[None]:
-    """`dev` owns the embedded server while it runs (its lock keeps a second `dev` out): stop it
-    when `dev` ends, however it ends."""
-    from retention_pipeline.database import embedded
-    from retention_pipeline.database.connection import uses_embedded_database
-
-    try:
-        yield
-    finally:
-        if uses_embedded_database(config) and embedded.stop():
-            print("stopped the embedded PostgreSQL", flush=True)
-
-
-def _restore_default_signals() -> None:
-    # A child started from a background shell inherits SIGINT/SIGTERM as ignored; dagster dev
-    # then never stops. Give it default handling and its own process group.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.setsid()
-
-
-def _run_until_signalled(command: list[str], environment: dict[str, str], cwd: Path) -> int:
-    """Run `dagster dev` in its own process group; on Ctrl-C or SIGTERM stop the whole group."""
-    process = subprocess.Popen(
-        command, env=environment, cwd=cwd, preexec_fn=_restore_default_signals
-    )
-
-    def forward(_signum, _frame) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        print("stopping dagster dev ...", flush=True)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _stop_group(process)
-        return 0
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    # Code servers and the daemon can outlive dagster dev itself: end the whole group.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    with single_dev(home, url):
+        require_free_port(args.host, args.port)  # before anything starts: nothing to stop
+        with stopping_the_embedded_server_at_the_end(config):
+            print("preparing the app database ...", flush=True)
+            prepared = prepare_database(config)
+            prepared.engine.dispose()
+            print(
+                f"database: {redact(prepared.url)}"
+                + (" (demo data seeded)" if prepared.seeded else "")
+                + f"; rollup rows: {prepared.install.rollup_rows}",
+                flush=True,
+            )
+            dagster_home = home / "dagster_home"
+            write_dev_instance(dagster_home)
+            environment = {
+                **os.environ,
+                "DAGSTER_HOME": str(dagster_home),
+                "RETENTION_DATABASE_URL": prepared.url,
+                CONFIG_ENV_VAR: str(config_path),
+                "PYTHONWARNINGS": ",".join(
+                    filter(None, [os.environ.get("PYTHONWARNINGS"), *DAGSTER_INTERNAL_WARNINGS])
+                ),
+            }
+            command = [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-w",
+                str(project_root() / "workspace.yaml"),
+                "-h",
+                args.host,
+                "-p",
+                str(args.port),
+            ]
+            # Again: preparing a first demo database takes a minute, in which the port may go.
+            require_free_port(args.host, args.port)
+            # Started from the Dagster home, whatever folder `dev` was started from: Dagster warns
+            # that it ignores a dagster.yaml it finds in its working folder (deploy/ has one).
+            return run_until_signalled(command, environment, cwd=dagster_home)
 
 
 @contextlib.contextmanager
