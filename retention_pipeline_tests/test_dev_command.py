@@ -172,3 +172,23 @@ def test_dev_on_a_busy_port_stops_at_once_in_one_line(embedded_home: Path):
     )
     assert processes_of(embedded_home) == []
     assert not embedded.is_running(embedded_home)
+
+
+def test_dev_stops_everything_when_its_webserver_dies(dev_process):
+    process, port, home = dev_process
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None and asset_paths(port) is None:
+        time.sleep(2)
+    assert asset_paths(port) is not None, "the UI never answered"
+    started = psutil.Process(process.pid).children(recursive=True)
+    (webserver,) = [child for child in started if "dagster_webserver" in " ".join(child.cmdline())]
+
+    webserver.kill()
+    output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 1, output
+    stopped = [line for line in output.splitlines() if "dagster dev stopped by itself" in line]
+    assert len(stopped) == 1 and stopped[0].startswith("error: dagster dev stopped by itself (")
+    assert "stopped the embedded PostgreSQL" in output
+    assert [child for child in started if alive(child)] == []
+    assert not (home / "pgdata" / "postmaster.pid").exists()
