@@ -327,9 +327,30 @@ def test_a_role_without_rights_gets_one_line_naming_the_right_and_the_object(
             "DROP TRIGGER IF EXISTS retention_track_activity ON public.users)",
         ),
     ]
-    for args, expected in cases:
-        result = run("--config", reader, *args)
-        assert result.returncode == 2, result.stderr
-        assert "Traceback" not in result.stderr
-        assert result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith(expected), result.stderr
+    owner_engine = create_engine(app_database_url)
+    try:
+        for args, expected in cases:
+            assert_one_line(run("--config", reader, *args), expected)
+
+        # Allowed to read the pipeline's tables, not to write them: the write is named.
+        with owner_engine.begin() as connection:
+            connection.execute(text(f'GRANT USAGE ON SCHEMA retention TO "{role_without_rights}"'))
+            connection.execute(
+                text(f'GRANT SELECT ON ALL TABLES IN SCHEMA retention TO "{role_without_rights}"')
+            )
+        assert_one_line(
+            run("--config", reader, "suppress", "gone@example.com"),
+            f"{role} lacks INSERT on table retention.email_suppressions (needed by `suppress` "
+            "for: INSERT INTO retention.email_suppressions ",
+        )
+    finally:
+        with owner_engine.begin() as connection:  # the grants, so that the role can be dropped
+            connection.execute(text(f'DROP OWNED BY "{role_without_rights}"'))
+        owner_engine.dispose()
+
+
+def assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(expected), result.stderr
