@@ -18,6 +18,7 @@ _WRITE_TARGET = re.compile(
     r"(?P<verb>INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(?:ONLY\s+)?(?P<table>[\w.\"]+)",
     re.IGNORECASE,
 )
+_LOCKING_READ = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+UPDATE|UPDATE|SHARE|KEY\s+SHARE)\b", re.I)
 _RELATIONS = {"table", "view", "materialized view", "foreign table", "relation"}
 _USED_BY_USAGE = {"sequence", "type", "domain", "language", "foreign server"}
 _EXECUTED = {"function", "procedure", "routine", "aggregate"}
@@ -25,10 +26,10 @@ STATEMENT_SHOWN = 80
 
 
 def _verb(statement: str) -> str:
-    words = statement.split(maxsplit=2)
-    if words[:1] == ["CREATE"] and len(words) > 1 and words[1].upper() == "TRIGGER":
+    words = statement.upper().split()[:5]
+    if words[:1] == ["CREATE"] and "TRIGGER" in words:  # CREATE [OR REPLACE] TRIGGER
         return "CREATE TRIGGER"
-    return words[0].upper() if words else ""
+    return words[0] if words else ""
 
 
 def _last_part(identifier: str) -> str:
@@ -45,8 +46,8 @@ def _relation_privilege(name: str, statement: str) -> str | None:
     verb = _verb(statement)
     if verb == "CREATE TRIGGER":
         return "TRIGGER"
-    if verb == "SELECT":
-        return "SELECT"
+    if verb == "SELECT":  # a locking read needs UPDATE too: which one is missing is unknown
+        return None if _LOCKING_READ.search(statement) else "SELECT"
     if verb == "TRUNCATE":
         return "TRUNCATE"
     target = _WRITE_TARGET.match(statement.lstrip())
@@ -58,8 +59,12 @@ def _relation_privilege(name: str, statement: str) -> str | None:
 def _privilege(kind: str, name: str, statement: str | None) -> str | None:
     if statement is None:  # refused while connecting
         return "CONNECT" if kind == "database" else None
-    if kind in ("database", "schema"):
-        return "CREATE" if _verb(statement) == "CREATE" else "USAGE"
+    creates = _verb(statement) == "CREATE"
+    if kind == "database":  # creating a schema; a temporary table needs TEMPORARY instead
+        temporary = re.match(r"CREATE\s+(?:LOCAL\s+|GLOBAL\s+)?TEMP", statement, re.I)
+        return "TEMPORARY" if temporary else "CREATE" if creates else None
+    if kind == "schema":
+        return "CREATE" if creates else "USAGE"
     if kind in _RELATIONS:
         return _relation_privilege(name, statement)
     if kind in _USED_BY_USAGE:
