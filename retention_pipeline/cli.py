@@ -321,46 +321,45 @@ def cmd_dev(args: argparse.Namespace) -> int:
     config = load_config(config_path)
     home = embedded.retention_home()
     url = f"http://{args.host}:{args.port}"
-    with single_dev(home, url):
-        require_free_port(args.host, args.port)  # before anything starts: nothing to stop
-        with stopping_the_embedded_server_at_the_end(config):
-            print("preparing the app database ...", flush=True)
-            prepared = prepare_database(config)
-            prepared.engine.dispose()
-            print(
-                f"database: {redact(prepared.url)}"
-                + (" (demo data seeded)" if prepared.seeded else "")
-                + f"; rollup rows: {prepared.install.rollup_rows}",
-                flush=True,
-            )
-            dagster_home = home / "dagster_home"
-            write_dev_instance(dagster_home)
-            environment = {
-                **os.environ,
-                "DAGSTER_HOME": str(dagster_home),
-                "RETENTION_DATABASE_URL": prepared.url,
-                CONFIG_ENV_VAR: str(config_path),
-                "PYTHONWARNINGS": ",".join(
-                    filter(None, [os.environ.get("PYTHONWARNINGS"), *DAGSTER_INTERNAL_WARNINGS])
-                ),
-            }
-            command = [
-                sys.executable,
-                "-m",
-                "dagster",
-                "dev",
-                "-w",
-                str(project_root() / "workspace.yaml"),
-                "-h",
-                args.host,
-                "-p",
-                str(args.port),
-            ]
-            # Again: preparing a first demo database takes a minute, in which the port may go.
-            require_free_port(args.host, args.port)
-            # Started from the Dagster home, whatever folder `dev` was started from: Dagster warns
-            # that it ignores a dagster.yaml it finds in its working folder (deploy/ has one).
-            return run_until_signalled(command, environment, cwd=dagster_home)
+    with single_dev(home, url), stopping_the_embedded_server_at_the_end(config):
+        require_free_port(args.host, args.port)  # before anything starts
+        print("preparing the app database ...", flush=True)
+        prepared = prepare_database(config)
+        prepared.engine.dispose()
+        print(
+            f"database: {redact(prepared.url)}"
+            + (" (demo data seeded)" if prepared.seeded else "")
+            + f"; rollup rows: {prepared.install.rollup_rows}",
+            flush=True,
+        )
+        dagster_home = home / "dagster_home"
+        write_dev_instance(dagster_home)
+        environment = {
+            **os.environ,
+            "DAGSTER_HOME": str(dagster_home),
+            "RETENTION_DATABASE_URL": prepared.url,
+            CONFIG_ENV_VAR: str(config_path),
+            "PYTHONWARNINGS": ",".join(
+                filter(None, [os.environ.get("PYTHONWARNINGS"), *DAGSTER_INTERNAL_WARNINGS])
+            ),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            "-w",
+            str(project_root() / "workspace.yaml"),
+            "-h",
+            args.host,
+            "-p",
+            str(args.port),
+        ]
+        # Again: preparing a first demo database takes a minute, in which the port may go.
+        require_free_port(args.host, args.port)
+        # Started from the Dagster home, whatever folder `dev` was started from: Dagster warns
+        # that it ignores a dagster.yaml it finds in its working folder (deploy/ has one).
+        return run_until_signalled(command, environment, cwd=dagster_home)
 
 
 @contextlib.contextmanager
