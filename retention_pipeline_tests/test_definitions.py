@@ -207,7 +207,7 @@ def test_the_shipped_instance_retries_only_crashed_runs_and_ends_dead_ones():
     from dagster_postgres import DagsterPostgresStorage
 
     # Validated against Dagster's instance schema: an unknown or mistyped key raises here.
-    settings, _ = dagster_instance_config(str(project_root()))
+    settings, _ = dagster_instance_config(str(project_root() / "deploy"))
     storage = validate_config(DagsterPostgresStorage.config_type(), settings["storage"]["postgres"])
     assert storage.success, storage.errors
     assert settings["run_retries"] == {

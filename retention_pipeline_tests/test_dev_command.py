@@ -4,6 +4,7 @@ no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -119,3 +120,75 @@ def test_dev_serves_the_asset_graph_refuses_a_second_dev_and_stops_cleanly(dev_p
     survivors = [child for child in started if alive(child)]
     assert survivors == []
     assert not psutil.pid_exists(int(postmaster)) or not alive(psutil.Process(int(postmaster)))
+
+
+def stop_tree(process: subprocess.Popen) -> None:
+    """Kill `process` and every process under it, `dagster dev`'s own process group included."""
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait()
+
+
+def processes_of(home: Path) -> list[psutil.Process]:
+    """Live processes that `dev` on `home` started (their command lines name its folders)."""
+    found = []
+    for candidate in psutil.process_iter(["cmdline"]):
+        if str(home) in " ".join(candidate.info["cmdline"] or []) and alive(candidate):
+            found.append(candidate)
+    return found
+
+
+def test_dev_on_a_busy_port_stops_at_once_in_one_line(embedded_home: Path):
+    from retention_pipeline.database import embedded
+
+    with socket.socket() as occupant:
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        port = occupant.getsockname()[1]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "retention_pipeline.cli", "dev", "--port", str(port)],
+            env=dev_environment(embedded_home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _, stderr = process.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            running = [" ".join(member.cmdline()[:4]) for member in processes_of(embedded_home)]
+            stop_tree(process)
+            embedded.stop(embedded_home)
+            pytest.fail(f"dev kept running on a busy port: {running}")
+
+    assert process.returncode == 2
+    assert stderr == (
+        f"error: port {port} on 127.0.0.1 is already in use: stop what listens there, or start "
+        "dev on another one (--port)\n"
+    )
+    assert processes_of(embedded_home) == []
+    assert not embedded.is_running(embedded_home)
+
+
+def test_dev_stops_everything_when_its_webserver_dies(dev_process):
+    process, port, home = dev_process
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None and asset_paths(port) is None:
+        time.sleep(2)
+    assert asset_paths(port) is not None, "the UI never answered"
+    started = psutil.Process(process.pid).children(recursive=True)
+    (webserver,) = [child for child in started if "dagster_webserver" in " ".join(child.cmdline())]
+
+    webserver.kill()
+    output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 1, output
+    stopped = [line for line in output.splitlines() if "dagster dev stopped by itself" in line]
+    assert len(stopped) == 1 and stopped[0].startswith("error: dagster dev stopped by itself (")
+    assert "stopped the embedded PostgreSQL" in output
+    assert [child for child in started if alive(child)] == []
+    assert not (home / "pgdata" / "postmaster.pid").exists()

@@ -91,9 +91,9 @@ def test_one_sender_per_shard_and_the_shards_apart(sending_db: SendingDatabase) 
 
 @pytest.fixture
 def dagster_home(create_database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The production instance (`dagster.yaml`) with its storage in a fresh PostgreSQL database,
-    and the `resend` pool's limit set to the shard count as the README says."""
-    instance = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    """The production instance (`deploy/dagster.yaml`) with its storage in a fresh PostgreSQL
+    database, and the `resend` pool's limit set to the shard count as the README says."""
+    instance = yaml.safe_load((PROJECT_ROOT / "deploy" / "dagster.yaml").read_text())
     url = make_url(create_database()).set(drivername="postgresql+psycopg2")
     instance["storage"] = {"postgres": {"postgres_url": url.render_as_string(hide_password=False)}}
     home = tmp_path / "dagster_home"
