@@ -225,8 +225,8 @@ def test_the_shipped_instance_frees_the_resend_slot_of_a_send_run_that_died(
     create_database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run killed mid-send never releases its `resend` pool slot; the daemon's run monitoring
-    frees it as the shipped `dagster.yaml` says, or four such crashes stop every send run."""
-    shipped = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    frees it as the shipped `deploy/dagster.yaml` says, or four such crashes stop every send run."""
+    shipped = yaml.safe_load((PROJECT_ROOT / "deploy" / "dagster.yaml").read_text())
     free_after = shipped["run_monitoring"]["free_slots_after_run_end_seconds"]
     url = make_url(create_database()).set(drivername="postgresql+psycopg2")
     overrides = {
