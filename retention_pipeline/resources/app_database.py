@@ -20,7 +20,8 @@ from retention_pipeline.tracking.state import rebuild_problem, tracked_timezone
 
 class AppDatabase(dg.ConfigurableResource):
     """The app's PostgreSQL: the URL comes from the loop configuration (which may reference
-    $RETENTION_DATABASE_URL); with none, the embedded server."""
+    $RETENTION_DATABASE_URL), or from the demo's commands; with none, one line naming
+    `database.url`."""
 
     config_path: str | None = Field(
         default=None, description="loop configuration; default $RETENTION_CONFIG or retention.yaml"
