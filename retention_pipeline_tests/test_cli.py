@@ -404,3 +404,27 @@ def test_check_reports_every_line_a_send_run_would_stop_on_and_the_run_stops_on_
         )
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failure.step_failure_data.user_failure_data.description == "; ".join(lines)
+
+
+def test_a_run_without_a_database_url_fails_in_one_line_and_starts_nothing(
+    tmp_path, embedded_home, monkeypatch
+):
+    import dagster as dg
+
+    from retention_pipeline.defs.segments import user_activity_snapshot
+    from retention_pipeline.resources.app_database import AppDatabase
+
+    monkeypatch.delenv("RETENTION_DATABASE_URL", raising=False)
+    monkeypatch.setenv("RETENTION_HOME", str(embedded_home))
+    resources = {"app_database": AppDatabase(config_path=str(write_config(tmp_path, "")))}
+    result = dg.materialize(
+        [user_activity_snapshot],
+        partition_key="2026-11-27",
+        resources=resources,
+        raise_on_error=False,
+    )
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_failure_data.user_failure_data.description.startswith(
+        "database.url: not set: give your app database's URL"
+    )
+    assert not (embedded_home / "pgdata").exists()

@@ -8,7 +8,7 @@ import dagster as dg
 from pydantic import Field
 from sqlalchemy import Engine
 
-from retention_pipeline.config import RetentionConfig, load_config
+from retention_pipeline.config import ConfigError, RetentionConfig, load_config
 from retention_pipeline.database import migrate
 from retention_pipeline.database.connection import (
     create_app_engine,
@@ -33,7 +33,10 @@ class AppDatabase(dg.ConfigurableResource):
 
     @cached_property
     def url(self) -> str:
-        return resolve_database_url(self.config)
+        try:
+            return resolve_database_url(self.config)
+        except ConfigError as missing:  # no URL: one line, and no retry can find one
+            raise dg.Failure(description=str(missing), allow_retries=False) from None
 
     @cached_property
     def engine(self) -> Engine:
