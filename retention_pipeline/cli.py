@@ -117,7 +117,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from retention_pipeline.database.connection import create_app_engine
     from retention_pipeline.preflight import preflight
-    from retention_pipeline.resources.email import missing_resend_key
+    from retention_pipeline.resources.email import email_resource, send_run_problems
 
     config = load_config(args.config)
     engine = _engine(config)
@@ -131,7 +131,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         engine.dispose()
         if read_engine is not None:
             read_engine.dispose()
-    problems = [*report.problems, *filter(None, [missing_resend_key(config)])]
+    # The send op asks the same question of the same sender before it claims anything.
+    problems = [*report.problems, *send_run_problems(config, email_resource(config))]
     if args.config:  # the definitions read the configuration from the environment
         os.environ[CONFIG_ENV_VAR] = str(Path(args.config).resolve())
     import dagster as dg
@@ -343,7 +344,7 @@ def write_dev_instance(dagster_home: Path) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     from retention_pipeline.database import embedded
-    from retention_pipeline.database.connection import redact
+    from retention_pipeline.database.connection import configured_database_url, redact
     from retention_pipeline.dev import (
         prepare_database,
         require_free_port,
@@ -360,6 +361,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     with single_dev(home, url), stopping_the_embedded_server_at_the_end(config):
         require_free_port(args.host, args.port)  # before anything starts
         print("preparing the app database ...", flush=True)
+        if args.demo or configured_database_url(config) is None:
+            _use_the_demo_database(config)
         prepared = prepare_database(config)
         prepared.engine.dispose()
         print(
@@ -398,6 +401,44 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return run_until_signalled(command, environment, cwd=dagster_home)
 
 
+def _use_the_demo_database(config) -> None:
+    """Make the embedded demo server this process's app database, started now: through
+    $RETENTION_DATABASE_URL, for this command, the definitions it loads and the Dagster processes
+    `dev` starts. The demo has its own database, never one configured."""
+    from retention_pipeline.config.loader import DATABASE_URL_ENV_VAR
+    from retention_pipeline.database import embedded
+    from retention_pipeline.database.connection import configured_database_url
+
+    configured = configured_database_url(config)
+    if configured and not embedded.is_embedded_url(configured):
+        raise ConfigError(
+            f"--demo: database.url is set, and the demo runs on its own embedded PostgreSQL: "
+            f"leave database.url (and ${DATABASE_URL_ENV_VAR}) unset for the demo"
+        )
+    os.environ[DATABASE_URL_ENV_VAR] = embedded.start()
+
+
+def _chooses_the_demo(args: argparse.Namespace) -> bool:
+    """`--demo`, or a `demo` command with no database URL configured (which seeds the demo)."""
+    from retention_pipeline.database.connection import configured_database_url
+
+    if args.demo:
+        return True
+    return args.command == "demo" and configured_database_url(load_config(args.config)) is None
+
+
+@contextlib.contextmanager
+def _on_the_demo_database_when_chosen(args: argparse.Namespace) -> Iterator[None]:
+    """Run the command on the embedded demo server when it chooses the demo (see
+    `_chooses_the_demo`); any other command needs a database URL."""
+    if not _chooses_the_demo(args):
+        yield
+        return
+    with _stopping_the_embedded_server_it_starts():
+        _use_the_demo_database(load_config(args.config))
+        yield
+
+
 @contextlib.contextmanager
 def _stopping_the_embedded_server_it_starts() -> Iterator[None]:
     """Stop the embedded PostgreSQL when the command ends if the command started it, unless a
@@ -422,15 +463,26 @@ def build_parser() -> argparse.ArgumentParser:
     config_help = (
         f"loop configuration (default: ${CONFIG_ENV_VAR}, else retention.yaml at the project root)"
     )
+    demo_help = (
+        "run on the demo: an embedded PostgreSQL with made-up users (the one `dev` starts when "
+        "no database URL is configured), emails to the outbox"
+    )
     parser.add_argument("--config", help=config_help)
-    # Every subcommand takes --config too, so it may come before or after the subcommand; there
-    # it defaults to "not given" rather than None, which would erase one given before.
+    parser.add_argument("--demo", action="store_true", help=demo_help)
+    # Every subcommand takes --config and --demo too, so they may come before or after the
+    # subcommand; there they default to "not given" rather than a value that would erase one
+    # given before.
     config_option = argparse.ArgumentParser(add_help=False)
     config_option.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
+    config_option.add_argument(
+        "--demo", action="store_true", default=argparse.SUPPRESS, help=demo_help
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     dev = commands.add_parser(
-        "dev", parents=[config_option], help="start the Dagster UI on the (embedded) database"
+        "dev",
+        parents=[config_option],
+        help="start the Dagster UI on the configured database; with none, the demo's embedded one",
     )
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
@@ -520,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8025)
     serve.set_defaults(handler=cmd_serve)
 
-    demo = commands.add_parser("demo", parents=[config_option], help="demo data")
+    demo = commands.add_parser(
+        "demo",
+        parents=[config_option],
+        help="demo data (in the configured database; with none, the demo's embedded one)",
+    )
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)
     seed = demo_commands.add_parser(
         "seed", parents=[config_option], help="generate a deterministic SaaS history"
@@ -545,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.handler is cmd_dev:  # dev keeps the embedded server running until it stops
             return args.handler(args)
-        with _stopping_the_embedded_server_it_starts():
+        with _on_the_demo_database_when_chosen(args):
             return args.handler(args)
     except (ConfigError, MappingError, TrackingError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

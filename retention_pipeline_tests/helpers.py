@@ -18,6 +18,15 @@ from retention_pipeline.tracking.install import install
 
 SHIPPED_DOCUMENT = yaml.safe_load((project_root() / "retention.yaml").read_text())
 TEST_UNSUBSCRIBE_SECRET = "unsubscribe-secret-for-tests"
+# What a configuration outside the demo must give its emails (the shipped file's are the demo's
+# placeholders, which `check` and the send refuse there).
+TEST_EMAIL_IDENTITY = {
+    "from": "Northwind Notes <hello@northwind-notes.com>",
+    "product_name": "Northwind Notes",
+    "app_url": "https://app.northwind-notes.com",
+    "unsubscribe_url": "https://app.northwind-notes.com/unsubscribe",
+    "company_address": "Northwind Notes Ltd., 12 Harbour Road, Leith",
+}
 
 
 def make_config(url: str, *, timezone: str = "UTC", **database: Any) -> RetentionConfig:
@@ -34,13 +43,17 @@ def write_config(
     directory: Path, url: str, *, email: dict[str, Any] | None = None, **database: Any
 ) -> Path:
     """Write the shipped configuration, pointed at `url`, to a file; return its path. Its emails
-    go to the outbox under `directory`, with links signed by `TEST_UNSUBSCRIBE_SECRET`, unless
-    `email` says otherwise."""
+    go to the outbox under `directory`, from `TEST_EMAIL_IDENTITY`, with links signed by
+    `TEST_UNSUBSCRIBE_SECRET`, unless `email` says otherwise."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"].update(database)
+    document["email"].update(TEST_EMAIL_IDENTITY)
     document["email"]["provider"] = "outbox"
     document["email"]["unsubscribe_secret"] = TEST_UNSUBSCRIBE_SECRET
     document["email"].update(email or {})
+    for loop in document["loops"]:  # the seed's per-step provider must be email.provider
+        for step in loop["steps"]:
+            step["action"]["provider"] = document["email"]["provider"]
     document["database"]["url"] = url
     document["email"]["outbox_dir"] = str(directory / "outbox")
     path = directory / "retention.yaml"

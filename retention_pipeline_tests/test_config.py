@@ -244,3 +244,97 @@ def test_loops_may_each_have_their_own_cron_and_recovery(document):
     config = parse_config(document, environ={})
     assert [loop.trigger.cron for loop in config.loops] == ["0 9 * * *", "30 15 * * 1-5"]
     assert [loop.recovery.retries for loop in config.loops] == [3, 0]
+
+
+def test_a_step_provider_must_be_email_provider_or_left_out(document):
+    # The shipped file keeps the seed's `provider: resend` on every step: valid with resend.
+    assert {s.action.provider for s in load_config(SHIPPED, environ={}).loops[0].steps} == {
+        "resend"
+    }
+    outbox = _mutated(document, "email.provider", "outbox")
+    with pytest.raises(ConfigError) as raised:
+        parse_config(outbox, environ={})
+    assert str(raised.value) == (
+        "configuration: (top level): loops.0.steps.0.action.provider: 'resend' is not "
+        "email.provider ('outbox'): every email goes where email.provider says; leave the step's "
+        "provider out or make them equal"
+    )
+    for step in outbox["loops"][0]["steps"]:
+        del step["action"]["provider"]
+    assert parse_config(outbox, environ={}).loops[0].steps[1].action.provider is None
+
+
+def test_the_loops_opinion_describes_its_send_job_in_the_ui(document):
+    from retention_pipeline.defs.emails import build_send_job
+
+    config = parse_config(_mutated(document, "loops.0.opinion", "Win back idle teams."), {})
+    description = build_send_job(config.loops[0], shards=1).description
+    assert description.startswith("Win back idle teams. Send the re_engagement loop's emails")
+
+
+SHIPPED_EMAIL_PROBLEMS = [
+    "email.company_address: required outside the demo (the postal address in every email's footer)",
+    "email.from: acme.test is under the reserved domain .test, which reaches no reader: give "
+    "your own",
+    "email.app_url: app.acme.test is under the reserved domain .test, which reaches no reader: "
+    "give your own",
+    "email.unsubscribe_url: app.acme.test is under the reserved domain .test, which reaches no "
+    "reader: give your own",
+]
+OWN_EMAIL_SETTINGS = {
+    "from": "Northwind <hello@northwind-notes.com>",
+    "product_name": "Northwind",
+    "app_url": "https://app.northwind-notes.com",
+    "company_address": "Northwind Notes Ltd., 12 Harbour Road, Leith",
+    "unsubscribe_url": "https://mail.northwind-notes.com/unsubscribe",
+}
+
+
+def test_the_demos_email_placeholders_are_named_one_line_each(document):
+    """Outside the demo (`check` and every send run ask), the shipped file's email settings are
+    the demo's placeholders, and a file that leaves them out has the demo's defaults."""
+    assert parse_config(document, environ={}).email.placeholder_problems() == (
+        SHIPPED_EMAIL_PROBLEMS
+    )
+    bare = {key: value for key, value in document.items() if key != "email"}
+    assert parse_config(bare, environ={}).email.placeholder_problems() == [
+        "email.from: required outside the demo (the sender of every email)",
+        "email.product_name: required outside the demo (named in every subject and email)",
+        "email.app_url: required outside the demo (where every email's button leads)",
+        "email.company_address: required outside the demo (the postal address in every email's "
+        "footer)",
+        "email.unsubscribe_url: required outside the demo (where `retention-pipeline serve` "
+        "answers unsubscribes)",
+    ]
+    own = {**document, "email": OWN_EMAIL_SETTINGS}
+    assert parse_config(own, environ={}).email.placeholder_problems() == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "host"),
+    [
+        ("app_url", "https://www.example.com/app", "www.example.com"),
+        ("app_url", "https://example.org", "example.org"),
+        ("app_url", "https://app.example.net", "app.example.net"),
+        ("app_url", "http://localhost:3000", "localhost"),
+        ("app_url", "https://shop.example", "shop.example"),
+        ("unsubscribe_url", "https://links.acme.invalid/u", "links.acme.invalid"),
+        ("unsubscribe_url", "http://127.0.0.1:8025/unsubscribe", "127.0.0.1"),
+        ("unsubscribe_url", "https://10.0.0.7/unsubscribe", "10.0.0.7"),
+        ("from", "Acme <hello@acme.test>", "acme.test"),
+        ("reply_to", "support@Example.COM", "Example.COM"),
+    ],
+)
+def test_each_placeholder_domain_is_refused_naming_its_key(document, key, value, host):
+    own = {**document, "email": {**OWN_EMAIL_SETTINGS, key: value}}
+    (problem,) = parse_config(own, environ={}).email.placeholder_problems()
+    assert problem.startswith(f"email.{key}: {host} is ")
+    assert problem.endswith(", which reaches no reader: give your own")
+
+
+@pytest.mark.parametrize(
+    "app_url", ["https://examples.com", "https://example.company.io", "https://testing.dev"]
+)
+def test_a_real_domain_that_merely_looks_like_one_is_accepted(document, app_url):
+    own = {**document, "email": {**OWN_EMAIL_SETTINGS, "app_url": app_url}}
+    assert parse_config(own, environ={}).email.placeholder_problems() == []

@@ -72,3 +72,38 @@ def test_a_table_the_role_may_not_read_is_one_line(app_database_url):
         "database.tables.subscriptions: the snapshot's read would fail: "
         "permission denied for table subscriptions"
     ]
+
+
+def test_the_demo_keeps_its_placeholders_and_its_own_secret_and_nothing_else_does(
+    tmp_path, monkeypatch
+):
+    """What stops a send run (and `check`): nothing in the demo, whose database is the embedded
+    server `dev` hands its Dagster processes; the same file on any other database, everything
+    a real audience's emails need."""
+    from retention_pipeline.config import load_config
+    from retention_pipeline.config.loader import project_root
+    from retention_pipeline.database import embedded
+    from retention_pipeline.resources.email import email_resource, send_run_problems
+
+    monkeypatch.setenv("RETENTION_HOME", str(tmp_path))
+    monkeypatch.delenv("RESEND_API_KEY", raising=False)
+    monkeypatch.delenv("RETENTION_UNSUBSCRIBE_SECRET", raising=False)
+    shipped = project_root() / "retention.yaml"
+    demo_url = embedded.sqlalchemy_url(
+        f"postgresql://postgres:@/postgres?host={embedded.data_directory()}", "app"
+    )
+    monkeypatch.setenv("RETENTION_DATABASE_URL", demo_url)
+    demo = load_config(shipped)
+    assert send_run_problems(demo, email_resource(demo)) == []
+
+    monkeypatch.setenv("RETENTION_DATABASE_URL", "postgresql://app@db.internal/app")
+    production = load_config(shipped)
+    problems = send_run_problems(production, email_resource(production))
+    assert [problem.split(":")[0] for problem in problems] == [
+        "email.company_address",
+        "email.from",
+        "email.app_url",
+        "email.unsubscribe_url",
+        "email.unsubscribe_secret",
+        "RESEND_API_KEY is not set",
+    ]

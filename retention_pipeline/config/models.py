@@ -6,6 +6,7 @@ segment or a SQL query with a timeout), an email action and a recovery policy.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import date, timedelta
 from email.utils import parseaddr
@@ -157,7 +158,9 @@ class AppTables(StrictModel):
 
 class DatabaseSettings(StrictModel):
     url: str | None = Field(
-        None, description="SQLAlchemy URL of the app database; empty means the embedded server"
+        None,
+        description="SQLAlchemy URL of the app database; required, except for the demo "
+        "(`retention-pipeline dev`, `demo` and `--demo`), which runs on the embedded server",
     )
     read_url: str | None = Field(
         None,
@@ -191,6 +194,45 @@ class DatabaseSettings(StrictModel):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+
+# Names that never reach a reader: the top-level and second-level domains RFC 2606 and RFC 6761
+# reserve for tests, examples and loopback. The demo's email settings use them (`acme.test`);
+# outside the demo `check` and every send run refuse them.
+PLACEHOLDER_DOMAINS = (
+    "test",
+    "example",
+    "invalid",
+    "localhost",
+    "example.com",
+    "example.net",
+    "example.org",
+)
+
+
+def placeholder_domain(host: str) -> str | None:
+    """Why `host` reaches no reader (it is under a reserved domain, `acme.test` under `.test`, or
+    a loopback or private IP address), or None for a real domain."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        for domain in PLACEHOLDER_DOMAINS:
+            if host == domain or host.endswith(f".{domain}"):
+                return f"under the reserved domain .{domain}"
+        return None
+    return "a loopback or private address" if address.is_private else None
+
+
+# The email settings every email shows its reader, and what each is for. Left out, each is the
+# demo's placeholder (Acme, acme.test), which outside the demo is refused.
+READER_FACING_SETTINGS = {
+    "from_address": ("from", "the sender of every email"),
+    "product_name": ("product_name", "named in every subject and email"),
+    "app_url": ("app_url", "where every email's button leads"),
+    "company_address": ("company_address", "the postal address in every email's footer"),
+    "unsubscribe_url": ("unsubscribe_url", "where `retention-pipeline serve` answers unsubscribes"),
+}
 
 
 class EmailSettings(StrictModel):
@@ -248,6 +290,32 @@ class EmailSettings(StrictModel):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    def placeholder_problems(self) -> list[str]:
+        """Why these settings may not email real people, one line per key: a reader-facing key
+        left out (it would be the demo's placeholder), or an address or URL on a placeholder
+        domain (`PLACEHOLDER_DOMAINS`)."""
+        left_out = [
+            (key, purpose)
+            for field, (key, purpose) in READER_FACING_SETTINGS.items()
+            if field not in self.model_fields_set
+        ]
+        problems = [
+            f"email.{key}: required outside the demo ({purpose})" for key, purpose in left_out
+        ]
+        hosts = {
+            "from": parseaddr(self.from_address)[1].rpartition("@")[2],
+            "reply_to": parseaddr(self.reply_to or "")[1].rpartition("@")[2],
+            "app_url": urlsplit(self.app_url).hostname or "",
+            "unsubscribe_url": urlsplit(self.unsubscribe_url).hostname or "",
+        }
+        for key, host in hosts.items():
+            reason = placeholder_domain(host) if host else None
+            if reason and key not in {key for key, _ in left_out}:
+                problems.append(
+                    f"email.{key}: {host} is {reason}, which reaches no reader: give your own"
+                )
+        return problems
 
 
 class ScheduleTrigger(StrictModel):
@@ -331,7 +399,11 @@ USER_FIELD_REFERENCE = re.compile(r"^\s*\{\{\s*user\.([A-Za-z_]\w*)\s*\}\}\s*$")
 
 class EmailAction(StrictModel):
     type: Literal["email"] = "email"
-    provider: Literal["resend", "outbox"] = "resend"
+    provider: Literal["resend", "outbox"] | None = Field(
+        None,
+        description="the seed's per-step provider: every email goes where email.provider says, "
+        "so it must be that one when given",
+    )
     template: str = "re_engagement"
     personalization: dict[str, str] = Field(default_factory=dict)
     variants: list[Identifier] = Field(default_factory=lambda: ["a"], min_length=1)
@@ -413,7 +485,9 @@ class SegmentRules(StrictModel):
 class Loop(StrictModel):
     name: Identifier
     type: Literal["retention"] = "retention"
-    opinion: str = ""
+    opinion: str = Field(
+        "", description="what the loop is for, in a sentence: its send job's description in the UI"
+    )
     steps: list[Step] = Field(min_length=1)
     segments: SegmentRules = SegmentRules()
     holdout: Holdout = Holdout()
@@ -505,6 +579,15 @@ class RetentionConfig(StrictModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"loops: duplicate loop name {duplicates[0]!r}")
+        for index, loop in enumerate(self.loops):
+            for number, step in enumerate(loop.steps):
+                provider = step.action.provider
+                if provider is not None and provider != self.email.provider:
+                    raise ValueError(
+                        f"loops.{index}.steps.{number}.action.provider: {provider!r} is not "
+                        f"email.provider ({self.email.provider!r}): every email goes where "
+                        "email.provider says; leave the step's provider out or make them equal"
+                    )
         first = self.loops[0].trigger
         for index, loop in enumerate(self.loops):
             if loop.trigger.timezone != first.timezone:

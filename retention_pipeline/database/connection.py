@@ -8,7 +8,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from retention_pipeline.config.loader import DATABASE_URL_ENV_VAR
+from retention_pipeline.config.loader import DATABASE_URL_ENV_VAR, ConfigError
 from retention_pipeline.config.models import RetentionConfig, parse_duration
 
 
@@ -23,36 +23,37 @@ def normalize_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+MISSING_DATABASE_URL = (
+    f"database.url: not set: give your app database's URL (the shipped retention.yaml reads "
+    f"${DATABASE_URL_ENV_VAR}); the demo on an embedded PostgreSQL is `retention-pipeline dev`, "
+    "or --demo for any other command"
+)
+
+
+def configured_database_url(config: RetentionConfig) -> str | None:
+    """`database.url`, else $RETENTION_DATABASE_URL, else None."""
+    return config.database.url or os.environ.get(DATABASE_URL_ENV_VAR) or None
+
+
 def uses_embedded_database(config: RetentionConfig) -> bool:
-    """Whether the app database is the embedded demo server: no URL configured, or the URL of
-    that server, which `retention-pipeline dev` hands the Dagster processes it starts."""
-    url = config.database.url or os.environ.get(DATABASE_URL_ENV_VAR)
-    if not url:
-        return True
+    """Whether this configuration runs the demo: its database is the embedded server, whose URL
+    only the demo's commands hand out (`dev`, `demo`, `--demo`, through $RETENTION_DATABASE_URL
+    to the Dagster processes they start). No URL at all is not the demo: it is an error."""
+    url = configured_database_url(config)
+    if url is None:
+        return False
     from retention_pipeline.database import embedded
 
     return embedded.is_embedded_url(url)
 
 
 def resolve_database_url(config: RetentionConfig) -> str:
-    """The configured URL, else $RETENTION_DATABASE_URL, else the embedded server (started now)."""
-    url = config.database.url or os.environ.get(DATABASE_URL_ENV_VAR)
-    if url:
-        return normalize_url(url)
-    from retention_pipeline.database import embedded
-
-    return embedded.start()
-
-
-def running_database_url(config: RetentionConfig) -> str | None:
-    """The configured URL, else $RETENTION_DATABASE_URL, else the embedded server's if it runs:
-    for reading at load time, which must not start a server."""
-    url = config.database.url or os.environ.get(DATABASE_URL_ENV_VAR)
-    if url:
-        return normalize_url(url)
-    from retention_pipeline.database import embedded
-
-    return embedded.start() if embedded.is_running() else None
+    """The configured URL, else $RETENTION_DATABASE_URL; neither is one line naming
+    `database.url`. Never starts a server: only the demo's commands start the embedded one."""
+    url = configured_database_url(config)
+    if url is None:
+        raise ConfigError(MISSING_DATABASE_URL)
+    return normalize_url(url)
 
 
 def create_app_engine(url: str, statement_timeout: str | int = "10m") -> Engine:

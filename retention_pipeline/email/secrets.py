@@ -1,9 +1,9 @@
 """The secrets of the email layer, from the configuration, never from a built-in value.
 
 The unsubscribe secret signs the links in every email and verifies them in `serve`; the webhook
-secret verifies Resend's delivery events. Only the embedded demo database, whose users are made
-up, gets a secret without configuration: a random one, made on first use and kept under
-$RETENTION_HOME, so links the demo writes to the outbox verify in a local `serve`.
+secret verifies Resend's delivery events. Only the demo, whose users are made up, gets a secret
+without configuration: a random one, made on first use and kept under $RETENTION_HOME, so links
+the demo writes to the outbox verify in a local `serve --demo`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class MissingSecretError(ValueError):
 
 
 def unsubscribe_secret(config: RetentionConfig) -> str:
-    """The HMAC secret of the unsubscribe links: `email.unsubscribe_secret`, or the demo's own
-    random one on the embedded demo database."""
+    """The HMAC secret of the unsubscribe links: `email.unsubscribe_secret`, or in the demo its
+    own random one."""
     if config.email.unsubscribe_secret:
         return config.email.unsubscribe_secret
     if uses_embedded_database(config):

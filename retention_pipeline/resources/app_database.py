@@ -8,7 +8,7 @@ import dagster as dg
 from pydantic import Field
 from sqlalchemy import Engine
 
-from retention_pipeline.config import RetentionConfig, load_config
+from retention_pipeline.config import ConfigError, RetentionConfig, load_config
 from retention_pipeline.database import migrate
 from retention_pipeline.database.connection import (
     create_app_engine,
@@ -20,7 +20,8 @@ from retention_pipeline.tracking.state import rebuild_problem, tracked_timezone
 
 class AppDatabase(dg.ConfigurableResource):
     """The app's PostgreSQL: the URL comes from the loop configuration (which may reference
-    $RETENTION_DATABASE_URL); with none, the embedded server."""
+    $RETENTION_DATABASE_URL), or from the demo's commands; with none, one line naming
+    `database.url`."""
 
     config_path: str | None = Field(
         default=None, description="loop configuration; default $RETENTION_CONFIG or retention.yaml"
@@ -32,7 +33,10 @@ class AppDatabase(dg.ConfigurableResource):
 
     @cached_property
     def url(self) -> str:
-        return resolve_database_url(self.config)
+        try:
+            return resolve_database_url(self.config)
+        except ConfigError as missing:  # no URL: one line, and no retry can find one
+            raise dg.Failure(description=str(missing), allow_retries=False) from None
 
     @cached_property
     def engine(self) -> Engine:

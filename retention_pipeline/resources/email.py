@@ -14,9 +14,11 @@ from pydantic import Field
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.connection import uses_embedded_database
+from retention_pipeline.database.embedded import retention_home
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.email.outbox import OutboxSender, remove_from_outbox
 from retention_pipeline.email.resend_sender import Pacer, ResendSender
+from retention_pipeline.email.secrets import MissingSecretError, unsubscribe_secret
 
 RESEND_KEY_ENV_VAR = "RESEND_API_KEY"
 MISSING_RESEND_KEY = (
@@ -27,18 +29,10 @@ MISSING_RESEND_KEY = (
 
 def email_provider(config: RetentionConfig) -> Literal["resend", "outbox"]:
     """Where this configuration's emails go. The outbox is always a choice, never a fallback:
-    `email.provider: outbox`, or the embedded demo database (no database URL), whose users are
-    made up."""
+    `email.provider: outbox`, or the demo (its embedded database's users are made up)."""
     if config.email.provider == "outbox" or uses_embedded_database(config):
         return "outbox"
     return "resend"
-
-
-def missing_resend_key(config: RetentionConfig) -> str | None:
-    """The one line saying why a send run of this configuration would stop, or None."""
-    if email_provider(config) == "resend" and not os.environ.get(RESEND_KEY_ENV_VAR):
-        return MISSING_RESEND_KEY
-    return None
 
 
 class EmailResource(dg.ConfigurableResource):
@@ -63,6 +57,10 @@ class EmailResource(dg.ConfigurableResource):
         returns how many files went."""
         return 0
 
+    def missing_setting(self) -> str | None:
+        """The one line naming what this sender lacks to send (a key), or None."""
+        return None
+
 
 class ResendEmail(EmailResource):
     """Sends through Resend's batch endpoint (honours $RESEND_API_URL), paced and retried."""
@@ -78,6 +76,9 @@ class ResendEmail(EmailResource):
     @property
     def provider(self) -> str:
         return "resend"
+
+    def missing_setting(self) -> str | None:
+        return None if self.api_key else MISSING_RESEND_KEY
 
     def sender(
         self,
@@ -122,3 +123,36 @@ class OutboxEmail(EmailResource):
     def path(self) -> Path:
         path = Path(self.directory)
         return path if path.is_absolute() else project_root() / path
+
+
+def email_resource(config: RetentionConfig) -> EmailResource:
+    """The sender the definitions bind for this configuration (and `check` judges)."""
+    email = config.email
+    if email_provider(config) == "outbox":
+        directory = email.outbox_dir or str(retention_home() / "outbox")
+        return OutboxEmail(directory=directory, from_address=email.from_address)
+    return ResendEmail(
+        # The key stays an environment reference: the UI shows its name, never its value. Unset,
+        # it is left out, so the definitions still load and every send run stops with one line
+        # naming it instead of sending elsewhere.
+        api_key=dg.EnvVar(RESEND_KEY_ENV_VAR) if os.environ.get(RESEND_KEY_ENV_VAR) else None,
+        from_address=email.from_address,
+        reply_to=email.reply_to,
+        requests_per_second=email.requests_per_second,
+    )
+
+
+def send_run_problems(config: RetentionConfig, email: EmailResource) -> list[str]:
+    """Why a send run of `config` through `email` would stop, one line each; empty when it can
+    send. The send op asks this before claiming anything, and `check` prints it, so the two never
+    disagree. Outside the demo the emails' reader-facing settings must be real (no placeholder);
+    links need the unsubscribe secret; Resend needs its key."""
+    problems = [] if uses_embedded_database(config) else config.email.placeholder_problems()
+    try:
+        unsubscribe_secret(config)
+    except MissingSecretError as missing:
+        problems.append(str(missing))
+    missing_key = email.missing_setting()
+    if missing_key:
+        problems.append(missing_key)
+    return problems

@@ -11,7 +11,7 @@ from sqlalchemy.pool import NullPool
 from retention_pipeline.config.loader import ConfigError
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
-from retention_pipeline.database.connection import redact, running_database_url
+from retention_pipeline.database.connection import redact, resolve_database_url
 from retention_pipeline.tracking.sql import TrackingSql
 
 
@@ -91,12 +91,7 @@ def partitions_start_date(config: RetentionConfig) -> date:
     the pipeline was installed. Read when the definitions load, so it never starts a server."""
     if config.start_date:
         return config.start_date
-    url = running_database_url(config)
-    if url is None:
-        raise ConfigError(
-            "start_date: not set, and the embedded database is not running to read the first "
-            "day with data from: set start_date, or start `retention-pipeline dev`"
-        )
+    url = resolve_database_url(config)
     engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
     s = engine.dialect.identifier_preparer.quote_schema(config.database.schema_)
     try:

@@ -174,3 +174,19 @@ def test_a_name_cannot_smuggle_controls_or_bidi_overrides_into_the_subject(templ
     for subject in subjects:
         assert not [c for c in subject if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
         assert not set(subject) & BIDI_CONTROLS
+
+
+@pytest.mark.parametrize("template", TEMPLATE_NAMES)
+def test_a_name_longer_than_any_first_name_leaves_subject_and_greeting_their_usual_length(
+    template: str,
+) -> None:
+    # A 10 kB name once made a 10,261-character subject.
+    flood = {"name": "A" * 10_000 + " Lovelace", "email": "x@example.com"}
+    for variant in ("a", "b"):
+        email = render_email(template, context(user=flood, variant=variant))
+        assert len(email.subject) < 80, email.subject
+        assert "A" * 41 not in email.html + email.text
+        assert "Hi there," in email.text
+
+    longest = {"name": "B" * 40 + " Lovelace", "email": "x@example.com"}
+    assert f"Hi {'B' * 40}," in render_email(template, context(user=longest)).text

@@ -71,7 +71,7 @@ def test_bounces_complaints_and_one_click_unsubscribes_reach_the_next_audience(
         }
         assert len(unsubscribe_links) == len(audience) > 2
         for link in unsubscribe_links.values():
-            assert link.startswith("<https://app.acme.test/unsubscribe?token=")
+            assert link.startswith("<https://app.northwind-notes.com/unsubscribe?token=")
             assert link.endswith(">") and "=?" not in link
         with engine.connect() as connection:
             (bouncer, bouncer_email, bouncer_id), (leaver, leaver_email, leaver_id) = (
