@@ -3,7 +3,7 @@ sensor asks for (`app_database`, `email`), choosing the email sender from the co
 
 import dagster as dg
 
-from retention_pipeline.config import load_config
+from retention_pipeline.config import RetentionConfig
 from retention_pipeline.database.embedded import retention_home
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import (
@@ -15,9 +15,8 @@ from retention_pipeline.resources.email import (
 )
 
 
-@dg.definitions
-def resource_bindings() -> dg.Definitions:
-    config = load_config()
+def resource_bindings(config: RetentionConfig) -> dict[str, object]:
+    """The resources of this configuration: the app database reads no second copy of it."""
     email = config.email
     if email_provider(config) == "resend":
         sender = ResendEmail(
@@ -32,4 +31,8 @@ def resource_bindings() -> dg.Definitions:
     else:
         directory = email.outbox_dir or str(retention_home() / "outbox")
         sender = OutboxEmail(directory=directory, from_address=email.from_address)
-    return dg.Definitions(resources={"app_database": AppDatabase(), "email": sender})
+    # Handed to the assets as is: a resource rebuilt from its fields would load the file again.
+    app_database = dg.ResourceDefinition.hardcoded_resource(
+        AppDatabase.of(config), description=AppDatabase.__doc__
+    )
+    return {"app_database": app_database, "email": sender}
