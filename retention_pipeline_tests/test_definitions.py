@@ -11,9 +11,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import ProgrammingError
 
 from retention_pipeline.cli import main
 from retention_pipeline.config.loader import project_root
+from retention_pipeline.database.connection import create_app_engine
 from retention_pipeline.database.migrate import head_revision
 from retention_pipeline.defs.partitions import START_DATE_ENV_VAR
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
@@ -344,3 +346,15 @@ def test_check_and_db_upgrade_print_the_start_date_line_to_add(app_database_url,
         connection.execute(text("DELETE FROM users WHERE id = '1'"))
     assert install(engine, make_config(app_database_url)).first_data_day == date(2026, 3, 2)
     engine.dispose()
+
+
+def test_a_failed_statement_names_no_address_it_was_given(app_database_url):
+    # A step's error, message and all, goes into Dagster's event log.
+    engine = create_app_engine(app_database_url)
+    with pytest.raises(ProgrammingError) as failed, engine.connect() as connection:
+        connection.execute(
+            text("INSERT INTO no_such_table (email) VALUES (:email)"), {"email": "ann@example.com"}
+        )
+    engine.dispose()
+    assert 'relation "no_such_table" does not exist' in str(failed.value)
+    assert "ann@example.com" not in str(failed.value)
