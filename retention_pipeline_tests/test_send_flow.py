@@ -241,15 +241,14 @@ def test_a_re_materialized_recent_day_is_sent_again_and_history_is_not():
     assert len({request.run_key for request in [sent_first, sent_again, *both]}) == 4
 
 
-def project_resources(monkeypatch, tmp_path: Path, url: str, **email: str):
+def project_resources(tmp_path: Path, url: str, **email: str):
     """The resources the project's definitions choose for this email configuration."""
-    from retention_pipeline.config.loader import CONFIG_ENV_VAR
+    from retention_pipeline.config.loader import load_config
     from retention_pipeline.defs.resource_bindings import resource_bindings
 
     directory = tmp_path / "config"
     directory.mkdir(exist_ok=True)
-    monkeypatch.setenv(CONFIG_ENV_VAR, str(write_config(directory, url, email=email)))
-    return resource_bindings().resources
+    return resource_bindings(load_config(write_config(directory, url, email=email)))
 
 
 def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is_a_choice(
@@ -269,9 +268,7 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
     assert daily.success
     partition = f"{day}|0"
 
-    chosen = project_resources(
-        monkeypatch, tmp_path, url, provider="resend", unsubscribe_secret="s"
-    )
+    chosen = project_resources(tmp_path, url, provider="resend", unsubscribe_secret="s")
     failed = send_re_engagement.execute_in_process(
         partition_key=partition,
         instance=instance,
@@ -298,7 +295,7 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
     )
 
     # Choosing the outbox writes the emails there; the key stays unset.
-    chosen = project_resources(monkeypatch, tmp_path, url, provider="outbox")
+    chosen = project_resources(tmp_path, url, provider="outbox")
     sent = send_re_engagement.execute_in_process(
         partition_key=partition, instance=instance, resources=chosen
     )
@@ -333,7 +330,7 @@ def test_the_demo_database_that_dev_hands_dagster_still_means_the_outbox(tmp_pat
     )
     monkeypatch.setenv("RETENTION_DATABASE_URL", demo_url)
     assert email_provider(load_config()) == "outbox"
-    assert isinstance(resource_bindings().resources["email"], OutboxEmail)
+    assert isinstance(resource_bindings(load_config())["email"], OutboxEmail)
     # Any other server is the user's own: its emails go through Resend.
     monkeypatch.setenv(
         "RETENTION_DATABASE_URL", "postgresql+psycopg://postgres@/app?host=/elsewhere/pgdata"
