@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
@@ -36,6 +39,23 @@ def lock(connection: Connection, schema: str) -> None:
         text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
         {"key": f"retention-pipeline:{schema}"},
     )
+
+
+@contextmanager
+def holding_lock(connection: Connection, schema: str) -> Iterator[None]:
+    """Hold the lock `lock` takes, across every transaction this connection makes inside: no
+    install, rebuild or other drain runs between them."""
+    key = {"key": f"retention-pipeline:{schema}"}
+    with connection.begin():
+        connection.execute(text("SELECT pg_advisory_lock(hashtext(:key))"), key)
+    try:
+        yield
+    finally:
+        try:
+            with connection.begin():
+                connection.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), key)
+        except DBAPIError:  # the connection is gone, and its lock with it
+            connection.invalidate()
 
 
 def first_data_day(connection: Connection, schema: str) -> date | None:
