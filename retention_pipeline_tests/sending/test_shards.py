@@ -219,8 +219,8 @@ def test_four_shard_runs_at_once_send_every_email_once_within_one_rate_limit(
         assert (pool.name, pool.limit) == ("resend", SHARDS)
 
         # A second run of a partition sends nothing.
-        config = sending_db.config
-        send_job = build_send_job(config.loop(LOOP), daily_partitions(config), SHARDS)
+        settings = sending_db.config
+        send_job = build_send_job(settings.loop(LOOP), daily_partitions(settings), SHARDS)
         again = send_job.execute_in_process(
             partition_key=f"{day.isoformat()}|2",
             instance=instance,
