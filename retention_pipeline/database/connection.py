@@ -44,17 +44,6 @@ def resolve_database_url(config: RetentionConfig) -> str:
     return embedded.start()
 
 
-def running_database_url(config: RetentionConfig) -> str | None:
-    """The configured URL, else $RETENTION_DATABASE_URL, else the embedded server's if it runs:
-    for reading at load time, which must not start a server."""
-    url = config.database.url or os.environ.get(DATABASE_URL_ENV_VAR)
-    if url:
-        return normalize_url(url)
-    from retention_pipeline.database import embedded
-
-    return embedded.start() if embedded.is_running() else None
-
-
 def create_app_engine(url: str, statement_timeout: str | int = "10m") -> Engine:
     """An engine whose every connection carries the statement timeout."""
     timeout_ms = int(parse_duration(statement_timeout).total_seconds() * 1000)
