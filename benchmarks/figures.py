@@ -12,7 +12,7 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
-from retention_pipeline.segments.snapshot import app_reads_sql
+from retention_pipeline.segments.snapshot.full import app_reads_sql
 
 FIGURES = (
     "partition_date, user_id, email, name, timezone, signed_up_at, account_age_days, "

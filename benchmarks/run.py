@@ -39,7 +39,7 @@ from benchmarks.bench_sending import make_emails, measure
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.demo import DemoSummary, seed_demo
-from retention_pipeline.segments.snapshot import snapshot_parameters
+from retention_pipeline.segments.snapshot.statement import snapshot_parameters
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import make_config, write_config

@@ -127,20 +127,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     try:
         report = preflight(engine, config, read_engine)
+        start_date_problem = _start_date_problem(engine, config)
     finally:
         engine.dispose()
         if read_engine is not None:
             read_engine.dispose()
     # The send op asks the same question of the same sender before it claims anything.
-    problems = [*report.problems, *send_run_problems(config, email_resource(config))]
-    if args.config:  # the definitions read the configuration from the environment
-        os.environ[CONFIG_ENV_VAR] = str(Path(args.config).resolve())
-    import dagster as dg
+    problems = [
+        *report.problems,
+        *filter(None, [start_date_problem]),
+        *send_run_problems(config, email_resource(config)),
+    ]
+    assets = 0
+    if start_date_problem is None:
+        import dagster as dg
 
-    from retention_pipeline.definitions import defs
+        from retention_pipeline.defs import build_definitions
 
-    dg.Definitions.validate_loadable(defs)
-    assets = len(defs.resolve_asset_graph().get_all_asset_keys())
+        defs = build_definitions(config)
+        dg.Definitions.validate_loadable(defs)
+        assets = len(defs.resolve_asset_graph().get_all_asset_keys())
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if report.unchecked:
@@ -153,6 +159,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"the Dagster definitions ({assets} assets) load"
     )
     return 0
+
+
+def _start_date_problem(engine, config) -> str | None:
+    """Why the definitions would not load for want of start_date (with the line to add), or
+    None when the partitions have their first day."""
+    from retention_pipeline.defs.partitions import START_DATE_ENV_VAR, start_date_missing
+    from retention_pipeline.tracking.state import first_data_day
+
+    if config.start_date or os.environ.get(START_DATE_ENV_VAR):
+        return None
+    with engine.connect() as connection:
+        return start_date_missing(first_data_day(connection, config.database.schema_))
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -171,9 +189,13 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         + (
             f"; daily partitions start at {config.start_date} (start_date)"
             if config.start_date
-            else f"; daily partitions start at {report.first_data_day} (the first day with data)"
+            else ""
         )
     )
+    if not config.start_date:
+        from retention_pipeline.defs.partitions import start_date_missing
+
+        print(start_date_missing(report.first_data_day))
     return 0
 
 
@@ -345,6 +367,7 @@ def write_dev_instance(dagster_home: Path) -> None:
 def cmd_dev(args: argparse.Namespace) -> int:
     from retention_pipeline.database import embedded
     from retention_pipeline.database.connection import configured_database_url, redact
+    from retention_pipeline.defs.partitions import START_DATE_ENV_VAR
     from retention_pipeline.dev import (
         prepare_database,
         require_free_port,
@@ -378,6 +401,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "DAGSTER_HOME": str(dagster_home),
             "RETENTION_DATABASE_URL": prepared.url,
             CONFIG_ENV_VAR: str(config_path),
+            # Without start_date, the partitions start at the first day of the data prepared.
+            **(
+                {}
+                if config.start_date
+                else {START_DATE_ENV_VAR: prepared.install.first_data_day.isoformat()}
+            ),
             "PYTHONWARNINGS": ",".join(
                 filter(None, [os.environ.get("PYTHONWARNINGS"), *DAGSTER_INTERNAL_WARNINGS])
             ),

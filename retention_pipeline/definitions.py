@@ -1,5 +1,8 @@
-from pathlib import Path
+"""The Dagster definitions, the one way in: the configuration is loaded here, once, and handed to
+`build_definitions`. Loading never touches the database, so the code location loads while
+PostgreSQL is down."""
 
-import dagster as dg
+from retention_pipeline.config import load_config
+from retention_pipeline.defs import build_definitions
 
-defs = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+defs = build_definitions(load_config())

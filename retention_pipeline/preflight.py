@@ -32,7 +32,8 @@ from retention_pipeline.segments.conditions import (
     explain_condition,
 )
 from retention_pipeline.segments.rules import build_segments
-from retention_pipeline.segments.snapshot import app_reads_sql, snapshot_parameters, snapshot_sql
+from retention_pipeline.segments.snapshot.full import app_reads_sql, snapshot_sql
+from retention_pipeline.segments.snapshot.statement import snapshot_parameters
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.config.loader import project_root
+from retention_pipeline.defs import build_definitions
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.tracking.install import install
 
@@ -27,6 +29,34 @@ TEST_EMAIL_IDENTITY = {
     "unsubscribe_url": "https://app.northwind-notes.com/unsubscribe",
     "company_address": "Northwind Notes Ltd., 12 Harbour Road, Leith",
 }
+SHIPPED_CONFIG = parse_config(SHIPPED_DOCUMENT, environ={})
+
+
+@functools.cache
+def shipped_definitions() -> dg.Definitions:
+    """The definitions of the shipped configuration, built as the code location builds them."""
+    return build_definitions(SHIPPED_CONFIG)
+
+
+# The definitions' own assets, jobs and sensors, before Dagster binds the definitions' resources
+# to them: each test binds its own.
+def shipped_asset(key: dg.AssetKey) -> dg.AssetsDefinition:
+    (asset,) = [
+        asset
+        for asset in shipped_definitions().assets or ()
+        if isinstance(asset, dg.AssetsDefinition) and asset.key == key
+    ]
+    return asset
+
+
+def shipped_job(name: str) -> dg.JobDefinition:
+    (job,) = [job for job in shipped_definitions().jobs or () if job.name == name]
+    return job
+
+
+def shipped_sensor(name: str) -> dg.SensorDefinition:
+    (sensor,) = [sensor for sensor in shipped_definitions().sensors or () if sensor.name == name]
+    return sensor
 
 
 def make_config(url: str, *, timezone: str = "UTC", **database: Any) -> RetentionConfig:

@@ -4,25 +4,38 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import ProgrammingError
 
+from retention_pipeline.cli import main
 from retention_pipeline.config.loader import project_root
-from retention_pipeline.database.connection import normalize_url, redact
+from retention_pipeline.database.connection import create_app_engine
 from retention_pipeline.database.migrate import head_revision
-from retention_pipeline.defs.activity import activity_rollup
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.partitions import START_DATE_ENV_VAR
+from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
+from retention_pipeline.defs.tracking import activity_rollup
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import insert_sent_email, make_config, write_config
+from retention_pipeline_tests.helpers import (
+    insert_sent_email,
+    make_config,
+    shipped_asset,
+    write_config,
+)
 
 HEAD = head_revision()
+# Nothing listens there: a database that is down.
+DOWN = "postgresql://app@127.0.0.1:1/app"
+user_activity_snapshot = shipped_asset(SNAPSHOT)
+engagement_segments = shipped_asset(SEGMENTS)
 
 
 def test_dg_check_defs_passes(tmp_path: Path):
@@ -223,59 +236,88 @@ def test_the_shipped_instance_retries_only_crashed_runs_and_ends_dead_ones():
     assert monitoring["max_resume_run_attempts"] == 0
 
 
-def test_the_definitions_read_retention_config_and_start_at_its_start_date(tmp_path):
-    config = write_config(tmp_path, "postgresql://app@127.0.0.1:1/app")
-    config.write_text(
-        config.read_text().replace("start_date: 2026-08-01", "start_date: 2026-10-01")
-    )
-    first_partition = (
-        "from retention_pipeline.definitions import defs; "
-        "print(defs.resolve_job_def('daily_retention').partitions_def.get_first_partition_key())"
-    )
-    result = subprocess.run(
-        [os.sys.executable, "-c", first_partition],
-        env={**os.environ, "RETENTION_CONFIG": str(config)},
+def load_definitions(
+    config: Path, program: str, environ: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `program` in a fresh Python, loading the definitions as a code location does."""
+    environment = {key: value for key, value in os.environ.items() if key != START_DATE_ENV_VAR}
+    return subprocess.run(
+        [sys.executable, "-c", program],
+        env={**environment, "RETENTION_CONFIG": str(config), **(environ or {})},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+FIRST_PARTITION = (
+    "from retention_pipeline.definitions import defs; "
+    "print(defs.resolve_job_def('daily_retention').partitions_def.get_first_partition_key())"
+)
+
+
+def without_start_date(config: Path) -> Path:
+    config.write_text(
+        "\n".join(line for line in config.read_text().splitlines() if "start_date" not in line)
+    )
+    return config
+
+
+def test_the_definitions_read_retention_config_and_start_at_its_start_date(tmp_path):
+    config = write_config(tmp_path, DOWN)
+    config.write_text(
+        config.read_text().replace("start_date: 2026-08-01", "start_date: 2026-10-01")
+    )
+    result = load_definitions(config, FIRST_PARTITION)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "2026-10-01"
 
 
-def first_partition_of(config: Path) -> subprocess.CompletedProcess:
-    program = (
-        "from retention_pipeline.definitions import defs; "
-        "print(defs.resolve_job_def('daily_retention').partitions_def.get_first_partition_key())"
-    )
-    return subprocess.run(
-        [os.sys.executable, "-c", program],
-        env={**os.environ, "RETENTION_CONFIG": str(config)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_without_start_date_the_definitions_load_while_the_database_is_down(tmp_path):
+    config = without_start_date(write_config(tmp_path, DOWN))
 
+    # The day `dev` passes, from the database it prepared: nothing is read at load.
+    passed = load_definitions(config, FIRST_PARTITION, {START_DATE_ENV_VAR: "2026-03-02"})
+    assert passed.returncode == 0, passed.stderr
+    assert passed.stdout.strip() == "2026-03-02"
 
-def test_without_start_date_the_partitions_start_at_the_first_day_with_data(
-    app_database_url, tmp_path
-):
-    config = write_config(tmp_path, app_database_url)
-    config.write_text(
-        "\n".join(line for line in config.read_text().splitlines() if "start_date" not in line)
-    )
-    not_installed = first_partition_of(config)
-    assert not_installed.returncode != 0
+    # Neither set: one line naming start_date, and still no attempt to reach the database.
+    missing = load_definitions(config, FIRST_PARTITION)
+    assert missing.returncode != 0
     assert (
-        not_installed.stderr.strip()
+        missing.stderr.strip()
         .splitlines()[-1]
         .endswith(
-            f"start_date: not set, and {redact(normalize_url(app_database_url))} has no installed "
-            "pipeline to read the first day with data from: run `retention-pipeline db upgrade`, "
-            "or set start_date"
+            "start_date: not set: add `start_date: YYYY-MM-DD` to the configuration, the first day "
+            "snapshots and emails are made for (`retention-pipeline db upgrade` and "
+            "`retention-pipeline check` print the first day with data)"
         )
     )
 
+
+def test_loading_the_definitions_reads_the_configuration_once(tmp_path):
+    config = write_config(tmp_path, DOWN)
+    # The audit hook sees every open of the file, however it is read. The app database resource
+    # the assets get holds the configuration the definitions loaded: using it reads nothing.
+    program = f"""
+import sys
+import dagster as dg
+reads = []
+sys.addaudithook(
+    lambda event, args: event == "open" and args[0] == {str(config)!r} and reads.append(args)
+)
+from retention_pipeline.definitions import defs
+with dg.build_resources({{"app_database": defs.resources["app_database"]}}) as resources:
+    assert resources.app_database.config.database.url == {DOWN!r}
+print(len(reads))
+"""
+    result = load_definitions(config, program)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+
+
+def test_check_and_db_upgrade_print_the_start_date_line_to_add(app_database_url, tmp_path, capsys):
+    config = str(without_start_date(write_config(tmp_path, app_database_url)))
     engine = create_engine(app_database_url)
     with engine.begin() as connection:
         connection.execute(
@@ -290,14 +332,29 @@ def test_without_start_date_the_partitions_start_at_the_first_day_with_data(
                 "('2', '2026-03-05 10:00+00'), ('1', '2026-03-02 23:30+00')"
             )
         )
-    report = install(engine, make_config(app_database_url))
-    assert report.first_data_day == date(2026, 3, 2)
-    installed = first_partition_of(config)
-    assert installed.returncode == 0, installed.stderr
-    assert installed.stdout.strip() == "2026-03-02"
+    line = (
+        "start_date: not set: add `start_date: 2026-03-02` to the configuration (the first day "
+        "with data), or the first day snapshots and emails are made for"
+    )
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    assert main(["--config", config, "check"]) == 2
+    assert f"error: {line}" in capsys.readouterr().err.splitlines()
 
-    # Later installs keep it, even once that history is gone.
+    # Later installs keep the first day with data, even once that history is gone.
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM users WHERE id = '1'"))
     assert install(engine, make_config(app_database_url)).first_data_day == date(2026, 3, 2)
     engine.dispose()
+
+
+def test_a_failed_statement_names_no_address_it_was_given(app_database_url):
+    # A step's error, message and all, goes into Dagster's event log.
+    engine = create_app_engine(app_database_url)
+    with pytest.raises(ProgrammingError) as failed, engine.connect() as connection:
+        connection.execute(
+            text("INSERT INTO no_such_table (email) VALUES (:email)"), {"email": "ann@example.com"}
+        )
+    engine.dispose()
+    assert 'relation "no_such_table" does not exist' in str(failed.value)
+    assert "ann@example.com" not in str(failed.value)

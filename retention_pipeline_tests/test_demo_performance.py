@@ -13,9 +13,9 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config import parse_config
-from retention_pipeline.defs.emails import reengagement_audience
-from retention_pipeline.defs.outcomes import campaign_performance, reengagement_outcomes
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.audience import AUDIENCE
+from retention_pipeline.defs.outcomes import OUTCOMES, PERFORMANCE
+from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.demo.seed import COMEBACK_TAG, EmailEffect, seed_demo
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.resources.app_database import AppDatabase
@@ -23,7 +23,13 @@ from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, shipped_asset
+
+user_activity_snapshot = shipped_asset(SNAPSHOT)
+engagement_segments = shipped_asset(SEGMENTS)
+reengagement_audience = shipped_asset(AUDIENCE)
+reengagement_outcomes = shipped_asset(OUTCOMES)
+campaign_performance = shipped_asset(PERFORMANCE)
 
 END = date(2026, 11, 1)
 EFFECT = EmailEffect(comeback_probability=0.5, holdout_salt="re_engagement", holdout_fraction=0.5)

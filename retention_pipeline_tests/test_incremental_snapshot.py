@@ -13,13 +13,17 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.segments.snapshot import (
-    LAST_ACTIONS_LOOKBACK_DAYS,
     Reconciliation,
     build_snapshot,
     reconcile_with_users,
+)
+from retention_pipeline.segments.snapshot.rolled import (
     rolled_forward_sql,
-    snapshot_parameters,
     users_new_to_the_day_before_sql,
+)
+from retention_pipeline.segments.snapshot.statement import (
+    LAST_ACTIONS_LOOKBACK_DAYS,
+    snapshot_parameters,
 )
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install

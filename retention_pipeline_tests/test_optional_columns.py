@@ -11,10 +11,13 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config.models import OPTIONAL_COLUMNS
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import make_config, write_config
+from retention_pipeline_tests.helpers import make_config, shipped_asset, write_config
+
+user_activity_snapshot = shipped_asset(SNAPSHOT)
+engagement_segments = shipped_asset(SEGMENTS)
 
 DAY = date(2026, 11, 20)
 OPTIONAL = [(table, key) for table, keys in OPTIONAL_COLUMNS.items() for key in keys]

@@ -22,11 +22,14 @@ from sqlalchemy.engine import make_url
 
 from retention_pipeline.cli import main
 from retention_pipeline.database import embedded, replica
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import make_config, write_config
+from retention_pipeline_tests.helpers import make_config, shipped_asset, write_config
+
+user_activity_snapshot = shipped_asset(SNAPSHOT)
+engagement_segments = shipped_asset(SEGMENTS)
 
 END = datetime(2026, 11, 21, tzinfo=ZoneInfo("UTC"))
 DAY = "2026-11-20"

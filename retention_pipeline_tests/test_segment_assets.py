@@ -13,10 +13,18 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import parse_config
 from retention_pipeline.defs.schedules import build_daily_schedules, daily_retention_job
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, write_config
+from retention_pipeline_tests.helpers import (
+    SHIPPED_DOCUMENT,
+    make_config,
+    shipped_asset,
+    write_config,
+)
+
+user_activity_snapshot = shipped_asset(SNAPSHOT)
+engagement_segments = shipped_asset(SEGMENTS)
 
 UTC = ZoneInfo("UTC")
 DAILY_TABLES = ("user_activity_snapshot", "engagement_segments")

@@ -15,28 +15,31 @@ from dagster._core.definitions.dependency import NodeHandle
 from sqlalchemy import text
 
 from retention_pipeline.config import parse_config
-from retention_pipeline.defs.emails import (
-    AUDIENCE,
-    build_send_job,
-    loops_picked,
-    reengagement_audience,
-    send_jobs,
-    send_on_new_audience,
-)
-from retention_pipeline.defs.partitions import CONFIG
+from retention_pipeline.defs.audience import AUDIENCE, loops_picked
+from retention_pipeline.defs.partitions import daily_partitions
 from retention_pipeline.defs.schedules import build_daily_schedules, daily_retention_job
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
+from retention_pipeline.defs.sending import build_send_job
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
 from retention_pipeline_tests.helpers import (
+    SHIPPED_CONFIG,
     SHIPPED_DOCUMENT,
     demo_until_yesterday,
+    shipped_asset,
+    shipped_job,
+    shipped_sensor,
     treated,
     write_config,
 )
 
-(send_re_engagement,) = send_jobs  # the shipped configuration has one loop
+user_activity_snapshot = shipped_asset(SNAPSHOT)
+engagement_segments = shipped_asset(SEGMENTS)
+reengagement_audience = shipped_asset(AUDIENCE)
+# the shipped configuration has one loop
+send_re_engagement = shipped_job("send_re_engagement")
+send_on_new_audience = shipped_sensor("send_on_new_audience")
 
 
 @pytest.fixture
@@ -214,7 +217,7 @@ def run_requests(context: dg.SensorEvaluationContext) -> list[dg.RunRequest]:
 
 
 def test_a_re_materialized_recent_day_is_sent_again_and_history_is_not():
-    today = datetime.now(ZoneInfo(CONFIG.timezone)).date()
+    today = datetime.now(ZoneInfo(SHIPPED_CONFIG.timezone)).date()
     with dg.DagsterInstance.ephemeral() as instance:
         audience_landed(instance, today - timedelta(days=1))
         first = dg.build_sensor_context(instance=instance)
@@ -238,15 +241,14 @@ def test_a_re_materialized_recent_day_is_sent_again_and_history_is_not():
     assert len({request.run_key for request in [sent_first, sent_again, *both]}) == 4
 
 
-def project_resources(monkeypatch, tmp_path: Path, url: str, **email: str):
+def project_resources(tmp_path: Path, url: str, **email: str):
     """The resources the project's definitions choose for this email configuration."""
-    from retention_pipeline.config.loader import CONFIG_ENV_VAR
+    from retention_pipeline.config.loader import load_config
     from retention_pipeline.defs.resource_bindings import resource_bindings
 
     directory = tmp_path / "config"
     directory.mkdir(exist_ok=True)
-    monkeypatch.setenv(CONFIG_ENV_VAR, str(write_config(directory, url, email=email)))
-    return resource_bindings().resources
+    return resource_bindings(load_config(write_config(directory, url, email=email)))
 
 
 def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is_a_choice(
@@ -266,9 +268,7 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
     assert daily.success
     partition = f"{day}|0"
 
-    chosen = project_resources(
-        monkeypatch, tmp_path, url, provider="resend", unsubscribe_secret="s"
-    )
+    chosen = project_resources(tmp_path, url, provider="resend", unsubscribe_secret="s")
     failed = send_re_engagement.execute_in_process(
         partition_key=partition,
         instance=instance,
@@ -295,7 +295,7 @@ def test_without_a_resend_key_a_send_run_fails_before_claiming_and_the_outbox_is
     )
 
     # Choosing the outbox writes the emails there; the key stays unset.
-    chosen = project_resources(monkeypatch, tmp_path, url, provider="outbox")
+    chosen = project_resources(tmp_path, url, provider="outbox")
     sent = send_re_engagement.execute_in_process(
         partition_key=partition, instance=instance, resources=chosen
     )
@@ -330,7 +330,7 @@ def test_the_demo_database_that_dev_hands_dagster_still_means_the_outbox(tmp_pat
     )
     monkeypatch.setenv("RETENTION_DATABASE_URL", demo_url)
     assert email_provider(load_config()) == "outbox"
-    assert isinstance(resource_bindings().resources["email"], OutboxEmail)
+    assert isinstance(resource_bindings(load_config())["email"], OutboxEmail)
     # Any other server is the user's own: its emails go through Resend.
     monkeypatch.setenv(
         "RETENTION_DATABASE_URL", "postgresql+psycopg://postgres@/app?host=/elsewhere/pgdata"
@@ -396,12 +396,12 @@ def test_each_loop_runs_at_its_own_cron_and_sends_with_its_own_job(morning, tmp_
     (materialization,) = result.asset_materializations_for_node("retention__reengagement_audience")
     assert materialization.metadata["loops"].value == "win_back"
     assert materialization.metadata["win_back/treatment"].value > 0
-    assert loops_picked(materialization) == ["win_back"]
+    assert loops_picked(materialization, config) == ["win_back"]
 
     # Each loop sends through its own job, tagged with the loop on every run, retrying as the
     # loop's recovery says.
     loop = config.loop("win_back")
-    job = build_send_job(loop, shards=1)
+    job = build_send_job(loop, daily_partitions(config), shards=1)
     assert job.name == "send_win_back"
     assert job.run_tags["retention/loop"] == "win_back"
     policy = job.get_retry_policy_for_handle(NodeHandle("send_emails", None))
@@ -422,7 +422,7 @@ def test_a_send_run_launched_by_partition_alone_carries_its_loop_and_shard_tags(
 
 
 def test_the_sensor_sends_the_loops_an_audience_picked_through_their_jobs():
-    today = datetime.now(ZoneInfo(CONFIG.timezone)).date()
+    today = datetime.now(ZoneInfo(SHIPPED_CONFIG.timezone)).date()
     with dg.DagsterInstance.ephemeral() as instance:
         instance.report_runless_asset_event(
             dg.AssetMaterialization(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -481,6 +482,88 @@ def test_the_drain_waits_for_an_unfinished_rebuild(engine, installed):
         update_rollup(engine, config)
     install(engine, config)
     assert update_rollup(engine, config).events == 0
+
+
+def wait_for_a_drain_waiting_on(engine, lock: str, drains: int = 1) -> None:
+    """Until `drains` sessions wait on a lock of this kind (`relation`, `advisory`)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            waiting = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND wait_event = :lock"
+                ),
+                {"lock": lock},
+            ).scalar_one()
+        if waiting >= drains:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no drain waits on a {lock} lock")
+
+
+def test_a_drain_counts_what_its_lock_waited_for_whatever_the_default_isolation(
+    engine, installed, app_database_url
+):
+    # A database whose sessions default to REPEATABLE READ (`default_transaction_isolation`).
+    repeatable_read = create_engine(app_database_url, isolation_level="REPEATABLE READ")
+    app = engine.connect()
+    try:
+        app.execute(
+            text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'held', now())")
+        )
+        with ThreadPoolExecutor(1) as pool:
+            drain = pool.submit(update_rollup, repeatable_read, installed)
+            # It waits to lock the capture table the app's open transaction wrote to.
+            wait_for_a_drain_waiting_on(engine, "relation")
+            app.commit()
+            drain.result(timeout=60)
+    finally:
+        app.close()
+        repeatable_read.dispose()
+    assert rollup(engine) == truth(engine)
+    assert capture_rows(engine) == 0
+
+
+def test_two_drains_at_once_take_turns_and_count_everything_once(engine, installed):
+    # Every change of the tracking state, with the session that made it.
+    with engine.begin() as connection:
+        connection.execute(
+            text("""
+                CREATE TABLE drain_trace (id serial, pid integer);
+                CREATE FUNCTION trace_drain() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN INSERT INTO drain_trace (pid) VALUES (pg_backend_pid()); RETURN NULL; END $$;
+                CREATE TRIGGER trace_drain AFTER UPDATE ON retention.tracking_state
+                FOR EACH ROW EXECUTE FUNCTION trace_drain();""")
+        )
+        inactive = connection.execute(
+            text("SELECT 1 - capture_slot FROM retention.tracking_state")
+        ).scalar_one()
+    insert_events(engine, [(1, "before", "2026-11-02T10:00Z"), (2, "before", "2026-11-02T11:00Z")])
+    # An app transaction that wrote to the other capture table just before a switch: the first
+    # drain waits for it in its first fold, holding the lock, and the second drain queues.
+    app = engine.connect()
+    try:
+        app.execute(text(f"LOCK TABLE retention.activity_capture_{inactive} IN ROW EXCLUSIVE MODE"))
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(update_rollup, engine, installed)
+            wait_for_a_drain_waiting_on(engine, "relation")
+            second = pool.submit(update_rollup, engine, installed)
+            wait_for_a_drain_waiting_on(engine, "advisory")
+            insert_events(engine, [(1, "meanwhile", "2026-11-03T10:00Z")])
+            app.commit()
+            updates = [first.result(timeout=60), second.result(timeout=60)]
+    finally:
+        app.close()
+    assert sum(update.events for update in updates) == 3
+    assert rollup(engine) == truth(engine)
+    assert capture_rows(engine) == 0
+    # Each drain switches the capture, then records its end: the second only once the first
+    # has ended, never between the first's transactions.
+    with engine.connect() as connection:
+        pids = connection.execute(text("SELECT pid FROM drain_trace ORDER BY id")).scalars().all()
+    assert len(pids) == 4
+    assert pids[0] == pids[1] != pids[2] == pids[3]
 
 
 def kill_after(arguments: list[str], until: str | float) -> str:

@@ -570,7 +570,7 @@ class RetentionConfig(StrictModel):
     start_date: date | None = Field(
         None,
         description="the first daily partition: the first day snapshots and emails are made "
-        "for (default: the first day with activity when the pipeline was installed)",
+        "for; required by the Dagster definitions, except under `retention-pipeline dev`",
     )
 
     @model_validator(mode="after")

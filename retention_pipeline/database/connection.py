@@ -59,7 +59,8 @@ def resolve_database_url(config: RetentionConfig) -> str:
 def create_app_engine(url: str, statement_timeout: str | int = "10m") -> Engine:
     """An engine whose every connection carries the statement timeout."""
     timeout_ms = int(parse_duration(statement_timeout).total_seconds() * 1000)
-    engine = create_engine(normalize_url(url), pool_pre_ping=True)
+    # hide_parameters: a failed statement's message, logged by Dagster, never holds an address.
+    engine = create_engine(normalize_url(url), pool_pre_ping=True, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _set_timeout(dbapi_connection, _record) -> None:

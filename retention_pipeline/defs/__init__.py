@@ -1,0 +1,39 @@
+"""The wiring of the pipeline's packages into Dagster: one builder per concern, each given the
+configuration the definitions loaded (`build_definitions`); none reads it or the database."""
+
+import dagster as dg
+
+from retention_pipeline.config import RetentionConfig
+from retention_pipeline.defs.app_tables import app_table_specs
+from retention_pipeline.defs.audience import build_audience_asset
+from retention_pipeline.defs.outcomes import build_outcome_assets
+from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.defs.resource_bindings import resource_bindings
+from retention_pipeline.defs.schedules import build_daily_schedules, daily_retention_job
+from retention_pipeline.defs.segments import build_segment_assets
+from retention_pipeline.defs.sending import build_send_jobs, build_send_sensor, send_log_spec
+from retention_pipeline.defs.tracking import (
+    activity_rollup,
+    drain_activity_job,
+    drain_activity_schedule,
+)
+
+
+def build_definitions(config: RetentionConfig) -> dg.Definitions:
+    """Every asset, job, schedule, sensor and resource of one loaded configuration."""
+    daily = daily_partitions(config)
+    send_jobs = build_send_jobs(config, daily)
+    return dg.Definitions(
+        assets=[
+            *app_table_specs(config),
+            activity_rollup,
+            *build_segment_assets(daily),
+            build_audience_asset(daily),
+            send_log_spec(daily),
+            *build_outcome_assets(daily),
+        ],
+        jobs=[drain_activity_job, daily_retention_job, *send_jobs],
+        schedules=[drain_activity_schedule, *build_daily_schedules(config, daily_retention_job)],
+        sensors=[build_send_sensor(config, send_jobs)],
+        resources=resource_bindings(config),
+    )

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from retention_pipeline.config import load_config
+from retention_pipeline.config import RetentionConfig
 
 APP_TABLE_DESCRIPTIONS = {
     "users": "The app's users (read only).",
@@ -12,18 +12,15 @@ APP_TABLE_DESCRIPTIONS = {
 }
 
 
-@dg.definitions
-def app_tables() -> dg.Definitions:
-    tables = load_config().database.tables
-    return dg.Definitions(
-        assets=[
-            dg.AssetSpec(
-                key=dg.AssetKey(["app", name]),
-                description=APP_TABLE_DESCRIPTIONS[name],
-                group_name="app",
-                kinds={"postgres"},
-                metadata={"table": dg.MetadataValue.text(mapping.qualified_name)},
-            )
-            for name, mapping in tables.items()
-        ]
-    )
+def app_table_specs(config: RetentionConfig) -> list[dg.AssetSpec]:
+    """One external asset per mapped app table, named for the table it reads."""
+    return [
+        dg.AssetSpec(
+            key=dg.AssetKey(["app", name]),
+            description=APP_TABLE_DESCRIPTIONS[name],
+            group_name="app",
+            kinds={"postgres"},
+            metadata={"table": dg.MetadataValue.text(mapping.qualified_name)},
+        )
+        for name, mapping in config.database.tables.items()
+    ]

@@ -7,15 +7,15 @@ import dagster as dg
 import pandas as pd
 
 from retention_pipeline.config.models import QuerySuccess
-from retention_pipeline.defs.activity import ROLLUP
-from retention_pipeline.defs.emails import AUDIENCE, SEND_LOG
+from retention_pipeline.defs.audience import AUDIENCE
 from retention_pipeline.defs.partitions import (
     DayResult,
     daily_backfill_policy,
-    daily_partitions,
     day_by_day,
 )
 from retention_pipeline.defs.segments import SNAPSHOT
+from retention_pipeline.defs.sending import SEND_LOG
+from retention_pipeline.defs.tracking import ROLLUP
 from retention_pipeline.outcomes.decisions import decide, store_decisions
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes, success_days
 from retention_pipeline.outcomes.performance import (
@@ -29,23 +29,46 @@ OUTCOMES = dg.AssetKey(["retention", "reengagement_outcomes"])
 PERFORMANCE = dg.AssetKey(["retention", "campaign_performance"])
 
 
-@dg.asset(
-    key=OUTCOMES,
-    partitions_def=daily_partitions,
-    backfill_policy=daily_backfill_policy,
-    # The snapshots give the subscription billed at the end of each window.
-    deps=[AUDIENCE, SEND_LOG, ROLLUP, SNAPSHOT],
-    group_name="retention",
-    kinds={"postgres"},
-    description=(
-        "For every assignment, holdout and treatment, whether the user came back (the loop's "
-        "success) within each window after it, as of the partition day; windows not over yet "
-        "are pending. Each day re-evaluates every assignment whose windows were still open."
-    ),
-)
-def reengagement_outcomes(context: dg.AssetExecutionContext, app_database: AppDatabase):
-    app_database.ensure_installed()
-    yield from day_by_day(context, lambda day: _outcomes_day(context, app_database, day))
+def build_outcome_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    """The outcomes and performance assets, on the definitions' daily partitions."""
+
+    @dg.asset(
+        key=OUTCOMES,
+        partitions_def=daily,
+        backfill_policy=daily_backfill_policy,
+        # The snapshots give the subscription billed at the end of each window.
+        deps=[AUDIENCE, SEND_LOG, ROLLUP, SNAPSHOT],
+        group_name="retention",
+        kinds={"postgres"},
+        description=(
+            "For every assignment, holdout and treatment, whether the user came back (the loop's "
+            "success) within each window after it, as of the partition day; windows not over yet "
+            "are pending. Each day re-evaluates every assignment whose windows were still open."
+        ),
+    )
+    def reengagement_outcomes(context: dg.AssetExecutionContext, app_database: AppDatabase):
+        app_database.ensure_installed()
+        yield from day_by_day(context, lambda day: _outcomes_day(context, app_database, day))
+
+    @dg.asset(
+        key=PERFORMANCE,
+        partitions_def=daily,
+        backfill_policy=daily_backfill_policy,
+        deps=[OUTCOMES],
+        group_name="retention",
+        kinds={"postgres"},
+        description=(
+            "Per loop, step and variant: assigned, emailed and returned in each arm, the lift over "
+            "the holdout with its 95% interval, the billed revenue difference, a verdict per row; "
+            "and the day's decisions (variant shares, paused steps), which the next day's audience "
+            "follows unless the loop says adjust: false."
+        ),
+    )
+    def campaign_performance(context: dg.AssetExecutionContext, app_database: AppDatabase):
+        app_database.ensure_installed()
+        yield from day_by_day(context, lambda day: _performance_day(context, app_database, day))
+
+    return [reengagement_outcomes, campaign_performance]
 
 
 def _outcomes_day(
@@ -80,25 +103,6 @@ def _outcomes_day(
         )
     metadata["dagster/row_count"] = total
     return DayResult(metadata=metadata)
-
-
-@dg.asset(
-    key=PERFORMANCE,
-    partitions_def=daily_partitions,
-    backfill_policy=daily_backfill_policy,
-    deps=[OUTCOMES],
-    group_name="retention",
-    kinds={"postgres"},
-    description=(
-        "Per loop, step and variant: assigned, emailed and returned in each arm, the lift over "
-        "the holdout with its 95% interval, the billed revenue difference, a verdict per row; "
-        "and the day's decisions (variant shares, paused steps), which the next day's audience "
-        "follows unless the loop says adjust: false."
-    ),
-)
-def campaign_performance(context: dg.AssetExecutionContext, app_database: AppDatabase):
-    app_database.ensure_installed()
-    yield from day_by_day(context, lambda day: _performance_day(context, app_database, day))
 
 
 def _performance_day(

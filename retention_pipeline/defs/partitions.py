@@ -1,20 +1,56 @@
 """The daily partitions every loop asset shares, in the loops' timezone."""
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 
 import dagster as dg
 
-from retention_pipeline.config import load_config
-from retention_pipeline.tracking.state import partitions_start_date
+from retention_pipeline.config import ConfigError, RetentionConfig
 
-CONFIG = load_config()
+# What `retention-pipeline dev` passes the Dagster processes it starts when the configuration
+# sets no start_date: the first day with data of the database it just prepared.
+START_DATE_ENV_VAR = "RETENTION_START_DATE"
 
-daily_partitions = dg.DailyPartitionsDefinition(
-    start_date=partitions_start_date(CONFIG).isoformat(),
-    timezone=CONFIG.timezone,
-)
+
+def start_date_missing(first_data_day: date | None = None) -> str:
+    """The one line saying that start_date must be set, with the line to add when the first day
+    with data is known."""
+    if first_data_day is None:
+        return (
+            "start_date: not set: add `start_date: YYYY-MM-DD` to the configuration, the first "
+            "day snapshots and emails are made for (`retention-pipeline db upgrade` and "
+            "`retention-pipeline check` print the first day with data)"
+        )
+    return (
+        f"start_date: not set: add `start_date: {first_data_day.isoformat()}` to the "
+        "configuration (the first day with data), or the first day snapshots and emails are "
+        "made for"
+    )
+
+
+def partitions_start_date(
+    config: RetentionConfig, environ: Mapping[str, str] | None = None
+) -> date:
+    """The first daily partition: `start_date`, else the day `dev` passes. Never read from the
+    database: the definitions load while PostgreSQL is down."""
+    if config.start_date:
+        return config.start_date
+    passed = (os.environ if environ is None else environ).get(START_DATE_ENV_VAR)
+    if not passed:
+        raise ConfigError(start_date_missing())
+    try:
+        return date.fromisoformat(passed)
+    except ValueError:
+        raise ConfigError(f"{START_DATE_ENV_VAR}: not a date (YYYY-MM-DD): {passed!r}") from None
+
+
+def daily_partitions(config: RetentionConfig) -> dg.DailyPartitionsDefinition:
+    """One partition per day of the loops' timezone, from the first partition on."""
+    return dg.DailyPartitionsDefinition(
+        start_date=partitions_start_date(config).isoformat(), timezone=config.timezone
+    )
 
 
 def previous_day_of(key: dg.AssetKey) -> dg.AssetDep:

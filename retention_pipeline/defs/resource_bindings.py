@@ -3,13 +3,15 @@ sensor asks for (`app_database`, `email`), choosing the email sender from the co
 
 import dagster as dg
 
-from retention_pipeline.config import load_config
+from retention_pipeline.config import RetentionConfig
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import email_resource
 
 
-@dg.definitions
-def resource_bindings() -> dg.Definitions:
-    return dg.Definitions(
-        resources={"app_database": AppDatabase(), "email": email_resource(load_config())}
+def resource_bindings(config: RetentionConfig) -> dict[str, object]:
+    """The resources of this configuration: the app database reads no second copy of it."""
+    # Handed to the assets as is: a resource rebuilt from its fields would load the file again.
+    app_database = dg.ResourceDefinition.hardcoded_resource(
+        AppDatabase.of(config), description=AppDatabase.__doc__
     )
+    return {"app_database": app_database, "email": email_resource(config)}

@@ -3,11 +3,10 @@
 import dagster as dg
 
 from retention_pipeline.config import RetentionConfig
-from retention_pipeline.defs.activity import ROLLUP
-from retention_pipeline.defs.emails import AUDIENCE, AudienceConfig
+from retention_pipeline.defs.audience import AUDIENCE, AudienceConfig
 from retention_pipeline.defs.outcomes import OUTCOMES, PERFORMANCE
-from retention_pipeline.defs.partitions import CONFIG
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
+from retention_pipeline.defs.tracking import ROLLUP
 from retention_pipeline.segments.calendar import day_just_ended
 
 daily_retention_job = dg.define_asset_job(
@@ -64,6 +63,3 @@ def _daily_schedule(
         )
 
     return daily_schedule
-
-
-daily_schedules = build_daily_schedules(CONFIG, daily_retention_job)

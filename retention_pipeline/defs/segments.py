@@ -6,14 +6,13 @@ import dagster as dg
 
 from retention_pipeline.database.day_partitions import rebuilding_day
 from retention_pipeline.database.replica import copy_app_reads
-from retention_pipeline.defs.activity import ROLLUP
 from retention_pipeline.defs.partitions import (
     DayResult,
     daily_backfill_policy,
-    daily_partitions,
     day_by_day,
     previous_day_of,
 )
+from retention_pipeline.defs.tracking import ROLLUP
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.rules import build_day_segments, segment_counts, segment_examples
 from retention_pipeline.segments.snapshot import (
@@ -28,50 +27,94 @@ SNAPSHOT_TABLE = "user_activity_snapshot"
 SEGMENTS_TABLE = "engagement_segments"
 
 
-@dg.asset(
-    key=SNAPSHOT,
-    partitions_def=daily_partitions,
-    backfill_policy=daily_backfill_policy,
-    # The day before's snapshot is rolled forward when it can be: backfills run the days in order.
-    deps=[
-        ROLLUP,
-        dg.AssetKey(["app", "users"]),
-        dg.AssetKey(["app", "subscriptions"]),
-        previous_day_of(SNAPSHOT),
-    ],
-    group_name="retention",
-    kinds={"postgres"},
-    description=(
-        "Every user's activity as of the end of the partition day: last activity, last actions, "
-        "7-day events and auth sessions, the session baseline, active days in the last 28, "
-        "account age and Stripe subscription state."
-    ),
-    # Blocking: a snapshot that loses users or leaks later activity never reaches the segments.
-    check_specs=[
-        dg.AssetCheckSpec(
-            "reconciles_with_users",
-            blocking=True,
-            asset=SNAPSHOT,
-            description="Every app user who existed by the day's end, exactly once.",
+def build_segment_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    """The daily snapshot and segments assets, on the definitions' daily partitions."""
+
+    @dg.asset(
+        key=SNAPSHOT,
+        partitions_def=daily,
+        backfill_policy=daily_backfill_policy,
+        # The day before's snapshot is rolled forward when it can be: backfills run the days in
+        # order.
+        deps=[
+            ROLLUP,
+            dg.AssetKey(["app", "users"]),
+            dg.AssetKey(["app", "subscriptions"]),
+            previous_day_of(SNAPSHOT),
+        ],
+        group_name="retention",
+        kinds={"postgres"},
+        description=(
+            "Every user's activity as of the end of the partition day: last activity, last "
+            "actions, 7-day events and auth sessions, the session baseline, active days in the "
+            "last 28, account age and Stripe subscription state."
         ),
-        dg.AssetCheckSpec(
-            "no_user_vanished",
-            asset=SNAPSHOT,
-            description="Every user of the day before's snapshot is still there.",
-        ),
-        dg.AssetCheckSpec(
-            "no_activity_after_partition_end",
-            blocking=True,
-            asset=SNAPSHOT,
-            description="No last activity later than the end of the day.",
-        ),
-    ],
-)
-def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppDatabase):
-    app_database.ensure_installed()
-    yield from day_by_day(
-        context, lambda day: _snapshot_day(context, app_database, day), ("no_user_vanished",)
+        # Blocking: a snapshot that loses users or leaks later activity never reaches the segments.
+        check_specs=[
+            dg.AssetCheckSpec(
+                "reconciles_with_users",
+                blocking=True,
+                asset=SNAPSHOT,
+                description="Every app user who existed by the day's end, exactly once.",
+            ),
+            dg.AssetCheckSpec(
+                "no_user_vanished",
+                asset=SNAPSHOT,
+                description="Every user of the day before's snapshot is still there.",
+            ),
+            dg.AssetCheckSpec(
+                "no_activity_after_partition_end",
+                blocking=True,
+                asset=SNAPSHOT,
+                description="No last activity later than the end of the day.",
+            ),
+        ],
     )
+    def user_activity_snapshot(context: dg.AssetExecutionContext, app_database: AppDatabase):
+        app_database.ensure_installed()
+        yield from day_by_day(
+            context, lambda day: _snapshot_day(context, app_database, day), ("no_user_vanished",)
+        )
+
+    @dg.asset(
+        key=SEGMENTS,
+        partitions_def=daily,
+        backfill_policy=daily_backfill_policy,
+        # Yesterday's segments give `entered_on`: backfills run the days in order.
+        deps=[
+            SNAPSHOT,
+            previous_day_of(SEGMENTS),
+        ],
+        group_name="retention",
+        kinds={"postgres"},
+        description=(
+            "One engagement segment per user, loop and day (new, active, at_risk, dormant, "
+            "resurrected, never_activated, churned) with the reason and the day the user "
+            "entered it."
+        ),
+        # Blocking: a user without a segment would silently miss (or wrongly join) the audience.
+        check_specs=[
+            dg.AssetCheckSpec(
+                "one_segment_per_user",
+                blocking=True,
+                asset=SEGMENTS,
+                description="Every snapshot user has exactly one segment per loop.",
+            ),
+            dg.AssetCheckSpec(
+                "plausible_dormant_flow",
+                asset=SEGMENTS,
+                description="Dormant users did not jump by more than the loop's "
+                "dormant_jump_warning_factor since the day before.",
+            ),
+        ],
+    )
+    def engagement_segments(context: dg.AssetExecutionContext, app_database: AppDatabase):
+        app_database.ensure_installed()
+        yield from day_by_day(
+            context, lambda day: _segments_day(app_database, day), ("plausible_dormant_flow",)
+        )
+
+    return [user_activity_snapshot, engagement_segments]
 
 
 def _snapshot_day(
@@ -125,44 +168,6 @@ def _snapshot_day(
                 {"rows_with_later_activity": summary.leaked_rows},
             ),
         },
-    )
-
-
-@dg.asset(
-    key=SEGMENTS,
-    partitions_def=daily_partitions,
-    backfill_policy=daily_backfill_policy,
-    # Yesterday's segments give `entered_on`: backfills run the days in order.
-    deps=[
-        SNAPSHOT,
-        previous_day_of(SEGMENTS),
-    ],
-    group_name="retention",
-    kinds={"postgres"},
-    description=(
-        "One engagement segment per user, loop and day (new, active, at_risk, dormant, "
-        "resurrected, never_activated, churned) with the reason and the day the user entered it."
-    ),
-    # Blocking: a user without a segment would silently miss (or wrongly join) the audience.
-    check_specs=[
-        dg.AssetCheckSpec(
-            "one_segment_per_user",
-            blocking=True,
-            asset=SEGMENTS,
-            description="Every snapshot user has exactly one segment per loop.",
-        ),
-        dg.AssetCheckSpec(
-            "plausible_dormant_flow",
-            asset=SEGMENTS,
-            description="Dormant users did not jump by more than the loop's "
-            "dormant_jump_warning_factor since the day before.",
-        ),
-    ],
-)
-def engagement_segments(context: dg.AssetExecutionContext, app_database: AppDatabase):
-    app_database.ensure_installed()
-    yield from day_by_day(
-        context, lambda day: _segments_day(app_database, day), ("plausible_dormant_flow",)
     )
 
 

@@ -1,136 +1,51 @@
-"""The daily audience, and the send job a sensor launches when a new audience lands."""
+"""The send log, and each loop's send job, which a sensor launches when a new audience lands."""
 
 from datetime import UTC, date, datetime
 
 import dagster as dg
-from pydantic import Field
 
-from retention_pipeline.audience.build import build_audience
-from retention_pipeline.config.models import Loop
-from retention_pipeline.defs.partitions import (
-    CONFIG,
-    DayResult,
-    daily_backfill_policy,
-    daily_partitions,
-    day_by_day,
-    previous_day_of,
-)
+from retention_pipeline.config.models import Loop, RetentionConfig
+from retention_pipeline.defs.audience import AUDIENCE, loops_picked
 from retention_pipeline.defs.retries import retry_policy
-from retention_pipeline.defs.segments import SEGMENTS
 from retention_pipeline.email.secrets import unsubscribe_secret
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import EmailResource, send_run_problems
 from retention_pipeline.segments.calendar import within_send_window
-from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.sending.pace import SharedPace
 from retention_pipeline.sending.run import send_loop_day
 from retention_pipeline.sending.sender_lock import SenderBusy, SenderLockLost
 from retention_pipeline.sending.shards import Shard
 
-AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
 SENSOR_BATCH = 100
 LOOP_TAG = "retention/loop"
 SEND_SHARD_TAG = "retention/send_shard"
 SEND_POOL = "resend"
-LOOPS_METADATA = "loops"
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
 
 
-class AudienceConfig(dg.Config):
-    loops: list[str] | None = Field(
-        None, description="the loops to pick the day's audience for (default: every loop)"
+def send_log_spec(daily: dg.PartitionsDefinition) -> dg.AssetSpec:
+    """The send log, on the definitions' daily partitions."""
+    return dg.AssetSpec(
+        key=SEND_LOG,
+        deps=[AUDIENCE],
+        partitions_def=daily,
+        group_name="retention",
+        kinds={"postgres", "resend"},
+        description=(
+            "Every email claimed, sent or failed, one row per loop, user, episode and step: the "
+            "exactly-once ledger, with each email's last delivery event from Resend. Materialized "
+            "by each loop's send job (send_LOOP), which also reports the last 7 days again with "
+            "the emails delivered, bounced, complained, opened and clicked so far (opens are "
+            "inflated by mail privacy proxies: not a success measure)."
+        ),
     )
 
 
-def loops_picked(materialization: dg.AssetMaterialization | None) -> list[str]:
-    """The loops an audience materialization picked users for, as its `loops` metadata says."""
-    picked = materialization.metadata.get(LOOPS_METADATA) if materialization else None
-    if picked is None:  # reported without the pipeline's metadata: it stands for every loop
-        return [loop.name for loop in CONFIG.loops]
-    return [name for name in picked.value.split(",") if name]
-
-
-@dg.asset(
-    key=AUDIENCE,
-    partitions_def=daily_partitions,
-    backfill_policy=daily_backfill_policy,
-    # Episodes carry over from day to day: backfills run the days in order.
-    deps=[
-        SEGMENTS,
-        previous_day_of(AUDIENCE),
-    ],
-    group_name="retention",
-    kinds={"postgres"},
-    description=(
-        "Who gets which step of which loop today: the loop's condition, minus suppressed, "
-        "unreachable, frequency-capped and returned users, split into treatment and holdout."
-    ),
-)
-def reengagement_audience(
-    context: dg.AssetExecutionContext, config: AudienceConfig, app_database: AppDatabase
-):
-    app_database.ensure_installed()
-    settings = app_database.config
-    try:
-        loops = settings.loops if config.loops is None else [settings.loop(n) for n in config.loops]
-    except ValueError as unknown:
-        raise dg.Failure(description=f"config.loops: {unknown}") from None
-    yield from day_by_day(context, lambda day: _audience_day(context, app_database, loops, day))
-
-
-def _audience_day(
-    context: dg.AssetExecutionContext, app_database: AppDatabase, loops: list[Loop], day: date
-) -> DayResult:
-    metadata: dict[str, object] = {LOOPS_METADATA: ",".join(loop.name for loop in loops)}
-    total = 0
-    for loop in loops:
-        candidates = condition_user_ids(app_database.engine, app_database.schema, loop, day)
-        with app_database.engine.begin() as connection:
-            summary = build_audience(
-                connection, config=app_database.config, loop=loop, day=day, candidates=candidates
-            )
-        total += summary.treatment + summary.holdout
-        metadata.update(
-            {
-                f"{loop.name}/candidates": summary.candidates,
-                f"{loop.name}/treatment": summary.treatment,
-                f"{loop.name}/holdout": summary.holdout,
-                f"{loop.name}/returned": summary.returned,
-                **{f"{loop.name}/step_{step}": n for step, n in sorted(summary.by_step.items())},
-                **{f"{loop.name}/excluded_{reason}": n for reason, n in summary.excluded.items()},
-            }
-        )
-        context.log.info(
-            f"{loop.name} {day}: {summary.candidates} users meet the condition; "
-            f"{summary.treatment} to be emailed, {summary.holdout} held out, "
-            f"{summary.returned} came back; excluded: "
-            + (", ".join(f"{n} {reason}" for reason, n in summary.excluded.items()) or "none")
-        )
-    metadata["dagster/row_count"] = total
-    return DayResult(metadata=metadata)
-
-
-email_send_log = dg.AssetSpec(
-    key=SEND_LOG,
-    deps=[AUDIENCE],
-    partitions_def=daily_partitions,
-    group_name="retention",
-    kinds={"postgres", "resend"},
-    description=(
-        "Every email claimed, sent or failed, one row per loop, user, episode and step: the "
-        "exactly-once ledger, with each email's last delivery event from Resend. Materialized "
-        "by each loop's send job (send_LOOP), which also reports the last 7 days again with "
-        "the emails delivered, bounced, complained, opened and clicked so far (opens are "
-        "inflated by mail privacy proxies: not a success measure)."
-    ),
-)
-
-
-def send_partitions(shards: int) -> dg.MultiPartitionsDefinition:
+def send_partitions(daily: dg.PartitionsDefinition, shards: int) -> dg.MultiPartitionsDefinition:
     """A send job's partitions: each audience day times each shard, keys like `2026-11-27|0`."""
     return dg.MultiPartitionsDefinition(
         {
-            "day": daily_partitions,
+            "day": daily,
             "shard": dg.StaticPartitionsDefinition([str(index) for index in range(shards)]),
         }
     )
@@ -222,13 +137,13 @@ def send_job_name(loop_name: str) -> str:
     return f"send_{loop_name}"
 
 
-def build_send_job(loop: Loop, shards: int) -> dg.JobDefinition:
+def build_send_job(loop: Loop, daily: dg.PartitionsDefinition, shards: int) -> dg.JobDefinition:
     """The loop's own send job, partitioned by audience day and shard. Its loop tag is on every
     run, however launched (sensor, Launchpad, re-execution), and every run launched for a
     partition also carries `retention/send_shard` = LOOP/SHARD, so the queue's
     one-run-per-loop-and-shard limit applies; its step retries as the loop's `recovery` says."""
 
-    partitions = send_partitions(shards)
+    partitions = send_partitions(daily, shards)
 
     def shard_tag(partition_key: str) -> dict[str, str]:
         keys = partitions.get_partition_key_from_str(partition_key).keys_by_dimension
@@ -251,45 +166,56 @@ def build_send_job(loop: Loop, shards: int) -> dg.JobDefinition:
     return send_loop_emails
 
 
-send_jobs = [build_send_job(loop, CONFIG.email.send_shards) for loop in CONFIG.loops]
+def build_send_jobs(
+    config: RetentionConfig, daily: dg.PartitionsDefinition
+) -> list[dg.JobDefinition]:
+    """Every loop's send job, each with the configured number of shards."""
+    return [build_send_job(loop, daily, config.email.send_shards) for loop in config.loops]
 
 
-@dg.sensor(
-    jobs=send_jobs,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    description=(
-        "Every new materialization of an audience partition of the last days launches, per loop "
-        "it picked, one send run per shard; older partitions (backfills) are history and are "
-        "not emailed."
-    ),
-)
-def send_on_new_audience(context: dg.SensorEvaluationContext):
-    after = int(context.cursor) if context.cursor else None
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=AUDIENCE, after_storage_id=after),
-        limit=SENSOR_BATCH,
-        ascending=True,
-    ).records
-    if not records:
-        yield dg.SkipReason("no new reengagement_audience materialization")
-        return
-    now = datetime.now(UTC)
-    for record in records:
-        partition = record.partition_key
-        if partition is None or not within_send_window(
-            date.fromisoformat(partition), now, CONFIG.timezone
-        ):
-            context.log.info(f"audience {partition} is history: not emailed")
-            continue
-        for loop_name in loops_picked(record.asset_materialization):
-            for shard in range(CONFIG.email.send_shards):
-                yield dg.RunRequest(
-                    job_name=send_job_name(loop_name),
-                    # One run per materialization and shard, not per day: a re-materialized
-                    # audience may hold new users, and the send log's claims keep a second run
-                    # from sending twice.
-                    run_key=f"{loop_name}:{partition}:{shard}:{record.storage_id}",
-                    partition_key=send_partition_key(partition, shard),
-                )
-    context.update_cursor(str(records[-1].storage_id))
+def build_send_sensor(
+    config: RetentionConfig, send_jobs: list[dg.JobDefinition]
+) -> dg.SensorDefinition:
+    """The sensor that launches the loops' send runs for each new audience of the last days."""
+
+    @dg.sensor(
+        jobs=send_jobs,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=30,
+        description=(
+            "Every new materialization of an audience partition of the last days launches, per "
+            "loop it picked, one send run per shard; older partitions (backfills) are history and "
+            "are not emailed."
+        ),
+    )
+    def send_on_new_audience(context: dg.SensorEvaluationContext):
+        after = int(context.cursor) if context.cursor else None
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=AUDIENCE, after_storage_id=after),
+            limit=SENSOR_BATCH,
+            ascending=True,
+        ).records
+        if not records:
+            yield dg.SkipReason("no new reengagement_audience materialization")
+            return
+        now = datetime.now(UTC)
+        for record in records:
+            partition = record.partition_key
+            if partition is None or not within_send_window(
+                date.fromisoformat(partition), now, config.timezone
+            ):
+                context.log.info(f"audience {partition} is history: not emailed")
+                continue
+            for loop_name in loops_picked(record.asset_materialization, config):
+                for shard in range(config.email.send_shards):
+                    yield dg.RunRequest(
+                        job_name=send_job_name(loop_name),
+                        # One run per materialization and shard, not per day: a re-materialized
+                        # audience may hold new users, and the send log's claims keep a second run
+                        # from sending twice.
+                        run_key=f"{loop_name}:{partition}:{shard}:{record.storage_id}",
+                        partition_key=send_partition_key(partition, shard),
+                    )
+        context.update_cursor(str(records[-1].storage_id))
+
+    return send_on_new_audience

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from sqlalchemy import Engine
 
 from retention_pipeline.config import ConfigError, RetentionConfig, load_config
@@ -27,9 +27,18 @@ class AppDatabase(dg.ConfigurableResource):
         default=None, description="loop configuration; default $RETENTION_CONFIG or retention.yaml"
     )
 
+    _loaded: RetentionConfig | None = PrivateAttr(default=None)
+
+    @classmethod
+    def of(cls, config: RetentionConfig) -> AppDatabase:
+        """The resource of a configuration already loaded (the definitions'): not read again."""
+        database = cls()
+        database._loaded = config
+        return database
+
     @cached_property
     def config(self) -> RetentionConfig:
-        return load_config(self.config_path)
+        return self._loaded or load_config(self.config_path)
 
     @cached_property
     def url(self) -> str:

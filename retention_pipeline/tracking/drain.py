@@ -4,7 +4,12 @@ The triggers append to the active one of two capture tables. A drain folds the i
 switches the triggers to it, then folds the one they were writing to. Each fold runs with the
 table locked (so every transaction that wrote to it has committed), and truncates it in the
 same transaction: a drain killed midway folds nothing, a drain run twice counts nothing twice,
-and the capture never bloats.
+and the capture never bloats. One drain holds the schema's lock from its first fold to its last:
+a second drain (or an install) waits for it to end.
+
+Each fold reads in READ COMMITTED, whatever the engine's default: it must see every row of the
+transactions its table lock waited for. A snapshot taken before the lock (REPEATABLE READ)
+would not, and the TRUNCATE would drop those rows uncounted.
 
 In incremental mode no trigger writes the capture; the same fold recomputes recent days from
 the app tables instead.
@@ -28,7 +33,12 @@ from retention_pipeline.tracking.fold import (
     record_late_days,
 )
 from retention_pipeline.tracking.sql import CAPTURE_TABLES, TRACKED_KINDS, TrackingSql
-from retention_pipeline.tracking.state import lock, read_state, require_complete, tracking_sql
+from retention_pipeline.tracking.state import (
+    holding_lock,
+    read_state,
+    require_complete,
+    tracking_sql,
+)
 
 
 @dataclass(frozen=True)
@@ -68,17 +78,22 @@ def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
     """Bring the rollup up to date: drain the capture, recompute recent days in incremental
     mode, and erase users deleted from the app."""
     started = time.monotonic()
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="READ COMMITTED")
+        with holding_lock(connection, config.database.schema_):
+            return _drain(connection, config, started)
+
+
+def _drain(connection: Connection, config: RetentionConfig, started: float) -> RollupUpdate:
     timezone = config.timezone
     folds: list[Added] = []
-    with engine.begin() as connection:
+    with connection.begin():
         sql = tracking_sql(connection, config)
-        lock(connection, sql.schema)
         state = require_complete(connection, sql)
         # Left over from a drain that stopped after switching, or written by a transaction
         # that read the slot just before the switch.
         folds.append(_fold_capture(connection, sql, 1 - state["capture_slot"], timezone))
-    with engine.begin() as connection:
-        lock(connection, sql.schema)
+    with connection.begin():
         active = connection.execute(
             text(f"""
                 UPDATE {sql.q_schema}.tracking_state SET capture_slot = 1 - capture_slot
@@ -89,8 +104,7 @@ def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
             connection.execute(text(sql.capture_function(kind, active)))
     written = 1 - active
     recomputed_from = None
-    with engine.begin() as connection:
-        lock(connection, sql.schema)
+    with connection.begin():
         state = read_state(connection, sql)
         folds.append(_fold_capture(connection, sql, written, timezone))
         if config.database.tracking == "incremental":

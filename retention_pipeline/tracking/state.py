@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 
-from sqlalchemy import Connection, create_engine, text
-from sqlalchemy.exc import OperationalError, ProgrammingError
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
-from retention_pipeline.config.loader import ConfigError
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
-from retention_pipeline.database.connection import redact, resolve_database_url
 from retention_pipeline.tracking.sql import TrackingSql
 
 
@@ -40,6 +39,34 @@ def lock(connection: Connection, schema: str) -> None:
         text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
         {"key": f"retention-pipeline:{schema}"},
     )
+
+
+@contextmanager
+def holding_lock(connection: Connection, schema: str) -> Iterator[None]:
+    """Hold the lock `lock` takes, across every transaction this connection makes inside: no
+    install, rebuild or other drain runs between them."""
+    key = {"key": f"retention-pipeline:{schema}"}
+    with connection.begin():
+        connection.execute(text("SELECT pg_advisory_lock(hashtext(:key))"), key)
+    try:
+        yield
+    finally:
+        try:
+            with connection.begin():
+                connection.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), key)
+        except DBAPIError:  # the connection is gone, and its lock with it
+            connection.invalidate()
+
+
+def first_data_day(connection: Connection, schema: str) -> date | None:
+    """The first day with activity when the pipeline was installed; None before an install."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    has_state = connection.execute(
+        text("SELECT to_regclass(:table)"), {"table": f"{s}.tracking_state"}
+    ).scalar()
+    if has_state is None:
+        return None
+    return connection.execute(text(f"SELECT first_data_day FROM {s}.tracking_state")).scalar()
 
 
 def read_state(connection: Connection, sql: TrackingSql) -> dict | None:
@@ -84,34 +111,3 @@ def require_complete(connection: Connection, sql: TrackingSql) -> dict:
     if problem:
         raise RebuildPending(problem)
     return state
-
-
-def partitions_start_date(config: RetentionConfig) -> date:
-    """The first daily partition: `start_date`, else the first day with activity recorded when
-    the pipeline was installed. Read when the definitions load, so it never starts a server."""
-    if config.start_date:
-        return config.start_date
-    url = resolve_database_url(config)
-    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
-    s = engine.dialect.identifier_preparer.quote_schema(config.database.schema_)
-    try:
-        with engine.connect() as connection:
-            first_day = connection.execute(
-                text(f"SELECT first_data_day FROM {s}.tracking_state")
-            ).scalar()
-    except ProgrammingError:  # no pipeline schema, or one from before 0005
-        first_day = None
-    except OperationalError as unreachable:
-        reason = str(unreachable.orig).strip().splitlines()[0]
-        raise ConfigError(
-            f"start_date: not set, and {redact(url)} could not be reached to read the first day "
-            f"with data from ({reason}): set start_date, or start the database"
-        ) from None
-    finally:
-        engine.dispose()
-    if first_day is None:
-        raise ConfigError(
-            f"start_date: not set, and {redact(url)} has no installed pipeline to read the "
-            "first day with data from: run `retention-pipeline db upgrade`, or set start_date"
-        )
-    return first_day

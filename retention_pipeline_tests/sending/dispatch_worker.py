@@ -38,15 +38,17 @@ def dispatch(url: str) -> None:
 
 
 def run_job(config_path: str, day: str) -> None:
-    from retention_pipeline.defs.emails import send_jobs, send_partition_key
+    from retention_pipeline.defs import build_definitions
+    from retention_pipeline.defs.sending import send_job_name, send_partition_key
     from retention_pipeline.resources.app_database import AppDatabase
     from retention_pipeline.resources.email import ResendEmail
 
-    (send_job,) = (job for job in send_jobs if job.tags["retention/loop"] == LOOP)
+    app_database = AppDatabase(config_path=config_path)
+    send_job = build_definitions(app_database.config).resolve_job_def(send_job_name(LOOP))
     result = send_job.execute_in_process(
         partition_key=send_partition_key(day, 0),
         resources={
-            "app_database": AppDatabase(config_path=config_path),
+            "app_database": app_database,
             "email": ResendEmail(api_key=API_KEY, from_address=FROM, requests_per_second=1000),
         },
         raise_on_error=False,
@@ -59,12 +61,14 @@ def run_shard_job(
 ) -> None:
     import dagster as dg
 
-    from retention_pipeline.defs.emails import build_send_job, send_partition_key
+    from retention_pipeline.defs.partitions import daily_partitions
+    from retention_pipeline.defs.sending import build_send_job, send_partition_key
     from retention_pipeline.resources.app_database import AppDatabase
     from retention_pipeline.resources.email import ResendEmail
 
     app_database = AppDatabase(config_path=config_path)
-    send_job = build_send_job(app_database.config.loop(LOOP), shards)
+    config = app_database.config
+    send_job = build_send_job(config.loop(LOOP), daily_partitions(config), shards)
     resources = {
         "app_database": app_database,
         "email": ResendEmail(

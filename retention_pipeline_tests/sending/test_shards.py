@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,8 +18,10 @@ import yaml
 from sqlalchemy import make_url, text
 
 from retention_pipeline.config import parse_config
-from retention_pipeline.defs import emails
-from retention_pipeline.defs.emails import AUDIENCE, build_send_job, send_on_new_audience
+from retention_pipeline.defs import build_definitions
+from retention_pipeline.defs.audience import AUDIENCE
+from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.defs.sending import build_send_job
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import ResendEmail
 from retention_pipeline.sending import SenderBusy, sender_lock, treatment_rows
@@ -218,7 +219,9 @@ def test_four_shard_runs_at_once_send_every_email_once_within_one_rate_limit(
         assert (pool.name, pool.limit) == ("resend", SHARDS)
 
         # A second run of a partition sends nothing.
-        again = build_send_job(sending_db.config.loop(LOOP), SHARDS).execute_in_process(
+        settings = sending_db.config
+        send_job = build_send_job(settings.loop(LOOP), daily_partitions(settings), SHARDS)
+        again = send_job.execute_in_process(
             partition_key=f"{day.isoformat()}|2",
             instance=instance,
             resources={
@@ -231,18 +234,18 @@ def test_four_shard_runs_at_once_send_every_email_once_within_one_rate_limit(
 
 
 @pytest.fixture
-def sharded_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The definitions' configuration with a second loop and three shards."""
+def sharded_definitions() -> dg.Definitions:
+    """The definitions of a configuration with a second loop and three shards."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     win_back = copy.deepcopy(document["loops"][0])
     win_back["name"] = "win_back"
     document["loops"].append(win_back)
     document["email"]["send_shards"] = 3
-    monkeypatch.setattr(emails, "CONFIG", parse_config(document, environ={}))
-    yield
+    return build_definitions(parse_config(document, environ={}))
 
 
-def test_the_sensor_launches_a_run_per_shard_of_each_loop_picked(sharded_config) -> None:
+def test_the_sensor_launches_a_run_per_shard_of_each_loop_picked(sharded_definitions) -> None:
+    send_on_new_audience = sharded_definitions.resolve_sensor_def("send_on_new_audience")
     today = datetime.now(UTC).date()
     with dg.DagsterInstance.ephemeral() as instance:
         instance.report_runless_asset_event(

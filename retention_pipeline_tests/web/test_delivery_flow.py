@@ -10,14 +10,16 @@ from urllib.parse import urlsplit
 import dagster as dg
 from sqlalchemy import text
 
-from retention_pipeline.defs.emails import reengagement_audience, send_jobs
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.audience import AUDIENCE
+from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import ResendEmail
 from retention_pipeline_tests.email.fake_resend import serve_fake_resend
 from retention_pipeline_tests.helpers import (
     TEST_UNSUBSCRIBE_SECRET,
     demo_until_yesterday,
+    shipped_asset,
+    shipped_job,
     treated,
     write_config,
 )
@@ -25,7 +27,11 @@ from retention_pipeline_tests.web.support import call, resend_event, serving, si
 
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
 
-(send_re_engagement,) = send_jobs  # the shipped configuration has one loop
+user_activity_snapshot = shipped_asset(SNAPSHOT)
+engagement_segments = shipped_asset(SEGMENTS)
+reengagement_audience = shipped_asset(AUDIENCE)
+# the shipped configuration has one loop
+send_re_engagement = shipped_job("send_re_engagement")
 
 
 def send_log_materializations(result: dg.ExecuteInProcessResult, day: str) -> list:

@@ -1,0 +1,104 @@
+"""The daily audience: who gets which step of which loop, picked from the day's segments."""
+
+from datetime import date
+
+import dagster as dg
+from pydantic import Field
+
+from retention_pipeline.audience.build import build_audience
+from retention_pipeline.config.models import Loop, RetentionConfig
+from retention_pipeline.defs.partitions import (
+    DayResult,
+    daily_backfill_policy,
+    day_by_day,
+    previous_day_of,
+)
+from retention_pipeline.defs.segments import SEGMENTS
+from retention_pipeline.resources.app_database import AppDatabase
+from retention_pipeline.segments.conditions import condition_user_ids
+
+AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
+LOOPS_METADATA = "loops"
+
+
+class AudienceConfig(dg.Config):
+    loops: list[str] | None = Field(
+        None, description="the loops to pick the day's audience for (default: every loop)"
+    )
+
+
+def loops_picked(
+    materialization: dg.AssetMaterialization | None, config: RetentionConfig
+) -> list[str]:
+    """The loops an audience materialization picked users for, as its `loops` metadata says."""
+    picked = materialization.metadata.get(LOOPS_METADATA) if materialization else None
+    if picked is None:  # reported without the pipeline's metadata: it stands for every loop
+        return [loop.name for loop in config.loops]
+    return [name for name in picked.value.split(",") if name]
+
+
+def build_audience_asset(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The daily audience asset, on the definitions' daily partitions."""
+
+    @dg.asset(
+        key=AUDIENCE,
+        partitions_def=daily,
+        backfill_policy=daily_backfill_policy,
+        # Episodes carry over from day to day: backfills run the days in order.
+        deps=[
+            SEGMENTS,
+            previous_day_of(AUDIENCE),
+        ],
+        group_name="retention",
+        kinds={"postgres"},
+        description=(
+            "Who gets which step of which loop today: the loop's condition, minus suppressed, "
+            "unreachable, frequency-capped and returned users, split into treatment and holdout."
+        ),
+    )
+    def reengagement_audience(
+        context: dg.AssetExecutionContext, config: AudienceConfig, app_database: AppDatabase
+    ):
+        app_database.ensure_installed()
+        settings = app_database.config
+        try:
+            loops = (
+                settings.loops if config.loops is None else [settings.loop(n) for n in config.loops]
+            )
+        except ValueError as unknown:
+            raise dg.Failure(description=f"config.loops: {unknown}") from None
+        yield from day_by_day(context, lambda day: _audience_day(context, app_database, loops, day))
+
+    return reengagement_audience
+
+
+def _audience_day(
+    context: dg.AssetExecutionContext, app_database: AppDatabase, loops: list[Loop], day: date
+) -> DayResult:
+    metadata: dict[str, object] = {LOOPS_METADATA: ",".join(loop.name for loop in loops)}
+    total = 0
+    for loop in loops:
+        candidates = condition_user_ids(app_database.engine, app_database.schema, loop, day)
+        with app_database.engine.begin() as connection:
+            summary = build_audience(
+                connection, config=app_database.config, loop=loop, day=day, candidates=candidates
+            )
+        total += summary.treatment + summary.holdout
+        metadata.update(
+            {
+                f"{loop.name}/candidates": summary.candidates,
+                f"{loop.name}/treatment": summary.treatment,
+                f"{loop.name}/holdout": summary.holdout,
+                f"{loop.name}/returned": summary.returned,
+                **{f"{loop.name}/step_{step}": n for step, n in sorted(summary.by_step.items())},
+                **{f"{loop.name}/excluded_{reason}": n for reason, n in summary.excluded.items()},
+            }
+        )
+        context.log.info(
+            f"{loop.name} {day}: {summary.candidates} users meet the condition; "
+            f"{summary.treatment} to be emailed, {summary.holdout} held out, "
+            f"{summary.returned} came back; excluded: "
+            + (", ".join(f"{n} {reason}" for reason, n in summary.excluded.items()) or "none")
+        )
+    metadata["dagster/row_count"] = total
+    return DayResult(metadata=metadata)

@@ -1,0 +1,105 @@
+"""What the full and the rolled-forward builds share: the bounds of the day, the app's users
+and subscriptions as of its end, the snapshot's columns and the values bound."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from sqlalchemy import Connection
+
+from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.database.app_tables import ResolvedTable
+
+# Distinct actions older than this are not worth naming in an email; the bound keeps the
+# snapshot from re-reading a user's whole history every day.
+LAST_ACTIONS_LOOKBACK_DAYS = 90
+YEARLY_INTERVALS = ("year", "yearly", "annual", "annually")
+WEEKLY_INTERVALS = ("week", "weekly")
+
+
+class AppNames:
+    """Quoted names of the mapped app tables and columns."""
+
+    def __init__(self, connection: Connection, tables: dict[str, ResolvedTable]):
+        self.preparer = connection.dialect.identifier_preparer
+        self.tables = tables
+
+    def table(self, name: str) -> str:
+        return self.tables[name].sql_name(self.preparer)
+
+    def column(self, name: str, key: str, alias: str) -> str:
+        return self.tables[name].column_sql(key, alias, self.preparer)
+
+    def timestamp(self, name: str, key: str, alias: str) -> str:
+        return self.tables[name].timestamp_sql(key, alias, self.preparer)
+
+
+def insert_snapshot(s: str) -> str:
+    return f"""INSERT INTO {s}.user_activity_snapshot (
+            partition_date, user_id, email, name, timezone, signed_up_at, account_age_days,
+            last_activity_at, previous_activity_at, active_today, last_actions, events_7d,
+            sessions_7d, baseline_sessions, baseline_sessions_per_week, active_days_28d,
+            subscription_status, subscription_plan, monthly_amount_cents)"""
+
+
+BOUNDS = """bounds AS (
+            SELECT CAST(:day AS date) AS day,
+                   (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz AS day_end
+        )"""
+
+
+def app_users_sql(names: AppNames, only: str = "") -> str:
+    user_id = f"{names.column('users', 'id', 'u')}::text"
+    created_at = names.timestamp("users", "created_at", "u")
+    listed = f" AND {only.format(user_id)}" if only else ""
+    return f"""SELECT {user_id} AS user_id,
+                   {names.column("users", "email", "u")}::text AS email,
+                   {names.column("users", "name", "u")}::text AS name,
+                   {names.column("users", "timezone", "u")}::text AS timezone,
+                   {created_at} AS signed_up_at
+            FROM {names.table("users")} AS u, bounds
+            WHERE {created_at} < bounds.day_end{listed}"""
+
+
+def subscription_sql(names: AppNames, only: str = "") -> str:
+    subscriptions = names.tables["subscriptions"]
+    amount = names.column("subscriptions", "amount_cents", "sub")
+    status = names.column("subscriptions", "status", "sub")
+    if subscriptions.maps("billing_interval"):
+        interval = names.column("subscriptions", "billing_interval", "sub")
+        monthly_amount = f"""CASE
+                       WHEN lower({interval}::text) = ANY(CAST(:yearly AS text[]))
+                           THEN round({amount} / 12.0)
+                       WHEN lower({interval}::text) = ANY(CAST(:weekly AS text[]))
+                           THEN round({amount} * 52 / 12.0)
+                       ELSE {amount}
+                   END"""
+    else:  # no interval column: amounts are taken as monthly
+        monthly_amount = amount
+    # A live subscription describes the user better than an old canceled one, and among those
+    # the latest change (when the app records one) wins.
+    order = [f"({status}::text IN ('active', 'trialing', 'past_due')) DESC"]
+    if subscriptions.maps("updated_at"):
+        order.append(f"{names.timestamp('subscriptions', 'updated_at', 'sub')} DESC NULLS LAST")
+    user_id = f"{names.column('subscriptions', 'user_id', 'sub')}::text"
+    # `only` restricts to the listed users (ONLY_THESE_USERS), as their full build needs.
+    listed = f"\n            WHERE {only.format(user_id)}" if only else ""
+    return f"""SELECT DISTINCT ON (1)
+                   {user_id} AS user_id,
+                   {status}::text AS status,
+                   {names.column("subscriptions", "plan", "sub")}::text AS plan,
+                   ({monthly_amount})::integer AS monthly_amount_cents
+            FROM {names.table("subscriptions")} AS sub{listed}
+            ORDER BY 1, {", ".join(order)}"""
+
+
+def snapshot_parameters(config: RetentionConfig, day: date) -> dict[str, object]:
+    """The values bound into the snapshot statement (and its standalone app reads)."""
+    return {
+        "day": day,
+        "tz": config.timezone,
+        "baseline_weeks": config.activity.baseline_weeks,
+        "last_actions": config.activity.last_actions,
+        "yearly": list(YEARLY_INTERVALS),
+        "weekly": list(WEEKLY_INTERVALS),
+    }
