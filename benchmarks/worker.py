@@ -1,7 +1,7 @@
 """The process that runs a benchmark's materializations and SQL steps, so that its peak RSS is
 theirs alone: `python -m benchmarks.worker PLAN RESULTS` reads a list of steps (JSON), runs them
 in order and writes one result per step (JSON). RETENTION_CONFIG must name a configuration whose
-start_date precedes every day of the plan: the daily partitions are read from it on import.
+start_date precedes every day of the plan: the daily partitions are built from it.
 
 A step is a Dagster materialization of `assets` over `days` (in order, as the defs allow a
 backfill to run: see `backfill`), or one SQL statement (`sql`, with `parameters`). Around each,
@@ -24,10 +24,11 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from retention_pipeline.database.batch import tune_for_batch
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.defs.segments import build_segment_assets
 from retention_pipeline.resources.app_database import AppDatabase
 
-ASSETS = {"snapshot": user_activity_snapshot, "segments": engagement_segments}
+ASSET_NAMES = ("snapshot", "segments")  # in the order build_segment_assets returns them
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 
@@ -100,9 +101,12 @@ def temp_bytes(monitor: Connection) -> int:
 
 
 def run_materialization(step: dict, instance: dg.DagsterInstance) -> StepResult:
-    assets = [ASSETS[name] for name in step["assets"]]
     # A fresh resource per step: its engine's connections are the step's, closed after it.
     app_database = AppDatabase(config_path=step["config"])
+    built = dict(
+        zip(ASSET_NAMES, build_segment_assets(daily_partitions(app_database.config)), strict=True)
+    )
+    assets = [built[name] for name in step["assets"]]
     started = time.perf_counter()
     results = backfill(assets, step["days"], app_database, instance)
     seconds = time.perf_counter() - started

@@ -439,9 +439,10 @@ def test_check_reports_every_line_a_send_run_would_stop_on_and_the_run_stops_on_
     `check` used to say ok and every send run failed. Both now ask one function."""
     import dagster as dg
 
-    from retention_pipeline.config.loader import CONFIG_ENV_VAR
-    from retention_pipeline.defs.emails import send_jobs
+    from retention_pipeline.config import load_config
+    from retention_pipeline.defs.partitions import daily_partitions
     from retention_pipeline.defs.resource_bindings import resource_bindings
+    from retention_pipeline.defs.sending import build_send_jobs
     from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
 
     document = copy.deepcopy(SHIPPED_DOCUMENT)  # its email settings are the demo's
@@ -471,13 +472,13 @@ def test_check_reports_every_line_a_send_run_would_stop_on_and_the_run_stops_on_
     ]
     assert capsys.readouterr().err == "".join(f"error: {line}\n" for line in lines)
 
-    monkeypatch.setenv(CONFIG_ENV_VAR, config)
-    (send_job,) = send_jobs
+    settings = load_config(config)
+    (send_job,) = build_send_jobs(settings, daily_partitions(settings))
     with dg.instance_for_test() as instance:
         result = send_job.execute_in_process(
             partition_key="2026-11-27|0",
             instance=instance,
-            resources=resource_bindings().resources,
+            resources=resource_bindings(settings),
             raise_on_error=False,
         )
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
@@ -489,9 +490,11 @@ def test_a_run_without_a_database_url_fails_in_one_line_and_starts_nothing(
 ):
     import dagster as dg
 
-    from retention_pipeline.defs.segments import user_activity_snapshot
+    from retention_pipeline.defs.segments import SNAPSHOT
     from retention_pipeline.resources.app_database import AppDatabase
+    from retention_pipeline_tests.helpers import shipped_asset
 
+    user_activity_snapshot = shipped_asset(SNAPSHOT)
     monkeypatch.delenv("RETENTION_DATABASE_URL", raising=False)
     monkeypatch.setenv("RETENTION_HOME", str(embedded_home))
     resources = {"app_database": AppDatabase(config_path=str(write_config(tmp_path, "")))}

@@ -265,10 +265,11 @@ def test_a_step_provider_must_be_email_provider_or_left_out(document):
 
 
 def test_the_loops_opinion_describes_its_send_job_in_the_ui(document):
-    from retention_pipeline.defs.emails import build_send_job
+    from retention_pipeline.defs.partitions import daily_partitions
+    from retention_pipeline.defs.sending import build_send_job
 
     config = parse_config(_mutated(document, "loops.0.opinion", "Win back idle teams."), {})
-    description = build_send_job(config.loops[0], shards=1).description
+    description = build_send_job(config.loops[0], daily_partitions(config), shards=1).description
     assert description.startswith("Win back idle teams. Send the re_engagement loop's emails")
 
 

@@ -14,17 +14,27 @@ from sqlalchemy import Engine, create_engine, text
 
 from retention_pipeline.cli import main
 from retention_pipeline.config import parse_config
-from retention_pipeline.defs.emails import AudienceConfig, build_send_job, reengagement_audience
-from retention_pipeline.defs.segments import engagement_segments, user_activity_snapshot
+from retention_pipeline.defs.audience import AUDIENCE, AudienceConfig
+from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
+from retention_pipeline.defs.sending import build_send_job
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install, uninstall
-from retention_pipeline_tests.helpers import insert_sent_email, make_config, write_config
+from retention_pipeline_tests.helpers import (
+    insert_sent_email,
+    make_config,
+    shipped_asset,
+    write_config,
+)
 
 LOOP, OTHER_LOOP = "re_engagement", "win_back"
 HISTORY = ("email_send_log", "episodes", "reengagement_audience")
+user_activity_snapshot = shipped_asset(SNAPSHOT)
+engagement_segments = shipped_asset(SEGMENTS)
+reengagement_audience = shipped_asset(AUDIENCE)
 
 
 def count(engine: Engine, query: str, **params) -> int:
@@ -92,7 +102,7 @@ class Deployment:
             for m in daily.asset_materializations_for_node("retention__reengagement_audience")
             if m.partition == self.day
         ]
-        send = build_send_job(self.config.loop(loop), 1)
+        send = build_send_job(self.config.loop(loop), daily_partitions(self.config), 1)
         assert send.execute_in_process(
             partition_key=f"{self.day}|0", instance=self.instance, resources=self.resources
         ).success

@@ -20,7 +20,8 @@ from dagster._time import get_current_datetime
 from sqlalchemy import make_url, text
 
 from retention_pipeline.config.models import Recovery
-from retention_pipeline.defs.emails import build_send_job, send_partition_key
+from retention_pipeline.defs.partitions import daily_partitions
+from retention_pipeline.defs.sending import build_send_job, send_partition_key
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.email.resend_sender import ResendSender
 from retention_pipeline.resources.app_database import AppDatabase
@@ -189,7 +190,11 @@ def test_the_send_op_stops_before_its_next_batch_once_its_run_is_no_longer_start
     )
     loop = app_database.config.loop(LOOP)
     # No step retries: what stops the sender here is its run, not the step's recovery.
-    job = build_send_job(loop.model_copy(update={"recovery": Recovery(retries=0)}), 1)
+    job = build_send_job(
+        loop.model_copy(update={"recovery": Recovery(retries=0)}),
+        daily_partitions(app_database.config),
+        1,
+    )
     resources = {
         "app_database": app_database,
         "email": ResendEmail(api_key=API_KEY, from_address=FROM, requests_per_second=1000),
