@@ -225,25 +225,24 @@ def build_audience(
     ).all()
     counts = connection.execute(
         text(f"""
-        WITH open_steps AS (
-            SELECT e.user_id, e.started_on, i - 1 AS step,
-                   (CAST(:plan AS jsonb) -> (i - 1) ->> 'paused')::boolean AS paused
+        WITH due AS (
+            -- Per open episode, from its own few steps: linear in episodes, whatever the
+            -- planner believes of the episodes this transaction just started.
+            SELECT e.user_id, e.started_on, open_steps.step, open_steps.paused_step_due
             FROM {s}.episodes AS e
-            CROSS JOIN generate_subscripts(CAST(:delays AS int[]), 1) AS i
-            WHERE e.loop_name = :loop AND e.ended_on IS NULL
-              AND (CAST(:delays AS int[]))[i] <= :day - e.started_on
-              AND NOT EXISTS (
-                  SELECT FROM {s}.reengagement_audience AS past
-                  WHERE past.loop_name = :loop AND past.user_id = e.user_id
-                    AND past.episode_start = e.started_on AND past.step = i - 1)
-        ),
-        due AS (
-            SELECT e.user_id, e.started_on,
-                   (SELECT min(o.step) FROM open_steps AS o WHERE o.user_id = e.user_id
-                      AND NOT o.paused) AS step,
-                   EXISTS (SELECT FROM open_steps AS o WHERE o.user_id = e.user_id AND o.paused)
-                       AS paused_step_due
-            FROM {s}.episodes AS e
+            CROSS JOIN LATERAL (
+                SELECT min(i - 1) FILTER (WHERE NOT paused) AS step,
+                       coalesce(bool_or(paused), false) AS paused_step_due
+                FROM (
+                    SELECT i, (CAST(:plan AS jsonb) -> (i - 1) ->> 'paused')::boolean AS paused
+                    FROM generate_subscripts(CAST(:delays AS int[]), 1) AS i
+                    WHERE (CAST(:delays AS int[]))[i] <= :day - e.started_on
+                      AND NOT EXISTS (
+                          SELECT FROM {s}.reengagement_audience AS past
+                          WHERE past.loop_name = :loop AND past.user_id = e.user_id
+                            AND past.episode_start = e.started_on AND past.step = i - 1)
+                ) AS steps
+            ) AS open_steps
             WHERE e.loop_name = :loop AND e.ended_on IS NULL
         ),
         recent_mailboxes AS (
