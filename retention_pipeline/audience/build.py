@@ -7,10 +7,11 @@ back may start a new episode only `cooldown_days` after the last one ended.
 
 One mailbox is one person (`sending.suppressions.normalize_address`: blanks around the address
 removed, lower case). Users who share a mailbox are one person to the loop: while one of them is
-in an episode, or in its cooldown, the others start none, and of several starting on the same day
-only the lowest user id (as text) does; the others are counted as `shared_address`. A mailbox
-gets at most one step of a loop a day (the earliest episode's, then the lowest user id's), the
-frequency cap counts mailboxes as well as users, and a suppression covers the mailbox.
+in an episode the others start none (counted as `shared_address`), nor while one is in its
+cooldown (`cooldown`), and of several starting on the same day only the lowest user id (as text)
+does (`shared_address`). A mailbox gets at most one step of a loop a day (the earliest
+episode's, then the lowest user id's), the frequency cap counts mailboxes as well as users, and
+a suppression covers the mailbox.
 
 Every eligible user is assigned, by a hash of their mailbox and the loop's salt, to the treatment
 or the holdout arm (both are recorded; only treatment is emailed), so users sharing a mailbox can
