@@ -1,5 +1,5 @@
 """The daily audience on real PostgreSQL: episodes and step delays, the exit rule and cooldown,
-exclusions, the frequency cap across loops, and a stable holdout."""
+exclusions, the frequency cap across loops, a stable holdout, and one person per mailbox."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from retention_pipeline.config import parse_config
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
+from retention_pipeline.sending import send_loop_day
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.email.fake_resend import serve_fake_resend
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+from retention_pipeline_tests.sending.support import make_sender
 
 UTC = ZoneInfo("UTC")
 D = date(2026, 11, 10)
@@ -189,3 +192,157 @@ def test_the_holdout_is_stable_and_about_the_configured_share(world):
     assert variants == {"a", "b"}
     run_day(engine, config_for(url, holdout=0.1), D)
     assert {row[0]: row[3] for row in audience(engine, D)} == arms
+
+
+def add_user(engine, user: int, email: str, *, last_seen: datetime) -> None:
+    add_users(engine, [user], last_seen=last_seen, email=email)
+
+
+def come_back(engine, users, at: datetime) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO sessions (user_id, created_at) VALUES (:id, :at)"),
+            [{"id": user, "at": at} for user in users],
+        )
+
+
+def with_frequency_cap(config, days: int):
+    return config.model_copy(
+        update={"email": config.email.model_copy(update={"frequency_cap_days": days})}
+    )
+
+
+LONG_AGO = datetime(2026, 10, 1, tzinfo=UTC)
+# Dormant from D + 1 (seven days without activity by the end of the day), not on D.
+DORMANT_FROM_TOMORROW = datetime(2026, 11, 4, 12, tzinfo=UTC)
+
+
+def test_users_sharing_a_mailbox_are_one_person_and_it_gets_one_email_each_step(world):
+    engine, url = world
+    config = config_for(url, holdout=0.0)
+    # One mailbox, three spellings: blanks around it, any case.
+    add_user(engine, 1, "DUP@Example.COM ", last_seen=LONG_AGO)
+    add_user(engine, 2, "dup@example.com", last_seen=LONG_AGO)
+    add_user(engine, 3, "Dup@example.com", last_seen=LONG_AGO)
+    add_user(engine, 4, "solo@example.com", last_seen=LONG_AGO)
+
+    summary = run_day(engine, config, D)
+
+    assert [row[0] for row in audience(engine, D)] == ["1", "4"]
+    assert summary.excluded["shared_address"] == 2 and summary.treatment == 2
+    with engine.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT email FROM retention.reengagement_audience WHERE user_id = '1'")
+            ).scalar_one()
+            == "DUP@Example.COM"
+        )
+        assert connection.execute(
+            text("SELECT user_id FROM retention.episodes ORDER BY user_id")
+        ).scalars().all() == ["1", "4"]
+
+    with serve_fake_resend() as fake:
+        report = send_day(engine, config, D)
+        assert sorted(fake.delivered_to()) == ["DUP@Example.COM", "solo@example.com"]
+        assert report.ledger[D] == {"claimed": 0, "sent": 2, "failed": 0}
+        # The follow-up, three days on, again reaches the mailbox once, as the same user.
+        follow_up = run_day(engine, config, D + timedelta(days=3))
+        assert follow_up.excluded["shared_address"] == 2
+        assert [row[:2] for row in audience(engine, D + timedelta(days=3))] == [
+            ("1", 1),
+            ("4", 1),
+        ]
+        send_day(engine, config, D + timedelta(days=3))
+        assert sorted(fake.delivered_to()) == sorted(["DUP@Example.COM", "solo@example.com"] * 2)
+
+
+def send_day(engine, config, day: date):
+    return send_loop_day(
+        engine,
+        config=config,
+        loop=config.loops[0],
+        day=day,
+        now=datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
+        + timedelta(hours=9),
+        sender=make_sender(),
+        provider="resend",
+        unsubscribe_secret="unsubscribe-secret-for-tests",
+        holder="test sender",
+    )
+
+
+def test_users_sharing_a_mailbox_are_in_the_mailboxs_arm(world):
+    engine, url = world
+    config = with_frequency_cap(config_for(url, holdout=0.5, cooldown=0), 0)
+    pairs = range(1, 41)
+    for n in pairs:
+        add_user(engine, n, f"pair{n}@example.com", last_seen=LONG_AGO)
+        add_user(engine, 100 + n, f"Pair{n}@Example.com", last_seen=DORMANT_FROM_TOMORROW)
+    run_day(engine, config, D)
+    first = {row[0]: row[3] for row in audience(engine, D)}
+    assert sorted(first) == sorted(str(n) for n in pairs)
+    assert set(first.values()) == {"treatment", "holdout"}
+    # The first users come back; the others, dormant now, start their own episodes.
+    come_back(engine, pairs, datetime(2026, 11, 11, 15, tzinfo=UTC))
+
+    summary = run_day(engine, config, D + timedelta(days=1))
+
+    assert summary.returned == 40
+    second = {row[0]: row[3] for row in audience(engine, D + timedelta(days=1))}
+    assert sorted(second) == sorted(str(100 + n) for n in pairs)
+    assert {n: second[str(100 + n)] for n in pairs} == {n: first[str(n)] for n in pairs}
+
+
+def test_the_frequency_cap_and_the_cooldown_count_the_mailbox(world):
+    engine, url = world
+    add_user(engine, 1, "cap@example.com", last_seen=LONG_AGO)
+    add_user(engine, 2, "CAP@example.com", last_seen=DORMANT_FROM_TOMORROW)
+    run_day(engine, config_for(url, cooldown=0), D)
+    come_back(engine, [1], datetime(2026, 11, 11, 15, tzinfo=UTC))
+
+    # Emailed as user 1 yesterday: capped as user 2 today.
+    capped = run_day(engine, config_for(url, cooldown=0), D + timedelta(days=1))
+    assert capped.excluded["frequency_cap"] == 1 and capped.treatment == 0
+    # The person came back as user 1: user 2 is in the mailbox's cooldown.
+    cooling = run_day(engine, config_for(url, cooldown=30), D + timedelta(days=1))
+    assert cooling.excluded["cooldown"] == 1 and cooling.treatment == 0
+    # Without a cooldown, once the cap has passed, the mailbox hears again, as user 2.
+    assert run_day(engine, config_for(url, cooldown=0), D + timedelta(days=3)).treatment == 1
+    assert audience(engine, D + timedelta(days=3))[0][:2] == ("2", 0)
+
+
+def test_an_installed_database_keeps_episodes_in_their_arms_and_one_twin_a_day(world):
+    """Before mailboxes, arms were drawn from user ids and twins had episodes of their own."""
+    engine, url = world
+    config = config_for(url, holdout=0.5)
+    add_user(engine, 1, "old@example.com", last_seen=LONG_AGO)
+    run_day(engine, config, D)
+    add_user(engine, 2, "OLD@example.com", last_seen=LONG_AGO)
+    [(_, _, _, arm, *_)] = audience(engine, D)
+    other_arm = {"treatment": "holdout", "holdout": "treatment"}[arm]
+    with engine.begin() as connection:  # user 1 drawn into the other arm, user 2 emailed too
+        connection.execute(
+            text("UPDATE retention.reengagement_audience SET arm = :arm"), {"arm": other_arm}
+        )
+        connection.execute(
+            text(
+                "INSERT INTO retention.episodes (loop_name, user_id, started_on) "
+                "VALUES ('loop_0', '2', :day)"
+            ),
+            {"day": D},
+        )
+        connection.execute(
+            text("""
+                INSERT INTO retention.reengagement_audience (partition_date, loop_name, user_id,
+                    email, episode_start, step, template, arm, variant)
+                VALUES (:day, 'loop_0', '2', 'OLD@example.com', :day, 0, 're_engagement',
+                        :arm, 'a')"""),
+            {"day": D, "arm": arm},
+        )
+
+    follow_up = run_day(engine, config, D + timedelta(days=3))
+
+    assert [row[:4] for row in audience(engine, D + timedelta(days=3))] == [
+        ("1", 1, "re_engagement_follow_up", other_arm)
+    ]
+    assert follow_up.excluded["shared_address"] == 1

@@ -5,10 +5,20 @@ come back (any activity after the episode started). During an episode the loop's
 `delay` days after its start; each step reaches a user at most once per episode. A user who came
 back may start a new episode only `cooldown_days` after the last one ended.
 
-Every eligible user is assigned, by a hash of their id and the loop's salt, to the treatment or
-the holdout arm (both are recorded; only treatment is emailed) and to a template variant. The
-exclusions (suppressed address, no usable address, frequency cap) apply to both arms alike, so
-the holdout stays comparable.
+One mailbox is one person (`sending.suppressions.normalize_address`: blanks around the address
+removed, lower case). Users who share a mailbox are one person to the loop: while one of them is
+in an episode the others start none (counted as `shared_address`), nor while one is in its
+cooldown (`cooldown`), and of several starting on the same day only the lowest user id (as text)
+does (`shared_address`). A mailbox gets at most one step of a loop a day (the earliest
+episode's, then the lowest user id's), the frequency cap counts mailboxes as well as users, and
+a suppression covers the mailbox.
+
+Every eligible user is assigned, by a hash of their mailbox and the loop's salt, to the treatment
+or the holdout arm (both are recorded; only treatment is emailed), so users sharing a mailbox can
+never land in different arms; an episode keeps the arm of its first step, whatever the address
+or the holdout fraction became since. Each user also gets a template variant. The exclusions
+(suppressed address, no usable address, shared address, frequency cap) apply to both arms alike,
+so the holdout stays comparable.
 
 Unless the loop says `adjust: false`, the audience follows the latest decision made before its
 day (see `outcomes.decisions`): a paused step is sent to nobody, and variants get the decided
@@ -30,21 +40,35 @@ from retention_pipeline.outcomes.decisions import decisions_in_force
 EXCLUSION_REASONS = (
     "no_email",
     "suppressed",
+    "shared_address",
     "frequency_cap",
     "cooldown",
     "step_paused",
     "no_step_due",
 )
 
-# The holdout draw: a user's bucket in [0, 10000) from their id and the loop's salt, whatever the
-# step or decision, so a user stays in one arm. (The demo generator draws its true email effect
-# with it too.)
+# The holdout draw: a mailbox's bucket in [0, 10000) from the mailbox and the loop's salt,
+# whatever the step, decision or user, so one person stays in one arm. (The demo generator draws
+# its true email effect with it too.)
 HOLDOUT_BUCKET_SQL = (
-    "('x' || substr(md5({user_id} || '/' || {salt}), 1, 8))::bit(32)::bigint % 10000"
+    "('x' || substr(md5({mailbox} || '/' || {salt}), 1, 8))::bit(32)::bigint % 10000"
 )
 
-# A usable address: something@domain.tld with no spaces. Anything else is not worth a bounce.
+# A usable address, once trimmed: something@domain.tld with no spaces. Anything else is not worth
+# a bounce.
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+
+
+def trimmed_address_sql(address: str) -> str:
+    """SQL for the SQL expression `address` without the blanks around it (spaces, tabs, line
+    breaks): the address an email goes to."""
+    return f"btrim({address}, E' \\t\\n\\r\\x0b\\x0c')"
+
+
+def mailbox_sql(address: str) -> str:
+    """SQL for the mailbox the SQL expression `address` names, as `normalize_address` has it:
+    trimmed, lower-cased."""
+    return f"lower({trimmed_address_sql(address)})"
 
 
 @dataclass(frozen=True)
@@ -119,13 +143,6 @@ def build_audience(
     """Replace the loop's audience of `day`, in the caller's transaction."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     _undo_day(connection, s, loop.name, day)
-    connection.execute(
-        text("CREATE TEMP TABLE audience_candidates (user_id text PRIMARY KEY) ON COMMIT DROP")
-    )
-    connection.execute(
-        text("INSERT INTO audience_candidates SELECT DISTINCT unnest(CAST(:ids AS text[]))"),
-        {"ids": sorted(candidates)},
-    )
     params = {
         "loop": loop.name,
         "day": day,
@@ -139,6 +156,24 @@ def build_audience(
         "email_pattern": EMAIL_PATTERN,
         "plan": json.dumps(_variant_plan(connection, config.database.schema_, loop, day)),
     }
+    connection.execute(
+        text(
+            "CREATE TEMP TABLE audience_candidates (user_id text PRIMARY KEY, mailbox text) "
+            "ON COMMIT DROP"
+        )
+    )
+    # A candidate without a usable address has no mailbox: nobody shares it.
+    connection.execute(
+        text(f"""
+        INSERT INTO audience_candidates (user_id, mailbox)
+        SELECT c.user_id,
+               CASE WHEN {trimmed_address_sql("snap.email")} ~ :email_pattern
+                    THEN {mailbox_sql("snap.email")} END
+        FROM (SELECT DISTINCT unnest(CAST(:ids AS text[])) AS user_id) AS c
+        LEFT JOIN {s}.user_activity_snapshot AS snap
+            ON snap.partition_date = :day AND snap.user_id = c.user_id"""),
+        {"ids": sorted(candidates), **params},
+    )
     returned = connection.execute(
         text(f"""
         UPDATE {s}.episodes AS e SET ended_on = :day, end_reason = 'returned'
@@ -148,63 +183,93 @@ def build_audience(
           AND snap.last_activity_at >= (e.started_on + 1)::timestamp AT TIME ZONE :tz"""),
         params,
     ).rowcount
-    cooldown = connection.execute(
+    # An episode is the mailbox's: a candidate starts none while any user of that mailbox is in
+    # one or in its cooldown, and of the mailbox's candidates only the lowest id starts one.
+    held_back = connection.execute(
         text(f"""
-        SELECT count(*) FROM audience_candidates AS c
-        WHERE NOT EXISTS (SELECT FROM {s}.episodes AS e WHERE e.loop_name = :loop
-                            AND e.user_id = c.user_id AND e.ended_on IS NULL)
-          AND EXISTS (SELECT FROM {s}.episodes AS e WHERE e.loop_name = :loop
-                        AND e.user_id = c.user_id AND e.ended_on > :day - :cooldown)"""),
-        params,
-    ).scalar_one()
-    connection.execute(
-        text(f"""
-        INSERT INTO {s}.episodes (loop_name, user_id, started_on)
-        SELECT :loop, c.user_id, :day FROM audience_candidates AS c
-        WHERE NOT EXISTS (SELECT FROM {s}.episodes AS e WHERE e.loop_name = :loop
-                            AND e.user_id = c.user_id
-                            AND (e.ended_on IS NULL OR e.ended_on > :day - :cooldown))"""),
-        params,
-    )
-    counts = connection.execute(
-        text(f"""
-        WITH open_steps AS (
-            SELECT e.user_id, e.started_on, i - 1 AS step,
-                   (CAST(:plan AS jsonb) -> (i - 1) ->> 'paused')::boolean AS paused
-            FROM {s}.episodes AS e
-            CROSS JOIN generate_subscripts(CAST(:delays AS int[]), 1) AS i
-            WHERE e.loop_name = :loop AND e.ended_on IS NULL
-              AND (CAST(:delays AS int[]))[i] <= :day - e.started_on
-              AND NOT EXISTS (
-                  SELECT FROM {s}.reengagement_audience AS past
-                  WHERE past.loop_name = :loop AND past.user_id = e.user_id
-                    AND past.episode_start = e.started_on AND past.step = i - 1)
+        WITH recent_episodes AS (
+            SELECT e.user_id, e.ended_on FROM {s}.episodes AS e
+            WHERE e.loop_name = :loop AND (e.ended_on IS NULL OR e.ended_on > :day - :cooldown)
         ),
-        due AS (
-            SELECT e.user_id, e.started_on,
-                   (SELECT min(o.step) FROM open_steps AS o WHERE o.user_id = e.user_id
-                      AND NOT o.paused) AS step,
-                   EXISTS (SELECT FROM open_steps AS o WHERE o.user_id = e.user_id AND o.paused)
-                       AS paused_step_due
-            FROM {s}.episodes AS e
-            WHERE e.loop_name = :loop AND e.ended_on IS NULL
+        by_user AS (
+            SELECT user_id, bool_or(ended_on IS NULL) AS in_episode FROM recent_episodes
+            GROUP BY user_id
+        ),
+        by_mailbox AS (
+            SELECT {mailbox_sql("snap.email")} AS mailbox,
+                   bool_or(r.ended_on IS NULL) AS in_episode
+            FROM recent_episodes AS r
+            JOIN {s}.user_activity_snapshot AS snap
+                ON snap.partition_date = :day AND snap.user_id = r.user_id
+            GROUP BY 1
         ),
         judged AS (
-            SELECT due.*, snap.email,
+            SELECT c.user_id,
+                CASE
+                    WHEN own.in_episode THEN 'in_episode'
+                    WHEN box.in_episode THEN 'shared_address'
+                    WHEN own.user_id IS NOT NULL OR box.mailbox IS NOT NULL THEN 'cooldown'
+                    WHEN c.user_id > min(c.user_id) OVER (PARTITION BY c.mailbox)
+                        AND c.mailbox IS NOT NULL THEN 'shared_address'
+                END AS held_back
+            FROM audience_candidates AS c
+            LEFT JOIN by_user AS own ON own.user_id = c.user_id
+            LEFT JOIN by_mailbox AS box ON box.mailbox = c.mailbox
+        ),
+        started AS (
+            INSERT INTO {s}.episodes (loop_name, user_id, started_on)
+            SELECT :loop, user_id, :day FROM judged WHERE held_back IS NULL
+        )
+        SELECT held_back, count(*) FROM judged
+        WHERE held_back IN ('cooldown', 'shared_address') GROUP BY held_back"""),
+        params,
+    ).all()
+    counts = connection.execute(
+        text(f"""
+        WITH due AS (
+            -- Per open episode, from its own few steps: linear in episodes, whatever the
+            -- planner believes of the episodes this transaction just started.
+            SELECT e.user_id, e.started_on, open_steps.step, open_steps.paused_step_due
+            FROM {s}.episodes AS e
+            CROSS JOIN LATERAL (
+                SELECT min(i - 1) FILTER (WHERE NOT paused) AS step,
+                       coalesce(bool_or(paused), false) AS paused_step_due
+                FROM (
+                    SELECT i, (CAST(:plan AS jsonb) -> (i - 1) ->> 'paused')::boolean AS paused
+                    FROM generate_subscripts(CAST(:delays AS int[]), 1) AS i
+                    WHERE (CAST(:delays AS int[]))[i] <= :day - e.started_on
+                      AND NOT EXISTS (
+                          SELECT FROM {s}.reengagement_audience AS past
+                          WHERE past.loop_name = :loop AND past.user_id = e.user_id
+                            AND past.episode_start = e.started_on AND past.step = i - 1)
+                ) AS steps
+            ) AS open_steps
+            WHERE e.loop_name = :loop AND e.ended_on IS NULL
+        ),
+        recent_mailboxes AS (
+            SELECT DISTINCT {mailbox_sql("recent.email")} AS mailbox
+            FROM {s}.reengagement_audience AS recent
+            WHERE recent.partition_date > :day - :cap AND recent.partition_date <= :day
+        ),
+        judged AS (
+            SELECT due.*, {trimmed_address_sql("snap.email")} AS email,
+                {mailbox_sql("snap.email")} AS mailbox,
                 CASE
                     WHEN due.step IS NULL AND due.paused_step_due THEN 'step_paused'
                     WHEN due.step IS NULL THEN 'no_step_due'
-                    WHEN snap.email IS NULL OR snap.email !~ :email_pattern THEN 'no_email'
+                    WHEN snap.email IS NULL
+                        OR {trimmed_address_sql("snap.email")} !~ :email_pattern THEN 'no_email'
                     WHEN EXISTS (SELECT FROM {s}.email_suppressions AS sup
-                                 WHERE sup.email = lower(snap.email)
+                                 WHERE sup.email = {mailbox_sql("snap.email")}
                                    AND (sup.loop_name IS NULL OR sup.loop_name = :loop))
                         THEN 'suppressed'
                     WHEN EXISTS (SELECT FROM {s}.reengagement_audience AS recent
                                  WHERE recent.user_id = due.user_id
                                    AND recent.partition_date > :day - :cap
-                                   AND recent.partition_date <= :day) THEN 'frequency_cap'
+                                   AND recent.partition_date <= :day)
+                        OR {mailbox_sql("snap.email")} IN (SELECT mailbox FROM recent_mailboxes)
+                        THEN 'frequency_cap'
                 END AS excluded,
-                {HOLDOUT_BUCKET_SQL.format(user_id="due.user_id", salt=":salt")} AS arm_bucket,
                 ('x' || substr(md5(due.user_id || '/' || :salt || '/variant'
                     || coalesce('/' || (CAST(:plan AS jsonb) -> due.step ->> 'decided_on'), '')),
                     1, 8))::bit(32)::bigint / 4294967296.0 AS variant_position
@@ -212,30 +277,51 @@ def build_audience(
             LEFT JOIN {s}.user_activity_snapshot AS snap
                 ON snap.partition_date = :day AND snap.user_id = due.user_id
         ),
+        -- One step a day per mailbox: the earliest episode's (users of one mailbox in episodes
+        -- of their own predate one mailbox, one person), then the lowest user id's.
+        decided AS (
+            SELECT j.*,
+                CASE WHEN j.excluded IS NOT NULL THEN j.excluded
+                     WHEN row_number() OVER (PARTITION BY j.mailbox
+                          ORDER BY j.excluded IS NOT NULL, j.started_on, j.user_id) > 1
+                         THEN 'shared_address'
+                END AS reason
+            FROM judged AS j
+        ),
         inserted AS (
             INSERT INTO {s}.reengagement_audience (partition_date, loop_name, user_id, email,
                 episode_start, step, template, arm, variant, decided_on)
-            SELECT :day, :loop, j.user_id, j.email, j.started_on, j.step,
-                   (CAST(:templates AS text[]))[j.step + 1],
-                   CASE WHEN j.arm_bucket < :holdout_per_10000 THEN 'holdout' ELSE 'treatment' END,
+            SELECT :day, :loop, d.user_id, d.email, d.started_on, d.step,
+                   (CAST(:templates AS text[]))[d.step + 1],
+                   -- An episode keeps the arm of its first step.
+                   coalesce(
+                       (SELECT first.arm FROM {s}.reengagement_audience AS first
+                        WHERE first.loop_name = :loop AND first.user_id = d.user_id
+                          AND first.episode_start = d.started_on
+                        ORDER BY first.partition_date LIMIT 1),
+                       CASE WHEN {HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=":salt")}
+                                 < :holdout_per_10000
+                            THEN 'holdout' ELSE 'treatment' END),
                    (SELECT bound ->> 0
-                    FROM jsonb_array_elements(CAST(:plan AS jsonb) -> j.step -> 'bounds') AS bound
-                    WHERE (bound ->> 1)::float8 > j.variant_position
+                    FROM jsonb_array_elements(CAST(:plan AS jsonb) -> d.step -> 'bounds') AS bound
+                    WHERE (bound ->> 1)::float8 > d.variant_position
                     ORDER BY (bound ->> 1)::float8 LIMIT 1),
-                   (CAST(:plan AS jsonb) -> j.step ->> 'decided_on')::date
-            FROM judged AS j WHERE j.excluded IS NULL
-            ORDER BY j.user_id
+                   (CAST(:plan AS jsonb) -> d.step ->> 'decided_on')::date
+            FROM decided AS d WHERE d.reason IS NULL
+            ORDER BY d.user_id
             RETURNING arm, step
         )
         SELECT 'arm:' || arm, count(*) FROM inserted GROUP BY arm
         UNION ALL SELECT 'step:' || step, count(*) FROM inserted GROUP BY step
-        UNION ALL SELECT 'excluded:' || excluded, count(*) FROM judged
-                  WHERE excluded IS NOT NULL GROUP BY excluded"""),
+        UNION ALL SELECT 'excluded:' || reason, count(*) FROM decided
+                  WHERE reason IS NOT NULL GROUP BY reason"""),
         params,
     ).all()
     tallies = dict(counts)
+    held = dict(held_back)
     excluded = {reason: int(tallies.get(f"excluded:{reason}", 0)) for reason in EXCLUSION_REASONS}
-    excluded["cooldown"] = int(cooldown)
+    excluded["cooldown"] = int(held.get("cooldown", 0))
+    excluded["shared_address"] += int(held.get("shared_address", 0))
     return AudienceSummary(
         candidates=len(candidates),
         treatment=int(tallies.get("arm:treatment", 0)),

@@ -10,7 +10,7 @@ from importlib.resources import files
 
 import sqlalchemy as sa
 
-from retention_pipeline.audience.build import HOLDOUT_BUCKET_SQL
+from retention_pipeline.audience.build import HOLDOUT_BUCKET_SQL, mailbox_sql
 from retention_pipeline.config.models import Loop
 
 HABITS: tuple[str, ...] = (
@@ -569,10 +569,10 @@ FROM (
 @dataclass(frozen=True)
 class EmailEffect:
     """The demo's true email effect. A user last active on (UTC) day L is dormant from day L+7,
-    when the loop's audience takes them in; if the holdout draw (the same hash of the user id and
-    `holdout_salt` the audience uses) puts them in the treatment, and they do not come back on
-    their own before, they come back with probability `comeback_probability` on day L+9 to L+12
-    (two to five days after the email): one `dashboard.viewed` event tagged
+    when the loop's audience takes them in; if the holdout draw (the same hash of the user's
+    mailbox and `holdout_salt` the audience uses) puts them in the treatment, and they do not
+    come back on their own before, they come back with probability `comeback_probability` on day
+    L+9 to L+12 (two to five days after the email): one `dashboard.viewed` event tagged
     `{"utm_source": "re_engagement"}`. Users who never made an event (never activated) do not
     answer, and held-out users come back only on their own. So among users assigned the day
     they turn dormant, the true lift of the 7-day window is `comeback_probability` times the
@@ -609,8 +609,9 @@ answers AS (
                + floor(pg_temp.demo_unit(sp.spell_key, 28, CAST(:seed AS bigint)) * 4)::integer
                AS comeback_day
     FROM spells AS sp JOIN demo_seed_plan AS p ON p.id = sp.user_id
+    JOIN {{schema}}.users AS u ON u.id = sp.user_id
     WHERE p.pattern <> 'never_activated'
-      AND {HOLDOUT_BUCKET_SQL.format(user_id="sp.user_id::text", salt="CAST(:salt AS text)")}
+      AND {HOLDOUT_BUCKET_SQL.format(mailbox=mailbox_sql("u.email"), salt="CAST(:salt AS text)")}
           >= CAST(:holdout_per_10000 AS integer)
       AND pg_temp.demo_unit(sp.spell_key, 29, CAST(:seed AS bigint))
           < CAST(:comeback_probability AS float8)

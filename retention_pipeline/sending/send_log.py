@@ -35,6 +35,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from retention_pipeline.audience.build import mailbox_sql
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.sending.compose import send_key, treatment_rows
 from retention_pipeline.sending.delivery import link_early_events
@@ -61,7 +62,7 @@ def claim(
     shard: Shard = WHOLE_LOOP,
 ) -> int:
     """Claim `emails`, all of users in `shard`, for sending, in the caller's transaction; return
-    how many were new.
+    how many new ones are to be sent.
 
     `audience_rows` are mappings with `user_id`, `episode_start` (a date), `step`, `template` and
     `variant`, such as `compose.treatment_rows` returns or a DataFrame's `to_dict("records")`;
@@ -70,6 +71,14 @@ def claim(
     ignored. Emails already in the log are left as they are, content included. The new ones,
     sorted by send key, are split into batches of `BATCH_SIZE` numbered after the loop's batches
     already stored for `day` (by every shard), and stored as `shard`'s to send.
+
+    One mailbox (`mailbox_sql`) gets at most one email of the loop's audience day, whatever the
+    audience holds: an email to a mailbox that already has one in the log for the loop and day,
+    or that follows another of this claim in send-key order, is stored failed, naming the user
+    who has it, and never sent. The audience already keeps one user per mailbox; this guards
+    audiences built before it did, and rows a caller passes. Stored rather than refused, so the
+    rest of the day still goes out, a rerun does not meet the email again, and the day's
+    `failed` count shows it.
     """
     if not emails:
         return 0
@@ -132,29 +141,52 @@ def claim(
         "tags": [json.dumps(email.tags) for email in new],
     }
     # One statement for the whole claim; ON CONFLICT without a target covers both unique keys.
+    # The claim lock makes the day's rows of the loop, every shard's, final while it runs.
     inserted = connection.execute(
         text(f"""
+            WITH incoming AS (
+                SELECT r.*, {mailbox_sql("r.email")} AS mailbox
+                FROM unnest(CAST(:send_key AS text[]), CAST(:user_id AS text[]),
+                            CAST(:episode_start AS date[]), CAST(:step AS integer[]),
+                            CAST(:email AS text[]), CAST(:template AS text[]),
+                            CAST(:variant AS text[]), CAST(:batch_key AS text[]),
+                            CAST(:idempotency_key AS text[]), CAST(:subject AS text[]),
+                            CAST(:html AS text[]), CAST(:body_text AS text[]),
+                            CAST(:headers AS text[]), CAST(:tags AS text[]))
+                    AS r(send_key, user_id, episode_start, step, email, template, variant,
+                         batch_key, idempotency_key, subject, html, body_text, headers, tags)
+            ),
+            taken AS (
+                SELECT {mailbox_sql("log.email")} AS mailbox, min(log.user_id) AS user_id
+                FROM {s}.email_send_log AS log
+                WHERE log.loop_name = :loop AND log.partition_date = :day
+                GROUP BY 1
+            ),
+            judged AS (
+                SELECT r.*,
+                       coalesce(taken.user_id,
+                                CASE WHEN row_number() OVER mailbox > 1
+                                     THEN first_value(r.user_id) OVER mailbox END) AS holder
+                FROM incoming AS r LEFT JOIN taken ON taken.mailbox = r.mailbox
+                WINDOW mailbox AS (PARTITION BY r.mailbox ORDER BY r.send_key)
+            )
             INSERT INTO {s}.email_send_log (send_key, loop_name, user_id, episode_start, step,
                 partition_date, email, template, variant, batch_key, idempotency_key, subject,
-                html, body_text, headers, tags, status, send_shard)
+                html, body_text, headers, tags, status, error, send_shard)
             SELECT r.send_key, :loop, r.user_id, r.episode_start, r.step, :day, r.email,
                    r.template, r.variant, r.batch_key, r.idempotency_key, r.subject, r.html,
-                   r.body_text, CAST(r.headers AS jsonb), CAST(r.tags AS jsonb), 'claimed', :shard
-            FROM unnest(CAST(:send_key AS text[]), CAST(:user_id AS text[]),
-                        CAST(:episode_start AS date[]), CAST(:step AS integer[]),
-                        CAST(:email AS text[]), CAST(:template AS text[]),
-                        CAST(:variant AS text[]), CAST(:batch_key AS text[]),
-                        CAST(:idempotency_key AS text[]), CAST(:subject AS text[]),
-                        CAST(:html AS text[]), CAST(:body_text AS text[]),
-                        CAST(:headers AS text[]), CAST(:tags AS text[]))
-                AS r(send_key, user_id, episode_start, step, email, template, variant,
-                     batch_key, idempotency_key, subject, html, body_text, headers, tags)
+                   r.body_text, CAST(r.headers AS jsonb), CAST(r.tags AS jsonb),
+                   CASE WHEN r.holder IS NULL THEN 'claimed' ELSE 'failed' END,
+                   'not sent: the address already has this loop''s email of the day, as user '
+                       || r.holder,
+                   :shard
+            FROM judged AS r
             ORDER BY r.send_key
             ON CONFLICT DO NOTHING
-            RETURNING send_key"""),
+            RETURNING status"""),
         {"loop": loop_name, "day": day, "shard": shard.index, **columns},
     )
-    return len(inserted.all())
+    return list(inserted.scalars()).count("claimed")
 
 
 def pending_batch_keys(

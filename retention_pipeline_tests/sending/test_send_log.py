@@ -14,6 +14,7 @@ from retention_pipeline.sending import (
     pending_batch_keys,
     record,
     send_log_summary,
+    send_pending,
     start_batch,
     treatment_rows,
 )
@@ -26,6 +27,7 @@ from retention_pipeline_tests.sending.support import (
     User,
     add_users,
     compose_and_claim,
+    make_sender,
     statuses,
     users,
 )
@@ -272,3 +274,57 @@ def test_record_sent_final_failure_and_retryable_failure(sending_db: SendingData
         None,
         2,
     )
+
+
+def test_one_mailbox_gets_one_email_of_a_day_whatever_the_audience_holds(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    """An audience built before it kept one user per mailbox: the send still emails it once."""
+    add_users(
+        sending_db.engine,
+        [
+            User("u1", "dup@example.com"),
+            User("u2", "DUP@Example.COM "),
+            User("u3", "solo@example.com"),
+            User("u4", "twin@example.com"),
+            User("u5", "Twin@Example.com"),
+        ],
+    )
+    emails = {email.to: email for email in composed(sending_db)}
+    with sending_db.engine.begin() as connection:
+        rows = treatment_rows(connection, schema=SCHEMA, loop_name=LOOP, day=DAY)
+        # One claim already has the mailbox's email; another claim comes for its twin.
+        for address in ("twin@example.com", "Twin@Example.com"):
+            claim(
+                connection,
+                schema=SCHEMA,
+                loop_name=LOOP,
+                day=DAY,
+                emails=[emails[address]],
+                audience_rows=rows,
+            )
+
+    assert compose_and_claim(sending_db) == 2
+    assert compose_and_claim(sending_db) == 0
+    report = send_pending(
+        sending_db.engine, schema=SCHEMA, loop_name=LOOP, sender=make_sender(), provider="resend"
+    )
+
+    assert sorted(fake_resend.delivered_to()) == [
+        "dup@example.com",
+        "solo@example.com",
+        "twin@example.com",
+    ]
+    assert report.sent == 3
+    assert statuses(sending_db.engine) == {"sent": 3, "failed": 2}
+    with sending_db.engine.connect() as connection:
+        failed = connection.execute(
+            text(
+                "SELECT user_id, error FROM retention.email_send_log WHERE status = 'failed' "
+                "ORDER BY user_id"
+            )
+        ).all()
+    assert [tuple(row) for row in failed] == [
+        ("u2", "not sent: the address already has this loop's email of the day, as user u1"),
+        ("u5", "not sent: the address already has this loop's email of the day, as user u4"),
+    ]
