@@ -63,7 +63,8 @@ def _engine(config):
 
 
 def cmd_suppress(args: argparse.Namespace) -> int:
-    from retention_pipeline.sending.suppressions import normalize_address, suppress
+    from retention_pipeline.recipients.addresses import normalize_address
+    from retention_pipeline.recipients.suppressions import suppress
 
     address = normalize_address(args.email)
     config = load_config(args.config)

@@ -5,7 +5,7 @@ come back (any activity after the episode started). During an episode the loop's
 `delay` days after its start; each step reaches a user at most once per episode. A user who came
 back may start a new episode only `cooldown_days` after the last one ended.
 
-One mailbox is one person (`sending.suppressions.normalize_address`: blanks around the address
+One mailbox is one person (`recipients.addresses.normalize_address`: blanks around the address
 removed, lower case). Users who share a mailbox are one person to the loop: while one of them is
 in an episode the others start none (counted as `shared_address`), nor while one is in its
 cooldown (`cooldown`), and of several starting on the same day only the lowest user id (as text)
@@ -36,6 +36,11 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.outcomes.decisions import decisions_in_force
+from retention_pipeline.recipients.addresses import (
+    EMAIL_ADDRESS_SQL_PATTERN,
+    mailbox_sql,
+    trimmed_address_sql,
+)
 
 EXCLUSION_REASONS = (
     "no_email",
@@ -56,19 +61,6 @@ HOLDOUT_BUCKET_SQL = (
 
 # A usable address, once trimmed: something@domain.tld with no spaces. Anything else is not worth
 # a bounce.
-EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
-
-
-def trimmed_address_sql(address: str) -> str:
-    """SQL for the SQL expression `address` without the blanks around it (spaces, tabs, line
-    breaks): the address an email goes to."""
-    return f"btrim({address}, E' \\t\\n\\r\\x0b\\x0c')"
-
-
-def mailbox_sql(address: str) -> str:
-    """SQL for the mailbox the SQL expression `address` names, as `normalize_address` has it:
-    trimmed, lower-cased."""
-    return f"lower({trimmed_address_sql(address)})"
 
 
 @dataclass(frozen=True)
@@ -153,7 +145,7 @@ def build_audience(
         "templates": [step.action.template for step in loop.steps],
         "salt": loop.holdout_salt,
         "holdout_per_10000": round(loop.holdout.fraction * 10000),
-        "email_pattern": EMAIL_PATTERN,
+        "email_pattern": EMAIL_ADDRESS_SQL_PATTERN,
         "plan": json.dumps(_variant_plan(connection, config.database.schema_, loop, day)),
     }
     connection.execute(

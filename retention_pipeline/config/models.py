@@ -17,14 +17,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cron
+from retention_pipeline.recipients.addresses import EMAIL_ADDRESS_PATTERN
 
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 DURATION_PATTERN = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-# A local part, "@", and a domain of at least two labels; no spaces, brackets or separators.
-EMAIL_ADDRESS_PATTERN = re.compile(
-    r'[^\s@<>,;:()"\[\]]+@[^\s@<>,;:()"\[\].]+(\.[^\s@<>,;:()"\[\].]+)+'
-)
 
 SEGMENTS = (
     "new",

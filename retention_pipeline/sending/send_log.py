@@ -35,10 +35,10 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.audience.build import mailbox_sql
 from retention_pipeline.email.message import OutgoingEmail, SendResult
+from retention_pipeline.recipients.addresses import mailbox_sql
+from retention_pipeline.recipients.delivery import link_early_events
 from retention_pipeline.sending.compose import send_key, treatment_rows
-from retention_pipeline.sending.delivery import link_early_events
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
 
 BATCH_SIZE = 100

@@ -4,30 +4,17 @@ A suppression covers one loop (the person unsubscribed from that loop's emails) 
 (bounces, complaints, "all emails", the `suppress` command). The audience excludes a suppressed
 address in both arms.
 
-One mailbox is one address with surrounding blanks removed, compared in lower case, local part
-included: the providers people sign up with treat `Ada@Example.com` and `ada@example.com` as
-one mailbox. Sub-addresses (`ada+news@...`) and dots in Gmail local parts stay distinct: whether
-they reach the same mailbox depends on the provider, and the app's users table names the
-address a person signed up with.
+The list holds mailboxes (`recipients.addresses.normalize_address`).
 """
 
 from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.config.models import EMAIL_ADDRESS_PATTERN
 from retention_pipeline.email.unsubscribe import verify_token
+from retention_pipeline.recipients.addresses import normalize_address
 
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
-
-
-def normalize_address(address: str) -> str:
-    """The mailbox `address` names, as the suppression list stores it; a one-line `ValueError`
-    for anything that is not one email address."""
-    mailbox = address.strip()
-    if not EMAIL_ADDRESS_PATTERN.fullmatch(mailbox):
-        raise ValueError(f"{address!r} is not an email address like ada@example.com")
-    return mailbox.lower()
 
 
 def suppress(

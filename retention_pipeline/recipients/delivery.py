@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.sending.suppressions import normalize_address, suppress
+from retention_pipeline.recipients.addresses import normalize_address
+from retention_pipeline.recipients.suppressions import suppress
 
 EVENT_TYPES = (
     "sent",

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import text
 
 from retention_pipeline.email.unsubscribe import make_token
-from retention_pipeline.sending import suppress, unsubscribe_with_token
+from retention_pipeline.recipients.suppressions import suppress, unsubscribe_with_token
 from retention_pipeline_tests.helpers import write_config
 from retention_pipeline_tests.sending.support import (
     LOOP,
