@@ -241,7 +241,7 @@ def start_batch(
                        EXISTS (SELECT FROM {s}.erased_users AS erased
                                WHERE erased.user_id = log.user_id) AS erased,
                        (SELECT sup.reason FROM {s}.email_suppressions AS sup
-                        WHERE sup.email = lower(log.email)
+                        WHERE sup.email = {mailbox_sql("log.email")}
                           AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
                         ORDER BY sup.loop_name NULLS FIRST LIMIT 1) AS suppressed
                 FROM {s}.email_send_log AS log
