@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.email.unsubscribe import verify_token
-from retention_pipeline.recipients.addresses import normalize_address
+from retention_pipeline.recipients.addresses import mailbox_of
 
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
 
@@ -27,8 +26,9 @@ def suppress(
     user_id: str | None = None,
     loop_name: str | None = None,
 ) -> bool:
-    """Suppress `email` for `loop_name`, or for every loop when it is None, in the caller's
-    transaction.
+    """Suppress the mailbox of `email` for `loop_name`, or for every loop when it is None, in
+    the caller's transaction. The address is not judged here: one the pipeline emailed must be
+    suppressible whatever it looks like; a person's input is checked first (`normalize_address`).
 
     Idempotent: suppressing an address again keeps its first reason, source and time, and only
     fills in a user id that was missing; a loop's suppression is not added next to one for every
@@ -38,7 +38,9 @@ def suppress(
         raise ValueError(
             f"unknown suppression reason {reason!r} (known: {', '.join(SUPPRESSION_REASONS)})"
         )
-    address = normalize_address(email)
+    address = mailbox_of(email)
+    if not address:
+        raise ValueError("an empty address cannot be suppressed")
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     # `xmax = 0` holds for a row this statement inserted, not for one its DO UPDATE touched.
     inserted = connection.execute(
@@ -60,17 +62,6 @@ def suppress(
         },
     ).scalar_one_or_none()
     return bool(inserted)
-
-
-def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, token: str) -> str:
-    """Suppress the address the token's loop (any loop, for a token of every loop) last emailed
-    its user, for that loop or every loop; return that address.
-
-    Raises a one-line `ValueError` when the token does not verify with `secret`, and
-    `NothingToUnsubscribe` when no such email exists.
-    """
-    user_id, loop_name = verify_token(secret, token)
-    return unsubscribe_user(connection, schema=schema, user_id=str(user_id), loop_name=loop_name)
 
 
 def unsubscribe_user(
@@ -101,7 +92,7 @@ def unsubscribe_user(
         user_id=user_id,
         loop_name=loop_name,
     )
-    return normalize_address(email)
+    return mailbox_of(email)
 
 
 class NothingToUnsubscribe(ValueError):
