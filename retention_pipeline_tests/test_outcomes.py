@@ -159,7 +159,7 @@ def test_a_loop_without_a_holdout_reports_the_lift_as_unavailable(engine, app_da
     assert overall.lift is None and overall.relative_lift is None
     assert overall.verdict == "no holdout: lift unavailable"
     metadata = performance_metadata(rows)
-    assert metadata["loop_0/all/7d/treated_return_rate"] == pytest.approx(100 / 30, abs=0.01)
+    assert metadata["loop_0/loop/7d/treated_return_rate"] == pytest.approx(100 / 30, abs=0.01)
     assert not any("lift" in key for key in metadata)
 
 
