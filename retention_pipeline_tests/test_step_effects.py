@@ -174,17 +174,21 @@ def paused_share(rng, third_step_effect: float, step_holdout: float, comparison)
     return float(np.mean(harmful(*looks).any(axis=1)))
 
 
-def test_the_third_step_is_paused_when_it_does_harm_and_rarely_when_it_does_none():
-    rng = np.random.default_rng(60)
+def withheld_comparison(step: StepCounts):
+    return own_comparison(step, 2)
 
-    def withheld(step: StepCounts):
-        return own_comparison(step, 2)
 
-    assert paused_share(rng, 0.0, STEP_HOLDOUT, withheld) <= 0.05
-    assert paused_share(rng, -0.03, STEP_HOLDOUT, withheld) >= 0.80
-    # Today's comparison, in the same world without the step holdout, pauses the harmless step
-    # twice as often as the 5% the rule allows.
-    assert paused_share(rng, 0.0, 0, todays_comparison) > 0.08
+def test_a_harmless_third_step_is_paused_in_at_most_5_runs_in_100():
+    assert paused_share(np.random.default_rng(60), 0.0, STEP_HOLDOUT, withheld_comparison) <= 0.05
+
+
+def test_a_third_step_that_costs_3_points_is_paused_in_at_least_80_runs_in_100():
+    assert paused_share(np.random.default_rng(61), -0.03, STEP_HOLDOUT, withheld_comparison) >= 0.8
+
+
+def test_todays_comparison_pauses_a_harmless_third_step_twice_as_often_as_the_rule_allows():
+    """In the same world without the step holdout."""
+    assert paused_share(np.random.default_rng(62), 0.0, 0, todays_comparison) > 0.08
 
 
 UTC = ZoneInfo("UTC")
