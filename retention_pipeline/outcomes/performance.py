@@ -56,7 +56,7 @@ class ArmCounts:
 def control_arm(step: int | None) -> str:
     """The arm a scope's treated users are compared with: the holdout for the loop (step None)
     and its first step, the users withheld from the step for a later one."""
-    return "holdout" if not step else "withheld"
+    return "holdout" if step is None or step == 0 else "withheld"
 
 
 @dataclass(frozen=True)
