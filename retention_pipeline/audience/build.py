@@ -58,14 +58,6 @@ HOLDOUT_BUCKET_SQL = (
     "('x' || substr(md5({mailbox} || '/' || {salt}), 1, 8))::bit(32)::bigint % 10000"
 )
 
-# The step holdout's draw for a later step of a treated episode: the holdout's hash under a salt
-# of the step's own, so it is independent of the holdout and of every other step's draw (step k's
-# recipients and withheld users had the same earlier steps, in the same proportions). Like the
-# holdout it is the mailbox's: users sharing one stay together.
-STEP_HOLDOUT_BUCKET_SQL = HOLDOUT_BUCKET_SQL.format(
-    mailbox="{mailbox}", salt="({salt} || '/step_holdout/' || {step})"
-)
-
 # A usable address, once trimmed: something@domain.tld with no spaces. Anything else is not worth
 # a bounce.
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
@@ -92,6 +84,15 @@ class AudienceSummary:
     returned: int
     by_step: dict[int, int] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)
+
+
+# The step holdout's draw for a later step of a treated episode: the holdout's hash under a salt
+# of the step's own, so it is independent of the holdout and of every other step's draw (step k's
+# recipients and withheld users had the same earlier steps, in the same proportions). Like the
+# holdout it is the mailbox's: users sharing one stay together.
+STEP_HOLDOUT_BUCKET_SQL = HOLDOUT_BUCKET_SQL.format(
+    mailbox="{mailbox}", salt="({salt} || '/step_holdout/' || {step})"
+)
 
 
 def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
