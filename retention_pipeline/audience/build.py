@@ -166,8 +166,8 @@ def build_audience(
         "delays": [step.delay_days for step in loop.steps],
         "templates": [step.action.template for step in loop.steps],
         "salt": loop.holdout_salt,
-        "holdout_per_10000": round(loop.holdout.fraction * 10000),
         "step_holdout_per_10000": round(loop.step_holdout * 10000),
+        "holdout_per_10000": round(loop.holdout.fraction * 10000),
         "email_pattern": EMAIL_PATTERN,
         "plan": json.dumps(_variant_plan(connection, config.database.schema_, loop, day)),
     }
