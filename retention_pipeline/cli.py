@@ -105,6 +105,13 @@ def cmd_report(args: argparse.Namespace) -> int:
                 print(f"{loop.name}: no assignments{since} yet\n")
                 continue
             print(f"{loop.name}: outcomes of the assignments{since}")
+            headline = next((row for row in rows if row.step is None), None)
+            if headline is not None:
+                print(
+                    f"the loop, per episode, within {headline.window_days} days: "
+                    f"{headline.verdict} ({headline.treatment.finished} treated and "
+                    f"{headline.holdout.finished} held-out episodes known)"
+                )
             print(performance_frame(rows).drop(columns="loop").to_string(index=False))
             decisions = decisions_in_force(connection, schema, loop, date.max)
             if not loop.adjust:

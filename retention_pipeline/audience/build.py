@@ -16,9 +16,13 @@ a suppression covers the mailbox.
 Every eligible user is assigned, by a hash of their mailbox and the loop's salt, to the treatment
 or the holdout arm (both are recorded; only treatment is emailed), so users sharing a mailbox can
 never land in different arms; an episode keeps the arm of its first step, whatever the address
-or the holdout fraction became since. Each user also gets a template variant. The exclusions
-(suppressed address, no usable address, shared address, frequency cap) apply to both arms alike,
-so the holdout stays comparable.
+or the holdout fraction became since. A later step (the second on) of a treated episode is
+withheld, by a hash of the mailbox, the salt and the step, from the loop's `step_holdout` share:
+recorded with the arm `withheld`, not emailed. A withheld step counts as passed, as a sent one
+does: the user's next step comes at its delay, and the frequency cap counts it, so recipients and
+withheld users of a step go on alike but for that one email. Each user also gets a template
+variant. The exclusions (suppressed address, no usable address, shared address, frequency cap)
+apply to every arm alike, so the holdout and the withheld stay comparable.
 
 Unless the loop says `adjust: false`, the audience follows the latest decision made before its
 day (see `outcomes.decisions`): a paused step is sent to nobody, and variants get the decided
@@ -68,9 +72,19 @@ class AudienceSummary:
     candidates: int
     treatment: int
     holdout: int
+    withheld: int
     returned: int
     by_step: dict[int, int] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)
+
+
+# The step holdout's draw for a later step of a treated episode: the holdout's hash under a salt
+# of the step's own, so it is independent of the holdout and of every other step's draw (step k's
+# recipients and withheld users had the same earlier steps, in the same proportions). Like the
+# holdout it is the mailbox's: users sharing one stay together.
+STEP_HOLDOUT_BUCKET_SQL = HOLDOUT_BUCKET_SQL.format(
+    mailbox="{mailbox}", salt="({salt} || '/step_holdout/' || {step})"
+)
 
 
 def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
@@ -144,6 +158,7 @@ def build_audience(
         "delays": [step.delay_days for step in loop.steps],
         "templates": [step.action.template for step in loop.steps],
         "salt": loop.holdout_salt,
+        "step_holdout_per_10000": round(loop.step_holdout * 10000),
         "holdout_per_10000": round(loop.holdout.fraction * 10000),
         "email_pattern": EMAIL_ADDRESS_SQL_PATTERN,
         "plan": json.dumps(_variant_plan(connection, config.database.schema_, loop, day)),
@@ -216,6 +231,9 @@ def build_audience(
         WHERE held_back IN ('cooldown', 'shared_address') GROUP BY held_back"""),
         params,
     ).all()
+    step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(
+        mailbox="d.mailbox", salt="CAST(:salt AS text)", step="d.step"
+    )
     counts = connection.execute(
         text(f"""
         WITH due AS (
@@ -285,15 +303,22 @@ def build_audience(
                 episode_start, step, template, arm, variant, decided_on)
             SELECT :day, :loop, d.user_id, d.email, d.started_on, d.step,
                    (CAST(:templates AS text[]))[d.step + 1],
-                   -- An episode keeps the arm of its first step.
-                   coalesce(
-                       (SELECT first.arm FROM {s}.reengagement_audience AS first
-                        WHERE first.loop_name = :loop AND first.user_id = d.user_id
-                          AND first.episode_start = d.started_on
-                        ORDER BY first.partition_date LIMIT 1),
-                       CASE WHEN {HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=":salt")}
-                                 < :holdout_per_10000
-                            THEN 'holdout' ELSE 'treatment' END),
+                   CASE
+                       -- An episode keeps the arm of its first step (a withheld step is one of
+                       -- a treated episode).
+                       WHEN coalesce(
+                           (SELECT first.arm = 'holdout'
+                            FROM {s}.reengagement_audience AS first
+                            WHERE first.loop_name = :loop AND first.user_id = d.user_id
+                              AND first.episode_start = d.started_on
+                            ORDER BY first.partition_date LIMIT 1),
+                           {HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=":salt")}
+                               < :holdout_per_10000)
+                           THEN 'holdout'
+                       WHEN d.step > 0 AND {step_bucket} < :step_holdout_per_10000
+                           THEN 'withheld'
+                       ELSE 'treatment'
+                   END,
                    (SELECT bound ->> 0
                     FROM jsonb_array_elements(CAST(:plan AS jsonb) -> d.step -> 'bounds') AS bound
                     WHERE (bound ->> 1)::float8 > d.variant_position
@@ -318,6 +343,7 @@ def build_audience(
         candidates=len(candidates),
         treatment=int(tallies.get("arm:treatment", 0)),
         holdout=int(tallies.get("arm:holdout", 0)),
+        withheld=int(tallies.get("arm:withheld", 0)),
         returned=int(returned),
         by_step={
             int(key.split(":")[1]): int(value)

@@ -488,6 +488,14 @@ class Loop(StrictModel):
     steps: list[Step] = Field(min_length=1)
     segments: SegmentRules = SegmentRules()
     holdout: Holdout = Holdout()
+    step_holdout: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="the share of treated users due a later step (the second on) who are "
+        "withheld that step only, by a draw of its own: the step's lift compares its recipients "
+        "with them; 0: later steps are not measured, nor paused",
+    )
     cooldown_days: int = Field(30, ge=0, description="before a returned user may re-enter")
     recovery: Recovery = Recovery()
     success: Success = ActivitySuccess()
