@@ -5,20 +5,35 @@ the revenue still billed at the end of each window. Aggregated in PostgreSQL; th
 Rates count outcomes whose window is over (pending ones wait, and so do returns within a window
 not over yet). A variant's treated users are
 compared with the whole holdout of their step: the holdout gets no email, so it has no variant.
+The variants' shares change from day to day while the base rate moves, so a variant's lift is
+day-stratified (`stats.stratified_difference`): each assignment day's difference, weighted by its
+size, never pooled counts, which would credit a variant for the good days it got more traffic on.
 The loop as a whole counts assignments: a user sent three steps counts three times.
+
+Simulated assignments (days built where no email could go out) have no outcomes, so they never
+count. `emailed` is read from the send log when the table is read, so it is right as soon as a
+send run confirmed the emails, not the next morning. Revenue is a line per currency: amounts of
+different currencies are never added.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import date
 
 import pandas as pd
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import Loop
-from retention_pipeline.outcomes.stats import always_valid_difference, newcombe_difference
+from retention_pipeline.outcomes.stats import (
+    Z_95,
+    always_valid_difference,
+    always_valid_half_width,
+    newcombe_difference,
+    stratified_difference,
+)
 
 # Below this many known outcomes in an arm, a row says "not enough data yet" instead of a lift.
 MINIMUM_OUTCOMES_PER_ARM = 10
@@ -30,16 +45,32 @@ class ArmCounts:
     emailed: int = 0
     finished: int = 0
     returned: int = 0
-    revenue_cents: int = 0
+    revenue_cents: dict[str | None, int] = field(default_factory=dict)
+    """Billed monthly revenue by currency (None: the app maps no currency column)."""
     revenue_known: int = 0
 
     @property
     def rate(self) -> float | None:
         return self.returned / self.finished if self.finished else None
 
-    @property
-    def revenue_per_user_cents(self) -> float | None:
-        return self.revenue_cents / self.revenue_known if self.revenue_known else None
+    def revenue_per_user_cents(self, currency: str | None) -> float | None:
+        """Revenue in `currency` per user whose revenue is known (a user billed in another
+        currency, or not at all, brings 0 of it)."""
+        if not self.revenue_known:
+            return None
+        return self.revenue_cents.get(currency, 0) / self.revenue_known
+
+
+@dataclass(frozen=True)
+class DayCounts:
+    """One assignment day of a variant row: its treated users' returns and known outcomes, and
+    those of its step's holdout."""
+
+    day: date
+    treated_returned: int
+    treated_finished: int
+    holdout_returned: int
+    holdout_finished: int
 
 
 @dataclass(frozen=True)
@@ -54,6 +85,8 @@ class PerformanceRow:
     window_days: int
     treatment: ArmCounts
     holdout: ArmCounts
+    days: tuple[DayCounts, ...] = ()
+    """A variant row's counts per assignment day, which its lift is stratified by."""
 
     @property
     def scope(self) -> str:
@@ -74,6 +107,10 @@ class PerformanceRow:
         outcomes in both arms."""
         if not (self.treatment.finished and self.holdout.finished):
             return None
+        if self.variant is not None:
+            lift, variance = self._stratified
+            half = Z_95 * math.sqrt(variance)
+            return lift, lift - half, lift + half
         lift, lower, upper = newcombe_difference(
             self.treatment.returned,
             self.treatment.finished,
@@ -87,6 +124,10 @@ class PerformanceRow:
         """The always-valid 95% bounds of the lift, which decisions use."""
         if not (self.treatment.finished and self.holdout.finished):
             return None
+        if self.variant is not None:
+            lift, variance = self._stratified
+            half = float(always_valid_half_width(variance))
+            return lift - half, lift + half
         lower, upper = always_valid_difference(
             self.treatment.returned,
             self.treatment.finished,
@@ -96,21 +137,40 @@ class PerformanceRow:
         return float(lower), float(upper)
 
     @property
+    def _stratified(self) -> tuple[float, float]:
+        """A variant's day-stratified lift over the holdout and its variance."""
+        lift, variance = stratified_difference(
+            [each.treated_returned for each in self.days],
+            [each.treated_finished for each in self.days],
+            [each.holdout_returned for each in self.days],
+            [each.holdout_finished for each in self.days],
+        )
+        return float(lift), float(variance)
+
+    @property
     def relative_lift(self) -> float | None:
         lift, rate = self.lift, self.holdout.rate
         return lift[0] / rate if lift and rate else None
 
     @property
-    def monthly_revenue_difference_cents(self) -> float | None:
-        """What the treated users' billed revenue per user, above the holdout's, comes to over
-        the treated users whose window is over."""
-        treated, held = (
-            self.treatment.revenue_per_user_cents,
-            self.holdout.revenue_per_user_cents,
+    def monthly_revenue_difference_cents(self) -> dict[str | None, float]:
+        """Per currency, what the treated users' billed revenue per user, above the holdout's,
+        comes to over the treated users whose window is over; empty without revenue known in
+        both arms."""
+        if not (self.treatment.revenue_known and self.holdout.revenue_known):
+            return {}
+        currencies = sorted(
+            set(self.treatment.revenue_cents) | set(self.holdout.revenue_cents),
+            key=lambda currency: currency or "",
         )
-        if treated is None or held is None:
-            return None
-        return (treated - held) * self.treatment.revenue_known
+        return {
+            currency: (
+                self.treatment.revenue_per_user_cents(currency)
+                - self.holdout.revenue_per_user_cents(currency)
+            )
+            * self.treatment.revenue_known
+            for currency in currencies
+        }
 
     @property
     def verdict(self) -> str:
@@ -146,41 +206,36 @@ def performance_rows(
     """The performance of the loop's assignments made from `since` through `through` (default:
     all), as their outcomes stand: the loop, each step, each variant, each window."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
+    params = {"loop": loop.name, "through": through, "since": since}
     rows = connection.execute(
         text(f"""
         SELECT step, variant, window_days, arm, GROUPING(step) = 1 AS all_steps,
                GROUPING(variant) = 1 AS all_variants,
                count(*) AS assigned,
-               count(*) FILTER (WHERE emailed) AS emailed,
+               count(*) FILTER (WHERE sent) AS emailed,
                count(*) FILTER (WHERE over) AS finished,
                count(*) FILTER (WHERE over AND status = 'returned') AS returned,
-               coalesce(sum(active_revenue_cents) FILTER (WHERE over), 0) AS revenue_cents,
                count(active_revenue_cents) FILTER (WHERE over) AS revenue_known
-        FROM (
-            -- A return is known as soon as it happens, but a rate counts only windows that
-            -- are over: early returns alone would inflate it.
-            SELECT *, partition_date + window_days <= evaluated_through AS over
-            FROM {s}.reengagement_outcomes
-        ) AS outcome
-        WHERE loop_name = :loop
-          AND (CAST(:since AS date) IS NULL OR partition_date >= :since)
-          AND (CAST(:through AS date) IS NULL OR partition_date <= :through)
+        FROM ({_outcomes_sql(s)}) AS outcome
         GROUP BY GROUPING SETS ((window_days, arm), (step, window_days, arm),
                                 (step, variant, window_days, arm))"""),
-        {"loop": loop.name, "through": through, "since": since},
+        params,
     ).all()
+    revenue = _revenue_by_currency(connection, s, params)
     counts: dict[tuple, ArmCounts] = {}
     for row in rows:
         step = None if row.all_steps else row.step
         variant = None if row.all_variants else row.variant
-        counts[(step, variant, row.window_days, row.arm)] = ArmCounts(
+        key = (step, variant, row.window_days, row.arm)
+        counts[key] = ArmCounts(
             assigned=row.assigned,
             emailed=row.emailed,
             finished=row.finished,
             returned=row.returned,
-            revenue_cents=int(row.revenue_cents),
+            revenue_cents=revenue.get(key, {}),
             revenue_known=row.revenue_known,
         )
+    by_day = _variant_days(connection, s, params)
     # A step with one variant needs no line per variant.
     scopes = sorted(
         {
@@ -207,17 +262,110 @@ def performance_rows(
                     window_days=window,
                     treatment=treatment,
                     holdout=holdout,
+                    days=() if variant is None else by_day.get((step, variant, window), ()),
                 )
             )
     return table
+
+
+def _outcomes_sql(s: str) -> str:
+    """The loop's outcomes of the assignment days asked for, with whether each window is over
+    and whether the send log confirms the assignment's email (at reading time)."""
+    return f"""
+        SELECT o.*,
+               -- A return is known as soon as it happens, but a rate counts only windows that
+               -- are over: early returns alone would inflate it.
+               o.partition_date + o.window_days <= o.evaluated_through AS over,
+               EXISTS (SELECT FROM {s}.email_send_log AS sent
+                       WHERE sent.loop_name = o.loop_name AND sent.user_id = o.user_id
+                         AND sent.episode_start = o.episode_start AND sent.step = o.step
+                         AND sent.status = 'sent') AS sent
+        FROM {s}.reengagement_outcomes AS o
+        WHERE o.loop_name = :loop
+          AND (CAST(:since AS date) IS NULL OR o.partition_date >= :since)
+          AND (CAST(:through AS date) IS NULL OR o.partition_date <= :through)"""
+
+
+def _revenue_by_currency(
+    connection: Connection, s: str, params: dict
+) -> dict[tuple, dict[str | None, int]]:
+    """Billed revenue of the outcomes whose window is over, per scope, window, arm and
+    currency."""
+    rows = connection.execute(
+        text(f"""
+        SELECT step, variant, window_days, arm, GROUPING(step) = 1 AS all_steps,
+               GROUPING(variant) = 1 AS all_variants, revenue_currency AS currency,
+               sum(active_revenue_cents) AS cents
+        FROM ({_outcomes_sql(s)}) AS outcome
+        WHERE over AND active_revenue_cents IS NOT NULL
+        GROUP BY GROUPING SETS ((window_days, arm, revenue_currency),
+                                (step, window_days, arm, revenue_currency),
+                                (step, variant, window_days, arm, revenue_currency))"""),
+        params,
+    ).all()
+    revenue: dict[tuple, dict[str | None, int]] = defaultdict(dict)
+    for row in rows:
+        step = None if row.all_steps else row.step
+        variant = None if row.all_variants else row.variant
+        revenue[(step, variant, row.window_days, row.arm)][row.currency] = int(row.cents)
+    return revenue
+
+
+def _variant_days(
+    connection: Connection, s: str, params: dict
+) -> dict[tuple, tuple[DayCounts, ...]]:
+    """Per step, variant and window, the known outcomes of each assignment day: the variant's
+    treated users and the step's whole holdout."""
+    rows = connection.execute(
+        text(f"""
+        WITH per_day AS (
+            SELECT step, window_days, partition_date,
+                   CASE WHEN arm = 'treatment' THEN variant END AS variant,
+                   count(*) FILTER (WHERE over) AS finished,
+                   count(*) FILTER (WHERE over AND status = 'returned') AS returned
+            FROM ({_outcomes_sql(s)}) AS outcome
+            WHERE arm IN ('treatment', 'holdout')
+            GROUP BY 1, 2, 3, 4
+        )
+        SELECT treated.step, treated.variant, treated.window_days, treated.partition_date,
+               treated.returned, treated.finished,
+               coalesce(held.returned, 0) AS held_returned,
+               coalesce(held.finished, 0) AS held_finished
+        FROM per_day AS treated
+        LEFT JOIN per_day AS held
+            ON held.variant IS NULL AND held.step = treated.step
+           AND held.window_days = treated.window_days
+           AND held.partition_date = treated.partition_date
+        WHERE treated.variant IS NOT NULL
+        ORDER BY treated.partition_date"""),
+        params,
+    ).all()
+    by_day: dict[tuple, list[DayCounts]] = defaultdict(list)
+    for row in rows:
+        by_day[(row.step, row.variant, row.window_days)].append(
+            DayCounts(
+                day=row.partition_date,
+                treated_returned=row.returned,
+                treated_finished=row.finished,
+                holdout_returned=row.held_returned,
+                holdout_finished=row.held_finished,
+            )
+        )
+    return {key: tuple(days) for key, days in by_day.items()}
 
 
 def _percent(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
 
-def _money(cents: float | None) -> str:
-    return "-" if cents is None else f"{cents / 100:+,.0f}"
+def _money(by_currency: dict[str | None, float]) -> str:
+    """One amount per currency, never their sum."""
+    if not by_currency:
+        return "-"
+    return ", ".join(
+        f"{cents / 100:+,.0f}" + (f" {currency}" if currency else "")
+        for currency, cents in by_currency.items()
+    )
 
 
 def performance_frame(rows: list[PerformanceRow]) -> pd.DataFrame:
@@ -265,7 +413,7 @@ def performance_metadata(rows: list[PerformanceRow]) -> dict[str, float | int]:
             metadata[f"{prefix}/lift_points"] = round(100 * lift, 2)
             metadata[f"{prefix}/lift_lower"] = round(100 * lower, 2)
             metadata[f"{prefix}/lift_upper"] = round(100 * upper, 2)
-            revenue = row.monthly_revenue_difference_cents
-            if revenue is not None:
-                metadata[f"{prefix}/monthly_revenue_difference"] = round(revenue / 100, 2)
+            for currency, cents in row.monthly_revenue_difference_cents.items():
+                name = "monthly_revenue_difference" + (f"_{currency.lower()}" if currency else "")
+                metadata[f"{prefix}/{name}"] = round(cents / 100, 2)
     return metadata
