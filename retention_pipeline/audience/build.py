@@ -139,8 +139,9 @@ def _variant_plan(connection: Connection, schema: str, loop: Loop, day: date) ->
     return plan
 
 
-def _simulated(connection: Connection, s: str, loop: str, day: date, now: datetime | None,
-                timezone: str) -> bool:
+def _simulated(
+    connection: Connection, s: str, loop: str, day: date, now: datetime | None, timezone: str
+) -> bool:
     """Whether the audience of `day`, built at `now`, is a simulation: no email of it can go out
     (the day is older than the send window, as in a backfill), and no earlier build of the day
     was an experiment (re-materializing a day that was emailed keeps it one). A day built within

@@ -297,7 +297,7 @@ def _revenue_by_currency(
                GROUPING(variant) = 1 AS all_variants, revenue_currency AS currency,
                sum(active_revenue_cents) AS cents
         FROM ({_outcomes_sql(s)}) AS outcome
-        WHERE over AND active_revenue_cents IS NOT NULL
+        WHERE over AND active_revenue_cents <> 0
         GROUP BY GROUPING SETS ((window_days, arm, revenue_currency),
                                 (step, window_days, arm, revenue_currency),
                                 (step, variant, window_days, arm, revenue_currency))"""),

@@ -168,12 +168,11 @@ def thompson_shares(
         rate = (weight * mean).sum(axis=-2) / total
         spread = np.sqrt((weight**2 * variance).sum(axis=-2)) / total
     known = total > 0
-    # Before any comparable day: every variant the same, and ties broken at random below.
     rate = np.where(known, rate, 0.0)
     spread = np.where(known, spread, 1.0)
     samples = rng.normal(
         rate[..., None, :], spread[..., None, :], size=(*rate.shape[:-1], draws, variants)
     )
     winners = samples.argmax(axis=-1)
-    best = (winners[..., None] == np.arange(variants)).mean(axis=-2)
+    best = np.where(known, (winners[..., None] == np.arange(variants)).mean(axis=-2), 1 / variants)
     return minimum_share + (1 - variants * minimum_share) * best

@@ -17,8 +17,7 @@ SEND_WINDOW_DAYS = 3
 def upgrade(schema: str) -> None:
     q = op.get_context().dialect.identifier_preparer.quote_schema(schema)
     op.execute(
-        f"ALTER TABLE {q}.reengagement_audience "
-        "ADD COLUMN simulated boolean NOT NULL DEFAULT false"
+        f"ALTER TABLE {q}.reengagement_audience ADD COLUMN simulated boolean NOT NULL DEFAULT false"
     )
     # Days already built: a day older than the send window from which the loop emailed nobody
     # was a backfill (or a day whose send never ran), not an experiment.
