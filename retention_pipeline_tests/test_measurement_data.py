@@ -66,9 +66,22 @@ def variant_users(engine, day: date) -> dict[tuple[str, str | None], list[str]]:
     return groups
 
 
+def write_config(tmp_path, url: str, holdout: float):
+    """The configuration of `config_for` as a file, for the command line."""
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = url
+    document["loops"][0].update(name="loop_0", holdout={"fraction": holdout})
+    document["loops"][0]["steps"][0]["condition"] = {"type": "segment", "segment": "dormant"}
+    path = tmp_path / "retention.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
 def test_a_backfill_outside_the_send_window_is_simulated_and_never_measured(
-    engine, app_database_url
+    engine, app_database_url, tmp_path, capsys
 ):
+    from retention_pipeline.cli import main
+
     config = config_for(app_database_url, holdout=0.2)
     add_users(engine, range(1, 201), last_seen=LONG_AGO)
     # Built weeks later, as a backfill is: nobody can be emailed for that day.
@@ -89,6 +102,12 @@ def test_a_backfill_outside_the_send_window_is_simulated_and_never_measured(
     assert rows == []
     assert decisions[0].variant_shares == {"a": 0.5, "b": 0.5}
     assert "lift" not in decisions[0].evidence
+    path = write_config(tmp_path, app_database_url, 0.2)
+    assert main(["report", "--config", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        "loop_0: no assignments yet\n200 simulated assignments (days built when no email could "
+        "go out, as in a backfill) are not counted\n\n"
+    )
 
     # The same day built on its own morning is an experiment, and moves the shares.
     assert not build_day(engine, config, D, morning_after(D)).simulated
@@ -154,12 +173,7 @@ def test_emailed_shows_in_the_report_right_after_the_send(
     summary = build_day(engine, config, day, datetime.now(UTC))
     assert not summary.simulated and summary.treatment > 0
     evaluate(engine, config, day)  # the morning's outcomes and performance, before the send
-    document = copy.deepcopy(SHIPPED_DOCUMENT)
-    document["database"]["url"] = app_database_url
-    document["loops"][0].update(name="loop_0", holdout={"fraction": 0.2})
-    document["loops"][0]["steps"][0]["condition"] = {"type": "segment", "segment": "dormant"}
-    path = tmp_path / "retention.yaml"
-    path.write_text(yaml.safe_dump(document))
+    path = write_config(tmp_path, app_database_url, 0.2)
 
     def report_and_table():
         assert main(["report", "--config", str(path), "--loop", "loop_0"]) == 0

@@ -268,6 +268,21 @@ def performance_rows(
     return table
 
 
+def simulated_assignments(
+    connection: Connection, schema: str, loop: Loop, *, since: date | None = None
+) -> int:
+    """How many of the loop's assignments from `since` on are simulated (built where no email
+    could go out), which the performance leaves out."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(
+        text(f"""
+            SELECT count(*) FROM {s}.reengagement_audience
+            WHERE loop_name = :loop AND simulated
+              AND (CAST(:since AS date) IS NULL OR partition_date >= :since)"""),
+        {"loop": loop.name, "since": since},
+    ).scalar_one()
+
+
 def _outcomes_sql(s: str) -> str:
     """The loop's outcomes of the assignment days asked for, with whether each window is over
     and whether the send log confirms the assignment's email (at reading time)."""
