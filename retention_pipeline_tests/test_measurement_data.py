@@ -16,7 +16,11 @@ from sqlalchemy import text
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.email.outbox import OutboxSender
 from retention_pipeline.outcomes.decisions import Decision, decide, store_decisions
-from retention_pipeline.outcomes.performance import performance_frame, performance_rows
+from retention_pipeline.outcomes.performance import (
+    performance_frame,
+    performance_rows,
+    simulated_assignments,
+)
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import SnapshotError, build_snapshot
@@ -249,3 +253,50 @@ def test_revenue_is_a_line_per_currency_and_an_unknown_interval_one_line(engine,
         "subscriptions.billing_interval: unknown billing interval 'fortnight' (known: day, "
     )
     assert "\n" not in str(error.value)
+
+
+def test_a_backfill_through_the_assets_leaves_the_variant_shares_even(
+    engine, app_database_url, tmp_path
+):
+    """The daily assets of past days, materialized today as a backfill is: the audience knows
+    its days are history, and the decisions of the performance asset do not follow their noise
+    (variant a's users all come back, b's never do)."""
+    import dagster as dg
+
+    from retention_pipeline.defs.audience import AUDIENCE
+    from retention_pipeline.defs.outcomes import OUTCOMES, PERFORMANCE
+    from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
+    from retention_pipeline.resources.app_database import AppDatabase
+    from retention_pipeline_tests.helpers import shipped_asset
+
+    config = config_for(app_database_url, holdout=0.2)
+    path = write_config(tmp_path, app_database_url, 0.2)
+    add_users(engine, range(1, 301), last_seen=LONG_AGO)
+    assets = [shipped_asset(key) for key in (SNAPSHOT, SEGMENTS, AUDIENCE, OUTCOMES, PERFORMANCE)]
+    resources = {"app_database": AppDatabase(config_path=str(path))}
+    days = [D + timedelta(days=offset) for offset in range(8)]
+    with dg.instance_for_test() as instance:
+        for day in days:
+            update_rollup(engine, config)
+            result = dg.materialize(
+                assets,
+                partition_key=day.isoformat(),
+                instance=instance,
+                resources=resources,
+                selection=[asset.key for asset in assets],
+            )
+            assert result.success
+            if day == D:
+                (built,) = result.asset_materializations_for_node(
+                    "retention__reengagement_audience"
+                )
+                assert built.metadata["loop_0/simulated"].value is True
+                groups = variant_users(engine, D)
+                visit(engine, groups[("treatment", "a")], D + timedelta(days=2))
+        (performance,) = result.asset_materializations_for_node("retention__campaign_performance")
+    assert "loop_0** step 0: shares a 50%" in performance.metadata["decisions"].value
+    with engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT bool_and(simulated), count(*) > 0 FROM retention.reengagement_audience")
+        ).one() == (True, True)
+        assert simulated_assignments(connection, "retention", config.loops[0]) > 200
