@@ -294,6 +294,19 @@ def test_a_backfill_through_the_assets_leaves_the_variant_shares_even(
                 groups = variant_users(engine, D)
                 visit(engine, groups[("treatment", "a")], D + timedelta(days=2))
         (performance,) = result.asset_materializations_for_node("retention__campaign_performance")
+        # An unknown billing interval fails the snapshot asset with the one line naming it.
+        subscribe(engine, [("1", 500, "usd", "fortnight")])
+        failed = dg.materialize(
+            [assets[0]],
+            partition_key=(days[-1] + timedelta(days=1)).isoformat(),
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+        )
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_failure_data.user_failure_data.description.startswith(
+        "subscriptions.billing_interval: unknown billing interval 'fortnight' (known: "
+    )
     assert "loop_0** step 0: shares a 50%" in performance.metadata["decisions"].value
     with engine.connect() as connection:
         assert connection.execute(
