@@ -313,3 +313,21 @@ def test_a_backfill_through_the_assets_leaves_the_variant_shares_even(
             text("SELECT bool_and(simulated), count(*) > 0 FROM retention.reengagement_audience")
         ).one() == (True, True)
         assert simulated_assignments(connection, "retention", config.loops[0]) > 200
+
+
+def test_a_variant_without_a_day_in_common_with_the_holdout_has_no_lift_yet():
+    from retention_pipeline.outcomes.performance import ArmCounts, DayCounts, PerformanceRow
+
+    row = PerformanceRow(
+        loop="loop_0",
+        step=0,
+        template="re_engagement",
+        variant="a",
+        window_days=7,
+        treatment=ArmCounts(assigned=20, finished=20, returned=5),
+        holdout=ArmCounts(assigned=20, finished=20, returned=2),
+        days=(DayCounts(D, 5, 20, 0, 0), DayCounts(D + timedelta(days=1), 0, 0, 2, 20)),
+    )
+    assert not row.measurable
+    assert row.verdict == "not enough data yet (no day with outcomes in both arms)"
+    assert performance_frame([row]).iloc[0]["decision evidence"] == "-"

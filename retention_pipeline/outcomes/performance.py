@@ -96,9 +96,15 @@ class PerformanceRow:
 
     @property
     def measurable(self) -> bool:
+        """Enough known outcomes in both arms (for a variant, on at least one day in common:
+        its lift compares like days)."""
         return (
             self.treatment.finished >= MINIMUM_OUTCOMES_PER_ARM
             and self.holdout.finished >= MINIMUM_OUTCOMES_PER_ARM
+            and (
+                self.variant is None
+                or any(each.treated_finished and each.holdout_finished for each in self.days)
+            )
         )
 
     @property
@@ -178,6 +184,8 @@ class PerformanceRow:
             return "no holdout: lift unavailable"
         if not self.measurable:
             known = min(self.treatment.finished, self.holdout.finished)
+            if known >= MINIMUM_OUTCOMES_PER_ARM:
+                return "not enough data yet (no day with outcomes in both arms)"
             return f"not enough data yet ({known} of {MINIMUM_OUTCOMES_PER_ARM} outcomes)"
         lift, lower, upper = self.lift
         return f"{100 * lift:+.1f} points, 95% CI {100 * lower:+.1f} to {100 * upper:+.1f}"
