@@ -331,3 +331,49 @@ def test_a_variant_without_a_day_in_common_with_the_holdout_has_no_lift_yet():
     assert not row.measurable
     assert row.verdict == "not enough data yet (no day with outcomes in both arms)"
     assert performance_frame([row]).iloc[0]["decision evidence"] == "-"
+
+
+def test_the_upgrade_marks_the_old_days_nobody_was_emailed_from_as_simulated(
+    engine, app_database_url
+):
+    from alembic import command
+
+    from retention_pipeline.database import migrate
+
+    config = config_for(app_database_url, holdout=0.2)
+    add_users(engine, range(1, 21), last_seen=LONG_AGO)
+    build_day(engine, config, D, morning_after(D))
+    assert evaluate(engine, config, D + timedelta(days=7)).assignments == 20
+    emailed_day, recent_day = D + timedelta(days=10), datetime.now(UTC).date() - timedelta(days=1)
+    with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0011")
+        # The same assignments on two more days: one emailed from, one still recent.
+        connection.execute(
+            text("""CREATE TEMP TABLE copied AS
+                    SELECT * FROM retention.reengagement_audience WHERE partition_date = :d"""),
+            {"d": D},
+        )
+        for day in (emailed_day, recent_day):
+            connection.execute(text("UPDATE copied SET partition_date = :day"), {"day": day})
+            connection.execute(text("INSERT INTO retention.reengagement_audience TABLE copied"))
+        connection.execute(
+            text("""
+                INSERT INTO retention.email_send_log (send_key, loop_name, user_id,
+                    episode_start, step, partition_date, email, template, variant, batch_key,
+                    subject, html, body_text, status)
+                VALUES ('k', 'loop_0', '1', :day, 0, :day, 'user1@example.com',
+                        're_engagement', 'a', 'b', 's', 'h', 't', 'sent')"""),
+            {"day": emailed_day},
+        )
+        migrate.upgrade(connection, "retention")
+        flags = dict(
+            connection.execute(
+                text("""SELECT partition_date, bool_and(simulated)
+                        FROM retention.reengagement_audience GROUP BY 1""")
+            ).all()
+        )
+        outcomes_left = connection.execute(
+            text("SELECT count(*) FROM retention.reengagement_outcomes")
+        ).scalar_one()
+    assert flags == {D: True, emailed_day: False, recent_day: False}
+    assert outcomes_left == 0  # those of the simulated day went with it
