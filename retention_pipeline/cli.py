@@ -91,7 +91,11 @@ def _require_installed(connection, config) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from retention_pipeline.outcomes.decisions import decisions_in_force
-    from retention_pipeline.outcomes.performance import performance_frame, performance_rows
+    from retention_pipeline.outcomes.performance import (
+        performance_frame,
+        performance_rows,
+        simulated_assignments,
+    )
 
     config = load_config(args.config)
     loops = [config.loop(args.loop)] if args.loop else config.loops
@@ -101,8 +105,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         for loop in loops:
             rows = performance_rows(connection, schema, loop, since=args.since)
             since = f" since {args.since}" if args.since else ""
+            simulated = simulated_assignments(connection, schema, loop, since=args.since)
+            not_counted = (
+                f"{simulated} simulated assignments (days built when no email could go out, "
+                "as in a backfill) are not counted\n"
+                if simulated
+                else ""
+            )
             if not rows:
-                print(f"{loop.name}: no assignments{since} yet\n")
+                print(f"{loop.name}: no assignments{since} yet\n{not_counted}")
                 continue
             print(f"{loop.name}: outcomes of the assignments{since}")
             headline = next((row for row in rows if row.step is None), None)
@@ -118,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 print("adjust: false; variants share traffic evenly, no step is paused")
             for decision in decisions.values():
                 print(f"decided {decision.decided_on}: {decision}")
-            print()
+            print(not_counted)
     return 0
 
 

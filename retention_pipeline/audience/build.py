@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 
 from sqlalchemy import Connection, text
 
@@ -45,6 +45,7 @@ from retention_pipeline.recipients.addresses import (
     mailbox_sql,
     trimmed_address_sql,
 )
+from retention_pipeline.segments.calendar import within_send_window
 
 EXCLUSION_REASONS = (
     "no_email",
@@ -76,6 +77,7 @@ class AudienceSummary:
     returned: int
     by_step: dict[int, int] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)
+    simulated: bool = False
 
 
 # The step holdout's draw for a later step of a treated episode: the holdout's hash under a salt
@@ -143,11 +145,37 @@ def _variant_plan(connection: Connection, schema: str, loop: Loop, day: date) ->
     return plan
 
 
+def _simulated(
+    connection: Connection, s: str, loop: str, day: date, now: datetime | None, timezone: str
+) -> bool:
+    """Whether the audience of `day`, built at `now`, is a simulation: no email of it can go out
+    (the day is older than the send window, as in a backfill), and no earlier build of the day
+    was an experiment (re-materializing a day that was emailed keeps it one). A day built within
+    the window stays an experiment even when its send comes late or never: intention to treat,
+    `emailed` says who got an email. `now` None: the day is built as its own morning does."""
+    if now is None or within_send_window(day, now, timezone):
+        return False
+    return not connection.execute(
+        text(f"""SELECT EXISTS (SELECT FROM {s}.reengagement_audience
+                 WHERE loop_name = :loop AND partition_date = :day AND NOT simulated)"""),
+        {"loop": loop, "day": day},
+    ).scalar_one()
+
+
 def build_audience(
-    connection: Connection, *, config: RetentionConfig, loop: Loop, day: date, candidates: set[str]
+    connection: Connection,
+    *,
+    config: RetentionConfig,
+    loop: Loop,
+    day: date,
+    candidates: set[str],
+    now: datetime | None = None,
 ) -> AudienceSummary:
-    """Replace the loop's audience of `day`, in the caller's transaction."""
+    """Replace the loop's audience of `day`, in the caller's transaction. Built at `now`
+    outside the send window, its assignments are `simulated` (see `_simulated`): history that
+    never enters the performance, the decisions or the variant shares."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    simulated = _simulated(connection, s, loop.name, day, now, config.timezone)
     _undo_day(connection, s, loop.name, day)
     params = {
         "loop": loop.name,
@@ -162,6 +190,7 @@ def build_audience(
         "holdout_per_10000": round(loop.holdout.fraction * 10000),
         "email_pattern": EMAIL_ADDRESS_SQL_PATTERN,
         "plan": json.dumps(_variant_plan(connection, config.database.schema_, loop, day)),
+        "simulated": simulated,
     }
     connection.execute(
         text(
@@ -300,7 +329,7 @@ def build_audience(
         ),
         inserted AS (
             INSERT INTO {s}.reengagement_audience (partition_date, loop_name, user_id, email,
-                episode_start, step, template, arm, variant, decided_on)
+                episode_start, step, template, arm, variant, decided_on, simulated)
             SELECT :day, :loop, d.user_id, d.email, d.started_on, d.step,
                    (CAST(:templates AS text[]))[d.step + 1],
                    CASE
@@ -323,7 +352,8 @@ def build_audience(
                     FROM jsonb_array_elements(CAST(:plan AS jsonb) -> d.step -> 'bounds') AS bound
                     WHERE (bound ->> 1)::float8 > d.variant_position
                     ORDER BY (bound ->> 1)::float8 LIMIT 1),
-                   (CAST(:plan AS jsonb) -> d.step ->> 'decided_on')::date
+                   (CAST(:plan AS jsonb) -> d.step ->> 'decided_on')::date,
+                   :simulated
             FROM decided AS d WHERE d.reason IS NULL
             ORDER BY d.user_id
             RETURNING arm, step
@@ -351,4 +381,5 @@ def build_audience(
             if key.startswith("step:")
         },
         excluded=excluded,
+        simulated=simulated,
     )

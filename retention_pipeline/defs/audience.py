@@ -1,6 +1,6 @@
 """The daily audience: who gets which step of which loop, picked from the day's segments."""
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 import dagster as dg
 from pydantic import Field
@@ -82,7 +82,12 @@ def _audience_day(
         candidates = condition_user_ids(app_database.engine, app_database.schema, loop, day)
         with app_database.engine.begin() as connection:
             summary = build_audience(
-                connection, config=app_database.config, loop=loop, day=day, candidates=candidates
+                connection,
+                config=app_database.config,
+                loop=loop,
+                day=day,
+                candidates=candidates,
+                now=datetime.now(UTC),
             )
         total += summary.treatment + summary.holdout + summary.withheld
         metadata.update(
@@ -92,6 +97,7 @@ def _audience_day(
                 f"{loop.name}/holdout": summary.holdout,
                 f"{loop.name}/withheld": summary.withheld,
                 f"{loop.name}/returned": summary.returned,
+                f"{loop.name}/simulated": summary.simulated,
                 **{f"{loop.name}/step_{step}": n for step, n in sorted(summary.by_step.items())},
                 **{f"{loop.name}/excluded_{reason}": n for reason, n in summary.excluded.items()},
             }
@@ -100,7 +106,14 @@ def _audience_day(
             f"{loop.name} {day}: {summary.candidates} users meet the condition; "
             f"{summary.treatment} to be emailed, {summary.holdout} held out, "
             f"{summary.withheld} withheld from a later step, "
-            f"{summary.returned} came back; excluded: "
+            f"{summary.returned} came back; "
+            + (
+                "simulated: the day is older than the send window, so nobody will be emailed "
+                "and it is no experiment; "
+                if summary.simulated
+                else ""
+            )
+            + "excluded: "
             + (", ".join(f"{n} {reason}" for reason, n in summary.excluded.items()) or "none")
         )
     metadata["dagster/row_count"] = total

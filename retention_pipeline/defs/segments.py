@@ -16,6 +16,7 @@ from retention_pipeline.defs.tracking import ROLLUP
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.rules import build_day_segments, segment_counts, segment_examples
 from retention_pipeline.segments.snapshot import (
+    SnapshotError,
     build_snapshot,
     reconcile_with_users,
     snapshot_user_count,
@@ -128,7 +129,10 @@ def _snapshot_day(
         if app_database.read_engine is not None:
             reads = copy_app_reads(connection, app_database.read_engine, config.database.tables)
             tables, read_from = reads.tables, reads.metadata
-        summary = build_snapshot(connection, config, day, tables)
+        try:
+            summary = build_snapshot(connection, config, day, tables)
+        except SnapshotError as error:
+            raise dg.Failure(description=str(error), allow_retries=False) from None
         reconciliation = reconcile_with_users(connection, config, day, summary.users, tables)
     context.log.info(
         f"{day}: {summary.users} users, {summary.active_today} active that day; built "

@@ -3,9 +3,11 @@ gets, and whether a step is paused. Decided each day from the outcomes of the lo
 window, stored with the numbers behind it, and followed by the audiences of the next days
 (unless the loop says `adjust: false`).
 
-- Variants share traffic by Thompson sampling on their treated users' returns, each keeping at
-  least MINIMUM_VARIANT_SHARE. The holdout is drawn before and apart from the variants, so the
-  shares never bias the lift.
+- Variants share traffic by Thompson sampling on their treated users' returns, compared day by
+  day (the shares and the base rate both move over time, so pooled counts would favour the
+  variant that got the good days; see `stats.thompson_shares`), each keeping at least
+  MINIMUM_VARIANT_SHARE. The holdout is drawn before and apart from the variants, so the shares
+  never bias the lift. Simulated assignments have no outcomes, so they never move the shares.
 - A step whose always-valid interval of the lift lies below zero, once both arms have at least
   MINIMUM_OUTCOMES_TO_PAUSE known outcomes, is paused: it is sent to nobody from the next day on.
   The lift is the step's own randomized comparison (see `performance`): the first step against
@@ -67,6 +69,21 @@ def _seed(loop: str, step: int, day: date) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
+def _variant_days(
+    variants: list[str], rows: dict[str, PerformanceRow]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns and known outcomes per assignment day (rows) and variant (columns)."""
+    days = sorted({each.day for row in rows.values() for each in row.days})
+    returned = np.zeros((len(days), len(variants)))
+    finished = np.zeros((len(days), len(variants)))
+    position = {each: index for index, each in enumerate(days)}
+    for column, variant in enumerate(variants):
+        for each in rows[variant].days if variant in rows else ():
+            returned[position[each.day], column] = each.treated_returned
+            finished[position[each.day], column] = each.treated_finished
+    return returned, finished
+
+
 def decide(loop: Loop, rows: list[PerformanceRow], day: date) -> list[Decision]:
     """Each step's decision as of `day`, from the performance rows of the loop's first window."""
     window = loop.window_days[0]
@@ -75,12 +92,17 @@ def decide(loop: Loop, rows: list[PerformanceRow], day: date) -> list[Decision]:
         variants = definition.action.variants
         at_window = [row for row in rows if row.step == step and row.window_days == window]
         whole = next((row for row in at_window if row.variant is None), None)
-        by_variant = {row.variant: row.treatment for row in at_window if row.variant}
-        returned = np.array([by_variant[v].returned if v in by_variant else 0 for v in variants])
-        finished = np.array([by_variant[v].finished if v in by_variant else 0 for v in variants])
+        by_variant = {row.variant: row for row in at_window if row.variant}
+        returned = np.array(
+            [by_variant[v].treatment.returned if v in by_variant else 0 for v in variants]
+        )
+        finished = np.array(
+            [by_variant[v].treatment.finished if v in by_variant else 0 for v in variants]
+        )
+        returned_by_day, finished_by_day = _variant_days(variants, by_variant)
         shares = thompson_shares(
-            returned,
-            finished - returned,
+            returned_by_day,
+            finished_by_day,
             minimum_share=MINIMUM_VARIANT_SHARE if len(variants) > 1 else 0,
             rng=np.random.default_rng(_seed(loop.name, step, day)),
         )

@@ -3,7 +3,10 @@ activity rollup.
 
 An assignment is an audience row (loop, day D, user), in every arm (treatment, holdout, and
 withheld from a later step): intention to treat, so a treated user whose email bounced, failed
-or was suppressed stays in the treatment.
+or was suppressed stays in the treatment. A simulated assignment (its day was built where no
+email could go out, as in a backfill; see `audience.build`) is no experiment and gets no
+outcome. The revenue still billed at the end of a window is kept with its currency: amounts of
+different currencies are never added.
 The user returned within a window of w days when the loop's success happened on one of the days
 D+1 .. D+w (the rollup's days, in the loops' timezone; the email of day D goes out the morning
 after). Evaluated as of day P, a window with D + w > P is `pending`.
@@ -146,6 +149,7 @@ def evaluate_outcomes(
                    least(CAST(:day AS date), a.partition_date + :longest) AS through
             FROM {s}.reengagement_audience AS a
             WHERE a.loop_name = :loop AND a.partition_date BETWEEN :day - :longest AND :day
+              AND NOT a.simulated
               AND NOT EXISTS (
                   SELECT FROM {s}.reengagement_outcomes AS newer
                   WHERE newer.loop_name = :loop AND newer.partition_date = a.partition_date
@@ -160,7 +164,7 @@ def evaluate_outcomes(
         )
         INSERT INTO {s}.reengagement_outcomes (loop_name, partition_date, user_id, window_days,
             episode_start, step, arm, variant, emailed, status, returned_on,
-            active_revenue_cents, evaluated_through)
+            active_revenue_cents, revenue_currency, evaluated_through)
         SELECT :loop, a.partition_date, a.user_id, w.days, a.episode_start, a.step, a.arm,
                a.variant,
                EXISTS (SELECT FROM {s}.email_send_log AS sent
@@ -175,6 +179,8 @@ def evaluate_outcomes(
                     WHEN snap.subscription_status = ANY(CAST(:billed AS text[]))
                         THEN coalesce(snap.monthly_amount_cents, 0)
                     ELSE 0 END,
+               CASE WHEN snap.subscription_status = ANY(CAST(:billed AS text[]))
+                    THEN snap.subscription_currency END,
                a.through
         FROM assigned AS a
         CROSS JOIN unnest(CAST(:windows AS int[])) AS w(days)

@@ -16,20 +16,35 @@ Every line is a randomized comparison:
 
 Rates count outcomes whose window is over (pending ones wait, and so do returns within a window
 not over yet). A variant's treated users are compared with their step's whole control (the
-holdout, or the withheld): the control gets no email, so it has no variant.
+holdout, or the withheld): the control gets no email, so it has no variant. The variants' shares
+change from day to day while the base rate moves, so a variant's lift is day-stratified
+(`stats.stratified_difference`): each assignment day's difference, weighted by its size, never
+pooled counts, which would credit a variant for the good days it got more traffic on.
+
+Simulated assignments (days built where no email could go out) have no outcomes, so they never
+count. `emailed` is read from the send log when the table is read, so it is right as soon as a
+send run confirmed the emails, not the next morning. Revenue is a line per currency: amounts of
+different currencies are never added.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import date
 
 import pandas as pd
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import Loop
-from retention_pipeline.outcomes.stats import always_valid_difference, newcombe_difference
+from retention_pipeline.outcomes.stats import (
+    Z_95,
+    always_valid_difference,
+    always_valid_half_width,
+    newcombe_difference,
+    stratified_difference,
+)
 
 # Below this many known outcomes in an arm, a row says "not enough data yet" instead of a lift.
 MINIMUM_OUTCOMES_PER_ARM = 10
@@ -41,16 +56,32 @@ class ArmCounts:
     emailed: int = 0
     finished: int = 0
     returned: int = 0
-    revenue_cents: int = 0
+    revenue_cents: dict[str | None, int] = field(default_factory=dict)
+    """Billed monthly revenue by currency (None: the app maps no currency column)."""
     revenue_known: int = 0
 
     @property
     def rate(self) -> float | None:
         return self.returned / self.finished if self.finished else None
 
-    @property
-    def revenue_per_user_cents(self) -> float | None:
-        return self.revenue_cents / self.revenue_known if self.revenue_known else None
+    def revenue_per_user_cents(self, currency: str | None) -> float | None:
+        """Revenue in `currency` per user whose revenue is known (a user billed in another
+        currency, or not at all, brings 0 of it)."""
+        if not self.revenue_known:
+            return None
+        return self.revenue_cents.get(currency, 0) / self.revenue_known
+
+
+@dataclass(frozen=True)
+class DayCounts:
+    """One assignment day of a variant row: its treated users' returns and known outcomes, and
+    those of its step's holdout."""
+
+    day: date
+    treated_returned: int
+    treated_finished: int
+    holdout_returned: int
+    holdout_finished: int
 
 
 def control_arm(step: int | None) -> str:
@@ -72,6 +103,8 @@ class PerformanceRow:
     window_days: int
     treatment: ArmCounts
     holdout: ArmCounts
+    days: tuple[DayCounts, ...] = ()
+    """A variant row's counts per assignment day, which its lift is stratified by."""
 
     @property
     def compared_with(self) -> str:
@@ -85,9 +118,15 @@ class PerformanceRow:
 
     @property
     def measurable(self) -> bool:
+        """Enough known outcomes in both arms (for a variant, on at least one day in common:
+        its lift compares like days)."""
         return (
             self.treatment.finished >= MINIMUM_OUTCOMES_PER_ARM
             and self.holdout.finished >= MINIMUM_OUTCOMES_PER_ARM
+            and (
+                self.variant is None
+                or any(each.treated_finished and each.holdout_finished for each in self.days)
+            )
         )
 
     @property
@@ -96,6 +135,10 @@ class PerformanceRow:
         outcomes in both arms."""
         if not (self.treatment.finished and self.holdout.finished):
             return None
+        if self.variant is not None:
+            lift, variance = self._stratified
+            half = Z_95 * math.sqrt(variance)
+            return lift, lift - half, lift + half
         lift, lower, upper = newcombe_difference(
             self.treatment.returned,
             self.treatment.finished,
@@ -109,6 +152,10 @@ class PerformanceRow:
         """The always-valid 95% bounds of the lift, which decisions use."""
         if not (self.treatment.finished and self.holdout.finished):
             return None
+        if self.variant is not None:
+            lift, variance = self._stratified
+            half = float(always_valid_half_width(variance))
+            return lift - half, lift + half
         lower, upper = always_valid_difference(
             self.treatment.returned,
             self.treatment.finished,
@@ -118,21 +165,40 @@ class PerformanceRow:
         return float(lower), float(upper)
 
     @property
+    def _stratified(self) -> tuple[float, float]:
+        """A variant's day-stratified lift over the holdout and its variance."""
+        lift, variance = stratified_difference(
+            [each.treated_returned for each in self.days],
+            [each.treated_finished for each in self.days],
+            [each.holdout_returned for each in self.days],
+            [each.holdout_finished for each in self.days],
+        )
+        return float(lift), float(variance)
+
+    @property
     def relative_lift(self) -> float | None:
         lift, rate = self.lift, self.holdout.rate
         return lift[0] / rate if lift and rate else None
 
     @property
-    def monthly_revenue_difference_cents(self) -> float | None:
-        """What the treated users' billed revenue per user, above the control's, comes to over
-        the treated users whose window is over."""
-        treated, held = (
-            self.treatment.revenue_per_user_cents,
-            self.holdout.revenue_per_user_cents,
+    def monthly_revenue_difference_cents(self) -> dict[str | None, float]:
+        """Per currency, what the treated users' billed revenue per user, above the control's,
+        comes to over the treated users whose window is over; empty without revenue known in
+        both arms."""
+        if not (self.treatment.revenue_known and self.holdout.revenue_known):
+            return {}
+        currencies = sorted(
+            set(self.treatment.revenue_cents) | set(self.holdout.revenue_cents),
+            key=lambda currency: currency or "",
         )
-        if treated is None or held is None:
-            return None
-        return (treated - held) * self.treatment.revenue_known
+        return {
+            currency: (
+                self.treatment.revenue_per_user_cents(currency)
+                - self.holdout.revenue_per_user_cents(currency)
+            )
+            * self.treatment.revenue_known
+            for currency in currencies
+        }
 
     @property
     def verdict(self) -> str:
@@ -142,6 +208,8 @@ class PerformanceRow:
             return "no holdout: lift unavailable"
         if not self.measurable:
             known = min(self.treatment.finished, self.holdout.finished)
+            if known >= MINIMUM_OUTCOMES_PER_ARM:
+                return "not enough data yet (no day with outcomes in both arms)"
             return f"not enough data yet ({known} of {MINIMUM_OUTCOMES_PER_ARM} outcomes)"
         lift, lower, upper = self.lift
         return f"{100 * lift:+.1f} points, 95% CI {100 * lower:+.1f} to {100 * upper:+.1f}"
@@ -162,23 +230,22 @@ class PerformanceRow:
 
 # The counts of one arm, over rows whose window is over (`over`): a return is known as soon as
 # it happens, but a rate counts only windows that are over, as early returns alone would inflate
-# it.
+# it. `sent`: the send log confirms the email (read with the table, not the next morning).
 ARM_COUNTS_SQL = """
     count(*) AS assigned,
-    count(*) FILTER (WHERE emailed) AS emailed,
+    count(*) FILTER (WHERE sent) AS emailed,
     count(*) FILTER (WHERE over) AS finished,
     count(*) FILTER (WHERE over AND status = 'returned') AS returned,
-    coalesce(sum(active_revenue_cents) FILTER (WHERE over), 0) AS revenue_cents,
     count(active_revenue_cents) FILTER (WHERE over) AS revenue_known"""
 
 
-def _arm_counts(row) -> ArmCounts:
+def _arm_counts(row, revenue: dict[str | None, int]) -> ArmCounts:
     return ArmCounts(
         assigned=row.assigned,
         emailed=row.emailed,
         finished=row.finished,
         returned=row.returned,
-        revenue_cents=int(row.revenue_cents),
+        revenue_cents=revenue,
         revenue_known=row.revenue_known,
     )
 
@@ -191,26 +258,33 @@ def _episode_rows(
     against the holdout's; an episode counts as emailed when any of its steps was."""
     rows = connection.execute(
         text(f"""
-        SELECT window_days, arm, {ARM_COUNTS_SQL}
+        SELECT window_days, arm, revenue_currency AS currency,
+               GROUPING(revenue_currency) = 1 AS all_currencies, {ARM_COUNTS_SQL},
+               coalesce(sum(active_revenue_cents) FILTER (WHERE over), 0) AS revenue_cents
         FROM (
             -- An episode keeps the arm of its first assignment: a later step withheld from it
             -- is still a step of a treated episode.
             SELECT DISTINCT ON (user_id, episode_start, window_days)
-                   window_days, partition_date, status, active_revenue_cents,
-                   CASE WHEN arm = 'holdout' THEN 'holdout' ELSE 'treatment' END AS arm,
-                   partition_date + window_days <= evaluated_through AS over,
-                   bool_or(emailed) OVER (PARTITION BY user_id, episode_start, window_days)
-                       AS emailed
-            FROM {s}.reengagement_outcomes
-            WHERE loop_name = :loop
-              AND (CAST(:through AS date) IS NULL OR partition_date <= :through)
+                   window_days, partition_date, status, active_revenue_cents, revenue_currency,
+                   CASE WHEN arm = 'holdout' THEN 'holdout' ELSE 'treatment' END AS arm, over,
+                   bool_or(sent) OVER (PARTITION BY user_id, episode_start, window_days) AS sent
+            FROM ({_outcomes_sql(s)}) AS outcome
             ORDER BY user_id, episode_start, window_days, partition_date
         ) AS episode
-        WHERE CAST(:since AS date) IS NULL OR partition_date >= :since
-        GROUP BY window_days, arm"""),
-        {"loop": loop.name, "through": through, "since": since},
+        WHERE CAST(:episodes_since AS date) IS NULL OR partition_date >= :episodes_since
+        GROUP BY GROUPING SETS ((window_days, arm), (window_days, arm, revenue_currency))"""),
+        # The first assignment is looked for in the whole history up to `through`.
+        {"loop": loop.name, "through": through, "since": None, "episodes_since": since},
     ).all()
-    counts = {(row.window_days, row.arm): _arm_counts(row) for row in rows}
+    revenue: dict[tuple, dict[str | None, int]] = defaultdict(dict)
+    for row in rows:
+        if not row.all_currencies and row.revenue_cents:
+            revenue[(row.window_days, row.arm)][row.currency] = int(row.revenue_cents)
+    counts = {
+        (row.window_days, row.arm): _arm_counts(row, revenue[(row.window_days, row.arm)])
+        for row in rows
+        if row.all_currencies
+    }
     table = []
     for window in loop.window_days:
         treatment = counts.get((window, "treatment"), ArmCounts())
@@ -241,26 +315,21 @@ def performance_rows(
     """The performance of the loop's assignments made from `since` through `through` (default:
     all), as their outcomes stand: the loop per episode, each step, each variant, each window."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
+    params = {"loop": loop.name, "through": through, "since": since}
     rows = connection.execute(
         text(f"""
         SELECT step, variant, window_days, arm, GROUPING(variant) = 1 AS all_variants,
                {ARM_COUNTS_SQL}
-        FROM (
-            SELECT *, partition_date + window_days <= evaluated_through AS over
-            FROM {s}.reengagement_outcomes
-        ) AS outcome
-        WHERE loop_name = :loop
-          AND (CAST(:since AS date) IS NULL OR partition_date >= :since)
-          AND (CAST(:through AS date) IS NULL OR partition_date <= :through)
+        FROM ({_outcomes_sql(s)}) AS outcome
         GROUP BY GROUPING SETS ((step, window_days, arm), (step, variant, window_days, arm))"""),
-        {"loop": loop.name, "through": through, "since": since},
+        params,
     ).all()
-    counts: dict[tuple, ArmCounts] = {
-        (row.step, None if row.all_variants else row.variant, row.window_days, row.arm): (
-            _arm_counts(row)
-        )
-        for row in rows
-    }
+    revenue = _revenue_by_currency(connection, s, params)
+    counts: dict[tuple, ArmCounts] = {}
+    for row in rows:
+        key = (row.step, None if row.all_variants else row.variant, row.window_days, row.arm)
+        counts[key] = _arm_counts(row, revenue.get(key, {}))
+    by_day = _variant_days(connection, s, params)
     # A step with one variant needs no line per variant.
     scopes = sorted(
         {
@@ -287,17 +356,123 @@ def performance_rows(
                     window_days=window,
                     treatment=treatment,
                     holdout=control,
+                    days=() if variant is None else by_day.get((step, variant, window), ()),
                 )
             )
     return table
+
+
+def simulated_assignments(
+    connection: Connection, schema: str, loop: Loop, *, since: date | None = None
+) -> int:
+    """How many of the loop's assignments from `since` on are simulated (built where no email
+    could go out), which the performance leaves out."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(
+        text(f"""
+            SELECT count(*) FROM {s}.reengagement_audience
+            WHERE loop_name = :loop AND simulated
+              AND (CAST(:since AS date) IS NULL OR partition_date >= :since)"""),
+        {"loop": loop.name, "since": since},
+    ).scalar_one()
+
+
+def _outcomes_sql(s: str) -> str:
+    """The loop's outcomes of the assignment days asked for, with whether each window is over
+    and whether the send log confirms the assignment's email (at reading time)."""
+    return f"""
+        SELECT o.*,
+               -- A return is known as soon as it happens, but a rate counts only windows that
+               -- are over: early returns alone would inflate it.
+               o.partition_date + o.window_days <= o.evaluated_through AS over,
+               EXISTS (SELECT FROM {s}.email_send_log AS sent
+                       WHERE sent.loop_name = o.loop_name AND sent.user_id = o.user_id
+                         AND sent.episode_start = o.episode_start AND sent.step = o.step
+                         AND sent.status = 'sent') AS sent
+        FROM {s}.reengagement_outcomes AS o
+        WHERE o.loop_name = :loop
+          AND (CAST(:since AS date) IS NULL OR o.partition_date >= :since)
+          AND (CAST(:through AS date) IS NULL OR o.partition_date <= :through)"""
+
+
+def _revenue_by_currency(
+    connection: Connection, s: str, params: dict
+) -> dict[tuple, dict[str | None, int]]:
+    """Billed revenue of the outcomes whose window is over, per scope, window, arm and
+    currency."""
+    rows = connection.execute(
+        text(f"""
+        SELECT step, variant, window_days, arm, GROUPING(variant) = 1 AS all_variants,
+               revenue_currency AS currency, sum(active_revenue_cents) AS cents
+        FROM ({_outcomes_sql(s)}) AS outcome
+        WHERE over AND active_revenue_cents <> 0
+        GROUP BY GROUPING SETS ((step, window_days, arm, revenue_currency),
+                                (step, variant, window_days, arm, revenue_currency))"""),
+        params,
+    ).all()
+    revenue: dict[tuple, dict[str | None, int]] = defaultdict(dict)
+    for row in rows:
+        variant = None if row.all_variants else row.variant
+        revenue[(row.step, variant, row.window_days, row.arm)][row.currency] = int(row.cents)
+    return revenue
+
+
+def _variant_days(
+    connection: Connection, s: str, params: dict
+) -> dict[tuple, tuple[DayCounts, ...]]:
+    """Per step, variant and window, the known outcomes of each assignment day: the variant's
+    treated users and the step's whole control (`control_arm`)."""
+    rows = connection.execute(
+        text(f"""
+        WITH per_day AS (
+            SELECT step, window_days, partition_date,
+                   CASE WHEN arm = 'treatment' THEN variant END AS variant,
+                   count(*) FILTER (WHERE over) AS finished,
+                   count(*) FILTER (WHERE over AND status = 'returned') AS returned
+            FROM ({_outcomes_sql(s)}) AS outcome
+            WHERE arm = 'treatment'
+               OR arm = CASE WHEN step = 0 THEN 'holdout' ELSE 'withheld' END
+            GROUP BY 1, 2, 3, 4
+        )
+        SELECT treated.step, treated.variant, treated.window_days, treated.partition_date,
+               treated.returned, treated.finished,
+               coalesce(held.returned, 0) AS held_returned,
+               coalesce(held.finished, 0) AS held_finished
+        FROM per_day AS treated
+        LEFT JOIN per_day AS held
+            ON held.variant IS NULL AND held.step = treated.step
+           AND held.window_days = treated.window_days
+           AND held.partition_date = treated.partition_date
+        WHERE treated.variant IS NOT NULL
+        ORDER BY treated.partition_date"""),
+        params,
+    ).all()
+    by_day: dict[tuple, list[DayCounts]] = defaultdict(list)
+    for row in rows:
+        by_day[(row.step, row.variant, row.window_days)].append(
+            DayCounts(
+                day=row.partition_date,
+                treated_returned=row.returned,
+                treated_finished=row.finished,
+                holdout_returned=row.held_returned,
+                holdout_finished=row.held_finished,
+            )
+        )
+    return {key: tuple(days) for key, days in by_day.items()}
 
 
 def _percent(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
 
-def _money(cents: float | None) -> str:
-    return "-" if cents is None else f"{cents / 100:+,.0f}"
+def _money(by_currency: dict[str | None, float]) -> str:
+    """One amount per currency, never their sum."""
+    if not by_currency:
+        return "-"
+    return ", ".join(
+        f"{cents / 100:+,.0f}" + (f" {currency}" if currency else "")
+        for currency, cents in by_currency.items()
+    )
 
 
 def performance_frame(rows: list[PerformanceRow]) -> pd.DataFrame:
@@ -348,7 +523,7 @@ def performance_metadata(rows: list[PerformanceRow]) -> dict[str, float | int]:
             metadata[f"{prefix}/lift_points"] = round(100 * lift, 2)
             metadata[f"{prefix}/lift_lower"] = round(100 * lower, 2)
             metadata[f"{prefix}/lift_upper"] = round(100 * upper, 2)
-            revenue = row.monthly_revenue_difference_cents
-            if revenue is not None:
-                metadata[f"{prefix}/monthly_revenue_difference"] = round(revenue / 100, 2)
+            for currency, cents in row.monthly_revenue_difference_cents.items():
+                name = "monthly_revenue_difference" + (f"_{currency.lower()}" if currency else "")
+                metadata[f"{prefix}/{name}"] = round(cents / 100, 2)
     return metadata

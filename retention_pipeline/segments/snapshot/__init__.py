@@ -14,9 +14,11 @@ from retention_pipeline.segments.snapshot.checks import (
     reconcile_with_users,
     snapshot_user_count,
 )
+from retention_pipeline.segments.snapshot.statement import SnapshotError
 
 __all__ = [
     "Reconciliation",
+    "SnapshotError",
     "SnapshotSummary",
     "build_snapshot",
     "reconcile_with_users",

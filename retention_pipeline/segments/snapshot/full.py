@@ -134,7 +134,7 @@ def snapshot_sql(
                round(coalesce(act.baseline_sessions, 0)::numeric
                      / CAST(:baseline_weeks AS integer), 2),
                coalesce(act.active_days_28d, 0),
-               sub.status, sub.plan, sub.monthly_amount_cents
+               sub.status, sub.plan, sub.monthly_amount_cents, sub.currency
         FROM app_users AS u
         CROSS JOIN bounds AS b
         LEFT JOIN activity AS act USING (user_id)

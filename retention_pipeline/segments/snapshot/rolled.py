@@ -121,7 +121,7 @@ def rolled_forward_sql(
                      / CAST(:baseline_weeks AS integer), 2),
                p.active_days_28d + coalesce(e.active_today::integer
                                             - e.active_28_days_back::integer, 0),
-               sub.status, sub.plan, sub.monthly_amount_cents
+               sub.status, sub.plan, sub.monthly_amount_cents, sub.currency
         FROM app_users AS u
         JOIN previous AS p USING (user_id)
         CROSS JOIN bounds AS b
