@@ -346,7 +346,7 @@ def test_the_upgrade_marks_the_old_days_nobody_was_emailed_from_as_simulated(
     assert evaluate(engine, config, D + timedelta(days=7)).assignments == 20
     emailed_day, recent_day = D + timedelta(days=10), datetime.now(UTC).date() - timedelta(days=1)
     with engine.begin() as connection:
-        command.downgrade(migrate._alembic_config(connection, "retention"), "0011")
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0012")
         # The same assignments on two more days: one emailed from, one still recent.
         connection.execute(
             text("""CREATE TEMP TABLE copied AS

@@ -2,13 +2,13 @@
 subscription's currency, so revenue is never summed across currencies.
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 """
 
 from alembic import op
 
 revision = "0013"
-down_revision = "0011"
+down_revision = "0012"
 
 # Written out, not imported: the send window of this revision, whatever the code says later.
 SEND_WINDOW_DAYS = 3
