@@ -34,10 +34,11 @@ def loop_with(condition: dict, url: str):
 
 @pytest.fixture(scope="module")
 def demo(create_database):
-    """Demo data ending at the start of today (UTC), segmented for yesterday."""
+    """Demo data ending ten days ago (UTC), segmented for its last day: a day the real clock is
+    not at, so a read of the clock left as written shows."""
     url = create_database()
     engine = create_engine(url)
-    day = datetime.now(UTC).date() - timedelta(days=1)
+    day = datetime.now(UTC).date() - timedelta(days=11)
     config, _ = loop_with({"type": "segment", "segment": "dormant"}, url)
     with engine.begin() as connection:
         seed_demo(
@@ -222,6 +223,29 @@ def test_connection_is_usable_after_a_failed_query(demo):
         ("'now'::timestamptz", "CAST($1 AS timestamp with time zone)"),
         ("timestamp 'now'", "CAST($1 AS timestamp)"),
         ("CAST('today' AS date)", "CAST($1 AS pg_catalog.date)"),
+        ("date 'today'", "CAST($1 AS pg_catalog.date)"),
+        ("'today'::date", "CAST($1 AS pg_catalog.date)"),
+        ("'today'::timestamptz", "CAST($1 AS timestamp with time zone)"),
+        ("timestamp 'today'", "CAST($1 AS timestamp)"),
+        ("date 'yesterday'", "CAST(CAST($1 AS pg_catalog.date) - 1 AS pg_catalog.date)"),
+        ("'tomorrow'::date", "CAST(CAST($1 AS pg_catalog.date) + 1 AS pg_catalog.date)"),
+        ("CAST(' Tomorrow' AS date)", "CAST(CAST($1 AS pg_catalog.date) + 1 AS pg_catalog.date)"),
+        ("timestamp 'yesterday'", "CAST(CAST($1 AS pg_catalog.date) - 1 AS timestamp)"),
+        (
+            "'yesterday'::timestamptz",
+            "CAST(CAST($1 AS pg_catalog.date) - 1 AS timestamp with time zone)",
+        ),
+        (
+            "'tomorrow'::timestamp with time zone",
+            "CAST(CAST($1 AS pg_catalog.date) + 1 AS timestamp with time zone)",
+        ),
+        ("'yesterday'::time", "CAST($1 AS time)"),
+        ("age(created_at)", "age(CAST(CAST($1 AS pg_catalog.date) AS timestamp), created_at)"),
+        (
+            "pg_catalog.age(now())",
+            "pg_catalog.age(CAST(CAST($1 AS pg_catalog.date) AS timestamp), "
+            "CAST($1 AS timestamp with time zone))",
+        ),
     ],
 )
 def test_every_read_of_the_clock_becomes_the_bound_day_end(clock, as_day_end):
@@ -243,6 +267,8 @@ def test_the_seed_query_reads_the_day_end_and_nothing_else_changes():
         "SELECT id, 'now'::text AS word FROM users",
         "SELECT id FROM users WHERE now_ish(created_at)",
         "SELECT id FROM users WHERE elsewhere.now() > created_at",
+        "SELECT id FROM users WHERE age(created_at, TIMESTAMP '2026-01-01') > interval '1 day'",
+        "SELECT id, 'epoch'::timestamptz, 'infinity'::date, 'yesterday'::text FROM users",
     ],
 )
 def test_a_query_that_reads_no_clock_runs_as_written(query):
@@ -270,13 +296,26 @@ def test_a_query_with_parameters_of_its_own_is_refused():
         "localtimestamp = TIMESTAMP '{end} 00:00'",
         "localtime = TIME '00:00' AND current_time = TIMETZ '00:00+00'",
         "'now'::timestamptz = as_of() AND date 'today' = DATE '{end}'",
+        "'today'::date = DATE '{end}' AND CAST('today' AS date) = DATE '{end}'",
+        "'today'::timestamptz = as_of() AND timestamp 'today' = TIMESTAMP '{end} 00:00'",
+        "date 'yesterday' = DATE '{day}' AND 'yesterday'::date = DATE '{day}'",
+        "timestamp 'yesterday' = TIMESTAMP '{day} 00:00'",
+        "'yesterday'::timestamptz = TIMESTAMPTZ '{day} 00:00+00'",
+        "CAST('tomorrow' AS date) = DATE '{after}' AND date 'tomorrow' = DATE '{after}'",
+        "'tomorrow'::timestamp = TIMESTAMP '{after} 00:00'",
+        "'tomorrow'::timestamptz = TIMESTAMPTZ '{after} 00:00+00'",
+        "age(TIMESTAMP '{day} 00:00') = interval '1 day'",
+        "age(TIMESTAMPTZ '{day} 12:00+00') = interval '12 hours'",
     ],
 )
 def test_the_clock_reads_as_the_end_of_the_partition_day(demo, clock_at_day_end):
     engine, url, day = demo
     _, plain = loop_with({"type": "query", "query": "SELECT id FROM users", "timeout": "1m"}, url)
     everyone = condition_user_ids(engine, "retention", plain, day)
-    condition = clock_at_day_end.format(end=day + timedelta(days=1))
+    assert everyone
+    condition = clock_at_day_end.format(
+        day=day, end=day + timedelta(days=1), after=day + timedelta(days=2)
+    )
     query = f"SELECT id FROM users WHERE {condition} AND email <> '%s' -- literal %"
     _, loop = loop_with({"type": "query", "query": query, "timeout": "1m"}, url)
     assert condition_user_ids(engine, "retention", loop, day) == everyone
@@ -287,7 +326,8 @@ def test_the_clock_reads_the_day_end_in_the_loops_timezone(demo):
     end = day + timedelta(days=1)
     query = (
         f"SELECT id FROM users WHERE now() = TIMESTAMPTZ '{end} 00:00+09' "
-        f"AND current_date = DATE '{end}' AND localtimestamp = TIMESTAMP '{end} 00:00'"
+        f"AND current_date = DATE '{end}' AND localtimestamp = TIMESTAMP '{end} 00:00' "
+        f"AND 'yesterday'::timestamptz = TIMESTAMPTZ '{day} 00:00+09'"
     )
     _, loop = loop_with({"type": "query", "query": query, "timeout": "1m"}, url)
     with engine.begin() as connection:

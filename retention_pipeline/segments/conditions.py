@@ -18,7 +18,7 @@ from datetime import date, datetime
 import pglast
 import psycopg
 from pglast import ast
-from pglast.enums import SQLValueFunctionOp
+from pglast.enums import A_Expr_Kind, SQLValueFunctionOp
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
 from sqlalchemy import Connection, Engine, text
@@ -129,26 +129,44 @@ CLOCK_FUNCTIONS = {
     "clock_timestamp": "timestamptz",
     "timeofday": "text",
 }
-# Date/time input strings that read the clock, as in `'now'::timestamptz` or `date 'today'`
-# (the day's end is midnight, so 'today' is the same instant as 'now').
-CLOCK_STRINGS = {"now", "today"}
+# Date/time input strings that read the clock, as in `'now'::timestamptz` or `date 'tomorrow'`,
+# with the days they lie from the date at the day's end ('today' is that date's midnight, which
+# is the day's end itself).
+CLOCK_STRINGS = {"now": 0, "today": 0, "yesterday": -1, "tomorrow": 1}
 DATE_TIME_TYPES = {"timestamptz", "timestamp", "date", "time", "timetz"}
+# The types in which 'yesterday' and 'tomorrow' differ from 'today' (as a time they are all
+# midnight).
+DATED_TYPES = {"timestamptz", "timestamp", "date"}
 
 
-def _day_end_as(type_name: str) -> ast.TypeCast:
+def _cast(argument: ast.Node, type_name: str) -> ast.TypeCast:
     return ast.TypeCast(
-        arg=ast.ParamRef(number=1),
+        arg=argument,
         typeName=ast.TypeName(names=(ast.String(sval="pg_catalog"), ast.String(sval=type_name))),
     )
 
 
+def _day_end_as(type_name: str) -> ast.TypeCast:
+    return _cast(ast.ParamRef(number=1), type_name)
+
+
+def _days_from_day_end(days: int, type_name: str) -> ast.TypeCast:
+    """Midnight `days` days from the date at the day's end, as `type_name` (a cast even to date,
+    so the arithmetic stays one operand wherever it stands)."""
+    date = ast.A_Expr(
+        kind=A_Expr_Kind.AEXPR_OP,
+        name=(ast.String(sval="+" if days > 0 else "-"),),
+        lexpr=_day_end_as("date"),
+        rexpr=ast.A_Const(val=ast.Integer(ival=abs(days))),
+    )
+    return _cast(date, type_name)
+
+
 class _ClockReads(Visitor):
-    """Replaces every read of the clock with the day's end, $1; counts them, and the
-    parameters the query already had."""
+    """Replaces every read of the clock with the day's end, $1, and counts them."""
 
     def __init__(self) -> None:
         self.replaced = 0
-        self.parameters = 0
 
     def visit_SQLValueFunction(self, ancestors, node: ast.SQLValueFunction):
         type_name = CLOCK_VALUE_FUNCTIONS.get(node.op)
@@ -156,40 +174,59 @@ class _ClockReads(Visitor):
 
     def visit_FuncCall(self, ancestors, node: ast.FuncCall):
         *schema, name = (part.sval.lower() for part in node.funcname)
+        if schema not in ([], ["pg_catalog"]):
+            return None
         type_name = CLOCK_FUNCTIONS.get(name)
-        if type_name and schema in ([], ["pg_catalog"]) and not node.args:
+        if type_name and not node.args:
             return self._replace(type_name)
+        if name == "age" and node.args and len(node.args) == 1:
+            # PostgreSQL's age(x) is age(current_date at midnight, x); its argument is visited
+            # next, so a clock read inside it is replaced too.
+            self.replaced += 1
+            node.args = (_cast(_day_end_as("date"), "timestamp"), *node.args)
         return None
 
     def visit_TypeCast(self, ancestors, node: ast.TypeCast):
         value = node.arg.val if isinstance(node.arg, ast.A_Const) else None
         type_name = node.typeName.names[-1].sval.lower()
-        if (
-            isinstance(value, ast.String)
-            and value.sval.strip().lower() in CLOCK_STRINGS
-            and type_name in DATE_TIME_TYPES
-        ):
-            return self._replace(type_name)
-        return None
-
-    def visit_ParamRef(self, ancestors, node: ast.ParamRef) -> None:
-        self.parameters += 1
+        if not isinstance(value, ast.String) or type_name not in DATE_TIME_TYPES:
+            return None
+        days = CLOCK_STRINGS.get(value.sval.strip().lower())
+        if days is None:
+            return None
+        if days and type_name in DATED_TYPES:
+            self.replaced += 1
+            return _days_from_day_end(days, type_name)
+        return self._replace(type_name)
 
     def _replace(self, type_name: str) -> ast.TypeCast:
         self.replaced += 1
         return _day_end_as(type_name)
 
 
+class _Parameters(Visitor):
+    """Counts the parameters ($1, $2, ...) a query has."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def visit_ParamRef(self, ancestors, node: ast.ParamRef) -> None:
+        self.count += 1
+
+
 def as_of_day_end(statement: str, where: str) -> str | None:
     """The SELECT with every read of the clock (`now()`, `current_timestamp`, `current_date`,
-    `localtime`, `'now'::timestamptz`, ...) replaced in its parse tree by the bound parameter
-    $1, the end of the partition day, then deparsed; None when it reads no clock (it then runs
-    as written). ConditionError naming `where` for a query with parameters of its own."""
+    `localtime`, `'now'::timestamptz`, `date 'yesterday'`, one-argument `age(x)`, ...) replaced
+    in its parse tree by the bound parameter $1, the end of the partition day, then deparsed;
+    None when it reads no clock (it then runs as written). ConditionError naming `where` for a
+    query with parameters of its own."""
     (raw,) = pglast.parse_sql(statement)
+    parameters = _Parameters()
+    parameters(raw.stmt)
+    if parameters.count:
+        raise ConditionError(f"{where}: a condition takes no parameters ($1, $2, ...)")
     clock_reads = _ClockReads()
     tree = clock_reads(raw.stmt)
-    if clock_reads.parameters:
-        raise ConditionError(f"{where}: a condition takes no parameters ($1, $2, ...)")
     return RawStream()(tree) if clock_reads.replaced else None
 
 
