@@ -34,7 +34,8 @@ run_retries:
   enabled: true
   max_retries: 3
   retry_on_asset_or_op_failure: false
-# A run whose worker died fails (or, if terminated, ends canceled) instead of blocking its loop.
+# A run whose worker died fails (or, if terminated, ends canceled) instead of blocking its loop,
+# and a minute after a run ends its `resend` pool slot is freed should its process not have.
 run_monitoring:
   enabled: true
   start_timeout_seconds: 180
@@ -42,6 +43,7 @@ run_monitoring:
   max_runtime_seconds: 10800
   max_resume_run_attempts: 0
   poll_interval_seconds: 60
+  free_slots_after_run_end_seconds: 60
 telemetry:
   enabled: false
 """
@@ -244,15 +246,22 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
 
 def cmd_db_uninstall(args: argparse.Namespace) -> int:
     from retention_pipeline.database.reinstall import kept_name
-    from retention_pipeline.tracking.install import uninstall
+    from retention_pipeline.tracking.install import is_installed, uninstall
 
     config = load_config(args.config)
     if not args.yes:
         print("error: this drops the pipeline's schema and triggers; pass --yes", file=sys.stderr)
         return 2
     schema = config.database.schema_
+    engine = _engine(config)
+    if not is_installed(engine, config):
+        print(
+            f"nothing to uninstall: the pipeline is not installed in this database (no schema "
+            f"{schema}, no tracking trigger)"
+        )
+        return 0
     kept = uninstall(
-        _engine(config),
+        engine,
         config,
         forget_suppressions=args.forget_suppressions,
         forget_send_history=args.forget_send_history,

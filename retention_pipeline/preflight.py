@@ -23,6 +23,7 @@ from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config.models import REQUIRED_COLUMNS, QueryCondition, RetentionConfig
 from retention_pipeline.database.app_tables import inspect_app_tables
 from retention_pipeline.database.migrate import installation_problem
+from retention_pipeline.database.privileges import lacking_right
 from retention_pipeline.database.replica import COPIED_TABLES, copy_source_sql
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.outcomes.performance import performance_rows
@@ -179,7 +180,10 @@ def _explain(
                 connection.execute(text(f"EXPLAIN {clause.text}"), parameters)
                 report.planned += 1
         except DBAPIError as error:
-            report.problems.append(f"{what} would fail: {_first_line(error)}")
+            # PostgreSQL's permission error names neither the right nor the object's schema.
+            statement = " ".join((error.statement or "").split()).removeprefix("EXPLAIN ")
+            lacking = lacking_right(error, engine.url.username, statement)
+            report.problems.append(f"{what} would fail: {lacking or _first_line(error)}")
             return False
         finally:
             connection.rollback()

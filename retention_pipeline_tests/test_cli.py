@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from retention_pipeline.cli import main
+from retention_pipeline.config.loader import project_root
 from retention_pipeline.database.migrate import head_revision
 from retention_pipeline_tests.helpers import write_config
 
@@ -149,6 +150,28 @@ def test_the_dev_instance_retries_only_crashed_runs_and_ends_dead_ones(tmp_path)
         assert instance.run_monitoring_enabled
         assert instance.run_monitoring_max_runtime_seconds == 3 * 3600
         assert instance.run_monitoring_max_resume_run_attempts == 0
+
+
+def test_the_dev_instance_retries_and_monitors_runs_as_the_production_instance_does(tmp_path):
+    """The README says `dev` has the production instance's retry and monitoring settings: the
+    dev instance used to leave out freeing the pool slots of dead runs."""
+    from retention_pipeline.cli import write_dev_instance
+
+    write_dev_instance(tmp_path)
+    dev = yaml.safe_load((tmp_path / "dagster.yaml").read_text())
+    production = yaml.safe_load((project_root() / "deploy" / "dagster.yaml").read_text())
+    for section in ("run_retries", "run_monitoring"):
+        assert dev[section] == production[section], section
+
+
+def test_uninstalling_where_nothing_was_installed_says_so(app_database_url, tmp_path):
+    config = str(write_config(tmp_path, app_database_url))
+    result = run("--config", config, "db", "uninstall", "--yes")
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout == (
+        "nothing to uninstall: the pipeline is not installed in this database (no schema "
+        "retention, no tracking trigger)\n"
+    )
 
 
 def test_config_may_come_before_or_after_the_subcommand(app_database_url, tmp_path, capsys):
@@ -343,6 +366,32 @@ def test_a_role_without_rights_gets_one_line_naming_the_right_and_the_object(
             f"{role} lacks INSERT on table retention.email_suppressions (needed by `suppress` "
             "for: INSERT INTO retention.email_suppressions ",
         )
+
+        # Reading some of the pipeline's tables and none of the app's: every line of `check`
+        # names the right missing and the table with its schema.
+        with owner_engine.begin() as connection:
+            connection.execute(
+                text(
+                    "REVOKE SELECT ON retention.user_activity_snapshot, "
+                    f'retention.engagement_segments FROM "{role_without_rights}"'
+                )
+            )
+        checked = run("--config", reader, "check")
+        assert checked.returncode == 2, checked.stderr
+        assert "Traceback" not in checked.stderr
+        lacks = f"role {role_without_rights} lacks"
+        assert errors(checked) == [
+            f"error: database.tables.users: the snapshot's read would fail: {lacks} SELECT on "
+            "table public.users",
+            f"error: database.tables.subscriptions: the snapshot's read would fail: {lacks} "
+            "SELECT on table public.subscriptions",
+            f"error: loops.re_engagement: the segments would fail: {lacks} DELETE on table "
+            "retention.engagement_segments",
+            f"error: loops.re_engagement: the audience would fail: {lacks} DELETE on table "
+            "retention.reengagement_audience",
+            f"error: loops.re_engagement: the outcomes would fail: {lacks} DELETE on table "
+            "retention.reengagement_outcomes",
+        ]
     finally:
         with owner_engine.begin() as connection:  # the grants, so that the role can be dropped
             connection.execute(text(f'DROP OWNED BY "{role_without_rights}"'))
@@ -457,12 +506,14 @@ def test_check_reports_every_line_a_send_run_would_stop_on_and_the_run_stops_on_
 
     assert main(["--config", config, "check"]) == 2
     lines = [
-        "email.company_address: required outside the demo (the postal address in every "
-        "email's footer)",
         "email.from: acme.test is under the reserved domain .test, which reaches no reader: "
         "give your own",
+        "email.product_name: 'Acme' is the demo's placeholder: give your own (named in every "
+        "subject and email)",
         "email.app_url: app.acme.test is under the reserved domain .test, which reaches no "
         "reader: give your own",
+        "email.company_address: required outside the demo (the postal address in every "
+        "email's footer)",
         "email.unsubscribe_url: app.acme.test is under the reserved domain .test, which "
         "reaches no reader: give your own",
         "email.unsubscribe_secret: required to sign and check unsubscribe links "

@@ -274,11 +274,13 @@ def test_the_loops_opinion_describes_its_send_job_in_the_ui(document):
 
 
 SHIPPED_EMAIL_PROBLEMS = [
-    "email.company_address: required outside the demo (the postal address in every email's footer)",
     "email.from: acme.test is under the reserved domain .test, which reaches no reader: give "
     "your own",
+    "email.product_name: 'Acme' is the demo's placeholder: give your own (named in every "
+    "subject and email)",
     "email.app_url: app.acme.test is under the reserved domain .test, which reaches no reader: "
     "give your own",
+    "email.company_address: required outside the demo (the postal address in every email's footer)",
     "email.unsubscribe_url: app.acme.test is under the reserved domain .test, which reaches no "
     "reader: give your own",
 ]
@@ -309,6 +311,54 @@ def test_the_demos_email_placeholders_are_named_one_line_each(document):
     ]
     own = {**document, "email": OWN_EMAIL_SETTINGS}
     assert parse_config(own, environ={}).email.placeholder_problems() == []
+
+
+def test_replacing_only_the_domains_still_names_the_demos_product_and_address(document):
+    """The shipped file with its own domains used to pass `check` and send emails naming Acme."""
+    domains_only = {
+        **document,
+        "email": {
+            **document["email"],
+            "from": OWN_EMAIL_SETTINGS["from"],
+            "app_url": OWN_EMAIL_SETTINGS["app_url"],
+            "unsubscribe_url": OWN_EMAIL_SETTINGS["unsubscribe_url"],
+            "company_address": "Acme Inc., 1 Example Street, Springfield",
+        },
+    }
+    assert parse_config(domains_only, environ={}).email.placeholder_problems() == [
+        "email.product_name: 'Acme' is the demo's placeholder: give your own (named in every "
+        "subject and email)",
+        "email.company_address: 'Acme Inc., 1 Example Street, Springfield' is the demo's "
+        "placeholder: give your own (the postal address in every email's footer)",
+    ]
+
+
+@pytest.mark.parametrize("key", ["product_name", "app_url", "company_address"])
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_reader_facing_setting_is_required_outside_the_demo(document, key, blank):
+    own = {**document, "email": {**OWN_EMAIL_SETTINGS, key: blank}}
+    (problem,) = parse_config(own, environ={}).email.placeholder_problems()
+    assert problem.startswith(f"email.{key}: required outside the demo (")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("product_name", "Acme", "'Acme' is the demo's placeholder"),
+        ("product_name", " ACME ", "'ACME' is the demo's placeholder"),
+        (
+            "company_address",
+            "Acme Inc., 1 Example Street, Springfield",
+            "'Acme Inc., 1 Example Street, Springfield' is the demo's placeholder",
+        ),
+        ("app_url", "https://app.acme.test", "app.acme.test is under the reserved domain .test"),
+        ("from", "Acme <hello@acme.test>", "acme.test is under the reserved domain .test"),
+    ],
+)
+def test_the_demos_own_value_written_out_is_refused_naming_its_key(document, key, value, said):
+    own = {**document, "email": {**OWN_EMAIL_SETTINGS, key: value}}
+    (problem,) = parse_config(own, environ={}).email.placeholder_problems()
+    assert problem.startswith(f"email.{key}: {said}")
 
 
 @pytest.mark.parametrize(

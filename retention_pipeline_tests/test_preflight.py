@@ -71,7 +71,7 @@ def test_a_table_the_role_may_not_read_is_one_line(app_database_url):
         owner.dispose()
     assert report.problems == [
         "database.tables.subscriptions: the snapshot's read would fail: "
-        "permission denied for table subscriptions"
+        f"role {role} lacks SELECT on table public.subscriptions"
     ]
 
 
@@ -101,9 +101,10 @@ def test_the_demo_keeps_its_placeholders_and_its_own_secret_and_nothing_else_doe
     production = load_config(shipped)
     problems = send_run_problems(production, email_resource(production))
     assert [problem.split(":")[0] for problem in problems] == [
-        "email.company_address",
         "email.from",
+        "email.product_name",
         "email.app_url",
+        "email.company_address",
         "email.unsubscribe_url",
         "email.unsubscribe_secret",
         "RESEND_API_KEY is not set",

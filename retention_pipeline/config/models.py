@@ -221,14 +221,22 @@ def placeholder_domain(host: str) -> str | None:
     return "a loopback or private address" if address.is_private else None
 
 
-# The email settings every email shows its reader, and what each is for. Left out, each is the
-# demo's placeholder (Acme, acme.test), which outside the demo is refused.
+# The email settings every email shows its reader, and what each is for. The demo's values
+# (`DEMO_EMAIL`) are their defaults; outside the demo each must be given, and be neither blank
+# nor the demo's.
 READER_FACING_SETTINGS = {
     "from_address": ("from", "the sender of every email"),
     "product_name": ("product_name", "named in every subject and email"),
     "app_url": ("app_url", "where every email's button leads"),
     "company_address": ("company_address", "the postal address in every email's footer"),
     "unsubscribe_url": ("unsubscribe_url", "where `retention-pipeline serve` answers unsubscribes"),
+}
+DEMO_EMAIL = {
+    "from_address": "Acme <hello@acme.test>",
+    "product_name": "Acme",
+    "app_url": "https://app.acme.test",
+    "company_address": "Acme Inc., 1 Example Street, Springfield",
+    "unsubscribe_url": "https://app.acme.test/unsubscribe",
 }
 
 
@@ -237,7 +245,7 @@ class EmailSettings(StrictModel):
     frequency_cap_days: int = Field(
         3, ge=0, description="at most one email per this many days, across loops"
     )
-    from_address: str = Field("Acme <hello@acme.test>", alias="from")
+    from_address: str = Field(DEMO_EMAIL["from_address"], alias="from")
     reply_to: str | None = None
     outbox_dir: str | None = Field(None, description="default: outbox/ under $RETENTION_HOME")
     requests_per_second: float = Field(2.0, gt=0)
@@ -249,10 +257,10 @@ class EmailSettings(StrictModel):
         "requests_per_second in total (every shard is a partition of every day: a handful "
         "is plenty)",
     )
-    product_name: str = "Acme"
-    app_url: str = "https://app.acme.test"
-    company_address: str = "Acme Inc., 1 Example Street, Springfield"
-    unsubscribe_url: str = "https://app.acme.test/unsubscribe"
+    product_name: str = DEMO_EMAIL["product_name"]
+    app_url: str = DEMO_EMAIL["app_url"]
+    company_address: str = DEMO_EMAIL["company_address"]
+    unsubscribe_url: str = DEMO_EMAIL["unsubscribe_url"]
     unsubscribe_secret: str | None = None
     webhook_secret: str | None = None
 
@@ -290,29 +298,38 @@ class EmailSettings(StrictModel):
 
     def placeholder_problems(self) -> list[str]:
         """Why these settings may not email real people, one line per key: a reader-facing key
-        left out (it would be the demo's placeholder), or an address or URL on a placeholder
-        domain (`PLACEHOLDER_DOMAINS`)."""
-        left_out = [
-            (key, purpose)
-            for field, (key, purpose) in READER_FACING_SETTINGS.items()
-            if field not in self.model_fields_set
-        ]
-        problems = [
-            f"email.{key}: required outside the demo ({purpose})" for key, purpose in left_out
-        ]
-        hosts = {
-            "from": parseaddr(self.from_address)[1].rpartition("@")[2],
-            "reply_to": parseaddr(self.reply_to or "")[1].rpartition("@")[2],
-            "app_url": urlsplit(self.app_url).hostname or "",
-            "unsubscribe_url": urlsplit(self.unsubscribe_url).hostname or "",
-        }
-        for key, host in hosts.items():
-            reason = placeholder_domain(host) if host else None
-            if reason and key not in {key for key, _ in left_out}:
+        left out or blank, or written out as the demo's own value (`DEMO_EMAIL`), or an address
+        or URL on a placeholder domain (`PLACEHOLDER_DOMAINS`)."""
+        problems = []
+        for field, (key, purpose) in READER_FACING_SETTINGS.items():
+            value = getattr(self, field)
+            host = _host(key, value)
+            if field not in self.model_fields_set or not value.strip():
+                problems.append(f"email.{key}: required outside the demo ({purpose})")
+            elif host and (reason := placeholder_domain(host)):
+                problems.append(_unreachable(key, host, reason))
+            elif value.strip().casefold() == DEMO_EMAIL[field].casefold():
                 problems.append(
-                    f"email.{key}: {host} is {reason}, which reaches no reader: give your own"
+                    f"email.{key}: {value.strip()!r} is the demo's placeholder: give your own "
+                    f"({purpose})"
                 )
+        reply_host = _host("reply_to", self.reply_to or "")
+        if reply_host and (reason := placeholder_domain(reply_host)):
+            problems.append(_unreachable("reply_to", reply_host, reason))
         return problems
+
+
+def _host(key: str, value: str) -> str:
+    """The domain (or IP address) an address or URL setting points at; empty for the others."""
+    if key in ("from", "reply_to"):
+        return parseaddr(value)[1].rpartition("@")[2]
+    if key in ("app_url", "unsubscribe_url"):
+        return urlsplit(value.strip()).hostname or ""
+    return ""
+
+
+def _unreachable(key: str, host: str, reason: str) -> str:
+    return f"email.{key}: {host} is {reason}, which reaches no reader: give your own"
 
 
 class ScheduleTrigger(StrictModel):

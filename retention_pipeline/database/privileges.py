@@ -15,7 +15,7 @@ _NO_PRIVILEGE = re.compile(r"permission denied for (?P<kind>[a-z -]+?) (?P<name>
 _NOT_OWNER = re.compile(r"must be owner of (?P<kind>[a-z -]+?) (?P<name>\S+)$")
 _COLUMN = re.compile(r"permission denied for column (?P<column>\S+) of relation (?P<name>\S+)$")
 _WRITE_TARGET = re.compile(
-    r"(?P<verb>INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(?:ONLY\s+)?(?P<table>[\w.\"]+)",
+    r"\b(?P<verb>INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(?:ONLY\s+)?(?P<table>[\w.\"]+)",
     re.IGNORECASE,
 )
 _LOCKING_READ = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+UPDATE|UPDATE|SHARE|KEY\s+SHARE)\b", re.I)
@@ -46,14 +46,21 @@ def _relation_privilege(name: str, statement: str) -> str | None:
     verb = _verb(statement)
     if verb == "CREATE TRIGGER":
         return "TRIGGER"
-    if verb == "SELECT":  # a locking read needs UPDATE too: which one is missing is unknown
-        return None if _LOCKING_READ.search(statement) else "SELECT"
     if verb == "TRUNCATE":
         return "TRUNCATE"
-    target = _WRITE_TARGET.match(statement.lstrip())
-    if target and _last_part(target["table"]) == name:
-        return target["verb"].split()[0].upper()
-    return None  # the statement also reads other tables: the failing one may be read, not written
+    if _LOCKING_READ.search(statement):  # needs UPDATE too: which one is missing is unknown
+        return None
+    if verb not in ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE"):
+        return None
+    # A table the statement does not write is only read. The one it starts by writing, or one a
+    # data-modifying WITH writes and names nowhere else, is written.
+    written = [t for t in _WRITE_TARGET.finditer(statement) if _last_part(t["table"]) == name]
+    if not written:
+        return "SELECT"
+    if written[0].start() == len(statement) - len(statement.lstrip()):
+        return written[0]["verb"].split()[0].upper()
+    mentions = re.findall(rf'(?<![\w"])"?{re.escape(name)}"?(?![\w"])', statement)
+    return written[0]["verb"].split()[0].upper() if len(mentions) == 1 else None
 
 
 def _privilege(kind: str, name: str, statement: str | None) -> str | None:
@@ -94,14 +101,23 @@ def _missing_right(message: str, statement: str | None) -> str:
     return f"lacks a privilege: {message}"
 
 
-def permission_problem(error: DBAPIError, role: str | None, command: str) -> str | None:
-    """One line for a permission error (SQLSTATE 42501) that `command` met, naming `role`, the
-    right it lacks and the object; None for any other error."""
+def lacking_right(error: DBAPIError, role: str | None, statement: str | None) -> str | None:
+    """ "role X lacks SELECT on table retention.t" for a permission error (SQLSTATE 42501) met by
+    `statement`; None for any other error."""
     if not isinstance(error.orig, errors.InsufficientPrivilege):
         return None
     message = error.orig.diag.message_primary or str(error.orig).splitlines()[0]
-    statement = " ".join(error.statement.split()) if error.statement else None
     who = f"role {role}" if role else "the database role"
+    return f"{who} {_missing_right(message, statement)}"
+
+
+def permission_problem(error: DBAPIError, role: str | None, command: str) -> str | None:
+    """One line for a permission error (SQLSTATE 42501) that `command` met, naming `role`, the
+    right it lacks and the object; None for any other error."""
+    statement = " ".join(error.statement.split()) if error.statement else None
+    lacking = lacking_right(error, role, statement)
+    if lacking is None:
+        return None
     needed = f"needed by `{command}`"
     if statement:
         shown = (
@@ -110,4 +126,4 @@ def permission_problem(error: DBAPIError, role: str | None, command: str) -> str
             else statement[: STATEMENT_SHOWN - 3] + "..."
         )
         needed += f" for: {shown}"
-    return f"permission denied: {who} {_missing_right(message, statement)} ({needed})"
+    return f"permission denied: {lacking} ({needed})"

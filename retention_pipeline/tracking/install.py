@@ -321,6 +321,19 @@ def _record_users_gone_while_uninstalled(connection: Connection, config: Retenti
     )
 
 
+def is_installed(engine: Engine, config: RetentionConfig) -> bool:
+    """Whether the pipeline's schema, or a tracking trigger of it on any table, is in the
+    database (a schema an uninstall left holding kept rows counts)."""
+    with engine.connect() as connection:
+        return connection.execute(
+            text(
+                "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = :schema) "
+                "OR EXISTS (SELECT FROM pg_trigger WHERE tgname = :trigger AND NOT tgisinternal)"
+            ),
+            {"schema": config.database.schema_, "trigger": trigger_name(config.database.schema_)},
+        ).scalar_one()
+
+
 def uninstall(
     engine: Engine,
     config: RetentionConfig,
