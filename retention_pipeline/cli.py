@@ -89,6 +89,7 @@ def _require_installed(connection, config) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from retention_pipeline.audience.experiment import period_loop, periods
     from retention_pipeline.outcomes.decisions import decisions_in_force
     from retention_pipeline.outcomes.performance import performance_frame, performance_rows
 
@@ -98,14 +99,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     with _engine(config).connect() as connection:
         _require_installed(connection, config)
         for loop in loops:
-            rows = performance_rows(connection, schema, loop, since=args.since)
+            recorded = periods(connection, schema, loop.name)
+            period = recorded[-1] if recorded else None
+            if args.period is not None:
+                period = next((p for p in recorded if p.number == args.period), None)
+                if period is None:
+                    raise ValueError(
+                        f"--period: {loop.name} has no period {args.period} "
+                        f"(it has {len(recorded) or 'none yet'})"
+                    )
+            measured = loop if period is None else period_loop(loop, period)
+            number = 1 if period is None else period.number
+            rows = performance_rows(connection, schema, measured, since=args.since, period=number)
             since = f" since {args.since}" if args.since else ""
             if not rows:
                 print(f"{loop.name}: no assignments{since} yet\n")
                 continue
             print(f"{loop.name}: outcomes of the assignments{since}")
+            if period is not None:
+                others = "" if len(recorded) == 1 else f" of {len(recorded)}: see --period"
+                print(f"experiment {period}{others}")
             print(performance_frame(rows).drop(columns="loop").to_string(index=False))
-            decisions = decisions_in_force(connection, schema, loop, date.max)
+            decisions = decisions_in_force(connection, schema, measured, date.max, number)
             if not loop.adjust:
                 print("adjust: false; variants share traffic evenly, no step is paused")
             for decision in decisions.values():
@@ -578,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--loop", help="default: every loop")
     report.add_argument(
         "--since", type=date.fromisoformat, help="only assignments from this day (YYYY-MM-DD) on"
+    )
+    report.add_argument(
+        "--period",
+        type=int,
+        help="the experiment period to show (default: the current one; README: Outcomes)",
     )
     report.set_defaults(handler=cmd_report)
 

@@ -6,6 +6,7 @@ from datetime import date
 import dagster as dg
 import pandas as pd
 
+from retention_pipeline.audience.experiment import period_in_force, period_loop
 from retention_pipeline.config.models import QuerySuccess
 from retention_pipeline.defs.audience import AUDIENCE
 from retention_pipeline.defs.partitions import (
@@ -113,10 +114,19 @@ def _performance_day(
     tables, decision_lines = [], []
     for loop in config.loops:
         with app_database.engine.begin() as connection:
-            rows = performance_rows(connection, app_database.schema, loop, through=day)
+            # The period in force that day, with its own steps: periods are never mixed.
+            period = period_in_force(connection, app_database.schema, loop.name, day)
+            measured = loop if period is None else period_loop(loop, period)
+            rows = performance_rows(
+                connection,
+                app_database.schema,
+                measured,
+                through=day,
+                period=None if period is None else period.number,
+            )
             if loop.adjust:
-                decisions = decide(loop, rows, day)
-                store_decisions(connection, app_database.schema, loop, day, decisions)
+                decisions = decide(measured, rows, day)
+                store_decisions(connection, app_database.schema, measured, day, decisions)
                 decision_lines += [f"- **{loop.name}** {decision}" for decision in decisions]
             else:
                 decision_lines.append(f"- **{loop.name}**: adjust is off; nothing decided")

@@ -122,21 +122,36 @@ def decide(loop: Loop, rows: list[PerformanceRow], day: date) -> list[Decision]:
 def store_decisions(
     connection: Connection, schema: str, loop: Loop, day: date, decisions: list[Decision]
 ) -> None:
-    """Replace the loop's decisions of `day`."""
+    """Replace the loop's decisions of `day`, in the experiment period in force that day (the
+    first, before any), each under its step's id: `loop` has the steps the decisions' indexes
+    count (the period's, `audience.experiment.period_loop`)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    connection.execute(
-        text(f"DELETE FROM {s}.campaign_decisions WHERE loop_name = :loop AND decided_on = :day"),
+    period = connection.execute(
+        text(f"""
+            SELECT coalesce(
+                (SELECT period FROM {s}.experiment_periods
+                 WHERE loop_name = :loop AND started_on <= :day
+                 ORDER BY started_on DESC LIMIT 1), 1)"""),
         {"loop": loop.name, "day": day},
+    ).scalar_one()
+    connection.execute(
+        text(
+            f"DELETE FROM {s}.campaign_decisions "
+            "WHERE loop_name = :loop AND period = :period AND decided_on = :day"
+        ),
+        {"loop": loop.name, "period": period, "day": day},
     )
     for decision in decisions:
         connection.execute(
             text(f"""
-                INSERT INTO {s}.campaign_decisions (loop_name, step, decided_on, variant_shares,
-                    paused, reason, evidence)
-                VALUES (:loop, :step, :day, CAST(:shares AS jsonb), :paused, :reason,
-                        CAST(:evidence AS jsonb))"""),
+                INSERT INTO {s}.campaign_decisions (loop_name, period, step_id, step, decided_on,
+                    variant_shares, paused, reason, evidence)
+                VALUES (:loop, :period, :step_id, :step, :day, CAST(:shares AS jsonb), :paused,
+                        :reason, CAST(:evidence AS jsonb))"""),
             {
                 "loop": loop.name,
+                "period": period,
+                "step_id": loop.steps[decision.step].action.template,
                 "step": decision.step,
                 "day": day,
                 "shares": json.dumps(decision.variant_shares),
@@ -148,21 +163,27 @@ def store_decisions(
 
 
 def decisions_in_force(
-    connection: Connection, schema: str, loop: Loop, day: date
+    connection: Connection, schema: str, loop: Loop, day: date, period: int
 ) -> dict[int, Decision]:
-    """Per step, the latest decision made before `day`: the one the audience of `day` follows."""
+    """Per step of `loop` (the period's steps), the latest decision made before `day`: the one
+    the audience of `day` follows. Decisions are found by the step's id, so they follow a step
+    wherever it moves: `period`'s own, or, for a step it has not decided yet, the latest
+    decision of that step in an earlier period."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
+    step_ids = [step.action.template for step in loop.steps]
     rows = connection.execute(
         text(f"""
-            SELECT DISTINCT ON (step) step, decided_on, variant_shares, paused, reason, evidence
+            SELECT DISTINCT ON (step_id) step_id, decided_on, variant_shares, paused, reason,
+                   evidence
             FROM {s}.campaign_decisions
-            WHERE loop_name = :loop AND decided_on < :day
-            ORDER BY step, decided_on DESC"""),
-        {"loop": loop.name, "day": day},
+            WHERE loop_name = :loop AND period <= :period AND decided_on < :day
+              AND step_id = ANY(CAST(:step_ids AS text[]))
+            ORDER BY step_id, period DESC, decided_on DESC"""),
+        {"loop": loop.name, "period": period, "day": day, "step_ids": step_ids},
     ).all()
     return {
-        row.step: Decision(
-            step=row.step,
+        step_ids.index(row.step_id): Decision(
+            step=step_ids.index(row.step_id),
             decided_on=row.decided_on,
             variant_shares=row.variant_shares,
             paused=row.paused,
@@ -170,5 +191,4 @@ def decisions_in_force(
             evidence=row.evidence,
         )
         for row in rows
-        if row.step < len(loop.steps)
     }

@@ -142,9 +142,12 @@ def performance_rows(
     *,
     since: date | None = None,
     through: date | None = None,
+    period: int | None = None,
 ) -> list[PerformanceRow]:
-    """The performance of the loop's assignments made from `since` through `through` (default:
-    all), as their outcomes stand: the loop, each step, each variant, each window."""
+    """The performance of the loop's assignments of one experiment period (default: the latest)
+    made from `since` through `through` (default: all), as their outcomes stand: the loop, each
+    step, each variant, each window. `loop` has the period's steps
+    (`audience.experiment.period_loop`)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""
@@ -163,11 +166,21 @@ def performance_rows(
             FROM {s}.reengagement_outcomes
         ) AS outcome
         WHERE loop_name = :loop
+          -- Periods are never mixed; before any is recorded, everything is the first.
+          AND EXISTS (
+              SELECT FROM {s}.reengagement_audience AS assigned
+              WHERE assigned.loop_name = outcome.loop_name
+                AND assigned.partition_date = outcome.partition_date
+                AND assigned.user_id = outcome.user_id
+                AND assigned.period = coalesce(
+                    CAST(:period AS integer),
+                    (SELECT max(period) FROM {s}.experiment_periods WHERE loop_name = :loop),
+                    1))
           AND (CAST(:since AS date) IS NULL OR partition_date >= :since)
           AND (CAST(:through AS date) IS NULL OR partition_date <= :through)
         GROUP BY GROUPING SETS ((window_days, arm), (step, window_days, arm),
                                 (step, variant, window_days, arm))"""),
-        {"loop": loop.name, "through": through, "since": since},
+        {"loop": loop.name, "through": through, "since": since, "period": period},
     ).all()
     counts: dict[tuple, ArmCounts] = {}
     for row in rows:
