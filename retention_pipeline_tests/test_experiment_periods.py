@@ -7,21 +7,35 @@ from __future__ import annotations
 import copy
 from datetime import date, datetime, timedelta
 
+import dagster as dg
 import pytest
 import yaml
+from alembic import command
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.audience.experiment import period_loop, periods
 from retention_pipeline.cli import main
 from retention_pipeline.config import ConfigError, parse_config
 from retention_pipeline.config.models import TEMPLATE_VARIANTS
+from retention_pipeline.database import migrate
 from retention_pipeline.email.render import render_email
-from retention_pipeline.outcomes.decisions import Decision, decisions_in_force, store_decisions
+from retention_pipeline.outcomes.decisions import (
+    Decision,
+    decide_day,
+    decisions_in_force,
+    store_decisions,
+)
 from retention_pipeline.outcomes.performance import performance_rows
+from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.email.fake_resend import serve_fake_resend
 from retention_pipeline_tests.email.test_render import context
-from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+from retention_pipeline_tests.helpers import (
+    SHIPPED_DOCUMENT,
+    daily_assets,
+    demo_until_yesterday,
+    write_config,
+)
 from retention_pipeline_tests.test_audience import (
     DORMANT_FROM_TOMORROW,
     LONG_AGO,
@@ -204,6 +218,11 @@ def test_reordered_steps_start_a_period_and_a_pause_stays_with_its_step(world):
         f"loops.0.steps: {FIRST}, {FOLLOW_UP}, {LAST_CALL} -> {FIRST}, {LAST_CALL}, {FOLLOW_UP}; "
         "loops.0.steps.1.delay: 7d -> 3d; loops.0.steps.2.delay: 3d -> 7d"
     )
+    # The performance of that day, as the daily asset measures and decides it: period 2 has no
+    # outcomes yet, so it decides nothing and period 1's pause stays with the follow-up.
+    with engine.begin() as connection:
+        rows, decided = decide_day(connection, "retention", reordered.loops[0], D + timedelta(1))
+    assert rows == [] and decided == []
     with engine.connect() as connection:
         in_force = decisions_in_force(
             connection,
@@ -289,3 +308,75 @@ def test_every_variant_a_template_declares_has_words_of_its_own() -> None:
     for template, variants in TEMPLATE_VARIANTS.items():
         subjects = {render_email(template, context(variant=v)).subject for v in variants}
         assert len(subjects) == len(variants), template
+
+
+def test_the_audience_asset_refuses_a_changed_holdout_for_an_assigned_day_in_one_line(
+    create_database, tmp_path
+):
+    url = create_database()
+    engine, day = demo_until_yesterday(url)
+    path = write_config(tmp_path, url)
+    assets = daily_assets("user_activity_snapshot", "engagement_segments", "reengagement_audience")
+    with dg.instance_for_test() as instance:
+
+        def materialize() -> dg.ExecuteInProcessResult:
+            return dg.materialize(
+                assets,
+                partition_key=day.isoformat(),
+                instance=instance,
+                resources={"app_database": AppDatabase(config_path=str(path))},
+                raise_on_error=False,
+            )
+
+        assert materialize().success
+        before = rows_of(engine, day)
+        document = yaml.safe_load(path.read_text())
+        document["loops"][0]["holdout"]["fraction"] = 0.3
+        path.write_text(yaml.safe_dump(document))
+
+        result = materialize()
+
+    assert not result.success
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith("loops.0.holdout.fraction: 0.1 -> 0.3 since period 1, from ")
+    assert "\n" not in description
+    assert before and rows_of(engine, day) == before
+    engine.dispose()
+
+
+def test_an_upgraded_database_keeps_its_assignments_and_decisions_in_period_1(world):
+    engine, url = world
+    add_users(engine, range(1, 41), last_seen=LONG_AGO)
+    config = config_for(url)
+    run_day(engine, config, D)
+    run_day(engine, config, D + timedelta(days=3))
+    # Back to revision 0011: the assignments stay, without periods; its pipeline pauses the
+    # follow-up by its index (step 1).
+    with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0011")
+    with engine.begin() as connection:
+        connection.execute(
+            text("""
+                INSERT INTO retention.campaign_decisions (loop_name, step, decided_on,
+                    variant_shares, paused, reason, evidence)
+                VALUES ('loop_0', 1, :day, '{"a": 1.0}', true, 'paused', '{}')"""),
+            {"day": D + timedelta(days=3)},
+        )
+
+    install(engine, config)
+
+    with engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT period, step_id, step FROM retention.campaign_decisions")
+        ).all() == [(1, FOLLOW_UP, 1)]
+    add_users(engine, range(101, 141), last_seen=dormant_from(D + timedelta(days=4)))
+    run_day(engine, config, D + timedelta(days=4))
+    (period,) = loop_periods(engine)
+    assert (period.number, period.started_on, period.change) == (1, D, "the first design")
+    # The new episodes' follow-up is paused; the old episodes get their last call.
+    summary = run_day(engine, config, D + timedelta(days=7))
+    assert summary.excluded["step_paused"] == 40
+    assert {row[:2] + row[4:] for row in rows_of(engine, D + timedelta(days=7)).values()} == {
+        (2, LAST_CALL, 1)
+    }

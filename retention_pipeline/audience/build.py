@@ -26,9 +26,10 @@ period's design until it ends, whatever the configuration says since, and each o
 carries the period.
 
 Unless the loop says `adjust: false`, the audience follows the latest decision made before its
-day for the step's id in the episode's period (see `outcomes.decisions`): a paused step is sent to nobody, and variants get the decided
-shares of the step, drawn by a hash of the user and the decision's day (the holdout's hash does
-not change, so the shares never move a user between arms).
+day for the step's id in the episode's period (see `outcomes.decisions`): a paused step is sent
+to nobody, and variants get the decided shares of the step, drawn by a hash of the user and the
+decision's day (the holdout's hash does not change, so the shares never move a user between
+arms).
 """
 
 from __future__ import annotations

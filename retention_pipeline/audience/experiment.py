@@ -145,7 +145,15 @@ def record_period(
     key = f"loops.{[configured.name for configured in config.loops].index(loop.name)}"
     recorded = periods(connection, schema, loop.name)
     if not recorded:
-        return _insert(connection, s, loop.name, 1, design, day, "the first design")
+        # Assignments made before periods were recorded (an upgraded database) are period 1's.
+        first_assigned = connection.execute(
+            text(
+                f"SELECT min(partition_date) FROM {s}.reengagement_audience WHERE loop_name = :loop"
+            ),
+            {"loop": loop.name},
+        ).scalar_one()
+        started_on = min(day, first_assigned or day)
+        return _insert(connection, s, loop.name, 1, design, started_on, "the first design")
     current = period_in_force(connection, schema, loop.name, day)
     if current.design == design:
         if day < current.started_on:  # a backfill before the first period, same design
@@ -160,7 +168,7 @@ def record_period(
     last_assigned = connection.execute(
         text(f"SELECT max(partition_date) FROM {s}.reengagement_audience WHERE loop_name = :loop"),
         {"loop": loop.name},
-    ).scalar()
+    ).scalar_one()
     if (
         current.number == recorded[-1].number
         and day >= current.started_on

@@ -6,7 +6,6 @@ from datetime import date
 import dagster as dg
 import pandas as pd
 
-from retention_pipeline.audience.experiment import period_in_force, period_loop
 from retention_pipeline.config.models import QuerySuccess
 from retention_pipeline.defs.audience import AUDIENCE
 from retention_pipeline.defs.partitions import (
@@ -17,12 +16,11 @@ from retention_pipeline.defs.partitions import (
 from retention_pipeline.defs.segments import SNAPSHOT
 from retention_pipeline.defs.sending import SEND_LOG
 from retention_pipeline.defs.tracking import ROLLUP
-from retention_pipeline.outcomes.decisions import decide, store_decisions
+from retention_pipeline.outcomes.decisions import decide_day
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes, success_days
 from retention_pipeline.outcomes.performance import (
     performance_frame,
     performance_metadata,
-    performance_rows,
 )
 from retention_pipeline.resources.app_database import AppDatabase
 
@@ -114,19 +112,8 @@ def _performance_day(
     tables, decision_lines = [], []
     for loop in config.loops:
         with app_database.engine.begin() as connection:
-            # The period in force that day, with its own steps: periods are never mixed.
-            period = period_in_force(connection, app_database.schema, loop.name, day)
-            measured = loop if period is None else period_loop(loop, period)
-            rows = performance_rows(
-                connection,
-                app_database.schema,
-                measured,
-                through=day,
-                period=None if period is None else period.number,
-            )
+            rows, decisions = decide_day(connection, app_database.schema, loop, day)
             if loop.adjust:
-                decisions = decide(measured, rows, day)
-                store_decisions(connection, app_database.schema, measured, day, decisions)
                 decision_lines += [f"- **{loop.name}** {decision}" for decision in decisions]
             else:
                 decision_lines.append(f"- **{loop.name}**: adjust is off; nothing decided")

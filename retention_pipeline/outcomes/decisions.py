@@ -20,8 +20,9 @@ from datetime import date
 import numpy as np
 from sqlalchemy import Connection, text
 
+from retention_pipeline.audience.experiment import period_in_force, period_loop
 from retention_pipeline.config.models import Loop
-from retention_pipeline.outcomes.performance import PerformanceRow
+from retention_pipeline.outcomes.performance import PerformanceRow, performance_rows
 from retention_pipeline.outcomes.stats import thompson_shares
 
 MINIMUM_VARIANT_SHARE = 0.1
@@ -192,3 +193,29 @@ def decisions_in_force(
         )
         for row in rows
     }
+
+
+def decide_day(
+    connection: Connection, schema: str, loop: Loop, day: date
+) -> tuple[list[PerformanceRow], list[Decision]]:
+    """The performance of the experiment period in force on `day`, measured with the period's
+    own steps, and (unless the loop says `adjust: false`) the decisions it leads to, stored.
+    A step with no outcome in the period yet decides nothing: it keeps the decision of its id
+    from an earlier period (a pause stays with its step), or an even split."""
+    period = period_in_force(connection, schema, loop.name, day)
+    measured = loop if period is None else period_loop(loop, period)
+    rows = performance_rows(
+        connection, schema, measured, through=day, period=None if period is None else period.number
+    )
+    if not loop.adjust:
+        return rows, []
+    measured_steps = {
+        row.step
+        for row in rows
+        if row.step is not None and (row.treatment.finished or row.holdout.finished)
+    }
+    decisions = [
+        decision for decision in decide(measured, rows, day) if decision.step in measured_steps
+    ]
+    store_decisions(connection, schema, measured, day, decisions)
+    return rows, decisions
