@@ -46,7 +46,8 @@ class ExperimentPeriod:
 
 def design_of(loop: Loop) -> dict:
     """The loop's design as configured: every setting that decides who is compared with whom.
-    (A new setting of that kind, such as a step holdout, belongs here and in `design_changes`.)"""
+    A new setting of that kind (a step holdout, say) belongs here, and `design_changes` should
+    name its key; a design that changes starts a new period either way."""
     return {
         "holdout": {"fraction": loop.holdout.fraction, "salt": loop.holdout_salt},
         "steps": [
@@ -88,6 +89,8 @@ def design_changes(key: str, before: dict, after: dict) -> list[str]:
                 f"{key}.steps.{index}.action.variants: "
                 f"{', '.join(old['variants'])} -> {', '.join(step['variants'])}"
             )
+    if not changes and before != after:  # a setting of the design not spelled out above
+        changes.append(f"{key}: the experiment design changed")
     return changes
 
 
@@ -175,20 +178,30 @@ def record_period(
         and (last_assigned is None or last_assigned < day)
     ):
         if day == current.started_on:  # the period never assigned anyone: it takes the design
+            change = current.change
+            if current.number > 1:
+                change = "; ".join(design_changes(key, recorded[-2].design, design))
             connection.execute(
                 text(f"""UPDATE {s}.experiment_periods
-                         SET design = CAST(:design AS jsonb), recorded_at = now()
+                         SET design = CAST(:design AS jsonb), change = :change,
+                             recorded_at = now()
                          WHERE loop_name = :loop AND period = :period"""),
-                {"design": json.dumps(design), "loop": loop.name, "period": current.number},
+                {
+                    "design": json.dumps(design),
+                    "change": change,
+                    "loop": loop.name,
+                    "period": current.number,
+                },
             )
-            return ExperimentPeriod(loop.name, current.number, design, day, current.change)
+            return ExperimentPeriod(loop.name, current.number, design, day, change)
         return _insert(
             connection, s, loop.name, current.number + 1, design, day, "; ".join(changes)
         )
+    through = last_assigned or recorded[-1].started_on
     raise DesignChangeRefused(
-        f"{changes[0]} since {current} began, and {loop.name} has assignments through "
-        f"{last_assigned}: building {day} would move users assigned under the old design. "
-        f"Restore the old value to rebuild that day, or build only days after {last_assigned} "
+        f"{changes[0]} since {current}; {loop.name} has assignments through "
+        f"{through}: building {day} would move users assigned under the old design. "
+        f"Restore the old value to rebuild that day, or build only days after {through} "
         "(they start a new period)"
     )
 
