@@ -241,15 +241,46 @@ def test_reordered_steps_start_a_period_and_a_pause_stays_with_its_step(world):
         (1, LAST_CALL, 2)
     }
     assert len(rows_of(engine, D + timedelta(days=4))) == 40
-    # Period 1's last call is still its step 2.
+    # Period 1's last call is still its step 2, and goes out as the last call.
     run_day(engine, reordered, D + timedelta(days=7))
     assert {row[:2] + row[4:] for row in rows_of(engine, D + timedelta(days=7)).values()} == {
         (2, LAST_CALL, 1)
     }
+    with serve_fake_resend():
+        send_day(engine, reordered, D + timedelta(days=7))
+    with engine.connect() as connection:
+        subjects = connection.execute(
+            text(
+                "SELECT DISTINCT subject FROM retention.email_send_log "
+                "WHERE partition_date = :day AND status = 'sent'"
+            ),
+            {"day": D + timedelta(days=7)},
+        ).scalars()
+        assert set(subjects) == {"Should we stop emailing you?"}
     # Period 2's follow-up, a week in, carries the pause with it (period 1's, long due, still
     # counts as paused too).
     summary = run_day(engine, reordered, D + timedelta(days=8))
     assert summary.excluded["step_paused"] == 80 and not rows_of(engine, D + timedelta(days=8))
+
+
+def test_a_step_taken_out_is_sent_to_nobody_even_in_episodes_that_started_with_it(world):
+    engine, url = world
+    add_users(engine, range(1, 21), last_seen=LONG_AGO)
+    run_day(engine, config_for(url), D)
+    document = document_for(url)
+    del document["loops"][0]["steps"][2]
+    shortened = parse_config(document, environ={})
+
+    run_day(engine, shortened, D + timedelta(days=3))
+    summary = run_day(engine, shortened, D + timedelta(days=7))
+
+    assert loop_periods(engine)[1].change == (
+        f"loops.0.steps: {FIRST}, {FOLLOW_UP}, {LAST_CALL} -> {FIRST}, {FOLLOW_UP}"
+    )
+    assert {row[:2] + row[4:] for row in rows_of(engine, D + timedelta(days=3)).values()} == {
+        (1, FOLLOW_UP, 1)
+    }
+    assert summary.excluded["step_paused"] == 20 and not rows_of(engine, D + timedelta(days=7))
 
 
 def test_another_variant_starts_a_period_and_report_shows_one_period_at_a_time(

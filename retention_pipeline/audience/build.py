@@ -131,6 +131,7 @@ def _variant_plan(
     its template and delay, whether it is paused, the variants with the upper end of each one's
     share of [0, 1), and the day of the decision that set the shares (None for an even split)."""
     measured = period_loop(loop, period)
+    configured = {step.action.template for step in loop.steps}
     decisions = (
         decisions_in_force(connection, schema, measured, day, period.number) if loop.adjust else {}
     )
@@ -152,7 +153,9 @@ def _variant_plan(
             {
                 "template": step.action.template,
                 "delay_days": step.delay_days,
-                "paused": bool(decision and decision.paused),
+                # A step taken out of the configuration is sent to nobody any more.
+                "paused": bool(decision and decision.paused)
+                or step.action.template not in configured,
                 "bounds": bounds,
                 "decided_on": decided_on,
             }
