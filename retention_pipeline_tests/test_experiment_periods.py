@@ -27,7 +27,7 @@ from retention_pipeline.outcomes.decisions import (
 )
 from retention_pipeline.outcomes.performance import performance_rows
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.tracking.install import install
+from retention_pipeline.tracking.install import install, uninstall
 from retention_pipeline_tests.email.fake_resend import serve_fake_resend
 from retention_pipeline_tests.email.test_render import context
 from retention_pipeline_tests.helpers import (
@@ -410,4 +410,23 @@ def test_an_upgraded_database_keeps_its_assignments_and_decisions_in_period_1(wo
     assert summary.excluded["step_paused"] == 40
     assert {row[:2] + row[4:] for row in rows_of(engine, D + timedelta(days=7)).values()} == {
         (2, LAST_CALL, 1)
+    }
+
+
+def test_a_reinstall_keeps_the_periods_its_episodes_follow(world):
+    engine, url = world
+    add_users(engine, range(1, 21), last_seen=LONG_AGO)
+    run_day(engine, config_for(url), D)
+    reordered = config_for(url, templates=(FIRST, LAST_CALL, FOLLOW_UP))
+    run_day(engine, reordered, D + timedelta(days=1))
+
+    kept = uninstall(engine, reordered)
+    install(engine, reordered)
+
+    assert kept["experiment_periods"] == 2
+    assert [period.number for period in loop_periods(engine)] == [1, 2]
+    # Period 1's episodes still get period 1's follow-up, three days in.
+    run_day(engine, reordered, D + timedelta(days=3))
+    assert {row[:2] + row[4:] for row in rows_of(engine, D + timedelta(days=3)).values()} == {
+        (1, FOLLOW_UP, 1)
     }

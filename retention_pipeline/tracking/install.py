@@ -49,9 +49,16 @@ LOCK_NOT_AVAILABLE = "55P03"
 # those it refers to. Who unsubscribed, bounced or complained:
 SUPPRESSION_TABLES = ("email_suppressions",)
 # Who was picked (the audience of both arms, which steps each episode had, the frequency cap),
-# who was emailed, and what Resend said of each email: a re-run of a day sends nobody twice,
-# and the links of emails already sent still unsubscribe.
-SEND_HISTORY_TABLES = ("episodes", "reengagement_audience", "email_send_log", "email_events")
+# under which experiment design (each episode's steps follow its period's), who was emailed, and
+# what Resend said of each email: a re-run of a day sends nobody twice, and the links of emails
+# already sent still unsubscribe.
+SEND_HISTORY_TABLES = (
+    "experiment_periods",
+    "episodes",
+    "reengagement_audience",
+    "email_send_log",
+    "email_events",
+)
 
 Progress = Callable[[str], None]
 T = TypeVar("T")
