@@ -63,7 +63,8 @@ def _engine(config):
 
 
 def cmd_suppress(args: argparse.Namespace) -> int:
-    from retention_pipeline.sending.suppressions import normalize_address, suppress
+    from retention_pipeline.recipients.addresses import normalize_address
+    from retention_pipeline.recipients.suppressions import suppress
 
     address = normalize_address(args.email)
     config = load_config(args.config)
@@ -116,6 +117,13 @@ def cmd_report(args: argparse.Namespace) -> int:
                 print(f"{loop.name}: no assignments{since} yet\n")
                 continue
             print(f"{loop.name}: outcomes of the assignments{since}")
+            headline = next((row for row in rows if row.step is None), None)
+            if headline is not None:
+                print(
+                    f"the loop, per episode, within {headline.window_days} days: "
+                    f"{headline.verdict} ({headline.treatment.finished} treated and "
+                    f"{headline.holdout.finished} held-out episodes known)"
+                )
             if period is not None:
                 others = "" if len(recorded) == 1 else f" of {len(recorded)}: see --period"
                 print(f"experiment {period}{others}")
@@ -266,6 +274,8 @@ def cmd_db_uninstall(args: argparse.Namespace) -> int:
         "reengagement_audience": "audience row(s)",
         "email_send_log": "email(s) in the send log",
         "email_events": "delivery event(s)",
+        "experiment_periods": "experiment period(s)",
+        "campaign_decisions": "campaign decision(s)",
     }
     for table, rows in kept.items():
         print(f"  kept {rows} {rows_of[table]} in {schema}.{kept_name(table)}")

@@ -27,7 +27,7 @@ from retention_pipeline.outcomes.decisions import (
 )
 from retention_pipeline.outcomes.performance import performance_rows
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.tracking.install import install, uninstall
+from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.email.fake_resend import serve_fake_resend
 from retention_pipeline_tests.email.test_render import context
 from retention_pipeline_tests.helpers import (
@@ -55,6 +55,7 @@ def document_for(
     *,
     holdout: float = 0.5,
     salt: str | None = None,
+    step_holdout: float = 0.1,
     variants: tuple[str, ...] = ("a", "b"),
     templates: tuple[str, ...] = (FIRST, FOLLOW_UP, LAST_CALL),
 ) -> dict:
@@ -67,6 +68,7 @@ def document_for(
     for step, template in zip(loop["steps"], templates, strict=True):
         step["action"]["template"] = template
     loop["holdout"] = {"fraction": holdout, **({"salt": salt} if salt else {})}
+    loop["step_holdout"] = step_holdout
     return document
 
 
@@ -139,6 +141,7 @@ def test_rebuilding_an_emailed_day_under_another_holdout_is_refused_and_moves_no
     for changed, key in (
         (config_for(url, holdout=0.2), "loops.0.holdout.fraction: 0.5 -> 0.2"),
         (config_for(url, holdout=0.5, salt="another"), "loops.0.holdout.salt: changed"),
+        (config_for(url, holdout=0.5, step_holdout=0.3), "loops.0.step_holdout: 0.1 -> 0.3"),
     ):
         with pytest.raises(ValueError) as refused:
             run_day(engine, changed, D)
@@ -168,18 +171,20 @@ def test_a_new_holdout_fraction_starts_a_period_and_open_episodes_keep_theirs(wo
     assert second_period.change == "loops.0.holdout.fraction: 0.5 -> 0.2"
     assert first_period.design["holdout"]["fraction"] == 0.5
     rows = rows_of(engine, later)
-    # The episodes of period 1 get their follow-up in period 1, each in its arm.
-    assert {user: rows[user][1:] for user in first} == {
-        user: (FOLLOW_UP, arm, "a", 1) for user, (_, _, arm, _, _) in first.items()
-    }
+    # The episodes of period 1 get their follow-up in period 1, each in its arm (the step
+    # holdout may withhold a treated episode's follow-up).
+    for user, (_, _, arm, _, _) in first.items():
+        template, follow_up_arm, variant, period = rows[user][1:]
+        assert (template, variant, period) == (FOLLOW_UP, "a", 1)
+        assert follow_up_arm in ({"holdout"} if arm == "holdout" else {"treatment", "withheld"})
     started = {user: row for user, row in rows.items() if int(user) > 100}
     assert len(started) == 80 and {row[4] for row in started.values()} == {2}
     assert 0.05 < sum(row[2] == "holdout" for row in started.values()) / 80 < 0.4
 
     evaluate(engine, changed, later + timedelta(days=8))
-    by_arm = lambda rows, step: (  # noqa: E731
+    by_arm = lambda rows, step, control="holdout": (  # noqa: E731
         sum(r[2] == "treatment" for r in rows.values() if r[0] == step),
-        sum(r[2] == "holdout" for r in rows.values() if r[0] == step),
+        sum(r[2] == control for r in rows.values() if r[0] == step),
     )
     old_follow_ups = {user: rows[user] for user in first}
     treated, held = by_arm(first, 0)
@@ -188,7 +193,7 @@ def test_a_new_holdout_fraction_starts_a_period_and_open_episodes_keep_theirs(wo
         (0, FIRST, None): (treated, held),
         (0, FIRST, "a"): (sum(r[3] == "a" for r in first.values() if r[2] == "treatment"), held),
         (0, FIRST, "b"): (sum(r[3] == "b" for r in first.values() if r[2] == "treatment"), held),
-        (1, FOLLOW_UP, None): by_arm(old_follow_ups, 1),
+        (1, FOLLOW_UP, None): by_arm(old_follow_ups, 1, "withheld"),
     }
     second = step_rows(engine, changed, 2, through=later)
     assert second[(0, FIRST, None)] == by_arm(started, 0)
@@ -382,10 +387,10 @@ def test_an_upgraded_database_keeps_its_assignments_and_decisions_in_period_1(wo
     config = config_for(url)
     run_day(engine, config, D)
     run_day(engine, config, D + timedelta(days=3))
-    # Back to revision 0011: the assignments stay, without periods; its pipeline pauses the
-    # follow-up by its index (step 1).
+    # Back to the revision before periods: the assignments stay, without periods; its pipeline
+    # pauses the follow-up by its index (step 1).
     with engine.begin() as connection:
-        command.downgrade(migrate._alembic_config(connection, "retention"), "0011")
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0014-1")
     with engine.begin() as connection:
         connection.execute(
             text("""
@@ -413,17 +418,23 @@ def test_an_upgraded_database_keeps_its_assignments_and_decisions_in_period_1(wo
     }
 
 
-def test_a_reinstall_keeps_the_periods_its_episodes_follow(world):
+def test_a_reinstall_keeps_the_periods_its_episodes_follow(world, tmp_path, capsys):
     engine, url = world
     add_users(engine, range(1, 21), last_seen=LONG_AGO)
     run_day(engine, config_for(url), D)
-    reordered = config_for(url, templates=(FIRST, LAST_CALL, FOLLOW_UP))
+    templates = (FIRST, LAST_CALL, FOLLOW_UP)
+    reordered = config_for(url, templates=templates)
     run_day(engine, reordered, D + timedelta(days=1))
+    path = tmp_path / "retention.yaml"
+    path.write_text(yaml.safe_dump(document_for(url, templates=templates)))
 
-    kept = uninstall(engine, reordered)
+    assert main(["--config", str(path), "db", "uninstall", "--yes"]) == 0
+    assert (
+        "  kept 2 experiment period(s) in retention.experiment_periods_kept\n"
+        in capsys.readouterr().out
+    )
     install(engine, reordered)
 
-    assert kept["experiment_periods"] == 2
     assert [period.number for period in loop_periods(engine)] == [1, 2]
     # Period 1's episodes still get period 1's follow-up, three days in.
     run_day(engine, reordered, D + timedelta(days=3))

@@ -159,7 +159,7 @@ def test_a_loop_without_a_holdout_reports_the_lift_as_unavailable(engine, app_da
     assert overall.lift is None and overall.relative_lift is None
     assert overall.verdict == "no holdout: lift unavailable"
     metadata = performance_metadata(rows)
-    assert metadata["loop_0/all/7d/treated_return_rate"] == pytest.approx(100 / 30, abs=0.01)
+    assert metadata["loop_0/loop/7d/treated_return_rate"] == pytest.approx(100 / 30, abs=0.01)
     assert not any("lift" in key for key in metadata)
 
 
@@ -310,6 +310,10 @@ def test_the_report_command_prints_the_verdicts(engine, app_database_url, tmp_pa
     assert main(["report", "--config", str(path), "--loop", "loop_0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("loop_0: outcomes of the assignments\n")
+    headline = out.splitlines()[1]
+    assert headline.startswith("the loop, per episode, within 7 days: ") and headline.endswith(
+        " held-out episodes known)"
+    )
     assert "step 0 re_engagement / b" in out and "points, 95% CI" in out
     assert "not enough data yet (0 of 10 outcomes)" in out  # the 30-day window
 

@@ -30,9 +30,9 @@ def test_a_healthy_installation_plans_every_statement(app_database_url):
     engine.dispose()
     assert report.problems == []
     assert report.unchecked is None
-    # 2 app reads, the snapshot, 2 segment, 15 audience (the experiment period's among them),
+    # 2 app reads, the snapshot, 2 segment, 16 audience (the experiment period's among them),
     # 2 outcome statements and the performance, the condition query.
-    assert report.planned == 24
+    assert report.planned == 25
 
 
 def test_a_missing_pipeline_table_fails_the_audience_plan(app_database_url):

@@ -184,13 +184,26 @@ def test_restored_rows_keep_their_ids_and_new_rows_number_on(app_database_url: s
                 SELECT 'msg-1', 'delivered', 'e-2', id, now() FROM retention.email_send_log
                 WHERE send_key = 'key-2'""")
         )
+        connection.execute(
+            text("""
+                INSERT INTO retention.campaign_decisions (loop_name, step, step_id,
+                    decided_on, variant_shares, paused, reason, evidence)
+                VALUES ('re_engagement', 2, 're_engagement_last_call', '2026-11-20', '{"a": 1}',
+                        true, 'harmful', '{}')""")
+        )
     with engine.connect() as connection:
         ids = dict(
             connection.execute(text("SELECT send_key, id FROM retention.email_send_log")).all()
         )
 
-    assert uninstall(engine, config) == {"email_send_log": 2, "email_events": 1}
+    assert uninstall(engine, config) == {
+        "email_send_log": 2,
+        "email_events": 1,
+        "campaign_decisions": 1,
+    }
     install(engine, config)
+    # A step paused as harmful stays paused after the reinstall.
+    assert count(engine, "SELECT count(*) FROM retention.campaign_decisions WHERE paused") == 1
     insert_sent_email(engine, "u3", "key-3")
 
     with engine.connect() as connection:
@@ -207,8 +220,9 @@ def test_restored_rows_keep_their_ids_and_new_rows_number_on(app_database_url: s
     assert linked == "key-2"
 
     # Uninstalled twice, the second time told to forget the history: the schema goes whole.
-    assert uninstall(engine, config) == {"email_send_log": 3, "email_events": 1}
-    assert uninstall(engine, config) == {"email_send_log": 3, "email_events": 1}
+    kept = {"email_send_log": 3, "email_events": 1, "campaign_decisions": 1}
+    assert uninstall(engine, config) == kept
+    assert uninstall(engine, config) == kept
     assert uninstall(engine, config, forget_send_history=True) == {}
     assert count(engine, "SELECT count(*) FROM pg_namespace WHERE nspname = 'retention'") == 0
     engine.dispose()

@@ -17,7 +17,11 @@ class Assignment:
     variant: str
 
     def __str__(self) -> str:
-        arm = "treatment" if self.arm == "treatment" else "holdout (not emailed)"
+        arm = {
+            "treatment": "treatment",
+            "holdout": "holdout (not emailed)",
+            "withheld": "withheld from this step (not emailed)",
+        }[self.arm]
         return f"step {self.step} ({self.template}), {arm}, variant {self.variant}"
 
 

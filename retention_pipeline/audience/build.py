@@ -5,7 +5,7 @@ come back (any activity after the episode started). During an episode the loop's
 `delay` days after its start; each step reaches a user at most once per episode. A user who came
 back may start a new episode only `cooldown_days` after the last one ended.
 
-One mailbox is one person (`sending.suppressions.normalize_address`: blanks around the address
+One mailbox is one person (`recipients.addresses.normalize_address`: blanks around the address
 removed, lower case). Users who share a mailbox are one person to the loop: while one of them is
 in an episode the others start none (counted as `shared_address`), nor while one is in its
 cooldown (`cooldown`), and of several starting on the same day only the lowest user id (as text)
@@ -16,9 +16,13 @@ a suppression covers the mailbox.
 Every eligible user is assigned, by a hash of their mailbox and the loop's salt, to the treatment
 or the holdout arm (both are recorded; only treatment is emailed), so users sharing a mailbox can
 never land in different arms; an episode keeps the arm of its first step, whatever the address
-or the holdout fraction became since. Each user also gets a template variant. The exclusions
-(suppressed address, no usable address, shared address, frequency cap) apply to both arms alike,
-so the holdout stays comparable.
+or the holdout fraction became since. A later step (the second on) of a treated episode is
+withheld, by a hash of the mailbox, the salt and the step, from the loop's `step_holdout` share:
+recorded with the arm `withheld`, not emailed. A withheld step counts as passed, as a sent one
+does: the user's next step comes at its delay, and the frequency cap counts it, so recipients and
+withheld users of a step go on alike but for that one email. Each user also gets a template
+variant. The exclusions (suppressed address, no usable address, shared address, frequency cap)
+apply to every arm alike, so the holdout and the withheld stay comparable.
 
 Each episode belongs to the experiment period its loop was in on the day it started
 (`audience.experiment`): its steps (delays, templates, variants) and its holdout draw are that
@@ -48,6 +52,11 @@ from retention_pipeline.audience.experiment import (
 )
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.outcomes.decisions import decisions_in_force
+from retention_pipeline.recipients.addresses import (
+    EMAIL_ADDRESS_SQL_PATTERN,
+    mailbox_sql,
+    trimmed_address_sql,
+)
 
 EXCLUSION_REASONS = (
     "no_email",
@@ -71,19 +80,6 @@ PLAN = "(CAST(:plans AS jsonb) -> {period}::text)"
 
 # A usable address, once trimmed: something@domain.tld with no spaces. Anything else is not worth
 # a bounce.
-EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
-
-
-def trimmed_address_sql(address: str) -> str:
-    """SQL for the SQL expression `address` without the blanks around it (spaces, tabs, line
-    breaks): the address an email goes to."""
-    return f"btrim({address}, E' \\t\\n\\r\\x0b\\x0c')"
-
-
-def mailbox_sql(address: str) -> str:
-    """SQL for the mailbox the SQL expression `address` names, as `normalize_address` has it:
-    trimmed, lower-cased."""
-    return f"lower({trimmed_address_sql(address)})"
 
 
 @dataclass(frozen=True)
@@ -91,9 +87,19 @@ class AudienceSummary:
     candidates: int
     treatment: int
     holdout: int
+    withheld: int
     returned: int
     by_step: dict[int, int] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)
+
+
+# The step holdout's draw for a later step of a treated episode: the holdout's hash under a salt
+# of the step's own, so it is independent of the holdout and of every other step's draw (step k's
+# recipients and withheld users had the same earlier steps, in the same proportions). Like the
+# holdout it is the mailbox's: users sharing one stay together.
+STEP_HOLDOUT_BUCKET_SQL = HOLDOUT_BUCKET_SQL.format(
+    mailbox="{mailbox}", salt="({salt} || '/step_holdout/' || {step})"
+)
 
 
 def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
@@ -164,6 +170,7 @@ def _variant_plan(
     return {
         "salt": holdout["salt"],
         "holdout_per_10000": round(holdout["fraction"] * 10000),
+        "step_holdout_per_10000": round(period.design["step_holdout"] * 10000),
         "steps": plan,
     }
 
@@ -188,7 +195,7 @@ def build_audience(
         "cooldown": loop.cooldown_days,
         "cap": config.email.frequency_cap_days,
         "period": period.number,
-        "email_pattern": EMAIL_PATTERN,
+        "email_pattern": EMAIL_ADDRESS_SQL_PATTERN,
         "plans": json.dumps(
             {
                 str(number): _variant_plan(connection, schema, loop, followed[number], day)
@@ -265,7 +272,9 @@ def build_audience(
         params,
     ).all()
     d_plan = PLAN.format(period="d.period")
-    holdout_bucket = HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=f"({d_plan} ->> 'salt')")
+    salt = f"({d_plan} ->> 'salt')"
+    holdout_bucket = HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt)
+    step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt, step="d.step")
     counts = connection.execute(
         text(f"""
         WITH due AS (
@@ -337,16 +346,23 @@ def build_audience(
             INSERT INTO {s}.reengagement_audience (partition_date, loop_name, user_id, email,
                 episode_start, step, template, arm, variant, decided_on, period)
             SELECT :day, :loop, d.user_id, d.email, d.started_on, d.step,
-                   {PLAN.format(period="d.period")} -> 'steps' -> d.step ->> 'template',
-                   -- An episode keeps the arm of its first step.
-                   coalesce(
-                       (SELECT first.arm FROM {s}.reengagement_audience AS first
-                        WHERE first.loop_name = :loop AND first.user_id = d.user_id
-                          AND first.episode_start = d.started_on
-                        ORDER BY first.partition_date LIMIT 1),
-                       CASE WHEN {holdout_bucket}
-                                 < ({d_plan} ->> 'holdout_per_10000')::int
-                            THEN 'holdout' ELSE 'treatment' END),
+                   {d_plan} -> 'steps' -> d.step ->> 'template',
+                   CASE
+                       -- An episode keeps the arm of its first step (a withheld step is one of
+                       -- a treated episode).
+                       WHEN coalesce(
+                           (SELECT first.arm = 'holdout'
+                            FROM {s}.reengagement_audience AS first
+                            WHERE first.loop_name = :loop AND first.user_id = d.user_id
+                              AND first.episode_start = d.started_on
+                            ORDER BY first.partition_date LIMIT 1),
+                           {holdout_bucket} < ({d_plan} ->> 'holdout_per_10000')::int)
+                           THEN 'holdout'
+                       WHEN d.step > 0
+                           AND {step_bucket} < ({d_plan} ->> 'step_holdout_per_10000')::int
+                           THEN 'withheld'
+                       ELSE 'treatment'
+                   END,
                    (SELECT bound ->> 0
                     FROM jsonb_array_elements({d_plan} -> 'steps' -> d.step -> 'bounds') AS bound
                     WHERE (bound ->> 1)::float8 > d.variant_position
@@ -372,6 +388,7 @@ def build_audience(
         candidates=len(candidates),
         treatment=int(tallies.get("arm:treatment", 0)),
         holdout=int(tallies.get("arm:holdout", 0)),
+        withheld=int(tallies.get("arm:withheld", 0)),
         returned=int(returned),
         by_step={
             int(key.split(":")[1]): int(value)

@@ -1,12 +1,12 @@
 """A loop's experiment design, frozen per period.
 
-The design is what decides who is compared with whom: the holdout's fraction and salt, and the
-steps (by their id, the template, in order) with their delays and variants. The audience records
-it the first time it runs a loop (period 1). A run whose design differs starts a new period on
-the day it builds, provided no day from that one on has been assigned yet: episodes started
-before keep their arm, their period and their period's steps until they end; episodes that start
-from then on belong to the new period. A run that would rebuild a day already assigned under
-another design (which would move users who may have been emailed between arms, steps or
+The design is what decides who is compared with whom: the holdout's fraction and salt, the step
+holdout, and the steps (by their id, the template, in order) with their delays and variants. The
+audience records it the first time it runs a loop (period 1). A run whose design differs starts a
+new period on the day it builds, provided no day from that one on has been assigned yet: episodes
+started before keep their arm, their period and their period's steps until they end; episodes
+that start from then on belong to the new period. A run that would rebuild a day already assigned
+under another design (which would move users who may have been emailed between arms, steps or
 variants) is refused with one line naming the key that changed.
 
 Every episode, assignment and decision carries its period, and performance is measured one
@@ -46,10 +46,11 @@ class ExperimentPeriod:
 
 def design_of(loop: Loop) -> dict:
     """The loop's design as configured: every setting that decides who is compared with whom.
-    A new setting of that kind (a step holdout, say) belongs here, and `design_changes` should
-    name its key; a design that changes starts a new period either way."""
+    A new setting of that kind belongs here, and `design_changes` should name its key; a design
+    that changes starts a new period either way."""
     return {
         "holdout": {"fraction": loop.holdout.fraction, "salt": loop.holdout_salt},
+        "step_holdout": loop.step_holdout,
         "steps": [
             {
                 "id": step.action.template,
@@ -71,6 +72,8 @@ def design_changes(key: str, before: dict, after: dict) -> list[str]:
             # A salt is no secret, but a long one would drown the line.
             shown = f"{old} -> {new}" if setting == "fraction" else "changed"
             changes.append(f"{key}.holdout.{setting}: {shown}")
+    if before["step_holdout"] != after["step_holdout"]:
+        changes.append(f"{key}.step_holdout: {before['step_holdout']} -> {after['step_holdout']}")
     old_ids = [step["id"] for step in before["steps"]]
     new_ids = [step["id"] for step in after["steps"]]
     if old_ids != new_ids:

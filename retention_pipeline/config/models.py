@@ -24,14 +24,11 @@ from pydantic import (
 )
 
 from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cron
+from retention_pipeline.recipients.addresses import EMAIL_ADDRESS_PATTERN
 
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 DURATION_PATTERN = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-# A local part, "@", and a domain of at least two labels; no spaces, brackets or separators.
-EMAIL_ADDRESS_PATTERN = re.compile(
-    r'[^\s@<>,;:()"\[\]]+@[^\s@<>,;:()"\[\].]+(\.[^\s@<>,;:()"\[\].]+)+'
-)
 
 SEGMENTS = (
     "new",
@@ -522,6 +519,14 @@ class Loop(StrictModel):
     steps: list[Step] = Field(min_length=1)
     segments: SegmentRules = SegmentRules()
     holdout: Holdout = Holdout()
+    step_holdout: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="the share of treated users due a later step (the second on) who are "
+        "withheld that step only, by a draw of its own: the step's lift compares its recipients "
+        "with them; 0: later steps are not measured, nor paused",
+    )
     cooldown_days: int = Field(30, ge=0, description="before a returned user may re-enter")
     recovery: Recovery = Recovery()
     success: Success = ActivitySuccess()

@@ -54,7 +54,8 @@ def build_audience_asset(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         kinds={"postgres"},
         description=(
             "Who gets which step of which loop today: the loop's condition, minus suppressed, "
-            "unreachable, frequency-capped and returned users, split into treatment and holdout."
+            "unreachable, frequency-capped and returned users, split into treatment and holdout, "
+            "and at later steps the treated users withheld from that step (step_holdout)."
         ),
     )
     def reengagement_audience(
@@ -91,12 +92,13 @@ def _audience_day(
                 )
         except DesignChangeRefused as refused:
             raise dg.Failure(description=str(refused), allow_retries=False) from None
-        total += summary.treatment + summary.holdout
+        total += summary.treatment + summary.holdout + summary.withheld
         metadata.update(
             {
                 f"{loop.name}/candidates": summary.candidates,
                 f"{loop.name}/treatment": summary.treatment,
                 f"{loop.name}/holdout": summary.holdout,
+                f"{loop.name}/withheld": summary.withheld,
                 f"{loop.name}/returned": summary.returned,
                 **{f"{loop.name}/step_{step}": n for step, n in sorted(summary.by_step.items())},
                 **{f"{loop.name}/excluded_{reason}": n for reason, n in summary.excluded.items()},
@@ -105,6 +107,7 @@ def _audience_day(
         context.log.info(
             f"{loop.name} {day}: {summary.candidates} users meet the condition; "
             f"{summary.treatment} to be emailed, {summary.holdout} held out, "
+            f"{summary.withheld} withheld from a later step, "
             f"{summary.returned} came back; excluded: "
             + (", ".join(f"{n} {reason}" for reason, n in summary.excluded.items()) or "none")
         )

@@ -57,8 +57,10 @@ def build_outcome_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefini
         group_name="retention",
         kinds={"postgres"},
         description=(
-            "Per loop, step and variant: assigned, emailed and returned in each arm, the lift over "
-            "the holdout with its 95% interval, the billed revenue difference, a verdict per row; "
+            "Per loop (one row per episode, the headline), step and variant: assigned, emailed and "
+            "returned in each arm, the lift over the control (the holdout; for a later step the "
+            "users withheld from it) with its 95% interval, the billed revenue difference, a "
+            "verdict per row; "
             "and the day's decisions (variant shares, paused steps), which the next day's audience "
             "follows unless the loop says adjust: false."
         ),

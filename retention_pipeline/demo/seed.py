@@ -10,8 +10,9 @@ from importlib.resources import files
 
 import sqlalchemy as sa
 
-from retention_pipeline.audience.build import HOLDOUT_BUCKET_SQL, mailbox_sql
+from retention_pipeline.audience.build import HOLDOUT_BUCKET_SQL
 from retention_pipeline.config.models import Loop
+from retention_pipeline.recipients.addresses import mailbox_sql
 
 HABITS: tuple[str, ...] = (
     "daily",

@@ -8,6 +8,9 @@ window, stored with the numbers behind it, and followed by the audiences of the 
   shares never bias the lift.
 - A step whose always-valid interval of the lift lies below zero, once both arms have at least
   MINIMUM_OUTCOMES_TO_PAUSE known outcomes, is paused: it is sent to nobody from the next day on.
+  The lift is the step's own randomized comparison (see `performance`): the first step against
+  the holdout, a later step's recipients against the users withheld from it, never a later step
+  against the holdout, which the earlier emails made unlike the treated users still dormant.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from dataclasses import dataclass
 from datetime import date
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from sqlalchemy import Connection, text
 
 from retention_pipeline.audience.experiment import period_in_force, period_loop
 from retention_pipeline.config.models import Loop
 from retention_pipeline.outcomes.performance import PerformanceRow, performance_rows
-from retention_pipeline.outcomes.stats import thompson_shares
+from retention_pipeline.outcomes.stats import always_valid_difference, thompson_shares
 
 MINIMUM_VARIANT_SHARE = 0.1
 MINIMUM_OUTCOMES_TO_PAUSE = 100
@@ -40,6 +44,22 @@ class Decision:
 
     def __str__(self) -> str:
         return f"step {self.step}: {self.reason}"
+
+
+def harmful(
+    treated_returned: ArrayLike,
+    treated_outcomes: ArrayLike,
+    control_returned: ArrayLike,
+    control_outcomes: ArrayLike,
+) -> NDArray:
+    """Whether the pause rule finds a step harmful: both arms have at least
+    MINIMUM_OUTCOMES_TO_PAUSE known outcomes and the always-valid interval of the lift lies
+    wholly below zero. Elementwise, so a simulation can ask it of many runs at once."""
+    _, upper = always_valid_difference(
+        treated_returned, treated_outcomes, control_returned, control_outcomes
+    )
+    enough = np.minimum(treated_outcomes, control_outcomes) >= MINIMUM_OUTCOMES_TO_PAUSE
+    return enough & (upper < 0)
 
 
 def _seed(loop: str, step: int, day: date) -> int:
@@ -90,22 +110,30 @@ def decide(loop: Loop, rows: list[PerformanceRow], day: date) -> list[Decision]:
         if whole is not None and whole.holdout.finished and whole.treatment.finished:
             lower, upper = whole.always_valid
             lift = whole.lift[0]
+            control = whole.compared_with
             evidence["lift"] = {
+                "compared_with": control,
                 "treated_returned": whole.treatment.returned,
                 "treated_outcomes": whole.treatment.finished,
-                "holdout_returned": whole.holdout.returned,
-                "holdout_outcomes": whole.holdout.finished,
+                f"{control}_returned": whole.holdout.returned,
+                f"{control}_outcomes": whole.holdout.finished,
                 "lift": round(lift, 5),
                 "always_valid_lower": round(lower, 5),
                 "always_valid_upper": round(upper, 5),
             }
-            enough = min(whole.treatment.finished, whole.holdout.finished)
-            if enough >= MINIMUM_OUTCOMES_TO_PAUSE and upper < 0:
+            if harmful(
+                whole.treatment.returned,
+                whole.treatment.finished,
+                whole.holdout.returned,
+                whole.holdout.finished,
+            ):
                 paused = True
+                enough = min(whole.treatment.finished, whole.holdout.finished)
                 reasons.insert(
                     0,
-                    f"paused: lift {100 * lift:+.1f} points, always-valid 95% interval "
-                    f"{100 * lower:+.1f} to {100 * upper:+.1f} after {enough}+ outcomes per arm",
+                    f"paused: lift {100 * lift:+.1f} points against the {control}, always-valid "
+                    f"95% interval {100 * lower:+.1f} to {100 * upper:+.1f} after {enough}+ "
+                    "outcomes per arm",
                 )
         decisions.append(
             Decision(

@@ -1,8 +1,9 @@
 """Who came back after each assignment, within each of the loop's windows, in SQL over the
 activity rollup.
 
-An assignment is an audience row (loop, day D, user), holdout and treatment alike: intention to
-treat, so a treated user whose email bounced, failed or was suppressed stays in the treatment.
+An assignment is an audience row (loop, day D, user), in every arm (treatment, holdout, and
+withheld from a later step): intention to treat, so a treated user whose email bounced, failed
+or was suppressed stays in the treatment.
 The user returned within a window of w days when the loop's success happened on one of the days
 D+1 .. D+w (the rollup's days, in the loops' timezone; the email of day D goes out the morning
 after). Evaluated as of day P, a window with D + w > P is `pending`.

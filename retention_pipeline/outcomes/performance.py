@@ -1,11 +1,22 @@
-"""Campaign performance: per loop, step and variant, and for the loop as a whole, how many were
-assigned, emailed and came back in each arm, the lift over the holdout with its intervals, and
-the revenue still billed at the end of each window. Aggregated in PostgreSQL; the rows are few.
+"""Campaign performance: for the loop as a whole, each step and each variant, how many were
+assigned, emailed and came back in each arm, the lift with its intervals, and the revenue still
+billed at the end of each window. Aggregated in PostgreSQL; the rows are few.
+
+Every line is a randomized comparison:
+
+- the loop, per episode: one row per episode (intention to treat from its first assignment, its
+  start day unless the first step was capped or paused), the treated episodes against the
+  holdout's: what running the loop, every step as sent, does to the share who come back;
+- the first step: its treated users against the holdout (nobody got an email before it);
+- a later step: its recipients against the users withheld from it (`step_holdout`), both from
+  treated episodes, due the step, not back yet and drawn by a hash of the step's own: the
+  marginal value of sending that one more email. The holdout is no comparison for it: the earlier
+  emails took out of the treatment the users they won back, and still-dormant held-out users are
+  not like the still-dormant treated ones.
 
 Rates count outcomes whose window is over (pending ones wait, and so do returns within a window
-not over yet). A variant's treated users are
-compared with the whole holdout of their step: the holdout gets no email, so it has no variant.
-The loop as a whole counts assignments: a user sent three steps counts three times.
+not over yet). A variant's treated users are compared with their step's whole control (the
+holdout, or the withheld): the control gets no email, so it has no variant.
 """
 
 from __future__ import annotations
@@ -42,10 +53,17 @@ class ArmCounts:
         return self.revenue_cents / self.revenue_known if self.revenue_known else None
 
 
+def control_arm(step: int | None) -> str:
+    """The arm a scope's treated users are compared with: the holdout for the loop (step None)
+    and its first step, the users withheld from the step for a later one."""
+    return "holdout" if step is None or step == 0 else "withheld"
+
+
 @dataclass(frozen=True)
 class PerformanceRow:
-    """One line of the performance table: a scope (the loop, a step or a step's variant) and a
-    window, the treatment against the holdout."""
+    """One line of the performance table: a scope (the loop per episode, a step or a step's
+    variant) and a window, the treatment against the control, whose counts `holdout` holds: the
+    holdout or the users withheld from the step, as `compared_with` says."""
 
     loop: str
     step: int | None
@@ -56,9 +74,13 @@ class PerformanceRow:
     holdout: ArmCounts
 
     @property
+    def compared_with(self) -> str:
+        return control_arm(self.step)
+
+    @property
     def scope(self) -> str:
         if self.step is None:
-            return "all steps"
+            return "loop, per episode"
         return f"step {self.step} {self.template}" + (f" / {self.variant}" if self.variant else "")
 
     @property
@@ -102,7 +124,7 @@ class PerformanceRow:
 
     @property
     def monthly_revenue_difference_cents(self) -> float | None:
-        """What the treated users' billed revenue per user, above the holdout's, comes to over
+        """What the treated users' billed revenue per user, above the control's, comes to over
         the treated users whose window is over."""
         treated, held = (
             self.treatment.revenue_per_user_cents,
@@ -115,6 +137,8 @@ class PerformanceRow:
     @property
     def verdict(self) -> str:
         if not self.holdout.assigned:
+            if self.compared_with == "withheld":
+                return "nobody withheld from the step: lift unavailable"
             return "no holdout: lift unavailable"
         if not self.measurable:
             known = min(self.treatment.finished, self.holdout.finished)
@@ -128,11 +152,100 @@ class PerformanceRow:
         if not self.holdout.assigned or not self.measurable:
             return "-"
         lower, upper = self.always_valid
+        without = "no email" if self.compared_with == "holdout" else "skipping the step"
         if lower > 0:
-            return "better than no email"
+            return f"better than {without}"
         if upper < 0:
-            return "worse than no email"
+            return f"worse than {without}"
         return "undecided"
+
+
+# The counts of one arm, over rows whose window is over (`over`): a return is known as soon as
+# it happens, but a rate counts only windows that are over, as early returns alone would inflate
+# it.
+ARM_COUNTS_SQL = """
+    count(*) AS assigned,
+    count(*) FILTER (WHERE emailed) AS emailed,
+    count(*) FILTER (WHERE over) AS finished,
+    count(*) FILTER (WHERE over AND status = 'returned') AS returned,
+    coalesce(sum(active_revenue_cents) FILTER (WHERE over), 0) AS revenue_cents,
+    count(active_revenue_cents) FILTER (WHERE over) AS revenue_known"""
+
+
+def _arm_counts(row) -> ArmCounts:
+    return ArmCounts(
+        assigned=row.assigned,
+        emailed=row.emailed,
+        finished=row.finished,
+        returned=row.returned,
+        revenue_cents=int(row.revenue_cents),
+        revenue_known=row.revenue_known,
+    )
+
+
+# An outcome (`outcome`) of an assignment of the experiment period `:period` (default: the
+# latest; before any is recorded, everything is the first): periods are never mixed.
+IN_PERIOD_SQL = """EXISTS (
+    SELECT FROM {s}.reengagement_audience AS assigned
+    WHERE assigned.loop_name = outcome.loop_name
+      AND assigned.partition_date = outcome.partition_date
+      AND assigned.user_id = outcome.user_id
+      AND assigned.period = coalesce(
+          CAST(:period AS integer),
+          (SELECT max(period) FROM {s}.experiment_periods WHERE loop_name = :loop),
+          1))"""
+
+
+def _episode_rows(
+    connection: Connection,
+    s: str,
+    loop: Loop,
+    since: date | None,
+    through: date | None,
+    period: int | None,
+) -> list[PerformanceRow]:
+    """The loop's lines: one row per episode whose first assignment was made from `since`
+    through `through`, each window counted from that first assignment, the treated episodes
+    against the holdout's; an episode counts as emailed when any of its steps was."""
+    rows = connection.execute(
+        text(f"""
+        SELECT window_days, arm, {ARM_COUNTS_SQL}
+        FROM (
+            -- An episode keeps the arm of its first assignment: a later step withheld from it
+            -- is still a step of a treated episode.
+            SELECT DISTINCT ON (user_id, episode_start, window_days)
+                   window_days, partition_date, status, active_revenue_cents,
+                   CASE WHEN arm = 'holdout' THEN 'holdout' ELSE 'treatment' END AS arm,
+                   partition_date + window_days <= evaluated_through AS over,
+                   bool_or(emailed) OVER (PARTITION BY user_id, episode_start, window_days)
+                       AS emailed
+            FROM {s}.reengagement_outcomes AS outcome
+            WHERE loop_name = :loop AND {IN_PERIOD_SQL.format(s=s)}
+              AND (CAST(:through AS date) IS NULL OR partition_date <= :through)
+            ORDER BY user_id, episode_start, window_days, partition_date
+        ) AS episode
+        WHERE CAST(:since AS date) IS NULL OR partition_date >= :since
+        GROUP BY window_days, arm"""),
+        {"loop": loop.name, "through": through, "since": since, "period": period},
+    ).all()
+    counts = {(row.window_days, row.arm): _arm_counts(row) for row in rows}
+    table = []
+    for window in loop.window_days:
+        treatment = counts.get((window, "treatment"), ArmCounts())
+        holdout = counts.get((window, "holdout"), ArmCounts())
+        if treatment.assigned or holdout.assigned:
+            table.append(
+                PerformanceRow(
+                    loop=loop.name,
+                    step=None,
+                    template=None,
+                    variant=None,
+                    window_days=window,
+                    treatment=treatment,
+                    holdout=holdout,
+                )
+            )
+    return table
 
 
 def performance_rows(
@@ -145,55 +258,31 @@ def performance_rows(
     period: int | None = None,
 ) -> list[PerformanceRow]:
     """The performance of the loop's assignments of one experiment period (default: the latest)
-    made from `since` through `through` (default: all), as their outcomes stand: the loop, each
-    step, each variant, each window. `loop` has the period's steps
+    made from `since` through `through` (default: all), as their outcomes stand: the loop per
+    episode, each step, each variant, each window. `loop` has the period's steps
     (`audience.experiment.period_loop`)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""
-        SELECT step, variant, window_days, arm, GROUPING(step) = 1 AS all_steps,
-               GROUPING(variant) = 1 AS all_variants,
-               count(*) AS assigned,
-               count(*) FILTER (WHERE emailed) AS emailed,
-               count(*) FILTER (WHERE over) AS finished,
-               count(*) FILTER (WHERE over AND status = 'returned') AS returned,
-               coalesce(sum(active_revenue_cents) FILTER (WHERE over), 0) AS revenue_cents,
-               count(active_revenue_cents) FILTER (WHERE over) AS revenue_known
+        SELECT step, variant, window_days, arm, GROUPING(variant) = 1 AS all_variants,
+               {ARM_COUNTS_SQL}
         FROM (
-            -- A return is known as soon as it happens, but a rate counts only windows that
-            -- are over: early returns alone would inflate it.
             SELECT *, partition_date + window_days <= evaluated_through AS over
             FROM {s}.reengagement_outcomes
         ) AS outcome
         WHERE loop_name = :loop
-          -- Periods are never mixed; before any is recorded, everything is the first.
-          AND EXISTS (
-              SELECT FROM {s}.reengagement_audience AS assigned
-              WHERE assigned.loop_name = outcome.loop_name
-                AND assigned.partition_date = outcome.partition_date
-                AND assigned.user_id = outcome.user_id
-                AND assigned.period = coalesce(
-                    CAST(:period AS integer),
-                    (SELECT max(period) FROM {s}.experiment_periods WHERE loop_name = :loop),
-                    1))
+          AND {IN_PERIOD_SQL.format(s=s)}
           AND (CAST(:since AS date) IS NULL OR partition_date >= :since)
           AND (CAST(:through AS date) IS NULL OR partition_date <= :through)
-        GROUP BY GROUPING SETS ((window_days, arm), (step, window_days, arm),
-                                (step, variant, window_days, arm))"""),
+        GROUP BY GROUPING SETS ((step, window_days, arm), (step, variant, window_days, arm))"""),
         {"loop": loop.name, "through": through, "since": since, "period": period},
     ).all()
-    counts: dict[tuple, ArmCounts] = {}
-    for row in rows:
-        step = None if row.all_steps else row.step
-        variant = None if row.all_variants else row.variant
-        counts[(step, variant, row.window_days, row.arm)] = ArmCounts(
-            assigned=row.assigned,
-            emailed=row.emailed,
-            finished=row.finished,
-            returned=row.returned,
-            revenue_cents=int(row.revenue_cents),
-            revenue_known=row.revenue_known,
+    counts: dict[tuple, ArmCounts] = {
+        (row.step, None if row.all_variants else row.variant, row.window_days, row.arm): (
+            _arm_counts(row)
         )
+        for row in rows
+    }
     # A step with one variant needs no line per variant.
     scopes = sorted(
         {
@@ -201,25 +290,25 @@ def performance_rows(
             for step, variant, _, _ in counts
             if variant is None or len(loop.steps[step].action.variants) > 1
         },
-        key=lambda scope: (-1 if scope[0] is None else scope[0], scope[1] or ""),
+        key=lambda scope: (scope[0], scope[1] or ""),
     )
-    table = []
+    table = _episode_rows(connection, s, loop, since, through, period)
     for step, variant in scopes:
         for window in loop.window_days:
             treatment = counts.get((step, variant, window, "treatment"), ArmCounts())
-            # A variant is measured against its step's whole holdout.
-            holdout = counts.get((step, None, window, "holdout"), ArmCounts())
-            if not (treatment.assigned or holdout.assigned):
+            # A variant is measured against its step's whole control.
+            control = counts.get((step, None, window, control_arm(step)), ArmCounts())
+            if not (treatment.assigned or control.assigned):
                 continue
             table.append(
                 PerformanceRow(
                     loop=loop.name,
                     step=step,
-                    template=None if step is None else loop.steps[step].action.template,
+                    template=loop.steps[step].action.template,
                     variant=variant,
                     window_days=window,
                     treatment=treatment,
-                    holdout=holdout,
+                    holdout=control,
                 )
             )
     return table
@@ -241,11 +330,12 @@ def performance_frame(rows: list[PerformanceRow]) -> pd.DataFrame:
                 "loop": row.loop,
                 "scope": row.scope,
                 "window": f"{row.window_days}d",
-                "assigned (treated/holdout)": f"{row.treatment.assigned}/{row.holdout.assigned}",
+                "compared with": row.compared_with,
+                "assigned (treated/control)": f"{row.treatment.assigned}/{row.holdout.assigned}",
                 "emailed": row.treatment.emailed,
                 "known outcomes": f"{row.treatment.finished}/{row.holdout.finished}",
                 "returned treated": _percent(row.treatment.rate),
-                "returned holdout": _percent(row.holdout.rate),
+                "returned control": _percent(row.holdout.rate),
                 "verdict": row.verdict,
                 "relative": _percent(row.relative_lift) if row.measurable else "-",
                 "decision evidence": row.evidence,
@@ -260,19 +350,21 @@ def performance_frame(rows: list[PerformanceRow]) -> pd.DataFrame:
 
 def performance_metadata(rows: list[PerformanceRow]) -> dict[str, float | int]:
     """Numbers for the UI's plots, per loop, scope and window: rates, lift and its bounds (in
-    points), sample sizes and the revenue difference."""
+    points), sample sizes and the revenue difference. The loop's scope is `loop` (per episode);
+    the control's numbers are named after its arm (`holdout_...`, `withheld_...`)."""
     metadata: dict[str, float | int] = {}
     for row in rows:
-        scope = "all" if row.step is None else f"step_{row.step}"
+        scope = "loop" if row.step is None else f"step_{row.step}"
         if row.variant:
             scope += f"_{row.variant}"
         prefix = f"{row.loop}/{scope}/{row.window_days}d"
+        control = row.compared_with
         metadata[f"{prefix}/treated_outcomes"] = row.treatment.finished
-        metadata[f"{prefix}/holdout_outcomes"] = row.holdout.finished
+        metadata[f"{prefix}/{control}_outcomes"] = row.holdout.finished
         if row.treatment.rate is not None:
             metadata[f"{prefix}/treated_return_rate"] = round(100 * row.treatment.rate, 2)
         if row.holdout.rate is not None:
-            metadata[f"{prefix}/holdout_return_rate"] = round(100 * row.holdout.rate, 2)
+            metadata[f"{prefix}/{control}_return_rate"] = round(100 * row.holdout.rate, 2)
         if row.measurable:
             lift, lower, upper = row.lift
             metadata[f"{prefix}/lift_points"] = round(100 * lift, 2)

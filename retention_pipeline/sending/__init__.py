@@ -1,5 +1,6 @@
 """Exactly-once sending: compose a day's emails, claim them in the send log, send the claimed
-batches, record the outcomes; and the suppressions that unsubscribes add.
+batches, record the outcomes. Who must not be emailed, and what Resend reports after a send,
+live in `recipients/`.
 
 A send run is `send_loop_day` (run.py), for one shard of the loop's users (shards.py; the whole
 loop unless `email.send_shards` says more): under the shard's sender lock, per audience day of
@@ -30,17 +31,10 @@ from retention_pipeline.sending.send_log import (
     start_batch,
 )
 from retention_pipeline.sending.sender_lock import SenderBusy, SenderLockLost, sender_lock
-from retention_pipeline.sending.suppressions import (
-    SUPPRESSION_REASONS,
-    normalize_address,
-    suppress,
-    unsubscribe_with_token,
-)
 
 __all__ = [
     "BATCH_SIZE",
     "STATUSES",
-    "SUPPRESSION_REASONS",
     "DispatchReport",
     "SendRunReport",
     "SenderBusy",
@@ -48,7 +42,6 @@ __all__ = [
     "claim",
     "compose_emails",
     "day_end",
-    "normalize_address",
     "pending_batch_keys",
     "record",
     "send_key",
@@ -57,7 +50,5 @@ __all__ = [
     "send_pending",
     "sender_lock",
     "start_batch",
-    "suppress",
     "treatment_rows",
-    "unsubscribe_with_token",
 ]

@@ -16,9 +16,9 @@ from sqlalchemy import Engine
 
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.email.message import EmailSender
+from retention_pipeline.recipients.delivery import delivery_counts
 from retention_pipeline.segments.calendar import send_window
 from retention_pipeline.sending.compose import compose_emails
-from retention_pipeline.sending.delivery import delivery_counts
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
 from retention_pipeline.sending.send_log import claim, days_with_emails, send_log_summary
 from retention_pipeline.sending.sender_lock import sender_lock

@@ -35,10 +35,10 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.audience.build import mailbox_sql
 from retention_pipeline.email.message import OutgoingEmail, SendResult
+from retention_pipeline.recipients.addresses import mailbox_sql
+from retention_pipeline.recipients.delivery import link_early_events
 from retention_pipeline.sending.compose import send_key, treatment_rows
-from retention_pipeline.sending.delivery import link_early_events
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
 
 BATCH_SIZE = 100
@@ -241,7 +241,7 @@ def start_batch(
                        EXISTS (SELECT FROM {s}.erased_users AS erased
                                WHERE erased.user_id = log.user_id) AS erased,
                        (SELECT sup.reason FROM {s}.email_suppressions AS sup
-                        WHERE sup.email = lower(log.email)
+                        WHERE sup.email = {mailbox_sql("log.email")}
                           AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
                         ORDER BY sup.loop_name NULLS FIRST LIMIT 1) AS suppressed
                 FROM {s}.email_send_log AS log

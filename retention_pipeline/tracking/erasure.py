@@ -27,7 +27,9 @@ PER_USER_TABLES = (
 def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
     """Erase the users recorded in `erased_users`; returns how many, and the send keys whose
     content was blanked (their outbox files go too). A user whose email is in a batch that
-    went out unconfirmed waits for the next drain: blanking it would change the batch."""
+    went out unconfirmed waits until the batch is settled: while `erased_users` names them, the
+    batch's next start withholds them (`sending.send_log.start_batch`), and the drain after that
+    erases them."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     user_ids = list(
         connection.execute(

@@ -1,7 +1,7 @@
 """The ASGI app of `retention-pipeline serve`.
 
 - `POST /webhooks/resend`: Resend's delivery events, verified (Svix signature, at most 5 minutes
-  old) by the resend SDK, stored once per `svix-id` (see `sending.delivery`); 503 while the
+  old) by the resend SDK, stored once per `svix-id` (see `recipients.delivery`); 503 while the
   database cannot store it, so that Resend delivers it again.
 - `GET /unsubscribe?token=...`: a page with buttons that POST; link scanners and previews follow
   GET links and must not unsubscribe anyone.
@@ -39,8 +39,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retention_pipeline.database.migrate import installation_problem
 from retention_pipeline.email.unsubscribe import make_token, verify_token
-from retention_pipeline.sending.delivery import InvalidEventError, parse_event, store_event
-from retention_pipeline.sending.suppressions import NothingToUnsubscribe, unsubscribe_user
+from retention_pipeline.recipients.delivery import InvalidEventError, parse_event, store_event
+from retention_pipeline.recipients.suppressions import NothingToUnsubscribe, unsubscribe_user
 from retention_pipeline.web.journal import UnsubscribeJournal, database_failure
 
 MAX_URL_BYTES = 8 * 1024

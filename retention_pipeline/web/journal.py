@@ -27,7 +27,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from retention_pipeline.sending.suppressions import NothingToUnsubscribe, unsubscribe_user
+from retention_pipeline.recipients.suppressions import NothingToUnsubscribe, unsubscribe_user
 
 logger = logging.getLogger(__name__)
 

@@ -2,13 +2,13 @@
 decision belongs to, and decisions keyed by the step's id (its template) instead of its index.
 
 Revision ID: 0014
-Revises: 0011
+Revises: 0012
 """
 
 from alembic import op
 
 revision = "0014"
-down_revision = "0011"
+down_revision = "0012"
 
 
 def upgrade(schema: str) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from retention_pipeline.email.unsubscribe import make_token
-from retention_pipeline.sending import suppress, unsubscribe_with_token
+from retention_pipeline.email.unsubscribe import make_token, verify_token
+from retention_pipeline.recipients.addresses import normalize_address
+from retention_pipeline.recipients.delivery import parse_event, store_event
+from retention_pipeline.recipients.suppressions import suppress, unsubscribe_user
 from retention_pipeline_tests.helpers import write_config
 from retention_pipeline_tests.sending.support import (
     LOOP,
@@ -41,6 +43,12 @@ def emailed(sending_db: SendingDatabase) -> SendingDatabase:
     return sending_db
 
 
+def unsubscribe_with_token(connection, token: str) -> str:
+    """What the web service does with a one-click unsubscribe: verify, then unsubscribe."""
+    user_id, loop_name = verify_token(SECRET, token)
+    return unsubscribe_user(connection, schema=SCHEMA, user_id=str(user_id), loop_name=loop_name)
+
+
 def test_suppress_lowercases_and_is_idempotent(sending_db: SendingDatabase) -> None:
     with sending_db.engine.begin() as connection:
         first = suppress(
@@ -69,9 +77,9 @@ def test_a_valid_token_suppresses_the_address_the_loop_emailed(emailed: SendingD
     token = make_token(SECRET, "u1", LOOP)
 
     with emailed.engine.begin() as connection:
-        address = unsubscribe_with_token(connection, schema=SCHEMA, secret=SECRET, token=token)
+        address = unsubscribe_with_token(connection, token)
     with emailed.engine.begin() as connection:
-        unsubscribe_with_token(connection, schema=SCHEMA, secret=SECRET, token=token)
+        unsubscribe_with_token(connection, token)
 
     assert address == "ada@example.com"
     assert suppressions(emailed) == [
@@ -98,7 +106,7 @@ def test_a_bad_token_is_a_one_line_error_and_suppresses_nothing(
     }
 
     with emailed.engine.begin() as connection, pytest.raises(ValueError) as raised:
-        unsubscribe_with_token(connection, schema=SCHEMA, secret=SECRET, token=tokens[token])
+        unsubscribe_with_token(connection, tokens[token])
 
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
@@ -141,15 +149,19 @@ def test_a_loops_suppression_leaves_the_other_loops_and_every_loop_covers_all(
     "address",
     ["", "ada", "ada@", "@example.com", "Ada <ada@example.com>", "ada@example", "a b@c.de"],
 )
-def test_what_is_not_an_address_is_refused_in_one_line(
-    sending_db: SendingDatabase, address: str
-) -> None:
+def test_what_is_not_an_address_is_refused_in_one_line(address: str) -> None:
+    """A person's input (the `suppress` command) is checked before it is suppressed."""
+    with pytest.raises(ValueError, match="is not an email address") as raised:
+        normalize_address(address)
+    assert "\n" not in str(raised.value)
+
+
+def test_an_empty_address_is_never_suppressed(sending_db: SendingDatabase) -> None:
     with (
         sending_db.engine.begin() as connection,
-        pytest.raises(ValueError, match="is not an email address") as raised,
+        pytest.raises(ValueError, match="^an empty address cannot be suppressed$"),
     ):
-        suppress(connection, schema=SCHEMA, email=address, reason="bounced", source="test")
-    assert "\n" not in str(raised.value)
+        suppress(connection, schema=SCHEMA, email=" \t", reason="bounced", source="test")
     assert suppressions(sending_db) == []
 
 
@@ -176,9 +188,7 @@ def test_db_uninstall_keeps_the_suppression_list_for_the_next_install(
 
     config = str(write_config(tmp_path, emailed.url))
     with emailed.engine.begin() as connection:
-        unsubscribe_with_token(
-            connection, schema=SCHEMA, secret=SECRET, token=make_token(SECRET, "u1", LOOP)
-        )
+        unsubscribe_with_token(connection, make_token(SECRET, "u1", LOOP))
         suppress(connection, schema=SCHEMA, email="bob@example.com", reason="bounced", source="x")
     before = suppressions(emailed)
 
@@ -209,3 +219,43 @@ def test_db_uninstall_keeps_the_suppression_list_for_the_next_install(
     assert main(["--config", config, "db", "uninstall", "--yes", "--forget-send-history"]) == 0
     with emailed.engine.connect() as connection:
         assert connection.execute(text("SELECT to_regnamespace('retention')")).scalar() is None
+
+
+def test_an_address_emailed_under_an_older_rule_stays_suppressible(
+    sending_db: SendingDatabase,
+) -> None:
+    """Audiences built before the one address rule took `ada(x)@example.com`; the one-click
+    link and a complaint for such an email must still suppress it, not fail."""
+    odd = "Ada(x)@Example.com"
+    with sending_db.engine.begin() as connection:
+        for user_id, address, key in [("u1", odd, "k1"), ("u2", "Bob;x@example.com ", "k2")]:
+            connection.execute(
+                text("""
+                    INSERT INTO retention.email_send_log
+                        (send_key, loop_name, user_id, episode_start, step, partition_date,
+                         email, template, variant, batch_key, idempotency_key, subject, html,
+                         body_text, status, provider_id)
+                    VALUES (:key, :loop, :user, '2026-11-20', 0, '2026-11-20', :email,
+                            're_engagement', 'a', 'b1', 'retention-batch/k', 's', 'h', 't',
+                            'sent', :key)"""),
+                {"key": key, "loop": LOOP, "user": user_id, "email": address},
+            )
+    with sending_db.engine.begin() as connection:
+        assert unsubscribe_with_token(connection, make_token(SECRET, "u1", LOOP)) == (
+            "ada(x)@example.com"
+        )
+        complaint = parse_event(
+            "d1",
+            {
+                "type": "email.complained",
+                "created_at": "2026-11-21T09:00:00Z",
+                "data": {"email_id": "k2", "to": ["Bob;x@example.com "]},
+            },
+        )
+        assert store_event(connection, schema=SCHEMA, event=complaint).suppressed == (
+            "bob;x@example.com",
+        )
+    assert suppressions(sending_db) == [
+        ("ada(x)@example.com", "u1", "unsubscribed", f"unsubscribe_link:{LOOP}"),
+        ("bob;x@example.com", "u2", "complained", "resend_webhook:complained"),
+    ]

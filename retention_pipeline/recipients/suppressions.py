@@ -4,30 +4,16 @@ A suppression covers one loop (the person unsubscribed from that loop's emails) 
 (bounces, complaints, "all emails", the `suppress` command). The audience excludes a suppressed
 address in both arms.
 
-One mailbox is one address with surrounding blanks removed, compared in lower case, local part
-included: the providers people sign up with treat `Ada@Example.com` and `ada@example.com` as
-one mailbox. Sub-addresses (`ada+news@...`) and dots in Gmail local parts stay distinct: whether
-they reach the same mailbox depends on the provider, and the app's users table names the
-address a person signed up with.
+The list holds mailboxes (`recipients.addresses.normalize_address`).
 """
 
 from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.config.models import EMAIL_ADDRESS_PATTERN
-from retention_pipeline.email.unsubscribe import verify_token
+from retention_pipeline.recipients.addresses import mailbox_of
 
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
-
-
-def normalize_address(address: str) -> str:
-    """The mailbox `address` names, as the suppression list stores it; a one-line `ValueError`
-    for anything that is not one email address."""
-    mailbox = address.strip()
-    if not EMAIL_ADDRESS_PATTERN.fullmatch(mailbox):
-        raise ValueError(f"{address!r} is not an email address like ada@example.com")
-    return mailbox.lower()
 
 
 def suppress(
@@ -40,8 +26,9 @@ def suppress(
     user_id: str | None = None,
     loop_name: str | None = None,
 ) -> bool:
-    """Suppress `email` for `loop_name`, or for every loop when it is None, in the caller's
-    transaction.
+    """Suppress the mailbox of `email` for `loop_name`, or for every loop when it is None, in
+    the caller's transaction. The address is not judged here: one the pipeline emailed must be
+    suppressible whatever it looks like; a person's input is checked first (`normalize_address`).
 
     Idempotent: suppressing an address again keeps its first reason, source and time, and only
     fills in a user id that was missing; a loop's suppression is not added next to one for every
@@ -51,7 +38,9 @@ def suppress(
         raise ValueError(
             f"unknown suppression reason {reason!r} (known: {', '.join(SUPPRESSION_REASONS)})"
         )
-    address = normalize_address(email)
+    address = mailbox_of(email)
+    if not address:
+        raise ValueError("an empty address cannot be suppressed")
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     # `xmax = 0` holds for a row this statement inserted, not for one its DO UPDATE touched.
     inserted = connection.execute(
@@ -73,17 +62,6 @@ def suppress(
         },
     ).scalar_one_or_none()
     return bool(inserted)
-
-
-def unsubscribe_with_token(connection: Connection, *, schema: str, secret: str, token: str) -> str:
-    """Suppress the address the token's loop (any loop, for a token of every loop) last emailed
-    its user, for that loop or every loop; return that address.
-
-    Raises a one-line `ValueError` when the token does not verify with `secret`, and
-    `NothingToUnsubscribe` when no such email exists.
-    """
-    user_id, loop_name = verify_token(secret, token)
-    return unsubscribe_user(connection, schema=schema, user_id=str(user_id), loop_name=loop_name)
 
 
 def unsubscribe_user(
@@ -114,7 +92,7 @@ def unsubscribe_user(
         user_id=user_id,
         loop_name=loop_name,
     )
-    return normalize_address(email)
+    return mailbox_of(email)
 
 
 class NothingToUnsubscribe(ValueError):

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.sending.suppressions import normalize_address, suppress
+from retention_pipeline.recipients.addresses import mailbox_of
+from retention_pipeline.recipients.suppressions import suppress
 
 EVENT_TYPES = (
     "sent",
@@ -133,10 +134,9 @@ def store_event(connection: Connection, *, schema: str, event: DeliveryEvent) ->
     suppressed: list[str] = []
     reason = event.suppression_reason
     for recipient in event.recipients if reason else ():
-        try:
-            address = normalize_address(recipient)
-        except ValueError:
-            continue  # nothing could be mailed to it anyway
+        address = mailbox_of(recipient)
+        if not address:
+            continue
         if suppress(
             connection,
             schema=schema,

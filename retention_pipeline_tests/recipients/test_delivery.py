@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import text
 
 from retention_pipeline.email.message import SendResult
+from retention_pipeline.recipients.delivery import InvalidEventError, parse_event, store_event
 from retention_pipeline.sending import record
-from retention_pipeline.sending.delivery import InvalidEventError, parse_event, store_event
 from retention_pipeline_tests.sending.support import (
     SCHEMA,
     SendingDatabase,
