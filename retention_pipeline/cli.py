@@ -92,6 +92,7 @@ def _require_installed(connection, config) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from retention_pipeline.audience.experiment import period_loop, periods
     from retention_pipeline.outcomes.decisions import decisions_in_force
     from retention_pipeline.outcomes.performance import (
         performance_frame,
@@ -105,7 +106,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     with _engine(config).connect() as connection:
         _require_installed(connection, config)
         for loop in loops:
-            rows = performance_rows(connection, schema, loop, since=args.since)
+            recorded = periods(connection, schema, loop.name)
+            period = recorded[-1] if recorded else None
+            if args.period is not None:
+                period = next((p for p in recorded if p.number == args.period), None)
+                if period is None:
+                    raise ValueError(
+                        f"--period: {loop.name} has no period {args.period} "
+                        f"(it has {len(recorded) or 'none yet'})"
+                    )
+            measured = loop if period is None else period_loop(loop, period)
+            number = 1 if period is None else period.number
+            rows = performance_rows(connection, schema, measured, since=args.since, period=number)
             since = f" since {args.since}" if args.since else ""
             simulated = simulated_assignments(connection, schema, loop, since=args.since)
             not_counted = (
@@ -125,8 +137,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                     f"{headline.verdict} ({headline.treatment.finished} treated and "
                     f"{headline.holdout.finished} held-out episodes known)"
                 )
+            if period is not None:
+                others = "" if len(recorded) == 1 else f" of {len(recorded)}: see --period"
+                print(f"experiment {period}{others}")
             print(performance_frame(rows).drop(columns="loop").to_string(index=False))
-            decisions = decisions_in_force(connection, schema, loop, date.max)
+            decisions = decisions_in_force(connection, schema, measured, date.max, number)
             if not loop.adjust:
                 print("adjust: false; variants share traffic evenly, no step is paused")
             for decision in decisions.values():
@@ -279,6 +294,8 @@ def cmd_db_uninstall(args: argparse.Namespace) -> int:
         "reengagement_audience": "audience row(s)",
         "email_send_log": "email(s) in the send log",
         "email_events": "delivery event(s)",
+        "experiment_periods": "experiment period(s)",
+        "campaign_decisions": "campaign decision(s)",
     }
     for table, rows in kept.items():
         print(f"  kept {rows} {rows_of[table]} in {schema}.{kept_name(table)}")
@@ -606,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--loop", help="default: every loop")
     report.add_argument(
         "--since", type=date.fromisoformat, help="only assignments from this day (YYYY-MM-DD) on"
+    )
+    report.add_argument(
+        "--period",
+        type=int,
+        help="the experiment period to show (default: the current one; README: Outcomes)",
     )
     report.set_defaults(handler=cmd_report)
 

@@ -186,9 +186,10 @@ def test_restored_rows_keep_their_ids_and_new_rows_number_on(app_database_url: s
         )
         connection.execute(
             text("""
-                INSERT INTO retention.campaign_decisions
-                    (loop_name, step, decided_on, variant_shares, paused, reason, evidence)
-                VALUES ('re_engagement', 2, '2026-11-20', '{"a": 1}', true, 'harmful', '{}')""")
+                INSERT INTO retention.campaign_decisions (loop_name, step, step_id,
+                    decided_on, variant_shares, paused, reason, evidence)
+                VALUES ('re_engagement', 2, 're_engagement_last_call', '2026-11-20', '{"a": 1}',
+                        true, 'harmful', '{}')""")
         )
     with engine.connect() as connection:
         ids = dict(

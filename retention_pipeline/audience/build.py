@@ -24,10 +24,16 @@ withheld users of a step go on alike but for that one email. Each user also gets
 variant. The exclusions (suppressed address, no usable address, shared address, frequency cap)
 apply to every arm alike, so the holdout and the withheld stay comparable.
 
+Each episode belongs to the experiment period its loop was in on the day it started
+(`audience.experiment`): its steps (delays, templates, variants) and its holdout draw are that
+period's design until it ends, whatever the configuration says since, and each of its assignments
+carries the period.
+
 Unless the loop says `adjust: false`, the audience follows the latest decision made before its
-day (see `outcomes.decisions`): a paused step is sent to nobody, and variants get the decided
-shares of the step, drawn by a hash of the user and the decision's day (the holdout's hash does
-not change, so the shares never move a user between arms).
+day for the step's id in the episode's period (see `outcomes.decisions`): a paused step is sent
+to nobody, and variants get the decided shares of the step, drawn by a hash of the user and the
+decision's day (the holdout's hash does not change, so the shares never move a user between
+arms).
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ from datetime import date, datetime
 
 from sqlalchemy import Connection, text
 
+from retention_pipeline.audience.experiment import (
+    ExperimentPeriod,
+    open_periods,
+    period_loop,
+    record_period,
+)
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.outcomes.decisions import decisions_in_force
 from retention_pipeline.recipients.addresses import (
@@ -63,6 +75,9 @@ EXCLUSION_REASONS = (
 HOLDOUT_BUCKET_SQL = (
     "('x' || substr(md5({mailbox} || '/' || {salt}), 1, 8))::bit(32)::bigint % 10000"
 )
+
+# The plan (`_variant_plan`) the episodes of a period follow, by the SQL expression of the period.
+PLAN = "(CAST(:plans AS jsonb) -> {period}::text)"
 
 # A usable address, once trimmed: something@domain.tld with no spaces. Anything else is not worth
 # a bounce.
@@ -117,12 +132,19 @@ def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
     )
 
 
-def _variant_plan(connection: Connection, schema: str, loop: Loop, day: date) -> list[dict]:
-    """Per step: whether it is paused, the variants with the upper end of each one's share of
-    [0, 1), and the day of the decision that set the shares (None for an even split)."""
-    decisions = decisions_in_force(connection, schema, loop, day) if loop.adjust else {}
+def _variant_plan(
+    connection: Connection, schema: str, loop: Loop, period: ExperimentPeriod, day: date
+) -> dict:
+    """What the episodes of `period` follow on `day`: its holdout, and per step of its design
+    its template and delay, whether it is paused, the variants with the upper end of each one's
+    share of [0, 1), and the day of the decision that set the shares (None for an even split)."""
+    measured = period_loop(loop, period)
+    configured = {step.action.template for step in loop.steps}
+    decisions = (
+        decisions_in_force(connection, schema, measured, day, period.number) if loop.adjust else {}
+    )
     plan = []
-    for index, step in enumerate(loop.steps):
+    for index, step in enumerate(measured.steps):
         variants = step.action.variants
         decision = decisions.get(index)
         shares = [1 / len(variants)] * len(variants)
@@ -137,12 +159,22 @@ def _variant_plan(connection: Connection, schema: str, loop: Loop, day: date) ->
         bounds[-1][1] = 1.0  # every hash in [0, 1) finds a variant, whatever the rounding
         plan.append(
             {
-                "paused": bool(decision and decision.paused),
+                "template": step.action.template,
+                "delay_days": step.delay_days,
+                # A step taken out of the configuration is sent to nobody any more.
+                "paused": bool(decision and decision.paused)
+                or step.action.template not in configured,
                 "bounds": bounds,
                 "decided_on": decided_on,
             }
         )
-    return plan
+    holdout = period.design["holdout"]
+    return {
+        "salt": holdout["salt"],
+        "holdout_per_10000": round(holdout["fraction"] * 10000),
+        "step_holdout_per_10000": round(period.design["step_holdout"] * 10000),
+        "steps": plan,
+    }
 
 
 def _simulated(
@@ -173,23 +205,31 @@ def build_audience(
 ) -> AudienceSummary:
     """Replace the loop's audience of `day`, in the caller's transaction. Built at `now`
     outside the send window, its assignments are `simulated` (see `_simulated`): history that
-    never enters the performance, the decisions or the variant shares."""
-    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    never enters the performance, the decisions or the variant shares. Raises
+    DesignChangeRefused when the loop's design differs from the one the day (or a later one) was
+    assigned under (see `audience.experiment`)."""
+    schema = config.database.schema_
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
     simulated = _simulated(connection, s, loop.name, day, now, config.timezone)
+    period = record_period(connection, schema, config, loop, day)
     _undo_day(connection, s, loop.name, day)
+    # Open episodes follow the design of the period they started in.
+    followed = {p.number: p for p in open_periods(connection, schema, loop.name)}
+    followed[period.number] = period
     params = {
         "loop": loop.name,
         "day": day,
         "tz": config.timezone,
         "cooldown": loop.cooldown_days,
         "cap": config.email.frequency_cap_days,
-        "delays": [step.delay_days for step in loop.steps],
-        "templates": [step.action.template for step in loop.steps],
-        "salt": loop.holdout_salt,
-        "step_holdout_per_10000": round(loop.step_holdout * 10000),
-        "holdout_per_10000": round(loop.holdout.fraction * 10000),
+        "period": period.number,
         "email_pattern": EMAIL_ADDRESS_SQL_PATTERN,
-        "plan": json.dumps(_variant_plan(connection, config.database.schema_, loop, day)),
+        "plans": json.dumps(
+            {
+                str(number): _variant_plan(connection, schema, loop, followed[number], day)
+                for number in followed
+            }
+        ),
         "simulated": simulated,
     }
     connection.execute(
@@ -253,30 +293,33 @@ def build_audience(
             LEFT JOIN by_mailbox AS box ON box.mailbox = c.mailbox
         ),
         started AS (
-            INSERT INTO {s}.episodes (loop_name, user_id, started_on)
-            SELECT :loop, user_id, :day FROM judged WHERE held_back IS NULL
+            INSERT INTO {s}.episodes (loop_name, user_id, started_on, period)
+            SELECT :loop, user_id, :day, :period FROM judged WHERE held_back IS NULL
         )
         SELECT held_back, count(*) FROM judged
         WHERE held_back IN ('cooldown', 'shared_address') GROUP BY held_back"""),
         params,
     ).all()
-    step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(
-        mailbox="d.mailbox", salt="CAST(:salt AS text)", step="d.step"
-    )
+    d_plan = PLAN.format(period="d.period")
+    salt = f"({d_plan} ->> 'salt')"
+    holdout_bucket = HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt)
+    step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt, step="d.step")
     counts = connection.execute(
         text(f"""
         WITH due AS (
             -- Per open episode, from its own few steps: linear in episodes, whatever the
             -- planner believes of the episodes this transaction just started.
-            SELECT e.user_id, e.started_on, open_steps.step, open_steps.paused_step_due
+            SELECT e.user_id, e.started_on, e.period, open_steps.step,
+                   open_steps.paused_step_due
             FROM {s}.episodes AS e
             CROSS JOIN LATERAL (
-                SELECT min(i - 1) FILTER (WHERE NOT paused) AS step,
+                SELECT (min(i - 1) FILTER (WHERE NOT paused))::int AS step,
                        coalesce(bool_or(paused), false) AS paused_step_due
                 FROM (
-                    SELECT i, (CAST(:plan AS jsonb) -> (i - 1) ->> 'paused')::boolean AS paused
-                    FROM generate_subscripts(CAST(:delays AS int[]), 1) AS i
-                    WHERE (CAST(:delays AS int[]))[i] <= :day - e.started_on
+                    SELECT planned.i, (planned.step ->> 'paused')::boolean AS paused
+                    FROM jsonb_array_elements({PLAN.format(period="e.period")} -> 'steps')
+                        WITH ORDINALITY AS planned(step, i)
+                    WHERE (planned.step ->> 'delay_days')::int <= :day - e.started_on
                       AND NOT EXISTS (
                           SELECT FROM {s}.reengagement_audience AS past
                           WHERE past.loop_name = :loop AND past.user_id = e.user_id
@@ -309,8 +352,9 @@ def build_audience(
                         OR {mailbox_sql("snap.email")} IN (SELECT mailbox FROM recent_mailboxes)
                         THEN 'frequency_cap'
                 END AS excluded,
-                ('x' || substr(md5(due.user_id || '/' || :salt || '/variant'
-                    || coalesce('/' || (CAST(:plan AS jsonb) -> due.step ->> 'decided_on'), '')),
+                ('x' || substr(md5(due.user_id || '/' || ({PLAN.format(period="due.period")}
+                    ->> 'salt') || '/variant' || coalesce('/' || ({PLAN.format(period="due.period")}
+                    -> 'steps' -> due.step ->> 'decided_on'), '')),
                     1, 8))::bit(32)::bigint / 4294967296.0 AS variant_position
             FROM due
             LEFT JOIN {s}.user_activity_snapshot AS snap
@@ -329,9 +373,9 @@ def build_audience(
         ),
         inserted AS (
             INSERT INTO {s}.reengagement_audience (partition_date, loop_name, user_id, email,
-                episode_start, step, template, arm, variant, decided_on, simulated)
+                episode_start, step, template, arm, variant, decided_on, period, simulated)
             SELECT :day, :loop, d.user_id, d.email, d.started_on, d.step,
-                   (CAST(:templates AS text[]))[d.step + 1],
+                   {d_plan} -> 'steps' -> d.step ->> 'template',
                    CASE
                        -- An episode keeps the arm of its first step (a withheld step is one of
                        -- a treated episode).
@@ -341,18 +385,19 @@ def build_audience(
                             WHERE first.loop_name = :loop AND first.user_id = d.user_id
                               AND first.episode_start = d.started_on
                             ORDER BY first.partition_date LIMIT 1),
-                           {HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=":salt")}
-                               < :holdout_per_10000)
+                           {holdout_bucket} < ({d_plan} ->> 'holdout_per_10000')::int)
                            THEN 'holdout'
-                       WHEN d.step > 0 AND {step_bucket} < :step_holdout_per_10000
+                       WHEN d.step > 0
+                           AND {step_bucket} < ({d_plan} ->> 'step_holdout_per_10000')::int
                            THEN 'withheld'
                        ELSE 'treatment'
                    END,
                    (SELECT bound ->> 0
-                    FROM jsonb_array_elements(CAST(:plan AS jsonb) -> d.step -> 'bounds') AS bound
+                    FROM jsonb_array_elements({d_plan} -> 'steps' -> d.step -> 'bounds') AS bound
                     WHERE (bound ->> 1)::float8 > d.variant_position
                     ORDER BY (bound ->> 1)::float8 LIMIT 1),
-                   (CAST(:plan AS jsonb) -> d.step ->> 'decided_on')::date,
+                   ({d_plan} -> 'steps' -> d.step ->> 'decided_on')::date,
+                   d.period,
                    :simulated
             FROM decided AS d WHERE d.reason IS NULL
             ORDER BY d.user_id

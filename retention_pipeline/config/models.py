@@ -14,7 +14,14 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cron
 from retention_pipeline.recipients.addresses import EMAIL_ADDRESS_PATTERN
@@ -405,7 +412,14 @@ class QuerySuccess(TimedQuery):
 
 Success = Annotated[ActivitySuccess | EventSuccess | QuerySuccess, Field(discriminator="type")]
 
-KNOWN_TEMPLATES = ("re_engagement", "re_engagement_follow_up", "re_engagement_last_call")
+# Each shipped template and the variants it has copy of (its subject says which): a variant
+# named here has words of its own, any other would silently get the first one's.
+TEMPLATE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "re_engagement": ("a", "b"),
+    "re_engagement_follow_up": ("a", "b"),
+    "re_engagement_last_call": ("a", "b"),
+}
+KNOWN_TEMPLATES = tuple(TEMPLATE_VARIANTS)
 # What `{{user.FIELD}}` may name in a step's personalization, as the seed writes it.
 USER_FIELDS = ("id", "email", "name", "timezone", "last_activity_at")
 USER_FIELD_REFERENCE = re.compile(r"^\s*\{\{\s*user\.([A-Za-z_]\w*)\s*\}\}\s*$")
@@ -439,6 +453,23 @@ class EmailAction(StrictModel):
     def _template(cls, value: str) -> str:
         if value not in KNOWN_TEMPLATES:
             raise ValueError(f"unknown template {value!r} (known: {', '.join(KNOWN_TEMPLATES)})")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_have_copy(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        template = info.data.get("template")  # absent when the template itself was refused
+        if template is None:
+            return value
+        known = TEMPLATE_VARIANTS[template]
+        for variant in value:
+            if variant not in known:
+                raise ValueError(
+                    f"variant {variant!r} has no copy in template {template!r}, which would "
+                    f"send it variant {known[0]!r}'s words (its variants: {', '.join(known)})"
+                )
+        if len(set(value)) < len(value):
+            raise ValueError(f"each variant once ({', '.join(value)})")
         return value
 
 
@@ -562,7 +593,15 @@ class Loop(StrictModel):
     @model_validator(mode="after")
     def _sequence(self) -> Loop:
         previous = -1
+        templates: list[str] = []
         for index, step in enumerate(self.steps):
+            if step.action.template in templates:
+                raise ValueError(
+                    f"steps.{index}.action.template: {step.action.template!r} is already step "
+                    f"{templates.index(step.action.template)}'s; a step's template is its id in "
+                    "the experiment design, so each step of a loop has its own"
+                )
+            templates.append(step.action.template)
             if index and (step.trigger is not None or step.condition is not None):
                 raise ValueError(
                     f"steps.{index}: only the first step has a trigger and a condition; later "

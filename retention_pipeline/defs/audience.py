@@ -6,6 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from retention_pipeline.audience.build import build_audience
+from retention_pipeline.audience.experiment import DesignChangeRefused
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.defs.partitions import (
     DayResult,
@@ -80,15 +81,18 @@ def _audience_day(
     total = 0
     for loop in loops:
         candidates = condition_user_ids(app_database.engine, app_database.schema, loop, day)
-        with app_database.engine.begin() as connection:
-            summary = build_audience(
-                connection,
-                config=app_database.config,
-                loop=loop,
-                day=day,
-                candidates=candidates,
-                now=datetime.now(UTC),
-            )
+        try:
+            with app_database.engine.begin() as connection:
+                summary = build_audience(
+                    connection,
+                    config=app_database.config,
+                    loop=loop,
+                    day=day,
+                    candidates=candidates,
+                    now=datetime.now(UTC),
+                )
+        except DesignChangeRefused as refused:
+            raise dg.Failure(description=str(refused), allow_retries=False) from None
         total += summary.treatment + summary.holdout + summary.withheld
         metadata.update(
             {

@@ -16,12 +16,11 @@ from retention_pipeline.defs.partitions import (
 from retention_pipeline.defs.segments import SNAPSHOT
 from retention_pipeline.defs.sending import SEND_LOG
 from retention_pipeline.defs.tracking import ROLLUP
-from retention_pipeline.outcomes.decisions import decide, store_decisions
+from retention_pipeline.outcomes.decisions import decide_day
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes, success_days
 from retention_pipeline.outcomes.performance import (
     performance_frame,
     performance_metadata,
-    performance_rows,
 )
 from retention_pipeline.resources.app_database import AppDatabase
 
@@ -115,10 +114,8 @@ def _performance_day(
     tables, decision_lines = [], []
     for loop in config.loops:
         with app_database.engine.begin() as connection:
-            rows = performance_rows(connection, app_database.schema, loop, through=day)
+            rows, decisions = decide_day(connection, app_database.schema, loop, day)
             if loop.adjust:
-                decisions = decide(loop, rows, day)
-                store_decisions(connection, app_database.schema, loop, day, decisions)
                 decision_lines += [f"- **{loop.name}** {decision}" for decision in decisions]
             else:
                 decision_lines.append(f"- **{loop.name}**: adjust is off; nothing decided")

@@ -26,8 +26,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sqlalchemy import Connection, text
 
+from retention_pipeline.audience.experiment import period_in_force, period_loop
 from retention_pipeline.config.models import Loop
-from retention_pipeline.outcomes.performance import PerformanceRow
+from retention_pipeline.outcomes.performance import PerformanceRow, performance_rows
 from retention_pipeline.outcomes.stats import always_valid_difference, thompson_shares
 
 MINIMUM_VARIANT_SHARE = 0.1
@@ -172,21 +173,36 @@ def decide(loop: Loop, rows: list[PerformanceRow], day: date) -> list[Decision]:
 def store_decisions(
     connection: Connection, schema: str, loop: Loop, day: date, decisions: list[Decision]
 ) -> None:
-    """Replace the loop's decisions of `day`."""
+    """Replace the loop's decisions of `day`, in the experiment period in force that day (the
+    first, before any), each under its step's id: `loop` has the steps the decisions' indexes
+    count (the period's, `audience.experiment.period_loop`)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    connection.execute(
-        text(f"DELETE FROM {s}.campaign_decisions WHERE loop_name = :loop AND decided_on = :day"),
+    period = connection.execute(
+        text(f"""
+            SELECT coalesce(
+                (SELECT period FROM {s}.experiment_periods
+                 WHERE loop_name = :loop AND started_on <= :day
+                 ORDER BY started_on DESC LIMIT 1), 1)"""),
         {"loop": loop.name, "day": day},
+    ).scalar_one()
+    connection.execute(
+        text(
+            f"DELETE FROM {s}.campaign_decisions "
+            "WHERE loop_name = :loop AND period = :period AND decided_on = :day"
+        ),
+        {"loop": loop.name, "period": period, "day": day},
     )
     for decision in decisions:
         connection.execute(
             text(f"""
-                INSERT INTO {s}.campaign_decisions (loop_name, step, decided_on, variant_shares,
-                    paused, reason, evidence)
-                VALUES (:loop, :step, :day, CAST(:shares AS jsonb), :paused, :reason,
-                        CAST(:evidence AS jsonb))"""),
+                INSERT INTO {s}.campaign_decisions (loop_name, period, step_id, step, decided_on,
+                    variant_shares, paused, reason, evidence)
+                VALUES (:loop, :period, :step_id, :step, :day, CAST(:shares AS jsonb), :paused,
+                        :reason, CAST(:evidence AS jsonb))"""),
             {
                 "loop": loop.name,
+                "period": period,
+                "step_id": loop.steps[decision.step].action.template,
                 "step": decision.step,
                 "day": day,
                 "shares": json.dumps(decision.variant_shares),
@@ -198,21 +214,27 @@ def store_decisions(
 
 
 def decisions_in_force(
-    connection: Connection, schema: str, loop: Loop, day: date
+    connection: Connection, schema: str, loop: Loop, day: date, period: int
 ) -> dict[int, Decision]:
-    """Per step, the latest decision made before `day`: the one the audience of `day` follows."""
+    """Per step of `loop` (the period's steps), the latest decision made before `day`: the one
+    the audience of `day` follows. Decisions are found by the step's id, so they follow a step
+    wherever it moves: `period`'s own, or, for a step it has not decided yet, the latest
+    decision of that step in an earlier period."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
+    step_ids = [step.action.template for step in loop.steps]
     rows = connection.execute(
         text(f"""
-            SELECT DISTINCT ON (step) step, decided_on, variant_shares, paused, reason, evidence
+            SELECT DISTINCT ON (step_id) step_id, decided_on, variant_shares, paused, reason,
+                   evidence
             FROM {s}.campaign_decisions
-            WHERE loop_name = :loop AND decided_on < :day
-            ORDER BY step, decided_on DESC"""),
-        {"loop": loop.name, "day": day},
+            WHERE loop_name = :loop AND period <= :period AND decided_on < :day
+              AND step_id = ANY(CAST(:step_ids AS text[]))
+            ORDER BY step_id, period DESC, decided_on DESC"""),
+        {"loop": loop.name, "period": period, "day": day, "step_ids": step_ids},
     ).all()
     return {
-        row.step: Decision(
-            step=row.step,
+        step_ids.index(row.step_id): Decision(
+            step=step_ids.index(row.step_id),
             decided_on=row.decided_on,
             variant_shares=row.variant_shares,
             paused=row.paused,
@@ -220,5 +242,30 @@ def decisions_in_force(
             evidence=row.evidence,
         )
         for row in rows
-        if row.step < len(loop.steps)
     }
+
+
+def decide_day(
+    connection: Connection, schema: str, loop: Loop, day: date
+) -> tuple[list[PerformanceRow], list[Decision]]:
+    """The performance of the experiment period in force on `day`, measured with the period's
+    own steps, and (unless the loop says `adjust: false`) the decisions it leads to, stored.
+    A step with no outcome in the period yet decides nothing: it keeps the decision of its id
+    from an earlier period (a pause stays with its step), or an even split."""
+    period = period_in_force(connection, schema, loop.name, day)
+    measured = loop if period is None else period_loop(loop, period)
+    rows = performance_rows(
+        connection, schema, measured, through=day, period=None if period is None else period.number
+    )
+    if not loop.adjust:
+        return rows, []
+    measured_steps = {
+        row.step
+        for row in rows
+        if row.step is not None and (row.treatment.finished or row.holdout.finished)
+    }
+    decisions = [
+        decision for decision in decide(measured, rows, day) if decision.step in measured_steps
+    ]
+    store_decisions(connection, schema, measured, day, decisions)
+    return rows, decisions

@@ -250,8 +250,26 @@ def _arm_counts(row, revenue: dict[str | None, int]) -> ArmCounts:
     )
 
 
+# An outcome (`o`) of an assignment of the experiment period `:period` (default: the
+# latest; before any is recorded, everything is the first): periods are never mixed.
+IN_PERIOD_SQL = """EXISTS (
+    SELECT FROM {s}.reengagement_audience AS assigned
+    WHERE assigned.loop_name = o.loop_name
+      AND assigned.partition_date = o.partition_date
+      AND assigned.user_id = o.user_id
+      AND assigned.period = coalesce(
+          CAST(:period AS integer),
+          (SELECT max(period) FROM {s}.experiment_periods WHERE loop_name = :loop),
+          1))"""
+
+
 def _episode_rows(
-    connection: Connection, s: str, loop: Loop, since: date | None, through: date | None
+    connection: Connection,
+    s: str,
+    loop: Loop,
+    since: date | None,
+    through: date | None,
+    period: int | None,
 ) -> list[PerformanceRow]:
     """The loop's lines: one row per episode whose first assignment was made from `since`
     through `through`, each window counted from that first assignment, the treated episodes
@@ -274,7 +292,13 @@ def _episode_rows(
         WHERE CAST(:episodes_since AS date) IS NULL OR partition_date >= :episodes_since
         GROUP BY GROUPING SETS ((window_days, arm), (window_days, arm, revenue_currency))"""),
         # The first assignment is looked for in the whole history up to `through`.
-        {"loop": loop.name, "through": through, "since": None, "episodes_since": since},
+        {
+            "loop": loop.name,
+            "through": through,
+            "since": None,
+            "episodes_since": since,
+            "period": period,
+        },
     ).all()
     revenue: dict[tuple, dict[str | None, int]] = defaultdict(dict)
     for row in rows:
@@ -311,11 +335,14 @@ def performance_rows(
     *,
     since: date | None = None,
     through: date | None = None,
+    period: int | None = None,
 ) -> list[PerformanceRow]:
-    """The performance of the loop's assignments made from `since` through `through` (default:
-    all), as their outcomes stand: the loop per episode, each step, each variant, each window."""
+    """The performance of the loop's assignments of one experiment period (default: the latest)
+    made from `since` through `through` (default: all), as their outcomes stand: the loop per
+    episode, each step, each variant, each window. `loop` has the period's steps
+    (`audience.experiment.period_loop`)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    params = {"loop": loop.name, "through": through, "since": since}
+    params = {"loop": loop.name, "through": through, "since": since, "period": period}
     rows = connection.execute(
         text(f"""
         SELECT step, variant, window_days, arm, GROUPING(variant) = 1 AS all_variants,
@@ -339,7 +366,7 @@ def performance_rows(
         },
         key=lambda scope: (scope[0], scope[1] or ""),
     )
-    table = _episode_rows(connection, s, loop, since, through)
+    table = _episode_rows(connection, s, loop, since, through, period)
     for step, variant in scopes:
         for window in loop.window_days:
             treatment = counts.get((step, variant, window, "treatment"), ArmCounts())
@@ -390,7 +417,7 @@ def _outcomes_sql(s: str) -> str:
                          AND sent.episode_start = o.episode_start AND sent.step = o.step
                          AND sent.status = 'sent') AS sent
         FROM {s}.reengagement_outcomes AS o
-        WHERE o.loop_name = :loop
+        WHERE o.loop_name = :loop AND {IN_PERIOD_SQL.format(s=s)}
           AND (CAST(:since AS date) IS NULL OR o.partition_date >= :since)
           AND (CAST(:through AS date) IS NULL OR o.partition_date <= :through)"""
 

@@ -26,7 +26,7 @@ from retention_pipeline.email.unsubscribe import make_token, unsubscribe_headers
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, user_in_shard
 
 if TYPE_CHECKING:
-    from retention_pipeline.config.models import Loop, RetentionConfig
+    from retention_pipeline.config.models import Loop, RetentionConfig, Step
 
 
 def send_key(loop_name: str, user_id: str, episode_start: date, step: int) -> str:
@@ -104,18 +104,21 @@ def compose_emails(
         unclaimed_only=unclaimed_only,
         shard=shard,
     )
+    # A row's step is an index into its experiment period's steps, which may be ordered
+    # otherwise than the configuration's now: the row's template is the step.
+    steps = {step.action.template: step for step in loop.steps}
     for row in rows:
-        if not 0 <= row["step"] < len(loop.steps):
+        step = steps.get(row["template"])
+        if step is None:
             raise ValueError(
-                f"loop {loop.name!r} has {len(loop.steps)} steps, but the audience of {day} has "
-                f"user {row['user_id']!r} at step {row['step']}"
+                f"loop {loop.name!r} has no step {row['template']!r} any more, but the audience "
+                f"of {day} has user {row['user_id']!r} at it"
             )
-        step = loop.steps[row["step"]]
         token = make_token(unsubscribe_secret, row["user_id"], loop.name)
         context = email_context(
             row,
             config=config,
-            loop=loop,
+            step=step,
             as_of=as_of,
             unsubscribe_link=unsubscribe_url(base_url, token),
         )
@@ -138,12 +141,12 @@ def email_context(
     row: Mapping[str, Any],
     *,
     config: RetentionConfig,
-    loop: Loop,
+    step: Step,
     as_of: datetime,
     unsubscribe_link: str,
 ) -> dict[str, Any]:
-    """What a template sees for one user (`row`: the audience row joined with the snapshot),
-    with every time-relative word computed against `as_of`, never the wall clock."""
+    """What `step`'s template sees for one user (`row`: the audience row joined with the
+    snapshot), with every time-relative word computed against `as_of`, never the wall clock."""
     # Days away are counted from within the day, not from the next midnight: at the end of the
     # 20th, a user last seen on the 11th has been away 9 days, not 10.
     said_at = as_of - timedelta(microseconds=1)
@@ -157,7 +160,7 @@ def email_context(
     }
     return {
         "user": user,
-        "personalization": _personalization(loop, row["step"], user),
+        "personalization": _personalization(step, user),
         "variant": row["variant"],
         "product_name": config.email.product_name,
         "app_url": config.email.app_url,
@@ -187,11 +190,11 @@ def _phrases(last_actions: list[Mapping[str, Any]]) -> list[str]:
     return phrases
 
 
-def _personalization(loop: Loop, step: int, user: Mapping[str, Any]) -> dict[str, Any]:
+def _personalization(step: Step, user: Mapping[str, Any]) -> dict[str, Any]:
     """The step's `personalization` entries with `{{user.FIELD}}` references resolved (the
     configuration admits only fields the user record has)."""
     values = {}
-    for name, value in loop.steps[step].action.personalization.items():
+    for name, value in step.action.personalization.items():
         match = USER_FIELD_REFERENCE.match(value)
         values[name] = user[match.group(1)] if match else value
     return values

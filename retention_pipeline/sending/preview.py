@@ -61,7 +61,7 @@ def preview_email(
     context = email_context(
         {**row, "step": steps[0], "variant": chosen},
         config=config,
-        loop=loop,
+        step=step,
         as_of=day_end(day, config.timezone),
         unsubscribe_link=unsubscribe_url(config.email.unsubscribe_url, token),
     )

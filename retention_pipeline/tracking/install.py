@@ -49,10 +49,12 @@ LOCK_NOT_AVAILABLE = "55P03"
 # those it refers to. Who unsubscribed, bounced or complained:
 SUPPRESSION_TABLES = ("email_suppressions",)
 # Who was picked (the audience of both arms, which steps each episode had, the frequency cap),
-# who was emailed, what Resend said of each email, and the decisions the audiences followed: a
-# re-run of a day sends nobody twice, the links of emails already sent still unsubscribe, and
-# a step paused as harmful stays paused.
+# under which experiment design (each episode's steps follow its period's), who was emailed, what
+# Resend said of each email, and the decisions the audiences followed: a re-run of a day sends
+# nobody twice, the links of emails already sent still unsubscribe, and a step paused as harmful
+# stays paused.
 SEND_HISTORY_TABLES = (
+    "experiment_periods",
     "episodes",
     "reengagement_audience",
     "email_send_log",

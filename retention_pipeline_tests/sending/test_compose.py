@@ -201,5 +201,8 @@ def test_a_step_the_loop_no_longer_has_is_a_one_line_error(sending_db: SendingDa
     document["loops"][0]["steps"] = document["loops"][0]["steps"][:1]
     shortened = parse_config(document, environ={})
 
-    with pytest.raises(ValueError, match="has 1 steps, but the audience of 2026-11-20 has user"):
+    with pytest.raises(
+        ValueError,
+        match="no step 're_engagement_last_call' any more, but the audience of 2026-11-20",
+    ):
         compose(sending_db, loops=shortened.loops)
