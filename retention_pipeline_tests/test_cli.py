@@ -387,8 +387,9 @@ def test_a_role_without_rights_gets_one_line_naming_the_right_and_the_object(
             "SELECT on table public.subscriptions",
             f"error: loops.re_engagement: the segments would fail: {lacks} DELETE on table "
             "retention.engagement_segments",
-            f"error: loops.re_engagement: the audience would fail: {lacks} DELETE on table "
-            "retention.reengagement_audience",
+            # Its first write records the loop's experiment design.
+            f"error: loops.re_engagement: the audience would fail: {lacks} INSERT on table "
+            "retention.experiment_periods",
             f"error: loops.re_engagement: the outcomes would fail: {lacks} DELETE on table "
             "retention.reengagement_outcomes",
         ]

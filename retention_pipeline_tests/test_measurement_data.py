@@ -307,8 +307,19 @@ def test_a_backfill_through_the_assets_leaves_the_variant_shares_even(
     assert failure.step_failure_data.user_failure_data.description.startswith(
         "subscriptions.billing_interval: unknown billing interval 'fortnight' (known: "
     )
-    assert "loop_0** step 0: shares a 50%" in performance.metadata["decisions"].value
+    # No decision moves the shares: simulated days have no outcomes, so the steps keep the even
+    # split (a decision is stored only once a step has outcomes in its period).
+    assert "shares a 50%" in performance.metadata["decisions"].value or (
+        performance.metadata["decisions"].value == ""
+    )
     with engine.connect() as connection:
+        assert (
+            connection.execute(
+                text("""SELECT count(*) FROM retention.campaign_decisions
+                        WHERE variant_shares <> '{"a": 0.5, "b": 0.5}'::jsonb""")
+            ).scalar_one()
+            == 0
+        )
         assert connection.execute(
             text("SELECT bool_and(simulated), count(*) > 0 FROM retention.reengagement_audience")
         ).one() == (True, True)
