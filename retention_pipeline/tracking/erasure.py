@@ -84,16 +84,26 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
 def users_gone_from_app(connection: Connection, config: RetentionConfig) -> None:
     """Without triggers, find deleted users by comparing the latest snapshot with the app's
     users table, and record them for erasure."""
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    record_users_gone(
+        connection,
+        config,
+        f"""SELECT user_id FROM {s}.user_activity_snapshot
+            WHERE partition_date = (SELECT max(partition_date) FROM {s}.user_activity_snapshot)""",
+    )
+
+
+def record_users_gone(connection: Connection, config: RetentionConfig, known_users: str) -> None:
+    """Record for erasure the users of `known_users` (SQL selecting a `user_id` column) that the
+    app's users table no longer has: what the delete trigger would have recorded."""
     users = resolve_app_tables(connection, config.database.tables)["users"]
     preparer = connection.dialect.identifier_preparer
     s = preparer.quote_schema(config.database.schema_)
     connection.execute(
         text(f"""
             INSERT INTO {s}.erased_users (user_id)
-            SELECT snap.user_id FROM {s}.user_activity_snapshot AS snap
-            WHERE snap.partition_date = (SELECT max(partition_date)
-                                         FROM {s}.user_activity_snapshot)
-              AND NOT EXISTS (
-                  SELECT FROM {users.sql_name(preparer)} AS u
-                  WHERE {users.column_sql("id", "u", preparer)}::text = snap.user_id)""")
+            SELECT known.user_id FROM ({known_users}) AS known
+            WHERE NOT EXISTS (
+                SELECT FROM {users.sql_name(preparer)} AS u
+                WHERE {users.column_sql("id", "u", preparer)}::text = known.user_id)""")
     )

@@ -26,8 +26,9 @@ from sqlalchemy.exc import OperationalError
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
-from retention_pipeline.database.app_tables import resolve_app_tables, table_sql
+from retention_pipeline.database.app_tables import table_sql
 from retention_pipeline.database.reinstall import keep_for_reinstall, restore_kept
+from retention_pipeline.tracking.erasure import record_users_gone
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
 from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
 from retention_pipeline.tracking.state import (
@@ -305,21 +306,14 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
 def _record_users_gone_while_uninstalled(connection: Connection, config: RetentionConfig) -> None:
     """Users of the restored history that the app deleted while no trigger watched (or before
     a drain erased them): recorded for the next drain to erase, as the trigger would have."""
-    users = resolve_app_tables(connection, config.database.tables)["users"]
-    preparer = connection.dialect.identifier_preparer
-    s = preparer.quote_schema(config.database.schema_)
-    connection.execute(
-        text(f"""
-            INSERT INTO {s}.erased_users (user_id)
-            SELECT kept.user_id FROM (
-                SELECT user_id FROM {s}.email_send_log
-                UNION SELECT user_id FROM {s}.episodes
-                UNION SELECT user_id FROM {s}.reengagement_audience
-                UNION SELECT user_id FROM {s}.email_suppressions WHERE user_id IS NOT NULL
-            ) AS kept
-            WHERE NOT EXISTS (
-                SELECT FROM {users.sql_name(preparer)} AS u
-                WHERE {users.column_sql("id", "u", preparer)}::text = kept.user_id)""")
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    record_users_gone(
+        connection,
+        config,
+        f"""SELECT user_id FROM {s}.email_send_log
+            UNION SELECT user_id FROM {s}.episodes
+            UNION SELECT user_id FROM {s}.reengagement_audience
+            UNION SELECT user_id FROM {s}.email_suppressions WHERE user_id IS NOT NULL""",
     )
 
 
