@@ -7,7 +7,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 
 from retention_pipeline.config import RetentionConfig
 from retention_pipeline.database.day_partitions import ensure_day_partition
+from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.email.resend_sender import ResendSender
 from retention_pipeline.sending import claim, compose_emails
 from retention_pipeline_tests.email.fake_resend import FakeClock, FakeResend
@@ -150,6 +151,23 @@ def make_sender(clock: FakeClock | None = None, **overrides: Any) -> ResendSende
     options: dict[str, Any] = {"sleep": clock.sleep, "clock": clock, "requests_per_second": 1e6}
     options.update(overrides)
     return ResendSender(API_KEY, FROM, **options)
+
+
+class ActingAfterFirstRequest:
+    """A `ResendSender` that runs `action` once its first request is answered: an unsubscribe,
+    an erasure or a lost lock landing while the dispatch is underway, after every batch was
+    claimed."""
+
+    def __init__(self, sender: ResendSender, action: Callable[[], None]) -> None:
+        self._sender = sender
+        self._action: Callable[[], None] | None = action
+
+    def send(self, emails: Sequence[OutgoingEmail], **options: str | None) -> list[SendResult]:
+        results = self._sender.send(emails, **options)
+        if self._action is not None:
+            self._action()
+            self._action = None
+        return results
 
 
 class SlowFakeResend(FakeResend):

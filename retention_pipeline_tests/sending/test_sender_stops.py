@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, time, timedelta
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -22,8 +22,6 @@ from sqlalchemy import make_url, text
 from retention_pipeline.config.models import Recovery
 from retention_pipeline.defs.partitions import daily_partitions
 from retention_pipeline.defs.sending import build_send_job, send_partition_key
-from retention_pipeline.email.message import OutgoingEmail, SendResult
-from retention_pipeline.email.resend_sender import ResendSender
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import ResendEmail
 from retention_pipeline.sending import SenderLockLost, SendRunReport, send_loop_day, sender_lock
@@ -35,6 +33,7 @@ from retention_pipeline_tests.sending.support import (
     FROM,
     LOOP,
     SECRET,
+    ActingAfterFirstRequest,
     SendingDatabase,
     add_users,
     make_sender,
@@ -46,21 +45,6 @@ from retention_pipeline_tests.sending.support import (
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MORNING = datetime.combine(DAY + timedelta(days=1), time(9), UTC)
 HOLDER = "retention sender re_engagement/0 run deadbeef"
-
-
-class ActingAfterFirstRequest:
-    """A `ResendSender` that runs `action` once its first request is answered."""
-
-    def __init__(self, sender: ResendSender, action: Callable[[], None]) -> None:
-        self._sender = sender
-        self._action: Callable[[], None] | None = action
-
-    def send(self, emails: Sequence[OutgoingEmail], **options: str | None) -> list[SendResult]:
-        results = self._sender.send(emails, **options)
-        if self._action is not None:
-            self._action()
-            self._action = None
-        return results
 
 
 def send_run(

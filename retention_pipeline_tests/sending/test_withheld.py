@@ -5,14 +5,11 @@ twice, against the local stand-in for Resend."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
 
 from alembic import command
 from sqlalchemy import text
 
 from retention_pipeline.database import migrate
-from retention_pipeline.email.message import OutgoingEmail, SendResult
-from retention_pipeline.email.resend_sender import ResendSender
 from retention_pipeline.sending import pending_batch_keys, send_pending, start_batch
 from retention_pipeline.sending.dispatch import DispatchReport
 from retention_pipeline.tracking.erasure import erase_users
@@ -21,6 +18,7 @@ from retention_pipeline_tests.email.fake_resend import FakeResend
 from retention_pipeline_tests.sending.support import (
     LOOP,
     SCHEMA,
+    ActingAfterFirstRequest,
     SendingDatabase,
     User,
     add_users,
@@ -29,22 +27,6 @@ from retention_pipeline_tests.sending.support import (
     statuses,
     users,
 )
-
-
-class ActingAfterFirstRequest:
-    """A `ResendSender` that runs `action` once its first request is answered: an unsubscribe or
-    an erasure landing while the dispatch is underway, after every batch was claimed."""
-
-    def __init__(self, sender: ResendSender, action: Callable[[], None]) -> None:
-        self._sender = sender
-        self._action: Callable[[], None] | None = action
-
-    def send(self, emails: Sequence[OutgoingEmail], **options: str | None) -> list[SendResult]:
-        results = self._sender.send(emails, **options)
-        if self._action is not None:
-            self._action()
-            self._action = None
-        return results
 
 
 def dispatch(db: SendingDatabase, sender: object) -> DispatchReport:
