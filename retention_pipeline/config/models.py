@@ -10,7 +10,7 @@ import ipaddress
 import re
 from datetime import date, timedelta
 from email.utils import parseaddr
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -163,10 +163,6 @@ class TableMapping(StrictModel):
         return f"{self.schema_}.{self.table}"
 
 
-def _table(table: str, **columns: str) -> TableMapping:
-    return TableMapping(table=table, columns=columns)
-
-
 # The logical columns the pipeline reads from each app table: a mapping must name the required
 # ones and may leave the optional ones out (the app has no such column).
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -175,6 +171,9 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "sessions": ("user_id", "created_at"),
     "subscriptions": ("user_id", "status", "plan", "amount_cents"),
 }
+# Subscriptions validate their own mapping (SubscriptionsMapping: an owner, an amount from
+# elsewhere); these are the keys of its `columns` for a user's own subscription.
+TABLE_MAPPINGS = ("users", "events", "sessions")
 OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "users": ("name", "timezone"),
     "events": ("properties",),
@@ -183,8 +182,298 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Our status vocabulary (Stripe's); the app's own values map onto it with `status:`.
+STATUSES = (
+    "active",
+    "trialing",
+    "past_due",
+    "canceled",
+    "unpaid",
+    "incomplete",
+    "incomplete_expired",
+    "paused",
+)
+# The statuses of a subscription that still describes the user (preferred to canceled ones).
+LIVE_STATUSES = ("active", "trialing", "past_due")
+# The subscription keys of `columns`: a user's own subscription names the user and the amount;
+# an owned one names them in `owner` and `amount`.
+SUBSCRIPTION_COLUMNS = REQUIRED_COLUMNS["subscriptions"] + OPTIONAL_COLUMNS["subscriptions"]
+
+
+class _Table(StrictModel):
+    table: Identifier
+    schema_: Identifier = Field("public", alias="schema")
+
+    @field_validator("table", "schema_")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        return _check_identifier(value)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema_}.{self.table}"
+
+
+class Members(_Table):
+    """The table whose rows make users members of an owner (OrganisationMember, Membership,
+    stripe.customers): its owner column, and the member as a user id (`user`) or as an email
+    address matched against the users' (`email`)."""
+
+    owner: ColumnReference
+    user: ColumnReference | None = None
+    email: ColumnReference | None = None
+    where: list[Predicate] = []
+
+    @model_validator(mode="after")
+    def _one_user(self) -> Members:
+        if (self.user is None) == (self.email is None):
+            raise ValueError("name the member by exactly one of `user` (a user id) or `email`")
+        return self
+
+
+class OwnerTable(_Table):
+    """The owner's own table (Organisation, Team), whose `user` column names its owning user."""
+
+    id: ColumnReference = "id"
+    user: ColumnReference
+
+
+class Owner(StrictModel):
+    """Who the subscription belongs to when it is not a user: the subscription's `column` holds
+    an owner id, whose members are read from `members`, or from the users table's own
+    `users_column` (User.stripeCustomerId)."""
+
+    column: ColumnReference
+    members: Members | None = None
+    users_column: ColumnReference | None = None
+    owning_member: OwnerTable | list[Predicate] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_members(self) -> Owner:
+        if (self.members is None) == (self.users_column is None):
+            raise ValueError(
+                "name the owner's members by exactly one of `members` or `users_column`"
+            )
+        if isinstance(self.owning_member, list) and self.members is None:
+            raise ValueError("owning_member: predicates select among `members` rows")
+        return self
+
+
+class Price(_Table):
+    """A prices table: the amount of one unit, and what else the price says."""
+
+    id: ColumnReference = "id"
+    amount: ColumnReference
+    unit: Literal["minor", "major"] = "minor"
+    interval: ColumnReference | None = None
+    interval_count: ColumnReference | None = None
+    currency: ColumnReference | None = None
+    plan: ColumnReference | None = None
+
+
+class Items(_Table):
+    """Line items of a subscription (stripe.subscription_items), each with its price and
+    quantity; `subscription` is the item's column holding the subscription's `key`."""
+
+    subscription: ColumnReference
+    key: ColumnReference = "id"
+    where: list[Predicate] = []
+
+
+class Amount(StrictModel):
+    """The amount billed per interval: a column (or JSON path) of the subscription in `unit`,
+    or a price (from `price`) times an optional `quantity`, per item when `items` are given
+    (`by` and `quantity` then being the item's columns)."""
+
+    column: ColumnReference | None = None
+    unit: Literal["minor", "major"] = "minor"
+    price: Price | None = None
+    by: ColumnReference | None = None
+    quantity: ColumnReference | None = None
+    items: Items | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Amount:
+        if (self.column is None) == (self.price is None):
+            raise ValueError("give the amount as exactly one of `column` or `price`")
+        if self.price is not None and self.by is None:
+            raise ValueError("by: required with `price` (the column holding the price id)")
+        if self.price is None and (self.by or self.items):
+            raise ValueError("`by` and `items` go with `price`")
+        return self
+
+
+def _stripe_mapping(stripe: dict[str, Any]) -> dict[str, Any]:
+    """The mapping of the tables supabase/stripe-sync-engine writes (migrations 0002-0041:
+    customers, prices, subscriptions, subscription_items), by how customers map to users."""
+    unknown = sorted(set(stripe) - {"schema", "customer"})
+    if unknown:
+        raise ValueError(f"stripe.{unknown[0]}: unknown key (known: customer, schema)")
+    schema = stripe.get("schema", "stripe")
+    customer = stripe.get("customer")
+    customers = {
+        "table": "customers",
+        "schema": schema,
+        "owner": "id",
+        "where": [{"column": "deleted", "is": "false"}],
+    }
+    if customer == "email":
+        owner = {"column": "customer", "members": {**customers, "email": "email"}}
+    elif isinstance(customer, dict) and list(customer) == ["metadata"]:
+        key = _check_identifier(str(customer["metadata"]))
+        owner = {"column": "customer", "members": {**customers, "user": f"metadata.{key}"}}
+    elif isinstance(customer, dict) and list(customer) == ["users_column"]:
+        owner = {"column": "customer", "users_column": customer["users_column"]}
+    else:
+        raise ValueError(
+            "stripe.customer: how a Stripe customer maps to a user: `email`, "
+            "{metadata: <key holding the user id>} or {users_column: <users column holding "
+            "the customer id>}"
+        )
+    return {
+        "table": "subscriptions",
+        "schema": schema,
+        "owner": owner,
+        "columns": {"status": "status", "updated_at": "updated_at"},
+        "amount": {
+            "price": {
+                "table": "prices",
+                "schema": schema,
+                "id": "id",
+                "amount": "unit_amount",
+                "interval": "recurring.interval",
+                "interval_count": "recurring.interval_count",
+                "currency": "currency",
+                "plan": "product",
+            },
+            "by": "price",
+            "quantity": "quantity",
+            "items": {
+                "table": "subscription_items",
+                "schema": schema,
+                "subscription": "subscription",
+                "key": "id",
+                "where": [{"column": "deleted", "is": "false"}],
+            },
+        },
+    }
+
+
+class SubscriptionsMapping(_Table):
+    """Where the app's subscriptions are and what they say (`database.tables.subscriptions`).
+
+    The plain mapping (a table whose rows each name a user in `columns.user_id`, with status,
+    plan and amount columns) is one shape among several. A subscription may be owned by an
+    organization, team, workspace or Stripe customer whose members are the users (`owner`); its
+    status may be in the app's own vocabulary (`status`, booleans included); its amount may be
+    in major units, inside a JSON column, or a price times a quantity in other tables (`amount`);
+    `stripe:` is all of it ready-made for the tables supabase/stripe-sync-engine writes.
+
+    The snapshot gives every user reached one subscription: a live one before a canceled one,
+    then the latest changed. Its monthly amount is what `credit` gives the user, and what the
+    outcomes count as the user's revenue:
+    - `each`: every member is credited the whole amount (a team's revenue counted per member);
+    - `split`: the amount divided evenly between the owner's members (counted once in total);
+    - `owner`: the whole amount to the owning member (`owner.owning_member`: the owner table's
+      column naming its user, or predicates on the members' rows such as a role); several
+      owning members share it evenly; the other members are credited 0 and keep the status.
+    """
+
+    columns: dict[str, ColumnReference] = {}
+    owner: Owner | None = None
+    status: dict[str, Literal[STATUSES]] | None = None  # type: ignore[valid-type]
+    amount: Amount | None = None
+    credit: Literal["owner", "split", "each"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stripe(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stripe" in data:
+            rest = {key: value for key, value in data.items() if key != "stripe"}
+            allowed = {"credit", "status"}
+            if set(rest) - allowed:
+                extra = sorted(set(rest) - allowed)[0]
+                raise ValueError(f"{extra}: not with `stripe` (it maps the tables itself)")
+            # A customer is usually one user: splitting counts its revenue once either way.
+            return {**_stripe_mapping(data["stripe"] or {}), "credit": "split", **rest}
+        return data
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _boolean_keys(cls, value: Any) -> Any:
+        # YAML reads `true: active` with a boolean key; the column compares as text.
+        if isinstance(value, dict):
+            return {
+                str(key).lower() if isinstance(key, bool) else str(key): ours
+                for key, ours in value.items()
+            }
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> SubscriptionsMapping:
+        unknown = sorted(set(self.columns) - set(SUBSCRIPTION_COLUMNS))
+        if unknown:
+            raise ValueError(
+                f"columns: unknown column key {unknown[0]!r} "
+                f"(known: {', '.join(sorted(SUBSCRIPTION_COLUMNS))})"
+            )
+        if self.owner is None and "user_id" not in self.columns:
+            raise ValueError(
+                "columns: missing required column key 'user_id' (or say whose "
+                "subscriptions they are with `owner`)"
+            )
+        if self.owner is not None and "user_id" in self.columns:
+            raise ValueError(
+                "columns.user_id: not with `owner` (the owner's members are the users)"
+            )
+        if "status" not in self.columns:
+            raise ValueError("columns: missing required column key 'status'")
+        price = self.amount.price if self.amount else None
+        if self.amount is None and "amount_cents" not in self.columns:
+            raise ValueError(
+                "columns: missing required column key 'amount_cents' (or give `amount`)"
+            )
+        if self.amount is not None and "amount_cents" in self.columns:
+            raise ValueError("columns.amount_cents: not with `amount`")
+        if "plan" not in self.columns and (price is None or price.plan is None):
+            raise ValueError("columns: missing required column key 'plan'")
+        if price is not None:
+            for key in ("billing_interval", "currency"):
+                read = {"billing_interval": price.interval, "currency": price.currency}[key]
+                if key in self.columns and read is not None:
+                    raise ValueError(f"columns.{key}: also given by amount.price")
+        if self.credit is not None and self.owner is None:
+            raise ValueError(
+                "credit: a user's own subscription is credited to the user; "
+                "`credit` goes with `owner`"
+            )
+        if self.owner is not None and self.credit is None:
+            raise ValueError(
+                "credit: required with `owner`: owner, split or each (how a "
+                "team's revenue is credited to its members)"
+            )
+        if self.credit == "owner" and (self.owner is None or self.owner.owning_member is None):
+            raise ValueError(
+                "owner.owning_member: required with `credit: owner` (the owner "
+                "table's column naming its user, or predicates on the members)"
+            )
+        return self
+
+    def maps(self, key: str) -> bool:
+        return key in self.columns
+
+    @property
+    def table_key(self) -> str:
+        return self.qualified_name
+
+
+def _table(table: str, **columns: str) -> TableMapping:
+    return TableMapping(table=table, columns=columns)
+
+
 class AppTables(StrictModel):
-    """The app's tables, read and never written. Defaults follow a typical NestJS schema."""
+    """The app's tables, read and never written. Defaults follow a typical NestJS schema; an
+    app that bills nothing leaves `subscriptions` out of its `tables`."""
 
     users: TableMapping = _table(
         "users", id="id", email="email", name="name", timezone="timezone", created_at="created_at"
@@ -193,20 +482,11 @@ class AppTables(StrictModel):
         "events", user_id="user_id", name="name", properties="properties", created_at="created_at"
     )
     sessions: TableMapping = _table("sessions", user_id="user_id", created_at="created_at")
-    subscriptions: TableMapping = _table(
-        "subscriptions",
-        user_id="user_id",
-        status="status",
-        plan="plan",
-        amount_cents="amount_cents",
-        billing_interval="billing_interval",
-        currency="currency",
-        updated_at="updated_at",
-    )
+    subscriptions: SubscriptionsMapping | None = None
 
     @model_validator(mode="after")
     def _known_columns(self) -> AppTables:
-        for name in REQUIRED_COLUMNS:
+        for name in TABLE_MAPPINGS:
             mapping: TableMapping = getattr(self, name)
             known = set(REQUIRED_COLUMNS[name]) | set(OPTIONAL_COLUMNS[name])
             unknown = sorted(set(mapping.columns) - known)
@@ -220,8 +500,28 @@ class AppTables(StrictModel):
                 raise ValueError(f"{name}.columns: missing required column key {missing[0]!r}")
         return self
 
-    def items(self) -> list[tuple[str, TableMapping]]:
-        return [(name, getattr(self, name)) for name in REQUIRED_COLUMNS]
+    def items(self) -> list[tuple[str, TableMapping | SubscriptionsMapping]]:
+        """The mapped tables, by name (subscriptions only when the app bills)."""
+        return [
+            (name, getattr(self, name))
+            for name in REQUIRED_COLUMNS
+            if getattr(self, name) is not None
+        ]
+
+
+# The typical NestJS schema's subscriptions, mapped when `database.tables` is not given at all.
+DEFAULT_SUBSCRIPTIONS = SubscriptionsMapping(
+    table="subscriptions",
+    columns={
+        "user_id": "user_id",
+        "status": "status",
+        "plan": "plan",
+        "amount_cents": "amount_cents",
+        "billing_interval": "billing_interval",
+        "currency": "currency",
+        "updated_at": "updated_at",
+    },
+)
 
 
 class DatabaseSettings(StrictModel):
@@ -239,7 +539,7 @@ class DatabaseSettings(StrictModel):
     schema_: Identifier = Field("retention", alias="schema")
     statement_timeout: Duration = "10m"
     tracking: Literal["triggers", "incremental"] = "triggers"
-    tables: AppTables = AppTables()
+    tables: AppTables = AppTables(subscriptions=DEFAULT_SUBSCRIPTIONS)
     keep_days: int = Field(
         400,
         ge=35,
