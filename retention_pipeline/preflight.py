@@ -20,11 +20,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import TextClause
 
 from retention_pipeline.audience.build import build_audience
-from retention_pipeline.config.models import REQUIRED_COLUMNS, QueryCondition, RetentionConfig
+from retention_pipeline.config.models import QueryCondition, RetentionConfig
 from retention_pipeline.database.app_tables import inspect_app_tables
 from retention_pipeline.database.migrate import installation_problem
 from retention_pipeline.database.privileges import lacking_right
-from retention_pipeline.database.replica import COPIED_TABLES, copy_source_sql
+from retention_pipeline.database.replica import (
+    COPIED_TABLES,
+    copy_source_sql,
+    subscriptions_source_sql,
+)
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.outcomes.performance import performance_rows
 from retention_pipeline.segments.conditions import (
@@ -33,6 +37,7 @@ from retention_pipeline.segments.conditions import (
     explain_condition,
 )
 from retention_pipeline.segments.rules import build_segments
+from retention_pipeline.segments.snapshot.billing import billing_parameters
 from retention_pipeline.segments.snapshot.full import app_reads_sql, snapshot_sql
 from retention_pipeline.segments.snapshot.statement import snapshot_parameters
 
@@ -62,14 +67,15 @@ def preflight(
     report.problems.extend(mapping.problems)
     parameters = snapshot_parameters(config, day)
     tables = mapping.resolved
-    if {"users", "subscriptions"} <= tables.keys():
+    every_table_resolved = all(name in tables for name, _ in config.database.tables.items())
+    if "users" in tables:
         with engine.connect() as connection:
             reads = app_reads_sql(connection, tables)
         reads_plan = [
             _plan(engine, report, f"database.tables.{table}: the snapshot's read", sql, parameters)
             for table, sql in reads.items()
         ]
-        if not_installed is None and len(tables) == len(REQUIRED_COLUMNS) and all(reads_plan):
+        if not_installed is None and every_table_resolved and all(reads_plan):
             with engine.connect() as connection:
                 sql = snapshot_sql(connection, config, tables)
             _plan(engine, report, "the snapshot", sql, parameters)
@@ -130,17 +136,22 @@ def _check_replica(read_engine: Engine, config: RetentionConfig, report: Preflig
         with read_engine.connect() as replica:
             mapping = inspect_app_tables(replica, config.database.tables)
             sources = {
-                name: copy_source_sql(replica, mapping.resolved[name])
+                f"the copy of {name}": copy_source_sql(replica, mapping.resolved[name])
                 for name in COPIED_TABLES
                 if name in mapping.resolved
             }
+            if "subscriptions" in mapping.resolved:
+                sources["the subscriptions' read"] = subscriptions_source_sql(
+                    replica, mapping.resolved
+                )
             replica.rollback()
     except OperationalError as error:
         report.problems.append(f"database.read_url: cannot connect: {_first_line(error)}")
         return
     report.problems.extend(f"database.read_url: {problem}" for problem in mapping.problems)
-    for name, sql in sources.items():
-        _plan(read_engine, report, f"database.read_url: the copy of {name}", sql, {})
+    parameters = billing_parameters(config.database.tables.subscriptions)
+    for what, sql in sources.items():
+        _plan(read_engine, report, f"database.read_url: {what}", sql, parameters)
 
 
 def _plan(engine: Engine, report: PreflightReport, what: str, sql: str, parameters: dict) -> bool:

@@ -5,12 +5,24 @@ Everything here reads the catalog only; the pipeline never writes the app's tabl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, text
 from sqlalchemy.sql.compiler import IdentifierPreparer
 
-from retention_pipeline.config.models import AppTables, TableMapping
+from retention_pipeline.config.models import (
+    AppTables,
+    OwnerTable,
+    Predicate,
+    SubscriptionsMapping,
+    TableMapping,
+    parse_column_reference,
+)
+from retention_pipeline.database.predicates import (
+    column_ref_problem,
+    column_ref_sql,
+    predicate_problem,
+)
 
 TIMESTAMP_TYPES = ("timestamp", "timestamptz", "date")
 # What each mapped column must hold for the pipeline's SQL to mean something; a key not named
@@ -23,16 +35,22 @@ EXPECTED_KINDS: dict[tuple[str, str], str] = {
     ("events", "name"): "label",
     ("events", "created_at"): "timestamp",
     ("sessions", "created_at"): "timestamp",
-    ("subscriptions", "status"): "label",
+    ("subscriptions", "status"): "label_or_flag",
     ("subscriptions", "plan"): "label",
     ("subscriptions", "currency"): "label",
     ("subscriptions", "billing_interval"): "label",
     ("subscriptions", "amount_cents"): "number",
     ("subscriptions", "updated_at"): "timestamp",
+    ("subscription_prices", "amount"): "number",
+    ("subscription_prices", "interval"): "label",
+    ("subscription_prices", "currency"): "label",
+    ("subscription_items", "quantity"): "number",
+    ("subscriptions", "quantity"): "number",
 }
 KIND_DESCRIPTIONS = {
     "text": "a text type",
     "label": "a text or enum type",
+    "label_or_flag": "a text, enum or boolean type",
     "number": "a numeric type",
     "timestamp": "a timestamp",
 }
@@ -50,12 +68,30 @@ class MappingError(ValueError):
 
 
 @dataclass(frozen=True)
+class RelatedTable:
+    """A table the subscriptions read besides their own (members, owners, prices, items), with
+    the references it is read by, by role (`owner`, `user`, `amount`, ...)."""
+
+    table: str
+    schema_: str
+    columns: dict[str, str]
+    where: tuple[Predicate, ...] = ()
+    owning: tuple[Predicate, ...] = ()
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema_}.{self.table}"
+
+
+@dataclass(frozen=True)
 class ResolvedTable:
     """A mapped table with the SQL type of each mapped column, as the database reports it."""
 
     name: str
-    mapping: TableMapping
+    mapping: TableMapping | SubscriptionsMapping | RelatedTable
     column_types: dict[str, str]
+    base_types: dict[str, str] = field(default_factory=dict)
+    """pg_type names of every column of the table (predicates read naive timestamps as UTC)."""
 
     def sql_name(self, preparer: IdentifierPreparer) -> str:
         return table_sql(self.mapping, preparer)
@@ -65,14 +101,17 @@ class ResolvedTable:
         return key in self.mapping.columns
 
     def column_sql(self, key: str, alias: str, preparer: IdentifierPreparer) -> str:
-        """`alias."column"` for a mapped key; NULL for an optional key left unmapped."""
+        """`alias."column"` (or the JSON value at a `column.key.key` path, as text) for a
+        mapped key; NULL for an optional key left unmapped."""
         if key not in self.mapping.columns:
             return "NULL"
-        return f"{alias}.{preparer.quote(self.mapping.columns[key])}"
+        return column_ref_sql(self.mapping.columns[key], alias, preparer.dialect)
 
     def timestamp_sql(self, key: str, alias: str, preparer: IdentifierPreparer) -> str:
         """The column as timestamptz; naive timestamps are taken as UTC, as ORMs store them."""
         column = self.column_sql(key, alias, preparer)
+        if key in self.mapping.columns and parse_column_reference(self.mapping.columns[key])[1]:
+            return f"({column})::timestamptz"
         if self.column_types.get(key) in ("TIMESTAMP", "DATE"):
             return f"({column}::timestamp AT TIME ZONE 'UTC')"
         return column
@@ -99,12 +138,16 @@ class MappingReport:
     problems: list[str]
 
 
-def table_sql(mapping: TableMapping, preparer: IdentifierPreparer) -> str:
+def table_sql(
+    mapping: TableMapping | SubscriptionsMapping | RelatedTable, preparer: IdentifierPreparer
+) -> str:
     """The mapped table's schema-qualified, quoted name."""
     return f"{preparer.quote_schema(mapping.schema_)}.{preparer.quote(mapping.table)}"
 
 
-def _columns(connection: Connection, mapping: TableMapping) -> dict[str, _Column] | None:
+def _columns(
+    connection: Connection, mapping: TableMapping | SubscriptionsMapping | RelatedTable
+) -> dict[str, _Column] | None:
     """The table's (or view's) columns, with domains read as their base type; None when the
     relation does not exist."""
     rows = connection.execute(
@@ -142,6 +185,8 @@ def _has_kind(column: _Column, kind: str) -> bool:
         return column.type_name in TIMESTAMP_TYPES
     if kind == "label":
         return column.category in ("S", "E")
+    if kind == "label_or_flag":
+        return column.category in ("S", "E", "B")
     return column.category == {"text": "S", "number": "N"}[kind]
 
 
@@ -151,6 +196,11 @@ def inspect_app_tables(connection: Connection, tables: AppTables) -> MappingRepo
     problems: list[str] = []
     found: dict[str, dict[str, _Column]] = {}
     for name, mapping in tables.items():
+        if isinstance(mapping, SubscriptionsMapping):
+            billing, billing_problems = _inspect_subscriptions(connection, tables, mapping, found)
+            resolved.update(billing)
+            problems.extend(billing_problems)
+            continue
         available = _columns(connection, mapping)
         if available is None:
             problems.append(
@@ -184,6 +234,181 @@ def inspect_app_tables(connection: Connection, tables: AppTables) -> MappingRepo
             )
     problems.extend(_user_id_problems(tables, found))
     return MappingReport(resolved=resolved, problems=problems)
+
+
+SUBSCRIPTIONS_KEY = "database.tables.subscriptions"
+# Where in `database.tables.subscriptions` each table the subscriptions read is configured.
+PART_KEYS = {
+    "subscriptions": "",
+    "subscription_prices": "amount.price",
+    "subscription_items": "amount.items",
+    "subscription_members": "owner.members",
+    "subscription_member_users": "owner.users_column",
+    "subscription_owners": "owner.owning_member",
+}
+
+
+def subscription_parts(
+    tables: AppTables, mapping: SubscriptionsMapping
+) -> dict[str, tuple[RelatedTable, dict[str, str]]]:
+    """Every table the subscriptions are read from, by name, with the configuration key path of
+    each reference read from it."""
+    own = dict(mapping.columns)
+    paths = {key: f"columns.{key}" for key in mapping.columns}
+    owner, amount = mapping.owner, mapping.amount
+    if owner is not None:
+        own["owner"], paths["owner"] = owner.column, "owner.column"
+    parts: dict[str, tuple[RelatedTable, dict[str, str]]] = {}
+    if amount is not None and amount.column is not None:
+        own["amount"], paths["amount"] = amount.column, "amount.column"
+    if amount is not None and amount.price is not None:
+        price = amount.price
+        priced = {
+            key: reference
+            for key, reference in (
+                ("id", price.id),
+                ("amount", price.amount),
+                ("interval", price.interval),
+                ("interval_count", price.interval_count),
+                ("currency", price.currency),
+                ("plan", price.plan),
+            )
+            if reference is not None
+        }
+        parts["subscription_prices"] = (
+            RelatedTable(price.table, price.schema_, priced),
+            {key: f"amount.price.{key}" for key in priced},
+        )
+        bought = {"price_id": amount.by or ""}
+        if amount.quantity is not None:
+            bought["quantity"] = amount.quantity
+        bought_paths = {"price_id": "amount.by", "quantity": "amount.quantity"}
+        if amount.items is not None:
+            items = amount.items
+            own["key"], paths["key"] = items.key, "amount.items.key"
+            bought["subscription"] = items.subscription
+            bought_paths["subscription"] = "amount.items.subscription"
+            parts["subscription_items"] = (
+                RelatedTable(items.table, items.schema_, bought, tuple(items.where)),
+                bought_paths,
+            )
+        else:
+            own.update(bought)
+            paths.update(bought_paths)
+    if owner is not None and owner.members is not None:
+        members = owner.members
+        read = {"owner": members.owner}
+        read.update({"user": members.user} if members.user else {"email": members.email or ""})
+        owning = owner.owning_member if isinstance(owner.owning_member, list) else []
+        parts["subscription_members"] = (
+            RelatedTable(members.table, members.schema_, read, tuple(members.where), tuple(owning)),
+            {key: f"owner.members.{key}" for key in read},
+        )
+    if owner is not None and owner.users_column is not None:
+        users = tables.users
+        parts["subscription_member_users"] = (
+            RelatedTable(
+                users.table,
+                users.schema_,
+                {"owner": owner.users_column, "user": users.columns["id"]},
+            ),
+            {"owner": "owner.users_column", "user": "users.columns.id"},
+        )
+    if owner is not None and isinstance(owner.owning_member, OwnerTable):
+        owning_table = owner.owning_member
+        read = {"id": owning_table.id, "user": owning_table.user}
+        parts["subscription_owners"] = (
+            RelatedTable(owning_table.table, owning_table.schema_, read),
+            {key: f"owner.owning_member.{key}" for key in read},
+        )
+    parts = {
+        "subscriptions": (RelatedTable(mapping.table, mapping.schema_, own), paths),
+        **parts,
+    }
+    return parts
+
+
+def _inspect_subscriptions(
+    connection: Connection,
+    tables: AppTables,
+    mapping: SubscriptionsMapping,
+    found: dict[str, dict[str, _Column]],
+) -> tuple[dict[str, ResolvedTable], list[str]]:
+    """Every table the subscriptions read, checked like the other mapped tables; the
+    subscriptions' own resolved with `mapping`, the others with what is read of them."""
+    resolved: dict[str, ResolvedTable] = {}
+    problems: list[str] = []
+    for name, (part, paths) in subscription_parts(tables, mapping).items():
+        available = _columns(connection, part)
+        table_path = f"{PART_KEYS[name]}.table".lstrip(".")
+        if available is None:
+            problems.append(
+                f"{SUBSCRIPTIONS_KEY}.{table_path}: app table {part.qualified_name} "
+                "does not exist in the app database"
+            )
+            continue
+        before = len(problems)
+        found[name] = {}
+        for key, reference in part.columns.items():
+            where = f"{SUBSCRIPTIONS_KEY}.{paths[key]}"
+            problem = column_ref_problem(where, reference, part.qualified_name, available)
+            if problem:
+                problems.append(problem)
+                continue
+            column, path = parse_column_reference(reference)
+            if path:
+                continue
+            found[name][key] = available[column]
+            kind = EXPECTED_KINDS.get((name, key)) or ("number" if key == "amount" else None)
+            if kind and not _has_kind(available[column], kind):
+                problems.append(
+                    f"{where}: column {part.qualified_name}.{column} is "
+                    f"{available[column].display}, expected {KIND_DESCRIPTIONS[kind]}"
+                )
+        for group, predicates in (("where", part.where), ("owning_member", part.owning)):
+            prefix = (
+                "owner.owning_member" if group == "owning_member" else f"{PART_KEYS[name]}.where"
+            )
+            for number, predicate in enumerate(predicates):
+                problem = predicate_problem(
+                    f"{SUBSCRIPTIONS_KEY}.{prefix}.{number}",
+                    predicate,
+                    part.qualified_name,
+                    available,
+                )
+                if problem:
+                    problems.append(problem)
+        if len(problems) == before:
+            resolved[name] = ResolvedTable(
+                name=name,
+                mapping=mapping if name == "subscriptions" else part,
+                column_types={key: _canonical_type(column) for key, column in found[name].items()},
+                base_types={column: found.type_name for column, found in available.items()},
+            )
+    member_user = found.get("subscription_members", {}).get("user")
+    users_id = found.get("users", {}).get("id")
+    if (
+        member_user is not None
+        and users_id is not None
+        and not _same_id_family(member_user, users_id)
+    ):
+        problems.append(
+            f"{SUBSCRIPTIONS_KEY}.owner.members.user: column "
+            f"{subscription_parts(tables, mapping)['subscription_members'][0].qualified_name}."
+            f"{mapping.owner.members.user} is {member_user.display} but "  # type: ignore[union-attr]
+            f"{tables.users.qualified_name}.{tables.users.columns['id']} is "
+            f"{users_id.display}: their values never match"
+        )
+    return resolved, problems
+
+
+def _same_id_family(column: _Column, users_id: _Column) -> bool:
+    return (
+        column.id_family is None
+        or users_id.id_family is None
+        or "text" in (column.id_family, users_id.id_family)
+        or column.id_family == users_id.id_family
+    )
 
 
 def _user_id_problems(tables: AppTables, found: dict[str, dict[str, _Column]]) -> list[str]:

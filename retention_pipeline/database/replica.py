@@ -2,8 +2,10 @@
 
 The snapshot joins the app's users and subscriptions with the pipeline's own tables in one
 statement, on the primary, where the rollup is. With a replica configured, the mapped columns
-of those two tables are streamed from the replica (COPY) into temporary tables of the primary's
-build transaction, and the snapshot reads those: the primary serves no scan of the app's tables.
+of the users, and the subscriptions' read itself (one row per user, however many tables it
+joins: owners' members, prices, items), are streamed from the replica (COPY) into temporary
+tables of the primary's build transaction, and the snapshot reads those: the primary serves no
+scan of the app's tables.
 A standby is first waited for until it has replayed everything the primary had written when the
 build began, so the copy is never older than the rollup it is joined with.
 """
@@ -16,9 +18,22 @@ from dataclasses import dataclass, replace
 from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import AppTables
-from retention_pipeline.database.app_tables import MappingError, ResolvedTable, resolve_app_tables
+from retention_pipeline.database.app_tables import (
+    MappingError,
+    RelatedTable,
+    ResolvedTable,
+    resolve_app_tables,
+)
+from retention_pipeline.segments.snapshot.billing import (
+    COPIED_SUBSCRIPTIONS,
+    SUBSCRIPTION_ROW,
+    billing_parameters,
+    billing_problem,
+    subscription_sql,
+)
+from retention_pipeline.segments.snapshot.names import AppNames
 
-COPIED_TABLES = ("users", "subscriptions")
+COPIED_TABLES = ("users",)
 REPLAY_TIMEOUT_SECONDS = 300.0
 REPLAY_POLL_SECONDS = 0.5
 
@@ -27,10 +42,14 @@ class ReplicaError(RuntimeError):
     """The replica cannot serve the snapshot's reads; the message names `database.read_url`."""
 
 
+class ReplicaDataError(ValueError):
+    """The replica's subscriptions hold a value the snapshot cannot read (one line)."""
+
+
 @dataclass(frozen=True)
 class ReplicaReads:
     tables: dict[str, ResolvedTable]
-    """The mapping, with users and subscriptions pointing at their copies."""
+    """The mapping, with users pointing at their copy, and the subscriptions' rows copied."""
     rows: dict[str, int]
     standby: bool
     """Whether the replica is a standby in recovery (waited for), or a server read as it is."""
@@ -53,6 +72,12 @@ def replica_tables(replica: Connection, tables: AppTables) -> dict[str, Resolved
         return resolve_app_tables(replica, tables)
     except MappingError as error:
         raise ReplicaError(f"database.read_url: {error}") from None
+
+
+def subscriptions_source_sql(replica: Connection, tables: dict[str, ResolvedTable]) -> str:
+    """The subscriptions' read whose rows are copied, with its values bound in (COPY takes
+    no parameters: psycopg merges them client-side)."""
+    return subscription_sql(AppNames(replica, tables))
 
 
 def copy_source_sql(replica: Connection, table: ResolvedTable) -> str:
@@ -89,14 +114,55 @@ def copy_app_reads(connection: Connection, read_engine: Engine, tables: AppTable
         replica = replica.execution_options(isolation_level="AUTOCOMMIT")
         on_replica = replica_tables(replica, tables)
         standby, waited = wait_for_replay(connection, replica)
-    # Both tables from one snapshot of the replica, taken once it has caught up.
+    # Both reads from one snapshot of the replica, taken once it has caught up.
     with read_engine.connect() as replica:
         replica = replica.execution_options(isolation_level="REPEATABLE READ")
         with replica.begin():
             copied = {name: _copy(connection, replica, on_replica[name]) for name in COPIED_TABLES}
-    copies = {name: table for name, (table, _) in copied.items()}
+            if tables.subscriptions is not None:
+                copied["subscriptions"] = _copy_subscriptions(
+                    connection, replica, on_replica, billing_parameters(tables.subscriptions)
+                )
+    copies = {table.name: table for table, _ in copied.values()}
     rows = {name: count for name, (_, count) in copied.items()}
     return ReplicaReads(copies, rows, standby, waited)
+
+
+def _copy_subscriptions(
+    connection: Connection,
+    replica: Connection,
+    on_replica: dict[str, ResolvedTable],
+    parameters: dict[str, object],
+) -> tuple[ResolvedTable, int]:
+    """Stream the subscriptions' read (one row per user) from the replica into a temporary
+    table on the primary; return it as the snapshot's subscriptions, and its rows."""
+    problem = billing_problem(replica, AppNames(replica, on_replica))
+    if problem:
+        raise ReplicaDataError(problem)
+    preparer = connection.dialect.identifier_preparer
+    name = f"retention_read_{COPIED_SUBSCRIPTIONS}"
+    connection.execute(
+        text(f"""
+            CREATE TEMP TABLE {preparer.quote(name)}
+            ({", ".join(f"{column} {kind}" for column, kind in SUBSCRIPTION_ROW.items())})
+            ON COMMIT DROP""")
+    )
+    compiled = text(subscriptions_source_sql(replica, on_replica)).compile(dialect=replica.dialect)
+    source = replica.connection.driver_connection
+    target = connection.connection.driver_connection
+    with source.cursor() as out_cursor, target.cursor() as in_cursor:
+        with (
+            out_cursor.copy(
+                f"COPY ({compiled}) TO STDOUT", compiled.construct_params(parameters)
+            ) as out,
+            in_cursor.copy(f"COPY pg_temp.{preparer.quote(name)} FROM STDIN") as into,
+        ):
+            for block in out:
+                into.write(block)
+        rows = in_cursor.rowcount
+    connection.execute(text(f"ANALYZE pg_temp.{preparer.quote(name)}"))
+    copy = RelatedTable(name, "pg_temp", {column: column for column in SUBSCRIPTION_ROW})
+    return ResolvedTable(COPIED_SUBSCRIPTIONS, copy, {}), rows
 
 
 def _copy(

@@ -5,7 +5,7 @@ from datetime import date, timedelta
 import dagster as dg
 
 from retention_pipeline.database.day_partitions import rebuilding_day
-from retention_pipeline.database.replica import copy_app_reads
+from retention_pipeline.database.replica import ReplicaDataError, copy_app_reads
 from retention_pipeline.defs.partitions import (
     DayResult,
     daily_backfill_policy,
@@ -126,12 +126,12 @@ def _snapshot_day(
         app_database.engine, app_database.schema, SNAPSHOT_TABLE, day, config.database.keep_days
     ) as (connection, rebuild):
         tables, read_from = None, {"app_read_from": "the primary"}
-        if app_database.read_engine is not None:
-            reads = copy_app_reads(connection, app_database.read_engine, config.database.tables)
-            tables, read_from = reads.tables, reads.metadata
         try:
+            if app_database.read_engine is not None:
+                reads = copy_app_reads(connection, app_database.read_engine, config.database.tables)
+                tables, read_from = reads.tables, reads.metadata
             summary = build_snapshot(connection, config, day, tables)
-        except SnapshotError as error:
+        except (SnapshotError, ReplicaDataError) as error:
             raise dg.Failure(description=str(error), allow_retries=False) from None
         reconciliation = reconcile_with_users(connection, config, day, summary.users, tables)
     context.log.info(

@@ -10,6 +10,7 @@ from sqlalchemy import Connection, text
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import ResolvedTable, resolve_app_tables
 from retention_pipeline.database.day_partitions import analyze_day_partition, empty_day_partition
+from retention_pipeline.segments.snapshot.billing import billing_problem
 from retention_pipeline.segments.snapshot.checks import (
     snapshot_user_count,
     vanished_since_yesterday,
@@ -24,7 +25,6 @@ from retention_pipeline.segments.snapshot.statement import (
     AppNames,
     SnapshotError,
     snapshot_parameters,
-    unknown_billing_interval,
 )
 
 
@@ -50,12 +50,13 @@ def build_snapshot(
     """Replace the snapshot of `day`, in the caller's transaction: rolled forward from the day
     before's when it can be (users it lacks are built in full), else built in full. `tables`
     (default: the mapping resolved here) says where the app's users and subscriptions are read.
-    A billing interval it cannot turn into a monthly amount stops it (`SnapshotError`, one line
-    naming the value) before anything is written."""
+    A subscription value it cannot read (an unmapped status, a billing interval it cannot turn
+    into a monthly amount) stops it (`SnapshotError`, one line naming the value and its key)
+    before anything is written."""
     schema = config.database.schema_
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     tables = tables or resolve_app_tables(connection, config.database.tables)
-    problem = unknown_billing_interval(connection, AppNames(connection, tables))
+    problem = billing_problem(connection, AppNames(connection, tables))
     if problem:
         raise SnapshotError(problem)
     empty_day_partition(connection, schema, "user_activity_snapshot", day)

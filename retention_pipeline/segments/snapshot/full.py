@@ -6,13 +6,13 @@ from sqlalchemy import Connection
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import ResolvedTable, resolve_app_tables
+from retention_pipeline.segments.snapshot.billing import subscription_sql
 from retention_pipeline.segments.snapshot.statement import (
     BOUNDS,
     LAST_ACTIONS_LOOKBACK_DAYS,
     AppNames,
     app_users_sql,
     insert_snapshot,
-    subscription_sql,
 )
 
 # Restricts a full build to the users of :only (those a rolled-forward build has no row for).
@@ -94,7 +94,7 @@ def app_reads_sql(connection: Connection, tables: dict[str, ResolvedTable]) -> d
     names = AppNames(connection, tables)
     return {
         "users": f"WITH {BOUNDS} {app_users_sql(names)}",
-        "subscriptions": subscription_sql(names),
+        **({"subscriptions": subscription_sql(names)} if "subscriptions" in tables else {}),
     }
 
 

@@ -9,13 +9,13 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import ResolvedTable, resolve_app_tables
+from retention_pipeline.segments.snapshot.billing import subscription_sql
 from retention_pipeline.segments.snapshot.statement import (
     BOUNDS,
     LAST_ACTIONS_LOOKBACK_DAYS,
     AppNames,
     app_users_sql,
     insert_snapshot,
-    subscription_sql,
 )
 
 

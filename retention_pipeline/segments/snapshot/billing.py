@@ -1,0 +1,365 @@
+"""The app's subscriptions as one row per user: whom each reaches, its status in our vocabulary,
+its monthly amount credited to each member, its plan and currency.
+
+Read from the tables `database.tables.subscriptions` names (the subscription, and its owner's
+members, prices and items), in one SELECT the snapshot joins and `check` plans; the checks
+here read the rows the way it does, so a value it cannot read is one line naming the value
+and the key before anything is written.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, text
+
+from retention_pipeline.config.models import LIVE_STATUSES, SubscriptionsMapping
+from retention_pipeline.database.app_tables import SUBSCRIPTIONS_KEY
+from retention_pipeline.database.predicates import all_of_sql
+from retention_pipeline.segments.snapshot.names import AppNames
+
+# A billing interval's monthly amount: the amount times the factor. Any other interval is an
+# error naming the value (`billing_problem`), never taken as monthly.
+INTERVAL_MONTHLY_FACTORS: dict[str, float] = {
+    "day": 365 / 12,
+    "daily": 365 / 12,
+    "week": 52 / 12,
+    "weekly": 52 / 12,
+    "month": 1,
+    "monthly": 1,
+    "quarter": 1 / 3,
+    "quarterly": 1 / 3,
+    "year": 1 / 12,
+    "yearly": 1 / 12,
+    "annual": 1 / 12,
+    "annually": 1 / 12,
+}
+# The snapshot's subscription columns, as the copy from a replica holds them.
+SUBSCRIPTION_ROW = {
+    "user_id": "text",
+    "status": "text",
+    "plan": "text",
+    "monthly_amount_cents": "integer",
+    "currency": "text",
+}
+# The subscriptions read once elsewhere (a replica's result, copied): the snapshot reads them.
+COPIED_SUBSCRIPTIONS = "subscription_rows"
+NO_SUBSCRIPTIONS = (
+    "SELECT NULL::text AS user_id, NULL::text AS status, NULL::text AS plan, "
+    "NULL::integer AS monthly_amount_cents, NULL::text AS currency WHERE false"
+)
+# An amount reads as a moment when most amounts fall in these Unix-time ranges (2001-2039, in
+# seconds or milliseconds); as an id when every one of at least this many is different.
+EPOCH_SECONDS = (1.0e9, 2.2e9)
+EPOCH_MILLISECONDS = (1.0e12, 2.2e12)
+DISTINCT_AMOUNTS_SAMPLE = 20
+# A user-id mapping reaches almost no users when fewer than this share of rows reach one.
+LEAST_REACHED_SHARE = 0.5
+
+
+def billing_parameters(mapping: SubscriptionsMapping | None) -> dict[str, object]:
+    """The values the subscriptions' SELECT binds."""
+    vocabulary = (mapping.status if mapping is not None else None) or {}
+    return {
+        "intervals": list(INTERVAL_MONTHLY_FACTORS),
+        "monthly_factors": [float(factor) for factor in INTERVAL_MONTHLY_FACTORS.values()],
+        "status_theirs": list(vocabulary),
+        "status_ours": list(vocabulary.values()),
+    }
+
+
+def _monthly_factor(interval: str, count: str | None) -> str:
+    factor = f"""(SELECT known.factor FROM unnest(CAST(:intervals AS text[]),
+                                                CAST(:monthly_factors AS float8[]))
+                       AS known(name, factor)
+                   WHERE known.name = lower(btrim(({interval})::text)))"""
+    if count is None:
+        return factor
+    return f"({factor} / coalesce(NULLIF(({count})::numeric, 0), 1))"
+
+
+class _Reads:
+    """The SQL of each figure of one subscription row (alias `sub`)."""
+
+    def __init__(self, names: AppNames):
+        self.names = names
+        self.mapping: SubscriptionsMapping = names.tables["subscriptions"].mapping  # type: ignore[assignment]
+        self.dialect = names.preparer.dialect
+
+    def column(self, key: str, table: str = "subscriptions", alias: str = "sub") -> str:
+        return self.names.column(table, key, alias)
+
+    def status(self) -> str:
+        raw = f"({self.column('status')})::text"
+        if not self.mapping.status:
+            return raw
+        return f"""(SELECT v.ours FROM unnest(CAST(:status_theirs AS text[]),
+                                              CAST(:status_ours AS text[])) AS v(theirs, ours)
+                    WHERE v.theirs = {raw})"""
+
+    def scale(self, unit: str) -> str:
+        return " * 100" if unit == "major" else ""
+
+    def priced_lines(self) -> str | None:
+        """Per subscription key, its items' monthly amount, plan and currency (with items)."""
+        amount = self.mapping.amount
+        if amount is None or amount.items is None or amount.price is None:
+            return None
+        price = amount.price
+        line = self._line_amount("item")
+        items = self.names.tables["subscription_items"]
+        where = all_of_sql(list(items.mapping.where), "item", self.dialect, items.base_types)
+        plan = self.column("plan", "subscription_prices", "price") if price.plan else "NULL"
+        return f"""
+                SELECT ({self.column("subscription", "subscription_items", "item")})::text
+                           AS subscription,
+                       sum({line}) AS monthly_amount,
+                       (array_agg(({plan})::text ORDER BY {line} DESC NULLS LAST))[1] AS plan,
+                       min(({self.column("currency", "subscription_prices", "price")})::text)
+                           AS currency
+                FROM {self.names.table("subscription_items")} AS item
+                LEFT JOIN {self.names.table("subscription_prices")} AS price
+                  ON ({self.column("id", "subscription_prices", "price")})::text
+                     = ({self.column("price_id", "subscription_items", "item")})::text
+                WHERE {where}
+                GROUP BY 1"""
+
+    def _line_amount(self, bought_alias: str) -> str:
+        """One price times its quantity, monthly, in minor units (`price` joined)."""
+        amount = self.mapping.amount
+        assert amount is not None and amount.price is not None
+        bought = "subscription_items" if amount.items else "subscriptions"
+        quantity = (
+            f" * coalesce(({self.column('quantity', bought, bought_alias)})::numeric, 1)"
+            if amount.quantity
+            else ""
+        )
+        value = (
+            f"({self.column('amount', 'subscription_prices', 'price')})::numeric"
+            f"{self.scale(amount.price.unit)}{quantity}"
+        )
+        if amount.price.interval is None:
+            return value
+        count = (
+            self.column("interval_count", "subscription_prices", "price")
+            if amount.price.interval_count
+            else None
+        )
+        interval = self.column("interval", "subscription_prices", "price")
+        return f"({value} * {_monthly_factor(interval, count)})"
+
+    def joins(self) -> str:
+        amount = self.mapping.amount
+        if amount is None or amount.price is None:
+            return ""
+        if amount.items is not None:
+            return f"""
+            LEFT JOIN ({self.priced_lines()}) AS lines
+              ON lines.subscription = ({self.column("key")})::text"""
+        return f"""
+            LEFT JOIN {self.names.table("subscription_prices")} AS price
+              ON ({self.column("id", "subscription_prices", "price")})::text
+                 = ({self.column("price_id")})::text"""
+
+    def amount_minor(self) -> str:
+        """The amount billed per interval (per line, with prices), in minor units."""
+        amount = self.mapping.amount
+        if amount is None:
+            return f"({self.column('amount_cents')})::numeric"
+        if amount.column is not None:
+            return f"({self.column('amount')})::numeric{self.scale(amount.unit)}"
+        if amount.items is not None:
+            return "lines.monthly_amount"
+        return self._line_amount("sub")
+
+    def monthly_amount(self) -> str:
+        if not self.mapping.maps("billing_interval"):
+            return self.amount_minor()
+        # Unknown intervals stop the build beforehand (`billing_problem`).
+        return f"({self.amount_minor()} * {_monthly_factor(self.column('billing_interval'), None)})"
+
+    def plan(self) -> str:
+        if self.mapping.maps("plan"):
+            return f"({self.column('plan')})::text"
+        if self.mapping.amount and self.mapping.amount.items:
+            return "lines.plan"
+        return f"({self.column('plan', 'subscription_prices', 'price')})::text"
+
+    def currency(self) -> str:
+        # No currency anywhere: every amount is in the app's one currency, left unnamed.
+        if self.mapping.maps("currency"):
+            raw = f"({self.column('currency')})::text"
+        elif (
+            self.mapping.amount and self.mapping.amount.price and self.mapping.amount.price.currency
+        ):
+            raw = (
+                "lines.currency"
+                if self.mapping.amount.items
+                else f"({self.column('currency', 'subscription_prices', 'price')})::text"
+            )
+        else:
+            return "NULL::text"
+        return f"upper(btrim({raw}))"
+
+    def holder(self) -> str:
+        key = "owner" if self.mapping.owner is not None else "user_id"
+        return f"({self.column(key)})::text"
+
+    def updated_at(self) -> str:
+        if not self.mapping.maps("updated_at"):
+            return "NULL::timestamptz"
+        return self.names.timestamp("subscriptions", "updated_at", "sub")
+
+    def members(self) -> str:
+        """(holder, user_id, members of the holder, owning members of the holder, owning)."""
+        owner = self.mapping.owner
+        assert owner is not None
+        if "subscription_member_users" in self.names.tables:
+            table, alias = "subscription_member_users", "mu"
+            pairs = f"""
+                SELECT ({self.column("owner", table, alias)})::text AS holder,
+                       ({self.column("user", table, alias)})::text AS user_id,
+                       true AS owning
+                FROM {self.names.table(table)} AS {alias}
+                WHERE {self.column("owner", table, alias)} IS NOT NULL"""
+        else:
+            table, alias = "subscription_members", "mem"
+            members = self.names.tables[table]
+            where = all_of_sql(list(members.mapping.where), alias, self.dialect, members.base_types)
+            if members.maps("email"):
+                user = f"({self.names.column('users', 'id', 'u')})::text"
+                join = f"""
+                JOIN {self.names.table("users")} AS u
+                  ON lower(({self.names.column("users", "email", "u")})::text)
+                     = lower(({self.column("email", table, alias)})::text)"""
+            else:
+                user, join = f"({self.column('user', table, alias)})::text", ""
+            holder = f"({self.column('owner', table, alias)})::text"
+            if isinstance(owner.owning_member, list):
+                owning = all_of_sql(owner.owning_member, alias, self.dialect, members.base_types)
+            elif owner.owning_member is not None:
+                owners = "subscription_owners"
+                owning = f"""EXISTS (
+                    SELECT FROM {self.names.table(owners)} AS o
+                    WHERE ({self.column("id", owners, "o")})::text = {holder}
+                      AND ({self.column("user", owners, "o")})::text = {user})"""
+            else:
+                owning = "false"
+            pairs = f"""
+                SELECT {holder} AS holder, {user} AS user_id, {owning} AS owning
+                FROM {self.names.table(table)} AS {alias}{join}
+                WHERE {where}"""
+        return f"""
+            SELECT pairs.holder, pairs.user_id, bool_or(pairs.owning) AS owning,
+                   count(*) OVER (PARTITION BY pairs.holder) AS members,
+                   count(*) FILTER (WHERE bool_or(pairs.owning))
+                       OVER (PARTITION BY pairs.holder) AS owners
+            FROM ({pairs}) AS pairs
+            WHERE pairs.holder IS NOT NULL AND pairs.user_id IS NOT NULL
+            GROUP BY pairs.holder, pairs.user_id"""
+
+    def billed(self) -> str:
+        """One row per subscription: its holder (a user, or the owner), status, plan, monthly
+        amount (unrounded), currency and last change."""
+        return f"""
+            SELECT {self.holder()} AS holder, {self.status()} AS status, {self.plan()} AS plan,
+                   {self.monthly_amount()} AS monthly_amount, {self.currency()} AS currency,
+                   {self.updated_at()} AS updated_at
+            FROM {self.names.table("subscriptions")} AS sub{self.joins()}"""
+
+
+def subscription_sql(names: AppNames, only: str = "") -> str:
+    """Each user's subscription: (user_id, status, plan, monthly_amount_cents, currency);
+    `only` restricts to the listed users (ONLY_THESE_USERS), as their full build needs."""
+    if COPIED_SUBSCRIPTIONS in names.tables:
+        listed = f" WHERE {only.format('copied.user_id')}" if only else ""
+        columns = ", ".join(SUBSCRIPTION_ROW)
+        return f"SELECT {columns} FROM {names.table(COPIED_SUBSCRIPTIONS)} AS copied{listed}"
+    if "subscriptions" not in names.tables:
+        return NO_SUBSCRIPTIONS
+    reads = _Reads(names)
+    live = ", ".join(f"'{status}'" for status in LIVE_STATUSES)
+    credit = reads.mapping.credit
+    if reads.mapping.owner is None:
+        reached = "SELECT b.holder AS user_id, b.status, b.plan, b.monthly_amount AS credited, "
+        reached += f"b.currency, b.updated_at FROM ({reads.billed()}) AS b"
+    else:
+        credited = {
+            "each": "b.monthly_amount",
+            "split": "b.monthly_amount / m.members",
+            "owner": "CASE WHEN m.owning THEN b.monthly_amount / m.owners ELSE 0 END",
+        }[credit or "each"]
+        reached = f"""SELECT m.user_id, b.status, b.plan, {credited} AS credited, b.currency,
+                   b.updated_at
+            FROM ({reads.billed()}) AS b
+            JOIN ({reads.members()}) AS m ON m.holder = b.holder"""
+    listed = f"\n            WHERE {only.format('r.user_id')}" if only else ""
+    # A live subscription describes the user better than an old canceled one, and among those
+    # the latest change (when the app records one) wins.
+    return f"""SELECT DISTINCT ON (r.user_id)
+                   r.user_id, r.status, r.plan, round(r.credited)::integer AS monthly_amount_cents,
+                   r.currency
+            FROM ({reached}) AS r{listed}
+            ORDER BY r.user_id, (r.status IN ({live})) DESC, r.updated_at DESC NULLS LAST"""
+
+
+def billing_problem(connection: Connection, names: AppNames) -> str | None:
+    """The first value of the app's subscriptions the snapshot cannot read (a status the
+    vocabulary does not map, a billing interval it cannot turn into a monthly amount), as one
+    line naming it and its key; None when every one reads."""
+    if "subscriptions" not in names.tables:
+        return None
+    reads = _Reads(names)
+    mapping = reads.mapping
+    parameters = billing_parameters(mapping)
+    if mapping.status:
+        raw = f"({reads.column('status')})::text"
+        unmapped = connection.execute(
+            text(f"""
+                SELECT {raw} FROM {names.table("subscriptions")} AS sub
+                WHERE {raw} IS NULL OR NOT {raw} = ANY(CAST(:status_theirs AS text[]))
+                LIMIT 1"""),
+            parameters,
+        ).first()
+        if unmapped is not None:
+            value = "no value (NULL)" if unmapped[0] is None else repr(unmapped[0])
+            return (
+                f"{SUBSCRIPTIONS_KEY}.status: {value} of {mapping.qualified_name}."
+                f"{mapping.columns['status']} is not mapped (mapped: {', '.join(mapping.status)})"
+            )
+    price = mapping.amount.price if mapping.amount else None
+    if mapping.maps("billing_interval"):
+        checked = (
+            reads.column("billing_interval"),
+            f"{names.table('subscriptions')} AS sub WHERE",
+        )
+        key = "columns.billing_interval"
+    elif price is not None and price.interval is not None:
+        # Only the prices subscriptions bill: a one-time price has no interval.
+        bought, alias = (
+            ("subscription_items", "item") if mapping.amount.items else ("subscriptions", "sub")  # type: ignore[union-attr]
+        )
+        checked = (
+            reads.column("interval", "subscription_prices", "price"),
+            f"""{names.table("subscription_prices")} AS price
+            WHERE ({reads.column("id", "subscription_prices", "price")})::text IN (
+                SELECT ({reads.column("price_id", bought, alias)})::text
+                FROM {names.table(bought)} AS {alias}) AND""",
+        )
+        key = "amount.price.interval"
+    else:
+        return None
+    interval, rows = checked
+    unknown = connection.execute(
+        text(f"""
+            SELECT ({interval})::text FROM {rows}
+            (({interval}) IS NULL
+             OR NOT lower(btrim(({interval})::text)) = ANY(CAST(:intervals AS text[])))
+            LIMIT 1"""),
+        parameters,
+    ).first()
+    if unknown is None:
+        return None
+    value = "no value (NULL)" if unknown[0] is None else repr(unknown[0])
+    return (
+        f"{SUBSCRIPTIONS_KEY}.{key}: unknown billing interval {value} (known: "
+        f"{', '.join(INTERVAL_MONTHLY_FACTORS)})"
+    )
