@@ -3,7 +3,8 @@
 It checks the mapping against the catalog (every table and column, and what kind of values each
 holds), then plans with EXPLAIN the statements a daily run executes (the snapshot, each loop's
 segments, audience and condition query) with the values a run binds, in read-only transactions
-under the run's timeouts: nothing is read from the app's rows and nothing is written. Every
+under the run's timeouts; nothing is written. Of the app's rows it reads what says whether the
+mapping means what it claims (subscriptions that reach users, amounts that are amounts). Every
 problem is one line naming the table, column or loop.
 """
 
@@ -37,8 +38,9 @@ from retention_pipeline.segments.conditions import (
     explain_condition,
 )
 from retention_pipeline.segments.rules import build_segments
-from retention_pipeline.segments.snapshot.billing import billing_parameters
+from retention_pipeline.segments.snapshot.billing import billing_parameters, meaning_problems
 from retention_pipeline.segments.snapshot.full import app_reads_sql, snapshot_sql
+from retention_pipeline.segments.snapshot.names import AppNames
 from retention_pipeline.segments.snapshot.statement import snapshot_parameters
 
 
@@ -65,6 +67,12 @@ def preflight(
         not_installed = installation_problem(connection, schema)
         connection.rollback()
     report.problems.extend(mapping.problems)
+    if "subscriptions" in mapping.resolved and "users" in mapping.resolved:
+        with engine.connect() as connection:
+            report.problems.extend(
+                meaning_problems(connection, AppNames(connection, mapping.resolved))
+            )
+            connection.rollback()
     parameters = snapshot_parameters(config, day)
     tables = mapping.resolved
     every_table_resolved = all(name in tables for name, _ in config.database.tables.items())

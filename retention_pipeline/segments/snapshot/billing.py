@@ -363,3 +363,73 @@ def billing_problem(connection: Connection, names: AppNames) -> str | None:
         f"{SUBSCRIPTIONS_KEY}.{key}: unknown billing interval {value} (known: "
         f"{', '.join(INTERVAL_MONTHLY_FACTORS)})"
     )
+
+
+def meaning_problems(connection: Connection, names: AppNames) -> list[str]:
+    """What the subscriptions' rows say about the mapping, one line each: a user-id mapping
+    that reaches almost no users, an amount that looks like a Unix time or an id."""
+    if "subscriptions" not in names.tables:
+        return []
+    reads = _Reads(names)
+    mapping = reads.mapping
+    parameters = billing_parameters(mapping)
+    problems: list[str] = []
+    if mapping.owner is None:
+        users = (
+            f"SELECT ({names.column('users', 'id', 'u')})::text FROM {names.table('users')} AS u"
+        )
+        reaching = f"b.holder IN ({users})"
+        key, named = "columns.user_id", mapping.columns["user_id"]
+    else:
+        reaching = f"b.holder IN (SELECT m.holder FROM ({reads.members()}) AS m)"
+        key, named = "owner.column", mapping.owner.column
+    total, reached = connection.execute(
+        text(f"""
+            SELECT count(*), count(*) FILTER (WHERE {reaching})
+            FROM ({reads.billed()}) AS b"""),
+        parameters,
+    ).one()
+    if total and reached < LEAST_REACHED_SHARE * total:
+        what = "a user id" if mapping.owner is None else "an owner id of the members"
+        problems.append(
+            f"{SUBSCRIPTIONS_KEY}.{key}: {reached:,} of {total:,} subscription rows reach a "
+            f"user: is `{named}` {what}?"
+        )
+    amounts = connection.execute(
+        text(f"""
+            SELECT count(a.v), count(DISTINCT a.v),
+                   count(*) FILTER (WHERE a.v BETWEEN :s0 AND :s1 OR a.v BETWEEN :m0 AND :m1)
+            FROM (SELECT {reads.amount_minor()} AS v
+                  FROM {names.table("subscriptions")} AS sub{reads.joins()}) AS a"""),
+        parameters
+        | {
+            "s0": EPOCH_SECONDS[0] * 100 if _major(mapping) else EPOCH_SECONDS[0],
+            "s1": EPOCH_SECONDS[1] * 100 if _major(mapping) else EPOCH_SECONDS[1],
+            "m0": EPOCH_MILLISECONDS[0],
+            "m1": EPOCH_MILLISECONDS[1],
+        },
+    ).one()
+    counted, distinct, moments = amounts
+    amount_key = _amount_key(mapping)
+    if counted and moments > counted / 2:
+        problems.append(
+            f"{SUBSCRIPTIONS_KEY}.{amount_key}: {moments:,} of {counted:,} amounts look like "
+            "Unix times (1e9 to 2.2e9 seconds, or milliseconds): is it an amount?"
+        )
+    elif counted >= DISTINCT_AMOUNTS_SAMPLE and distinct == counted:
+        problems.append(
+            f"{SUBSCRIPTIONS_KEY}.{amount_key}: all {counted:,} amounts are different, like "
+            "ids (prices repeat across subscriptions): is it an amount?"
+        )
+    return problems
+
+
+def _major(mapping: SubscriptionsMapping) -> bool:
+    amount = mapping.amount
+    return amount is not None and amount.column is not None and amount.unit == "major"
+
+
+def _amount_key(mapping: SubscriptionsMapping) -> str:
+    if mapping.amount is None:
+        return "columns.amount_cents"
+    return "amount.column" if mapping.amount.column is not None else "amount.price.amount"
