@@ -22,7 +22,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config.models import QueryCondition, RetentionConfig
-from retention_pipeline.database.app_tables import inspect_app_tables
+from retention_pipeline.database.app_tables import inspect_app_tables, subscription_parts
 from retention_pipeline.database.migrate import installation_problem
 from retention_pipeline.database.privileges import lacking_right
 from retention_pipeline.database.replica import (
@@ -67,7 +67,14 @@ def preflight(
         not_installed = installation_problem(connection, schema)
         connection.rollback()
     report.problems.extend(mapping.problems)
-    if "subscriptions" in mapping.resolved and "users" in mapping.resolved:
+    billing = config.database.tables.subscriptions
+    if (
+        billing is not None
+        and "users" in mapping.resolved
+        and all(
+            part in mapping.resolved for part in subscription_parts(config.database.tables, billing)
+        )
+    ):
         with engine.connect() as connection:
             report.problems.extend(
                 meaning_problems(connection, AppNames(connection, mapping.resolved))

@@ -77,6 +77,8 @@ class RelatedTable:
     columns: dict[str, str]
     where: tuple[Predicate, ...] = ()
     owning: tuple[Predicate, ...] = ()
+    subscriptions: SubscriptionsMapping | None = None
+    """The whole mapping, on the subscriptions' own table."""
 
     @property
     def qualified_name(self) -> str:
@@ -322,7 +324,10 @@ def subscription_parts(
             {key: f"owner.owning_member.{key}" for key in read},
         )
     parts = {
-        "subscriptions": (RelatedTable(mapping.table, mapping.schema_, own), paths),
+        "subscriptions": (
+            RelatedTable(mapping.table, mapping.schema_, own, subscriptions=mapping),
+            paths,
+        ),
         **parts,
     }
     return parts
@@ -381,7 +386,7 @@ def _inspect_subscriptions(
         if len(problems) == before:
             resolved[name] = ResolvedTable(
                 name=name,
-                mapping=mapping if name == "subscriptions" else part,
+                mapping=part,
                 column_types={key: _canonical_type(column) for key, column in found[name].items()},
                 base_types={column: found.type_name for column, found in available.items()},
             )
@@ -399,6 +404,9 @@ def _inspect_subscriptions(
             f"{tables.users.qualified_name}.{tables.users.columns['id']} is "
             f"{users_id.display}: their values never match"
         )
+    # The subscriptions are read from all their tables at once, or not at all.
+    if len(resolved) < len(subscription_parts(tables, mapping)):
+        return {}, problems
     return resolved, problems
 
 

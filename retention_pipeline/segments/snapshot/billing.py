@@ -12,7 +12,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import LIVE_STATUSES, SubscriptionsMapping
-from retention_pipeline.database.app_tables import SUBSCRIPTIONS_KEY
+from retention_pipeline.database.app_tables import SUBSCRIPTIONS_KEY, RelatedTable
 from retention_pipeline.database.predicates import all_of_sql
 from retention_pipeline.segments.snapshot.names import AppNames
 
@@ -81,7 +81,9 @@ class _Reads:
 
     def __init__(self, names: AppNames):
         self.names = names
-        self.mapping: SubscriptionsMapping = names.tables["subscriptions"].mapping  # type: ignore[assignment]
+        own = names.tables["subscriptions"].mapping
+        assert isinstance(own, RelatedTable) and own.subscriptions is not None
+        self.mapping: SubscriptionsMapping = own.subscriptions
         self.dialect = names.preparer.dialect
 
     def column(self, key: str, table: str = "subscriptions", alias: str = "sub") -> str:
@@ -248,13 +250,17 @@ class _Reads:
                 FROM {self.names.table(table)} AS {alias}{join}
                 WHERE {where}"""
         return f"""
-            SELECT pairs.holder, pairs.user_id, bool_or(pairs.owning) AS owning,
-                   count(*) OVER (PARTITION BY pairs.holder) AS members,
-                   count(*) FILTER (WHERE bool_or(pairs.owning))
-                       OVER (PARTITION BY pairs.holder) AS owners
-            FROM ({pairs}) AS pairs
-            WHERE pairs.holder IS NOT NULL AND pairs.user_id IS NOT NULL
-            GROUP BY pairs.holder, pairs.user_id"""
+            SELECT member.*,
+                   count(*) OVER (PARTITION BY member.holder) AS members,
+                   count(*) FILTER (WHERE member.owning) OVER (PARTITION BY member.holder)
+                       AS owners
+            FROM (
+                SELECT pairs.holder, pairs.user_id, coalesce(bool_or(pairs.owning), false)
+                           AS owning
+                FROM ({pairs}) AS pairs
+                WHERE pairs.holder IS NOT NULL AND pairs.user_id IS NOT NULL
+                GROUP BY pairs.holder, pairs.user_id
+            ) AS member"""
 
     def billed(self) -> str:
         """One row per subscription: its holder (a user, or the owner), status, plan, monthly

@@ -1,0 +1,340 @@
+"""Subscriptions the way apps keep them, through configuration alone: owned by an organization
+or a Stripe customer, in the app's own status vocabulary, amounts in major units, in JSON or a
+price times a quantity, credited to members by a stated rule; and what `check` refuses."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import date
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.config import ConfigError
+from retention_pipeline.preflight import preflight
+from retention_pipeline.segments.snapshot.build import build_snapshot
+from retention_pipeline.segments.snapshot.statement import SnapshotError
+from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.helpers import make_config
+
+DAY = date(2026, 11, 20)
+_numbers = itertools.count()
+
+APP = """
+CREATE TABLE "User" (id bigint PRIMARY KEY, email text NOT NULL, "createdAt" timestamp NOT NULL);
+CREATE TABLE "Event" ("userId" bigint, name text, "createdAt" timestamptz);
+CREATE TABLE "Session" ("userId" bigint, "createdAt" timestamptz);
+CREATE TABLE "Organisation" (id text PRIMARY KEY, "ownerUserId" bigint);
+CREATE TABLE "OrganisationMember" (
+    "organisationId" text, "userId" bigint, role text, accepted boolean);
+CREATE TABLE "Subscription" (
+    id text PRIMARY KEY, "organisationId" text, status text, "isActive" boolean,
+    "priceId" text, quantity integer, amount numeric, data jsonb, "updatedAt" timestamptz);
+CREATE TABLE "Price" (id text PRIMARY KEY, "unitAmount" integer, interval text, currency text);
+INSERT INTO "User" SELECT n, 'u' || n || '@example.com', '2026-01-01' FROM generate_series(1, 5) n;
+-- Org a: users 1 (owner), 2, 3 (3 has not accepted); org b: user 4 alone. User 5 is free.
+INSERT INTO "Organisation" VALUES ('org_a', 1), ('org_b', 4);
+INSERT INTO "OrganisationMember" VALUES
+    ('org_a', 1, 'OWNER', true), ('org_a', 2, 'MEMBER', true), ('org_a', 3, 'MEMBER', false),
+    ('org_b', 4, 'OWNER', true);
+INSERT INTO "Price" VALUES
+    ('price_team', 3000, 'month', 'eur'), ('price_year', 12000, 'year', 'eur');
+INSERT INTO "Subscription" VALUES
+    ('sub_a', 'org_a', 'ACTIVE', true, 'price_team', 2, 60.00,
+     '{"plan": {"amount": "60.00", "interval": "month"}}', '2026-11-01'),
+    ('sub_b', 'org_b', 'PAST_DUE', false, 'price_year', 1, 120.00,
+     '{"plan": {"amount": "120.00", "interval": "year"}}', '2026-11-01');
+"""
+USERS = {
+    "table": "User",
+    "columns": {"id": "id", "email": "email", "created_at": "createdAt"},
+}
+ACTIVITY = {
+    "events": {
+        "table": "Event",
+        "columns": {"user_id": "userId", "name": "name", "created_at": "createdAt"},
+    },
+    "sessions": {"table": "Session", "columns": {"user_id": "userId", "created_at": "createdAt"}},
+}
+MEMBERS = {
+    "table": "OrganisationMember",
+    "owner": "organisationId",
+    "user": "userId",
+    "where": [{"column": "accepted", "is": True}],
+}
+ORG_OWNED = {
+    "table": "Subscription",
+    "owner": {"column": "organisationId", "members": MEMBERS},
+    "columns": {"status": "status", "plan": "priceId", "updated_at": "updatedAt"},
+    "status": {"ACTIVE": "active", "PAST_DUE": "past_due", "INACTIVE": "canceled"},
+    "amount": {"column": "amount", "unit": "major"},
+    "credit": "each",
+}
+
+
+@pytest.fixture(scope="module")
+def app(create_database):
+    url = create_database()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(APP))
+    yield url, engine
+    engine.dispose()
+
+
+def _config(url: str, subscriptions: dict | None, schema: str):
+    tables = {"users": USERS, **ACTIVITY}
+    if subscriptions is not None:
+        tables["subscriptions"] = subscriptions
+    return make_config(url, schema=schema, tables=tables)
+
+
+def _snapshot(app, subscriptions: dict | None) -> dict[str, tuple]:
+    """Each user's (status, plan, monthly_amount_cents, currency) in a real snapshot build."""
+    url, engine = app
+    schema = f"retention_h4_{next(_numbers)}"
+    config = _config(url, subscriptions, schema)
+    install(engine, config)
+    with engine.begin() as connection:
+        build_snapshot(connection, config, DAY)
+        rows = connection.execute(
+            text(f"""
+                SELECT user_id, subscription_status, subscription_plan, monthly_amount_cents,
+                       subscription_currency
+                FROM {schema}.user_activity_snapshot WHERE partition_date = :day"""),
+            {"day": DAY},
+        ).all()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def test_org_owned_subscriptions_reach_every_accepted_member(app):
+    snapshot = _snapshot(app, ORG_OWNED)
+
+    assert snapshot == {
+        "1": ("active", "price_team", 6000, None),
+        "2": ("active", "price_team", 6000, None),
+        "3": (None, None, None, None),  # not accepted: not a member
+        "4": ("past_due", "price_year", 12000, None),
+        "5": (None, None, None, None),
+    }
+
+
+@pytest.mark.parametrize(
+    ("credit", "owning_member", "amounts"),
+    [
+        ("each", None, {"1": 6000, "2": 6000, "4": 12000}),
+        ("split", None, {"1": 3000, "2": 3000, "4": 12000}),
+        ("owner", [{"column": "role", "equals": "OWNER"}], {"1": 6000, "2": 0, "4": 12000}),
+        (
+            "owner",
+            {"table": "Organisation", "id": "id", "user": "ownerUserId"},
+            {"1": 6000, "2": 0, "4": 12000},
+        ),
+    ],
+    ids=["each", "split", "owner-by-role", "owner-by-owner-table"],
+)
+def test_each_credit_rule_credits_its_figures(app, credit, owning_member, amounts):
+    owner = {"column": "organisationId", "members": MEMBERS}
+    if owning_member is not None:
+        owner["owning_member"] = owning_member
+    snapshot = _snapshot(app, {**ORG_OWNED, "owner": owner, "credit": credit})
+
+    assert {user: row[2] for user, row in snapshot.items() if row[2] is not None} == amounts
+
+
+def test_a_boolean_status_maps_to_ours(app):
+    mapping = {**ORG_OWNED, "columns": {**ORG_OWNED["columns"], "status": "isActive"}}
+    snapshot = _snapshot(app, {**mapping, "status": {True: "active", False: "canceled"}})
+
+    assert snapshot["1"][0] == "active"
+    assert snapshot["4"][0] == "canceled"
+
+
+def test_an_unmapped_status_is_one_line_naming_the_value_and_the_key(app):
+    url, engine = app
+    config = _config(url, {**ORG_OWNED, "status": {"ACTIVE": "active"}}, "retention_h4_bad")
+    install(engine, config)
+    with engine.begin() as connection, pytest.raises(SnapshotError) as raised:
+        build_snapshot(connection, config, DAY)
+
+    assert str(raised.value) == (
+        "database.tables.subscriptions.status: 'PAST_DUE' of public.Subscription.status is not "
+        "mapped (mapped: ACTIVE)"
+    )
+
+
+def test_an_amount_in_json_with_its_interval_in_json(app):
+    columns = {**ORG_OWNED["columns"], "billing_interval": "data.plan.interval"}
+    snapshot = _snapshot(
+        app,
+        {
+            **ORG_OWNED,
+            "columns": columns,
+            "amount": {"column": "data.plan.amount", "unit": "major"},
+        },
+    )
+
+    assert snapshot["1"][2] == 6000
+    assert snapshot["4"][2] == 1000  # 120.00 a year
+
+
+def test_an_amount_as_a_price_times_a_quantity(app):
+    amount = {
+        "price": {
+            "table": "Price",
+            "amount": "unitAmount",
+            "interval": "interval",
+            "currency": "currency",
+        },
+        "by": "priceId",
+        "quantity": "quantity",
+    }
+    snapshot = _snapshot(app, {**ORG_OWNED, "amount": amount})
+
+    assert snapshot["1"] == ("active", "price_team", 6000, "EUR")  # 2 seats x 30.00
+    assert snapshot["4"] == ("past_due", "price_year", 1000, "EUR")
+
+
+def test_an_app_that_bills_nothing_leaves_subscriptions_out(app):
+    url, engine = app
+    snapshot = _snapshot(app, None)
+
+    assert set(snapshot.values()) == {(None, None, None, None)}
+    report = preflight(engine, _config(url, None, "retention_h4_none"))
+    assert report.problems == []
+
+
+def test_check_refuses_an_owner_id_mapped_as_the_user_id(app):
+    url, engine = app
+    mapping = {
+        "table": "Subscription",
+        "columns": {
+            "user_id": "organisationId",
+            "status": "status",
+            "plan": "priceId",
+            "amount_cents": "quantity",
+        },
+        "status": ORG_OWNED["status"],
+    }
+    report = preflight(engine, _config(url, mapping, "retention_h4_uid"))
+
+    assert (
+        "database.tables.subscriptions.columns.user_id: 0 of 2 subscription rows reach a user: "
+        "is `organisationId` a user id?"
+    ) in report.problems
+
+
+def test_check_refuses_an_epoch_mapped_as_the_amount(app):
+    url, engine = app
+    with engine.begin() as connection:
+        connection.execute(
+            text('CREATE TABLE "Plan" ("userId" bigint, status text, created integer)')
+        )
+        connection.execute(
+            text("""INSERT INTO "Plan" SELECT n % 5 + 1, 'active', 1760000000 + n * 3600
+                    FROM generate_series(1, 30) n""")
+        )
+    mapping = {
+        "table": "Plan",
+        "columns": {
+            "user_id": "userId",
+            "status": "status",
+            "plan": "status",
+            "amount_cents": "created",
+        },
+    }
+    report = preflight(engine, _config(url, mapping, "retention_h4_epoch"))
+
+    assert (
+        "database.tables.subscriptions.columns.amount_cents: 30 of 30 amounts look like Unix "
+        "times (1e9 to 2.2e9 seconds, or milliseconds): is it an amount?"
+    ) in report.problems
+
+
+def test_check_refuses_amounts_that_are_all_different_like_ids(app):
+    url, engine = app
+    with engine.begin() as connection:
+        connection.execute(text('CREATE TABLE "Bill" ("userId" bigint, status text, id integer)'))
+        connection.execute(
+            text("INSERT INTO \"Bill\" SELECT n % 5 + 1, 'active', n FROM generate_series(1, 25) n")
+        )
+    mapping = {
+        "table": "Bill",
+        "columns": {
+            "user_id": "userId",
+            "status": "status",
+            "plan": "status",
+            "amount_cents": "id",
+        },
+    }
+    report = preflight(engine, _config(url, mapping, "retention_h4_ids"))
+
+    assert (
+        "database.tables.subscriptions.columns.amount_cents: all 25 amounts are different, like "
+        "ids (prices repeat across subscriptions): is it an amount?"
+    ) in report.problems
+
+
+@pytest.mark.parametrize(
+    ("subscriptions", "message"),
+    [
+        (
+            {**ORG_OWNED, "credit": None},
+            "database.tables.subscriptions: credit: required with `owner`: owner, split or each",
+        ),
+        (
+            {**ORG_OWNED, "status": {"ACTIVE": "live"}},
+            "database.tables.subscriptions.status.ACTIVE: Input should be 'active'",
+        ),
+        (
+            {**ORG_OWNED, "credit": "owner"},
+            "database.tables.subscriptions: owner.owning_member: required with `credit: owner`",
+        ),
+        (
+            {**ORG_OWNED, "amount": {"column": "amount", "unit": "euros"}},
+            "database.tables.subscriptions.amount.unit: Input should be 'minor' or 'major'",
+        ),
+        (
+            {"stripe": {"customer": "phone"}},
+            "database.tables.subscriptions: stripe.customer: how a Stripe customer maps to a user",
+        ),
+    ],
+    ids=["credit-missing", "status-unknown", "owner-unidentified", "unit", "stripe-customer"],
+)
+def test_bad_configuration_is_one_line_naming_the_key(subscriptions, message):
+    with pytest.raises(ConfigError) as raised:
+        _config("postgresql://h4@127.0.0.1/none", subscriptions, "retention")
+
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("subscriptions", "message"),
+    [
+        (
+            {**ORG_OWNED, "owner": {"column": "orgId", "members": MEMBERS}},
+            "database.tables.subscriptions.owner.column: column 'orgId' does not exist in "
+            "public.Subscription",
+        ),
+        (
+            {**ORG_OWNED, "amount": {"column": "status.amount"}},
+            "database.tables.subscriptions.amount.column: 'status.amount' is a path into "
+            "public.Subscription.status, which is text, not json or jsonb",
+        ),
+        (
+            {
+                **ORG_OWNED,
+                "owner": {"column": "organisationId", "members": {**MEMBERS, "table": "Member"}},
+            },
+            "database.tables.subscriptions.owner.members.table: app table public.Member does not "
+            "exist in the app database",
+        ),
+    ],
+    ids=["owner-column", "json-path-into-text", "members-table"],
+)
+def test_a_mapping_the_database_does_not_have_is_one_line(app, subscriptions, message):
+    url, engine = app
+    report = preflight(engine, _config(url, subscriptions, "retention_h4_map"))
+
+    assert any(problem.startswith(message) for problem in report.problems), report.problems
