@@ -338,3 +338,62 @@ def test_a_mapping_the_database_does_not_have_is_one_line(app, subscriptions, me
     report = preflight(engine, _config(url, subscriptions, "retention_h4_map"))
 
     assert any(problem.startswith(message) for problem in report.problems), report.problems
+
+
+# The tables supabase/stripe-sync-engine writes (packages/sync-engine/src/database/migrations
+# 0002, 0003, 0004, 0012, 0013, 0015, 0032, 0039 at e3eeb363), the columns the reader uses and
+# their neighbours, with the types the migrations give them.
+STRIPE_SYNC = """
+CREATE SCHEMA stripe;
+CREATE TYPE stripe.subscription_status AS ENUM ('trialing', 'active', 'canceled', 'incomplete',
+    'incomplete_expired', 'past_due', 'unpaid', 'paused');
+CREATE TYPE stripe.pricing_type AS ENUM ('one_time', 'recurring');
+CREATE TABLE stripe.customers (id text PRIMARY KEY, object text, email text, metadata jsonb,
+    name text, created integer, deleted boolean DEFAULT false NOT NULL,
+    updated_at timestamptz DEFAULT timezone('utc'::text, now()) NOT NULL);
+CREATE TABLE stripe.prices (id text PRIMARY KEY, object text, active boolean, currency text,
+    metadata jsonb, nickname text, recurring jsonb, type stripe.pricing_type,
+    unit_amount integer, product text, updated_at timestamptz DEFAULT now() NOT NULL);
+CREATE TABLE stripe.subscriptions (id text PRIMARY KEY, object text, items jsonb,
+    status stripe.subscription_status, created integer, current_period_end integer,
+    customer text, plan text, updated_at timestamptz DEFAULT now() NOT NULL);
+CREATE TABLE stripe.subscription_items (id text PRIMARY KEY, object text, created integer,
+    deleted boolean, metadata jsonb, quantity integer, price text, subscription text,
+    current_period_end integer);
+ALTER TABLE "User" ADD COLUMN "stripeCustomerId" text;
+UPDATE "User" SET "stripeCustomerId" = 'cus_' || id;
+INSERT INTO stripe.customers (id, email, metadata) VALUES
+    ('cus_1', 'u1@example.com', '{"user_id": "1"}'),
+    ('cus_4', 'U4@example.com', '{"user_id": "4"}');
+INSERT INTO stripe.prices (id, currency, recurring, type, unit_amount, product) VALUES
+    ('price_seat', 'usd', '{"interval": "month", "interval_count": 1}', 'recurring', 1000,
+     'prod_team'),
+    ('price_addon', 'usd', '{"interval": "month", "interval_count": 3}', 'recurring', 900,
+     'prod_addon'),
+    ('price_setup', 'usd', NULL, 'one_time', 5000, 'prod_setup');
+INSERT INTO stripe.subscriptions (id, status, customer, created) VALUES
+    ('sub_1', 'active', 'cus_1', 1760000000), ('sub_4', 'canceled', 'cus_4', 1760000000);
+INSERT INTO stripe.subscription_items (id, deleted, quantity, price, subscription) VALUES
+    ('si_1', false, 3, 'price_seat', 'sub_1'), ('si_2', false, 1, 'price_addon', 'sub_1'),
+    ('si_3', true, 5, 'price_seat', 'sub_1'), ('si_4', false, 1, 'price_seat', 'sub_4');
+"""
+
+
+@pytest.mark.parametrize(
+    "customer",
+    [{"metadata": "user_id"}, {"users_column": "stripeCustomerId"}, "email"],
+    ids=["metadata", "users-column", "email"],
+)
+def test_the_stripe_reader_maps_customers_to_users(app, customer):
+    url, engine = app
+    with engine.begin() as connection:
+        if connection.execute(text("SELECT to_regnamespace('stripe')")).scalar() is None:
+            connection.execute(text(STRIPE_SYNC))
+    snapshot = _snapshot(app, {"stripe": {"customer": customer}})
+
+    # 3 seats x 10.00 a month + 9.00 a quarter; the deleted item is not billed.
+    assert snapshot["1"] == ("active", "prod_team", 3300, "USD")
+    assert snapshot["4"] == ("canceled", "prod_team", 1000, "USD")
+    assert snapshot["2"] == (None, None, None, None)
+    report = preflight(engine, _config(url, {"stripe": {"customer": customer}}, "retention_h4_s"))
+    assert report.problems == []
