@@ -250,7 +250,8 @@ def test_revenue_is_a_line_per_currency_and_an_unknown_interval_one_line(engine,
     with pytest.raises(SnapshotError) as error, engine.begin() as connection:
         build_snapshot(connection, config, day + timedelta(days=1))
     assert str(error.value).startswith(
-        "subscriptions.billing_interval: unknown billing interval 'fortnight' (known: day, "
+        "database.tables.subscriptions.columns.billing_interval: unknown billing interval "
+        "'fortnight' (known: day, "
     )
     assert "\n" not in str(error.value)
 
