@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -76,6 +77,69 @@ def _check_identifier(value: str) -> str:
 
 
 Identifier = Annotated[str, Field(min_length=1, max_length=63)]
+
+
+# A JSON key in a column reference (`raw_user_meta_data.full_name`): what apps name keys with.
+JSON_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_$-]{1,63}$")
+
+
+def parse_column_reference(value: str) -> tuple[str, tuple[str, ...]]:
+    """A column of the app, or a path into its JSON: `name` or `column.key.key`."""
+    column, *path = str(value).split(".")
+    _check_identifier(column)
+    for key in path:
+        if not JSON_KEY_PATTERN.match(key):
+            raise ValueError(
+                f"{value!r}: {key!r} is not a JSON key (letters, digits, _, $ and -) in a path "
+                "like column.key.key"
+            )
+    return column, tuple(path)
+
+
+def _column_reference(value: str) -> str:
+    parse_column_reference(value)
+    return value
+
+
+ColumnReference = Annotated[
+    str,
+    Field(min_length=1, description="a column, or column.key.key: a path into a JSON column"),
+    AfterValidator(_column_reference),
+]
+# What `is:` may say of a value: it is there or not, a flag, or a time still to come or past.
+PREDICATE_STATES = ("set", "unset", "true", "false", "future", "past")
+Scalar = str | int | float | bool
+
+
+class Predicate(StrictModel):
+    """One test of a row of an app table, as a user describes it: `{column: deletedAt, is: set}`,
+    `{column: status, in: [LOCKED]}`, `{column: raw_app_meta_data.provider, equals: anonymous}`.
+    Values are compared as text (`true`, `42`), so enums, numbers and JSON fields all match."""
+
+    column: ColumnReference
+    is_: Literal[PREDICATE_STATES] | None = Field(None, alias="is")  # type: ignore[valid-type]
+    equals: Scalar | None = None
+    in_: list[Scalar] | None = Field(None, alias="in", min_length=1)
+
+    @field_validator("is_", mode="before")
+    @classmethod
+    def _flag_words(cls, value: object) -> object:
+        # YAML reads `is: true` as a boolean.
+        return str(value).lower() if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _one_test(self) -> Predicate:
+        given = [
+            key
+            for key, value in (("is", self.is_), ("equals", self.equals), ("in", self.in_))
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                f"{self.column}: give exactly one of is ({', '.join(PREDICATE_STATES)}), "
+                f"equals or in ({' and '.join(given) or 'none'} given)"
+            )
+        return self
 
 
 class TableMapping(StrictModel):
