@@ -3,8 +3,10 @@
 It checks the mapping against the catalog (every table and column, and what kind of values each
 holds), then plans with EXPLAIN the statements a daily run executes (the snapshot, each loop's
 segments, audience and condition query) with the values a run binds, in read-only transactions
-under the run's timeouts: nothing is read from the app's rows and nothing is written. Every
-problem is one line naming the table, column or loop.
+under the run's timeouts: nothing is written. The only app rows it reads are a sample of each
+activity source's last days (`tracking.source_checks`): whether its user column reaches users,
+whether its action column names kinds, and what it reads of the last day. Every problem is one
+line naming the table, column or loop.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import TextClause
 
 from retention_pipeline.audience.build import build_audience
-from retention_pipeline.config.models import REQUIRED_COLUMNS, QueryCondition, RetentionConfig
+from retention_pipeline.config.models import QueryCondition, RetentionConfig
+from retention_pipeline.database.activity_sources import inspect_sources
 from retention_pipeline.database.app_tables import inspect_app_tables
 from retention_pipeline.database.migrate import installation_problem
 from retention_pipeline.database.privileges import lacking_right
@@ -35,6 +38,8 @@ from retention_pipeline.segments.conditions import (
 from retention_pipeline.segments.rules import build_segments
 from retention_pipeline.segments.snapshot.full import app_reads_sql, snapshot_sql
 from retention_pipeline.segments.snapshot.statement import snapshot_parameters
+from retention_pipeline.tracking.source_checks import read_sources
+from retention_pipeline.tracking.sql import TrackingSql
 
 
 @dataclass
@@ -43,6 +48,8 @@ class PreflightReport:
     # What could not be checked, and why (the pipeline's schema is not installed yet).
     unchecked: str | None = None
     planned: int = 0
+    # What each activity source reads of the last day, one line each.
+    sources: list[str] = field(default_factory=list)
 
 
 def preflight(
@@ -57,9 +64,25 @@ def preflight(
     schema = config.database.schema_
     with engine.connect() as connection:
         mapping = inspect_app_tables(connection, config.database.tables)
+        sources = inspect_sources(connection, config.database, mapping.resolved.get("users"))
         not_installed = installation_problem(connection, schema)
+        if "users" in mapping.resolved and not sources.problems:
+            reading = read_sources(
+                connection,
+                TrackingSql(
+                    connection.dialect,
+                    schema,
+                    mapping.resolved["users"],
+                    tuple(sources.resolved),
+                ),
+                mapping.resolved["users"],
+                config.timezone,
+            )
+            report.sources = reading.lines
+            sources.problems.extend(reading.problems)
         connection.rollback()
     report.problems.extend(mapping.problems)
+    report.problems.extend(sources.problems)
     parameters = snapshot_parameters(config, day)
     tables = mapping.resolved
     if {"users", "subscriptions"} <= tables.keys():
@@ -69,7 +92,8 @@ def preflight(
             _plan(engine, report, f"database.tables.{table}: the snapshot's read", sql, parameters)
             for table, sql in reads.items()
         ]
-        if not_installed is None and len(tables) == len(REQUIRED_COLUMNS) and all(reads_plan):
+        mapped = not mapping.problems and not sources.problems
+        if not_installed is None and mapped and all(reads_plan):
             with engine.connect() as connection:
                 sql = snapshot_sql(connection, config, tables)
             _plan(engine, report, "the snapshot", sql, parameters)

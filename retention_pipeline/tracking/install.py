@@ -463,12 +463,15 @@ def uninstall(
         preparer = connection.dialect.identifier_preparer
         triggers = connection.execute(
             text("""
-                SELECT t.tgname, t.tgrelid::regclass::text
+                SELECT t.tgname, format('%I.%I', table_schema.nspname, c.relname)
                 FROM pg_catalog.pg_trigger AS t
                 JOIN pg_catalog.pg_proc AS p ON p.oid = t.tgfoid
                 JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
-                WHERE n.nspname = :schema AND NOT t.tgisinternal"""),
-            {"schema": schema},
+                JOIN pg_catalog.pg_class AS c ON c.oid = t.tgrelid
+                JOIN pg_catalog.pg_namespace AS table_schema ON table_schema.oid = c.relnamespace
+                WHERE n.nspname = :schema AND NOT t.tgisinternal
+                ORDER BY t.tgname <> :erasure, t.tgname"""),
+            {"schema": schema, "erasure": legacy_trigger_name(schema)},
         ).all()
         for name, table in triggers:
             connection.execute(text(f"DROP TRIGGER IF EXISTS {preparer.quote(name)} ON {table}"))

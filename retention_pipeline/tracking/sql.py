@@ -184,7 +184,7 @@ class TrackingSql:
                 ") AS app_rows"
             )
         parts.extend(
-            f"SELECT kind, user_id, at, event_name, -1 FROM {self.q_schema}.{table}"
+            f"SELECT kind, user_id, at, event_name, -1 AS n FROM {self.q_schema}.{table}"
             f" WHERE at >= {RANGE_START} AND at < {RANGE_END}"
             " AND source = ANY (CAST(:captured_sources AS text[]))"
             for table in CAPTURE_TABLES
