@@ -364,12 +364,16 @@ def finish_rebuild(
             )
         )
         connection.execute(text(f"DELETE FROM {sql.q_schema}.rebuild_chunks"))
-        histories = connection.execute(
-            text(f"""
-                UPDATE {sql.q_schema}.tracking_sources SET backfill_pending = false
-                WHERE backfill_pending RETURNING history""")
-        ).scalars()
-        return rebuilt, [history for history in histories if history]
+        histories = dict(
+            connection.execute(
+                text(f"""
+                    UPDATE {sql.q_schema}.tracking_sources SET backfill_pending = false
+                    WHERE backfill_pending RETURNING name, history""")
+            ).all()
+        )
+        return rebuilt, [
+            histories[source.name] for source in sql.sources if histories.get(source.name)
+        ]
 
 
 def _stored_chunks(connection: Connection, sql: TrackingSql) -> list[Chunk]:
