@@ -1,5 +1,8 @@
 """python -m benchmarks run --users N [--shape wide|deep|both] [--repeats R] [--url URL]
-[--output benchmarks/RESULTS.md]"""
+[--output benchmarks/RESULTS.md]
+
+python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
+[--output benchmarks/RESULTS-sources.md]: the activity sources' figures alone."""
 
 from __future__ import annotations
 
@@ -34,7 +37,24 @@ def main() -> None:
     )
     command.add_argument("--capture-seconds", type=float, default=5)
     command.add_argument("--emails", type=int, default=1000)
+    sources = commands.add_parser(
+        "sources", help="capture of a time updated in place, and the drain of several sources"
+    )
+    sources.add_argument("--url", default=DEFAULT_URL)
+    sources.add_argument("--seconds", type=float, default=5)
+    sources.add_argument("--rounds", type=int, default=3)
+    sources.add_argument("--drain-rows", type=int, default=300_000)
+    sources.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-sources.md"))
     args = parser.parse_args()
+    if args.command == "sources":
+        from benchmarks import bench_sources
+
+        results = bench_sources.measure(
+            normalize_url(args.url), args.seconds, args.rounds, args.drain_rows
+        )
+        args.output.write_text(bench_sources.render(results, args.seconds, args.rounds))
+        print(f"wrote {args.output}")
+        return
     run(
         Options(
             users=args.users,

@@ -185,6 +185,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         assets = len(defs.resolve_asset_graph().get_all_asset_keys())
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
+    for line in report.sources:
+        print(line)
     if report.unchecked:
         print(f"not checked: {report.unchecked}")
     if problems:
@@ -214,6 +216,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     report = install(_engine(config), config, progress=lambda line: print(line, flush=True))
+    for line in report.sources:
+        print(line)
     print(
         f"schema {config.database.schema_} at revision {report.revision}; tracking: {report.mode} "
         f"({report.timezone}); rollup rows: {report.rollup_rows}"
@@ -253,7 +257,7 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
     update = update_rollup(engine, config)
     print(
         f"rollup updated: folded {update.events:,} event(s) and {update.sessions:,} session(s)"
-        + (f" (recomputed from {update.recomputed_from})" if update.recomputed_from else "")
+        + (f" (polled: {', '.join(update.polled_sources)})" if update.polled_sources else "")
         + (f"; late rows for {', '.join(map(str, update.late_days))}" if update.late_days else "")
     )
     return 0

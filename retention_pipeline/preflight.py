@@ -4,8 +4,10 @@ It checks the mapping against the catalog (every table and column, and what kind
 holds), then plans with EXPLAIN the statements a daily run executes (the snapshot, each loop's
 segments, audience and condition query) with the values a run binds, in read-only transactions
 under the run's timeouts; nothing is written. Of the app's rows it reads what says whether the
-mapping means what it claims (subscriptions that reach users, amounts that are amounts). Every
-problem is one line naming the table, column or loop.
+mapping means what it claims: a sample of each activity source's last days
+(`tracking.source_checks`: whether its user column reaches users, whether its action column
+names kinds, what it reads of the last day), and the subscriptions (rows that reach users,
+amounts that are amounts). Every problem is one line naming the table, column or loop.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import TextClause
 
 from retention_pipeline.audience.build import build_audience
-from retention_pipeline.config.models import QueryCondition, RetentionConfig
+from retention_pipeline.config.models import SHORTHAND_SOURCES, QueryCondition, RetentionConfig
+from retention_pipeline.database.activity_sources import inspect_sources
 from retention_pipeline.database.app_tables import inspect_app_tables, subscription_parts
 from retention_pipeline.database.migrate import installation_problem
 from retention_pipeline.database.privileges import lacking_right
@@ -42,6 +45,8 @@ from retention_pipeline.segments.snapshot.billing import billing_parameters, mea
 from retention_pipeline.segments.snapshot.full import app_reads_sql, snapshot_sql
 from retention_pipeline.segments.snapshot.names import AppNames
 from retention_pipeline.segments.snapshot.statement import snapshot_parameters
+from retention_pipeline.tracking.source_checks import read_sources
+from retention_pipeline.tracking.sql import TrackingSql
 
 
 @dataclass
@@ -50,6 +55,8 @@ class PreflightReport:
     # What could not be checked, and why (the pipeline's schema is not installed yet).
     unchecked: str | None = None
     planned: int = 0
+    # What each activity source reads of the last day, one line each.
+    sources: list[str] = field(default_factory=list)
 
 
 def preflight(
@@ -64,9 +71,25 @@ def preflight(
     schema = config.database.schema_
     with engine.connect() as connection:
         mapping = inspect_app_tables(connection, config.database.tables)
+        sources = inspect_sources(connection, config.database, mapping.resolved.get("users"))
         not_installed = installation_problem(connection, schema)
+        if "users" in mapping.resolved and not sources.problems:
+            reading = read_sources(
+                connection,
+                TrackingSql(
+                    connection.dialect,
+                    schema,
+                    mapping.resolved["users"],
+                    tuple(sources.resolved),
+                ),
+                mapping.resolved["users"],
+                config.timezone,
+            )
+            report.sources = reading.lines
+            sources.problems.extend(reading.problems)
         connection.rollback()
     report.problems.extend(mapping.problems)
+    report.problems.extend(sources.problems)
     billing = config.database.tables.subscriptions
     if (
         billing is not None
@@ -86,7 +109,11 @@ def preflight(
                 connection.rollback()
     parameters = snapshot_parameters(config, day)
     tables = mapping.resolved
-    every_table_resolved = all(name in tables for name, _ in config.database.tables.items())
+    every_table_resolved = all(
+        name in tables
+        for name, _ in config.database.tables.items()
+        if name not in SHORTHAND_SOURCES
+    )
     if "users" in tables:
         with engine.connect() as connection:
             reads = app_reads_sql(connection, tables)
@@ -94,7 +121,8 @@ def preflight(
             _plan(engine, report, f"database.tables.{table}: the snapshot's read", sql, parameters)
             for table, sql in reads.items()
         ]
-        if not_installed is None and every_table_resolved and all(reads_plan):
+        mapped = every_table_resolved and not sources.problems
+        if not_installed is None and mapped and all(reads_plan):
             with engine.connect() as connection:
                 sql = snapshot_sql(connection, config, tables)
             _plan(engine, report, "the snapshot", sql, parameters)

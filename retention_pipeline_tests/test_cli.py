@@ -295,6 +295,9 @@ def test_check_says_what_it_cannot_check_before_the_schema_is_installed(app_data
     result = run("--config", str(config), "check")
     assert result.returncode == 2
     assert result.stdout == (
+        "source `events` (public.events, inserts): 0 row(s) of the last day, reaching 0 user(s)\n"
+        "source `sessions` (public.sessions, inserts): 0 row(s) of the last day, reaching 0 "
+        "user(s)\n"
         f"not checked: database.schema: schema 'retention' is at revision none, expected {HEAD}: "
         "run `retention-pipeline db upgrade`; until then the snapshot, segments, audience, "
         "outcomes and condition queries cannot be planned\n"
@@ -381,6 +384,10 @@ def test_a_role_without_rights_gets_one_line_naming_the_right_and_the_object(
         assert "Traceback" not in checked.stderr
         lacks = f"role {role_without_rights} lacks"
         assert errors(checked) == [
+            f"error: database.tables.events: reading its last days would fail: {lacks} SELECT "
+            "on table public.events",
+            f"error: database.tables.sessions: reading its last days would fail: {lacks} SELECT "
+            "on table public.sessions",
             f"error: database.tables.users: the snapshot's read would fail: {lacks} SELECT on "
             "table public.users",
             f"error: database.tables.subscriptions: the snapshot's read would fail: {lacks} "

@@ -5,6 +5,7 @@ from datetime import date
 
 from sqlalchemy import create_engine, text
 
+from retention_pipeline.database.activity_sources import resolve_sources
 from retention_pipeline.database.app_tables import resolve_app_tables
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
@@ -76,8 +77,9 @@ def test_prisma_schema_through_configuration_alone(create_database):
                '2026-11-21 03:30:00')"""
             )
         )
-        resolved = resolve_app_tables(connection, config.database.tables)
-        assert resolved["events"].column_types["created_at"] == "TIMESTAMP"
+        users = resolve_app_tables(connection, config.database.tables)["users"]
+        events = resolve_sources(connection, config.database, users)[0]
+        assert events.column_types[events.spec.source.at] == "timestamp"
     install(engine, config)
     with engine.begin() as connection:
         connection.execute(

@@ -693,7 +693,7 @@ def test_incremental_mode_installs_no_trigger_and_uses_the_same_fold(engine, app
         )
     assert sum(row[2] for row in rollup(engine)) == 1
     update = update_rollup(engine, config)
-    assert update.recomputed_from is not None
+    assert update.polled_sources == ("events", "sessions")
     assert rollup(engine) == truth(engine)
     update_rollup(engine, config)
     assert rollup(engine) == truth(engine)

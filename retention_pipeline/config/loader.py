@@ -60,6 +60,7 @@ def _expand(value: Any, path: str, environ: Mapping[str, str]) -> Any:
 DISCRIMINATOR_TAGS = {
     *(("condition", tag) for tag in ("segment", "query")),
     *(("success", tag) for tag in ("activity", "events", "query")),
+    *(("action", tag) for tag in ("column", "constant")),
 }
 
 

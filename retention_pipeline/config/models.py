@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from datetime import date, timedelta
 from email.utils import parseaddr
 from typing import Annotated, Any, Literal
@@ -18,7 +19,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -524,6 +527,90 @@ DEFAULT_SUBSCRIPTIONS = SubscriptionsMapping(
 )
 
 
+# How each activity source is captured: rows the app inserts (a statement-level trigger), a time
+# column the app also updates in place (each change of its value counts), or read by each drain
+# from the app's table or view (no trigger).
+CAPTURE_MODES = ("inserts", "updates", "polling")
+# The shorthand mappings that become sources of these names, and what their rows count as.
+SHORTHAND_SOURCES = {"events": False, "sessions": True}
+
+
+class ActionColumn(StrictModel):
+    """The action named by a column of the source, with a prefix saying where it came from."""
+
+    column: ColumnReference
+    prefix: str = Field("", max_length=100)
+
+
+def _action_form(value: object) -> str:
+    return "column" if isinstance(value, dict | ActionColumn) else "constant"
+
+
+# `action: comment.posted` (every row is that action) or `action: {column: type, prefix: p.}`.
+Action = Annotated[
+    Annotated[ActionColumn, Tag("column")]
+    | Annotated[Annotated[str, Field(min_length=1, max_length=200)], Tag("constant")],
+    Discriminator(_action_form),
+]
+
+
+class ActivitySource(StrictModel):
+    """One app table (or view) whose rows are activity: who (`user`), when (`at`), and what
+    (`action`, or a login)."""
+
+    name: Identifier | None = Field(None, description="default: the table's name; unique")
+    table: Identifier
+    schema_: Identifier = Field("public", alias="schema")
+    user: Identifier
+    at: Identifier
+    login: bool = Field(False, description="a row is an auth session, not a product action")
+    action: Action | None = None
+    where: list[Predicate] = Field(default_factory=list)
+    capture: Literal[CAPTURE_MODES] | None = Field(  # type: ignore[valid-type]
+        None, description="default: inserts under `tracking: triggers`, polling under incremental"
+    )
+
+    @field_validator("table", "schema_", "user", "at", "name")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        return value if value is None else _check_identifier(value)
+
+    @model_validator(mode="after")
+    def _action_or_login(self) -> ActivitySource:
+        if self.action is None and not self.login:
+            raise ValueError(
+                "action: required unless `login: true` (a column, {column: c, prefix: 'p.'}, "
+                "or a constant like comment.posted)"
+            )
+        if self.action is not None and self.login:
+            raise ValueError("action: a login source counts sessions, which have no action")
+        return self
+
+    @property
+    def source_name(self) -> str:
+        return self.name or self.table
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema_}.{self.table}"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A source as the pipeline reads it, from `database.activity` or from the shorthand
+    `database.tables.events` / `sessions`; `key` is the key path its errors name."""
+
+    source: ActivitySource
+    capture: str
+    key: str
+    # Key path of each column the source maps ("user", "at", "action.column", "where.0.column")
+    column_keys: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.source.source_name
+
+
 class DatabaseSettings(StrictModel):
     url: str | None = Field(
         None,
@@ -540,6 +627,11 @@ class DatabaseSettings(StrictModel):
     statement_timeout: Duration = "10m"
     tracking: Literal["triggers", "incremental"] = "triggers"
     tables: AppTables = AppTables(subscriptions=DEFAULT_SUBSCRIPTIONS)
+    activity: list[ActivitySource] | None = Field(
+        None,
+        description="the app's tables whose rows are activity; without it, `tables.events` and "
+        "`tables.sessions` are the sources",
+    )
     keep_days: int = Field(
         400,
         ge=35,
@@ -562,6 +654,60 @@ class DatabaseSettings(StrictModel):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _sources_consistent(self) -> DatabaseSettings:
+        names: dict[str, str] = {}
+        for spec in self.activity_sources():
+            where = spec.key.removeprefix("database.")
+            if spec.name in names:
+                raise ValueError(
+                    f"{where}.name: source name {spec.name!r} is already {names[spec.name]}'s; "
+                    "give each source its own `name`"
+                )
+            names[spec.name] = spec.key
+            if self.tracking == "incremental" and spec.capture != "polling":
+                raise ValueError(
+                    f"{where}.capture: {spec.capture!r} needs a trigger, and `tracking: "
+                    "incremental` installs none: use `capture: polling`"
+                )
+        if not names:
+            raise ValueError("activity: no activity source: give at least one")
+        return self
+
+    def activity_sources(self) -> list[SourceSpec]:
+        """Every activity source: the shorthand mappings (their defaults only when `activity`
+        is not given), then `activity`'s."""
+        default_capture = "inserts" if self.tracking == "triggers" else "polling"
+        specs: list[SourceSpec] = []
+        for name, login in SHORTHAND_SOURCES.items():
+            if self.activity is not None and name not in self.tables.model_fields_set:
+                continue
+            mapping: TableMapping = getattr(self.tables, name)
+            columns = mapping.columns
+            source = ActivitySource(
+                name=name,
+                table=mapping.table,
+                schema=mapping.schema_,
+                user=columns["user_id"],
+                at=columns["created_at"],
+                login=login,
+                action=None if login else ActionColumn(column=columns["name"]),
+            )
+            key = f"database.tables.{name}"
+            column_keys = {"user": f"{key}.columns.user_id", "at": f"{key}.columns.created_at"}
+            if not login:
+                column_keys["action.column"] = f"{key}.columns.name"
+            specs.append(SourceSpec(source, default_capture, key, column_keys))
+        for index, source in enumerate(self.activity or []):
+            key = f"database.activity.{index}"
+            column_keys = {"user": f"{key}.user", "at": f"{key}.at"}
+            if isinstance(source.action, ActionColumn):
+                column_keys["action.column"] = f"{key}.action.column"
+            for number, _predicate in enumerate(source.where):
+                column_keys[f"where.{number}.column"] = f"{key}.where.{number}.column"
+            specs.append(SourceSpec(source, source.capture or default_capture, key, column_keys))
+        return specs
 
 
 # Names that never reach a reader: the top-level and second-level domains RFC 2606 and RFC 6761

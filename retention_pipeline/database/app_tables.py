@@ -11,6 +11,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.sql.compiler import IdentifierPreparer
 
 from retention_pipeline.config.models import (
+    SHORTHAND_SOURCES,
     AppTables,
     OwnerTable,
     Predicate,
@@ -32,9 +33,6 @@ EXPECTED_KINDS: dict[tuple[str, str], str] = {
     ("users", "name"): "text",
     ("users", "timezone"): "text",
     ("users", "created_at"): "timestamp",
-    ("events", "name"): "label",
-    ("events", "created_at"): "timestamp",
-    ("sessions", "created_at"): "timestamp",
     ("subscriptions", "status"): "label_or_flag",
     ("subscriptions", "plan"): "label",
     ("subscriptions", "currency"): "label",
@@ -57,8 +55,6 @@ KIND_DESCRIPTIONS = {
 # Users are joined across tables on their ids as text: a number and a uuid never match.
 USER_ID_KEYS = {
     "users": "id",
-    "events": "user_id",
-    "sessions": "user_id",
     "subscriptions": "user_id",
 }
 
@@ -113,10 +109,16 @@ class ResolvedTable:
         """The column as timestamptz; naive timestamps are taken as UTC, as ORMs store them."""
         column = self.column_sql(key, alias, preparer)
         if key in self.mapping.columns and parse_column_reference(self.mapping.columns[key])[1]:
-            return f"({column})::timestamptz"
-        if self.column_types.get(key) in ("TIMESTAMP", "DATE"):
-            return f"({column}::timestamp AT TIME ZONE 'UTC')"
-        return column
+            return f"({column})::pg_catalog.timestamptz"
+        return timestamp_column_sql(column, self.column_types.get(key, "").lower())
+
+
+def timestamp_column_sql(column: str, type_name: str) -> str:
+    """A timestamp column (pg_type.typname `type_name`) as timestamptz; naive timestamps are
+    taken as UTC, as ORMs store them."""
+    if type_name in ("timestamp", "date"):
+        return f"({column}::pg_catalog.timestamp AT TIME ZONE 'UTC')"
+    return column
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,10 @@ def table_sql(
 def _columns(
     connection: Connection, mapping: TableMapping | SubscriptionsMapping | RelatedTable
 ) -> dict[str, _Column] | None:
+    return catalog_columns(connection, mapping.schema_, mapping.table)
+
+
+def catalog_columns(connection: Connection, schema: str, table: str) -> dict[str, _Column] | None:
     """The table's (or view's) columns, with domains read as their base type; None when the
     relation does not exist."""
     rows = connection.execute(
@@ -165,7 +171,7 @@ def _columns(
             WHERE n.nspname = :schema AND c.relname = :table
               AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
             ORDER BY a.attnum"""),
-        {"schema": mapping.schema_, "table": mapping.table},
+        {"schema": schema, "table": table},
     ).all()
     if not rows:
         return None
@@ -193,11 +199,15 @@ def _has_kind(column: _Column, kind: str) -> bool:
 
 
 def inspect_app_tables(connection: Connection, tables: AppTables) -> MappingReport:
-    """Check every mapped table and column exists and holds what the pipeline reads from it."""
+    """Check every mapped table and column exists and holds what the pipeline reads from it.
+    The shorthand `events` and `sessions` are activity sources, checked with the others
+    (`activity_sources.inspect_sources`)."""
     resolved: dict[str, ResolvedTable] = {}
     problems: list[str] = []
     found: dict[str, dict[str, _Column]] = {}
     for name, mapping in tables.items():
+        if name in SHORTHAND_SOURCES:
+            continue
         if isinstance(mapping, SubscriptionsMapping):
             billing, billing_problems = _inspect_subscriptions(connection, tables, mapping, found)
             resolved.update(billing)
@@ -427,26 +437,45 @@ def _user_id_problems(tables: AppTables, found: dict[str, dict[str, _Column]]) -
         if column is None:
             continue
         mapping: TableMapping = getattr(tables, name)
-        where = f"database.tables.{name}.columns.{key}"
-        qualified = f"{mapping.qualified_name}.{mapping.columns[key]}"
-        if column.id_family is None:
-            problems.append(
-                f"{where}: column {qualified} is {column.display}, expected a user id "
-                "(an integer, text or uuid type)"
-            )
-        elif (
-            name != "users"
-            and users_id is not None
-            and users_id.id_family is not None
-            and "text" not in (column.id_family, users_id.id_family)
-            and column.id_family != users_id.id_family
-        ):
-            problems.append(
-                f"{where}: column {qualified} is {column.display} but "
-                f"{tables.users.qualified_name}.{tables.users.columns['id']} is "
-                f"{users_id.display}: their values never match"
-            )
+        problem = id_family_problem(
+            f"database.tables.{name}.columns.{key}",
+            f"{mapping.qualified_name}.{mapping.columns[key]}",
+            column,
+            users_id if name != "users" else None,
+            tables.users,
+        )
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def id_family_problem(
+    where: str,
+    qualified: str,
+    column: _Column,
+    users_id: _Column | None,
+    users: TableMapping | None,
+) -> str | None:
+    """Why `column` cannot hold user ids comparable with the users table's (`users_id`, when
+    known), or None."""
+    if column.id_family is None:
+        return (
+            f"{where}: column {qualified} is {column.display}, expected a user id "
+            "(an integer, text or uuid type)"
+        )
+    if (
+        users_id is not None
+        and users is not None
+        and users_id.id_family is not None
+        and "text" not in (column.id_family, users_id.id_family)
+        and column.id_family != users_id.id_family
+    ):
+        return (
+            f"{where}: column {qualified} is {column.display} but "
+            f"{users.qualified_name}.{users.columns['id']} is {users_id.display}: "
+            "their values never match"
+        )
+    return None
 
 
 def resolve_app_tables(connection: Connection, tables: AppTables) -> dict[str, ResolvedTable]:

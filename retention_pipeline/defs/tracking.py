@@ -30,7 +30,8 @@ ROLLUP = dg.AssetKey(["retention", "activity_rollup"])
             "reconciles_with_app_tables",
             asset=ROLLUP,
             description="The last complete day's events and sessions in the rollup (plus what "
-            "the capture still holds) equal the app's rows of that day.",
+            "the capture still holds) equal every activity source's rows of that day (at least "
+            "equal, for a source whose time the app updates in place or that is polled).",
         )
     ],
 )
@@ -68,7 +69,7 @@ def activity_rollup(
             "folded_rows_per_second": round(update.rows / update.seconds) if update.seconds else 0,
             "late_days": ", ".join(map(str, update.late_days)) or "none",
             "rematerialize_from": str(update.late_days[0]) if update.late_days else "",
-            "recomputed_from": str(update.recomputed_from or ""),
+            "polled_sources": ", ".join(update.polled_sources) or "none",
             "erased_users": update.erased_users,
             "erased_outbox_files": forgotten,
         }
@@ -83,6 +84,10 @@ def activity_rollup(
             "tracked_events": reconciliation.tracked_events,
             "app_sessions": reconciliation.app_sessions,
             "tracked_sessions": reconciliation.tracked_sessions,
+            "compared": reconciliation.compared,
+            **{
+                f"app_rows/{name}": rows for name, rows in reconciliation.app_rows_by_source.items()
+            },
         },
     )
 

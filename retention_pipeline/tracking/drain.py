@@ -11,8 +11,8 @@ Each fold reads in READ COMMITTED, whatever the engine's default: it must see ev
 transactions its table lock waited for. A snapshot taken before the lock (REPEATABLE READ)
 would not, and the TRUNCATE would drop those rows uncounted.
 
-In incremental mode no trigger writes the capture; the same fold recomputes recent days from
-the app tables instead.
+Sources no trigger captures (views, and every source in incremental mode) are polled by the same
+drain, in its last transaction (`sources.poll`).
 """
 
 from __future__ import annotations
@@ -26,16 +26,11 @@ from sqlalchemy import Connection, Engine, text
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.tracking.erasure import erase_users, users_gone_from_app
-from retention_pipeline.tracking.fold import (
-    Added,
-    added_by,
-    recompute_days,
-    record_late_days,
-)
-from retention_pipeline.tracking.sql import CAPTURE_TABLES, TRACKED_KINDS, TrackingSql
+from retention_pipeline.tracking.fold import Added, added_by, record_late_days
+from retention_pipeline.tracking.sources import poll
+from retention_pipeline.tracking.sql import CAPTURE_TABLES, TrackingSql
 from retention_pipeline.tracking.state import (
     holding_lock,
-    read_state,
     require_complete,
     tracking_sql,
 )
@@ -50,7 +45,8 @@ class RollupUpdate:
     user_days: int
     # Days that received rows after their snapshot was taken: re-materialize from the first.
     late_days: tuple[date, ...]
-    recomputed_from: date | None
+    # The sources polled (read from the app's tables) rather than captured by a trigger.
+    polled_sources: tuple[str, ...]
     erased_users: int
     erased_send_keys: tuple[str, ...] = field(default=())
     seconds: float = 0.0
@@ -75,8 +71,8 @@ def _fold_capture(connection: Connection, sql: TrackingSql, slot: int, timezone:
 
 
 def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
-    """Bring the rollup up to date: drain the capture, recompute recent days in incremental
-    mode, and erase users deleted from the app."""
+    """Bring the rollup up to date: drain the capture, poll the sources no trigger captures,
+    and erase users deleted from the app."""
     started = time.monotonic()
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="READ COMMITTED")
@@ -100,25 +96,20 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
                 RETURNING capture_slot""")
         ).scalar_one()
         # Statements that start once this commits append to the other table.
-        for kind in TRACKED_KINDS:
-            connection.execute(text(sql.capture_function(kind, active)))
+        for source in sql.sources:
+            if source.capture != "polling":
+                for function in sql.capture_functions(source, active):
+                    connection.execute(text(function))
     written = 1 - active
-    recomputed_from = None
+    polled = tuple(source for source in sql.sources if source.capture == "polling")
     with connection.begin():
-        state = read_state(connection, sql)
         folds.append(_fold_capture(connection, sql, written, timezone))
+        for source in polled:
+            folds.append(poll(connection, sql, source, timezone))
         if config.database.tracking == "incremental":
-            recomputed_from = _day_before(connection, state["refreshed_through"], timezone)
-            folds.append(
-                recompute_days(connection, sql, timezone, recomputed_from, None, clear=True)
-            )
             users_gone_from_app(connection, config)
         connection.execute(
-            text(f"""
-                UPDATE {sql.q_schema}.tracking_state
-                SET last_drained_at = now(),
-                    refreshed_through = CASE WHEN mode = 'incremental' THEN now()
-                                             ELSE refreshed_through END""")
+            text(f"UPDATE {sql.q_schema}.tracking_state SET last_drained_at = now()")
         )
         erased_users, erased_keys = erase_users(connection, sql.schema)
         late = record_late_days(connection, sql, {day for fold in folds for day in fold.days})
@@ -126,18 +117,9 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
         events=sum(fold.events for fold in folds),
         sessions=sum(fold.sessions for fold in folds),
         user_days=sum(fold.user_days for fold in folds),
-        late_days=() if recomputed_from else late,
-        recomputed_from=recomputed_from,
+        late_days=late,
+        polled_sources=tuple(source.name for source in polled),
         erased_users=erased_users,
         erased_send_keys=tuple(erased_keys),
         seconds=time.monotonic() - started,
     )
-
-
-def _day_before(connection: Connection, moment, timezone: str) -> date | None:
-    if moment is None:
-        return None
-    return connection.execute(
-        text("SELECT (CAST(:moment AS timestamptz) AT TIME ZONE :tz)::date - 1"),
-        {"moment": moment, "tz": timezone},
-    ).scalar_one()

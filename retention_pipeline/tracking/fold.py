@@ -7,8 +7,9 @@ from datetime import date
 
 from sqlalchemy import Connection, text
 
+from retention_pipeline.database.activity_sources import ResolvedSource
 from retention_pipeline.database.batch import tune_for_batch
-from retention_pipeline.tracking.sql import TrackingSql
+from retention_pipeline.tracking.sql import POLL_LOOKBACK, TrackingSql
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,29 @@ def recompute_days(
     first_day: date | None,
     end_day: date | None,
     *,
+    sources: tuple[ResolvedSource, ...],
     clear: bool = False,
+    into_emptied_days: bool = True,
 ) -> Added:
-    """Fold the app's rows of days [first_day, end_day) (None: open) into the rollup, less what
-    the capture still holds, after removing those days from the rollup when `clear`."""
+    """Fold the rows of `sources` of days [first_day, end_day) (None: open) into the rollup,
+    less what the capture still holds, after removing those days from the rollup when `clear`.
+    A polled source counts up to its watermark less the lookback (the polls count the rest).
+    `into_emptied_days`: the rollup holds nothing of these days (see `TrackingSql.fold`)."""
     s = sql.q_schema
-    params = {"tz": timezone, "first_day": first_day, "end_day": end_day}
+    params = {
+        "tz": timezone,
+        "first_day": first_day,
+        "end_day": end_day,
+        "captured_sources": [source.name for source in sources if source.capture != "polling"],
+    }
+    for index, source in enumerate(sources):
+        if source.capture == "polling":
+            params[f"poll_cut_{index}"] = connection.execute(
+                text(f"""
+                    SELECT watermark - CAST(:lookback AS interval)
+                    FROM {s}.tracking_sources WHERE name = :name"""),
+                {"lookback": POLL_LOOKBACK, "name": source.name},
+            ).scalar_one()
     if clear:
         for table in ("activity_daily", "action_daily"):
             connection.execute(
@@ -54,7 +72,11 @@ def recompute_days(
                 params,
             )
     tune_for_batch(connection)
-    fold = sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)", into_emptied_days=True)
+    fold = sql.fold(
+        sql.app_rows_less_capture(sources),
+        "CAST(:tz AS text)",
+        into_emptied_days=clear or into_emptied_days,
+    )
     return added_by(connection.execute(text(fold), params))
 
 

@@ -26,11 +26,18 @@ from sqlalchemy.exc import OperationalError
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
-from retention_pipeline.database.app_tables import table_sql
+from retention_pipeline.database.activity_sources import ResolvedSource
 from retention_pipeline.database.reinstall import keep_for_reinstall, restore_kept
 from retention_pipeline.tracking.erasure import record_users_gone
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
-from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
+from retention_pipeline.tracking.sources import (
+    adopt_legacy_sources,
+    drop_source_triggers,
+    hand_over_to_triggers,
+    installed_sources,
+    sync_sources,
+)
+from retention_pipeline.tracking.sql import TrackingSql, legacy_trigger_name
 from retention_pipeline.tracking.state import (
     TrackingError,
     lock,
@@ -39,8 +46,6 @@ from retention_pipeline.tracking.state import (
     tracking_sql,
 )
 
-# Triggers on users record deletions (erasure); on events and sessions they capture activity.
-TRIGGER_KINDS = (*TRACKED_KINDS, "users")
 # How long one attempt may queue app writes behind the trigger DDL, and how often to try.
 BRIEF_LOCK_TIMEOUT = "200ms"
 BRIEF_LOCK_ATTEMPTS = 60
@@ -75,6 +80,8 @@ class InstallReport:
     rebuilt_chunks: int
     rollup_rows: int
     first_data_day: date
+    # What changed of each source, and what history each new one starts from: one line each.
+    sources: tuple[str, ...] = ()
 
 
 def with_brief_locks(engine: Engine, work: Callable[[Connection], T], what: str) -> T:
@@ -99,12 +106,12 @@ def _brief_lock_timeout(connection: Connection) -> None:
     connection.execute(text(f"SET LOCAL lock_timeout = '{BRIEF_LOCK_TIMEOUT}'"))
 
 
-def _has_trigger(connection: Connection, sql: TrackingSql, kind: str) -> bool:
+def _has_trigger(connection: Connection, table: str, name: str) -> bool:
     return connection.execute(
         text(
             "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = to_regclass(:t) AND tgname = :n)"
         ),
-        {"t": sql.table_name(sql.tracked_table(kind)), "n": trigger_name(sql.schema)},
+        {"t": table, "n": name},
     ).scalar_one()
 
 
@@ -115,6 +122,7 @@ def install(
     without holding up the app's writes for more than a moment. Idempotent, and resumes a
     rebuild an earlier install left unfinished."""
     schema, mode, timezone = config.database.schema_, config.database.tracking, config.timezone
+    notes: list[str] = []
 
     def set_up(connection: Connection) -> None:
         sql = tracking_sql(connection, config)
@@ -124,11 +132,9 @@ def install(
         if restore_kept(connection, schema, (*SUPPRESSION_TABLES, *SEND_HISTORY_TABLES)):
             _record_users_gone_while_uninstalled(connection, config)
         state = read_state(connection, sql)
-        # Day buckets depend on the timezone, and triggers only capture rows inserted after
-        # they exist: rebuild whenever the rollup may miss rows or be bucketed differently.
-        rebuild = (
-            state is None or state["timezone"] != timezone or (state["mode"] != mode == "triggers")
-        )
+        installed = installed_sources(connection, sql)
+        # Day buckets depend on the timezone: rebuild everything when it changes.
+        rebuild = state is None or state["timezone"] != timezone
         connection.execute(
             text(f"""
                 INSERT INTO {sql.q_schema}.tracking_state (timezone, mode) VALUES (:tz, :mode)
@@ -136,33 +142,55 @@ def install(
             {"tz": timezone, "mode": mode},
         )
         if rebuild:
+            for name, old in installed.items():
+                drop_source_triggers(connection, sql, name, old.relation)
             connection.execute(
-                text(f"TRUNCATE {sql.q_schema}.activity_daily, {sql.q_schema}.action_daily")
+                text(
+                    f"TRUNCATE {sql.q_schema}.activity_daily, {sql.q_schema}.action_daily, "
+                    f"{sql.q_schema}.tracking_sources, {sql.q_schema}.polled_rows"
+                )
             )
             connection.execute(text(f"DELETE FROM {sql.q_schema}.rebuild_chunks"))
             # Every day of the rollup changes: the next snapshot is built in full.
             connection.execute(text(f"DELETE FROM {sql.q_schema}.snapshot_builds"))
             connection.execute(
-                text(f"UPDATE {sql.q_schema}.tracking_state SET rebuild_pending = true")
+                text(f"UPDATE {sql.q_schema}.tracking_state SET rebuild_into_empty = true")
             )
-        elif state is not None and state["mode"] == "triggers" and mode == "incremental":
-            # Complete up to now: the next incremental refresh starts from the day before.
-            connection.execute(
-                text(f"UPDATE {sql.q_schema}.tracking_state SET refreshed_through = now()")
-            )
+            installed = {}
+        elif not installed:
+            # Installed before revision 0015, when events and sessions were the only sources.
+            adopt_legacy_sources(connection, sql, state["mode"], state["refreshed_through"])
+            installed = installed_sources(connection, sql)
+        changes, to_triggers = sync_sources(connection, sql, installed)
+        notes.extend(changes)
+        connection.execute(
+            text(f"""
+                UPDATE {sql.q_schema}.tracking_state SET rebuild_pending = true
+                WHERE EXISTS (SELECT FROM {sql.q_schema}.tracking_sources
+                              WHERE backfill_pending)""")
+        )
         slot = read_state(connection, sql)["capture_slot"]
-        for kind in TRACKED_KINDS:
-            connection.execute(text(sql.capture_function(kind, slot)))
+        for source in sql.sources:
+            relation = source.relation_sql(sql.dialect)
+            drop_source_triggers(connection, sql, source.name, relation)
+            if source.capture == "polling":
+                continue
+            for function in sql.capture_functions(source, slot):
+                connection.execute(text(function))
+            for trigger in sql.create_triggers(source):
+                connection.execute(text(trigger))
+        hand_over_to_triggers(connection, sql, to_triggers, timezone)
         connection.execute(text(sql.erasure_function()))
-        for kind in TRIGGER_KINDS:
-            present = _has_trigger(connection, sql, kind)
-            if mode == "triggers" and not present:
-                connection.execute(text(sql.create_trigger(kind)))
-            elif mode == "incremental" and present:
-                connection.execute(text(sql.drop_trigger(kind)))
+        users = sql.table_name(sql.users)
+        present = _has_trigger(connection, users, legacy_trigger_name(schema))
+        if mode == "triggers" and not present:
+            connection.execute(text(sql.create_erasure_trigger()))
+        elif mode == "incremental" and present:
+            trigger = sql.quote(legacy_trigger_name(schema))
+            connection.execute(text(f"DROP TRIGGER {trigger} ON {users}"))
 
     with_brief_locks(engine, set_up, "db upgrade")
-    chunks = finish_rebuild(engine, config, progress)
+    chunks, histories = finish_rebuild(engine, config, progress)
     with engine.begin() as connection:
         s = connection.dialect.identifier_preparer.quote_schema(schema)
         rows = connection.execute(text(f"SELECT count(*) FROM {s}.activity_daily")).scalar_one()
@@ -183,6 +211,7 @@ def install(
         rebuilt_chunks=chunks,
         rollup_rows=int(rows),
         first_data_day=first_data_day,
+        sources=(*notes, *histories),
     )
 
 
@@ -199,15 +228,23 @@ class Chunk:
         return f"{first} to {end}"
 
 
-def _plan(connection: Connection, sql: TrackingSql, timezone: str) -> list[Chunk]:
-    """Cut the app's history into consecutive day ranges of about REBUILD_CHUNK_ROWS rows; the
-    first and last ranges are open, so rows outside every planned day still belong to one."""
+def _plan(
+    connection: Connection, sql: TrackingSql, timezone: str, sources: tuple[ResolvedSource, ...]
+) -> tuple[list[Chunk], dict[str, tuple[int, date | None]]]:
+    """Cut the history of `sources` into consecutive day ranges of about REBUILD_CHUNK_ROWS
+    rows; the first and last ranges are open, so rows outside every planned day still belong to
+    one. Also returns each source's rows and first day."""
     per_day: dict[date, int] = {}
-    for kind in TRACKED_KINDS:
-        for day, rows in connection.execute(
-            text(sql.day_histogram(kind, "CAST(:tz AS text)")), {"tz": timezone}
-        ):
+    per_source: dict[str, tuple[int, date | None]] = {}
+    for source in sources:
+        histogram = dict(
+            connection.execute(
+                text(sql.day_histogram(source, "CAST(:tz AS text)")), {"tz": timezone}
+            ).all()
+        )
+        for day, rows in histogram.items():
             per_day[day] = per_day.get(day, 0) + rows
+        per_source[source.name] = (sum(histogram.values()), min(histogram, default=None))
     chunks: list[Chunk] = []
     first: date | None = None
     rows_in_chunk = 0
@@ -217,24 +254,48 @@ def _plan(connection: Connection, sql: TrackingSql, timezone: str) -> list[Chunk
             first, rows_in_chunk = day, 0
         rows_in_chunk += per_day[day]
     chunks.append(Chunk(len(chunks) + 1, first, None, rows_in_chunk))
-    return chunks
+    return chunks, per_source
+
+
+def _history(source: ResolvedSource, rows: int) -> str:
+    """What history a source newly counted starts from."""
+    where = source.spec.source.qualified_name
+    if source.capture == "updates":
+        return (
+            f"source `{source.name}`: history of `{source.spec.source.at}` starts at install: "
+            f"it is a last-seen column ({rows:,} current values of {where} counted)"
+        )
+    if source.capture == "polling":
+        return (
+            f"source `{source.name}`: rebuilt from its {rows:,} rows of {where}; each drain "
+            "polls it from then on"
+        )
+    return f"source `{source.name}`: rebuilt from its {rows:,} rows of {where}"
 
 
 def finish_rebuild(
     engine: Engine, config: RetentionConfig, progress: Progress | None = None
-) -> int:
-    """Rebuild the rollup's pending day ranges, one committed transaction each; returns how
-    many ranges this call rebuilt."""
+) -> tuple[int, list[str]]:
+    """Rebuild the rollup's pending day ranges from the sources pending a backfill, one
+    committed transaction each; returns how many ranges this call rebuilt, and what history
+    each backfilled source starts from."""
     schema, timezone = config.database.schema_, config.timezone
     with engine.begin() as connection:
         sql = tracking_sql(connection, config)
         lock(connection, schema)
         state = read_state(connection, sql)
         if not state or not state["rebuild_pending"]:
-            return 0
+            return 0, []
+        pending_names = set(
+            connection.execute(
+                text(f"SELECT name FROM {sql.q_schema}.tracking_sources WHERE backfill_pending")
+            ).scalars()
+        )
+        pending = tuple(source for source in sql.sources if source.name in pending_names)
+        into_empty = state["rebuild_into_empty"]
         chunks = _stored_chunks(connection, sql)
         if not chunks:
-            chunks = _plan(connection, sql, timezone)
+            chunks, per_source = _plan(connection, sql, timezone, pending)
             for chunk in chunks:
                 connection.execute(
                     text(f"""
@@ -243,9 +304,23 @@ def finish_rebuild(
                         VALUES (:number, :first_day, :end_day, :planned_rows)"""),
                     asdict(chunk),
                 )
-            connection.execute(
-                text(f"UPDATE {sql.q_schema}.tracking_state SET refreshed_through = now()")
-            )
+            for source in pending:
+                rows, first_day = per_source[source.name]
+                connection.execute(
+                    text(f"""
+                        UPDATE {sql.q_schema}.tracking_sources
+                        SET history = :history,
+                            first_day = CASE WHEN capture = 'updates'
+                                             THEN CAST(now() AT TIME ZONE :tz AS date)
+                                             ELSE CAST(:first_day AS date) END
+                        WHERE name = :name"""),
+                    {
+                        "history": _history(source, rows),
+                        "tz": timezone,
+                        "first_day": first_day,
+                        "name": source.name,
+                    },
+                )
     rebuilt = 0
     for chunk in chunks:
         started = time.monotonic()
@@ -260,7 +335,15 @@ def finish_rebuild(
             ).scalar()
             if done:
                 continue
-            added = recompute_days(connection, sql, timezone, chunk.first_day, chunk.end_day)
+            added = recompute_days(
+                connection,
+                sql,
+                timezone,
+                chunk.first_day,
+                chunk.end_day,
+                sources=pending,
+                into_emptied_days=into_empty,
+            )
             connection.execute(
                 text(f"UPDATE {sql.q_schema}.rebuild_chunks SET done_at = now() WHERE number = :n"),
                 {"n": chunk.number},
@@ -275,10 +358,22 @@ def finish_rebuild(
     with engine.begin() as connection:
         lock(connection, schema)
         connection.execute(
-            text(f"UPDATE {sql.q_schema}.tracking_state SET rebuild_pending = false")
+            text(
+                f"UPDATE {sql.q_schema}.tracking_state "
+                "SET rebuild_pending = false, rebuild_into_empty = false"
+            )
         )
         connection.execute(text(f"DELETE FROM {sql.q_schema}.rebuild_chunks"))
-    return rebuilt
+        histories = dict(
+            connection.execute(
+                text(f"""
+                    UPDATE {sql.q_schema}.tracking_sources SET backfill_pending = false
+                    WHERE backfill_pending RETURNING name, history""")
+            ).all()
+        )
+        return rebuilt, [
+            histories[source.name] for source in sql.sources if histories.get(source.name)
+        ]
 
 
 def _stored_chunks(connection: Connection, sql: TrackingSql) -> list[Chunk]:
@@ -292,13 +387,23 @@ def _stored_chunks(connection: Connection, sql: TrackingSql) -> list[Chunk]:
 
 
 def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
-    """Recompute the rollup's days from `since` on from the app tables, in either mode: a
-    repair. Takes no lock on the app's tables; the capture keeps what arrives meanwhile."""
+    """Recompute the rollup's days from `since` on from the app tables: a repair. Takes no
+    lock on the app's tables; the capture keeps what arrives meanwhile. Refused while a source
+    holds history the app tables no longer have (a time updated in place, a polled source)."""
     with engine.begin() as connection:
         sql = tracking_sql(connection, config)
         lock(connection, sql.schema)
         require_complete(connection, sql)
-        added = recompute_days(connection, sql, config.timezone, since, None, clear=True)
+        for source in sql.sources:
+            if source.capture != "inserts":
+                raise TrackingError(
+                    f"db refresh --since: source `{source.name}` is captured by "
+                    f"`{source.capture}`: what it counted of these days is no longer all in "
+                    f"{source.spec.source.qualified_name}, and a repair would wipe it"
+                )
+        added = recompute_days(
+            connection, sql, config.timezone, since, None, sources=sql.sources, clear=True
+        )
         record_late_days(connection, sql, set(added.days))
         return added
 
@@ -324,9 +429,14 @@ def is_installed(engine: Engine, config: RetentionConfig) -> bool:
         return connection.execute(
             text(
                 "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = :schema) "
-                "OR EXISTS (SELECT FROM pg_trigger WHERE tgname = :trigger AND NOT tgisinternal)"
+                "OR EXISTS (SELECT FROM pg_trigger WHERE NOT tgisinternal "
+                "           AND (tgname = :trigger OR starts_with(tgname, :prefix)))"
             ),
-            {"schema": config.database.schema_, "trigger": trigger_name(config.database.schema_)},
+            {
+                "schema": config.database.schema_,
+                "trigger": legacy_trigger_name(config.database.schema_),
+                "prefix": f"{config.database.schema_}_track_",
+            },
         ).scalar_one()
 
 
@@ -351,17 +461,24 @@ def uninstall(
     )
 
     def remove_triggers(connection: Connection) -> None:
+        """Every trigger calling a function of the schema: each source's, and the erasure's."""
         lock(connection, schema)
         _brief_lock_timeout(connection)
         preparer = connection.dialect.identifier_preparer
-        trigger = preparer.quote(trigger_name(schema))
-        for _name, mapping in config.database.tables.items():
-            table = table_sql(mapping, preparer)
-            exists = connection.execute(
-                text("SELECT to_regclass(:name) IS NOT NULL"), {"name": table}
-            ).scalar()
-            if exists:
-                connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
+        triggers = connection.execute(
+            text("""
+                SELECT t.tgname, format('%I.%I', table_schema.nspname, c.relname)
+                FROM pg_catalog.pg_trigger AS t
+                JOIN pg_catalog.pg_proc AS p ON p.oid = t.tgfoid
+                JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
+                JOIN pg_catalog.pg_class AS c ON c.oid = t.tgrelid
+                JOIN pg_catalog.pg_namespace AS table_schema ON table_schema.oid = c.relnamespace
+                WHERE n.nspname = :schema AND NOT t.tgisinternal
+                ORDER BY t.tgname <> :erasure, t.tgname"""),
+            {"schema": schema, "erasure": legacy_trigger_name(schema)},
+        ).all()
+        for name, table in triggers:
+            connection.execute(text(f"DROP TRIGGER IF EXISTS {preparer.quote(name)} ON {table}"))
 
     def drop_schema(connection: Connection) -> dict[str, int]:
         lock(connection, schema)

@@ -3,32 +3,57 @@
 Names come from configuration and are quoted through SQLAlchemy's identifier preparer; values
 (timezone, days) are read from the tracking state or bound, never pasted into the text.
 
+Each activity source compiles into one SELECT of (kind, user_id, at, event_name) over a relation
+(`source_rows`): the capture trigger runs it over the statement's new rows, the rebuild over the
+app table, the poll over the rows newer than its watermark, so all of them agree row for row.
+
 The triggers only append to a capture table. Every write to the rollup goes through one
-additive fold, whatever it reads: the capture (the drain), or the app tables less what is
-still in the capture (a rebuild or a repair of some days).
+additive fold, whatever it reads: the capture (the drain), the rows a poll found new, or the app
+tables less what is still in the capture (a rebuild or a repair of some days).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from sqlalchemy.engine.interfaces import Dialect
 
+from retention_pipeline.database.activity_sources import ResolvedSource
 from retention_pipeline.database.app_tables import ResolvedTable
+from retention_pipeline.database.predicates import sql_literal
 
-MAX_EVENT_NAME_LENGTH = 200
 CAPTURE_TABLES = ("activity_capture_0", "activity_capture_1")
-TRACKED_KINDS = ("events", "sessions")
 # The start of :first_day and of :end_day in :tz; a missing day leaves that end open.
 RANGE_START = (
     "coalesce(CAST(:first_day AS date)::timestamp AT TIME ZONE CAST(:tz AS text), '-infinity')"
 )
 RANGE_END = "coalesce(CAST(:end_day AS date)::timestamp AT TIME ZONE CAST(:tz AS text), 'infinity')"
+# How far back of its watermark each poll reads again: rows committed late (a transaction
+# that began before the poll) with a time down to this far back are still counted, once.
+POLL_LOOKBACK = "2 days"
+MAX_NAME_LENGTH = 63
 
 
-def trigger_name(schema: str) -> str:
-    """The name of the tracking trigger on each app table: one per pipeline schema."""
+def object_name(*parts: str) -> str:
+    """`parts` joined by `_`, shortened with a hash of the whole where PostgreSQL would cut it
+    (two long names must not end up the same)."""
+    name = "_".join(parts)
+    if len(name) <= MAX_NAME_LENGTH:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_NAME_LENGTH - 9]}_{digest}"
+
+
+def legacy_trigger_name(schema: str) -> str:
+    """The one trigger name of revisions before 0015: on events and sessions (capture) and on
+    users (erasure, still so named)."""
     return f"{schema}_track_activity"
+
+
+def source_trigger_name(schema: str, source: str, mode: str) -> str:
+    """A source's trigger: its inserts, or the changes of its time column."""
+    return object_name(schema, "track", source, *(["updates"] if mode == "updates" else []))
 
 
 @dataclass(frozen=True)
@@ -36,8 +61,7 @@ class TrackingSql:
     dialect: Dialect
     schema: str
     users: ResolvedTable
-    events: ResolvedTable
-    sessions: ResolvedTable
+    sources: tuple[ResolvedSource, ...]
 
     def quote(self, name: str) -> str:
         return self.dialect.identifier_preparer.quote(name)
@@ -52,36 +76,33 @@ class TrackingSql:
     def column(self, table: ResolvedTable, key: str) -> str:
         return table.column_sql(key, "src", self.dialect.identifier_preparer)
 
-    def timestamp(self, table: ResolvedTable) -> str:
-        return table.timestamp_sql("created_at", "src", self.dialect.identifier_preparer)
+    def source(self, name: str) -> ResolvedSource:
+        return next(source for source in self.sources if source.name == name)
 
-    def tracked_table(self, kind: str) -> ResolvedTable:
-        return {"events": self.events, "sessions": self.sessions, "users": self.users}[kind]
-
-    def captured_rows(self, kind: str, source: str, time_range: str = "TRUE") -> str:
-        """What the capture keeps of each app row: kind, user id, time and (for events) the
-        name, cut to a length worth showing. Rows without a user or a finite time are skipped.
+    def source_rows(self, source: ResolvedSource, relation: str, time_range: str = "TRUE") -> str:
+        """The source's definition: what the rollup counts of each row of `relation` (the app
+        table, or a trigger's new rows): kind, user id, time and (for actions) the name. Rows
+        without a user or a finite time, or that the source's `where` leaves out, are skipped.
+        `time_range` may name the row's time as `{at}`.
 
         Every type, function and operator is named in pg_catalog: the trigger functions run
         as their owner with the caller's search_path (setting one per call would cost the app
         about 7% of its insert throughput), so nothing here may resolve through it."""
-        table = self.tracked_table(kind)
-        at = self.timestamp(table)
-        user_id = self.column(table, "user_id")
-        if kind == "events":
-            name = f"{self.column(table, 'name')}::pg_catalog.text"
-            event_name = (
-                f"pg_catalog.left(CASE WHEN {name} IS NULL OR {name} OPERATOR(pg_catalog.=) '' "
-                f"THEN '(unnamed)' ELSE {name} END, {MAX_EVENT_NAME_LENGTH})"
-            )
-        else:
-            event_name = "NULL::pg_catalog.text"
+        at = source.at_sql(self.dialect)
+        user_id = source.user_sql(self.dialect)
         return f"""
-            SELECT '{kind[0]}'::pg_catalog."char" AS kind, {user_id}::pg_catalog.text AS user_id,
-                   {at} AS at, {event_name} AS event_name
-            FROM {source} AS src
+            SELECT '{source.kind}'::pg_catalog."char" AS kind,
+                   {user_id}::pg_catalog.text AS user_id, {at} AS at,
+                   {source.event_name_sql(self.dialect)} AS event_name
+            FROM {relation} AS src
             WHERE {user_id} IS NOT NULL AND {at} IS NOT NULL
-              AND pg_catalog.isfinite({at}) AND {time_range.format(at=at)}"""
+              AND pg_catalog.isfinite({at}) AND {source.filter_sql(self.dialect)}
+              AND {time_range.format(at=at)}"""
+
+    def definition(self, source: ResolvedSource) -> str:
+        """The source's definition over its table, as stored with its state: a change of it is
+        a change of what the source counts."""
+        return " ".join(self.source_rows(source, source.relation_sql(self.dialect)).split())
 
     def fold(self, source: str, tz: str, *, into_emptied_days: bool = False) -> str:
         """Add `source` (kind, user_id, at, event_name, n) to the rollup. Rows with a negative
@@ -145,53 +166,127 @@ class TrackingSql:
     def capture_source(self, table: str) -> str:
         return f"SELECT kind, user_id, at, event_name, 1 AS n FROM {self.q_schema}.{table}"
 
-    def app_rows_less_capture(self) -> str:
-        """The app's rows of days [:first_day, :end_day) that the capture does not hold: those
-        written before the triggers existed, or by an insert the capture missed. A capture row
-        commits with its app row, so within one statement's snapshot both sides agree."""
+    def app_rows_less_capture(self, sources: tuple[ResolvedSource, ...]) -> str:
+        """The rows of `sources` of days [:first_day, :end_day) that the capture does not hold:
+        those written before the triggers existed, or by an insert the capture missed. A capture
+        row commits with its app row, so within one statement's snapshot both sides agree.
+        A polled source's rows count up to its watermark less the lookback (`:poll_cut_N`,
+        N its index in `sources`): the polls count the rest."""
         time_range = f"{{at}} >= {RANGE_START} AND {{at}} < {RANGE_END}"
-        app = " UNION ALL ".join(
-            f"SELECT kind, user_id, at, event_name, 1 AS n FROM ("
-            f"{self.captured_rows(kind, self.table_name(self.tracked_table(kind)), time_range)}"
-            ") AS app_rows"
-            for kind in TRACKED_KINDS
-        )
-        captured = " UNION ALL ".join(
-            f"SELECT kind, user_id, at, event_name, -1 FROM {self.q_schema}.{table}"
+        parts = []
+        for index, source in enumerate(sources):
+            rows_range = time_range
+            if source.capture == "polling":
+                rows_range += f" AND {{at}} < CAST(:poll_cut_{index} AS timestamptz)"
+            parts.append(
+                f"SELECT kind, user_id, at, event_name, 1 AS n FROM ("
+                f"{self.source_rows(source, source.relation_sql(self.dialect), rows_range)}"
+                ") AS app_rows"
+            )
+        parts.extend(
+            f"SELECT kind, user_id, at, event_name, -1 AS n FROM {self.q_schema}.{table}"
             f" WHERE at >= {RANGE_START} AND at < {RANGE_END}"
+            " AND source = ANY (CAST(:captured_sources AS text[]))"
             for table in CAPTURE_TABLES
         )
-        return f"{app} UNION ALL {captured}"
+        return " UNION ALL ".join(parts)
 
-    def day_histogram(self, kind: str, tz: str) -> str:
+    def day_histogram(self, source: ResolvedSource, tz: str) -> str:
         """Rows per day in the tracking timezone: the plan a rebuild is cut into."""
-        rows = self.captured_rows(kind, self.table_name(self.tracked_table(kind)))
+        rows = self.source_rows(source, source.relation_sql(self.dialect))
         return f"""
             SELECT (at AT TIME ZONE {tz})::date AS day, count(*) AS rows
             FROM ({rows}) AS app_rows GROUP BY 1"""
 
-    def capture_function(self, kind: str, slot: int) -> str:
-        """A statement-level trigger function appending the statement's rows (from the
-        `new_rows` transition table) to capture table `slot`. The drain switches tables by
-        replacing this function, so the trigger reads no state on each statement.
+    def new_polled_rows(self, source: ResolvedSource) -> str:
+        """The source's rows from :since on that no poll has counted yet (a multiset difference:
+        two equal rows count twice). A row the app moved in place (a last-seen time) shows as a
+        new row; the value it had stays counted: nothing counted is ever taken back."""
+        rows = self.source_rows(
+            source, source.relation_sql(self.dialect), "{at} >= CAST(:since AS timestamptz)"
+        )
+        return f"""
+            WITH app AS (
+                SELECT kind, user_id, at, event_name, count(*) AS n
+                FROM ({rows}) AS app_rows GROUP BY 1, 2, 3, 4
+            ),
+            counted AS (
+                SELECT kind, user_id, at, event_name, sum(n) AS n
+                FROM {self.q_schema}.polled_rows
+                WHERE source = :source AND at >= CAST(:since AS timestamptz)
+                GROUP BY 1, 2, 3, 4
+            )
+            SELECT app.kind, app.user_id, app.at, app.event_name,
+                   (app.n - coalesce(counted.n, 0))::integer AS n
+            FROM app LEFT JOIN counted
+                ON counted.kind = app.kind AND counted.user_id = app.user_id
+               AND counted.at = app.at
+               AND coalesce(counted.event_name, '') = coalesce(app.event_name, '')
+            WHERE app.n > coalesce(counted.n, 0)"""
 
-        SECURITY DEFINER lets the app's role insert without rights on our schema. It takes no
-        lock another transaction holds and does no upsert, so an app insert never waits on
-        another app transaction because of it. There is no exception block: that would open a
+    def function_name(self, source: ResolvedSource, mode: str) -> str:
+        return self.quote(
+            object_name("capture", source.name, *(["updates"] if mode == "updates" else []))
+        )
+
+    def capture_functions(self, source: ResolvedSource, slot: int) -> list[str]:
+        """The source's trigger functions appending to capture table `slot`: a statement-level
+        one reading the statement's inserted rows (the `new_rows` transition table), and for
+        `updates` a row-level one reading the updated row. The drain switches tables by
+        replacing these functions, so the triggers read no state on each statement.
+
+        SECURITY DEFINER lets the app's role insert without rights on our schema. They take no
+        lock another transaction holds and do no upsert, so an app write never waits on another
+        app transaction because of them. There is no exception block: that would open a
         subtransaction (and spend a subtransaction id) on every statement the app makes, and the
-        append has nothing left that can fail where the app's own insert would not.
+        append has nothing left that can fail where the app's own write would not.
         """
+        name = sql_literal(source.name, self.dialect)
+        functions = [self._capture_function(source, "inserts", slot, "new_rows", name)]
+        if source.capture == "updates":
+            functions.append(
+                self._capture_function(source, "updates", slot, "(SELECT (NEW).*)", name)
+            )
+        return functions
+
+    def _capture_function(
+        self, source: ResolvedSource, mode: str, slot: int, relation: str, name: str
+    ) -> str:
         s = self.q_schema
         return f"""
-            CREATE OR REPLACE FUNCTION {s}.{self.function_name(kind)}() RETURNS trigger
+            CREATE OR REPLACE FUNCTION {s}.{self.function_name(source, mode)}() RETURNS trigger
             LANGUAGE plpgsql SECURITY DEFINER
             AS $body$
             BEGIN
-                INSERT INTO {s}.{CAPTURE_TABLES[slot]} (kind, user_id, at, event_name)
-                {self.captured_rows(kind, "new_rows")};
+                INSERT INTO {s}.{CAPTURE_TABLES[slot]} (kind, user_id, at, event_name, source)
+                SELECT kind, user_id, at, event_name, {name}
+                FROM ({self.source_rows(source, relation)}) AS captured;
                 RETURN NULL;
             END
             $body$"""
+
+    def create_triggers(self, source: ResolvedSource) -> list[str]:
+        """The source's triggers: after each insert statement, and for `updates` after each
+        update of a row whose time column changed. The row trigger's WHEN is evaluated without
+        calling the function, and `UPDATE OF` skips it for statements not setting the column:
+        an update leaving the time alone costs (nearly) nothing."""
+        table = source.relation_sql(self.dialect)
+        function = f"{self.q_schema}.{self.function_name(source, 'inserts')}"
+        statements = [
+            f"""
+            CREATE TRIGGER {self.quote(source_trigger_name(self.schema, source.name, "inserts"))}
+            AFTER INSERT ON {table}
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION {function}()"""
+        ]
+        if source.capture == "updates":
+            at = self.quote(source.spec.source.at)
+            statements.append(f"""
+            CREATE TRIGGER {self.quote(source_trigger_name(self.schema, source.name, "updates"))}
+            AFTER UPDATE OF {at} ON {table}
+            FOR EACH ROW WHEN (OLD.{at} IS DISTINCT FROM NEW.{at})
+            EXECUTE FUNCTION {self.q_schema}.{self.function_name(source, "updates")}()""")
+        return statements
 
     def erasure_function(self) -> str:
         """A statement-level trigger function on the users table recording deleted users, so
@@ -199,7 +294,7 @@ class TrackingSql:
         s = self.q_schema
         user_id = self.column(self.users, "id")
         return f"""
-            CREATE OR REPLACE FUNCTION {s}.{self.function_name("users")}() RETURNS trigger
+            CREATE OR REPLACE FUNCTION {s}.track_users() RETURNS trigger
             LANGUAGE plpgsql SECURITY DEFINER
             AS $body$
             BEGIN
@@ -209,21 +304,9 @@ class TrackingSql:
             END
             $body$"""
 
-    @staticmethod
-    def function_name(kind: str) -> str:
-        return f"track_{kind}"
-
-    def trigger_name(self) -> str:
-        return self.quote(trigger_name(self.schema))
-
-    def create_trigger(self, kind: str) -> str:
-        operation, transition = ("DELETE", "OLD") if kind == "users" else ("INSERT", "NEW")
+    def create_erasure_trigger(self) -> str:
         return f"""
-            CREATE TRIGGER {self.trigger_name()}
-            AFTER {operation} ON {self.table_name(self.tracked_table(kind))}
-            REFERENCING {transition} TABLE AS {transition.lower()}_rows
-            FOR EACH STATEMENT EXECUTE FUNCTION {self.q_schema}.{self.function_name(kind)}()"""
-
-    def drop_trigger(self, kind: str) -> str:
-        table = self.table_name(self.tracked_table(kind))
-        return f"DROP TRIGGER IF EXISTS {self.trigger_name()} ON {table}"
+            CREATE TRIGGER {self.quote(legacy_trigger_name(self.schema))}
+            AFTER DELETE ON {self.table_name(self.users)}
+            REFERENCING OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION {self.q_schema}.track_users()"""

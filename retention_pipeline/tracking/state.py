@@ -10,6 +10,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.database.activity_sources import resolve_sources
 from retention_pipeline.database.app_tables import resolve_app_tables
 from retention_pipeline.tracking.sql import TrackingSql
 
@@ -23,13 +24,12 @@ class RebuildPending(TrackingError):
 
 
 def tracking_sql(connection: Connection, config: RetentionConfig) -> TrackingSql:
-    resolved = resolve_app_tables(connection, config.database.tables)
+    users = resolve_app_tables(connection, config.database.tables)["users"]
     return TrackingSql(
         dialect=connection.dialect,
         schema=config.database.schema_,
-        users=resolved["users"],
-        events=resolved["events"],
-        sessions=resolved["sessions"],
+        users=users,
+        sources=tuple(resolve_sources(connection, config.database, users)),
     )
 
 
@@ -74,7 +74,7 @@ def read_state(connection: Connection, sql: TrackingSql) -> dict | None:
         connection.execute(
             text(f"""
                 SELECT timezone, mode, refreshed_through, capture_slot, rebuild_pending,
-                       last_drained_at
+                       last_drained_at, rebuild_into_empty
                 FROM {sql.q_schema}.tracking_state""")
         )
         .mappings()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 
 from sqlalchemy import Connection, text
@@ -43,17 +43,42 @@ class DayReconciliation:
     tracked_events: int
     app_sessions: int
     tracked_sessions: int
+    # Each source's rows of the day in the app (a polled source's up to its watermark).
+    app_rows_by_source: dict[str, int] = field(default_factory=dict)
+    # Sources whose counted history is more than the app still holds: a time updated in place
+    # (each earlier value was counted), or a polled source (a row moved in place keeps its old
+    # time counted). Their kind's tracked count may exceed the app's, never fall short.
+    inexact_sources: tuple[str, ...] = ()
+    inexact_kinds: tuple[str, ...] = ()
 
     @property
     def matches(self) -> bool:
-        return (self.app_events, self.app_sessions) == (self.tracked_events, self.tracked_sessions)
+        return all(
+            tracked >= app if kind in self.inexact_kinds else tracked == app
+            for kind, app, tracked in (
+                ("e", self.app_events, self.tracked_events),
+                ("s", self.app_sessions, self.tracked_sessions),
+            )
+        )
+
+    @property
+    def compared(self) -> str:
+        """What was compared, in a sentence."""
+        if not self.inexact_sources:
+            return "each source's rows of the day equal the rollup's plus the capture's"
+        names = ", ".join(f"`{name}`" for name in self.inexact_sources)
+        return (
+            f"rows of sources captured by inserts equal the rollup's; {names} keep earlier values "
+            "of rows the app updated in place, so there the rollup may hold more, never less"
+        )
 
 
 def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayReconciliation:
-    """The app's events and sessions of the last complete day, against the rollup plus the
-    capture not yet folded, in one snapshot. Counted for known users only: rows of unknown or
-    erased users are not the rollup's concern. An event deleted in the app after it was counted
-    shows here as a difference."""
+    """Every source's rows of the last complete day, against the rollup plus the capture not
+    yet folded, in one snapshot. Counted for known users only: rows of unknown or erased users
+    are not the rollup's concern. A row deleted in the app after it was counted shows here as a
+    difference. Sources whose history outgrows the app's rows (`updates`, `polling`) are
+    compared as a lower bound."""
     sql = tracking_sql(connection, config)
     preparer = connection.dialect.identifier_preparer
     s = sql.q_schema
@@ -62,23 +87,37 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
         f"WHERE {sql.users.column_sql('id', 'u', preparer)}::text = r.user_id)"
     )
     in_day = "{at} >= (SELECT lower FROM bounds) AND {at} < (SELECT upper FROM bounds)"
-    app = " UNION ALL ".join(
-        sql.captured_rows(kind, sql.table_name(sql.tracked_table(kind)), in_day)
-        for kind in ("events", "sessions")
-    )
+    parameters: dict[str, object] = {"tz": config.timezone}
+    app_parts = []
+    for index, source in enumerate(sql.sources):
+        time_range = in_day
+        if source.capture == "polling":
+            time_range += f" AND {{at}} <= CAST(:watermark_{index} AS timestamptz)"
+            parameters[f"watermark_{index}"] = connection.execute(
+                text(f"SELECT watermark FROM {s}.tracking_sources WHERE name = :name"),
+                {"name": source.name},
+            ).scalar()
+        parameters[f"source_{index}"] = source.name
+        app_parts.append(
+            f"SELECT CAST(:source_{index} AS text) AS source, kind, user_id FROM "
+            f"({sql.source_rows(source, source.relation_sql(sql.dialect), time_range)}) AS rows"
+        )
     captured = " UNION ALL ".join(
         f"SELECT kind, user_id FROM {s}.{table} AS r "
         "WHERE at >= (SELECT lower FROM bounds) AND at < (SELECT upper FROM bounds)"
         for table in CAPTURE_TABLES
     )
-    row = connection.execute(
+    rows = connection.execute(
         text(f"""
             WITH bounds AS (
                 SELECT day, day::timestamp AT TIME ZONE :tz AS lower,
                        (day + 1)::timestamp AT TIME ZONE :tz AS upper
                 FROM (SELECT (now() AT TIME ZONE :tz)::date - 1 AS day) AS yesterday
             ),
-            app AS (SELECT kind, count(*) AS n FROM ({app}) AS r WHERE {known} GROUP BY kind),
+            app AS (
+                SELECT source, kind, count(*) AS n
+                FROM ({" UNION ALL ".join(app_parts)}) AS r WHERE {known} GROUP BY 1, 2
+            ),
             captured AS (
                 SELECT kind, count(*) AS n FROM ({captured}) AS r WHERE {known} GROUP BY kind
             ),
@@ -88,13 +127,28 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
                 FROM {s}.activity_daily AS r
                 WHERE day = (SELECT day FROM bounds) AND {known}
             )
-            SELECT (SELECT day FROM bounds),
-                   coalesce((SELECT n FROM app WHERE kind = 'e'), 0),
+            SELECT (SELECT day FROM bounds) AS day,
                    (SELECT events FROM rolled)
-                       + coalesce((SELECT n FROM captured WHERE kind = 'e'), 0),
-                   coalesce((SELECT n FROM app WHERE kind = 's'), 0),
+                       + coalesce((SELECT n FROM captured WHERE kind = 'e'), 0) AS events,
                    (SELECT sessions FROM rolled)
-                       + coalesce((SELECT n FROM captured WHERE kind = 's'), 0)"""),
-        {"tz": config.timezone},
+                       + coalesce((SELECT n FROM captured WHERE kind = 's'), 0) AS sessions,
+                   (SELECT coalesce(json_agg(json_build_array(source, kind, n)), '[]')
+                    FROM app) AS by_source"""),
+        parameters,
     ).one()
-    return DayReconciliation(*row)
+    by_source = {source.name: 0 for source in sql.sources}
+    app = {"e": 0, "s": 0}
+    for name, kind, n in rows.by_source:
+        by_source[name] += n
+        app[kind] += n
+    inexact = [source for source in sql.sources if source.capture != "inserts"]
+    return DayReconciliation(
+        day=rows.day,
+        app_events=app["e"],
+        tracked_events=int(rows.events),
+        app_sessions=app["s"],
+        tracked_sessions=int(rows.sessions),
+        app_rows_by_source=by_source,
+        inexact_sources=tuple(source.name for source in inexact),
+        inexact_kinds=tuple(sorted({source.kind for source in inexact})),
+    )

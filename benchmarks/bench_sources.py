@@ -1,0 +1,211 @@
+"""What the capture of a time updated in place costs the app, and how fast the drain folds
+several sources, with proof that every change is counted once.
+
+1. App UPDATE throughput, 4 client processes of single-row autocommit UPDATEs on `"Session"`
+   (100k rows), on a database without tracking and one whose `updatedAt` is a source captured
+   by `updates`, interleaved, `--rounds` rounds: (a) every update moves `updatedAt`; (b) 9 in
+   10 leave it alone (they set a token and write `updatedAt` back unchanged, as ORMs that save
+   every column do). After each tracked run, the drain's count must equal the updates that moved
+   the column.
+2. Drain throughput over three sources (an action table filtered by kind with a prefix, a
+   constant-action table, the shorthand events): `--drain-rows` rows per source, captured by
+   the triggers, then drained at once.
+
+    python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import psycopg
+from sqlalchemy import create_engine
+
+from benchmarks.bench_capture import CLIENTS, Scratch, libpq
+from retention_pipeline.config.loader import parse_config
+from retention_pipeline.tracking.drain import update_rollup
+from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+
+SESSION_ROWS = 100_000
+APP_TABLES = """
+    CREATE TABLE "Session" (id bigserial PRIMARY KEY, "userId" integer NOT NULL, token text,
+        "updatedAt" timestamp NOT NULL);
+    INSERT INTO "Session" ("userId", token, "updatedAt")
+        SELECT 1 + g % 1000, md5(g::text), now() - interval '3 days'
+        FROM generate_series(1, %(rows)s) AS g;
+    CREATE TABLE audit_log (id bigserial PRIMARY KEY, actor_id integer, kind text,
+        created_at timestamptz NOT NULL);
+    CREATE TABLE comments (id bigserial PRIMARY KEY, author integer, body text,
+        created_at timestamptz NOT NULL);
+"""
+SOURCES = [
+    {"table": "Session", "user": "userId", "at": "updatedAt", "login": True, "capture": "updates"},
+    {
+        "table": "audit_log",
+        "user": "actor_id",
+        "at": "created_at",
+        "action": {"column": "kind", "prefix": "audit."},
+        "where": [{"column": "kind", "in": ["DOCUMENT_CREATED", "DOCUMENT_SENT"]}],
+    },
+    {"table": "comments", "user": "author", "at": "created_at", "action": "comment.posted"},
+]
+FILL = {
+    "events": "INSERT INTO events (user_id, name, created_at) "
+    "SELECT 1 + (random() * 999)::int, 'e' || (random() * 20)::int, "
+    "now() - random() * interval '30 days' FROM generate_series(1, %(rows)s)",
+    "audit_log": "INSERT INTO audit_log (actor_id, kind, created_at) "
+    "SELECT 1 + (random() * 999)::int, "
+    "(ARRAY['DOCUMENT_CREATED', 'DOCUMENT_SENT'])[1 + (random())::int], "
+    "now() - random() * interval '30 days' FROM generate_series(1, %(rows)s)",
+    "comments": "INSERT INTO comments (author, body, created_at) "
+    "SELECT 1 + (random() * 999)::int, 'x', now() - random() * interval '30 days' "
+    "FROM generate_series(1, %(rows)s)",
+}
+
+
+def sources_config(url: str):
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"].update(url=url, activity=SOURCES)
+    return parse_config(document, environ={})
+
+
+def _client(url: str, moving_share: float, seconds: float, seed: int, results) -> None:
+    """Single-row UPDATEs until the deadline; reports (updates, updates that moved the time)."""
+    rng = random.Random(seed)
+    updates = moved = 0
+    with psycopg.connect(libpq(url), autocommit=True) as connection:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            row = rng.randint(1, SESSION_ROWS)
+            if rng.random() < moving_share:
+                connection.execute(
+                    'UPDATE "Session" SET "updatedAt" = clock_timestamp() WHERE id = %s', (row,)
+                )
+                moved += 1
+            else:
+                connection.execute(
+                    'UPDATE "Session" SET token = %s, "updatedAt" = "updatedAt" WHERE id = %s',
+                    (str(rng.random()), row),
+                )
+            updates += 1
+    results.put((updates, moved))
+
+
+def run_updates(url: str, moving_share: float, seconds: float) -> tuple[float, int]:
+    """Updates per second of 4 clients, and how many moved the time."""
+    results = multiprocessing.Queue()
+    clients = [
+        multiprocessing.Process(target=_client, args=(url, moving_share, seconds, n, results))
+        for n in range(CLIENTS)
+    ]
+    for client in clients:
+        client.start()
+    counts = [results.get() for _ in clients]
+    for client in clients:
+        client.join()
+    return sum(c[0] for c in counts) / seconds, sum(c[1] for c in counts)
+
+
+def sessions_counted(url: str) -> int:
+    with psycopg.connect(libpq(url)) as connection:
+        return connection.execute(
+            "SELECT coalesce(sum(session_count), 0) FROM retention.activity_daily"
+        ).fetchone()[0]
+
+
+@dataclass
+class UpdateFigures:
+    label: str
+    plain: list[float]
+    tracked: list[float]
+    lost_or_doubled: int
+
+
+def measure(server_url: str, seconds: float, rounds: int, drain_rows: int) -> dict:
+    scratch = Scratch(server_url)
+    try:
+        plain = scratch.create("plain", 1000)
+        tracked = scratch.create("sources", 1000)
+        for url in (plain, tracked):
+            with psycopg.connect(libpq(url), autocommit=True) as connection:
+                connection.execute(APP_TABLES.replace("%(rows)s", str(SESSION_ROWS)))
+                connection.execute("VACUUM ANALYZE")
+        config = sources_config(tracked)
+        engine = create_engine(tracked)
+        install(engine, config)
+        update_rollup(engine, config)
+        figures = []
+        for label, share in (("(a) every update moves `updatedAt`", 1.0), ("(b) 1 in 10", 0.1)):
+            without, with_capture, wrong = [], [], 0
+            for _round in range(rounds):
+                without.append(run_updates(plain, share, seconds)[0])
+                before = sessions_counted(tracked)
+                throughput, moved = run_updates(tracked, share, seconds)
+                with_capture.append(throughput)
+                update_rollup(engine, config)
+                wrong += abs(sessions_counted(tracked) - before - moved)
+            figures.append(UpdateFigures(label, without, with_capture, wrong))
+            print(
+                f"  {label}: {statistics.median(without):.0f} -> "
+                f"{statistics.median(with_capture):.0f} updates/s; lost or doubled: {wrong}",
+                flush=True,
+            )
+        with psycopg.connect(libpq(tracked), autocommit=True) as connection:
+            for statement in FILL.values():
+                connection.execute(statement.replace("%(rows)s", str(drain_rows)))
+        drain = update_rollup(engine, config)
+        # The same number of rows from the one shorthand source, for comparison on this machine.
+        with psycopg.connect(libpq(tracked), autocommit=True) as connection:
+            connection.execute(FILL["events"].replace("%(rows)s", str(drain_rows * len(FILL))))
+        single = update_rollup(engine, config)
+        engine.dispose()
+        print(
+            f"  drain of {drain.rows:,} rows from 3 sources: {drain.rows / drain.seconds:,.0f} "
+            "rows/s",
+            flush=True,
+        )
+        return {
+            "updates": figures,
+            "drain_rows": drain.rows,
+            "drain_seconds": drain.seconds,
+            "single_rows": single.rows,
+            "single_seconds": single.seconds,
+        }
+    finally:
+        scratch.drop_all()
+
+
+def render(results: dict, seconds: float, rounds: int) -> str:
+    lines = [
+        "## Activity sources",
+        "",
+        f'4 client processes of single-row autocommit UPDATEs on a 100k-row `"Session"`, '
+        f"{seconds:g} s per run, {rounds} rounds interleaved; ratio per round, median (min–max).",
+        "",
+        "| load | untracked updates/s | `capture: updates` updates/s | ratio | target | "
+        "lost or doubled |",
+        "|---|---|---|---|---|---|",
+    ]
+    for figure in results["updates"]:
+        ratios = [t / p for p, t in zip(figure.plain, figure.tracked, strict=True)]
+        lines.append(
+            f"| {figure.label} | {statistics.median(figure.plain):,.0f} | "
+            f"{statistics.median(figure.tracked):,.0f} | {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}–{max(ratios):.2f}) | ≥ 0.8 | {figure.lost_or_doubled} |"
+        )
+    rate = results["drain_rows"] / results["drain_seconds"]
+    lines += [
+        "",
+        f"Drain of {results['drain_rows']:,} captured rows from 3 sources (a filtered, prefixed "
+        f"action table; a constant action; the shorthand events): {rate:,.0f} rows/s "
+        f"(target ≥ 200,000); the same number of rows of the events source alone: "
+        f"{results['single_rows'] / results['single_seconds']:,.0f} rows/s.",
+        "",
+    ]
+    return "\n".join(lines)

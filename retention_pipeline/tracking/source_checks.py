@@ -1,0 +1,120 @@
+"""What `check` reads of each activity source's recent rows: whether its columns mean what the
+mapping says (a user id that reaches users, an action that is a kind and not free text), and how
+many rows of the last day it reads, reaching how many users.
+
+These are the only checks that read the app's rows; each reads at most `SAMPLE_ROWS` rows of the
+last `SAMPLE_DAYS` days, through the source's own definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+
+from retention_pipeline.config.models import ActionColumn
+from retention_pipeline.database.activity_sources import ResolvedSource
+from retention_pipeline.database.app_tables import ResolvedTable
+from retention_pipeline.database.privileges import lacking_right
+from retention_pipeline.tracking.sql import TrackingSql
+
+SAMPLE_DAYS = 7
+SAMPLE_ROWS = 200_000
+# Fewer rows than this say nothing about a column's meaning.
+MIN_ROWS_TO_JUDGE = 20
+# A user column whose rows reach users less often than this is not a user id.
+MIN_USER_REACH = 0.5
+# An action column with more distinct values than this, over more than a fifth of its rows
+# (most rows named their own way), holds text people wrote, not kinds of action.
+FREE_TEXT_MIN_DISTINCT = 50
+FREE_TEXT_MIN_DISTINCT_SHARE = 0.2
+
+
+@dataclass
+class SourceReading:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def read_sources(
+    connection: Connection, sql: TrackingSql, users: ResolvedTable, timezone: str
+) -> SourceReading:
+    reading = SourceReading()
+    preparer = connection.dialect.identifier_preparer
+    known = (
+        f"EXISTS (SELECT FROM {users.sql_name(preparer)} AS u "
+        f"WHERE {users.column_sql('id', 'u', preparer)}::text = r.user_id)"
+    )
+    for source in sql.sources:
+        try:
+            with connection.begin_nested():
+                _read_source(connection, sql, source, known, timezone, reading)
+        except DBAPIError as error:
+            statement = " ".join((error.statement or "").split())
+            lacking = lacking_right(error, connection.engine.url.username, statement)
+            first_line = (str(error.orig).strip().splitlines() or [""])[0]
+            reading.problems.append(
+                f"{source.spec.key}: reading its last days would fail: {lacking or first_line}"
+            )
+    return reading
+
+
+def _read_source(
+    connection: Connection,
+    sql: TrackingSql,
+    source: ResolvedSource,
+    known: str,
+    timezone: str,
+    reading: SourceReading,
+) -> None:
+    rows = sql.source_rows(
+        source,
+        source.relation_sql(sql.dialect),
+        "{at} >= (now() - CAST(:days AS integer) * interval '1 day')",
+    )
+    row = connection.execute(
+        text(f"""
+            WITH r AS (SELECT * FROM ({rows}) AS app_rows LIMIT :limit),
+            last_day AS (
+                SELECT ((now() AT TIME ZONE :tz)::date - 1)::timestamp AT TIME ZONE :tz AS lower,
+                       (now() AT TIME ZONE :tz)::date::timestamp AT TIME ZONE :tz AS upper
+            )
+            SELECT count(*) AS rows,
+                   count(*) FILTER (WHERE {known}) AS reaching,
+                   count(DISTINCT event_name) AS names,
+                   count(DISTINCT (user_id, event_name)) AS user_names,
+                   count(DISTINCT user_id) AS users,
+                   count(*) FILTER (WHERE at >= (SELECT lower FROM last_day)
+                                      AND at < (SELECT upper FROM last_day)) AS day_rows,
+                   count(DISTINCT user_id) FILTER (
+                       WHERE at >= (SELECT lower FROM last_day)
+                         AND at < (SELECT upper FROM last_day) AND {known}) AS day_users
+            FROM r"""),
+        {"days": SAMPLE_DAYS, "limit": SAMPLE_ROWS, "tz": timezone},
+    ).one()
+    spec = source.spec
+    reading.lines.append(
+        f"source `{source.name}` ({spec.source.qualified_name}, {source.capture}): "
+        f"{row.day_rows:,} row(s) of the last day, reaching {row.day_users:,} user(s)"
+    )
+    if row.rows < MIN_ROWS_TO_JUDGE:
+        return
+    if row.reaching < row.rows * MIN_USER_REACH:
+        reading.problems.append(
+            f"{spec.column_keys['user']}: {row.reaching:,} of {row.rows:,} rows of "
+            f"`{spec.source.qualified_name}` of the last {SAMPLE_DAYS} days reach a user: is "
+            f"`{spec.source.user}` a user id?"
+        )
+    action = spec.source.action
+    if (
+        isinstance(action, ActionColumn)
+        and row.names > FREE_TEXT_MIN_DISTINCT
+        and row.names > row.rows * FREE_TEXT_MIN_DISTINCT_SHARE
+    ):
+        reading.problems.append(
+            f"{spec.column_keys['action.column']}: `{action.column}` looks like free text "
+            f"({row.names:,} distinct values in {row.rows:,} rows of the last {SAMPLE_DAYS} "
+            f"days, {row.user_names / max(row.users, 1):.1f} per user), which emails would show "
+            "as actions: name a column of kinds, or give a constant (`action: todo.created`)"
+        )

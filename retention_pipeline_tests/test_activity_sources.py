@@ -1,0 +1,533 @@
+"""Activity sources: any number of app tables feed the rollup, each captured by inserts, by
+changes of a time updated in place, or by polls; the capture and the rebuild agree row for row,
+installed databases upgrade in place, and every bad key is one line naming it."""
+
+from __future__ import annotations
+
+import copy
+from datetime import date
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.config.loader import ConfigError
+from retention_pipeline.database.app_tables import MappingError
+from retention_pipeline.preflight import preflight
+from retention_pipeline.tracking.drain import update_rollup
+from retention_pipeline.tracking.install import install, refresh_from, uninstall
+from retention_pipeline.tracking.state import TrackingError
+from retention_pipeline.tracking.status import reconcile_last_day
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, write_config
+from retention_pipeline_tests.test_tracking import insert_users, kill_after
+
+APP_TABLES = """
+    CREATE TABLE audit_log (
+        id bigserial PRIMARY KEY, actor_id integer, kind text, payload jsonb,
+        created_at timestamptz NOT NULL);
+    CREATE TABLE comments (id bigserial PRIMARY KEY, author integer, body text,
+        created_at timestamp NOT NULL);
+    CREATE TABLE "Session" (id bigserial PRIMARY KEY, "userId" integer, token text,
+        "updatedAt" timestamp NOT NULL);
+    CREATE VIEW recent_comments AS SELECT * FROM comments;
+"""
+AUDIT = {
+    "table": "audit_log",
+    "user": "actor_id",
+    "at": "created_at",
+    "action": {"column": "kind", "prefix": "audit."},
+    "where": [{"column": "kind", "in": ["DOCUMENT_CREATED", "DOCUMENT_SENT"]}],
+}
+AUDIT_JSON = {
+    "name": "audit_json",
+    "table": "audit_log",
+    "user": "actor_id",
+    "at": "created_at",
+    "action": {"column": "payload.type"},
+    "where": [{"column": "payload.flag", "equals": True}],
+}
+COMMENTS = {"table": "comments", "user": "author", "at": "created_at", "action": "comment.posted"}
+SESSIONS = {"table": "Session", "user": "userId", "at": "updatedAt", "login": True}
+
+
+def sources_config(url, activity, schema="retention", **database):
+    """The shipped configuration with `activity` as its only sources (no shorthand)."""
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["tables"].pop("events")
+    document["database"]["tables"].pop("sessions")
+    document["database"].update(activity=activity, schema=schema, url=url, **database)
+    from retention_pipeline.config.loader import parse_config
+
+    return parse_config(document, environ={})
+
+
+@pytest.fixture
+def engine(app_database_url):
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(APP_TABLES)
+        insert_users(connection, count=3)
+    yield engine
+    engine.dispose()
+
+
+def run(engine, statement, **parameters):
+    with engine.begin() as connection:
+        connection.execute(text(statement), parameters)
+
+
+def rollup(engine, schema="retention"):
+    with engine.connect() as connection:
+        daily = connection.execute(
+            text(
+                f"SELECT user_id, day, event_count, session_count FROM {schema}.activity_daily "
+                "ORDER BY 1, 2"
+            )
+        ).all()
+        actions = connection.execute(
+            text(
+                f"SELECT user_id, day, event_name, event_count FROM {schema}.action_daily "
+                "ORDER BY 1, 2, 3"
+            )
+        ).all()
+    return [tuple(row) for row in daily], [tuple(row) for row in actions]
+
+
+def insert_audit(engine, rows):
+    for actor, kind, payload, at in rows:
+        run(
+            engine,
+            "INSERT INTO audit_log (actor_id, kind, payload, created_at) "
+            "VALUES (:a, :k, CAST(:p AS jsonb), :at)",
+            a=actor,
+            k=kind,
+            p=payload,
+            at=at,
+        )
+
+
+def test_captured_sources_agree_with_a_rebuild_row_for_row(engine, app_database_url):
+    before = [
+        (1, "DOCUMENT_CREATED", '{"type": "doc.new", "flag": true}', "2026-11-20T10:00Z"),
+        (2, "SIGN_IN", '{"type": "signin", "flag": false}', "2026-11-20T11:00Z"),
+    ]
+    insert_audit(engine, before)
+    run(engine, "INSERT INTO comments (author, body, created_at) VALUES (1, 'hi', '2026-11-20')")
+    activity = [AUDIT, AUDIT_JSON, COMMENTS]
+    captured = sources_config(app_database_url, activity)
+    report = install(engine, captured)
+    assert report.sources == (
+        "source `audit_log`: rebuilt from its 1 rows of public.audit_log",
+        "source `audit_json`: rebuilt from its 1 rows of public.audit_log",
+        "source `comments`: rebuilt from its 1 rows of public.comments",
+    )
+    # After the install, in one statement and in several; rows the filter leaves out, a JSON
+    # field, a NULL user, an empty action.
+    insert_audit(
+        engine,
+        [
+            (3, "DOCUMENT_SENT", '{"type": "doc.sent", "flag": true}', "2026-11-21T09:00Z"),
+            (None, "DOCUMENT_SENT", '{"flag": true}', "2026-11-21T09:00Z"),
+            (1, "", '{"type": "", "flag": true}', "2026-11-21T09:30Z"),
+            (2, "DOCUMENT_DELETED", '{"flag": "true"}', "2026-11-21T10:00Z"),
+        ],
+    )
+    run(
+        engine,
+        "INSERT INTO comments (author, body, created_at) "
+        "SELECT 1 + g % 3, 'c', timestamp '2026-11-21' + g * interval '1 hour' "
+        "FROM generate_series(1, 30) AS g",
+    )
+    update_rollup(engine, captured)
+    rebuilt = sources_config(app_database_url, activity, schema="retention_rebuilt")
+    install(engine, rebuilt)
+    assert rollup(engine) == rollup(engine, "retention_rebuilt")
+    daily, actions = rollup(engine)
+    assert ("1", date(2026, 11, 20), "audit.DOCUMENT_CREATED", 1) in actions
+    assert ("1", date(2026, 11, 20), "doc.new", 1) in actions
+    assert ("3", date(2026, 11, 21), "doc.sent", 1) in actions
+    assert not [row for row in actions if row[2] in ("audit.SIGN_IN", "audit.DOCUMENT_DELETED")]
+    assert ("2", date(2026, 11, 21), "comment.posted", 8) in actions
+    # Polled, the same sources count the same rows.
+    polled = sources_config(
+        app_database_url,
+        [{**source, "capture": "polling"} for source in activity],
+        schema="retention_polled",
+    )
+    install(engine, polled)
+    update_rollup(engine, polled)
+    assert rollup(engine, "retention_polled") == rollup(engine)
+
+
+def test_a_time_updated_in_place_counts_each_change_once_and_ignores_other_updates(
+    engine, app_database_url
+):
+    config = sources_config(app_database_url, [{**SESSIONS, "capture": "updates"}])
+    run(
+        engine,
+        """INSERT INTO "Session" ("userId", token, "updatedAt") VALUES (1, 'a', '2026-11-19')""",
+    )
+    report = install(engine, config)
+    assert report.sources == (
+        "source `Session`: history of `updatedAt` starts at install: it is a last-seen column "
+        "(1 current values of public.Session counted)",
+    )
+    run(
+        engine,
+        """INSERT INTO "Session" ("userId", token, "updatedAt") VALUES (2, 'b', '2026-11-20')""",
+    )
+    for moment in ("2026-11-20T08:00", "2026-11-20T09:00", "2026-11-21T10:00"):
+        run(engine, """UPDATE "Session" SET "updatedAt" = :at WHERE "userId" = 1""", at=moment)
+    # Updates leaving the time alone: another column, the same value, no row.
+    run(engine, """UPDATE "Session" SET token = 'x'""")
+    run(engine, """UPDATE "Session" SET "updatedAt" = "updatedAt", token = 'y'""")
+    run(engine, """UPDATE "Session" SET "updatedAt" = now() WHERE "userId" = 99""")
+    with engine.connect() as connection:
+        captured = connection.execute(
+            text(
+                "SELECT count(*) FROM (SELECT * FROM retention.activity_capture_0 "
+                "UNION ALL SELECT * FROM retention.activity_capture_1) AS c"
+            )
+        ).scalar()
+    assert captured == 4
+    update_rollup(engine, config)
+    daily, _actions = rollup(engine)
+    assert daily == [
+        ("1", date(2026, 11, 19), 0, 1),
+        ("1", date(2026, 11, 20), 0, 2),
+        ("1", date(2026, 11, 21), 0, 1),
+        ("2", date(2026, 11, 20), 0, 1),
+    ]
+    update_rollup(engine, config)
+    assert rollup(engine)[0] == daily
+    # A repair would wipe what only the capture saw.
+    with pytest.raises(TrackingError, match=r"^db refresh --since: source `Session` is captured"):
+        refresh_from(engine, config, date(2026, 11, 20))
+
+
+def test_polling_counts_new_late_and_moved_rows_once_and_never_clears_a_day(
+    engine, app_database_url
+):
+    config = sources_config(app_database_url, [SESSIONS], tracking="incremental")
+    run(
+        engine,
+        """INSERT INTO "Session" ("userId", "updatedAt") VALUES (1, now() - interval '5 days')""",
+    )
+    install(engine, config)
+    with engine.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal")
+            ).scalar()
+            == 0
+        )
+    run(
+        engine,
+        """INSERT INTO "Session" ("userId", "updatedAt") VALUES
+           (2, now() - interval '1 hour'), (3, now() - interval '20 hours')""",
+    )
+    first = update_rollup(engine, config)
+    assert first.polled_sources == ("Session",) and first.sessions == 2
+    # A session refreshed in place: its new time counts, its old one stays counted.
+    run(engine, """UPDATE "Session" SET "updatedAt" = now() WHERE "userId" = 3""")
+    # A late row: committed after the last poll, with a time before its watermark.
+    run(
+        engine,
+        """INSERT INTO "Session" ("userId", "updatedAt") VALUES (1, now() - interval '3 hours')""",
+    )
+    second = update_rollup(engine, config)
+    assert second.sessions == 2
+    assert update_rollup(engine, config).sessions == 0
+    with engine.connect() as connection:
+        sessions = connection.execute(
+            text(
+                "SELECT user_id, sum(session_count) FROM retention.activity_daily "
+                "GROUP BY 1 ORDER BY 1"
+            )
+        ).all()
+    assert [tuple(row) for row in sessions] == [("1", 2), ("2", 1), ("3", 2)]
+    reconciliation = reconcile_last_day(engine.connect(), config)
+    assert reconciliation.inexact_sources == ("Session",)
+    assert reconciliation.matches
+
+
+def test_a_poll_killed_midway_loses_and_doubles_nothing(engine, app_database_url, tmp_path):
+    document = {"activity": [{**COMMENTS, "capture": "polling"}]}
+    path = write_config(tmp_path, app_database_url, **document)
+    raw = yaml.safe_load(path.read_text())
+    raw["database"]["tables"].pop("events")
+    raw["database"]["tables"].pop("sessions")
+    path.write_text(yaml.safe_dump(raw))
+    config = sources_config(app_database_url, document["activity"])
+    install(engine, config)
+    for delay in (0.0, 0.3, 0.6, 0.9, 1.2):
+        run(
+            engine,
+            "INSERT INTO comments (author, created_at) "
+            "SELECT 1 + g % 3, (now() AT TIME ZONE 'UTC') - (g % 40) * interval '1 hour' "
+            "FROM generate_series(1, 40000) AS g",
+        )
+        kill_after(["drain", app_database_url, str(path)], until=delay)
+    update_rollup(engine, config)
+    with engine.connect() as connection:
+        counted = connection.execute(
+            text("SELECT sum(event_count) FROM retention.activity_daily")
+        ).scalar()
+        rows = connection.execute(text("SELECT count(*) FROM comments")).scalar()
+    assert counted == rows == 200_000
+
+
+def test_an_installed_database_upgrades_in_place_and_sources_come_and_go(engine, app_database_url):
+    """An install of revision 0014 (one trigger named by the schema on events and sessions)
+    keeps its rollup and its undrained capture; its triggers make way for per-source ones."""
+    from alembic import command
+
+    from retention_pipeline.database import migrate
+
+    shorthand = make_config(app_database_url)
+    run(
+        engine,
+        "INSERT INTO events (user_id, name, created_at) VALUES (1, 'old', '2026-11-20T10:00Z')",
+    )
+    install(engine, shorthand)
+    with engine.begin() as connection:
+        for source in ("events", "sessions"):
+            connection.execute(text(f"DROP TRIGGER retention_track_{source} ON {source}"))
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0014")
+        for kind, table in (("e", "events"), ("s", "sessions")):
+            name = "pg_catalog.left(src.name, 200)" if kind == "e" else "NULL"
+            connection.execute(
+                text(f"""
+                    CREATE FUNCTION retention.track_{table}() RETURNS trigger
+                    LANGUAGE plpgsql SECURITY DEFINER AS $$
+                    BEGIN
+                        INSERT INTO retention.activity_capture_0 (kind, user_id, at, event_name)
+                        SELECT '{kind}', src.user_id::text, src.created_at, {name}
+                        FROM new_rows AS src WHERE src.user_id IS NOT NULL;
+                        RETURN NULL;
+                    END $$""")
+            )
+            connection.execute(
+                text(f"""
+                    CREATE TRIGGER retention_track_activity AFTER INSERT ON {table}
+                    REFERENCING NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION retention.track_{table}()""")
+            )
+    run(
+        engine,
+        "INSERT INTO events (user_id, name, created_at) "
+        "VALUES (1, 'undrained', '2026-11-20T11:00Z')",
+    )
+    report = install(engine, shorthand)
+    assert report.rebuilt_chunks == 0 and report.sources == ()
+    with engine.connect() as connection:
+        triggers = connection.execute(
+            text(
+                "SELECT tgname, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal "
+                "ORDER BY 1, 2"
+            )
+        ).all()
+    assert [tuple(row) for row in triggers] == [
+        ("retention_track_activity", "users"),
+        ("retention_track_events", "events"),
+        ("retention_track_sessions", "sessions"),
+    ]
+    run(
+        engine,
+        "INSERT INTO events (user_id, name, created_at) VALUES (2, 'new', '2026-11-20T12:00Z')",
+    )
+    update_rollup(engine, shorthand)
+    assert rollup(engine)[0] == [("1", date(2026, 11, 20), 2, 0), ("2", date(2026, 11, 20), 1, 0)]
+
+    # A source added: backfilled alone; the shorthand stays because it is written.
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (3, '2026-11-19')")
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"].update(url=app_database_url, activity=[COMMENTS])
+    from retention_pipeline.config.loader import parse_config
+
+    added = parse_config(document, environ={})
+    report = install(engine, added)
+    assert report.sources == ("source `comments`: rebuilt from its 1 rows of public.comments",)
+    update_rollup(engine, added)
+    assert rollup(engine)[0] == [
+        ("1", date(2026, 11, 20), 2, 0),
+        ("2", date(2026, 11, 20), 1, 0),
+        ("3", date(2026, 11, 19), 1, 0),
+    ]
+    # Removed: what it counted stays.
+    report = install(engine, shorthand)
+    assert report.sources == (
+        "source `comments` removed: what it counted stays in the rollup (from 2026-11-19); "
+        "nothing more is counted from public.comments",
+    )
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (3, '2026-11-19')")
+    update_rollup(engine, shorthand)
+    assert ("3", date(2026, 11, 19), 1, 0) in rollup(engine)[0]
+    uninstall(engine, shorthand, forget_suppressions=True, forget_send_history=True)
+    with engine.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal")
+            ).scalar()
+            == 0
+        )
+
+
+def test_switching_capture_modes_hands_over_without_gap_or_double_count(engine, app_database_url):
+    polled = sources_config(app_database_url, [{**COMMENTS, "capture": "polling"}])
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 hour')")
+    install(engine, polled)
+    update_rollup(engine, polled)
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (2, now() - interval '1 hour')")
+    triggered = sources_config(app_database_url, [COMMENTS])
+    report = install(engine, triggered)
+    assert report.sources == (
+        "source `comments`: now captured by `inserts` (was polled); polled once more as its "
+        "triggers start",
+    )
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (3, now() - interval '1 hour')")
+    update_rollup(engine, triggered)
+    install(engine, polled)
+    run(
+        engine,
+        "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '30 minutes')",
+    )
+    update_rollup(engine, polled)
+    with engine.connect() as connection:
+        counted = connection.execute(
+            text(
+                "SELECT user_id, sum(event_count) FROM retention.activity_daily "
+                "GROUP BY 1 ORDER BY 1"
+            )
+        ).all()
+    assert [tuple(row) for row in counted] == [("1", 2), ("2", 1), ("3", 1)]
+
+
+@pytest.mark.parametrize(
+    ("activity", "message"),
+    [
+        (
+            [{**COMMENTS, "action": {"column": "title"}}],
+            "database.activity.0.action.column: column 'title' does not exist in public.comments "
+            "(it has: author, body, created_at, id)",
+        ),
+        (
+            [{**COMMENTS, "action": {"column": "body.type"}}],
+            "database.activity.0.action.column: 'body.type' is a path into "
+            "public.comments.body, which is text, not json or jsonb",
+        ),
+        (
+            [{**COMMENTS, "user": "created_at"}],
+            "database.activity.0.user: column public.comments.created_at is timestamp without "
+            "time zone, expected a user id (an integer, text or uuid type)",
+        ),
+        (
+            [COMMENTS, {**AUDIT, "at": "kind"}],
+            "database.activity.1.at: column public.audit_log.kind is text, expected a timestamp",
+        ),
+        (
+            [{**AUDIT, "where": [{"column": "kind", "is": "future"}]}],
+            "database.activity.0.where.0.is: public.audit_log.kind is text, not a timestamp",
+        ),
+        (
+            [{**COMMENTS, "table": "recent_comments"}],
+            "database.activity.0.capture: public.recent_comments is a view: triggers cannot "
+            "capture it; use `capture: polling`",
+        ),
+        (
+            [{**COMMENTS, "table": "todos"}],
+            "database.activity.0.table: app table public.todos does not exist in the app database",
+        ),
+    ],
+)
+def test_a_bad_source_is_one_line_naming_its_key(engine, app_database_url, activity, message):
+    config = sources_config(app_database_url, activity)
+    with pytest.raises(MappingError) as raised:
+        install(engine, config)
+    assert str(raised.value) == message
+    report = preflight(engine, config)
+    assert report.problems[0] == message
+
+
+@pytest.mark.parametrize(
+    ("activity", "message"),
+    [
+        (
+            [{"table": "t", "user": "u", "at": "a"}],
+            "database.activity.0: action: required unless `login: true`",
+        ),
+        ([{**COMMENTS, "action": 5}], "database.activity.0.action: Input should be a valid string"),
+        (
+            [{**COMMENTS, "action": {"column": "a", "prefx": "p."}}],
+            "database.activity.0.action.prefx: Extra inputs are not permitted",
+        ),
+        (
+            [{**COMMENTS, "action": {"column": "a.b c"}}],
+            "database.activity.0.action.column: ",
+        ),
+        ([{**COMMENTS, "capture": "sometimes"}], "database.activity.0.capture: Input should be"),
+        (
+            [{**COMMENTS, "where": [{"column": "k"}]}],
+            "database.activity.0.where.0: k: give exactly",
+        ),
+        ([{**COMMENTS, "where": {"column": "k"}}], "database.activity.0.where: Input should be"),
+        ([{**SESSIONS, "login": "maybe"}], "database.activity.0.login: Input should be"),
+        (
+            [COMMENTS, COMMENTS],
+            "database: activity.1.name: source name 'comments' is already database.activity.0's",
+        ),
+        ([{**COMMENTS, "table": "9x"}], "database.activity.0.table: Value error, '9x' is not"),
+    ],
+)
+def test_a_bad_source_key_is_one_line_naming_it(activity, message):
+    with pytest.raises(ConfigError) as raised:
+        sources_config("postgresql://localhost/x", activity)
+    assert (
+        str(raised.value)
+        .removeprefix("configuration: ")
+        .startswith(message.replace("Value error, ", ""))
+    ), str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_incremental_tracking_refuses_a_trigger_capture():
+    with pytest.raises(
+        ConfigError, match="database: activity.0.capture: 'inserts' needs a trigger"
+    ):
+        sources_config(
+            "postgresql://localhost/x", [{**COMMENTS, "capture": "inserts"}], tracking="incremental"
+        )
+
+
+def test_check_reads_each_source_and_refuses_free_text_and_foreign_ids(engine, app_database_url):
+    # Todo texts as the action; an organization id as the user.
+    run(
+        engine,
+        "INSERT INTO comments (author, body, created_at) "
+        "SELECT 1 + g % 3, 'buy item number ' || g, "
+        "       (now() AT TIME ZONE 'UTC') - g * interval '1 minute' "
+        "FROM generate_series(1, 300) AS g",
+    )
+    run(
+        engine,
+        "INSERT INTO audit_log (actor_id, kind, created_at) "
+        "SELECT 1000 + g, 'DOCUMENT_SENT', now() - g * interval '1 minute' "
+        "FROM generate_series(1, 100) AS g",
+    )
+    config = sources_config(
+        app_database_url,
+        [{**COMMENTS, "action": {"column": "body"}}, {**AUDIT, "name": "org_audit"}],
+    )
+    report = preflight(engine, config)
+    assert report.problems[:2] == [
+        "database.activity.0.action.column: `body` looks like free text (300 distinct values in "
+        "300 rows of the last 7 days, 100.0 per user), which emails would show as actions: name "
+        "a column of kinds, or give a constant (`action: todo.created`)",
+        "database.activity.1.user: 0 of 100 rows of `public.audit_log` of the last 7 days reach "
+        "a user: is `actor_id` a user id?",
+    ]
+    assert report.sources[1] == (
+        "source `org_audit` (public.audit_log, inserts): 0 row(s) of the last day, reaching 0 "
+        "user(s)"
+    )
+    assert report.sources[0].startswith("source `comments` (public.comments, inserts): ")
