@@ -306,7 +306,8 @@ def test_a_backfill_through_the_assets_leaves_the_variant_shares_even(
         )
     (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failure.step_failure_data.user_failure_data.description.startswith(
-        "subscriptions.billing_interval: unknown billing interval 'fortnight' (known: "
+        "database.tables.subscriptions.columns.billing_interval: unknown billing interval "
+        "'fortnight' (known: "
     )
     # No decision moves the shares: simulated days have no outcomes, so the steps keep the even
     # split (a decision is stored only once a step has outcomes in its period).
