@@ -187,6 +187,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if report.unchecked:
         print(f"not checked: {report.unchecked}")
+    for line in report.exclusions:
+        print(line)
     if problems:
         return 2
     print(

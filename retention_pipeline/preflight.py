@@ -3,8 +3,9 @@
 It checks the mapping against the catalog (every table and column, and what kind of values each
 holds), then plans with EXPLAIN the statements a daily run executes (the snapshot, each loop's
 segments, audience and condition query) with the values a run binds, in read-only transactions
-under the run's timeouts: nothing is read from the app's rows and nothing is written. Every
-problem is one line naming the table, column or loop.
+under the run's timeouts: nothing is written, and the app's rows are read only to count the
+users `database.tables.users.exclude` keeps out. Every problem is one line naming the table,
+column or loop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from sqlalchemy.sql.elements import TextClause
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config.models import REQUIRED_COLUMNS, QueryCondition, RetentionConfig
-from retention_pipeline.database.app_tables import inspect_app_tables
+from retention_pipeline.database.app_tables import ResolvedTable, inspect_app_tables
+from retention_pipeline.database.excluded_users import count_excluded, describe
 from retention_pipeline.database.migrate import installation_problem
 from retention_pipeline.database.privileges import lacking_right
 from retention_pipeline.database.replica import COPIED_TABLES, copy_source_sql
@@ -43,6 +45,9 @@ class PreflightReport:
     # What could not be checked, and why (the pipeline's schema is not installed yet).
     unchecked: str | None = None
     planned: int = 0
+    # How many users `database.tables.users.exclude` keeps out, one line per exclusion after
+    # the total; empty when none is configured or the users table cannot be read.
+    exclusions: list[str] = field(default_factory=list)
 
 
 def preflight(
@@ -62,6 +67,8 @@ def preflight(
     report.problems.extend(mapping.problems)
     parameters = snapshot_parameters(config, day)
     tables = mapping.resolved
+    if "users" in tables and config.database.tables.users.exclude:
+        report.exclusions = _exclusions(engine, tables["users"], config)
     if {"users", "subscriptions"} <= tables.keys():
         with engine.connect() as connection:
             reads = app_reads_sql(connection, tables)
@@ -121,6 +128,23 @@ def preflight(
             "outcomes and condition queries cannot be planned"
         )
     return report
+
+
+def _exclusions(engine: Engine, users: ResolvedTable, config: RetentionConfig) -> list[str]:
+    """What the exclusions keep out of the app's users, counted in a read-only transaction."""
+    with engine.connect() as connection:
+        connection.execute(text("SET TRANSACTION READ ONLY"))
+        counted = count_excluded(connection, users)
+        connection.rollback()
+    return [
+        str(counted),
+        *(
+            f"  database.tables.users.exclude.{index} ({describe(predicate)}): {count:,} users"
+            for index, (predicate, count) in enumerate(
+                zip(config.database.tables.users.exclude, counted.per_exclusion, strict=True)
+            )
+        ),
+    ]
 
 
 def _check_replica(read_engine: Engine, config: RetentionConfig, report: PreflightReport) -> None:
