@@ -139,7 +139,8 @@ def _exclusions(engine: Engine, users: ResolvedTable, config: RetentionConfig) -
     return [
         str(counted),
         *(
-            f"  database.tables.users.exclude.{index} ({describe(predicate)}): {count:,} users"
+            f"  database.tables.users.exclude.{index} ({describe(predicate)}): "
+            f"{count:,} user{'' if count == 1 else 's'}"
             for index, (predicate, count) in enumerate(
                 zip(config.database.tables.users.exclude, counted.per_exclusion, strict=True)
             )

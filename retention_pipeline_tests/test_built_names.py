@@ -10,8 +10,10 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
+from retention_pipeline.cli import main
+from retention_pipeline.config import ConfigError, parse_config
 from retention_pipeline.defs.audience import AUDIENCE
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.resources.app_database import AppDatabase
@@ -110,3 +112,57 @@ def test_a_built_name_reaches_the_greeting(create_database, tmp_path: Path, mapp
         assert f"Hi {name.split()[0] if name else 'there'}," in body
         meta = mapping == "JSON paths"
         assert address == (f"meta.{addresses[user]}" if meta else addresses[user])
+
+
+def test_each_bad_name_email_or_timezone_is_one_line_naming_it(
+    app_database_url, tmp_path: Path, capsys
+):
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(text(NAME_COLUMNS))
+    engine.dispose()
+    tables: dict[str, Any] = copy.deepcopy(SHIPPED_DOCUMENT["database"]["tables"])
+    tables["users"]["columns"].update(
+        name=["first_name", "surname"],
+        email="email.address",
+        timezone="raw_user_meta_data.tz",  # fine: a path into jsonb
+    )
+    config = write_config(tmp_path, app_database_url, tables=tables)
+
+    assert main(["--config", str(config), "check"]) == 2
+
+    assert capsys.readouterr().err.splitlines() == [
+        "error: database.tables.users.columns.email: 'email.address' is a path into "
+        "public.users.email, which is text, not json or jsonb",
+        "error: database.tables.users.columns.name.1: column 'surname' does not exist in "
+        "public.users (it has: created_at, email, first_name, id, last_name, name, "
+        "raw_user_meta_data, timezone)",
+    ]
+    tables["users"]["columns"].update(name="first_name.given", email="email")
+    config = write_config(tmp_path, app_database_url, tables=tables)
+    assert main(["--config", str(config), "check"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: database.tables.users.columns.name: 'first_name.given' is a path into "
+        "public.users.first_name, which is text, not json or jsonb",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("id", "raw_user_meta_data.sub", "columns.id: 'raw_user_meta_data.sub' is a JSON path"),
+        ("created_at", "meta.at", "columns.created_at: 'meta.at' is a JSON path"),
+        ("email", ["a", "b"], "columns.email: Input should be a valid string"),
+        ("name", [], "columns.name: [] is not a column, a JSON path"),
+        ("name", ["first_name", 3], "columns.name: ['first_name', 3] is not a column"),
+        ("name", "meta.full name", "columns.name: 'meta.full name': 'full name' is not a JSON"),
+    ],
+)
+def test_a_bad_user_column_value_is_one_line_naming_its_key(key, value, expected):
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["tables"]["users"]["columns"][key] = value
+    with pytest.raises(ConfigError) as raised:
+        parse_config(document, environ={})
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"configuration: database.tables.users.{expected}" in message

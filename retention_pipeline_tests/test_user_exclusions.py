@@ -14,6 +14,7 @@ import dagster as dg
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
+from retention_pipeline.cli import main
 from retention_pipeline.database.replica import copy_app_reads
 from retention_pipeline.defs.audience import AUDIENCE
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
@@ -255,3 +256,59 @@ def test_accounts_excluded_after_the_audience_are_withheld_and_erased_the_same_d
             == set()
         ), table
     assert control in treated(engine, partition)
+
+
+def test_check_counts_what_the_exclusions_keep_out(app_database_url, tmp_path: Path, capsys):
+    day = date(2026, 11, 20)
+    engine = _app_with_users(app_database_url, 9, day)
+    for user, change in enumerate(EXCLUDING, start=1):
+        mark(engine, [str(user)], change)
+    mark(engine, ["1", "7"], "disabled = true")  # one user matching two, one matching one
+    engine.dispose()
+    config = write_config(tmp_path, app_database_url, tables=tables_excluding())
+
+    assert main(["--config", str(config), "check"]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("the exclusions keep out 7 of 9 users")
+    assert out[start + 1 : start + 7] == [
+        "  database.tables.users.exclude.0 (deleted_at is set): 1 user",
+        "  database.tables.users.exclude.1 (disabled is true): 3 users",
+        "  database.tables.users.exclude.2 (status in [LOCKED, BANNED]): 1 user",
+        "  database.tables.users.exclude.3 (banned_until is future): 1 user",
+        "  database.tables.users.exclude.4 (raw_app_meta_data.provider equals anonymous): 1 user",
+        "  database.tables.users.exclude.5 (is_anonymous is true): 1 user",
+    ]
+
+
+def test_each_bad_exclusion_is_one_line_naming_it(app_database_url, tmp_path: Path, capsys):
+    engine = _app_with_users(app_database_url, 1, date(2026, 11, 20))
+    engine.dispose()
+    tables = tables_excluding()
+    tables["users"]["exclude"] = [
+        {"column": "deletedAt", "is": "set"},
+        {"column": "status.provider", "equals": "anonymous"},
+        {"column": "status", "is": True},
+        {"column": "status", "is": "future"},
+        {"column": "disabled", "is": "future"},
+        *EXCLUDE,
+    ]
+    config = write_config(tmp_path, app_database_url, tables=tables)
+
+    assert main(["--config", str(config), "check"]) == 2
+
+    columns = (
+        "banned_until, created_at, deleted_at, disabled, email, id, is_anonymous, name, "
+        "raw_app_meta_data, status, timezone"
+    )
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: database.tables.users.exclude.0.column: column 'deletedAt' does not exist in "
+        f"public.users (it has: {columns})",
+        "error: database.tables.users.exclude.1.column: 'status.provider' is a path into "
+        "public.users.status, which is text, not json or jsonb",
+        "error: database.tables.users.exclude.2.is: public.users.status is text, not a boolean: "
+        "compare it with `equals` or `in`",
+        "error: database.tables.users.exclude.3.is: public.users.status is text, not a timestamp",
+        "error: database.tables.users.exclude.4.is: public.users.disabled is boolean, not a "
+        "timestamp",
+    ]
