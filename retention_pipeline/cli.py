@@ -189,6 +189,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(line)
     if report.unchecked:
         print(f"not checked: {report.unchecked}")
+    for line in report.exclusions:
+        print(line)
     if problems:
         return 2
     print(

@@ -6,8 +6,9 @@ segments, audience and condition query) with the values a run binds, in read-onl
 under the run's timeouts; nothing is written. Of the app's rows it reads what says whether the
 mapping means what it claims: a sample of each activity source's last days
 (`tracking.source_checks`: whether its user column reaches users, whether its action column
-names kinds, what it reads of the last day), and the subscriptions (rows that reach users,
-amounts that are amounts). Every problem is one line naming the table, column or loop.
+names kinds, what it reads of the last day), the subscriptions (rows that reach users, amounts
+that are amounts), and how many users `database.tables.users.exclude` keeps out. Every problem
+is one line naming the table, column or loop.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from sqlalchemy.sql.elements import TextClause
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config.models import SHORTHAND_SOURCES, QueryCondition, RetentionConfig
 from retention_pipeline.database.activity_sources import inspect_sources
-from retention_pipeline.database.app_tables import inspect_app_tables, subscription_parts
+from retention_pipeline.database.app_tables import (
+    ResolvedTable,
+    inspect_app_tables,
+    subscription_parts,
+)
+from retention_pipeline.database.excluded_users import count_excluded, describe
 from retention_pipeline.database.migrate import installation_problem
 from retention_pipeline.database.privileges import lacking_right
 from retention_pipeline.database.replica import (
@@ -57,6 +63,9 @@ class PreflightReport:
     planned: int = 0
     # What each activity source reads of the last day, one line each.
     sources: list[str] = field(default_factory=list)
+    # How many users `database.tables.users.exclude` keeps out, one line per exclusion after
+    # the total; empty when none is configured or the users table cannot be read.
+    exclusions: list[str] = field(default_factory=list)
 
 
 def preflight(
@@ -114,6 +123,8 @@ def preflight(
         for name, _ in config.database.tables.items()
         if name not in SHORTHAND_SOURCES
     )
+    if "users" in tables and config.database.tables.users.exclude:
+        report.exclusions = _exclusions(engine, tables["users"], config)
     if "users" in tables:
         with engine.connect() as connection:
             reads = app_reads_sql(connection, tables)
@@ -174,6 +185,24 @@ def preflight(
             "outcomes and condition queries cannot be planned"
         )
     return report
+
+
+def _exclusions(engine: Engine, users: ResolvedTable, config: RetentionConfig) -> list[str]:
+    """What the exclusions keep out of the app's users, counted in a read-only transaction."""
+    with engine.connect() as connection:
+        connection.execute(text("SET TRANSACTION READ ONLY"))
+        counted = count_excluded(connection, users)
+        connection.rollback()
+    return [
+        str(counted),
+        *(
+            f"  database.tables.users.exclude.{index} ({describe(predicate)}): "
+            f"{count:,} user{'' if count == 1 else 's'}"
+            for index, (predicate, count) in enumerate(
+                zip(config.database.tables.users.exclude, counted.per_exclusion, strict=True)
+            )
+        ),
+    ]
 
 
 def _check_replica(read_engine: Engine, config: RetentionConfig, report: PreflightReport) -> None:

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -26,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from typing_extensions import TypedDict
 
 from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cron
 from retention_pipeline.recipients.addresses import EMAIL_ADDRESS_PATTERN
@@ -164,6 +166,77 @@ class TableMapping(StrictModel):
     @property
     def qualified_name(self) -> str:
         return f"{self.schema_}.{self.table}"
+
+    def read_columns(self) -> list[str]:
+        """The table's columns the pipeline reads, each once."""
+        return list(dict.fromkeys(self.columns.values()))
+
+
+def _column_name(value: object) -> object:
+    if isinstance(value, str):
+        if "." in value:
+            raise ValueError(f"{value!r} is a JSON path: this one must be a column of the table")
+        _check_identifier(value)
+    return value
+
+
+def _column_reference_value(value: object) -> object:
+    if isinstance(value, str):
+        parse_column_reference(value)
+    return value
+
+
+def _name_reference(value: object) -> object:
+    # Checked before the union, so a wrong value is one line naming the key, not one per branch.
+    parts = value if isinstance(value, list) else [value]
+    if not parts or not all(isinstance(part, str) and part for part in parts):
+        raise ValueError(
+            f"{value!r} is not a column, a JSON path like raw_user_meta_data.full_name, or a "
+            "list of columns such as [firstName, lastName]"
+        )
+    for part in parts:
+        parse_column_reference(part)
+    return value
+
+
+class UserColumns(TypedDict, total=False):
+    """The users table's columns: `email`, `name` and `timezone` may be paths into a JSON column
+    (`raw_user_meta_data.full_name`), and `name` may be columns joined by a space (first and last
+    name, blanks skipped)."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]  # AppTables names them
+
+    id: Annotated[str, AfterValidator(_column_name)]
+    email: Annotated[str, AfterValidator(_column_reference_value)]
+    name: Annotated[str | list[str], BeforeValidator(_name_reference)]
+    timezone: Annotated[str, AfterValidator(_column_reference_value)]
+    created_at: Annotated[str, AfterValidator(_column_name)]
+
+
+class UsersMapping(TableMapping):
+    """The app's users table, with the accounts that must never be emailed: a user matching any
+    of `exclude` is left out of every read, and erased once the pipeline knows them."""
+
+    columns: UserColumns  # type: ignore[assignment]
+    exclude: list[Predicate] = Field(
+        default_factory=list,
+        description="accounts never emailed: a user matching ANY of these is left out "
+        "(soft-deleted, disabled, locked, banned, anonymous)",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _column_identifiers(cls, value: dict[str, str]) -> dict[str, str]:
+        return value  # each key's own type says what it may hold
+
+    def read_columns(self) -> list[str]:
+        """The table's columns the pipeline reads, each once: the mapped ones (the column of a
+        JSON path, every part of a built name) and those the exclusions test."""
+        references: list[str] = []
+        for value in self.columns.values():
+            references.extend(value if isinstance(value, list) else [value])
+        references.extend(predicate.column for predicate in self.exclude)
+        return list(dict.fromkeys(parse_column_reference(each)[0] for each in references))
 
 
 # The logical columns the pipeline reads from each app table: a mapping must name the required
@@ -478,8 +551,11 @@ class AppTables(StrictModel):
     """The app's tables, read and never written. Defaults follow a typical NestJS schema; an
     app that bills nothing leaves `subscriptions` out of its `tables`."""
 
-    users: TableMapping = _table(
-        "users", id="id", email="email", name="name", timezone="timezone", created_at="created_at"
+    users: UsersMapping = UsersMapping(
+        table="users",
+        columns=UserColumns(
+            id="id", email="email", name="name", timezone="timezone", created_at="created_at"
+        ),
     )
     events: TableMapping = _table(
         "events", user_id="user_id", name="name", properties="properties", created_at="created_at"

@@ -99,11 +99,19 @@ class ResolvedTable:
         return key in self.mapping.columns
 
     def column_sql(self, key: str, alias: str, preparer: IdentifierPreparer) -> str:
-        """`alias."column"` (or the JSON value at a `column.key.key` path, as text) for a
-        mapped key; NULL for an optional key left unmapped."""
+        """`alias."column"` for a mapped key, the text at a JSON path (`column.key`), or columns
+        joined by a space with blanks skipped (NULL when all are blank); NULL for an optional
+        key left unmapped."""
         if key not in self.mapping.columns:
             return "NULL"
-        return column_ref_sql(self.mapping.columns[key], alias, preparer.dialect)
+        reference = self.mapping.columns[key]
+        if isinstance(reference, list):
+            parts = ", ".join(
+                f"nullif(btrim({column_ref_sql(part, alias, preparer.dialect)}::text), '')"
+                for part in reference
+            )
+            return f"nullif(concat_ws(' ', {parts}), '')"
+        return column_ref_sql(reference, alias, preparer.dialect)
 
     def timestamp_sql(self, key: str, alias: str, preparer: IdentifierPreparer) -> str:
         """The column as timestamptz; naive timestamps are taken as UTC, as ORMs store them."""
@@ -220,29 +228,52 @@ def inspect_app_tables(connection: Connection, tables: AppTables) -> MappingRepo
                 "does not exist in the app database"
             )
             continue
-        missing = False
         found[name] = {}
-        for key, column in mapping.columns.items():
+        column_types: dict[str, str] = {}
+        # A wrong kind still lets the SQL run; a missing column or a bad path does not.
+        unreadable = False
+        for key, reference in mapping.columns.items():
             where = f"database.tables.{name}.columns.{key}"
-            if column not in available:
-                missing = True
-                problems.append(
-                    f"{where}: column {column!r} does not exist in "
-                    f"{mapping.qualified_name} (it has: {', '.join(sorted(available))})"
-                )
-                continue
-            found[name][key] = available[column]
-            kind = EXPECTED_KINDS.get((name, key))
-            if kind and not _has_kind(available[column], kind):
-                problems.append(
-                    f"{where}: column {mapping.qualified_name}.{column} is "
-                    f"{available[column].display}, expected {KIND_DESCRIPTIONS[kind]}"
-                )
-        if not missing:
+            # A built name's parts, each checked on its own.
+            parts = (
+                [(f"{where}.{index}", part) for index, part in enumerate(reference)]
+                if isinstance(reference, list)
+                else [(where, reference)]
+            )
+            for part_where, part in parts:
+                problem = column_ref_problem(part_where, part, mapping.qualified_name, available)
+                if problem:
+                    problems.append(problem)
+                    unreadable = True
+                    continue
+                column, path = parse_column_reference(part)
+                kind = EXPECTED_KINDS.get((name, key))
+                if not path and kind and not _has_kind(available[column], kind):
+                    problems.append(
+                        f"{part_where}: column {mapping.qualified_name}.{column} is "
+                        f"{available[column].display}, expected {KIND_DESCRIPTIONS[kind]}"
+                    )
+            if isinstance(reference, str) and reference in available:
+                found[name][key] = available[reference]
+                column_types[key] = _canonical_type(available[reference])
+            else:  # a JSON value or a built name: text
+                column_types[key] = "TEXT"
+        for index, predicate in enumerate(getattr(mapping, "exclude", [])):
+            problem = predicate_problem(
+                f"database.tables.{name}.exclude.{index}",
+                predicate,
+                mapping.qualified_name,
+                available,
+            )
+            if problem:
+                problems.append(problem)
+                unreadable = True
+        if not unreadable:
             resolved[name] = ResolvedTable(
                 name=name,
                 mapping=mapping,
-                column_types={key: _canonical_type(column) for key, column in found[name].items()},
+                column_types=column_types,
+                base_types={column: found.type_name for column, found in available.items()},
             )
     problems.extend(_user_id_problems(tables, found))
     return MappingReport(resolved=resolved, problems=problems)

@@ -81,7 +81,7 @@ def subscriptions_source_sql(replica: Connection, tables: dict[str, ResolvedTabl
 
 
 def copy_source_sql(replica: Connection, table: ResolvedTable) -> str:
-    """The SELECT whose rows are copied: the table's mapped columns, each once."""
+    """The SELECT whose rows are copied: the columns of the table the snapshot reads."""
     preparer = replica.dialect.identifier_preparer
     return f"SELECT {_columns(replica, table)} FROM {table.sql_name(preparer)}"
 
@@ -196,7 +196,7 @@ def _copy(
 
 
 def _columns(connection: Connection, table: ResolvedTable) -> str:
+    """Every column the snapshot reads: the mapped ones (a JSON path's column, a built name's
+    parts) and those the users' exclusions test."""
     preparer = connection.dialect.identifier_preparer
-    return ", ".join(
-        preparer.quote(column) for column in dict.fromkeys(table.mapping.columns.values())
-    )
+    return ", ".join(preparer.quote(column) for column in table.mapping.read_columns())

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.sending.send_log import (
@@ -76,6 +76,7 @@ def send_pending(
     log: logging.Logger = logger,
     shard: Shard = WHOLE_LOOP,
     keep_going: Callable[[], bool] = lambda: True,
+    record_gone: Callable[[Connection, str], object] | None = None,
 ) -> DispatchReport:
     """Send every pending batch of the loop's `shard`, recording each batch in its own
     transaction.
@@ -89,6 +90,11 @@ def send_pending(
 
     `keep_going` is asked before each batch: when it answers False, or raises, the dispatch stops
     there and the batches not started stay claimed.
+
+    `record_gone(connection, batch_key)`, when given, runs in each batch's starting transaction
+    right before `start_batch`: it records in `erased_users` the members the app has deleted or
+    now excludes (`send_log.record_members_gone`), so they are withheld as erased, however
+    recently the app changed them.
     """
     with engine.begin() as connection:
         expired = expire_unanswered(
@@ -124,6 +130,8 @@ def send_pending(
             )
             break
         with engine.begin() as connection:
+            if record_gone is not None:
+                record_gone(connection, key)
             batch = start_batch(connection, schema=schema, loop_name=loop_name, batch_key=key)
         for (day, reason), count in batch.withheld.items():
             by_day.setdefault(day, Counter())["failed"] += count

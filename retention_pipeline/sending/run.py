@@ -20,7 +20,12 @@ from retention_pipeline.recipients.delivery import delivery_counts
 from retention_pipeline.segments.calendar import send_window
 from retention_pipeline.sending.compose import compose_emails
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
-from retention_pipeline.sending.send_log import claim, days_with_emails, send_log_summary
+from retention_pipeline.sending.send_log import (
+    claim,
+    days_with_emails,
+    record_members_gone,
+    send_log_summary,
+)
 from retention_pipeline.sending.sender_lock import sender_lock
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard
 
@@ -171,6 +176,10 @@ def send_loop_day(
             log=log,
             shard=shard,
             keep_going=still_sending,
+            # An account the app disabled after the audience was built is not emailed.
+            record_gone=lambda connection, batch: record_members_gone(
+                connection, config=config, loop_name=loop.name, batch_key=batch
+            ),
         )
     with engine.connect() as connection:
         days = sorted(

@@ -7,7 +7,8 @@ a batch re-sent after a crash or a transient failure is answered from Resend's i
 not delivered again.
 
 A batch starts (`start_batch`) in one statement that withholds its members whose address was
-suppressed, or whose user was erased, since the claim, and marks the rest attempted and returns
+suppressed, or whose user was erased (or deleted or excluded by the app: `record_members_gone`
+records them right before), since the claim, and marks the rest attempted and returns
 them: nothing suppressed or erased before that statement goes into the request. Withholding a
 member changes a batch's payload but never its key. For a batch that was never attempted, Resend
 has not seen the key and sends the smaller batch. For one attempted before (its outcome unknown),
@@ -35,11 +36,13 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.recipients.addresses import mailbox_sql
 from retention_pipeline.recipients.delivery import link_early_events
 from retention_pipeline.sending.compose import send_key, treatment_rows
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
+from retention_pipeline.tracking.erasure import record_users_gone
 
 BATCH_SIZE = 100
 """Emails per batch: the most Resend accepts in one batch request."""
@@ -203,6 +206,22 @@ def pending_batch_keys(
                 ORDER BY min(partition_date), min(id)"""),
             {"loop": loop_name, **shard.params},
         ).scalars()
+    )
+
+
+def record_members_gone(
+    connection: Connection, *, config: RetentionConfig, loop_name: str, batch_key: str
+) -> int:
+    """Record for erasure the batch's claimed members whom the app's users table no longer has
+    or now excludes (an account disabled a minute ago), in the caller's transaction, so the
+    batch's `start_batch` right after withholds them; return how many were newly recorded."""
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    return record_users_gone(
+        connection,
+        config,
+        f"""SELECT DISTINCT user_id FROM {s}.email_send_log
+            WHERE loop_name = :loop AND batch_key = :batch AND status = 'claimed'""",
+        {"loop": loop_name, "batch": batch_key},
     )
 
 

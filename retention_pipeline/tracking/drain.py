@@ -72,7 +72,7 @@ def _fold_capture(connection: Connection, sql: TrackingSql, slot: int, timezone:
 
 def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
     """Bring the rollup up to date: drain the capture, poll the sources no trigger captures,
-    and erase users deleted from the app."""
+    and erase users deleted from the app or now excluded from it."""
     started = time.monotonic()
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="READ COMMITTED")
@@ -106,7 +106,9 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
         folds.append(_fold_capture(connection, sql, written, timezone))
         for source in polled:
             folds.append(poll(connection, sql, source, timezone))
-        if config.database.tracking == "incremental":
+        # The delete trigger sees deletes, and nothing sees an account becoming excluded (an
+        # UPDATE the app makes): both are found by reading the users the pipeline knows.
+        if config.database.tracking == "incremental" or config.database.tables.users.exclude:
             users_gone_from_app(connection, config)
         connection.execute(
             text(f"UPDATE {sql.q_schema}.tracking_state SET last_drained_at = now()")

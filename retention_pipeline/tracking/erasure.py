@@ -1,4 +1,5 @@
-"""Erasure: a user deleted from the app disappears from every table of the pipeline.
+"""Erasure: a user deleted from the app, or whose account the app now excludes
+(`database.tables.users.exclude`), disappears from every table of the pipeline.
 
 Per-user tables lose the user's rows. The send log keeps each row (so counts and the
 exactly-once guarantee still hold) with the address and the rendered content blanked, and an
@@ -12,6 +13,7 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
+from retention_pipeline.database.excluded_users import kept_sql
 
 PER_USER_TABLES = (
     "activity_daily",
@@ -82,28 +84,44 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
 
 
 def users_gone_from_app(connection: Connection, config: RetentionConfig) -> None:
-    """Without triggers, find deleted users by comparing the latest snapshot with the app's
-    users table, and record them for erasure."""
+    """Find the users the pipeline knows that the app deleted (without triggers nothing else
+    sees a delete) or now excludes, and record them for erasure: the latest snapshot's users,
+    those in an open episode or in the latest audience, and those with an email still claimed."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     record_users_gone(
         connection,
         config,
         f"""SELECT user_id FROM {s}.user_activity_snapshot
-            WHERE partition_date = (SELECT max(partition_date) FROM {s}.user_activity_snapshot)""",
+            WHERE partition_date = (SELECT max(partition_date) FROM {s}.user_activity_snapshot)
+            UNION SELECT user_id FROM {s}.episodes WHERE ended_on IS NULL
+            UNION SELECT user_id FROM {s}.reengagement_audience
+            WHERE partition_date = (SELECT max(partition_date) FROM {s}.reengagement_audience)
+            UNION SELECT user_id FROM {s}.email_send_log WHERE status = 'claimed'""",
     )
 
 
-def record_users_gone(connection: Connection, config: RetentionConfig, known_users: str) -> None:
-    """Record for erasure the users of `known_users` (SQL selecting a `user_id` column) that the
-    app's users table no longer has: what the delete trigger would have recorded."""
+def record_users_gone(
+    connection: Connection,
+    config: RetentionConfig,
+    known_users: str,
+    parameters: dict[str, object] | None = None,
+) -> int:
+    """Record for erasure the users of `known_users` (SQL selecting a `user_id` column, with its
+    `parameters`) that the app's users table no longer has (what the delete trigger would have
+    recorded) or now excludes (`database.tables.users.exclude`: treated as deleted); return how
+    many were newly recorded."""
     users = resolve_app_tables(connection, config.database.tables)["users"]
     preparer = connection.dialect.identifier_preparer
     s = preparer.quote_schema(config.database.schema_)
-    connection.execute(
+    return connection.execute(
         text(f"""
             INSERT INTO {s}.erased_users (user_id)
             SELECT known.user_id FROM ({known_users}) AS known
             WHERE NOT EXISTS (
                 SELECT FROM {users.sql_name(preparer)} AS u
-                WHERE {users.column_sql("id", "u", preparer)}::text = known.user_id)""")
-    )
+                WHERE {users.column_sql("id", "u", preparer)}::text = known.user_id
+                  AND {kept_sql(users, "u", connection.dialect)})
+              AND NOT EXISTS (
+                SELECT FROM {s}.erased_users AS erased WHERE erased.user_id = known.user_id)"""),
+        parameters or {},
+    ).rowcount

@@ -62,7 +62,10 @@ def users(count: int, *, start: int = 0, **fields: Any) -> list[User]:
 
 
 def add_users(engine: Engine, people: Sequence[User], *, day: date = DAY) -> None:
-    """Write each user's snapshot row and audience row for `day`, as the daily assets would."""
+    """Write each user's snapshot row and audience row for `day`, as the daily assets would,
+    and the user's row in the app's users table (its ids made text, as these are, and an email
+    allowed twice), which each batch of a send run reads to withhold the users the app deleted
+    or excludes."""
     snapshot = []
     audience = []
     for person in people:
@@ -99,6 +102,25 @@ def add_users(engine: Engine, people: Sequence[User], *, day: date = DAY) -> Non
             }
         )
     with engine.begin() as connection:
+        connection.execute(
+            text("""
+                DO $$ BEGIN
+                    IF (SELECT atttypid <> 'text'::regtype FROM pg_attribute
+                        WHERE attrelid = 'public.users'::regclass AND attname = 'id') THEN
+                        ALTER TABLE public.users ALTER id DROP IDENTITY IF EXISTS;
+                        -- Tests give two users one mailbox.
+                        ALTER TABLE public.users ALTER id TYPE text,
+                                                 DROP CONSTRAINT IF EXISTS users_email_key;
+                    END IF;
+                END $$""")
+        )
+        connection.execute(
+            text("""
+                INSERT INTO public.users (id, email, name, timezone, created_at)
+                VALUES (:user_id, :email, :name, :timezone, :signed_up_at)
+                ON CONFLICT DO NOTHING"""),
+            snapshot,
+        )
         ensure_day_partition(connection, SCHEMA, "user_activity_snapshot", day)
         connection.execute(
             text("""

@@ -10,6 +10,7 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import ResolvedTable, resolve_app_tables
+from retention_pipeline.database.excluded_users import kept_sql
 from retention_pipeline.segments.snapshot.statement import AppNames
 
 
@@ -28,14 +29,16 @@ def reconcile_with_users(
     tables: dict[str, ResolvedTable] | None = None,
 ) -> Reconciliation:
     """Compare the snapshot of `day` (`snapshot_users` rows, one per user by its key) with the
-    users the app had by the end of that day. Its rows come from those users, so equal counts
-    mean none is missing; the users are matched one by one only when the counts differ."""
+    users the app had by the end of that day, less the accounts never emailed. Its rows come
+    from those users, so equal counts mean none is missing; the users are matched one by one
+    only when the counts differ."""
     names = AppNames(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     created = names.timestamp("users", "created_at", "u")
+    kept = kept_sql(names.tables["users"], "u", connection.dialect)
     app = f"""SELECT {names.column("users", "id", "u")}::text AS user_id
               FROM {names.table("users")} AS u
-              WHERE {created} < (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz"""
+              WHERE {created} < (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz AND {kept}"""
     parameters = {"day": day, "tz": config.timezone}
     app_users = connection.execute(
         text(f"SELECT count(*) FROM ({app}) AS app"), parameters

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import date
 
 from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.database.excluded_users import kept_sql
 from retention_pipeline.segments.snapshot.billing import billing_parameters
 from retention_pipeline.segments.snapshot.names import AppNames
 
@@ -34,8 +35,10 @@ BOUNDS = """bounds AS (
 
 
 def app_users_sql(names: AppNames, only: str = "") -> str:
+    """The app's users signed up by the day's end, less the accounts never emailed."""
     user_id = f"{names.column('users', 'id', 'u')}::text"
     created_at = names.timestamp("users", "created_at", "u")
+    kept = kept_sql(names.tables["users"], "u", names.preparer.dialect)
     listed = f" AND {only.format(user_id)}" if only else ""
     return f"""SELECT {user_id} AS user_id,
                    {names.column("users", "email", "u")}::text AS email,
@@ -43,7 +46,7 @@ def app_users_sql(names: AppNames, only: str = "") -> str:
                    {names.column("users", "timezone", "u")}::text AS timezone,
                    {created_at} AS signed_up_at
             FROM {names.table("users")} AS u, bounds
-            WHERE {created_at} < bounds.day_end{listed}"""
+            WHERE {created_at} < bounds.day_end AND {kept}{listed}"""
 
 
 def snapshot_parameters(config: RetentionConfig, day: date) -> dict[str, object]:
