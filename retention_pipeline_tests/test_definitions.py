@@ -17,6 +17,7 @@ from retention_pipeline.cli import main
 from retention_pipeline.config.loader import project_root
 from retention_pipeline.database.connection import create_app_engine
 from retention_pipeline.database.migrate import head_revision
+from retention_pipeline.defs import build_definitions
 from retention_pipeline.defs.partitions import START_DATE_ENV_VAR
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.defs.tracking import activity_rollup
@@ -63,6 +64,45 @@ def test_app_tables_are_external_assets_upstream_of_the_rollup():
         dg.AssetKey(["app", "users"]),
     }
     assert not graph.get(dg.AssetKey(["app", "events"])).is_materializable
+    snapshot = graph.get(dg.AssetKey(["retention", "user_activity_snapshot"]))
+    assert {dg.AssetKey(["app", "users"]), dg.AssetKey(["app", "subscriptions"])} <= (
+        snapshot.parent_keys
+    )
+
+
+def test_each_activity_source_is_an_app_asset_and_an_app_that_bills_nothing_has_none(tmp_path):
+    config = make_config(
+        "postgresql://postgres@127.0.0.1:5432/unused",
+        tables={
+            "users": {
+                "table": "users",
+                "columns": {"id": "id", "email": "email", "created_at": "created_at"},
+            }
+        },
+        activity=[
+            {
+                "name": "session_refreshes",
+                "table": "Session",
+                "user": "userId",
+                "at": "updatedAt",
+                "login": True,
+                "capture": "updates",
+            },
+            {"table": "comment", "user": "authorId", "at": "createdAt", "action": "comment.posted"},
+        ],
+    )
+    graph = build_definitions(config).resolve_asset_graph()
+    rollup = graph.get(dg.AssetKey(["retention", "activity_rollup"]))
+    assert rollup.parent_keys == {
+        dg.AssetKey(["app", "session_refreshes"]),
+        dg.AssetKey(["app", "comment"]),
+        dg.AssetKey(["app", "users"]),
+    }
+    source = graph.get(dg.AssetKey(["app", "session_refreshes"]))
+    assert "updates in place" in (source.description or "")
+    assert not graph.has(dg.AssetKey(["app", "subscriptions"]))
+    snapshot = graph.get(dg.AssetKey(["retention", "user_activity_snapshot"]))
+    assert dg.AssetKey(["app", "subscriptions"]) not in snapshot.parent_keys
 
 
 def test_the_daily_job_drains_before_the_snapshot_and_a_schedule_drains_hourly():

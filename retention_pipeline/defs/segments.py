@@ -39,8 +39,6 @@ def build_segment_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefini
         # order.
         deps=[
             ROLLUP,
-            dg.AssetKey(["app", "users"]),
-            dg.AssetKey(["app", "subscriptions"]),
             previous_day_of(SNAPSHOT),
         ],
         group_name="retention",

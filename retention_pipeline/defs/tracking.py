@@ -12,18 +12,13 @@ ROLLUP = dg.AssetKey(["retention", "activity_rollup"])
 
 @dg.asset(
     key=ROLLUP,
-    deps=[
-        dg.AssetKey(["app", "events"]),
-        dg.AssetKey(["app", "sessions"]),
-        dg.AssetKey(["app", "users"]),
-    ],
     group_name="retention",
     kinds={"postgres"},
     description=(
-        "Per-user, per-day events, auth sessions, last activity and last actions. Triggers on "
-        "the app's events and sessions append to a capture table; this folds the capture in "
-        "(in incremental mode it recomputes the recent days), and erases users deleted from the "
-        "app from every table of the pipeline."
+        "Per-user, per-day actions, auth sessions, visits, last activity and last actions. "
+        "Triggers on the app's activity sources append to a capture table; this folds the "
+        "capture in, polls the sources no trigger captures, and erases users deleted from the "
+        "app (or now excluded from it) from every table of the pipeline."
     ),
     check_specs=[
         dg.AssetCheckSpec(
