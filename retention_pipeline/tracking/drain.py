@@ -60,13 +60,21 @@ class RollupUpdate:
         return self.events + self.sessions
 
 
-def _fold_capture(connection: Connection, sql: TrackingSql, slot: int, timezone: str) -> Added:
+def _fold_capture(
+    connection: Connection, sql: TrackingSql, slot: int, timezone: str, visit_gap_minutes: int
+) -> Added:
     table = f"{sql.q_schema}.{CAPTURE_TABLES[slot]}"
     connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
     tune_for_batch(connection)
     added = added_by(
         connection.execute(
-            text(sql.fold(sql.capture_source(CAPTURE_TABLES[slot]), "CAST(:tz AS text)")),
+            text(
+                sql.fold(
+                    sql.capture_source(CAPTURE_TABLES[slot]),
+                    "CAST(:tz AS text)",
+                    visit_gap_minutes,
+                )
+            ),
             {"tz": timezone},
         )
     )
@@ -92,7 +100,8 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
         state = require_complete(connection, sql)
         # Left over from a drain that stopped after switching, or written by a transaction
         # that read the slot just before the switch.
-        folds.append(_fold_capture(connection, sql, 1 - state["capture_slot"], timezone))
+        gap = state["visit_gap_minutes"]
+        folds.append(_fold_capture(connection, sql, 1 - state["capture_slot"], timezone, gap))
     with connection.begin():
         active = connection.execute(
             text(f"""
@@ -106,11 +115,11 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
     recomputed_from = None
     with connection.begin():
         state = read_state(connection, sql)
-        folds.append(_fold_capture(connection, sql, written, timezone))
+        folds.append(_fold_capture(connection, sql, written, timezone, gap))
         if config.database.tracking == "incremental":
             recomputed_from = _day_before(connection, state["refreshed_through"], timezone)
             folds.append(
-                recompute_days(connection, sql, timezone, recomputed_from, None, clear=True)
+                recompute_days(connection, sql, timezone, recomputed_from, None, gap, clear=True)
             )
             users_gone_from_app(connection, config)
         connection.execute(

@@ -37,11 +37,13 @@ def recompute_days(
     timezone: str,
     first_day: date | None,
     end_day: date | None,
+    visit_gap_minutes: int,
     *,
     clear: bool = False,
 ) -> Added:
     """Fold the app's rows of days [first_day, end_day) (None: open) into the rollup, less what
-    the capture still holds, after removing those days from the rollup when `clear`."""
+    the capture still holds, after removing those days from the rollup when `clear`; visits are
+    counted with the installed gap, `visit_gap_minutes`."""
     s = sql.q_schema
     params = {"tz": timezone, "first_day": first_day, "end_day": end_day}
     if clear:
@@ -54,7 +56,12 @@ def recompute_days(
                 params,
             )
     tune_for_batch(connection)
-    fold = sql.fold(sql.app_rows_less_capture(), "CAST(:tz AS text)", into_emptied_days=True)
+    fold = sql.fold(
+        sql.app_rows_less_capture(),
+        "CAST(:tz AS text)",
+        visit_gap_minutes,
+        into_emptied_days=True,
+    )
     return added_by(connection.execute(text(fold), params))
 
 

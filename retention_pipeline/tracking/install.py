@@ -30,7 +30,12 @@ from retention_pipeline.database.app_tables import table_sql
 from retention_pipeline.database.reinstall import keep_for_reinstall, restore_kept
 from retention_pipeline.tracking.erasure import record_users_gone
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
-from retention_pipeline.tracking.sql import TRACKED_KINDS, TrackingSql, trigger_name
+from retention_pipeline.tracking.sql import (
+    TRACKED_KINDS,
+    TrackingSql,
+    trigger_name,
+    visit_count_sql,
+)
 from retention_pipeline.tracking.state import (
     TrackingError,
     lock,
@@ -162,6 +167,7 @@ def install(
                 connection.execute(text(sql.drop_trigger(kind)))
 
     with_brief_locks(engine, set_up, "db upgrade")
+    set_visit_gap(engine, config, progress)
     chunks = finish_rebuild(engine, config, progress)
     with engine.begin() as connection:
         s = connection.dialect.identifier_preparer.quote_schema(schema)
@@ -184,6 +190,39 @@ def install(
         rollup_rows=int(rows),
         first_data_day=first_data_day,
     )
+
+
+def set_visit_gap(
+    engine: Engine, config: RetentionConfig, progress: Progress | None = None
+) -> None:
+    """Install the configured `activity.visit_gap`: every day's visits are recounted from its
+    slots in the same transaction, so no fold ever counts with a gap the rollup was not
+    counted with, and no rebuild is needed."""
+    gap = config.activity.visit_gap_minutes
+    with engine.begin() as connection:
+        s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+        lock(connection, config.database.schema_)
+        installed = connection.execute(
+            text(f"SELECT visit_gap_minutes FROM {s}.tracking_state")
+        ).scalar_one()
+        if installed == gap:
+            return
+        visits = visit_count_sql("active_slots", gap)
+        recounted = connection.execute(
+            text(f"""
+                UPDATE {s}.activity_daily SET visit_count = {visits}
+                WHERE visit_count <> {visits}""")
+        ).rowcount
+        connection.execute(
+            text(f"UPDATE {s}.tracking_state SET visit_gap_minutes = :gap"), {"gap": gap}
+        )
+        # Snapshots that counted visits cannot be rolled forward into a day counted otherwise.
+        connection.execute(text(f"DELETE FROM {s}.snapshot_builds WHERE counted = 'visits'"))
+    if progress:
+        progress(
+            f"activity.visit_gap {installed}m -> {gap}m: visits recounted on {recounted:,} "
+            "user-days"
+        )
 
 
 @dataclass(frozen=True)
@@ -260,7 +299,14 @@ def finish_rebuild(
             ).scalar()
             if done:
                 continue
-            added = recompute_days(connection, sql, timezone, chunk.first_day, chunk.end_day)
+            added = recompute_days(
+                connection,
+                sql,
+                timezone,
+                chunk.first_day,
+                chunk.end_day,
+                state["visit_gap_minutes"],
+            )
             connection.execute(
                 text(f"UPDATE {sql.q_schema}.rebuild_chunks SET done_at = now() WHERE number = :n"),
                 {"n": chunk.number},
@@ -297,8 +343,10 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
     with engine.begin() as connection:
         sql = tracking_sql(connection, config)
         lock(connection, sql.schema)
-        require_complete(connection, sql)
-        added = recompute_days(connection, sql, config.timezone, since, None, clear=True)
+        state = require_complete(connection, sql)
+        added = recompute_days(
+            connection, sql, config.timezone, since, None, state["visit_gap_minutes"], clear=True
+        )
         record_late_days(connection, sql, set(added.days))
         return added
 
