@@ -11,9 +11,12 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 import yaml
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import ConfigError, parse_config
+from retention_pipeline.database.migrate import MIGRATIONS
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.snapshot import build_snapshot
@@ -203,6 +206,46 @@ def test_a_new_visit_gap_recounts_the_visits_on_upgrade_without_a_rebuild(instal
 
     install(engine, config_for(config.database.url, visit_gap="2h"))
     assert (visits(engine, 1), visits(engine, 2)) == (1, 1)
+
+
+def test_an_installed_rollup_gets_the_slots_of_its_latest_event_and_session(app_database_url):
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE SCHEMA retention"))
+        alembic = Config()
+        alembic.set_main_option("script_location", str(MIGRATIONS))
+        alembic.attributes.update(connection=connection, schema="retention")
+        command.upgrade(alembic, "0014")
+        connection.execute(
+            text(
+                "INSERT INTO retention.tracking_state (timezone, mode) "
+                "VALUES ('America/New_York', 'triggers')"
+            )
+        )
+        connection.execute(
+            text("""
+                INSERT INTO retention.activity_daily
+                    (user_id, day, event_count, session_count, last_event_at, last_session_at)
+                VALUES ('1', :day, 3, 1, :ten, :ten_past_ten),
+                       ('2', :day, 2, 1, :nine, :three),
+                       ('3', :day, 1, 0, :noon, NULL)"""),
+            {
+                "day": DAY,
+                "ten": at(DAY, "10:00"),
+                "ten_past_ten": at(DAY, "10:10"),
+                "nine": at(DAY, "09:00"),
+                "three": at(DAY, "15:00"),
+                "noon": at(DAY, "12:00"),
+            },
+        )
+        command.upgrade(alembic, "head")
+    assert [active_slots(engine, user, DAY) for user in (1, 2, 3)] == [
+        [120, 122],
+        [108, 180],
+        [144],
+    ]
+    assert [visits(engine, user) for user in (1, 2, 3)] == [1, 2, 1]
+    engine.dispose()
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ down_revision = "0014"
 # 300 slots of 5 minutes: a 25-hour day (daylight saving ends) has 300, any other day fewer.
 SLOTS = 300
 SLOT_SECONDS = 300
-# The gap of a new installation (`activity.visit_gap`'s default), in slots; `db upgrade` sets
-# the configured one and recounts.
+# The gap of a new installation (`activity.visit_gap`'s default); `db upgrade` then installs the
+# configured one and recounts.
 DEFAULT_GAP_MINUTES = 30
 
 
@@ -33,21 +33,23 @@ def upgrade(schema: str) -> None:
         ALTER TABLE {q}.activity_daily
             ADD COLUMN active_slots bit({SLOTS}) NOT NULL DEFAULT CAST(B'0' AS bit({SLOTS})),
             ADD COLUMN visit_count integer NOT NULL DEFAULT 0""")
-    # The slot of a time: whole 5-minute steps since the start of its day in the timezone.
+    # The slot of a time: whole 5-minute steps since the start of its day in the timezone
+    # (NULL for no time: `least` would take its other argument).
     slot = (
-        "least({slots} - 1, floor(extract(epoch FROM {at} - (d.day::timestamp AT TIME ZONE "
-        "state.timezone)) / {seconds})::integer)"
+        "CASE WHEN {at} IS NOT NULL THEN least({slots} - 1, floor(extract(epoch FROM {at} - "
+        "(d.day::timestamp AT TIME ZONE state.timezone)) / {seconds})::integer) END"
     )
     event_slot = slot.format(slots=SLOTS, at="d.last_event_at", seconds=SLOT_SECONDS)
     session_slot = slot.format(slots=SLOTS, at="d.last_session_at", seconds=SLOT_SECONDS)
+    gap_slots = DEFAULT_GAP_MINUTES * 60 // SLOT_SECONDS
     op.execute(f"""
         UPDATE {q}.activity_daily AS d
-        SET active_slots = coalesce(CAST(B'1' AS bit({SLOTS})) >> {event_slot},
+        SET active_slots = coalesce(CAST(B'1' AS bit({SLOTS})) >> ({event_slot}),
                                     CAST(B'0' AS bit({SLOTS})))
-                         | coalesce(CAST(B'1' AS bit({SLOTS})) >> {session_slot},
+                         | coalesce(CAST(B'1' AS bit({SLOTS})) >> ({session_slot}),
                                     CAST(B'0' AS bit({SLOTS}))),
             visit_count = CASE
-                WHEN abs({event_slot} - {session_slot}) > {DEFAULT_GAP_MINUTES // 5} THEN 2
+                WHEN abs(({event_slot}) - ({session_slot})) > {gap_slots} THEN 2
                 ELSE 1
             END
         FROM {q}.tracking_state AS state""")
