@@ -101,8 +101,17 @@ def days(first: date, last: date) -> list[date]:
     return [first + timedelta(days=n) for n in range((last - first).days + 1)]
 
 
-def test_rolled_forward_snapshots_equal_full_builds_over_a_month(month):
+def counting(config, counted: str):
+    """The configuration with `activity.baseline: counted`."""
+    return config.model_copy(
+        update={"activity": config.activity.model_copy(update={"baseline": counted})}
+    )
+
+
+@pytest.mark.parametrize("counted", ["logins", "visits"])
+def test_rolled_forward_snapshots_equal_full_builds_over_a_month(month, counted):
     engine, config = month
+    config = counting(config, counted)
     rolled: dict[date, list[tuple]] = {}
     paths = []
     for day in days(FIRST, LAST):
@@ -171,6 +180,12 @@ def test_late_activity_and_a_changed_configuration_build_in_full(month):
         "full",
         f"the snapshot of {LAST + timedelta(days=1)} was built with another timezone, "
         "activity.baseline_weeks or activity.last_actions",
+    )
+    on_visits = build(engine, counting(wider, "visits"), LAST + timedelta(days=3))
+    assert (on_visits.path, on_visits.path_reason) == (
+        "full",
+        f"the snapshot of {LAST + timedelta(days=2)} counted logins, and activity.baseline now "
+        "counts visits",
     )
 
 

@@ -1202,11 +1202,42 @@ class Loop(StrictModel):
         return self
 
 
+# Visits are counted on 5-minute slots of the day, so the gap between two is whole slots.
+VISIT_SLOT_MINUTES = 5
+VISIT_GAP_MINUTES = (5, 240)
+
+
 class ActivitySettings(StrictModel):
     """What the daily snapshot computes for every user."""
 
+    baseline: Literal["visits", "logins"] | None = Field(
+        None,
+        description="what the session baseline and the drop rules count: `visits` (bursts of "
+        "activity from any source, separated by `visit_gap`) or `logins` (the login sources' "
+        "rows); default: logins when a login source is configured, else visits",
+    )
+    visit_gap: Duration = Field(
+        "30m",
+        description="the quiet time that ends a visit: a multiple of 5 minutes, 5m to 4h",
+    )
     baseline_weeks: int = Field(4, ge=1, le=52)
     last_actions: int = Field(3, ge=1, le=20)
+
+    @field_validator("visit_gap")
+    @classmethod
+    def _whole_slots(cls, value: str | int) -> str | int:
+        minutes = parse_duration(value).total_seconds() / 60
+        low, high = VISIT_GAP_MINUTES
+        if minutes % VISIT_SLOT_MINUTES or not low <= minutes <= high:
+            raise ValueError(
+                f"{value!r} must be a multiple of {VISIT_SLOT_MINUTES} minutes from {low}m to "
+                f"{high // 60}h, like 30m"
+            )
+        return value
+
+    @property
+    def visit_gap_minutes(self) -> int:
+        return int(parse_duration(self.visit_gap).total_seconds() // 60)
 
 
 class RetentionConfig(StrictModel):
@@ -1244,6 +1275,20 @@ class RetentionConfig(StrictModel):
                     f"({first.timezone!r} vs {loop.trigger.timezone!r})"
                 )
         return self
+
+    @property
+    def counted_use(self) -> Literal["visits", "logins"]:
+        """What the session baseline and the drop rules count: `activity.baseline`, or by
+        default logins when a login source is configured, else visits."""
+        if self.activity.baseline is not None:
+            return self.activity.baseline
+        return "logins" if self.has_login_source else "visits"
+
+    @property
+    def has_login_source(self) -> bool:
+        """Whether some activity source records logins (`login: true`, or the `sessions`
+        table)."""
+        return any(source.source.login for source in self.database.activity_sources())
 
     @property
     def timezone(self) -> str:

@@ -6,11 +6,14 @@ Rules, first match wins (thresholds per loop, `SegmentRules`):
 2. new: signed up fewer than `new_user_days` days ago
 3. never_activated: older than that and no activity at all
 4. resurrected: active today after `dormant_after_days` or more without activity
-5. dormant: no activity for `dormant_after_days`, or auth sessions in the last 7 days fell by
+5. dormant: no activity for `dormant_after_days`, or sessions in the last 7 days fell by
    `dormant_session_drop` or more against a baseline of at least
    `minimum_baseline_sessions_per_week`
 6. at_risk: sessions fell by `at_risk_session_drop` or more against such a baseline
 7. active: everyone else
+
+"Sessions" are what the day's snapshot counted (`activity.baseline`): visits or logins (auth
+sessions), and the reason names which.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ CLASSIFY = """
         SELECT CAST(:day AS date) AS day,
                (CAST(:day AS date) + 1)::timestamp AT TIME ZONE :tz AS day_end,
                CAST(:day AS date)::timestamp AT TIME ZONE :tz AS day_start
+    ),
+    counted AS (
+        -- What the snapshot's session figures count, in the reasons' words. A snapshot that
+        -- records no build (written by hand) counted logins, as every snapshot before visits.
+        SELECT CASE coalesce((SELECT build.counted FROM {schema}.snapshot_builds AS build
+                              WHERE build.partition_date = CAST(:day AS date)), 'logins')
+                   WHEN 'visits' THEN 'visits'
+                   ELSE 'auth sessions'
+               END AS what
     ),
     measured AS (
         SELECT snap.*,
@@ -82,16 +94,18 @@ CLASSIFY = """
             WHEN 'dormant' THEN CASE
                 WHEN c.inactive_long THEN format('no activity for %s days (threshold %s)',
                                                  c.days_inactive, CAST(:dormant_days AS integer))
-                ELSE format('auth sessions down %s%% (%s in the last 7 days vs %s a week before)',
-                            c.drop_percent, c.sessions_7d, c.baseline_sessions_per_week)
+                ELSE format('%s down %s%% (%s in the last 7 days vs %s a week before)',
+                            counted.what, c.drop_percent, c.sessions_7d,
+                            c.baseline_sessions_per_week)
                 END
             WHEN 'at_risk' THEN format(
-                'auth sessions down %s%% (%s in the last 7 days vs %s a week before)',
-                c.drop_percent, c.sessions_7d, c.baseline_sessions_per_week)
+                '%s down %s%% (%s in the last 7 days vs %s a week before)',
+                counted.what, c.drop_percent, c.sessions_7d, c.baseline_sessions_per_week)
             ELSE format('active %s of the last 28 days', c.active_days_28d)
         END,
         CASE WHEN previous.segment = c.segment THEN previous.entered_on ELSE CAST(:day AS date) END
     FROM classified AS c
+    CROSS JOIN counted
     LEFT JOIN {schema}.engagement_segments AS previous
         ON previous.partition_date = CAST(:day AS date) - 1
        AND previous.loop_name = CAST(:loop AS text)

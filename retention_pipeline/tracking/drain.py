@@ -56,13 +56,21 @@ class RollupUpdate:
         return self.events + self.sessions
 
 
-def _fold_capture(connection: Connection, sql: TrackingSql, slot: int, timezone: str) -> Added:
+def _fold_capture(
+    connection: Connection, sql: TrackingSql, slot: int, timezone: str, visit_gap_minutes: int
+) -> Added:
     table = f"{sql.q_schema}.{CAPTURE_TABLES[slot]}"
     connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
     tune_for_batch(connection)
     added = added_by(
         connection.execute(
-            text(sql.fold(sql.capture_source(CAPTURE_TABLES[slot]), "CAST(:tz AS text)")),
+            text(
+                sql.fold(
+                    sql.capture_source(CAPTURE_TABLES[slot]),
+                    "CAST(:tz AS text)",
+                    visit_gap_minutes,
+                )
+            ),
             {"tz": timezone},
         )
     )
@@ -88,7 +96,8 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
         state = require_complete(connection, sql)
         # Left over from a drain that stopped after switching, or written by a transaction
         # that read the slot just before the switch.
-        folds.append(_fold_capture(connection, sql, 1 - state["capture_slot"], timezone))
+        gap = state["visit_gap_minutes"]
+        folds.append(_fold_capture(connection, sql, 1 - state["capture_slot"], timezone, gap))
     with connection.begin():
         active = connection.execute(
             text(f"""
@@ -103,9 +112,9 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
     written = 1 - active
     polled = tuple(source for source in sql.sources if source.capture == "polling")
     with connection.begin():
-        folds.append(_fold_capture(connection, sql, written, timezone))
+        folds.append(_fold_capture(connection, sql, written, timezone, gap))
         for source in polled:
-            folds.append(poll(connection, sql, source, timezone))
+            folds.append(poll(connection, sql, source, timezone, gap))
         # The delete trigger sees deletes, and nothing sees an account becoming excluded (an
         # UPDATE the app makes): both are found by reading the users the pipeline knows.
         if config.database.tracking == "incremental" or config.database.tables.users.exclude:

@@ -38,6 +38,7 @@ def recompute_days(
     timezone: str,
     first_day: date | None,
     end_day: date | None,
+    visit_gap_minutes: int,
     *,
     sources: tuple[ResolvedSource, ...],
     clear: bool = False,
@@ -46,7 +47,8 @@ def recompute_days(
     """Fold the rows of `sources` of days [first_day, end_day) (None: open) into the rollup,
     less what the capture still holds, after removing those days from the rollup when `clear`.
     A polled source counts up to its watermark less the lookback (the polls count the rest).
-    `into_emptied_days`: the rollup holds nothing of these days (see `TrackingSql.fold`)."""
+    `into_emptied_days`: the rollup holds nothing of these days (see `TrackingSql.fold`). Visits
+    are counted with the installed gap, `visit_gap_minutes`."""
     s = sql.q_schema
     params = {
         "tz": timezone,
@@ -75,6 +77,7 @@ def recompute_days(
     fold = sql.fold(
         sql.app_rows_less_capture(sources),
         "CAST(:tz AS text)",
+        visit_gap_minutes,
         into_emptied_days=clear or into_emptied_days,
     )
     return added_by(connection.execute(text(fold), params))

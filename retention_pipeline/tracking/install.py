@@ -37,7 +37,7 @@ from retention_pipeline.tracking.sources import (
     installed_sources,
     sync_sources,
 )
-from retention_pipeline.tracking.sql import TrackingSql, legacy_trigger_name
+from retention_pipeline.tracking.sql import TrackingSql, legacy_trigger_name, visit_count_sql
 from retention_pipeline.tracking.state import (
     TrackingError,
     lock,
@@ -169,7 +169,8 @@ def install(
                 WHERE EXISTS (SELECT FROM {sql.q_schema}.tracking_sources
                               WHERE backfill_pending)""")
         )
-        slot = read_state(connection, sql)["capture_slot"]
+        installed_state = read_state(connection, sql)
+        slot = installed_state["capture_slot"]
         for source in sql.sources:
             relation = source.relation_sql(sql.dialect)
             drop_source_triggers(connection, sql, source.name, relation)
@@ -179,7 +180,9 @@ def install(
                 connection.execute(text(function))
             for trigger in sql.create_triggers(source):
                 connection.execute(text(trigger))
-        hand_over_to_triggers(connection, sql, to_triggers, timezone)
+        hand_over_to_triggers(
+            connection, sql, to_triggers, timezone, installed_state["visit_gap_minutes"]
+        )
         connection.execute(text(sql.erasure_function()))
         users = sql.table_name(sql.users)
         present = _has_trigger(connection, users, legacy_trigger_name(schema))
@@ -190,6 +193,7 @@ def install(
             connection.execute(text(f"DROP TRIGGER {trigger} ON {users}"))
 
     with_brief_locks(engine, set_up, "db upgrade")
+    set_visit_gap(engine, config, progress)
     chunks, histories = finish_rebuild(engine, config, progress)
     with engine.begin() as connection:
         s = connection.dialect.identifier_preparer.quote_schema(schema)
@@ -213,6 +217,39 @@ def install(
         first_data_day=first_data_day,
         sources=(*notes, *histories),
     )
+
+
+def set_visit_gap(
+    engine: Engine, config: RetentionConfig, progress: Progress | None = None
+) -> None:
+    """Install the configured `activity.visit_gap`: every day's visits are recounted from its
+    slots in the same transaction, so no fold ever counts with a gap the rollup was not
+    counted with, and no rebuild is needed."""
+    gap = config.activity.visit_gap_minutes
+    with engine.begin() as connection:
+        s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+        lock(connection, config.database.schema_)
+        installed = connection.execute(
+            text(f"SELECT visit_gap_minutes FROM {s}.tracking_state")
+        ).scalar_one()
+        if installed == gap:
+            return
+        visits = visit_count_sql("active_slots", gap)
+        recounted = connection.execute(
+            text(f"""
+                UPDATE {s}.activity_daily SET visit_count = {visits}
+                WHERE visit_count <> {visits}""")
+        ).rowcount
+        connection.execute(
+            text(f"UPDATE {s}.tracking_state SET visit_gap_minutes = :gap"), {"gap": gap}
+        )
+        # Snapshots that counted visits cannot be rolled forward into a day counted otherwise.
+        connection.execute(text(f"DELETE FROM {s}.snapshot_builds WHERE counted = 'visits'"))
+    if progress:
+        progress(
+            f"activity.visit_gap {installed}m -> {gap}m: visits recounted on {recounted:,} "
+            "user-days"
+        )
 
 
 @dataclass(frozen=True)
@@ -341,6 +378,7 @@ def finish_rebuild(
                 timezone,
                 chunk.first_day,
                 chunk.end_day,
+                state["visit_gap_minutes"],
                 sources=pending,
                 into_emptied_days=into_empty,
             )
@@ -393,7 +431,7 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
     with engine.begin() as connection:
         sql = tracking_sql(connection, config)
         lock(connection, sql.schema)
-        require_complete(connection, sql)
+        state = require_complete(connection, sql)
         for source in sql.sources:
             if source.capture != "inserts":
                 raise TrackingError(
@@ -402,7 +440,14 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
                     f"{source.spec.source.qualified_name}, and a repair would wipe it"
                 )
         added = recompute_days(
-            connection, sql, config.timezone, since, None, sources=sql.sources, clear=True
+            connection,
+            sql,
+            config.timezone,
+            since,
+            None,
+            state["visit_gap_minutes"],
+            sources=sql.sources,
+            clear=True,
         )
         record_late_days(connection, sql, set(added.days))
         return added

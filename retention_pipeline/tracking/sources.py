@@ -215,13 +215,17 @@ def sync_sources(
 
 
 def hand_over_to_triggers(
-    connection: Connection, sql: TrackingSql, sources: list[ResolvedSource], timezone: str
+    connection: Connection,
+    sql: TrackingSql,
+    sources: list[ResolvedSource],
+    timezone: str,
+    visit_gap_minutes: int,
 ) -> None:
     """A last poll of sources whose triggers were just created in this transaction: the
     triggers' lock waited for every app write before it, which the poll sees; every write
     after it is captured."""
     for source in sources:
-        poll(connection, sql, source, timezone)
+        poll(connection, sql, source, timezone, visit_gap_minutes)
         connection.execute(
             text(f"DELETE FROM {sql.q_schema}.polled_rows WHERE source = :n"), {"n": source.name}
         )
@@ -231,9 +235,16 @@ def hand_over_to_triggers(
         )
 
 
-def poll(connection: Connection, sql: TrackingSql, source: ResolvedSource, timezone: str) -> Added:
+def poll(
+    connection: Connection,
+    sql: TrackingSql,
+    source: ResolvedSource,
+    timezone: str,
+    visit_gap_minutes: int,
+) -> Added:
     """Fold the source's rows no poll has counted yet, from its watermark less the lookback,
-    and keep them as counted; move the watermark to the newest (never past now)."""
+    and keep them as counted; move the watermark to the newest (never past now). Visits are
+    counted with the installed gap, `visit_gap_minutes`."""
     s = sql.q_schema
     params = {"source": source.name, "lookback": POLL_LOOKBACK}
     since = connection.execute(
@@ -252,6 +263,7 @@ def poll(connection: Connection, sql: TrackingSql, source: ResolvedSource, timez
                 sql.fold(
                     "SELECT kind, user_id, at, event_name, n FROM pg_temp.polled_now",
                     "CAST(:tz AS text)",
+                    visit_gap_minutes,
                 )
             ),
             {"tz": timezone},

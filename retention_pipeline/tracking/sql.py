@@ -33,6 +33,27 @@ RANGE_END = "coalesce(CAST(:end_day AS date)::timestamp AT TIME ZONE CAST(:tz AS
 # that began before the poll) with a time down to this far back are still counted, once.
 POLL_LOOKBACK = "2 days"
 MAX_NAME_LENGTH = 63
+# A day's activity is kept as the 5-minute slots in which anything happened: 300 cover the
+# 25-hour day daylight saving ends with, counted from the start of the day in the timezone.
+SLOTS_PER_DAY = 300
+SLOT_MINUTES = 5
+
+
+def slot_sql(at: str, day: str, tz: str) -> str:
+    """A bit(300) with only the slot of the time `at` on `day` (in the timezone `tz`) set."""
+    elapsed = f"extract(epoch FROM {at} - ({day}::timestamp AT TIME ZONE {tz}))"
+    slot = f"least({SLOTS_PER_DAY - 1}, floor({elapsed} / {SLOT_MINUTES * 60})::integer)"
+    return f"(CAST(B'1' AS bit({SLOTS_PER_DAY})) >> {slot})"
+
+
+def visit_count_sql(slots: str, visit_gap_minutes: int) -> str:
+    """The visits in the bit(300) `slots`: the set slots with no set slot in the gap's slots
+    before them. `slots` is evaluated once per slot of the gap: give a column, not a query."""
+    gap_slots = int(visit_gap_minutes) // SLOT_MINUTES
+    within_gap_after_a_slot = " | ".join(
+        f"({slots} >> {shift})" for shift in range(1, gap_slots + 1)
+    )
+    return f"bit_count({slots} & ~({within_gap_after_a_slot}))::integer"
 
 
 def object_name(*parts: str) -> str:
@@ -104,15 +125,20 @@ class TrackingSql:
         a change of what the source counts."""
         return " ".join(self.source_rows(source, source.relation_sql(self.dialect)).split())
 
-    def fold(self, source: str, tz: str, *, into_emptied_days: bool = False) -> str:
+    def fold(
+        self, source: str, tz: str, visit_gap_minutes: int, *, into_emptied_days: bool = False
+    ) -> str:
         """Add `source` (kind, user_id, at, event_name, n) to the rollup. Rows with a negative
         n cancel rows of the same key; keys left at zero or below add nothing. The latest time
         is a maximum over the added rows: one that is also cancelled (it is in the capture) sets
-        it harmlessly, as the drain will set the same time again. `into_emptied_days`: the
-        rollup holds nothing of these days (they were just deleted, or are being rebuilt), so
-        plain inserts do instead of upserts, at half the cost. Rows are sorted (bytewise, the
-        cheapest order, and the index's own in a C or C.UTF-8 database) so the indexes are
-        written in one sweep. Returns per day: user-days, events and sessions added."""
+        it harmlessly, as the drain will set the same time again. So are the active slots: an OR,
+        which a slot added twice leaves as it was. Cancelled rows add no slot. The visits are
+        recounted from the merged slots with the installed gap, `visit_gap_minutes`.
+        `into_emptied_days`: the rollup holds nothing of these days (they were just deleted, or
+        are being rebuilt), so plain inserts do instead of upserts, at half the cost. Rows are
+        sorted (bytewise, the cheapest order, and the index's own in a C or C.UTF-8 database) so
+        the indexes are written in one sweep. Returns per day: user-days, events and sessions
+        added."""
         s = self.q_schema
         add_action = add_daily = ""
         if not into_emptied_days:
@@ -120,18 +146,24 @@ class TrackingSql:
                 ON CONFLICT (user_id, day, event_name) DO UPDATE
                 SET event_count = t.event_count + EXCLUDED.event_count,
                     last_at = greatest(t.last_at, EXCLUDED.last_at)"""
-            add_daily = """
+            merged_visits = visit_count_sql(
+                "(t.active_slots | EXCLUDED.active_slots)", visit_gap_minutes
+            )
+            add_daily = f"""
                 ON CONFLICT (user_id, day) DO UPDATE
                 SET event_count = t.event_count + EXCLUDED.event_count,
                     session_count = t.session_count + EXCLUDED.session_count,
                     last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
-                    last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at)"""
+                    last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
+                    active_slots = t.active_slots | EXCLUDED.active_slots,
+                    visit_count = {merged_visits}"""
         return f"""
             WITH source AS ({source}),
             per_key AS (
-                SELECT kind, user_id, (at AT TIME ZONE {tz})::date AS day, event_name,
-                       sum(n)::integer AS n, max(at) FILTER (WHERE n > 0) AS last_at
-                FROM source
+                SELECT kind, user_id, day, event_name,
+                       sum(n)::integer AS n, max(at) FILTER (WHERE n > 0) AS last_at,
+                       bit_or({slot_sql("at", "day", tz)}) FILTER (WHERE n > 0) AS slots
+                FROM (SELECT *, (at AT TIME ZONE {tz})::date AS day FROM source) AS dated
                 GROUP BY 1, 2, 3, 4
                 HAVING sum(n) > 0
             ),
@@ -141,16 +173,23 @@ class TrackingSql:
                 FROM per_key WHERE kind = 'e'
                 ORDER BY user_id COLLATE "C", day, event_name COLLATE "C"{add_action}
             ),
-            daily AS (
-                INSERT INTO {s}.activity_daily AS t
-                    (user_id, day, event_count, session_count, last_event_at, last_session_at)
+            per_day AS (
                 SELECT user_id, day,
-                       coalesce(sum(n) FILTER (WHERE kind = 'e'), 0),
-                       coalesce(sum(n) FILTER (WHERE kind = 's'), 0),
-                       max(last_at) FILTER (WHERE kind = 'e'),
-                       max(last_at) FILTER (WHERE kind = 's')
+                       coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
+                       coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions,
+                       max(last_at) FILTER (WHERE kind = 'e') AS last_event_at,
+                       max(last_at) FILTER (WHERE kind = 's') AS last_session_at,
+                       bit_or(slots) AS slots
                 FROM per_key
                 GROUP BY 1, 2
+            ),
+            daily AS (
+                INSERT INTO {s}.activity_daily AS t
+                    (user_id, day, event_count, session_count, last_event_at, last_session_at,
+                     active_slots, visit_count)
+                SELECT user_id, day, events, sessions, last_event_at, last_session_at, slots,
+                       {visit_count_sql("slots", visit_gap_minutes)}
+                FROM per_day
                 ORDER BY user_id COLLATE "C", day{add_daily}
                 RETURNING day
             ),

@@ -74,7 +74,7 @@ def read_state(connection: Connection, sql: TrackingSql) -> dict | None:
         connection.execute(
             text(f"""
                 SELECT timezone, mode, refreshed_through, capture_slot, rebuild_pending,
-                       last_drained_at, rebuild_into_empty
+                       last_drained_at, rebuild_into_empty, visit_gap_minutes
                 FROM {sql.q_schema}.tracking_state""")
         )
         .mappings()

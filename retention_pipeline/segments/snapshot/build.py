@@ -89,12 +89,13 @@ def build_snapshot(
     connection.execute(
         text(f"""
             INSERT INTO {s}.snapshot_builds AS b
-                (partition_date, built_at, path, timezone, baseline_weeks, last_actions)
-            VALUES (:day, now(), :path, :tz, :baseline_weeks, :last_actions)
+                (partition_date, built_at, path, timezone, baseline_weeks, last_actions, counted)
+            VALUES (:day, now(), :path, :tz, :baseline_weeks, :last_actions, :counted)
             ON CONFLICT (partition_date) DO UPDATE SET
                 built_at = excluded.built_at, path = excluded.path, timezone = excluded.timezone,
-                baseline_weeks = excluded.baseline_weeks, last_actions = excluded.last_actions"""),
-        parameters | {"path": path},
+                baseline_weeks = excluded.baseline_weeks, last_actions = excluded.last_actions,
+                counted = excluded.counted"""),
+        parameters | {"path": path, "counted": config.counted_use},
     )
     row = connection.execute(
         text(f"""

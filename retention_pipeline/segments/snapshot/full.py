@@ -12,6 +12,7 @@ from retention_pipeline.segments.snapshot.statement import (
     LAST_ACTIONS_LOOKBACK_DAYS,
     AppNames,
     app_users_sql,
+    counted_column,
     insert_snapshot,
 )
 
@@ -19,22 +20,23 @@ from retention_pipeline.segments.snapshot.statement import (
 ONLY_THESE_USERS = "{} IN (SELECT unnest(CAST(:only AS text[])))"
 
 
-# What the snapshot keeps of a user's rollup rows up to the day (`a`, bounds `b`).
-ACTIVITY_FIGURES = """
+def activity_figures(counted: str) -> str:
+    """What the snapshot keeps of a user's rollup rows up to the day (`a`, bounds `b`); the
+    session figures sum the rollup's column `counted` (`counted_column`)."""
+    return f"""
                    max(greatest(a.last_event_at, a.last_session_at)) AS last_activity_at,
                    max(greatest(a.last_event_at, a.last_session_at))
                        FILTER (WHERE a.day < b.day) AS previous_activity_at,
                    bool_or(a.day = b.day) AS active_today,
                    coalesce(sum(a.event_count) FILTER (WHERE a.day > b.day - 7), 0) AS events_7d,
-                   coalesce(sum(a.session_count) FILTER (WHERE a.day > b.day - 7), 0)
-                       AS sessions_7d,
-                   coalesce(sum(a.session_count) FILTER (
+                   coalesce(sum(a.{counted}) FILTER (WHERE a.day > b.day - 7), 0) AS sessions_7d,
+                   coalesce(sum(a.{counted}) FILTER (
                        WHERE a.day > b.day - 7 - 7 * CAST(:baseline_weeks AS integer)
                          AND a.day <= b.day - 7), 0) AS baseline_sessions,
                    count(*) FILTER (WHERE a.day > b.day - 28) AS active_days_28d"""
 
 
-def _per_user(s: str, only_listed_users: bool) -> tuple[str, str]:
+def _per_user(s: str, counted: str, only_listed_users: bool) -> tuple[str, str]:
     """The rollup's figures per user up to the day, and each user's actions in the lookback
     (once per action, at its latest), for every user or only for the users bound as :only. Those
     are read user by user through the primary keys: an aggregate per listed user, which the
@@ -42,7 +44,7 @@ def _per_user(s: str, only_listed_users: bool) -> tuple[str, str]:
     actions_window = f"x.day <= b.day AND x.day > b.day - {LAST_ACTIONS_LOOKBACK_DAYS}"
     if not only_listed_users:
         return (
-            f"""SELECT a.user_id, {ACTIVITY_FIGURES}
+            f"""SELECT a.user_id, {activity_figures(counted)}
             FROM {s}.activity_daily AS a, bounds AS b
             WHERE a.day <= b.day
             GROUP BY a.user_id""",
@@ -56,7 +58,7 @@ def _per_user(s: str, only_listed_users: bool) -> tuple[str, str]:
         f"""SELECT listed.user_id, figures.*
             FROM {listed}
             CROSS JOIN LATERAL (
-                SELECT {ACTIVITY_FIGURES}
+                SELECT {activity_figures(counted)}
                 FROM {s}.activity_daily AS a
                 WHERE a.user_id = listed.user_id AND a.day <= b.day
             ) AS figures""",
@@ -111,7 +113,7 @@ def snapshot_sql(
     names = AppNames(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     only = ONLY_THESE_USERS if only_listed_users else ""
-    activity, actions = _per_user(s, only_listed_users)
+    activity, actions = _per_user(s, counted_column(config), only_listed_users)
     return f"""
         WITH {BOUNDS},
         app_users AS (

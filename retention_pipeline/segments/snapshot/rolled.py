@@ -15,6 +15,7 @@ from retention_pipeline.segments.snapshot.statement import (
     LAST_ACTIONS_LOOKBACK_DAYS,
     AppNames,
     app_users_sql,
+    counted_column,
     insert_snapshot,
 )
 
@@ -35,6 +36,7 @@ def rolled_forward_sql(
     leaves, the day 28 days back, and the day's actions. No read of the history before."""
     names = AppNames(connection, tables or resolve_app_tables(connection, config.database.tables))
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    counted = counted_column(config)
     # A user who acted on the day gets the day before's list merged with the day's actions, user
     # by user (a few rows each, nothing older read). A list is newest first: anyone else's is
     # unchanged unless its last (oldest) action left the lookback.
@@ -91,11 +93,11 @@ def rolled_forward_sql(
                    coalesce(sum(a.event_count) FILTER (WHERE a.day = b.day), 0) AS events_today,
                    coalesce(sum(a.event_count) FILTER (WHERE a.day = b.day - 7), 0)
                        AS events_7_days_back,
-                   coalesce(sum(a.session_count) FILTER (WHERE a.day = b.day), 0)
+                   coalesce(sum(a.{counted}) FILTER (WHERE a.day = b.day), 0)
                        AS sessions_today,
-                   coalesce(sum(a.session_count) FILTER (WHERE a.day = b.day - 7), 0)
+                   coalesce(sum(a.{counted}) FILTER (WHERE a.day = b.day - 7), 0)
                        AS sessions_7_days_back,
-                   coalesce(sum(a.session_count) FILTER (
+                   coalesce(sum(a.{counted}) FILTER (
                        WHERE a.day = b.day - 7 - 7 * CAST(:baseline_weeks AS integer)), 0)
                        AS sessions_leaving_baseline
             FROM {s}.activity_daily AS a, bounds AS b
@@ -154,7 +156,7 @@ def full_build_reason(connection: Connection, config: RetentionConfig, day: date
     before = day - timedelta(days=1)
     built = connection.execute(
         text(f"""
-            SELECT built_at, timezone, baseline_weeks, last_actions
+            SELECT built_at, timezone, baseline_weeks, last_actions, counted
             FROM {s}.snapshot_builds WHERE partition_date = :before"""),
         {"before": before},
     ).first()
@@ -165,6 +167,11 @@ def full_build_reason(connection: Connection, config: RetentionConfig, day: date
         return (
             f"the snapshot of {before} was built with another timezone, "
             "activity.baseline_weeks or activity.last_actions"
+        )
+    if built.counted != config.counted_use:
+        return (
+            f"the snapshot of {before} counted {built.counted}, and activity.baseline now "
+            f"counts {config.counted_use}"
         )
     late = connection.execute(
         text(f"""

@@ -19,6 +19,12 @@ class SnapshotError(ValueError):
     """App data the snapshot cannot read right: one line naming the table, column and value."""
 
 
+def counted_column(config: RetentionConfig) -> str:
+    """The rollup's column the snapshot's session figures (`sessions_7d`, `baseline_sessions`)
+    sum: visits or logins, as `activity.baseline` says."""
+    return {"visits": "visit_count", "logins": "session_count"}[config.counted_use]
+
+
 def insert_snapshot(s: str) -> str:
     return f"""INSERT INTO {s}.user_activity_snapshot (
             partition_date, user_id, email, name, timezone, signed_up_at, account_age_days,
