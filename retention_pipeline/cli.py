@@ -583,13 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     refresh = db_commands.add_parser(
         "refresh",
         parents=[config_option],
-        help="fold the captured activity in, or recompute days from the app tables",
+        help="fold the captured activity in and poll the polled sources, or recompute days "
+        "from the app tables",
     )
     refresh.add_argument(
         "--since",
         type=date.fromisoformat,
-        help="recompute every day from this one on from the app tables (a repair); without it, "
-        "drain the capture (in incremental mode: recompute from the day before the last refresh)",
+        help="recompute every day from this one on from the app tables (a repair, refused while "
+        "a source is captured other than by `inserts`); without it, drain the capture and poll "
+        "the polled sources",
     )
     refresh.set_defaults(handler=cmd_db_refresh)
     uninstall = db_commands.add_parser(

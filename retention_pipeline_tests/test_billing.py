@@ -157,10 +157,13 @@ def test_an_unmapped_status_is_one_line_naming_the_value_and_the_key(app):
     with engine.begin() as connection, pytest.raises(SnapshotError) as raised:
         build_snapshot(connection, config, DAY)
 
-    assert str(raised.value) == (
+    line = (
         "database.tables.subscriptions.status: 'PAST_DUE' of public.Subscription.status is not "
         "mapped (mapped: ACTIVE)"
     )
+    assert str(raised.value) == line
+    # `check` names the value the run would stop on.
+    assert line in preflight(engine, config).problems
 
 
 def test_an_amount_in_json_with_its_interval_in_json(app):

@@ -372,14 +372,16 @@ def billing_problem(connection: Connection, names: AppNames) -> str | None:
 
 
 def meaning_problems(connection: Connection, names: AppNames) -> list[str]:
-    """What the subscriptions' rows say about the mapping, one line each: a user-id mapping
-    that reaches almost no users, an amount that looks like a Unix time or an id."""
+    """What the subscriptions' rows say about the mapping, one line each: a value the snapshot
+    would stop on (`billing_problem`), a user-id mapping that reaches almost no users, an amount
+    that looks like a Unix time or an id."""
     if "subscriptions" not in names.tables:
         return []
     reads = _Reads(names)
     mapping = reads.mapping
     parameters = billing_parameters(mapping)
-    problems: list[str] = []
+    unreadable = billing_problem(connection, names)
+    problems: list[str] = [unreadable] if unreadable else []
     if mapping.owner is None:
         users = (
             f"SELECT ({names.column('users', 'id', 'u')})::text FROM {names.table('users')} AS u"
