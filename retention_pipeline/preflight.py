@@ -52,6 +52,7 @@ from retention_pipeline.segments.snapshot.full import app_reads_sql, snapshot_sq
 from retention_pipeline.segments.snapshot.names import AppNames
 from retention_pipeline.segments.snapshot.statement import snapshot_parameters
 from retention_pipeline.tracking.source_checks import read_sources
+from retention_pipeline.tracking.sources import sources_problem, trigger_right_problems
 from retention_pipeline.tracking.sql import TrackingSql
 
 
@@ -78,27 +79,28 @@ def preflight(
         _check_replica(read_engine, config, report)
     day = datetime.now(ZoneInfo(config.timezone)).date() - timedelta(days=1)
     schema = config.database.schema_
+    upgrade_problems: list[str] = []
     with engine.connect() as connection:
         mapping = inspect_app_tables(connection, config.database.tables)
         sources = inspect_sources(connection, config.database, mapping.resolved.get("users"))
         not_installed = installation_problem(connection, schema)
         if "users" in mapping.resolved and not sources.problems:
-            reading = read_sources(
-                connection,
-                TrackingSql(
-                    connection.dialect,
-                    schema,
-                    mapping.resolved["users"],
-                    tuple(sources.resolved),
-                ),
-                mapping.resolved["users"],
-                config.timezone,
+            tracking = TrackingSql(
+                connection.dialect, schema, mapping.resolved["users"], tuple(sources.resolved)
             )
+            reading = read_sources(connection, tracking, mapping.resolved["users"], config.timezone)
             report.sources = reading.lines
             sources.problems.extend(reading.problems)
+            # What `db upgrade` needs, and the line every run stops with until it has run:
+            # neither keeps the statements below from being planned.
+            upgrade_problems = trigger_right_problems(connection, tracking)
+            if not_installed is None:
+                not_upgraded = sources_problem(connection, tracking)
+                upgrade_problems.extend([not_upgraded] if not_upgraded else [])
         connection.rollback()
     report.problems.extend(mapping.problems)
     report.problems.extend(sources.problems)
+    report.problems.extend(upgrade_problems)
     billing = config.database.tables.subscriptions
     if (
         billing is not None

@@ -531,3 +531,264 @@ def test_check_reads_each_source_and_refuses_free_text_and_foreign_ids(engine, a
         "user(s)"
     )
     assert report.sources[0].startswith("source `comments` (public.comments, inserts): ")
+
+
+UPGRADE = "run `retention-pipeline db upgrade`"
+
+
+@pytest.mark.parametrize(
+    ("installed", "configured", "line"),
+    [
+        (
+            [AUDIT],
+            [AUDIT, COMMENTS],
+            f"database.activity.1: source `comments` is not installed: {UPGRADE}",
+        ),
+        (
+            [AUDIT],
+            [AUDIT, {**COMMENTS, "capture": "polling"}],
+            f"database.activity.1: source `comments` is not installed: {UPGRADE}",
+        ),
+        (
+            [AUDIT],
+            [{**AUDIT, "where": [{"column": "kind", "in": ["DOCUMENT_SENT"]}]}],
+            "database.activity.0: source `audit_log` changed since the last `db upgrade` "
+            f"(its user, time, action or where): {UPGRADE}",
+        ),
+        (
+            [COMMENTS],
+            [{**COMMENTS, "capture": "polling"}],
+            "database.activity.0: source `comments` changed since the last `db upgrade` "
+            f"(its capture): {UPGRADE}",
+        ),
+        (
+            [COMMENTS],
+            [{**COMMENTS, "name": "comments", "table": "recent_comments", "capture": "polling"}],
+            "database.activity.0: source `comments` changed since the last `db upgrade` "
+            f"(its table and its capture): {UPGRADE}",
+        ),
+        (
+            [AUDIT, COMMENTS],
+            [AUDIT],
+            "database.activity: source `comments` (public.comments) is installed but no longer "
+            f"configured: {UPGRADE}",
+        ),
+    ],
+)
+def test_sources_changed_without_db_upgrade_stop_every_run_with_one_line(
+    engine, app_database_url, installed, configured, line
+):
+    import dagster as dg
+
+    from retention_pipeline.resources.app_database import AppDatabase
+
+    install(engine, sources_config(app_database_url, installed))
+    config = sources_config(app_database_url, configured)
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now())")
+    with pytest.raises(dg.Failure) as stopped:
+        AppDatabase.of(config).ensure_installed()
+    assert stopped.value.description.endswith(f": {line}")
+    with pytest.raises(TrackingError) as refused:
+        update_rollup(engine, config)
+    assert str(refused.value) == line
+    assert line in preflight(engine, config).problems
+    install(engine, config)
+    AppDatabase.of(config).ensure_installed()
+    update_rollup(engine, config)
+    assert not [p for p in preflight(engine, config).problems if UPGRADE in p]
+
+
+def test_a_renamed_source_keeps_its_history_and_its_undrained_capture(engine, app_database_url):
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, '2026-11-19')")
+    install(engine, sources_config(app_database_url, [COMMENTS]))
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (2, '2026-11-20')")
+    renamed = sources_config(app_database_url, [{**COMMENTS, "name": "posts"}])
+    report = install(engine, renamed)
+    assert report.sources == ("source `comments` renamed `posts`: its history is kept",)
+    assert report.rebuilt_chunks == 0
+    with engine.connect() as connection:
+        labels = connection.execute(
+            text(
+                "SELECT source FROM retention.activity_capture_0 "
+                "UNION ALL SELECT source FROM retention.activity_capture_1"
+            )
+        ).scalars()
+        assert list(labels) == ["posts"]
+    update_rollup(engine, renamed)
+    assert rollup(engine)[0] == [
+        ("1", date(2026, 11, 19), 1, 0),
+        ("2", date(2026, 11, 20), 1, 0),
+    ]
+    # A repair subtracts what the capture still holds by its source's new name.
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (3, '2026-11-20')")
+    refresh_from(engine, renamed, date(2026, 11, 19))
+    update_rollup(engine, renamed)
+    assert ("3", date(2026, 11, 20), 1, 0) in rollup(engine)[0]
+    assert sum(row[2] for row in rollup(engine)[0]) == 3
+
+
+def test_a_renamed_polled_source_keeps_its_watermark(engine, app_database_url):
+    polled = {**COMMENTS, "capture": "polling"}
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 hour')")
+    install(engine, sources_config(app_database_url, [polled]))
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (2, now() - interval '1 hour')")
+    update_rollup(engine, sources_config(app_database_url, [polled]))
+    renamed = sources_config(app_database_url, [{**polled, "name": "posts"}])
+    assert install(engine, renamed).sources == (
+        "source `comments` renamed `posts`: its history is kept",
+    )
+    assert update_rollup(engine, renamed).events == 0
+    assert sum(row[2] for row in rollup(engine)[0]) == 2
+
+
+def test_the_shorthand_moved_into_activity_under_another_name_keeps_its_history(
+    engine, app_database_url
+):
+    run(
+        engine,
+        "INSERT INTO events (user_id, name, created_at) VALUES (1, 'a', '2026-11-20T10:00Z')",
+    )
+    install(engine, make_config(app_database_url))
+    moved = sources_config(
+        app_database_url,
+        [
+            {
+                "name": "app_events",
+                "table": "events",
+                "user": "user_id",
+                "at": "created_at",
+                "action": {"column": "name"},
+            },
+            {
+                "name": "logins",
+                "table": "sessions",
+                "user": "user_id",
+                "at": "created_at",
+                "login": True,
+            },
+        ],
+    )
+    assert install(engine, moved).sources == (
+        "source `events` renamed `app_events`: its history is kept",
+        "source `sessions` renamed `logins`: its history is kept",
+    )
+    update_rollup(engine, moved)
+    assert rollup(engine)[0] == [("1", date(2026, 11, 20), 1, 0)]
+
+
+def test_a_new_source_over_a_removed_ones_table_says_both_are_counted(engine, app_database_url):
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, '2026-11-19')")
+    install(engine, sources_config(app_database_url, [COMMENTS]))
+    replaced = sources_config(
+        app_database_url, [{**COMMENTS, "name": "posts", "action": "post.written"}]
+    )
+    assert install(engine, replaced).sources == (
+        "source `comments` removed: what it counted stays in the rollup (from 2026-11-19); "
+        "nothing more is counted from public.comments",
+        "source `posts` reads public.comments like the removed `comments`, whose counts stay: "
+        "`posts` is backfilled from all of its rows, so the days before today count both (to "
+        "count them once, keep the name `comments`: a changed definition applies to new rows "
+        "only)",
+        "source `posts`: rebuilt from its 1 rows of public.comments",
+    )
+
+
+def test_a_polled_sources_changed_definition_applies_to_new_rows_only(engine, app_database_url):
+    polled = {**COMMENTS, "capture": "polling"}
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 hour')")
+    install(engine, sources_config(app_database_url, [polled]))
+    update_rollup(engine, sources_config(app_database_url, [polled]))
+    changed = sources_config(app_database_url, [{**polled, "action": "comment.written"}])
+    install(engine, changed)
+    assert update_rollup(engine, changed).events == 0
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 minute')")
+    assert update_rollup(engine, changed).events == 1
+    assert sorted(row[2:] for row in rollup(engine)[1]) == [
+        ("comment.posted", 1),
+        ("comment.written", 1),
+    ]
+
+
+def test_the_snapshot_after_a_source_is_added_equals_a_full_build(engine, app_database_url):
+    from retention_pipeline.segments.snapshot import build_snapshot
+
+    def snapshot(config, day, *, full=False):
+        with engine.begin() as connection:
+            if full:
+                connection.execute(text("DELETE FROM retention.snapshot_builds"))
+            summary = build_snapshot(connection, config, day)
+            rows = connection.execute(
+                text(
+                    "SELECT * FROM retention.user_activity_snapshot WHERE partition_date = :day "
+                    "ORDER BY user_id"
+                ),
+                {"day": day},
+            ).all()
+        return summary.path, [tuple(row) for row in rows]
+
+    run(
+        engine,
+        "INSERT INTO comments (author, created_at) "
+        "SELECT 1 + g % 3, timestamp '2026-11-20' - g * interval '7 hours' "
+        "FROM generate_series(1, 60) AS g",
+    )
+    run(
+        engine,
+        """INSERT INTO "Session" ("userId", "updatedAt")
+           SELECT 1 + g % 3, timestamp '2026-11-20' - g * interval '5 hours'
+           FROM generate_series(1, 90) AS g""",
+    )
+    comments = sources_config(app_database_url, [COMMENTS])
+    install(engine, comments)
+    assert snapshot(comments, date(2026, 11, 19))[0] == "full"
+    # An action source: the snapshot counts visits before and after (a login source would
+    # switch it to logins, and so to a full build anyway).
+    refreshes = {**SESSIONS, "login": False, "action": "session.refreshed"}
+    both = sources_config(app_database_url, [COMMENTS, refreshes])
+    install(engine, both)
+    path, after = snapshot(both, date(2026, 11, 20))
+    assert path == "full"
+    assert after == snapshot(both, date(2026, 11, 20), full=True)[1]
+
+
+def test_check_names_each_trigger_captured_table_the_role_may_not_give_a_trigger(
+    engine, app_database_url
+):
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    from retention_pipeline.database.connection import create_app_engine
+
+    config = sources_config(app_database_url, [COMMENTS, {**AUDIT, "capture": "polling"}])
+    role = f"rp_trigger_{uuid.uuid4().hex[:8]}"
+    run(engine, f"CREATE ROLE {role} LOGIN")
+    run(engine, f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    app = create_app_engine(make_url(app_database_url).set(username=role).render_as_string())
+
+    def trigger_lines():
+        return [p for p in preflight(app, config).problems if ".capture: role" in p]
+
+    try:
+        assert trigger_lines() == [
+            f"database.activity.0.capture: role {role} lacks TRIGGER on table public.comments: "
+            "`db upgrade` creates the source's capture trigger there (grant it, or use "
+            "`capture: polling`)"
+        ]
+        run(engine, f"GRANT TRIGGER ON comments TO {role}")
+        assert trigger_lines() == []
+        install(engine, config)  # as the owner: the trigger is there now
+        run(engine, f"GRANT USAGE ON SCHEMA retention TO {role}")
+        run(engine, f"GRANT SELECT ON ALL TABLES IN SCHEMA retention TO {role}")
+        assert trigger_lines() == [
+            f"database.activity.0.capture: role {role} is not the owner of table "
+            "public.comments: `db upgrade` replaces the source's capture trigger there, which "
+            "only the owner may drop (run it as the owner, or use `capture: polling`)"
+        ]
+        run(engine, f"ALTER TABLE comments OWNER TO {role}")
+        assert trigger_lines() == []
+    finally:
+        app.dispose()
+        run(engine, f"REASSIGN OWNED BY {role} TO postgres")
+        run(engine, f"DROP OWNED BY {role}")
+        run(engine, f"DROP ROLE {role}")

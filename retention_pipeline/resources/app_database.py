@@ -10,12 +10,14 @@ from sqlalchemy import Engine
 
 from retention_pipeline.config import ConfigError, RetentionConfig, load_config
 from retention_pipeline.database import migrate
+from retention_pipeline.database.app_tables import MappingError
 from retention_pipeline.database.connection import (
     create_app_engine,
     redact,
     resolve_database_url,
 )
-from retention_pipeline.tracking.state import rebuild_problem, tracked_timezone
+from retention_pipeline.tracking.sources import sources_problem
+from retention_pipeline.tracking.state import rebuild_problem, tracked_timezone, tracking_sql
 
 
 class AppDatabase(dg.ConfigurableResource):
@@ -69,7 +71,8 @@ class AppDatabase(dg.ConfigurableResource):
 
     def ensure_installed(self) -> None:
         """Fail with one line when the pipeline's schema is missing, behind, installed for
-        another timezone than the loops now use, or its rollup not yet rebuilt."""
+        another timezone than the loops now use, its rollup not yet rebuilt, or its activity
+        sources not those configured (or the mapping no longer matches the database)."""
         with self.engine.connect() as connection:
             problem = migrate.installation_problem(connection, self.schema)
             if problem is None:
@@ -81,6 +84,11 @@ class AppDatabase(dg.ConfigurableResource):
                     )
                 else:
                     problem = rebuild_problem(connection, self.schema)
+            if problem is None:
+                try:
+                    problem = sources_problem(connection, tracking_sql(connection, self.config))
+                except MappingError as mismatch:
+                    problem = str(mismatch)
         if problem:
             raise dg.Failure(
                 description=f"{self.display_url}: {problem}",

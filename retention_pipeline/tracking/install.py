@@ -382,6 +382,10 @@ def finish_rebuild(
                 sources=pending,
                 into_emptied_days=into_empty,
             )
+            if not into_empty:
+                # Added to days a snapshot may have been built from without these sources: it
+                # must not be rolled forward.
+                record_late_days(connection, sql, set(added.days))
             connection.execute(
                 text(f"UPDATE {sql.q_schema}.rebuild_chunks SET done_at = now() WHERE number = :n"),
                 {"n": chunk.number},

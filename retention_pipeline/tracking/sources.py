@@ -2,8 +2,11 @@
 
 An install compares the configured sources with those installed (`tracking_sources`): a new
 source is backfilled alone, a removed one stops being counted (what it counted stays), a source
-switching capture mode hands over without a gap or a double count. Every change is said in one
-line, with what history each source starts from.
+renamed (its definition unchanged) keeps its history, a source switching capture mode hands over
+without a gap or a double count. Every change is said in one line, with what history each source
+starts from. Everything else that runs against an installed database refuses to run while the
+configured sources differ from the installed ones (`sources_problem`): only `db upgrade` changes
+what is counted.
 
 A poll reads the source's rows from its watermark less a lookback, subtracts the rows it already
 counted there (kept in `polled_rows`) and folds only the rest, in one transaction: it never
@@ -13,14 +16,15 @@ the lookback counts once, and a poll killed midway adds nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, text
 
 from retention_pipeline.database.activity_sources import ResolvedSource
-from retention_pipeline.tracking.fold import Added, added_by
+from retention_pipeline.tracking.fold import Added, added_by, record_late_days
 from retention_pipeline.tracking.sql import (
+    CAPTURE_TABLES,
     POLL_LOOKBACK,
     TrackingSql,
     legacy_trigger_name,
@@ -50,6 +54,105 @@ def installed_sources(connection: Connection, sql: TrackingSql) -> dict[str, Ins
             FROM {sql.q_schema}.tracking_sources""")
     )
     return {row.name: InstalledSource(*row) for row in rows}
+
+
+def _differences(sql: TrackingSql, source: ResolvedSource, old: InstalledSource) -> list[str]:
+    """What of `source` differs from its installed state."""
+    differences = []
+    if old.relation != source.relation_sql(sql.dialect):
+        differences.append("its table")
+    elif old.definition != sql.definition(source):
+        differences.append("its user, time, action or where")
+    if old.capture != source.capture:
+        differences.append("its capture")
+    return differences
+
+
+def renamed_sources(
+    sql: TrackingSql, installed: dict[str, InstalledSource]
+) -> dict[str, InstalledSource]:
+    """The configured sources not installed under their name whose definition (which does not
+    hold the name) is that of an installed source no longer configured: each new name with the
+    state it takes over."""
+    configured = {source.name for source in sql.sources}
+    removed = [old for name, old in installed.items() if name not in configured]
+    renamed: dict[str, InstalledSource] = {}
+    for source in sql.sources:
+        if source.name in installed:
+            continue
+        definition = sql.definition(source)
+        taken = {old.name for old in renamed.values()}
+        for old in removed:
+            if old.definition == definition and old.name not in taken:
+                renamed[source.name] = old
+                break
+    return renamed
+
+
+def sources_problem(connection: Connection, sql: TrackingSql) -> str | None:
+    """The first configured source that is not installed as configured, or an installed one no
+    longer configured, in one line; None when they agree. Counting with a configuration the
+    database was not upgraded to would go wrong silently: a new source's rows not captured, a
+    changed definition going live without its upgrade."""
+    installed = installed_sources(connection, sql)
+    upgrade = "run `retention-pipeline db upgrade`"
+    for source in sql.sources:
+        old = installed.get(source.name)
+        if old is None:
+            return f"{source.spec.key}: source `{source.name}` is not installed: {upgrade}"
+        differences = _differences(sql, source, old)
+        if differences:
+            return (
+                f"{source.spec.key}: source `{source.name}` changed since the last `db upgrade` "
+                f"({' and '.join(differences)}): {upgrade}"
+            )
+    configured = {source.name for source in sql.sources}
+    for name, old in installed.items():
+        if name not in configured:
+            return (
+                f"database.activity: source `{name}` ({old.relation}) is installed but no longer "
+                f"configured: {upgrade}"
+            )
+    return None
+
+
+def trigger_right_problems(connection: Connection, sql: TrackingSql) -> list[str]:
+    """One line per source captured by a trigger whose table the role may not give one:
+    `db upgrade` creates the trigger (the TRIGGER right) and, where one is there already, drops
+    it first (only the table's owner may)."""
+    problems = []
+    for source in sql.sources:
+        if source.capture not in TRIGGER_MODES:
+            continue
+        role, may_create, owns, has_trigger = connection.execute(
+            text("""
+                SELECT current_user,
+                       has_table_privilege(c.oid, 'TRIGGER'),
+                       pg_has_role(c.relowner, 'USAGE'),
+                       EXISTS (SELECT FROM pg_catalog.pg_trigger AS t
+                               WHERE t.tgrelid = c.oid AND t.tgname = ANY (:triggers))
+                FROM pg_catalog.pg_class AS c WHERE c.oid = CAST(:relation AS regclass)"""),
+            {
+                "relation": source.relation_sql(sql.dialect),
+                "triggers": [
+                    source_trigger_name(sql.schema, source.name, mode) for mode in TRIGGER_MODES
+                ],
+            },
+        ).one()
+        table = source.spec.source.qualified_name
+        if not may_create:
+            problems.append(
+                f"{source.spec.key}.capture: role {role} lacks TRIGGER on table {table}: "
+                "`db upgrade` creates the source's capture trigger there (grant it, or use "
+                "`capture: polling`)"
+            )
+        elif has_trigger and not owns:
+            problems.append(
+                f"{source.spec.key}.capture: role {role} is not the owner of table {table}: "
+                "`db upgrade` replaces the source's capture trigger there, which only the owner "
+                "may drop (run it as the owner, or use `capture: polling`)"
+            )
+    return problems
 
 
 def drop_source_triggers(
@@ -148,6 +251,20 @@ def seed_counted(
     )
 
 
+def _rename(connection: Connection, sql: TrackingSql, old: InstalledSource, new: str) -> None:
+    """Carry `old`'s state over to the name `new`: its watermark, polled rows, first day and
+    the capture rows it wrote, which a repair subtracts by source name."""
+    s = sql.q_schema
+    drop_source_triggers(connection, sql, old.name, old.relation)
+    names = {"old": old.name, "new": new}
+    connection.execute(
+        text(f"UPDATE {s}.tracking_sources SET name = :new WHERE name = :old"), names
+    )
+    connection.execute(text(f"UPDATE {s}.polled_rows SET source = :new WHERE source = :old"), names)
+    for table in CAPTURE_TABLES:
+        connection.execute(text(f"UPDATE {s}.{table} SET source = :new WHERE source = :old"), names)
+
+
 def sync_sources(
     connection: Connection, sql: TrackingSql, installed: dict[str, InstalledSource]
 ) -> tuple[list[str], list[ResolvedSource]]:
@@ -158,6 +275,12 @@ def sync_sources(
     notes: list[str] = []
     to_triggers: list[ResolvedSource] = []
     configured = {source.name: source for source in sql.sources}
+    installed = dict(installed)
+    for new, old in renamed_sources(sql, installed).items():
+        _rename(connection, sql, old, new)
+        del installed[old.name]
+        installed[new] = InstalledSource(new, *astuple(old)[1:])
+        notes.append(f"source `{old.name}` renamed `{new}`: its history is kept")
     for name, old in installed.items():
         if name in configured:
             continue
@@ -169,6 +292,16 @@ def sync_sources(
             + (f" (from {old.first_day})" if old.first_day else "")
             + f"; nothing more is counted from {old.relation}"
         )
+        for source in configured.values():
+            if source.name not in installed and source.relation_sql(sql.dialect) == old.relation:
+                # Not a rename (the definitions differ), so the new source's backfill counts
+                # rows of the same table again: said, since nothing can tell the counts apart.
+                notes.append(
+                    f"source `{source.name}` reads {old.relation} like the removed `{name}`, "
+                    f"whose counts stay: `{source.name}` is backfilled from all of its rows, so "
+                    "the days before today count both (to count them once, keep the name "
+                    f"`{name}`: a changed definition applies to new rows only)"
+                )
     for name, source in configured.items():
         old = installed.get(name)
         if old is None:
@@ -177,7 +310,8 @@ def sync_sources(
         relation = source.relation_sql(sql.dialect)
         if old.relation != relation:
             drop_source_triggers(connection, sql, name, old.relation)
-        if old.definition != sql.definition(source):
+        definition_changed = old.definition != sql.definition(source)
+        if definition_changed:
             notes.append(
                 f"source `{name}`: definition changed; what it counted stays as counted, new "
                 "rows count by the new one (`retention-pipeline db refresh --since DAY` recounts "
@@ -195,6 +329,10 @@ def sync_sources(
                 "definition": sql.definition(source),
             },
         )
+        if definition_changed and old.capture == "polling":
+            # The rows it polled were counted by the old definition: those the new one reads
+            # before the watermark count as counted, so the change applies to new rows only.
+            seed_counted(connection, sql, source, old.watermark)
         if old.capture == source.capture:
             continue
         if source.capture == "polling":
@@ -223,9 +361,11 @@ def hand_over_to_triggers(
 ) -> None:
     """A last poll of sources whose triggers were just created in this transaction: the
     triggers' lock waited for every app write before it, which the poll sees; every write
-    after it is captured."""
+    after it is captured. Days it adds to after their snapshot are noted late."""
     for source in sources:
-        poll(connection, sql, source, timezone, visit_gap_minutes)
+        record_late_days(
+            connection, sql, set(poll(connection, sql, source, timezone, visit_gap_minutes).days)
+        )
         connection.execute(
             text(f"DELETE FROM {sql.q_schema}.polled_rows WHERE source = :n"), {"n": source.name}
         )

@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.activity_sources import resolve_sources
 from retention_pipeline.database.app_tables import resolve_app_tables
+from retention_pipeline.tracking.sources import sources_problem
 from retention_pipeline.tracking.sql import TrackingSql
 
 
@@ -104,10 +105,15 @@ def rebuild_problem(connection: Connection, schema: str) -> str | None:
 
 
 def require_complete(connection: Connection, sql: TrackingSql) -> dict:
+    """The tracking state of an installation whose rollup is complete and whose sources are
+    those of `sql`; raise TrackingError saying what to run otherwise."""
     state = read_state(connection, sql)
     if state is None:
         raise TrackingError("the pipeline is not installed: run `retention-pipeline db upgrade`")
     problem = rebuild_problem(connection, sql.schema)
     if problem:
         raise RebuildPending(problem)
+    problem = sources_problem(connection, sql)
+    if problem:
+        raise TrackingError(problem)
     return state
