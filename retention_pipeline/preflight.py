@@ -52,7 +52,11 @@ from retention_pipeline.segments.snapshot.full import app_reads_sql, snapshot_sq
 from retention_pipeline.segments.snapshot.names import AppNames
 from retention_pipeline.segments.snapshot.statement import snapshot_parameters
 from retention_pipeline.tracking.source_checks import read_sources
-from retention_pipeline.tracking.sources import sources_problem, trigger_right_problems
+from retention_pipeline.tracking.sources import (
+    installed_sources,
+    sources_problem,
+    trigger_right_problems,
+)
 from retention_pipeline.tracking.sql import TrackingSql
 
 
@@ -93,8 +97,9 @@ def preflight(
             sources.problems.extend(reading.problems)
             # What `db upgrade` needs, and the line every run stops with until it has run:
             # neither keeps the statements below from being planned.
-            upgrade_problems = trigger_right_problems(connection, tracking)
-            if not_installed is None:
+            installed = None if not_installed else installed_sources(connection, tracking)
+            upgrade_problems = trigger_right_problems(connection, tracking, installed)
+            if installed is not None:
                 not_upgraded = sources_problem(connection, tracking)
                 upgrade_problems.extend([not_upgraded] if not_upgraded else [])
         connection.rollback()

@@ -778,8 +778,17 @@ def test_check_names_each_trigger_captured_table_the_role_may_not_give_a_trigger
         run(engine, f"GRANT TRIGGER ON comments TO {role}")
         assert trigger_lines() == []
         install(engine, config)  # as the owner: the trigger is there now
+        run(engine, f"REVOKE TRIGGER ON comments FROM {role}")
         run(engine, f"GRANT USAGE ON SCHEMA retention TO {role}")
         run(engine, f"GRANT SELECT ON ALL TABLES IN SCHEMA retention TO {role}")
+        # Installed as configured: nothing for `db upgrade` to do, and a run needs no right.
+        assert trigger_lines() == []
+        # Changed: `db upgrade` drops the trigger, which only the owner may.
+        config = sources_config(
+            app_database_url,
+            [{**COMMENTS, "action": "comment.made"}, {**AUDIT, "capture": "polling"}],
+        )
+        run(engine, f"GRANT TRIGGER ON comments TO {role}")
         assert trigger_lines() == [
             f"database.activity.0.capture: role {role} is not the owner of table "
             "public.comments: `db upgrade` replaces the source's capture trigger there, which "
@@ -792,3 +801,21 @@ def test_check_names_each_trigger_captured_table_the_role_may_not_give_a_trigger
         run(engine, f"REASSIGN OWNED BY {role} TO postgres")
         run(engine, f"DROP OWNED BY {role}")
         run(engine, f"DROP ROLE {role}")
+
+
+def test_the_last_poll_before_triggers_marks_the_days_it_adds_to_late(engine, app_database_url):
+    from retention_pipeline.segments.snapshot import build_snapshot
+
+    polled = sources_config(app_database_url, [{**COMMENTS, "capture": "polling"}])
+    yesterday = "(now() AT TIME ZONE 'UTC')::date - 1"
+    run(engine, f"INSERT INTO comments (author, created_at) VALUES (1, {yesterday} + time '10:00')")
+    install(engine, polled)
+    with engine.begin() as connection:
+        day = connection.execute(text(f"SELECT {yesterday}")).scalar_one()
+        build_snapshot(connection, polled, day)
+    # Committed after the snapshot, with a time within the poll's lookback.
+    run(engine, f"INSERT INTO comments (author, created_at) VALUES (2, {yesterday} + time '11:00')")
+    install(engine, sources_config(app_database_url, [COMMENTS]))
+    with engine.connect() as connection:
+        late = connection.execute(text("SELECT day FROM retention.late_activity")).scalars()
+        assert list(late) == [day]
