@@ -651,6 +651,19 @@ class ActivitySource(StrictModel):
     def _identifier(cls, value: str | None) -> str | None:
         return value if value is None else _check_identifier(value)
 
+    @field_validator("where")
+    @classmethod
+    def _same_rows_whenever_read(cls, value: list[Predicate]) -> list[Predicate]:
+        # The capture reads a row when it is written and a rebuild reads it later: a test of
+        # the clock would count a row in one and not the other.
+        for index, predicate in enumerate(value):
+            if predicate.is_ in ("future", "past"):
+                raise ValueError(
+                    f"{index}.is: {predicate.is_!r} depends on when a row is read, and the "
+                    "capture and a rebuild read it at different times: test a value instead"
+                )
+        return value
+
     @model_validator(mode="after")
     def _action_or_login(self) -> ActivitySource:
         if self.action is None and not self.login:
@@ -1274,6 +1287,11 @@ class RetentionConfig(StrictModel):
                     f"because daily partitions and the activity rollup use it "
                     f"({first.timezone!r} vs {loop.trigger.timezone!r})"
                 )
+        if self.activity.baseline == "logins" and not self.has_login_source:
+            raise ValueError(
+                "activity.baseline: 'logins' counts the rows of login sources, and no source "
+                "has `login: true` (nor is `database.tables.sessions` mapped): count visits"
+            )
         return self
 
     @property

@@ -88,10 +88,6 @@ class ResolvedSource:
     def filter_sql(self, dialect: Dialect, alias: str = "src") -> str:
         return all_of_sql(self.spec.source.where, alias, dialect, self.column_types)
 
-    @property
-    def can_take_triggers(self) -> bool:
-        return self.relkind in TRIGGER_RELKINDS
-
 
 @dataclass(frozen=True)
 class SourcesReport:

@@ -20,6 +20,9 @@ from retention_pipeline.config.models import Predicate, Scalar, parse_column_ref
 
 JSON_TYPES = ("json", "jsonb")
 TIMESTAMP_TYPES = ("timestamp", "timestamptz", "date")
+# How JSON spells a flag, read as text: compared, never cast, so a value like "maybe" in one
+# row cannot fail the statement (a capture trigger's failure would fail the app's own write).
+JSON_FLAG_WORDS = {"true": ("true", "t", "1", "yes"), "false": ("false", "f", "0", "no")}
 
 
 class ColumnType(Protocol):
@@ -56,12 +59,15 @@ def predicate_sql(
         state = predicate.is_
         if state in ("set", "unset"):
             return f"({value} IS {'NOT ' if state == 'set' else ''}NULL)"
+        if state in ("true", "false") and path:
+            words = ", ".join(sql_literal(word, dialect) for word in JSON_FLAG_WORDS[state])
+            return (
+                f"(pg_catalog.lower({value}) OPERATOR(pg_catalog.=) "
+                f"ANY (ARRAY[{words}]::pg_catalog.text[]))"
+            )
         if state in ("true", "false"):
-            flag = f"({value})::pg_catalog.bool" if path else value
-            return f"({flag} IS {state.upper()})"
-        if path:
-            moment = f"({value})::pg_catalog.timestamptz"
-        elif column_type in ("timestamp", "date"):
+            return f"({value} IS {state.upper()})"
+        if column_type in ("timestamp", "date"):
             # Naive timestamps are taken as UTC, as ORMs store them.
             moment = f"({value}::pg_catalog.timestamp AT TIME ZONE 'UTC')"
         else:
@@ -142,8 +148,16 @@ def predicate_problem(
 ) -> str | None:
     """Why `predicate` cannot test rows of `table`, as one line naming `where`; None if it can."""
     problem = column_ref_problem(f"{where}.column", predicate.column, table, available)
-    if problem or parse_column_reference(predicate.column)[1]:
+    if problem:
         return problem
+    if parse_column_reference(predicate.column)[1]:
+        if predicate.is_ in ("future", "past"):
+            # A cast of JSON text to a time fails on the first malformed value.
+            return (
+                f"{where}.is: {predicate.column!r} is a value in JSON, which holds no time: "
+                "test a timestamp column"
+            )
+        return None
     column = available[predicate.column]
     if predicate.is_ in ("true", "false") and column.type_name != "bool":
         return (
