@@ -24,8 +24,8 @@ from retention_pipeline.database.predicates import (
     column_ref_sql,
     predicate_problem,
 )
+from retention_pipeline.database.timestamps import TIMESTAMP_TYPES, timestamp_column_sql
 
-TIMESTAMP_TYPES = ("timestamp", "timestamptz", "date")
 # What each mapped column must hold for the pipeline's SQL to mean something; a key not named
 # here (an id, checked against users.id, or jsonb properties) is not checked by kind.
 EXPECTED_KINDS: dict[tuple[str, str], str] = {
@@ -119,14 +119,6 @@ class ResolvedTable:
         if key in self.mapping.columns and parse_column_reference(self.mapping.columns[key])[1]:
             return f"({column})::pg_catalog.timestamptz"
         return timestamp_column_sql(column, self.column_types.get(key, "").lower())
-
-
-def timestamp_column_sql(column: str, type_name: str) -> str:
-    """A timestamp column (pg_type.typname `type_name`) as timestamptz; naive timestamps are
-    taken as UTC, as ORMs store them."""
-    if type_name in ("timestamp", "date"):
-        return f"({column}::pg_catalog.timestamp AT TIME ZONE 'UTC')"
-    return column
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from sqlalchemy import String, literal
 from sqlalchemy.engine.interfaces import Dialect
 
 from retention_pipeline.config.models import Predicate, Scalar, parse_column_reference
+from retention_pipeline.database.timestamps import TIMESTAMP_TYPES, timestamp_column_sql
 
 JSON_TYPES = ("json", "jsonb")
-TIMESTAMP_TYPES = ("timestamp", "timestamptz", "date")
 # How JSON spells a flag, read as text: compared, never cast, so a value like "maybe" in one
 # row cannot fail the statement (a capture trigger's failure would fail the app's own write).
 JSON_FLAG_WORDS = {"true": ("true", "t", "1", "yes"), "false": ("false", "f", "0", "no")}
@@ -67,11 +67,7 @@ def predicate_sql(
             )
         if state in ("true", "false"):
             return f"({value} IS {state.upper()})"
-        if column_type in ("timestamp", "date"):
-            # Naive timestamps are taken as UTC, as ORMs store them.
-            moment = f"({value}::pg_catalog.timestamp AT TIME ZONE 'UTC')"
-        else:
-            moment = value
+        moment = timestamp_column_sql(value, column_type or "")
         operator = "OPERATOR(pg_catalog.>)" if state == "future" else "OPERATOR(pg_catalog.<=)"
         return f"({moment} {operator} pg_catalog.now())"
     as_text = f"({value})::pg_catalog.text"

@@ -411,10 +411,13 @@ def meaning_problems(connection: Connection, names: AppNames) -> list[str]:
                   FROM {names.table("subscriptions")} AS sub{reads.joins()}) AS a"""),
         parameters
         | {
-            "s0": EPOCH_SECONDS[0] * 100 if _major(mapping) else EPOCH_SECONDS[0],
-            "s1": EPOCH_SECONDS[1] * 100 if _major(mapping) else EPOCH_SECONDS[1],
-            "m0": EPOCH_MILLISECONDS[0],
-            "m1": EPOCH_MILLISECONDS[1],
+            # Amounts are read in minor units: a time in a major-units column reads x100.
+            **{
+                name: bound * (100 if _major(mapping) else 1)
+                for name, bound in zip(
+                    ("s0", "s1", "m0", "m1"), (*EPOCH_SECONDS, *EPOCH_MILLISECONDS), strict=True
+                )
+            },
         },
     ).one()
     counted, distinct, moments = amounts
