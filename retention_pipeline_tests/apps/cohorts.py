@@ -50,7 +50,9 @@ class AppUser:
 
     @property
     def exclusion(self) -> str | None:
-        return self.cohort.removeprefix("excluded:") if self.cohort.startswith("excluded:") else None
+        return (
+            self.cohort.removeprefix("excluded:") if self.cohort.startswith("excluded:") else None
+        )
 
     @property
     def excluded_offset(self) -> int:

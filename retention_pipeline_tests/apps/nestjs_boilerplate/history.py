@@ -4,6 +4,7 @@ soft-deleted (`deletedAt`) or set inactive (`statusId` 2) by an admin."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from retention_pipeline_tests.apps.cohorts import (
 SCHEMA = Path(__file__).with_name("schema.sql")
 EXCLUSION_KINDS = ["soft_deleted", "inactive"]
 USERS = app_users(EXCLUSION_KINDS)
+COMMENTS = uuid.UUID("9b2d4a1e-5c7f-4e3a-8b6d-1f0e2c3a4b5d")
 
 
 def user_id(user: AppUser) -> str:
@@ -37,7 +39,10 @@ def create(connection: Connection) -> None:
 
 
 def load(
-    connection: Connection, run_day: date, first_offset: int = HISTORY_DAYS - 1, last_offset: int = 0
+    connection: Connection,
+    run_day: date,
+    first_offset: int = HISTORY_DAYS - 1,
+    last_offset: int = 0,
 ) -> None:
     """Write the days from `first_offset` to `last_offset` (days before run_day), oldest first;
     the accounts themselves with the first day of the history."""
@@ -56,7 +61,7 @@ def load(
                 for number in range(1 + (offset + visit) % 2):
                     comments.append(
                         {
-                            "id": f"00000000-0000-4000-8000-{user.index:04d}{offset:04d}{visit}{number:03d}",
+                            "id": uuid.uuid5(COMMENTS, f"{user.index}-{offset}-{visit}-{number}"),
                             "project": _project_id(user),
                             "author": user.index + 1,
                             "body": f"Looks good to me, see the draft ({offset}/{visit})",
@@ -142,4 +147,3 @@ def _exclude(connection: Connection, day: date, offset: int) -> None:
                 text('UPDATE "user" SET "statusId" = 2, "updatedAt" = :at WHERE "id" = :id'),
                 {"at": at, "id": user.index + 1},
             )
-
