@@ -11,8 +11,8 @@ Cohorts (by index):
 - dropped: 10 visits a week until a week ago, then a single visit (offset 2): use fell by 90%;
 - quiet: steady until 10 days ago, then nothing (gone quiet for more than 7 days);
 - excluded:<kind>: an account the app marks as never to be emailed (soft-deleted, disabled,
-  locked, banned, anonymous, ...), with the dropped pattern, so that only the exclusion keeps
-  it out of the audience. Half of each kind is excluded the day before run_day, half live on
+  locked, banned, anonymous, ...), half with the quiet pattern, half with the dropped one, so
+  that only the exclusion keeps it out of the audience. Half of each kind is excluded the day before run_day, half live on
   run_day itself.
 """
 
@@ -98,9 +98,9 @@ def visits_on(user: AppUser, offset: int) -> int:
     steady = (1 + (offset + user.index) % 2) if steady_day else 0
     if user.cohort == "steady":
         return steady
-    if user.cohort == "quiet":
+    if user.cohort == "quiet" or (user.exclusion and user.index % 4 < 2):
         return steady if offset >= 10 else 0
-    # dropped, and every excluded account (dropped but for its exclusion)
+    # dropped, and half of each excluded kind (the other half quiet)
     if offset >= 7:
         return 2 if steady_day else 0
     return 1 if offset == 2 else 0
