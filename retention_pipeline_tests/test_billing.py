@@ -198,14 +198,14 @@ def test_an_amount_as_a_price_times_a_quantity(app):
 def test_an_app_that_stores_no_amount_says_so_and_keeps_status_and_members(app):
     """documenso and cal.com keep prices in Stripe alone: the status reaches every member and
     the amount is unknown, never 0 or a column misread as one."""
-    mapping = {key: value for key, value in ORG_OWNED.items() if key != "columns"}
-    snapshot = _snapshot(
-        app, {**mapping, "columns": {"status": "status"}, "amount": "none", "credit": "each"}
-    )
+    owner = {**ORG_OWNED["owner"], "owning_member": [{"column": "role", "equals": "OWNER"}]}
+    mapping = {**ORG_OWNED, "owner": owner, "columns": {"status": "status"}, "amount": "none"}
+    for credit in ("each", "split", "owner"):
+        snapshot = _snapshot(app, {**mapping, "credit": credit})
 
-    assert snapshot["1"] == ("active", None, None, None)  # no plan mapped: none
-    assert snapshot["2"] == ("active", None, None, None)
-    assert snapshot["4"] == ("past_due", None, None, None)
+        assert snapshot["1"] == ("active", None, None, None), credit  # no plan mapped: none
+        assert snapshot["2"] == ("active", None, None, None), credit  # not credited 0
+        assert snapshot["4"] == ("past_due", None, None, None), credit
 
 
 def test_where_selects_the_rows_of_a_table_that_are_subscriptions(app):

@@ -301,7 +301,9 @@ def subscription_sql(names: AppNames, only: str = "") -> str:
         credited = {
             "each": "b.monthly_amount",
             "split": "b.monthly_amount / m.members",
-            "owner": "CASE WHEN m.owning THEN b.monthly_amount / m.owners ELSE 0 END",
+            # The other members are credited nothing, unless nothing is known (`amount: none`).
+            "owner": "CASE WHEN m.owning THEN b.monthly_amount / m.owners "
+            "WHEN b.monthly_amount IS NOT NULL THEN 0 END",
         }[credit or "each"]
         reached = f"""SELECT m.user_id, b.status, b.plan, {credited} AS credited, b.currency,
                    b.updated_at
