@@ -195,6 +195,66 @@ def test_subscription_figures_of_the_supabase_stripe_mirror(app_database, monkey
             assert figures[history.user_id(user)] == (None, None)
 
 
+# Each app's expected (status, plan) of a user, by the fixture's own billing of their team.
+DOCUMENSO_STATUS = {"ACTIVE": "active", "PAST_DUE": "past_due", "INACTIVE": "canceled"}
+CALCOM_STATUS = {"paid": "active", "pending": "incomplete", "free": None}
+
+
+def _team_billing(app: str, history: ModuleType, user) -> tuple[str | None, str | None]:
+    if app == "documenso":
+        number = history.team_organisation(user)
+        if number is None:
+            return None, None
+        return DOCUMENSO_STATUS[history.SUBSCRIPTION_STATUS[number % 4]], "price_teams_monthly"
+    number = history.team_of(user)
+    if number is None:
+        return None, None
+    return CALCOM_STATUS[history.TEAM_BILLING[number % 4]], None  # cal.com stores no plan
+
+
+@pytest.mark.parametrize("app", ["documenso", "calcom"])
+def test_a_team_subscription_reaches_each_member_with_no_amount_stored(
+    app, app_database, monkeypatch, tmp_path
+):
+    """documenso bills an organisation, cal.com a team (only those whose checkout began), and
+    neither stores an amount: every member gets the team's status, no made-up revenue."""
+    url = app_database(app)
+    history = history_of(app)
+    day = run_day()
+    example = EXAMPLES / APPS[app] / "retention.yaml"
+    monkeypatch.setenv("RETENTION_DATABASE_URL", url)
+    monkeypatch.setenv("RETENTION_UNSUBSCRIBE_SECRET", "unsubscribe-secret-for-tests")
+    monkeypatch.setenv("RETENTION_START_DATE", str(day - timedelta(days=7)))
+    load_until_the_day_before(url, history, day)
+    assert main(["--config", str(example), "db", "upgrade"]) == 0
+    resources = {
+        "app_database": AppDatabase(config_path=str(example)),
+        "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@example.com"),
+    }
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            DAILY[:1], partition_key=day.isoformat(), instance=instance, resources=resources
+        ).success
+    figures = {
+        user_id: (status, plan, cents)
+        for user_id, status, plan, cents in rows(
+            url,
+            "SELECT user_id, subscription_status, subscription_plan, monthly_amount_cents "
+            "FROM retention.user_activity_snapshot WHERE partition_date = :day",
+            day=day,
+        )
+    }
+    billed = 0
+    for user in history.USERS:
+        if user.exclusion:
+            continue
+        status, plan = _team_billing(app, history, user)
+        expected = (status, plan if status else None, None)
+        assert figures[history.user_id(user)] == expected, (user.index, expected)
+        billed += status is not None
+    assert billed >= 60  # most of the first 100 users are in a billed team
+
+
 def test_the_shorthand_mapping_of_nestjs_boilerplate_reproduces_the_issue(
     app_database, tmp_path: Path
 ):
