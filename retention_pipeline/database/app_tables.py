@@ -290,7 +290,7 @@ def subscription_parts(
     each reference read from it."""
     own = dict(mapping.columns)
     paths = {key: f"columns.{key}" for key in mapping.columns}
-    owner, amount = mapping.owner, mapping.amount
+    owner, amount = mapping.owner, mapping.stored_amount
     if owner is not None:
         own["owner"], paths["owner"] = owner.column, "owner.column"
     parts: dict[str, tuple[RelatedTable, dict[str, str]]] = {}
@@ -358,7 +358,9 @@ def subscription_parts(
         )
     parts = {
         "subscriptions": (
-            RelatedTable(mapping.table, mapping.schema_, own, subscriptions=mapping),
+            RelatedTable(
+                mapping.table, mapping.schema_, own, tuple(mapping.where), subscriptions=mapping
+            ),
             paths,
         ),
         **parts,
@@ -405,7 +407,9 @@ def _inspect_subscriptions(
                 )
         for group, predicates in (("where", part.where), ("owning_member", part.owning)):
             prefix = (
-                "owner.owning_member" if group == "owning_member" else f"{PART_KEYS[name]}.where"
+                "owner.owning_member"
+                if group == "owning_member"
+                else f"{PART_KEYS[name]}.where".lstrip(".")
             )
             for number, predicate in enumerate(predicates):
                 problem = predicate_problem(
