@@ -12,8 +12,8 @@ Cohorts (by index):
 - quiet: steady until 10 days ago, then nothing (gone quiet for more than 7 days);
 - excluded:<kind>: an account the app marks as never to be emailed (soft-deleted, disabled,
   locked, banned, anonymous, ...), half with the quiet pattern, half with the dropped one, so
-  that only the exclusion keeps it out of the audience. Half of each kind is excluded the day before run_day, half live on
-  run_day itself.
+  that only the exclusion keeps it out of the audience. Half of each kind is excluded the day
+  before run_day, half live on run_day itself.
 """
 
 from __future__ import annotations
