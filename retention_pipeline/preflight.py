@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from psycopg.errors import InsufficientPrivilege
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -119,8 +120,14 @@ def preflight(
                 report.problems.extend(
                     meaning_problems(connection, AppNames(connection, mapping.resolved))
                 )
-            except DBAPIError:
-                pass  # the plan of the subscriptions' read below names what fails
+            except DBAPIError as error:
+                # A right the role lacks is named by the plan of the subscriptions' read below;
+                # anything else (a value no cast takes) the run would meet too.
+                if not isinstance(error.orig, InsufficientPrivilege):
+                    report.problems.append(
+                        f"database.tables.subscriptions: reading the subscriptions failed: "
+                        f"{_first_line(error)}"
+                    )
             finally:
                 connection.rollback()
     parameters = snapshot_parameters(config, day)
@@ -131,7 +138,7 @@ def preflight(
         if name not in SHORTHAND_SOURCES
     )
     if "users" in tables and config.database.tables.users.exclude:
-        report.exclusions = _exclusions(engine, tables["users"], config)
+        report.exclusions = _exclusions(engine, tables["users"], config, report)
     if "users" in tables:
         with engine.connect() as connection:
             reads = app_reads_sql(connection, tables)
@@ -194,12 +201,22 @@ def preflight(
     return report
 
 
-def _exclusions(engine: Engine, users: ResolvedTable, config: RetentionConfig) -> list[str]:
-    """What the exclusions keep out of the app's users, counted in a read-only transaction."""
+def _exclusions(
+    engine: Engine, users: ResolvedTable, config: RetentionConfig, report: PreflightReport
+) -> list[str]:
+    """What the exclusions keep out of the app's users, counted in a read-only transaction; a
+    count that fails (as every read of the users table would) is a problem of the report."""
     with engine.connect() as connection:
         connection.execute(text("SET TRANSACTION READ ONLY"))
-        counted = count_excluded(connection, users)
-        connection.rollback()
+        try:
+            counted = count_excluded(connection, users)
+        except DBAPIError as error:
+            report.problems.append(
+                f"database.tables.users.exclude: reading the users failed: {_first_line(error)}"
+            )
+            return []
+        finally:
+            connection.rollback()
     return [
         str(counted),
         *(

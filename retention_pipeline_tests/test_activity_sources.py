@@ -11,7 +11,7 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
-from retention_pipeline.config.loader import ConfigError
+from retention_pipeline.config.loader import ConfigError, parse_config
 from retention_pipeline.database.app_tables import MappingError
 from retention_pipeline.preflight import preflight
 from retention_pipeline.tracking.drain import update_rollup
@@ -203,6 +203,37 @@ def test_a_time_updated_in_place_counts_each_change_once_and_ignores_other_updat
     # A repair would wipe what only the capture saw.
     with pytest.raises(TrackingError, match=r"^db refresh --since: source `Session` is captured"):
         refresh_from(engine, config, date(2026, 11, 20))
+
+
+def test_a_time_set_by_a_before_update_trigger_counts_and_a_time_moved_back_does_not(
+    engine, app_database_url
+):
+    # Supabase apps keep `updated_at` with a `moddatetime`-style BEFORE trigger: the app's
+    # statement never names the column.
+    run(
+        engine,
+        """
+        CREATE FUNCTION touch_session() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.token IS DISTINCT FROM OLD.token THEN
+                NEW."updatedAt" := OLD."updatedAt" + interval '1 day';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER touch BEFORE UPDATE ON "Session"
+            FOR EACH ROW EXECUTE FUNCTION touch_session();
+        INSERT INTO "Session" ("userId", token, "updatedAt") VALUES (1, 'a', '2026-11-19T10:00');
+        """,
+    )
+    config = sources_config(app_database_url, [{**SESSIONS, "capture": "updates"}])
+    install(engine, config)
+    run(engine, """UPDATE "Session" SET token = 'b'""")  # the trigger moves it to 11-20
+    run(engine, """UPDATE "Session" SET "updatedAt" = '2026-11-18T10:00'""")  # moved back
+    update_rollup(engine, config)
+    assert rollup(engine)[0] == [
+        ("1", date(2026, 11, 19), 0, 1),
+        ("1", date(2026, 11, 20), 0, 1),
+    ]
 
 
 def test_polling_counts_new_late_and_moved_rows_once_and_never_clears_a_day(
@@ -426,8 +457,9 @@ def test_switching_capture_modes_hands_over_without_gap_or_double_count(engine, 
             "database.activity.1.at: column public.audit_log.kind is text, expected a timestamp",
         ),
         (
-            [{**AUDIT, "where": [{"column": "kind", "is": "future"}]}],
-            "database.activity.0.where.0.is: public.audit_log.kind is text, not a timestamp",
+            [{**AUDIT, "where": [{"column": "kind", "is": True}]}],
+            "database.activity.0.where.0.is: public.audit_log.kind is text, not a boolean: "
+            "compare it with `equals` or `in`",
         ),
         (
             [{**COMMENTS, "table": "recent_comments"}],
@@ -819,3 +851,18 @@ def test_the_last_poll_before_triggers_marks_the_days_it_adds_to_late(engine, ap
     with engine.connect() as connection:
         late = connection.execute(text("SELECT day FROM retention.late_activity")).scalars()
         assert list(late) == [day]
+
+
+def test_a_source_filter_on_the_clock_and_logins_without_a_login_source_are_refused():
+    timed = {**COMMENTS, "where": [{"column": "created_at", "is": "past"}]}
+    with pytest.raises(ConfigError) as raised:
+        sources_config("postgresql://unused", [timed])
+    assert "database.activity.0.where: 0.is: 'past' depends on when a row is read" in str(
+        raised.value
+    )
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["tables"].pop("sessions")
+    document["database"].update(activity=[COMMENTS], url="postgresql://unused")
+    document["activity"] = {"baseline": "logins"}
+    with pytest.raises(ConfigError, match=r"activity\.baseline: 'logins' counts the rows of login"):
+        parse_config(document, environ={})

@@ -198,6 +198,28 @@ def test_an_amount_as_a_price_times_a_quantity(app):
     assert snapshot["4"] == ("past_due", "price_year", 1000, "EUR")
 
 
+def test_an_app_that_stores_no_amount_says_so_and_keeps_status_and_members(app):
+    """documenso and cal.com keep prices in Stripe alone: the status reaches every member and
+    the amount is unknown, never 0 or a column misread as one."""
+    owner = {**ORG_OWNED["owner"], "owning_member": [{"column": "role", "equals": "OWNER"}]}
+    mapping = {**ORG_OWNED, "owner": owner, "columns": {"status": "status"}, "amount": "none"}
+    for credit in ("each", "split", "owner"):
+        snapshot = _snapshot(app, {**mapping, "credit": credit})
+
+        assert snapshot["1"] == ("active", None, None, None), credit  # no plan mapped: none
+        assert snapshot["2"] == ("active", None, None, None), credit  # not credited 0
+        assert snapshot["4"] == ("past_due", None, None, None), credit
+
+
+def test_where_selects_the_rows_of_a_table_that_are_subscriptions(app):
+    """cal.com's "Team" rows are every team; only those where checkout began are billed."""
+    yearly = [{"column": "data.plan.interval", "equals": "year"}]
+    snapshot = _snapshot(app, {**ORG_OWNED, "where": yearly})
+
+    assert snapshot["1"] == (None, None, None, None)
+    assert snapshot["4"] == ("past_due", "price_year", 12000, None)
+
+
 def test_an_app_that_bills_nothing_leaves_subscriptions_out(app):
     url, engine = app
     snapshot = _snapshot(app, None)
@@ -301,8 +323,20 @@ def test_check_refuses_amounts_that_are_all_different_like_ids(app):
             {"stripe": {"customer": "phone"}},
             "database.tables.subscriptions: stripe.customer: how a Stripe customer maps to a user",
         ),
+        (
+            {**ORG_OWNED, "amount": "unknown"},
+            "database.tables.subscriptions.amount: 'unknown': give where the amount is "
+            "({column: ...} or {price: ...}), or `none` when the app stores no amount",
+        ),
     ],
-    ids=["credit-missing", "status-unknown", "owner-unidentified", "unit", "stripe-customer"],
+    ids=[
+        "credit-missing",
+        "status-unknown",
+        "owner-unidentified",
+        "unit",
+        "stripe-customer",
+        "amount-word",
+    ],
 )
 def test_bad_configuration_is_one_line_naming_the_key(subscriptions, message):
     with pytest.raises(ConfigError) as raised:
@@ -333,8 +367,13 @@ def test_bad_configuration_is_one_line_naming_the_key(subscriptions, message):
             "database.tables.subscriptions.owner.members.table: app table public.Member does not "
             "exist in the app database",
         ),
+        (
+            {**ORG_OWNED, "where": [{"column": "paid", "is": True}]},
+            "database.tables.subscriptions.where.0.column: column 'paid' does not exist in "
+            "public.Subscription",
+        ),
     ],
-    ids=["owner-column", "json-path-into-text", "members-table"],
+    ids=["owner-column", "json-path-into-text", "members-table", "where-column"],
 )
 def test_a_mapping_the_database_does_not_have_is_one_line(app, subscriptions, message):
     url, engine = app

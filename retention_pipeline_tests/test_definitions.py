@@ -59,11 +59,11 @@ def test_app_tables_are_external_assets_upstream_of_the_rollup():
     graph = defs.resolve_asset_graph()
     rollup = graph.get(dg.AssetKey(["retention", "activity_rollup"]))
     assert rollup.parent_keys == {
-        dg.AssetKey(["app", "events"]),
-        dg.AssetKey(["app", "sessions"]),
+        dg.AssetKey(["app", "activity", "events"]),
+        dg.AssetKey(["app", "activity", "sessions"]),
         dg.AssetKey(["app", "users"]),
     }
-    assert not graph.get(dg.AssetKey(["app", "events"])).is_materializable
+    assert not graph.get(dg.AssetKey(["app", "activity", "events"])).is_materializable
     snapshot = graph.get(dg.AssetKey(["retention", "user_activity_snapshot"]))
     assert {dg.AssetKey(["app", "users"]), dg.AssetKey(["app", "subscriptions"])} <= (
         snapshot.parent_keys
@@ -88,17 +88,24 @@ def test_each_activity_source_is_an_app_asset_and_an_app_that_bills_nothing_has_
                 "login": True,
                 "capture": "updates",
             },
-            {"table": "comment", "user": "authorId", "at": "createdAt", "action": "comment.posted"},
+            # A last-seen column of the users table itself: a source named `users`.
+            {
+                "table": "users",
+                "user": "id",
+                "at": "lastActiveAt",
+                "login": True,
+                "capture": "updates",
+            },
         ],
     )
     graph = build_definitions(config).resolve_asset_graph()
     rollup = graph.get(dg.AssetKey(["retention", "activity_rollup"]))
     assert rollup.parent_keys == {
-        dg.AssetKey(["app", "session_refreshes"]),
-        dg.AssetKey(["app", "comment"]),
+        dg.AssetKey(["app", "activity", "session_refreshes"]),
+        dg.AssetKey(["app", "activity", "users"]),
         dg.AssetKey(["app", "users"]),
     }
-    source = graph.get(dg.AssetKey(["app", "session_refreshes"]))
+    source = graph.get(dg.AssetKey(["app", "activity", "session_refreshes"]))
     assert "updates in place" in (source.description or "")
     assert not graph.has(dg.AssetKey(["app", "subscriptions"]))
     snapshot = graph.get(dg.AssetKey(["retention", "user_activity_snapshot"]))

@@ -86,7 +86,7 @@ def test_dev_serves_the_asset_graph_refuses_a_second_dev_and_stops_cleanly(dev_p
         time.sleep(2)
         paths = asset_paths(port)
     assert paths is not None, process.stdout.read() if process.poll() is not None else "no answer"
-    assert "app/events" in paths
+    assert "app/activity/events" in paths
     assert "retention/activity_rollup" in paths
     assert (home / "pgdata" / "PG_VERSION").exists()
     assert (home / "dagster_home" / "dagster.yaml").exists()

@@ -61,6 +61,7 @@ DISCRIMINATOR_TAGS = {
     *(("condition", tag) for tag in ("segment", "query")),
     *(("success", tag) for tag in ("activity", "events", "query")),
     *(("action", tag) for tag in ("column", "constant")),
+    *(("amount", tag) for tag in ("stored", "none")),
 }
 
 

@@ -245,7 +245,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "users": ("id", "email", "created_at"),
     "events": ("user_id", "name", "created_at"),
     "sessions": ("user_id", "created_at"),
-    "subscriptions": ("user_id", "status", "plan", "amount_cents"),
+    "subscriptions": ("user_id", "status", "amount_cents"),
 }
 # Subscriptions validate their own mapping (SubscriptionsMapping: an owner, an amount from
 # elsewhere); these are the keys of its `columns` for a user's own subscription.
@@ -254,7 +254,7 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "users": ("name", "timezone"),
     "events": ("properties",),
     "sessions": (),
-    "subscriptions": ("updated_at", "currency", "billing_interval"),
+    "subscriptions": ("plan", "updated_at", "currency", "billing_interval"),
 }
 
 
@@ -379,6 +379,17 @@ class Amount(StrictModel):
         return self
 
 
+def _amount_form(value: object) -> str:
+    return "none" if isinstance(value, str) else "stored"
+
+
+# Where the amount is, or `none`: the app keeps its prices in its payment provider alone.
+AmountMapping = Annotated[
+    Annotated[Amount, Tag("stored")] | Annotated[Literal["none"], Tag("none")],
+    Discriminator(_amount_form),
+]
+
+
 def _stripe_mapping(stripe: dict[str, Any]) -> dict[str, Any]:
     """The mapping of the tables supabase/stripe-sync-engine writes (migrations 0002-0041:
     customers, prices, subscriptions, subscription_items), by how customers map to users."""
@@ -443,7 +454,11 @@ class SubscriptionsMapping(_Table):
     organization, team, workspace or Stripe customer whose members are the users (`owner`); its
     status may be in the app's own vocabulary (`status`, booleans included); its amount may be
     in major units, inside a JSON column, or a price times a quantity in other tables (`amount`);
-    `stripe:` is all of it ready-made for the tables supabase/stripe-sync-engine writes.
+    `stripe:` is all of it ready-made for the tables supabase/stripe-sync-engine writes. An
+    app that keeps its prices in its payment provider alone says `amount: none` (its monthly
+    amounts are unknown: no revenue is counted); one whose table also holds rows that are not
+    subscriptions (a team never billed) selects the subscriptions with `where`; a subscription
+    with no plan mapped has none.
 
     The snapshot gives every user reached one subscription: a live one before a canceled one,
     then the latest changed. Its monthly amount is what `credit` gives the user, and what the
@@ -458,8 +473,9 @@ class SubscriptionsMapping(_Table):
     columns: dict[str, ColumnReference] = {}
     owner: Owner | None = None
     status: dict[str, Literal[STATUSES]] | None = None  # type: ignore[valid-type]
-    amount: Amount | None = None
+    amount: AmountMapping | None = None
     credit: Literal["owner", "split", "each"] | None = None
+    where: list[Predicate] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -473,6 +489,16 @@ class SubscriptionsMapping(_Table):
             # A customer is usually one user: splitting counts its revenue once either way.
             return {**_stripe_mapping(data["stripe"] or {}), "credit": "split", **rest}
         return data
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount_word(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "none":
+            raise ValueError(
+                f"{value!r}: give where the amount is ({{column: ...}} or {{price: ...}}), "
+                "or `none` when the app stores no amount"
+            )
+        return value
 
     @field_validator("status", mode="before")
     @classmethod
@@ -504,15 +530,14 @@ class SubscriptionsMapping(_Table):
             )
         if "status" not in self.columns:
             raise ValueError("columns: missing required column key 'status'")
-        price = self.amount.price if self.amount else None
+        price = self.stored_amount.price if self.stored_amount else None
         if self.amount is None and "amount_cents" not in self.columns:
             raise ValueError(
-                "columns: missing required column key 'amount_cents' (or give `amount`)"
+                "columns: missing required column key 'amount_cents' (or give `amount`, "
+                "`amount: none` when the app stores no amount)"
             )
         if self.amount is not None and "amount_cents" in self.columns:
             raise ValueError("columns.amount_cents: not with `amount`")
-        if "plan" not in self.columns and (price is None or price.plan is None):
-            raise ValueError("columns: missing required column key 'plan'")
         if price is not None:
             for key in ("billing_interval", "currency"):
                 read = {"billing_interval": price.interval, "currency": price.currency}[key]
@@ -537,6 +562,11 @@ class SubscriptionsMapping(_Table):
 
     def maps(self, key: str) -> bool:
         return key in self.columns
+
+    @property
+    def stored_amount(self) -> Amount | None:
+        """`amount`, when it says where the app stores the amount (not `none`)."""
+        return self.amount if isinstance(self.amount, Amount) else None
 
     @property
     def table_key(self) -> str:
@@ -650,6 +680,19 @@ class ActivitySource(StrictModel):
     @classmethod
     def _identifier(cls, value: str | None) -> str | None:
         return value if value is None else _check_identifier(value)
+
+    @field_validator("where")
+    @classmethod
+    def _same_rows_whenever_read(cls, value: list[Predicate]) -> list[Predicate]:
+        # The capture reads a row when it is written and a rebuild reads it later: a test of
+        # the clock would count a row in one and not the other.
+        for index, predicate in enumerate(value):
+            if predicate.is_ in ("future", "past"):
+                raise ValueError(
+                    f"{index}.is: {predicate.is_!r} depends on when a row is read, and the "
+                    "capture and a rebuild read it at different times: test a value instead"
+                )
+        return value
 
     @model_validator(mode="after")
     def _action_or_login(self) -> ActivitySource:
@@ -1274,6 +1317,11 @@ class RetentionConfig(StrictModel):
                     f"because daily partitions and the activity rollup use it "
                     f"({first.timezone!r} vs {loop.trigger.timezone!r})"
                 )
+        if self.activity.baseline == "logins" and not self.has_login_source:
+            raise ValueError(
+                "activity.baseline: 'logins' counts the rows of login sources, and no source "
+                "has `login: true` (nor is `database.tables.sessions` mapped): count visits"
+            )
         return self
 
     @property

@@ -19,7 +19,6 @@ from retention_pipeline.database.app_tables import (
     ResolvedTable,
     catalog_columns,
     id_family_problem,
-    timestamp_column_sql,
 )
 from retention_pipeline.database.predicates import (
     all_of_sql,
@@ -28,6 +27,7 @@ from retention_pipeline.database.predicates import (
     predicate_problem,
     sql_literal,
 )
+from retention_pipeline.database.timestamps import TIMESTAMP_TYPES, timestamp_column_sql
 
 MAX_EVENT_NAME_LENGTH = 200
 # pg_class.relkind of relations a trigger can be created on (a table, a partitioned table).
@@ -87,10 +87,6 @@ class ResolvedSource:
 
     def filter_sql(self, dialect: Dialect, alias: str = "src") -> str:
         return all_of_sql(self.spec.source.where, alias, dialect, self.column_types)
-
-    @property
-    def can_take_triggers(self) -> bool:
-        return self.relkind in TRIGGER_RELKINDS
 
 
 @dataclass(frozen=True)
@@ -158,7 +154,7 @@ def _source_problems(spec: SourceSpec, available: dict, users_id, users) -> list
             )
             continue
         column = available[reference]
-        if role == "at" and column.type_name not in ("timestamp", "timestamptz", "date"):
+        if role == "at" and column.type_name not in TIMESTAMP_TYPES:
             problems.append(
                 f"{where}: column {table}.{reference} is {column.display}, expected a timestamp"
             )

@@ -24,8 +24,8 @@ from retention_pipeline.database.predicates import (
     column_ref_sql,
     predicate_problem,
 )
+from retention_pipeline.database.timestamps import TIMESTAMP_TYPES, timestamp_column_sql
 
-TIMESTAMP_TYPES = ("timestamp", "timestamptz", "date")
 # What each mapped column must hold for the pipeline's SQL to mean something; a key not named
 # here (an id, checked against users.id, or jsonb properties) is not checked by kind.
 EXPECTED_KINDS: dict[tuple[str, str], str] = {
@@ -119,14 +119,6 @@ class ResolvedTable:
         if key in self.mapping.columns and parse_column_reference(self.mapping.columns[key])[1]:
             return f"({column})::pg_catalog.timestamptz"
         return timestamp_column_sql(column, self.column_types.get(key, "").lower())
-
-
-def timestamp_column_sql(column: str, type_name: str) -> str:
-    """A timestamp column (pg_type.typname `type_name`) as timestamptz; naive timestamps are
-    taken as UTC, as ORMs store them."""
-    if type_name in ("timestamp", "date"):
-        return f"({column}::pg_catalog.timestamp AT TIME ZONE 'UTC')"
-    return column
 
 
 @dataclass(frozen=True)
@@ -298,7 +290,7 @@ def subscription_parts(
     each reference read from it."""
     own = dict(mapping.columns)
     paths = {key: f"columns.{key}" for key in mapping.columns}
-    owner, amount = mapping.owner, mapping.amount
+    owner, amount = mapping.owner, mapping.stored_amount
     if owner is not None:
         own["owner"], paths["owner"] = owner.column, "owner.column"
     parts: dict[str, tuple[RelatedTable, dict[str, str]]] = {}
@@ -366,7 +358,9 @@ def subscription_parts(
         )
     parts = {
         "subscriptions": (
-            RelatedTable(mapping.table, mapping.schema_, own, subscriptions=mapping),
+            RelatedTable(
+                mapping.table, mapping.schema_, own, tuple(mapping.where), subscriptions=mapping
+            ),
             paths,
         ),
         **parts,
@@ -413,7 +407,9 @@ def _inspect_subscriptions(
                 )
         for group, predicates in (("where", part.where), ("owning_member", part.owning)):
             prefix = (
-                "owner.owning_member" if group == "owning_member" else f"{PART_KEYS[name]}.where"
+                "owner.owning_member"
+                if group == "owning_member"
+                else f"{PART_KEYS[name]}.where".lstrip(".")
             )
             for number, predicate in enumerate(predicates):
                 problem = predicate_problem(

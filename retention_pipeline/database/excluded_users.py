@@ -13,20 +13,32 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 from sqlalchemy.engine.interfaces import Dialect
 
-from retention_pipeline.config.models import Predicate
+from retention_pipeline.config.models import Predicate, UsersMapping
 from retention_pipeline.database.app_tables import ResolvedTable
 from retention_pipeline.database.predicates import any_of_sql
 
 
 def excluded_sql(users: ResolvedTable, alias: str, dialect: Dialect) -> str:
     """Whether the users row `alias` matches any exclusion (TRUE; FALSE or NULL otherwise)."""
-    return any_of_sql(getattr(users.mapping, "exclude", []), alias, dialect, users.base_types)
+    if not isinstance(users.mapping, UsersMapping):
+        raise TypeError(f"{users.name} is not the users table's mapping")
+    return any_of_sql(users.mapping.exclude, alias, dialect, users.base_types)
 
 
 def kept_sql(users: ResolvedTable, alias: str, dialect: Dialect) -> str:
     """Whether the users row `alias` may be read: no exclusion holds. A test over a NULL value
     (`status in [LOCKED]` with no status) excludes nobody."""
     return f"(({excluded_sql(users, alias, dialect)}) IS NOT TRUE)"
+
+
+def known_user_sql(users: ResolvedTable, user_id: str, dialect: Dialect) -> str:
+    """Whether the text `user_id` is a user of the app the pipeline may read (not excluded)."""
+    preparer = dialect.identifier_preparer
+    return (
+        f"EXISTS (SELECT FROM {users.sql_name(preparer)} AS u "
+        f"WHERE {users.column_sql('id', 'u', preparer)}::text = {user_id} "
+        f"AND {kept_sql(users, 'u', dialect)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ def count_excluded(connection: Connection, users: ResolvedTable) -> ExclusionCou
     dialect = connection.dialect
     each = [
         f"count(*) FILTER (WHERE {any_of_sql([predicate], 'u', dialect, users.base_types)})"
-        for predicate in getattr(users.mapping, "exclude", [])
+        for predicate in users.mapping.exclude
     ]
     row = connection.execute(
         text(f"""

@@ -17,9 +17,12 @@ from sqlalchemy import String, literal
 from sqlalchemy.engine.interfaces import Dialect
 
 from retention_pipeline.config.models import Predicate, Scalar, parse_column_reference
+from retention_pipeline.database.timestamps import TIMESTAMP_TYPES, timestamp_column_sql
 
 JSON_TYPES = ("json", "jsonb")
-TIMESTAMP_TYPES = ("timestamp", "timestamptz", "date")
+# How JSON spells a flag, read as text: compared, never cast, so a value like "maybe" in one
+# row cannot fail the statement (a capture trigger's failure would fail the app's own write).
+JSON_FLAG_WORDS = {"true": ("true", "t", "1", "yes"), "false": ("false", "f", "0", "no")}
 
 
 class ColumnType(Protocol):
@@ -56,16 +59,15 @@ def predicate_sql(
         state = predicate.is_
         if state in ("set", "unset"):
             return f"({value} IS {'NOT ' if state == 'set' else ''}NULL)"
+        if state in ("true", "false") and path:
+            words = ", ".join(sql_literal(word, dialect) for word in JSON_FLAG_WORDS[state])
+            return (
+                f"(pg_catalog.lower({value}) OPERATOR(pg_catalog.=) "
+                f"ANY (ARRAY[{words}]::pg_catalog.text[]))"
+            )
         if state in ("true", "false"):
-            flag = f"({value})::pg_catalog.bool" if path else value
-            return f"({flag} IS {state.upper()})"
-        if path:
-            moment = f"({value})::pg_catalog.timestamptz"
-        elif column_type in ("timestamp", "date"):
-            # Naive timestamps are taken as UTC, as ORMs store them.
-            moment = f"({value}::pg_catalog.timestamp AT TIME ZONE 'UTC')"
-        else:
-            moment = value
+            return f"({value} IS {state.upper()})"
+        moment = timestamp_column_sql(value, column_type or "")
         operator = "OPERATOR(pg_catalog.>)" if state == "future" else "OPERATOR(pg_catalog.<=)"
         return f"({moment} {operator} pg_catalog.now())"
     as_text = f"({value})::pg_catalog.text"
@@ -142,8 +144,16 @@ def predicate_problem(
 ) -> str | None:
     """Why `predicate` cannot test rows of `table`, as one line naming `where`; None if it can."""
     problem = column_ref_problem(f"{where}.column", predicate.column, table, available)
-    if problem or parse_column_reference(predicate.column)[1]:
+    if problem:
         return problem
+    if parse_column_reference(predicate.column)[1]:
+        if predicate.is_ in ("future", "past"):
+            # A cast of JSON text to a time fails on the first malformed value.
+            return (
+                f"{where}.is: {predicate.column!r} is a value in JSON, which holds no time: "
+                "test a timestamp column"
+            )
+        return None
     column = available[predicate.column]
     if predicate.is_ in ("true", "false") and column.type_name != "bool":
         return (

@@ -18,7 +18,7 @@ CAPTURED_BY = {
 
 def source_key(name: str) -> dg.AssetKey:
     """The external asset of the activity source `name`."""
-    return dg.AssetKey(["app", name])
+    return dg.AssetKey(["app", "activity", name])
 
 
 def app_table_specs(config: RetentionConfig) -> list[dg.AssetSpec]:

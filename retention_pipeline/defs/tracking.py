@@ -46,7 +46,11 @@ def activity_rollup(
     context.log.info(
         f"folded {update.events:,} event(s) and {update.sessions:,} session(s) into "
         f"{update.user_days:,} user-days in {update.seconds:.1f}s"
-        + (f"; erased {update.erased_users} deleted user(s)" if update.erased_users else "")
+        + (
+            f"; erased {update.erased_users} user(s) deleted from the app or now excluded"
+            if update.erased_users
+            else ""
+        )
     )
     with app_database.engine.connect() as connection:
         status = rollup_status(connection, app_database.schema)

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from retention_pipeline.config.models import ActionColumn
 from retention_pipeline.database.activity_sources import ResolvedSource
 from retention_pipeline.database.app_tables import ResolvedTable
+from retention_pipeline.database.excluded_users import known_user_sql
 from retention_pipeline.database.privileges import lacking_right
 from retention_pipeline.tracking.sql import TrackingSql
 
@@ -41,11 +42,7 @@ def read_sources(
     connection: Connection, sql: TrackingSql, users: ResolvedTable, timezone: str
 ) -> SourceReading:
     reading = SourceReading()
-    preparer = connection.dialect.identifier_preparer
-    known = (
-        f"EXISTS (SELECT FROM {users.sql_name(preparer)} AS u "
-        f"WHERE {users.column_sql('id', 'u', preparer)}::text = r.user_id)"
-    )
+    known = known_user_sql(users, "r.user_id", connection.dialect)
     for source in sql.sources:
         try:
             with connection.begin_nested():

@@ -97,9 +97,6 @@ class TrackingSql:
     def column(self, table: ResolvedTable, key: str) -> str:
         return table.column_sql(key, "src", self.dialect.identifier_preparer)
 
-    def source(self, name: str) -> ResolvedSource:
-        return next(source for source in self.sources if source.name == name)
-
     def source_rows(self, source: ResolvedSource, relation: str, time_range: str = "TRUE") -> str:
         """The source's definition: what the rollup counts of each row of `relation` (the app
         table, or a trigger's new rows): kind, user id, time and (for actions) the name. Rows
@@ -306,9 +303,11 @@ class TrackingSql:
 
     def create_triggers(self, source: ResolvedSource) -> list[str]:
         """The source's triggers: after each insert statement, and for `updates` after each
-        update of a row whose time column changed. The row trigger's WHEN is evaluated without
-        calling the function, and `UPDATE OF` skips it for statements not setting the column:
-        an update leaving the time alone costs (nearly) nothing."""
+        update of a row whose time column moved forward. The row trigger's WHEN is evaluated
+        without calling the function, so an update leaving the time alone costs (nearly)
+        nothing. No `UPDATE OF` column list: it would miss a time set by a BEFORE trigger (a
+        `moddatetime` trigger, as Supabase apps use), which PostgreSQL does not count as set by
+        the statement. A time moved back is no new activity."""
         table = source.relation_sql(self.dialect)
         function = f"{self.q_schema}.{self.function_name(source, 'inserts')}"
         statements = [
@@ -322,8 +321,8 @@ class TrackingSql:
             at = self.quote(source.spec.source.at)
             statements.append(f"""
             CREATE TRIGGER {self.quote(source_trigger_name(self.schema, source.name, "updates"))}
-            AFTER UPDATE OF {at} ON {table}
-            FOR EACH ROW WHEN (OLD.{at} IS DISTINCT FROM NEW.{at})
+            AFTER UPDATE ON {table}
+            FOR EACH ROW WHEN (NEW.{at} > OLD.{at} OR (OLD.{at} IS NULL AND NEW.{at} IS NOT NULL))
             EXECUTE FUNCTION {self.q_schema}.{self.function_name(source, "updates")}()""")
         return statements
 

@@ -8,6 +8,7 @@ from datetime import date
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.database.excluded_users import known_user_sql
 from retention_pipeline.tracking.sql import CAPTURE_TABLES
 from retention_pipeline.tracking.state import tracking_sql
 
@@ -80,12 +81,8 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
     difference. Sources whose history outgrows the app's rows (`updates`, `polling`) are
     compared as a lower bound."""
     sql = tracking_sql(connection, config)
-    preparer = connection.dialect.identifier_preparer
     s = sql.q_schema
-    known = (
-        f"EXISTS (SELECT FROM {sql.table_name(sql.users)} AS u "
-        f"WHERE {sql.users.column_sql('id', 'u', preparer)}::text = r.user_id)"
-    )
+    known = known_user_sql(sql.users, "r.user_id", connection.dialect)
     in_day = "{at} >= (SELECT lower FROM bounds) AND {at} < (SELECT upper FROM bounds)"
     parameters: dict[str, object] = {"tz": config.timezone}
     app_parts = []

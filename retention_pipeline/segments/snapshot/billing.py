@@ -97,12 +97,17 @@ class _Reads:
                                               CAST(:status_ours AS text[])) AS v(theirs, ours)
                     WHERE v.theirs = {raw})"""
 
+    def selected(self) -> str:
+        """The condition on a row of the subscriptions' table (`sub`) that it is one (`where`)."""
+        own = self.names.tables["subscriptions"]
+        return all_of_sql(list(self.mapping.where), "sub", self.dialect, own.base_types)
+
     def scale(self, unit: str) -> str:
         return " * 100" if unit == "major" else ""
 
     def priced_lines(self) -> str | None:
         """Per subscription key, its items' monthly amount, plan and currency (with items)."""
-        amount = self.mapping.amount
+        amount = self.mapping.stored_amount
         if amount is None or amount.items is None or amount.price is None:
             return None
         price = amount.price
@@ -126,7 +131,7 @@ class _Reads:
 
     def _line_amount(self, bought_alias: str) -> str:
         """One price times its quantity, monthly, in minor units (`price` joined)."""
-        amount = self.mapping.amount
+        amount = self.mapping.stored_amount
         assert amount is not None and amount.price is not None
         bought = "subscription_items" if amount.items else "subscriptions"
         quantity = (
@@ -149,7 +154,7 @@ class _Reads:
         return f"({value} * {_monthly_factor(interval, count)})"
 
     def joins(self) -> str:
-        amount = self.mapping.amount
+        amount = self.mapping.stored_amount
         if amount is None or amount.price is None:
             return ""
         if amount.items is not None:
@@ -163,7 +168,9 @@ class _Reads:
 
     def amount_minor(self) -> str:
         """The amount billed per interval (per line, with prices), in minor units."""
-        amount = self.mapping.amount
+        if self.mapping.amount == "none":
+            return "NULL::numeric"
+        amount = self.mapping.stored_amount
         if amount is None:
             return f"({self.column('amount_cents')})::numeric"
         if amount.column is not None:
@@ -179,22 +186,24 @@ class _Reads:
         return f"({self.amount_minor()} * {_monthly_factor(self.column('billing_interval'), None)})"
 
     def plan(self) -> str:
+        amount = self.mapping.stored_amount
         if self.mapping.maps("plan"):
             return f"({self.column('plan')})::text"
-        if self.mapping.amount and self.mapping.amount.items:
+        if amount and amount.items:
             return "lines.plan"
-        return f"({self.column('plan', 'subscription_prices', 'price')})::text"
+        if amount and amount.price and amount.price.plan:
+            return f"({self.column('plan', 'subscription_prices', 'price')})::text"
+        return "NULL::text"  # the app names no plan
 
     def currency(self) -> str:
         # No currency anywhere: every amount is in the app's one currency, left unnamed.
+        amount = self.mapping.stored_amount
         if self.mapping.maps("currency"):
             raw = f"({self.column('currency')})::text"
-        elif (
-            self.mapping.amount and self.mapping.amount.price and self.mapping.amount.price.currency
-        ):
+        elif amount and amount.price and amount.price.currency:
             raw = (
                 "lines.currency"
-                if self.mapping.amount.items
+                if amount.items
                 else f"({self.column('currency', 'subscription_prices', 'price')})::text"
             )
         else:
@@ -269,7 +278,8 @@ class _Reads:
             SELECT {self.holder()} AS holder, {self.status()} AS status, {self.plan()} AS plan,
                    {self.monthly_amount()} AS monthly_amount, {self.currency()} AS currency,
                    {self.updated_at()} AS updated_at
-            FROM {self.names.table("subscriptions")} AS sub{self.joins()}"""
+            FROM {self.names.table("subscriptions")} AS sub{self.joins()}
+            WHERE {self.selected()}"""
 
 
 def subscription_sql(names: AppNames, only: str = "") -> str:
@@ -291,7 +301,9 @@ def subscription_sql(names: AppNames, only: str = "") -> str:
         credited = {
             "each": "b.monthly_amount",
             "split": "b.monthly_amount / m.members",
-            "owner": "CASE WHEN m.owning THEN b.monthly_amount / m.owners ELSE 0 END",
+            # The other members are credited nothing, unless nothing is known (`amount: none`).
+            "owner": "CASE WHEN m.owning THEN b.monthly_amount / m.owners "
+            "WHEN b.monthly_amount IS NOT NULL THEN 0 END",
         }[credit or "each"]
         reached = f"""SELECT m.user_id, b.status, b.plan, {credited} AS credited, b.currency,
                    b.updated_at
@@ -321,7 +333,8 @@ def billing_problem(connection: Connection, names: AppNames) -> str | None:
         unmapped = connection.execute(
             text(f"""
                 SELECT {raw} FROM {names.table("subscriptions")} AS sub
-                WHERE {raw} IS NULL OR NOT {raw} = ANY(CAST(:status_theirs AS text[]))
+                WHERE ({raw} IS NULL OR NOT {raw} = ANY(CAST(:status_theirs AS text[])))
+                  AND {reads.selected()}
                 LIMIT 1"""),
             parameters,
         ).first()
@@ -331,24 +344,27 @@ def billing_problem(connection: Connection, names: AppNames) -> str | None:
                 f"{SUBSCRIPTIONS_KEY}.status: {value} of {mapping.qualified_name}."
                 f"{mapping.columns['status']} is not mapped (mapped: {', '.join(mapping.status)})"
             )
-    price = mapping.amount.price if mapping.amount else None
+    price = mapping.stored_amount.price if mapping.stored_amount else None
     if mapping.maps("billing_interval"):
         checked = (
             reads.column("billing_interval"),
-            f"{names.table('subscriptions')} AS sub WHERE",
+            f"{names.table('subscriptions')} AS sub WHERE {reads.selected()} AND",
         )
         key = "columns.billing_interval"
     elif price is not None and price.interval is not None:
         # Only the prices subscriptions bill: a one-time price has no interval.
         bought, alias = (
-            ("subscription_items", "item") if mapping.amount.items else ("subscriptions", "sub")  # type: ignore[union-attr]
+            ("subscription_items", "item")
+            if mapping.stored_amount.items  # type: ignore[union-attr]
+            else ("subscriptions", "sub")
         )
         checked = (
             reads.column("interval", "subscription_prices", "price"),
             f"""{names.table("subscription_prices")} AS price
             WHERE ({reads.column("id", "subscription_prices", "price")})::text IN (
                 SELECT ({reads.column("price_id", bought, alias)})::text
-                FROM {names.table(bought)} AS {alias}) AND""",
+                FROM {names.table(bought)} AS {alias}
+                WHERE {reads.selected() if alias == "sub" else "true"}) AND""",
         )
         key = "amount.price.interval"
     else:
@@ -408,13 +424,17 @@ def meaning_problems(connection: Connection, names: AppNames) -> list[str]:
             SELECT count(a.v), count(DISTINCT a.v),
                    count(*) FILTER (WHERE a.v BETWEEN :s0 AND :s1 OR a.v BETWEEN :m0 AND :m1)
             FROM (SELECT {reads.amount_minor()} AS v
-                  FROM {names.table("subscriptions")} AS sub{reads.joins()}) AS a"""),
+                  FROM {names.table("subscriptions")} AS sub{reads.joins()}
+                  WHERE {reads.selected()}) AS a"""),
         parameters
         | {
-            "s0": EPOCH_SECONDS[0] * 100 if _major(mapping) else EPOCH_SECONDS[0],
-            "s1": EPOCH_SECONDS[1] * 100 if _major(mapping) else EPOCH_SECONDS[1],
-            "m0": EPOCH_MILLISECONDS[0],
-            "m1": EPOCH_MILLISECONDS[1],
+            # Amounts are read in minor units: a time in a major-units column reads x100.
+            **{
+                name: bound * (100 if _major(mapping) else 1)
+                for name, bound in zip(
+                    ("s0", "s1", "m0", "m1"), (*EPOCH_SECONDS, *EPOCH_MILLISECONDS), strict=True
+                )
+            },
         },
     ).one()
     counted, distinct, moments = amounts
@@ -433,11 +453,11 @@ def meaning_problems(connection: Connection, names: AppNames) -> list[str]:
 
 
 def _major(mapping: SubscriptionsMapping) -> bool:
-    amount = mapping.amount
+    amount = mapping.stored_amount
     return amount is not None and amount.column is not None and amount.unit == "major"
 
 
 def _amount_key(mapping: SubscriptionsMapping) -> str:
-    if mapping.amount is None:
+    if mapping.stored_amount is None:
         return "columns.amount_cents"
-    return "amount.column" if mapping.amount.column is not None else "amount.price.amount"
+    return "amount.column" if mapping.stored_amount.column is not None else "amount.price.amount"
