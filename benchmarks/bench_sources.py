@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 import random
 import statistics
 import time
@@ -197,6 +198,7 @@ class Options:
 def measure_all(server_url: str, options: Options) -> dict:
     """The activity sources' figures and the drain's, in scratch databases dropped at the end."""
     scratch = Scratch(server_url)
+    load_before = os.getloadavg()[0]
     try:
         print("activity sources: UPDATE capture and the drain of several sources ...", flush=True)
         results = measure(
@@ -210,6 +212,8 @@ def measure_all(server_url: str, options: Options) -> dict:
             options.active_users,
             options.drain_repeats,
         )
+        # The machine is shared: the load says how much of it the figures had.
+        results["load_average"] = (load_before, os.getloadavg()[0])
         return results
     finally:
         scratch.drop_all()
@@ -249,9 +253,10 @@ def targets(results: dict) -> list[list[str]]:
     return rows
 
 
-def render(results: dict, options: Options, heading: str = "##") -> str:
+def render(results: dict, options: Options) -> str:
+    started, ended = results["load_average"]
     lines = [
-        f"{heading} Activity sources",
+        "## Activity sources",
         "",
         f'4 client processes of single-row autocommit UPDATEs on a 100k-row `"Session"`, '
         f"{options.seconds:g} s per run, {options.rounds} rounds interleaved; ratio per round, "
@@ -270,7 +275,7 @@ def render(results: dict, options: Options, heading: str = "##") -> str:
         )
     lines += [
         "",
-        f"{heading} Drain",
+        "## Drain",
         "",
         f"Several sources: {options.drain_rows:,} captured rows per source. Worst case: rows "
         "spread at random over 30 days and the users, nearly every row a key of its own. "
@@ -278,6 +283,9 @@ def render(results: dict, options: Options, heading: str = "##") -> str:
         "actions and 2 sessions each.",
         "",
         *bench_drain.render([*results["drains"], *results["drain_cases"]], options.drain_repeats),
+        "",
+        f"Load average (1 minute) of the machine ({os.cpu_count()} cores) when this benchmark "
+        f"started and ended: {started:.2f}, {ended:.2f}.",
         "",
     ]
     return "\n".join(lines)

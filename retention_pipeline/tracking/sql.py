@@ -138,7 +138,7 @@ class TrackingSql:
         Keys of a day the rollup holds nothing of yet (a day's first drain, a catch-up after the
         drain was down) are written with plain inserts; only the days it holds are upserted:
         an upsert probes the index before inserting, and costs about 1.5x a plain insert
-        (`python -m benchmarks drain`). Every writer of the rollup holds the schema's lock, so
+        (`python -m benchmarks sources`). Every writer of the rollup holds the schema's lock, so
         no other transaction adds rows to a day between the probe and the insert.
         `into_emptied_days`: the rollup holds nothing of these days (they were just deleted, or
         are being rebuilt), so no day is probed. Rows are sorted (bytewise, the cheapest order,
@@ -148,11 +148,17 @@ class TrackingSql:
         merged_visits = visit_count_sql(
             "(t.active_slots | EXCLUDED.active_slots)", visit_gap_minutes
         )
+        # One descent of each table's day index per day: the first day held from `day` on.
+        # (An EXISTS may be planned as a hash of every day the table holds, a scan of the
+        # whole rollup.)
         held = (
             "FALSE"
             if into_emptied_days
-            else f"""EXISTS (SELECT FROM {s}.activity_daily AS r WHERE r.day = days.day)
-                     OR EXISTS (SELECT FROM {s}.action_daily AS r WHERE r.day = days.day)"""
+            else " OR ".join(
+                f"""coalesce((SELECT r.day FROM {s}.{table} AS r WHERE r.day >= days.day
+                              ORDER BY r.day LIMIT 1) = days.day, FALSE)"""
+                for table in ("activity_daily", "action_daily")
+            )
         )
         actions = self._fold_insert(
             f"""INSERT INTO {s}.action_daily AS t (user_id, day, event_name, event_count, last_at)
@@ -198,7 +204,7 @@ class TrackingSql:
             days AS (
                 SELECT day, {held} AS held FROM (SELECT DISTINCT day FROM per_key) AS days
             ),
-            {", ".join(f"new_actions_{n} AS ({statement})" for n, statement in enumerate(actions))},
+            {", ".join(f"actions_{n} AS ({statement})" for n, statement in enumerate(actions))},
             per_day AS (
                 SELECT user_id, day,
                        coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
@@ -231,9 +237,9 @@ class TrackingSql:
         """The fold's writes into one rollup table: `insert` (its `{held}` placeholder selects
         the rows) as plain inserts for the days the rollup does not hold, and with the `upsert`
         clause for the days it holds."""
-        statements = [f"{insert.format(held='NOT held')} {returning}"]
+        statements = [f"{insert.replace('{held}', 'NOT held')} {returning}"]
         if not into_emptied_days:
-            statements.append(f"{insert.format(held='held')} {upsert} {returning}")
+            statements.append(f"{insert.replace('{held}', 'held')} {upsert} {returning}")
         return statements
 
     def capture_source(self, table: str) -> str:
