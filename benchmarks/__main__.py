@@ -2,13 +2,16 @@
 [--output benchmarks/RESULTS.md]
 
 python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
-[--output benchmarks/RESULTS-sources.md]: the activity sources' figures alone."""
+[--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
+[--output benchmarks/RESULTS-sources.md]: the activity sources' and the drain's figures alone
+(`run` measures them too, with its --capture-seconds and --repeats, unless --skip-sources)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from benchmarks import bench_sources
 from benchmarks.run import SHAPES, Options, run
 from retention_pipeline.database.connection import normalize_url
 
@@ -37,22 +40,37 @@ def main() -> None:
     )
     command.add_argument("--capture-seconds", type=float, default=5)
     command.add_argument("--emails", type=int, default=1000)
+    command.add_argument(
+        "--skip-sources",
+        action="store_true",
+        help="leave out the activity sources' and the drain's figures (about 8 minutes)",
+    )
     sources = commands.add_parser(
         "sources", help="capture of a time updated in place, and the drain of several sources"
     )
     sources.add_argument("--url", default=DEFAULT_URL)
     sources.add_argument("--seconds", type=float, default=5)
     sources.add_argument("--rounds", type=int, default=3)
-    sources.add_argument("--drain-rows", type=int, default=300_000)
+    defaults = bench_sources.Options()
+    sources.add_argument("--drain-rows", type=int, default=defaults.drain_rows)
+    sources.add_argument("--worst-rows", type=int, default=defaults.worst_rows)
+    sources.add_argument("--worst-users", type=int, default=defaults.worst_users)
+    sources.add_argument("--active-users", type=int, default=defaults.active_users)
+    sources.add_argument("--drain-repeats", type=int, default=defaults.drain_repeats)
     sources.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-sources.md"))
     args = parser.parse_args()
     if args.command == "sources":
-        from benchmarks import bench_sources
-
-        results = bench_sources.measure(
-            normalize_url(args.url), args.seconds, args.rounds, args.drain_rows
+        options = bench_sources.Options(
+            seconds=args.seconds,
+            rounds=args.rounds,
+            drain_rows=args.drain_rows,
+            worst_rows=args.worst_rows,
+            worst_users=args.worst_users,
+            active_users=args.active_users,
+            drain_repeats=args.drain_repeats,
         )
-        args.output.write_text(bench_sources.render(results, args.seconds, args.rounds))
+        results = bench_sources.measure_all(normalize_url(args.url), options)
+        args.output.write_text(bench_sources.render(results, options))
         print(f"wrote {args.output}")
         return
     run(
@@ -65,6 +83,7 @@ def main() -> None:
             growth_users=args.growth_users or min(args.users, GROWTH_USERS_CAP),
             capture_seconds=args.capture_seconds,
             emails=args.emails,
+            sources=not args.skip_sources,
         )
     )
 

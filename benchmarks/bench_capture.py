@@ -111,6 +111,22 @@ class Scratch:
             connection.execute("VACUUM ANALYZE")
         return url
 
+    def create_from(self, label: str, template_url: str) -> str:
+        """A copy of the database at `template_url` (which nothing may be connected to)."""
+        name = f"bench_capture_{label}_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(libpq(self.server_url), autocommit=True) as connection:
+            connection.execute(
+                f'CREATE DATABASE "{name}" TEMPLATE "{make_url(template_url).database}"'
+            )
+        self.names.append(name)
+        return make_url(self.server_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop(self, url: str) -> None:
+        name = make_url(url).database
+        with psycopg.connect(libpq(self.server_url), autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.names.remove(name)
+
     def drop_all(self) -> None:
         with psycopg.connect(libpq(self.server_url), autocommit=True) as connection:
             for name in self.names:

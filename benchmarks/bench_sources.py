@@ -9,15 +9,19 @@ several sources, with proof that every change is counted once.
    the column.
 2. Drain throughput over three sources (an action table filtered by kind with a prefix, a
    constant-action table, the shorthand events): `--drain-rows` rows per source, captured by
-   the triggers, then drained at once.
+   the triggers, then drained at once; and the drain's worst case and app-shaped drains
+   (`benchmarks/bench_drain.py`). Each drain is measured with the shipped fold and the one it
+   replaced, on copies of the same captured rows.
 
     python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
+        [--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
 """
 
 from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 import random
 import statistics
 import time
@@ -26,7 +30,9 @@ from dataclasses import dataclass
 import psycopg
 from sqlalchemy import create_engine
 
+from benchmarks import bench_drain
 from benchmarks.bench_capture import CLIENTS, Scratch, libpq
+from benchmarks.bench_drain import Case, drain_each_fold
 from retention_pipeline.config.loader import parse_config
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
@@ -127,85 +133,159 @@ class UpdateFigures:
     lost_or_doubled: int
 
 
-def measure(server_url: str, seconds: float, rounds: int, drain_rows: int) -> dict:
-    scratch = Scratch(server_url)
-    try:
-        plain = scratch.create("plain", 1000)
-        tracked = scratch.create("sources", 1000)
-        for url in (plain, tracked):
-            with psycopg.connect(libpq(url), autocommit=True) as connection:
-                connection.execute(APP_TABLES.replace("%(rows)s", str(SESSION_ROWS)))
-                connection.execute("VACUUM ANALYZE")
-        config = sources_config(tracked)
-        engine = create_engine(tracked)
-        install(engine, config)
-        update_rollup(engine, config)
-        figures = []
-        for label, share in (("(a) every update moves `updatedAt`", 1.0), ("(b) 1 in 10", 0.1)):
-            without, with_capture, wrong = [], [], 0
-            for _round in range(rounds):
-                without.append(run_updates(plain, share, seconds)[0])
-                before = sessions_counted(tracked)
-                throughput, moved = run_updates(tracked, share, seconds)
-                with_capture.append(throughput)
-                update_rollup(engine, config)
-                wrong += abs(sessions_counted(tracked) - before - moved)
-            figures.append(UpdateFigures(label, without, with_capture, wrong))
-            print(
-                f"  {label}: {statistics.median(without):.0f} -> "
-                f"{statistics.median(with_capture):.0f} updates/s; lost or doubled: {wrong}",
-                flush=True,
-            )
-        with psycopg.connect(libpq(tracked), autocommit=True) as connection:
-            for statement in FILL.values():
-                connection.execute(statement.replace("%(rows)s", str(drain_rows)))
-        drain = update_rollup(engine, config)
-        # The same number of rows from the one shorthand source, for comparison on this machine.
-        with psycopg.connect(libpq(tracked), autocommit=True) as connection:
-            connection.execute(FILL["events"].replace("%(rows)s", str(drain_rows * len(FILL))))
-        single = update_rollup(engine, config)
-        engine.dispose()
+def measure(scratch: Scratch, seconds: float, rounds: int, drain_rows: int, repeats: int) -> dict:
+    plain = scratch.create("plain", 1000)
+    tracked = scratch.create("sources", 1000)
+    for url in (plain, tracked):
+        with psycopg.connect(libpq(url), autocommit=True) as connection:
+            connection.execute(APP_TABLES.replace("%(rows)s", str(SESSION_ROWS)))
+            connection.execute("VACUUM ANALYZE")
+    config = sources_config(tracked)
+    engine = create_engine(tracked)
+    install(engine, config)
+    update_rollup(engine, config)
+    figures = []
+    for label, share in (("(a) every update moves `updatedAt`", 1.0), ("(b) 1 in 10", 0.1)):
+        without, with_capture, wrong = [], [], 0
+        for _round in range(rounds):
+            without.append(run_updates(plain, share, seconds)[0])
+            before = sessions_counted(tracked)
+            throughput, moved = run_updates(tracked, share, seconds)
+            with_capture.append(throughput)
+            update_rollup(engine, config)
+            wrong += abs(sessions_counted(tracked) - before - moved)
+        figures.append(UpdateFigures(label, without, with_capture, wrong))
         print(
-            f"  drain of {drain.rows:,} rows from 3 sources: {drain.rows / drain.seconds:,.0f} "
-            "rows/s",
+            f"  {label}: {statistics.median(without):.0f} -> "
+            f"{statistics.median(with_capture):.0f} updates/s; lost or doubled: {wrong}",
             flush=True,
         )
-        return {
-            "updates": figures,
-            "drain_rows": drain.rows,
-            "drain_seconds": drain.seconds,
-            "single_rows": single.rows,
-            "single_seconds": single.seconds,
-        }
+    engine.dispose()
+    scratch.drop(plain)
+    # The same number of rows from the one shorthand source, for comparison on this machine.
+    single = scratch.create_from("sources_single", tracked)
+    with psycopg.connect(libpq(tracked), autocommit=True) as connection:
+        for statement in FILL.values():
+            connection.execute(statement.replace("%(rows)s", str(drain_rows)))
+    with psycopg.connect(libpq(single), autocommit=True) as connection:
+        connection.execute(FILL["events"].replace("%(rows)s", str(drain_rows * len(FILL))))
+    drains = []
+    for label, template in (
+        (
+            "3 sources (a filtered, prefixed action table; a constant action; the shorthand "
+            "events)",
+            tracked,
+        ),
+        ("the same number of rows of the events source alone", single),
+    ):
+        case = Case(label, 200_000)
+        drains.append(drain_each_fold(scratch, case, template, sources_config, repeats))
+        scratch.drop(template)
+    return {"updates": figures, "drains": drains}
+
+
+@dataclass
+class Options:
+    seconds: float = 5
+    rounds: int = 3
+    drain_rows: int = 300_000
+    worst_rows: int = 1_000_000
+    worst_users: int = 100_000
+    active_users: int = 5_000
+    drain_repeats: int = 1
+
+
+def measure_all(server_url: str, options: Options) -> dict:
+    """The activity sources' figures and the drain's, in scratch databases dropped at the end."""
+    scratch = Scratch(server_url)
+    load_before = os.getloadavg()[0]
+    try:
+        print("activity sources: UPDATE capture and the drain of several sources ...", flush=True)
+        results = measure(
+            scratch, options.seconds, options.rounds, options.drain_rows, options.drain_repeats
+        )
+        print("drain: worst case and app-shaped ...", flush=True)
+        results["drain_cases"] = bench_drain.measure(
+            scratch,
+            options.worst_rows,
+            options.worst_users,
+            options.active_users,
+            options.drain_repeats,
+        )
+        # The machine is shared: the load says how much of it the figures had.
+        results["load_average"] = (load_before, os.getloadavg()[0])
+        return results
     finally:
         scratch.drop_all()
 
 
-def render(results: dict, seconds: float, rounds: int) -> str:
+def update_ratios(figure: UpdateFigures) -> list[float]:
+    return [t / p for p, t in zip(figure.plain, figure.tracked, strict=True)]
+
+
+def targets(results: dict) -> list[list[str]]:
+    """Rows of `python -m benchmarks run`'s targets table: (shape, figure, measured, target,
+    verdict)."""
+    rows = []
+    for figure in results["updates"]:
+        ratio = statistics.median(update_ratios(figure))
+        rows.append(
+            [
+                "sources",
+                f"`capture: updates` UPDATE throughput / untracked, {figure.label}",
+                f"{ratio:.2f} ({figure.lost_or_doubled} lost or doubled)",
+                "≥ 0.8, 0 lost",
+                "met" if ratio >= 0.8 and not figure.lost_or_doubled else "**not met**",
+            ]
+        )
+    _before, shipped = bench_drain.FOLDS
+    for case in [*results["drains"][:1], *results["drain_cases"]]:
+        rate = case.rate(shipped)
+        rows.append(
+            [
+                "drain",
+                case.label,
+                f"{rate:,.0f} rows/s",
+                f"≥ {case.target:,.0f} rows/s",
+                "met" if rate >= case.target else "**not met**",
+            ]
+        )
+    return rows
+
+
+def render(results: dict, options: Options) -> str:
+    started, ended = results["load_average"]
     lines = [
         "## Activity sources",
         "",
         f'4 client processes of single-row autocommit UPDATEs on a 100k-row `"Session"`, '
-        f"{seconds:g} s per run, {rounds} rounds interleaved; ratio per round, median (min–max).",
+        f"{options.seconds:g} s per run, {options.rounds} rounds interleaved; ratio per round, "
+        "median (min–max).",
         "",
         "| load | untracked updates/s | `capture: updates` updates/s | ratio | target | "
         "lost or doubled |",
         "|---|---|---|---|---|---|",
     ]
     for figure in results["updates"]:
-        ratios = [t / p for p, t in zip(figure.plain, figure.tracked, strict=True)]
+        ratios = update_ratios(figure)
         lines.append(
             f"| {figure.label} | {statistics.median(figure.plain):,.0f} | "
             f"{statistics.median(figure.tracked):,.0f} | {statistics.median(ratios):.2f} "
             f"({min(ratios):.2f}–{max(ratios):.2f}) | ≥ 0.8 | {figure.lost_or_doubled} |"
         )
-    rate = results["drain_rows"] / results["drain_seconds"]
     lines += [
         "",
-        f"Drain of {results['drain_rows']:,} captured rows from 3 sources (a filtered, prefixed "
-        f"action table; a constant action; the shorthand events): {rate:,.0f} rows/s "
-        f"(target ≥ 200,000); the same number of rows of the events source alone: "
-        f"{results['single_rows'] / results['single_seconds']:,.0f} rows/s.",
+        "## Drain",
+        "",
+        f"Several sources: {options.drain_rows:,} captured rows per source. Worst case: rows "
+        "spread at random over 30 days and the users, nearly every row a key of its own. "
+        f"App-shaped: a day of {options.active_users:,} active users, about 40 events of 4 "
+        "actions and 2 sessions each.",
+        "",
+        *bench_drain.render([*results["drains"], *results["drain_cases"]], options.drain_repeats),
+        "",
+        f"Load average (1 minute) of the machine ({os.cpu_count()} cores) when this benchmark "
+        f"started and ended: {started:.2f}, {ended:.2f}.",
         "",
     ]
     return "\n".join(lines)

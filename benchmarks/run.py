@@ -33,7 +33,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from benchmarks import figures
+from benchmarks import bench_sources, figures
 from benchmarks.bench_capture import median_ratio, run_load
 from benchmarks.bench_sending import make_emails, measure
 from retention_pipeline.config.loader import project_root
@@ -79,6 +79,7 @@ class Options:
     growth_users: int
     capture_seconds: float
     emails: int
+    sources: bool = True
 
 
 # --- scratch databases -----------------------------------------------------------------------
@@ -607,16 +608,23 @@ def machine_lines(server_url: str) -> list[str]:
     ]
 
 
+def sources_options(options: Options) -> bench_sources.Options:
+    """The activity sources' and the drain's benchmark at the run's load time and repeats."""
+    return bench_sources.Options(seconds=options.capture_seconds, rounds=options.repeats)
+
+
 def render(
     options: Options,
     shapes: list[ShapeResults],
     sending: SendingResults,
+    sources: dict | None,
     machine: list[str],
     seconds: float,
 ) -> str:
     command = (
         f"python -m benchmarks run --users {options.users} --shape "
         f"{'both' if len(options.shapes) > 1 else options.shapes[0]} --repeats {options.repeats}"
+        + ("" if options.sources else " --skip-sources")
     )
     body, targets = [], []
     for results in shapes:
@@ -628,6 +636,9 @@ def render(
     targets.append(
         ["—", "throttled sending, most requests in any second", str(max(peak)), "≤ 2", met]
     )
+    if sources is not None:
+        targets += bench_sources.targets(sources)
+        body += ["", bench_sources.render(sources, sources_options(options))]
     unthrottled = [sending.emails / sent.seconds for sent in sending.unthrottled]
     throttled = [sending.emails / sent.seconds for sent in sending.throttled]
     lines = [
@@ -679,9 +690,14 @@ def run(options: Options) -> None:
                 for name in options.shapes
             ]
         sending = measure_sending(options)
+        sources = (
+            bench_sources.measure_all(options.server_url, sources_options(options))
+            if options.sources
+            else None
+        )
         machine = machine_lines(options.server_url)
     finally:
         server.drop_all()
-    report = render(options, shapes, sending, machine, time.perf_counter() - started)
+    report = render(options, shapes, sending, sources, machine, time.perf_counter() - started)
     options.output.write_text(report)
     print(f"wrote {options.output} in {(time.perf_counter() - started) / 60:.1f} minutes")
