@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -157,8 +157,11 @@ def test_each_example_maps_its_app_and_the_daily_run_is_right_user_by_user(
     assert audience & sent  # the treated part of the audience was emailed
 
 
-def test_subscription_figures_of_the_supabase_stripe_mirror(app_database, monkeypatch, tmp_path):
-    app = "supabase_stripe_sync"
+def snapshot_of_the_day_before(
+    app: str, app_database, monkeypatch, tmp_path: Path
+) -> tuple[ModuleType, str, date]:
+    """The app's history up to the run day, installed by its example, and the run day's
+    snapshot materialized by Dagster: the history module, the database URL and the day."""
     url = app_database(app)
     history = history_of(app)
     day = run_day()
@@ -176,6 +179,12 @@ def test_subscription_figures_of_the_supabase_stripe_mirror(app_database, monkey
         assert dg.materialize(
             DAILY[:1], partition_key=day.isoformat(), instance=instance, resources=resources
         ).success
+    return history, url, day
+
+
+def test_subscription_figures_of_the_supabase_stripe_mirror(app_database, monkeypatch, tmp_path):
+    app = "supabase_stripe_sync"
+    history, url, day = snapshot_of_the_day_before(app, app_database, monkeypatch, tmp_path)
     figures = {
         user_id: (status, cents)
         for user_id, status, cents in rows(
@@ -218,23 +227,7 @@ def test_a_team_subscription_reaches_each_member_with_no_amount_stored(
 ):
     """documenso bills an organisation, cal.com a team (only those whose checkout began), and
     neither stores an amount: every member gets the team's status, no made-up revenue."""
-    url = app_database(app)
-    history = history_of(app)
-    day = run_day()
-    example = EXAMPLES / APPS[app] / "retention.yaml"
-    monkeypatch.setenv("RETENTION_DATABASE_URL", url)
-    monkeypatch.setenv("RETENTION_UNSUBSCRIBE_SECRET", "unsubscribe-secret-for-tests")
-    monkeypatch.setenv("RETENTION_START_DATE", str(day - timedelta(days=7)))
-    load_until_the_day_before(url, history, day)
-    assert main(["--config", str(example), "db", "upgrade"]) == 0
-    resources = {
-        "app_database": AppDatabase(config_path=str(example)),
-        "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@example.com"),
-    }
-    with dg.instance_for_test() as instance:
-        assert dg.materialize(
-            DAILY[:1], partition_key=day.isoformat(), instance=instance, resources=resources
-        ).success
+    history, url, day = snapshot_of_the_day_before(app, app_database, monkeypatch, tmp_path)
     figures = {
         user_id: (status, plan, cents)
         for user_id, status, plan, cents in rows(
