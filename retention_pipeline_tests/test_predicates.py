@@ -36,7 +36,8 @@ ACCOUNTS = """
         (5, NULL, false, 'ACTIVE', now() + interval '3 days', NULL),
         (6, NULL, false, 'ACTIVE', now() - interval '3 days', NULL),
         (7, NULL, false, 'it''s odd', NULL, '{"provider": "anonymous", "verified": "maybe"}'),
-        (8, NULL, false, 'ACTIVE', NULL, '{"verified": "False"}');
+        (8, NULL, false, 'ACTIVE', NULL, '{"verified": "False"}'),
+        (9, NULL, false, '50%% off', NULL, NULL);  -- %% : the driver's escape of %
 """
 
 
@@ -62,11 +63,12 @@ def _ids(engine, where: str) -> list[int]:
     ("predicate", "ids"),
     [
         ({"column": "deletedAt", "is": "set"}, [2]),
-        ({"column": "banned_until", "is": "unset"}, [1, 2, 3, 4, 7, 8]),
+        ({"column": "banned_until", "is": "unset"}, [1, 2, 3, 4, 7, 8, 9]),
         ({"column": "disabled", "is": True}, [3]),
-        ({"column": "disabled", "is": False}, [1, 2, 4, 5, 6, 7, 8]),
+        ({"column": "disabled", "is": False}, [1, 2, 4, 5, 6, 7, 8, 9]),
         ({"column": "status", "in": ["LOCKED", "BANNED"]}, [4]),
         ({"column": "status", "equals": "it's odd"}, [7]),
+        ({"column": "status", "in": ["50% off"]}, [9]),
         ({"column": "banned_until", "is": "future"}, [5]),
         ({"column": "banned_until", "is": "past"}, [6]),
         ({"column": "deletedAt", "is": "past"}, [2]),

@@ -75,11 +75,11 @@ class ResolvedSource:
         if action is None:
             return "NULL::pg_catalog.text"
         if not isinstance(action, ActionColumn):
-            return f"{sql_literal(action[:MAX_EVENT_NAME_LENGTH], dialect)}::pg_catalog.text"
+            return f"{sql_literal(action[:MAX_EVENT_NAME_LENGTH])}::pg_catalog.text"
         name = f"({column_ref_sql(action.column, alias, dialect)})::pg_catalog.text"
         named = name
         if action.prefix:
-            named = f"({sql_literal(action.prefix, dialect)} OPERATOR(pg_catalog.||) {name})"
+            named = f"({sql_literal(action.prefix)} OPERATOR(pg_catalog.||) {name})"
         return (
             f"pg_catalog.left(CASE WHEN {name} IS NULL OR {name} OPERATOR(pg_catalog.=) '' "
             f"THEN '(unnamed)' ELSE {named} END, {MAX_EVENT_NAME_LENGTH})"

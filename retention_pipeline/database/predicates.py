@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from sqlalchemy import String, literal
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.engine.interfaces import Dialect
 
 from retention_pipeline.config.models import Predicate, Scalar, parse_column_reference
 from retention_pipeline.database.timestamps import TIMESTAMP_TYPES, timestamp_column_sql
 
 JSON_TYPES = ("json", "jsonb")
+LITERAL_DIALECT = PGDialect(paramstyle="named")
 # How JSON spells a flag, read as text: compared, never cast, so a value like "maybe" in one
 # row cannot fail the statement (a capture trigger's failure would fail the app's own write).
 JSON_FLAG_WORDS = {"true": ("true", "t", "1", "yes"), "false": ("false", "f", "0", "no")}
@@ -30,11 +32,15 @@ class ColumnType(Protocol):
     display: str  # format_type(), as a person writes the type
 
 
-def sql_literal(value: Scalar, dialect: Dialect) -> str:
-    """A configured value as a SQL text literal, escaped by SQLAlchemy."""
+def sql_literal(value: Scalar) -> str:
+    """A configured value as a SQL text literal, escaped by SQLAlchemy. Rendered for a dialect
+    whose parameters are named: the driver's dialect would double each `%` for its `%s`
+    parameters, and `text()` doubles it again, so `50%` would reach the server as `50%%`."""
     text_value = str(value).lower() if isinstance(value, bool) else str(value)
     return str(
-        literal(text_value, String).compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+        literal(text_value, String).compile(
+            dialect=LITERAL_DIALECT, compile_kwargs={"literal_binds": True}
+        )
     )
 
 
@@ -44,7 +50,7 @@ def column_ref_sql(reference: str, alias: str, dialect: Dialect) -> str:
     quoted = f"{alias}.{dialect.identifier_preparer.quote(column)}"
     if not path:
         return quoted
-    keys = ", ".join(sql_literal(key, dialect) for key in path)
+    keys = ", ".join(sql_literal(key) for key in path)
     return f"({quoted} OPERATOR(pg_catalog.#>>) ARRAY[{keys}]::pg_catalog.text[])"
 
 
@@ -60,7 +66,7 @@ def predicate_sql(
         if state in ("set", "unset"):
             return f"({value} IS {'NOT ' if state == 'set' else ''}NULL)"
         if state in ("true", "false") and path:
-            words = ", ".join(sql_literal(word, dialect) for word in JSON_FLAG_WORDS[state])
+            words = ", ".join(sql_literal(word) for word in JSON_FLAG_WORDS[state])
             return (
                 f"(pg_catalog.lower({value}) OPERATOR(pg_catalog.=) "
                 f"ANY (ARRAY[{words}]::pg_catalog.text[]))"
@@ -72,8 +78,8 @@ def predicate_sql(
         return f"({moment} {operator} pg_catalog.now())"
     as_text = f"({value})::pg_catalog.text"
     if predicate.equals is not None:
-        return f"({as_text} OPERATOR(pg_catalog.=) {sql_literal(predicate.equals, dialect)})"
-    values = ", ".join(sql_literal(item, dialect) for item in predicate.in_ or ())
+        return f"({as_text} OPERATOR(pg_catalog.=) {sql_literal(predicate.equals)})"
+    values = ", ".join(sql_literal(item) for item in predicate.in_ or ())
     return f"({as_text} OPERATOR(pg_catalog.=) ANY (ARRAY[{values}]::pg_catalog.text[]))"
 
 

@@ -317,7 +317,7 @@ class TrackingSql:
         subtransaction (and spend a subtransaction id) on every statement the app makes, and the
         append has nothing left that can fail where the app's own write would not.
         """
-        name = sql_literal(source.name, self.dialect)
+        name = sql_literal(source.name)
         functions = [self._capture_function(source, "inserts", slot, "new_rows", name)]
         if source.capture == "updates":
             functions.append(
