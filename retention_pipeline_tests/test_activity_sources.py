@@ -730,12 +730,20 @@ def test_a_polled_sources_changed_definition_applies_to_new_rows_only(engine, ap
     run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 hour')")
     install(engine, sources_config(app_database_url, [polled]))
     update_rollup(engine, sources_config(app_database_url, [polled]))
+    # The newest row a poll counted sets the watermark; one dated ahead lies beyond it.
+    run(
+        engine, "INSERT INTO comments (author, created_at) VALUES (2, now() - interval '2 minutes')"
+    )
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (3, now() + interval '1 hour')")
+    assert update_rollup(engine, sources_config(app_database_url, [polled])).events == 2
     changed = sources_config(app_database_url, [{**polled, "action": "comment.written"}])
     install(engine, changed)
     assert update_rollup(engine, changed).events == 0
     run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 minute')")
     assert update_rollup(engine, changed).events == 1
     assert sorted(row[2:] for row in rollup(engine)[1]) == [
+        ("comment.posted", 1),
+        ("comment.posted", 1),
         ("comment.posted", 1),
         ("comment.written", 1),
     ]

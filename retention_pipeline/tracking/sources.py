@@ -246,9 +246,10 @@ def seed_counted(
     rows = sql.source_rows(
         source,
         source.relation_sql(sql.dialect),
+        # Every row from the lookback on, the newest and any dated ahead included: a poll has
+        # counted them all (or the capture did, before polling).
         f"{{at}} >= (SELECT watermark - CAST(:lookback AS interval) FROM {s}.tracking_sources "
-        "WHERE name = :name) "
-        f"AND {{at}} < (SELECT watermark FROM {s}.tracking_sources WHERE name = :name)",
+        "WHERE name = :name)",
     )
     connection.execute(
         text(f"""
