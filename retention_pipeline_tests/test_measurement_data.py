@@ -256,6 +256,31 @@ def test_revenue_is_a_line_per_currency_and_an_unknown_interval_one_line(engine,
     assert "\n" not in str(error.value)
 
 
+def test_a_billed_user_whose_amount_the_app_does_not_store_has_no_known_revenue(
+    engine, app_database_url
+):
+    # As with `amount: none`: the app keeps the status and leaves the amount to Stripe.
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE subscriptions ALTER amount_cents DROP NOT NULL"))
+    config = config_for(app_database_url, holdout=0.5)
+    add_users(engine, range(1, 101), last_seen=LONG_AGO)
+    build_day(engine, config, D, morning_after(D))
+    groups = variant_users(engine, D)
+    everyone = [user for users in groups.values() for user in users]
+    subscribe(engine, [(user, None, "EUR", "month") for user in everyone])
+    day = D + timedelta(days=7)
+    with engine.begin() as connection:
+        build_snapshot(connection, config, day)
+    evaluate(engine, config, day)
+    with engine.connect() as connection:
+        rows = performance_rows(connection, "retention", config.loops[0], through=day)
+    step_0 = next(
+        row for row in rows if row.step == 0 and row.variant is None and row.window_days == 7
+    )
+    assert (step_0.treatment.revenue_known, step_0.holdout.revenue_known) == (0, 0)
+    assert step_0.monthly_revenue_difference_cents == {}
+
+
 def test_a_backfill_through_the_assets_leaves_the_variant_shares_even(
     engine, app_database_url, tmp_path
 ):

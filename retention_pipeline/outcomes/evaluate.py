@@ -177,7 +177,7 @@ def evaluate_outcomes(
                CASE WHEN f.returned_on <= a.partition_date + w.days THEN f.returned_on END,
                CASE WHEN snap.user_id IS NULL THEN NULL
                     WHEN snap.subscription_status = ANY(CAST(:billed AS text[]))
-                        THEN coalesce(snap.monthly_amount_cents, 0)
+                        THEN snap.monthly_amount_cents
                     ELSE 0 END,
                CASE WHEN snap.subscription_status = ANY(CAST(:billed AS text[]))
                     THEN snap.subscription_currency END,
