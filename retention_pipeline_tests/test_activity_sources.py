@@ -874,3 +874,35 @@ def test_a_source_filter_on_the_clock_and_logins_without_a_login_source_are_refu
     document["activity"] = {"baseline": "logins"}
     with pytest.raises(ConfigError, match=r"activity\.baseline: 'logins' counts the rows of login"):
         parse_config(document, environ={})
+
+
+def test_an_upgrade_leaves_the_triggers_of_unchanged_sources_in_place(engine, app_database_url):
+    config = sources_config(app_database_url, [COMMENTS, {**SESSIONS, "capture": "updates"}])
+
+    def trigger_oids():
+        with engine.connect() as connection:
+            return connection.execute(
+                text(
+                    "SELECT tgname, oid FROM pg_trigger WHERE tgname LIKE 'retention_track_%' "
+                    "AND tgname <> 'retention_track_activity' ORDER BY tgname"  # not erasure's"
+                )
+            ).all()
+
+    install(engine, config)
+    before = trigger_oids()
+    assert len(before) == 3  # comments; Session's inserts and updates
+    install(engine, config)
+    assert trigger_oids() == before
+    changed = sources_config(
+        app_database_url,
+        [{**COMMENTS, "action": "comment.written"}, {**SESSIONS, "capture": "updates"}],
+    )
+    install(engine, changed)
+    after = dict(trigger_oids())
+    session_triggers = {name for name, _ in before if "Session" in name}
+    assert session_triggers and all(after[name] == dict(before)[name] for name in session_triggers)
+    assert {name: oid for name, oid in before if name not in session_triggers} != {
+        name: after[name] for name, _ in before if name not in session_triggers
+    }
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now())")
+    assert update_rollup(engine, changed).events == 1

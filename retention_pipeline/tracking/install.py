@@ -35,7 +35,9 @@ from retention_pipeline.tracking.sources import (
     drop_source_triggers,
     hand_over_to_triggers,
     installed_sources,
+    source_differences,
     sync_sources,
+    triggers_in_place,
 )
 from retention_pipeline.tracking.sql import TrackingSql, legacy_trigger_name, visit_count_sql
 from retention_pipeline.tracking.state import (
@@ -173,13 +175,24 @@ def install(
         slot = installed_state["capture_slot"]
         for source in sql.sources:
             relation = source.relation_sql(sql.dialect)
-            drop_source_triggers(connection, sql, source.name, relation)
+            old = installed.get(source.name)
+            # A source installed as configured keeps its triggers: replacing them would take a
+            # lock on the app's table, and only its owner may drop one (`check` says so).
+            keep = (
+                source.capture != "polling"
+                and old is not None
+                and not source_differences(sql, source, old)
+                and triggers_in_place(connection, sql, source)
+            )
+            if not keep:
+                drop_source_triggers(connection, sql, source.name, relation)
             if source.capture == "polling":
                 continue
             for function in sql.capture_functions(source, slot):
                 connection.execute(text(function))
-            for trigger in sql.create_triggers(source):
-                connection.execute(text(trigger))
+            if not keep:
+                for trigger in sql.create_triggers(source):
+                    connection.execute(text(trigger))
         hand_over_to_triggers(
             connection, sql, to_triggers, timezone, installed_state["visit_gap_minutes"]
         )

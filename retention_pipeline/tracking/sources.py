@@ -56,7 +56,7 @@ def installed_sources(connection: Connection, sql: TrackingSql) -> dict[str, Ins
     return {row.name: InstalledSource(*row) for row in rows}
 
 
-def _differences(sql: TrackingSql, source: ResolvedSource, old: InstalledSource) -> list[str]:
+def source_differences(sql: TrackingSql, source: ResolvedSource, old: InstalledSource) -> list[str]:
     """What of `source` differs from its installed state."""
     differences = []
     if old.relation != source.relation_sql(sql.dialect):
@@ -100,7 +100,7 @@ def sources_problem(connection: Connection, sql: TrackingSql) -> str | None:
         old = installed.get(source.name)
         if old is None:
             return f"{source.spec.key}: source `{source.name}` is not installed: {upgrade}"
-        differences = _differences(sql, source, old)
+        differences = source_differences(sql, source, old)
         if differences:
             return (
                 f"{source.spec.key}: source `{source.name}` changed since the last `db upgrade` "
@@ -146,7 +146,11 @@ def trigger_right_problems(
         ).one()
         table = source.spec.source.qualified_name
         old = (installed or {}).get(source.name)
-        if has_trigger and old is not None and not _differences(sql, source, old):
+        if (
+            old is not None
+            and not source_differences(sql, source, old)
+            and triggers_in_place(connection, sql, source)
+        ):
             continue
         if not may_create:
             problems.append(
@@ -161,6 +165,21 @@ def trigger_right_problems(
                 "may drop (run it as the owner, or use `capture: polling`)"
             )
     return problems
+
+
+def triggers_in_place(connection: Connection, sql: TrackingSql, source: ResolvedSource) -> bool:
+    """Whether every capture trigger of `source` is on its table (`db upgrade` leaves them be)."""
+    expected = ["inserts", *(["updates"] if source.capture == "updates" else [])]
+    return connection.execute(
+        text("""
+            SELECT count(*) = cardinality(CAST(:triggers AS text[]))
+            FROM pg_catalog.pg_trigger
+            WHERE tgrelid = to_regclass(:relation) AND tgname = ANY (CAST(:triggers AS text[]))"""),
+        {
+            "relation": source.relation_sql(sql.dialect),
+            "triggers": [source_trigger_name(sql.schema, source.name, mode) for mode in expected],
+        },
+    ).scalar_one()
 
 
 def drop_source_triggers(
