@@ -585,7 +585,7 @@ UPGRADE = "run `retention-pipeline db upgrade`"
             [AUDIT],
             [{**AUDIT, "where": [{"column": "kind", "in": ["DOCUMENT_SENT"]}]}],
             "database.activity.0: source `audit_log` changed since the last `db upgrade` "
-            f"(its user, time, action or where): {UPGRADE}",
+            f"(its user, time, action or where, or how this version reads them): {UPGRADE}",
         ),
         (
             [COMMENTS],
@@ -884,7 +884,7 @@ def test_an_upgrade_leaves_the_triggers_of_unchanged_sources_in_place(engine, ap
             return connection.execute(
                 text(
                     "SELECT tgname, oid FROM pg_trigger WHERE tgname LIKE 'retention_track_%' "
-                    "AND tgname <> 'retention_track_activity' ORDER BY tgname"  # not erasure's"
+                    "AND tgname <> 'retention_track_activity' ORDER BY tgname"  # erasure's
                 )
             ).all()
 

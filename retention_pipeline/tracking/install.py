@@ -43,6 +43,7 @@ from retention_pipeline.tracking.sql import TrackingSql, legacy_trigger_name, vi
 from retention_pipeline.tracking.state import (
     TrackingError,
     lock,
+    locking_transaction,
     read_state,
     require_complete,
     tracking_sql,
@@ -92,7 +93,7 @@ def with_brief_locks(engine: Engine, work: Callable[[Connection], T], what: str)
     never wait long. Gives up with one line after BRIEF_LOCK_ATTEMPTS."""
     for attempt in range(BRIEF_LOCK_ATTEMPTS):
         try:
-            with engine.begin() as connection:
+            with locking_transaction(engine) as connection:
                 return work(connection)
         except OperationalError as error:
             if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
@@ -239,7 +240,7 @@ def set_visit_gap(
     slots in the same transaction, so no fold ever counts with a gap the rollup was not
     counted with, and no rebuild is needed."""
     gap = config.activity.visit_gap_minutes
-    with engine.begin() as connection:
+    with locking_transaction(engine) as connection:
         s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
         lock(connection, config.database.schema_)
         installed = connection.execute(
@@ -330,7 +331,7 @@ def finish_rebuild(
     committed transaction each; returns how many ranges this call rebuilt, and what history
     each backfilled source starts from."""
     schema, timezone = config.database.schema_, config.timezone
-    with engine.begin() as connection:
+    with locking_transaction(engine) as connection:
         sql = tracking_sql(connection, config)
         lock(connection, schema)
         state = read_state(connection, sql)
@@ -374,7 +375,7 @@ def finish_rebuild(
     rebuilt = 0
     for chunk in chunks:
         started = time.monotonic()
-        with engine.begin() as connection:
+        with locking_transaction(engine) as connection:
             lock(connection, schema)
             done = connection.execute(
                 text(
@@ -410,7 +411,7 @@ def finish_rebuild(
                 f"{added.events:,} events, {added.sessions:,} sessions "
                 f"({time.monotonic() - started:.1f}s)"
             )
-    with engine.begin() as connection:
+    with locking_transaction(engine) as connection:
         lock(connection, schema)
         connection.execute(
             text(
@@ -445,7 +446,7 @@ def refresh_from(engine: Engine, config: RetentionConfig, since: date) -> Added:
     """Recompute the rollup's days from `since` on from the app tables: a repair. Takes no
     lock on the app's tables; the capture keeps what arrives meanwhile. Refused while a source
     holds history the app tables no longer have (a time updated in place, a polled source)."""
-    with engine.begin() as connection:
+    with locking_transaction(engine) as connection:
         sql = tracking_sql(connection, config)
         lock(connection, sql.schema)
         state = require_complete(connection, sql)

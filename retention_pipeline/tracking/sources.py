@@ -62,7 +62,8 @@ def source_differences(sql: TrackingSql, source: ResolvedSource, old: InstalledS
     if old.relation != source.relation_sql(sql.dialect):
         differences.append("its table")
     elif old.definition != sql.definition(source):
-        differences.append("its user, time, action or where")
+        # The SQL that reads it: its configuration, or how this version of the pipeline reads it.
+        differences.append("its user, time, action or where, or how this version reads them")
     if old.capture != source.capture:
         differences.append("its capture")
     return differences

@@ -119,8 +119,9 @@ class TrackingSql:
 
     def definition(self, source: ResolvedSource) -> str:
         """The source's definition over its table, as stored with its state: a change of it is
-        a change of what the source counts."""
-        return " ".join(self.source_rows(source, source.relation_sql(self.dialect)).split())
+        a change of what the source counts. Kept as written: white space inside a configured
+        value is part of what the source matches."""
+        return self.source_rows(source, source.relation_sql(self.dialect))
 
     def fold(
         self, source: str, tz: str, visit_gap_minutes: int, *, into_emptied_days: bool = False

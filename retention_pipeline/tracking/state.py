@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from retention_pipeline.config.models import RetentionConfig
@@ -40,6 +40,17 @@ def lock(connection: Connection, schema: str) -> None:
         text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
         {"key": f"retention-pipeline:{schema}"},
     )
+
+
+@contextmanager
+def locking_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction for work that takes the schema's lock (`lock`), in READ COMMITTED whatever
+    the database's default: its statements after the lock see every write of the install,
+    rebuild or drain it waited for, which an older snapshot (REPEATABLE READ) would not."""
+    with engine.connect() as connection:
+        connection.execution_options(isolation_level="READ COMMITTED")
+        with connection.begin():
+            yield connection
 
 
 @contextmanager
