@@ -358,13 +358,19 @@ def billing_problem(connection: Connection, names: AppNames) -> str | None:
             if mapping.stored_amount.items  # type: ignore[union-attr]
             else ("subscriptions", "sub")
         )
+        if alias == "sub":
+            billed = reads.selected()
+        else:  # an item's price is billed only when its subscription is one (`where`)
+            billed = f"""({reads.column("subscription", "subscription_items", "item")})::text
+                IN (SELECT ({reads.column("key")})::text FROM {names.table("subscriptions")} AS sub
+                    WHERE {reads.selected()})"""
         checked = (
             reads.column("interval", "subscription_prices", "price"),
             f"""{names.table("subscription_prices")} AS price
             WHERE ({reads.column("id", "subscription_prices", "price")})::text IN (
                 SELECT ({reads.column("price_id", bought, alias)})::text
                 FROM {names.table(bought)} AS {alias}
-                WHERE {reads.selected() if alias == "sub" else "true"}) AND""",
+                WHERE {billed}) AND""",
         )
         key = "amount.price.interval"
     else:
