@@ -147,11 +147,9 @@ def _source_problems(spec: SourceSpec, available: dict, users_id, users) -> list
     problems: list[str] = []
     for role, reference in (("user", source.user), ("at", source.at)):
         where = spec.column_keys[role]
-        if reference not in available:
-            problems.append(
-                f"{where}: column {reference!r} does not exist in {table} "
-                f"(it has: {', '.join(sorted(available))})"
-            )
+        missing = column_ref_problem(where, reference, table, available)
+        if missing:
+            problems.append(missing)
             continue
         column = available[reference]
         if role == "at" and column.type_name not in TIMESTAMP_TYPES:

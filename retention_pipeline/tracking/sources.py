@@ -27,8 +27,8 @@ from retention_pipeline.tracking.sql import (
     CAPTURE_TABLES,
     POLL_LOOKBACK,
     TrackingSql,
+    capture_function_name,
     legacy_trigger_name,
-    object_name,
     source_trigger_name,
 )
 
@@ -193,9 +193,7 @@ def drop_source_triggers(
         if exists:
             trigger = sql.quote(source_trigger_name(sql.schema, name, mode))
             connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {relation}"))
-        function = sql.quote(
-            object_name("capture", name, *(["updates"] if mode == "updates" else []))
-        )
+        function = sql.quote(capture_function_name(name, mode))
         connection.execute(text(f"DROP FUNCTION IF EXISTS {sql.q_schema}.{function}()"))
 
 

@@ -66,6 +66,11 @@ def object_name(*parts: str) -> str:
     return f"{name[: MAX_NAME_LENGTH - 9]}_{digest}"
 
 
+def capture_function_name(source: str, mode: str) -> str:
+    """The name of the source's trigger function for `mode` (inserts or updates)."""
+    return object_name("capture", source, *(["updates"] if mode == "updates" else []))
+
+
 def legacy_trigger_name(schema: str) -> str:
     """The one trigger name of revisions before 0015: on events and sessions (capture) and on
     users (erasure, still so named)."""
@@ -302,9 +307,7 @@ class TrackingSql:
             WHERE app.n > coalesce(counted.n, 0)"""
 
     def function_name(self, source: ResolvedSource, mode: str) -> str:
-        return self.quote(
-            object_name("capture", source.name, *(["updates"] if mode == "updates" else []))
-        )
+        return self.quote(capture_function_name(source.name, mode))
 
     def capture_functions(self, source: ResolvedSource, slot: int) -> list[str]:
         """The source's trigger functions appending to capture table `slot`: a statement-level
