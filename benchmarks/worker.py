@@ -4,7 +4,8 @@ in order and writes one result per step (JSON). RETENTION_CONFIG must name a con
 start_date precedes every day of the plan: the daily partitions are built from it.
 
 A step is a Dagster materialization of `assets` over `days` (in order, as the defs allow a
-backfill to run: see `backfill`), or one SQL statement (`sql`, with `parameters`). Around each,
+backfill to run: see `backfill`), one SQL statement (`sql`, with `parameters`), or a morning's
+critical path (`critical_path`: see `benchmarks.bench_critical_path`). Around each,
 the scratch database's `pg_stat_database.temp_bytes` is read; the step's connections are closed
 first, since a backend reports its temp files only when idle for a while or when it exits.
 """
@@ -17,12 +18,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 
 import dagster as dg
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
+from benchmarks.bench_critical_path import run_critical_path
 from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.defs.partitions import daily_partitions
 from retention_pipeline.defs.segments import build_segment_assets
@@ -44,6 +47,8 @@ class StepResult:
     runs: int = 0
     builds: list[str] = field(default_factory=list)
     """The snapshot's `build` metadata (full or incremental) of each day materialized."""
+    parts: dict[str, float] = field(default_factory=dict)
+    """For a critical path, its figures (`bench_critical_path.run_critical_path`)."""
 
 
 def backfill(
@@ -123,6 +128,16 @@ def run_materialization(step: dict, instance: dg.DagsterInstance) -> StepResult:
     return StepResult(step["label"], seconds, step_seconds, 0, len(results), builds)
 
 
+def run_morning(step: dict, instance: dg.DagsterInstance) -> StepResult:
+    plan = step["critical_path"]
+    day = date.fromisoformat(plan["day"])
+    history = [day - timedelta(days=n) for n in range(plan["history_days"], 0, -1)]
+    started = time.perf_counter()
+    parts = run_critical_path(step["config"], day, history, instance)
+    seconds = time.perf_counter() - started
+    return StepResult(step["label"], seconds, parts["total"], 0, parts=parts)
+
+
 def run_sql(step: dict) -> StepResult:
     engine = create_engine(step["url"], poolclass=NullPool)
     try:
@@ -150,7 +165,12 @@ def main(plan_path: str, results_path: str) -> None:
             monitors[step["url"]] = engine.connect()
         monitor = monitors[step["url"]]
         before = temp_bytes(monitor)
-        result = run_sql(step) if "sql" in step else run_materialization(step, instance)
+        if "sql" in step:
+            result = run_sql(step)
+        elif "critical_path" in step:
+            result = run_morning(step, instance)
+        else:
+            result = run_materialization(step, instance)
         result.temp_bytes = temp_bytes(monitor) - before
         results.append(asdict(result))
         print(

@@ -25,6 +25,7 @@ def test_the_benchmark_writes_every_section_with_sane_figures(
             growth_users=100,
             capture_seconds=0.3,
             emails=150,
+            sources=False,  # test_benchmark_sources.py runs them at a size of their own
         )
     )
     report = output.read_text()
@@ -37,6 +38,7 @@ def test_the_benchmark_writes_every_section_with_sane_figures(
         "### One partition",
         "### Growth with history",
         f"### {BACKFILL_DAYS}-day backfill",
+        "### The morning's critical path",
         "### Memory and temp files",
         "### Capture",
         "## Sending",
@@ -56,12 +58,22 @@ def test_the_benchmark_writes_every_section_with_sane_figures(
 
     targets = report.split("## Targets")[1].split("\n## ")[0]
     rows = [line for line in targets.splitlines() if line.startswith("| wide |")]
-    assert len(rows) == 5  # the naive ratio has a target on the deep shape only
+    assert len(rows) == 7  # the naive ratio has a target on the deep shape only
     for row in rows:
         measured = row.split("|")[3]
         value = float(re.match(r"\s*([0-9.]+)", measured).group(1))
         assert 0 <= value < 10_000, row
         assert row.rstrip(" |").endswith(("met", "**not met**")), row
+    # The morning: every part of the critical path timed, adding up to the total, and the first
+    # send run's emails accepted by the stand-in Resend.
+    morning = report.split("### The morning's critical path")[1].split("\n### ")[0]
+    total = float(re.search(r"first email accepted\*\* \| \*\*([0-9.]+)\*\*", morning)[1])
+    parts = [
+        float(value) for value in re.findall(r"^\| [A-Za-z][^|]* \| ([0-9.]+) \|$", morning, re.M)
+    ]
+    assert len(parts) == 9
+    assert 0 < sum(parts) <= total + 0.01
+    assert int(re.search(r"the first sent ([0-9,]+) emails", morning)[1].replace(",", "")) > 0
     rss = next(row for row in rows if "peak RSS" in row)
     assert 20 < float(rss.split("|")[3].split()[0]) < 4096  # MiB: a Python process with Dagster
     assert re.search(r"\| throttled at 2 requests/s \| [0-9]+ emails/s", report)

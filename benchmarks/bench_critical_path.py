@@ -1,0 +1,172 @@
+"""The morning's critical path: from the start of the daily run to the first email the stand-in
+Resend accepts, step by step, as production runs it (the `daily_retention` job, the send sensor,
+the first send run it asks for), on a database the main benchmark seeded.
+
+Three loops, as a team runs them: the shipped re-engagement loop (its seed's query condition)
+and two on built-in segments (`at_risk`, `dormant`), each with the shipped three steps (days 0, 3
+and 7 of an episode), so their open episodes are due at every step. The episodes come from the
+daily runs of the days before (`HISTORY_DAYS`), run the same way; their audiences, built now for
+past days, are simulated (no email of them goes out), so the first send is the measured day's.
+The sensor is evaluated the way the daemon evaluates it (its tick's wait, up to its
+`minimum_interval_seconds`, is not counted), then the first send run it asks for is executed
+against the stand-in Resend (a real HTTP server on a thread, unthrottled: the time to the first
+batch is wanted, not the account's rate limit); the run goes on to its end.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+from datetime import date, datetime
+from pathlib import Path
+
+import dagster as dg
+import yaml
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.config import load_config
+from retention_pipeline.defs import build_definitions
+from retention_pipeline.resources.email import RESEND_KEY_ENV_VAR
+from retention_pipeline_tests.email.fake_resend import serve_fake_resend
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, write_config
+
+HISTORY_DAYS = 10
+API_KEY = "re_bench_critical_path"
+# The steps of the daily run, by their Dagster step key, in the order the report lists them.
+DAILY_STEPS = {
+    "retention__activity_rollup": "rollup drain",
+    "retention__user_activity_snapshot": "snapshot",
+    "retention__engagement_segments": "segments",
+    "retention__reengagement_audience": "audience",
+    "retention__reengagement_outcomes": "outcomes",
+    "retention__campaign_performance": "performance",
+}
+PARTS = (*DAILY_STEPS.values(), "Dagster between steps", "sensor", "send run to first email")
+
+
+def three_loops() -> list[dict]:
+    """The shipped loop, and two more on built-in segments with its steps."""
+    (shipped,) = copy.deepcopy(SHIPPED_DOCUMENT["loops"])
+    loops = [shipped]
+    for name, segment in (("at_risk_nudge", "at_risk"), ("dormant_winback", "dormant")):
+        loop = copy.deepcopy(shipped)
+        loop["name"] = name
+        loop["opinion"] = f"Win back users in the {segment} segment"
+        del loop["steps"][0]["condition"]
+        loop["steps"][0]["condition"] = {"type": "segment", "segment": segment}
+        loops.append(loop)
+    return loops
+
+
+def write_critical_path_config(directory: Path, url: str, start_date: str) -> Path:
+    """The configuration of the critical path's runs: three loops, sent through Resend (the
+    stand-in) without a rate limit, from `start_date` (YYYY-MM-DD) on."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = write_config(directory, url, email={"provider": "resend", "requests_per_second": 1000})
+    document = yaml.safe_load(path.read_text())
+    document["start_date"] = start_date
+    document["loops"] = three_loops()
+    for loop in document["loops"]:
+        for step in loop["steps"]:
+            step["action"]["provider"] = "resend"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def capture_half_an_hour(url: str, end: datetime) -> int:
+    """The app's writes since the hourly drain (at :30) when the 09:00 run starts, as its capture
+    sees them: a 48th of the last day's events and sessions, written again in the first half hour
+    after `end` (the start of today). Returns how many rows the app wrote."""
+    engine = create_engine(url)
+    written = 0
+    with engine.begin() as connection:
+        for table, columns in (
+            ("events", "user_id, name, properties"),
+            ("sessions", "user_id, expires_at, ip_address, user_agent"),
+        ):
+            written += connection.execute(
+                text(f"""
+                    INSERT INTO {table} ({columns}, created_at)
+                    SELECT {columns}, :end + (created_at - (:end - interval '1 day')) / 48
+                    FROM {table}
+                    WHERE created_at >= :end - interval '1 day' AND created_at < :end
+                      AND id % 48 = 0"""),
+                {"end": end},
+            ).rowcount
+    engine.dispose()
+    return written
+
+
+def critical_path_step(label: str, url: str, config_path: Path, day: date) -> dict:
+    """A worker step (see `benchmarks.worker`): the daily runs of the `HISTORY_DAYS` days before
+    `day`, then the critical path of `day`."""
+    return {
+        "label": label,
+        "url": url,
+        "config": str(config_path),
+        "critical_path": {"day": day.isoformat(), "history_days": HISTORY_DAYS},
+    }
+
+
+def run_critical_path(
+    config_path: str, day: date, history: Sequence[date], instance: dg.DagsterInstance
+) -> dict[str, float]:
+    """Run the history's daily runs, then time `day`'s morning; return seconds per part of
+    `PARTS`, with `total` (the daily run's start to the first accepted email), `emails` (the
+    first send run's accepted emails) and `send run` (its whole time)."""
+    os.environ[RESEND_KEY_ENV_VAR] = API_KEY
+    definitions = build_definitions(load_config(config_path))
+    daily = definitions.resolve_job_def("daily_retention")
+    sensor = definitions.resolve_sensor_def("send_on_new_audience")
+    for earlier in history:
+        if not daily.execute_in_process(
+            partition_key=earlier.isoformat(), instance=instance
+        ).success:
+            raise RuntimeError(f"the daily run of {earlier} failed")
+    # The history's audiences are past days': whatever the sensor makes of them is not this
+    # morning's work.
+    context = dg.build_sensor_context(instance=instance, definitions=definitions)
+    list(sensor(context) or [])
+    cursor = context.cursor
+
+    with serve_fake_resend(api_key=API_KEY) as fake:
+        started = time.monotonic()
+        result = daily.execute_in_process(partition_key=day.isoformat(), instance=instance)
+        daily_seconds = time.monotonic() - started
+        if not result.success:
+            raise RuntimeError(f"the daily run of {day} failed")
+        parts = dict.fromkeys(PARTS, 0.0)
+        for stats in instance.get_run_step_stats(result.run_id):
+            parts[DAILY_STEPS[stats.step_key]] += stats.end_time - stats.start_time
+        parts["Dagster between steps"] = daily_seconds - sum(
+            parts[name] for name in DAILY_STEPS.values()
+        )
+
+        sensor_started = time.monotonic()
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=definitions)
+        requests = [item for item in sensor(context) or [] if isinstance(item, dg.RunRequest)]
+        parts["sensor"] = time.monotonic() - sensor_started
+        if not requests:
+            raise RuntimeError(f"the sensor asked for no send run of {day}")
+        first = requests[0]
+        send_started = time.monotonic()
+        sent = definitions.resolve_job_def(first.job_name).execute_in_process(
+            partition_key=first.partition_key, instance=instance, tags=first.tags
+        )
+        send_seconds = time.monotonic() - send_started
+        if not sent.success:
+            raise RuntimeError(f"the send run {first.run_key} failed")
+        accepted = [request for request in fake.requests if request.status == 200]
+        if not accepted:
+            raise RuntimeError(f"the send run {first.run_key} sent nothing")
+        first_accepted = min(request.arrived_at for request in accepted)
+    parts["send run to first email"] = first_accepted - send_started
+    return {
+        **parts,
+        "total": first_accepted - started,
+        "send run": send_seconds,
+        "emails": float(sum(len(request.emails) for request in accepted)),
+        "send runs asked": float(len(requests)),
+    }
