@@ -1,6 +1,9 @@
 """python -m benchmarks run --users N [--shape wide|deep|both] [--repeats R] [--url URL]
 [--output benchmarks/RESULTS.md]
 
+python -m benchmarks morning --users N [--shape wide|deep|both] [--url URL]
+[--output benchmarks/RESULTS-morning.md]: the morning's critical path alone (`run` measures it too)
+
 python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
 [--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
 [--output benchmarks/RESULTS-sources.md]: the activity sources' and the drain's figures alone
@@ -12,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks import bench_sources
-from benchmarks.run import SHAPES, Options, run
+from benchmarks.run import SHAPES, Options, run, run_morning
 from retention_pipeline.database.connection import normalize_url
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -45,6 +48,13 @@ def main() -> None:
         action="store_true",
         help="leave out the activity sources' and the drain's figures (about 8 minutes)",
     )
+    morning = commands.add_parser(
+        "morning", help="the critical path alone: daily run's start to the first email"
+    )
+    morning.add_argument("--users", type=int, required=True)
+    morning.add_argument("--shape", choices=[*SHAPES, "both"], default="wide")
+    morning.add_argument("--url", default=DEFAULT_URL)
+    morning.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-morning.md"))
     sources = commands.add_parser(
         "sources", help="capture of a time updated in place, and the drain of several sources"
     )
@@ -72,6 +82,20 @@ def main() -> None:
         results = bench_sources.measure_all(normalize_url(args.url), options)
         args.output.write_text(bench_sources.render(results, options))
         print(f"wrote {args.output}")
+        return
+    if args.command == "morning":
+        run_morning(
+            Options(
+                users=args.users,
+                shapes=list(SHAPES) if args.shape == "both" else [args.shape],
+                repeats=1,
+                server_url=normalize_url(args.url),
+                output=args.output,
+                growth_users=0,
+                capture_seconds=0,
+                emails=0,
+            )
+        )
         return
     run(
         Options(

@@ -307,7 +307,6 @@ def measure_shape(
 
     print(f"{shape.name}: {BACKFILL_DAYS}-day backfill ...", flush=True)
     backfill_days = [next_day + timedelta(days=n) for n in range(1, BACKFILL_DAYS + 1)]
-    results.days["morning"] = last
     # Users sign up all along the demo's history, so the days of the range grow: the day they
     # are compared with is the middle one, rebuilt (rolled forward) after each backfill.
     middle_day = backfill_days[BACKFILL_DAYS // 2]
@@ -321,18 +320,8 @@ def measure_shape(
     backfill, results.peak_rss["backfill"] = run_worker(plan, main.config_path, workdir)
     results.backfill = by_label(backfill)
 
-    print(f"{shape.name}: the morning's critical path ...", flush=True)
-    start_date = yaml.safe_load(main.config_path.read_text())["start_date"]
-    morning_config = write_critical_path_config(
-        workdir / f"{make_url(main.url).database}_morning", main.url, start_date
-    )
-    results.morning_writes = capture_half_an_hour(main.url, end)
-    (morning,), results.peak_rss["critical path"] = run_worker(
-        [critical_path_step("critical path", main.url, morning_config, last)],
-        morning_config,
-        workdir,
-    )
-    results.morning = morning["parts"]
+    results.days["morning"] = last
+    measure_morning(results, end, workdir)
 
     print(f"{shape.name}: growth with history ({options.growth_users:,} users) ...", flush=True)
     for history in HISTORIES:
@@ -376,6 +365,23 @@ def measure_shape(
     server.drop(main.plain_copy)
     server.drop(main.url)
     return results
+
+
+def measure_morning(results: ShapeResults, end: datetime, workdir: Path) -> None:
+    """The critical path of `results.days["morning"]` on the shape's database."""
+    main = results.main
+    print(f"{results.shape.name}: the morning's critical path ...", flush=True)
+    start_date = yaml.safe_load(main.config_path.read_text())["start_date"]
+    morning_config = write_critical_path_config(
+        workdir / f"{make_url(main.url).database}_morning", main.url, start_date
+    )
+    results.morning_writes = capture_half_an_hour(main.url, end)
+    (morning,), results.peak_rss["critical path"] = run_worker(
+        [critical_path_step("critical path", main.url, morning_config, results.days["morning"])],
+        morning_config,
+        workdir,
+    )
+    results.morning = morning["parts"]
 
 
 @dataclass
@@ -752,6 +758,41 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+def run_morning(options: Options) -> None:
+    """`python -m benchmarks morning`: the critical path alone, on a database seeded for it
+    (the `HISTORY_DAYS` daily runs before the measured day build its snapshots and episodes)."""
+    started = time.perf_counter()
+    server = ScratchServer(options.server_url)
+    zone = ZoneInfo(make_config(options.server_url).timezone)
+    end = datetime.combine(datetime.now(zone).date(), clock.min, tzinfo=zone)
+    sections = []
+    try:
+        with TemporaryDirectory(prefix="retention-bench-") as directory:
+            for name in options.shapes:
+                shape = SHAPES[name]
+                print(f"{name}: building {options.users:,} users ...", flush=True)
+                main = build_database(
+                    server, shape, options.users, shape.days, end, Path(directory)
+                )
+                last = end.date() - timedelta(days=1)
+                results = ShapeResults(shape, main, {"morning": last})
+                measure_morning(results, end, Path(directory))
+                lines, targets = render_morning(results)
+                sections += [f"## {name}: {options.users:,} users, {shape.description}", *lines]
+                sections += [
+                    "",
+                    *(f"Target: {row[1]}: {row[2]} ({row[3]}: {row[4]})" for row in targets),
+                    "",
+                ]
+                server.drop(main.url)
+    finally:
+        server.drop_all()
+    report = "\n".join(["# The morning's critical path", "", *sections])
+    options.output.write_text(report)
+    print(report)
+    print(f"wrote {options.output} in {(time.perf_counter() - started) / 60:.1f} minutes")
 
 
 def run(options: Options) -> None:
