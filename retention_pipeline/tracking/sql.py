@@ -144,7 +144,7 @@ class TrackingSql:
         (`python -m benchmarks sources`). Every writer of the rollup holds the schema's lock, so
         no other transaction adds rows to a day between the probe and the insert.
         `into_emptied_days`: the rollup holds nothing of these days (they were just deleted, or
-        are being rebuilt), so no day is probed. Rows are sorted (bytewise, the cheapest order,
+        are being rebuilt), so no day is probed. Keys are sorted (bytewise, the cheapest order,
         and the index's own in a C or C.UTF-8 database) so the indexes are written in one sweep.
         Returns per day: user-days, events and sessions added."""
         s = self.q_schema
@@ -166,23 +166,23 @@ class TrackingSql:
         actions = self._fold_insert(
             f"""INSERT INTO {s}.action_daily AS t (user_id, day, event_name, event_count, last_at)
                 SELECT user_id, day, event_name, n, last_at
-                FROM per_key JOIN days USING (day) WHERE kind = 'e' AND {{held}}
-                ORDER BY user_id COLLATE "C", day, event_name COLLATE "C"
+                FROM per_key WHERE kind = 'e' AND {{held}}
+                ORDER BY user_id, day, event_name
             """,
             """ON CONFLICT (user_id, day, event_name) DO UPDATE
                 SET event_count = t.event_count + EXCLUDED.event_count,
                     last_at = greatest(t.last_at, EXCLUDED.last_at)""",
-            "",
             into_emptied_days,
         )
         daily = self._fold_insert(
             f"""INSERT INTO {s}.activity_daily AS t
                     (user_id, day, event_count, session_count, last_event_at, last_session_at,
                      active_slots, visit_count)
-                SELECT user_id, day, events, sessions, last_event_at, last_session_at, slots,
-                       {visit_count_sql("slots", visit_gap_minutes)}
-                FROM per_day JOIN days USING (day) WHERE {{held}}
-                ORDER BY user_id COLLATE "C", day
+                SELECT user_id, day, day_events, day_sessions, day_last_event_at,
+                       day_last_session_at, day_slots,
+                       {visit_count_sql("day_slots", visit_gap_minutes)}
+                FROM per_key WHERE first_of_day AND {{held}}
+                ORDER BY user_id, day
             """,
             f"""ON CONFLICT (user_id, day) DO UPDATE
                 SET event_count = t.event_count + EXCLUDED.event_count,
@@ -191,58 +191,55 @@ class TrackingSql:
                     last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
                     active_slots = t.active_slots | EXCLUDED.active_slots,
                     visit_count = {merged_visits}""",
-            "RETURNING day",
             into_emptied_days,
         )
+        # The keys are sorted once, and everything after reads them in that order: each
+        # user-day's totals are a window over its keys (no second aggregate, no join back), and
+        # each insert's ORDER BY finds its rows already sorted (a check, not a sort).
         return f"""
             WITH source AS ({source}),
             per_key AS (
-                SELECT kind, user_id, day, event_name,
-                       sum(n)::integer AS n, max(at) FILTER (WHERE n > 0) AS last_at,
-                       bit_or({slot_sql("at", "day", tz)}) FILTER (WHERE n > 0) AS slots
-                FROM (SELECT *, (at AT TIME ZONE {tz})::date AS day FROM source) AS dated
-                GROUP BY 1, 2, 3, 4
-                HAVING sum(n) > 0
+                SELECT kind, user_id, day, event_name, n, last_at,
+                       row_number() OVER user_day = 1 AS first_of_day,
+                       coalesce(sum(n) FILTER (WHERE kind = 'e') OVER user_day, 0) AS day_events,
+                       coalesce(sum(n) FILTER (WHERE kind = 's') OVER user_day, 0)
+                           AS day_sessions,
+                       max(last_at) FILTER (WHERE kind = 'e') OVER user_day AS day_last_event_at,
+                       max(last_at) FILTER (WHERE kind = 's') OVER user_day
+                           AS day_last_session_at,
+                       bit_or(slots) OVER user_day AS day_slots
+                FROM (
+                    SELECT kind, user_id COLLATE "C" AS user_id, day,
+                           event_name COLLATE "C" AS event_name,
+                           sum(n)::integer AS n, max(at) FILTER (WHERE n > 0) AS last_at,
+                           bit_or({slot_sql("at", "day", tz)}) FILTER (WHERE n > 0) AS slots
+                    FROM (SELECT *, (at AT TIME ZONE {tz})::date AS day FROM source) AS dated
+                    GROUP BY 1, 2, 3, 4
+                    HAVING sum(n) > 0
+                    ORDER BY user_id, day, kind, event_name
+                ) AS keys
+                WINDOW user_day AS (PARTITION BY user_id, day)
             ),
-            days AS (
-                SELECT day, {held} AS held FROM (SELECT DISTINCT day FROM per_key) AS days
-            ),
-            {", ".join(f"actions_{n} AS ({statement})" for n, statement in enumerate(actions))},
-            per_day AS (
-                SELECT user_id, day,
+            day_totals AS (
+                SELECT day, count(*) FILTER (WHERE first_of_day) AS user_days,
                        coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
-                       coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions,
-                       max(last_at) FILTER (WHERE kind = 'e') AS last_event_at,
-                       max(last_at) FILTER (WHERE kind = 's') AS last_session_at,
-                       bit_or(slots) AS slots
-                FROM per_key
-                GROUP BY 1, 2
-            ),
-            {", ".join(f"daily_{n} AS ({statement})" for n, statement in enumerate(daily))},
-            user_days AS (
-                SELECT day, count(*) AS user_days
-                FROM ({" UNION ALL ".join(f"SELECT day FROM daily_{n}" for n in range(len(daily)))})
-                    AS daily
-                GROUP BY day
-            ),
-            rows_added AS (
-                SELECT day, coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
                        coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions
                 FROM per_key GROUP BY day
-            )
-            SELECT day, user_days.user_days, rows_added.events, rows_added.sessions
-            FROM user_days JOIN rows_added USING (day)"""
+            ),
+            days AS (SELECT day, {held} AS held FROM day_totals AS days),
+            {", ".join(f"actions_{n} AS ({statement})" for n, statement in enumerate(actions))},
+            {", ".join(f"daily_{n} AS ({statement})" for n, statement in enumerate(daily))}
+            SELECT day, user_days, events, sessions FROM day_totals"""
 
     @staticmethod
-    def _fold_insert(
-        insert: str, upsert: str, returning: str, into_emptied_days: bool
-    ) -> list[str]:
+    def _fold_insert(insert: str, upsert: str, into_emptied_days: bool) -> list[str]:
         """The fold's writes into one rollup table: `insert` (its `{held}` placeholder selects
         the rows) as plain inserts for the days the rollup does not hold, and with the `upsert`
         clause for the days it holds."""
-        statements = [f"{insert.replace('{held}', 'NOT held')} {returning}"]
+        held = "day = ANY (SELECT day FROM days WHERE held)"
+        statements = [insert.replace("{held}", f"NOT ({held})")]
         if not into_emptied_days:
-            statements.append(f"{insert.replace('{held}', 'held')} {upsert} {returning}")
+            statements.append(f"{insert.replace('{held}', held)} {upsert}")
         return statements
 
     def capture_source(self, table: str) -> str:
