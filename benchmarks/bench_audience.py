@@ -214,10 +214,17 @@ def seed_history(engine: Engine, config: RetentionConfig, day: date) -> dict[str
             ON CONFLICT DO NOTHING"""),
             {"day": day, "loop": names[0]},
         )
-        connection.execute(text(f"ANALYZE {s}.episodes"))
-        connection.execute(text(f"ANALYZE {s}.reengagement_audience"))
-        connection.execute(text(f"ANALYZE {s}.email_suppressions"))
+    vacuum_history(engine, config.database.schema_)
     return candidates
+
+
+def vacuum_history(engine: Engine, schema: str) -> None:
+    """The tables the audience reads, vacuumed and analyzed as autovacuum leaves a history of
+    days: no dead rows of the seeding or of a build taken back, statistics up to date."""
+    s = engine.dialect.identifier_preparer.quote_schema(schema)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        for table in ("episodes", "reengagement_audience", "email_suppressions"):
+            connection.execute(text(f"VACUUM (ANALYZE) {s}.{table}"))
 
 
 @dataclass
@@ -235,8 +242,8 @@ class Figures:
 
 
 def take_back_day(engine: Engine, config: RetentionConfig, day: date) -> None:
-    """What the loops' builds of `day` did, taken back (as `seed_history` left it), so that the
-    next build is the day's first, as in the daily run."""
+    """What the loops' builds of `day` did, taken back and vacuumed (as `seed_history` left
+    it), so that the next build is the day's first, as in the daily run."""
     s = engine.dialect.identifier_preparer.quote_schema(config.database.schema_)
     params = {"loops": [loop.name for loop in config.loops], "day": day}
     with engine.begin() as connection:
@@ -255,6 +262,7 @@ def take_back_day(engine: Engine, config: RetentionConfig, day: date) -> None:
                      WHERE ended_on = :day AND loop_name = ANY(:loops)"""),
             params,
         )
+    vacuum_history(engine, config.database.schema_)
 
 
 def measure(
