@@ -31,7 +31,7 @@ from datetime import date
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from retention_pipeline.audience.build import build_audience
+from retention_pipeline.audience.build import AudienceSummary, build_audience
 from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.database.day_partitions import ensure_day_partition
 from retention_pipeline.database.migrate import upgrade
@@ -157,8 +157,9 @@ def seed_history(engine: Engine, config: RetentionConfig, day: date) -> dict[str
                 INSERT INTO {s}.episodes (loop_name, user_id, started_on, ended_on, end_reason)
                 SELECT :loop, user_id,
                        CASE WHEN rank > :open THEN :day - 20 - draw % 60
-                            -- One in 20 came back since: the day ends their episode.
-                            WHEN draw % 20 = 0 THEN :day - 1 - draw % :open_days
+                            -- One in 20 came back since (on their last activity): the day
+                            -- ends their episode.
+                            WHEN draw % 20 = 0 AND idle < 1000 THEN :day - idle - 1 - draw % 5
                             ELSE :day - 1 - draw % greatest(1, least(:open_days, idle - 7))
                        END AS started_on,
                        CASE WHEN rank > :open
@@ -234,6 +235,8 @@ class Figures:
     candidates: dict[str, int] = field(default_factory=dict)
     assigned: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    summaries: dict[str, AudienceSummary] = field(default_factory=dict)
+    """Each loop's summary of its last build: who was assigned, who excluded and why."""
 
     @property
     def total_seconds(self) -> list[float]:
@@ -298,6 +301,7 @@ def measure(
                         candidates=candidates[loop.name],
                     )
                 figures.seconds.setdefault(loop.name, []).append(time.perf_counter() - started)
+                figures.summaries[loop.name] = summary
                 figures.candidates[loop.name] = summary.candidates
                 figures.open_episodes[loop.name] = open_episodes.get(loop.name, 0)
                 figures.assigned[loop.name] = summary.treatment + summary.holdout + summary.withheld
