@@ -7,14 +7,17 @@ python -m benchmarks morning --users N [--shape wide|deep|both] [--url URL]
 python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
 [--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
 [--output benchmarks/RESULTS-sources.md]: the activity sources' and the drain's figures alone
-(`run` measures them too, with its --capture-seconds and --repeats, unless --skip-sources)."""
+(`run` measures them too, with its --capture-seconds and --repeats, unless --skip-sources).
+
+python -m benchmarks audience --users N [N ...] [--url URL] [--repeats R]: the audience step of
+three loops at each size, on scratch databases of its own, as a Markdown table on stdout."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from benchmarks import bench_sources
+from benchmarks import bench_audience, bench_sources
 from benchmarks.run import SHAPES, Options, run, run_morning
 from retention_pipeline.database.connection import normalize_url
 
@@ -68,7 +71,20 @@ def main() -> None:
     sources.add_argument("--active-users", type=int, default=defaults.active_users)
     sources.add_argument("--drain-repeats", type=int, default=defaults.drain_repeats)
     sources.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-sources.md"))
+    audience = commands.add_parser(
+        "audience", help="the audience step of three loops, one scratch database per size"
+    )
+    audience.add_argument("--users", type=int, nargs="+", required=True)
+    audience.add_argument("--url", default=DEFAULT_URL)
+    audience.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.command == "audience":
+        results = [
+            bench_audience.measure_scratch(normalize_url(args.url), users, args.repeats)
+            for users in args.users
+        ]
+        print(bench_audience.render(results))
+        return
     if args.command == "sources":
         options = bench_sources.Options(
             seconds=args.seconds,

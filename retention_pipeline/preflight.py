@@ -265,12 +265,13 @@ def _plan_recorded(
     recorder instead of a connection (it binds the same values a run does)."""
     recorder = _StatementRecorder(engine.dialect)
     build(recorder)  # type: ignore[arg-type]
-    # A temporary table the statements use is created for real: DDL has no plan, and a
-    # read-only transaction may not create one. It goes with the rollback.
+    # A temporary table the statements use is created (and analyzed) for real, and the
+    # transaction's settings made: they have no plan, and a read-only transaction may not create
+    # a table. They go with the rollback.
     setup, planned = [], []
     for clause, parameters in recorder.statements:
-        creates_temp_table = clause.text.lstrip().upper().startswith("CREATE TEMP")
-        (setup if creates_temp_table else planned).append((clause, parameters))
+        prepares = clause.text.lstrip().upper().startswith(("CREATE TEMP", "ANALYZE ", "SET "))
+        (setup if prepares else planned).append((clause, parameters))
     return _explain(engine, report, what, setup, planned)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from benchmarks import bench_audience
 from benchmarks.run import BACKFILL_DAYS, HISTORIES, Options, run
 
 
@@ -77,3 +78,21 @@ def test_the_benchmark_writes_every_section_with_sane_figures(
     rss = next(row for row in rows if "peak RSS" in row)
     assert 20 < float(rss.split("|")[3].split()[0]) < 4096  # MiB: a Python process with Dagster
     assert re.search(r"\| throttled at 2 requests/s \| [0-9]+ emails/s", report)
+
+
+def test_the_audience_benchmark_builds_every_loop_over_a_history_that_takes_every_path(
+    postgres_server_url: str,
+) -> None:
+    figures = bench_audience.measure_scratch(postgres_server_url, users=10_000, repeats=2)
+
+    assert list(figures.seconds) == ["re_engagement", "re_engagement_2", "re_engagement_3"]
+    assert all(len(seconds) == 2 for seconds in figures.seconds.values())
+    assert set(figures.open_episodes.values()) == {300}
+    assert all(figures.assigned.values())
+    summaries = figures.summaries.values()
+    for arm in ("treatment", "holdout", "withheld", "returned"):
+        assert sum(getattr(summary, arm) for summary in summaries), arm
+    assert {step for summary in summaries for step in summary.by_step} == {0, 1, 2}
+    for reason in ("no_email", "suppressed", "shared_address", "frequency_cap", "cooldown"):
+        assert sum(summary.excluded[reason] for summary in summaries), reason
+    assert "| 10,000 | all 3 loops |" in bench_audience.render([figures])

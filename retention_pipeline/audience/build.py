@@ -51,6 +51,7 @@ from retention_pipeline.audience.experiment import (
     record_period,
 )
 from retention_pipeline.config.models import Loop, RetentionConfig
+from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.outcomes.decisions import decisions_in_force
 from retention_pipeline.recipients.addresses import (
     EMAIL_ADDRESS_SQL_PATTERN,
@@ -194,6 +195,47 @@ def _simulated(
     ).scalar_one()
 
 
+def _open_episodes_due(connection: Connection, s: str, params: dict) -> None:
+    """The temporary table `audience_due`: per open episode of the loop (those started today
+    included), its period, the arm of its first assignment (None before one), its earliest step
+    due and not had yet (None when none is, or only paused ones: `paused_step_due`). Joins,
+    linear in the open episodes, then statistics of its own, so the statement that judges them
+    plans for their real number whatever the episodes' statistics say (this transaction just
+    started some)."""
+    connection.execute(
+        text(f"""
+        CREATE TEMP TABLE audience_due ON COMMIT DROP AS
+        WITH open_episodes AS (
+            SELECT e.user_id, e.started_on, e.period FROM {s}.episodes AS e
+            WHERE e.loop_name = :loop AND e.ended_on IS NULL
+        ),
+        past AS (
+            SELECT had.user_id, array_agg(had.step) AS steps,
+                   (array_agg(had.arm ORDER BY had.partition_date))[1] AS first_arm
+            FROM {s}.reengagement_audience AS had
+            JOIN open_episodes AS o ON o.user_id = had.user_id AND o.started_on = had.episode_start
+            WHERE had.loop_name = :loop
+            GROUP BY had.user_id
+        )
+        SELECT o.user_id, o.started_on, o.period, past.first_arm, open_steps.step,
+               open_steps.paused_step_due
+        FROM open_episodes AS o
+        LEFT JOIN past ON past.user_id = o.user_id
+        CROSS JOIN LATERAL (
+            SELECT (min(planned.i - 1) FILTER (
+                        WHERE NOT (planned.step ->> 'paused')::boolean))::int AS step,
+                   coalesce(bool_or((planned.step ->> 'paused')::boolean), false)
+                       AS paused_step_due
+            FROM jsonb_array_elements({PLAN.format(period="o.period")} -> 'steps')
+                WITH ORDINALITY AS planned(step, i)
+            WHERE (planned.step ->> 'delay_days')::int <= :day - o.started_on
+              AND NOT coalesce(planned.i - 1 = ANY(past.steps), false)
+        ) AS open_steps"""),
+        params,
+    )
+    connection.execute(text("ANALYZE audience_due"))
+
+
 def build_audience(
     connection: Connection,
     *,
@@ -203,13 +245,15 @@ def build_audience(
     candidates: set[str],
     now: datetime | None = None,
 ) -> AudienceSummary:
-    """Replace the loop's audience of `day`, in the caller's transaction. Built at `now`
-    outside the send window, its assignments are `simulated` (see `_simulated`): history that
-    never enters the performance, the decisions or the variant shares. Raises
-    DesignChangeRefused when the loop's design differs from the one the day (or a later one) was
-    assigned under (see `audience.experiment`)."""
+    """Replace the loop's audience of `day`, in the caller's transaction (whose rest runs under
+    the batch settings, `tune_for_batch`: no JIT). Built at `now` outside the send window, its
+    assignments are `simulated` (see `_simulated`): history that never enters the performance,
+    the decisions or the variant shares. Raises DesignChangeRefused when the loop's design
+    differs from the one the day (or a later one) was assigned under (see
+    `audience.experiment`)."""
     schema = config.database.schema_
     s = connection.dialect.identifier_preparer.quote_schema(schema)
+    tune_for_batch(connection)
     simulated = _simulated(connection, s, loop.name, day, now, config.timezone)
     period = record_period(connection, schema, config, loop, day)
     _undo_day(connection, s, loop.name, day)
@@ -232,6 +276,23 @@ def build_audience(
         ),
         "simulated": simulated,
     }
+    ids = sorted(candidates)
+    # The day's snapshot of the users this build reads (the candidates, and those of the loop's
+    # episodes open or in their cooldown), read once, with statistics of its own.
+    connection.execute(
+        text(f"""
+        CREATE TEMP TABLE audience_people ON COMMIT DROP AS
+        SELECT snap.user_id, snap.email, snap.last_activity_at
+        FROM {s}.user_activity_snapshot AS snap
+        WHERE snap.partition_date = :day AND snap.user_id IN (
+            SELECT unnest(CAST(:ids AS text[]))
+            UNION
+            SELECT e.user_id FROM {s}.episodes AS e
+            WHERE e.loop_name = :loop AND (e.ended_on IS NULL OR e.ended_on > :day - :cooldown)
+        )"""),
+        {"ids": ids, **params},
+    )
+    connection.execute(text("ANALYZE audience_people"))
     connection.execute(
         text(
             "CREATE TEMP TABLE audience_candidates (user_id text PRIMARY KEY, mailbox text) "
@@ -246,16 +307,16 @@ def build_audience(
                CASE WHEN {trimmed_address_sql("snap.email")} ~ :email_pattern
                     THEN {mailbox_sql("snap.email")} END
         FROM (SELECT DISTINCT unnest(CAST(:ids AS text[])) AS user_id) AS c
-        LEFT JOIN {s}.user_activity_snapshot AS snap
-            ON snap.partition_date = :day AND snap.user_id = c.user_id"""),
-        {"ids": sorted(candidates), **params},
+        LEFT JOIN audience_people AS snap ON snap.user_id = c.user_id"""),
+        {"ids": ids, **params},
     )
+    connection.execute(text("ANALYZE audience_candidates"))
     returned = connection.execute(
         text(f"""
         UPDATE {s}.episodes AS e SET ended_on = :day, end_reason = 'returned'
-        FROM {s}.user_activity_snapshot AS snap
+        FROM audience_people AS snap
         WHERE e.loop_name = :loop AND e.ended_on IS NULL AND e.started_on < :day
-          AND snap.partition_date = :day AND snap.user_id = e.user_id
+          AND snap.user_id = e.user_id
           AND snap.last_activity_at >= (e.started_on + 1)::timestamp AT TIME ZONE :tz"""),
         params,
     ).rowcount
@@ -275,8 +336,7 @@ def build_audience(
             SELECT {mailbox_sql("snap.email")} AS mailbox,
                    bool_or(r.ended_on IS NULL) AS in_episode
             FROM recent_episodes AS r
-            JOIN {s}.user_activity_snapshot AS snap
-                ON snap.partition_date = :day AND snap.user_id = r.user_id
+            JOIN audience_people AS snap ON snap.user_id = r.user_id
             GROUP BY 1
         ),
         judged AS (
@@ -304,34 +364,19 @@ def build_audience(
     salt = f"({d_plan} ->> 'salt')"
     holdout_bucket = HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt)
     step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt, step="d.step")
+    _open_episodes_due(connection, s, params)
     counts = connection.execute(
         text(f"""
-        WITH due AS (
-            -- Per open episode, from its own few steps: linear in episodes, whatever the
-            -- planner believes of the episodes this transaction just started.
-            SELECT e.user_id, e.started_on, e.period, open_steps.step,
-                   open_steps.paused_step_due
-            FROM {s}.episodes AS e
-            CROSS JOIN LATERAL (
-                SELECT (min(i - 1) FILTER (WHERE NOT paused))::int AS step,
-                       coalesce(bool_or(paused), false) AS paused_step_due
-                FROM (
-                    SELECT planned.i, (planned.step ->> 'paused')::boolean AS paused
-                    FROM jsonb_array_elements({PLAN.format(period="e.period")} -> 'steps')
-                        WITH ORDINALITY AS planned(step, i)
-                    WHERE (planned.step ->> 'delay_days')::int <= :day - e.started_on
-                      AND NOT EXISTS (
-                          SELECT FROM {s}.reengagement_audience AS past
-                          WHERE past.loop_name = :loop AND past.user_id = e.user_id
-                            AND past.episode_start = e.started_on AND past.step = i - 1)
-                ) AS steps
-            ) AS open_steps
-            WHERE e.loop_name = :loop AND e.ended_on IS NULL
-        ),
-        recent_mailboxes AS (
-            SELECT DISTINCT {mailbox_sql("recent.email")} AS mailbox
+        WITH recent AS (
+            SELECT recent.user_id, {mailbox_sql("recent.email")} AS mailbox
             FROM {s}.reengagement_audience AS recent
             WHERE recent.partition_date > :day - :cap AND recent.partition_date <= :day
+        ),
+        recent_users AS (SELECT DISTINCT user_id FROM recent),
+        recent_mailboxes AS (SELECT DISTINCT mailbox FROM recent),
+        suppressed AS (
+            SELECT DISTINCT sup.email AS mailbox FROM {s}.email_suppressions AS sup
+            WHERE sup.loop_name IS NULL OR sup.loop_name = :loop
         ),
         judged AS (
             SELECT due.*, {trimmed_address_sql("snap.email")} AS email,
@@ -341,24 +386,20 @@ def build_audience(
                     WHEN due.step IS NULL THEN 'no_step_due'
                     WHEN snap.email IS NULL
                         OR {trimmed_address_sql("snap.email")} !~ :email_pattern THEN 'no_email'
-                    WHEN EXISTS (SELECT FROM {s}.email_suppressions AS sup
-                                 WHERE sup.email = {mailbox_sql("snap.email")}
-                                   AND (sup.loop_name IS NULL OR sup.loop_name = :loop))
-                        THEN 'suppressed'
-                    WHEN EXISTS (SELECT FROM {s}.reengagement_audience AS recent
-                                 WHERE recent.user_id = due.user_id
-                                   AND recent.partition_date > :day - :cap
-                                   AND recent.partition_date <= :day)
-                        OR {mailbox_sql("snap.email")} IN (SELECT mailbox FROM recent_mailboxes)
+                    WHEN sup.mailbox IS NOT NULL THEN 'suppressed'
+                    WHEN recent_user.user_id IS NOT NULL OR recent_mailbox.mailbox IS NOT NULL
                         THEN 'frequency_cap'
                 END AS excluded,
                 ('x' || substr(md5(due.user_id || '/' || ({PLAN.format(period="due.period")}
                     ->> 'salt') || '/variant' || coalesce('/' || ({PLAN.format(period="due.period")}
                     -> 'steps' -> due.step ->> 'decided_on'), '')),
                     1, 8))::bit(32)::bigint / 4294967296.0 AS variant_position
-            FROM due
-            LEFT JOIN {s}.user_activity_snapshot AS snap
-                ON snap.partition_date = :day AND snap.user_id = due.user_id
+            FROM audience_due AS due
+            LEFT JOIN audience_people AS snap ON snap.user_id = due.user_id
+            LEFT JOIN suppressed AS sup ON sup.mailbox = {mailbox_sql("snap.email")}
+            LEFT JOIN recent_users AS recent_user ON recent_user.user_id = due.user_id
+            LEFT JOIN recent_mailboxes AS recent_mailbox
+                ON recent_mailbox.mailbox = {mailbox_sql("snap.email")}
         ),
         -- One step a day per mailbox: the earliest episode's (users of one mailbox in episodes
         -- of their own predate one mailbox, one person), then the lowest user id's.
@@ -380,11 +421,7 @@ def build_audience(
                        -- An episode keeps the arm of its first step (a withheld step is one of
                        -- a treated episode).
                        WHEN coalesce(
-                           (SELECT first.arm = 'holdout'
-                            FROM {s}.reengagement_audience AS first
-                            WHERE first.loop_name = :loop AND first.user_id = d.user_id
-                              AND first.episode_start = d.started_on
-                            ORDER BY first.partition_date LIMIT 1),
+                           d.first_arm = 'holdout',
                            {holdout_bucket} < ({d_plan} ->> 'holdout_per_10000')::int)
                            THEN 'holdout'
                        WHEN d.step > 0
