@@ -7,7 +7,7 @@ rerun a week later, renders the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -47,11 +47,12 @@ def treatment_rows(
     day: date,
     unclaimed_only: bool = False,
     shard: Shard = WHOLE_LOOP,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """The loop's treatment rows of `reengagement_audience` for `day` whose users are in
-    `shard`, with what the snapshot of that day knows about each user, ordered by user id. Also
-    the rows `claim` pairs emails with. `unclaimed_only` leaves out rows already in the send log,
-    whose content is fixed there."""
+    `shard`, with what the snapshot of that day knows about each user, ordered by user id (the
+    first `limit` of them, when given). Also the rows `claim` pairs emails with.
+    `unclaimed_only` leaves out rows already in the send log, whose content is fixed there."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     unclaimed = f"""AND NOT EXISTS (
                 SELECT FROM {s}.email_send_log AS log
@@ -68,8 +69,9 @@ def treatment_rows(
             WHERE a.partition_date = :day AND a.loop_name = :loop AND a.arm = 'treatment'
               AND {user_in_shard("a.user_id")}
               {unclaimed if unclaimed_only else ""}
-            ORDER BY a.user_id"""),
-        {"day": day, "loop": loop_name, **shard.params},
+            ORDER BY a.user_id
+            LIMIT :limit"""),
+        {"day": day, "loop": loop_name, "limit": limit, **shard.params},
     )
     return [dict(row) for row in result.mappings()]
 
@@ -84,9 +86,10 @@ def compose_emails(
     unsubscribe_secret: str,
     unclaimed_only: bool = False,
     shard: Shard = WHOLE_LOOP,
+    rows: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[OutgoingEmail]:
     """One rendered email per treatment row of the loop's audience for `day` whose user is in
-    `shard`, in user-id order.
+    `shard`, in user-id order; of `rows` (`treatment_rows` of the day), when given.
 
     Each renders the template of the row's step with the row's variant. The unsubscribe link and
     the RFC 8058 headers carry an HMAC token of the user and the loop, signed with
@@ -96,14 +99,15 @@ def compose_emails(
     as_of = day_end(day, config.timezone)
     base_url = config.email.unsubscribe_url
     emails = []
-    rows = treatment_rows(
-        connection,
-        schema=schema,
-        loop_name=loop.name,
-        day=day,
-        unclaimed_only=unclaimed_only,
-        shard=shard,
-    )
+    if rows is None:
+        rows = treatment_rows(
+            connection,
+            schema=schema,
+            loop_name=loop.name,
+            day=day,
+            unclaimed_only=unclaimed_only,
+            shard=shard,
+        )
     # A row's step is an index into its experiment period's steps, which may be ordered
     # otherwise than the configuration's now: the row's template is the step.
     steps = {step.action.template: step for step in loop.steps}

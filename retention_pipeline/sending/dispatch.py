@@ -55,6 +55,22 @@ class DispatchReport:
     """The same changes by partition day: 'sent' and 'failed' (expired, suppressed and erased
     included)."""
 
+    def then(self, later: DispatchReport) -> DispatchReport:
+        """This dispatch followed by `later` of the same run: the changes of both, and what
+        `later` left claimed."""
+        by_day = {day: Counter(changes) for day, changes in self.by_day.items()}
+        for day, changes in later.by_day.items():
+            by_day.setdefault(day, Counter()).update(changes)
+        return DispatchReport(
+            sent=self.sent + later.sent,
+            failed=self.failed + later.failed,
+            still_pending=later.still_pending,
+            expired=self.expired + later.expired,
+            suppressed=self.suppressed + later.suppressed,
+            erased=self.erased + later.erased,
+            by_day=by_day,
+        )
+
     def __str__(self) -> str:
         sentence = f"{self.sent} sent, {self.failed} failed"
         if self.expired:

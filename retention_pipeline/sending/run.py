@@ -18,9 +18,10 @@ from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.recipients.delivery import delivery_counts
 from retention_pipeline.segments.calendar import send_window
-from retention_pipeline.sending.compose import compose_emails
+from retention_pipeline.sending.compose import compose_emails, treatment_rows
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
 from retention_pipeline.sending.send_log import (
+    BATCH_SIZE,
     claim,
     days_with_emails,
     record_members_gone,
@@ -109,7 +110,8 @@ def send_loop_day(
 ) -> SendRunReport:
     """Claim the loop's treated audience of `day` (and of the recent days before it) in the send
     log, then send everything of the loop not yet confirmed; of the users in `shard` only, when
-    several runs send the loop.
+    several runs send the loop. Of each day, one batch is claimed and sent before the rest is
+    rendered and claimed, so the first email does not wait for the whole day's.
 
     Only one sender per loop and shard runs at a time (`sender_lock`, named `holder`); another
     raises `SenderBusy` before claiming anything. Audience days older than the send window at
@@ -138,28 +140,63 @@ def send_loop_day(
                 loop.name,
                 day,
             )
+
+        def dispatch_pending() -> DispatchReport:
+            return send_pending(
+                engine,
+                schema=schema,
+                loop_name=loop.name,
+                sender=sender,
+                provider=provider,
+                log=log,
+                shard=shard,
+                keep_going=still_sending,
+                # An account the app disabled after the audience was built is not emailed.
+                record_gone=lambda connection, batch: record_members_gone(
+                    connection, config=config, loop_name=loop.name, batch_key=batch
+                ),
+            )
+
+        dispatch: DispatchReport | None = None
         claimed: dict[date, int] = {}
         for audience_day in audience_days:
-            with engine.begin() as connection:
-                emails = compose_emails(
-                    connection,
-                    schema=schema,
-                    config=config,
-                    loop=loop,
-                    day=audience_day,
-                    unsubscribe_secret=unsubscribe_secret,
-                    # Claimed emails keep their stored content: rendering them again is waste.
-                    unclaimed_only=True,
-                    shard=shard,
-                )
-                claimed[audience_day] = claim(
-                    connection,
-                    schema=schema,
-                    loop_name=loop.name,
-                    day=audience_day,
-                    emails=emails,
-                    shard=shard,
-                )
+            claimed[audience_day] = 0
+            # One batch is claimed and sent before the rest is rendered, so the first email
+            # leaves without waiting for the whole day's.
+            for limit in (BATCH_SIZE, None):
+                with engine.begin() as connection:
+                    rows = treatment_rows(
+                        connection,
+                        schema=schema,
+                        loop_name=loop.name,
+                        day=audience_day,
+                        # Claimed emails keep their stored content: rendering them again is waste.
+                        unclaimed_only=True,
+                        shard=shard,
+                        limit=limit,
+                    )
+                    emails = compose_emails(
+                        connection,
+                        schema=schema,
+                        config=config,
+                        loop=loop,
+                        day=audience_day,
+                        unsubscribe_secret=unsubscribe_secret,
+                        rows=rows,
+                    )
+                    claimed[audience_day] += claim(
+                        connection,
+                        schema=schema,
+                        loop_name=loop.name,
+                        day=audience_day,
+                        emails=emails,
+                        audience_rows=rows,
+                        shard=shard,
+                    )
+                if limit is None or len(rows) < limit:
+                    break
+                dispatched = dispatch_pending()
+                dispatch = dispatched if dispatch is None else dispatch.then(dispatched)
             if claimed[audience_day]:
                 log.info(
                     "%s: claimed %d new emails of audience day %s",
@@ -167,20 +204,9 @@ def send_loop_day(
                     claimed[audience_day],
                     audience_day,
                 )
-        dispatch = send_pending(
-            engine,
-            schema=schema,
-            loop_name=loop.name,
-            sender=sender,
-            provider=provider,
-            log=log,
-            shard=shard,
-            keep_going=still_sending,
-            # An account the app disabled after the audience was built is not emailed.
-            record_gone=lambda connection, batch: record_members_gone(
-                connection, config=config, loop_name=loop.name, batch_key=batch
-            ),
-        )
+        # The rest of what was claimed, and what earlier runs left claimed.
+        dispatched = dispatch_pending()
+        dispatch = dispatched if dispatch is None else dispatch.then(dispatched)
     with engine.connect() as connection:
         days = sorted(
             set(_days_changed(day, claimed, dispatch))

@@ -177,8 +177,7 @@ def make_sender(clock: FakeClock | None = None, **overrides: Any) -> ResendSende
 
 class ActingAfterFirstRequest:
     """A `ResendSender` that runs `action` once its first request is answered: an unsubscribe,
-    an erasure or a lost lock landing while the dispatch is underway, after every batch was
-    claimed."""
+    an erasure or a lost lock landing while the send run is underway, its first batch sent."""
 
     def __init__(self, sender: ResendSender, action: Callable[[], None]) -> None:
         self._sender = sender

@@ -102,6 +102,27 @@ def test_a_sender_whose_lock_connection_is_terminated_stops_before_its_next_batc
     assert statuses(sending_db.engine) == {"sent": 250}
 
 
+def test_the_first_batch_goes_out_before_the_rest_of_the_day_is_rendered_and_claimed(
+    sending_db: SendingDatabase, fake_resend: FakeResend
+) -> None:
+    add_users(sending_db.engine, users(250))
+    seen: list[dict[str, int]] = []
+    sender = ActingAfterFirstRequest(
+        make_sender(), lambda: seen.append(statuses(sending_db.engine))
+    )
+
+    report = send_run(sending_db, sender)
+
+    assert seen == [{"claimed": 100}]
+    assert (report.claimed[DAY], report.dispatch.sent, report.dispatch.still_pending) == (
+        250,
+        250,
+        0,
+    )
+    assert len(fake_resend.requests) == 3
+    assert statuses(sending_db.engine) == {"sent": 250}
+
+
 def test_a_sender_whose_run_is_no_longer_alive_stops_and_a_later_run_sends_the_rest_once(
     sending_db: SendingDatabase, fake_resend: FakeResend
 ) -> None:
@@ -198,7 +219,9 @@ def test_the_send_op_stops_before_its_next_batch_once_its_run_is_no_longer_start
         assert len(fake.requests) == 1
         assert statuses(sending_db.engine) == {"sent": 100, "claimed": 150}
         messages = [entry.user_message for entry in instance.all_logs(dead.run_id)]
-        assert any("stopping before batch 2 of 3" in message for message in messages)
+        # The first batch went out alone, before the rest was claimed: the stop came before the
+        # first of the other two.
+        assert any("stopping before batch 1 of 2" in message for message in messages)
 
         retry = job.execute_in_process(
             partition_key=send_partition_key(day.isoformat(), 0),
