@@ -50,8 +50,8 @@ def rolled_forward_sql(
                    ), '[]'::jsonb)
                END"""
     # Every action of the day is newer than any the day before's list holds: a user who acted
-    # on the day gets the day's latest actions, then those of the kept list not done again that
-    # day, as far as there is room. Plain JSON path calls: nothing re-sorted, no subquery run
+    # on the day gets the day's actions, then those of the kept list not done again that day,
+    # the first `:last_actions` of them. Plain JSON path calls: nothing re-sorted, no subquery run
     # per user.
     kept_actions = f"""CASE
                    WHEN t.user_id IS NULL THEN {kept_before}
@@ -74,20 +74,13 @@ def rolled_forward_sql(
             WHERE p.partition_date = CAST(:day AS date) - 1
         ),
         todays_actions AS (
-            -- Each user's latest distinct actions of the day (`:last_actions` at most), newest
-            -- first, as the snapshot lists them.
-            SELECT ranked.user_id, jsonb_agg(ranked.event_name) AS names,
-                   jsonb_agg(jsonb_build_object('name', ranked.event_name, 'at', ranked.last_at)
-                             ORDER BY ranked.last_at DESC, ranked.event_name) AS actions
-            FROM (
-                SELECT x.user_id, x.event_name, x.last_at,
-                       row_number() OVER (PARTITION BY x.user_id
-                                          ORDER BY x.last_at DESC, x.event_name) AS rank
-                FROM {s}.action_daily AS x, bounds AS b
-                WHERE x.day = b.day
-            ) AS ranked
-            WHERE ranked.rank <= CAST(:last_actions AS integer)
-            GROUP BY ranked.user_id
+            -- Each user's actions of the day, newest first, as the snapshot lists them.
+            SELECT x.user_id, jsonb_agg(x.event_name) AS names,
+                   jsonb_agg(jsonb_build_object('name', x.event_name, 'at', x.last_at)
+                             ORDER BY x.last_at DESC, x.event_name) AS actions
+            FROM {s}.action_daily AS x, bounds AS b
+            WHERE x.day = b.day
+            GROUP BY x.user_id
         ),
         window_edges AS (
             SELECT a.user_id,
