@@ -55,11 +55,15 @@ def empty_day_partition(connection: Connection, schema: str, table: str, day: da
     return partition
 
 
-def analyze_day_partition(connection: Connection, schema: str, table: str, day: date) -> None:
+def analyze_day_partition(
+    connection: Connection, schema: str, table: str, day: date, columns: tuple[str, ...] = ()
+) -> None:
     """Statistics of the day just written, so the next step's plans see its real size even
-    where autovacuum has not run (or is off)."""
+    where autovacuum has not run (or is off): of `columns`, or of every column if none."""
     partition = _quoted(connection, schema, f"{table}_{day.strftime(SUFFIX_FORMAT)}")
-    connection.execute(text(f"ANALYZE {partition}"))
+    preparer = connection.dialect.identifier_preparer
+    listed = f" ({', '.join(preparer.quote(column) for column in columns)})" if columns else ""
+    connection.execute(text(f"ANALYZE {partition}{listed}"))
 
 
 def drop_days_before(connection: Connection, schema: str, table: str, first_kept: date) -> int:

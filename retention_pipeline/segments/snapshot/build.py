@@ -22,6 +22,7 @@ from retention_pipeline.segments.snapshot.rolled import (
     users_new_to_the_day_before_sql,
 )
 from retention_pipeline.segments.snapshot.statement import (
+    ANALYZED_COLUMNS,
     AppNames,
     SnapshotError,
     snapshot_parameters,
@@ -85,7 +86,7 @@ def build_snapshot(
         vanished = before - rolled.rowcount
         path = "incremental"
         reason = f"rolled forward from {day - timedelta(days=1)}; {len(new_users)} users new to it"
-    analyze_day_partition(connection, schema, "user_activity_snapshot", day)
+    analyze_day_partition(connection, schema, "user_activity_snapshot", day, ANALYZED_COLUMNS)
     connection.execute(
         text(f"""
             INSERT INTO {s}.snapshot_builds AS b
