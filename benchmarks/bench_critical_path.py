@@ -5,8 +5,10 @@ the first send run it asks for), on a database the main benchmark seeded.
 Three loops, as a team runs them: the shipped re-engagement loop (its seed's query condition)
 and two on built-in segments (`at_risk`, `dormant`), each with the shipped three steps (days 0, 3
 and 7 of an episode), so their open episodes are due at every step. The episodes come from the
-daily runs of the days before (`HISTORY_DAYS`), run the same way; their audiences, built now for
-past days, are simulated (no email of them goes out), so the first send is the measured day's.
+daily runs of the days before (`HISTORY_DAYS`), run the same way, and the recent ones' audiences
+are sent as their mornings sent them, so the measured send run finds only its own day's audience
+to claim (checked). The app's writes since the hourly drain are written once the history is
+done, so the measured drain is the one that folds them.
 The sensor is evaluated the way the daemon evaluates it (its tick's wait, up to its
 `minimum_interval_seconds`, is not counted), then the first send run it asks for is executed
 against the stand-in Resend (a real HTTP server on a thread, unthrottled: the time to the first
@@ -19,7 +21,7 @@ import copy
 import os
 import time
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -99,40 +101,70 @@ def capture_half_an_hour(url: str, end: datetime) -> int:
     return written
 
 
-def critical_path_step(label: str, url: str, config_path: Path, day: date) -> dict:
+def critical_path_step(
+    label: str, url: str, config_path: Path, day: date, capture_end: datetime
+) -> dict:
     """A worker step (see `benchmarks.worker`): the daily runs of the `HISTORY_DAYS` days before
-    `day`, then the critical path of `day`."""
+    `day`, then the critical path of `day`, the app's writes of the half hour after
+    `capture_end` (the start of today) waiting in the capture."""
     return {
         "label": label,
         "url": url,
         "config": str(config_path),
-        "critical_path": {"day": day.isoformat(), "history_days": HISTORY_DAYS},
+        "critical_path": {
+            "day": day.isoformat(),
+            "history_days": HISTORY_DAYS,
+            "capture_end": capture_end.isoformat(),
+        },
     }
 
 
 def run_critical_path(
-    config_path: str, day: date, history: Sequence[date], instance: dg.DagsterInstance
+    config_path: str,
+    day: date,
+    history: Sequence[date],
+    capture_end: datetime,
+    instance: dg.DagsterInstance,
 ) -> dict[str, float]:
-    """Run the history's daily runs, then time `day`'s morning; return seconds per part of
-    `PARTS`, with `total` (the daily run's start to the first accepted email), `emails` (the
-    first send run's accepted emails) and `send run` (its whole time)."""
+    """Run the history's daily runs and the send runs their audiences ask for, write the half
+    hour of app activity (`capture_half_an_hour`), then time `day`'s morning; return seconds per
+    part of `PARTS`, with `total` (the daily run's start to the first accepted email), `emails`
+    (the first send run's accepted emails), `send run` (its whole time) and `app rows` (the
+    activity the morning's drain found)."""
     os.environ[RESEND_KEY_ENV_VAR] = API_KEY
-    definitions = build_definitions(load_config(config_path))
+    config = load_config(config_path)
+    definitions = build_definitions(config)
     daily = definitions.resolve_job_def("daily_retention")
     sensor = definitions.resolve_sensor_def("send_on_new_audience")
-    for earlier in history:
-        if not daily.execute_in_process(
-            partition_key=earlier.isoformat(), instance=instance
-        ).success:
-            raise RuntimeError(f"the daily run of {earlier} failed")
-    # The history's audiences are past days': whatever the sensor makes of them is not this
-    # morning's work.
-    context = dg.build_sensor_context(instance=instance, definitions=definitions)
-    list(sensor(context) or [])
-    cursor = context.cursor
+
+    def send_runs(cursor: str | None) -> tuple[list[dg.RunRequest], str | None]:
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=definitions)
+        requests = [item for item in sensor(context) or [] if isinstance(item, dg.RunRequest)]
+        return requests, context.cursor
+
+    def send(request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+        result = definitions.resolve_job_def(request.job_name).execute_in_process(
+            partition_key=request.partition_key, instance=instance, tags=request.tags
+        )
+        if not result.success:
+            raise RuntimeError(f"the send run {request.run_key} failed")
+        return result
 
     with serve_fake_resend(api_key=API_KEY) as fake:
+        for earlier in history:
+            if not daily.execute_in_process(
+                partition_key=earlier.isoformat(), instance=instance
+            ).success:
+                raise RuntimeError(f"the daily run of {earlier} failed")
+        # The history's recent audiences are sent, as their own mornings sent them: the
+        # measured send run then finds only its own day's audience to claim.
+        requests, cursor = send_runs(None)
+        for request in requests:
+            send(request)
+        app_rows = capture_half_an_hour(config.database.url, capture_end)
+
         started = time.monotonic()
+        started_at = datetime.now(UTC)
         result = daily.execute_in_process(partition_key=day.isoformat(), instance=instance)
         daily_seconds = time.monotonic() - started
         if not result.success:
@@ -145,23 +177,24 @@ def run_critical_path(
         )
 
         sensor_started = time.monotonic()
-        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=definitions)
-        requests = [item for item in sensor(context) or [] if isinstance(item, dg.RunRequest)]
+        requests, _ = send_runs(cursor)
         parts["sensor"] = time.monotonic() - sensor_started
         if not requests:
             raise RuntimeError(f"the sensor asked for no send run of {day}")
-        first = requests[0]
         send_started = time.monotonic()
-        sent = definitions.resolve_job_def(first.job_name).execute_in_process(
-            partition_key=first.partition_key, instance=instance, tags=first.tags
-        )
+        send(requests[0])
         send_seconds = time.monotonic() - send_started
-        if not sent.success:
-            raise RuntimeError(f"the send run {first.run_key} failed")
-        accepted = [request for request in fake.requests if request.status == 200]
+        accepted = [
+            request
+            for request in fake.requests
+            if request.status == 200 and request.arrived_at >= send_started
+        ]
         if not accepted:
-            raise RuntimeError(f"the send run {first.run_key} sent nothing")
+            raise RuntimeError(f"the send run {requests[0].run_key} sent nothing")
         first_accepted = min(request.arrived_at for request in accepted)
+    other_days = emails_of_other_days(config.database.url, config.database.schema_, day, started_at)
+    if other_days:
+        raise RuntimeError(f"the measured send run also sent {other_days} emails of other days")
     parts["send run to first email"] = first_accepted - send_started
     return {
         **parts,
@@ -169,4 +202,19 @@ def run_critical_path(
         "send run": send_seconds,
         "emails": float(sum(len(request.emails) for request in accepted)),
         "send runs asked": float(len(requests)),
+        "app rows": float(app_rows),
     }
+
+
+def emails_of_other_days(url: str, schema: str, day: date, since: datetime) -> int:
+    """Emails of audience days other than `day` first sent at `since` or later."""
+    engine = create_engine(url)
+    s = engine.dialect.identifier_preparer.quote_schema(schema)
+    with engine.connect() as connection:
+        count = connection.execute(
+            text(f"""SELECT count(*) FROM {s}.email_send_log
+                     WHERE partition_date <> :day AND first_attempt_at >= :since"""),
+            {"day": day, "since": since},
+        ).scalar_one()
+    engine.dispose()
+    return count

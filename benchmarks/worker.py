@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -133,7 +133,8 @@ def run_morning(step: dict, instance: dg.DagsterInstance) -> StepResult:
     day = date.fromisoformat(plan["day"])
     history = [day - timedelta(days=n) for n in range(plan["history_days"], 0, -1)]
     started = time.perf_counter()
-    parts = run_critical_path(step["config"], day, history, instance)
+    capture_end = datetime.fromisoformat(plan["capture_end"])
+    parts = run_critical_path(step["config"], day, history, capture_end, instance)
     seconds = time.perf_counter() - started
     return StepResult(step["label"], seconds, parts["total"], 0, parts=parts)
 

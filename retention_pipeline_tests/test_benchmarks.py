@@ -73,7 +73,7 @@ def test_the_benchmark_writes_every_section_with_sane_figures(
         float(value) for value in re.findall(r"^\| [A-Za-z][^|]* \| ([0-9.]+) \|$", morning, re.M)
     ]
     assert len(parts) == 9
-    assert 0 < sum(parts) <= total + 0.01
+    assert 0 < sum(parts) <= total + 0.1  # the parts are rounded to 0.01 s each
     assert int(re.search(r"the first sent ([0-9,]+) emails", morning)[1].replace(",", "")) > 0
     rss = next(row for row in rows if "peak RSS" in row)
     assert 20 < float(rss.split("|")[3].split()[0]) < 4096  # MiB: a Python process with Dagster

@@ -160,6 +160,8 @@ def send_loop_day(
         dispatch: DispatchReport | None = None
         claimed: dict[date, int] = {}
         for audience_day in audience_days:
+            if dispatch is not None and dispatch.still_pending:
+                break
             claimed[audience_day] = 0
             # One batch is claimed and sent before the rest is rendered, so the first email
             # leaves without waiting for the whole day's.
@@ -197,6 +199,10 @@ def send_loop_day(
                     break
                 dispatched = dispatch_pending()
                 dispatch = dispatched if dispatch is None else dispatch.then(dispatched)
+                if dispatch.still_pending:
+                    # Stopped (the run ended, the lock was lost) or refused by the provider: the
+                    # rest is left unclaimed for the retry, and the provider is not asked again.
+                    break
             if claimed[audience_day]:
                 log.info(
                     "%s: claimed %d new emails of audience day %s",
@@ -204,9 +210,10 @@ def send_loop_day(
                     claimed[audience_day],
                     audience_day,
                 )
-        # The rest of what was claimed, and what earlier runs left claimed.
-        dispatched = dispatch_pending()
-        dispatch = dispatched if dispatch is None else dispatch.then(dispatched)
+        if dispatch is None or not dispatch.still_pending:
+            # The rest of what was claimed, and what earlier runs left claimed.
+            dispatched = dispatch_pending()
+            dispatch = dispatched if dispatch is None else dispatch.then(dispatched)
     with engine.connect() as connection:
         days = sorted(
             set(_days_changed(day, claimed, dispatch))

@@ -193,9 +193,8 @@ class TrackingSql:
                     visit_count = {merged_visits}""",
             into_emptied_days,
         )
-        # The keys are sorted once, and everything after reads them in that order: each
-        # user-day's totals are a window over its keys (no second aggregate, no join back), and
-        # each insert's ORDER BY finds its rows already sorted (a check, not a sort).
+        # The keys are sorted once, and each user-day's totals are a window over them in that
+        # order (no second aggregate, no join back to the days).
         return f"""
             WITH source AS ({source}),
             per_key AS (
