@@ -151,6 +151,8 @@ def test_rollup_asset_folds_the_capture_and_reconciles_the_last_day(app_database
     result = dg.materialize([activity_rollup], resources=resources)
     (materialization,) = result.asset_materializations_for_node("retention__activity_rollup")
     assert materialization.metadata["dagster/row_count"].value == 1
+    assert materialization.metadata["users_on_last_day"].value == 1
+    assert materialization.metadata["last_day"].value == materialization.metadata["first_day"].value
     assert materialization.metadata["folded_events"].value == 3
     assert materialization.metadata["folded_sessions"].value == 1
     assert materialization.metadata["tracking_mode"].value == "triggers"

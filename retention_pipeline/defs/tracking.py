@@ -58,9 +58,9 @@ def activity_rollup(
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": status.rows,
-            "users": status.users,
             "first_day": str(status.first_day),
             "last_day": str(status.last_day),
+            "users_on_last_day": status.users_on_last_day,
             "tracking_mode": status.mode,
             "timezone": status.timezone,
             "folded_events": update.events,

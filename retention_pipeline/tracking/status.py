@@ -18,21 +18,25 @@ class RollupStatus:
     mode: str
     timezone: str
     rows: int
-    users: int
     first_day: date | None
     last_day: date | None
+    users_on_last_day: int
+    """Users active on the last day (a row of the rollup is one user's day): counted through the
+    day's index, where a distinct count of every user would read the whole history on every
+    drain, the morning's included."""
 
 
 def rollup_status(connection: Connection, schema: str) -> RollupStatus:
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     row = connection.execute(
         text(f"""
-        SELECT state.mode, state.timezone, rollup.rows, rollup.users, rollup.first_day,
-               rollup.last_day
+        SELECT state.mode, state.timezone,
+               (SELECT count(*) FROM {s}.activity_daily),
+               (SELECT min(day) FROM {s}.activity_daily),
+               last.day,
+               (SELECT count(*) FROM {s}.activity_daily AS a WHERE a.day = last.day)
         FROM {s}.tracking_state AS state,
-             (SELECT count(*) AS rows, count(DISTINCT user_id) AS users,
-                     min(day) AS first_day, max(day) AS last_day
-              FROM {s}.activity_daily) AS rollup""")
+             (SELECT max(day) AS day FROM {s}.activity_daily) AS last""")
     ).one()
     return RollupStatus(*row)
 
