@@ -312,7 +312,7 @@ def measure(
 
 def measure_scratch(server_url: str, users: int, repeats: int, day: date = DAY) -> Figures:
     """`measure` on a scratch database of its own, seeded with `users` users, dropped after."""
-    name = f"bench_h20_audience_{uuid.uuid4().hex[:6]}"
+    name = f"bench_audience_{uuid.uuid4().hex[:6]}"
     admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
     quoted = admin.dialect.identifier_preparer.quote(name)
     with admin.connect() as connection:

@@ -33,7 +33,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from benchmarks import bench_sources, figures
+from benchmarks import bench_audience, bench_sources, figures
 from benchmarks.bench_capture import median_ratio, run_load
 from benchmarks.bench_critical_path import (
     HISTORY_DAYS,
@@ -56,6 +56,9 @@ GIB = 2**30
 MB = 10**6
 THROTTLED_REQUESTS_PER_SECOND = 2.0
 MORNING_SECONDS = 60  # the target from the daily run's start to the first email, 1M users wide
+AUDIENCE_GROWTH = 11.0  # the most the audience step may grow for 10x the users
+# Below this the audience benchmark's history has too few episodes of each kind to mean much.
+AUDIENCE_SMALLEST = 1000
 CAPTURE_LOADS = (
     ("one multi-row INSERT per transaction", "multirow"),
     ("ORM-style transactions (1-10 event INSERTs + a session)", "orm"),
@@ -697,6 +700,7 @@ def sources_options(options: Options) -> bench_sources.Options:
 def render(
     options: Options,
     shapes: list[ShapeResults],
+    audience: list[bench_audience.Figures],
     sending: SendingResults,
     sources: dict | None,
     machine: list[str],
@@ -712,6 +716,28 @@ def render(
         lines, rows = render_shape(results, options)
         body += ["", *lines]
         targets += rows
+    body += [
+        "",
+        "## Audience step",
+        "",
+        "`build_audience` of three loops (three steps each) on a day's snapshot with a month of "
+        "episodes and assignments behind it (`benchmarks/bench_audience.py`), on scratch "
+        "databases of its own; median (min–max) of the repeats.",
+        "",
+        bench_audience.render(audience),
+    ]
+    if len(audience) > 1:
+        small, large = audience
+        growth = ratios(large.total_seconds, small.total_seconds)
+        targets.append(
+            [
+                "audience",
+                f"3 loops, {large.users:,} / {small.users:,} users",
+                spread(growth, "x"),
+                f"≤ {AUDIENCE_GROWTH:g} for {large.users / small.users:g}x the users",
+                verdict(statistics.median(growth), AUDIENCE_GROWTH),
+            ]
+        )
     peak = [sent.peak_requests_per_second for sent in sending.throttled]
     met = verdict(max(peak), THROTTLED_REQUESTS_PER_SECOND)
     targets.append(
@@ -805,6 +831,14 @@ def run(options: Options) -> None:
                 measure_shape(server, SHAPES[name], options, end, Path(directory))
                 for name in options.shapes
             ]
+        sizes = sorted(
+            {max(options.users // 10, AUDIENCE_SMALLEST), max(options.users, AUDIENCE_SMALLEST)}
+        )
+        print(f"audience step at {', '.join(f'{n:,}' for n in sizes)} users ...", flush=True)
+        audience = [
+            bench_audience.measure_scratch(options.server_url, users, options.repeats)
+            for users in sizes
+        ]
         sending = measure_sending(options)
         sources = (
             bench_sources.measure_all(options.server_url, sources_options(options))
@@ -814,6 +848,8 @@ def run(options: Options) -> None:
         machine = machine_lines(options.server_url)
     finally:
         server.drop_all()
-    report = render(options, shapes, sending, sources, machine, time.perf_counter() - started)
+    report = render(
+        options, shapes, audience, sending, sources, machine, time.perf_counter() - started
+    )
     options.output.write_text(report)
     print(f"wrote {options.output} in {(time.perf_counter() - started) / 60:.1f} minutes")

@@ -42,6 +42,7 @@ def test_the_benchmark_writes_every_section_with_sane_figures(
         "### The morning's critical path",
         "### Memory and temp files",
         "### Capture",
+        "## Audience step",
         "## Sending",
     ):
         assert f"\n{heading}" in report, heading
