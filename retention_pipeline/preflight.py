@@ -13,6 +13,7 @@ is one line naming the table, column or loop.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -255,7 +256,7 @@ def _check_replica(read_engine: Engine, config: RetentionConfig, report: Preflig
 
 
 def _plan(engine: Engine, report: PreflightReport, what: str, sql: str, parameters: dict) -> bool:
-    return _explain(engine, report, what, [], [(text(sql), parameters)])
+    return _explain(engine, report, what, [(text(sql), parameters)])
 
 
 def _plan_recorded(
@@ -265,30 +266,25 @@ def _plan_recorded(
     recorder instead of a connection (it binds the same values a run does)."""
     recorder = _StatementRecorder(engine.dialect)
     build(recorder)  # type: ignore[arg-type]
-    # A temporary table the statements use is created (and analyzed) for real, and the
-    # transaction's settings made: they have no plan, and a read-only transaction may not create
-    # a table. They go with the rollback.
-    setup, planned = [], []
-    for clause, parameters in recorder.statements:
-        prepares = clause.text.lstrip().upper().startswith(("CREATE TEMP", "ANALYZE ", "SET "))
-        (setup if prepares else planned).append((clause, parameters))
-    return _explain(engine, report, what, setup, planned)
+    return _explain(engine, report, what, recorder.statements)
 
 
 def _explain(
     engine: Engine,
     report: PreflightReport,
     what: str,
-    setup: list[tuple[TextClause, dict]],
     statements: list[tuple[TextClause, dict]],
 ) -> bool:
-    """EXPLAIN each statement in one read-only transaction; the first failure is a problem."""
+    """EXPLAIN each statement in order, in one transaction rolled back at the end; the first
+    failure is a problem. What prepares the statements after it is run for real: a temporary
+    table (created empty: its rows cost a run's time, and its plan checks the same rights), its
+    ANALYZE, a setting of the transaction. They have no plan."""
     with engine.connect() as connection:
         try:
-            for clause, parameters in setup:
-                connection.execute(clause, parameters)
-            connection.execute(text("SET TRANSACTION READ ONLY"))
             for clause, parameters in statements:
+                if _prepares(clause):
+                    connection.execute(_empty(clause), parameters)
+                    continue
                 connection.execute(text(f"EXPLAIN {clause.text}"), parameters)
                 report.planned += 1
         except DBAPIError as error:
@@ -300,6 +296,19 @@ def _explain(
         finally:
             connection.rollback()
     return True
+
+
+def _prepares(clause: TextClause) -> bool:
+    return clause.text.lstrip().upper().startswith(("CREATE TEMP", "ANALYZE ", "SET "))
+
+
+def _empty(clause: TextClause) -> TextClause:
+    """A `CREATE TEMP TABLE ... AS` query that creates the table without its rows."""
+    sql = clause.text.rstrip().rstrip(";")
+    filled = re.match(r"\s*CREATE TEMP TABLE .*? AS\b", sql, re.IGNORECASE | re.DOTALL)
+    if filled and not sql.upper().endswith("WITH NO DATA"):
+        return text(f"{sql} WITH NO DATA")
+    return clause
 
 
 def _first_line(error: DBAPIError) -> str:
