@@ -157,52 +157,54 @@ def send_loop_day(
                 ),
             )
 
-        dispatch: DispatchReport | None = None
+        def claim_unclaimed(audience_day: date, limit: int | None) -> tuple[int, int]:
+            """Render and claim the first `limit` unclaimed rows of the day (all: None); return
+            how many rows were read and how many emails are newly to be sent."""
+            with engine.begin() as connection:
+                rows = treatment_rows(
+                    connection,
+                    schema=schema,
+                    loop_name=loop.name,
+                    day=audience_day,
+                    # Claimed emails keep their stored content: rendering them again is waste.
+                    unclaimed_only=True,
+                    shard=shard,
+                    limit=limit,
+                )
+                emails = compose_emails(
+                    connection,
+                    schema=schema,
+                    config=config,
+                    loop=loop,
+                    day=audience_day,
+                    unsubscribe_secret=unsubscribe_secret,
+                    rows=rows,
+                )
+                new = claim(
+                    connection,
+                    schema=schema,
+                    loop_name=loop.name,
+                    day=audience_day,
+                    emails=emails,
+                    audience_rows=rows,
+                    shard=shard,
+                )
+            return len(rows), new
+
+        dispatch = DispatchReport(sent=0, failed=0, still_pending=0)
         claimed: dict[date, int] = {}
         for audience_day in audience_days:
-            if dispatch is not None and dispatch.still_pending:
+            if dispatch.still_pending:
+                # Stopped (the run ended, the lock was lost) or refused by the provider: the
+                # rest is left unclaimed for the retry, and the provider is not asked again.
                 break
-            claimed[audience_day] = 0
             # One batch is claimed and sent before the rest is rendered, so the first email
             # leaves without waiting for the whole day's.
-            for limit in (BATCH_SIZE, None):
-                with engine.begin() as connection:
-                    rows = treatment_rows(
-                        connection,
-                        schema=schema,
-                        loop_name=loop.name,
-                        day=audience_day,
-                        # Claimed emails keep their stored content: rendering them again is waste.
-                        unclaimed_only=True,
-                        shard=shard,
-                        limit=limit,
-                    )
-                    emails = compose_emails(
-                        connection,
-                        schema=schema,
-                        config=config,
-                        loop=loop,
-                        day=audience_day,
-                        unsubscribe_secret=unsubscribe_secret,
-                        rows=rows,
-                    )
-                    claimed[audience_day] += claim(
-                        connection,
-                        schema=schema,
-                        loop_name=loop.name,
-                        day=audience_day,
-                        emails=emails,
-                        audience_rows=rows,
-                        shard=shard,
-                    )
-                if limit is None or len(rows) < limit:
-                    break
-                dispatched = dispatch_pending()
-                dispatch = dispatched if dispatch is None else dispatch.then(dispatched)
-                if dispatch.still_pending:
-                    # Stopped (the run ended, the lock was lost) or refused by the provider: the
-                    # rest is left unclaimed for the retry, and the provider is not asked again.
-                    break
+            read, claimed[audience_day] = claim_unclaimed(audience_day, BATCH_SIZE)
+            if read == BATCH_SIZE:
+                dispatch = dispatch.then(dispatch_pending())
+                if not dispatch.still_pending:
+                    claimed[audience_day] += claim_unclaimed(audience_day, None)[1]
             if claimed[audience_day]:
                 log.info(
                     "%s: claimed %d new emails of audience day %s",
@@ -210,10 +212,9 @@ def send_loop_day(
                     claimed[audience_day],
                     audience_day,
                 )
-        if dispatch is None or not dispatch.still_pending:
+        if not dispatch.still_pending:
             # The rest of what was claimed, and what earlier runs left claimed.
-            dispatched = dispatch_pending()
-            dispatch = dispatched if dispatch is None else dispatch.then(dispatched)
+            dispatch = dispatch.then(dispatch_pending())
     with engine.connect() as connection:
         days = sorted(
             set(_days_changed(day, claimed, dispatch))
