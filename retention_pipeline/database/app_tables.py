@@ -81,6 +81,14 @@ class RelatedTable:
         return f"{self.schema_}.{self.table}"
 
 
+# How the integer and uuid keys apps use print as text, and the type to read such text as: every
+# value of the column matches its form, and text in that form reads as the type without an error
+# (integers are read as int8, which the key's index compares with int2 and int4 alike).
+_INTEGER_TEXT = "^-?[0-9]{1,19}$"
+_UUID_TEXT = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_ID_TYPES = {"INT2": "integer", "INT4": "integer", "INT8": "integer", "UUID": "uuid"}
+
+
 @dataclass(frozen=True)
 class ResolvedTable:
     """A mapped table with the SQL type of each mapped column, as the database reports it."""
@@ -112,6 +120,32 @@ class ResolvedTable:
             )
             return f"nullif(concat_ws(' ', {parts}), '')"
         return column_ref_sql(reference, alias, preparer.dialect)
+
+    def id_equals_sql(self, alias: str, user_id: str, preparer: IdentifierPreparer) -> str:
+        """Whether the row `alias` has the text `user_id` as its id, as `id::text` says it, in a
+        form that can use the app's key index: casting the column would scan the table. A value
+        that cannot be an id of the column's type matches nothing and raises nothing."""
+        column = self.column_sql("id", alias, preparer)
+        as_text = f"{column}::text = {user_id}"
+        id_type = self.column_types.get("id", "TEXT")
+        if id_type in ("TEXT", "VARCHAR"):
+            return f"{column} = {user_id}"
+        kind = _ID_TYPES.get(id_type)
+        if kind == "integer":
+            # CASE, unlike AND, tests in order: the range is checked before the cast could fail.
+            typed = (
+                f"CASE WHEN {user_id} !~ '{_INTEGER_TEXT}' THEN NULL "
+                f"WHEN CAST({user_id} AS pg_catalog.numeric) "
+                "BETWEEN -9223372036854775808 AND 9223372036854775807 "
+                f"THEN CAST({user_id} AS pg_catalog.int8) END"
+            )
+        elif kind == "uuid":
+            typed = (
+                f"CASE WHEN {user_id} ~ '{_UUID_TEXT}' THEN CAST({user_id} AS pg_catalog.uuid) END"
+            )
+        else:
+            return as_text
+        return f"({column} = {typed} AND {as_text})"
 
     def timestamp_sql(self, key: str, alias: str, preparer: IdentifierPreparer) -> str:
         """The column as timestamptz; naive timestamps are taken as UTC, as ORMs store them."""

@@ -36,7 +36,7 @@ def known_user_sql(users: ResolvedTable, user_id: str, dialect: Dialect) -> str:
     preparer = dialect.identifier_preparer
     return (
         f"EXISTS (SELECT FROM {users.sql_name(preparer)} AS u "
-        f"WHERE {users.column_sql('id', 'u', preparer)}::text = {user_id} "
+        f"WHERE {users.id_equals_sql('u', user_id, preparer)} "
         f"AND {kept_sql(users, 'u', dialect)})"
     )
 

@@ -119,7 +119,7 @@ def record_users_gone(
             SELECT known.user_id FROM ({known_users}) AS known
             WHERE NOT EXISTS (
                 SELECT FROM {users.sql_name(preparer)} AS u
-                WHERE {users.column_sql("id", "u", preparer)}::text = known.user_id
+                WHERE {users.id_equals_sql("u", "known.user_id", preparer)}
                   AND {kept_sql(users, "u", connection.dialect)})
               AND NOT EXISTS (
                 SELECT FROM {s}.erased_users AS erased WHERE erased.user_id = known.user_id)"""),
