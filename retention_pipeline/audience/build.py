@@ -59,6 +59,7 @@ from retention_pipeline.recipients.addresses import (
     trimmed_address_sql,
 )
 from retention_pipeline.segments.calendar import within_send_window
+from retention_pipeline.sending.compose import day_end
 
 EXCLUSION_REASONS = (
     "no_email",
@@ -236,6 +237,61 @@ def _open_episodes_due(connection: Connection, s: str, params: dict) -> None:
     connection.execute(text("ANALYZE audience_due"))
 
 
+def _record_due_times(
+    connection: Connection,
+    s: str,
+    config: RetentionConfig,
+    loop: Loop,
+    day: date,
+    built_at: datetime,
+) -> None:
+    """Give each member of the loop's audience of `day` its due time: the first `local_time`
+    after `built_at` in the member's timezone (the snapshot's, unless PostgreSQL does not know
+    it: then the loops'), or `built_at` itself for a loop sending after its run; moved to the
+    end of the member's quiet hours when it falls in them. `stale_at` is `email.max_delay` after
+    the local time, whatever quiet hours did: past it, the email is skipped, never sent late."""
+    send_at = loop.send_at
+    quiet = config.email.quiet_hours
+    intended = (
+        "m.built_at" if send_at == "after_run" else f"{s}.next_local_time(m.built_at, :at, m.zone)"
+    )
+    due = (
+        f"""CASE WHEN {s}.in_quiet_hours(i.intended, i.zone, :quiet_from, :quiet_to)
+                 THEN {s}.next_local_time(i.intended, :quiet_to, i.zone)
+                 ELSE i.intended END"""
+        if quiet is not None
+        else "i.intended"
+    )
+    connection.execute(
+        text(f"""
+        WITH known_zones AS (SELECT name FROM pg_timezone_names),
+        members AS (
+            SELECT a.user_id, coalesce(known.name, :tz) AS zone,
+                   CAST(:built_at AS timestamptz) AS built_at
+            FROM {s}.reengagement_audience AS a
+            LEFT JOIN audience_people AS snap ON snap.user_id = a.user_id
+            LEFT JOIN known_zones AS known ON known.name = snap.timezone
+            WHERE a.partition_date = :day AND a.loop_name = :loop
+        ),
+        intended AS (SELECT m.user_id, m.zone, {intended} AS intended FROM members AS m)
+        UPDATE {s}.reengagement_audience AS a
+        SET send_timezone = i.zone, due_at = {due},
+            stale_at = i.intended + CAST(:max_delay AS interval)
+        FROM intended AS i
+        WHERE a.partition_date = :day AND a.loop_name = :loop AND a.user_id = i.user_id"""),
+        {
+            "day": day,
+            "loop": loop.name,
+            "tz": config.timezone,
+            "built_at": built_at,
+            "at": None if send_at == "after_run" else send_at.at,
+            "quiet_from": quiet.start if quiet else None,
+            "quiet_to": quiet.end if quiet else None,
+            "max_delay": config.email.max_delay_interval,
+        },
+    )
+
+
 def build_audience(
     connection: Connection,
     *,
@@ -282,7 +338,7 @@ def build_audience(
     connection.execute(
         text(f"""
         CREATE TEMP TABLE audience_people ON COMMIT DROP AS
-        SELECT snap.user_id, snap.email, snap.last_activity_at
+        SELECT snap.user_id, snap.email, snap.last_activity_at, snap.timezone
         FROM {s}.user_activity_snapshot AS snap
         WHERE snap.partition_date = :day AND snap.user_id IN (
             SELECT unnest(CAST(:ids AS text[]))
@@ -446,6 +502,9 @@ def build_audience(
                   WHERE reason IS NOT NULL GROUP BY reason"""),
         params,
     ).all()
+    if config.sends_on_due_times(loop) and not simulated:
+        built_at = now if now is not None else day_end(day, config.timezone)
+        _record_due_times(connection, s, config, loop, day, built_at)
     tallies = dict(counts)
     held = dict(held_back)
     excluded = {reason: int(tallies.get(f"excluded:{reason}", 0)) for reason in EXCLUSION_REASONS}
