@@ -46,6 +46,16 @@ def local_time_config(
     url: str, *, send_at: Any = None, quiet_hours: dict | None = None, max_delay: str = "24h"
 ) -> RetentionConfig:
     """The shipped loop, sending at `send_at` (default: 09:00 local), nobody held out."""
+    return parse_config(
+        local_time_document(url, send_at=send_at, quiet_hours=quiet_hours, max_delay=max_delay),
+        environ={},
+    )
+
+
+def local_time_document(
+    url: str, *, send_at: Any = None, quiet_hours: dict | None = None, max_delay: str = "24h"
+) -> dict[str, Any]:
+    """The configuration document of `local_time_config`."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["url"] = url
     loop = document["loops"][0]
@@ -54,7 +64,7 @@ def local_time_config(
     if quiet_hours is not None:
         document["email"]["quiet_hours"] = quiet_hours
     document["email"]["max_delay"] = max_delay
-    return parse_config(document, environ={})
+    return document
 
 
 def people_in(zones: Iterable[str | None], *, per_zone: int = 3) -> list[User]:
