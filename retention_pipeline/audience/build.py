@@ -237,7 +237,7 @@ def _open_episodes_due(connection: Connection, s: str, params: dict) -> None:
     connection.execute(text("ANALYZE audience_due"))
 
 
-def _record_due_times(
+def record_due_times(
     connection: Connection,
     s: str,
     config: RetentionConfig,
@@ -269,7 +269,8 @@ def _record_due_times(
             SELECT a.user_id, coalesce(known.name, :tz) AS zone,
                    CAST(:built_at AS timestamptz) AS built_at
             FROM {s}.reengagement_audience AS a
-            LEFT JOIN audience_people AS snap ON snap.user_id = a.user_id
+            LEFT JOIN {s}.user_activity_snapshot AS snap
+                ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
             LEFT JOIN known_zones AS known ON known.name = snap.timezone
             WHERE a.partition_date = :day AND a.loop_name = :loop
         ),
@@ -338,7 +339,7 @@ def build_audience(
     connection.execute(
         text(f"""
         CREATE TEMP TABLE audience_people ON COMMIT DROP AS
-        SELECT snap.user_id, snap.email, snap.last_activity_at, snap.timezone
+        SELECT snap.user_id, snap.email, snap.last_activity_at
         FROM {s}.user_activity_snapshot AS snap
         WHERE snap.partition_date = :day AND snap.user_id IN (
             SELECT unnest(CAST(:ids AS text[]))
@@ -504,7 +505,7 @@ def build_audience(
     ).all()
     if config.sends_on_due_times(loop) and not simulated:
         built_at = now if now is not None else day_end(day, config.timezone)
-        _record_due_times(connection, s, config, loop, day, built_at)
+        record_due_times(connection, s, config, loop, day, built_at)
     tallies = dict(counts)
     held = dict(held_back)
     excluded = {reason: int(tallies.get(f"excluded:{reason}", 0)) for reason in EXCLUSION_REASONS}

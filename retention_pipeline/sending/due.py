@@ -1,7 +1,7 @@
 """The hourly send of a loop whose members have due times of their own (`send_at: {local_time}`,
 or quiet hours): claim exactly the members due since the previous claim.
 
-The audience build gives each member `due_at` (see `audience.build._record_due_times`). Each
+The audience build gives each member `due_at` (see `audience.build.record_due_times`). Each
 send run of the loop's shard claims the members due after the shard's `claimed_through` and by
 `now`, and moves `claimed_through` to `now` in the same transaction: the partial index on
 (loop, due time) reads only those members, never the day's whole audience, and a member is read
@@ -110,7 +110,7 @@ def claim_due(
             "oldest": oldest_due_day(config, now),
             **shard.params,
         }
-        due = _due_members_sql(s, after)
+        due = due_members_sql(s, after)
         skipped = Counter(
             connection.execute(
                 text(f"""
@@ -175,7 +175,7 @@ def claim_due(
     return DueClaim(after=after, by=now, claimed=claimed, deferred=deferred, skipped=skipped)
 
 
-def _due_members_sql(s: str, after: datetime | None) -> str:
+def due_members_sql(s: str, after: datetime | None) -> str:
     """The condition on `a` (the audience) of a treated member of the loop's shard, due after
     `:after` and by `:now`, not claimed nor skipped yet; written so the partial index on
     (loop, due time) answers it."""
