@@ -17,7 +17,11 @@ from retention_pipeline.defs.segments import SNAPSHOT
 from retention_pipeline.defs.sending import SEND_LOG
 from retention_pipeline.defs.tracking import ROLLUP
 from retention_pipeline.outcomes.decisions import decide_day
-from retention_pipeline.outcomes.evaluate import evaluate_outcomes, success_days
+from retention_pipeline.outcomes.evaluate import (
+    evaluate_outcomes,
+    evaluation_lag_days,
+    success_days,
+)
 from retention_pipeline.outcomes.performance import (
     performance_frame,
     performance_metadata,
@@ -82,7 +86,13 @@ def _outcomes_day(
         successes = None
         if isinstance(loop.success, QuerySuccess):
             successes = success_days(
-                app_database.engine, app_database.schema, loop, loop.success, day, config.timezone
+                app_database.engine,
+                app_database.schema,
+                loop,
+                loop.success,
+                day,
+                config.timezone,
+                lag_days=evaluation_lag_days(config, loop),
             )
         with app_database.engine.begin() as connection:
             summary = evaluate_outcomes(
