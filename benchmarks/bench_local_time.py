@@ -148,7 +148,8 @@ def reset(engine: Engine) -> None:
         )
         connection.execute(
             text(f"""UPDATE {SCHEMA}.reengagement_audience
-                     SET due_at = NULL, stale_at = NULL, send_timezone = NULL, skipped_at = NULL
+                     SET due_at = NULL, first_due_at = NULL, stale_at = NULL,
+                         send_timezone = NULL, skipped_at = NULL
                      WHERE partition_date = :day"""),
             {"day": DAY},
         )

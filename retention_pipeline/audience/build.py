@@ -276,7 +276,7 @@ def record_due_times(
         ),
         intended AS (SELECT m.user_id, m.zone, {intended} AS intended FROM members AS m)
         UPDATE {s}.reengagement_audience AS a
-        SET send_timezone = i.zone, due_at = {due},
+        SET send_timezone = i.zone, due_at = {due}, first_due_at = {due},
             stale_at = i.intended + CAST(:max_delay AS interval)
         FROM intended AS i
         WHERE a.partition_date = :day AND a.loop_name = :loop AND a.user_id = i.user_id"""),

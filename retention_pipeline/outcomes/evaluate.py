@@ -9,10 +9,11 @@ outcome. The revenue still billed at the end of a window is kept with its curren
 different currencies are never added.
 The user returned within a window of w days when the loop's success happened on one of the days
 A .. A+w-1 (the rollup's days, in the loops' timezone) from the window's first day A: the day of
-the assignment's due time when it has one (a loop sending at each reader's local time, or with
-quiet hours: see `sending.due`), in every arm alike, so the windows count from when the email
-went out (within the hour after it) or would have; else D+1 (the email of day D goes out the
-morning after). Evaluated as of day P, a window with A+w-1 > P is `pending`.
+the due time the build gave the assignment (`first_due_at`), when its loop has due times (it
+sends at each reader's local time, or has quiet hours: see `sending.due`), in every arm alike,
+so the windows count from when the email went out (within the hour after it) or would have;
+else D+1 (the email of day D goes out the morning after). Evaluated as of day P, a window with
+A+w-1 > P is `pending`.
 
 The evaluation of day P rewrites every assignment whose windows were still open the day before
 (D >= P - longest window), so late rows reach them; an assignment evaluated as of a later day is
@@ -172,7 +173,7 @@ def evaluate_outcomes(
         text(f"""
         WITH anchored AS (
             SELECT a.*,
-                   coalesce(CAST(a.due_at AT TIME ZONE :tz AS date), a.partition_date + 1)
+                   coalesce(CAST(a.first_due_at AT TIME ZONE :tz AS date), a.partition_date + 1)
                        AS first_day
             FROM {s}.reengagement_audience AS a
             WHERE a.loop_name = :loop

@@ -177,6 +177,17 @@ def test_a_late_send_keeps_quiet_hours_and_skips_what_is_too_late(
     assert sorted(fake_resend.delivered_to()) == sorted([address["Asia/Kathmandu"], address["UTC"]])
     metadata = report.metadata_for(DAY)
     assert (metadata["skipped_this_run"], metadata["deferred_this_run"]) == (1, 2)
+    # The due time moved to the end of Tokyo's quiet hours; the build's stays for the outcomes.
+    with sending_db.engine.connect() as connection:
+        tokyo = connection.execute(
+            text("SELECT due_at, first_due_at FROM retention.reengagement_audience "
+                 "WHERE email = :email"),
+            {"email": address["Asia/Tokyo"]},
+        ).one()  # fmt: skip
+    assert tokyo == (
+        datetime(2026, 11, 22, 23, tzinfo=UTC),
+        datetime(2026, 11, 22, 0, tzinfo=UTC),
+    )
     assert metadata["due/skipped"] == 1
 
     ticks.every_hour(resumed + HOUR, 36)

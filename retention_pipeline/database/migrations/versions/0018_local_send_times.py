@@ -2,11 +2,12 @@
 claimed along them.
 
 `due_at` is when the member's email may go out (their local send time, moved past their quiet
-hours), `stale_at` when it may no longer (`email.max_delay` after the local send time),
-`send_timezone` the timezone both were read in, and `skipped_at` when a send run skipped the
-member as stale. All NULL for a loop that sends right after its run. A partial index on
-(loop, due time) lets each hourly send read only the members due since the previous one, which
-`send_due_claims` records per loop and shard.
+hours, and later past them again by a send run that came late), `first_due_at` the due time the
+build gave, alike in every arm (outcome windows count from it), `stale_at` when it may no longer
+(`email.max_delay` after the local send time), `send_timezone` the timezone they were read in,
+and `skipped_at` when a send run skipped the member as stale. All NULL for a loop that sends
+right after its run. A partial index on (loop, due time) lets each hourly send read only the
+members due since the previous one, which `send_due_claims` records per loop and shard.
 
 Local times become instants in PostgreSQL (`local_instant`): one a daylight-saving change skips
 is read with the offset of before the change (02:30 on a night that jumps from 02:00 to 03:00 is
@@ -29,6 +30,7 @@ def upgrade(schema: str) -> None:
         ALTER TABLE {q}.reengagement_audience
             ADD COLUMN send_timezone text,
             ADD COLUMN due_at timestamptz,
+            ADD COLUMN first_due_at timestamptz,
             ADD COLUMN stale_at timestamptz,
             ADD COLUMN skipped_at timestamptz""")
     op.execute(
@@ -82,5 +84,5 @@ def downgrade(schema: str) -> None:
     op.execute(f"DROP INDEX {q}.reengagement_audience_due")
     op.execute(f"""
         ALTER TABLE {q}.reengagement_audience
-            DROP COLUMN send_timezone, DROP COLUMN due_at, DROP COLUMN stale_at,
-            DROP COLUMN skipped_at""")
+            DROP COLUMN send_timezone, DROP COLUMN due_at, DROP COLUMN first_due_at,
+            DROP COLUMN stale_at, DROP COLUMN skipped_at""")
