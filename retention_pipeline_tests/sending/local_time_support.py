@@ -16,6 +16,7 @@ from sqlalchemy import text
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.sending import SendRunReport, send_loop_day
+from retention_pipeline.sending.shards import WHOLE_LOOP, Shard
 from retention_pipeline_tests.email.fake_resend import FakeResend
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
 from retention_pipeline_tests.sending.support import (
@@ -127,7 +128,7 @@ class HourlyTicks:
         self.sent_at: dict[str, list[datetime]] = {}
         self.reports: list[SendRunReport] = []
 
-    def run(self, now: datetime) -> SendRunReport:
+    def run(self, now: datetime, shard: Shard = WHOLE_LOOP) -> SendRunReport:
         before = len(self.fake.delivered)
         report = send_loop_day(
             self.db.engine,
@@ -139,6 +140,7 @@ class HourlyTicks:
             provider="resend",
             unsubscribe_secret=SECRET,
             holder="hourly test sender",
+            shard=shard,
         )
         for email in self.fake.delivered[before:]:
             for address in email["to"]:

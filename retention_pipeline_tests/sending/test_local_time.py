@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from sqlalchemy import text
 
 from retention_pipeline.sending.due import due_hours, due_preview
+from retention_pipeline.sending.shards import Shard
 from retention_pipeline_tests.sending.local_time_support import (
     HOUR,
     ZONES,
@@ -75,6 +76,35 @@ def test_each_email_goes_out_in_the_hour_after_its_readers_nine_oclock_once(
     ticks.every_hour(first, 48)
     assert len(fake_resend.requests) == requests
     assert all(report.due.claimed.total() == 0 for report in ticks.reports[48:])
+
+
+def test_each_shard_claims_its_own_members_due_in_the_hour(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    config = local_time_config(sending_db.url)
+    people = people_in(ZONES, per_zone=6)
+    build_day(sending_db, config, people, DAY, BUILT_AT)
+    stored = due_times(sending_db, DAY)
+    ticks = HourlyTicks(sending_db, config, fake_resend, DAY)
+    claimed_by_shard: Counter[int] = Counter()
+    for hour in range(48):
+        now = BUILT_AT.replace(minute=0) + hour * HOUR
+        for shard in (Shard(1, 2), Shard(0, 2)):
+            report = ticks.run(now, shard=shard)
+            claimed_by_shard[shard.index] += report.due.claimed.total()
+    assert Counter(fake_resend.delivered_to()) == Counter(person.email for person in people)
+    # Both shards sent, each only its own users, and each email in its hour.
+    assert claimed_by_shard[0] and claimed_by_shard[1]
+    assert claimed_by_shard.total() == len(people)
+    with sending_db.engine.connect() as connection:
+        shards = connection.execute(
+            text("SELECT DISTINCT send_shard, mod(mod(hashtextextended(user_id, 0), 2) + 2, 2) "
+                 "FROM retention.email_send_log")
+        ).all()  # fmt: skip
+    assert sorted(shards) == [(0, 0), (1, 1)]
+    for address, (due_at, _zone) in stored.items():
+        (sent_at,) = ticks.sent_at[address]
+        assert timedelta(0) <= sent_at - due_at < HOUR
 
 
 def test_the_send_runs_metadata_shows_per_hour_who_was_sent_and_who_waits(
