@@ -361,3 +361,12 @@ def test_a_local_time_loops_windows_count_from_each_members_send_day(engine, app
     # User 1 came back on D+1, before Tokyo's email went out: not a return the email caused.
     assert seven["1"] == seven["3"] == ("not_returned", None)
     assert len(seven) == 20  # both arms
+    with engine.connect() as connection:
+        ends = dict(
+            connection.execute(
+                text("SELECT user_id, window_ends_on FROM retention.reengagement_outcomes "
+                     "WHERE window_days = 7 AND user_id IN ('1', '11')")
+            ).all()
+        )  # fmt: skip
+    # The performance counts a window as over from its last day on.
+    assert ends == {"1": D + timedelta(days=8), "11": D + timedelta(days=7)}

@@ -1229,12 +1229,44 @@ class LocalSendTime(StrictModel):
         return parse_local_time(self.local_time)
 
 
+class LearnedSendTime(StrictModel):
+    """Each reader's email at the hour they were most often active in the last `weeks` (the
+    rollup's 5-minute slots), or at `local_time` of their own day for a reader with no activity
+    then and for a random `fixed_share` of the readers: the comparison that says whether
+    learning pays."""
+
+    learn: Literal[True]
+    local_time: LocalTime = Field(
+        "09:00", description="the fixed time: of the fixed share, and of readers never active"
+    )
+    weeks: int = Field(4, ge=1, le=52, description="how far back the active hours are read")
+    fixed_share: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="readers drawn at random to get the fixed time instead, to measure "
+        "learned against fixed",
+    )
+
+    @property
+    def at(self) -> time:
+        return parse_local_time(self.local_time)
+
+
 def _send_at_form(value: Any) -> str:
-    return "after_run" if isinstance(value, str) else "local_time"
+    if isinstance(value, str):
+        return "after_run"
+    if isinstance(value, dict) and "learn" in value:
+        return "learn"
+    if isinstance(value, LearnedSendTime):
+        return "learn"
+    return "local_time"
 
 
 SendAt = Annotated[
-    Annotated[Literal["after_run"], Tag("after_run")] | Annotated[LocalSendTime, Tag("local_time")],
+    Annotated[Literal["after_run"], Tag("after_run")]
+    | Annotated[LocalSendTime, Tag("local_time")]
+    | Annotated[LearnedSendTime, Tag("learn")],
     Discriminator(_send_at_form),
 ]
 
@@ -1270,7 +1302,8 @@ class Loop(StrictModel):
     send_at: SendAt = Field(
         "after_run",
         description="after_run: right after the daily run; {local_time: '09:00'}: at that time "
-        "of each reader's day, by the hourly send",
+        "of each reader's day, by the hourly send; {learn: true}: at the hour each reader was "
+        "most often active, a random share at the fixed local_time",
     )
 
     @field_validator("name")

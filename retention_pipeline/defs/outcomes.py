@@ -6,7 +6,7 @@ from datetime import date
 import dagster as dg
 import pandas as pd
 
-from retention_pipeline.config.models import QuerySuccess
+from retention_pipeline.config.models import LearnedSendTime, QuerySuccess
 from retention_pipeline.defs.audience import AUDIENCE
 from retention_pipeline.defs.partitions import (
     DayResult,
@@ -26,6 +26,7 @@ from retention_pipeline.outcomes.performance import (
     performance_frame,
     performance_metadata,
 )
+from retention_pipeline.outcomes.send_time import send_time_markdown, send_time_rows
 from retention_pipeline.resources.app_database import AppDatabase
 
 OUTCOMES = dg.AssetKey(["retention", "reengagement_outcomes"])
@@ -131,6 +132,12 @@ def _performance_day(
                 decision_lines.append(f"- **{loop.name}**: adjust is off; nothing decided")
         metadata.update(performance_metadata(rows))
         tables.append(performance_frame(rows))
+        if isinstance(loop.send_at, LearnedSendTime):
+            with app_database.engine.connect() as connection:
+                compared = send_time_rows(
+                    connection, schema=app_database.schema, loop_name=loop.name, day=day
+                )
+            metadata[f"{loop.name}/send_time"] = dg.MetadataValue.md(send_time_markdown(compared))
         context.log.info(
             f"{loop.name} {day}: "
             + "; ".join(

@@ -199,7 +199,7 @@ def evaluate_outcomes(
         )
         INSERT INTO {s}.reengagement_outcomes (loop_name, partition_date, user_id, window_days,
             episode_start, step, arm, variant, emailed, status, returned_on,
-            active_revenue_cents, revenue_currency, evaluated_through)
+            active_revenue_cents, revenue_currency, evaluated_through, window_ends_on)
         SELECT :loop, a.partition_date, a.user_id, w.days, a.episode_start, a.step, a.arm,
                a.variant,
                EXISTS (SELECT FROM {s}.email_send_log AS sent
@@ -216,7 +216,7 @@ def evaluate_outcomes(
                     ELSE 0 END,
                CASE WHEN snap.subscription_status = ANY(CAST(:billed AS text[]))
                     THEN snap.subscription_currency END,
-               a.through
+               a.through, a.first_day - 1 + w.days
         FROM assigned AS a
         CROSS JOIN unnest(CAST(:windows AS int[])) AS w(days)
         LEFT JOIN first_return AS f

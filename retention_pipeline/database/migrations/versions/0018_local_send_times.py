@@ -5,9 +5,11 @@ claimed along them.
 hours, and later past them again by a send run that came late), `first_due_at` the due time the
 build gave, alike in every arm (outcome windows count from it), `stale_at` when it may no longer
 (`email.max_delay` after the local send time), `send_timezone` the timezone they were read in,
-and `skipped_at` when a send run skipped the member as stale. All NULL for a loop that sends
+`skipped_at` when a send run skipped the member as stale, and `send_time_arm` the draw of a loop
+that learns its send times (`learned` or `fixed`). All NULL for a loop that sends
 right after its run. A partial index on (loop, due time) lets each hourly send read only the
-members due since the previous one, which `send_due_claims` records per loop and shard.
+members due since the previous one, which `send_due_claims` records per loop and shard. An
+outcome's `window_ends_on` is the last day of its window (counted from the due time's day).
 
 Local times become instants in PostgreSQL (`local_instant`): one a daylight-saving change skips
 is read with the offset of before the change (02:30 on a night that jumps from 02:00 to 03:00 is
@@ -32,7 +34,10 @@ def upgrade(schema: str) -> None:
             ADD COLUMN due_at timestamptz,
             ADD COLUMN first_due_at timestamptz,
             ADD COLUMN stale_at timestamptz,
-            ADD COLUMN skipped_at timestamptz""")
+            ADD COLUMN skipped_at timestamptz,
+            ADD COLUMN send_time_arm text CHECK (send_time_arm IN ('learned', 'fixed'))""")
+    # A window of such a member ends after the day of its due time, not its audience's day.
+    op.execute(f"ALTER TABLE {q}.reengagement_outcomes ADD COLUMN window_ends_on date")
     op.execute(
         f"CREATE INDEX reengagement_audience_due ON {q}.reengagement_audience (loop_name, due_at) "
         "WHERE due_at IS NOT NULL AND arm = 'treatment'"
@@ -81,8 +86,9 @@ def downgrade(schema: str) -> None:
     op.execute(f"DROP FUNCTION {q}.next_local_time(timestamptz, time, text)")
     op.execute(f"DROP FUNCTION {q}.local_instant(timestamp, text)")
     op.execute(f"DROP TABLE {q}.send_due_claims")
+    op.execute(f"ALTER TABLE {q}.reengagement_outcomes DROP COLUMN window_ends_on")
     op.execute(f"DROP INDEX {q}.reengagement_audience_due")
     op.execute(f"""
         ALTER TABLE {q}.reengagement_audience
             DROP COLUMN send_timezone, DROP COLUMN due_at, DROP COLUMN first_due_at,
-            DROP COLUMN stale_at, DROP COLUMN skipped_at""")
+            DROP COLUMN stale_at, DROP COLUMN skipped_at, DROP COLUMN send_time_arm""")
