@@ -5,17 +5,24 @@ comparison of their return rates."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
+import dagster as dg
 import numpy as np
+import yaml
 from sqlalchemy import text
 
 from retention_pipeline.audience.build import build_audience
+from retention_pipeline.defs.outcomes import PERFORMANCE
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.outcomes.send_time import send_time_markdown, send_time_rows
 from retention_pipeline.outcomes.stats import newcombe_difference
+from retention_pipeline.resources.app_database import AppDatabase
+from retention_pipeline_tests.helpers import shipped_asset
 from retention_pipeline_tests.sending.local_time_support import (
     build_day,
     local_time_config,
+    local_time_document,
 )
 from retention_pipeline_tests.sending.support import LOOP, SendingDatabase, User
 
@@ -134,3 +141,31 @@ def test_the_learned_and_the_fixed_readers_return_rates_are_compared_with_an_int
     )
     # The 14- and 30-day windows are not over: their early returns are not compared yet.
     assert [row.window_days for row in rows] == [7]
+
+
+def test_the_performance_asset_shows_the_send_time_comparison(
+    sending_db: SendingDatabase, tmp_path: Path
+) -> None:
+    document = local_time_document(sending_db.url, send_at=LEARN)
+    config_path = tmp_path / "retention.yaml"
+    config_path.write_text(yaml.safe_dump(document))
+    config = local_time_config(sending_db.url, send_at=LEARN)
+    people = [
+        User(user_id=f"u{n:05d}", email=f"user{n}@example.com", timezone="UTC") for n in range(40)
+    ]
+    build_day(sending_db, config, people, DAY, BUILT_AT)
+    with sending_db.engine.begin() as connection:
+        evaluate_outcomes(
+            connection, config=config, loop=config.loop(LOOP), day=DAY + timedelta(days=9)
+        )
+
+    result = dg.materialize(
+        [shipped_asset(PERFORMANCE)],
+        partition_key=(DAY + timedelta(days=9)).isoformat(),
+        resources={"app_database": AppDatabase(config_path=str(config_path))},
+    )
+    (materialization,) = result.asset_materializations_for_node("retention__campaign_performance")
+    table = materialization.metadata[f"{LOOP}/send_time"]
+    assert isinstance(table, dg.MarkdownMetadataValue)
+    learned = sum(1 for arm, _due in arms_and_due(sending_db).values() if arm == "learned")
+    assert f"| 7d | 0 / {learned} | 0 / {len(people) - learned} | " in table.value
