@@ -248,25 +248,26 @@ def send_loop_day(
                     due.skipped.total(),
                     config.email.max_delay,
                 )
-        for audience_day in () if due is not None else audience_days:
-            if dispatch.still_pending:
-                # Stopped (the run ended, the lock was lost) or refused by the provider: the
-                # rest is left unclaimed for the retry, and the provider is not asked again.
-                break
-            # One batch is claimed and sent before the rest is rendered, so the first email
-            # leaves without waiting for the whole day's.
-            read, claimed[audience_day] = claim_unclaimed(audience_day, BATCH_SIZE)
-            if read == BATCH_SIZE:
-                dispatch = dispatch.then(dispatch_pending())
-                if not dispatch.still_pending:
-                    claimed[audience_day] += claim_unclaimed(audience_day, None)[1]
-            if claimed[audience_day]:
-                log.info(
-                    "%s: claimed %d new emails of audience day %s",
-                    loop.name,
-                    claimed[audience_day],
-                    audience_day,
-                )
+        else:
+            for audience_day in audience_days:
+                if dispatch.still_pending:
+                    # Stopped (the run ended, the lock was lost) or refused by the provider: the
+                    # rest is left unclaimed for the retry, and the provider is not asked again.
+                    break
+                # One batch is claimed and sent before the rest is rendered, so the first email
+                # leaves without waiting for the whole day's.
+                read, claimed[audience_day] = claim_unclaimed(audience_day, BATCH_SIZE)
+                if read == BATCH_SIZE:
+                    dispatch = dispatch.then(dispatch_pending())
+                    if not dispatch.still_pending:
+                        claimed[audience_day] += claim_unclaimed(audience_day, None)[1]
+                if claimed[audience_day]:
+                    log.info(
+                        "%s: claimed %d new emails of audience day %s",
+                        loop.name,
+                        claimed[audience_day],
+                        audience_day,
+                    )
         if not dispatch.still_pending:
             # The rest of what was claimed, and what earlier runs left claimed.
             dispatch = dispatch.then(dispatch_pending())
