@@ -13,8 +13,8 @@ python -m benchmarks audience --users N [N ...] [--url URL] [--repeats R]: the a
 three loops at each size, on scratch databases of its own, as a Markdown table on stdout.
 
 python -m benchmarks local-time --users N [--audience-share S] [--repeats R] [--url URL]
-[--output benchmarks/RESULTS-local-time.md]: a day's emails by 24 hourly local-time sends against
-the one daily send, side by side, and the plan of an hourly claim."""
+[--bigint-ids] [--output benchmarks/RESULTS-local-time.md]: a day's emails by 24 hourly
+local-time sends against the one daily send, side by side, and the plan of an hourly claim."""
 
 from __future__ import annotations
 
@@ -91,11 +91,20 @@ def main() -> None:
     )
     local_time.add_argument("--repeats", type=int, default=2)
     local_time.add_argument("--url", default=DEFAULT_URL)
+    local_time.add_argument(
+        "--bigint-ids",
+        action="store_true",
+        help="the app's user ids as the demo's bigints instead of text",
+    )
     local_time.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-local-time.md"))
     args = parser.parse_args()
     if args.command == "local-time":
         result = bench_local_time.measure(
-            normalize_url(args.url), args.users, args.audience_share, args.repeats
+            normalize_url(args.url),
+            args.users,
+            args.audience_share,
+            args.repeats,
+            text_ids=not args.bigint_ids,
         )
         command = "python -m benchmarks " + " ".join(sys.argv[1:])
         bench_local_time.write(result, command, args.output)

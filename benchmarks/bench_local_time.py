@@ -2,10 +2,12 @@
 due in its hour, against the same emails sent by the one send run after the daily run.
 
     python -m benchmarks local-time --users N [--audience-share S] [--repeats R] [--url URL]
-        [--output benchmarks/RESULTS-local-time.md]
+        [--bigint-ids] [--output benchmarks/RESULTS-local-time.md]
 
 seeds a scratch database (`bench_local_time_…`, dropped at the end): the pipeline's schema, the
-app's users table and a day's snapshot of N users spread over 24 timezones (every UTC offset from
+app's users table (ids text, as uuid-keyed apps have; `--bigint-ids`: the demo's bigints, whose
+check before each batch reads the whole users table, the ids being compared as text) and a day's
+snapshot of N users spread over 24 timezones (every UTC offset from
 -11 to +14 that has a 09:00 in a different UTC hour, the 30- and 45-minute ones included), and
 the treated audience of one loop: S of the users (default 2%), with a week of earlier audience
 days of the same size behind it, already sent, as a running loop has. Then, alternating, R times:
@@ -74,19 +76,24 @@ def loop_config(url: str, send_at: object) -> RetentionConfig:
     return parse_config(document, environ={})
 
 
-def seed(engine: Engine, users: int, audience_share: float) -> int:
-    """The schema, the app's users, the snapshot of DAY and the loop's audiences; returns the
-    size of DAY's treated audience."""
+def seed(engine: Engine, users: int, audience_share: float, text_ids: bool) -> int:
+    """The schema, the app's users (their ids text, as uuid-keyed apps have, or the demo's
+    bigints), the snapshot of DAY and the loop's audiences; returns the size of DAY's treated
+    audience."""
     every = max(1, round(1 / audience_share))
     zones = list(ZONES)
     with engine.begin() as connection:
         upgrade(connection, SCHEMA)
         # The demo app's tables: each batch of a send run reads the users table.
         connection.exec_driver_sql(APP_SCHEMA.read_text().replace("{schema}", "public"))
+        if text_ids:
+            connection.execute(text("ALTER TABLE public.users ALTER id DROP IDENTITY"))
+            connection.execute(text("ALTER TABLE public.users ALTER id TYPE text"))
+        id_type = "text" if text_ids else "bigint"
         connection.execute(
-            text("""
+            text(f"""
                 INSERT INTO public.users (id, email, name, timezone)
-                SELECT u, 'user' || u || '@example.com', 'User ' || u,
+                SELECT CAST(u AS {id_type}), 'user' || u || '@example.com', 'User ' || u,
                        (CAST(:zones AS text[]))[1 + u % cardinality(CAST(:zones AS text[]))]
                 FROM generate_series(1, :users) AS u"""),
             {"users": users, "zones": zones},
@@ -105,7 +112,7 @@ def seed(engine: Engine, users: int, audience_share: float) -> int:
                            CAST(:day AS timestamptz) - interval '9 days', false,
                            '[{{"name": "report.exported"}}]'::jsonb, 0, 0, 0, 0
                     FROM public.users AS u
-                    WHERE :back = 0 OR u.id % :every = :back"""),
+                    WHERE :back = 0 OR CAST(u.id AS bigint) % :every = :back"""),
                 {"day": day, "back": back, "every": every},
             )
             connection.execute(
@@ -115,7 +122,7 @@ def seed(engine: Engine, users: int, audience_share: float) -> int:
                     SELECT :day, :loop, u.id::text, u.email, :day, 0, 're_engagement',
                            'treatment', 'a'
                     FROM public.users AS u
-                    WHERE u.id % :every = :back"""),
+                    WHERE CAST(u.id AS bigint) % :every = :back"""),
                 {"day": day, "loop": LOOP, "back": back, "every": every},
             )
         # The earlier days were sent: rows in the send log, as a running loop has.
@@ -181,6 +188,7 @@ def send(engine: Engine, config: RetentionConfig, now: datetime) -> int:
 class Measurement:
     users: int
     treated: int
+    text_ids: bool
     daily_seconds: list[float] = field(default_factory=list)
     due_times_seconds: list[float] = field(default_factory=list)
     hourly_seconds: list[float] = field(default_factory=list)
@@ -189,7 +197,9 @@ class Measurement:
     plan: str = ""
 
 
-def measure(url: str, users: int, audience_share: float, repeats: int) -> Measurement:
+def measure(
+    url: str, users: int, audience_share: float, repeats: int, text_ids: bool = True
+) -> Measurement:
     name = f"bench_local_time_{uuid.uuid4().hex[:8]}"
     server = make_url(url)
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
@@ -201,7 +211,9 @@ def measure(url: str, users: int, audience_share: float, repeats: int) -> Measur
         rendered = scratch.render_as_string(hide_password=False)
         daily = loop_config(rendered, "after_run")
         hourly = loop_config(rendered, {"local_time": "09:00"})
-        result = Measurement(users=users, treated=seed(engine, users, audience_share))
+        result = Measurement(
+            users=users, treated=seed(engine, users, audience_share, text_ids), text_ids=text_ids
+        )
         with serve_fake_resend():
             for _ in range(repeats):
                 reset(engine)
@@ -269,7 +281,9 @@ def render(result: Measurement, command: str) -> str:
         "",
         f"`{command}` on {datetime.now(UTC):%Y-%m-%d}: {result.users:,} users, "
         f"{result.treated:,} treated members in the day's audience (and {HISTORY_DAYS} earlier "
-        "days already sent), to a local stand-in for Resend, unthrottled; alternating, "
+        "days already sent), the app's user ids "
+        + ("text" if result.text_ids else "bigint (the demo's)")
+        + ", to a local stand-in for Resend, unthrottled; alternating, "
         f"{len(result.daily_seconds)} times each, medians.",
         "",
         "| | seconds | per email (ms) |",
