@@ -10,14 +10,19 @@ python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-row
 (`run` measures them too, with its --capture-seconds and --repeats, unless --skip-sources).
 
 python -m benchmarks audience --users N [N ...] [--url URL] [--repeats R]: the audience step of
-three loops at each size, on scratch databases of its own, as a Markdown table on stdout."""
+three loops at each size, on scratch databases of its own, as a Markdown table on stdout.
+
+python -m benchmarks local-time --users N [--audience-share S] [--repeats R] [--url URL]
+[--bigint-ids] [--output benchmarks/RESULTS-local-time.md]: a day's emails by 24 hourly
+local-time sends against the one daily send, side by side, and the plan of an hourly claim."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from benchmarks import bench_audience, bench_sources
+from benchmarks import bench_audience, bench_local_time, bench_sources
 from benchmarks.run import SHAPES, Options, run, run_morning
 from retention_pipeline.database.connection import normalize_url
 
@@ -77,7 +82,34 @@ def main() -> None:
     audience.add_argument("--users", type=int, nargs="+", required=True)
     audience.add_argument("--url", default=DEFAULT_URL)
     audience.add_argument("--repeats", type=int, default=3)
+    local_time = commands.add_parser(
+        "local-time", help="24 hourly local-time sends of a day against the one daily send"
+    )
+    local_time.add_argument("--users", type=int, required=True)
+    local_time.add_argument(
+        "--audience-share", type=float, default=0.02, help="treated members per user of a day"
+    )
+    local_time.add_argument("--repeats", type=int, default=2)
+    local_time.add_argument("--url", default=DEFAULT_URL)
+    local_time.add_argument(
+        "--bigint-ids",
+        action="store_true",
+        help="the app's user ids as the demo's bigints instead of text",
+    )
+    local_time.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-local-time.md"))
     args = parser.parse_args()
+    if args.command == "local-time":
+        result = bench_local_time.measure(
+            normalize_url(args.url),
+            args.users,
+            args.audience_share,
+            args.repeats,
+            text_ids=not args.bigint_ids,
+        )
+        command = "python -m benchmarks " + " ".join(sys.argv[1:])
+        bench_local_time.write(result, command, args.output)
+        print(f"wrote {args.output}")
+        return
     if args.command == "audience":
         results = [
             bench_audience.measure_scratch(normalize_url(args.url), users, args.repeats)

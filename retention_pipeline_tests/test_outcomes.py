@@ -26,7 +26,7 @@ D = date(2026, 11, 10)
 LONG_AGO = datetime(2026, 10, 1, tzinfo=UTC)
 
 
-def config_for(url: str, *, holdout: float, adjust: bool = True, success=None):
+def config_for(url: str, *, holdout: float, adjust: bool = True, success=None, send_at=None):
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["url"] = url
     loop = document["loops"][0]
@@ -36,6 +36,8 @@ def config_for(url: str, *, holdout: float, adjust: bool = True, success=None):
     loop["adjust"] = adjust
     if success:
         loop["success"] = success
+    if send_at:
+        loop["send_at"] = send_at
     return parse_config(document, environ={})
 
 
@@ -321,3 +323,50 @@ def test_the_report_command_prints_the_verdicts(engine, app_database_url, tmp_pa
     assert capsys.readouterr().out == "loop_0: no assignments since 2026-11-11 yet\n\n"
     assert main(["report", "--config", str(path), "--loop", "nope"]) == 2
     assert "no loop named 'nope'" in capsys.readouterr().err
+
+
+def test_a_local_time_loops_windows_count_from_each_members_send_day(engine, app_database_url):
+    """Built at the end of D (UTC), Tokyo's next 09:00 is midnight UTC of D+2, Los Angeles' 17:00
+    UTC of D+1: each member's windows start on the day of their due time, in both arms, so a
+    return before the email went out is not one it caused."""
+    config = config_for(app_database_url, holdout=0.5, send_at={"local_time": "09:00"})
+    add_users(engine, range(1, 21), last_seen=LONG_AGO)
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE users SET timezone = CASE WHEN id <= 10 THEN 'Asia/Tokyo' "
+                 "ELSE 'America/Los_Angeles' END")
+        )  # fmt: skip
+    run_day(engine, config, D)
+    with engine.connect() as connection:
+        first_days = dict(
+            connection.execute(
+                text("SELECT user_id, (due_at AT TIME ZONE 'UTC')::date "
+                     "FROM retention.reengagement_audience")
+            ).all()
+        )  # fmt: skip
+    assert {first_days[str(user)] for user in range(1, 11)} == {D + timedelta(days=2)}
+    assert {first_days[str(user)] for user in range(11, 21)} == {D + timedelta(days=1)}
+    visit(engine, ["1", "11"], D + timedelta(days=1))
+    visit(engine, ["2"], D + timedelta(days=2))
+
+    evaluate(engine, config, D + timedelta(days=7))
+    seven = outcomes(engine, 7)
+    assert seven["11"] == ("returned", D + timedelta(days=1))
+    assert seven["12"] == ("not_returned", None)  # Los Angeles' window: D+1 .. D+7
+    assert seven["2"] == ("returned", D + timedelta(days=2))
+    assert seven["1"] == seven["3"] == ("pending", None)  # Tokyo's: D+2 .. D+8
+
+    evaluate(engine, config, D + timedelta(days=8))
+    seven = outcomes(engine, 7)
+    # User 1 came back on D+1, before Tokyo's email went out: not a return the email caused.
+    assert seven["1"] == seven["3"] == ("not_returned", None)
+    assert len(seven) == 20  # both arms
+    with engine.connect() as connection:
+        ends = dict(
+            connection.execute(
+                text("SELECT user_id, window_ends_on FROM retention.reengagement_outcomes "
+                     "WHERE window_days = 7 AND user_id IN ('1', '11')")
+            ).all()
+        )  # fmt: skip
+    # The performance counts a window as over from its last day on.
+    assert ends == {"1": D + timedelta(days=8), "11": D + timedelta(days=7)}

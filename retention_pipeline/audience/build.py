@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from sqlalchemy import Connection, text
 
@@ -50,7 +50,7 @@ from retention_pipeline.audience.experiment import (
     period_loop,
     record_period,
 )
-from retention_pipeline.config.models import Loop, RetentionConfig
+from retention_pipeline.config.models import LearnedSendTime, Loop, RetentionConfig
 from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.outcomes.decisions import decisions_in_force
 from retention_pipeline.recipients.addresses import (
@@ -59,6 +59,7 @@ from retention_pipeline.recipients.addresses import (
     trimmed_address_sql,
 )
 from retention_pipeline.segments.calendar import within_send_window
+from retention_pipeline.sending.compose import day_end
 
 EXCLUSION_REASONS = (
     "no_email",
@@ -95,6 +96,14 @@ class AudienceSummary:
     excluded: dict[str, int] = field(default_factory=dict)
     simulated: bool = False
 
+
+# The send-time draw of a loop that learns its send times: a user's bucket in [0, 10000) from the
+# user and the loop's salt, independent of the holdout's (which hashes the mailbox).
+SEND_TIME_BUCKET_SQL = (
+    "('x' || substr(md5({user} || '/' || {salt} || '/send_time'), 1, 8))::bit(32)::bigint % 10000"
+)
+# The rollup's 5-minute slots of one hour.
+SLOTS_PER_HOUR = 12
 
 # The step holdout's draw for a later step of a treated episode: the holdout's hash under a salt
 # of the step's own, so it is independent of the holdout and of every other step's draw (step k's
@@ -234,6 +243,107 @@ def _open_episodes_due(connection: Connection, s: str, params: dict) -> None:
         params,
     )
     connection.execute(text("ANALYZE audience_due"))
+
+
+def record_due_times(
+    connection: Connection,
+    s: str,
+    config: RetentionConfig,
+    loop: Loop,
+    day: date,
+    built_at: datetime,
+) -> None:
+    """Give each member of the loop's audience of `day` its due time: the first `local_time`
+    after `built_at` in the member's timezone (the snapshot's, unless PostgreSQL does not know
+    it: then the loops'), or `built_at` itself for a loop sending after its run; moved to the
+    end of the member's quiet hours when it falls in them; `first_due_at` keeps it (a late send
+    run may move `due_at`). `stale_at` is `email.max_delay` after the local time, whatever quiet
+    hours did: past it, the email is skipped, never sent late.
+
+    A loop that learns its send times (`send_at: {learn: true}`) draws each member, by a hash of
+    the user and the loop's salt, into the `fixed` share (the loop's `local_time`) or the
+    `learned` rest: the hour of the loops' day they were active on most days of the last `weeks`
+    (the rollup's 5-minute slots; the earliest such hour on a tie), or the local time for one
+    never active then."""
+    send_at = loop.send_at
+    quiet = config.email.quiet_hours
+    learn = isinstance(send_at, LearnedSendTime)
+    if send_at == "after_run":
+        intended = "m.built_at"
+    elif learn:
+        # The usual hour is one of the rollup's days, in the loops' timezone.
+        intended = f"""CASE WHEN usual.hour IS NOT NULL
+                            THEN {s}.next_local_time(m.built_at, make_time(usual.hour, 0, 0), :tz)
+                            ELSE {s}.next_local_time(m.built_at, :at, m.zone) END"""
+    else:
+        intended = f"{s}.next_local_time(m.built_at, :at, m.zone)"
+    due = (
+        f"""CASE WHEN {s}.in_quiet_hours(i.intended, i.zone, :quiet_from, :quiet_to)
+                 THEN {s}.next_local_time(i.intended, :quiet_to, i.zone)
+                 ELSE i.intended END"""
+        if quiet is not None
+        else "i.intended"
+    )
+    fixed_bucket = SEND_TIME_BUCKET_SQL.format(user="a.user_id", salt=":salt")
+    usual_hours = f"""
+        active_hours AS (
+            SELECT d.user_id, h.hour, count(*) AS days
+            FROM members AS m
+            JOIN {s}.activity_daily AS d
+                ON d.user_id = m.user_id AND d.day BETWEEN :since AND :day
+            CROSS JOIN generate_series(0, 23) AS h(hour)
+            WHERE m.send_time_arm = 'learned'
+              AND bit_count(substring(d.active_slots FROM h.hour * {SLOTS_PER_HOUR} + 1
+                                      FOR {SLOTS_PER_HOUR})) > 0
+            GROUP BY d.user_id, h.hour
+        ),
+        usual AS (
+            SELECT DISTINCT ON (user_id) user_id, hour FROM active_hours
+            ORDER BY user_id, days DESC, hour
+        ),"""
+    connection.execute(
+        text(f"""
+        WITH known_zones AS (SELECT name FROM pg_timezone_names),
+        members AS (
+            SELECT a.user_id, coalesce(known.name, :tz) AS zone,
+                   CAST(:built_at AS timestamptz) AS built_at,
+                   {
+            f"CASE WHEN {fixed_bucket} < :fixed_per_10000 THEN 'fixed' ELSE 'learned' END"
+            if learn
+            else "CAST(NULL AS text)"
+        } AS send_time_arm
+            FROM {s}.reengagement_audience AS a
+            LEFT JOIN {s}.user_activity_snapshot AS snap
+                ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
+            LEFT JOIN known_zones AS known ON known.name = snap.timezone
+            WHERE a.partition_date = :day AND a.loop_name = :loop
+        ),
+        {usual_hours if learn else ""}
+        intended AS (
+            SELECT m.user_id, m.zone, m.send_time_arm, {intended} AS intended
+            FROM members AS m
+            {"LEFT JOIN usual ON usual.user_id = m.user_id" if learn else ""}
+        )
+        UPDATE {s}.reengagement_audience AS a
+        SET send_timezone = i.zone, due_at = {due}, first_due_at = {due},
+            stale_at = i.intended + CAST(:max_delay AS interval),
+            send_time_arm = i.send_time_arm
+        FROM intended AS i
+        WHERE a.partition_date = :day AND a.loop_name = :loop AND a.user_id = i.user_id"""),
+        {
+            "day": day,
+            "loop": loop.name,
+            "tz": config.timezone,
+            "built_at": built_at,
+            "at": None if send_at == "after_run" else send_at.at,
+            "quiet_from": quiet.start if quiet else None,
+            "quiet_to": quiet.end if quiet else None,
+            "max_delay": config.email.max_delay_interval,
+            "salt": loop.holdout_salt,
+            "fixed_per_10000": round(send_at.fixed_share * 10000) if learn else None,
+            "since": day - timedelta(days=7 * send_at.weeks - 1) if learn else None,
+        },
+    )
 
 
 def build_audience(
@@ -446,6 +556,9 @@ def build_audience(
                   WHERE reason IS NOT NULL GROUP BY reason"""),
         params,
     ).all()
+    if config.sends_on_due_times(loop) and not simulated:
+        built_at = now if now is not None else day_end(day, config.timezone)
+        record_due_times(connection, s, config, loop, day, built_at)
     tallies = dict(counts)
     held = dict(held_back)
     excluded = {reason: int(tallies.get(f"excluded:{reason}", 0)) for reason in EXCLUSION_REASONS}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, time, timedelta
 from email.utils import parseaddr
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -876,6 +876,46 @@ DEMO_EMAIL = {
 }
 
 
+LOCAL_TIME_PATTERN = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+
+
+def parse_local_time(value: str) -> time:
+    """`09:00` as a time of day (24-hour clock, minutes required)."""
+    match = LOCAL_TIME_PATTERN.match(str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a time of day like 09:00 or 21:30")
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+def _local_time(value: str) -> str:
+    parse_local_time(value)
+    return value
+
+
+LocalTime = Annotated[str, AfterValidator(_local_time)]
+
+
+class QuietHours(StrictModel):
+    """The hours of the reader's own day in which no email of any loop goes out."""
+
+    from_: LocalTime = Field(alias="from", description="local time the quiet hours start")
+    to: LocalTime = Field(description="local time they end (the next day when earlier than from)")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if parse_local_time(self.from_) == parse_local_time(self.to):
+            raise ValueError(f"from and to are both {self.to}: quiet hours need a length")
+        return self
+
+    @property
+    def start(self) -> time:
+        return parse_local_time(self.from_)
+
+    @property
+    def end(self) -> time:
+        return parse_local_time(self.to)
+
+
 class EmailSettings(StrictModel):
     provider: Literal["resend", "outbox"] = "resend"
     frequency_cap_days: int = Field(
@@ -899,6 +939,29 @@ class EmailSettings(StrictModel):
     unsubscribe_url: str = DEMO_EMAIL["unsubscribe_url"]
     unsubscribe_secret: str | None = None
     webhook_secret: str | None = None
+    quiet_hours: QuietHours | None = Field(
+        None,
+        description="in each reader's own timezone, across loops: an email due in them waits "
+        "for their end",
+    )
+    max_delay: Duration = Field(
+        "24h",
+        description="how long after its due time an email may still go out; later, it is "
+        "skipped and counted, never sent",
+    )
+
+    @field_validator("max_delay")
+    @classmethod
+    def _max_delay(cls, value: str | int) -> str | int:
+        if parse_duration(value) < timedelta(hours=1):
+            raise ValueError(
+                f"{value!r} is shorter than the hour between two sends: give 1h or more"
+            )
+        return value
+
+    @property
+    def max_delay_interval(self) -> timedelta:
+        return parse_duration(self.max_delay)
 
     @field_validator("from_address")
     @classmethod
@@ -1156,6 +1219,58 @@ class SegmentRules(StrictModel):
         return self
 
 
+class LocalSendTime(StrictModel):
+    """Each reader's email at this time of their own day (their `timezone`, else the loops')."""
+
+    local_time: LocalTime
+
+    @property
+    def at(self) -> time:
+        return parse_local_time(self.local_time)
+
+
+class LearnedSendTime(StrictModel):
+    """Each reader's email at the hour they were most often active in the last `weeks` (the
+    rollup's 5-minute slots), or at `local_time` of their own day for a reader with no activity
+    then and for a random `fixed_share` of the readers: the comparison that says whether
+    learning pays."""
+
+    learn: Literal[True]
+    local_time: LocalTime = Field(
+        "09:00", description="the fixed time: of the fixed share, and of readers never active"
+    )
+    weeks: int = Field(4, ge=1, le=52, description="how far back the active hours are read")
+    fixed_share: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="readers drawn at random to get the fixed time instead, to measure "
+        "learned against fixed",
+    )
+
+    @property
+    def at(self) -> time:
+        return parse_local_time(self.local_time)
+
+
+def _send_at_form(value: Any) -> str:
+    if isinstance(value, str):
+        return "after_run"
+    if isinstance(value, dict) and "learn" in value:
+        return "learn"
+    if isinstance(value, LearnedSendTime):
+        return "learn"
+    return "local_time"
+
+
+SendAt = Annotated[
+    Annotated[Literal["after_run"], Tag("after_run")]
+    | Annotated[LocalSendTime, Tag("local_time")]
+    | Annotated[LearnedSendTime, Tag("learn")],
+    Discriminator(_send_at_form),
+]
+
+
 class Loop(StrictModel):
     name: Identifier
     type: Literal["retention"] = "retention"
@@ -1183,6 +1298,12 @@ class Loop(StrictModel):
     )
     adjust: bool = Field(
         True, description="share traffic between variants by results and pause harmful steps"
+    )
+    send_at: SendAt = Field(
+        "after_run",
+        description="after_run: right after the daily run; {local_time: '09:00'}: at that time "
+        "of each reader's day, by the hourly send; {learn: true}: at the hour each reader was "
+        "most often active, a random share at the fixed local_time",
     )
 
     @field_validator("name")
@@ -1341,6 +1462,11 @@ class RetentionConfig(StrictModel):
     @property
     def timezone(self) -> str:
         return self.loops[0].trigger.timezone
+
+    def sends_on_due_times(self, loop: Loop) -> bool:
+        """Whether each member of the loop's audience has a due time of their own, which the
+        hourly send keeps to: the loop sends at a local time, or quiet hours hold some back."""
+        return loop.send_at != "after_run" or self.email.quiet_hours is not None
 
     def loop(self, name: str) -> Loop:
         for loop in self.loops:

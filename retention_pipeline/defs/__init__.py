@@ -17,7 +17,12 @@ from retention_pipeline.defs.partitions import daily_partitions
 from retention_pipeline.defs.resource_bindings import resource_bindings
 from retention_pipeline.defs.schedules import build_daily_schedules, daily_retention_job
 from retention_pipeline.defs.segments import SNAPSHOT, build_segment_assets
-from retention_pipeline.defs.sending import build_send_jobs, build_send_sensor, send_log_spec
+from retention_pipeline.defs.sending import (
+    build_hourly_send_schedules,
+    build_send_jobs,
+    build_send_sensor,
+    send_log_spec,
+)
 from retention_pipeline.defs.tracking import (
     ROLLUP,
     activity_rollup,
@@ -44,7 +49,11 @@ def build_definitions(config: RetentionConfig) -> dg.Definitions:
             *build_outcome_assets(daily),
         ],
         jobs=[drain_activity_job, daily_retention_job, *send_jobs],
-        schedules=[drain_activity_schedule, *build_daily_schedules(config, daily_retention_job)],
+        schedules=[
+            drain_activity_schedule,
+            *build_daily_schedules(config, daily_retention_job),
+            *build_hourly_send_schedules(config, send_jobs),
+        ],
         sensors=[build_send_sensor(config, send_jobs)],
         resources=resource_bindings(config),
     )

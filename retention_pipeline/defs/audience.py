@@ -17,6 +17,7 @@ from retention_pipeline.defs.partitions import (
 from retention_pipeline.defs.segments import SEGMENTS
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.conditions import condition_user_ids
+from retention_pipeline.sending.due import due_preview
 
 AUDIENCE = dg.AssetKey(["retention", "reengagement_audience"])
 LOOPS_METADATA = "loops"
@@ -94,6 +95,13 @@ def _audience_day(
         except DesignChangeRefused as refused:
             raise dg.Failure(description=str(refused), allow_retries=False) from None
         total += summary.treatment + summary.holdout + summary.withheld
+        if app_database.config.sends_on_due_times(loop) and not summary.simulated:
+            with app_database.engine.connect() as connection:
+                metadata[f"{loop.name}/due_times"] = dg.MetadataValue.md(
+                    due_preview(
+                        connection, schema=app_database.schema, loop_name=loop.name, day=day
+                    )
+                )
         metadata.update(
             {
                 f"{loop.name}/candidates": summary.candidates,

@@ -6,7 +6,7 @@ from datetime import date
 import dagster as dg
 import pandas as pd
 
-from retention_pipeline.config.models import QuerySuccess
+from retention_pipeline.config.models import LearnedSendTime, QuerySuccess
 from retention_pipeline.defs.audience import AUDIENCE
 from retention_pipeline.defs.partitions import (
     DayResult,
@@ -17,11 +17,16 @@ from retention_pipeline.defs.segments import SNAPSHOT
 from retention_pipeline.defs.sending import SEND_LOG
 from retention_pipeline.defs.tracking import ROLLUP
 from retention_pipeline.outcomes.decisions import decide_day
-from retention_pipeline.outcomes.evaluate import evaluate_outcomes, success_days
+from retention_pipeline.outcomes.evaluate import (
+    evaluate_outcomes,
+    evaluation_lag_days,
+    success_days,
+)
 from retention_pipeline.outcomes.performance import (
     performance_frame,
     performance_metadata,
 )
+from retention_pipeline.outcomes.send_time import send_time_markdown, send_time_rows
 from retention_pipeline.resources.app_database import AppDatabase
 
 OUTCOMES = dg.AssetKey(["retention", "reengagement_outcomes"])
@@ -82,7 +87,13 @@ def _outcomes_day(
         successes = None
         if isinstance(loop.success, QuerySuccess):
             successes = success_days(
-                app_database.engine, app_database.schema, loop, loop.success, day, config.timezone
+                app_database.engine,
+                app_database.schema,
+                loop,
+                loop.success,
+                day,
+                config.timezone,
+                lag_days=evaluation_lag_days(config, loop),
             )
         with app_database.engine.begin() as connection:
             summary = evaluate_outcomes(
@@ -121,6 +132,12 @@ def _performance_day(
                 decision_lines.append(f"- **{loop.name}**: adjust is off; nothing decided")
         metadata.update(performance_metadata(rows))
         tables.append(performance_frame(rows))
+        if isinstance(loop.send_at, LearnedSendTime):
+            with app_database.engine.connect() as connection:
+                compared = send_time_rows(
+                    connection, schema=app_database.schema, loop_name=loop.name, day=day
+                )
+            metadata[f"{loop.name}/send_time"] = dg.MetadataValue.md(send_time_markdown(compared))
         context.log.info(
             f"{loop.name} {day}: "
             + "; ".join(

@@ -10,15 +10,17 @@ from retention_pipeline.defs.retries import retry_policy
 from retention_pipeline.email.secrets import unsubscribe_secret
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import EmailResource, send_run_problems
-from retention_pipeline.segments.calendar import within_send_window
+from retention_pipeline.segments.calendar import day_just_ended, within_send_window
 from retention_pipeline.sending.pace import SharedPace
-from retention_pipeline.sending.run import send_loop_day
+from retention_pipeline.sending.run import Markdown, send_loop_day
 from retention_pipeline.sending.sender_lock import SenderBusy, SenderLockLost
 from retention_pipeline.sending.shards import Shard
 
 SENSOR_BATCH = 100
 LOOP_TAG = "retention/loop"
 SEND_SHARD_TAG = "retention/send_shard"
+SEND_HOUR_TAG = "retention/send_hour"
+HOURLY_CRON = "0 * * * *"
 SEND_POOL = "resend"
 SEND_LOG = dg.AssetKey(["retention", "email_send_log"])
 
@@ -122,7 +124,13 @@ def send_emails(
             dg.AssetMaterialization(
                 asset_key=SEND_LOG,
                 partition=reported_day.isoformat(),
-                metadata={"provider": email.provider, **report.metadata_for(reported_day)},
+                metadata={
+                    "provider": email.provider,
+                    **{
+                        name: dg.MetadataValue.md(value) if isinstance(value, Markdown) else value
+                        for name, value in report.metadata_for(reported_day).items()
+                    },
+                },
             )
         )
     if report.dispatch.still_pending:
@@ -219,3 +227,50 @@ def build_send_sensor(
         context.update_cursor(str(records[-1].storage_id))
 
     return send_on_new_audience
+
+
+def hourly_send_schedule_name(loop_name: str) -> str:
+    return f"send_{loop_name}_hourly"
+
+
+def build_hourly_send_schedules(
+    config: RetentionConfig, send_jobs: list[dg.JobDefinition]
+) -> list[dg.ScheduleDefinition]:
+    """Per loop whose members have due times of their own (`send_at: {local_time}`, or quiet
+    hours), a schedule at the top of every hour (UTC: every timezone's hour, the ones 30 or 45
+    minutes off included, starts within it) that launches one run of the loop's send job per
+    shard: each claims and sends the members due since its shard's previous claim. A missed
+    hour is not launched late: the next hour's run claims what it would have."""
+    jobs = {job.name: job for job in send_jobs}
+    return [
+        _hourly_send_schedule(config, loop, jobs[send_job_name(loop.name)])
+        for loop in config.loops
+        if config.sends_on_due_times(loop)
+    ]
+
+
+def _hourly_send_schedule(
+    config: RetentionConfig, loop: Loop, job: dg.JobDefinition
+) -> dg.ScheduleDefinition:
+    shards = config.email.send_shards
+
+    @dg.schedule(
+        name=hourly_send_schedule_name(loop.name),
+        job=job,
+        cron_schedule=HOURLY_CRON,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Every hour, send the {loop.name} loop's emails now due in each reader's "
+        "own timezone, one run per shard.",
+    )
+    def send_due_hourly(context: dg.ScheduleEvaluationContext):
+        hour = context.scheduled_execution_time.astimezone(UTC)
+        day = day_just_ended(hour, config.timezone).isoformat()
+        for shard in range(shards):
+            yield dg.RunRequest(
+                run_key=f"{hour:%Y-%m-%dT%H}:{shard}",
+                partition_key=send_partition_key(day, shard),
+                tags={SEND_HOUR_TAG: f"{hour:%Y-%m-%dT%H:00Z}"},
+            )
+
+    return send_due_hourly

@@ -8,8 +8,12 @@ email could go out, as in a backfill; see `audience.build`) is no experiment and
 outcome. The revenue still billed at the end of a window is kept with its currency: amounts of
 different currencies are never added.
 The user returned within a window of w days when the loop's success happened on one of the days
-D+1 .. D+w (the rollup's days, in the loops' timezone; the email of day D goes out the morning
-after). Evaluated as of day P, a window with D + w > P is `pending`.
+A .. A+w-1 (the rollup's days, in the loops' timezone) from the window's first day A: the day of
+the due time the build gave the assignment (`first_due_at`), when its loop has due times (it
+sends at each reader's local time, or has quiet hours: see `sending.due`), in every arm alike,
+so the windows count from when the email went out (within the hour after it) or would have;
+else D+1 (the email of day D goes out the morning after). Evaluated as of day P, a window with
+A+w-1 > P is `pending`.
 
 The evaluation of day P rewrites every assignment whose windows were still open the day before
 (D >= P - longest window), so late rows reach them; an assignment evaluated as of a later day is
@@ -31,11 +35,17 @@ from retention_pipeline.config.models import (
     QuerySuccess,
     RetentionConfig,
 )
+from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
 from retention_pipeline.segments.conditions import (
     ConditionError,
     read_only_cursor,
     single_select,
 )
+
+# A member's due time falls at most this many days after its audience's day (a day built as late
+# as the send window allows, its local time up to a day later, quiet hours up to another): the
+# evaluation of a loop with due times re-reads its assignments this much further back.
+DUE_LAG_DAYS = SEND_WINDOW_DAYS + 2
 
 # Subscription statuses Stripe still bills: the revenue "still active" after a window.
 BILLED_STATUSES = ("active", "past_due")
@@ -51,14 +61,23 @@ class OutcomeSummary:
 
 
 def success_days(
-    engine: Engine, schema: str, loop: Loop, success: QuerySuccess, day: date, timezone: str
+    engine: Engine,
+    schema: str,
+    loop: Loop,
+    success: QuerySuccess,
+    day: date,
+    timezone: str,
+    lag_days: int = 0,
 ) -> list[tuple[str, date]]:
     """(user id, day) pairs on which the loop's success query says a user succeeded, among the
-    days an evaluation of `day` looks at; read-only, under the query's timeout."""
+    days an evaluation of `day` looks at (`lag_days` more for a loop with due times:
+    `evaluation_lag_days`); read-only, under the query's timeout."""
     where = f"loops.{loop.name}.success.query"
     subquery = f"(\n{single_select(success.query, where)}\n) AS success"
     zone = ZoneInfo(timezone)
-    since = datetime.combine(day - timedelta(days=max(loop.window_days) - 1), time(), zone)
+    since = datetime.combine(
+        day - timedelta(days=max(loop.window_days) - 1 + lag_days), time(), zone
+    )
     until = datetime.combine(day + timedelta(days=1), time(), zone)
     with (
         engine.connect() as connection,
@@ -89,6 +108,12 @@ def success_days(
         return [(user, success_day) for user, success_day in cursor.fetchall()]
 
 
+def evaluation_lag_days(config: RetentionConfig, loop: Loop) -> int:
+    """How many days further back than its longest window an evaluation of the loop re-reads
+    assignments: `DUE_LAG_DAYS` for a loop with due times, none for one sending after its run."""
+    return DUE_LAG_DAYS if config.sends_on_due_times(loop) else 0
+
+
 def evaluate_outcomes(
     connection: Connection,
     *,
@@ -106,6 +131,8 @@ def evaluate_outcomes(
         "loop": loop.name,
         "day": day,
         "longest": max(loop.window_days),
+        "lag": evaluation_lag_days(config, loop),
+        "tz": config.timezone,
         "windows": loop.window_days,
         "billed": list(BILLED_STATUSES),
     }
@@ -138,18 +165,26 @@ def evaluate_outcomes(
     connection.execute(
         text(f"""
             DELETE FROM {s}.reengagement_outcomes
-            WHERE loop_name = :loop AND partition_date BETWEEN :day - :longest AND :day
+            WHERE loop_name = :loop AND partition_date BETWEEN :day - :longest - :lag AND :day
               AND evaluated_through <= :day"""),
         params,
     )
     written = connection.execute(
         text(f"""
-        WITH assigned AS (
-            SELECT a.partition_date, a.user_id, a.episode_start, a.step, a.arm, a.variant,
-                   least(CAST(:day AS date), a.partition_date + :longest) AS through
+        WITH anchored AS (
+            SELECT a.*,
+                   coalesce(CAST(a.first_due_at AT TIME ZONE :tz AS date), a.partition_date + 1)
+                       AS first_day
             FROM {s}.reengagement_audience AS a
-            WHERE a.loop_name = :loop AND a.partition_date BETWEEN :day - :longest AND :day
-              AND NOT a.simulated
+            WHERE a.loop_name = :loop
+              AND a.partition_date BETWEEN :day - :longest - :lag AND :day
+        ),
+        assigned AS (
+            SELECT a.partition_date, a.user_id, a.episode_start, a.step, a.arm, a.variant,
+                   a.first_day,
+                   least(CAST(:day AS date), a.first_day - 1 + :longest) AS through
+            FROM anchored AS a
+            WHERE NOT a.simulated
               AND NOT EXISTS (
                   SELECT FROM {s}.reengagement_outcomes AS newer
                   WHERE newer.loop_name = :loop AND newer.partition_date = a.partition_date
@@ -159,36 +194,36 @@ def evaluate_outcomes(
             SELECT a.partition_date, a.user_id, min(r.day) AS returned_on
             FROM assigned AS a
             JOIN {returns} AS r
-              ON r.user_id = a.user_id AND r.day > a.partition_date AND r.day <= a.through
+              ON r.user_id = a.user_id AND r.day >= a.first_day AND r.day <= a.through
             GROUP BY a.partition_date, a.user_id
         )
         INSERT INTO {s}.reengagement_outcomes (loop_name, partition_date, user_id, window_days,
             episode_start, step, arm, variant, emailed, status, returned_on,
-            active_revenue_cents, revenue_currency, evaluated_through)
+            active_revenue_cents, revenue_currency, evaluated_through, window_ends_on)
         SELECT :loop, a.partition_date, a.user_id, w.days, a.episode_start, a.step, a.arm,
                a.variant,
                EXISTS (SELECT FROM {s}.email_send_log AS sent
                        WHERE sent.loop_name = :loop AND sent.user_id = a.user_id
                          AND sent.episode_start = a.episode_start AND sent.step = a.step
                          AND sent.status = 'sent'),
-               CASE WHEN f.returned_on <= a.partition_date + w.days THEN 'returned'
-                    WHEN a.partition_date + w.days <= :day THEN 'not_returned'
+               CASE WHEN f.returned_on <= a.first_day - 1 + w.days THEN 'returned'
+                    WHEN a.first_day - 1 + w.days <= :day THEN 'not_returned'
                     ELSE 'pending' END,
-               CASE WHEN f.returned_on <= a.partition_date + w.days THEN f.returned_on END,
+               CASE WHEN f.returned_on <= a.first_day - 1 + w.days THEN f.returned_on END,
                CASE WHEN snap.user_id IS NULL THEN NULL
                     WHEN snap.subscription_status = ANY(CAST(:billed AS text[]))
                         THEN snap.monthly_amount_cents
                     ELSE 0 END,
                CASE WHEN snap.subscription_status = ANY(CAST(:billed AS text[]))
                     THEN snap.subscription_currency END,
-               a.through
+               a.through, a.first_day - 1 + w.days
         FROM assigned AS a
         CROSS JOIN unnest(CAST(:windows AS int[])) AS w(days)
         LEFT JOIN first_return AS f
             ON f.partition_date = a.partition_date AND f.user_id = a.user_id
         LEFT JOIN {s}.user_activity_snapshot AS snap
-            ON a.partition_date + w.days <= :day
-           AND snap.partition_date = a.partition_date + w.days AND snap.user_id = a.user_id
+            ON a.first_day - 1 + w.days <= :day
+           AND snap.partition_date = a.first_day - 1 + w.days AND snap.user_id = a.user_id
         RETURNING window_days, status, user_id, partition_date"""),
         params,
     ).all()

@@ -411,7 +411,8 @@ def _outcomes_sql(s: str) -> str:
         SELECT o.*,
                -- A return is known as soon as it happens, but a rate counts only windows that
                -- are over: early returns alone would inflate it.
-               o.partition_date + o.window_days <= o.evaluated_through AS over,
+               coalesce(o.window_ends_on, o.partition_date + o.window_days)
+                   <= o.evaluated_through AS over,
                EXISTS (SELECT FROM {s}.email_send_log AS sent
                        WHERE sent.loop_name = o.loop_name AND sent.user_id = o.user_id
                          AND sent.episode_start = o.episode_start AND sent.step = o.step

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from sqlalchemy import Engine
@@ -20,6 +20,13 @@ from retention_pipeline.recipients.delivery import delivery_counts
 from retention_pipeline.segments.calendar import send_window
 from retention_pipeline.sending.compose import compose_emails, treatment_rows
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
+from retention_pipeline.sending.due import (
+    DueClaim,
+    DueHour,
+    claim_due,
+    due_hours,
+    due_hours_markdown,
+)
 from retention_pipeline.sending.send_log import (
     BATCH_SIZE,
     claim,
@@ -35,6 +42,10 @@ logger = logging.getLogger(__name__)
 DELIVERY_REPORT_DAYS = 7
 """How many days back each send run reports the send log again, with the delivery events
 (bounces, complaints, clicks) that arrived since the emails went out."""
+
+
+class Markdown(str):
+    """Metadata text the send job shows as Markdown (a table)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,11 @@ class SendRunReport:
     """Per day in `days_reported`, the emails Resend reported delivered, bounced, ... so far."""
     shard: Shard = WHOLE_LOOP
     """Whose emails this run claimed and sent; the ledger and delivery counts cover every shard."""
+    due: DueClaim | None = None
+    """For a loop whose members have due times: the members this run read as due, and what
+    became of them (None: the loop sends right after its run)."""
+    hours: dict[date, list[DueHour]] = field(default_factory=dict)
+    """For such a loop, per day in `days_changed`: its members by hour of due time."""
 
     @property
     def days_changed(self) -> list[date]:
@@ -70,6 +86,16 @@ class SendRunReport:
         """One day's send-log metadata: this run's changes to that day, and the day's totals,
         so no count of this run exceeds the total it belongs to."""
         changes = self.dispatch.by_day.get(day, Counter())
+        due: dict[str, object] = {}
+        if self.due is not None:
+            due["send_run_due_by"] = self.due.by.isoformat()
+            due["skipped_this_run"] = self.due.skipped[day]
+            due["deferred_this_run"] = self.due.deferred[day]
+        if day in self.hours:
+            hours = self.hours[day]
+            due["due/waiting"] = sum(each.waiting for each in hours)
+            due["due/skipped"] = sum(each.skipped for each in hours)
+            due["due/hours"] = Markdown(due_hours_markdown(hours))
         return {
             "loop": self.loop_name,
             "send_run_day": self.day.isoformat(),
@@ -81,15 +107,18 @@ class SendRunReport:
             "failed_this_run": changes["failed"],
             **{f"status/{status}": count for status, count in self.ledger[day].items()},
             **{f"delivery/{event}": count for event, count in self.delivery[day].items()},
+            **due,
         }
 
     def __str__(self) -> str:
+        which = "" if self.shard == WHOLE_LOOP else f" ({self.shard})"
+        if self.due is not None:
+            return f"{self.loop_name} {self.day}{which}: {self.due}; {self.dispatch}"
         if self.audience_days:
             days = ", ".join(each.isoformat() for each in self.audience_days)
             claimed = f"claimed {sum(self.claimed.values())} new emails from audience days {days}"
         else:
             claimed = "claimed nothing: the day is older than the send window (history)"
-        which = "" if self.shard == WHOLE_LOOP else f" ({self.shard})"
         return f"{self.loop_name} {self.day}{which}: {claimed}; {self.dispatch}"
 
 
@@ -122,6 +151,10 @@ def send_loop_day(
     its connection was terminated, and another sender may have taken over) and asks
     `keep_going` (the send op: is the Dagster run still alive?); when that says no, it stops and
     the rest stays claimed for the next send run.
+
+    A loop whose members have due times (`send_at: {local_time}`, or quiet hours) claims instead
+    the members due since the shard's previous claim and by `now`, whatever their audience day
+    (`due.claim_due`); `day` then only names the run.
     """
     schema = config.database.schema_
     with sender_lock(
@@ -133,7 +166,7 @@ def send_loop_day(
             return keep_going()
 
         audience_days = tuple(send_window(day, now, config.timezone))
-        if not audience_days:
+        if not audience_days and not config.sends_on_due_times(loop):
             log.warning(
                 "%s %s: the audience is older than the send window, so it is history: "
                 "nothing claimed",
@@ -193,25 +226,48 @@ def send_loop_day(
 
         dispatch = DispatchReport(sent=0, failed=0, still_pending=0)
         claimed: dict[date, int] = {}
-        for audience_day in audience_days:
-            if dispatch.still_pending:
-                # Stopped (the run ended, the lock was lost) or refused by the provider: the
-                # rest is left unclaimed for the retry, and the provider is not asked again.
-                break
-            # One batch is claimed and sent before the rest is rendered, so the first email
-            # leaves without waiting for the whole day's.
-            read, claimed[audience_day] = claim_unclaimed(audience_day, BATCH_SIZE)
-            if read == BATCH_SIZE:
-                dispatch = dispatch.then(dispatch_pending())
-                if not dispatch.still_pending:
-                    claimed[audience_day] += claim_unclaimed(audience_day, None)[1]
-            if claimed[audience_day]:
-                log.info(
-                    "%s: claimed %d new emails of audience day %s",
+        due: DueClaim | None = None
+        if config.sends_on_due_times(loop):
+            # Members have due times of their own: the run claims those due since the last claim.
+            due = claim_due(
+                engine,
+                config=config,
+                loop=loop,
+                now=now,
+                unsubscribe_secret=unsubscribe_secret,
+                shard=shard,
+            )
+            claimed = dict(due.claimed)
+            audience_days = tuple(sorted(set(due.claimed) | set(due.deferred) | set(due.skipped)))
+            log.info("%s: %s", loop.name, due)
+            if due.skipped:
+                log.warning(
+                    "%s: %d members skipped: their email could not go out within "
+                    "email.max_delay (%s) of their send time",
                     loop.name,
-                    claimed[audience_day],
-                    audience_day,
+                    due.skipped.total(),
+                    config.email.max_delay,
                 )
+        else:
+            for audience_day in audience_days:
+                if dispatch.still_pending:
+                    # Stopped (the run ended, the lock was lost) or refused by the provider: the
+                    # rest is left unclaimed for the retry, and the provider is not asked again.
+                    break
+                # One batch is claimed and sent before the rest is rendered, so the first email
+                # leaves without waiting for the whole day's.
+                read, claimed[audience_day] = claim_unclaimed(audience_day, BATCH_SIZE)
+                if read == BATCH_SIZE:
+                    dispatch = dispatch.then(dispatch_pending())
+                    if not dispatch.still_pending:
+                        claimed[audience_day] += claim_unclaimed(audience_day, None)[1]
+                if claimed[audience_day]:
+                    log.info(
+                        "%s: claimed %d new emails of audience day %s",
+                        loop.name,
+                        claimed[audience_day],
+                        audience_day,
+                    )
         if not dispatch.still_pending:
             # The rest of what was claimed, and what earlier runs left claimed.
             dispatch = dispatch.then(dispatch_pending())
@@ -233,6 +289,16 @@ def send_loop_day(
             for each in days
         }
         delivery = delivery_counts(connection, schema=schema, loop_name=loop.name, days=days)
+        hours = {}
+        if due is not None:
+            changed = (
+                set(_days_changed(day, claimed, dispatch)) | set(due.deferred) | set(due.skipped)
+            )
+            hours = {
+                each: due_hours(connection, schema=schema, loop_name=loop.name, day=each)
+                for each in sorted(changed)
+                if each in ledger
+            }
     return SendRunReport(
         loop_name=loop.name,
         day=day,
@@ -242,6 +308,8 @@ def send_loop_day(
         ledger=ledger,
         delivery=delivery,
         shard=shard,
+        due=due,
+        hours=hours,
     )
 
 

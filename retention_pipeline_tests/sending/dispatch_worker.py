@@ -4,14 +4,16 @@
     python -m retention_pipeline_tests.sending.dispatch_worker --job CONFIG_PATH DAY
     python -m retention_pipeline_tests.sending.dispatch_worker \
         --shard-job CONFIG_PATH DAY SHARD SHARDS REQUESTS_PER_SECOND
+    python -m retention_pipeline_tests.sending.dispatch_worker --due CONFIG_PATH DAY NOW
 
 The first sends the pending batches of the test loop with `send_pending` and prints the
 `DispatchReport`'s counts as JSON. The second runs the loop's Dagster send job
 for DAY in process, as a run worker would, and prints whether the run succeeded. The third
 builds the loop's send job with SHARDS shards, prints `ready`, waits for a line on stdin, then
 runs the partition DAY|SHARD on the Dagster instance of $DAGSTER_HOME and prints whether it
-succeeded, so a test can start several at the same moment. All send through the Resend SDK at
-$RESEND_API_URL.
+succeeded, so a test can start several at the same moment. The fourth runs `send_loop_day` of
+the test loop, whose configuration (a YAML document) sends at a local time, as the hourly send
+at NOW (ISO 8601), and prints its claims. All send through the Resend SDK at $RESEND_API_URL.
 """
 
 from __future__ import annotations
@@ -87,10 +89,37 @@ def run_shard_job(
     print(json.dumps({"success": result.success, "run_id": result.run_id}), flush=True)
 
 
+def send_due(config_path: str, day: str, now: str) -> None:
+    from datetime import date, datetime
+    from pathlib import Path
+
+    import yaml
+
+    from retention_pipeline.config import parse_config
+    from retention_pipeline.sending import send_loop_day
+    from retention_pipeline_tests.sending.support import SECRET
+
+    config = parse_config(yaml.safe_load(Path(config_path).read_text()), environ={})
+    report = send_loop_day(
+        create_engine(config.database.url),
+        config=config,
+        loop=config.loop(LOOP),
+        day=date.fromisoformat(day),
+        now=datetime.fromisoformat(now),
+        sender=ResendSender(API_KEY, FROM, requests_per_second=1000),
+        provider="resend",
+        unsubscribe_secret=SECRET,
+        holder="hourly worker",
+    )
+    print(json.dumps({"claimed": report.due.claimed.total() if report.due else None}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     resend.api_url = os.environ["RESEND_API_URL"]
     if argv[0] == "--job":
         run_job(argv[1], argv[2])
+    elif argv[0] == "--due":
+        send_due(argv[1], argv[2], argv[3])
     elif argv[0] == "--shard-job":
         run_shard_job(argv[1], argv[2], int(argv[3]), int(argv[4]), float(argv[5]))
     else:
