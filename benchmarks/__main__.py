@@ -10,7 +10,8 @@ python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-row
 (`run` measures them too, with its --capture-seconds and --repeats, unless --skip-sources).
 
 python -m benchmarks audience --users N [N ...] [--url URL] [--repeats R]: the audience step of
-three loops at each size, on scratch databases of its own, as a Markdown table on stdout.
+three loops at each size, next to the snapshot step of as many users, on scratch databases of its
+own, as a Markdown table on stdout.
 
 python -m benchmarks local-time --users N [--audience-share S] [--repeats R] [--url URL]
 [--bigint-ids] [--output benchmarks/RESULTS-local-time.md]: a day's emails by 24 hourly
@@ -77,7 +78,9 @@ def main() -> None:
     sources.add_argument("--drain-repeats", type=int, default=defaults.drain_repeats)
     sources.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-sources.md"))
     audience = commands.add_parser(
-        "audience", help="the audience step of three loops, one scratch database per size"
+        "audience",
+        help="the audience step of three loops against the snapshot step, one scratch database "
+        "per size",
     )
     audience.add_argument("--users", type=int, nargs="+", required=True)
     audience.add_argument("--url", default=DEFAULT_URL)

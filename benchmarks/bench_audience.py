@@ -1,13 +1,21 @@
-"""The audience step (`audience.build.build_audience`) at scale: three loops of three steps over a
-day's snapshot, with a month and more of episodes and assignments behind it.
+"""The audience step (`audience.build.build_audiences`) at scale: three loops of three steps over
+a day's snapshot, with a month and more of episodes and assignments behind it.
 
     python -m benchmarks audience --users N [N ...] [--url URL] [--repeats R]
 
-seeds a scratch database per size (`bench_h20_audience_…`, dropped at the end): the pipeline's
+seeds a scratch database per size (`bench_audience_…`, dropped at the end): the pipeline's
 schema and a day's `user_activity_snapshot` partition of N users (some sharing a mailbox, some
-with no usable address); then prints a Markdown table of the step's time per loop. `measure` does
-the same on a database whose snapshot of the day is already built (the main benchmark's): it adds
-the loops' history to it (`seed_history`) and times each loop's first build of the day.
+with no usable address); then prints a Markdown table of each loop's figures and of the step's
+time (the three loops in one transaction, as the asset builds them). `measure` does the same on a
+database whose snapshot of the day is already built: it adds the loops' history to it
+(`seed_history`) and times the loops' first build of the day.
+
+The audience's target is a share of the snapshot step's time at the same number of users, so the
+scratch database also holds the demo app's N users with `MIN_DAYS` days of history, the pipeline
+installed over them (`seed_app`), and each repeat times the snapshot step (`build_snapshot` of the
+demo's last day, rolled forward from the day before's, as the daily run builds it) right before
+the three loops: the ratio is taken repeat by repeat from figures measured next to each other.
+The demo's days end well before the audience's day, so their snapshots never meet.
 
 The history, per loop, set-based: open episodes of 3% of the users, started 1 to 40 days before
 the day among users dormant since before their start (so some are due a step today, some had
@@ -26,16 +34,22 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timedelta
+from datetime import time as clock
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from retention_pipeline.audience.build import AudienceSummary, build_audience
+from retention_pipeline.audience.build import AudienceSummary, build_audiences
 from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.database.day_partitions import ensure_day_partition
 from retention_pipeline.database.migrate import upgrade
+from retention_pipeline.demo import seed_demo
+from retention_pipeline.demo.seed import MIN_DAYS
 from retention_pipeline.recipients.addresses import EMAIL_ADDRESS_SQL_PATTERN, mailbox_sql
+from retention_pipeline.segments.snapshot.build import build_snapshot
+from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
 
 DAY = date(2026, 11, 10)
@@ -46,6 +60,8 @@ ENDED_PER_10000 = 300
 NEW_PER_10000 = 30
 # Episodes open up to this many days before the day, which covers every step's delay.
 OPEN_DAYS = 40
+# The day the snapshot step is timed on: the demo app's last day, long before the audience's.
+SNAPSHOT_DAY = DAY - timedelta(days=60)
 
 
 def loops_config(url: str, schema: str = "retention", loops: int = 3) -> RetentionConfig:
@@ -92,6 +108,32 @@ def seed_snapshot(engine: Engine, schema: str, day: date, users: int) -> None:
             {"day": day, "users": users},
         )
         connection.execute(text(f"ANALYZE {partition}"))
+
+
+def seed_app(engine: Engine, config: RetentionConfig, users: int) -> None:
+    """The demo app's tables (schema public) with `users` users and `MIN_DAYS` days of history
+    up to `SNAPSHOT_DAY`, the pipeline installed over them (its rollup built from them), and the
+    snapshot of the day before `SNAPSHOT_DAY` built, so that the one of `SNAPSHOT_DAY` rolls
+    forward from it as the daily run's does."""
+    zone = ZoneInfo(config.timezone)
+    end = datetime.combine(SNAPSHOT_DAY + timedelta(days=1), clock.min, tzinfo=zone)
+    with engine.begin() as connection:
+        seed_demo(connection, users=users, days=MIN_DAYS, seed=42, end=end)
+    install(engine, config)
+    with engine.begin() as connection:
+        build_snapshot(connection, config, SNAPSHOT_DAY - timedelta(days=1))
+
+
+def time_snapshot_step(engine: Engine, config: RetentionConfig) -> float:
+    """Seconds to build the snapshot of `SNAPSHOT_DAY` (replacing the previous build's), rolled
+    forward from the day before's, in one transaction as the asset does."""
+    started = time.perf_counter()
+    with engine.begin() as connection:
+        summary = build_snapshot(connection, config, SNAPSHOT_DAY)
+    seconds = time.perf_counter() - started
+    if summary.path != "incremental":
+        raise RuntimeError(f"the snapshot of {SNAPSHOT_DAY} was built {summary.path}, not rolled")
+    return seconds
 
 
 def seed_history(engine: Engine, config: RetentionConfig, day: date) -> dict[str, set[str]]:
@@ -234,14 +276,21 @@ class Figures:
     open_episodes: dict[str, int] = field(default_factory=dict)
     candidates: dict[str, int] = field(default_factory=dict)
     assigned: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, list[float]] = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)
+    """Repeat by repeat, the time of the loops' build (`build_audiences`, one transaction)."""
+    snapshot_seconds: list[float] = field(default_factory=list)
+    """Repeat by repeat, the snapshot step's time, measured right before the loops'."""
     summaries: dict[str, AudienceSummary] = field(default_factory=dict)
     """Each loop's summary of its last build: who was assigned, who excluded and why."""
 
     @property
-    def total_seconds(self) -> list[float]:
-        """Repeat by repeat, the three loops' times added."""
-        return [sum(each) for each in zip(*self.seconds.values(), strict=True)]
+    def against_snapshot(self) -> list[float]:
+        """Repeat by repeat, the loops' time over the snapshot step's (empty when the snapshot
+        step was not measured)."""
+        return [
+            loops / snapshot
+            for loops, snapshot in zip(self.seconds, self.snapshot_seconds, strict=False)
+        ]
 
 
 def take_back_day(engine: Engine, config: RetentionConfig, day: date) -> None:
@@ -269,11 +318,19 @@ def take_back_day(engine: Engine, config: RetentionConfig, day: date) -> None:
 
 
 def measure(
-    url: str, schema: str, day: date, users: int, loops: int = 3, repeats: int = 3
+    url: str,
+    schema: str,
+    day: date,
+    users: int,
+    loops: int = 3,
+    repeats: int = 3,
+    with_snapshot_step: bool = False,
 ) -> Figures:
     """Seed the loops' history over the snapshot of `day` already in the database at `url`,
-    then build the audience of `day` for each loop in turn (one transaction each, as the asset
-    does), `repeats` times, each the day's first build (`take_back_day` between them)."""
+    then build the loops' audiences of `day` (in one transaction, as the asset does), `repeats`
+    times, each the day's first build (`take_back_day` between them), each
+    right after the snapshot step (`time_snapshot_step`, on the database `seed_app` seeded) if
+    `with_snapshot_step`."""
     config = loops_config(url, schema, loops)
     engine = create_engine(url)
     try:
@@ -290,18 +347,16 @@ def measure(
         for repeat in range(repeats):
             if repeat:
                 take_back_day(engine, config, day)
+            if with_snapshot_step:
+                figures.snapshot_seconds.append(time_snapshot_step(engine, config))
+            started = time.perf_counter()
+            with engine.begin() as connection:
+                summaries = build_audiences(
+                    connection, config=config, loops=config.loops, day=day, candidates=candidates
+                )
+            figures.seconds.append(time.perf_counter() - started)
             for loop in config.loops:
-                started = time.perf_counter()
-                with engine.begin() as connection:
-                    summary = build_audience(
-                        connection,
-                        config=config,
-                        loop=loop,
-                        day=day,
-                        candidates=candidates[loop.name],
-                    )
-                figures.seconds.setdefault(loop.name, []).append(time.perf_counter() - started)
-                figures.summaries[loop.name] = summary
+                summary = figures.summaries[loop.name] = summaries[loop.name]
                 figures.candidates[loop.name] = summary.candidates
                 figures.open_episodes[loop.name] = open_episodes.get(loop.name, 0)
                 figures.assigned[loop.name] = summary.treatment + summary.holdout + summary.withheld
@@ -320,9 +375,10 @@ def measure_scratch(server_url: str, users: int, repeats: int, day: date = DAY) 
     url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     try:
         engine = create_engine(url)
+        seed_app(engine, loops_config(url), users)
         seed_snapshot(engine, "retention", day, users)
         engine.dispose()
-        return measure(url, "retention", day, users, repeats=repeats)
+        return measure(url, "retention", day, users, repeats=repeats, with_snapshot_step=True)
     finally:
         with admin.connect() as connection:
             connection.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
@@ -330,28 +386,36 @@ def measure_scratch(server_url: str, users: int, repeats: int, day: date = DAY) 
 
 
 def render(results: list[Figures]) -> str:
-    """One row per size and loop, and the three loops together: time as median (min–max)."""
+    """One row per size and loop (its figures), and per size the loops together: their time,
+    the snapshot step's and the ratio of the two, each as median (min–max) of the repeats (the
+    ratio taken repeat by repeat); then the growth from the first size to the last."""
 
-    def spread(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f} s ({min(values):.2f}–{max(values):.2f})"
+    def spread(values: list[float], unit: str = " s") -> str:
+        return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}–{max(values):.2f})"
 
     lines = [
-        "| users | loop | open episodes | candidates | assigned | build_audience |",
-        "|---|---|---|---|---|---|",
+        "| users | loop | open episodes | candidates | assigned | build_audiences | "
+        "snapshot step | audience / snapshot |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for figures in results:
-        for loop, seconds in figures.seconds.items():
+        for loop in figures.summaries:
             lines.append(
                 f"| {figures.users:,} | {loop} | {figures.open_episodes[loop]:,} | "
-                f"{figures.candidates[loop]:,} | {figures.assigned[loop]:,} | {spread(seconds)} |"
+                f"{figures.candidates[loop]:,} | {figures.assigned[loop]:,} | | | |"
             )
+        snapshot = (
+            f"{spread(figures.snapshot_seconds)} | {spread(figures.against_snapshot, 'x')}"
+            if figures.snapshot_seconds
+            else "not measured | —"
+        )
         lines.append(
-            f"| {figures.users:,} | all {len(figures.seconds)} loops | | | | "
-            f"{spread(figures.total_seconds)} |"
+            f"| {figures.users:,} | all {len(figures.summaries)} loops | | | | "
+            f"{spread(figures.seconds)} | {snapshot} |"
         )
     if len(results) > 1:
         first, last = results[0], results[-1]
-        ratio = statistics.median(last.total_seconds) / statistics.median(first.total_seconds)
+        ratio = statistics.median(last.seconds) / statistics.median(first.seconds)
         lines += [
             "",
             f"{last.users:,} / {first.users:,} users: {ratio:.1f}x the time for "

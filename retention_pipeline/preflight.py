@@ -278,7 +278,7 @@ def _explain(
     """EXPLAIN each statement in order, in one transaction rolled back at the end; the first
     failure is a problem. What prepares the statements after it is run for real: a temporary
     table (created empty: its rows cost a run's time, and its plan checks the same rights), its
-    ANALYZE, a setting of the transaction. They have no plan."""
+    ANALYZE, its drop, a setting of the transaction. They have no plan."""
     with engine.connect() as connection:
         try:
             for clause, parameters in statements:
@@ -299,7 +299,9 @@ def _explain(
 
 
 def _prepares(clause: TextClause) -> bool:
-    return clause.text.lstrip().upper().startswith(("CREATE TEMP", "ANALYZE ", "SET "))
+    return (
+        clause.text.lstrip().upper().startswith(("CREATE TEMP", "ANALYZE ", "SET ", "DROP TABLE "))
+    )
 
 
 def _empty(clause: TextClause) -> TextClause:

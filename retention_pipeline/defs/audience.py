@@ -5,7 +5,7 @@ from datetime import UTC, date, datetime
 import dagster as dg
 from pydantic import Field
 
-from retention_pipeline.audience.build import build_audience
+from retention_pipeline.audience.build import build_audiences
 from retention_pipeline.audience.experiment import DesignChangeRefused
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.defs.partitions import (
@@ -79,21 +79,27 @@ def _audience_day(
     context: dg.AssetExecutionContext, app_database: AppDatabase, loops: list[Loop], day: date
 ) -> DayResult:
     metadata: dict[str, object] = {LOOPS_METADATA: ",".join(loop.name for loop in loops)}
+    candidates = {
+        loop.name: condition_user_ids(app_database.engine, app_database.schema, loop, day)
+        for loop in loops
+    }
+    # One transaction for the loops: they read the day's snapshot once, and a loop refused
+    # leaves no other loop's audience of the day half made.
+    try:
+        with app_database.engine.begin() as connection:
+            summaries = build_audiences(
+                connection,
+                config=app_database.config,
+                loops=loops,
+                day=day,
+                candidates=candidates,
+                now=datetime.now(UTC),
+            )
+    except DesignChangeRefused as refused:
+        raise dg.Failure(description=str(refused), allow_retries=False) from None
     total = 0
     for loop in loops:
-        candidates = condition_user_ids(app_database.engine, app_database.schema, loop, day)
-        try:
-            with app_database.engine.begin() as connection:
-                summary = build_audience(
-                    connection,
-                    config=app_database.config,
-                    loop=loop,
-                    day=day,
-                    candidates=candidates,
-                    now=datetime.now(UTC),
-                )
-        except DesignChangeRefused as refused:
-            raise dg.Failure(description=str(refused), allow_retries=False) from None
+        summary = summaries[loop.name]
         total += summary.treatment + summary.holdout + summary.withheld
         if app_database.config.sends_on_due_times(loop) and not summary.simulated:
             with app_database.engine.connect() as connection:
