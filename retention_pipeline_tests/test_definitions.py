@@ -20,7 +20,7 @@ from retention_pipeline.database.migrate import head_revision
 from retention_pipeline.defs import build_definitions
 from retention_pipeline.defs.partitions import START_DATE_ENV_VAR
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
-from retention_pipeline.defs.tracking import activity_rollup
+from retention_pipeline.defs.tracking import activity_rollup, rollup_reconciles_with_app_tables
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
@@ -148,7 +148,9 @@ def test_rollup_asset_folds_the_capture_and_reconciles_the_last_day(app_database
         "app_database": database,
         "email": OutboxEmail(directory=str(tmp_path / "outbox"), from_address="a@acme.test"),
     }
-    result = dg.materialize([activity_rollup], resources=resources)
+    result = dg.materialize(
+        [activity_rollup, rollup_reconciles_with_app_tables], resources=resources
+    )
     (materialization,) = result.asset_materializations_for_node("retention__activity_rollup")
     assert materialization.metadata["dagster/row_count"].value == 1
     assert materialization.metadata["users_on_last_day"].value == 1
@@ -164,7 +166,9 @@ def test_rollup_asset_folds_the_capture_and_reconciles_the_last_day(app_database
     with engine.begin() as connection:
         connection.execute(text("UPDATE retention.activity_daily SET event_count = 2"))
     engine.dispose()
-    result = dg.materialize([activity_rollup], resources=resources)
+    result = dg.materialize(
+        [activity_rollup, rollup_reconciles_with_app_tables], resources=resources
+    )
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed
     assert (check.metadata["app_events"].value, check.metadata["tracked_events"].value) == (3, 2)

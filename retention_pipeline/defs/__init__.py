@@ -28,6 +28,7 @@ from retention_pipeline.defs.tracking import (
     activity_rollup,
     drain_activity_job,
     drain_activity_schedule,
+    rollup_reconciles_with_app_tables,
 )
 
 
@@ -48,6 +49,7 @@ def build_definitions(config: RetentionConfig) -> dg.Definitions:
             send_log_spec(daily),
             *build_outcome_assets(daily),
         ],
+        asset_checks=[rollup_reconciles_with_app_tables],
         jobs=[drain_activity_job, daily_retention_job, *send_jobs],
         schedules=[
             drain_activity_schedule,
