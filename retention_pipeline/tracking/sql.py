@@ -228,9 +228,9 @@ class TrackingSql:
         """The rows of `source` summed per key (kind, user_id, day, event_name), keys left at
         zero or below dropped, sorted (user_id, day, kind, event_name). Hashed into their keys,
         then the keys sorted. Sorting the rows instead and aggregating adjacent ones was
-        measured (the backend's CPU time, on the drains of `python -m benchmarks drain`): 14%
-        less where nearly every row is a key of its own (the worst case, 8.1 s against 9.4 s),
-        but 11-14% more on an app's day, where a key has about ten rows."""
+        measured (the backend's CPU time, on the drains of `python -m benchmarks drain`): about
+        9% less where nearly every row is a key of its own (the worst case), but 15-20% more on
+        an app's day, where a key has about ten rows (docs/drain.md)."""
         return f"""
                     SELECT kind, user_id COLLATE "C" AS user_id, day,
                            event_name COLLATE "C" AS event_name,
