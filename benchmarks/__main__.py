@@ -9,6 +9,10 @@ python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-row
 [--output benchmarks/RESULTS-sources.md]: the activity sources' and the drain's figures alone
 (`run` measures them too, with its --capture-seconds and --repeats, unless --skip-sources).
 
+python -m benchmarks drain [--url URL] [--rows N] [--users N] [--active N] [--repeats R]: the
+drain's worst case and app-shaped drains alone, the shipped fold beside the one before, as a
+Markdown table on stdout (`sources` measures them too).
+
 python -m benchmarks audience --users N [N ...] [--url URL] [--repeats R]: the audience step of
 three loops at each size, next to the snapshot step of as many users, on scratch databases of its
 own, as a Markdown table on stdout.
@@ -23,7 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import bench_audience, bench_local_time, bench_sources
+from benchmarks import bench_audience, bench_drain, bench_local_time, bench_sources
 from benchmarks.run import SHAPES, Options, run, run_morning
 from retention_pipeline.database.connection import normalize_url
 
@@ -77,6 +81,14 @@ def main() -> None:
     sources.add_argument("--active-users", type=int, default=defaults.active_users)
     sources.add_argument("--drain-repeats", type=int, default=defaults.drain_repeats)
     sources.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-sources.md"))
+    drain = commands.add_parser(
+        "drain", help="the drain's worst case and app-shaped drains, each fold side by side"
+    )
+    drain.add_argument("--url", default=DEFAULT_URL)
+    drain.add_argument("--rows", type=int, default=defaults.worst_rows)
+    drain.add_argument("--users", type=int, default=defaults.worst_users)
+    drain.add_argument("--active", type=int, default=defaults.active_users)
+    drain.add_argument("--repeats", type=int, default=2)
     audience = commands.add_parser(
         "audience",
         help="the audience step of three loops against the snapshot step, one scratch database "
@@ -119,6 +131,9 @@ def main() -> None:
             for users in args.users
         ]
         print(bench_audience.render(results))
+        return
+    if args.command == "drain":
+        bench_drain.main(normalize_url(args.url), args.rows, args.users, args.active, args.repeats)
         return
     if args.command == "sources":
         options = bench_sources.Options(

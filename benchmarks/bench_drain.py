@@ -1,9 +1,10 @@
 """How fast the drain folds captured rows into the rollup: the shipped fold against the one it
-replaced (kept here only to be measured), on the same captured rows, side by side.
+replaced (kept here only to be measured), on the same captured rows, side by side, with proof
+that both leave the same rollup.
 
 Each case's captured rows are prepared once in a scratch database, then every drain runs on a
 fresh copy of it (CREATE DATABASE ... TEMPLATE), so both folds read the same rows into the same
-rollup. Cases:
+rollup; the folds alternate. Cases:
 
 - worst case, new days: `--rows` rows spread at random over 30 days and `--users` users (nearly
   every row a key of its own), into a rollup holding none of those days: a day's first drain
@@ -13,14 +14,20 @@ rollup. Cases:
   and 2 sessions each, spread over yesterday).
 - app-shaped, a later drain of the day: the same again, into a rollup holding those user-days.
 
+Each drain is timed whole (`update_rollup`), and, on a server of this machine, the CPU time of
+the backend that ran it (the machine is shared: wall time includes waiting for a core). After
+each drain both rollup tables are hashed row by row: every fold must leave the same contents.
+
     python -m benchmarks drain [--url URL] [--rows N] [--users N] [--active N] [--repeats R]
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from unittest import mock
 
 import psycopg
@@ -30,7 +37,7 @@ from benchmarks.bench_capture import BATCH_INSERT, Scratch, libpq
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
-from retention_pipeline.tracking.sql import TrackingSql, slot_sql, visit_count_sql
+from retention_pipeline.tracking.sql import TrackingSql
 from retention_pipeline_tests.helpers import make_config
 
 APP_DAY_EVENTS = """
@@ -51,81 +58,31 @@ FROM generate_series(1, %(active)s * 2) AS g
 """
 
 
-def upsert_every_key(
-    self: TrackingSql,
-    source: str,
-    tz: str,
-    visit_gap_minutes: int,
-    *,
-    into_emptied_days: bool = False,
-) -> str:
-    """The fold before this benchmark: one ON CONFLICT upsert per key into both tables, and
-    the slots built row by row (a shift per row, OR-ed per key, then per user-day)."""
-    s = self.q_schema
-    add_action = add_daily = ""
-    if not into_emptied_days:
-        add_action = """
-            ON CONFLICT (user_id, day, event_name) DO UPDATE
-            SET event_count = t.event_count + EXCLUDED.event_count,
-                last_at = greatest(t.last_at, EXCLUDED.last_at)"""
-        merged_visits = visit_count_sql(
-            "(t.active_slots | EXCLUDED.active_slots)", visit_gap_minutes
-        )
-        add_daily = f"""
-            ON CONFLICT (user_id, day) DO UPDATE
-            SET event_count = t.event_count + EXCLUDED.event_count,
-                session_count = t.session_count + EXCLUDED.session_count,
-                last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
-                last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
-                active_slots = t.active_slots | EXCLUDED.active_slots,
-                visit_count = {merged_visits}"""
-    return f"""
-        WITH source AS ({source}),
-        per_key AS (
-            SELECT kind, user_id, day, event_name,
-                   sum(n)::integer AS n, max(at) FILTER (WHERE n > 0) AS last_at,
-                   bit_or({slot_sql("at", "day", tz)}) FILTER (WHERE n > 0) AS slots
-            FROM (SELECT *, (at AT TIME ZONE {tz})::date AS day FROM source) AS dated
-            GROUP BY 1, 2, 3, 4
-            HAVING sum(n) > 0
-        ),
-        actions AS (
-            INSERT INTO {s}.action_daily AS t (user_id, day, event_name, event_count, last_at)
-            SELECT user_id, day, event_name, n, last_at
-            FROM per_key WHERE kind = 'e'
-            ORDER BY user_id COLLATE "C", day, event_name COLLATE "C"{add_action}
-        ),
-        per_day AS (
-            SELECT user_id, day,
-                   coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
-                   coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions,
-                   max(last_at) FILTER (WHERE kind = 'e') AS last_event_at,
-                   max(last_at) FILTER (WHERE kind = 's') AS last_session_at,
-                   bit_or(slots) AS slots
-            FROM per_key
-            GROUP BY 1, 2
-        ),
-        daily AS (
-            INSERT INTO {s}.activity_daily AS t
-                (user_id, day, event_count, session_count, last_event_at, last_session_at,
-                 active_slots, visit_count)
-            SELECT user_id, day, events, sessions, last_event_at, last_session_at, slots,
-                   {visit_count_sql("slots", visit_gap_minutes)}
-            FROM per_day
-            ORDER BY user_id COLLATE "C", day{add_daily}
-            RETURNING day
-        ),
-        user_days AS (SELECT day, count(*) AS user_days FROM daily GROUP BY day),
-        rows_added AS (
-            SELECT day, coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
-                   coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions
-            FROM per_key GROUP BY day
-        )
-        SELECT day, user_days.user_days, rows_added.events, rows_added.sessions
-        FROM user_days JOIN rows_added USING (day)"""
+# Read before any drain patches it.
+SHIPPED_KEYS = TrackingSql._keys
 
 
-FOLDS = {"before (an upsert per key)": upsert_every_key, "shipped": TrackingSql.fold}
+def numeric_slot_keys(tz: str) -> str:
+    """The keys of the fold before this benchmark: each row's slot from its elapsed seconds as a
+    numeric (`extract`), where the shipped fold takes a double (`date_part`)."""
+    shipped = SHIPPED_KEYS(tz)
+    elapsed = "date_part('epoch', at - (day::timestamp AT TIME ZONE " + tz + "))"
+    # The shipped text must still hold the expression replaced, or this is no longer the fold
+    # before.
+    assert elapsed in shipped, "TrackingSql._keys changed: update numeric_slot_keys"
+    return shipped.replace(elapsed, f"extract(epoch FROM at - (day::timestamp AT TIME ZONE {tz}))")
+
+
+# The folds differ only in how they sum the captured rows per key (`TrackingSql._keys`).
+FOLDS = {"before (numeric slots)": numeric_slot_keys, "shipped": SHIPPED_KEYS}
+# Every column of both rollup tables, hashed row by row: equal sums, equal contents.
+CONTENTS = """
+SELECT (SELECT count(*) || ':' || coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)
+        FROM retention.activity_daily AS t)
+       || ' ' ||
+       (SELECT count(*) || ':' || coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)
+        FROM retention.action_daily AS t)
+"""
 
 
 @dataclass
@@ -136,9 +93,16 @@ class Case:
     target: float
     rows: int = 0
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    # The drain's backend's CPU seconds; empty when the server is not on this machine.
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
+    contents: dict[str, set[str]] = field(default_factory=dict)
 
     def rate(self, fold: str) -> float:
         return self.rows / statistics.median(self.seconds[fold])
+
+    def cpu(self, fold: str) -> str:
+        times = self.cpu_seconds.get(fold)
+        return f"{statistics.median(times):.2f} s" if times else "–"
 
 
 def _execute(url: str, statement: str, **parameters) -> None:
@@ -158,6 +122,15 @@ def _drain(url: str) -> None:
     engine.dispose()
 
 
+def _backend_cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of a server process of this machine, None if it is not one."""
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():
+        return None
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drain_each_fold(
     scratch: Scratch,
     case: Case,
@@ -165,23 +138,44 @@ def drain_each_fold(
     config_for: Callable[[str], RetentionConfig],
     repeats: int,
 ) -> Case:
-    """Drain a fresh copy of `template` with each fold, `repeats` times, interleaved."""
+    """Drain a fresh copy of `template` with each fold, `repeats` times, interleaved; every
+    fold must leave the same rollup."""
     for _repeat in range(repeats):
-        for label, fold in FOLDS.items():
+        for label, keys in FOLDS.items():
             url = scratch.create_from("drain_run", template)
-            engine = create_engine(url)
-            with mock.patch.object(TrackingSql, "fold", fold):
+            # One pooled connection: the drain runs on the backend whose CPU time is read.
+            engine = create_engine(url, pool_size=1, max_overflow=0)
+            with engine.connect() as connection:
+                backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            cpu_before = _backend_cpu_seconds(backend)
+            with mock.patch.object(TrackingSql, "_keys", staticmethod(keys)):
                 update = update_rollup(engine, config_for(url))
+            cpu_after = _backend_cpu_seconds(backend)
             engine.dispose()
+            if cpu_before is not None and cpu_after is not None:
+                case.cpu_seconds.setdefault(label, []).append(cpu_after - cpu_before)
+            case.contents.setdefault(label, set()).add(_contents(url))
             scratch.drop(url)
             case.rows = update.rows
             case.seconds.setdefault(label, []).append(update.seconds)
+    if len({frozenset(contents) for contents in case.contents.values()}) != 1 or any(
+        len(contents) != 1 for contents in case.contents.values()
+    ):
+        raise AssertionError(f"{case.label}: the folds left different rollups: {case.contents}")
     print(
         f"  {case.label}: "
-        + "; ".join(f"{label} {case.rate(label):,.0f} rows/s" for label in case.seconds),
+        + "; ".join(
+            f"{label} {case.rate(label):,.0f} rows/s (CPU {case.cpu(label)})"
+            for label in case.seconds
+        ),
         flush=True,
     )
     return case
+
+
+def _contents(url: str) -> str:
+    with psycopg.connect(libpq(url), autocommit=True) as connection:
+        return connection.execute(CONTENTS).fetchone()[0]
 
 
 def measure(scratch: Scratch, rows: int, users: int, active: int, repeats: int) -> list[Case]:
@@ -220,20 +214,41 @@ def measure(scratch: Scratch, rows: int, users: int, active: int, repeats: int) 
 def render(cases: list[Case], repeats: int) -> list[str]:
     before, shipped = FOLDS
     lines = [
-        "| drain | rows | " + " | ".join(f"{label}, rows/s" for label in FOLDS) + " | target | |",
+        "| drain | rows | "
+        + " | ".join(f"{label}, rows/s (CPU)" for label in FOLDS)
+        + " | target | |",
         "|---|---|---|---|---|---|",
     ]
     for case in cases:
         rate = case.rate(shipped)
         lines.append(
-            f"| {case.label} | {case.rows:,} | {case.rate(before):,.0f} | {rate:,.0f} | "
-            f"≥ {case.target:,.0f} | {'met' if rate >= case.target else '**not met**'} |"
+            f"| {case.label} | {case.rows:,} | {case.rate(before):,.0f} ({case.cpu(before)}) | "
+            f"{rate:,.0f} ({case.cpu(shipped)}) | ≥ {case.target:,.0f} | "
+            f"{'met' if rate >= case.target else '**not met**'} |"
         )
     lines += [
         "",
         f"Each drain on a fresh copy (CREATE DATABASE ... TEMPLATE) of the same captured rows, "
         f"median of {repeats} repeat(s), the folds interleaved; the whole `update_rollup` is timed "
-        "(locks, both capture tables, erasure, late days). The fold before: one ON CONFLICT "
-        "upsert per key, kept in `benchmarks/bench_drain.py` only to be measured.",
+        "(locks, both capture tables, erasure, late days), and its backend's CPU time in "
+        "parentheses. Both folds left the same rollup (every column of both tables) in every "
+        "case. The fold before: each captured row's slot from its elapsed seconds as a numeric, "
+        "kept in `benchmarks/bench_drain.py` only to be measured.",
     ]
     return lines
+
+
+def main(server_url: str, rows: int, users: int, active: int, repeats: int) -> None:
+    """`python -m benchmarks drain`: the four drains, each fold side by side, as Markdown."""
+    scratch = Scratch(server_url)
+    load_before = os.getloadavg()[0]
+    try:
+        cases = measure(scratch, rows, users, active, repeats)
+    finally:
+        scratch.drop_all()
+    print()
+    print("\n".join(render(cases, repeats)))
+    print(
+        f"\nLoad average (1 minute) of the machine ({os.cpu_count()} cores) when this benchmark "
+        f"started and ended: {load_before:.2f}, {os.getloadavg()[0]:.2f}."
+    )

@@ -652,6 +652,113 @@ def test_rows_for_a_day_already_snapshotted_are_named_as_late(engine, installed)
     assert rollup(engine) == truth(engine)
 
 
+def every_column(engine) -> tuple[list[tuple], list[tuple]]:
+    """Both rollup tables, every column."""
+    with engine.connect() as connection:
+        daily = connection.execute(
+            text(
+                "SELECT user_id, day, event_count, session_count, last_event_at, last_session_at,"
+                " active_slots, visit_count FROM retention.activity_daily ORDER BY user_id, day"
+            )
+        ).all()
+        per_action = connection.execute(
+            text(
+                "SELECT user_id, day, event_name, event_count, last_at FROM retention.action_daily"
+                " ORDER BY user_id, day, event_name"
+            )
+        ).all()
+    return [tuple(row) for row in daily], [tuple(row) for row in per_action]
+
+
+def every_column_from_the_app(engine, gap_slots: int = 6) -> tuple[list[tuple], list[tuple]]:
+    """Both rollup tables as they should be (in UTC), computed here from the app's rows: a
+    day's slots are its 5-minute steps with activity, and a visit starts at a slot with none in
+    the `gap_slots` before it."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("""
+                SELECT 'e', user_id::text, created_at, name FROM events
+                UNION ALL SELECT 's', user_id::text, created_at, NULL FROM sessions""")
+        ).all()
+    days: dict[tuple[str, date], dict] = {}
+    per_action: dict[tuple[str, date, str], list] = {}
+    for kind, user_id, at, name in rows:
+        at = at.astimezone(UTC)
+        day = days.setdefault(
+            (user_id, at.date()), {"e": 0, "s": 0, "last_e": None, "last_s": None, "slots": set()}
+        )
+        day[kind] += 1
+        day[f"last_{kind}"] = max(filter(None, (day[f"last_{kind}"], at)))
+        day["slots"].add((at.hour * 60 + at.minute) // 5)
+        if kind == "e":
+            counted = per_action.setdefault((user_id, at.date(), name), [0, at])
+            counted[0] += 1
+            counted[1] = max(counted[1], at)
+    daily = []
+    for (user_id, day), figures in sorted(days.items()):
+        slots = figures["slots"]
+        bits = "".join("1" if slot in slots else "0" for slot in range(300))
+        visits = sum(
+            1 for slot in slots if not any(slot - back in slots for back in range(1, gap_slots + 1))
+        )
+        daily.append(
+            (
+                user_id,
+                day,
+                figures["e"],
+                figures["s"],
+                figures["last_e"],
+                figures["last_s"],
+                bits,
+                visits,
+            )
+        )
+    return daily, [(*key, count, last) for key, (count, last) in sorted(per_action.items())]
+
+
+def test_one_drain_adds_to_a_day_the_rollup_holds_and_inserts_the_days_it_does_not(
+    engine, installed
+):
+    """The fold upserts the keys of the days the rollup holds and inserts the others plainly:
+    in one drain, a held day (new keys and keys it has) between two new days, every column of
+    both tables as the app's rows make them."""
+    config = installed
+    insert_events(
+        engine,
+        [
+            (1, "a", "2026-11-20T10:00Z"),
+            (1, "b", "2026-11-20T10:20Z"),
+            (2, "a", "2026-11-20T23:50Z"),
+        ],
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO sessions (user_id, created_at) VALUES (1, '2026-11-20T09:00Z')")
+        )
+    update_rollup(engine, config)
+    insert_events(
+        engine,
+        [
+            (1, "a", "2026-11-20T12:00Z"),  # a key the held day has
+            (1, "c", "2026-11-20T10:05Z"),  # a new key of a held user-day
+            (2, "a", "2026-11-18T08:00Z"),  # a day before the held one, caught up
+            (1, "a", "2026-11-21T00:10Z"),  # the next day's first drain
+            (2, "d", "2026-11-21T08:00Z"),
+            (2, "d", "2026-11-21T08:40Z"),
+        ],
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO sessions (user_id, created_at) VALUES "
+                "(2, '2026-11-20T11:00Z'), (2, '2026-11-21T08:30Z'), (1, '2026-11-18T23:59Z')"
+            )
+        )
+    update = update_rollup(engine, config)
+    assert update.user_days == 6
+    assert every_column(engine) == every_column_from_the_app(engine)
+
+
 def test_refresh_repairs_days_without_double_counting_the_capture(engine, installed):
     config = installed
     insert_events(engine, [(1, "a", "2026-11-19T10:00Z"), (1, "b", "2026-11-20T10:00Z")])
