@@ -83,7 +83,9 @@ def test_a_text_id_finds_its_user_as_id_text_does_through_the_key_index(create_d
     engine = create_engine(url)
     with engine.begin() as connection:
         users = resolve_app_tables(connection, config.database.tables)["users"]
-        matches = users.id_equals_sql("u", "probe.id", connection.dialect.identifier_preparer)
+        matches = users.id_equals_sql(
+            "u", "probe.id", connection.dialect.identifier_preparer, probe_key=True
+        )
         rows = connection.execute(
             text(f"""
                 SELECT probe.id,
@@ -108,7 +110,8 @@ def test_a_text_id_finds_its_user_as_id_text_does_through_the_key_index(create_d
     engine.dispose()
 
 
-def test_users_gone_are_recorded_for_text_no_integer_id_prints_as(create_database):
+@pytest.mark.parametrize("probe_key", [True, False])
+def test_users_gone_are_recorded_for_text_no_integer_id_prints_as(create_database, probe_key):
     url = create_database()
     _app(url, "integer", "n")
     config = _config(url)
@@ -120,6 +123,7 @@ def test_users_gone_are_recorded_for_text_no_integer_id_prints_as(create_databas
             config,
             "SELECT unnest(CAST(:ids AS text[])) AS user_id",
             {"ids": ["1", "5000", "007", "99999999999999999999", "abc"]},
+            probe_key=probe_key,
         )
         schema = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
         erased = set(

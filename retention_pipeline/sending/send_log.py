@@ -222,6 +222,7 @@ def record_members_gone(
         f"""SELECT DISTINCT user_id FROM {s}.email_send_log
             WHERE loop_name = :loop AND batch_key = :batch AND status = 'claimed'""",
         {"loop": loop_name, "batch": batch_key},
+        probe_key=True,
     )
 
 

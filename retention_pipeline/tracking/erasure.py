@@ -97,6 +97,7 @@ def users_gone_from_app(connection: Connection, config: RetentionConfig) -> None
             UNION SELECT user_id FROM {s}.reengagement_audience
             WHERE partition_date = (SELECT max(partition_date) FROM {s}.reengagement_audience)
             UNION SELECT user_id FROM {s}.email_send_log WHERE status = 'claimed'""",
+        probe_key=False,
     )
 
 
@@ -105,11 +106,13 @@ def record_users_gone(
     config: RetentionConfig,
     known_users: str,
     parameters: dict[str, object] | None = None,
+    *,
+    probe_key: bool,
 ) -> int:
     """Record for erasure the users of `known_users` (SQL selecting a `user_id` column, with its
     `parameters`) that the app's users table no longer has (what the delete trigger would have
     recorded) or now excludes (`database.tables.users.exclude`: treated as deleted); return how
-    many were newly recorded."""
+    many were newly recorded. `probe_key` for a few known users (`ResolvedTable.id_equals_sql`)."""
     users = resolve_app_tables(connection, config.database.tables)["users"]
     preparer = connection.dialect.identifier_preparer
     s = preparer.quote_schema(config.database.schema_)
@@ -119,7 +122,7 @@ def record_users_gone(
             SELECT known.user_id FROM ({known_users}) AS known
             WHERE NOT EXISTS (
                 SELECT FROM {users.sql_name(preparer)} AS u
-                WHERE {users.id_equals_sql("u", "known.user_id", preparer)}
+                WHERE {users.id_equals_sql("u", "known.user_id", preparer, probe_key=probe_key)}
                   AND {kept_sql(users, "u", connection.dialect)})
               AND NOT EXISTS (
                 SELECT FROM {s}.erased_users AS erased WHERE erased.user_id = known.user_id)"""),

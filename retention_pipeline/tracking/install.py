@@ -482,6 +482,7 @@ def _record_users_gone_while_uninstalled(connection: Connection, config: Retenti
             UNION SELECT user_id FROM {s}.episodes
             UNION SELECT user_id FROM {s}.reengagement_audience
             UNION SELECT user_id FROM {s}.email_suppressions WHERE user_id IS NOT NULL""",
+        probe_key=False,
     )
 
 

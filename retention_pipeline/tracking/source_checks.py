@@ -42,7 +42,8 @@ def read_sources(
     connection: Connection, sql: TrackingSql, users: ResolvedTable, timezone: str
 ) -> SourceReading:
     reading = SourceReading()
-    known = known_user_sql(users, "r.user_id", connection.dialect)
+    # A sample of each source's rows: a few users, each looked up by the key.
+    known = known_user_sql(users, "r.user_id", connection.dialect, probe_key=True)
     for source in sql.sources:
         try:
             with connection.begin_nested():

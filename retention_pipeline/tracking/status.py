@@ -86,7 +86,7 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
     compared as a lower bound."""
     sql = tracking_sql(connection, config)
     s = sql.q_schema
-    known = known_user_sql(sql.users, "r.user_id", connection.dialect)
+    known = known_user_sql(sql.users, "r.user_id", connection.dialect, probe_key=False)
     in_day = "{at} >= (SELECT lower FROM bounds) AND {at} < (SELECT upper FROM bounds)"
     parameters: dict[str, object] = {"tz": config.timezone}
     app_parts = []
