@@ -11,7 +11,10 @@ to claim (checked). The app's writes since the hourly drain are written once the
 done, so the measured drain is the one that folds them.
 The daily run's steps the first email waits for (`PATH_STEPS`) run first, the others (the
 rollup's reconciliation check, outcomes, performance: `BESIDE_STEPS`) once the first send run is
-done, and are reported apart: in production they run beside the send, which this does not load.
+done, and are reported apart. In production they do not delay the first email but load the
+machine beside it: the check runs beside the snapshot, segments and audience (the job's executor
+starts it once the drain is done), outcomes and performance beside the send. Their load is not
+in the path's figures here.
 The sensor is evaluated the way the daemon evaluates it (its tick's wait, up to its
 `minimum_interval_seconds`, is not counted), then the first send run it asks for is executed
 against the stand-in Resend (a real HTTP server on a thread, unthrottled: the time to the first
@@ -46,8 +49,9 @@ PATH_STEPS = {
     "retention__engagement_segments": "segments",
     "retention__reengagement_audience": "audience",
 }
-# Its steps nothing on that path waits for: they run beside the send (the sensor reads the
-# audience's materialization as soon as it is stored, the run going on).
+# Its steps nothing on that path waits for: the check runs beside the path's later steps,
+# outcomes and performance beside the send (the sensor reads the audience's materialization as
+# soon as it is stored, the run going on).
 BESIDE_STEPS = {
     "retention__activity_rollup_reconciles_with_app_tables": "rollup reconciliation (check)",
     "retention__reengagement_outcomes": "outcomes",

@@ -646,7 +646,8 @@ def render_morning(results: ShapeResults) -> tuple[list[str], list[list[str]]]:
         f"| **daily run's start to the first email accepted** | **{morning['total']:.2f}** |",
         "",
         "The daily run's steps the first email does not wait for, run once the first send run "
-        "was done (in production they run beside the send):",
+        "was done (in production the check runs beside the snapshot, segments and audience, "
+        "outcomes and performance beside the send: their load is not in the figures above):",
         "",
         "| step | seconds |",
         "|---|---|",

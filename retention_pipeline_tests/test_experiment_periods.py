@@ -441,3 +441,70 @@ def test_a_reinstall_keeps_the_periods_its_episodes_follow(world, tmp_path, caps
     assert {row[:2] + row[4:] for row in rows_of(engine, D + timedelta(days=3)).values()} == {
         (1, FOLLOW_UP, 1)
     }
+
+
+def test_a_refused_loop_leaves_the_days_other_loops_unbuilt_and_says_so(create_database, tmp_path):
+    url = create_database()
+    engine, day = demo_until_yesterday(url)
+    path = write_config(tmp_path, url)
+    document = yaml.safe_load(path.read_text())
+    second = copy.deepcopy(document["loops"][0])
+    second["name"] = "second_loop"
+    second["steps"][0]["condition"] = {"type": "segment", "segment": "dormant"}
+    document["loops"].append(second)
+    path.write_text(yaml.safe_dump(document))
+    first = document["loops"][0]["name"]
+    assets = daily_assets("user_activity_snapshot", "engagement_segments", "reengagement_audience")
+    with dg.instance_for_test() as instance:
+
+        def materialize() -> dg.ExecuteInProcessResult:
+            return dg.materialize(
+                assets,
+                partition_key=day.isoformat(),
+                instance=instance,
+                resources={"app_database": AppDatabase(config_path=str(path))},
+                raise_on_error=False,
+            )
+
+        assert materialize().success
+        with engine.connect() as connection:
+            built_at = dict(
+                connection.execute(
+                    text(
+                        "SELECT loop_name, max(xmin::text::bigint) "
+                        "FROM retention.reengagement_audience WHERE partition_date = :day "
+                        "GROUP BY loop_name"
+                    ),
+                    {"day": day},
+                ).all()
+            )
+        assert set(built_at) == {first, "second_loop"}
+        document["loops"][1]["holdout"]["fraction"] = 0.3
+        path.write_text(yaml.safe_dump(document))
+
+        result = materialize()
+
+    assert not result.success
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith("loops.1.holdout.fraction: 0.1 -> 0.3 since period 1, from ")
+    assert description.endswith(
+        f"; no audience of {day} was built for the other loops ({first}): "
+        "the audience op's `loops` setting can leave the refused loop out"
+    )
+    assert "\n" not in description
+    # The first loop was built again before the second was refused, and that was rolled back:
+    # its rows are the ones the first run wrote.
+    with engine.connect() as connection:
+        after = dict(
+            connection.execute(
+                text(
+                    "SELECT loop_name, max(xmin::text::bigint) "
+                    "FROM retention.reengagement_audience WHERE partition_date = :day "
+                    "GROUP BY loop_name"
+                ),
+                {"day": day},
+            ).all()
+        )
+    assert after == built_at
+    engine.dispose()

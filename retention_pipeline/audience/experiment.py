@@ -27,6 +27,10 @@ from retention_pipeline.config.models import Loop, RetentionConfig, Step
 class DesignChangeRefused(ValueError):
     """The configuration would change assignments already made."""
 
+    def __init__(self, loop: str, message: str) -> None:
+        super().__init__(message)
+        self.loop = loop
+
 
 @dataclass(frozen=True)
 class ExperimentPeriod:
@@ -202,10 +206,11 @@ def record_period(
         )
     through = last_assigned or recorded[-1].started_on
     raise DesignChangeRefused(
+        loop.name,
         f"{changes[0]} since {current}; {loop.name} has assignments through "
         f"{through}: building {day} would move users assigned under the old design. "
         f"Restore the old value to rebuild that day, or build only days after {through} "
-        "(they start a new period)"
+        "(they start a new period)",
     )
 
 

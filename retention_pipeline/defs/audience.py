@@ -96,7 +96,17 @@ def _audience_day(
                 now=datetime.now(UTC),
             )
     except DesignChangeRefused as refused:
-        raise dg.Failure(description=str(refused), allow_retries=False) from None
+        others = [loop.name for loop in loops if loop.name != refused.loop]
+        raise dg.Failure(
+            description=f"{refused}"
+            + (
+                f"; no audience of {day} was built for the other loops ({', '.join(others)}): "
+                "the audience op's `loops` setting can leave the refused loop out"
+                if others
+                else ""
+            ),
+            allow_retries=False,
+        ) from None
     total = 0
     for loop in loops:
         summary = summaries[loop.name]
