@@ -299,9 +299,10 @@ def _explain(
 
 
 def _prepares(clause: TextClause) -> bool:
-    return (
-        clause.text.lstrip().upper().startswith(("CREATE TEMP", "ANALYZE ", "SET ", "DROP TABLE "))
-    )
+    # Only the build's own temporary tables are dropped for real: a DROP of anything else would
+    # lock a real table while `check` runs.
+    statement = clause.text.lstrip().upper()
+    return statement.startswith(("CREATE TEMP", "ANALYZE ", "SET ", "DROP TABLE AUDIENCE_"))
 
 
 def _empty(clause: TextClause) -> TextClause:

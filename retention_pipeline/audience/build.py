@@ -476,7 +476,7 @@ def _build_loop(
     # A candidate without a usable address has no mailbox: nobody shares it.
     connection.execute(
         text("""
-        CREATE TEMP TABLE audience_candidates AS
+        CREATE TEMP TABLE audience_candidates ON COMMIT DROP AS
         SELECT c.user_id, CASE WHEN snap.usable THEN snap.mailbox END AS mailbox
         FROM (SELECT unnest(CAST(:ids AS text[])) AS user_id) AS c
         LEFT JOIN audience_people AS snap ON snap.user_id = c.user_id"""),
