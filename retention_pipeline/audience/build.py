@@ -60,6 +60,7 @@ from retention_pipeline.recipients.addresses import (
 )
 from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.sending.compose import day_end
+from retention_pipeline.sending.send_log import take_claim_turn
 
 EXCLUSION_REASONS = (
     "no_email",
@@ -304,9 +305,16 @@ def record_due_times(
     connection.execute(
         text(f"""
         WITH known_zones AS (SELECT name FROM pg_timezone_names),
+        claimed AS (
+            -- Due times from past the loop's claims' marks (a claim may have committed with a
+            -- later `now` than this build's, or on a host whose clock is ahead), or the next
+            -- claims, which read only past their mark, would never read these members.
+            SELECT max(claimed_through) + interval '1 microsecond' AS through
+            FROM {s}.send_due_claims WHERE loop_name = :loop
+        ),
         members AS (
             SELECT a.user_id, coalesce(known.name, :tz) AS zone,
-                   CAST(:built_at AS timestamptz) AS built_at,
+                   greatest(CAST(:built_at AS timestamptz), claimed.through) AS built_at,
                    {
             f"CASE WHEN {fixed_bucket} < :fixed_per_10000 THEN 'fixed' ELSE 'learned' END"
             if learn
@@ -316,6 +324,7 @@ def record_due_times(
             LEFT JOIN {s}.user_activity_snapshot AS snap
                 ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
             LEFT JOIN known_zones AS known ON known.name = snap.timezone
+            CROSS JOIN claimed
             WHERE a.partition_date = :day AND a.loop_name = :loop
         ),
         {usual_hours if learn else ""}
@@ -366,6 +375,9 @@ def build_audience(
     tune_for_batch(connection)
     simulated = _simulated(connection, s, loop.name, day, now, config.timezone)
     period = record_period(connection, schema, config, loop, day)
+    if config.sends_on_due_times(loop):
+        # The loop's claims of due members wait for this build's due times (`sending.due`).
+        take_claim_turn(connection, schema, loop.name)
     _undo_day(connection, s, loop.name, day)
     # Open episodes follow the design of the period they started in.
     followed = {p.number: p for p in open_periods(connection, schema, loop.name)}

@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine, text
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
 from retention_pipeline.sending.compose import compose_emails
-from retention_pipeline.sending.send_log import claim
+from retention_pipeline.sending.send_log import claim, take_claim_turn
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, user_in_shard
 
 
@@ -85,6 +85,9 @@ def claim_due(
     with engine.begin() as connection:
         s = connection.dialect.identifier_preparer.quote_schema(schema)
         key = {"loop": loop.name, "shard_index": shard.index, "shard_count": shard.count}
+        # Not while a build of the loop's audience is stamping due times: they may be earlier
+        # than this claim's `now`, and must not fall behind the mark unread.
+        take_claim_turn(connection, schema, loop.name)
         connection.execute(
             text(f"""
                 INSERT INTO {s}.send_due_claims (loop_name, send_shard, shard_count,

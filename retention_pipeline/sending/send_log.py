@@ -54,6 +54,15 @@ def batch_key(loop_name: str, day: date, number: int) -> str:
     return f"{loop_name}:{day.isoformat()}:{number}"
 
 
+def take_claim_turn(connection: Connection, schema: str, loop_name: str) -> None:
+    """Wait, until the caller's transaction ends, for every other claim of the loop (any shard)
+    and every build of its audience with due times (`audience.build`) to end theirs."""
+    connection.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext(:lock))"),
+        {"lock": f"retention-pipeline:{schema}:claim:{loop_name}"},
+    )
+
+
 def claim(
     connection: Connection,
     *,
@@ -103,10 +112,7 @@ def claim(
         raise ValueError(f"{len(unpaired)} emails have no audience row, first: {unpaired[0]!r}")
 
     # Claims of one loop take turns, shards too, so two of them cannot number batches alike.
-    connection.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext(:lock))"),
-        {"lock": f"retention-pipeline:{schema}:claim:{loop_name}"},
-    )
+    take_claim_turn(connection, schema, loop_name)
     existing = set(
         connection.execute(
             text(f"SELECT send_key FROM {s}.email_send_log WHERE send_key = ANY(:keys)"),

@@ -1,0 +1,108 @@
+"""Local-time delivery against the audience build running beside the hourly sends, and against
+a day built again: no member falls behind a claim's mark unread, a rebuild keeps who was
+skipped and when each member is due, and a loop back to sending after its run never sends a
+member skipped as stale."""
+
+from __future__ import annotations
+
+import threading
+import time as clock
+from collections import Counter
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+
+from retention_pipeline.audience.build import build_audience
+from retention_pipeline.sending import SendRunReport
+from retention_pipeline_tests.sending.local_time_support import (
+    ZONES,
+    HourlyTicks,
+    local_time_config,
+    people_in,
+)
+from retention_pipeline_tests.sending.support import LOOP, SendingDatabase, User, add_users
+from retention_pipeline_tests.sending.test_local_time import DAY, QUIET
+
+
+def _audience_snapshot(db: SendingDatabase, people: list[User]) -> None:
+    """The users' snapshot of DAY, with no audience built from it yet."""
+    add_users(db.engine, people, day=DAY)
+    with db.engine.begin() as connection:
+        connection.execute(
+            text("DELETE FROM retention.reengagement_audience WHERE partition_date = :day"),
+            {"day": DAY},
+        )
+
+
+def _waits_for_a_lock(db: SendingDatabase, thread: threading.Thread, seconds: float = 30) -> bool:
+    """Whether `thread`, while it runs, comes to wait on an advisory lock within `seconds`."""
+    deadline = clock.monotonic() + seconds
+    with db.engine.connect() as connection:
+        while thread.is_alive() and clock.monotonic() < deadline:
+            waiting = connection.execute(
+                text("""SELECT count(*) FROM pg_stat_activity
+                        WHERE datname = current_database() AND wait_event = 'advisory'""")
+            ).scalar_one()
+            if waiting:
+                return True
+            connection.rollback()
+            clock.sleep(0.05)
+    return False
+
+
+def test_an_hourly_send_during_a_build_waits_for_its_members(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    """The build stamps due times from its start (09:58) and commits minutes later; the 10:00
+    send starts in between. It waits for the build, so the members due at 09:58 are read by it,
+    not left behind its mark for ever."""
+    config = local_time_config(sending_db.url, send_at="after_run", quiet_hours=QUIET)
+    people = people_in(ZONES, per_zone=1)
+    _audience_snapshot(sending_db, people)
+    ticks = HourlyTicks(sending_db, config, fake_resend, DAY)
+    reports: list[SendRunReport] = []
+    with sending_db.engine.connect() as connection, connection.begin() as build:
+        build_audience(
+            connection,
+            config=config,
+            loop=config.loop(LOOP),
+            day=DAY,
+            candidates={person.user_id for person in people},
+            now=datetime(2026, 11, 21, 9, 58, tzinfo=UTC),
+        )
+        ten = threading.Thread(
+            target=lambda: reports.append(ticks.run(datetime(2026, 11, 21, 10, 0, 5, tzinfo=UTC)))
+        )
+        ten.start()
+        assert _waits_for_a_lock(sending_db, ten), "the 10:00 send did not wait for the build"
+        assert not reports
+        build.commit()
+    ten.join(timeout=60)
+    (report,) = reports
+    assert report.due is not None and report.due.claimed.total() > 0
+    ticks.every_hour(datetime(2026, 11, 21, 11, tzinfo=UTC), 24)
+    assert Counter(fake_resend.delivered_to()) == Counter(person.email for person in people)
+
+
+def test_a_build_after_a_later_claim_stamps_due_times_past_its_mark(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    """A send committed at 10:00:05 before the build (its `now` of 09:58, taken on a host whose
+    clock is behind, or before it got its turn) stamped any due time: they start past the mark."""
+    config = local_time_config(sending_db.url, send_at="after_run", quiet_hours=QUIET)
+    people = people_in(ZONES, per_zone=1)
+    _audience_snapshot(sending_db, people)
+    ticks = HourlyTicks(sending_db, config, fake_resend, DAY)
+    ticks.run(datetime(2026, 11, 21, 10, 0, 5, tzinfo=UTC))
+    with sending_db.engine.begin() as connection:
+        build_audience(
+            connection,
+            config=config,
+            loop=config.loop(LOOP),
+            day=DAY,
+            candidates={person.user_id for person in people},
+            now=datetime(2026, 11, 21, 9, 58, tzinfo=UTC),
+        )
+    ticks.run(datetime(2026, 11, 21, 10, 1, tzinfo=UTC))
+    ticks.every_hour(datetime(2026, 11, 21, 11, tzinfo=UTC), 24)
+    assert Counter(fake_resend.delivered_to()) == Counter(person.email for person in people)
