@@ -143,6 +143,39 @@ def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
     )
 
 
+# The due fields of an audience member (see `record_due_times`) and what send runs made of them.
+DUE_FIELDS = ("due_at", "first_due_at", "stale_at", "skipped_at", "send_timezone", "send_time_arm")
+
+
+def _keep_due_times(connection: Connection, s: str, loop: str, day: date) -> None:
+    """Keep, in the temporary table `audience_due_kept`, the due fields of the day's members
+    from its previous build, before `_undo_day` deletes them: a rebuild must not forget who
+    was skipped as stale nor move anyone's due time (`_restore_due_times`)."""
+    connection.execute(
+        text(f"""
+            CREATE TEMP TABLE audience_due_kept ON COMMIT DROP AS
+            SELECT user_id, episode_start, step, {", ".join(DUE_FIELDS)}
+            FROM {s}.reengagement_audience
+            WHERE partition_date = :day AND loop_name = :loop AND due_at IS NOT NULL"""),
+        {"loop": loop, "day": day},
+    )
+
+
+def _restore_due_times(connection: Connection, s: str, loop: str, day: date) -> None:
+    """Give the members of the rebuilt day who were in its previous build, for the same step of
+    the same episode, the due fields they had; the others keep the fresh ones."""
+    connection.execute(
+        text(f"""
+            UPDATE {s}.reengagement_audience AS a
+            SET {", ".join(f"{name} = kept.{name}" for name in DUE_FIELDS)}
+            FROM audience_due_kept AS kept
+            WHERE a.partition_date = :day AND a.loop_name = :loop
+              AND a.user_id = kept.user_id AND a.episode_start = kept.episode_start
+              AND a.step = kept.step"""),
+        {"loop": loop, "day": day},
+    )
+
+
 def _variant_plan(
     connection: Connection, schema: str, loop: Loop, period: ExperimentPeriod, day: date
 ) -> dict:
@@ -378,6 +411,7 @@ def build_audience(
     if config.sends_on_due_times(loop):
         # The loop's claims of due members wait for this build's due times (`sending.due`).
         take_claim_turn(connection, schema, loop.name)
+        _keep_due_times(connection, s, loop.name, day)
     _undo_day(connection, s, loop.name, day)
     # Open episodes follow the design of the period they started in.
     followed = {p.number: p for p in open_periods(connection, schema, loop.name)}
@@ -571,6 +605,7 @@ def build_audience(
     if config.sends_on_due_times(loop) and not simulated:
         built_at = now if now is not None else day_end(day, config.timezone)
         record_due_times(connection, s, config, loop, day, built_at)
+        _restore_due_times(connection, s, loop.name, day)
     tallies = dict(counts)
     held = dict(held_back)
     excluded = {reason: int(tallies.get(f"excluded:{reason}", 0)) for reason in EXCLUSION_REASONS}

@@ -8,20 +8,22 @@ from __future__ import annotations
 import threading
 import time as clock
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.sending import SendRunReport
 from retention_pipeline_tests.sending.local_time_support import (
+    HOUR,
     ZONES,
     HourlyTicks,
+    build_day,
     local_time_config,
     people_in,
 )
 from retention_pipeline_tests.sending.support import LOOP, SendingDatabase, User, add_users
-from retention_pipeline_tests.sending.test_local_time import DAY, QUIET
+from retention_pipeline_tests.sending.test_local_time import BUILT_AT, DAY, QUIET
 
 
 def _audience_snapshot(db: SendingDatabase, people: list[User]) -> None:
@@ -106,3 +108,54 @@ def test_a_build_after_a_later_claim_stamps_due_times_past_its_mark(
     ticks.run(datetime(2026, 11, 21, 10, 1, tzinfo=UTC))
     ticks.every_hour(datetime(2026, 11, 21, 11, tzinfo=UTC), 24)
     assert Counter(fake_resend.delivered_to()) == Counter(person.email for person in people)
+
+
+def _due_fields(db: SendingDatabase) -> dict[str, tuple]:
+    with db.engine.connect() as connection:
+        rows = connection.execute(
+            text("""SELECT email, due_at, first_due_at, stale_at, skipped_at, send_timezone
+                    FROM retention.reengagement_audience WHERE partition_date = :day"""),
+            {"day": DAY},
+        ).all()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def test_a_rebuilt_day_keeps_who_was_skipped_and_when_each_member_is_due(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    """The runs resume a day late: Sao Paulo is skipped as stale, Tokyo waits for the end of
+    its quiet hours. The day is built again (still within the send window) with a newcomer:
+    Sao Paulo is never sent, Tokyo goes out at the end of its quiet hours, the newcomer at its
+    own 09:00 after the rebuild."""
+    config = local_time_config(sending_db.url, quiet_hours=QUIET, max_delay="24h")
+    people = people_in(["America/Sao_Paulo", "Asia/Tokyo", "UTC"], per_zone=1)
+    sao_paulo, tokyo, _utc = (person.email for person in people)
+    build_day(sending_db, config, people, DAY, BUILT_AT)
+    ticks = HourlyTicks(sending_db, config, fake_resend, DAY)
+    resumed = datetime(2026, 11, 22, 13, tzinfo=UTC)
+    report = ticks.run(resumed)
+    assert report.due is not None
+    assert (report.due.skipped.total(), report.due.deferred.total()) == (1, 1)
+    before = _due_fields(sending_db)
+
+    newcomer = User(user_id="u09999", email="newcomer@example.com", timezone="Europe/Berlin")
+    add_users(sending_db.engine, [newcomer], day=DAY)
+    with sending_db.engine.begin() as connection:
+        build_audience(
+            connection,
+            config=config,
+            loop=config.loop(LOOP),
+            day=DAY,
+            candidates={person.user_id for person in [*people, newcomer]},
+            now=resumed + timedelta(minutes=30),
+        )
+    after = _due_fields(sending_db)
+    assert {address: after[address] for address in before} == before
+    # 09:00 in Berlin after 13:30 UTC on the 22nd.
+    assert after[newcomer.email][0] == datetime(2026, 11, 23, 8, tzinfo=UTC)
+
+    ticks.every_hour(resumed + HOUR, 36)
+    assert sao_paulo not in ticks.sent_at
+    assert ticks.sent_at[tokyo] == [datetime(2026, 11, 22, 23, tzinfo=UTC)]
+    assert ticks.sent_at[newcomer.email] == [datetime(2026, 11, 23, 8, tzinfo=UTC)]
+    assert Counter(fake_resend.delivered_to()).most_common(1)[0][1] == 1
