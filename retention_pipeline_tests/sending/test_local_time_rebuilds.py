@@ -159,3 +159,24 @@ def test_a_rebuilt_day_keeps_who_was_skipped_and_when_each_member_is_due(
     assert ticks.sent_at[tokyo] == [datetime(2026, 11, 22, 23, tzinfo=UTC)]
     assert ticks.sent_at[newcomer.email] == [datetime(2026, 11, 23, 8, tzinfo=UTC)]
     assert Counter(fake_resend.delivered_to()).most_common(1)[0][1] == 1
+
+
+def test_a_loop_back_to_sending_after_its_run_never_sends_a_member_skipped_as_stale(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    """Quiet hours removed and the loop sending after its run again: its daily send leaves out
+    Sao Paulo, skipped as stale, and sends Tokyo, who waited for quiet hours no longer
+    configured, with the others."""
+    config = local_time_config(sending_db.url, quiet_hours=QUIET, max_delay="24h")
+    people = people_in(["America/Sao_Paulo", "Asia/Tokyo", "Pacific/Kiritimati"], per_zone=1)
+    sao_paulo, tokyo, kiritimati = (person.email for person in people)
+    build_day(sending_db, config, people, DAY, BUILT_AT)
+    resumed = datetime(2026, 11, 22, 13, tzinfo=UTC)
+    report = HourlyTicks(sending_db, config, fake_resend, DAY).run(resumed)
+    assert report.due is not None and report.due.skipped.total() == 1
+
+    after_run = local_time_config(sending_db.url, send_at="after_run", max_delay="24h")
+    assert not after_run.sends_on_due_times(after_run.loop(LOOP))
+    HourlyTicks(sending_db, after_run, fake_resend, DAY).run(resumed + HOUR)
+    assert sorted(fake_resend.delivered_to()) == sorted([tokyo, kiritimati])
+    assert sao_paulo not in fake_resend.delivered_to()
