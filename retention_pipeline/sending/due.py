@@ -236,7 +236,7 @@ def due_hours(connection: Connection, *, schema: str, loop_name: str, day: date)
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""
-            SELECT date_trunc('hour', a.due_at) AS hour,
+            SELECT date_trunc('hour', a.due_at, 'UTC') AS hour,
                    count(*) FILTER (WHERE log.status = 'sent') AS sent,
                    count(*) FILTER (WHERE log.status = 'failed') AS failed,
                    count(*) FILTER (WHERE log.status = 'claimed') AS claimed,

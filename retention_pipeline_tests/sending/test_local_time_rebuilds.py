@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.sending import SendRunReport
+from retention_pipeline.sending.due import due_hours
 from retention_pipeline_tests.sending.local_time_support import (
     HOUR,
     ZONES,
@@ -180,3 +181,19 @@ def test_a_loop_back_to_sending_after_its_run_never_sends_a_member_skipped_as_st
     HourlyTicks(sending_db, after_run, fake_resend, DAY).run(resumed + HOUR)
     assert sorted(fake_resend.delivered_to()) == sorted([tokyo, kiritimati])
     assert sao_paulo not in fake_resend.delivered_to()
+
+
+def test_the_per_hour_metadata_counts_hours_of_utc_whatever_the_sessions_timezone(
+    sending_db: SendingDatabase,
+) -> None:
+    config = local_time_config(sending_db.url)
+    people = people_in(["Pacific/Kiritimati", "Asia/Tokyo", "America/Los_Angeles"], per_zone=2)
+    build_day(sending_db, config, people, DAY, BUILT_AT)
+    with sending_db.engine.connect() as connection:
+        connection.execute(text("SET TimeZone = 'Asia/Kolkata'"))
+        hours = due_hours(connection, schema="retention", loop_name=LOOP, day=DAY)
+    assert [(hour.hour.astimezone(UTC), hour.waiting) for hour in hours] == [
+        (datetime(2026, 11, 21, 17, tzinfo=UTC), 2),
+        (datetime(2026, 11, 21, 19, tzinfo=UTC), 2),
+        (datetime(2026, 11, 22, 0, tzinfo=UTC), 2),
+    ]
