@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
-from retention_pipeline.sending.compose import compose_emails
+from retention_pipeline.sending.compose import compose_emails, day_end
 from retention_pipeline.sending.send_log import claim, take_claim_turn
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, user_in_shard
 
@@ -68,6 +68,16 @@ def oldest_due_day(config: RetentionConfig, now: datetime) -> date:
     spare_days = math.ceil(config.email.max_delay_interval / timedelta(days=1))
     today = now.astimezone(ZoneInfo(config.timezone)).date()
     return today - timedelta(days=SEND_WINDOW_DAYS + spare_days)
+
+
+def claim_floor(config: RetentionConfig, *, after: datetime | None, now: datetime) -> datetime:
+    """The due time a claim at `now` reads after: the shard's `claimed_through`, or for a shard
+    that never claimed (new, or the shard count changed) the start of `oldest_due_day`, whose
+    members, built after it, are due after that: a range of the index either way, never the
+    loop's whole history."""
+    if after is not None:
+        return after
+    return day_end(oldest_due_day(config, now) - timedelta(days=1), config.timezone)
 
 
 def claim_due(
@@ -109,11 +119,11 @@ def claim_due(
         params = {
             "loop": loop.name,
             "now": now,
-            "after": after,
+            "after": claim_floor(config, after=after, now=now),
             "oldest": oldest_due_day(config, now),
             **shard.params,
         }
-        due = due_members_sql(s, after)
+        due = due_members_sql(s)
         skipped = Counter(
             connection.execute(
                 text(f"""
@@ -178,13 +188,12 @@ def claim_due(
     return DueClaim(after=after, by=now, claimed=claimed, deferred=deferred, skipped=skipped)
 
 
-def due_members_sql(s: str, after: datetime | None) -> str:
+def due_members_sql(s: str) -> str:
     """The condition on `a` (the audience) of a treated member of the loop's shard, due after
     `:after` and by `:now`, not claimed nor skipped yet; written so the partial index on
     (loop, due time) answers it."""
-    since = "AND a.due_at > :after" if after is not None else ""
     return f"""a.loop_name = :loop AND a.arm = 'treatment' AND a.due_at IS NOT NULL
-              AND a.due_at <= :now {since}
+              AND a.due_at <= :now AND a.due_at > :after
               AND a.partition_date >= :oldest AND a.skipped_at IS NULL
               AND {user_in_shard("a.user_id")}
               AND NOT EXISTS (

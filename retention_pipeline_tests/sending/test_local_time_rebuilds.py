@@ -14,7 +14,8 @@ from sqlalchemy import text
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.sending import SendRunReport
-from retention_pipeline.sending.due import due_hours
+from retention_pipeline.sending.due import claim_floor, due_hours, due_members_sql, oldest_due_day
+from retention_pipeline.sending.shards import WHOLE_LOOP
 from retention_pipeline_tests.sending.local_time_support import (
     HOUR,
     ZONES,
@@ -197,3 +198,40 @@ def test_the_per_hour_metadata_counts_hours_of_utc_whatever_the_sessions_timezon
         (datetime(2026, 11, 21, 19, tzinfo=UTC), 2),
         (datetime(2026, 11, 22, 0, tzinfo=UTC), 2),
     ]
+
+
+def test_a_shards_first_claim_reads_a_range_of_the_due_index(
+    sending_db: SendingDatabase,
+) -> None:
+    """A shard with no mark yet (new, or the shard count changed) reads due times from the
+    oldest day its claim considers, not every due time of the loop's history."""
+    config = local_time_config(sending_db.url)
+    people = people_in(["Asia/Tokyo"], per_zone=2)
+    build_day(sending_db, config, people, DAY, BUILT_AT)
+    now = datetime(2026, 11, 22, 1, tzinfo=UTC)
+    params = {
+        "loop": LOOP,
+        "now": now,
+        "after": claim_floor(config, after=None, now=now),
+        "oldest": oldest_due_day(config, now),
+        **WHOLE_LOOP.params,
+    }
+    with sending_db.engine.connect() as connection:
+        connection.execute(text("SET enable_seqscan = off"))
+        (plan,) = connection.execute(
+            text(f"EXPLAIN (FORMAT JSON) SELECT a.user_id FROM retention.reengagement_audience "
+                 f"AS a WHERE {due_members_sql('retention')}"),
+            params,
+        ).scalar_one()  # fmt: skip
+    scans = [
+        node
+        for node in _plan_nodes(plan["Plan"])
+        if node.get("Relation Name") == "reengagement_audience"
+    ]
+    assert [scan.get("Index Name") for scan in scans] == ["reengagement_audience_due"]
+    condition = scans[0]["Index Cond"]
+    assert "(due_at <=" in condition and "(due_at >" in condition, condition
+
+
+def _plan_nodes(node: dict) -> list[dict]:
+    return [node, *(each for child in node.get("Plans", []) for each in _plan_nodes(child))]
