@@ -14,8 +14,15 @@ by one claim only (the send log's keys would keep a second from sending twice an
   when that end is past `stale_at`;
 - the others are rendered and claimed in the send log, in the batches of their audience day.
 
-A run whose `now` is not after `claimed_through` (a re-run of an earlier hour) claims nothing:
-nobody is sent outside the hour their due time fell in, however often hours are re-run.
+A run's `now` is when it runs, not the hour it was launched for: a Dagster re-run of an earlier
+hour's run passes its own `datetime.now`, so it claims what is due since the mark and by then,
+as that hour's tick would; no run reads due times up to an hour already past. A run whose `now`
+is not after `claimed_through` (its clock behind the last claim's) claims nothing. Either way
+each member is read by one claim, at or after their due time.
+
+The audience build of a loop takes the loop's claim lock (`send_log.take_claim_turn`) before it
+undoes the day and gives due times past the loop's latest `claimed_through`, so a claim never
+moves the mark past members whose build has not committed yet.
 """
 
 from __future__ import annotations
