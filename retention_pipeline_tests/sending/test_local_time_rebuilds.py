@@ -14,7 +14,14 @@ from sqlalchemy import text
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.sending import SendRunReport
-from retention_pipeline.sending.due import claim_floor, due_hours, due_members_sql, oldest_due_day
+from retention_pipeline.sending.due import (
+    claim_due,
+    claim_floor,
+    due_hours,
+    due_members_sql,
+    oldest_due_day,
+)
+from retention_pipeline.sending.send_log import start_batch
 from retention_pipeline.sending.shards import WHOLE_LOOP
 from retention_pipeline_tests.sending.local_time_support import (
     HOUR,
@@ -24,7 +31,13 @@ from retention_pipeline_tests.sending.local_time_support import (
     local_time_config,
     people_in,
 )
-from retention_pipeline_tests.sending.support import LOOP, SendingDatabase, User, add_users
+from retention_pipeline_tests.sending.support import (
+    LOOP,
+    SECRET,
+    SendingDatabase,
+    User,
+    add_users,
+)
 from retention_pipeline_tests.sending.test_local_time import BUILT_AT, DAY, QUIET
 
 
@@ -235,3 +248,52 @@ def test_a_shards_first_claim_reads_a_range_of_the_due_index(
 
 def _plan_nodes(node: dict) -> list[dict]:
     return [node, *(each for child in node.get("Plans", []) for each in _plan_nodes(child))]
+
+
+def test_a_claimed_batch_never_attempted_is_not_sent_after_its_members_went_stale(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    """Tokyo's hour claimed its reader and its run died before sending; Berlin's hour claimed
+    its reader and started the batch (its request's outcome unknown). The runs resume a day
+    later: Tokyo's batch, never attempted, is withheld as stale; Berlin's, which the provider
+    may have, goes out under its key."""
+    config = local_time_config(sending_db.url, max_delay="24h")
+    loop = config.loop(LOOP)
+    people = people_in(["Asia/Tokyo", "Europe/Berlin"], per_zone=1)
+    tokyo, berlin = (person.email for person in people)
+    build_day(sending_db, config, people, DAY, BUILT_AT)
+    # 09:00 in Tokyo is 00:00 UTC on the 22nd, in Berlin 08:00 UTC.
+    for hour in (
+        datetime(2026, 11, 22, 0, 5, tzinfo=UTC),
+        datetime(2026, 11, 22, 8, 5, tzinfo=UTC),
+    ):
+        claimed = claim_due(
+            sending_db.engine, config=config, loop=loop, now=hour, unsubscribe_secret=SECRET
+        )
+        assert claimed.claimed.total() == 1
+    with sending_db.engine.begin() as connection:
+        berlin_batch = connection.execute(
+            text("SELECT batch_key FROM retention.email_send_log WHERE email = :email"),
+            {"email": berlin},
+        ).scalar_one()
+        started = start_batch(
+            connection,
+            schema="retention",
+            loop_name=LOOP,
+            batch_key=berlin_batch,
+            now=datetime(2026, 11, 22, 8, 5, tzinfo=UTC),
+        )
+        assert [email.to for email in started.emails] == [berlin]
+
+    report = HourlyTicks(sending_db, config, fake_resend, DAY).run(
+        datetime(2026, 11, 23, 9, tzinfo=UTC)
+    )
+    assert fake_resend.delivered_to() == [berlin]
+    assert report.dispatch.stale == 1
+    assert report.metadata_for(DAY)["failed_this_run"] == 1
+    with sending_db.engine.connect() as connection:
+        (status, error) = connection.execute(
+            text("SELECT status, error FROM retention.email_send_log WHERE email = :email"),
+            {"email": tokyo},
+        ).one()
+    assert status == "failed" and "email.max_delay" in error
