@@ -16,9 +16,9 @@ by one claim only (the send log's keys would keep a second from sending twice an
 
 A run's `now` is when it runs, not the hour it was launched for: a Dagster re-run of an earlier
 hour's run passes its own `datetime.now`, so it claims what is due since the mark and by then,
-as that hour's tick would; no run reads due times up to an hour already past. A run whose `now`
-is not after `claimed_through` (its clock behind the last claim's) claims nothing. Either way
-each member is read by one claim, at or after their due time.
+as the current hour's tick would. A run whose `now` is not after `claimed_through` (its clock
+behind the last claim's) claims nothing. Either way each member is read by one claim, at or
+after their due time.
 
 The audience build of a loop takes the loop's claim lock (`send_log.take_claim_turn`) before it
 undoes the day and gives due times past the loop's latest `claimed_through`, so a claim never
