@@ -61,6 +61,7 @@ from retention_pipeline.recipients.addresses import (
 )
 from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.sending.compose import day_end
+from retention_pipeline.sending.send_log import take_claim_turn
 
 EXCLUSION_REASONS = (
     "no_email",
@@ -140,6 +141,39 @@ def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
                      WHERE later.loop_name = e.loop_name AND later.user_id = e.user_id
                        AND later.started_on > e.started_on)"""),
         params,
+    )
+
+
+# The due fields of an audience member (see `record_due_times`) and what send runs made of them.
+DUE_FIELDS = ("due_at", "first_due_at", "stale_at", "skipped_at", "send_timezone", "send_time_arm")
+
+
+def _keep_due_times(connection: Connection, s: str, loop: str, day: date) -> None:
+    """Keep, in the temporary table `audience_due_kept`, the due fields of the day's members
+    from its previous build, before `_undo_day` deletes them: a rebuild must not forget who
+    was skipped as stale nor move anyone's due time (`_restore_due_times`)."""
+    connection.execute(
+        text(f"""
+            CREATE TEMP TABLE audience_due_kept ON COMMIT DROP AS
+            SELECT user_id, episode_start, step, {", ".join(DUE_FIELDS)}
+            FROM {s}.reengagement_audience
+            WHERE partition_date = :day AND loop_name = :loop AND due_at IS NOT NULL"""),
+        {"loop": loop, "day": day},
+    )
+
+
+def _restore_due_times(connection: Connection, s: str, loop: str, day: date) -> None:
+    """Give the members of the rebuilt day who were in its previous build, for the same step of
+    the same episode, the due fields they had; the others keep the fresh ones."""
+    connection.execute(
+        text(f"""
+            UPDATE {s}.reengagement_audience AS a
+            SET {", ".join(f"{name} = kept.{name}" for name in DUE_FIELDS)}
+            FROM audience_due_kept AS kept
+            WHERE a.partition_date = :day AND a.loop_name = :loop
+              AND a.user_id = kept.user_id AND a.episode_start = kept.episode_start
+              AND a.step = kept.step"""),
+        {"loop": loop, "day": day},
     )
 
 
@@ -310,9 +344,16 @@ def record_due_times(
     connection.execute(
         text(f"""
         WITH known_zones AS (SELECT name FROM pg_timezone_names),
+        claimed AS (
+            -- Due times from past the loop's claims' marks (a claim may have committed with a
+            -- later `now` than this build's, or on a host whose clock is ahead), or the next
+            -- claims, which read only past their mark, would never read these members.
+            SELECT max(claimed_through) + interval '1 microsecond' AS through
+            FROM {s}.send_due_claims WHERE loop_name = :loop
+        ),
         members AS (
             SELECT a.user_id, coalesce(known.name, :tz) AS zone,
-                   CAST(:built_at AS timestamptz) AS built_at,
+                   greatest(CAST(:built_at AS timestamptz), claimed.through) AS built_at,
                    {
             f"CASE WHEN {fixed_bucket} < :fixed_per_10000 THEN 'fixed' ELSE 'learned' END"
             if learn
@@ -322,6 +363,7 @@ def record_due_times(
             LEFT JOIN {s}.user_activity_snapshot AS snap
                 ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
             LEFT JOIN known_zones AS known ON known.name = snap.timezone
+            CROSS JOIN claimed
             WHERE a.partition_date = :day AND a.loop_name = :loop
         ),
         {usual_hours if learn else ""}
@@ -454,6 +496,10 @@ def _build_loop(
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     simulated = _simulated(connection, s, loop.name, day, now, config.timezone)
     period = record_period(connection, schema, config, loop, day)
+    if config.sends_on_due_times(loop):
+        # The loop's claims of due members wait for this build's due times (`sending.due`).
+        take_claim_turn(connection, schema, loop.name)
+        _keep_due_times(connection, s, loop.name, day)
     _undo_day(connection, s, loop.name, day)
     # Open episodes follow the design of the period they started in.
     followed = {p.number: p for p in open_periods(connection, schema, loop.name)}
@@ -620,8 +666,11 @@ def _build_loop(
     if config.sends_on_due_times(loop) and not simulated:
         built_at = now if now is not None else day_end(day, config.timezone)
         record_due_times(connection, s, config, loop, day, built_at)
+        _restore_due_times(connection, s, loop.name, day)
     # The next loop makes tables of these names of its own.
     connection.execute(text("DROP TABLE audience_candidates, audience_due"))
+    if config.sends_on_due_times(loop):
+        connection.execute(text("DROP TABLE audience_due_kept"))
     tallies = dict(counts)
     held = dict(held_back)
     excluded = {reason: int(tallies.get(f"excluded:{reason}", 0)) for reason in EXCLUSION_REASONS}

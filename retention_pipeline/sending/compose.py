@@ -52,7 +52,12 @@ def treatment_rows(
     """The loop's treatment rows of `reengagement_audience` for `day` whose users are in
     `shard`, with what the snapshot of that day knows about each user, ordered by user id (the
     first `limit` of them, when given). Also the rows `claim` pairs emails with.
-    `unclaimed_only` leaves out rows already in the send log, whose content is fixed there."""
+    `unclaimed_only` leaves out rows already in the send log, whose content is fixed there.
+
+    Members an hourly send skipped as stale (`sending.due`) are left out: the loop may send
+    after its run again, with no quiet hours, but they stay unsent. Members due later (a
+    local time or quiet hours the configuration no longer has) are not: the day's send follows
+    the configuration as it is now, and sends them with the others."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     unclaimed = f"""AND NOT EXISTS (
                 SELECT FROM {s}.email_send_log AS log
@@ -67,7 +72,7 @@ def treatment_rows(
             LEFT JOIN {s}.user_activity_snapshot AS snap
                 ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
             WHERE a.partition_date = :day AND a.loop_name = :loop AND a.arm = 'treatment'
-              AND {user_in_shard("a.user_id")}
+              AND a.skipped_at IS NULL AND {user_in_shard("a.user_id")}
               {unclaimed if unclaimed_only else ""}
             ORDER BY a.user_id
             LIMIT :limit"""),

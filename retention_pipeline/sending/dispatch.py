@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, text
 
@@ -51,6 +51,9 @@ class DispatchReport:
     """Claimed rows not sent because the address was suppressed since the claim."""
     erased: int = 0
     """Claimed rows not sent because the user was erased since the claim."""
+    stale: int = 0
+    """Claimed rows of a batch never attempted, not sent because their `stale_at` passed
+    (`email.max_delay` after their local send time) before the batch started."""
     by_day: dict[date, Counter[str]] = field(default_factory=dict, compare=False)
     """The same changes by partition day: 'sent' and 'failed' (expired, suppressed and erased
     included)."""
@@ -68,6 +71,7 @@ class DispatchReport:
             expired=self.expired + later.expired,
             suppressed=self.suppressed + later.suppressed,
             erased=self.erased + later.erased,
+            stale=self.stale + later.stale,
             by_day=by_day,
         )
 
@@ -79,6 +83,8 @@ class DispatchReport:
             sentence += f", {self.suppressed} not sent (suppressed since they were claimed)"
         if self.erased:
             sentence += f", {self.erased} not sent (user erased since they were claimed)"
+        if self.stale:
+            sentence += f", {self.stale} not sent (not sent within email.max_delay: skipped)"
         return sentence + f"; {self.still_pending} still claimed, to be retried"
 
 
@@ -93,6 +99,7 @@ def send_pending(
     shard: Shard = WHOLE_LOOP,
     keep_going: Callable[[], bool] = lambda: True,
     record_gone: Callable[[Connection, str], object] | None = None,
+    now: datetime | None = None,
 ) -> DispatchReport:
     """Send every pending batch of the loop's `shard`, recording each batch in its own
     transaction.
@@ -111,6 +118,9 @@ def send_pending(
     right before `start_batch`: it records in `erased_users` the members the app has deleted or
     now excludes (`send_log.record_members_gone`), so they are withheld as erased, however
     recently the app changed them.
+
+    `now` (default: the database's clock) is the instant the batches start at: a batch never
+    attempted leaves out its members whose `stale_at` is past it (`start_batch`).
     """
     with engine.begin() as connection:
         expired = expire_unanswered(
@@ -148,7 +158,9 @@ def send_pending(
         with engine.begin() as connection:
             if record_gone is not None:
                 record_gone(connection, key)
-            batch = start_batch(connection, schema=schema, loop_name=loop_name, batch_key=key)
+            batch = start_batch(
+                connection, schema=schema, loop_name=loop_name, batch_key=key, now=now
+            )
         for (day, reason), count in batch.withheld.items():
             by_day.setdefault(day, Counter())["failed"] += count
             withheld[reason] += count
@@ -173,7 +185,7 @@ def send_pending(
             batch_sent,
             batch_failed,
             changed.total() - batch_sent - batch_failed,
-            f", {batch.withheld.total()} withheld (suppressed or erased since the claim)"
+            f", {batch.withheld.total()} withheld (suppressed, erased or stale since the claim)"
             if batch.withheld
             else "",
         )
@@ -198,5 +210,6 @@ def send_pending(
         expired=expired.total(),
         suppressed=withheld["suppressed"],
         erased=withheld["erased"],
+        stale=withheld["stale"],
         by_day=by_day,
     )

@@ -14,8 +14,15 @@ by one claim only (the send log's keys would keep a second from sending twice an
   when that end is past `stale_at`;
 - the others are rendered and claimed in the send log, in the batches of their audience day.
 
-A run whose `now` is not after `claimed_through` (a re-run of an earlier hour) claims nothing:
-nobody is sent outside the hour their due time fell in, however often hours are re-run.
+A run's `now` is when it runs, not the hour it was launched for: a Dagster re-run of an earlier
+hour's run passes its own `datetime.now`, so it claims what is due since the mark and by then,
+as the current hour's tick would. A run whose `now` is not after `claimed_through` (its clock
+behind the last claim's) claims nothing. Either way each member is read by one claim, at or
+after their due time.
+
+The audience build of a loop takes the loop's claim lock (`send_log.take_claim_turn`) before it
+undoes the day and gives due times past the loop's latest `claimed_through`, so a claim never
+moves the mark past members whose build has not committed yet.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
-from retention_pipeline.sending.compose import compose_emails
-from retention_pipeline.sending.send_log import claim
+from retention_pipeline.sending.compose import compose_emails, day_end
+from retention_pipeline.sending.send_log import claim, take_claim_turn
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, user_in_shard
 
 
@@ -70,6 +77,16 @@ def oldest_due_day(config: RetentionConfig, now: datetime) -> date:
     return today - timedelta(days=SEND_WINDOW_DAYS + spare_days)
 
 
+def claim_floor(config: RetentionConfig, *, after: datetime | None, now: datetime) -> datetime:
+    """The due time a claim at `now` reads after: the shard's `claimed_through`, or for a shard
+    that never claimed (new, or the shard count changed) the start of `oldest_due_day`, whose
+    members, built after it, are due after that: a range of the index either way, never the
+    loop's whole history."""
+    if after is not None:
+        return after
+    return day_end(oldest_due_day(config, now) - timedelta(days=1), config.timezone)
+
+
 def claim_due(
     engine: Engine,
     *,
@@ -85,6 +102,9 @@ def claim_due(
     with engine.begin() as connection:
         s = connection.dialect.identifier_preparer.quote_schema(schema)
         key = {"loop": loop.name, "shard_index": shard.index, "shard_count": shard.count}
+        # Not while a build of the loop's audience is stamping due times: they may be earlier
+        # than this claim's `now`, and must not fall behind the mark unread.
+        take_claim_turn(connection, schema, loop.name)
         connection.execute(
             text(f"""
                 INSERT INTO {s}.send_due_claims (loop_name, send_shard, shard_count,
@@ -106,11 +126,11 @@ def claim_due(
         params = {
             "loop": loop.name,
             "now": now,
-            "after": after,
+            "after": claim_floor(config, after=after, now=now),
             "oldest": oldest_due_day(config, now),
             **shard.params,
         }
-        due = due_members_sql(s, after)
+        due = due_members_sql(s)
         skipped = Counter(
             connection.execute(
                 text(f"""
@@ -175,13 +195,12 @@ def claim_due(
     return DueClaim(after=after, by=now, claimed=claimed, deferred=deferred, skipped=skipped)
 
 
-def due_members_sql(s: str, after: datetime | None) -> str:
+def due_members_sql(s: str) -> str:
     """The condition on `a` (the audience) of a treated member of the loop's shard, due after
     `:after` and by `:now`, not claimed nor skipped yet; written so the partial index on
     (loop, due time) answers it."""
-    since = "AND a.due_at > :after" if after is not None else ""
     return f"""a.loop_name = :loop AND a.arm = 'treatment' AND a.due_at IS NOT NULL
-              AND a.due_at <= :now {since}
+              AND a.due_at <= :now AND a.due_at > :after
               AND a.partition_date >= :oldest AND a.skipped_at IS NULL
               AND {user_in_shard("a.user_id")}
               AND NOT EXISTS (
@@ -233,7 +252,7 @@ def due_hours(connection: Connection, *, schema: str, loop_name: str, day: date)
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""
-            SELECT date_trunc('hour', a.due_at) AS hour,
+            SELECT date_trunc('hour', a.due_at, 'UTC') AS hour,
                    count(*) FILTER (WHERE log.status = 'sent') AS sent,
                    count(*) FILTER (WHERE log.status = 'failed') AS failed,
                    count(*) FILTER (WHERE log.status = 'claimed') AS claimed,

@@ -188,6 +188,8 @@ def send_loop_day(
                 record_gone=lambda connection, batch: record_members_gone(
                     connection, config=config, loop_name=loop.name, batch_key=batch
                 ),
+                # A batch never attempted whose members went stale by now is not sent late.
+                now=now,
             )
 
         def claim_unclaimed(audience_day: date, limit: int | None) -> tuple[int, int]:

@@ -8,7 +8,8 @@ not delivered again.
 
 A batch starts (`start_batch`) in one statement that withholds its members whose address was
 suppressed, or whose user was erased (or deleted or excluded by the app: `record_members_gone`
-records them right before), since the claim, and marks the rest attempted and returns
+records them right before), since the claim, and in a batch never attempted those whose
+`email.max_delay` ran out (`sending.due`), and marks the rest attempted and returns
 them: nothing suppressed or erased before that statement goes into the request. Withholding a
 member changes a batch's payload but never its key. For a batch that was never attempted, Resend
 has not seen the key and sends the smaller batch. For one attempted before (its outcome unknown),
@@ -31,7 +32,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -52,6 +53,15 @@ STATUSES = ("claimed", "sent", "failed")
 
 def batch_key(loop_name: str, day: date, number: int) -> str:
     return f"{loop_name}:{day.isoformat()}:{number}"
+
+
+def take_claim_turn(connection: Connection, schema: str, loop_name: str) -> None:
+    """Wait, until the caller's transaction ends, for every other claim of the loop (any shard)
+    and every build of its audience with due times (`audience.build`) to end theirs."""
+    connection.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext(:lock))"),
+        {"lock": f"retention-pipeline:{schema}:claim:{loop_name}"},
+    )
 
 
 def claim(
@@ -103,10 +113,7 @@ def claim(
         raise ValueError(f"{len(unpaired)} emails have no audience row, first: {unpaired[0]!r}")
 
     # Claims of one loop take turns, shards too, so two of them cannot number batches alike.
-    connection.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext(:lock))"),
-        {"lock": f"retention-pipeline:{schema}:claim:{loop_name}"},
-    )
+    take_claim_turn(connection, schema, loop_name)
     existing = set(
         connection.execute(
             text(f"SELECT send_key FROM {s}.email_send_log WHERE send_key = ANY(:keys)"),
@@ -240,11 +247,19 @@ class StartedBatch:
 
 
 def start_batch(
-    connection: Connection, *, schema: str, loop_name: str, batch_key: str
+    connection: Connection,
+    *,
+    schema: str,
+    loop_name: str,
+    batch_key: str,
+    now: datetime | None = None,
 ) -> StartedBatch:
     """Move the batch's claimed rows towards the provider, in one statement in the caller's
     transaction: fail those whose address is suppressed (for this loop or every loop) or whose user
-    is waiting to be erased, and mark the others attempted and return them to send.
+    is waiting to be erased, and, in a batch never attempted, those stale at `now` (default: the
+    database's clock): claimed by an hourly send that never got to send them, their audience
+    row's `stale_at` has passed (`sending.due`; a batch attempted before keeps its members, as
+    the provider may have them). Mark the others attempted and return them to send.
 
     From the first attempt on, the provider may have the batch, and after its idempotency window
     `expire_unanswered` stops re-sending it. `headers` and `tags` come back with their keys
@@ -263,7 +278,14 @@ def start_batch(
                        (SELECT sup.reason FROM {s}.email_suppressions AS sup
                         WHERE sup.email = {mailbox_sql("log.email")}
                           AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
-                        ORDER BY sup.loop_name NULLS FIRST LIMIT 1) AS suppressed
+                        ORDER BY sup.loop_name NULLS FIRST LIMIT 1) AS suppressed,
+                       log.first_attempt_at IS NULL AND EXISTS (
+                           SELECT FROM {s}.reengagement_audience AS a
+                           WHERE a.partition_date = log.partition_date
+                             AND a.loop_name = log.loop_name AND a.user_id = log.user_id
+                             AND a.episode_start = log.episode_start AND a.step = log.step
+                             AND a.stale_at <= coalesce(CAST(:now AS timestamptz), now())
+                       ) AS stale
                 FROM {s}.email_send_log AS log
                 WHERE log.loop_name = :loop AND log.batch_key = :batch AND log.status = 'claimed'
             ),
@@ -271,24 +293,29 @@ def start_batch(
                 UPDATE {s}.email_send_log AS log
                 SET status = 'failed', updated_at = now(),
                     error = CASE WHEN m.erased THEN 'the user was erased'
-                                 ELSE 'the address was suppressed (' || m.suppressed || ')' END
-                            || ' after the email was claimed: not sent'
+                                     || ' after the email was claimed: not sent'
+                                 WHEN m.suppressed IS NOT NULL
+                                 THEN 'the address was suppressed (' || m.suppressed || ')'
+                                     || ' after the email was claimed: not sent'
+                                 ELSE 'not sent within email.max_delay of its local send time '
+                                     || 'after it was claimed: skipped, never sent late' END
                             || CASE WHEN log.first_attempt_at IS NOT NULL
                                     THEN ' again (an earlier request for its batch, its outcome '
                                          || 'unknown, may have delivered it before)'
                                     ELSE '' END
                 FROM members AS m
                 WHERE log.id = m.id AND log.status = 'claimed'
-                  AND (m.erased OR m.suppressed IS NOT NULL)
+                  AND (m.erased OR m.suppressed IS NOT NULL OR m.stale)
                 RETURNING log.partition_date, CASE WHEN m.erased THEN 'erased'
-                                                   ELSE 'suppressed' END AS withheld
+                                                   WHEN m.suppressed IS NOT NULL THEN 'suppressed'
+                                                   ELSE 'stale' END AS withheld
             ),
             started AS (
                 UPDATE {s}.email_send_log AS log
                 SET first_attempt_at = coalesce(log.first_attempt_at, now()), updated_at = now()
                 FROM members AS m
                 WHERE log.id = m.id AND log.status = 'claimed'
-                  AND NOT m.erased AND m.suppressed IS NULL
+                  AND NOT m.erased AND m.suppressed IS NULL AND NOT m.stale
                 RETURNING log.send_key, log.email, log.subject, log.html, log.body_text,
                           log.headers, log.tags, log.idempotency_key
             )
@@ -300,7 +327,7 @@ def start_batch(
             SELECT NULL, NULL, send_key, email, subject, html, body_text, headers, tags,
                    idempotency_key
             FROM started"""),
-        {"loop": loop_name, "batch": batch_key},
+        {"loop": loop_name, "batch": batch_key, "now": now},
     ).mappings()
     withheld: Counter[tuple[date, str]] = Counter()
     emails: list[OutgoingEmail] = []
