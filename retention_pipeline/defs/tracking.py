@@ -66,7 +66,7 @@ def activity_rollup(
 
 
 # Its own step, which nothing downstream waits for: at a million users it reads a day of every
-# source (about 15 s), and the morning's snapshot, segments, audience and first email need none
+# source (about 10 s), and the morning's snapshot, segments, audience and first email need none
 # of it.
 @dg.asset_check(
     asset=ROLLUP,
