@@ -37,8 +37,8 @@ from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
-from retention_pipeline.sending.compose import compose_emails, day_end
-from retention_pipeline.sending.send_log import claim, take_claim_turn
+from retention_pipeline.sending.compose import day_end
+from retention_pipeline.sending.send_log import claim_rows, take_claim_turn
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, user_in_shard
 
 
@@ -166,22 +166,13 @@ def claim_due(
                 (skipped if was_skipped else deferred)[day] += 1
         claimed: Counter[date] = Counter()
         for day, rows in _due_rows_by_day(connection, s, due, params).items():
-            emails = compose_emails(
+            claimed[day] = claim_rows(
                 connection,
-                schema=schema,
                 config=config,
                 loop=loop,
                 day=day,
-                unsubscribe_secret=unsubscribe_secret,
                 rows=rows,
-            )
-            claimed[day] = claim(
-                connection,
-                schema=schema,
-                loop_name=loop.name,
-                day=day,
-                emails=emails,
-                audience_rows=rows,
+                unsubscribe_secret=unsubscribe_secret,
                 shard=shard,
             )
         connection.execute(

@@ -18,7 +18,7 @@ from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.recipients.delivery import delivery_counts
 from retention_pipeline.segments.calendar import send_window
-from retention_pipeline.sending.compose import compose_emails, treatment_rows
+from retention_pipeline.sending.compose import treatment_rows
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
 from retention_pipeline.sending.due import (
     DueClaim,
@@ -29,7 +29,7 @@ from retention_pipeline.sending.due import (
 )
 from retention_pipeline.sending.send_log import (
     BATCH_SIZE,
-    claim,
+    claim_rows,
     days_with_emails,
     record_members_gone,
     send_log_summary,
@@ -206,22 +206,13 @@ def send_loop_day(
                     shard=shard,
                     limit=limit,
                 )
-                emails = compose_emails(
+                new = claim_rows(
                     connection,
-                    schema=schema,
                     config=config,
                     loop=loop,
                     day=audience_day,
-                    unsubscribe_secret=unsubscribe_secret,
                     rows=rows,
-                )
-                new = claim(
-                    connection,
-                    schema=schema,
-                    loop_name=loop.name,
-                    day=audience_day,
-                    emails=emails,
-                    audience_rows=rows,
+                    unsubscribe_secret=unsubscribe_secret,
                     shard=shard,
                 )
             return len(rows), new

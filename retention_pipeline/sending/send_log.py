@@ -37,11 +37,11 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.config.models import RetentionConfig
+from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.recipients.addresses import mailbox_sql
 from retention_pipeline.recipients.delivery import link_early_events
-from retention_pipeline.sending.compose import send_key, treatment_rows
+from retention_pipeline.sending.compose import compose_emails, send_key, treatment_rows
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
 from retention_pipeline.tracking.erasure import record_users_gone
 
@@ -197,6 +197,39 @@ def claim(
         {"loop": loop_name, "day": day, "shard": shard.index, **columns},
     )
     return list(inserted.scalars()).count("claimed")
+
+
+def claim_rows(
+    connection: Connection,
+    *,
+    config: RetentionConfig,
+    loop: Loop,
+    day: date,
+    rows: Sequence[Mapping[str, Any]],
+    unsubscribe_secret: str,
+    shard: Shard,
+) -> int:
+    """Render the audience `rows` of `day` (`compose_emails`) and claim them (`claim`), in the
+    caller's transaction; return how many emails are newly to be sent."""
+    schema = config.database.schema_
+    emails = compose_emails(
+        connection,
+        schema=schema,
+        config=config,
+        loop=loop,
+        day=day,
+        unsubscribe_secret=unsubscribe_secret,
+        rows=rows,
+    )
+    return claim(
+        connection,
+        schema=schema,
+        loop_name=loop.name,
+        day=day,
+        emails=emails,
+        audience_rows=rows,
+        shard=shard,
+    )
 
 
 def pending_batch_keys(
