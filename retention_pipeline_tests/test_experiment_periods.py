@@ -443,6 +443,21 @@ def test_a_reinstall_keeps_the_periods_its_episodes_follow(world, tmp_path, caps
     }
 
 
+def writing_transactions(engine, day: date) -> dict[str, int]:
+    """Per loop, the newest transaction that wrote its audience rows of `day`."""
+    with engine.connect() as connection:
+        return dict(
+            connection.execute(
+                text(
+                    "SELECT loop_name, max(xmin::text::bigint) "
+                    "FROM retention.reengagement_audience WHERE partition_date = :day "
+                    "GROUP BY loop_name"
+                ),
+                {"day": day},
+            ).all()
+        )
+
+
 def test_a_refused_loop_leaves_the_days_other_loops_unbuilt_and_says_so(create_database, tmp_path):
     url = create_database()
     engine, day = demo_until_yesterday(url)
@@ -467,17 +482,7 @@ def test_a_refused_loop_leaves_the_days_other_loops_unbuilt_and_says_so(create_d
             )
 
         assert materialize().success
-        with engine.connect() as connection:
-            built_at = dict(
-                connection.execute(
-                    text(
-                        "SELECT loop_name, max(xmin::text::bigint) "
-                        "FROM retention.reengagement_audience WHERE partition_date = :day "
-                        "GROUP BY loop_name"
-                    ),
-                    {"day": day},
-                ).all()
-            )
+        built_at = writing_transactions(engine, day)
         assert set(built_at) == {first, "second_loop"}
         document["loops"][1]["holdout"]["fraction"] = 0.3
         path.write_text(yaml.safe_dump(document))
@@ -495,16 +500,5 @@ def test_a_refused_loop_leaves_the_days_other_loops_unbuilt_and_says_so(create_d
     assert "\n" not in description
     # The first loop was built again before the second was refused, and that was rolled back:
     # its rows are the ones the first run wrote.
-    with engine.connect() as connection:
-        after = dict(
-            connection.execute(
-                text(
-                    "SELECT loop_name, max(xmin::text::bigint) "
-                    "FROM retention.reengagement_audience WHERE partition_date = :day "
-                    "GROUP BY loop_name"
-                ),
-                {"day": day},
-            ).all()
-        )
-    assert after == built_at
+    assert writing_transactions(engine, day) == built_at
     engine.dispose()
