@@ -48,7 +48,7 @@ from retention_pipeline.segments.conditions import (
     condition_statement,
     explain_condition,
 )
-from retention_pipeline.segments.rules import build_segments
+from retention_pipeline.segments.rules import classify_day
 from retention_pipeline.segments.snapshot.billing import billing_parameters, meaning_problems
 from retention_pipeline.segments.snapshot.full import app_reads_sql, snapshot_sql
 from retention_pipeline.segments.snapshot.names import AppNames
@@ -159,7 +159,7 @@ def preflight(
                 engine,
                 report,
                 f"{where}: the segments",
-                lambda c, loop=loop: build_segments(c, schema, loop, config.timezone, day),
+                lambda c, loop=loop: classify_day(c, schema, [loop], config.timezone, day),
             )
             _plan_recorded(
                 engine,

@@ -393,7 +393,7 @@ def test_a_role_without_rights_gets_one_line_naming_the_right_and_the_object(
             f"error: database.tables.subscriptions: the snapshot's read would fail: {lacks} "
             "SELECT on table public.subscriptions",
             f"error: loops.re_engagement: the segments would fail: {lacks} DELETE on table "
-            "retention.engagement_segments",
+            "retention.segment_rules_used",
             # Its first write records the loop's experiment design.
             f"error: loops.re_engagement: the audience would fail: {lacks} INSERT on table "
             "retention.experiment_periods",

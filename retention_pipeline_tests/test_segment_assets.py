@@ -27,7 +27,7 @@ user_activity_snapshot = shipped_asset(SNAPSHOT)
 engagement_segments = shipped_asset(SEGMENTS)
 
 UTC = ZoneInfo("UTC")
-DAILY_TABLES = ("user_activity_snapshot", "engagement_segments")
+DAILY_TABLES = ("user_activity_snapshot", "classified_segments")
 END = datetime(2026, 11, 21, tzinfo=UTC)
 
 
@@ -133,6 +133,13 @@ def test_days_older_than_keep_days_are_dropped(app_database_url, tmp_path):
         kept = [day for day in days if partition_state(engine, table, day) is not None]
         # Building the 19th drops what is more than 35 days older: the 10th, not the 16th.
         assert kept == ["2026-10-16", "2026-11-19", "2026-11-20"], table
+    with engine.connect() as connection:
+        read = connection.execute(
+            text(
+                "SELECT DISTINCT partition_date::text FROM retention.segment_rules_used ORDER BY 1"
+            )
+        ).scalars()
+        assert list(read) == ["2026-10-16", "2026-11-19", "2026-11-20"]
     engine.dispose()
 
 

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.database.app_tables import MappingError
-from retention_pipeline.database.day_partitions import ensure_day_partition
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.email.outbox import OutboxSender
+from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking import install as install_module
 from retention_pipeline.tracking.drain import update_rollup
@@ -828,14 +828,7 @@ def test_a_user_deleted_in_the_app_is_erased_everywhere(engine, app_database_url
     install(engine, config)
     with engine.begin() as connection:
         build_snapshot(connection, config, date(2026, 11, 20))
-        ensure_day_partition(connection, "retention", "engagement_segments", date(2026, 11, 20))
-        connection.execute(
-            text("""
-                INSERT INTO retention.engagement_segments
-                    (partition_date, loop_name, user_id, segment, reason, entered_on)
-                SELECT '2026-11-20', 're_engagement', id::text, 'active', 'r', '2026-11-20'
-                FROM users""")
-        )
+        build_day_segments(connection, "retention", config.loops, "UTC", date(2026, 11, 20))
         connection.execute(
             text(
                 "INSERT INTO retention.email_suppressions (email, user_id, reason) "
@@ -1014,7 +1007,6 @@ def test_upgrading_to_day_partitions_keeps_every_snapshot_and_segment(engine, ap
     from alembic import command
 
     from retention_pipeline.database import migrate
-    from retention_pipeline.segments.rules import build_day_segments
 
     config = make_config(app_database_url)
     with engine.begin() as connection:

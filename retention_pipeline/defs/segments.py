@@ -14,7 +14,13 @@ from retention_pipeline.defs.partitions import (
 )
 from retention_pipeline.defs.tracking import ROLLUP
 from retention_pipeline.resources.app_database import AppDatabase
-from retention_pipeline.segments.rules import build_day_segments, segment_counts, segment_examples
+from retention_pipeline.segments.rules import (
+    CLASSIFIED_SEGMENTS,
+    build_day_segments,
+    forget_rules_used_before,
+    segment_counts,
+    segment_examples,
+)
 from retention_pipeline.segments.snapshot import (
     SnapshotError,
     build_snapshot,
@@ -25,7 +31,6 @@ from retention_pipeline.segments.snapshot import (
 SNAPSHOT = dg.AssetKey(["retention", "user_activity_snapshot"])
 SEGMENTS = dg.AssetKey(["retention", "engagement_segments"])
 SNAPSHOT_TABLE = "user_activity_snapshot"
-SEGMENTS_TABLE = "engagement_segments"
 
 
 def build_segment_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
@@ -180,7 +185,11 @@ def _segments_day(app_database: AppDatabase, day: date) -> DayResult:
     jumps: list[str] = []
     total = 0
     with rebuilding_day(
-        app_database.engine, app_database.schema, SEGMENTS_TABLE, day, config.database.keep_days
+        app_database.engine,
+        app_database.schema,
+        CLASSIFIED_SEGMENTS,
+        day,
+        config.database.keep_days,
     ) as (connection, rebuild):
         snapshot_users = snapshot_user_count(connection, app_database.schema, day)
         by_loop = build_day_segments(
@@ -198,6 +207,9 @@ def _segments_day(app_database: AppDatabase, day: date) -> DayResult:
             if yesterday["dormant"] and counts["dormant"] > factor * yesterday["dormant"]:
                 jumps.append(f"{loop.name}: {yesterday['dormant']} -> {counts['dormant']}")
         examples = segment_examples(connection, app_database.schema, day)
+        forget_rules_used_before(
+            connection, app_database.schema, day - timedelta(days=config.database.keep_days)
+        )
     metadata.update(rebuild)
     metadata["dagster/row_count"] = total
     metadata["preview"] = dg.MetadataValue.md(examples.to_markdown(index=False))

@@ -14,6 +14,11 @@ Rules, first match wins (thresholds per loop, `SegmentRules`):
 
 "Sessions" are what the day's snapshot counted (`activity.baseline`): visits or logins (auth
 sessions), and the reason names which.
+
+Loops with the same thresholds share one classification: a day's users are classified and
+written once per set of thresholds (`classified_segments`, under the first loop that has them),
+and `segment_rules_used` says whose rows each loop reads; the view `engagement_segments` shows
+one row per user, loop and day, as it always has.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from datetime import date
 import pandas as pd
 from sqlalchemy import Connection, text
 
-from retention_pipeline.config.models import SEGMENTS, Loop
+from retention_pipeline.config.models import SEGMENTS, Loop, SegmentRules
 from retention_pipeline.database.day_partitions import analyze_day_partition, empty_day_partition
+
+# The day partitions of the classified segments (`database.day_partitions`).
+CLASSIFIED_SEGMENTS = "classified_segments"
 
 CLASSIFY = """
     WITH bounds AS (
@@ -80,9 +88,9 @@ CLASSIFY = """
             m.*
         FROM measured AS m
     )
-    INSERT INTO {schema}.engagement_segments
-        (partition_date, loop_name, user_id, segment, reason, entered_on)
-    SELECT CAST(:day AS date), CAST(:loop AS text), c.user_id, c.segment,
+    INSERT INTO {schema}.classified_segments
+        (partition_date, rules_loop, user_id, segment, reason, entered_on)
+    SELECT CAST(:day AS date), CAST(:rules_loop AS text), c.user_id, c.segment,
         CASE c.segment
             WHEN 'churned' THEN format('subscription canceled; no activity for %s days',
                                        c.days_inactive)
@@ -106,46 +114,69 @@ CLASSIFY = """
         CASE WHEN previous.segment = c.segment THEN previous.entered_on ELSE CAST(:day AS date) END
     FROM classified AS c
     CROSS JOIN counted
-    LEFT JOIN {schema}.engagement_segments AS previous
+    -- The day before's segment under the rules its first loop read then: the same rows when
+    -- its thresholds did not change.
+    LEFT JOIN {schema}.classified_segments AS previous
         ON previous.partition_date = CAST(:day AS date) - 1
-       AND previous.loop_name = CAST(:loop AS text)
+       AND previous.rules_loop = (
+           SELECT used.rules_loop FROM {schema}.segment_rules_used AS used
+           WHERE used.partition_date = CAST(:day AS date) - 1
+             AND used.loop_name = CAST(:rules_loop AS text))
        AND previous.user_id = c.user_id
     -- In key order, each row lands at the end of the partition's primary key, not at random.
     ORDER BY c.user_id
 """
 
 
-def build_segments(
-    connection: Connection, schema: str, loop: Loop, timezone: str, day: date
-) -> dict[str, int]:
-    """Replace the loop's segments of `day` from that day's snapshot; return counts per segment.
+def classification(rules: SegmentRules) -> tuple:
+    """What decides a user's segment: loops equal in it share one classification (the jump
+    warning only judges the counts)."""
+    return tuple(sorted(rules.model_dump(exclude={"dormant_jump_warning_factor"}).items()))
+
+
+def classify_day(
+    connection: Connection, schema: str, loops: list[Loop], timezone: str, day: date
+) -> dict[str, dict[str, int]]:
+    """Write `day`'s segments of the loops into its emptied partition, once per set of
+    thresholds, and record whose rows each loop reads; counts per loop and segment.
 
     `entered_on` carries over from the previous day's row, so run days in order (the schedule
     and single-run backfills do)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     connection.execute(
-        text(
-            f"DELETE FROM {s}.engagement_segments WHERE partition_date = :day AND loop_name = :loop"
-        ),
-        {"day": day, "loop": loop.name},
+        text(f"DELETE FROM {s}.segment_rules_used WHERE partition_date = :day"), {"day": day}
     )
-    rules = loop.segments
-    connection.execute(
-        text(CLASSIFY.format(schema=s)),
-        {
-            "day": day,
-            "loop": loop.name,
-            "tz": timezone,
-            "dormant_days": rules.dormant_after_days,
-            "dormant_drop": round(rules.dormant_session_drop * 100, 4),
-            "at_risk_drop": round(rules.at_risk_session_drop * 100, 4),
-            "minimum_baseline": rules.minimum_baseline_sessions_per_week,
-            "new_days": rules.new_user_days,
-            "never_days": rules.never_activated_after_days,
-            "churned_days": rules.churned_after_days,
-        },
-    )
-    return segment_counts(connection, schema, loop.name, day)
+    sharing: dict[tuple, list[Loop]] = {}
+    for loop in loops:
+        sharing.setdefault(classification(loop.segments), []).append(loop)
+    counts: dict[str, dict[str, int]] = {}
+    for first, *others in sharing.values():
+        rules = first.segments
+        names = [loop.name for loop in (first, *others)]
+        connection.execute(
+            text(f"""INSERT INTO {s}.segment_rules_used (partition_date, loop_name, rules_loop)
+                     SELECT :day, loop_name, :rules_loop
+                     FROM unnest(CAST(:loops AS text[])) AS loop_name"""),
+            {"day": day, "rules_loop": first.name, "loops": names},
+        )
+        connection.execute(
+            text(CLASSIFY.format(schema=s)),
+            {
+                "day": day,
+                "rules_loop": first.name,
+                "tz": timezone,
+                "dormant_days": rules.dormant_after_days,
+                "dormant_drop": round(rules.dormant_session_drop * 100, 4),
+                "at_risk_drop": round(rules.at_risk_session_drop * 100, 4),
+                "minimum_baseline": rules.minimum_baseline_sessions_per_week,
+                "new_days": rules.new_user_days,
+                "never_days": rules.never_activated_after_days,
+                "churned_days": rules.churned_after_days,
+            },
+        )
+        shared = segment_counts(connection, schema, first.name, day)
+        counts.update(dict.fromkeys(names, shared))
+    return counts
 
 
 def build_day_segments(
@@ -153,10 +184,19 @@ def build_day_segments(
 ) -> dict[str, dict[str, int]]:
     """Replace every segment of `day` with the loops' segments, in the caller's transaction:
     the day's partition is emptied, not deleted from row by row. Counts per loop and segment."""
-    empty_day_partition(connection, schema, "engagement_segments", day)
-    counts = {loop.name: build_segments(connection, schema, loop, timezone, day) for loop in loops}
-    analyze_day_partition(connection, schema, "engagement_segments", day)
+    empty_day_partition(connection, schema, CLASSIFIED_SEGMENTS, day)
+    counts = classify_day(connection, schema, loops, timezone, day)
+    analyze_day_partition(connection, schema, CLASSIFIED_SEGMENTS, day)
     return counts
+
+
+def forget_rules_used_before(connection: Connection, schema: str, first_kept: date) -> None:
+    """Drop which rules the loops read on days whose segments are gone (`database.keep_days`)."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    connection.execute(
+        text(f"DELETE FROM {s}.segment_rules_used WHERE partition_date < :first_kept"),
+        {"first_kept": first_kept},
+    )
 
 
 def segment_counts(
@@ -180,13 +220,17 @@ def segment_examples(
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""
-            SELECT loop_name, segment, user_id, reason, entered_on FROM (
-                SELECT seg.*, row_number() OVER (PARTITION BY loop_name, segment
+            SELECT used.loop_name, ranked.segment, ranked.user_id, ranked.reason,
+                   ranked.entered_on
+            FROM (
+                SELECT seg.*, row_number() OVER (PARTITION BY rules_loop, segment
                                                  ORDER BY user_id) AS rank
-                FROM {s}.engagement_segments AS seg WHERE partition_date = :day
+                FROM {s}.classified_segments AS seg WHERE partition_date = :day
             ) AS ranked
-            WHERE rank <= :per_segment
-            ORDER BY loop_name, segment, user_id"""),
+            JOIN {s}.segment_rules_used AS used
+                ON used.partition_date = :day AND used.rules_loop = ranked.rules_loop
+            WHERE ranked.rank <= :per_segment
+            ORDER BY used.loop_name, ranked.segment, ranked.user_id"""),
         {"day": day, "per_segment": per_segment},
     ).all()
     return pd.DataFrame(rows, columns=["loop", "segment", "user_id", "reason", "entered_on"])

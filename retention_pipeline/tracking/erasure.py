@@ -19,7 +19,7 @@ PER_USER_TABLES = (
     "activity_daily",
     "action_daily",
     "user_activity_snapshot",
-    "engagement_segments",
+    "classified_segments",
     "reengagement_audience",
     "episodes",
     "reengagement_outcomes",

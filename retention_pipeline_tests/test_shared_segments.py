@@ -1,0 +1,159 @@
+"""Loops with the same segment thresholds share one classification: each day's users are written
+once per set of thresholds, and every loop still reads one row per user and day, the row it
+would get classified alone. Installed databases move to it in place and back."""
+
+from __future__ import annotations
+
+import copy
+from datetime import date, datetime, timedelta
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+
+from retention_pipeline.config import parse_config
+from retention_pipeline.database import migrate
+from retention_pipeline.segments.rules import build_day_segments
+from retention_pipeline.segments.snapshot import build_snapshot
+from retention_pipeline.tracking.drain import update_rollup
+from retention_pipeline.tracking.install import install
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+
+DAY = date(2026, 11, 20)
+DAY_END = datetime.fromisoformat("2026-11-21T00:00:00+00:00")
+
+
+def three_loops_config(url: str):
+    """`first` and `second` with the shipped thresholds, `third` dormant after 3 days."""
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = url
+    (shipped,) = document["loops"]
+    loops = []
+    for name, segments in (("first", {}), ("second", {}), ("third", {"dormant_after_days": 3})):
+        loop = copy.deepcopy(shipped)
+        loop["name"] = name
+        loop["segments"] = segments
+        loops.append(loop)
+    document["loops"] = loops
+    return parse_config(document, environ={})
+
+
+@pytest.fixture
+def world(app_database_url):
+    config = three_loops_config(app_database_url)
+    engine = create_engine(app_database_url)
+    install(engine, config)
+    with engine.begin() as connection:
+        # Away 4 days (dormant for `third` only), away 12 days (dormant for all), active today.
+        for user, away in ((1, timedelta(days=4)), (2, timedelta(days=12)), (3, timedelta())):
+            connection.execute(
+                text("INSERT INTO users (id, email, created_at) VALUES (:id, :email, :at)"),
+                {"id": user, "email": f"user{user}@example.com", "at": DAY_END - timedelta(90)},
+            )
+            connection.execute(
+                text("INSERT INTO sessions (user_id, created_at) VALUES (:user, :at)"),
+                {"user": user, "at": DAY_END - away - timedelta(hours=1)},
+            )
+    update_rollup(engine, config)
+    yield engine, config
+    engine.dispose()
+
+
+def build(engine, config, day: date, loops=None) -> None:
+    with engine.begin() as connection:
+        build_snapshot(connection, config, day)
+        build_day_segments(connection, "retention", loops or config.loops, "UTC", day)
+
+
+def segments(engine, day: date) -> dict[tuple[str, str], tuple]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT loop_name, user_id, segment, reason, entered_on "
+                "FROM retention.engagement_segments WHERE partition_date = :day"
+            ),
+            {"day": day},
+        ).all()
+    return {(loop, user): tuple(rest) for loop, user, *rest in rows}
+
+
+def stored(engine, day: date) -> tuple[dict[str, int], set[tuple[str, str]]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT rules_loop, count(*) FROM retention.classified_segments "
+                "WHERE partition_date = :day GROUP BY 1"
+            ),
+            {"day": day},
+        ).all()
+        used = connection.execute(
+            text(
+                "SELECT loop_name, rules_loop FROM retention.segment_rules_used "
+                "WHERE partition_date = :day"
+            ),
+            {"day": day},
+        ).all()
+    return dict(rows), {tuple(row) for row in used}
+
+
+def test_loops_with_the_same_thresholds_are_classified_once(world):
+    engine, config = world
+    build(engine, config, DAY - timedelta(days=1))
+    build(engine, config, DAY)
+
+    assert stored(engine, DAY) == (
+        {"first": 3, "third": 3},
+        {("first", "first"), ("second", "first"), ("third", "third")},
+    )
+    shared = segments(engine, DAY)
+    assert len(shared) == 9
+    assert shared[("first", "1")][0] == shared[("second", "1")][0] == "active"
+    assert shared[("third", "1")][:2] == ("dormant", "no activity for 4 days (threshold 3)")
+    # Dormant since the day before, in every loop.
+    assert {shared[(loop, "2")] for loop in ("first", "second", "third")} == {
+        ("dormant", "no activity for 12 days (threshold 7)", DAY - timedelta(days=1)),
+        ("dormant", "no activity for 12 days (threshold 3)", DAY - timedelta(days=1)),
+    }
+
+    # Each loop's rows are those it gets classified alone, the day before included.
+    for loop in config.loops:
+        build(engine, config, DAY - timedelta(days=1), [loop])
+        build(engine, config, DAY, [loop])
+        alone = segments(engine, DAY)
+        assert alone == {key: row for key, row in shared.items() if key[0] == loop.name}
+        assert stored(engine, DAY) == ({loop.name: 3}, {(loop.name, loop.name)})
+
+
+def test_an_installed_database_moves_to_shared_segments_and_back(world):
+    engine, config = world
+    build(engine, config, DAY - timedelta(days=1))
+    build(engine, config, DAY)
+    before = segments(engine, DAY)
+
+    with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0018")
+    with engine.connect() as connection:
+        per_loop = connection.execute(
+            text(
+                "SELECT loop_name, user_id, segment, reason, entered_on "
+                "FROM retention.engagement_segments WHERE partition_date = :day"
+            ),
+            {"day": DAY},
+        ).all()
+    # Every loop has rows of its own again.
+    assert {(loop, user): tuple(rest) for loop, user, *rest in per_loop} == before
+    assert len(per_loop) == 9
+
+    install(engine, config)
+    assert segments(engine, DAY) == before
+    assert stored(engine, DAY) == (
+        {"first": 3, "second": 3, "third": 3},
+        {("first", "first"), ("second", "second"), ("third", "third")},
+    )
+    # The next day shares again, and carries `entered_on` over from the rows each loop had.
+    build(engine, config, DAY + timedelta(days=1))
+    after = segments(engine, DAY + timedelta(days=1))
+    assert {after[(loop, "2")][2] for loop in ("first", "second", "third")} == {
+        DAY - timedelta(days=1)
+    }
+    assert stored(engine, DAY + timedelta(days=1))[0] == {"first": 3, "third": 3}
