@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import parse_config
 from retention_pipeline.database import migrate
-from retention_pipeline.segments.rules import build_day_segments
+from retention_pipeline.segments.rules import build_day_segments, segment_examples
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
@@ -114,6 +114,21 @@ def test_loops_with_the_same_thresholds_are_classified_once(world):
         ("dormant", "no activity for 12 days (threshold 7)", DAY - timedelta(days=1)),
         ("dormant", "no activity for 12 days (threshold 3)", DAY - timedelta(days=1)),
     }
+
+    # The preview shows every loop's segments, each user with the row the loop reads.
+    with engine.connect() as connection:
+        examples = segment_examples(connection, "retention", DAY, per_segment=1)
+    assert len(examples) == 6
+    for loop, segment, user, reason, entered_on in examples.itertuples(index=False):
+        assert shared[(loop, user)] == (segment, reason, entered_on)
+    assert sorted(examples["loop"] + "/" + examples["segment"]) == [
+        "first/active",
+        "first/dormant",
+        "second/active",
+        "second/dormant",
+        "third/active",
+        "third/dormant",
+    ]
 
     # Each loop's rows are those it gets classified alone, the day before included.
     for loop in config.loops:

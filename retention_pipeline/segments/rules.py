@@ -216,21 +216,25 @@ def segment_counts(
 def segment_examples(
     connection: Connection, schema: str, day: date, per_segment: int = 3
 ) -> pd.DataFrame:
-    """A few users of each segment with their reason: a preview for people."""
+    """A few users of each segment with their reason: a preview for people. The first rows
+    written (in user id order) found through the segment index: ranking a million rows to
+    pick three of each took seconds."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""
-            SELECT used.loop_name, ranked.segment, ranked.user_id, ranked.reason,
-                   ranked.entered_on
-            FROM (
-                SELECT seg.*, row_number() OVER (PARTITION BY rules_loop, segment
-                                                 ORDER BY user_id) AS rank
-                FROM {s}.classified_segments AS seg WHERE partition_date = :day
-            ) AS ranked
-            JOIN {s}.segment_rules_used AS used
-                ON used.partition_date = :day AND used.rules_loop = ranked.rules_loop
-            WHERE ranked.rank <= :per_segment
-            ORDER BY used.loop_name, ranked.segment, ranked.user_id"""),
-        {"day": day, "per_segment": per_segment},
+            SELECT used.loop_name, picked.segment, picked.user_id, picked.reason,
+                   picked.entered_on
+            FROM {s}.segment_rules_used AS used
+            CROSS JOIN unnest(CAST(:segments AS text[])) AS wanted (segment)
+            CROSS JOIN LATERAL (
+                SELECT seg.segment, seg.user_id, seg.reason, seg.entered_on
+                FROM {s}.classified_segments AS seg
+                WHERE seg.partition_date = :day AND seg.rules_loop = used.rules_loop
+                  AND seg.segment = wanted.segment
+                LIMIT :per_segment
+            ) AS picked
+            WHERE used.partition_date = :day
+            ORDER BY used.loop_name, picked.segment, picked.user_id"""),
+        {"day": day, "segments": list(SEGMENTS), "per_segment": per_segment},
     ).all()
     return pd.DataFrame(rows, columns=["loop", "segment", "user_id", "reason", "entered_on"])
