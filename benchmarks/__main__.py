@@ -13,6 +13,10 @@ python -m benchmarks drain [--url URL] [--rows N] [--users N] [--active N] [--re
 drain's worst case and app-shaped drains alone, the shipped fold beside the one before, as a
 Markdown table on stdout (`sources` measures them too).
 
+python -m benchmarks drain-layouts [--url URL] [--rows N] [--users N] [--active N] [--repeats R]
+[--held]: storage layouts of the rollup the drain could write, each fold beside the shipped one
+and what the rollup's readers pay, at statement level, as Markdown tables on stdout.
+
 python -m benchmarks audience --users N [N ...] [--url URL] [--repeats R]: the audience step of
 three loops at each size, next to the snapshot step of as many users, on scratch databases of its
 own, as a Markdown table on stdout.
@@ -27,7 +31,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks import bench_audience, bench_drain, bench_local_time, bench_sources
+from benchmarks import (
+    bench_audience,
+    bench_drain,
+    bench_drain_layouts,
+    bench_local_time,
+    bench_sources,
+)
 from benchmarks.run import SHAPES, Options, run, run_morning
 from retention_pipeline.database.connection import normalize_url
 
@@ -89,6 +99,17 @@ def main() -> None:
     drain.add_argument("--users", type=int, default=defaults.worst_users)
     drain.add_argument("--active", type=int, default=defaults.active_users)
     drain.add_argument("--repeats", type=int, default=2)
+    layouts = commands.add_parser(
+        "drain-layouts", help="storage layouts of the rollup: each one's folds and readers"
+    )
+    layouts.add_argument("--url", default=DEFAULT_URL)
+    layouts.add_argument("--rows", type=int, default=defaults.worst_rows)
+    layouts.add_argument("--users", type=int, default=defaults.worst_users)
+    layouts.add_argument("--active", type=int, default=defaults.active_users)
+    layouts.add_argument("--repeats", type=int, default=3)
+    layouts.add_argument(
+        "--held", action="store_true", help="also the worst case into held days (minutes)"
+    )
     audience = commands.add_parser(
         "audience",
         help="the audience step of three loops against the snapshot step, one scratch database "
@@ -134,6 +155,11 @@ def main() -> None:
         return
     if args.command == "drain":
         bench_drain.main(normalize_url(args.url), args.rows, args.users, args.active, args.repeats)
+        return
+    if args.command == "drain-layouts":
+        bench_drain_layouts.main(
+            normalize_url(args.url), args.rows, args.users, args.active, args.repeats, args.held
+        )
         return
     if args.command == "sources":
         options = bench_sources.Options(

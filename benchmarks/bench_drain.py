@@ -110,7 +110,7 @@ def _execute(url: str, statement: str, **parameters) -> None:
         connection.execute(statement, parameters)
 
 
-def _install(url: str) -> None:
+def install_pipeline(url: str) -> None:
     engine = create_engine(url)
     install(engine, make_config(url))
     engine.dispose()
@@ -122,7 +122,7 @@ def _drain(url: str) -> None:
     engine.dispose()
 
 
-def _backend_cpu_seconds(pid: int) -> float | None:
+def backend_cpu_seconds(pid: int) -> float | None:
     """User and system CPU time of a server process of this machine, None if it is not one."""
     stat = Path(f"/proc/{pid}/stat")
     if not stat.exists():
@@ -147,10 +147,10 @@ def drain_each_fold(
             engine = create_engine(url, pool_size=1, max_overflow=0)
             with engine.connect() as connection:
                 backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-            cpu_before = _backend_cpu_seconds(backend)
+            cpu_before = backend_cpu_seconds(backend)
             with mock.patch.object(TrackingSql, "_keys", staticmethod(keys)):
                 update = update_rollup(engine, config_for(url))
-            cpu_after = _backend_cpu_seconds(backend)
+            cpu_after = backend_cpu_seconds(backend)
             engine.dispose()
             if cpu_before is not None and cpu_after is not None:
                 case.cpu_seconds.setdefault(label, []).append(cpu_after - cpu_before)
@@ -182,13 +182,13 @@ def measure(scratch: Scratch, rows: int, users: int, active: int, repeats: int) 
     """The worst case and the app-shaped drains, each fold side by side."""
     print("  preparing the captured rows ...", flush=True)
     worst = scratch.create("drain_worst", users)
-    _install(worst)
+    install_pipeline(worst)
     _execute(worst, BATCH_INSERT, users=users, rows=rows)
     held = scratch.create_from("drain_worst_held", worst)
     _drain(held)
     _execute(held, BATCH_INSERT, users=users, rows=rows)
     app = scratch.create("drain_app", users)
-    _install(app)
+    install_pipeline(app)
     _execute(app, APP_DAY_EVENTS, active=active, seed=7)
     _execute(app, APP_DAY_SESSIONS, active=active, seed=3)
     app_held = scratch.create_from("drain_app_held", app)

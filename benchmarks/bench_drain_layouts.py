@@ -1,0 +1,515 @@
+"""Storage layouts of the rollup the drain could write instead of the shipped one, measured at
+statement level before any is built: each layout's fold of the same captured rows, side by side
+with the shipped fold, by the backend's CPU time, and what its readers pay (docs/drain.md).
+
+Layouts (kept here only to be measured):
+
+- shipped: `activity_daily` and `action_daily`, primary keys (user_id, day[, event_name]) and a
+  day index each.
+- day-first keys: the same tables keyed (day, user_id[, event_name]), no day index, keys written
+  in that order.
+- actions inline: each user-day's actions inside its `activity_daily` row (parallel arrays of
+  names, counts and latest times, sorted by name), no `action_daily`: about half the rows and
+  index entries. With the captured rows hashed into their keys (as shipped) or sorted and
+  aggregated adjacent; with or without the day index.
+- actions inline, day-first key: the same, keyed (day, user_id), no other index.
+
+The captured rows are prepared once in a scratch database (schema `layouts`); each fold writes
+into empty tables of a schema of its own created for it, after a CHECKPOINT (so no fold pays for
+writing out another's pages), and is rolled back. A later drain's rollup is folded and committed
+first. Every fold must leave the same user-days and the same (user, day, action) triples, which
+are hashed after it. The readers run on each layout's rollup of the worst case.
+
+    python -m benchmarks drain-layouts [--url URL] [--rows N] [--users N] [--active N]
+        [--repeats R] [--held]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from sqlalchemy import create_engine
+
+from benchmarks.bench_capture import BATCH_INSERT, Scratch, libpq
+from benchmarks.bench_drain import (
+    APP_DAY_EVENTS,
+    APP_DAY_SESSIONS,
+    backend_cpu_seconds,
+    install_pipeline,
+)
+from retention_pipeline.database.batch import BATCH_WORK_MEM
+from retention_pipeline.tracking.sql import TrackingSql, visit_count_sql
+from retention_pipeline.tracking.state import tracking_sql
+from retention_pipeline_tests.helpers import make_config
+
+TZ = "CAST('UTC' AS text)"
+GAP_MINUTES = 30
+SCHEMA = "layout"
+CAPTURED = ("worst", "app_first", "app_later")
+DAILY_COLUMNS = """
+    user_id text NOT NULL, day date NOT NULL,
+    event_count integer NOT NULL DEFAULT 0, session_count integer NOT NULL DEFAULT 0,
+    last_event_at timestamptz, last_session_at timestamptz,
+    active_slots bit(300) NOT NULL DEFAULT CAST(B'0' AS bit(300)),
+    visit_count integer NOT NULL DEFAULT 0"""
+INLINE_COLUMNS = f"""{DAILY_COLUMNS},
+    action_names text[], action_counts integer[], action_last_at timestamptz[]"""
+# Every fold leaves these the same: each user-day's figures, and each (user, day, action).
+DAILY_HASH = f"""
+SELECT count(*) || ':' || coalesce(sum(hashtextextended(row(user_id, day, event_count,
+       session_count, last_event_at, last_session_at, active_slots, visit_count)::text, 0)
+       ::numeric), 0) FROM {SCHEMA}.activity_daily"""
+ACTIONS_HASH = """
+SELECT count(*) || ':' || coalesce(sum(hashtextextended(row(user_id, day, event_name,
+       event_count, last_at)::text, 0)::numeric), 0) FROM ({actions}) AS actions"""
+SPLIT_ACTIONS = f"SELECT user_id, day, event_name, event_count, last_at FROM {SCHEMA}.action_daily"
+INLINE_ACTIONS = f"""
+SELECT user_id, day, x.event_name, x.event_count, x.last_at
+FROM {SCHEMA}.activity_daily,
+     unnest(action_names, action_counts, action_last_at) AS x(event_name, event_count, last_at)"""
+
+
+@dataclass(frozen=True)
+class Layout:
+    label: str
+    ddl: str
+    # The fold of the rows of a relation (kind, user_id, at, event_name) into this layout.
+    fold: Callable[[str], str]
+    inline: bool
+
+
+def _shipped_fold(sql: TrackingSql) -> Callable[[str], str]:
+    def fold(relation: str) -> str:
+        source = f"SELECT kind, user_id, at, event_name, 1 AS n FROM {relation}"
+        return dataclasses.replace(sql, schema=SCHEMA).fold(source, TZ, GAP_MINUTES)
+
+    return fold
+
+
+def _day_first(fold: Callable[[str], str]) -> Callable[[str], str]:
+    """The shipped fold with its keys and writes sorted by day first."""
+
+    def day_first(relation: str) -> str:
+        text = fold(relation)
+        for user_first, swapped in (
+            ("ORDER BY user_id, day, kind, event_name", "ORDER BY day, user_id, kind, event_name"),
+            ("ORDER BY user_id, day, event_name", "ORDER BY day, user_id, event_name"),
+            ("ORDER BY user_id, day\n", "ORDER BY day, user_id\n"),
+            ("PARTITION BY user_id, day", "PARTITION BY day, user_id"),
+        ):
+            assert user_first in text, "TrackingSql.fold changed: update _day_first"
+            text = text.replace(user_first, swapped)
+        return text
+
+    return day_first
+
+
+# The merge of a held user-day's actions with the fold's: per name, counts summed and the
+# latest time kept, sorted by name as a first write sorts them.
+MERGED_ACTIONS = """(action_names, action_counts, action_last_at) = (
+    SELECT array_agg(m.name ORDER BY m.name), array_agg(m.n ORDER BY m.name),
+           array_agg(m.last_at ORDER BY m.name)
+    FROM (SELECT u.name COLLATE "C" AS name, sum(u.n)::integer AS n, max(u.last_at) AS last_at
+          FROM (SELECT * FROM unnest(t.action_names, t.action_counts, t.action_last_at)
+                UNION ALL
+                SELECT * FROM unnest(EXCLUDED.action_names, EXCLUDED.action_counts,
+                                     EXCLUDED.action_last_at)) AS u(name, n, last_at)
+          GROUP BY 1) AS m)"""
+
+
+def _inline_fold(*, sort_rows: bool, day_first: bool, day_index: bool) -> Callable[[str], str]:
+    """The fold into `activity_daily` with its actions inline: the keys as shipped (hashed, or
+    with `sort_rows` the captured rows sorted and adjacent ones aggregated), then one row per
+    user-day from the sorted keys, its actions' arrays in name order. Days held are probed
+    through the day index, or the primary key's first column. Without either, the probe here reads
+    the table (cheap only on the benchmark's small rollups): a layout without a day index would
+    need the days held recorded elsewhere."""
+    keys = TrackingSql._keys(TZ)
+    order = "day, user_id" if day_first else "user_id, day"
+    if day_first:
+        keys = keys.replace(
+            "ORDER BY user_id, day, kind, event_name", "ORDER BY day, user_id, kind, event_name"
+        )
+    if sort_rows:
+        dated = f"(at AT TIME ZONE {TZ})::date AS day FROM source)"
+        assert dated in keys, "TrackingSql._keys changed: update _inline_fold"
+        keys = keys.replace(
+            dated,
+            f"""(at AT TIME ZONE {TZ})::date AS day FROM source
+                  ORDER BY user_id COLLATE "C", day, kind, event_name COLLATE "C")""",
+        )
+    held = (
+        f"""coalesce((SELECT r.day FROM {SCHEMA}.activity_daily AS r WHERE r.day >= days.day
+                      ORDER BY r.day LIMIT 1) = days.day, FALSE)"""
+        if day_index or day_first
+        else f"EXISTS (SELECT FROM {SCHEMA}.activity_daily AS r WHERE r.day = days.day)"
+    )
+    columns = """user_id, day, event_count, session_count, last_event_at, last_session_at,
+                 active_slots, visit_count, action_names, action_counts, action_last_at"""
+    rows = f"""SELECT user_id, day, day_events, day_sessions, day_last_event_at,
+                      day_last_session_at, day_slots, {visit_count_sql("day_slots", GAP_MINUTES)},
+                      names, counts, lasts
+               FROM per_day"""
+    merged_visits = visit_count_sql("(t.active_slots | EXCLUDED.active_slots)", GAP_MINUTES)
+
+    def fold(relation: str) -> str:
+        return f"""
+            WITH source AS (SELECT kind, user_id, at, event_name, 1 AS n FROM {relation}),
+            per_day AS (
+                SELECT user_id, day,
+                       coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS day_events,
+                       coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS day_sessions,
+                       max(last_at) FILTER (WHERE kind = 'e') AS day_last_event_at,
+                       max(last_at) FILTER (WHERE kind = 's') AS day_last_session_at,
+                       bit_or(slots) AS day_slots,
+                       array_agg(event_name) FILTER (WHERE kind = 'e') AS names,
+                       array_agg(n) FILTER (WHERE kind = 'e') AS counts,
+                       array_agg(last_at) FILTER (WHERE kind = 'e') AS lasts
+                FROM ({keys}) AS keys
+                GROUP BY {order}
+            ),
+            day_totals AS (
+                SELECT day, count(*) AS user_days, sum(day_events) AS events,
+                       sum(day_sessions) AS sessions
+                FROM per_day GROUP BY day
+            ),
+            days AS (SELECT day, {held} AS held FROM day_totals AS days),
+            daily_0 AS (
+                INSERT INTO {SCHEMA}.activity_daily AS t ({columns})
+                {rows} WHERE NOT (day = ANY (SELECT day FROM days WHERE held))
+            ),
+            daily_1 AS (
+                INSERT INTO {SCHEMA}.activity_daily AS t ({columns})
+                {rows} WHERE day = ANY (SELECT day FROM days WHERE held)
+                ON CONFLICT (user_id, day) DO UPDATE
+                SET event_count = t.event_count + EXCLUDED.event_count,
+                    session_count = t.session_count + EXCLUDED.session_count,
+                    last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
+                    last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
+                    active_slots = t.active_slots | EXCLUDED.active_slots,
+                    visit_count = {merged_visits},
+                    {MERGED_ACTIONS}
+            )
+            SELECT day, user_days, events, sessions FROM day_totals"""
+
+    return fold
+
+
+def layouts(sql: TrackingSql) -> list[Layout]:
+    s = SCHEMA
+    shipped = _shipped_fold(sql)
+    return [
+        Layout(
+            "shipped",
+            f"""CREATE TABLE {s}.activity_daily (LIKE retention.activity_daily INCLUDING ALL);
+                CREATE TABLE {s}.action_daily (LIKE retention.action_daily INCLUDING ALL)""",
+            shipped,
+            inline=False,
+        ),
+        Layout(
+            "day-first keys, no day indexes",
+            f"""CREATE TABLE {s}.activity_daily (
+                    LIKE retention.activity_daily INCLUDING DEFAULTS, PRIMARY KEY (day, user_id));
+                CREATE TABLE {s}.action_daily (LIKE retention.action_daily INCLUDING DEFAULTS,
+                                               PRIMARY KEY (day, user_id, event_name))""",
+            _day_first(shipped),
+            inline=False,
+        ),
+        Layout(
+            "actions inline",
+            f"""CREATE TABLE {s}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY (user_id, day));
+                CREATE INDEX ON {s}.activity_daily (day)""",
+            _inline_fold(sort_rows=False, day_first=False, day_index=True),
+            inline=True,
+        ),
+        Layout(
+            "actions inline, rows sorted",
+            f"""CREATE TABLE {s}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY (user_id, day));
+                CREATE INDEX ON {s}.activity_daily (day)""",
+            _inline_fold(sort_rows=True, day_first=False, day_index=True),
+            inline=True,
+        ),
+        Layout(
+            "actions inline, rows sorted, no day index",
+            f"CREATE TABLE {s}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY (user_id, day))",
+            _inline_fold(sort_rows=True, day_first=False, day_index=False),
+            inline=True,
+        ),
+        Layout(
+            "actions inline, day-first key",
+            f"CREATE TABLE {s}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY (day, user_id))",
+            _inline_fold(sort_rows=False, day_first=True, day_index=False),
+            inline=True,
+        ),
+    ]
+
+
+@dataclass
+class Case:
+    label: str
+    captured: str
+    rows: int
+    # The rows folded and committed first: the rollup this drain finds.
+    before: str | None = None
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    contents: dict[str, set[str]] = field(default_factory=dict)
+
+
+def _contents(connection: psycopg.Connection, layout: Layout) -> str:
+    actions = INLINE_ACTIONS if layout.inline else SPLIT_ACTIONS
+    daily = connection.execute(DAILY_HASH).fetchone()[0]
+    return f"{daily} {connection.execute(ACTIONS_HASH.format(actions=actions)).fetchone()[0]}"
+
+
+def _clock(pid: int) -> float:
+    """The backend's CPU seconds where the server is on this machine, else the wall clock."""
+    cpu = backend_cpu_seconds(pid)
+    return time.perf_counter() if cpu is None else cpu
+
+
+def _tables(layout: Layout) -> tuple[str, ...]:
+    return ("activity_daily",) if layout.inline else ("activity_daily", "action_daily")
+
+
+def _fresh_schema(connection: psycopg.Connection, layout: Layout) -> None:
+    connection.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    connection.execute(f"CREATE SCHEMA {SCHEMA}")
+    for statement in layout.ddl.split(";"):
+        connection.execute(statement)
+
+
+def _fold_once(connection: psycopg.Connection, layout: Layout, case: Case) -> None:
+    """One fold of the case's rows into fresh tables of `layout`, rolled back."""
+    pid = connection.info.backend_pid
+    _fresh_schema(connection, layout)
+    connection.execute(f"SET work_mem = '{BATCH_WORK_MEM}'")
+    connection.execute("SET jit = off")
+    if case.before is not None:
+        connection.execute(layout.fold(f"layouts.{case.before}")).fetchall()
+        for table in _tables(layout):
+            connection.execute(f"VACUUM ANALYZE {SCHEMA}.{table}")
+    connection.execute("CHECKPOINT")
+    connection.execute("BEGIN")
+    before = _clock(pid)
+    connection.execute(layout.fold(f"layouts.{case.captured}")).fetchall()
+    case.seconds.setdefault(layout.label, []).append(_clock(pid) - before)
+    case.contents.setdefault(layout.label, set()).add(_contents(connection, layout))
+    connection.execute("ROLLBACK")
+    connection.execute(f"DROP SCHEMA {SCHEMA} CASCADE")
+
+
+def _prepare(url: str, rows: int, users: int, active: int) -> None:
+    """Capture the worst case's rows and an app's day twice, each into a table of schema
+    `layouts`, through the installed triggers."""
+    install_pipeline(url)
+    with psycopg.connect(libpq(url), autocommit=True) as connection:
+        slot = connection.execute("SELECT capture_slot FROM retention.tracking_state").fetchone()
+        capture = f"retention.activity_capture_{slot[0]}"
+        connection.execute("CREATE SCHEMA layouts")
+        batches = {
+            "worst": [(BATCH_INSERT, {"users": users, "rows": rows})],
+            "app_first": [
+                (APP_DAY_EVENTS, {"active": active, "seed": 7}),
+                (APP_DAY_SESSIONS, {"active": active, "seed": 3}),
+            ],
+            "app_later": [
+                (APP_DAY_EVENTS, {"active": active, "seed": 11}),
+                (APP_DAY_SESSIONS, {"active": active, "seed": 5}),
+            ],
+        }
+        for name in CAPTURED:
+            for statement, parameters in batches[name]:
+                connection.execute(statement, parameters)
+            connection.execute(f"CREATE TABLE layouts.{name} AS SELECT * FROM {capture}")
+            connection.execute(f"TRUNCATE {capture}")
+        connection.execute("VACUUM ANALYZE")
+
+
+# What the readers of the rollup read, on a layout's rollup of the worst case, as of the 10th of
+# its 30 days back: the rolled-forward snapshot's actions of the day, the full snapshot's latest
+# actions over its lookback (of everyone, and of users listed one by one), an event success's
+# days, and an erasure.
+DAY = "(current_date - 10)"
+LISTED = "(SELECT (1 + g * 97)::text AS user_id FROM generate_series(0, 99) AS g) AS listed"
+ERASED = "ARRAY(SELECT (7 + g * 991)::text FROM generate_series(0, 99) AS g)"
+
+
+def _latest(per_name: str) -> str:
+    return f"""
+        SELECT count(*) FROM (
+            SELECT ranked.user_id,
+                   jsonb_agg(jsonb_build_object('name', ranked.event_name, 'at', ranked.last_at)
+                             ORDER BY ranked.last_at DESC, ranked.event_name)
+            FROM (SELECT per_name.*, row_number() OVER (
+                         PARTITION BY per_name.user_id
+                         ORDER BY per_name.last_at DESC, per_name.event_name) AS rank
+                  FROM ({per_name}) AS per_name) AS ranked
+            WHERE ranked.rank <= 3
+            GROUP BY ranked.user_id) AS latest"""
+
+
+def reads(layout: Layout) -> dict[str, list[str]]:
+    s = SCHEMA
+    if layout.inline:
+        # The arrays unnested in the select list: a function scan per row costs twice as much.
+        actions = f"""(SELECT a.user_id, a.day, unnest(a.action_names) AS event_name,
+                              unnest(a.action_last_at) AS last_at
+                       FROM {s}.activity_daily AS a {{where}}) AS x"""
+        success = (
+            f"SELECT user_id, day FROM {s}.activity_daily "
+            "WHERE action_names && ARRAY['invite.sent']"
+        )
+        erase = [f"DELETE FROM {s}.activity_daily WHERE user_id = ANY({ERASED})"]
+    else:
+        actions = f"(SELECT * FROM {s}.action_daily AS a {{where}}) AS x"
+        success = f"SELECT user_id, day FROM {s}.action_daily WHERE event_name = 'invite.sent'"
+        erase = [
+            f"DELETE FROM {s}.{table} WHERE user_id = ANY({ERASED})"
+            for table in ("activity_daily", "action_daily")
+        ]
+    window = f"a.day <= {DAY} AND a.day > {DAY} - 90"
+    return {
+        "rolled-forward snapshot: the day's actions": [
+            f"""SELECT count(*) FROM (
+                    SELECT x.user_id, jsonb_agg(x.event_name),
+                           jsonb_agg(jsonb_build_object('name', x.event_name, 'at', x.last_at)
+                                     ORDER BY x.last_at DESC, x.event_name)
+                    FROM {actions.format(where=f"WHERE a.day = {DAY}")}
+                    GROUP BY x.user_id) AS day"""
+        ],
+        "full snapshot: everyone's latest actions over 90 days": [
+            _latest(
+                f"""SELECT x.user_id, x.event_name, max(x.last_at) AS last_at
+                    FROM {actions.format(where=f"WHERE {window}")}
+                    GROUP BY x.user_id, x.event_name"""
+            )
+        ],
+        "full snapshot of 100 listed users: their latest actions": [
+            f"""SELECT count(*) FROM {LISTED} CROSS JOIN LATERAL (
+                    SELECT x.event_name, max(x.last_at)
+                    FROM {actions.format(where=f"WHERE a.user_id = listed.user_id AND {window}")}
+                    GROUP BY x.event_name) AS latest"""
+        ],
+        "outcomes: 100 users' event success days over 14 days": [
+            f"""SELECT count(*) FROM ({success}) AS r
+                JOIN {LISTED} ON r.user_id = listed.user_id AND r.day > {DAY} - 14"""
+        ],
+        "erasure of 100 users": erase,
+    }
+
+
+def measure_readers(
+    connection: psycopg.Connection, all_layouts: list[Layout], repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """Each layout's readers on its rollup of the worst case, interleaved; CPU seconds (wall
+    seconds where the server is not on this machine)."""
+    pid = connection.info.backend_pid
+    connection.execute(f"SET work_mem = '{BATCH_WORK_MEM}'")
+    connection.execute("SET jit = off")
+    for index, layout in enumerate(all_layouts):
+        _fresh_schema(connection, layout)
+        connection.execute(layout.fold("layouts.worst")).fetchall()
+        for table in _tables(layout):
+            connection.execute(f"VACUUM ANALYZE {SCHEMA}.{table}")
+        connection.execute(f"ALTER SCHEMA {SCHEMA} RENAME TO {SCHEMA}_{index}")
+    seconds: dict[str, dict[str, list[float]]] = {}
+    for _repeat in range(repeats):
+        for index, layout in enumerate(all_layouts):
+            connection.execute(f"ALTER SCHEMA {SCHEMA}_{index} RENAME TO {SCHEMA}")
+            for reader, statements in reads(layout).items():
+                connection.execute("BEGIN")
+                before = _clock(pid)
+                for statement in statements:
+                    connection.execute(statement)
+                spent = _clock(pid) - before
+                connection.execute("ROLLBACK")
+                seconds.setdefault(reader, {}).setdefault(layout.label, []).append(spent)
+            connection.execute(f"ALTER SCHEMA {SCHEMA} RENAME TO {SCHEMA}_{index}")
+    return seconds
+
+
+def main(server_url: str, rows: int, users: int, active: int, repeats: int, held: bool) -> None:
+    """`python -m benchmarks drain-layouts`: each layout's folds and reads, as Markdown."""
+    scratch = Scratch(server_url)
+    load_before = os.getloadavg()[0]
+    try:
+        url = scratch.create("drain_layouts", users)
+        _prepare(url, rows, users, active)
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            all_layouts = layouts(tracking_sql(connection, make_config(url)))
+        engine.dispose()
+        cases = [
+            Case(f"worst case, new days ({rows:,} rows, 30 days x {users:,} users)", "worst", rows),
+            *(
+                [Case("worst case, every key held (the same rows again)", "worst", rows, "worst")]
+                if held
+                else []
+            ),
+            Case(f"app-shaped, a day's first drain ({active:,} active users)", "app_first", 0),
+            Case("app-shaped, a later drain of the day", "app_later", 0, "app_first"),
+        ]
+        with psycopg.connect(libpq(url), autocommit=True) as connection:
+            for case in cases:
+                case.rows = (
+                    case.rows
+                    or connection.execute(
+                        f"SELECT count(*) FROM layouts.{case.captured}"
+                    ).fetchone()[0]
+                )
+                for _repeat in range(repeats):
+                    for layout in all_layouts:
+                        _fold_once(connection, layout, case)
+                if len({frozenset(contents) for contents in case.contents.values()}) != 1:
+                    raise AssertionError(f"{case.label}: the layouts differ: {case.contents}")
+                print(f"  {case.label}: measured", flush=True)
+            readers = measure_readers(connection, all_layouts, repeats)
+    finally:
+        scratch.drop_all()
+    print("\n".join(render(cases, readers, all_layouts, repeats)))
+    print(
+        f"\nLoad average (1 minute) of the machine ({os.cpu_count()} cores) when this benchmark "
+        f"started and ended: {load_before:.2f}, {os.getloadavg()[0]:.2f}."
+    )
+
+
+def render(
+    cases: list[Case],
+    readers: dict[str, dict[str, list[float]]],
+    all_layouts: list[Layout],
+    repeats: int,
+) -> list[str]:
+    labels = [layout.label for layout in all_layouts]
+    header = "| | " + " | ".join(labels) + " |"
+    rule = "|---|" + "---|" * len(labels)
+    lines = [
+        "Folds: rows/s by the backend's CPU time (CPU seconds; wall seconds where the server "
+        "is not on this machine), median of "
+        f"{repeats}; every layout left the same user-days and actions.",
+        "",
+        header,
+        rule,
+    ]
+    for case in cases:
+        cells = []
+        for label in labels:
+            cpu = statistics.median(case.seconds[label])
+            # Below the clock's tick (tiny runs) there is no rate to give.
+            rate = f"{case.rows / cpu:,.0f}" if cpu > 0 else "–"
+            cells.append(f"{rate} ({cpu:.2f} s)")
+        lines.append(f"| {case.label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Readers on the worst case's rollup: CPU seconds, median of {repeats}.", ""]
+    lines += [header, rule]
+    for reader, per_layout in readers.items():
+        lines.append(
+            f"| {reader} | "
+            + " | ".join(f"{statistics.median(per_layout[label]):.2f} s" for label in labels)
+            + " |"
+        )
+    return lines
