@@ -30,10 +30,10 @@ def test_a_healthy_installation_plans_every_statement(app_database_url):
     engine.dispose()
     assert report.problems == []
     assert report.unchecked is None
-    # 2 app reads, the snapshot, the segments' (the rules the loop reads, its classification, its
-    # counts), 15 audience (the experiment period's among them;
-    # its temporary tables are made, not planned), 2 outcome and 4 performance statements (the
-    # episodes, the counts, the revenue per currency, the variants per day), the condition
+    # 2 app reads, the snapshot, the segments' (the rules the loop reads, forgotten and
+    # recorded, its classification, its counts), 15 audience (the experiment period's among
+    # them; its temporary tables are made, not planned), 2 outcome and 4 performance statements
+    # (the episodes, the counts, the revenue per currency, the variants per day), the condition
     # query.
     assert report.planned == 27
 

@@ -5,6 +5,7 @@ would get classified alone. Installed databases move to it in place and back."""
 from __future__ import annotations
 
 import copy
+import uuid
 from datetime import date, datetime, timedelta
 
 import pytest
@@ -23,24 +24,28 @@ DAY = date(2026, 11, 20)
 DAY_END = datetime.fromisoformat("2026-11-21T00:00:00+00:00")
 
 
-def three_loops_config(url: str):
-    """`first` and `second` with the shipped thresholds, `third` dormant after 3 days."""
+SOONER = {"dormant_after_days": 3}
+
+
+def loops_config(url: str, loops=(("first", {}), ("second", {}), ("third", SOONER))):
+    """Loops of the shipped one's steps with these names and segment thresholds: by default
+    `first` and `second` with the shipped thresholds, `third` dormant after 3 days."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["url"] = url
     (shipped,) = document["loops"]
-    loops = []
-    for name, segments in (("first", {}), ("second", {}), ("third", {"dormant_after_days": 3})):
+    configured = []
+    for name, segments in loops:
         loop = copy.deepcopy(shipped)
         loop["name"] = name
         loop["segments"] = segments
-        loops.append(loop)
-    document["loops"] = loops
+        configured.append(loop)
+    document["loops"] = configured
     return parse_config(document, environ={})
 
 
 @pytest.fixture
 def world(app_database_url):
-    config = three_loops_config(app_database_url)
+    config = loops_config(app_database_url)
     engine = create_engine(app_database_url)
     install(engine, config)
     with engine.begin() as connection:
@@ -172,3 +177,68 @@ def test_an_installed_database_moves_to_shared_segments_and_back(world):
         DAY - timedelta(days=1)
     }
     assert stored(engine, DAY + timedelta(days=1))[0] == {"first": 3, "third": 3}
+
+
+def test_entered_on_follows_the_loops_that_kept_their_thresholds(world, app_database_url):
+    engine, config = world
+    two_days_before, day_before = DAY - timedelta(days=2), DAY - timedelta(days=1)
+    build(engine, config, two_days_before)
+    build(engine, config, day_before)
+    # User 1, away 3 days then, became dormant for `third` only.
+    assert segments(engine, day_before)[("third", "1")][0] == "dormant"
+    assert segments(engine, day_before)[("first", "1")] == (
+        "active",
+        "active 1 of the last 28 days",
+        two_days_before,
+    )
+
+    # `third` now keeps the shipped thresholds and is listed first, behind a loop that is new:
+    # the three share the history of `first`, which had those thresholds the day before.
+    changed = loops_config(app_database_url, (("zeroth", {}), ("third", {}), ("first", {})))
+    build(engine, changed, DAY)
+    assert stored(engine, DAY)[0] == {"zeroth": 3}
+    today = segments(engine, DAY)
+    for loop in ("zeroth", "third", "first"):
+        assert today[(loop, "1")][0] == "active"
+        assert today[(loop, "1")][2] == two_days_before, loop
+        assert today[(loop, "2")][2] == two_days_before, loop
+
+
+def test_an_upgrade_keeps_the_readers_grants_and_stops_at_views_of_others(world):
+    engine, config = world
+    reader = f"segments_reader_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0018")
+        connection.execute(text(f"CREATE ROLE {reader}"))
+        connection.execute(text(f"GRANT USAGE ON SCHEMA retention TO {reader}"))
+        connection.execute(text(f"GRANT SELECT ON retention.engagement_segments TO {reader}"))
+        connection.execute(
+            text(
+                "CREATE VIEW public.dormant_by_loop AS SELECT loop_name, count(*) "
+                "FROM retention.engagement_segments WHERE segment = 'dormant' GROUP BY 1"
+            )
+        )
+    try:
+        with pytest.raises(ValueError) as refused:
+            install(engine, config)
+        assert str(refused.value) == (
+            "revision 0019 makes retention.engagement_segments a view: drop dormant_by_loop "
+            "(which reads it), upgrade, then create it again over the view"
+        )
+        with engine.begin() as connection:
+            connection.execute(text("DROP VIEW public.dormant_by_loop"))
+        install(engine, config)
+        build(engine, config, DAY)
+        with engine.begin() as connection:
+            connection.execute(text(f"SET LOCAL ROLE {reader}"))
+            read = connection.execute(
+                text(
+                    "SELECT count(*) FROM retention.engagement_segments WHERE partition_date = :d"
+                ),
+                {"d": DAY},
+            ).scalar_one()
+            assert read == 9
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f"DROP OWNED BY {reader}"))
+            connection.execute(text(f"DROP ROLE {reader}"))

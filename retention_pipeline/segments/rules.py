@@ -23,6 +23,7 @@ one row per user, loop and day, as it always has.
 
 from __future__ import annotations
 
+import json
 from datetime import date
 
 import pandas as pd
@@ -114,14 +115,18 @@ CLASSIFY = """
         CASE WHEN previous.segment = c.segment THEN previous.entered_on ELSE CAST(:day AS date) END
     FROM classified AS c
     CROSS JOIN counted
-    -- The day before's segment under the rules its first loop read then: the same rows when
-    -- its thresholds did not change.
+    -- The day before's segment as the loops read it then: of a loop that had these thresholds
+    -- already, else of the first loop there was (thresholds changed, or not known before
+    -- revision 0019).
     LEFT JOIN {schema}.classified_segments AS previous
         ON previous.partition_date = CAST(:day AS date) - 1
        AND previous.rules_loop = (
            SELECT used.rules_loop FROM {schema}.segment_rules_used AS used
            WHERE used.partition_date = CAST(:day AS date) - 1
-             AND used.loop_name = CAST(:rules_loop AS text))
+             AND used.loop_name = ANY(CAST(:loops AS text[]))
+           ORDER BY used.thresholds IS NOT DISTINCT FROM CAST(:thresholds AS jsonb) DESC,
+                    array_position(CAST(:loops AS text[]), used.loop_name)
+           LIMIT 1)
        AND previous.user_id = c.user_id
     -- In key order, each row lands at the end of the partition's primary key, not at random.
     ORDER BY c.user_id
@@ -141,7 +146,9 @@ def classify_day(
     thresholds, and record whose rows each loop reads; counts per loop and segment.
 
     `entered_on` carries over from the previous day's row, so run days in order (the schedule
-    and single-run backfills do)."""
+    and single-run backfills do). Loops that share thresholds share that history too: the day
+    before's rows of one of them that had the same thresholds then (the first listed), else of
+    the first listed that existed."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     connection.execute(
         text(f"DELETE FROM {s}.segment_rules_used WHERE partition_date = :day"), {"day": day}
@@ -153,17 +160,21 @@ def classify_day(
     for first, *others in sharing.values():
         rules = first.segments
         names = [loop.name for loop in (first, *others)]
+        thresholds = json.dumps(dict(classification(rules)))
         connection.execute(
-            text(f"""INSERT INTO {s}.segment_rules_used (partition_date, loop_name, rules_loop)
-                     SELECT :day, loop_name, :rules_loop
+            text(f"""INSERT INTO {s}.segment_rules_used
+                         (partition_date, loop_name, rules_loop, thresholds)
+                     SELECT :day, loop_name, :rules_loop, CAST(:thresholds AS jsonb)
                      FROM unnest(CAST(:loops AS text[])) AS loop_name"""),
-            {"day": day, "rules_loop": first.name, "loops": names},
+            {"day": day, "rules_loop": first.name, "loops": names, "thresholds": thresholds},
         )
         connection.execute(
             text(CLASSIFY.format(schema=s)),
             {
                 "day": day,
                 "rules_loop": first.name,
+                "loops": names,
+                "thresholds": thresholds,
                 "tz": timezone,
                 "dormant_days": rules.dormant_after_days,
                 "dormant_drop": round(rules.dormant_session_drop * 100, 4),
@@ -216,9 +227,8 @@ def segment_counts(
 def segment_examples(
     connection: Connection, schema: str, day: date, per_segment: int = 3
 ) -> pd.DataFrame:
-    """A few users of each segment with their reason: a preview for people. The first rows
-    written (in user id order) found through the segment index: ranking a million rows to
-    pick three of each took seconds."""
+    """A few users of each segment with their reason: a preview for people. Whichever rows the
+    segment index finds first (ranking a million rows to pick the lowest ids took seconds)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""

@@ -4,8 +4,12 @@ the same rows instead of each writing every user again.
 `classified_segments` (the table `engagement_segments` was, renamed in place with its day
 partitions: nothing is rewritten) holds a day's segments under `rules_loop`, the first loop
 classified with those thresholds; `segment_rules_used` says, per day, whose rows each loop
-reads; `engagement_segments` becomes the view joining the two, with the columns it had. Each
+reads and under which thresholds (unknown, NULL, for the days before); `engagement_segments`
+becomes the view joining the two, with the columns it had and the table's SELECT grants. Each
 day already kept was classified per loop, so each of its loops reads its own rows.
+
+A view of someone else's over `engagement_segments` would follow the renamed table and read
+one loop's rows as every loop's: the upgrade stops instead, naming it.
 
 Revision ID: 0019
 Revises: 0018
@@ -62,9 +66,62 @@ def _rename(schema: str, old: str, new: str, old_column: str, new_column: str) -
     op.execute(f"ALTER INDEX {q}.{old}_by_segment RENAME TO {new}_by_segment")
 
 
+def _refuse_other_views(schema: str) -> None:
+    preparer = op.get_context().dialect.identifier_preparer
+    q = preparer.quote_schema(schema)
+    views = (
+        op.get_bind()
+        .execute(
+            sa.text("""
+                SELECT DISTINCT view.oid::regclass::text
+                FROM pg_catalog.pg_depend AS dependency
+                JOIN pg_catalog.pg_rewrite AS rule ON rule.oid = dependency.objid
+                JOIN pg_catalog.pg_class AS view ON view.oid = rule.ev_class
+                WHERE dependency.classid = 'pg_catalog.pg_rewrite'::regclass
+                  AND dependency.refobjid = to_regclass(:segments)
+                  AND view.oid <> to_regclass(:users)
+                ORDER BY 1"""),
+            {"segments": f"{q}.engagement_segments", "users": f"{q}.users"},
+        )
+        .scalars()
+        .all()
+    )
+    if views:
+        raise ValueError(
+            f"revision 0019 makes {schema}.engagement_segments a view: drop "
+            f"{', '.join(views)} (which read{'s' if len(views) == 1 else ''} it), upgrade, "
+            "then create it again over the view"
+        )
+
+
+def _select_grantees(schema: str, table: str) -> list[str]:
+    preparer = op.get_context().dialect.identifier_preparer
+    q = preparer.quote_schema(schema)
+    grantees = (
+        op.get_bind()
+        .execute(
+            sa.text("""
+                SELECT DISTINCT coalesce(role.rolname, 'PUBLIC')
+                FROM pg_catalog.pg_class AS relation,
+                     aclexplode(relation.relacl) AS granted
+                LEFT JOIN pg_catalog.pg_roles AS role ON role.oid = granted.grantee
+                WHERE relation.oid = to_regclass(:table)
+                  AND granted.privilege_type = 'SELECT'
+                  AND granted.grantee <> relation.relowner
+                ORDER BY 1"""),
+            {"table": f"{q}.{table}"},
+        )
+        .scalars()
+        .all()
+    )
+    return [name if name == "PUBLIC" else preparer.quote(name) for name in grantees]
+
+
 def upgrade(schema: str) -> None:
     preparer = op.get_context().dialect.identifier_preparer
     q = preparer.quote_schema(schema)
+    _refuse_other_views(schema)
+    readers = _select_grantees(schema, "engagement_segments")
     op.execute(f"DROP VIEW {q}.users")
     _rename(schema, "engagement_segments", "classified_segments", "loop_name", "rules_loop")
     op.execute(f"""
@@ -72,6 +129,7 @@ def upgrade(schema: str) -> None:
             partition_date date NOT NULL,
             loop_name text NOT NULL,
             rules_loop text NOT NULL,
+            thresholds jsonb,
             PRIMARY KEY (partition_date, loop_name)
         )""")
     # The loops of each kept day, read from the day's segment index one loop at a time (a
@@ -90,6 +148,8 @@ def upgrade(schema: str) -> None:
                    name, name
             FROM loops WHERE name IS NOT NULL""")
     op.execute(SEGMENTS_VIEW.format(q=q))
+    for reader in readers:
+        op.execute(f"GRANT SELECT ON {q}.engagement_segments TO {reader}")
     op.execute(USERS_VIEW.format(q=q))
 
 
