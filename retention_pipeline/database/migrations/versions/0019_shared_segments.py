@@ -38,19 +38,18 @@ SEGMENTS_VIEW = """
         ON seg.partition_date = used.partition_date AND seg.rules_loop = used.rules_loop"""
 
 
+def _names(query: str, **parameters: str) -> list[str]:
+    return list(op.get_bind().execute(sa.text(query), parameters).scalars())
+
+
 def _partitions(schema: str, table: str) -> list[str]:
     preparer = op.get_context().dialect.identifier_preparer
-    parent = f"{preparer.quote_schema(schema)}.{preparer.quote(table)}"
-    return list(
-        op.get_bind()
-        .execute(
-            sa.text("""
-                SELECT child.relname FROM pg_catalog.pg_inherits AS link
-                JOIN pg_catalog.pg_class AS child ON child.oid = link.inhrelid
-                WHERE link.inhparent = to_regclass(:parent) ORDER BY 1"""),
-            {"parent": parent},
-        )
-        .scalars()
+    return _names(
+        """
+        SELECT child.relname FROM pg_catalog.pg_inherits AS link
+        JOIN pg_catalog.pg_class AS child ON child.oid = link.inhrelid
+        WHERE link.inhparent = to_regclass(:parent) ORDER BY 1""",
+        parent=f"{preparer.quote_schema(schema)}.{preparer.quote(table)}",
     )
 
 
@@ -69,22 +68,18 @@ def _rename(schema: str, old: str, new: str, old_column: str, new_column: str) -
 def _refuse_other_views(schema: str) -> None:
     preparer = op.get_context().dialect.identifier_preparer
     q = preparer.quote_schema(schema)
-    views = (
-        op.get_bind()
-        .execute(
-            sa.text("""
-                SELECT DISTINCT view.oid::regclass::text
-                FROM pg_catalog.pg_depend AS dependency
-                JOIN pg_catalog.pg_rewrite AS rule ON rule.oid = dependency.objid
-                JOIN pg_catalog.pg_class AS view ON view.oid = rule.ev_class
-                WHERE dependency.classid = 'pg_catalog.pg_rewrite'::regclass
-                  AND dependency.refobjid = to_regclass(:segments)
-                  AND view.oid <> to_regclass(:users)
-                ORDER BY 1"""),
-            {"segments": f"{q}.engagement_segments", "users": f"{q}.users"},
-        )
-        .scalars()
-        .all()
+    views = _names(
+        """
+        SELECT DISTINCT view.oid::regclass::text
+        FROM pg_catalog.pg_depend AS dependency
+        JOIN pg_catalog.pg_rewrite AS rule ON rule.oid = dependency.objid
+        JOIN pg_catalog.pg_class AS view ON view.oid = rule.ev_class
+        WHERE dependency.classid = 'pg_catalog.pg_rewrite'::regclass
+          AND dependency.refobjid = to_regclass(:segments)
+          AND view.oid <> to_regclass(:users)
+        ORDER BY 1""",
+        segments=f"{q}.engagement_segments",
+        users=f"{q}.users",
     )
     if views:
         raise ValueError(
@@ -97,22 +92,17 @@ def _refuse_other_views(schema: str) -> None:
 def _select_grantees(schema: str, table: str) -> list[str]:
     preparer = op.get_context().dialect.identifier_preparer
     q = preparer.quote_schema(schema)
-    grantees = (
-        op.get_bind()
-        .execute(
-            sa.text("""
-                SELECT DISTINCT coalesce(role.rolname, 'PUBLIC')
-                FROM pg_catalog.pg_class AS relation,
-                     aclexplode(relation.relacl) AS granted
-                LEFT JOIN pg_catalog.pg_roles AS role ON role.oid = granted.grantee
-                WHERE relation.oid = to_regclass(:table)
-                  AND granted.privilege_type = 'SELECT'
-                  AND granted.grantee <> relation.relowner
-                ORDER BY 1"""),
-            {"table": f"{q}.{table}"},
-        )
-        .scalars()
-        .all()
+    grantees = _names(
+        """
+        SELECT DISTINCT coalesce(role.rolname, 'PUBLIC')
+        FROM pg_catalog.pg_class AS relation,
+             aclexplode(relation.relacl) AS granted
+        LEFT JOIN pg_catalog.pg_roles AS role ON role.oid = granted.grantee
+        WHERE relation.oid = to_regclass(:table)
+          AND granted.privilege_type = 'SELECT'
+          AND granted.grantee <> relation.relowner
+        ORDER BY 1""",
+        table=f"{q}.{table}",
     )
     return [name if name == "PUBLIC" else preparer.quote(name) for name in grantees]
 
