@@ -121,6 +121,17 @@ def step_rows(engine, config, period: int, *, through: date) -> dict[tuple, tupl
 
 
 # A user's last visit that makes them dormant from `day` on (seven days without activity).
+def materialize_day(assets, instance, config_path, day: date) -> dg.ExecuteInProcessResult:
+    """The assets' partition of `day`, as configured by the file at `config_path` when run."""
+    return dg.materialize(
+        assets,
+        partition_key=day.isoformat(),
+        instance=instance,
+        resources={"app_database": AppDatabase(config_path=str(config_path))},
+        raise_on_error=False,
+    )
+
+
 def dormant_from(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, 12, tzinfo=UTC) - timedelta(days=7)
 
@@ -354,23 +365,13 @@ def test_the_audience_asset_refuses_a_changed_holdout_for_an_assigned_day_in_one
     path = write_config(tmp_path, url)
     assets = daily_assets("user_activity_snapshot", "engagement_segments", "reengagement_audience")
     with dg.instance_for_test() as instance:
-
-        def materialize() -> dg.ExecuteInProcessResult:
-            return dg.materialize(
-                assets,
-                partition_key=day.isoformat(),
-                instance=instance,
-                resources={"app_database": AppDatabase(config_path=str(path))},
-                raise_on_error=False,
-            )
-
-        assert materialize().success
+        assert materialize_day(assets, instance, path, day).success
         before = rows_of(engine, day)
         document = yaml.safe_load(path.read_text())
         document["loops"][0]["holdout"]["fraction"] = 0.3
         path.write_text(yaml.safe_dump(document))
 
-        result = materialize()
+        result = materialize_day(assets, instance, path, day)
 
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]
@@ -471,23 +472,13 @@ def test_a_refused_loop_leaves_the_days_other_loops_unbuilt_and_says_so(create_d
     first = document["loops"][0]["name"]
     assets = daily_assets("user_activity_snapshot", "engagement_segments", "reengagement_audience")
     with dg.instance_for_test() as instance:
-
-        def materialize() -> dg.ExecuteInProcessResult:
-            return dg.materialize(
-                assets,
-                partition_key=day.isoformat(),
-                instance=instance,
-                resources={"app_database": AppDatabase(config_path=str(path))},
-                raise_on_error=False,
-            )
-
-        assert materialize().success
+        assert materialize_day(assets, instance, path, day).success
         built_at = writing_transactions(engine, day)
         assert set(built_at) == {first, "second_loop"}
         document["loops"][1]["holdout"]["fraction"] = 0.3
         path.write_text(yaml.safe_dump(document))
 
-        result = materialize()
+        result = materialize_day(assets, instance, path, day)
 
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]

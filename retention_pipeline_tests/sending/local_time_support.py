@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from retention_pipeline.audience.build import build_audience
 from retention_pipeline.config import RetentionConfig, parse_config
@@ -92,14 +92,26 @@ def build_day(
             text("DELETE FROM retention.reengagement_audience WHERE partition_date = :day"),
             {"day": day},
         )
-        build_audience(
-            connection,
-            config=config,
-            loop=config.loop(LOOP),
-            day=day,
-            candidates={person.user_id for person in people},
-            now=built_at,
-        )
+        build_loop_audience(connection, config, people, day, built_at)
+
+
+def build_loop_audience(
+    connection: Connection,
+    config: RetentionConfig,
+    people: list[User],
+    day: date,
+    built_at: datetime,
+) -> None:
+    """The loop's audience of `day` built by the real build at `built_at`, in the caller's
+    transaction, each of `people` a candidate."""
+    build_audience(
+        connection,
+        config=config,
+        loop=config.loop(LOOP),
+        day=day,
+        candidates={person.user_id for person in people},
+        now=built_at,
+    )
 
 
 def first_local_time_after(instant: datetime, zone: str, at: time) -> datetime:

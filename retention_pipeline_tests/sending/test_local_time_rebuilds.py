@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import text
 
-from retention_pipeline.audience.build import build_audience, build_audiences
+from retention_pipeline.audience.build import build_audiences
 from retention_pipeline.config import parse_config
 from retention_pipeline.sending import SendRunReport
 from retention_pipeline.sending.due import (
@@ -31,6 +31,7 @@ from retention_pipeline_tests.sending.local_time_support import (
     ZONES,
     HourlyTicks,
     build_day,
+    build_loop_audience,
     local_time_config,
     local_time_document,
     people_in,
@@ -83,13 +84,8 @@ def test_an_hourly_send_during_a_build_waits_for_its_members(
     ticks = HourlyTicks(sending_db, config, fake_resend, DAY)
     reports: list[SendRunReport] = []
     with sending_db.engine.connect() as connection, connection.begin() as build:
-        build_audience(
-            connection,
-            config=config,
-            loop=config.loop(LOOP),
-            day=DAY,
-            candidates={person.user_id for person in people},
-            now=datetime(2026, 11, 21, 9, 58, tzinfo=UTC),
+        build_loop_audience(
+            connection, config, people, DAY, datetime(2026, 11, 21, 9, 58, tzinfo=UTC)
         )
         ten = threading.Thread(
             target=lambda: reports.append(ticks.run(datetime(2026, 11, 21, 10, 0, 5, tzinfo=UTC)))
@@ -116,13 +112,8 @@ def test_a_build_after_a_later_claim_stamps_due_times_past_its_mark(
     ticks = HourlyTicks(sending_db, config, fake_resend, DAY)
     ticks.run(datetime(2026, 11, 21, 10, 0, 5, tzinfo=UTC))
     with sending_db.engine.begin() as connection:
-        build_audience(
-            connection,
-            config=config,
-            loop=config.loop(LOOP),
-            day=DAY,
-            candidates={person.user_id for person in people},
-            now=datetime(2026, 11, 21, 9, 58, tzinfo=UTC),
+        build_loop_audience(
+            connection, config, people, DAY, datetime(2026, 11, 21, 9, 58, tzinfo=UTC)
         )
     ticks.run(datetime(2026, 11, 21, 10, 1, tzinfo=UTC))
     ticks.every_hour(datetime(2026, 11, 21, 11, tzinfo=UTC), 24)
@@ -160,13 +151,8 @@ def test_a_rebuilt_day_keeps_who_was_skipped_and_when_each_member_is_due(
     newcomer = User(user_id="u09999", email="newcomer@example.com", timezone="Europe/Berlin")
     add_users(sending_db.engine, [newcomer], day=DAY)
     with sending_db.engine.begin() as connection:
-        build_audience(
-            connection,
-            config=config,
-            loop=config.loop(LOOP),
-            day=DAY,
-            candidates={person.user_id for person in [*people, newcomer]},
-            now=resumed + timedelta(minutes=30),
+        build_loop_audience(
+            connection, config, [*people, newcomer], DAY, resumed + timedelta(minutes=30)
         )
     after = _due_fields(sending_db)
     assert {address: after[address] for address in before} == before

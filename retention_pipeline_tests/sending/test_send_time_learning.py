@@ -12,7 +12,6 @@ import numpy as np
 import yaml
 from sqlalchemy import text
 
-from retention_pipeline.audience.build import build_audience
 from retention_pipeline.defs.outcomes import PERFORMANCE
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.outcomes.send_time import send_time_markdown, send_time_rows
@@ -21,6 +20,7 @@ from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline_tests.helpers import shipped_asset
 from retention_pipeline_tests.sending.local_time_support import (
     build_day,
+    build_loop_audience,
     local_time_config,
     local_time_document,
 )
@@ -95,14 +95,7 @@ def test_a_readers_hour_is_the_one_they_were_most_often_active_in_a_share_at_the
         assert due_at == expected, (person.user_id, arm)
     # The draw is the user's: building the day again draws everyone alike.
     with sending_db.engine.begin() as connection:
-        build_audience(
-            connection,
-            config=config,
-            loop=config.loop(LOOP),
-            day=DAY,
-            candidates={person.user_id for person in people},
-            now=BUILT_AT + timedelta(minutes=5),
-        )
+        build_loop_audience(connection, config, people, DAY, BUILT_AT + timedelta(minutes=5))
     assert {user for user, (arm, _due) in arms_and_due(sending_db).items() if arm == "fixed"} == (
         fixed
     )
