@@ -92,8 +92,12 @@ def record_late_days(connection: Connection, sql: TrackingSql, days: set[date]) 
         text(f"""
             INSERT INTO {sql.q_schema}.late_activity AS late (day, noticed_at)
             SELECT day, now() FROM unnest(CAST(:days AS date[])) AS day
-            WHERE EXISTS (SELECT FROM {sql.q_schema}.user_activity_snapshot
-                          WHERE partition_date = day)
+            -- One row looked up per day, in that day's partition alone: as an EXISTS, PostgreSQL
+            -- makes it a semi-join that reads every kept day's snapshot (4 s at 1M users and 11
+            -- days, on every drain).
+            CROSS JOIN LATERAL (
+                SELECT FROM {sql.q_schema}.user_activity_snapshot AS snap
+                WHERE snap.partition_date = day LIMIT 1) AS built
             ON CONFLICT (day) DO UPDATE SET noticed_at = excluded.noticed_at
             RETURNING late.day"""),
         {"days": sorted(days)},
