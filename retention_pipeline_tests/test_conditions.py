@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import parse_config
+from retention_pipeline.database.batch import BATCH_WORK_MEM
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.segments.conditions import (
     ConditionError,
@@ -139,6 +140,27 @@ def test_a_query_cannot_write(demo):
     _, loop = loop_with({"type": "query", "query": query, "timeout": "1m"}, url)
     with pytest.raises(ConditionError, match="read-only transaction"):
         condition_user_ids(engine, "retention", loop, day)
+
+
+def test_a_query_runs_as_a_batch_statement_and_its_settings_end_with_it(demo):
+    engine, url, day = demo
+    query = (
+        "SELECT id FROM users WHERE current_setting('jit') = 'off' "
+        f"AND current_setting('work_mem') = '{BATCH_WORK_MEM}'"
+    )
+    _, loop = loop_with({"type": "query", "query": query, "timeout": "1m"}, url)
+    with engine.connect() as connection:
+        everyone = set(
+            connection.execute(
+                text(
+                    "SELECT user_id FROM retention.user_activity_snapshot WHERE partition_date = :d"
+                ),
+                {"d": day},
+            ).scalars()
+        )
+    assert everyone and condition_user_ids(engine, "retention", loop, day) == everyone
+    with engine.connect() as connection:
+        assert connection.execute(text("SHOW work_mem")).scalar_one() != BATCH_WORK_MEM
 
 
 def test_valid_sql_that_text_rules_refused_runs(demo):

@@ -24,6 +24,7 @@ from pglast.visitors import Visitor
 from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import Loop, QueryCondition, parse_duration
+from retention_pipeline.database.batch import BATCH_WORK_MEM
 
 USER_ID_COLUMNS = ("user_id", "id")
 
@@ -286,8 +287,9 @@ def read_only_cursor(
 ) -> Iterator[psycopg.Cursor]:
     """A driver cursor for a user's SQL: it goes to the driver untouched (no bind-parameter
     parsing), inside a read-only transaction whose settings (the timeout, the search path on
-    the pipeline's schema, the partition day and the loop) end with it. A failure of the
-    query is a ConditionError naming `where`."""
+    the pipeline's schema, the partition day and the loop, and the batch statements' memory
+    and no JIT: at a million users JIT compiled the shipped condition for 0.3 s of its 2.3 s)
+    end with it. A failure of the query is a ConditionError naming `where`."""
     timeout_ms = int(parse_duration(timeout).total_seconds() * 1000)
     preparer = connection.dialect.identifier_preparer
     cursor = connection.connection.driver_connection.cursor()
@@ -297,12 +299,15 @@ def read_only_cursor(
             "SELECT set_config('statement_timeout', %s, true),"
             " set_config('search_path', %s, true),"
             " set_config('retention.partition_date', %s, true),"
-            " set_config('retention.loop', %s, true)",
+            " set_config('retention.loop', %s, true),"
+            " set_config('work_mem', %s, true),"
+            " set_config('jit', 'off', true)",
             (
                 str(timeout_ms),
                 f"{preparer.quote_schema(schema)}, pg_catalog",
                 day.isoformat(),
                 loop.name,
+                BATCH_WORK_MEM,
             ),
         )
         yield cursor
