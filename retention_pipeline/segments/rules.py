@@ -67,6 +67,21 @@ CLASSIFY = """
         FROM {schema}.user_activity_snapshot AS snap, bounds AS b
         WHERE snap.partition_date = CAST(:day AS date)  -- the bound value: one partition read
     ),
+    -- The day before's segment as the loops read it then: of a loop that had these thresholds
+    -- already, else of the first loop there was (thresholds changed, or not known before
+    -- revision 0019). Read once and merged in user order: looked up user by user, the day
+    -- before's rows took 3 s of the 7.6 s classification at 1M users.
+    previous AS MATERIALIZED (
+        SELECT p.user_id, p.segment, p.entered_on FROM {schema}.classified_segments AS p
+        WHERE p.partition_date = CAST(:day AS date) - 1
+          AND p.rules_loop = (
+              SELECT used.rules_loop FROM {schema}.segment_rules_used AS used
+              WHERE used.partition_date = CAST(:day AS date) - 1
+                AND used.loop_name = ANY(CAST(:loops AS text[]))
+              ORDER BY used.thresholds IS NOT DISTINCT FROM CAST(:thresholds AS jsonb) DESC,
+                       array_position(CAST(:loops AS text[]), used.loop_name)
+              LIMIT 1)
+    ),
     classified AS (
         SELECT
             CASE
@@ -115,19 +130,7 @@ CLASSIFY = """
         CASE WHEN previous.segment = c.segment THEN previous.entered_on ELSE CAST(:day AS date) END
     FROM classified AS c
     CROSS JOIN counted
-    -- The day before's segment as the loops read it then: of a loop that had these thresholds
-    -- already, else of the first loop there was (thresholds changed, or not known before
-    -- revision 0019).
-    LEFT JOIN {schema}.classified_segments AS previous
-        ON previous.partition_date = CAST(:day AS date) - 1
-       AND previous.rules_loop = (
-           SELECT used.rules_loop FROM {schema}.segment_rules_used AS used
-           WHERE used.partition_date = CAST(:day AS date) - 1
-             AND used.loop_name = ANY(CAST(:loops AS text[]))
-           ORDER BY used.thresholds IS NOT DISTINCT FROM CAST(:thresholds AS jsonb) DESC,
-                    array_position(CAST(:loops AS text[]), used.loop_name)
-           LIMIT 1)
-       AND previous.user_id = c.user_id
+    LEFT JOIN previous ON previous.user_id = c.user_id
     -- In key order, each row lands at the end of the partition's primary key, not at random.
     ORDER BY c.user_id
 """
