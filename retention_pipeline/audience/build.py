@@ -612,11 +612,7 @@ def _build_loop(
                     WHEN sup.mailbox IS NOT NULL THEN 'suppressed'
                     WHEN recent_user.user_id IS NOT NULL OR recent_mailbox.mailbox IS NOT NULL
                         THEN 'frequency_cap'
-                END AS excluded,
-                ('x' || substr(md5(due.user_id || '/' || ({PLAN.format(period="due.period")}
-                    ->> 'salt') || '/variant' || coalesce('/' || ({PLAN.format(period="due.period")}
-                    -> 'steps' -> due.step ->> 'decided_on'), '')),
-                    1, 8))::bit(32)::bigint / 4294967296.0 AS variant_position
+                END AS excluded
             FROM audience_due AS due
             LEFT JOIN audience_people AS snap ON snap.user_id = due.user_id
             LEFT JOIN suppressed AS sup ON sup.mailbox = snap.mailbox
@@ -626,15 +622,20 @@ def _build_loop(
             WHERE due.step IS NOT NULL
         ),
         -- One step a day per mailbox: the earliest episode's (users of one mailbox in episodes
-        -- of their own predate one mailbox, one person), then the lowest user id's.
+        -- of their own predate one mailbox, one person), then the lowest user id's. Ranked and
+        -- drawn among the users not excluded alone: on a loop whose due users were mostly
+        -- emailed by another loop, ranking them all was a third of its audience.
         decided AS (
             SELECT j.*,
-                CASE WHEN j.excluded IS NOT NULL THEN j.excluded
-                     WHEN row_number() OVER (PARTITION BY j.mailbox
-                          ORDER BY j.excluded IS NOT NULL, j.started_on, j.user_id) > 1
+                CASE WHEN row_number() OVER (PARTITION BY j.mailbox
+                          ORDER BY j.started_on, j.user_id) > 1
                          THEN 'shared_address'
-                END AS reason
-            FROM judged AS j
+                END AS reason,
+                ('x' || substr(md5(j.user_id || '/' || ({PLAN.format(period="j.period")}
+                    ->> 'salt') || '/variant' || coalesce('/' || ({PLAN.format(period="j.period")}
+                    -> 'steps' -> j.step ->> 'decided_on'), '')),
+                    1, 8))::bit(32)::bigint / 4294967296.0 AS variant_position
+            FROM judged AS j WHERE j.excluded IS NULL
         ),
         inserted AS (
             INSERT INTO {s}.reengagement_audience (partition_date, loop_name, user_id, email,
@@ -668,6 +669,8 @@ def _build_loop(
         UNION ALL SELECT 'step:' || step, count(*) FROM inserted GROUP BY step
         UNION ALL SELECT 'excluded:' || reason, count(*) FROM decided
                   WHERE reason IS NOT NULL GROUP BY reason
+        UNION ALL SELECT 'excluded:' || excluded, count(*) FROM judged
+                  WHERE excluded IS NOT NULL GROUP BY excluded
         UNION ALL SELECT CASE WHEN paused_step_due THEN 'excluded:step_paused'
                               ELSE 'excluded:no_step_due' END, count(*)
                   FROM audience_due WHERE step IS NULL GROUP BY paused_step_due"""),
