@@ -624,7 +624,7 @@ def _build_loop(
         -- One step a day per mailbox: the earliest episode's (users of one mailbox in episodes
         -- of their own predate one mailbox, one person), then the lowest user id's. Ranked and
         -- drawn among the users not excluded alone: on a loop whose due users were mostly
-        -- emailed by another loop, ranking them all was a third of its audience.
+        -- emailed by another loop, ranking and drawing them all took 0.4 s at 1M users.
         decided AS (
             SELECT j.*,
                 CASE WHEN row_number() OVER (PARTITION BY j.mailbox
