@@ -47,6 +47,17 @@ DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 GROWTH_USERS_CAP = 20_000
 
 
+def _worst_case_options(
+    command: argparse.ArgumentParser, defaults: bench_sources.Options, *, repeats: int
+) -> None:
+    """The server and the worst case's size, which the drain's commands share."""
+    command.add_argument("--url", default=DEFAULT_URL)
+    command.add_argument("--rows", type=int, default=defaults.worst_rows)
+    command.add_argument("--users", type=int, default=defaults.worst_users)
+    command.add_argument("--active", type=int, default=defaults.active_users)
+    command.add_argument("--repeats", type=int, default=repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,19 +105,11 @@ def main() -> None:
     drain = commands.add_parser(
         "drain", help="the drain's worst case and app-shaped drains, each fold side by side"
     )
-    drain.add_argument("--url", default=DEFAULT_URL)
-    drain.add_argument("--rows", type=int, default=defaults.worst_rows)
-    drain.add_argument("--users", type=int, default=defaults.worst_users)
-    drain.add_argument("--active", type=int, default=defaults.active_users)
-    drain.add_argument("--repeats", type=int, default=2)
+    _worst_case_options(drain, defaults, repeats=2)
     layouts = commands.add_parser(
         "drain-layouts", help="storage layouts of the rollup: each one's folds and readers"
     )
-    layouts.add_argument("--url", default=DEFAULT_URL)
-    layouts.add_argument("--rows", type=int, default=defaults.worst_rows)
-    layouts.add_argument("--users", type=int, default=defaults.worst_users)
-    layouts.add_argument("--active", type=int, default=defaults.active_users)
-    layouts.add_argument("--repeats", type=int, default=3)
+    _worst_case_options(layouts, defaults, repeats=3)
     layouts.add_argument(
         "--held", action="store_true", help="also the worst case into held days (minutes)"
     )

@@ -201,6 +201,21 @@ def _inline_fold(*, sort_rows: bool, day_first: bool, day_index: bool) -> Callab
     return fold
 
 
+def _inline_layout(label: str, *, sort_rows: bool, day_first: bool, day_index: bool) -> Layout:
+    """A layout with each user-day's actions inside its `activity_daily` row: its table and its
+    fold from the same choices."""
+    key = "day, user_id" if day_first else "user_id, day"
+    table = f"CREATE TABLE {SCHEMA}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY ({key}))"
+    if day_index:
+        table += f"; CREATE INDEX ON {SCHEMA}.activity_daily (day)"
+    return Layout(
+        label,
+        table,
+        _inline_fold(sort_rows=sort_rows, day_first=day_first, day_index=day_index),
+        inline=True,
+    )
+
+
 def layouts(sql: TrackingSql) -> list[Layout]:
     s = SCHEMA
     shipped = _shipped_fold(sql)
@@ -221,31 +236,18 @@ def layouts(sql: TrackingSql) -> list[Layout]:
             _day_first(shipped),
             inline=False,
         ),
-        Layout(
-            "actions inline",
-            f"""CREATE TABLE {s}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY (user_id, day));
-                CREATE INDEX ON {s}.activity_daily (day)""",
-            _inline_fold(sort_rows=False, day_first=False, day_index=True),
-            inline=True,
+        _inline_layout("actions inline", sort_rows=False, day_first=False, day_index=True),
+        _inline_layout(
+            "actions inline, rows sorted", sort_rows=True, day_first=False, day_index=True
         ),
-        Layout(
-            "actions inline, rows sorted",
-            f"""CREATE TABLE {s}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY (user_id, day));
-                CREATE INDEX ON {s}.activity_daily (day)""",
-            _inline_fold(sort_rows=True, day_first=False, day_index=True),
-            inline=True,
-        ),
-        Layout(
+        _inline_layout(
             "actions inline, rows sorted, no day index",
-            f"CREATE TABLE {s}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY (user_id, day))",
-            _inline_fold(sort_rows=True, day_first=False, day_index=False),
-            inline=True,
+            sort_rows=True,
+            day_first=False,
+            day_index=False,
         ),
-        Layout(
-            "actions inline, day-first key",
-            f"CREATE TABLE {s}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY (day, user_id))",
-            _inline_fold(sort_rows=False, day_first=True, day_index=False),
-            inline=True,
+        _inline_layout(
+            "actions inline, day-first key", sort_rows=False, day_first=True, day_index=False
         ),
     ]
 
