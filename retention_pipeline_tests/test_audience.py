@@ -126,6 +126,42 @@ def test_running_a_day_again_gives_the_same_audience(world):
     assert first.treatment + first.holdout == 40
 
 
+def next_steps(engine) -> set:
+    with engine.connect() as connection:
+        return set(
+            connection.execute(
+                text("SELECT next_step_on::text FROM retention.episodes WHERE ended_on IS NULL")
+            ).scalars()
+        )
+
+
+def test_episodes_remember_their_next_step_and_rebuilds_and_upgrades_recompute_it(world):
+    engine, url = world
+    config = config_for(url)
+    add_users(engine, range(1, 7), last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    built = {}
+    for offset in range(10):
+        day = D + timedelta(days=offset)
+        built[day] = (run_day(engine, config, day), audience(engine, day))
+        if offset in (0, 3, 7):
+            later = {0: D + timedelta(days=3), 3: D + timedelta(days=7), 7: "infinity"}[offset]
+            assert next_steps(engine) == {str(later)}
+    # Episodes that had every step are not read again, and still counted as having none due.
+    assert built[D + timedelta(days=9)][0].excluded["no_step_due"] == 6
+
+    # A day taken back and built again, with later days built, gives its steps again.
+    rebuilt = D + timedelta(days=3)
+    assert (run_day(engine, config, rebuilt), audience(engine, rebuilt)) == built[rebuilt]
+    assert next_steps(engine) == {"infinity"}
+
+    # As the upgrade leaves them: not known, read and worked out again.
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE retention.episodes SET next_step_on = NULL"))
+    last = D + timedelta(days=9)
+    assert (run_day(engine, config, last), audience(engine, last)) == built[last]
+    assert next_steps(engine) == {"infinity"}
+
+
 def test_a_user_who_comes_back_leaves_the_episode_and_reenters_after_the_cooldown(world):
     engine, url = world
     add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))

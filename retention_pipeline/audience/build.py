@@ -119,11 +119,18 @@ STEP_HOLDOUT_BUCKET_SQL = HOLDOUT_BUCKET_SQL.format(
 def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
     """Take back what a previous run of this day did, so the day can be built again."""
     params = {"loop": loop, "day": day}
+    # The episodes whose steps of the day are taken back no longer know their next step.
     connection.execute(
-        text(
-            f"DELETE FROM {s}.reengagement_audience WHERE partition_date = :day "
-            "AND loop_name = :loop"
-        ),
+        text(f"""
+            WITH taken_back AS (
+                DELETE FROM {s}.reengagement_audience
+                WHERE partition_date = :day AND loop_name = :loop
+                RETURNING user_id, episode_start
+            )
+            UPDATE {s}.episodes AS e SET next_step_on = NULL
+            FROM taken_back
+            WHERE e.loop_name = :loop AND e.user_id = taken_back.user_id
+              AND e.started_on = taken_back.episode_start"""),
         params,
     )
     connection.execute(
@@ -240,34 +247,39 @@ def _simulated(
 
 
 def _open_episodes_due(connection: Connection, s: str, params: dict) -> None:
-    """The temporary table `audience_due`: per open episode of the loop (those started today
+    """The temporary table `audience_due`: per open episode of the loop with a step due by the
+    day, or whose next step is not known (`episodes.next_step_on`; those started today
     included), its period, whether its first assignment was to the holdout (`held_out`, None
     before one), its earliest step due and not had yet (None when none is, or only paused ones:
-    `paused_step_due`). Joins and aggregates that hash, linear in the open episodes, then
-    statistics of its own, so the statement that judges them plans for their real number
-    whatever the episodes' statistics say (this transaction just started some)."""
+    `paused_step_due`), and the day its next step falls due: as it stands (`next_step_on`) and
+    once that step is had (`next_step_after`); NULL when none is left. Joins and aggregates
+    that hash, linear in the episodes read, then statistics of its own, so the statement that
+    judges them plans for their real number whatever the episodes' statistics say (this
+    transaction just started some). Episodes that have had every step are not read: a loop
+    keeps one open for every user who never came back."""
     connection.execute(
         text(f"""
         CREATE TEMP TABLE audience_due ON COMMIT DROP AS
         WITH open_episodes AS (
             SELECT e.user_id, e.started_on, e.period FROM {s}.episodes AS e
             WHERE e.loop_name = :loop AND e.ended_on IS NULL
+              AND (e.next_step_on IS NULL OR e.next_step_on <= :day)
         ),
         past AS (
             -- An episode has one assignment a day: its first is the one of its first day.
             SELECT had.user_id, array_agg(had.step) AS steps,
                    min(had.partition_date) AS first_day,
                    min(had.partition_date) FILTER (WHERE had.arm = 'holdout') AS first_held_out
-            FROM {s}.reengagement_audience AS had
-            JOIN {s}.episodes AS o ON o.loop_name = had.loop_name AND o.user_id = had.user_id
-                AND o.started_on = had.episode_start
-            WHERE had.loop_name = :loop AND o.ended_on IS NULL
+            FROM open_episodes AS o
+            JOIN {s}.reengagement_audience AS had ON had.loop_name = :loop
+                AND had.user_id = o.user_id AND had.episode_start = o.started_on
             GROUP BY had.user_id
         )
         SELECT o.user_id, o.started_on, o.period,
                CASE WHEN past.user_id IS NOT NULL
                     THEN past.first_held_out IS NOT DISTINCT FROM past.first_day END AS held_out,
-               open_steps.step, open_steps.paused_step_due
+               open_steps.step, open_steps.paused_step_due,
+               next_steps.next_step_on, next_steps.next_step_after
         FROM open_episodes AS o
         LEFT JOIN past ON past.user_id = o.user_id
         CROSS JOIN LATERAL (
@@ -279,10 +291,42 @@ def _open_episodes_due(connection: Connection, s: str, params: dict) -> None:
                 WITH ORDINALITY AS planned(step, i)
             WHERE (planned.step ->> 'delay_days')::int <= :day - o.started_on
               AND NOT coalesce(planned.i - 1 = ANY(past.steps), false)
-        ) AS open_steps"""),
+        ) AS open_steps
+        CROSS JOIN LATERAL (
+            SELECT min(o.started_on + (planned.step ->> 'delay_days')::int) AS next_step_on,
+                   min(o.started_on + (planned.step ->> 'delay_days')::int) FILTER (
+                       WHERE planned.i - 1 IS DISTINCT FROM open_steps.step) AS next_step_after
+            FROM jsonb_array_elements({PLAN.format(period="o.period")} -> 'steps')
+                WITH ORDINALITY AS planned(step, i)
+            WHERE NOT coalesce(planned.i - 1 = ANY(past.steps), false)
+        ) AS next_steps"""),
         params,
     )
     connection.execute(text("ANALYZE audience_due"))
+
+
+def _remember_next_steps(connection: Connection, s: str, params: dict) -> None:
+    """Record on each episode `_open_episodes_due` read the day its next step falls due, now
+    that the day's steps are assigned (`infinity` once it has had every one)."""
+    connection.execute(
+        text(f"""
+        WITH next AS (
+            SELECT due.user_id, due.started_on,
+                   coalesce(CASE WHEN given.user_id IS NULL THEN due.next_step_on
+                                 ELSE due.next_step_after END,
+                            'infinity') AS next_step_on
+            FROM audience_due AS due
+            LEFT JOIN {s}.reengagement_audience AS given
+                ON given.partition_date = :day AND given.loop_name = :loop
+               AND given.user_id = due.user_id AND given.episode_start = due.started_on
+        )
+        UPDATE {s}.episodes AS e SET next_step_on = next.next_step_on
+        FROM next
+        WHERE e.loop_name = :loop AND e.user_id = next.user_id
+          AND e.started_on = next.started_on
+          AND e.next_step_on IS DISTINCT FROM next.next_step_on"""),
+        params,
+    )
 
 
 def record_due_times(
@@ -673,9 +717,13 @@ def _build_loop(
                   WHERE excluded IS NOT NULL GROUP BY excluded
         UNION ALL SELECT CASE WHEN paused_step_due THEN 'excluded:step_paused'
                               ELSE 'excluded:no_step_due' END, count(*)
-                  FROM audience_due WHERE step IS NULL GROUP BY paused_step_due"""),
+                  FROM audience_due WHERE step IS NULL GROUP BY paused_step_due
+        UNION ALL SELECT 'excluded:no_step_due', count(*) FROM {s}.episodes AS unread
+                  WHERE unread.loop_name = :loop AND unread.ended_on IS NULL
+                    AND unread.next_step_on > :day"""),
         params,
     ).all()
+    _remember_next_steps(connection, s, params)
     if config.sends_on_due_times(loop) and not simulated:
         built_at = now if now is not None else day_end(day, config.timezone)
         record_due_times(connection, s, config, loop, day, built_at)
@@ -684,7 +732,9 @@ def _build_loop(
     connection.execute(text("DROP TABLE audience_candidates, audience_due"))
     if config.sends_on_due_times(loop):
         connection.execute(text("DROP TABLE audience_due_kept"))
-    tallies = dict(counts)
+    tallies: dict[str, int] = {}
+    for key, count in counts:
+        tallies[key] = tallies.get(key, 0) + count
     held = dict(held_back)
     excluded = {reason: int(tallies.get(f"excluded:{reason}", 0)) for reason in EXCLUSION_REASONS}
     excluded["cooldown"] = int(held.get("cooldown", 0))
