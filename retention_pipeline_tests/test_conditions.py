@@ -4,6 +4,7 @@ over the pipeline's as-of views."""
 from __future__ import annotations
 
 import copy
+import importlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -161,6 +162,80 @@ def test_a_query_runs_as_a_batch_statement_and_its_settings_end_with_it(demo):
     assert everyone and condition_user_ids(engine, "retention", loop, day) == everyone
     with engine.connect() as connection:
         assert connection.execute(text("SHOW work_mem")).scalar_one() != BATCH_WORK_MEM
+
+
+def test_the_users_view_reads_as_it_did_before_revision_0021(demo):
+    """Same rows and values as the view 0008 made, over emails of every kind: sent after the
+    last activity or before it, failed, another loop's, after the day's end, and twice."""
+    engine, url, day = demo
+    before = importlib.import_module(
+        "retention_pipeline.database.migrations.versions.0008_day_partitions"
+    ).USERS_VIEW
+    with engine.connect() as connection, connection.begin():
+        connection.execute(
+            text(
+                before.replace("CREATE VIEW {q}.users", "CREATE TEMP VIEW users_before").format(
+                    q="retention"
+                )
+            )
+        )
+        connection.execute(
+            text("""SELECT set_config('retention.partition_date', :day, true),
+                           set_config('retention.loop', 're_engagement', true)"""),
+            {"day": day.isoformat()},
+        )
+        connection.execute(
+            text("""
+                INSERT INTO retention.email_send_log (send_key, loop_name, user_id,
+                    episode_start, step, partition_date, email, template, variant, batch_key,
+                    subject, html, body_text, status, sent_at)
+                SELECT snap.user_id || '/' || email.step, email.loop, snap.user_id, :day,
+                       email.step, :day, snap.email, 're_engagement', 'a', 'batch', 's', 'h',
+                       't', email.status, email.sent_at
+                FROM (SELECT *, row_number() OVER (ORDER BY user_id) % 6 AS kind
+                      FROM retention.user_activity_snapshot WHERE partition_date = :day
+                     ) AS snap
+                CROSS JOIN LATERAL (VALUES
+                    (0, 0, 're_engagement', 'sent', snap.last_activity_at + interval '1 hour'),
+                    (1, 0, 're_engagement', 'sent', snap.last_activity_at - interval '1 hour'),
+                    (2, 0, 're_engagement', 'failed', snap.last_activity_at + interval '1 hour'),
+                    (3, 0, 'other_loop', 'sent', snap.last_activity_at + interval '1 hour'),
+                    (4, 0, 're_engagement', 'sent', retention.as_of() + interval '1 hour'),
+                    (5, 0, 're_engagement', 'sent', snap.last_activity_at - interval '1 hour'),
+                    (5, 1, 're_engagement', 'sent', snap.signed_up_at + interval '1 hour')
+                ) AS email(kind, step, loop, status, sent_at)
+                WHERE email.kind = snap.kind"""),
+            {"day": day},
+        )
+        rows = connection.execute(text("SELECT * FROM retention.users ORDER BY id")).all()
+        rows_before = connection.execute(text("SELECT * FROM users_before ORDER BY id")).all()
+    assert rows == rows_before
+    assert {row.re_engagement_sent for row in rows} == {True, False}
+    assert {row.segment for row in rows} >= {"dormant", "active"}
+
+
+def test_a_condition_joins_only_what_it_reads(demo):
+    engine, url, day = demo
+    plans = {}
+    for name, query in {
+        "activity": "SELECT id FROM users WHERE last_activity_at < as_of() - interval '7 days'",
+        "segment": "SELECT id FROM users WHERE segment = 'dormant'",
+        "sent": "SELECT id FROM users WHERE NOT re_engagement_sent",
+    }.items():
+        with engine.connect() as connection, connection.begin():
+            connection.execute(
+                text("""SELECT set_config('retention.partition_date', :day, true),
+                               set_config('retention.loop', 're_engagement', true),
+                               set_config('search_path', 'retention', true)"""),
+                {"day": day.isoformat()},
+            )
+            plans[name] = "\n".join(connection.execute(text(f"EXPLAIN {query}")).scalars())
+    assert "classified_segments" not in plans["activity"]
+    assert "email_send_log" not in plans["activity"]
+    assert "classified_segments" in plans["segment"]
+    assert "email_send_log" not in plans["segment"]
+    assert "email_send_log" in plans["sent"]
+    assert "classified_segments" not in plans["sent"]
 
 
 def test_valid_sql_that_text_rules_refused_runs(demo):
