@@ -234,6 +234,22 @@ def seed_history(engine: Engine, config: RetentionConfig, day: date) -> dict[str
                   AND btrim(r.email) ~ :email_pattern"""),
                 params,
             )
+            # As the loop's builds of the days before left them: the day each open episode's
+            # next step falls due (`episodes.next_step_on`).
+            connection.execute(
+                text(f"""
+                UPDATE {s}.episodes AS e
+                SET next_step_on = coalesce((
+                    SELECT min(e.started_on + delays.delay)
+                    FROM unnest(CAST(:delays AS int[])) WITH ORDINALITY AS delays(delay, step)
+                    WHERE NOT EXISTS (
+                        SELECT FROM {s}.reengagement_audience AS had
+                        WHERE had.loop_name = e.loop_name AND had.user_id = e.user_id
+                          AND had.episode_start = e.started_on AND had.step = delays.step - 1)
+                ), 'infinity')
+                WHERE e.loop_name = :loop AND e.ended_on IS NULL"""),
+                params,
+            )
             candidates[loop.name] = set(
                 connection.execute(
                     text("""
@@ -295,13 +311,22 @@ class Figures:
 
 def take_back_day(engine: Engine, config: RetentionConfig, day: date) -> None:
     """What the loops' builds of `day` did, taken back and vacuumed (as `seed_history` left
-    it), so that the next build is the day's first, as in the daily run."""
+    it, but that the episodes given a step no longer know their next: they are read, as they
+    were), so that the next build is the day's first, as in the daily run."""
     s = engine.dialect.identifier_preparer.quote_schema(config.database.schema_)
     params = {"loops": [loop.name for loop in config.loops], "day": day}
     with engine.begin() as connection:
         connection.execute(
-            text(f"""DELETE FROM {s}.reengagement_audience
-                     WHERE partition_date = :day AND loop_name = ANY(:loops)"""),
+            text(f"""
+                WITH taken_back AS (
+                    DELETE FROM {s}.reengagement_audience
+                    WHERE partition_date = :day AND loop_name = ANY(:loops)
+                    RETURNING loop_name, user_id, episode_start
+                )
+                UPDATE {s}.episodes AS e SET next_step_on = NULL
+                FROM taken_back
+                WHERE e.loop_name = taken_back.loop_name AND e.user_id = taken_back.user_id
+                  AND e.started_on = taken_back.episode_start"""),
             params,
         )
         connection.execute(
@@ -355,6 +380,8 @@ def measure(
                     connection, config=config, loops=config.loops, day=day, candidates=candidates
                 )
             figures.seconds.append(time.perf_counter() - started)
+            if repeat and summaries != figures.summaries:
+                raise RuntimeError(f"repeat {repeat + 1} built other audiences than the first")
             for loop in config.loops:
                 summary = figures.summaries[loop.name] = summaries[loop.name]
                 figures.candidates[loop.name] = summary.candidates
