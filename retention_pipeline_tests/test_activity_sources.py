@@ -542,8 +542,10 @@ def test_check_reads_each_source_and_refuses_free_text_and_foreign_ids(engine, a
     )
     run(
         engine,
+        # Today's, whatever the time: none of them is of the last (whole) day.
         "INSERT INTO audit_log (actor_id, kind, created_at) "
-        "SELECT 1000 + g, 'DOCUMENT_SENT', now() - g * interval '1 minute' "
+        "SELECT 1000 + g, 'DOCUMENT_SENT', "
+        "       date_trunc('day', now(), 'UTC') + g * interval '1 minute' "
         "FROM generate_series(1, 100) AS g",
     )
     config = sources_config(
