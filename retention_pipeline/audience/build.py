@@ -255,8 +255,8 @@ def _open_episodes_due(connection: Connection, s: str, params: dict) -> None:
     as it stands (`next_step_on`) and once that step is had (`next_step_after`); NULL when none
     is left. Joins and aggregates that hash, linear in the episodes read, then statistics of its
     own, so the statement that judges them plans for their real number whatever the episodes'
-    statistics say (this transaction just started some). Episodes that have had every step are not read: a loop
-    keeps one open for every user who never came back."""
+    statistics say (this transaction just started some). Episodes that have had every step are
+    not read: a loop keeps one open for every user who never came back."""
     connection.execute(
         text(f"""
         CREATE TEMP TABLE audience_due ON COMMIT DROP AS
@@ -573,17 +573,6 @@ def _build_loop(
         ),
         "simulated": simulated,
     }
-    # A candidate without a usable address has no mailbox: nobody shares it.
-    connection.execute(
-        text("""
-        CREATE TEMP TABLE audience_candidates ON COMMIT DROP AS
-        SELECT c.user_id, CASE WHEN snap.usable THEN snap.mailbox END AS mailbox
-        FROM audience_conditions AS c
-        LEFT JOIN audience_people AS snap ON snap.user_id = c.user_id
-        WHERE c.loop_name = :loop"""),
-        {"loop": loop.name},
-    )
-    connection.execute(text("ANALYZE audience_candidates"))
     returned = connection.execute(
         text(f"""
         UPDATE {s}.episodes AS e SET ended_on = :day, end_reason = 'returned'
@@ -600,12 +589,15 @@ def _build_loop(
     # took a second per loop at 1M users, and reading every recent episode of the loop a third
     # of one. Only the episodes of the candidates left and of the users of their mailboxes are
     # read. Of a mailbox with one in an episode, the others are held back by it, so the lowest
-    # id is taken among the candidates left.
+    # id is taken among the candidates left. A candidate without a usable address has no
+    # mailbox: nobody shares it.
     connection.execute(
         text(f"""
         CREATE TEMP TABLE audience_pending ON COMMIT DROP AS
-        SELECT c.user_id, c.mailbox FROM audience_candidates AS c
-        WHERE NOT EXISTS (
+        SELECT c.user_id, CASE WHEN snap.usable THEN snap.mailbox END AS mailbox
+        FROM audience_conditions AS c
+        LEFT JOIN audience_people AS snap ON snap.user_id = c.user_id
+        WHERE c.loop_name = :loop AND NOT EXISTS (
             SELECT FROM {s}.episodes AS e
             WHERE e.loop_name = :loop AND e.user_id = c.user_id AND e.ended_on IS NULL)"""),
         params,
@@ -762,7 +754,7 @@ def _build_loop(
         record_due_times(connection, s, config, loop, day, built_at)
         _restore_due_times(connection, s, loop.name, day)
     # The next loop makes tables of these names of its own.
-    connection.execute(text("DROP TABLE audience_candidates, audience_pending, audience_due"))
+    connection.execute(text("DROP TABLE audience_pending, audience_due"))
     if config.sends_on_due_times(loop):
         connection.execute(text("DROP TABLE audience_due_kept"))
     tallies: dict[str, int] = {}
