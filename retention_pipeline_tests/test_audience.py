@@ -162,6 +162,38 @@ def test_episodes_remember_their_next_step_and_rebuilds_and_upgrades_recompute_i
     assert next_steps(engine) == {"infinity"}
 
 
+def test_a_period_that_takes_new_delays_works_its_episodes_next_steps_out_again(world):
+    engine, url = world
+    add_users(engine, [1, 2], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+
+    def first_step_after(days: int):
+        document = copy.deepcopy(SHIPPED_DOCUMENT)
+        document["database"]["url"] = url
+        loop = document["loops"][0]
+        loop.update(name="loop_0", holdout={"fraction": 0.0})
+        # User 2 matches from the day after D on.
+        loop["steps"][0]["condition"] = {
+            "type": "query",
+            "query": "SELECT id FROM users WHERE id = '1' OR "
+            f"current_setting('retention.partition_date')::date > DATE '{D}'",
+            "timeout": "1m",
+        }
+        loop["steps"][0]["delay"] = f"{days}d"
+        return parse_config(document, environ={})
+
+    run_day(engine, first_step_after(2), D)
+    run_day(engine, first_step_after(2), D + timedelta(days=1))
+    assert audience(engine, D) == audience(engine, D + timedelta(days=1)) == []
+    # Nobody assigned yet: rebuilding the period's first day gives it the new delay.
+    shorter = first_step_after(0)
+    run_day(engine, shorter, D)
+    run_day(engine, shorter, D + timedelta(days=2))
+    assert [row[:3] for row in audience(engine, D)] == [("1", 0, "re_engagement")]
+    assert [row[:3] for row in audience(engine, D + timedelta(days=2))] == [
+        ("2", 0, "re_engagement")
+    ]
+
+
 def test_a_user_who_comes_back_leaves_the_episode_and_reenters_after_the_cooldown(world):
     engine, url = world
     add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))

@@ -200,6 +200,12 @@ def record_period(
                     "period": current.number,
                 },
             )
+            # Its episodes' next steps were worked out from the delays it had.
+            connection.execute(
+                text(f"""UPDATE {s}.episodes SET next_step_on = NULL
+                         WHERE loop_name = :loop AND period = :period AND ended_on IS NULL"""),
+                {"loop": loop.name, "period": current.number},
+            )
             return ExperimentPeriod(loop.name, current.number, design, day, change)
         return _insert(
             connection, s, loop.name, current.number + 1, design, day, "; ".join(changes)
