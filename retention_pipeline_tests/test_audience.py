@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import create_engine, text
 
-from retention_pipeline.audience.build import build_audience
+from retention_pipeline.audience.build import build_audience, build_audiences
 from retention_pipeline.config import parse_config
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_day_segments
@@ -247,6 +247,33 @@ def test_the_frequency_cap_holds_across_loops(world):
     assert second.treatment == 0 and second.excluded["frequency_cap"] == 1
     # Three days later the cap has passed: the second loop's first step goes out.
     assert run_day(engine, config, D + timedelta(days=3), loop_index=1).treatment == 1
+
+
+def test_the_frequency_cap_holds_across_loops_built_in_one_run_and_rebuilt(world):
+    engine, url = world
+    config = config_for(url, loops=2)
+    add_users(engine, [1, 2], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    update_rollup(engine, config)
+    with engine.begin() as connection:
+        build_snapshot(connection, config, D)
+        build_day_segments(connection, "retention", config.loops, config.timezone, D)
+
+    def build_both() -> dict:
+        candidates = {
+            loop.name: condition_user_ids(engine, "retention", loop, D) for loop in config.loops
+        }
+        with engine.begin() as connection:
+            return build_audiences(
+                connection, config=config, loops=config.loops, day=D, candidates=candidates
+            )
+
+    first = build_both()
+    assert first["loop_0"].treatment == 2
+    assert first["loop_1"].treatment == 0 and first["loop_1"].excluded["frequency_cap"] == 2
+    # Built again, each loop judges by the day as the other left it, not by its own rows.
+    assert build_both() == first
+    assert [row[0] for row in audience(engine, D)] == ["1", "2"]
+    assert audience(engine, D, "loop_1") == []
 
 
 def test_the_holdout_is_stable_and_about_the_configured_share(world):
