@@ -236,6 +236,31 @@ def test_a_condition_joins_only_what_it_reads(demo):
     assert "email_send_log" not in plans["segment"]
     assert "email_send_log" in plans["sent"]
     assert "classified_segments" not in plans["sent"]
+    # The day's end is worked out once, not once per email of the send log.
+    assert "InitPlan" in plans["sent"]
+    assert "as_of()" not in plans["sent"]
+
+
+def test_re_engagement_sent_can_read_the_send_log_from_its_index(demo):
+    """The emails' rendered bodies need not be read: an index holds all the view reads of the
+    loop's sent emails (a plan allowed no scan that reads the table takes it)."""
+    engine, url, day = demo
+    with engine.connect() as connection, connection.begin():
+        connection.execute(
+            text("""SELECT set_config('retention.partition_date', :day, true),
+                           set_config('retention.loop', 're_engagement', true),
+                           set_config('search_path', 'retention', true),
+                           set_config('enable_seqscan', 'off', true),
+                           set_config('enable_bitmapscan', 'off', true),
+                           set_config('enable_indexscan', 'off', true)"""),
+            {"day": day.isoformat()},
+        )
+        plan = "\n".join(
+            connection.execute(
+                text("EXPLAIN SELECT id FROM users WHERE NOT re_engagement_sent")
+            ).scalars()
+        )
+    assert "Index Only Scan using email_send_log_sent_by_loop_user" in plan
 
 
 def test_valid_sql_that_text_rules_refused_runs(demo):
