@@ -426,15 +426,20 @@ def build_audiences(
 ) -> dict[str, AudienceSummary]:
     """Replace the audiences of `loops` on `day`, loop by loop, each from its `candidates` (by
     loop name: the users its condition selects), in the caller's transaction (whose rest runs
-    under the batch settings, `tune_for_batch`: no JIT). The day's snapshot of the users they
-    read is read once for all of them (`_read_people`), not once per loop: finding them scans
-    the whole day's snapshot, at a million users a fifth of what a loop cost. Built at `now`
+    under the batch settings, `tune_for_batch`: no JIT; and ANALYZE samples a tenth of its
+    default). The day's snapshot of the users they read is read once for all of them
+    (`_read_people`), not once per loop: finding them scans the whole day's snapshot, at a
+    million users a fifth of what a loop cost. Built at `now`
     outside the send window, a loop's assignments are `simulated` (see `_simulated`): history
     that never enters the performance, the decisions or the variant shares. Raises
     DesignChangeRefused when a loop's design differs from the one the day (or a later one) was
     assigned under (see `audience.experiment`)."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     tune_for_batch(connection)
+    # The temporary tables' statistics are for their row counts and the share of each kind of
+    # row, which a tenth of the default sample tells as well: ANALYZE of the default sample
+    # took 0.4 s of the build at 1M users, this one a sixth of that.
+    connection.execute(text("SET LOCAL default_statistics_target = 10"))
     _read_people(connection, s, day, loops, candidates)
     _read_recent_audiences(connection, s, day, config.email.frequency_cap_days)
     return {
@@ -478,7 +483,8 @@ def _read_people(
     candidates, and the users of their episodes open or in their cooldown, or ended on the day,
     which a build of the day taken back reopens), with the address an email goes to (trimmed),
     its mailbox, and whether it is usable; read once, with statistics of its own. Every build
-    joins it by user: a user it holds needlessly changes nothing."""
+    joins it by user: a user it holds needlessly changes nothing. Each set of users is looked up
+    by a hash of its own, not their union made distinct first (0.2 s less at 1M users)."""
     connection.execute(
         text("CREATE TEMP TABLE audience_conditions (loop_name text, user_id text) ON COMMIT DROP")
     )
@@ -492,18 +498,22 @@ def _read_people(
     connection.execute(
         text(f"""
         CREATE TEMP TABLE audience_people ON COMMIT DROP AS
-        SELECT snap.user_id, snap.last_activity_at,
-               {trimmed_address_sql("snap.email")} AS address,
-               {mailbox_sql("snap.email")} AS mailbox,
-               {trimmed_address_sql("snap.email")} ~ :email_pattern AS usable
-        FROM {s}.user_activity_snapshot AS snap
-        WHERE snap.partition_date = :day AND snap.user_id IN (
-            SELECT user_id FROM audience_conditions
-            UNION
-            SELECT e.user_id FROM {s}.episodes AS e
-            WHERE e.loop_name = ANY(CAST(:loops AS text[]))
-              AND (e.ended_on IS NULL OR e.ended_on >= :day - :cooldown)
-        )"""),
+        SELECT trimmed.user_id, trimmed.last_activity_at, trimmed.address,
+               {mailbox_sql("trimmed.address")} AS mailbox,
+               trimmed.address ~ :email_pattern AS usable
+        FROM (
+            SELECT snap.user_id, snap.last_activity_at,
+                   {trimmed_address_sql("snap.email")} AS address
+            FROM {s}.user_activity_snapshot AS snap
+            WHERE snap.partition_date = :day
+              AND (snap.user_id IN (SELECT user_id FROM audience_conditions)
+                   OR snap.user_id IN (
+                       SELECT e.user_id FROM {s}.episodes AS e
+                       WHERE e.loop_name = ANY(CAST(:loops AS text[]))
+                         AND (e.ended_on IS NULL OR e.ended_on >= :day - :cooldown)))
+            -- Kept apart (OFFSET 0), so the address is trimmed once, not once per column.
+            OFFSET 0
+        ) AS trimmed"""),
         {
             "day": day,
             "loops": [loop.name for loop in loops],
@@ -588,9 +598,9 @@ def _build_loop(
     # set aside first, with statistics of their own: judging every recent episode's mailbox
     # took a second per loop at 1M users, and reading every recent episode of the loop a third
     # of one. Only the episodes of the candidates left and of the users of their mailboxes are
-    # read. Of a mailbox with one in an episode, the others are held back by it, so the lowest
-    # id is taken among the candidates left. A candidate without a usable address has no
-    # mailbox: nobody shares it.
+    # read (`sharing`: the users of their mailboxes, found once). Of a mailbox with one in an
+    # episode, the others are held back by it, so the lowest id is taken among the candidates
+    # left. A candidate without a usable address has no mailbox: nobody shares it.
     connection.execute(
         text(f"""
         CREATE TEMP TABLE audience_pending ON COMMIT DROP AS
@@ -605,24 +615,24 @@ def _build_loop(
     connection.execute(text("ANALYZE audience_pending"))
     held_back = connection.execute(
         text(f"""
-        WITH recent_episodes AS (
+        WITH sharing AS MATERIALIZED (
+            SELECT snap.user_id, snap.mailbox FROM audience_people AS snap
+            WHERE snap.mailbox IN (SELECT mailbox FROM audience_pending)
+        ),
+        recent_episodes AS (
             SELECT e.user_id, e.ended_on FROM {s}.episodes AS e
             WHERE e.loop_name = :loop AND (e.ended_on IS NULL OR e.ended_on > :day - :cooldown)
               AND e.user_id IN (
-                  SELECT user_id FROM audience_pending
-                  UNION
-                  SELECT snap.user_id FROM audience_people AS snap
-                  WHERE snap.mailbox IN (SELECT mailbox FROM audience_pending))
+                  SELECT user_id FROM audience_pending UNION SELECT user_id FROM sharing)
         ),
         in_cooldown AS (
             SELECT DISTINCT r.user_id FROM recent_episodes AS r
             WHERE r.user_id IN (SELECT user_id FROM audience_pending)
         ),
         by_mailbox AS (
-            SELECT snap.mailbox, bool_or(r.ended_on IS NULL) AS in_episode
+            SELECT sharing.mailbox, bool_or(r.ended_on IS NULL) AS in_episode
             FROM recent_episodes AS r
-            JOIN audience_people AS snap ON snap.user_id = r.user_id
-            WHERE snap.mailbox IN (SELECT mailbox FROM audience_pending)
+            JOIN sharing ON sharing.user_id = r.user_id
             GROUP BY 1
         ),
         judged AS (
