@@ -489,10 +489,12 @@ def _read_people(
         text("CREATE TEMP TABLE audience_conditions (loop_name text, user_id text) ON COMMIT DROP")
     )
     for loop in loops:
+        # Sent as one JSON text: an array parameter's elements are quoted one by one in Python
+        # (0.5 s for the three loops' 310,000 candidates at 1M users).
         connection.execute(
             text("""INSERT INTO audience_conditions
-                    SELECT :loop, unnest(CAST(:ids AS text[]))"""),
-            {"loop": loop.name, "ids": list(candidates[loop.name])},
+                    SELECT :loop, jsonb_array_elements_text(CAST(:ids AS jsonb))"""),
+            {"loop": loop.name, "ids": json.dumps(list(candidates[loop.name]))},
         )
     connection.execute(text("ANALYZE audience_conditions"))
     connection.execute(

