@@ -499,7 +499,7 @@ def _read_people(
         connection.execute(
             text("""INSERT INTO audience_conditions
                     SELECT :loop, jsonb_array_elements_text(CAST(:ids AS jsonb))"""),
-            {"loop": loop.name, "ids": json.dumps(list(candidates[loop.name]))},
+            {"loop": loop.name, "ids": json.dumps(list(candidates[loop.name]), ensure_ascii=False)},
         )
     connection.execute(text("ANALYZE audience_conditions"))
     connection.execute(
