@@ -221,9 +221,17 @@ def evaluate_outcomes(
         CROSS JOIN unnest(CAST(:windows AS int[])) AS w(days)
         LEFT JOIN first_return AS f
             ON f.partition_date = a.partition_date AND f.user_id = a.user_id
-        LEFT JOIN {s}.user_activity_snapshot AS snap
-            ON a.first_day - 1 + w.days <= :day
-           AND snap.partition_date = a.first_day - 1 + w.days AND snap.user_id = a.user_id
+        -- Looked up row by row (LIMIT 1 keeps PostgreSQL from making it a join): once
+        -- `reengagement_audience` had statistics, it estimated hundreds of millions of rows
+        -- and merged every kept day's snapshot, sorted on disk (55 s at 1M users, not 11 s).
+        LEFT JOIN LATERAL (
+            SELECT snap.user_id, snap.subscription_status, snap.monthly_amount_cents,
+                   snap.subscription_currency
+            FROM {s}.user_activity_snapshot AS snap
+            WHERE a.first_day - 1 + w.days <= :day
+              AND snap.partition_date = a.first_day - 1 + w.days AND snap.user_id = a.user_id
+            LIMIT 1
+        ) AS snap ON true
         RETURNING window_days, status, user_id, partition_date"""),
         params,
     ).all()
