@@ -434,9 +434,9 @@ def build_audiences(
     under the batch settings, `tune_for_batch`: no JIT; and ANALYZE samples a tenth of its
     default). The day's snapshot of the users they read is read once for all of them
     (`_read_people`), not once per loop: finding them scans the whole day's snapshot, at a
-    million users a fifth of what a loop cost. Built at `now`
-    outside the send window, a loop's assignments are `simulated` (see `_simulated`): history
-    that never enters the performance, the decisions or the variant shares. Raises
+    million users a fifth of what a loop cost. Built at `now` outside the send window, a loop's
+    assignments are `simulated` (see `_simulated`): history that never enters the performance,
+    the decisions or the variant shares. Raises
     DesignChangeRefused when a loop's design differs from the one the day (or a later one) was
     assigned under (see `audience.experiment`)."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
