@@ -436,9 +436,8 @@ def build_audiences(
     (`_read_people`), not once per loop: finding them scans the whole day's snapshot, at a
     million users a fifth of what a loop cost. Built at `now` outside the send window, a loop's
     assignments are `simulated` (see `_simulated`): history that never enters the performance,
-    the decisions or the variant shares. Raises
-    DesignChangeRefused when a loop's design differs from the one the day (or a later one) was
-    assigned under (see `audience.experiment`)."""
+    the decisions or the variant shares. Raises DesignChangeRefused when a loop's design differs
+    from the one the day (or a later one) was assigned under (see `audience.experiment`)."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     tune_for_batch(connection)
     # The temporary tables' statistics are for their row counts and the share of each kind of
