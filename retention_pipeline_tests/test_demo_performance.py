@@ -129,6 +129,13 @@ def test_thirty_daily_runs_find_the_demo_email_effect(create_database, tmp_path)
             ],
         )
     assert result.success
+    with engine.connect() as connection:
+        upkept = connection.execute(
+            text("""SELECT relname, last_vacuum IS NOT NULL AND last_analyze IS NOT NULL
+                    FROM pg_stat_user_tables WHERE schemaname = 'retention'
+                      AND relname IN ('episodes', 'reengagement_audience')""")
+        ).all()
+    assert dict(upkept) == {"episodes": True, "reengagement_audience": True}
     metadata = result.asset_materializations_for_node("retention__campaign_performance")[0].metadata
     lower = metadata["re_engagement/step_0/7d/lift_lower"].value
     upper = metadata["re_engagement/step_0/7d/lift_upper"].value

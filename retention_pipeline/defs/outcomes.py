@@ -7,6 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from retention_pipeline.config.models import LearnedSendTime, QuerySuccess
+from retention_pipeline.database.maintenance import vacuum_audience_tables
 from retention_pipeline.defs.audience import AUDIENCE
 from retention_pipeline.defs.partitions import (
     DayResult,
@@ -47,12 +48,16 @@ def build_outcome_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefini
         description=(
             "For every assignment, holdout and treatment, whether the user came back (the loop's "
             "success) within each window after it, as of the partition day; windows not over yet "
-            "are pending. Each day re-evaluates every assignment whose windows were still open."
+            "are pending. Each day re-evaluates every assignment whose windows were still open; "
+            "then the episodes and assignments are vacuumed and analyzed for the next audience."
         ),
     )
     def reengagement_outcomes(context: dg.AssetExecutionContext, app_database: AppDatabase):
         app_database.ensure_installed()
         yield from day_by_day(context, lambda day: _outcomes_day(context, app_database, day))
+        # Here, beside the send and off the morning's path to the first email, for tomorrow's
+        # audience.
+        vacuum_audience_tables(app_database.engine, app_database.schema)
 
     @dg.asset(
         key=PERFORMANCE,
