@@ -1,8 +1,9 @@
 """python -m benchmarks run --users N [--shape wide|deep|both] [--repeats R] [--url URL]
 [--output benchmarks/RESULTS.md]
 
-python -m benchmarks morning --users N [--shape wide|deep|both] [--url URL]
-[--output benchmarks/RESULTS-morning.md]: the morning's critical path alone (`run` measures it too)
+python -m benchmarks morning --users N [--shape wide|deep|both] [--repeats R] [--url URL]
+[--output benchmarks/RESULTS-morning.md]: the morning's critical path alone (`run` measures it too),
+R times (3 by default), each on a copy of the database its history left (room for two copies)
 
 python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
 [--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
@@ -89,6 +90,7 @@ def main() -> None:
     morning.add_argument("--shape", choices=[*SHAPES, "both"], default="wide")
     morning.add_argument("--url", default=DEFAULT_URL)
     morning.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-morning.md"))
+    morning.add_argument("--repeats", type=int, default=3)
     sources = commands.add_parser(
         "sources", help="capture of a time updated in place, and the drain of several sources"
     )
@@ -183,7 +185,7 @@ def main() -> None:
             Options(
                 users=args.users,
                 shapes=list(SHAPES) if args.shape == "both" else [args.shape],
-                repeats=1,
+                repeats=args.repeats,
                 server_url=normalize_url(args.url),
                 output=args.output,
                 growth_users=0,

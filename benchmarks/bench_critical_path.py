@@ -9,6 +9,9 @@ daily runs of the days before (`HISTORY_DAYS`), run the same way, and the recent
 are sent as their mornings sent them, so the measured send run finds only its own day's audience
 to claim (checked). The app's writes since the hourly drain are written once the history is
 done, so the measured drain is the one that folds them.
+The history is run once (`run_history`); the morning (`run_critical_path`) can then be run
+again and again on copies of the database it left: a day's morning happens once, but its
+copies can be measured side by side, and each statement of one logged or explained.
 The daily run's steps the first email waits for (`PATH_STEPS`) run first, the others (the
 rollup's reconciliation check, outcomes, performance: `BESIDE_STEPS`) once the first send run is
 done, and are reported apart. In production they do not delay the first email but load the
@@ -117,12 +120,10 @@ def capture_half_an_hour(url: str, end: datetime) -> int:
     return written
 
 
-def critical_path_step(
-    label: str, url: str, config_path: Path, day: date, capture_end: datetime
-) -> dict:
+def history_step(label: str, url: str, config_path: Path, day: date, capture_end: datetime) -> dict:
     """A worker step (see `benchmarks.worker`): the daily runs of the `HISTORY_DAYS` days before
-    `day`, then the critical path of `day`, the app's writes of the half hour after
-    `capture_end` (the start of today) waiting in the capture."""
+    `day` and the send runs they ask for, then the app's writes of the half hour after
+    `capture_end` (the start of today) left waiting in the capture."""
     return {
         "label": label,
         "url": url,
@@ -135,38 +136,26 @@ def critical_path_step(
     }
 
 
-def run_critical_path(
-    config_path: str,
-    day: date,
-    history: Sequence[date],
-    capture_end: datetime,
-    instance: dg.DagsterInstance,
-) -> dict[str, float]:
-    """Run the history's daily runs and the send runs their audiences ask for, write the half
-    hour of app activity (`capture_half_an_hour`), then time `day`'s morning; return seconds per
-    part of `PARTS` and of `BESIDE_STEPS`, with `total` (the daily run's start to the first
-    accepted email), `emails` (the first send run's accepted emails), `send run` (its whole
-    time) and `app rows` (the activity the morning's drain found)."""
+def morning_step(label: str, url: str, config_path: Path, day: date) -> dict:
+    """A worker step: the critical path of `day` on a database its `history_step` prepared."""
+    return {
+        "label": label,
+        "url": url,
+        "config": str(config_path),
+        "critical_path": {"day": day.isoformat()},
+    }
+
+
+def run_history(
+    config_path: str, history: Sequence[date], capture_end: datetime, instance: dg.DagsterInstance
+) -> int:
+    """Run the history's daily runs and the send runs their audiences ask for, then write the
+    half hour of app activity (`capture_half_an_hour`); return how many rows the app wrote."""
     os.environ[RESEND_KEY_ENV_VAR] = API_KEY
     config = load_config(config_path)
     definitions = build_definitions(config)
     daily = definitions.resolve_job_def("daily_retention")
-    sensor = definitions.resolve_sensor_def("send_on_new_audience")
-
-    def send_runs(cursor: str | None) -> tuple[list[dg.RunRequest], str | None]:
-        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=definitions)
-        requests = [item for item in sensor(context) or [] if isinstance(item, dg.RunRequest)]
-        return requests, context.cursor
-
-    def send(request: dg.RunRequest) -> dg.ExecuteInProcessResult:
-        result = definitions.resolve_job_def(request.job_name).execute_in_process(
-            partition_key=request.partition_key, instance=instance, tags=request.tags
-        )
-        if not result.success:
-            raise RuntimeError(f"the send run {request.run_key} failed")
-        return result
-
-    with serve_fake_resend(api_key=API_KEY) as fake:
+    with serve_fake_resend(api_key=API_KEY):
         for earlier in history:
             if not daily.execute_in_process(
                 partition_key=earlier.isoformat(), instance=instance
@@ -174,11 +163,46 @@ def run_critical_path(
                 raise RuntimeError(f"the daily run of {earlier} failed")
         # The history's recent audiences are sent, as their own mornings sent them: the
         # measured send run then finds only its own day's audience to claim.
-        requests, cursor = send_runs(None)
-        for request in requests:
-            send(request)
-        app_rows = capture_half_an_hour(config.database.url, capture_end)
+        for request in send_requests(definitions, instance, None)[0]:
+            send(definitions, request, instance)
+    return capture_half_an_hour(config.database.url, capture_end)
 
+
+def send_requests(
+    definitions: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[list[dg.RunRequest], str | None]:
+    """The send sensor's run requests after `cursor`, and its new cursor."""
+    sensor = definitions.resolve_sensor_def("send_on_new_audience")
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=definitions)
+    requests = [item for item in sensor(context) or [] if isinstance(item, dg.RunRequest)]
+    return requests, context.cursor
+
+
+def send(
+    definitions: dg.Definitions, request: dg.RunRequest, instance: dg.DagsterInstance
+) -> dg.ExecuteInProcessResult:
+    result = definitions.resolve_job_def(request.job_name).execute_in_process(
+        partition_key=request.partition_key, instance=instance, tags=request.tags
+    )
+    if not result.success:
+        raise RuntimeError(f"the send run {request.run_key} failed")
+    return result
+
+
+def run_critical_path(
+    config_path: str, day: date, instance: dg.DagsterInstance
+) -> dict[str, float]:
+    """Time `day`'s morning on a database its history was run on (`run_history`), in an
+    `instance` that has not seen that history (so the send sensor, from no cursor, asks only for
+    the morning's send runs); return seconds per part of `PARTS` and of `BESIDE_STEPS`, with
+    `total` (the daily run's start to the first accepted email), `emails` (the first send run's
+    accepted emails), `send run` (its whole time) and `send runs asked`."""
+    os.environ[RESEND_KEY_ENV_VAR] = API_KEY
+    config = load_config(config_path)
+    definitions = build_definitions(config)
+    daily = definitions.resolve_job_def("daily_retention")
+
+    with serve_fake_resend(api_key=API_KEY) as fake:
         # The daemon's run executes every step; the first email waits only for those of
         # `PATH_STEPS`, so they run first, and the rest once the first send run is done.
         path_run = daily.get_subset(
@@ -204,12 +228,12 @@ def run_critical_path(
         )
 
         sensor_started = time.monotonic()
-        requests, _ = send_runs(cursor)
+        requests, _ = send_requests(definitions, instance, None)
         parts["sensor"] = time.monotonic() - sensor_started
         if not requests:
             raise RuntimeError(f"the sensor asked for no send run of {day}")
         send_started = time.monotonic()
-        send(requests[0])
+        send(definitions, requests[0], instance)
         send_seconds = time.monotonic() - send_started
         accepted = [
             request
@@ -237,7 +261,6 @@ def run_critical_path(
         "send run": send_seconds,
         "emails": float(sum(len(request.emails) for request in accepted)),
         "send runs asked": float(len(requests)),
-        "app rows": float(app_rows),
     }
 
 

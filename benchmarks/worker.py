@@ -5,7 +5,7 @@ start_date precedes every day of the plan: the daily partitions are built from i
 
 A step is a Dagster materialization of `assets` over `days` (in order, as the defs allow a
 backfill to run: see `backfill`), one SQL statement (`sql`, with `parameters`), or a morning's
-critical path (`critical_path`: see `benchmarks.bench_critical_path`). Around each,
+history or critical path (`critical_path`: see `benchmarks.bench_critical_path`). Around each,
 the scratch database's `pg_stat_database.temp_bytes` is read; the step's connections are closed
 first, since a backend reports its temp files only when idle for a while or when it exits.
 """
@@ -25,7 +25,7 @@ import dagster as dg
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
-from benchmarks.bench_critical_path import run_critical_path
+from benchmarks.bench_critical_path import run_critical_path, run_history
 from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.defs.partitions import daily_partitions
 from retention_pipeline.defs.segments import build_segment_assets
@@ -129,12 +129,17 @@ def run_materialization(step: dict, instance: dg.DagsterInstance) -> StepResult:
 
 
 def run_morning(step: dict, instance: dg.DagsterInstance) -> StepResult:
+    """A morning's history (`parts` holds only `app rows`), or the morning itself."""
     plan = step["critical_path"]
     day = date.fromisoformat(plan["day"])
-    history = [day - timedelta(days=n) for n in range(plan["history_days"], 0, -1)]
     started = time.perf_counter()
-    capture_end = datetime.fromisoformat(plan["capture_end"])
-    parts = run_critical_path(step["config"], day, history, capture_end, instance)
+    if "history_days" in plan:
+        history = [day - timedelta(days=n) for n in range(plan["history_days"], 0, -1)]
+        capture_end = datetime.fromisoformat(plan["capture_end"])
+        app_rows = run_history(step["config"], history, capture_end, instance)
+        seconds = time.perf_counter() - started
+        return StepResult(step["label"], seconds, seconds, 0, parts={"app rows": app_rows})
+    parts = run_critical_path(step["config"], day, instance)
     seconds = time.perf_counter() - started
     return StepResult(step["label"], seconds, parts["total"], 0, parts=parts)
 

@@ -9,7 +9,10 @@ import re
 from pathlib import Path
 
 from benchmarks import bench_audience
-from benchmarks.run import BACKFILL_DAYS, HISTORIES, Options, run
+from benchmarks.run import BACKFILL_DAYS, HISTORIES, Options, run, run_morning
+
+# A row of the morning's parts: its name, its median and its range over the repeats.
+PART_ROW = r"^\| [A-Za-z][^|]* \| ([0-9.]+) \| [0-9.]+–[0-9.]+ \|$"
 
 
 def test_the_benchmark_writes_every_section_with_sane_figures(
@@ -71,13 +74,11 @@ def test_the_benchmark_writes_every_section_with_sane_figures(
     morning = report.split("### The morning's critical path")[1].split("\n### ")[0]
     path, beside = morning.split("does not wait for")
     total = float(re.search(r"first email accepted\*\* \| \*\*([0-9.]+)\*\*", path)[1])
-    parts = [
-        float(value) for value in re.findall(r"^\| [A-Za-z][^|]* \| ([0-9.]+) \|$", path, re.M)
-    ]
+    parts = [float(value) for value in re.findall(PART_ROW, path, re.M)]
     assert len(parts) == 7
     assert 0 < sum(parts) <= total + 0.1  # the parts are rounded to 0.01 s each
     # The steps run beside the send: the rollup's reconciliation, outcomes and performance.
-    beside_steps = re.findall(r"^\| ([a-z][^|]*) \| ([0-9.]+) \|$", beside, re.M)
+    beside_steps = re.findall(r"^\| ([a-z][^|]*) \| ([0-9.]+) \| [0-9.]+–[0-9.]+ \|$", beside, re.M)
     assert [step for step, _ in beside_steps] == [
         "rollup reconciliation (check)",
         "outcomes",
@@ -107,3 +108,29 @@ def test_the_audience_benchmark_builds_every_loop_over_a_history_that_takes_ever
     for reason in ("no_email", "suppressed", "shared_address", "frequency_cap", "cooldown"):
         assert sum(summary.excluded[reason] for summary in summaries), reason
     assert "| 10,000 | all 3 loops |" in bench_audience.render([figures])
+
+
+def test_the_morning_benchmark_runs_the_same_morning_on_each_copy(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    output = tmp_path / "RESULTS-morning.md"
+    run_morning(
+        Options(
+            users=150,
+            shapes=["wide"],
+            repeats=2,
+            server_url=postgres_server_url,
+            output=output,
+            growth_users=0,
+            capture_seconds=0,
+            emails=0,
+        )
+    )
+    report = output.read_text()
+
+    # Both repeats sent the same first batch (checked by the benchmark, which stops otherwise),
+    # each on its own copy of the database the history left.
+    assert "The same morning was run 2 times, each on its own copy" in report
+    assert re.search(r"send runs in every repeat; the first sent [1-9][0-9,]* emails", report)
+    assert len(re.findall(PART_ROW, report, re.M)) == 7 + 3
+    assert re.search(r"audience step / snapshot step \(3 loops\): [0-9.]+ x", report)
