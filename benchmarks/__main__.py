@@ -3,7 +3,7 @@
 
 python -m benchmarks morning --users N [--shape wide|deep|both] [--repeats R] [--url URL]
 [--output benchmarks/RESULTS-morning.md]: the morning's critical path alone (`run` measures it too),
-R times (3 by default), each on a copy of the database its history left (room for two copies)
+R times (3 by default), each on a copy of the database its history left (room for one more copy)
 
 python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
 [--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
@@ -48,6 +48,13 @@ DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 GROWTH_USERS_CAP = 20_000
 
 
+def _repeats(value: str) -> int:
+    repeats = int(value)
+    if repeats < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {repeats}")
+    return repeats
+
+
 def _worst_case_options(
     command: argparse.ArgumentParser, defaults: bench_sources.Options, *, repeats: int
 ) -> None:
@@ -65,7 +72,7 @@ def main() -> None:
     command = commands.add_parser("run", help="every figure, written to a Markdown file")
     command.add_argument("--users", type=int, required=True)
     command.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
-    command.add_argument("--repeats", type=int, default=3)
+    command.add_argument("--repeats", type=_repeats, default=3)
     command.add_argument(
         "--url", default=DEFAULT_URL, help="a database of the server (scratch ones are created)"
     )
@@ -90,7 +97,7 @@ def main() -> None:
     morning.add_argument("--shape", choices=[*SHAPES, "both"], default="wide")
     morning.add_argument("--url", default=DEFAULT_URL)
     morning.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-morning.md"))
-    morning.add_argument("--repeats", type=int, default=3)
+    morning.add_argument("--repeats", type=_repeats, default=3)
     sources = commands.add_parser(
         "sources", help="capture of a time updated in place, and the drain of several sources"
     )

@@ -361,6 +361,8 @@ def measure_shape(
         server.drop(database.url)
 
     print(f"{shape.name}: capture ...", flush=True)
+    # The morning ran on copies: the app's half hour before it still waits in `main`'s capture.
+    update_rollup(engine, main.config)
     for label, load in CAPTURE_LOADS:
         without, with_capture = [], []
         for _repeat in range(options.repeats):
@@ -690,6 +692,8 @@ def render_morning(results: ShapeResults) -> tuple[list[str], list[list[str]]]:
         + "database as the history left it (a copy of its files: it starts from a checkpoint, "
         "none of its pages in PostgreSQL's buffers).",
         "",
+        "Each part's median is its own: the medians need not add up to the total's.",
+        "",
         "| part | seconds, median | min–max |",
         "|---|---|---|",
         *(row(part, each(part)) for part in PARTS),
@@ -708,15 +712,15 @@ def render_morning(results: ShapeResults) -> tuple[list[str], list[list[str]]]:
         f"{statistics.median(each('send run')):.1f} s (median).",
     ]
     # Each repeat's audience against its own snapshot: the two ran side by side.
-    audience_vs_snapshot = statistics.median(ratios(each("audience"), each("snapshot")))
-    total = statistics.median(each("total"))
+    audience_vs_snapshot = ratios(each("audience"), each("snapshot"))
+    total = each("total")
     targets = [
         [
             shape.name,
             "audience step / snapshot step (3 loops)",
-            f"{audience_vs_snapshot:.2f} x",
+            spread(audience_vs_snapshot, "x"),
             "≤ 0.5",
-            verdict(audience_vs_snapshot, 0.5),
+            verdict(statistics.median(audience_vs_snapshot), 0.5),
         ]
     ]
     if shape.name == "wide":
@@ -724,9 +728,9 @@ def render_morning(results: ShapeResults) -> tuple[list[str], list[list[str]]]:
             [
                 shape.name,
                 "daily run's start to the first email",
-                f"{total:.1f} s",
+                spread(total, "s", 1),
                 f"≤ {MORNING_SECONDS} s (1M users)",
-                verdict(total, MORNING_SECONDS),
+                verdict(statistics.median(total), MORNING_SECONDS),
             ]
         )
     return lines, targets
