@@ -163,19 +163,17 @@ def run_history(
                 raise RuntimeError(f"the daily run of {earlier} failed")
         # The history's recent audiences are sent, as their own mornings sent them: the
         # measured send run then finds only its own day's audience to claim.
-        for request in send_requests(definitions, instance, None)[0]:
+        for request in send_requests(definitions, instance):
             send(definitions, request, instance)
     return capture_half_an_hour(config.database.url, capture_end)
 
 
-def send_requests(
-    definitions: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None
-) -> tuple[list[dg.RunRequest], str | None]:
-    """The send sensor's run requests after `cursor`, and its new cursor."""
+def send_requests(definitions: dg.Definitions, instance: dg.DagsterInstance) -> list[dg.RunRequest]:
+    """The send sensor's run requests from no cursor: for every audience materialization
+    `instance` has stored."""
     sensor = definitions.resolve_sensor_def("send_on_new_audience")
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=definitions)
-    requests = [item for item in sensor(context) or [] if isinstance(item, dg.RunRequest)]
-    return requests, context.cursor
+    context = dg.build_sensor_context(instance=instance, definitions=definitions)
+    return [item for item in sensor(context) or [] if isinstance(item, dg.RunRequest)]
 
 
 def send(
@@ -228,7 +226,7 @@ def run_critical_path(
         )
 
         sensor_started = time.monotonic()
-        requests, _ = send_requests(definitions, instance, None)
+        requests = send_requests(definitions, instance)
         parts["sensor"] = time.monotonic() - sensor_started
         if not requests:
             raise RuntimeError(f"the sensor asked for no send run of {day}")
