@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,9 +14,11 @@ from typing import Any
 import dagster as dg
 import yaml
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
 
 from retention_pipeline.config import RetentionConfig, parse_config
 from retention_pipeline.config.loader import project_root
+from retention_pipeline.database.connection import create_app_engine
 from retention_pipeline.defs import build_definitions
 from retention_pipeline.demo import seed_demo
 from retention_pipeline.tracking.install import install
@@ -144,3 +149,34 @@ def daily_assets(*names: str) -> list[dg.AssetsDefinition]:
     assets = [asset for asset in defs.assets or () if isinstance(asset, dg.AssetsDefinition)]
     by_key = {asset.key: asset for asset in assets}
     return [by_key[dg.AssetKey(["retention", name])] for name in names]
+
+
+@contextmanager
+def login_role(owner: Engine, url: str, grants: Sequence[str]) -> Iterator[tuple[str, Engine]]:
+    """A new login role, given `grants` (statements naming it `{role}`) by `owner`, and an app
+    engine logged in as it at `url`'s database; the role and what it owns are dropped after."""
+    role = f"rp_role_{uuid.uuid4().hex[:8]}"
+    with owner.begin() as connection:
+        connection.execute(text(f"CREATE ROLE {role} LOGIN"))
+        for grant in grants:
+            connection.execute(text(grant.format(role=role)))
+    engine = create_app_engine(make_url(url).set(username=role).render_as_string())
+    try:
+        yield role, engine
+    finally:
+        engine.dispose()
+        with owner.begin() as connection:
+            connection.execute(text(f"DROP OWNED BY {role}"))
+            connection.execute(text(f"DROP ROLE {role}"))
+
+
+def audience_tables_vacuumed(engine: Engine) -> dict[str, bool]:
+    """Per audience table, whether it was vacuumed and analyzed (not by autovacuum)."""
+    with engine.connect() as connection:
+        return dict(
+            connection.execute(
+                text("""SELECT relname, last_vacuum IS NOT NULL AND last_analyze IS NOT NULL
+                        FROM pg_stat_user_tables WHERE schemaname = 'retention'
+                          AND relname IN ('episodes', 'reengagement_audience')""")
+            ).all()
+        )

@@ -23,7 +23,11 @@ from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, shipped_asset
+from retention_pipeline_tests.helpers import (
+    SHIPPED_DOCUMENT,
+    audience_tables_vacuumed,
+    shipped_asset,
+)
 
 user_activity_snapshot = shipped_asset(SNAPSHOT)
 engagement_segments = shipped_asset(SEGMENTS)
@@ -129,13 +133,7 @@ def test_thirty_daily_runs_find_the_demo_email_effect(create_database, tmp_path)
             ],
         )
     assert result.success
-    with engine.connect() as connection:
-        upkept = connection.execute(
-            text("""SELECT relname, last_vacuum IS NOT NULL AND last_analyze IS NOT NULL
-                    FROM pg_stat_user_tables WHERE schemaname = 'retention'
-                      AND relname IN ('episodes', 'reengagement_audience')""")
-        ).all()
-    assert dict(upkept) == {"episodes": True, "reengagement_audience": True}
+    assert audience_tables_vacuumed(engine) == {"episodes": True, "reengagement_audience": True}
     metadata = result.asset_materializations_for_node("retention__campaign_performance")[0].metadata
     lower = metadata["re_engagement/step_0/7d/lift_lower"].value
     upper = metadata["re_engagement/step_0/7d/lift_upper"].value

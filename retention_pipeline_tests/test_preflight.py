@@ -3,15 +3,12 @@ not show: a table the pipeline's role may not read, a pipeline table gone missin
 
 from __future__ import annotations
 
-import uuid
-
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from retention_pipeline.database.connection import create_app_engine
 from retention_pipeline.preflight import preflight
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import make_config
+from retention_pipeline_tests.helpers import login_role, make_config
 
 
 def test_a_healthy_installation_plans_every_statement(app_database_url):
@@ -56,20 +53,15 @@ def test_a_table_the_role_may_not_read_is_one_line(app_database_url):
     config = make_config(app_database_url)
     owner = create_engine(app_database_url)
     install(owner, config)
-    role = f"rp_reader_{uuid.uuid4().hex[:8]}"
-    with owner.begin() as connection:
-        connection.execute(text(f"CREATE ROLE {role} LOGIN"))
-        connection.execute(text(f"GRANT USAGE ON SCHEMA retention TO {role}"))
-        connection.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA retention TO {role}"))
-        connection.execute(text(f"GRANT SELECT ON users, events, sessions TO {role}"))
-    reader = create_app_engine(make_url(app_database_url).set(username=role).render_as_string())
+    grants = [
+        "GRANT USAGE ON SCHEMA retention TO {role}",
+        "GRANT ALL ON ALL TABLES IN SCHEMA retention TO {role}",
+        "GRANT SELECT ON users, events, sessions TO {role}",
+    ]
     try:
-        report = preflight(reader, make_config(app_database_url))
+        with login_role(owner, app_database_url, grants) as (role, reader):
+            report = preflight(reader, make_config(app_database_url))
     finally:
-        reader.dispose()
-        with owner.begin() as connection:
-            connection.execute(text(f"DROP OWNED BY {role}"))
-            connection.execute(text(f"DROP ROLE {role}"))
         owner.dispose()
     assert report.problems == [
         "database.tables.subscriptions: the snapshot's read would fail: "
