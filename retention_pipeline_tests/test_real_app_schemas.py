@@ -24,7 +24,7 @@ from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.apps.cohorts import HISTORY_DAYS
+from retention_pipeline_tests.apps.cohorts import HISTORY_DAYS, visits_on
 from retention_pipeline_tests.helpers import shipped_asset, shipped_job, write_config
 
 EXAMPLES = project_root() / "examples"
@@ -65,11 +65,12 @@ def run_day():
     return datetime.now(UTC).date() - timedelta(days=1)
 
 
-def load_until_the_day_before(url: str, history: ModuleType, day) -> None:
+def load_until_the_day_before(url: str, history: ModuleType, day, live_days: int = 1) -> None:
+    """The app's history up to `live_days` days before `day`: what the app holds at install."""
     engine = create_engine(url)
     with engine.begin() as connection:
         history.create(connection)
-        history.load(connection, day, first_offset=HISTORY_DAYS - 1, last_offset=1)
+        history.load(connection, day, first_offset=HISTORY_DAYS - 1, last_offset=live_days)
     engine.dispose()
 
 
@@ -81,9 +82,18 @@ def rows(url: str, sql: str, **params) -> list:
     return result
 
 
+def visits_in_the_last_week(app: str, user) -> int:
+    """The visits the fixture made in the run day's 7-day window: each burst of writes is one;
+    cal.com's readers leave only `lastActiveAt`, which the app moves once a day."""
+    per_day = [visits_on(user, offset) for offset in range(7)]
+    if app == "calcom" and user.cohort == "reader":
+        return sum(1 for visits in per_day if visits)
+    return sum(per_day)
+
+
 @pytest.mark.parametrize("app", list(APPS))
 def test_each_example_maps_its_app_and_the_daily_run_is_right_user_by_user(
-    app, app_database, tmp_path: Path, monkeypatch
+    app, app_database, tmp_path: Path, monkeypatch, capsys
 ):
     url = app_database(app)
     history = history_of(app)
@@ -93,16 +103,26 @@ def test_each_example_maps_its_app_and_the_daily_run_is_right_user_by_user(
     monkeypatch.setenv("RETENTION_UNSUBSCRIBE_SECRET", "unsubscribe-secret-for-tests")
     monkeypatch.setenv("RESEND_API_KEY", "re_test_key")
     monkeypatch.setenv("RETENTION_START_DATE", str(day - timedelta(days=7)))
-    load_until_the_day_before(url, history, day)
+    # Installed a week before the run day: what the app updates in place (a session's refresh
+    # time, a last-seen column) is captured from then on, and the run day's 7-day figures
+    # count every visit (before install, such a column holds only its latest value).
+    load_until_the_day_before(url, history, day, live_days=7)
 
     assert main(["--config", str(example), "check"]) == 0
     assert main(["--config", str(example), "db", "upgrade"]) == 0
     engine = create_engine(url)
-    with engine.begin() as connection:  # the run day, live: the triggers see it
-        history.load(connection, day, first_offset=0, last_offset=0)
+    with engine.begin() as connection:  # the last week, live: the triggers see it
+        history.load(connection, day, first_offset=6, last_offset=0)
     config = load_config(str(example))
     update_rollup(engine, config)
     engine.dispose()
+
+    capsys.readouterr()
+    assert main(["--config", str(example), "check"]) == 0  # installed: every plan checked
+    checked = capsys.readouterr().out
+    assert "not checked" not in checked, checked
+    for spec in config.database.activity_sources():
+        assert f"source `{spec.name}` (" in checked, (spec.name, checked)
 
     resources = {
         "app_database": AppDatabase(config_path=str(example)),
@@ -131,14 +151,15 @@ def test_each_example_maps_its_app_and_the_daily_run_is_right_user_by_user(
     )
     audience = {row[0] for row in rows(url, "SELECT user_id FROM retention.reengagement_audience")}
     sent = {row[0] for row in rows(url, "SELECT user_id FROM retention.email_send_log")}
-    names = dict(
-        rows(
+    snapshot = {
+        user_id: (name, visits, events, [action["name"] for action in last_actions])
+        for user_id, name, visits, events, last_actions in rows(
             url,
-            "SELECT user_id, name FROM retention.user_activity_snapshot "
-            "WHERE partition_date = :day",
+            "SELECT user_id, name, sessions_7d, events_7d, last_actions "
+            "FROM retention.user_activity_snapshot WHERE partition_date = :day",
             day=day,
         )
-    )
+    }
     for user in history.USERS:
         user_id = history.user_id(user)
         if user.exclusion:
@@ -151,9 +172,15 @@ def test_each_example_maps_its_app_and_the_daily_run_is_right_user_by_user(
             assert "visits" in reason, reason
         elif user.cohort == "quiet":
             assert segment == "dormant", (user_id, segment, reason)
-        else:
+        else:  # readers too: their sign-ins and refreshes alone show their use
             assert segment == "active", (user.cohort, user_id, segment, reason)
-        assert names[user_id] == user.full_name
+        name, visits, events, actions = snapshot[user_id]
+        assert name == user.full_name
+        # Every source counted, inserted or updated in place, and none twice.
+        assert visits == visits_in_the_last_week(app, user), (user.cohort, user_id)
+        assert (events > 0) == (user.cohort != "reader" and visits > 0), (user.cohort, user_id)
+        if app == "nestjs_boilerplate" and history.creates_projects(user):
+            assert actions == ["project.created"], (user_id, actions)  # the second table
     assert audience & sent  # the treated part of the audience was emailed
 
 

@@ -8,6 +8,9 @@ triggers, then loads `run_day` live.
 
 Cohorts (by index):
 - steady: active 5 days a week, 1 or 2 visits a day (about 7.5 visits a week), also on run_day;
+- reader: visits as steady users do, but writes nothing of the app's own: the only trace of a
+  visit is the app's sign-in, session refresh or last-seen time, so only the login sources
+  (inserted, or updated in place) show that they are there;
 - dropped: 10 visits a week until a week ago, then a single visit (offset 2): use fell by 90%;
 - quiet: steady until 10 days ago, then nothing (gone quiet for more than 7 days);
 - excluded:<kind>: an account the app marks as never to be emailed (soft-deleted, disabled,
@@ -24,6 +27,7 @@ from datetime import UTC, date, datetime, timedelta
 
 HISTORY_DAYS = 70
 USERS = 300
+READERS = range(180, 200)
 DROPPED = range(200, 230)
 QUIET = range(230, 260)
 EXCLUDED_FROM = 260  # 4 users per exclusion kind from here; the rest of the 300 are steady
@@ -36,7 +40,7 @@ LAST_NAMES = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Al
 @dataclass(frozen=True)
 class AppUser:
     index: int
-    cohort: str  # steady | dropped | quiet | excluded:<kind>
+    cohort: str  # steady | reader | dropped | quiet | excluded:<kind>
     first_name: str
     last_name: str
 
@@ -65,7 +69,9 @@ def app_users(exclusion_kinds: list[str]) -> list[AppUser]:
     users = []
     for index in range(USERS):
         cohort = "steady"
-        if index in DROPPED:
+        if index in READERS:
+            cohort = "reader"
+        elif index in DROPPED:
             cohort = "dropped"
         elif index in QUIET:
             cohort = "quiet"
@@ -96,7 +102,7 @@ def visits_on(user: AppUser, offset: int) -> int:
     """How many visits the user makes on the day `offset` days before run_day."""
     steady_day = (offset + user.index) % 7 not in (0, 3)
     steady = (1 + (offset + user.index) % 2) if steady_day else 0
-    if user.cohort == "steady":
+    if user.cohort in ("steady", "reader"):
         return steady
     if user.cohort == "quiet" or (user.exclusion and user.index % 4 < 2):
         return steady if offset >= 10 else 0

@@ -57,6 +57,8 @@ def load(
             times = visit_times(user, day, offset)
             if times:  # updateLastActiveAt: at most once a day, on the day's first request
                 seen.append({"id": user.index + 1, "at": naive(times[0])})
+            if user.cohort == "reader":  # no booking: the last-seen time is the only trace
+                continue
             for visit, moment in enumerate(times):
                 start = naive(moment + timedelta(days=3))
                 bookings.append(

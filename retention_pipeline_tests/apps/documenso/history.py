@@ -63,6 +63,8 @@ def load(
                     sign_ins.append({"user": user.index + 1, "at": at})
                 else:
                     extended.append({"id": session, "at": at})
+                if user.cohort == "reader":  # nothing written but the sign-in
+                    continue
                 envelope = f"envelope_{user.index}_{offset}_{visit}"
                 envelopes.append(
                     {

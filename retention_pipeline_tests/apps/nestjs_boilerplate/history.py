@@ -1,5 +1,6 @@
 """brocoders/nestjs-boilerplate's history, written as the app writes it (see schema.sql): a
-session INSERTed at sign-in and refreshed in place, comments and projects INSERTed, users
+session INSERTed at sign-in and refreshed in place, comments and projects INSERTed (a fifth
+of the steady users only create projects; readers write neither), users
 soft-deleted (`deletedAt`) or set inactive (`statusId` 2) by an admin."""
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ SCHEMA = Path(__file__).with_name("schema.sql")
 EXCLUSION_KINDS = ["soft_deleted", "inactive"]
 USERS = app_users(EXCLUSION_KINDS)
 COMMENTS = uuid.UUID("9b2d4a1e-5c7f-4e3a-8b6d-1f0e2c3a4b5d")
+PROJECTS = uuid.UUID("4c8e2f0a-7d1b-4a6e-9c3f-2b5d8e1a0f7c")
+CREATE_PROJECT = (
+    'INSERT INTO "project" ("id", "name", "ownerId", "createdAt", "updatedAt") '
+    "VALUES (:project, :name, :id, :at, :at)"
+)
+
+
+def creates_projects(user: AppUser) -> bool:
+    """Whether the user's visits create projects rather than post comments: activity found
+    only in the second of the app's two tables."""
+    return user.cohort == "steady" and user.index % 5 == 0
 
 
 def user_id(user: AppUser) -> str:
@@ -49,7 +61,7 @@ def load(
     if first_offset == HISTORY_DAYS - 1:
         _sign_up(connection, run_day)
     for day, offset in days(run_day, first_offset, last_offset):
-        sign_ins, refreshes, comments = [], [], []
+        sign_ins, refreshes, comments, projects = [], [], [], []
         for user in USERS:
             for visit, moment in enumerate(visit_times(user, day, offset)):
                 session = {"id": user.index * 100 + session_week(offset) + 1, "at": naive(moment)}
@@ -58,6 +70,18 @@ def load(
                     sign_ins.append({**session, "user": user.index + 1, "hash": hash_})
                 else:
                     refreshes.append({**session, "hash": hash_})
+                if user.cohort == "reader":
+                    continue
+                if creates_projects(user):
+                    projects.append(
+                        {
+                            "project": uuid.uuid5(PROJECTS, f"{user.index}-{offset}-{visit}"),
+                            "name": f"Sprint {offset}.{visit}",
+                            "id": user.index + 1,
+                            "at": naive(moment),
+                        }
+                    )
+                    continue
                 for number in range(1 + (offset + visit) % 2):
                     comments.append(
                         {
@@ -89,6 +113,8 @@ def load(
                 ),
                 comments,
             )
+        if projects:
+            connection.execute(text(CREATE_PROJECT), projects)
         _exclude(connection, day, offset)
 
 
@@ -119,13 +145,7 @@ def _sign_up(connection: Connection, run_day: date) -> None:
     connection.exec_driver_sql(
         """SELECT setval(pg_get_serial_sequence('"user"', 'id'), (SELECT max("id") FROM "user"))"""
     )
-    connection.execute(
-        text(
-            'INSERT INTO "project" ("id", "name", "ownerId", "createdAt", "updatedAt") '
-            "VALUES (:project, 'My first project', :id, :at, :at)"
-        ),
-        rows,
-    )
+    connection.execute(text(CREATE_PROJECT), [{**row, "name": "My first project"} for row in rows])
 
 
 def _exclude(connection: Connection, day: date, offset: int) -> None:
