@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text
 
 from retention_pipeline.audience.build import build_audience, build_audiences
 from retention_pipeline.config import parse_config
+from retention_pipeline.recipients.suppressions import unsubscribe_user
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
@@ -441,3 +442,41 @@ def test_an_installed_database_keeps_episodes_in_their_arms_and_one_twin_a_day(w
         ("1", 1, "re_engagement_follow_up", other_arm)
     ]
     assert follow_up.excluded["shared_address"] == 1
+
+
+def test_an_unsubscribe_after_the_user_was_erased_keeps_their_mailbox_from_the_next_account(
+    world,
+):
+    """Ada is emailed, deletes her account (erased: her address is gone from the send log), then
+    clicks unsubscribe in that email, and signs up again with the same address. Neither the
+    audience nor the send may reach her again."""
+    engine, url = world
+    config = config_for(url, cooldown=0)
+    add_user(engine, 1, "Ada@Example.com", last_seen=LONG_AGO)
+    run_day(engine, config, D)
+    with serve_fake_resend() as fake:
+        send_day(engine, config, D)
+        assert fake.delivered_to() == ["Ada@Example.com"]
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM users WHERE id = 1"))
+    update_rollup(engine, config)  # the drain erases her
+    with engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT email, erased_mailbox_sha256 IS NOT NULL FROM retention.email_send_log")
+        ).all() == [("", True)]
+
+    with engine.begin() as connection:
+        assert unsubscribe_user(connection, schema="retention", user_id="1", loop_name=None) is None
+    with engine.connect() as connection:  # the list holds her mailbox's hash, not her address
+        assert connection.execute(
+            text(
+                "SELECT email, mailbox_sha256 = sha256(convert_to('ada@example.com', 'UTF8')) "
+                "FROM retention.email_suppressions"
+            )
+        ).all() == [(None, True)]
+    add_user(engine, 2, " ADA@example.com", last_seen=LONG_AGO)  # signed up again
+
+    summary = run_day(engine, config, D + timedelta(days=3))
+
+    assert summary.candidates == 1 and summary.excluded["suppressed"] == 1
+    assert audience(engine, D + timedelta(days=3)) == []

@@ -59,6 +59,7 @@ from retention_pipeline.recipients.addresses import (
     mailbox_sql,
     trimmed_address_sql,
 )
+from retention_pipeline.recipients.suppressions import suppressed_by_hash_sql
 from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.sending.compose import day_end
 from retention_pipeline.sending.send_log import take_claim_turn
@@ -670,13 +671,15 @@ def _build_loop(
         text(f"""
         WITH suppressed AS (
             SELECT DISTINCT sup.email AS mailbox FROM {s}.email_suppressions AS sup
-            WHERE sup.loop_name IS NULL OR sup.loop_name = :loop
+            WHERE sup.email IS NOT NULL AND (sup.loop_name IS NULL OR sup.loop_name = :loop)
         ),
         judged AS (
             SELECT due.*, snap.address AS email, snap.mailbox,
                 CASE
                     WHEN snap.usable IS NOT TRUE THEN 'no_email'
-                    WHEN sup.mailbox IS NOT NULL THEN 'suppressed'
+                    WHEN sup.mailbox IS NOT NULL
+                        OR {suppressed_by_hash_sql(s, "snap.mailbox", ":loop")}
+                        THEN 'suppressed'
                     WHEN EXISTS (SELECT FROM audience_recent AS recent
                                  WHERE recent.user_id = due.user_id)
                         OR EXISTS (SELECT FROM audience_recent AS recent

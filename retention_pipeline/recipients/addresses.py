@@ -47,3 +47,9 @@ def mailbox_sql(address: str) -> str:
     """SQL for the mailbox the SQL expression `address` names, as `normalize_address` has it:
     trimmed, lower-cased."""
     return f"lower({trimmed_address_sql(address)})"
+
+
+def mailbox_sha256_sql(address: str) -> str:
+    """SQL for the SHA-256 of the mailbox the SQL expression `address` names: how the
+    suppression list holds the mailbox of a user erased before they unsubscribed."""
+    return f"sha256(convert_to({mailbox_sql(address)}, 'UTF8'))"

@@ -4,7 +4,9 @@ A suppression covers one loop (the person unsubscribed from that loop's emails) 
 (bounces, complaints, "all emails", the `suppress` command). The audience excludes a suppressed
 address in both arms.
 
-The list holds mailboxes (`recipients.addresses.normalize_address`).
+The list holds mailboxes (`recipients.addresses.normalize_address`), and, for users erased
+before they unsubscribed, the SHA-256 of a mailbox alone (`email` NULL): every reader of the list
+compares a mailbox's hash with those (`recipients.addresses.mailbox_sha256_sql`).
 """
 
 from __future__ import annotations
@@ -64,35 +66,88 @@ def suppress(
     return bool(inserted)
 
 
+def suppressed_by_hash_sql(schema_sql: str, mailbox: str, loop_name: str) -> str:
+    """SQL: whether the mailbox `mailbox` (an SQL expression) is suppressed by its hash for the
+    loop `loop_name` (an SQL expression). The hash is computed only when the list holds any:
+    none do on a list without erased users' unsubscribes."""
+    return f"""(EXISTS (SELECT FROM {schema_sql}.email_suppressions
+                        WHERE mailbox_sha256 IS NOT NULL)
+                AND EXISTS (SELECT FROM {schema_sql}.email_suppressions AS hashed
+                            WHERE hashed.mailbox_sha256
+                                  = sha256(convert_to({mailbox}, 'UTF8'))
+                              AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name})))"""
+
+
 def unsubscribe_user(
     connection: Connection, *, schema: str, user_id: str, loop_name: str | None
-) -> str:
+) -> str | None:
     """What a verified unsubscribe token asks: suppress the address `loop_name` (any loop, when
-    None) last emailed `user_id`, for that loop or every loop; return that address. Raises
-    `NothingToUnsubscribe` when no such email exists."""
+    None) last emailed `user_id`, for that loop or every loop; return that address. A user
+    erased since has no address left: their mailbox is suppressed by the hash erasure kept
+    (`suppress_hashed_mailbox`), and None is returned. Raises `NothingToUnsubscribe` when no
+    such email exists."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    email = connection.execute(
+    emailed = connection.execute(
         text(f"""
-            SELECT email FROM {s}.email_send_log
-            WHERE user_id = :user_id AND email <> ''
+            SELECT email, erased_mailbox_sha256 FROM {s}.email_send_log
+            WHERE user_id = :user_id
+              AND (email <> '' OR erased_mailbox_sha256 IS NOT NULL)
               AND (loop_name = :loop OR CAST(:loop AS text) IS NULL)
             ORDER BY claimed_at DESC, id DESC
             LIMIT 1"""),
         {"user_id": user_id, "loop": loop_name},
-    ).scalar_one_or_none()
-    if email is None:
+    ).one_or_none()
+    if emailed is None:
         never = f"loop {loop_name!r} never" if loop_name else "no loop ever"
         raise NothingToUnsubscribe(f"{never} emailed user {user_id!r}: nothing to unsubscribe")
+    source = f"unsubscribe_link:{loop_name or 'all'}"
+    if not emailed.email:
+        suppress_hashed_mailbox(
+            connection,
+            schema=schema,
+            mailbox_sha256=emailed.erased_mailbox_sha256,
+            source=source,
+            loop_name=loop_name,
+        )
+        return None
     suppress(
         connection,
         schema=schema,
-        email=email,
+        email=emailed.email,
         reason="unsubscribed",
-        source=f"unsubscribe_link:{loop_name or 'all'}",
+        source=source,
         user_id=user_id,
         loop_name=loop_name,
     )
-    return mailbox_of(email)
+    return mailbox_of(emailed.email)
+
+
+def suppress_hashed_mailbox(
+    connection: Connection,
+    *,
+    schema: str,
+    mailbox_sha256: bytes,
+    source: str,
+    loop_name: str | None,
+) -> bool:
+    """Suppress (unsubscribed) the mailbox whose SHA-256 erasure kept, for `loop_name` or every
+    loop, in the caller's transaction; as `suppress`, idempotent, and a loop's suppression is not
+    added next to one for every loop. Returns whether it was newly suppressed."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    inserted = connection.execute(
+        text(f"""
+            INSERT INTO {s}.email_suppressions (mailbox_sha256, reason, source, loop_name)
+            SELECT :hash, 'unsubscribed', :source, :loop
+            WHERE NOT EXISTS (SELECT FROM {s}.email_suppressions
+                              WHERE mailbox_sha256 = :hash AND loop_name IS NULL
+                                AND CAST(:loop AS text) IS NOT NULL)
+            ON CONFLICT (mailbox_sha256, (coalesce(loop_name, '')))
+                WHERE mailbox_sha256 IS NOT NULL
+            DO NOTHING
+            RETURNING 1"""),
+        {"hash": mailbox_sha256, "source": source, "loop": loop_name},
+    ).scalar_one_or_none()
+    return inserted is not None
 
 
 class NothingToUnsubscribe(ValueError):

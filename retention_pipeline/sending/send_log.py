@@ -41,6 +41,7 @@ from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.recipients.addresses import mailbox_sql
 from retention_pipeline.recipients.delivery import link_early_events
+from retention_pipeline.recipients.suppressions import suppressed_by_hash_sql
 from retention_pipeline.sending.compose import compose_emails, send_key, treatment_rows
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
 from retention_pipeline.tracking.erasure import record_users_gone
@@ -302,16 +303,19 @@ def start_batch(
     # One statement, one snapshot: what is withheld and what is sent are decided together.
     # `log.status = 'claimed'` again in each UPDATE: a row settled by another sender meanwhile is
     # re-read after its lock and left alone.
+    hashed = suppressed_by_hash_sql(s, mailbox_sql("log.email"), "log.loop_name")
     rows = connection.execute(
         text(f"""
             WITH members AS (
                 SELECT log.id,
                        EXISTS (SELECT FROM {s}.erased_users AS erased
                                WHERE erased.user_id = log.user_id) AS erased,
-                       (SELECT sup.reason FROM {s}.email_suppressions AS sup
-                        WHERE sup.email = {mailbox_sql("log.email")}
-                          AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
-                        ORDER BY sup.loop_name NULLS FIRST LIMIT 1) AS suppressed,
+                       coalesce(
+                           (SELECT sup.reason FROM {s}.email_suppressions AS sup
+                            WHERE sup.email = {mailbox_sql("log.email")}
+                              AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
+                            ORDER BY sup.loop_name NULLS FIRST LIMIT 1),
+                           CASE WHEN {hashed} THEN 'unsubscribed' END) AS suppressed,
                        log.first_attempt_at IS NULL AND EXISTS (
                            SELECT FROM {s}.reengagement_audience AS a
                            WHERE a.partition_date = log.partition_date

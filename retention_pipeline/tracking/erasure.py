@@ -4,7 +4,9 @@
 Per-user tables lose the user's rows. The send log keeps each row (so counts and the
 exactly-once guarantee still hold) with the address and the rendered content blanked, and an
 email not yet sent is never sent. The suppression list keeps the address, without the user,
-so a person who unsubscribed and signs up again is still not emailed.
+so a person who unsubscribed and signs up again is still not emailed. Each blanked row keeps
+its mailbox's SHA-256, so that an unsubscribe from one of those emails arriving after the
+erasure suppresses the mailbox by its hash (`recipients.suppressions.unsubscribe_user`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from sqlalchemy import Connection, text
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
 from retention_pipeline.database.excluded_users import kept_sql
+from retention_pipeline.recipients.addresses import mailbox_sha256_sql
 
 PER_USER_TABLES = (
     "activity_daily",
@@ -50,10 +53,13 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
         connection.execute(
             text(f"DELETE FROM {s}.{table} WHERE user_id = ANY(CAST(:ids AS text[]))"), params
         )
+    # The mailbox's hash stays, so that an unsubscribe from one of these emails still counts.
     keys = connection.execute(
         text(f"""
             UPDATE {s}.email_send_log
             SET email = '', subject = '', html = '', body_text = '', headers = '{{}}',
+                erased_mailbox_sha256 = CASE WHEN email = '' THEN erased_mailbox_sha256
+                                             ELSE {mailbox_sha256_sql("email")} END,
                 status = CASE WHEN status = 'claimed' THEN 'failed' ELSE status END,
                 error = CASE WHEN status = 'claimed' THEN :erased ELSE error END,
                 updated_at = now()

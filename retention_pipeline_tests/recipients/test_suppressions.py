@@ -4,12 +4,16 @@ surviving `db uninstall`."""
 from __future__ import annotations
 
 import pytest
+from alembic import command
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from retention_pipeline.database import migrate
 from retention_pipeline.email.unsubscribe import make_token, verify_token
 from retention_pipeline.recipients.addresses import normalize_address
 from retention_pipeline.recipients.delivery import parse_event, store_event
 from retention_pipeline.recipients.suppressions import suppress, unsubscribe_user
+from retention_pipeline.tracking.erasure import erase_users
 from retention_pipeline_tests.helpers import write_config
 from retention_pipeline_tests.sending.support import (
     LOOP,
@@ -259,3 +263,30 @@ def test_an_address_emailed_under_an_older_rule_stays_suppressible(
         ("ada(x)@example.com", "u1", "unsubscribed", f"unsubscribe_link:{LOOP}"),
         ("bob;x@example.com", "u2", "complained", "resend_webhook:complained"),
     ]
+
+
+def test_a_downgrade_past_hashed_suppressions_refuses_rather_than_drop_them(
+    emailed: SendingDatabase,
+) -> None:
+    with emailed.engine.begin() as connection:
+        erase_users_now(connection, "u1")
+        assert unsubscribe_user(connection, schema=SCHEMA, user_id="u1", loop_name=None) is None
+    with (
+        emailed.engine.begin() as connection,
+        pytest.raises(DBAPIError, match="mailboxes known only by their hash"),
+    ):
+        command.downgrade(migrate._alembic_config(connection, SCHEMA), "0022")
+    with emailed.engine.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT count(*) FROM retention.email_suppressions WHERE email IS NULL")
+            ).scalar_one()
+            == 1
+        )
+
+
+def erase_users_now(connection, user_id: str) -> None:
+    connection.execute(
+        text("INSERT INTO retention.erased_users (user_id) VALUES (:id)"), {"id": user_id}
+    )
+    assert erase_users(connection, SCHEMA)[0] == 1

@@ -5,17 +5,20 @@ twice, against the local stand-in for Resend."""
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 
 from alembic import command
 from sqlalchemy import text
 
 from retention_pipeline.database import migrate
+from retention_pipeline.recipients.suppressions import unsubscribe_user
 from retention_pipeline.sending import pending_batch_keys, send_pending, start_batch
 from retention_pipeline.sending.dispatch import DispatchReport
 from retention_pipeline.tracking.erasure import erase_users
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.email.fake_resend import FakeResend
 from retention_pipeline_tests.sending.support import (
+    DAY,
     LOOP,
     SCHEMA,
     ActingAfterFirstRequest,
@@ -202,3 +205,29 @@ def test_a_batch_attempted_before_the_upgrade_is_retried_under_the_key_it_went_o
     assert after.idempotency_key == before.idempotency_key and after.replayed
     assert fake_resend.delivered_count == 5
     assert (report.sent, report.still_pending) == (5, 0)
+
+
+def test_an_unsubscribe_from_an_erased_user_withholds_the_next_account_of_the_mailbox(
+    sending_db: SendingDatabase, fake_resend: FakeResend
+) -> None:
+    """u1 was emailed and erased; u2, the same person signed up again, is claimed; then the
+    unsubscribe from u1's email arrives, with no address left to name: u2's email is not sent."""
+    add_users(sending_db.engine, [User("u1", "Ada@Example.com")])
+    compose_and_claim(sending_db)
+    assert dispatch(sending_db, make_sender()).sent == 1
+    erase(sending_db, "u1")
+    with sending_db.engine.begin() as connection:
+        assert erase_users(connection, SCHEMA)[0] == 1
+    later = DAY + timedelta(days=1)
+    add_users(sending_db.engine, [User("u2", "ADA@example.com ")], day=later)
+    compose_and_claim(sending_db, day=later)
+
+    with sending_db.engine.begin() as connection:
+        unsubscribe_user(connection, schema=SCHEMA, user_id="u1", loop_name=LOOP)
+    report = dispatch(sending_db, make_sender())
+
+    assert fake_resend.delivered_count == 1
+    assert (report.sent, report.suppressed) == (0, 1)
+    assert row(sending_db, "u2")["error"] == (
+        "the address was suppressed (unsubscribed) after the email was claimed: not sent"
+    )
