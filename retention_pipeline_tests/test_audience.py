@@ -27,11 +27,13 @@ UTC = ZoneInfo("UTC")
 D = date(2026, 11, 10)
 
 
-def config_for(url: str, *, holdout: float = 0.0, cooldown: int = 30, loops: int = 1):
+def config_for(
+    url: str, *, holdout: float = 0.0, cooldown: int = 30, loops: int = 1, segment="dormant"
+):
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["url"] = url
     loop = document["loops"][0]
-    loop["steps"][0]["condition"] = {"type": "segment", "segment": "dormant"}
+    loop["steps"][0]["condition"] = {"type": "segment", "segment": segment}
     loop["holdout"] = {"fraction": holdout}
     loop["cooldown_days"] = cooldown
     document["loops"] = [dict(copy.deepcopy(loop), name=f"loop_{n}") for n in range(loops)]
@@ -480,3 +482,34 @@ def test_an_unsubscribe_after_the_user_was_erased_keeps_their_mailbox_from_the_n
 
     assert summary.candidates == 1 and summary.excluded["suppressed"] == 1
     assert audience(engine, D + timedelta(days=3)) == []
+
+
+def test_a_user_erased_for_a_while_keeps_the_cooldown_and_the_frequency_cap(world):
+    """User 1, who never used the product, is emailed step 0 by loop_0, then erased (an account
+    banned for a day, say: the exclusion erases it) and back the next day with no episode left.
+    Neither loop may start on them again while the cooldown and the frequency cap last."""
+    engine, url = world
+    config = config_for(url, loops=2, segment="never_activated")
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO users (id, email, created_at) VALUES (1, 'ada@example.com', :at)"),
+            {"at": datetime(2026, 6, 1, tzinfo=UTC)},
+        )
+    assert run_day(engine, config, D, loop_index=0).treatment == 1
+    with serve_fake_resend() as fake:
+        send_day(engine, config, D)
+        assert fake.delivered_to() == ["ada@example.com"]
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO retention.erased_users (user_id) VALUES ('1')"))
+    update_rollup(engine, config)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM retention.episodes")).scalar() == 0
+
+    later = D + timedelta(days=2)
+    again = run_day(engine, config, later, loop_index=0)
+    other = run_day(engine, config, later, loop_index=1)
+
+    assert (again.candidates, again.excluded["cooldown"], again.treatment) == (1, 1, 0)
+    assert (other.candidates, other.excluded["frequency_cap"], other.treatment) == (1, 1, 0)
+    # Past the frequency cap, the other loop, which never emailed them, may.
+    assert run_day(engine, config, D + timedelta(days=4), loop_index=1).treatment == 1
