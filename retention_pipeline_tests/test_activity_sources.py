@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, text
 from retention_pipeline.config.loader import ConfigError, parse_config
 from retention_pipeline.database.app_tables import MappingError
 from retention_pipeline.preflight import preflight
+from retention_pipeline.tracking import source_checks
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install, refresh_from, uninstall
 from retention_pipeline.tracking.state import TrackingError
@@ -565,6 +566,38 @@ def test_check_reads_each_source_and_refuses_free_text_and_foreign_ids(engine, a
         "user(s)"
     )
     assert report.sources[0].startswith("source `comments` (public.comments, inserts): ")
+
+
+def test_check_counts_the_last_day_whole_and_says_so_where_it_stops(
+    engine, app_database_url, monkeypatch
+):
+    """The 7-day sample is cut at `SAMPLE_ROWS`; the last day is read apart, so a busy week
+    does not shorten its count, and past the limit the line says it read no further."""
+    monkeypatch.setattr(source_checks, "SAMPLE_ROWS", 40)
+    yesterday = "date_trunc('day', now(), 'UTC') - interval '1 day'"
+    # 60 comments of two days before, then 30 of the last day by users 1-3.
+    run(
+        engine,
+        "INSERT INTO comments (author, body, created_at) "
+        f"SELECT 1 + g % 3, 'c', {yesterday} - interval '1 hour' - g * interval '1 minute' "
+        "FROM generate_series(1, 60) AS g",
+    )
+    run(
+        engine,
+        "INSERT INTO comments (author, body, created_at) "
+        f"SELECT 1 + g % 3, 'c', {yesterday} + g * interval '1 minute' "
+        "FROM generate_series(1, 30) AS g",
+    )
+    config = sources_config(app_database_url, [COMMENTS])
+    assert preflight(engine, config).sources == [
+        "source `comments` (public.comments, inserts): 30 row(s) of the last day, reaching 3 "
+        "user(s)"
+    ]
+    monkeypatch.setattr(source_checks, "SAMPLE_ROWS", 20)
+    assert preflight(engine, config).sources == [
+        "source `comments` (public.comments, inserts): at least 20 row(s) of the last day "
+        "(read no further), reaching at least 3 user(s)"
+    ]
 
 
 UPGRADE = "run `retention-pipeline db upgrade`"

@@ -3,7 +3,7 @@ mapping says (a user id that reaches users, an action that is a kind and not fre
 many rows of the last day it reads, reaching how many users.
 
 These are the only checks that read the app's rows; each reads at most `SAMPLE_ROWS` rows of the
-last `SAMPLE_DAYS` days, through the source's own definition.
+last `SAMPLE_DAYS` days, and as many of the last day, through the source's own definition.
 """
 
 from __future__ import annotations
@@ -66,35 +66,41 @@ def _read_source(
     timezone: str,
     reading: SourceReading,
 ) -> None:
+    relation = source.relation_sql(sql.dialect)
     rows = sql.source_rows(
-        source,
-        source.relation_sql(sql.dialect),
-        "{at} >= (now() - CAST(:days AS integer) * interval '1 day')",
+        source, relation, "{at} >= (now() - CAST(:days AS integer) * interval '1 day')"
     )
     row = connection.execute(
         text(f"""
-            WITH r AS (SELECT * FROM ({rows}) AS app_rows LIMIT :limit),
-            last_day AS (
-                SELECT ((now() AT TIME ZONE :tz)::date - 1)::timestamp AT TIME ZONE :tz AS lower,
-                       (now() AT TIME ZONE :tz)::date::timestamp AT TIME ZONE :tz AS upper
-            )
+            WITH r AS (SELECT * FROM ({rows}) AS app_rows LIMIT :limit)
             SELECT count(*) AS rows,
                    count(*) FILTER (WHERE {known}) AS reaching,
                    count(DISTINCT event_name) AS names,
                    count(DISTINCT (user_id, event_name)) AS user_names,
-                   count(DISTINCT user_id) AS users,
-                   count(*) FILTER (WHERE at >= (SELECT lower FROM last_day)
-                                      AND at < (SELECT upper FROM last_day)) AS day_rows,
-                   count(DISTINCT user_id) FILTER (
-                       WHERE at >= (SELECT lower FROM last_day)
-                         AND at < (SELECT upper FROM last_day) AND {known}) AS day_users
+                   count(DISTINCT user_id) AS users
             FROM r"""),
-        {"days": SAMPLE_DAYS, "limit": SAMPLE_ROWS, "tz": timezone},
+        {"days": SAMPLE_DAYS, "limit": SAMPLE_ROWS},
     ).one()
+    # The last day read apart, so that a busy week does not cut its count short.
+    day_rows = sql.source_rows(
+        source,
+        relation,
+        "{at} >= ((now() AT TIME ZONE :tz)::date - 1)::timestamp AT TIME ZONE :tz"
+        " AND {at} < (now() AT TIME ZONE :tz)::date::timestamp AT TIME ZONE :tz",
+    )
+    day = connection.execute(
+        text(f"""
+            WITH r AS (SELECT * FROM ({day_rows}) AS app_rows LIMIT :limit)
+            SELECT count(*) AS rows, count(DISTINCT user_id) FILTER (WHERE {known}) AS users
+            FROM r"""),
+        {"limit": SAMPLE_ROWS, "tz": timezone},
+    ).one()
+    at_least = "at least " if day.rows >= SAMPLE_ROWS else ""
     spec = source.spec
     reading.lines.append(
         f"source `{source.name}` ({spec.source.qualified_name}, {source.capture}): "
-        f"{row.day_rows:,} row(s) of the last day, reaching {row.day_users:,} user(s)"
+        f"{at_least}{day.rows:,} row(s) of the last day"
+        f"{' (read no further)' if at_least else ''}, reaching {at_least}{day.users:,} user(s)"
     )
     if row.rows < MIN_ROWS_TO_JUDGE:
         return
