@@ -6,9 +6,13 @@ python -m benchmarks morning --users N [--shape wide|deep|both] [--repeats R] [-
 R times (3 by default), each on a copy of the database its history left (room for one more copy)
 
 python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
-[--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
-[--output benchmarks/RESULTS-sources.md]: the activity sources' and the drain's figures alone
-(`run` measures them too, with its --capture-seconds and --repeats, unless --skip-sources).
+[--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R] [--polling-seconds S]
+[--output benchmarks/RESULTS-sources.md]: the activity sources' (polling included) and the drain's
+figures alone (`run` measures them too, with its --capture-seconds and --repeats, unless
+--skip-sources).
+
+python -m benchmarks polling [--url URL] [--seconds S]: polling under an app's inserts, drains
+SIGKILLed mid-poll, rows lost or doubled, as Markdown on stdout (`sources` measures it too).
 
 python -m benchmarks drain [--url URL] [--rows N] [--users N] [--active N] [--repeats R]: the
 drain's worst case and app-shaped drains alone, the shipped fold beside the one before, as a
@@ -37,8 +41,10 @@ from benchmarks import (
     bench_drain,
     bench_drain_layouts,
     bench_local_time,
+    bench_polling,
     bench_sources,
 )
+from benchmarks.bench_capture import Scratch
 from benchmarks.run import SHAPES, Options, run, run_morning
 from retention_pipeline.database.connection import normalize_url
 
@@ -110,7 +116,13 @@ def main() -> None:
     sources.add_argument("--worst-users", type=int, default=defaults.worst_users)
     sources.add_argument("--active-users", type=int, default=defaults.active_users)
     sources.add_argument("--drain-repeats", type=int, default=defaults.drain_repeats)
+    sources.add_argument("--polling-seconds", type=float, default=defaults.polling_seconds)
     sources.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-sources.md"))
+    polling = commands.add_parser(
+        "polling", help="polling under an app's inserts, drains killed mid-poll: lost, doubled"
+    )
+    polling.add_argument("--url", default=DEFAULT_URL)
+    polling.add_argument("--seconds", type=float, default=defaults.polling_seconds)
     drain = commands.add_parser(
         "drain", help="the drain's worst case and app-shaped drains, each fold side by side"
     )
@@ -173,6 +185,13 @@ def main() -> None:
             normalize_url(args.url), args.rows, args.users, args.active, args.repeats, args.held
         )
         return
+    if args.command == "polling":
+        scratch = Scratch(normalize_url(args.url))
+        try:
+            print("\n".join(bench_polling.render(bench_polling.measure(scratch, args.seconds))))
+        finally:
+            scratch.drop_all()
+        return
     if args.command == "sources":
         options = bench_sources.Options(
             seconds=args.seconds,
@@ -182,6 +201,7 @@ def main() -> None:
             worst_users=args.worst_users,
             active_users=args.active_users,
             drain_repeats=args.drain_repeats,
+            polling_seconds=args.polling_seconds,
         )
         results = bench_sources.measure_all(normalize_url(args.url), options)
         args.output.write_text(bench_sources.render(results, options))

@@ -7,7 +7,8 @@ several sources, with proof that every change is counted once.
    10 leave it alone (they set a token and write `updatedAt` back unchanged, as ORMs that save
    every column do). After each tracked run, the drain's count must equal the updates that moved
    the column.
-2. Drain throughput over three sources (an action table filtered by kind with a prefix, a
+2. Polling under an app's inserts, with drains SIGKILLed mid-poll (`benchmarks/bench_polling.py`).
+3. Drain throughput over three sources (an action table filtered by kind with a prefix, a
    constant-action table, the shorthand events): `--drain-rows` rows per source, captured by
    the triggers, then drained at once; and the drain's worst case and app-shaped drains
    (`benchmarks/bench_drain.py`). Each drain is measured with the shipped fold and the one it
@@ -15,6 +16,7 @@ several sources, with proof that every change is counted once.
 
     python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
         [--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
+        [--polling-seconds S]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import psycopg
 from sqlalchemy import create_engine
 
-from benchmarks import bench_drain
+from benchmarks import bench_drain, bench_polling
 from benchmarks.bench_capture import CLIENTS, Scratch, libpq
 from benchmarks.bench_drain import Case, drain_each_fold
 from retention_pipeline.config.loader import parse_config
@@ -193,6 +195,7 @@ class Options:
     worst_users: int = 100_000
     active_users: int = 5_000
     drain_repeats: int = 1
+    polling_seconds: float = 20
 
 
 def measure_all(server_url: str, options: Options) -> dict:
@@ -204,6 +207,8 @@ def measure_all(server_url: str, options: Options) -> dict:
         results = measure(
             scratch, options.seconds, options.rounds, options.drain_rows, options.drain_repeats
         )
+        print("polling: drains killed mid-poll under an app's inserts ...", flush=True)
+        results["polling"] = bench_polling.measure(scratch, options.polling_seconds)
         print("drain: worst case and app-shaped ...", flush=True)
         results["drain_cases"] = bench_drain.measure(
             scratch,
@@ -238,6 +243,7 @@ def targets(results: dict) -> list[list[str]]:
                 "met" if ratio >= 0.8 and not figure.lost_or_doubled else "**not met**",
             ]
         )
+    rows.append(bench_polling.target_row(results["polling"]))
     _before, shipped = bench_drain.FOLDS
     for case in [*results["drains"][:1], *results["drain_cases"]]:
         rate = case.rate(shipped)
@@ -273,6 +279,7 @@ def render(results: dict, options: Options) -> str:
             f"{statistics.median(figure.tracked):,.0f} | {statistics.median(ratios):.2f} "
             f"({min(ratios):.2f}–{max(ratios):.2f}) | ≥ 0.8 | {figure.lost_or_doubled} |"
         )
+    lines += ["", *bench_polling.render(results["polling"])]
     lines += [
         "",
         "## Drain",

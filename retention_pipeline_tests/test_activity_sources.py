@@ -5,6 +5,9 @@ installed databases upgrade in place, and every bad key is one line naming it.""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import time
 from datetime import date
 
 import pytest
@@ -20,7 +23,7 @@ from retention_pipeline.tracking.install import install, refresh_from, uninstall
 from retention_pipeline.tracking.state import TrackingError
 from retention_pipeline.tracking.status import reconcile_last_day
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, write_config
-from retention_pipeline_tests.test_tracking import insert_users, kill_after
+from retention_pipeline_tests.test_tracking import insert_users
 
 APP_TABLES = """
     CREATE TABLE audit_log (
@@ -283,6 +286,44 @@ def test_polling_counts_new_late_and_moved_rows_once_and_never_clears_a_day(
     assert reconciliation.matches
 
 
+def kill_mid_poll(engine, url: str, config_path, lock_mode: str) -> None:
+    """Start a drain and SIGKILL it where its poll waits on `lock_mode`, which this connection
+    holds on `polled_rows` until then: ACCESS EXCLUSIVE stops the poll's read of what it
+    counted, SHARE lets it read and fold into the rollup and stops its record of the rows it
+    counted, in the same transaction."""
+    with engine.connect() as holder:
+        holder.execute(text(f"LOCK TABLE retention.polled_rows IN {lock_mode} MODE"))
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "retention_pipeline_tests.tracking_worker",
+                "drain",
+                url,
+                str(config_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with engine.connect() as watcher:
+                deadline = time.monotonic() + 60
+                while not watcher.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE '%polled_rows%' AND pid <> pg_backend_pid()"
+                    )
+                ).scalar():
+                    assert worker.poll() is None, "the drain ended without polling"
+                    assert time.monotonic() < deadline, "the drain never reached its poll"
+                    watcher.rollback()
+                    time.sleep(0.01)
+        finally:
+            worker.kill()
+            worker.wait()
+        holder.rollback()
+
+
 def test_a_poll_killed_midway_loses_and_doubles_nothing(engine, app_database_url, tmp_path):
     document = {"activity": [{**COMMENTS, "capture": "polling"}]}
     path = write_config(tmp_path, app_database_url, **document)
@@ -292,21 +333,22 @@ def test_a_poll_killed_midway_loses_and_doubles_nothing(engine, app_database_url
     path.write_text(yaml.safe_dump(raw))
     config = sources_config(app_database_url, document["activity"])
     install(engine, config)
-    for delay in (0.0, 0.3, 0.6, 0.9, 1.2):
+    for lock_mode in ("ACCESS EXCLUSIVE", "SHARE", "SHARE"):
         run(
             engine,
             "INSERT INTO comments (author, created_at) "
             "SELECT 1 + g % 3, (now() AT TIME ZONE 'UTC') - (g % 40) * interval '1 hour' "
             "FROM generate_series(1, 40000) AS g",
         )
-        kill_after(["drain", app_database_url, str(path)], until=delay)
+        kill_mid_poll(engine, app_database_url, path, lock_mode)
+    assert rollup(engine) == ([], [])  # no killed drain committed anything
     update_rollup(engine, config)
     with engine.connect() as connection:
         counted = connection.execute(
             text("SELECT sum(event_count) FROM retention.activity_daily")
         ).scalar()
         rows = connection.execute(text("SELECT count(*) FROM comments")).scalar()
-    assert counted == rows == 200_000
+    assert counted == rows == 120_000
 
 
 def test_an_installed_database_upgrades_in_place_and_sources_come_and_go(engine, app_database_url):

@@ -1,6 +1,6 @@
-"""`python -m benchmarks sources` at a tiny size: the UPDATE capture loads and every drain case
-run on real scratch databases, and the report and targets hold every figure; never how fast
-anything was."""
+"""`python -m benchmarks sources` at a tiny size: the UPDATE capture loads, polling under inserts
+with drains killed, and every drain case run on real scratch databases, and the report and
+targets hold every figure; never how fast anything was."""
 
 from __future__ import annotations
 
@@ -11,16 +11,25 @@ from benchmarks import bench_sources
 
 def test_the_sources_benchmark_reports_every_figure(postgres_server_url: str) -> None:
     options = bench_sources.Options(
-        seconds=0.3, rounds=1, drain_rows=3000, worst_rows=6000, worst_users=600, active_users=50
+        seconds=0.3,
+        rounds=1,
+        drain_rows=3000,
+        worst_rows=6000,
+        worst_users=600,
+        active_users=50,
+        polling_seconds=4,
     )
     results = bench_sources.measure_all(postgres_server_url, options)
     report = bench_sources.render(results, options)
 
     assert report.startswith("## Activity sources\n")
-    assert "\n## Drain\n" in report
+    assert "\n## Polling\n" in report and "\n## Drain\n" in report
     assert [figure.lost_or_doubled for figure in results["updates"]] == [0, 0]
+    polling = results["polling"]
+    assert polling.rows > 0 and polling.drains >= 2
+    assert (polling.lost, polling.doubled) == (0, 0)
     rows = bench_sources.targets(results)
-    assert [row[0] for row in rows] == ["sources", "sources", *["drain"] * (len(rows) - 2)]
+    assert [row[0] for row in rows] == [*["sources"] * 3, *["drain"] * (len(rows) - 3)]
     assert len(rows) >= 5
     for row in rows:
         assert float(re.match(r"[0-9.,]+", row[2])[0].replace(",", "")) > 0, row
