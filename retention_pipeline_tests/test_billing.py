@@ -439,3 +439,28 @@ def test_the_stripe_reader_maps_customers_to_users(app, customer):
     assert snapshot["2"] == (None, None, None, None)
     report = preflight(engine, _config(url, {"stripe": {"customer": customer}}, "retention_h4_s"))
     assert report.problems == []
+
+
+def test_an_amount_in_major_units_scales_by_its_currencys_minor_unit(app):
+    """60 yen is 60 of its minor unit (a yen has none), 120 dinars of Kuwait are 120,000 fils;
+    a currency of two decimals (or none named) is a hundred."""
+    url, engine = app
+    with engine.begin() as connection:
+        connection.execute(
+            text('ALTER TABLE "Subscription" ADD COLUMN IF NOT EXISTS currency text')
+        )
+        connection.execute(
+            text(
+                """UPDATE "Subscription" SET currency = CASE id WHEN 'sub_a' THEN ' jpy' """
+                """ELSE 'KWD' END"""
+            )
+        )
+    columns = {**ORG_OWNED["columns"], "currency": "currency"}
+
+    snapshot = _snapshot(app, {**ORG_OWNED, "columns": columns})
+
+    assert snapshot["1"][2:] == (60, "JPY")
+    assert snapshot["4"][2:] == (120000, "KWD")
+    with engine.begin() as connection:
+        connection.execute(text("""UPDATE "Subscription" SET currency = 'eur'"""))
+    assert _snapshot(app, {**ORG_OWNED, "columns": columns})["1"][2:] == (6000, "EUR")

@@ -57,6 +57,20 @@ DISTINCT_AMOUNTS_SAMPLE = 20
 LEAST_REACHED_SHARE = 0.5
 
 
+# ISO 4217 currencies whose minor unit is not a hundredth of the major one: an amount in major
+# units of these is scaled by its own exponent.
+ZERO_DECIMAL_CURRENCIES = (
+    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND",
+    "VUV", "XAF", "XOF", "XPF",
+)  # fmt: skip
+THREE_DECIMAL_CURRENCIES = ("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND")
+
+
+def _codes(currencies: tuple[str, ...]) -> str:
+    """Our own currency codes as SQL literals (three capital letters each)."""
+    return ", ".join(f"'{code}'" for code in currencies)
+
+
 def billing_parameters(mapping: SubscriptionsMapping | None) -> dict[str, object]:
     """The values the subscriptions' SELECT binds."""
     vocabulary = (mapping.status if mapping is not None else None) or {}
@@ -104,8 +118,18 @@ class _Reads:
         own = self.names.tables["subscriptions"]
         return all_of_sql(list(self.mapping.where), "sub", self.dialect, own.base_types)
 
-    def scale(self, unit: str) -> str:
-        return " * 100" if unit == "major" else ""
+    def scale(self, unit: str, currency: str | None) -> str:
+        """The factor from `unit` to minor units: a hundred, but for the currencies (the SQL
+        expression `currency`, when the mapping names one) whose minor unit is another."""
+        if unit != "major":
+            return ""
+        if currency is None:
+            return " * 100"
+        code = f"upper(btrim(({currency})::text))"
+        return (
+            f" * CASE WHEN {code} IN ({_codes(ZERO_DECIMAL_CURRENCIES)}) THEN 1"
+            f" WHEN {code} IN ({_codes(THREE_DECIMAL_CURRENCIES)}) THEN 1000 ELSE 100 END"
+        )
 
     def priced_lines(self) -> str | None:
         """Per subscription key, its items' monthly amount, plan and currency (with items)."""
@@ -141,9 +165,14 @@ class _Reads:
             if amount.quantity
             else ""
         )
+        currency = (
+            self.column("currency", "subscription_prices", "price")
+            if amount.price.currency
+            else None
+        )
         value = (
             f"({self.column('amount', 'subscription_prices', 'price')})::numeric"
-            f"{self.scale(amount.price.unit)}{quantity}"
+            f"{self.scale(amount.price.unit, currency)}{quantity}"
         )
         if amount.price.interval is None:
             return value
@@ -176,7 +205,8 @@ class _Reads:
         if amount is None:
             return f"({self.column('amount_cents')})::numeric"
         if amount.column is not None:
-            return f"({self.column('amount')})::numeric{self.scale(amount.unit)}"
+            currency = self.column("currency") if self.mapping.maps("currency") else None
+            return f"({self.column('amount')})::numeric{self.scale(amount.unit, currency)}"
         if amount.items is not None:
             return "lines.monthly_amount"
         return self._line_amount("sub")
