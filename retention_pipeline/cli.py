@@ -75,7 +75,7 @@ def cmd_suppress(args: argparse.Namespace) -> int:
         added = suppress(
             connection,
             schema=config.database.schema_,
-            email=address,
+            email=args.email,
             reason=args.reason,
             source="cli",
         )

@@ -140,7 +140,7 @@ def store_event(connection: Connection, *, schema: str, event: DeliveryEvent) ->
         if suppress(
             connection,
             schema=schema,
-            email=address,
+            email=recipient,
             reason=reason,
             source=f"resend_webhook:{event.event_type}",
             user_id=user_id,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.recipients.addresses import mailbox_of
+from retention_pipeline.recipients.addresses import mailbox_of, mailbox_sql
 
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
 
@@ -40,23 +40,25 @@ def suppress(
         raise ValueError(
             f"unknown suppression reason {reason!r} (known: {', '.join(SUPPRESSION_REASONS)})"
         )
-    address = mailbox_of(email)
-    if not address:
+    if not mailbox_of(email):
         raise ValueError("an empty address cannot be suppressed")
     s = connection.dialect.identifier_preparer.quote_schema(schema)
+    # The mailbox is made by PostgreSQL, as the audience and the batch start make the mailboxes
+    # they compare with it: Python lower-cases a few letters otherwise (a dotted capital I).
+    mailbox = mailbox_sql("CAST(:email AS text)")
     # `xmax = 0` holds for a row this statement inserted, not for one its DO UPDATE touched.
     inserted = connection.execute(
         text(f"""
             INSERT INTO {s}.email_suppressions AS sup (email, user_id, reason, source, loop_name)
-            SELECT :email, :user_id, :reason, :source, :loop
+            SELECT {mailbox}, :user_id, :reason, :source, :loop
             WHERE NOT EXISTS (SELECT FROM {s}.email_suppressions
-                              WHERE email = :email AND loop_name IS NULL
+                              WHERE email = {mailbox} AND loop_name IS NULL
                                 AND CAST(:loop AS text) IS NOT NULL)
             ON CONFLICT (email, (coalesce(loop_name, '')))
             DO UPDATE SET user_id = coalesce(sup.user_id, EXCLUDED.user_id)
             RETURNING xmax = 0"""),
         {
-            "email": address,
+            "email": email,
             "user_id": user_id,
             "reason": reason,
             "source": source,

@@ -290,3 +290,21 @@ def erase_users_now(connection, user_id: str) -> None:
         text("INSERT INTO retention.erased_users (user_id) VALUES (:id)"), {"id": user_id}
     )
     assert erase_users(connection, SCHEMA)[0] == 1
+
+
+def test_a_suppression_holds_the_mailbox_as_postgresql_lower_cases_it(
+    sending_db: SendingDatabase,
+) -> None:
+    """The audience and the batch start lower-case addresses in SQL; Python lower-cases a dotted
+    capital I to two characters. The list must hold what they compare with."""
+    address = " İDA@Example.com"
+    with sending_db.engine.begin() as connection:
+        suppress(connection, schema=SCHEMA, email=address, reason="bounced", source="test")
+        stored, compared = connection.execute(
+            text(
+                "SELECT (SELECT email FROM retention.email_suppressions), "
+                "lower(btrim(CAST(:address AS text)))"
+            ),
+            {"address": address},
+        ).one()
+    assert stored == compared
