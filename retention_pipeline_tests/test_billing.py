@@ -4,18 +4,23 @@ price times a quantity, credited to members by a stated rule; and what `check` r
 
 from __future__ import annotations
 
+import copy
 import itertools
-from datetime import date
+from datetime import date, timedelta
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from retention_pipeline.config import ConfigError
+from retention_pipeline.audience.build import build_audience
+from retention_pipeline.config import ConfigError, parse_config
+from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.preflight import preflight
+from retention_pipeline.segments.conditions import condition_user_ids
+from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot.build import build_snapshot
 from retention_pipeline.segments.snapshot.statement import SnapshotError
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import make_config
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config
 
 DAY = date(2026, 11, 20)
 _numbers = itertools.count()
@@ -464,3 +469,53 @@ def test_an_amount_in_major_units_scales_by_its_currencys_minor_unit(app):
     with engine.begin() as connection:
         connection.execute(text("""UPDATE "Subscription" SET currency = 'eur'"""))
     assert _snapshot(app, {**ORG_OWNED, "columns": columns})["1"][2:] == (6000, "EUR")
+
+
+@pytest.mark.parametrize(
+    ("credit", "revenue"),
+    [
+        ("each", {"1": 6000, "2": 6000, "4": 12000, "5": 0}),
+        ("split", {"1": 3000, "2": 3000, "4": 12000, "5": 0}),
+    ],
+)
+def test_outcomes_credit_a_teams_revenue_to_its_members_by_the_rule(app, credit, revenue):
+    """Everyone is emailed on DAY (nobody ever used the product); a week on, each member's
+    outcome holds the revenue the rule credits them: the whole team's amount each, or their
+    share, so that a treated arm's revenue sums the team's amount once per member or once."""
+    url, engine = app
+    schema = f"retention_h4_{next(_numbers)}"
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    subscriptions = {**ORG_OWNED, "credit": credit}
+    document["database"].update(
+        url=url, schema=schema, tables={"users": USERS, **ACTIVITY, "subscriptions": subscriptions}
+    )
+    loop = document["loops"][0]
+    loop["steps"][0]["condition"] = {"type": "segment", "segment": "never_activated"}
+    loop["holdout"] = {"fraction": 0.0}
+    config = parse_config(document, environ={})
+    loop = config.loops[0]
+    install(engine, config)
+    week_on = DAY + timedelta(days=7)
+    for day in (DAY, week_on):
+        with engine.begin() as connection:
+            build_snapshot(connection, config, day)
+            build_day_segments(connection, schema, config.loops, config.timezone, day)
+    candidates = condition_user_ids(engine, schema, loop, DAY)
+    with engine.begin() as connection:
+        assert (
+            build_audience(
+                connection, config=config, loop=loop, day=DAY, candidates=candidates
+            ).treatment
+            == 5
+        )
+        evaluate_outcomes(connection, config=config, loop=loop, day=week_on)
+        outcomes = dict(
+            connection.execute(
+                text(
+                    f"SELECT user_id, active_revenue_cents FROM {schema}.reengagement_outcomes "
+                    "WHERE window_days = 7"
+                )
+            ).all()
+        )
+
+    assert outcomes == {**revenue, "3": 0}
