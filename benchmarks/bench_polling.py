@@ -6,10 +6,11 @@ view or an app allowing no trigger is read). Of their rows, most are stamped wit
 the insert, a tenth hours late (an import, a mobile client syncing), and every client holds
 some transactions open for a second before committing, so rows appear after later-stamped
 ones were already polled. Meanwhile drains run one after another in processes of their own;
-every `KILL_EVERY`th is SIGKILLed while its poll's statement runs (seen in `pg_stat_activity`,
-so the kill is known to have landed mid-poll). After the load, two more drains; then each
-user-day's count in the rollup is compared with the app's rows: rows the rollup lacks are lost,
-rows it has too many are doubled.
+the first and every `KILL_EVERY`th after it is SIGKILLed in the middle of its poll, alternately
+before its read and after its fold into the rollup (held there by a lock on `polled_rows`, and
+seen waiting in `pg_stat_activity`: the kill is known to have landed). After the load, two more
+drains; then each user-day's count in the rollup is compared with the app's rows: rows the
+rollup lacks are lost, rows it has too many are doubled.
 
     python -m benchmarks polling [--url URL] [--seconds S]
 """
@@ -32,7 +33,7 @@ from sqlalchemy import create_engine
 from benchmarks.bench_capture import CLIENTS, Scratch, libpq
 from retention_pipeline.config.loader import parse_config
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, kill_mid_poll
 
 USERS = 1000
 COMMENTS = (
@@ -48,8 +49,9 @@ SOURCE = {
 LATE_SHARE = 0.1
 HELD_OPEN_SHARE = 0.005
 KILL_EVERY = 3
-# The poll's own statement: the one that reads the source's new rows.
-POLL_STATEMENT = "polled_now"
+# Where a killed drain stops (`kill_mid_poll`): at the poll's read of what it counted, and after
+# its fold into the rollup, before its record of the rows it counted.
+KILL_POINTS = ("ACCESS EXCLUSIVE", "SHARE")
 # Each user-day's comments against the rollup's count of them.
 COMPARISON = """
     WITH app AS (
@@ -100,10 +102,9 @@ class PollingFigures:
     doubled: int
 
 
-def _drain(url: str, config_path: Path, kill: bool) -> bool:
-    """One drain in a process of its own; with `kill`, SIGKILLed while its poll's statement
-    runs. Returns whether a kill landed mid-poll."""
-    worker = subprocess.Popen(
+def _drain(url: str, config_path: Path) -> None:
+    """One drain in a process of its own, as the hourly schedule runs it."""
+    worker = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -112,27 +113,11 @@ def _drain(url: str, config_path: Path, kill: bool) -> bool:
             url,
             str(config_path),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        capture_output=True,
+        text=True,
     )
-    if not kill:
-        _, error = worker.communicate()
-        if worker.returncode != 0:
-            raise RuntimeError(f"a drain failed: {error.decode().strip().splitlines()[-1:]}")
-        return False
-    with psycopg.connect(libpq(url), autocommit=True) as watcher:
-        while worker.poll() is None:
-            polling = watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE %s",
-                (f"%{POLL_STATEMENT}%",),
-            ).fetchone()[0]
-            if polling:
-                worker.kill()
-                worker.wait()
-                return True
-            time.sleep(0.002)
-    return False
+    if worker.returncode != 0:
+        raise RuntimeError(f"a drain failed: {worker.stderr.strip().splitlines()[-1:]}")
 
 
 def measure(scratch: Scratch, seconds: float) -> PollingFigures:
@@ -142,7 +127,6 @@ def measure(scratch: Scratch, seconds: float) -> PollingFigures:
     raw = document(url)
     engine = create_engine(url)
     install(engine, parse_config(raw, environ={}))
-    engine.dispose()
     clients = [
         multiprocessing.Process(target=_client, args=(url, seconds, seed))
         for seed in range(CLIENTS)
@@ -154,12 +138,17 @@ def measure(scratch: Scratch, seconds: float) -> PollingFigures:
         for client in clients:
             client.start()
         while any(client.is_alive() for client in clients):
+            if drains % KILL_EVERY:
+                _drain(url, config_path)
+            else:  # the first, and every KILL_EVERYth after it
+                kill_mid_poll(engine, url, config_path, KILL_POINTS[killed % len(KILL_POINTS)])
+                killed += 1
             drains += 1
-            killed += _drain(url, config_path, kill=drains % KILL_EVERY == 0)
         for client in clients:
             client.join()
         for _last in range(2):
-            _drain(url, config_path, kill=False)
+            _drain(url, config_path)
+    engine.dispose()
     with psycopg.connect(libpq(url)) as connection:
         lost, doubled, rows = connection.execute(COMPARISON).fetchone()
     scratch.drop(url)
@@ -186,9 +175,10 @@ def render(figures: PollingFigures) -> list[str]:
         f"{CLIENTS} client processes inserting comments into a polled source for "
         f"{figures.seconds:g} s ({LATE_SHARE:.0%} of the rows stamped up to 6 hours late, "
         f"{HELD_OPEN_SHARE:.0%} of the transactions held open for a second before their "
-        f"commit), drains one after another meanwhile, one in {KILL_EVERY} SIGKILLed while "
-        "its poll's statement ran; two drains after the load; each user-day's count in the "
-        "rollup against the app's rows (`benchmarks/bench_polling.py`).",
+        f"commit), drains one after another meanwhile, the first and one in {KILL_EVERY} "
+        "after it SIGKILLed in its poll (alternately before its read and after its fold into "
+        "the rollup); two drains after the load; each user-day's count in the rollup against "
+        "the app's rows (`benchmarks/bench_polling.py`).",
         "",
         "| rows | drains | killed mid-poll | lost | doubled |",
         "|---|---|---|---|---|",

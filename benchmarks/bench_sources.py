@@ -12,7 +12,8 @@ several sources, with proof that every change is counted once.
    constant-action table, the shorthand events): `--drain-rows` rows per source, captured by
    the triggers, then drained at once; and the drain's worst case and app-shaped drains
    (`benchmarks/bench_drain.py`). Each drain is measured with the shipped fold and the one it
-   replaced, on copies of the same captured rows.
+   replaced, on copies of the same captured rows; then the full snapshot of yesterday built on
+   each after its drain: three sources against the events source alone, the same rows.
 
     python -m benchmarks sources [--url URL] [--seconds S] [--rounds R] [--drain-rows N]
         [--worst-rows N] [--worst-users N] [--active-users N] [--drain-repeats R]
@@ -28,6 +29,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from sqlalchemy import create_engine
@@ -36,11 +38,14 @@ from benchmarks import bench_drain, bench_polling
 from benchmarks.bench_capture import CLIENTS, Scratch, libpq
 from benchmarks.bench_drain import Case, drain_each_fold
 from retention_pipeline.config.loader import parse_config
+from retention_pipeline.segments.snapshot.build import build_snapshot
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
 
 SESSION_ROWS = 100_000
+# A ratio of two timings within this is no slower on this shared machine.
+SNAPSHOT_NOISE = 1.1
 APP_TABLES = """
     CREATE TABLE "Session" (id bigserial PRIMARY KEY, "userId" integer NOT NULL, token text,
         "updatedAt" timestamp NOT NULL);
@@ -171,7 +176,7 @@ def measure(scratch: Scratch, seconds: float, rounds: int, drain_rows: int, repe
             connection.execute(statement.replace("%(rows)s", str(drain_rows)))
     with psycopg.connect(libpq(single), autocommit=True) as connection:
         connection.execute(FILL["events"].replace("%(rows)s", str(drain_rows * len(FILL))))
-    drains = []
+    drains, snapshots = [], {}
     for label, template in (
         (
             "3 sources (a filtered, prefixed action table; a constant action; the shorthand "
@@ -182,8 +187,32 @@ def measure(scratch: Scratch, seconds: float, rounds: int, drain_rows: int, repe
     ):
         case = Case(label, 200_000)
         drains.append(drain_each_fold(scratch, case, template, sources_config, repeats))
+        snapshots[label] = snapshot_seconds(template, rounds)
         scratch.drop(template)
-    return {"updates": figures, "drains": drains}
+    return {"updates": figures, "drains": drains, "snapshots": list(snapshots.values())}
+
+
+def snapshot_seconds(url: str, repeats: int) -> list[float]:
+    """Drain the database at `url`, then build yesterday's snapshot in full `repeats` times:
+    seconds each. The snapshot reads the rollup, whatever sources filled it."""
+    config = sources_config(url)
+    engine = create_engine(url)
+    update_rollup(engine, config)
+    day = datetime.now(UTC).date() - timedelta(days=1)
+    seconds = []
+    for _repeat in range(repeats):
+        with engine.begin() as connection:
+            started = time.perf_counter()
+            build_snapshot(connection, config, day)
+            seconds.append(time.perf_counter() - started)
+    engine.dispose()
+    return seconds
+
+
+def snapshot_ratios(results: dict) -> list[float]:
+    """The snapshot's time over three sources against one source, the same rows in all."""
+    several, single = results["snapshots"]
+    return [a / b for a, b in zip(several, single, strict=True)]
 
 
 @dataclass
@@ -243,6 +272,16 @@ def targets(results: dict) -> list[list[str]]:
                 "met" if ratio >= 0.8 and not figure.lost_or_doubled else "**not met**",
             ]
         )
+    ratio = statistics.median(snapshot_ratios(results))
+    rows.append(
+        [
+            "sources",
+            "full snapshot after 3 sources / after the events source alone, same rows",
+            f"{ratio:.2f} x",
+            f"no slower (≤ {SNAPSHOT_NOISE:g}, the machine's noise)",
+            "met" if ratio <= SNAPSHOT_NOISE else "**not met**",
+        ]
+    )
     rows.append(bench_polling.target_row(results["polling"]))
     _before, shipped = bench_drain.FOLDS
     for case in [*results["drains"][:1], *results["drain_cases"]]:
@@ -279,7 +318,18 @@ def render(results: dict, options: Options) -> str:
             f"{statistics.median(figure.tracked):,.0f} | {statistics.median(ratios):.2f} "
             f"({min(ratios):.2f}–{max(ratios):.2f}) | ≥ 0.8 | {figure.lost_or_doubled} |"
         )
-    lines += ["", *bench_polling.render(results["polling"])]
+    ratios = snapshot_ratios(results)
+    several, single = results["snapshots"]
+    lines += [
+        "",
+        f"The full snapshot of yesterday after draining the {options.drain_rows * 3:,} rows of "
+        "three sources, and after the same number of the events source alone: "
+        f"{statistics.median(several):.2f} s against {statistics.median(single):.2f} s, "
+        f"{statistics.median(ratios):.2f} x ({min(ratios):.2f}–{max(ratios):.2f}) over "
+        f"{len(ratios)} builds each.",
+        "",
+        *bench_polling.render(results["polling"]),
+    ]
     lines += [
         "",
         "## Drain",

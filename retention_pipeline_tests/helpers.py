@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -180,3 +183,44 @@ def audience_tables_vacuumed(engine: Engine) -> dict[str, bool]:
                           AND relname IN ('episodes', 'reengagement_audience')""")
             ).all()
         )
+
+
+def kill_mid_poll(engine: Engine, url: str, config_path: Path, lock_mode: str) -> None:
+    """Start a drain and SIGKILL it where its poll waits on `lock_mode`, which this connection
+    holds on `polled_rows` until then: ACCESS EXCLUSIVE stops the poll's read of what it
+    counted, SHARE lets it read and fold into the rollup and stops its record of the rows it
+    counted, in the same transaction."""
+    with engine.connect() as holder:
+        holder.execute(text(f"LOCK TABLE retention.polled_rows IN {lock_mode} MODE"))
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "retention_pipeline_tests.tracking_worker",
+                "drain",
+                url,
+                str(config_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with engine.connect() as watcher:
+                deadline = time.monotonic() + 60
+                while not watcher.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database() AND query LIKE '%polled_rows%' "
+                        "AND pid <> pg_backend_pid()"
+                    )
+                ).scalar():
+                    if worker.poll() is not None:
+                        raise RuntimeError("the drain ended without polling")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the drain never reached its poll")
+                    watcher.rollback()
+                    time.sleep(0.01)
+        finally:
+            worker.kill()
+            worker.wait()
+        holder.rollback()

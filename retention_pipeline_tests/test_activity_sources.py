@@ -5,9 +5,6 @@ installed databases upgrade in place, and every bad key is one line naming it.""
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
-import time
 from datetime import date
 
 import pytest
@@ -22,7 +19,12 @@ from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install, refresh_from, uninstall
 from retention_pipeline.tracking.state import TrackingError
 from retention_pipeline.tracking.status import reconcile_last_day
-from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, make_config, write_config
+from retention_pipeline_tests.helpers import (
+    SHIPPED_DOCUMENT,
+    kill_mid_poll,
+    make_config,
+    write_config,
+)
 from retention_pipeline_tests.test_tracking import insert_users
 
 APP_TABLES = """
@@ -284,44 +286,6 @@ def test_polling_counts_new_late_and_moved_rows_once_and_never_clears_a_day(
     reconciliation = reconcile_last_day(engine.connect(), config)
     assert reconciliation.inexact_sources == ("Session",)
     assert reconciliation.matches
-
-
-def kill_mid_poll(engine, url: str, config_path, lock_mode: str) -> None:
-    """Start a drain and SIGKILL it where its poll waits on `lock_mode`, which this connection
-    holds on `polled_rows` until then: ACCESS EXCLUSIVE stops the poll's read of what it
-    counted, SHARE lets it read and fold into the rollup and stops its record of the rows it
-    counted, in the same transaction."""
-    with engine.connect() as holder:
-        holder.execute(text(f"LOCK TABLE retention.polled_rows IN {lock_mode} MODE"))
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "retention_pipeline_tests.tracking_worker",
-                "drain",
-                url,
-                str(config_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            with engine.connect() as watcher:
-                deadline = time.monotonic() + 60
-                while not watcher.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE '%polled_rows%' AND pid <> pg_backend_pid()"
-                    )
-                ).scalar():
-                    assert worker.poll() is None, "the drain ended without polling"
-                    assert time.monotonic() < deadline, "the drain never reached its poll"
-                    watcher.rollback()
-                    time.sleep(0.01)
-        finally:
-            worker.kill()
-            worker.wait()
-        holder.rollback()
 
 
 def test_a_poll_killed_midway_loses_and_doubles_nothing(engine, app_database_url, tmp_path):
