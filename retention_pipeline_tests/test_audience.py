@@ -504,6 +504,21 @@ def test_a_user_erased_for_a_while_keeps_the_cooldown_and_the_frequency_cap(worl
     update_rollup(engine, config)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM retention.episodes")).scalar() == 0
+    # D built again, both loops in one build: loop_0 takes back its audience rows of D, not the
+    # record of the email it sent, which still caps loop_1.
+    with engine.begin() as connection:
+        build_snapshot(connection, config, D)
+        build_day_segments(connection, "retention", config.loops, config.timezone, D)
+    candidates = {
+        loop.name: condition_user_ids(engine, "retention", loop, D) for loop in config.loops
+    }
+    with engine.begin() as connection:
+        rebuilt = build_audiences(
+            connection, config=config, loops=config.loops, day=D, candidates=candidates
+        )
+    assert rebuilt["loop_0"].excluded["cooldown"] == 1
+    assert rebuilt["loop_1"].excluded["frequency_cap"] == 1
+    assert audience(engine, D) == audience(engine, D, "loop_1") == []
 
     later = D + timedelta(days=2)
     again = run_day(engine, config, later, loop_index=0)
