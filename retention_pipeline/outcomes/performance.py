@@ -38,6 +38,7 @@ import pandas as pd
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import Loop
+from retention_pipeline.currencies import minor_units
 from retention_pipeline.outcomes.stats import (
     Z_95,
     always_valid_difference,
@@ -498,7 +499,7 @@ def _money(by_currency: dict[str | None, float]) -> str:
     if not by_currency:
         return "-"
     return ", ".join(
-        f"{cents / 100:+,.0f}" + (f" {currency}" if currency else "")
+        f"{cents / minor_units(currency):+,.0f}" + (f" {currency}" if currency else "")
         for currency, cents in by_currency.items()
     )
 
@@ -553,5 +554,5 @@ def performance_metadata(rows: list[PerformanceRow]) -> dict[str, float | int]:
             metadata[f"{prefix}/lift_upper"] = round(100 * upper, 2)
             for currency, cents in row.monthly_revenue_difference_cents.items():
                 name = "monthly_revenue_difference" + (f"_{currency.lower()}" if currency else "")
-                metadata[f"{prefix}/{name}"] = round(cents / 100, 2)
+                metadata[f"{prefix}/{name}"] = round(cents / minor_units(currency), 2)
     return metadata

@@ -14,6 +14,7 @@ import json
 from sqlalchemy import Connection, text
 
 from retention_pipeline.config.models import LIVE_STATUSES, SubscriptionsMapping
+from retention_pipeline.currencies import minor_units_sql
 from retention_pipeline.database.app_tables import SUBSCRIPTIONS_KEY, RelatedTable
 from retention_pipeline.database.predicates import all_of_sql
 from retention_pipeline.segments.snapshot.names import AppNames
@@ -55,20 +56,6 @@ EPOCH_MILLISECONDS = (1.0e12, 2.2e12)
 DISTINCT_AMOUNTS_SAMPLE = 20
 # A user-id mapping reaches almost no users when fewer than this share of rows reach one.
 LEAST_REACHED_SHARE = 0.5
-
-
-# ISO 4217 currencies whose minor unit is not a hundredth of the major one: an amount in major
-# units of these is scaled by its own exponent.
-ZERO_DECIMAL_CURRENCIES = (
-    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND",
-    "VUV", "XAF", "XOF", "XPF",
-)  # fmt: skip
-THREE_DECIMAL_CURRENCIES = ("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND")
-
-
-def _codes(currencies: tuple[str, ...]) -> str:
-    """Our own currency codes as SQL literals (three capital letters each)."""
-    return ", ".join(f"'{code}'" for code in currencies)
 
 
 def billing_parameters(mapping: SubscriptionsMapping | None) -> dict[str, object]:
@@ -119,17 +106,11 @@ class _Reads:
         return all_of_sql(list(self.mapping.where), "sub", self.dialect, own.base_types)
 
     def scale(self, unit: str, currency: str | None) -> str:
-        """The factor from `unit` to minor units: a hundred, but for the currencies (the SQL
-        expression `currency`, when the mapping names one) whose minor unit is another."""
+        """The factor from `unit` to minor units: by the currency's minor unit where the SQL
+        expression `currency` names it (`currencies.minor_units`), else a hundred."""
         if unit != "major":
             return ""
-        if currency is None:
-            return " * 100"
-        code = f"upper(btrim(({currency})::text))"
-        return (
-            f" * CASE WHEN {code} IN ({_codes(ZERO_DECIMAL_CURRENCIES)}) THEN 1"
-            f" WHEN {code} IN ({_codes(THREE_DECIMAL_CURRENCIES)}) THEN 1000 ELSE 100 END"
-        )
+        return f" * {minor_units_sql(currency)}" if currency is not None else " * 100"
 
     def priced_lines(self) -> str | None:
         """Per subscription key, its items' monthly amount, plan and currency (with items)."""
