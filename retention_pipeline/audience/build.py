@@ -59,7 +59,10 @@ from retention_pipeline.recipients.addresses import (
     mailbox_sql,
     trimmed_address_sql,
 )
-from retention_pipeline.recipients.suppressions import suppressed_by_hash_sql
+from retention_pipeline.recipients.suppressions import (
+    any_suppressed_by_hash,
+    suppressed_by_hash_sql,
+)
 from retention_pipeline.segments.calendar import within_send_window
 from retention_pipeline.sending.compose import day_end
 from retention_pipeline.sending.send_log import take_claim_turn
@@ -700,6 +703,11 @@ def _build_loop(
     holdout_bucket = HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt)
     step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt, step="d.step")
     _open_episodes_due(connection, s, params)
+    hashed = (
+        f" OR {suppressed_by_hash_sql(s, 'snap.mailbox', ':loop')}"
+        if any_suppressed_by_hash(connection, schema)
+        else ""
+    )
     counts = connection.execute(
         text(f"""
         WITH suppressed AS (
@@ -710,9 +718,7 @@ def _build_loop(
             SELECT due.*, snap.address AS email, snap.mailbox,
                 CASE
                     WHEN snap.usable IS NOT TRUE THEN 'no_email'
-                    WHEN sup.mailbox IS NOT NULL
-                        OR {suppressed_by_hash_sql(s, "snap.mailbox", ":loop")}
-                        THEN 'suppressed'
+                    WHEN sup.mailbox IS NOT NULL{hashed} THEN 'suppressed'
                     WHEN EXISTS (SELECT FROM audience_recent AS recent
                                  WHERE recent.user_id = due.user_id)
                         OR EXISTS (SELECT FROM audience_recent AS recent

@@ -1,4 +1,6 @@
 """What counts as an email address, and which mailbox it names: one rule, in Python and in SQL.
+What is stored and compared is the mailbox PostgreSQL makes (`mailbox_sql`): Python lower-cases
+a few letters otherwise (a dotted capital I), so Python's `mailbox_of` is for what people read.
 
 One mailbox is one address with surrounding blanks removed, compared in lower case, local part
 included: the providers people sign up with treat `Ada@Example.com` and `ada@example.com` as
@@ -24,8 +26,8 @@ _BLANKS_SQL = "E' \\t\\n\\r\\x0b\\x0c'"  # BLANKS as a PostgreSQL escape string
 
 
 def normalize_address(address: str) -> str:
-    """The mailbox `address` names, as the suppression list stores it; a one-line `ValueError`
-    for anything that is not one email address."""
+    """The mailbox `address` names, as people read it; a one-line `ValueError` for anything that
+    is not one email address."""
     if not EMAIL_ADDRESS_PATTERN.fullmatch(address.strip(BLANKS)):
         raise ValueError(f"{address!r} is not an email address like ada@example.com")
     return mailbox_of(address)

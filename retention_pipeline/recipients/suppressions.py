@@ -4,9 +4,9 @@ A suppression covers one loop (the person unsubscribed from that loop's emails) 
 (bounces, complaints, "all emails", the `suppress` command). The audience excludes a suppressed
 address in both arms.
 
-The list holds mailboxes (`recipients.addresses.normalize_address`), and, for users erased
-before they unsubscribed, the SHA-256 of a mailbox alone (`email` NULL): every reader of the list
-compares a mailbox's hash with those (`recipients.addresses.mailbox_sha256_sql`).
+The list holds mailboxes as PostgreSQL makes them (`recipients.addresses.mailbox_sql`), and, for
+users erased before they unsubscribed, the SHA-256 of a mailbox alone (`email` NULL): every
+reader of the list compares a mailbox's hash with those (`suppressed_by_hash_sql`).
 """
 
 from __future__ import annotations
@@ -70,14 +70,19 @@ def suppress(
 
 def suppressed_by_hash_sql(schema_sql: str, mailbox: str, loop_name: str) -> str:
     """SQL: whether the mailbox `mailbox` (an SQL expression) is suppressed by its hash for the
-    loop `loop_name` (an SQL expression). The hash is computed only when the list holds any:
-    none do on a list without erased users' unsubscribes."""
-    return f"""(EXISTS (SELECT FROM {schema_sql}.email_suppressions
-                        WHERE mailbox_sha256 IS NOT NULL)
-                AND EXISTS (SELECT FROM {schema_sql}.email_suppressions AS hashed
-                            WHERE hashed.mailbox_sha256
-                                  = sha256(convert_to({mailbox}, 'UTF8'))
-                              AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name})))"""
+    loop `loop_name` (an SQL expression): a probe of the hashes' own index."""
+    return f"""EXISTS (SELECT FROM {schema_sql}.email_suppressions AS hashed
+                       WHERE hashed.mailbox_sha256 = sha256(convert_to({mailbox}, 'UTF8'))
+                         AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name}))"""
+
+
+def any_suppressed_by_hash(connection: Connection, schema: str) -> bool:
+    """Whether the list holds any mailbox by its hash alone: where none does, a reader of many
+    mailboxes need not hash them."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(
+        text(f"SELECT EXISTS (SELECT FROM {s}.email_suppressions WHERE email IS NULL)")
+    ).scalar_one()
 
 
 def unsubscribe_user(

@@ -12,7 +12,11 @@ from retention_pipeline.database import migrate
 from retention_pipeline.email.unsubscribe import make_token, verify_token
 from retention_pipeline.recipients.addresses import normalize_address
 from retention_pipeline.recipients.delivery import parse_event, store_event
-from retention_pipeline.recipients.suppressions import suppress, unsubscribe_user
+from retention_pipeline.recipients.suppressions import (
+    NothingToUnsubscribe,
+    suppress,
+    unsubscribe_user,
+)
 from retention_pipeline.tracking.erasure import erase_users
 from retention_pipeline_tests.helpers import write_config
 from retention_pipeline_tests.sending.support import (
@@ -269,6 +273,9 @@ def test_a_downgrade_past_hashed_suppressions_refuses_rather_than_drop_them(
     emailed: SendingDatabase,
 ) -> None:
     with emailed.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE retention.email_send_log SET status = 'sent', sent_at = now()")
+        )
         erase_users_now(connection, "u1")
         assert unsubscribe_user(connection, schema=SCHEMA, user_id="u1", loop_name=None) is None
     with (
@@ -308,3 +315,14 @@ def test_a_suppression_holds_the_mailbox_as_postgresql_lower_cases_it(
             {"address": address},
         ).one()
     assert stored == compared
+
+
+def test_an_email_never_sent_leaves_no_hash_of_its_erased_user(emailed: SendingDatabase) -> None:
+    """Only a sent email has an unsubscribe link to honour after the erasure."""
+    with emailed.engine.begin() as connection:
+        erase_users_now(connection, "u1")
+        assert connection.execute(
+            text("SELECT status, email, erased_mailbox_sha256 FROM retention.email_send_log")
+        ).one() == ("failed", "", None)
+        with pytest.raises(NothingToUnsubscribe):
+            unsubscribe_user(connection, schema=SCHEMA, user_id="u1", loop_name=None)

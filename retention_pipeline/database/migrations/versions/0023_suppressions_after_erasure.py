@@ -2,11 +2,11 @@
 
 Erasure blanks the send log's addresses, and the unsubscribe link carries only the user id, so
 such an unsubscribe found no address and was answered 404: the person, signing up again with
-the same address (or restored), was emailed again. Erasure now keeps the SHA-256 of each blanked
-row's mailbox (`email_send_log.erased_mailbox_sha256`), and the suppression list can hold a
-mailbox by that hash alone (`email_suppressions.mailbox_sha256`, `email` NULL): the audience and
-the batch start compare a mailbox's hash with those. Rows erased before this revision have no
-hash to keep.
+the same address (or restored), was emailed again. Erasure now keeps the SHA-256 of the mailbox
+of each sent email it blanks (`email_send_log.erased_mailbox_sha256`), and the suppression list
+can hold a mailbox by that hash alone (`email_suppressions.mailbox_sha256`, `email` NULL): the
+audience and the batch start compare a mailbox's hash with those. Rows erased before this
+revision have no hash to keep.
 
 Revision ID: 0023
 Revises: 0022
@@ -36,12 +36,15 @@ def upgrade(schema: str) -> None:
 
 def downgrade(schema: str) -> None:
     q = op.get_context().dialect.identifier_preparer.quote_schema(schema)
-    # Dropping a suppression would email someone who asked not to be.
+    # Dropping a suppression, or a hash an unsubscribe would need, would email someone who asked
+    # not to be.
     op.execute(f"""
         DO $$ BEGIN
-            IF EXISTS (SELECT FROM {q}.email_suppressions WHERE email IS NULL) THEN
-                RAISE EXCEPTION '%', 'email_suppressions holds mailboxes known only by their '
-                    || 'hash, which revision 0022 cannot keep: not downgraded';
+            IF EXISTS (SELECT FROM {q}.email_suppressions WHERE email IS NULL)
+               OR EXISTS (SELECT FROM {q}.email_send_log
+                          WHERE erased_mailbox_sha256 IS NOT NULL) THEN
+                RAISE EXCEPTION '%', 'the suppression list or the send log holds mailboxes known '
+                    || 'only by their hash, which revision 0022 cannot keep: not downgraded';
             END IF;
         END $$""")
     op.execute(f"DROP INDEX {q}.email_suppressions_hashed_per_scope")
