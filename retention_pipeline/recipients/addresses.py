@@ -51,7 +51,7 @@ def mailbox_sql(address: str) -> str:
     return f"lower({trimmed_address_sql(address)})"
 
 
-def mailbox_sha256_sql(address: str) -> str:
-    """SQL for the SHA-256 of the mailbox the SQL expression `address` names: how the
+def sha256_sql(mailbox: str) -> str:
+    """SQL for the SHA-256 of the SQL expression `mailbox` (a mailbox, `mailbox_sql`): how the
     suppression list holds the mailbox of a user erased before they unsubscribed."""
-    return f"sha256(convert_to({mailbox_sql(address)}, 'UTF8'))"
+    return f"sha256(convert_to({mailbox}, 'UTF8'))"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.recipients.addresses import mailbox_of, mailbox_sql
+from retention_pipeline.recipients.addresses import mailbox_of, mailbox_sql, sha256_sql
 
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
 
@@ -72,7 +72,7 @@ def suppressed_by_hash_sql(schema_sql: str, mailbox: str, loop_name: str) -> str
     """SQL: whether the mailbox `mailbox` (an SQL expression) is suppressed by its hash for the
     loop `loop_name` (an SQL expression): a probe of the hashes' own index."""
     return f"""EXISTS (SELECT FROM {schema_sql}.email_suppressions AS hashed
-                       WHERE hashed.mailbox_sha256 = sha256(convert_to({mailbox}, 'UTF8'))
+                       WHERE hashed.mailbox_sha256 = {sha256_sql(mailbox)}
                          AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name}))"""
 
 

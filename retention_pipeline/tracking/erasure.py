@@ -16,7 +16,7 @@ from sqlalchemy import Connection, text
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
 from retention_pipeline.database.excluded_users import kept_sql
-from retention_pipeline.recipients.addresses import mailbox_sha256_sql
+from retention_pipeline.recipients.addresses import mailbox_sql, sha256_sql
 
 PER_USER_TABLES = (
     "activity_daily",
@@ -59,7 +59,7 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
             UPDATE {s}.email_send_log
             SET email = '', subject = '', html = '', body_text = '', headers = '{{}}',
                 erased_mailbox_sha256 = CASE WHEN status = 'sent' AND email <> ''
-                                             THEN {mailbox_sha256_sql("email")}
+                                             THEN {sha256_sql(mailbox_sql("email"))}
                                              ELSE erased_mailbox_sha256 END,
                 status = CASE WHEN status = 'claimed' THEN 'failed' ELSE status END,
                 error = CASE WHEN status = 'claimed' THEN :erased ELSE error END,
