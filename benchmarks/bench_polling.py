@@ -174,7 +174,7 @@ def render(figures: PollingFigures) -> list[str]:
         "",
         f"{CLIENTS} client processes inserting comments into a polled source for "
         f"{figures.seconds:g} s ({LATE_SHARE:.0%} of the rows stamped up to 6 hours late, "
-        f"{HELD_OPEN_SHARE:.0%} of the transactions held open for a second before their "
+        f"{HELD_OPEN_SHARE:.1%} of the transactions held open for a second before their "
         f"commit), drains one after another meanwhile, the first and one in {KILL_EVERY} "
         "after it SIGKILLed in its poll (alternately before its read and after its fold into "
         "the rollup); two drains after the load; each user-day's count in the rollup against "
