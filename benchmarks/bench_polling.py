@@ -20,7 +20,6 @@ from __future__ import annotations
 import multiprocessing
 import random
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from sqlalchemy import create_engine
 from benchmarks.bench_capture import CLIENTS, Scratch, libpq
 from retention_pipeline.config.loader import parse_config
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, kill_mid_poll
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, drain_command, kill_mid_poll
 
 USERS = 1000
 COMMENTS = (
@@ -104,18 +103,7 @@ class PollingFigures:
 
 def _drain(url: str, config_path: Path) -> None:
     """One drain in a process of its own, as the hourly schedule runs it."""
-    worker = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "retention_pipeline_tests.tracking_worker",
-            "drain",
-            url,
-            str(config_path),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    worker = subprocess.run(drain_command(url, config_path), capture_output=True, text=True)
     if worker.returncode != 0:
         raise RuntimeError(f"a drain failed: {worker.stderr.strip().splitlines()[-1:]}")
 

@@ -185,6 +185,19 @@ def audience_tables_vacuumed(engine: Engine) -> dict[str, bool]:
         )
 
 
+def drain_command(url: str, config_path: Path) -> list[str]:
+    """The command of a drain of the configuration at `config_path` in a process of its own
+    (`tracking_worker`), for a test or a benchmark to run or kill."""
+    return [
+        sys.executable,
+        "-m",
+        "retention_pipeline_tests.tracking_worker",
+        "drain",
+        url,
+        str(config_path),
+    ]
+
+
 def kill_mid_poll(engine: Engine, url: str, config_path: Path, lock_mode: str) -> None:
     """Start a drain and SIGKILL it where its poll waits on `lock_mode`, which this connection
     holds on `polled_rows` until then: ACCESS EXCLUSIVE stops the poll's read of what it
@@ -193,16 +206,7 @@ def kill_mid_poll(engine: Engine, url: str, config_path: Path, lock_mode: str) -
     with engine.connect() as holder:
         holder.execute(text(f"LOCK TABLE retention.polled_rows IN {lock_mode} MODE"))
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "retention_pipeline_tests.tracking_worker",
-                "drain",
-                url,
-                str(config_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            drain_command(url, config_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             with engine.connect() as watcher:
