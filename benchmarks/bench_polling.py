@@ -17,6 +17,7 @@ rollup lacks are lost, rows it has too many are doubled.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import random
 import subprocess
@@ -66,7 +67,7 @@ COMPARISON = """
 
 
 def document(url: str) -> dict:
-    raw = yaml.safe_load(yaml.safe_dump(SHIPPED_DOCUMENT))
+    raw = copy.deepcopy(SHIPPED_DOCUMENT)
     raw["database"]["tables"].pop("events")
     raw["database"]["tables"].pop("sessions")
     raw["database"].update(url=url, activity=[SOURCE])
