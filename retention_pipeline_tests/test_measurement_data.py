@@ -223,8 +223,9 @@ def test_revenue_is_a_line_per_currency_and_an_unknown_interval_one_line(engine,
     groups = variant_users(engine, D)
     treated = groups[("treatment", "a")] + groups[("treatment", "b")]
     held = groups[("holdout", None)]
-    # Every treated user pays 12,000 yen a year, every held-out one 10 euros a month.
-    subscribe(engine, [(user, 12000_00, "jpy", "year") for user in treated])
+    # Every treated user pays 12,000 yen a year (the yen has no minor unit), every held-out one
+    # 10 euros a month.
+    subscribe(engine, [(user, 12000, "jpy", "year") for user in treated])
     subscribe(engine, [(user, 10_00, "EUR", "month") for user in held])
     day = D + timedelta(days=7)
     with engine.begin() as connection:
@@ -235,12 +236,12 @@ def test_revenue_is_a_line_per_currency_and_an_unknown_interval_one_line(engine,
     step_0 = next(
         row for row in rows if row.step == 0 and row.variant is None and row.window_days == 7
     )
-    assert step_0.treatment.revenue_cents == {"JPY": 1000_00 * len(treated)}
+    assert step_0.treatment.revenue_cents == {"JPY": 1000 * len(treated)}
     assert step_0.holdout.revenue_cents == {"EUR": 10_00 * len(held)}
     difference = step_0.monthly_revenue_difference_cents
     assert difference == {
         "EUR": pytest.approx(-10_00 * len(treated)),
-        "JPY": pytest.approx(1000_00 * len(treated)),
+        "JPY": pytest.approx(1000 * len(treated)),
     }
     cell = performance_frame([step_0]).iloc[0]["billed MRR difference"]
     assert cell == f"-{10 * len(treated):,} EUR, +{1000 * len(treated):,} JPY"

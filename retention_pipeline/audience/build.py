@@ -703,11 +703,10 @@ def _build_loop(
     holdout_bucket = HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt)
     step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt, step="d.step")
     _open_episodes_due(connection, s, params)
-    hashed = (
-        f" OR {suppressed_by_hash_sql(s, 'snap.mailbox', ':loop')}"
-        if any_suppressed_by_hash(connection, schema)
-        else ""
-    )
+    # A mailbox is hashed only while the list holds any hash (a bound FALSE folds the probe
+    # away when the statement is planned; the text stays the same, for `check` to plan).
+    hashed = suppressed_by_hash_sql(s, "snap.mailbox", ":loop")
+    any_hashed = bool(any_suppressed_by_hash(connection, schema))
     counts = connection.execute(
         text(f"""
         WITH suppressed AS (
@@ -718,7 +717,8 @@ def _build_loop(
             SELECT due.*, snap.address AS email, snap.mailbox,
                 CASE
                     WHEN snap.usable IS NOT TRUE THEN 'no_email'
-                    WHEN sup.mailbox IS NOT NULL{hashed} THEN 'suppressed'
+                    WHEN sup.mailbox IS NOT NULL
+                        OR (CAST(:any_hashed AS boolean) AND {hashed}) THEN 'suppressed'
                     WHEN EXISTS (SELECT FROM audience_recent AS recent
                                  WHERE recent.user_id = due.user_id)
                         OR EXISTS (SELECT FROM audience_recent AS recent
@@ -805,7 +805,7 @@ def _build_loop(
         UNION ALL SELECT 'excluded:no_step_due', count(*) FROM {s}.episodes AS unread
                   WHERE unread.loop_name = :loop AND unread.ended_on IS NULL
                     AND unread.next_step_on > :day"""),
-        params,
+        {**params, "any_hashed": any_hashed},
     ).all()
     if config.sends_on_due_times(loop) and not simulated:
         built_at = now if now is not None else day_end(day, config.timezone)
