@@ -450,9 +450,17 @@ def build_audiences(
     connection.execute(text("SET LOCAL default_statistics_target = 10"))
     _read_people(connection, s, day, loops, candidates)
     _read_recent_audiences(connection, s, day, loops, config)
+    # A mailbox is hashed only while the suppression list holds any hash.
+    any_hashed = bool(any_suppressed_by_hash(connection, config.database.schema_))
     return {
         loop.name: _build_loop(
-            connection, config=config, loop=loop, day=day, candidates=candidates[loop.name], now=now
+            connection,
+            config=config,
+            loop=loop,
+            day=day,
+            candidates=candidates[loop.name],
+            now=now,
+            any_hashed=any_hashed,
         )
         for loop in loops
     }
@@ -585,8 +593,10 @@ def _build_loop(
     day: date,
     candidates: set[str],
     now: datetime | None,
+    any_hashed: bool,
 ) -> AudienceSummary:
-    """The loop's audience of `day`, its people read (`_read_people`)."""
+    """The loop's audience of `day`, its people read (`_read_people`); `any_hashed`: whether
+    the suppression list holds a mailbox by its hash (`any_suppressed_by_hash`)."""
     schema = config.database.schema_
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     simulated = _simulated(connection, s, loop.name, day, now, config.timezone)
@@ -703,10 +713,9 @@ def _build_loop(
     holdout_bucket = HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt)
     step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt, step="d.step")
     _open_episodes_due(connection, s, params)
-    # A mailbox is hashed only while the list holds any hash (a bound FALSE folds the probe
-    # away when the statement is planned; the text stays the same, for `check` to plan).
+    # A bound FALSE folds the hash probe away when the statement is planned; the text stays the
+    # same, for `check` to plan.
     hashed = suppressed_by_hash_sql(s, "snap.mailbox", ":loop")
-    any_hashed = bool(any_suppressed_by_hash(connection, schema))
     counts = connection.execute(
         text(f"""
         WITH suppressed AS (
