@@ -484,6 +484,46 @@ def test_an_unsubscribe_after_the_user_was_erased_keeps_their_mailbox_from_the_n
     assert audience(engine, D + timedelta(days=3)) == []
 
 
+def test_the_frequency_cap_counts_an_email_sent_whose_audience_row_a_rebuild_took_back(world):
+    """Loop_0 emails user 1 on D, who then unsubscribes from loop_0 alone, and D is built
+    again: loop_0's rebuild drops them (suppressed), and with them its audience row of D. The
+    email went out all the same, so the cap holds loop_1 off them on D and on the cap's days
+    after; a loop's own sent emails never cap its own rebuild of their day."""
+    engine, url = world
+    config = config_for(url, loops=2)
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    assert run_day(engine, config, D, loop_index=0).treatment == 1
+    with serve_fake_resend() as fake:
+        send_day(engine, config, D)
+        assert fake.delivered_to() == ["user1@example.com"]
+    sent = audience(engine, D)
+    candidates = {
+        loop.name: condition_user_ids(engine, "retention", loop, D) for loop in config.loops
+    }
+
+    def build_both() -> dict:
+        with engine.begin() as connection:
+            return build_audiences(
+                connection, config=config, loops=config.loops, day=D, candidates=candidates
+            )
+
+    again = build_both()
+    assert again["loop_0"].treatment == 1 and audience(engine, D) == sent
+    assert again["loop_1"].excluded["frequency_cap"] == 1
+    with engine.begin() as connection:
+        unsubscribe_user(connection, schema="retention", user_id="1", loop_name="loop_0")
+
+    rebuilt = build_both()
+
+    assert rebuilt["loop_0"].excluded["suppressed"] == 1 and audience(engine, D) == []
+    assert rebuilt["loop_1"].treatment == 0 and rebuilt["loop_1"].excluded["frequency_cap"] == 1
+    assert audience(engine, D, "loop_1") == []
+    next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
+    assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
+    # Past the cap (3 days), loop_1, which never emailed them, may.
+    assert run_day(engine, config, D + timedelta(days=3), loop_index=1).treatment == 1
+
+
 def test_a_user_erased_for_a_while_keeps_the_cooldown_and_the_frequency_cap(world):
     """User 1, who never used the product, is emailed step 0 by loop_0, then erased (an account
     banned for a day, say: the exclusion erases it) and back the next day with no episode left.

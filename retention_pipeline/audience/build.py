@@ -545,15 +545,17 @@ def _read_people(
 def _read_recent_audiences(
     connection: Connection, s: str, day: date, loops: Sequence[Loop], config: RetentionConfig
 ) -> None:
-    """The temporary tables `audience_recent`: who was in an audience of any loop in the
-    frequency cap's days up to `day` (by user and by mailbox), and `audience_erased_sent`: who
-    was emailed in the longest of the cap's and the loops' cooldowns and erased since (by user:
-    the address is gone; erasure took their episodes and audience rows, and an account excluded
-    for a while comes back), read once for all the loops built. Each loop's build takes its rows
-    of the day out of `audience_recent` when it takes the day back and puts the new ones in
-    (`_build_loop`), so the next loop judges by what the database then holds. Reading them,
-    mailboxes made, and finding each one once again for every loop took a third of a second per
-    loop at 1M users. The erased users' emails were sent: a rebuild takes none of them back."""
+    """The temporary tables `audience_recent`: who was in an audience of any loop, or was
+    emailed by one, in the frequency cap's days up to `day` (by user and by mailbox), and
+    `audience_erased_sent`: who was emailed in the longest of the cap's and the loops' cooldowns
+    and erased since (by user: the address is gone; erasure took their episodes and audience
+    rows, and an account excluded for a while comes back), read once for all the loops built.
+    Each loop's build takes its audience rows of the day out of `audience_recent` when it takes
+    the day back and puts the new ones in (`_build_loop`), so the next loop judges by what the
+    database then holds. Reading them, mailboxes made, and finding each one once again for every
+    loop took a third of a second per loop at 1M users. The emails claimed or sent stay
+    (`sent`): a rebuild that drops their audience rows (a user unsubscribed from that loop
+    since, or erased) takes none of them back."""
     cap_days = config.email.frequency_cap_days
     connection.execute(
         text(f"""
@@ -573,13 +575,15 @@ def _read_recent_audiences(
         text(f"""
         CREATE TEMP TABLE audience_recent ON COMMIT DROP AS
         SELECT recent.partition_date, recent.loop_name, recent.user_id,
-               {mailbox_sql("recent.email")} AS mailbox, FALSE AS erased
+               {mailbox_sql("recent.email")} AS mailbox, FALSE AS sent
         FROM {s}.reengagement_audience AS recent
         WHERE recent.partition_date > :day - :cap AND recent.partition_date <= :day
         UNION ALL
-        SELECT erased.partition_date, erased.loop_name, erased.user_id, NULL, TRUE
-        FROM audience_erased_sent AS erased
-        WHERE erased.partition_date > :day - :cap AND erased.partition_date <= :day"""),
+        SELECT log.partition_date, log.loop_name, log.user_id,
+               CASE WHEN log.email <> '' THEN {mailbox_sql("log.email")} END, TRUE
+        FROM {s}.email_send_log AS log
+        WHERE log.status IN ('claimed', 'sent')
+          AND log.partition_date > :day - :cap AND log.partition_date <= :day"""),
         {"day": day, "cap": cap_days},
     )
     connection.execute(text("ANALYZE audience_recent"))
@@ -609,7 +613,7 @@ def _build_loop(
     connection.execute(
         text(
             "DELETE FROM audience_recent "
-            "WHERE partition_date = :day AND loop_name = :loop AND NOT erased"
+            "WHERE partition_date = :day AND loop_name = :loop AND NOT sent"
         ),
         {"day": day, "loop": loop.name},
     )
@@ -716,6 +720,8 @@ def _build_loop(
     # A bound FALSE folds the hash probe away when the statement is planned; the text stays the
     # same, for `check` to plan.
     hashed = suppressed_by_hash_sql(s, "snap.mailbox", ":loop")
+    # The loop's own emails of the day are what this build decides again, not a cap on it.
+    others_sent = "NOT (recent.sent AND recent.loop_name = :loop AND recent.partition_date = :day)"
     counts = connection.execute(
         text(f"""
         WITH suppressed AS (
@@ -729,9 +735,9 @@ def _build_loop(
                     WHEN sup.mailbox IS NOT NULL
                         OR (CAST(:any_hashed AS boolean) AND {hashed}) THEN 'suppressed'
                     WHEN EXISTS (SELECT FROM audience_recent AS recent
-                                 WHERE recent.user_id = due.user_id)
+                                 WHERE recent.user_id = due.user_id AND {others_sent})
                         OR EXISTS (SELECT FROM audience_recent AS recent
-                                   WHERE recent.mailbox = snap.mailbox)
+                                   WHERE recent.mailbox = snap.mailbox AND {others_sent})
                         THEN 'frequency_cap'
                 END AS excluded
             FROM audience_due AS due
@@ -785,7 +791,7 @@ def _build_loop(
             RETURNING user_id, email, arm, step
         ),
         recorded AS (
-            INSERT INTO audience_recent (partition_date, loop_name, user_id, mailbox, erased)
+            INSERT INTO audience_recent (partition_date, loop_name, user_id, mailbox, sent)
             SELECT :day, :loop, user_id, {mailbox_sql("email")}, FALSE FROM inserted
         ),
         -- The day each episode read has its next step due (`infinity` once it had every one),
