@@ -154,15 +154,35 @@ def test_captured_sources_agree_with_a_rebuild_row_for_row(engine, app_database_
     assert ("3", date(2026, 11, 21), "doc.sent", 1) in actions
     assert not [row for row in actions if row[2] in ("audit.SIGN_IN", "audit.DOCUMENT_DELETED")]
     assert ("2", date(2026, 11, 21), "comment.posted", 8) in actions
-    # Polled, the same sources count the same rows.
+    # Polled, the same sources count the same rows, the comments read through a view: its
+    # history at install, and its rows added since at the next drain.
     polled = sources_config(
         app_database_url,
-        [{**source, "capture": "polling"} for source in activity],
+        [
+            {**AUDIT, "capture": "polling"},
+            {**AUDIT_JSON, "capture": "polling"},
+            {**COMMENTS, "name": "comments", "table": "recent_comments", "capture": "polling"},
+        ],
         schema="retention_polled",
     )
     install(engine, polled)
     update_rollup(engine, polled)
     assert rollup(engine, "retention_polled") == rollup(engine)
+
+    def comments_of_user_3() -> int:
+        _, actions = rollup(engine, "retention_polled")
+        return sum(row[3] for row in actions if row[0] == "3" and row[2] == "comment.posted")
+
+    before_drain = comments_of_user_3()
+    run(
+        engine,
+        "INSERT INTO comments (author, body, created_at) "
+        "SELECT 3, 'c', now() - g * interval '1 minute' FROM generate_series(1, 4) AS g",
+    )
+    update_rollup(engine, captured)
+    update_rollup(engine, polled)
+    assert rollup(engine, "retention_polled") == rollup(engine)
+    assert comments_of_user_3() == before_drain + 4
 
 
 def test_a_time_updated_in_place_counts_each_change_once_and_ignores_other_updates(

@@ -67,6 +67,7 @@ MEMBERS = {
     "user": "userId",
     "where": [{"column": "accepted", "is": True}],
 }
+PRICE = {"table": "Price", "amount": "unitAmount"}
 ORG_OWNED = {
     "table": "Subscription",
     "owner": {"column": "organisationId", "members": MEMBERS},
@@ -254,6 +255,18 @@ def test_check_refuses_an_owner_id_mapped_as_the_user_id(app):
     ) in report.problems
 
 
+def test_check_refuses_an_owner_column_that_names_no_members_owner(app):
+    """The subscription's own id mapped as its owner: no member row names it."""
+    url, engine = app
+    mapping = {**ORG_OWNED, "owner": {"column": "id", "members": MEMBERS}}
+    report = preflight(engine, _config(url, mapping, "retention_h4_oid"))
+
+    assert (
+        "database.tables.subscriptions.owner.column: 0 of 2 subscription rows reach a user: "
+        "is `id` an owner id of the members?"
+    ) in report.problems
+
+
 def test_check_refuses_an_epoch_mapped_as_the_amount(app):
     url, engine = app
     with engine.begin() as connection:
@@ -377,8 +390,121 @@ def test_bad_configuration_is_one_line_naming_the_key(subscriptions, message):
             "database.tables.subscriptions.where.0.column: column 'paid' does not exist in "
             "public.Subscription",
         ),
+        (
+            {**ORG_OWNED, "amount": {"price": {**PRICE, "amount": "unitPrice"}, "by": "priceId"}},
+            "database.tables.subscriptions.amount.price.amount: column 'unitPrice' does not "
+            "exist in public.Price",
+        ),
+        (
+            {**ORG_OWNED, "amount": {"price": {**PRICE, "table": "Prices"}, "by": "priceId"}},
+            "database.tables.subscriptions.amount.price.table: app table public.Prices does not "
+            "exist in the app database",
+        ),
+        (
+            {**ORG_OWNED, "amount": {"price": PRICE, "by": "price"}},
+            "database.tables.subscriptions.amount.by: column 'price' does not exist in "
+            "public.Subscription",
+        ),
+        (
+            {**ORG_OWNED, "amount": {"price": PRICE, "by": "priceId", "quantity": "qty"}},
+            "database.tables.subscriptions.amount.quantity: column 'qty' does not exist in "
+            "public.Subscription",
+        ),
+        (
+            {
+                **ORG_OWNED,
+                "amount": {
+                    "price": PRICE,
+                    "by": "priceId",
+                    "items": {"table": "Item", "subscription": "subscriptionId"},
+                },
+            },
+            "database.tables.subscriptions.amount.items.table: app table public.Item does not "
+            "exist in the app database",
+        ),
+        (
+            {
+                **ORG_OWNED,
+                "amount": {"price": {**PRICE, "interval": "currency.interval"}, "by": "priceId"},
+            },
+            "database.tables.subscriptions.amount.price.interval: 'currency.interval' is a path "
+            "into public.Price.currency, which is text, not json or jsonb",
+        ),
+        (
+            {**ORG_OWNED, "owner": {"column": "organisationId", "users_column": "customerId"}},
+            "database.tables.subscriptions.owner.users_column: column 'customerId' does not "
+            "exist in public.User",
+        ),
+        (
+            {
+                **ORG_OWNED,
+                "owner": {
+                    "column": "organisationId",
+                    "members": {
+                        "table": "OrganisationMember",
+                        "owner": "organisationId",
+                        "email": "mail",
+                    },
+                },
+            },
+            "database.tables.subscriptions.owner.members.email: column 'mail' does not exist in "
+            "public.OrganisationMember",
+        ),
+        (
+            {
+                **ORG_OWNED,
+                "credit": "owner",
+                "owner": {
+                    "column": "organisationId",
+                    "members": MEMBERS,
+                    "owning_member": {"table": "Organisation", "user": "owner"},
+                },
+            },
+            "database.tables.subscriptions.owner.owning_member.user: column 'owner' does not "
+            "exist in public.Organisation",
+        ),
+        (
+            {
+                **ORG_OWNED,
+                "credit": "owner",
+                "owner": {
+                    "column": "organisationId",
+                    "members": MEMBERS,
+                    "owning_member": [{"column": "rank", "equals": "OWNER"}],
+                },
+            },
+            "database.tables.subscriptions.owner.owning_member.0.column: column 'rank' does not "
+            "exist in public.OrganisationMember",
+        ),
+        (
+            {**ORG_OWNED, "columns": {**ORG_OWNED["columns"], "billing_interval": "status.every"}},
+            "database.tables.subscriptions.columns.billing_interval: 'status.every' is a path "
+            "into public.Subscription.status, which is text, not json or jsonb",
+        ),
+        (
+            {"stripe": {"customer": "email", "schema": "stripe_mirror"}},
+            "database.tables.subscriptions.table: app table stripe_mirror.subscriptions does not "
+            "exist in the app database",
+        ),
     ],
-    ids=["owner-column", "json-path-into-text", "members-table", "where-column"],
+    ids=[
+        "owner-column",
+        "json-path-into-text",
+        "members-table",
+        "where-column",
+        "price-amount",
+        "price-table",
+        "price-by",
+        "quantity",
+        "items-table",
+        "price-interval-json-path-into-text",
+        "users-column",
+        "members-email",
+        "owning-member-user",
+        "owning-member-where",
+        "billing-interval-json-path-into-text",
+        "stripe-schema",
+    ],
 )
 def test_a_mapping_the_database_does_not_have_is_one_line(app, subscriptions, message):
     url, engine = app
