@@ -308,6 +308,96 @@ def test_polling_counts_new_late_and_moved_rows_once_and_never_clears_a_day(
     assert reconciliation.matches
 
 
+def test_a_source_that_lost_rows_is_named_though_another_of_its_kind_counts_more(
+    engine, app_database_url
+):
+    """Sign-ins inserted (exact) and sessions refreshed in place (each refresh counted, the app
+    keeping one row) both count sessions: the kind's total can only be a lower bound, and the
+    refreshes' surplus hides sign-ins the capture missed. Each source's own count does not."""
+    sign_ins = {
+        "name": "sign_ins",
+        "table": "audit_log",
+        "user": "actor_id",
+        "at": "created_at",
+        "login": True,
+        "where": [{"column": "kind", "in": ["SIGN_IN"]}],
+    }
+    config = sources_config(app_database_url, [sign_ins, {**SESSIONS, "capture": "updates"}])
+    install(engine, config)
+    yesterday = "date_trunc('day', now() AT TIME ZONE 'UTC') - interval '1 day'"
+    run(engine, f"""INSERT INTO "Session" ("userId", "updatedAt") VALUES (1, {yesterday})""")
+    for hour in (1, 2, 3):
+        run(
+            engine,
+            f"""UPDATE "Session" SET "updatedAt" = {yesterday} + :hours * interval '1 hour'""",
+            hours=hour,
+        )
+    sign_in = (
+        "INSERT INTO audit_log (actor_id, kind, created_at) "
+        f"SELECT 1, 'SIGN_IN', ({yesterday} + interval '5 hours') AT TIME ZONE 'UTC' "
+        "FROM generate_series(1, :rows)"
+    )
+    run(engine, sign_in, rows=1)
+    update_rollup(engine, config)
+    with engine.connect() as connection:
+        whole = reconcile_last_day(connection, config)
+    assert whole.matches and whole.short_sources == ()
+    assert whole.counted_rows_by_source == {"sign_ins": 1, "Session": 4}
+
+    # Two sign-ins the capture never sees (its trigger off while they are written).
+    run(engine, "ALTER TABLE audit_log DISABLE TRIGGER USER")
+    run(engine, sign_in, rows=2)
+    run(engine, "ALTER TABLE audit_log ENABLE TRIGGER USER")
+    update_rollup(engine, config)
+    with engine.connect() as connection:
+        lost = reconcile_last_day(connection, config)
+
+    # The kind's total still reaches the app's (5 counted, 1 session row and 3 sign-ins) ...
+    assert (lost.app_sessions, lost.tracked_sessions) == (4, 5)
+    # ... but the sign-ins' own count does not.
+    assert lost.app_rows_by_source == {"sign_ins": 3, "Session": 1}
+    assert lost.counted_rows_by_source == {"sign_ins": 1, "Session": 4}
+    assert lost.short_sources == ("sign_ins",) and not lost.matches
+    assert "`sign_ins` counted fewer rows than the app holds" in lost.compared
+
+
+def test_a_source_counts_its_rows_from_its_rebuild_or_from_the_day_after_the_upgrade(
+    engine, app_database_url
+):
+    from alembic import command
+
+    from retention_pipeline.database import migrate
+
+    run(
+        engine,
+        "INSERT INTO comments (author, created_at) "
+        "SELECT 1, date_trunc('day', now() AT TIME ZONE 'UTC') - interval '12 hours' "
+        "FROM generate_series(1, 3)",
+    )
+    config = sources_config(app_database_url, [COMMENTS])
+    install(engine, config)
+    with engine.connect() as connection:
+        rebuilt = reconcile_last_day(connection, config)
+    assert rebuilt.counted_rows_by_source == rebuilt.app_rows_by_source == {"comments": 3}
+    assert rebuilt.matches
+
+    # Installed before the count existed: yesterday was folded uncounted, so the count is
+    # compared from tomorrow on, not taken for a loss.
+    with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0025")
+    install(engine, config)
+    with engine.connect() as connection:
+        upgraded = reconcile_last_day(connection, config)
+        counted_from = connection.execute(
+            text(
+                "SELECT rows_counted_from - (now() AT TIME ZONE 'UTC')::date "
+                "FROM retention.tracking_sources"
+            )
+        ).scalar_one()
+    assert upgraded.counted_rows_by_source == {} and upgraded.matches
+    assert counted_from == 1
+
+
 def test_a_poll_killed_midway_loses_and_doubles_nothing(engine, app_database_url, tmp_path):
     document = {"activity": [{**COMMENTS, "capture": "polling"}]}
     path = write_config(tmp_path, app_database_url, **document)

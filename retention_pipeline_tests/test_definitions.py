@@ -161,6 +161,7 @@ def test_rollup_asset_folds_the_capture_and_reconciles_the_last_day(app_database
     (check,) = result.get_asset_check_evaluations()
     assert check.passed
     assert check.metadata["app_events"].value == check.metadata["tracked_events"].value == 3
+    assert check.metadata["counted_rows/events"].value == check.metadata["app_rows/events"].value
 
     # A rollup that lost a count no longer reconciles.
     with engine.begin() as connection:

@@ -24,6 +24,7 @@ from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
+from retention_pipeline.tracking.status import reconcile_last_day
 from retention_pipeline_tests.apps.cohorts import HISTORY_DAYS, visits_on
 from retention_pipeline_tests.helpers import shipped_asset, shipped_job, write_config
 
@@ -115,7 +116,14 @@ def test_each_example_maps_its_app_and_the_daily_run_is_right_user_by_user(
         history.load(connection, day, first_offset=6, last_offset=0)
     config = load_config(str(example))
     update_rollup(engine, config)
+    with engine.connect() as connection:
+        reconciled = reconcile_last_day(connection, config)
     engine.dispose()
+    # Every source, whatever its capture, counted at least the run day's rows the app holds.
+    assert reconciled.day == day and reconciled.matches, reconciled
+    sources = {spec.name for spec in config.database.activity_sources()}
+    assert set(reconciled.counted_rows_by_source) == sources
+    assert sum(reconciled.app_rows_by_source.values()) > 0
 
     capsys.readouterr()
     assert main(["--config", str(example), "check"]) == 0  # installed: every plan checked

@@ -73,7 +73,8 @@ def activity_rollup(
     name="reconciles_with_app_tables",
     description="The last complete day's events and sessions in the rollup (plus what the "
     "capture still holds) equal every activity source's rows of that day (at least equal, for a "
-    "source whose time the app updates in place or that is polled).",
+    "source whose time the app updates in place or that is polled), and each source counted at "
+    "least its rows of that day in the app.",
 )
 def rollup_reconciles_with_app_tables(app_database: AppDatabase) -> dg.AssetCheckResult:
     with app_database.engine.connect() as connection:
@@ -90,6 +91,10 @@ def rollup_reconciles_with_app_tables(app_database: AppDatabase) -> dg.AssetChec
             "compared": reconciliation.compared,
             **{
                 f"app_rows/{name}": rows for name, rows in reconciliation.app_rows_by_source.items()
+            },
+            **{
+                f"counted_rows/{name}": rows
+                for name, rows in reconciliation.counted_rows_by_source.items()
             },
         },
     )

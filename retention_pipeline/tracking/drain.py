@@ -74,6 +74,10 @@ def _fold_capture(
             {"tz": timezone},
         )
     )
+    connection.execute(
+        text(sql.count_source_rows(f"SELECT source, at, 1 AS n FROM {table}", "CAST(:tz AS text)")),
+        {"tz": timezone},
+    )
     connection.execute(text(f"TRUNCATE {table}"))
     return added
 

@@ -57,6 +57,7 @@ def recompute_days(
         "captured_sources": [source.name for source in sources if source.capture != "polling"],
     }
     for index, source in enumerate(sources):
+        params[f"source_{index}"] = source.name
         if source.capture == "polling":
             params[f"poll_cut_{index}"] = connection.execute(
                 text(f"""
@@ -65,7 +66,7 @@ def recompute_days(
                 {"lookback": POLL_LOOKBACK, "name": source.name},
             ).scalar_one()
     if clear:
-        for table in ("activity_daily", "action_daily"):
+        for table in ("activity_daily", "action_daily", "source_day_rows"):
             connection.execute(
                 text(f"""
                     DELETE FROM {s}.{table}
@@ -74,13 +75,13 @@ def recompute_days(
                 params,
             )
     tune_for_batch(connection)
+    rows = sql.app_rows_less_capture(sources)
     fold = sql.fold(
-        sql.app_rows_less_capture(sources),
-        "CAST(:tz AS text)",
-        visit_gap_minutes,
-        into_emptied_days=clear or into_emptied_days,
+        rows, "CAST(:tz AS text)", visit_gap_minutes, into_emptied_days=clear or into_emptied_days
     )
-    return added_by(connection.execute(text(fold), params))
+    added = added_by(connection.execute(text(fold), params))
+    connection.execute(text(sql.count_source_rows(rows, "CAST(:tz AS text)")), params)
+    return added
 
 
 def record_late_days(connection: Connection, sql: TrackingSql, days: set[date]) -> tuple[date, ...]:

@@ -150,7 +150,8 @@ def install(
             connection.execute(
                 text(
                     f"TRUNCATE {sql.q_schema}.activity_daily, {sql.q_schema}.action_daily, "
-                    f"{sql.q_schema}.tracking_sources, {sql.q_schema}.polled_rows"
+                    f"{sql.q_schema}.tracking_sources, {sql.q_schema}.polled_rows, "
+                    f"{sql.q_schema}.source_day_rows"
                 )
             )
             connection.execute(text(f"DELETE FROM {sql.q_schema}.rebuild_chunks"))

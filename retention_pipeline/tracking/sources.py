@@ -221,6 +221,7 @@ def adopt_legacy_sources(
         source = configured[0]
         capture = "inserts" if mode == "triggers" else "polling"
         _insert_state(connection, sql, source, capture, pending=False)
+        count_rows_from_tomorrow(connection, sql, name)
         if capture == "polling":
             # The old refresh recomputed every day from the one before `refreshed_through`:
             # what it read is counted; the polls go on from there.
@@ -243,6 +244,20 @@ def _insert_state(
             "definition": sql.definition(source),
             "pending": pending,
         },
+    )
+
+
+def count_rows_from_tomorrow(connection: Connection, sql: TrackingSql, name: str) -> None:
+    """Compare the source's counted rows with the app's from tomorrow on: today's count began
+    by another definition, or not at all (`status.reconcile_last_day`)."""
+    s = sql.q_schema
+    connection.execute(
+        text(f"""
+            UPDATE {s}.tracking_sources
+            SET rows_counted_from = (now() AT TIME ZONE (SELECT timezone FROM {s}.tracking_state))
+                                    ::date + 1
+            WHERE name = :name"""),
+        {"name": name},
     )
 
 
@@ -288,6 +303,9 @@ def _rename(connection: Connection, sql: TrackingSql, old: InstalledSource, new:
         text(f"UPDATE {s}.tracking_sources SET name = :new WHERE name = :old"), names
     )
     connection.execute(text(f"UPDATE {s}.polled_rows SET source = :new WHERE source = :old"), names)
+    connection.execute(
+        text(f"UPDATE {s}.source_day_rows SET source = :new WHERE source = :old"), names
+    )
     for table in CAPTURE_TABLES:
         connection.execute(text(f"UPDATE {s}.{table} SET source = :new WHERE source = :old"), names)
 
@@ -314,6 +332,7 @@ def sync_sources(
         drop_source_triggers(connection, sql, name, old.relation)
         connection.execute(text(f"DELETE FROM {s}.tracking_sources WHERE name = :n"), {"n": name})
         connection.execute(text(f"DELETE FROM {s}.polled_rows WHERE source = :n"), {"n": name})
+        connection.execute(text(f"DELETE FROM {s}.source_day_rows WHERE source = :n"), {"n": name})
         notes.append(
             f"source `{name}` removed: what it counted stays in the rollup"
             + (f" (from {old.first_day})" if old.first_day else "")
@@ -339,6 +358,7 @@ def sync_sources(
             drop_source_triggers(connection, sql, name, old.relation)
         definition_changed = old.definition != sql.definition(source)
         if definition_changed:
+            count_rows_from_tomorrow(connection, sql, name)
             notes.append(
                 f"source `{name}`: definition changed; what it counted stays as counted, new "
                 "rows count by the new one (`retention-pipeline db refresh --since DAY` recounts "
@@ -435,6 +455,15 @@ def poll(
             ),
             {"tz": timezone},
         )
+    )
+    connection.execute(
+        text(
+            sql.count_source_rows(
+                "SELECT CAST(:source AS text) AS source, at, n FROM pg_temp.polled_now",
+                "CAST(:tz AS text)",
+            )
+        ),
+        {**params, "tz": timezone},
     )
     connection.execute(
         text(f"""

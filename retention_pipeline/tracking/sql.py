@@ -255,12 +255,24 @@ class TrackingSql:
     def capture_source(self, table: str) -> str:
         return f"SELECT kind, user_id, at, event_name, 1 AS n FROM {self.q_schema}.{table}"
 
+    def count_source_rows(self, rows: str, tz: str) -> str:
+        """Add `rows` (source, at, n) to each source's rows per day (`source_day_rows`): what
+        the reconciliation compares with each source's rows in the app. A pass of its own over
+        what a fold reads: counted inside the fold's statement, the rows would be kept in a
+        temporary store for both readers."""
+        return f"""
+            INSERT INTO {self.q_schema}.source_day_rows AS t (source, day, rows)
+            SELECT source, (at AT TIME ZONE {tz})::date, sum(n) FROM ({rows}) AS counted
+            GROUP BY 1, 2
+            ON CONFLICT (source, day) DO UPDATE SET rows = t.rows + EXCLUDED.rows"""
+
     def app_rows_less_capture(self, sources: tuple[ResolvedSource, ...]) -> str:
         """The rows of `sources` of days [:first_day, :end_day) that the capture does not hold:
         those written before the triggers existed, or by an insert the capture missed. A capture
         row commits with its app row, so within one statement's snapshot both sides agree.
         A polled source's rows count up to its watermark less the lookback (`:poll_cut_N`,
-        N its index in `sources`): the polls count the rest."""
+        N its index in `sources`): the polls count the rest. Each row names its source
+        (`:source_N`)."""
         time_range = f"{{at}} >= {RANGE_START} AND {{at}} < {RANGE_END}"
         parts = []
         for index, source in enumerate(sources):
@@ -268,12 +280,13 @@ class TrackingSql:
             if source.capture == "polling":
                 rows_range += f" AND {{at}} < CAST(:poll_cut_{index} AS timestamptz)"
             parts.append(
-                f"SELECT kind, user_id, at, event_name, 1 AS n FROM ("
+                f"SELECT kind, user_id, at, event_name, 1 AS n, "
+                f"CAST(:source_{index} AS text) AS source FROM ("
                 f"{self.source_rows(source, source.relation_sql(self.dialect), rows_range)}"
                 ") AS app_rows"
             )
         parts.extend(
-            f"SELECT kind, user_id, at, event_name, -1 AS n FROM {self.q_schema}.{table}"
+            f"SELECT kind, user_id, at, event_name, -1 AS n, source FROM {self.q_schema}.{table}"
             f" WHERE at >= {RANGE_START} AND at < {RANGE_END}"
             " AND source = ANY (CAST(:captured_sources AS text[]))"
             for table in CAPTURE_TABLES

@@ -55,10 +55,15 @@ class DayReconciliation:
     # time counted). Their kind's tracked count may exceed the app's, never fall short.
     inexact_sources: tuple[str, ...] = ()
     inexact_kinds: tuple[str, ...] = ()
+    # Each source's rows of the day the folds counted (plus the capture's), for the sources
+    # counted since before the day; and the sources whose count falls short of the app's rows,
+    # every user's (rows the app deleted since leave a count above the app's, never below).
+    counted_rows_by_source: dict[str, int] = field(default_factory=dict)
+    short_sources: tuple[str, ...] = ()
 
     @property
     def matches(self) -> bool:
-        return all(
+        return not self.short_sources and all(
             tracked >= app if kind in self.inexact_kinds else tracked == app
             for kind, app, tracked in (
                 ("e", self.app_events, self.tracked_events),
@@ -69,12 +74,19 @@ class DayReconciliation:
     @property
     def compared(self) -> str:
         """What was compared, in a sentence."""
+        short = (
+            "; " + ", ".join(f"`{name}`" for name in self.short_sources) + " counted fewer rows "
+            "than the app holds: rows were lost"
+            if self.short_sources
+            else ""
+        )
         if not self.inexact_sources:
-            return "each source's rows of the day equal the rollup's plus the capture's"
+            return "each source's rows of the day equal the rollup's plus the capture's" + short
         names = ", ".join(f"`{name}`" for name in self.inexact_sources)
         return (
             f"rows of sources captured by inserts equal the rollup's; {names} keep earlier values "
-            "of rows the app updated in place, so there the rollup may hold more, never less"
+            "of rows the app updated in place, so there the rollup may hold more, never less; "
+            "each source counted at least its rows in the app" + short
         )
 
 
@@ -83,7 +95,10 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
     yet folded, in one snapshot. Counted for known users only: rows of unknown or erased users
     are not the rollup's concern. A row deleted in the app after it was counted shows here as a
     difference. Sources whose history outgrows the app's rows (`updates`, `polling`) are
-    compared as a lower bound."""
+    compared as a lower bound. And each source on its own, where a kind's total cannot tell
+    one source's loss from another's surplus: what the folds counted of it that day
+    (`source_day_rows`, every user's) must be at least its rows in the app, for the sources
+    counted since before the day (`tracking_sources.rows_counted_from`)."""
     sql = tracking_sql(connection, config)
     s = sql.q_schema
     known = known_user_sql(sql.users, "r.user_id", connection.dialect, probe_key=False)
@@ -108,6 +123,11 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
         "WHERE at >= (SELECT lower FROM bounds) AND at < (SELECT upper FROM bounds)"
         for table in CAPTURE_TABLES
     )
+    captured_by_source = " UNION ALL ".join(
+        f"SELECT source FROM {s}.{table} "
+        "WHERE at >= (SELECT lower FROM bounds) AND at < (SELECT upper FROM bounds)"
+        for table in CAPTURE_TABLES
+    )
     rows = connection.execute(
         text(f"""
             WITH bounds AS (
@@ -116,11 +136,25 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
                 FROM (SELECT (now() AT TIME ZONE :tz)::date - 1 AS day) AS yesterday
             ),
             app AS (
-                SELECT source, kind, count(*) AS n
-                FROM ({" UNION ALL ".join(app_parts)}) AS r WHERE {known} GROUP BY 1, 2
+                SELECT source, kind, count(*) FILTER (WHERE {known}) AS n, count(*) AS every
+                FROM ({" UNION ALL ".join(app_parts)}) AS r GROUP BY 1, 2
             ),
             captured AS (
                 SELECT kind, count(*) AS n FROM ({captured}) AS r WHERE {known} GROUP BY kind
+            ),
+            -- Each source's count: the folds' plus the capture's, for the sources counted
+            -- since before the day.
+            pending AS (
+                SELECT source, count(*) AS n FROM ({captured_by_source}) AS r GROUP BY source
+            ),
+            counted AS (
+                SELECT state.name AS source,
+                       coalesce(day_rows.rows, 0) + coalesce(pending.n, 0) AS n
+                FROM {s}.tracking_sources AS state
+                LEFT JOIN {s}.source_day_rows AS day_rows
+                    ON day_rows.source = state.name AND day_rows.day = (SELECT day FROM bounds)
+                LEFT JOIN pending ON pending.source = state.name
+                WHERE coalesce(state.rows_counted_from <= (SELECT day FROM bounds), TRUE)
             ),
             rolled AS (
                 SELECT coalesce(sum(event_count), 0) AS events,
@@ -133,15 +167,20 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
                        + coalesce((SELECT n FROM captured WHERE kind = 'e'), 0) AS events,
                    (SELECT sessions FROM rolled)
                        + coalesce((SELECT n FROM captured WHERE kind = 's'), 0) AS sessions,
-                   (SELECT coalesce(json_agg(json_build_array(source, kind, n)), '[]')
-                    FROM app) AS by_source"""),
+                   (SELECT coalesce(json_agg(json_build_array(source, kind, n, every)), '[]')
+                    FROM app) AS by_source,
+                   (SELECT coalesce(json_object_agg(source, n), '{{}}') FROM counted)
+                       AS counted_by_source"""),
         parameters,
     ).one()
     by_source = {source.name: 0 for source in sql.sources}
+    every_by_source = dict(by_source)
     app = {"e": 0, "s": 0}
-    for name, kind, n in rows.by_source:
+    for name, kind, n, every in rows.by_source:
         by_source[name] += n
+        every_by_source[name] += every
         app[kind] += n
+    counted = {name: int(n) for name, n in rows.counted_by_source.items()}
     inexact = [source for source in sql.sources if source.capture != "inserts"]
     return DayReconciliation(
         day=rows.day,
@@ -152,4 +191,10 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
         app_rows_by_source=by_source,
         inexact_sources=tuple(source.name for source in inexact),
         inexact_kinds=tuple(sorted({source.kind for source in inexact})),
+        counted_rows_by_source=counted,
+        short_sources=tuple(
+            source.name
+            for source in sql.sources
+            if source.name in counted and counted[source.name] < every_by_source[source.name]
+        ),
     )
