@@ -398,6 +398,36 @@ def test_a_source_counts_its_rows_from_its_rebuild_or_from_the_day_after_the_upg
     assert counted_from == 1
 
 
+def test_db_upgrade_prints_what_history_each_new_source_starts_from(
+    engine, app_database_url, tmp_path, capsys
+):
+    from retention_pipeline.cli import main
+
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, '2026-11-19')")
+    run(engine, """INSERT INTO "Session" ("userId", "updatedAt") VALUES (1, '2026-11-19')""")
+    path = write_config(
+        tmp_path,
+        app_database_url,
+        activity=[{**COMMENTS, "capture": "polling"}, {**SESSIONS, "capture": "updates"}],
+    )
+    raw = yaml.safe_load(path.read_text())
+    raw["database"]["tables"].pop("events")
+    raw["database"]["tables"].pop("sessions")
+    path.write_text(yaml.safe_dump(raw))
+
+    assert main(["--config", str(path), "db", "upgrade"]) == 0
+
+    printed = capsys.readouterr().out
+    assert (
+        "source `comments`: rebuilt from its 1 rows of public.comments; each drain polls it "
+        "from then on"
+    ) in printed
+    assert (
+        "source `Session`: history of `updatedAt` starts at install: it is a last-seen column "
+        "(1 current values of public.Session counted)"
+    ) in printed
+
+
 def test_a_poll_killed_midway_loses_and_doubles_nothing(engine, app_database_url, tmp_path):
     document = {"activity": [{**COMMENTS, "capture": "polling"}]}
     path = write_config(tmp_path, app_database_url, **document)
