@@ -428,6 +428,25 @@ def test_db_upgrade_prints_what_history_each_new_source_starts_from(
     ) in printed
 
 
+def test_a_source_renamed_to_a_removed_sources_name_counts_its_own_rows(engine, app_database_url):
+    """`comments` removed with rows still in the capture (folded by the next drain, counted
+    for no source), then `audit_log` renamed `comments`: the count is the audit log's alone."""
+    install(engine, sources_config(app_database_url, [COMMENTS, AUDIT]))
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now())")
+    insert_audit(engine, [(2, "DOCUMENT_SENT", "{}", "now")])
+    audit_only = sources_config(app_database_url, [AUDIT])
+    install(engine, audit_only)
+    update_rollup(engine, audit_only)
+    renamed = sources_config(app_database_url, [{**AUDIT, "name": "comments"}])
+    report = install(engine, renamed)
+    assert report.sources == ("source `audit_log` renamed `comments`: its history is kept",)
+    with engine.connect() as connection:
+        counted = connection.execute(
+            text("SELECT source, sum(rows) FROM retention.source_day_rows GROUP BY 1")
+        ).all()
+    assert [tuple(row) for row in counted] == [("comments", 1)]
+
+
 def test_a_poll_killed_midway_loses_and_doubles_nothing(engine, app_database_url, tmp_path):
     document = {"activity": [{**COMMENTS, "capture": "polling"}]}
     path = write_config(tmp_path, app_database_url, **document)

@@ -518,6 +518,16 @@ def test_the_frequency_cap_counts_an_email_sent_whose_audience_row_a_rebuild_too
     assert rebuilt["loop_0"].excluded["suppressed"] == 1 and audience(engine, D) == []
     assert rebuilt["loop_1"].treatment == 0 and rebuilt["loop_1"].excluded["frequency_cap"] == 1
     assert audience(engine, D, "loop_1") == []
+    # Failed after its request went out (no answer within the idempotency window, say), the
+    # email may have been delivered: it still counts.
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE retention.email_send_log SET status = 'failed', "
+                "error = 'no answer: may have been delivered'"
+            )
+        )
+    assert build_both()["loop_1"].excluded["frequency_cap"] == 1
     next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
     assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
     # Past the cap (3 days), loop_1, which never emailed them, may.

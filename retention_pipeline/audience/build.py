@@ -553,9 +553,10 @@ def _read_recent_audiences(
     Each loop's build takes its audience rows of the day out of `audience_recent` when it takes
     the day back and puts the new ones in (`_build_loop`), so the next loop judges by what the
     database then holds. Reading them, mailboxes made, and finding each one once again for every
-    loop took a third of a second per loop at 1M users. The emails claimed or sent stay
-    (`sent`): a rebuild that drops their audience rows (a user unsubscribed from that loop
-    since, or erased) takes none of them back."""
+    loop took a third of a second per loop at 1M users. The emails claimed, sent, or failed
+    after a request that may have delivered them stay (`sent`): a rebuild that drops their
+    audience rows (a user unsubscribed from that loop since, or erased) takes none of them
+    back."""
     cap_days = config.email.frequency_cap_days
     connection.execute(
         text(f"""
@@ -582,7 +583,7 @@ def _read_recent_audiences(
         SELECT log.partition_date, log.loop_name, log.user_id,
                CASE WHEN log.email <> '' THEN {mailbox_sql("log.email")} END, TRUE
         FROM {s}.email_send_log AS log
-        WHERE log.status IN ('claimed', 'sent')
+        WHERE (log.status <> 'failed' OR log.first_attempt_at IS NOT NULL)
           AND log.partition_date > :day - :cap AND log.partition_date <= :day"""),
         {"day": day, "cap": cap_days},
     )

@@ -73,8 +73,8 @@ def activity_rollup(
     name="reconciles_with_app_tables",
     description="The last complete day's events and sessions in the rollup (plus what the "
     "capture still holds) equal every activity source's rows of that day (at least equal, for a "
-    "source whose time the app updates in place or that is polled), and each source counted at "
-    "least its rows of that day in the app.",
+    "source whose time the app updates in place or that is polled), and each source counted "
+    "since before that day counted at least its rows of it in the app.",
 )
 def rollup_reconciles_with_app_tables(app_database: AppDatabase) -> dg.AssetCheckResult:
     with app_database.engine.connect() as connection:

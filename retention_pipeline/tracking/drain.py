@@ -74,9 +74,12 @@ def _fold_capture(
             {"tz": timezone},
         )
     )
+    # Rows a removed source left in the capture are folded, but counted for no source: a new
+    # source of that name starts from its own rows.
+    counted = f"SELECT source, at, 1 AS n FROM {table} WHERE source = ANY(CAST(:sources AS text[]))"
     connection.execute(
-        text(sql.count_source_rows(f"SELECT source, at, 1 AS n FROM {table}", "CAST(:tz AS text)")),
-        {"tz": timezone},
+        text(sql.count_source_rows(counted, "CAST(:tz AS text)")),
+        {"tz": timezone, "sources": [source.name for source in sql.sources]},
     )
     connection.execute(text(f"TRUNCATE {table}"))
     return added

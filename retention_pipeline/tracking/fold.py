@@ -75,13 +75,16 @@ def recompute_days(
                 params,
             )
     tune_for_batch(connection)
-    rows = sql.app_rows_less_capture(sources)
+    # Counted in the fold's statement: a row committed between two statements would be
+    # counted by one and not folded by the other.
     fold = sql.fold(
-        rows, "CAST(:tz AS text)", visit_gap_minutes, into_emptied_days=clear or into_emptied_days
+        sql.app_rows_less_capture(sources),
+        "CAST(:tz AS text)",
+        visit_gap_minutes,
+        into_emptied_days=clear or into_emptied_days,
+        counting_sources=True,
     )
-    added = added_by(connection.execute(text(fold), params))
-    connection.execute(text(sql.count_source_rows(rows, "CAST(:tz AS text)")), params)
-    return added
+    return added_by(connection.execute(text(fold), params))
 
 
 def record_late_days(connection: Connection, sql: TrackingSql, days: set[date]) -> tuple[date, ...]:

@@ -131,7 +131,13 @@ class TrackingSql:
         return self.source_rows(source, source.relation_sql(self.dialect))
 
     def fold(
-        self, source: str, tz: str, visit_gap_minutes: int, *, into_emptied_days: bool = False
+        self,
+        source: str,
+        tz: str,
+        visit_gap_minutes: int,
+        *,
+        into_emptied_days: bool = False,
+        counting_sources: bool = False,
     ) -> str:
         """Add `source` (kind, user_id, at, event_name, n) to the rollup. Rows with a negative
         n cancel rows of the same key; keys left at zero or below add nothing. The latest time
@@ -148,6 +154,10 @@ class TrackingSql:
         `into_emptied_days`: the rollup holds nothing of these days (they were just deleted, or
         are being rebuilt), so no day is probed. Keys are sorted (bytewise, the cheapest order,
         and the index's own in a C or C.UTF-8 database) so the indexes are written in one sweep.
+        `counting_sources`: `source` also names each row's source, and what it adds of each
+        source per day goes to `source_day_rows` in the same statement, which sees the rows the
+        fold sees (the rows are then kept in a temporary store for both readers; a drain counts
+        its locked capture in a pass of its own, `count_source_rows`, which costs half that).
         Returns per day: user-days, events and sessions added."""
         s = self.q_schema
         merged_visits = visit_count_sql(
@@ -195,6 +205,11 @@ class TrackingSql:
                     visit_count = {merged_visits}""",
             into_emptied_days,
         )
+        counted = (
+            f", counted AS ({self.count_source_rows('SELECT source, at, n FROM source', tz)})"
+            if counting_sources
+            else ""
+        )
         # The keys are sorted once, and each user-day's totals are a window over them in that
         # order (no second aggregate, no join back to the days).
         return f"""
@@ -221,6 +236,7 @@ class TrackingSql:
             days AS (SELECT day, {held} AS held FROM day_totals AS days),
             {", ".join(f"actions_{n} AS ({statement})" for n, statement in enumerate(actions))},
             {", ".join(f"daily_{n} AS ({statement})" for n, statement in enumerate(daily))}
+            {counted}
             SELECT day, user_days, events, sessions FROM day_totals"""
 
     @staticmethod
@@ -257,9 +273,7 @@ class TrackingSql:
 
     def count_source_rows(self, rows: str, tz: str) -> str:
         """Add `rows` (source, at, n) to each source's rows per day (`source_day_rows`): what
-        the reconciliation compares with each source's rows in the app. A pass of its own over
-        what a fold reads: counted inside the fold's statement, the rows would be kept in a
-        temporary store for both readers."""
+        the reconciliation compares with each source's rows in the app."""
         return f"""
             INSERT INTO {self.q_schema}.source_day_rows AS t (source, day, rows)
             SELECT source, (at AT TIME ZONE {tz})::date, sum(n) FROM ({rows}) AS counted
