@@ -273,10 +273,19 @@ class TrackingSql:
 
     def count_source_rows(self, rows: str, tz: str) -> str:
         """Add `rows` (source, at, n) to each source's rows per day (`source_day_rows`): what
-        the reconciliation compares with each source's rows in the app."""
+        the reconciliation compares with each source's rows in the app. The rows are summed per
+        quarter-hour first, and each quarter's day taken once: every time zone's offset (since
+        standard time replaced local mean time) is a whole number of quarter-hours, so a
+        quarter-hour lies within one day in any of them; a day per row costs twice as much."""
         return f"""
             INSERT INTO {self.q_schema}.source_day_rows AS t (source, day, rows)
-            SELECT source, (at AT TIME ZONE {tz})::date, sum(n) FROM ({rows}) AS counted
+            SELECT source, (quarter AT TIME ZONE {tz})::date, sum(n)
+            FROM (
+                SELECT source,
+                       date_bin('15 minutes', at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS quarter,
+                       sum(n) AS n
+                FROM ({rows}) AS counted GROUP BY 1, 2
+            ) AS quarters
             GROUP BY 1, 2
             ON CONFLICT (source, day) DO UPDATE SET rows = t.rows + EXCLUDED.rows"""
 
