@@ -447,19 +447,36 @@ def test_a_source_renamed_to_a_removed_sources_name_counts_its_own_rows(engine, 
     assert [tuple(row) for row in counted] == [("comments", 1)]
 
 
-def test_each_sources_rows_are_counted_in_the_day_of_a_zone_a_quarter_hour_off_the_hour(
-    engine, app_database_url
+@pytest.mark.parametrize(
+    ("zone", "moments", "days"),
+    [
+        # UTC+05:45: midnight is 18:15 UTC.
+        (
+            "Asia/Kathmandu",
+            ["2026-11-20T18:14:59.999", "2026-11-20T18:15:00", "2026-11-21T18:14:00"],
+            [(date(2026, 11, 20), 1), (date(2026, 11, 21), 2)],
+        ),
+        # Clocks fell back from 00:01 on the 25th to 23:01 on the 24th (02:31 UTC): the rows
+        # after it are of the 24th again.
+        (
+            "America/St_Johns",
+            ["1987-10-25T02:30:59", "1987-10-25T02:31:00", "1987-10-25T02:44:59"],
+            [(date(1987, 10, 24), 2), (date(1987, 10, 25), 1)],
+        ),
+    ],
+)
+def test_each_sources_rows_are_counted_in_the_day_their_zone_gives_them(
+    engine, app_database_url, zone, moments, days
 ):
-    """Kathmandu is UTC+05:45: its midnight is 18:15 UTC. Rows on either side of it, drained
-    and rebuilt, are counted in the day that zone gives them, as the app's rows say."""
+    """Rows on either side of a zone's midnight, drained and rebuilt, are counted in the day
+    the zone gives them, as the app's rows say."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["tables"].pop("events")
     document["database"]["tables"].pop("sessions")
     document["database"].update(activity=[COMMENTS], url=app_database_url)
     for loop in document["loops"]:
-        loop["steps"][0]["trigger"]["timezone"] = "Asia/Kathmandu"
+        loop["steps"][0]["trigger"]["timezone"] = zone
     config = parse_config(document, environ={})
-    moments = ["2026-11-20T18:14:59.999", "2026-11-20T18:15:00", "2026-11-21T18:14:00"]
     run(engine, "INSERT INTO comments (author, created_at) VALUES (1, :at)", at=moments[0])
     install(engine, config)  # the first row rebuilt, the others captured
     for moment in moments[1:]:
@@ -471,12 +488,13 @@ def test_each_sources_rows_are_counted_in_the_day_of_a_zone_a_quarter_hour_off_t
         ).all()
         app = connection.execute(
             text(
-                "SELECT (created_at AT TIME ZONE 'UTC' AT TIME ZONE 'Asia/Kathmandu')::date, "
+                "SELECT (created_at AT TIME ZONE 'UTC' AT TIME ZONE :zone)::date, "
                 "count(*) FROM comments GROUP BY 1 ORDER BY 1"
-            )
+            ),
+            {"zone": zone},
         ).all()
     assert [tuple(row) for row in counted] == [tuple(row) for row in app]
-    assert [tuple(row) for row in app] == [(date(2026, 11, 20), 1), (date(2026, 11, 21), 2)]
+    assert [tuple(row) for row in app] == days
 
 
 def test_a_poll_killed_midway_loses_and_doubles_nothing(engine, app_database_url, tmp_path):

@@ -554,9 +554,9 @@ def _read_recent_audiences(
     the day back and puts the new ones in (`_build_loop`), so the next loop judges by what the
     database then holds. Reading them, mailboxes made, and finding each one once again for every
     loop took a third of a second per loop at 1M users. The emails claimed, sent, or failed
-    after a request that may have delivered them stay (`sent`): a rebuild that drops their
-    audience rows (a user unsubscribed from that loop since, or erased) takes none of them
-    back."""
+    once their request was made (unanswered ones may have been delivered; those Resend refused
+    count too) stay (`sent`): a rebuild that drops their audience rows (a user unsubscribed
+    from that loop since, or erased) takes none of them back."""
     cap_days = config.email.frequency_cap_days
     connection.execute(
         text(f"""

@@ -137,7 +137,6 @@ class TrackingSql:
         visit_gap_minutes: int,
         *,
         into_emptied_days: bool = False,
-        counting_sources: bool = False,
     ) -> str:
         """Add `source` (kind, user_id, at, event_name, n) to the rollup. Rows with a negative
         n cancel rows of the same key; keys left at zero or below add nothing. The latest time
@@ -154,10 +153,6 @@ class TrackingSql:
         `into_emptied_days`: the rollup holds nothing of these days (they were just deleted, or
         are being rebuilt), so no day is probed. Keys are sorted (bytewise, the cheapest order,
         and the index's own in a C or C.UTF-8 database) so the indexes are written in one sweep.
-        `counting_sources`: `source` also names each row's source, and what it adds of each
-        source per day goes to `source_day_rows` in the same statement, which sees the rows the
-        fold sees (the rows are then kept in a temporary store for both readers; a drain counts
-        its locked capture in a pass of its own, `count_source_rows`, which costs half that).
         Returns per day: user-days, events and sessions added."""
         s = self.q_schema
         merged_visits = visit_count_sql(
@@ -205,11 +200,6 @@ class TrackingSql:
                     visit_count = {merged_visits}""",
             into_emptied_days,
         )
-        counted = (
-            f", counted AS ({self.count_source_rows('SELECT source, at, n FROM source', tz)})"
-            if counting_sources
-            else ""
-        )
         # The keys are sorted once, and each user-day's totals are a window over them in that
         # order (no second aggregate, no join back to the days).
         return f"""
@@ -236,7 +226,6 @@ class TrackingSql:
             days AS (SELECT day, {held} AS held FROM day_totals AS days),
             {", ".join(f"actions_{n} AS ({statement})" for n, statement in enumerate(actions))},
             {", ".join(f"daily_{n} AS ({statement})" for n, statement in enumerate(daily))}
-            {counted}
             SELECT day, user_days, events, sessions FROM day_totals"""
 
     @staticmethod
@@ -274,18 +263,19 @@ class TrackingSql:
     def count_source_rows(self, rows: str, tz: str) -> str:
         """Add `rows` (source, at, n) to each source's rows per day (`source_day_rows`): what
         the reconciliation compares with each source's rows in the app. The rows are summed per
-        quarter-hour first, and each quarter's day taken once: every time zone's offset (since
-        standard time replaced local mean time) is a whole number of quarter-hours, so a
-        quarter-hour lies within one day in any of them; a day per row costs twice as much."""
+        30 seconds first, and each bin's day taken once (a day per row costs twice as much):
+        since 1970 every zone's offset, and every instant its clocks changed, is a whole number
+        of 30 seconds from midnight UTC, so a bin lies within one day of any zone (a quarter-hour
+        does not: Newfoundland's clocks fell back at 00:01 until 2011)."""
         return f"""
             INSERT INTO {self.q_schema}.source_day_rows AS t (source, day, rows)
-            SELECT source, (quarter AT TIME ZONE {tz})::date, sum(n)
+            SELECT source, (bin AT TIME ZONE {tz})::date, sum(n)
             FROM (
                 SELECT source,
-                       date_bin('15 minutes', at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS quarter,
+                       date_bin('30 seconds', at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bin,
                        sum(n) AS n
                 FROM ({rows}) AS counted GROUP BY 1, 2
-            ) AS quarters
+            ) AS bins
             GROUP BY 1, 2
             ON CONFLICT (source, day) DO UPDATE SET rows = t.rows + EXCLUDED.rows"""
 

@@ -60,6 +60,9 @@ class DayReconciliation:
     # every user's (rows the app deleted since leave a count above the app's, never below).
     counted_rows_by_source: dict[str, int] = field(default_factory=dict)
     short_sources: tuple[str, ...] = ()
+    # A polled source's rows stamped yesterday but committed since its last poll are not lost:
+    # the next poll counts them.
+    polled_sources: tuple[str, ...] = ()
 
     @property
     def matches(self) -> bool:
@@ -80,6 +83,8 @@ class DayReconciliation:
             if self.short_sources
             else ""
         )
+        if set(self.short_sources) & set(self.polled_sources):
+            short += ", or (a polled source) committed since its last poll, which the next counts"
         # Sources counted since before the day; the others have no count of it to compare.
         each = (
             "; each source counted since before the day counted at least its rows in the app"
@@ -206,6 +211,7 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
         inexact_sources=tuple(source.name for source in inexact),
         inexact_kinds=tuple(sorted({source.kind for source in inexact})),
         counted_rows_by_source=counted,
+        polled_sources=tuple(source.name for source in sql.sources if source.capture == "polling"),
         short_sources=tuple(
             source.name
             for source in sql.sources

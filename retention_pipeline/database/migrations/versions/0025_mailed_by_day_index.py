@@ -3,9 +3,10 @@
 The cap read the audience rows of its days alone. A rebuild of a day takes back the audience
 rows of users dropped since the emails went out (unsubscribed from that loop, say), and the cap
 stopped seeing those emails: another loop could email the same person that day. The audience now
-also reads the send log's emails of the cap's days that are claimed, sent, or failed after a
-request that may have delivered them, through this index of those rows alone, which holds what
-the cap reads of them (the rows carry the rendered email: about 1.6 kB each).
+also reads the send log's emails of the cap's days that are claimed, sent, or failed once their
+request was made (an unanswered one may have been delivered), through this index of those rows
+alone, which holds what the cap reads of them (the rows carry the rendered email: about 1.6 kB
+each).
 
 Revision ID: 0025
 Revises: 0024
