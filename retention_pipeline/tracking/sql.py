@@ -131,12 +131,7 @@ class TrackingSql:
         return self.source_rows(source, source.relation_sql(self.dialect))
 
     def fold(
-        self,
-        source: str,
-        tz: str,
-        visit_gap_minutes: int,
-        *,
-        into_emptied_days: bool = False,
+        self, source: str, tz: str, visit_gap_minutes: int, *, into_emptied_days: bool = False
     ) -> str:
         """Add `source` (kind, user_id, at, event_name, n) to the rollup. Rows with a negative
         n cancel rows of the same key; keys left at zero or below add nothing. The latest time
