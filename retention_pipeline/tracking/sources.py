@@ -294,19 +294,16 @@ def seed_counted(
 
 
 def _rename(connection: Connection, sql: TrackingSql, old: InstalledSource, new: str) -> None:
-    """Carry `old`'s state over to the name `new`: its watermark, polled rows, first day and
-    the capture rows it wrote, which a repair subtracts by source name."""
+    """Carry `old`'s state over to the name `new`: its watermark, polled rows, first day, its
+    rows counted per day, and the capture rows it wrote, which a repair subtracts by source
+    name."""
     s = sql.q_schema
     drop_source_triggers(connection, sql, old.name, old.relation)
     names = {"old": old.name, "new": new}
     connection.execute(
         text(f"UPDATE {s}.tracking_sources SET name = :new WHERE name = :old"), names
     )
-    connection.execute(text(f"UPDATE {s}.polled_rows SET source = :new WHERE source = :old"), names)
-    connection.execute(
-        text(f"UPDATE {s}.source_day_rows SET source = :new WHERE source = :old"), names
-    )
-    for table in CAPTURE_TABLES:
+    for table in ("polled_rows", "source_day_rows", *CAPTURE_TABLES):
         connection.execute(text(f"UPDATE {s}.{table} SET source = :new WHERE source = :old"), names)
 
 
@@ -331,8 +328,8 @@ def sync_sources(
             continue
         drop_source_triggers(connection, sql, name, old.relation)
         connection.execute(text(f"DELETE FROM {s}.tracking_sources WHERE name = :n"), {"n": name})
-        connection.execute(text(f"DELETE FROM {s}.polled_rows WHERE source = :n"), {"n": name})
-        connection.execute(text(f"DELETE FROM {s}.source_day_rows WHERE source = :n"), {"n": name})
+        for table in ("polled_rows", "source_day_rows"):
+            connection.execute(text(f"DELETE FROM {s}.{table} WHERE source = :n"), {"n": name})
         notes.append(
             f"source `{name}` removed: what it counted stays in the rollup"
             + (f" (from {old.first_day})" if old.first_day else "")

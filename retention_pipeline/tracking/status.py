@@ -130,13 +130,9 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
             f"SELECT CAST(:source_{index} AS text) AS source, kind, user_id FROM "
             f"({sql.source_rows(source, source.relation_sql(sql.dialect), time_range)}) AS rows"
         )
+    app_rows = " UNION ALL ".join(app_parts)
     captured = " UNION ALL ".join(
-        f"SELECT kind, user_id FROM {s}.{table} AS r "
-        "WHERE at >= (SELECT lower FROM bounds) AND at < (SELECT upper FROM bounds)"
-        for table in CAPTURE_TABLES
-    )
-    captured_by_source = " UNION ALL ".join(
-        f"SELECT source FROM {s}.{table} "
+        f"SELECT source, kind, user_id FROM {s}.{table} "
         "WHERE at >= (SELECT lower FROM bounds) AND at < (SELECT upper FROM bounds)"
         for table in CAPTURE_TABLES
     )
@@ -149,13 +145,13 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
             ),
             app AS (
                 SELECT source, kind, count(*) AS n
-                FROM ({" UNION ALL ".join(app_parts)}) AS r WHERE {known} GROUP BY 1, 2
+                FROM ({app_rows}) AS r WHERE {known} GROUP BY 1, 2
             ),
             -- Every user's rows, read again: the known users' test inside an aggregate's
             -- filter is a scan of the users table per row, where in WHERE it is one hash join.
             app_every AS (
                 SELECT source, count(*) AS n
-                FROM ({" UNION ALL ".join(app_parts)}) AS r GROUP BY 1
+                FROM ({app_rows}) AS r GROUP BY 1
             ),
             captured AS (
                 SELECT kind, count(*) AS n FROM ({captured}) AS r WHERE {known} GROUP BY kind
@@ -163,7 +159,7 @@ def reconcile_last_day(connection: Connection, config: RetentionConfig) -> DayRe
             -- Each source's count: the folds' plus the capture's, for the sources counted
             -- since before the day.
             pending AS (
-                SELECT source, count(*) AS n FROM ({captured_by_source}) AS r GROUP BY source
+                SELECT source, count(*) AS n FROM ({captured}) AS r GROUP BY source
             ),
             counted AS (
                 SELECT state.name AS source,
