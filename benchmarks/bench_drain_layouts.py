@@ -5,7 +5,7 @@ with the shipped fold, by the backend's CPU time, and what its readers pay (docs
 Layouts (kept here only to be measured):
 
 - shipped: `activity_daily` and `action_daily`, primary keys (user_id, day[, event_name]) and a
-  day index each.
+  day index each; and the same with the keys' text columns in the C collation.
 - day-first keys: the same tables keyed (day, user_id[, event_name]), no day index, keys written
   in that order.
 - actions inline: each user-day's actions inside its `activity_daily` row (parallel arrays of
@@ -13,6 +13,8 @@ Layouts (kept here only to be measured):
   index entries. With the captured rows hashed into their keys (as shipped) or sorted and
   aggregated adjacent; with or without the day index.
 - actions inline, day-first key: the same, keyed (day, user_id), no other index.
+- actions inline, rows sorted, day partitions: the table partitioned by day in place of a day
+  index.
 
 The captured rows are prepared once in a scratch database (schema `layouts`); each fold writes
 into empty tables of a schema of its own created for it, after a CHECKPOINT (so no fold pays for
@@ -78,7 +80,7 @@ FROM {SCHEMA}.activity_daily,
 @dataclass(frozen=True)
 class Layout:
     label: str
-    ddl: str
+    ddl: tuple[str, ...]
     # The fold of the rows of a relation (kind, user_id, at, event_name) into this layout.
     fold: Callable[[str], str]
     inline: bool
@@ -205,9 +207,9 @@ def _inline_layout(label: str, *, sort_rows: bool, day_first: bool, day_index: b
     """A layout with each user-day's actions inside its `activity_daily` row: its table and its
     fold from the same choices."""
     key = "day, user_id" if day_first else "user_id, day"
-    table = f"CREATE TABLE {SCHEMA}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY ({key}))"
+    table = (f"CREATE TABLE {SCHEMA}.activity_daily ({INLINE_COLUMNS}, PRIMARY KEY ({key}))",)
     if day_index:
-        table += f"; CREATE INDEX ON {SCHEMA}.activity_daily (day)"
+        table += (f"CREATE INDEX ON {SCHEMA}.activity_daily (day)",)
     return Layout(
         label,
         table,
@@ -216,23 +218,59 @@ def _inline_layout(label: str, *, sort_rows: bool, day_first: bool, day_index: b
     )
 
 
+def _day_partitioned_inline_layout(label: str) -> Layout:
+    """Actions inline, rows sorted, the table partitioned by day (a partition per day of the
+    captured rows' range, made beforehand, as a drain would make a day's before folding into
+    it) in place of a day index: a day's read prunes to its partition."""
+    return Layout(
+        label,
+        (
+            f"""CREATE TABLE {SCHEMA}.activity_daily ({INLINE_COLUMNS},
+                    PRIMARY KEY (user_id, day)) PARTITION BY RANGE (day)""",
+            f"""DO $$ BEGIN
+                    FOR back IN -1..45 LOOP
+                        EXECUTE format('CREATE TABLE {SCHEMA}.activity_daily_%s
+                                        PARTITION OF {SCHEMA}.activity_daily
+                                        FOR VALUES FROM (%L) TO (%L)',
+                                       back + 1, current_date - back, current_date - back + 1);
+                    END LOOP;
+                END $$""",
+        ),
+        _inline_fold(sort_rows=True, day_first=False, day_index=False),
+        inline=True,
+    )
+
+
 def layouts(sql: TrackingSql) -> list[Layout]:
     s = SCHEMA
     shipped = _shipped_fold(sql)
+    shipped_tables = (
+        f"CREATE TABLE {s}.activity_daily (LIKE retention.activity_daily INCLUDING ALL)",
+        f"CREATE TABLE {s}.action_daily (LIKE retention.action_daily INCLUDING ALL)",
+    )
     return [
+        Layout("shipped", shipped_tables, shipped, inline=False),
         Layout(
-            "shipped",
-            f"""CREATE TABLE {s}.activity_daily (LIKE retention.activity_daily INCLUDING ALL);
-                CREATE TABLE {s}.action_daily (LIKE retention.action_daily INCLUDING ALL)""",
+            # PostgreSQL 15 compares text in any collation but C (C.UTF-8 included) through
+            # strcoll; the fold sorts its keys in C already.
+            "shipped, keys in the C collation",
+            (
+                *shipped_tables,
+                f'ALTER TABLE {s}.activity_daily ALTER COLUMN user_id TYPE text COLLATE "C"',
+                f'ALTER TABLE {s}.action_daily ALTER COLUMN user_id TYPE text COLLATE "C", '
+                'ALTER COLUMN event_name TYPE text COLLATE "C"',
+            ),
             shipped,
             inline=False,
         ),
         Layout(
             "day-first keys, no day indexes",
-            f"""CREATE TABLE {s}.activity_daily (
-                    LIKE retention.activity_daily INCLUDING DEFAULTS, PRIMARY KEY (day, user_id));
-                CREATE TABLE {s}.action_daily (LIKE retention.action_daily INCLUDING DEFAULTS,
-                                               PRIMARY KEY (day, user_id, event_name))""",
+            (
+                f"""CREATE TABLE {s}.activity_daily (LIKE retention.activity_daily
+                    INCLUDING DEFAULTS, PRIMARY KEY (day, user_id))""",
+                f"""CREATE TABLE {s}.action_daily (LIKE retention.action_daily
+                    INCLUDING DEFAULTS, PRIMARY KEY (day, user_id, event_name))""",
+            ),
             _day_first(shipped),
             inline=False,
         ),
@@ -249,6 +287,7 @@ def layouts(sql: TrackingSql) -> list[Layout]:
         _inline_layout(
             "actions inline, day-first key", sort_rows=False, day_first=True, day_index=False
         ),
+        _day_partitioned_inline_layout("actions inline, rows sorted, day partitions"),
     ]
 
 
@@ -282,7 +321,7 @@ def _tables(layout: Layout) -> tuple[str, ...]:
 def _fresh_schema(connection: psycopg.Connection, layout: Layout) -> None:
     connection.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
     connection.execute(f"CREATE SCHEMA {SCHEMA}")
-    for statement in layout.ddl.split(";"):
+    for statement in layout.ddl:
         connection.execute(statement)
 
 
