@@ -8,10 +8,12 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+from alembic import command
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.audience.build import build_audience, build_audiences
 from retention_pipeline.config import parse_config
+from retention_pipeline.database import migrate
 from retention_pipeline.recipients.suppressions import unsubscribe_user
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_day_segments
@@ -532,6 +534,82 @@ def test_the_frequency_cap_counts_an_email_sent_whose_audience_row_a_rebuild_too
     assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
     # Past the cap (3 days), loop_1, which never emailed them, may.
     assert run_day(engine, config, D + timedelta(days=3), loop_index=1).treatment == 1
+
+
+def test_the_frequency_cap_counts_an_email_of_a_day_first_built_again_after_it_was_sent(world):
+    """As above, but the day's first rebuild is the one that drops user 1: the build had read
+    no email of it from the send log (only days built again are read there), so loop_0's
+    rebuild records the day and adds its emails before loop_1 is judged; and the next day's
+    build reads them because the day is recorded."""
+    engine, url = world
+    config = config_for(url, loops=2)
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    assert run_day(engine, config, D, loop_index=0).treatment == 1
+    with serve_fake_resend() as fake:
+        send_day(engine, config, D)
+        assert fake.delivered_to() == ["user1@example.com"]
+    with engine.begin() as connection:
+        unsubscribe_user(connection, schema="retention", user_id="1", loop_name="loop_0")
+    with engine.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT count(*) FROM retention.audience_days_rebuilt")
+            ).scalar_one()
+            == 0
+        )
+    candidates = {
+        loop.name: condition_user_ids(engine, "retention", loop, D) for loop in config.loops
+    }
+
+    with engine.begin() as connection:
+        rebuilt = build_audiences(
+            connection, config=config, loops=config.loops, day=D, candidates=candidates
+        )
+
+    assert rebuilt["loop_0"].excluded["suppressed"] == 1 and audience(engine, D) == []
+    assert rebuilt["loop_1"].treatment == 0 and rebuilt["loop_1"].excluded["frequency_cap"] == 1
+    with engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT loop_name, partition_date FROM retention.audience_days_rebuilt")
+        ).all() == [("loop_0", D)]
+    next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
+    assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
+
+
+def test_upgrading_to_recorded_rebuilds_records_every_day_that_has_emails(world):
+    """Days built again before revision 0027 were not recorded, so the upgrade records every
+    day with emails, and the cap reads them from the send log while they last; it drops the
+    index 0025 made for reading every email, and a downgrade makes it again."""
+    engine, url = world
+    config = config_for(url, loops=2)
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    assert run_day(engine, config, D, loop_index=0).treatment == 1
+    with serve_fake_resend():
+        send_day(engine, config, D)
+
+    def mailed_by_day_index() -> int:
+        with engine.connect() as connection:
+            return connection.execute(
+                text("SELECT count(*) FROM pg_indexes WHERE indexname = :name"),
+                {"name": "email_send_log_mailed_by_day"},
+            ).scalar_one()
+
+    with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "0026")
+    assert mailed_by_day_index() == 1
+    with engine.begin() as connection:  # rebuilt before the upgrade: nothing records it
+        connection.execute(text("DELETE FROM retention.reengagement_audience"))
+
+    with engine.begin() as connection:
+        migrate.upgrade(connection, "retention")
+
+    assert mailed_by_day_index() == 0
+    with engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT loop_name, partition_date FROM retention.audience_days_rebuilt")
+        ).all() == [("loop_0", D)]
+    next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
+    assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
 
 
 def test_a_user_erased_for_a_while_keeps_the_cooldown_and_the_frequency_cap(world):

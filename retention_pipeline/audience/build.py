@@ -121,7 +121,9 @@ STEP_HOLDOUT_BUCKET_SQL = HOLDOUT_BUCKET_SQL.format(
 
 
 def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
-    """Take back what a previous run of this day did, so the day can be built again."""
+    """Take back what a previous run of this day did, so the day can be built again. A day
+    whose audience rows are taken back is recorded (`audience_days_rebuilt`): its emails may
+    now lack their rows, and the frequency cap reads them from the send log."""
     params = {"loop": loop, "day": day}
     # The episodes whose steps of the day are taken back no longer know their next step.
     connection.execute(
@@ -130,6 +132,11 @@ def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
                 DELETE FROM {s}.reengagement_audience
                 WHERE partition_date = :day AND loop_name = :loop
                 RETURNING user_id, episode_start
+            ),
+            rebuilt AS (
+                INSERT INTO {s}.audience_days_rebuilt (loop_name, partition_date)
+                SELECT :loop, :day WHERE EXISTS (SELECT FROM taken_back)
+                ON CONFLICT DO NOTHING
             )
             UPDATE {s}.episodes AS e SET next_step_on = NULL
             FROM taken_back
@@ -542,6 +549,19 @@ def _read_people(
     connection.execute(text("ANALYZE audience_people"))
 
 
+def _emails_of_days_rebuilt(s: str) -> str:
+    """The emails of the days built again (`audience_days_rebuilt`, as `rebuilt`) that went
+    out or may have: claimed, sent, or failed once their request was made, as `audience_recent`
+    rows; its WHERE is open for the caller to narrow."""
+    return f"""
+        SELECT log.partition_date, log.loop_name, log.user_id,
+               CASE WHEN log.email <> '' THEN {mailbox_sql("log.email")} END, TRUE
+        FROM {s}.audience_days_rebuilt AS rebuilt
+        JOIN {s}.email_send_log AS log
+          ON log.loop_name = rebuilt.loop_name AND log.partition_date = rebuilt.partition_date
+        WHERE (log.status <> 'failed' OR log.first_attempt_at IS NOT NULL)"""
+
+
 def _read_recent_audiences(
     connection: Connection, s: str, day: date, loops: Sequence[Loop], config: RetentionConfig
 ) -> None:
@@ -553,10 +573,13 @@ def _read_recent_audiences(
     Each loop's build takes its audience rows of the day out of `audience_recent` when it takes
     the day back and puts the new ones in (`_build_loop`), so the next loop judges by what the
     database then holds. Reading them, mailboxes made, and finding each one once again for every
-    loop took a third of a second per loop at 1M users. The emails claimed, sent, or failed
-    once their request was made (unanswered ones may have been delivered; those Resend refused
-    count too) stay (`sent`): a rebuild that drops their audience rows (a user unsubscribed
-    from that loop since, or erased) takes none of them back."""
+    loop took a third of a second per loop at 1M users. The emails that went out stay (`sent`),
+    whatever a rebuild takes back: those of erased users, and on the days built again
+    (`audience_days_rebuilt`: the only days whose audience rows may lack an email's) every
+    email claimed, sent, or failed once its request was made (unanswered ones may have been
+    delivered; those Resend refused count too). The send log is read for those days alone: its
+    rows carry the rendered email, and reading every email of the cap's days cost 0.3-0.9 s at
+    1M users."""
     cap_days = config.email.frequency_cap_days
     connection.execute(
         text(f"""
@@ -580,11 +603,12 @@ def _read_recent_audiences(
         FROM {s}.reengagement_audience AS recent
         WHERE recent.partition_date > :day - :cap AND recent.partition_date <= :day
         UNION ALL
-        SELECT log.partition_date, log.loop_name, log.user_id,
-               CASE WHEN log.email <> '' THEN {mailbox_sql("log.email")} END, TRUE
-        FROM {s}.email_send_log AS log
-        WHERE (log.status <> 'failed' OR log.first_attempt_at IS NOT NULL)
-          AND log.partition_date > :day - :cap AND log.partition_date <= :day"""),
+        SELECT erased.partition_date, erased.loop_name, erased.user_id, NULL, TRUE
+        FROM audience_erased_sent AS erased
+        WHERE erased.partition_date > :day - :cap AND erased.partition_date <= :day
+        UNION ALL
+        {_emails_of_days_rebuilt(s)}
+          AND rebuilt.partition_date > :day - :cap AND rebuilt.partition_date <= :day"""),
         {"day": day, "cap": cap_days},
     )
     connection.execute(text("ANALYZE audience_recent"))
@@ -617,6 +641,16 @@ def _build_loop(
             "WHERE partition_date = :day AND loop_name = :loop AND NOT sent"
         ),
         {"day": day, "loop": loop.name},
+    )
+    # The emails of the day, if this build took it back for the first time, were not read as
+    # a day built again (read again otherwise: a row twice caps no one more).
+    connection.execute(
+        text(f"""
+            INSERT INTO audience_recent (partition_date, loop_name, user_id, mailbox, sent)
+            {_emails_of_days_rebuilt(s)}
+              AND rebuilt.loop_name = :loop AND rebuilt.partition_date = :day
+              AND CAST(:cap AS integer) > 0"""),
+        {"day": day, "loop": loop.name, "cap": config.email.frequency_cap_days},
     )
     # Open episodes follow the design of the period they started in.
     followed = {p.number: p for p in open_periods(connection, schema, loop.name)}
