@@ -612,6 +612,41 @@ def test_upgrading_to_recorded_rebuilds_records_every_day_that_has_emails(world)
     assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
 
 
+def test_an_erased_users_email_that_may_have_been_delivered_keeps_the_frequency_cap(world):
+    """User 1 is emailed by loop_0, whose request went unanswered (failed, may have been
+    delivered), then erased and back the next day: the cap still holds loop_1 off them."""
+    engine, url = world
+    config = config_for(url, loops=2, segment="never_activated")
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO users (id, email, created_at) VALUES (1, 'ada@example.com', :at)"),
+            {"at": datetime(2026, 6, 1, tzinfo=UTC)},
+        )
+    assert run_day(engine, config, D, loop_index=0).treatment == 1
+    with serve_fake_resend():
+        send_day(engine, config, D)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE retention.email_send_log SET status = 'failed', sent_at = NULL, "
+                "error = 'no answer: may have been delivered'"
+            )
+        )
+        connection.execute(text("INSERT INTO retention.erased_users (user_id) VALUES ('1')"))
+    update_rollup(engine, config)
+    with engine.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT count(*) FROM retention.reengagement_audience")
+            ).scalar_one()
+            == 0
+        )
+
+    next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
+
+    assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
+
+
 def test_a_user_erased_for_a_while_keeps_the_cooldown_and_the_frequency_cap(world):
     """User 1, who never used the product, is emailed step 0 by loop_0, then erased (an account
     banned for a day, say: the exclusion erases it) and back the next day with no episode left.

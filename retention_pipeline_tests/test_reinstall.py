@@ -144,6 +144,9 @@ def test_a_reinstall_keeps_the_send_history_and_a_rerun_emails_nobody_twice(
     assert f"kept {len(picked)} audience row(s) in retention.reengagement_audience_kept" in said
     deployment.cli("db", "upgrade")
     assert history(engine) == before
+    # Its days may have been built again before they were kept: the cap reads their emails.
+    rebuilt = "SELECT count(*) FROM retention.audience_days_rebuilt WHERE partition_date = :day"
+    assert count(engine, rebuilt, day=day) == 1
 
     # The other loop's first day after the reinstall: whoever the first loop picked yesterday
     # (in either arm) is within the frequency cap.

@@ -49,6 +49,18 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
     if not user_ids:
         return 0, []
     params = {"ids": user_ids}
+    # The frequency cap reads erased users' sent emails apart; one that failed once its request
+    # was made may have been delivered all the same, and with its audience row gone only the
+    # send log of a day recorded as built again still shows it.
+    connection.execute(
+        text(f"""
+            INSERT INTO {s}.audience_days_rebuilt (loop_name, partition_date)
+            SELECT DISTINCT loop_name, partition_date FROM {s}.email_send_log
+            WHERE user_id = ANY(CAST(:ids AS text[]))
+              AND status = 'failed' AND first_attempt_at IS NOT NULL
+            ON CONFLICT DO NOTHING"""),
+        params,
+    )
     for table in PER_USER_TABLES:
         connection.execute(
             text(f"DELETE FROM {s}.{table} WHERE user_id = ANY(CAST(:ids AS text[]))"), params

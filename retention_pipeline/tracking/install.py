@@ -132,8 +132,11 @@ def install(
         lock(connection, schema)
         _brief_lock_timeout(connection)
         migrate.upgrade(connection, schema)
-        if restore_kept(connection, schema, (*SUPPRESSION_TABLES, *SEND_HISTORY_TABLES)):
+        restored = restore_kept(connection, schema, (*SUPPRESSION_TABLES, *SEND_HISTORY_TABLES))
+        if restored:
             _record_users_gone_while_uninstalled(connection, config)
+        if "email_send_log" in restored:
+            _record_emailed_days_as_rebuilt(connection, schema)
         state = read_state(connection, sql)
         installed = installed_sources(connection, sql)
         # Day buckets depend on the timezone: rebuild everything when it changes.
@@ -484,6 +487,19 @@ def _record_users_gone_while_uninstalled(connection: Connection, config: Retenti
             UNION SELECT user_id FROM {s}.reengagement_audience
             UNION SELECT user_id FROM {s}.email_suppressions WHERE user_id IS NOT NULL""",
         probe_key=False,
+    )
+
+
+def _record_emailed_days_as_rebuilt(connection: Connection, schema: str) -> None:
+    """Every day of the restored send log recorded as built again (`audience_days_rebuilt`):
+    any may have been, before the history was kept, and the frequency cap then reads its emails
+    from the send log, as for a day taken back since."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    connection.execute(
+        text(f"""
+            INSERT INTO {s}.audience_days_rebuilt (loop_name, partition_date)
+            SELECT DISTINCT loop_name, partition_date FROM {s}.email_send_log
+            ON CONFLICT DO NOTHING""")
     )
 
 
