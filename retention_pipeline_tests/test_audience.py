@@ -486,6 +486,28 @@ def test_an_unsubscribe_after_the_user_was_erased_keeps_their_mailbox_from_the_n
     assert audience(engine, D + timedelta(days=3)) == []
 
 
+def email_user_1_from_loop_0(engine, config) -> None:
+    """User 1, away for weeks, gets loop_0's email of D."""
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    assert run_day(engine, config, D, loop_index=0).treatment == 1
+    with serve_fake_resend() as fake:
+        send_day(engine, config, D)
+        assert fake.delivered_to() == ["user1@example.com"]
+
+
+def days_rebuilt(engine) -> list[tuple[str, date]]:
+    with engine.connect() as connection:
+        return connection.execute(
+            text("SELECT loop_name, partition_date FROM retention.audience_days_rebuilt")
+        ).all()
+
+
+def loop_1_is_capped_on(engine, config, day: date) -> bool:
+    """Whether loop_1's audience of `day` leaves user 1 out by the frequency cap alone."""
+    summary = run_day(engine, config, day, loop_index=1)
+    return summary.treatment == 0 and summary.excluded["frequency_cap"] == 1
+
+
 def test_the_frequency_cap_counts_an_email_sent_whose_audience_row_a_rebuild_took_back(world):
     """Loop_0 emails user 1 on D, who then unsubscribes from loop_0 alone, and D is built
     again: loop_0's rebuild drops them (suppressed), and with them its audience row of D. The
@@ -493,11 +515,7 @@ def test_the_frequency_cap_counts_an_email_sent_whose_audience_row_a_rebuild_too
     after; a loop's own sent emails never cap its own rebuild of their day."""
     engine, url = world
     config = config_for(url, loops=2)
-    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
-    assert run_day(engine, config, D, loop_index=0).treatment == 1
-    with serve_fake_resend() as fake:
-        send_day(engine, config, D)
-        assert fake.delivered_to() == ["user1@example.com"]
+    email_user_1_from_loop_0(engine, config)
     sent = audience(engine, D)
     candidates = {
         loop.name: condition_user_ids(engine, "retention", loop, D) for loop in config.loops
@@ -530,8 +548,7 @@ def test_the_frequency_cap_counts_an_email_sent_whose_audience_row_a_rebuild_too
             )
         )
     assert build_both()["loop_1"].excluded["frequency_cap"] == 1
-    next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
-    assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
+    assert loop_1_is_capped_on(engine, config, D + timedelta(days=1))
     # Past the cap (3 days), loop_1, which never emailed them, may.
     assert run_day(engine, config, D + timedelta(days=3), loop_index=1).treatment == 1
 
@@ -543,20 +560,10 @@ def test_the_frequency_cap_counts_an_email_of_a_day_first_built_again_after_it_w
     build reads them because the day is recorded."""
     engine, url = world
     config = config_for(url, loops=2)
-    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
-    assert run_day(engine, config, D, loop_index=0).treatment == 1
-    with serve_fake_resend() as fake:
-        send_day(engine, config, D)
-        assert fake.delivered_to() == ["user1@example.com"]
+    email_user_1_from_loop_0(engine, config)
     with engine.begin() as connection:
         unsubscribe_user(connection, schema="retention", user_id="1", loop_name="loop_0")
-    with engine.connect() as connection:
-        assert (
-            connection.execute(
-                text("SELECT count(*) FROM retention.audience_days_rebuilt")
-            ).scalar_one()
-            == 0
-        )
+    assert days_rebuilt(engine) == []
     candidates = {
         loop.name: condition_user_ids(engine, "retention", loop, D) for loop in config.loops
     }
@@ -568,12 +575,8 @@ def test_the_frequency_cap_counts_an_email_of_a_day_first_built_again_after_it_w
 
     assert rebuilt["loop_0"].excluded["suppressed"] == 1 and audience(engine, D) == []
     assert rebuilt["loop_1"].treatment == 0 and rebuilt["loop_1"].excluded["frequency_cap"] == 1
-    with engine.connect() as connection:
-        assert connection.execute(
-            text("SELECT loop_name, partition_date FROM retention.audience_days_rebuilt")
-        ).all() == [("loop_0", D)]
-    next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
-    assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
+    assert days_rebuilt(engine) == [("loop_0", D)]
+    assert loop_1_is_capped_on(engine, config, D + timedelta(days=1))
 
 
 def test_upgrading_to_recorded_rebuilds_records_every_day_that_has_emails(world):
@@ -582,10 +585,7 @@ def test_upgrading_to_recorded_rebuilds_records_every_day_that_has_emails(world)
     index 0025 made for reading every email, and a downgrade makes it again."""
     engine, url = world
     config = config_for(url, loops=2)
-    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
-    assert run_day(engine, config, D, loop_index=0).treatment == 1
-    with serve_fake_resend():
-        send_day(engine, config, D)
+    email_user_1_from_loop_0(engine, config)
 
     def mailed_by_day_index() -> int:
         with engine.connect() as connection:
@@ -604,12 +604,17 @@ def test_upgrading_to_recorded_rebuilds_records_every_day_that_has_emails(world)
         migrate.upgrade(connection, "retention")
 
     assert mailed_by_day_index() == 0
-    with engine.connect() as connection:
-        assert connection.execute(
-            text("SELECT loop_name, partition_date FROM retention.audience_days_rebuilt")
-        ).all() == [("loop_0", D)]
-    next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
-    assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
+    assert days_rebuilt(engine) == [("loop_0", D)]
+    assert loop_1_is_capped_on(engine, config, D + timedelta(days=1))
+
+
+def add_never_activated_ada(engine) -> None:
+    """User 1, signed up long ago and never active since."""
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO users (id, email, created_at) VALUES (1, 'ada@example.com', :at)"),
+            {"at": datetime(2026, 6, 1, tzinfo=UTC)},
+        )
 
 
 def test_an_erased_users_email_that_may_have_been_delivered_keeps_the_frequency_cap(world):
@@ -617,11 +622,7 @@ def test_an_erased_users_email_that_may_have_been_delivered_keeps_the_frequency_
     delivered), then erased and back the next day: the cap still holds loop_1 off them."""
     engine, url = world
     config = config_for(url, loops=2, segment="never_activated")
-    with engine.begin() as connection:
-        connection.execute(
-            text("INSERT INTO users (id, email, created_at) VALUES (1, 'ada@example.com', :at)"),
-            {"at": datetime(2026, 6, 1, tzinfo=UTC)},
-        )
+    add_never_activated_ada(engine)
     assert run_day(engine, config, D, loop_index=0).treatment == 1
     with serve_fake_resend():
         send_day(engine, config, D)
@@ -642,9 +643,7 @@ def test_an_erased_users_email_that_may_have_been_delivered_keeps_the_frequency_
             == 0
         )
 
-    next_day = run_day(engine, config, D + timedelta(days=1), loop_index=1)
-
-    assert next_day.treatment == 0 and next_day.excluded["frequency_cap"] == 1
+    assert loop_1_is_capped_on(engine, config, D + timedelta(days=1))
 
 
 def test_a_user_erased_for_a_while_keeps_the_cooldown_and_the_frequency_cap(world):
@@ -653,11 +652,7 @@ def test_a_user_erased_for_a_while_keeps_the_cooldown_and_the_frequency_cap(worl
     Neither loop may start on them again while the cooldown and the frequency cap last."""
     engine, url = world
     config = config_for(url, loops=2, segment="never_activated")
-    with engine.begin() as connection:
-        connection.execute(
-            text("INSERT INTO users (id, email, created_at) VALUES (1, 'ada@example.com', :at)"),
-            {"at": datetime(2026, 6, 1, tzinfo=UTC)},
-        )
+    add_never_activated_ada(engine)
     assert run_day(engine, config, D, loop_index=0).treatment == 1
     with serve_fake_resend() as fake:
         send_day(engine, config, D)
