@@ -7,8 +7,9 @@ went out (unsubscribed from that loop, say). The send log's rows carry the rende
 change two or three times each (claimed, attempted, sent), so that read fetched a heap page per
 email: at a million users, the 114,000 emails of the cap's days cost 0.3-0.9 s of the morning's
 audience, growing with every email a team sends. An email can lack its audience row only on a
-day built again (erasure's are read apart, from the emails to erased users): a rebuild that
-takes back any row records its day here, and the cap reads the send log of those days alone.
+day built again, or once its user is erased (their sent emails are read apart; erasure records
+the day of one that failed once its request was made): a rebuild that takes back any row
+records its day here, and the cap reads the send log of those days alone.
 The days that have emails are recorded here now, since any of them may have been built again
 before this revision. The index of 0025 has no reader left: every claim and status change wrote
 it.
