@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
+from retention_pipeline.audience.days_rebuilt import record_emailed_days_as_rebuilt
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
 from retention_pipeline.database.excluded_users import kept_sql
@@ -52,13 +53,11 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
     # The frequency cap reads erased users' sent emails apart; one that failed once its request
     # was made may have been delivered all the same, and with its audience row gone only the
     # send log of a day recorded as built again still shows it.
-    connection.execute(
-        text(f"""
-            INSERT INTO {s}.audience_days_rebuilt (loop_name, partition_date)
-            SELECT DISTINCT loop_name, partition_date FROM {s}.email_send_log
-            WHERE user_id = ANY(CAST(:ids AS text[]))
-              AND status = 'failed' AND first_attempt_at IS NOT NULL
-            ON CONFLICT DO NOTHING"""),
+    record_emailed_days_as_rebuilt(
+        connection,
+        schema,
+        "user_id = ANY(CAST(:ids AS text[])) AND status = 'failed' "
+        "AND first_attempt_at IS NOT NULL",
         params,
     )
     for table in PER_USER_TABLES:

@@ -24,6 +24,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
+from retention_pipeline.audience.days_rebuilt import record_emailed_days_as_rebuilt
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
 from retention_pipeline.database.activity_sources import ResolvedSource
@@ -136,7 +137,8 @@ def install(
         if restored:
             _record_users_gone_while_uninstalled(connection, config)
         if "email_send_log" in restored:
-            _record_emailed_days_as_rebuilt(connection, schema)
+            # Any day of the restored log may have been built again before it was kept.
+            record_emailed_days_as_rebuilt(connection, schema)
         state = read_state(connection, sql)
         installed = installed_sources(connection, sql)
         # Day buckets depend on the timezone: rebuild everything when it changes.
@@ -487,19 +489,6 @@ def _record_users_gone_while_uninstalled(connection: Connection, config: Retenti
             UNION SELECT user_id FROM {s}.reengagement_audience
             UNION SELECT user_id FROM {s}.email_suppressions WHERE user_id IS NOT NULL""",
         probe_key=False,
-    )
-
-
-def _record_emailed_days_as_rebuilt(connection: Connection, schema: str) -> None:
-    """Every day of the restored send log recorded as built again (`audience_days_rebuilt`):
-    any may have been, before the history was kept, and the frequency cap then reads its emails
-    from the send log, as for a day taken back since."""
-    s = connection.dialect.identifier_preparer.quote_schema(schema)
-    connection.execute(
-        text(f"""
-            INSERT INTO {s}.audience_days_rebuilt (loop_name, partition_date)
-            SELECT DISTINCT loop_name, partition_date FROM {s}.email_send_log
-            ON CONFLICT DO NOTHING""")
     )
 
 
