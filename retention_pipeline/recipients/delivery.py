@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, text
 
-from retention_pipeline.recipients.addresses import mailbox_of
-from retention_pipeline.recipients.suppressions import suppress
+from retention_pipeline.recipients.addresses import mailbox_of, mailbox_sql, sha256_sql
+from retention_pipeline.recipients.suppressions import suppress, suppress_hashed_mailbox
 
 EVENT_TYPES = (
     "sent",
@@ -100,10 +100,14 @@ def store_event(connection: Connection, *, schema: str, event: DeliveryEvent) ->
     suppresses the recipients of a hard bounce or a complaint."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     emailed = connection.execute(
-        text(f"SELECT id, user_id FROM {s}.email_send_log WHERE provider_id = :email_id"),
+        text(f"""SELECT id, user_id, email = '' AS erased FROM {s}.email_send_log
+                 WHERE provider_id = :email_id"""),
         {"email_id": event.provider_email_id},
     ).one_or_none()
-    send_log_id, user_id = emailed if emailed else (None, None)
+    send_log_id, user_id, erased = emailed if emailed else (None, None, False)
+    # An event of an erased user's email keeps nothing that names them: a bounce message may
+    # quote the address, and the list holds their mailbox by its hash alone, without the user.
+    detail = {} if erased else event.detail
     inserted = connection.execute(
         text(f"""
             INSERT INTO {s}.email_events (svix_id, event_type, provider_email_id, send_log_id,
@@ -118,7 +122,7 @@ def store_event(connection: Connection, *, schema: str, event: DeliveryEvent) ->
             "email_id": event.provider_email_id,
             "send_log_id": send_log_id,
             "occurred_at": event.occurred_at,
-            "detail": json.dumps(event.detail),
+            "detail": json.dumps(detail),
         },
     ).scalar_one_or_none()
     if not inserted:
@@ -137,7 +141,19 @@ def store_event(connection: Connection, *, schema: str, event: DeliveryEvent) ->
         address = mailbox_of(recipient)
         if not address:
             continue
-        if suppress(
+        if erased:
+            suppress_hashed_mailbox(
+                connection,
+                schema=schema,
+                mailbox_sha256=connection.execute(
+                    text(f"SELECT {sha256_sql(mailbox_sql('CAST(:email AS text)'))}"),
+                    {"email": recipient},
+                ).scalar_one(),
+                reason=reason,
+                source=f"resend_webhook:{event.event_type}",
+                loop_name=None,
+            )
+        elif suppress(
             connection,
             schema=schema,
             email=recipient,

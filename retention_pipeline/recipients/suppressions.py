@@ -113,6 +113,7 @@ def unsubscribe_user(
             connection,
             schema=schema,
             mailbox_sha256=emailed.erased_mailbox_sha256,
+            reason="unsubscribed",
             source=source,
             loop_name=loop_name,
         )
@@ -134,17 +135,18 @@ def suppress_hashed_mailbox(
     *,
     schema: str,
     mailbox_sha256: bytes,
+    reason: str,
     source: str,
     loop_name: str | None,
 ) -> bool:
-    """Suppress (unsubscribed) the mailbox whose SHA-256 erasure kept, for `loop_name` or every
-    loop, in the caller's transaction; as `suppress`, idempotent, and a loop's suppression is not
-    added next to one for every loop. Returns whether it was newly suppressed."""
+    """Suppress, for `reason`, the mailbox of an erased user by its SHA-256, for `loop_name` or
+    every loop, in the caller's transaction; as `suppress`, idempotent, and a loop's suppression
+    is not added next to one for every loop. Returns whether it was newly suppressed."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     inserted = connection.execute(
         text(f"""
             INSERT INTO {s}.email_suppressions (mailbox_sha256, reason, source, loop_name)
-            SELECT :hash, 'unsubscribed', :source, :loop
+            SELECT :hash, :reason, :source, :loop
             WHERE NOT EXISTS (SELECT FROM {s}.email_suppressions
                               WHERE mailbox_sha256 = :hash AND loop_name IS NULL
                                 AND CAST(:loop AS text) IS NOT NULL)
@@ -152,7 +154,7 @@ def suppress_hashed_mailbox(
                 WHERE mailbox_sha256 IS NOT NULL
             DO NOTHING
             RETURNING 1"""),
-        {"hash": mailbox_sha256, "source": source, "loop": loop_name},
+        {"hash": mailbox_sha256, "reason": reason, "source": source, "loop": loop_name},
     ).scalar_one_or_none()
     return inserted is not None
 

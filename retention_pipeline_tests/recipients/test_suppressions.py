@@ -326,3 +326,46 @@ def test_an_email_never_sent_leaves_no_hash_of_its_erased_user(emailed: SendingD
         ).one() == ("failed", "", None)
         with pytest.raises(NothingToUnsubscribe):
             unsubscribe_user(connection, schema=SCHEMA, user_id="u1", loop_name=None)
+
+
+def test_a_bounce_arriving_after_the_erasure_suppresses_the_mailbox_by_its_hash_alone(
+    emailed: SendingDatabase,
+) -> None:
+    """Resend's webhook can come after the user was erased: the bounce message quotes the
+    address, and the event names the send-log row that still holds the user id."""
+    with emailed.engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE retention.email_send_log "
+                "SET status = 'sent', sent_at = now(), provider_id = 're-1'"
+            )
+        )
+        erase_users_now(connection, "u1")
+        bounce = parse_event(
+            "d1",
+            {
+                "type": "email.bounced",
+                "created_at": "2026-11-21T09:00:00Z",
+                "data": {
+                    "email_id": "re-1",
+                    "to": ["Ada@Example.com"],
+                    "bounce": {"type": "Permanent", "message": "550 <Ada@Example.com> unknown"},
+                },
+            },
+        )
+        stored = store_event(connection, schema=SCHEMA, event=bounce)
+        events = connection.execute(
+            text("SELECT detail FROM retention.email_events WHERE send_log_id IS NOT NULL")
+        ).scalars()
+        listed = connection.execute(
+            text("""
+                SELECT email, user_id, reason, source,
+                       mailbox_sha256 = sha256(convert_to('ada@example.com', 'UTF8'))
+                FROM retention.email_suppressions""")
+        ).all()
+
+    assert stored.outcome == "stored"
+    assert list(events) == [{}]
+    assert [tuple(row) for row in listed] == [
+        (None, None, "bounced", "resend_webhook:bounced", True)
+    ]
