@@ -5,8 +5,9 @@ Per-user tables lose the user's rows. The send log keeps each row (so counts and
 exactly-once guarantee still hold) with the address and the rendered content blanked, and an
 email not yet sent is never sent. The suppression list keeps the address, without the user,
 so a person who unsubscribed and signs up again is still not emailed. Each blanked row of an
-email that was sent keeps its mailbox's SHA-256, so that an unsubscribe from it arriving after
-the erasure suppresses the mailbox by its hash (`recipients.suppressions.unsubscribe_user`).
+email that was sent, or may have been (it failed once its request was made), keeps its mailbox's
+SHA-256, so that an unsubscribe from it arriving after the erasure suppresses the mailbox by its
+hash (`recipients.suppressions.unsubscribe_user`).
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
         connection.execute(
             text(f"DELETE FROM {s}.{table} WHERE user_id = ANY(CAST(:ids AS text[]))"), params
         )
-    # A sent email's mailbox hash stays, so that its unsubscribe link still counts.
+    # The mailbox hash of an email that went out, or may have (its request was made), stays,
+    # so that its unsubscribe link still counts.
     keys = connection.execute(
         text(f"""
             UPDATE {s}.email_send_log
             SET email = '', subject = '', html = '', body_text = '', headers = '{{}}',
-                erased_mailbox_sha256 = CASE WHEN status = 'sent' AND email <> ''
+                erased_mailbox_sha256 = CASE WHEN (status = 'sent' OR first_attempt_at IS NOT NULL)
+                                                  AND email <> ''
                                              THEN {sha256_sql(mailbox_sql("email"))}
                                              ELSE erased_mailbox_sha256 END,
                 status = CASE WHEN status = 'claimed' THEN 'failed' ELSE status END,

@@ -328,6 +328,30 @@ def test_an_email_never_sent_leaves_no_hash_of_its_erased_user(emailed: SendingD
             unsubscribe_user(connection, schema=SCHEMA, user_id="u1", loop_name=None)
 
 
+def test_an_erased_users_email_that_may_have_been_delivered_keeps_its_unsubscribe(
+    emailed: SendingDatabase,
+) -> None:
+    """Resend may have delivered an email whose request went unanswered (marked failed): its
+    link must still work once its user is erased."""
+    with emailed.engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE retention.email_send_log SET status = 'failed', "
+                "first_attempt_at = now(), error = 'no answer'"
+            )
+        )
+        erase_users_now(connection, "u1")
+        assert unsubscribe_with_token(connection, make_token(SECRET, "u1", None)) is None
+        listed = connection.execute(
+            text("""
+                SELECT email, user_id, reason,
+                       mailbox_sha256 = sha256(convert_to('ada@example.com', 'UTF8'))
+                FROM retention.email_suppressions""")
+        ).all()
+
+    assert [tuple(row) for row in listed] == [(None, None, "unsubscribed", True)]
+
+
 def test_a_bounce_arriving_after_the_erasure_suppresses_the_mailbox_by_its_hash_alone(
     emailed: SendingDatabase,
 ) -> None:
