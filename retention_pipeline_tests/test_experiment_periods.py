@@ -211,6 +211,24 @@ def test_a_new_holdout_fraction_starts_a_period_and_open_episodes_keep_theirs(wo
     assert {scope[:2] for scope in second} == {(0, FIRST)}
 
 
+def test_a_day_before_the_first_period_belongs_to_it_not_to_the_latest(world):
+    """A backfill of a day before the loop's first audience, under the design of a later
+    period, must not move that period's start before the first's."""
+    engine, url = world
+    add_users(engine, range(1, 41), last_seen=LONG_AGO)
+    run_day(engine, config_for(url, holdout=0.5), D)
+    changed = config_for(url, holdout=0.2)
+    run_day(engine, changed, D + timedelta(days=3))
+
+    with pytest.raises(ValueError, match="since period 1"):
+        run_day(engine, changed, D - timedelta(days=2))
+
+    assert [(p.number, p.started_on) for p in loop_periods(engine)] == [
+        (1, D),
+        (2, D + timedelta(days=3)),
+    ]
+
+
 def test_reordered_steps_start_a_period_and_a_pause_stays_with_its_step(world):
     engine, url = world
     add_users(engine, range(1, 41), last_seen=LONG_AGO)

@@ -120,7 +120,9 @@ def period_in_force(
     first, for a day before it); None before the loop's first audience."""
     recorded = periods(connection, schema, loop_name)
     started = [period for period in recorded if period.started_on <= day]
-    return (started or recorded or [None])[-1]
+    if started:
+        return started[-1]
+    return recorded[0] if recorded else None
 
 
 def period_loop(loop: Loop, period: ExperimentPeriod) -> Loop:
