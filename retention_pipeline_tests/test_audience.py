@@ -486,6 +486,35 @@ def test_an_unsubscribe_after_the_user_was_erased_keeps_their_mailbox_from_the_n
     assert audience(engine, D + timedelta(days=3)) == []
 
 
+def test_a_user_who_unsubscribed_is_not_emailed_at_the_address_they_changed_to(world):
+    """Ada unsubscribes from every email, then changes her address in the app: her follow-up
+    must not go to the new one. A bounce is the old mailbox's alone (Bob's new one works)."""
+    engine, url = world
+    config = config_for(url, cooldown=0)
+    add_user(engine, 1, "ada@example.com", last_seen=LONG_AGO)
+    add_user(engine, 2, "bob@example.com", last_seen=LONG_AGO)
+    run_day(engine, config, D)
+    with serve_fake_resend() as fake:
+        send_day(engine, config, D)
+    with engine.begin() as connection:
+        unsubscribe_user(connection, schema="retention", user_id="1", loop_name=None)
+        connection.execute(
+            text(
+                "INSERT INTO retention.email_suppressions (email, user_id, reason, source) "
+                "VALUES ('bob@example.com', '2', 'bounced', 'resend_webhook:bounced')"
+            )
+        )
+        connection.execute(text("UPDATE users SET email = 'new.' || email WHERE id IN (1, 2)"))
+
+    follow_up = run_day(engine, config, D + timedelta(days=3))
+
+    assert [row[:2] for row in audience(engine, D + timedelta(days=3))] == [("2", 1)]
+    assert follow_up.excluded["suppressed"] == 1
+    with serve_fake_resend() as fake:
+        send_day(engine, config, D + timedelta(days=3))
+        assert fake.delivered_to() == ["new.bob@example.com"]
+
+
 def email_user_1_from_loop_0(engine, config) -> None:
     """User 1, away for weeks, gets loop_0's email of D."""
     add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))

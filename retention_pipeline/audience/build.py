@@ -61,6 +61,7 @@ from retention_pipeline.recipients.addresses import (
 )
 from retention_pipeline.recipients.suppressions import (
     any_suppressed_by_hash,
+    personal_suppression_sql,
     suppressed_by_hash_sql,
 )
 from retention_pipeline.segments.calendar import within_send_window
@@ -768,7 +769,9 @@ def _build_loop(
                 CASE
                     WHEN snap.usable IS NOT TRUE THEN 'no_email'
                     WHEN sup.mailbox IS NOT NULL
-                        OR (CAST(:any_hashed AS boolean) AND {hashed}) THEN 'suppressed'
+                        OR (CAST(:any_hashed AS boolean) AND {hashed})
+                        OR {personal_suppression_sql(s, "due.user_id", ":loop")} IS NOT NULL
+                        THEN 'suppressed'
                     WHEN EXISTS (SELECT FROM audience_recent AS recent
                                  WHERE recent.user_id = due.user_id AND {others_sent})
                         OR EXISTS (SELECT FROM audience_recent AS recent

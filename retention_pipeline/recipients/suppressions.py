@@ -2,7 +2,8 @@
 
 A suppression covers one loop (the person unsubscribed from that loop's emails) or every loop
 (bounces, complaints, "all emails", the `suppress` command). The audience excludes a suppressed
-address in both arms.
+address in both arms, and a user who unsubscribed or complained at any address
+(`personal_suppression_sql`).
 
 The list holds mailboxes as PostgreSQL makes them (`recipients.addresses.mailbox_sql`), and, for
 users erased before they unsubscribed, the SHA-256 of a mailbox alone (`email` NULL): every
@@ -16,6 +17,9 @@ from sqlalchemy import Connection, text
 from retention_pipeline.recipients.addresses import mailbox_of, mailbox_sql, sha256_sql
 
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
+# What the person asked (not only the mailbox they were emailed at): they are held back at any
+# address they have since. A bounce is the mailbox's: a new address may work.
+PERSONAL_REASONS = ("unsubscribed", "complained")
 
 
 def suppress(
@@ -74,6 +78,17 @@ def suppressed_by_hash_sql(schema_sql: str, mailbox: str, loop_name: str) -> str
     return f"""EXISTS (SELECT FROM {schema_sql}.email_suppressions AS hashed
                        WHERE hashed.mailbox_sha256 = {sha256_sql(mailbox)}
                          AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name}))"""
+
+
+def personal_suppression_sql(schema_sql: str, user_id: str, loop_name: str) -> str:
+    """SQL: the reason (NULL for none) the user `user_id` asked not to be emailed by the loop
+    `loop_name` (SQL expressions), whatever address they were emailed at: a probe of the list's
+    user index."""
+    reasons = ", ".join(f"'{reason}'" for reason in PERSONAL_REASONS)
+    return f"""(SELECT personal.reason FROM {schema_sql}.email_suppressions AS personal
+                WHERE personal.user_id = {user_id} AND personal.reason IN ({reasons})
+                  AND (personal.loop_name IS NULL OR personal.loop_name = {loop_name})
+                ORDER BY personal.loop_name NULLS FIRST LIMIT 1)"""
 
 
 def any_suppressed_by_hash(connection: Connection, schema: str) -> bool:

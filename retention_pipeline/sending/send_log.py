@@ -41,7 +41,10 @@ from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.recipients.addresses import mailbox_sql
 from retention_pipeline.recipients.delivery import link_early_events
-from retention_pipeline.recipients.suppressions import suppressed_by_hash_sql
+from retention_pipeline.recipients.suppressions import (
+    personal_suppression_sql,
+    suppressed_by_hash_sql,
+)
 from retention_pipeline.sending.compose import compose_emails, send_key, treatment_rows
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
 from retention_pipeline.tracking.erasure import record_users_gone
@@ -315,7 +318,9 @@ def start_batch(
                             WHERE sup.email = {mailbox_sql("log.email")}
                               AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
                             ORDER BY sup.loop_name NULLS FIRST LIMIT 1),
-                           CASE WHEN {hashed} THEN 'unsubscribed' END) AS suppressed,
+                           CASE WHEN {hashed} THEN 'unsubscribed' END,
+                           {personal_suppression_sql(s, "log.user_id", "log.loop_name")})
+                           AS suppressed,
                        log.first_attempt_at IS NULL AND EXISTS (
                            SELECT FROM {s}.reengagement_audience AS a
                            WHERE a.partition_date = log.partition_date

@@ -268,6 +268,40 @@ def test_an_address_suppressed_after_the_claim_is_not_sent(
     assert "suppressed (unsubscribed)" in log_rows(sending_db)[gone]["error"]
 
 
+def test_a_user_who_unsubscribed_after_the_claim_is_not_sent_at_another_address(
+    sending_db: SendingDatabase, fake_resend: FakeResend
+) -> None:
+    """The unsubscribe named the user at an address they had before; a bounce there would
+    not hold back the address claimed."""
+    add_users(sending_db.engine, users(3))
+    compose_and_claim(sending_db)
+    with sending_db.engine.connect() as connection:
+        claimed = dict(
+            connection.execute(text("SELECT user_id, email FROM retention.email_send_log")).all()
+        )
+    unsubscribed, bounced, kept = sorted(claimed)
+    with sending_db.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO retention.email_suppressions (email, user_id, reason, source) "
+                "VALUES ('old.' || :unsubscribed, :unsubscribed_id, 'unsubscribed', 'link'), "
+                "       ('old.' || :bounced, :bounced_id, 'bounced', 'webhook')"
+            ),
+            {
+                "unsubscribed": claimed[unsubscribed],
+                "unsubscribed_id": unsubscribed,
+                "bounced": claimed[bounced],
+                "bounced_id": bounced,
+            },
+        )
+
+    report = dispatch(sending_db)
+
+    assert report.sent == 2 and report.suppressed == 1
+    assert sorted(fake_resend.delivered_to()) == sorted([claimed[bounced], claimed[kept]])
+    assert "suppressed (unsubscribed)" in log_rows(sending_db)[claimed[unsubscribed]]["error"]
+
+
 def test_a_rejected_api_key_keeps_every_email_claimed_for_a_retry_with_the_right_key(
     sending_db: SendingDatabase,
 ) -> None:
