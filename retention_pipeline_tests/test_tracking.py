@@ -525,6 +525,38 @@ def test_a_drain_counts_what_its_lock_waited_for_whatever_the_default_isolation(
     assert capture_rows(engine) == 0
 
 
+def test_a_user_deleted_while_a_drain_runs_is_not_brought_back_by_the_next(engine, installed):
+    """User 2 acts and is deleted after the drain switched capture tables, before it erases
+    them: the row the capture took must not bring them back into the rollup. It still counts
+    for its source (the reconciliation compares the app's rows with the rows counted)."""
+    app = engine.connect()
+    try:
+        app.execute(
+            text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'held', now())")
+        )
+        with ThreadPoolExecutor(1) as pool:
+            drain = pool.submit(update_rollup, engine, installed)
+            # Switched, it waits to lock the capture table the app's open transaction wrote to.
+            wait_for_a_drain_waiting_on(engine, "relation")
+            insert_events(engine, [(2, "last", "2026-11-02T10:00Z")])
+            with engine.begin() as connection:
+                connection.execute(text("DELETE FROM users WHERE id = 2"))
+            app.commit()
+            assert drain.result(timeout=60).erased_users == 1
+    finally:
+        app.close()
+
+    update_rollup(engine, installed)
+
+    assert {row[0] for row in rollup(engine)} == {"1"}
+    assert capture_rows(engine) == 0
+    with engine.connect() as connection:
+        counted = connection.execute(
+            text("SELECT rows FROM retention.source_day_rows WHERE day = '2026-11-02'")
+        ).scalar_one()
+    assert counted == 1
+
+
 def test_two_drains_at_once_take_turns_and_count_everything_once(engine, installed):
     # Every change of the tracking state, with the session that made it.
     with engine.begin() as connection:

@@ -25,7 +25,11 @@ from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.batch import tune_for_batch
-from retention_pipeline.tracking.erasure import erase_users, users_gone_from_app
+from retention_pipeline.tracking.erasure import (
+    erase_users,
+    forget_captured_rows,
+    users_gone_from_app,
+)
 from retention_pipeline.tracking.fold import Added, added_by, record_late_days
 from retention_pipeline.tracking.sources import poll
 from retention_pipeline.tracking.sql import CAPTURE_TABLES, TrackingSql
@@ -129,7 +133,8 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
         connection.execute(
             text(f"UPDATE {sql.q_schema}.tracking_state SET last_drained_at = now()")
         )
-        erased_users, erased_keys = erase_users(connection, sql.schema)
+        erased, erased_keys = erase_users(connection, sql.schema)
+        forget_captured_rows(connection, sql, erased, timezone)
         late = record_late_days(connection, sql, {day for fold in folds for day in fold.days})
     return RollupUpdate(
         events=sum(fold.events for fold in folds),
@@ -137,7 +142,7 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
         user_days=sum(fold.user_days for fold in folds),
         late_days=late,
         polled_sources=tuple(source.name for source in polled),
-        erased_users=erased_users,
+        erased_users=len(erased),
         erased_send_keys=tuple(erased_keys),
         seconds=time.monotonic() - started,
     )

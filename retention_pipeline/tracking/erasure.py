@@ -19,6 +19,7 @@ from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database.app_tables import resolve_app_tables
 from retention_pipeline.database.excluded_users import kept_sql
 from retention_pipeline.recipients.addresses import mailbox_sql, sha256_sql
+from retention_pipeline.tracking.sql import CAPTURE_TABLES, TrackingSql
 
 PER_USER_TABLES = (
     "activity_daily",
@@ -31,8 +32,8 @@ PER_USER_TABLES = (
 )
 
 
-def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
-    """Erase the users recorded in `erased_users`; returns how many, and the send keys whose
+def erase_users(connection: Connection, schema: str) -> tuple[list[str], list[str]]:
+    """Erase the users recorded in `erased_users`; returns their ids, and the send keys whose
     content was blanked (their outbox files go too). A user whose email is in a batch that
     went out unconfirmed waits until the batch is settled: while `erased_users` names them, the
     batch's next start withholds them (`sending.send_log.start_batch`), and the drain after that
@@ -49,7 +50,7 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
         ).scalars()
     )
     if not user_ids:
-        return 0, []
+        return [], []
     params = {"ids": user_ids}
     # The frequency cap reads erased users' sent emails apart; one that failed once its request
     # was made may have been delivered all the same, and with its audience row gone only the
@@ -101,7 +102,38 @@ def erase_users(connection: Connection, schema: str) -> tuple[int, list[str]]:
     connection.execute(
         text(f"DELETE FROM {s}.erased_users WHERE user_id = ANY(CAST(:ids AS text[]))"), params
     )
-    return len(user_ids), keys
+    return user_ids, keys
+
+
+def forget_captured_rows(
+    connection: Connection, sql: TrackingSql, user_ids: list[str], timezone: str
+) -> None:
+    """Drop the erased users' rows the capture still holds: taken after the drain switched
+    tables and before their delete committed, the next drain would fold them back into the
+    rollup. They still count for their source, as the app's table had them."""
+    if not user_ids:
+        return
+    for table in CAPTURE_TABLES:
+        connection.execute(
+            text(f"""
+                WITH gone AS (
+                    DELETE FROM {sql.q_schema}.{table}
+                    WHERE user_id = ANY(CAST(:ids AS text[]))
+                    RETURNING source, at
+                )
+                {
+                sql.count_source_rows(
+                    "SELECT source, at, 1 AS n FROM gone "
+                    "WHERE source = ANY(CAST(:sources AS text[]))",
+                    "CAST(:tz AS text)",
+                )
+            }"""),
+            {
+                "ids": user_ids,
+                "tz": timezone,
+                "sources": [source.name for source in sql.sources],
+            },
+        )
 
 
 def users_gone_from_app(connection: Connection, config: RetentionConfig) -> None:

@@ -296,7 +296,7 @@ def erase_users_now(connection, user_id: str) -> None:
     connection.execute(
         text("INSERT INTO retention.erased_users (user_id) VALUES (:id)"), {"id": user_id}
     )
-    assert erase_users(connection, SCHEMA)[0] == 1
+    assert erase_users(connection, SCHEMA)[0] == [user_id]
 
 
 def test_a_suppression_holds_the_mailbox_as_postgresql_lower_cases_it(
