@@ -292,6 +292,51 @@ def test_a_downgrade_past_hashed_suppressions_refuses_rather_than_drop_them(
         )
 
 
+def test_a_downgrade_past_loop_suppressions_widens_them_to_every_loop(
+    emailed: SendingDatabase,
+) -> None:
+    with emailed.engine.begin() as connection:
+        # Ada's rows of two loops; Bob's of two loops and of every loop.
+        unsubscribe_with_token(connection, make_token(SECRET, "u1", LOOP))
+        suppress(
+            connection,
+            schema=SCHEMA,
+            email="ada@example.com",
+            reason="unsubscribed",
+            source="x",
+            loop_name="another_loop",
+        )
+        suppress(
+            connection,
+            schema=SCHEMA,
+            email="bob@example.com",
+            reason="unsubscribed",
+            source="x",
+            loop_name=LOOP,
+        )
+        for loop_name in ("another_loop", None):
+            suppress(
+                connection,
+                schema=SCHEMA,
+                email="bob@example.com",
+                reason="unsubscribed",
+                source="x",
+                loop_name=loop_name,
+            )
+    with emailed.engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, SCHEMA), "0008")
+    with emailed.engine.begin() as connection:
+        command.upgrade(migrate._alembic_config(connection, SCHEMA), "head")
+    with emailed.engine.connect() as connection:
+        listed = connection.execute(
+            text("SELECT email, loop_name FROM retention.email_suppressions ORDER BY email")
+        ).all()
+    assert [tuple(row) for row in listed] == [
+        ("ada@example.com", None),
+        ("bob@example.com", None),
+    ]
+
+
 def erase_users_now(connection, user_id: str) -> None:
     connection.execute(
         text("INSERT INTO retention.erased_users (user_id) VALUES (:id)"), {"id": user_id}

@@ -68,7 +68,14 @@ def upgrade(schema: str) -> None:
 
 def downgrade(schema: str) -> None:
     q = op.get_context().dialect.identifier_preparer.quote_schema(schema)
-    op.execute(f"DELETE FROM {q}.email_suppressions WHERE loop_name IS NOT NULL")
+    # A loop's unsubscribe becomes one from every loop: dropped, its loop would email the
+    # person again.
+    op.execute(f"""
+        DELETE FROM {q}.email_suppressions AS loop_only
+        USING {q}.email_suppressions AS other
+        WHERE loop_only.loop_name IS NOT NULL AND other.email = loop_only.email
+          AND (other.loop_name IS NULL OR other.ctid < loop_only.ctid)""")
+    op.execute(f"UPDATE {q}.email_suppressions SET loop_name = NULL")
     op.execute(f"DROP INDEX {q}.email_suppressions_per_scope")
     op.execute(f"ALTER TABLE {q}.email_suppressions DROP COLUMN loop_name")
     op.execute(f"ALTER TABLE {q}.email_suppressions ADD PRIMARY KEY (email)")
