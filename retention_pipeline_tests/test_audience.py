@@ -537,6 +537,20 @@ def loop_1_is_capped_on(engine, config, day: date) -> bool:
     return summary.treatment == 0 and summary.excluded["frequency_cap"] == 1
 
 
+def test_a_day_built_late_is_capped_by_the_emails_of_the_days_after_it(world):
+    """D's run was missed; D + 1's ran and loop_0 emailed user 1. D, launched now, sends
+    today: loop_1 must not email them again."""
+    engine, url = world
+    config = config_for(url, loops=2)
+    add_users(engine, [1], last_seen=datetime(2026, 10, 1, tzinfo=UTC))
+    assert run_day(engine, config, D + timedelta(days=1), loop_index=0).treatment == 1
+    with serve_fake_resend() as fake:
+        send_day(engine, config, D + timedelta(days=1))
+        assert fake.delivered_to() == ["user1@example.com"]
+
+    assert loop_1_is_capped_on(engine, config, D)
+
+
 def test_the_frequency_cap_counts_an_email_sent_whose_audience_row_a_rebuild_took_back(world):
     """Loop_0 emails user 1 on D, who then unsubscribes from loop_0 alone, and D is built
     again: loop_0's rebuild drops them (suppressed), and with them its audience row of D. The

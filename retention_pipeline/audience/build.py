@@ -457,7 +457,14 @@ def build_audiences(
     # took 0.4 s of the build at 1M users, this one a sixth of that.
     connection.execute(text("SET LOCAL default_statistics_target = 10"))
     _read_people(connection, s, day, loops, candidates)
-    _read_recent_audiences(connection, s, day, loops, config)
+    _read_recent_audiences(
+        connection,
+        s,
+        day,
+        loops,
+        config,
+        sends=now is None or within_send_window(day, now, config.timezone),
+    )
     # A mailbox is hashed only while the suppression list holds any hash.
     any_hashed = bool(any_suppressed_by_hash(connection, config.database.schema_))
     return {
@@ -564,10 +571,18 @@ def _emails_of_days_rebuilt(s: str) -> str:
 
 
 def _read_recent_audiences(
-    connection: Connection, s: str, day: date, loops: Sequence[Loop], config: RetentionConfig
+    connection: Connection,
+    s: str,
+    day: date,
+    loops: Sequence[Loop],
+    config: RetentionConfig,
+    *,
+    sends: bool,
 ) -> None:
     """The temporary tables `audience_recent`: who was in an audience of any loop, or was
-    emailed by one, in the frequency cap's days up to `day` (by user and by mailbox), and
+    emailed by one, in the frequency cap's days up to `day` (by user and by mailbox), and, for
+    a build whose emails can go out (`sends`), in the cap's days after it: a day built late
+    (its run missed, then launched once the next day's had emailed) sends today too. And
     `audience_erased_sent`: who was emailed in the longest of the cap's and the loops' cooldowns
     and erased since (by user: the address is gone; erasure took their episodes and audience
     rows, and an account excluded for a while comes back), read once for all the loops built.
@@ -602,15 +617,19 @@ def _read_recent_audiences(
         SELECT recent.partition_date, recent.loop_name, recent.user_id,
                {mailbox_sql("recent.email")} AS mailbox, FALSE AS sent
         FROM {s}.reengagement_audience AS recent
-        WHERE recent.partition_date > :day - :cap AND recent.partition_date <= :day
+        WHERE recent.partition_date > :day - :cap AND recent.partition_date <= :until
         UNION ALL
         SELECT erased.partition_date, erased.loop_name, erased.user_id, NULL, TRUE
         FROM audience_erased_sent AS erased
-        WHERE erased.partition_date > :day - :cap AND erased.partition_date <= :day
+        WHERE erased.partition_date > :day - :cap AND erased.partition_date <= :until
         UNION ALL
         {_emails_of_days_rebuilt(s)}
-          AND rebuilt.partition_date > :day - :cap AND rebuilt.partition_date <= :day"""),
-        {"day": day, "cap": cap_days},
+          AND rebuilt.partition_date > :day - :cap AND rebuilt.partition_date <= :until"""),
+        {
+            "day": day,
+            "cap": cap_days,
+            "until": day + timedelta(days=cap_days - 1) if sends else day,
+        },
     )
     connection.execute(text("ANALYZE audience_recent"))
 
