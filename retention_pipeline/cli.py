@@ -398,6 +398,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             engine,
             schema=config.database.schema_,
             unsubscribe_secret=link_secret,
+            previous_unsubscribe_secrets=config.email.previous_unsubscribe_secrets,
             webhook_secret=event_secret,
             product_name=config.email.product_name,
             host=args.host,

@@ -47,6 +47,7 @@ def test_shipped_default_reproduces_the_seed_loop():
     assert policy.backoff.value == "EXPONENTIAL"
     assert config.database.url is None
     assert config.email.unsubscribe_secret is None
+    assert config.email.previous_unsubscribe_secrets == []
 
 
 def test_environment_references_are_expanded(document):
@@ -55,10 +56,12 @@ def test_environment_references_are_expanded(document):
         environ={
             "RETENTION_DATABASE_URL": "postgresql://db/app",
             "RETENTION_UNSUBSCRIBE_SECRET": "s3cret",
+            "RETENTION_PREVIOUS_UNSUBSCRIBE_SECRET": "0ld",
         },
     )
     assert config.database.url == "postgresql://db/app"
     assert config.email.unsubscribe_secret == "s3cret"
+    assert config.email.previous_unsubscribe_secrets == ["0ld"]
 
 
 def _mutated(document: dict, path: str, value) -> dict:

@@ -938,6 +938,11 @@ class EmailSettings(StrictModel):
     company_address: str = DEMO_EMAIL["company_address"]
     unsubscribe_url: str = DEMO_EMAIL["unsubscribe_url"]
     unsubscribe_secret: str | None = None
+    previous_unsubscribe_secrets: list[str] = Field(
+        [],
+        description="secrets unsubscribe_secret had before a rotation: links signed with them, "
+        "in emails already sent, keep unsubscribing (blank entries are ignored)",
+    )
     webhook_secret: str | None = None
     quiet_hours: QuietHours | None = Field(
         None,
@@ -994,6 +999,11 @@ class EmailSettings(StrictModel):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("previous_unsubscribe_secrets")
+    @classmethod
+    def _blank_entries_are_unset(cls, value: list[str]) -> list[str]:
+        return [secret for secret in value if secret]
 
     def placeholder_problems(self) -> list[str]:
         """Why these settings may not email real people, one line per key: a reader-facing key

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # Binds signatures to this use, so a secret shared with another feature cannot mint these tokens.
@@ -35,9 +36,12 @@ def make_token(secret: str | bytes, user_id: int | str, loop: str | None) -> str
     return f"{encoded}.{_b64encode(_sign(secret, encoded))}"
 
 
-def verify_token(secret: str | bytes, token: str) -> tuple[int | str, str | None]:
-    """Return `(user_id, loop)` from a token made by `make_token` with the same secret; `loop` is
-    None for a token that covers every loop.
+def verify_token(
+    secret: str | bytes, token: str, *, previous: Sequence[str | bytes] = ()
+) -> tuple[int | str, str | None]:
+    """Return `(user_id, loop)` from a token made by `make_token` with the same secret, or with
+    one of the `previous` secrets (rotated out: links in emails already sent keep working); `loop`
+    is None for a token that covers every loop.
 
     Raises `InvalidUnsubscribeTokenError` (a `ValueError`) when the token is malformed or its
     signature does not match.
@@ -46,7 +50,10 @@ def verify_token(secret: str | bytes, token: str) -> tuple[int | str, str | None
     if not (separator and _BASE64URL.fullmatch(encoded) and _BASE64URL.fullmatch(signature)):
         raise InvalidUnsubscribeTokenError("unsubscribe token is malformed")
     # Comparing the encoded text, not decoded bytes, also rejects non-canonical encodings.
-    if not hmac.compare_digest(signature, _b64encode(_sign(secret, encoded))):
+    if not any(
+        hmac.compare_digest(signature, _b64encode(_sign(candidate, encoded)))
+        for candidate in (secret, *previous)
+    ):
         raise InvalidUnsubscribeTokenError(
             "unsubscribe token signature does not match: "
             "the token was altered or signed with another secret"

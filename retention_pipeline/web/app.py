@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from html import escape
 from urllib.parse import urlencode
 
@@ -82,10 +82,12 @@ def create_app(
     webhook_secret: str,
     product_name: str,
     journal: UnsubscribeJournal,
+    previous_unsubscribe_secrets: Sequence[str] = (),
     replay_seconds: float = 30.0,
 ) -> ASGIApp:
     """The web service over the pipeline's schema in `engine`'s database; unsubscribes the
-    database cannot take wait in `journal`."""
+    database cannot take wait in `journal`. Links signed with `previous_unsubscribe_secrets`
+    (rotated out) still unsubscribe."""
 
     async def resend_webhook(request: Request) -> Response:
         body = await _body(request)
@@ -139,7 +141,9 @@ def create_app(
         if not token:
             return _page(400, "Unsubscribe link incomplete", "The link has no token.")
         try:
-            user_id, loop = verify_token(unsubscribe_secret, token)
+            user_id, loop = verify_token(
+                unsubscribe_secret, token, previous=previous_unsubscribe_secrets
+            )
         except ValueError as invalid:
             return _page(400, "Unsubscribe link not valid", f"{invalid}.")
         if request.method == "GET":

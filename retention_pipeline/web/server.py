@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
@@ -47,6 +48,7 @@ def serve(
     *,
     schema: str,
     unsubscribe_secret: str,
+    previous_unsubscribe_secrets: Sequence[str],
     webhook_secret: str,
     product_name: str,
     host: str,
@@ -63,6 +65,7 @@ def serve(
         engine,
         schema=schema,
         unsubscribe_secret=unsubscribe_secret,
+        previous_unsubscribe_secrets=previous_unsubscribe_secrets,
         webhook_secret=webhook_secret,
         product_name=product_name,
         journal=UnsubscribeJournal(retention_home() / f"unsubscribe_journal_{schema}.jsonl"),

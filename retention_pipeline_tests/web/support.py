@@ -42,6 +42,7 @@ def serving(
     schema: str,
     unsubscribe_secret: str,
     journal: Path,
+    previous_unsubscribe_secrets: tuple[str, ...] = (),
     replay_seconds: float = 30.0,
 ) -> Iterator[str]:
     """`retention-pipeline serve`'s app under uvicorn on a free loopback port, its unsubscribe
@@ -50,6 +51,7 @@ def serving(
         engine,
         schema=schema,
         unsubscribe_secret=unsubscribe_secret,
+        previous_unsubscribe_secrets=previous_unsubscribe_secrets,
         webhook_secret=WEBHOOK_SECRET,
         product_name="Acme",
         journal=UnsubscribeJournal(journal),

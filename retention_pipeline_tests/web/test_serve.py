@@ -221,6 +221,28 @@ def test_one_click_post_unsubscribes_from_the_loop_and_repeating_it_is_harmless(
     assert ("ada@example.com", "u1", "unsubscribed", None) in suppressions(emailed)
 
 
+def test_links_signed_before_the_secret_was_rotated_still_unsubscribe(
+    emailed: SendingDatabase, tmp_path: Path
+) -> None:
+    one_click = {"content-type": "application/x-www-form-urlencoded"}
+    with serving(
+        emailed.engine,
+        schema=SCHEMA,
+        unsubscribe_secret="the secret after the rotation",
+        previous_unsubscribe_secrets=(SECRET,),
+        journal=tmp_path / "unsubscribe_journal.jsonl",
+    ) as rotated:
+        old_link = call(
+            rotated, "POST", f"/unsubscribe?token={make_token(SECRET, 'u1', LOOP)}", b"", one_click
+        )
+        forged = make_token("a secret never configured", "u2", LOOP)
+        refused = call(rotated, "POST", f"/unsubscribe?token={forged}", b"", one_click)
+
+    assert old_link.status == 200
+    assert refused.status == 400 and "signature does not match" in refused.body
+    assert suppressions(emailed) == [("ada@example.com", "u1", "unsubscribed", LOOP)]
+
+
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(
     server: str, emailed: SendingDatabase
 ) -> None:
