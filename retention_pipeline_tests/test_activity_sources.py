@@ -5,6 +5,7 @@ installed databases upgrade in place, and every bad key is one line naming it.""
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 
 import pytest
@@ -25,7 +26,7 @@ from retention_pipeline_tests.helpers import (
     make_config,
     write_config,
 )
-from retention_pipeline_tests.test_tracking import insert_users
+from retention_pipeline_tests.test_tracking import insert_users, wait_for_a_drain_waiting_on
 
 APP_TABLES = """
     CREATE TABLE audit_log (
@@ -648,6 +649,34 @@ def test_switching_capture_modes_hands_over_without_gap_or_double_count(engine, 
             )
         ).all()
     assert [tuple(row) for row in counted] == [("1", 2), ("2", 1), ("3", 1)]
+
+
+def test_a_row_committed_while_a_switch_to_polling_waits_for_the_table_counts_once(
+    engine, app_database_url
+):
+    triggered = sources_config(app_database_url, [COMMENTS])
+    install(engine, triggered)
+    app = engine.connect()
+    try:
+        app.execute(
+            text("INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 hour')")
+        )
+        polled = sources_config(app_database_url, [{**COMMENTS, "capture": "polling"}])
+        with ThreadPoolExecutor(1) as pool:
+            upgrade = pool.submit(install, engine, polled)
+            # It waits to drop the table's triggers (each try gives up after a brief wait).
+            wait_for_a_drain_waiting_on(engine, "relation")
+            app.commit()
+            upgrade.result(timeout=60)
+    finally:
+        app.close()
+    update_rollup(engine, polled)
+    update_rollup(engine, polled)
+    with engine.connect() as connection:
+        counted = connection.execute(
+            text("SELECT user_id, sum(event_count) FROM retention.activity_daily GROUP BY 1")
+        ).all()
+    assert [tuple(row) for row in counted] == [("1", 1)]
 
 
 @pytest.mark.parametrize(

@@ -380,6 +380,10 @@ def sync_sources(
         if old.capture == source.capture:
             continue
         if source.capture == "polling":
+            # Its triggers go first: dropping them waits for the app's transactions that wrote
+            # to the table, whose rows the capture holds and the seed must then see as counted
+            # (seeded first, a row committed meanwhile was captured and polled both).
+            drop_source_triggers(connection, sql, name, relation)
             seed_counted(connection, sql, source, None)
             notes.append(
                 f"source `{name}`: now polled by each drain (was captured by `{old.capture}`); "
