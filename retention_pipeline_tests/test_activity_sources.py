@@ -1028,6 +1028,57 @@ def test_a_polled_sources_changed_definition_applies_to_new_rows_only(engine, ap
     ]
 
 
+@pytest.mark.parametrize("capture", ["polling", "inserts"])
+def test_rows_written_after_the_last_poll_count_when_the_definition_changes(
+    engine, app_database_url, capture
+):
+    """Drains refuse to run between the edit of a polled source and the upgrade: the rows
+    written since the last poll count once, by the definition they were written under,
+    whether the source stays polled or is captured from then on."""
+    polled = {**COMMENTS, "capture": "polling"}
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 hour')")
+    install(engine, sources_config(app_database_url, [polled]))
+    update_rollup(engine, sources_config(app_database_url, [polled]))
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (2, now() - interval '1 minute')")
+    changed = sources_config(
+        app_database_url, [{**polled, "action": "comment.written", "capture": capture}]
+    )
+
+    install(engine, changed)
+    update_rollup(engine, changed)
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (3, now())")
+    update_rollup(engine, changed)
+
+    assert sorted((row[0], *row[2:]) for row in rollup(engine)[1]) == [
+        ("1", "comment.posted", 1),
+        ("2", "comment.posted", 1),
+        ("3", "comment.written", 1),
+    ]
+
+
+def test_a_previous_definition_that_no_longer_reads_is_said_and_the_upgrade_goes_on(
+    engine, app_database_url
+):
+    polled = {**COMMENTS, "capture": "polling", "action": {"column": "body"}}
+    run(engine, "INSERT INTO comments (author, body, created_at) VALUES (1, 'a', now())")
+    install(engine, sources_config(app_database_url, [polled]))
+    update_rollup(engine, sources_config(app_database_url, [polled]))
+    run(engine, "INSERT INTO comments (author, body, created_at) VALUES (2, 'b', now())")
+    run(engine, "ALTER TABLE comments DROP COLUMN body CASCADE")
+    changed = sources_config(app_database_url, [{**COMMENTS, "capture": "polling"}])
+
+    report = install(engine, changed)
+
+    assert any(
+        line.startswith("source `comments`: its rows written since the last drain are not counted")
+        and "column src.body does not exist" in line
+        for line in report.sources
+    ), report.sources
+    run(engine, "INSERT INTO comments (author, created_at) VALUES (3, now())")
+    update_rollup(engine, changed)
+    assert sorted(row[0] for row in rollup(engine)[1]) == ["1", "3"]
+
+
 def test_the_snapshot_after_a_source_is_added_equals_a_full_build(engine, app_database_url):
     from retention_pipeline.segments.snapshot import build_snapshot
 

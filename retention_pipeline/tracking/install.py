@@ -170,7 +170,9 @@ def install(
             # Installed before revision 0015, when events and sessions were the only sources.
             adopt_legacy_sources(connection, sql, state["mode"], state["refreshed_through"])
             installed = installed_sources(connection, sql)
-        changes, to_triggers = sync_sources(connection, sql, installed)
+        changes, to_triggers = sync_sources(
+            connection, sql, installed, timezone, state["visit_gap_minutes"] if state else 0
+        )
         notes.extend(changes)
         connection.execute(
             text(f"""

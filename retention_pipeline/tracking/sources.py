@@ -20,6 +20,7 @@ from dataclasses import astuple, dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from retention_pipeline.database.activity_sources import ResolvedSource
 from retention_pipeline.tracking.fold import Added, added_by, record_late_days
@@ -308,11 +309,17 @@ def _rename(connection: Connection, sql: TrackingSql, old: InstalledSource, new:
 
 
 def sync_sources(
-    connection: Connection, sql: TrackingSql, installed: dict[str, InstalledSource]
+    connection: Connection,
+    sql: TrackingSql,
+    installed: dict[str, InstalledSource],
+    timezone: str,
+    visit_gap_minutes: int,
 ) -> tuple[list[str], list[ResolvedSource]]:
     """Bring the installed sources' state to the configured ones. Returns a line per change,
     and the sources that switch from polling to a trigger: each is polled once more after its
-    triggers exist (`hand_over_to_triggers`)."""
+    triggers exist (`hand_over_to_triggers`). A polled source whose definition changed is
+    polled once more by the old one (in the rollup's `timezone`, visits by the installed
+    `visit_gap_minutes`)."""
     s = sql.q_schema
     notes: list[str] = []
     to_triggers: list[ResolvedSource] = []
@@ -374,9 +381,15 @@ def sync_sources(
             },
         )
         if definition_changed and old.capture == "polling":
-            # The rows it polled were counted by the old definition: those the new one reads
-            # before the watermark count as counted, so the change applies to new rows only.
-            seed_counted(connection, sql, source, old.watermark)
+            # The rows written since its last poll count by the old definition, as every row
+            # before them did; then those the new one reads count as counted, so the change
+            # applies to rows written from now on.
+            notes.extend(
+                _poll_by_installed_definition(
+                    connection, sql, source, old, timezone, visit_gap_minutes
+                )
+            )
+            seed_counted(connection, sql, source, None)
         if old.capture == source.capture:
             continue
         if source.capture == "polling":
@@ -398,6 +411,30 @@ def sync_sources(
         else:
             notes.append(f"source `{name}`: now captured by `{source.capture}`")
     return notes, to_triggers
+
+
+def _poll_by_installed_definition(
+    connection: Connection,
+    sql: TrackingSql,
+    source: ResolvedSource,
+    installed: InstalledSource,
+    timezone: str,
+    visit_gap_minutes: int,
+) -> list[str]:
+    """Poll `source` once more by its `installed` definition; a line saying so when that
+    definition no longer reads (a table or column gone), whose rows since the last poll then
+    count as counted."""
+    try:
+        with connection.begin_nested():
+            added = poll(connection, sql, source, timezone, visit_gap_minutes, installed.definition)
+    except DBAPIError as error:
+        reason = (str(error.orig).strip().splitlines() or [type(error).__name__])[0]
+        return [
+            f"source `{source.name}`: its rows written since the last drain are not counted: "
+            f"its previous definition no longer reads them ({reason})"
+        ]
+    record_late_days(connection, sql, set(added.days))
+    return []
 
 
 def hand_over_to_triggers(
@@ -429,10 +466,12 @@ def poll(
     source: ResolvedSource,
     timezone: str,
     visit_gap_minutes: int,
+    definition: str | None = None,
 ) -> Added:
     """Fold the source's rows no poll has counted yet, from its watermark less the lookback,
     and keep them as counted; move the watermark to the newest (never past now). Visits are
-    counted with the installed gap, `visit_gap_minutes`."""
+    counted with the installed gap, `visit_gap_minutes`. `definition`: the source's rows as an
+    earlier installed definition read them (default: as configured)."""
     s = sql.q_schema
     params = {"source": source.name, "lookback": POLL_LOOKBACK}
     since = connection.execute(
@@ -442,7 +481,7 @@ def poll(
         params,
     ).scalar_one()
     connection.execute(
-        text(f"CREATE TEMPORARY TABLE polled_now AS {sql.new_polled_rows(source)}"),
+        text(f"CREATE TEMPORARY TABLE polled_now AS {sql.new_polled_rows(source, definition)}"),
         {**params, "since": since},
     )
     added = added_by(

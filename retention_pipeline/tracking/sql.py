@@ -308,13 +308,18 @@ class TrackingSql:
             SELECT (at AT TIME ZONE {tz})::date AS day, count(*) AS rows
             FROM ({rows}) AS app_rows GROUP BY 1"""
 
-    def new_polled_rows(self, source: ResolvedSource) -> str:
+    def new_polled_rows(self, source: ResolvedSource, definition: str | None = None) -> str:
         """The source's rows from :since on that no poll has counted yet (a multiset difference:
-        two equal rows count twice). A row the app moved in place (a last-seen time) shows as a
-        new row; the value it had stays counted: nothing counted is ever taken back."""
-        rows = self.source_rows(
-            source, source.relation_sql(self.dialect), "{at} >= CAST(:since AS timestamptz)"
-        )
+        two equal rows count twice), read by its `definition` as installed when given (see
+        `definition`), else as configured. A row the app moved in place (a last-seen time) shows
+        as a new row; the value it had stays counted: nothing counted is ever taken back."""
+        if definition is None:
+            rows = self.source_rows(
+                source, source.relation_sql(self.dialect), "{at} >= CAST(:since AS timestamptz)"
+            )
+        else:
+            rows = f"""SELECT * FROM ({definition}) AS defined
+                       WHERE at >= CAST(:since AS timestamptz)"""
         return f"""
             WITH app AS (
                 SELECT kind, user_id, at, event_name, count(*) AS n
