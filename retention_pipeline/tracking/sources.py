@@ -380,7 +380,15 @@ def sync_sources(
                 "definition": sql.definition(source),
             },
         )
-        if definition_changed and old.capture == "polling":
+        if (
+            definition_changed
+            and old.capture == "polling"
+            and _backfill_pending(connection, sql, name)
+        ):
+            # Its rebuild, still to finish, counts up to the watermark less the lookback, and
+            # no poll has counted anything since the watermark was set: it stays.
+            seed_counted(connection, sql, source, old.watermark)
+        elif definition_changed and old.capture == "polling":
             # The rows written since its last poll count by the old definition, as every row
             # before them did; then those the new one reads count as counted, so the change
             # applies to rows written from now on.
@@ -413,6 +421,13 @@ def sync_sources(
     return notes, to_triggers
 
 
+def _backfill_pending(connection: Connection, sql: TrackingSql, name: str) -> bool:
+    return connection.execute(
+        text(f"SELECT backfill_pending FROM {sql.q_schema}.tracking_sources WHERE name = :name"),
+        {"name": name},
+    ).scalar_one()
+
+
 def _poll_by_installed_definition(
     connection: Connection,
     sql: TrackingSql,
@@ -428,6 +443,10 @@ def _poll_by_installed_definition(
         with connection.begin_nested():
             added = poll(connection, sql, source, timezone, visit_gap_minutes, installed.definition)
     except DBAPIError as error:
+        # Class 42: what the definition names is gone or out of reach. Anything else (a lock
+        # wait given up, the server going away) fails the upgrade, which tries again.
+        if not str(getattr(error.orig, "sqlstate", "") or "").startswith("42"):
+            raise
         reason = (str(error.orig).strip().splitlines() or [type(error).__name__])[0]
         return [
             f"source `{source.name}`: its rows written since the last drain are not counted: "
