@@ -80,6 +80,15 @@ def suppressed_by_hash_sql(schema_sql: str, mailbox: str, loop_name: str) -> str
                          AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name}))"""
 
 
+def hashed_suppression_reason_sql(schema_sql: str, mailbox: str, loop_name: str) -> str:
+    """SQL: the reason (NULL for none) the mailbox `mailbox` is suppressed by its hash for the
+    loop `loop_name` (SQL expressions), as `suppressed_by_hash_sql` finds it."""
+    return f"""(SELECT hashed.reason FROM {schema_sql}.email_suppressions AS hashed
+                WHERE hashed.mailbox_sha256 = {sha256_sql(mailbox)}
+                  AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name})
+                ORDER BY hashed.loop_name NULLS FIRST LIMIT 1)"""
+
+
 def personal_suppression_sql(schema_sql: str, user_id: str, loop_name: str) -> str:
     """SQL: the reason (NULL for none) the user `user_id` asked not to be emailed by the loop
     `loop_name` (SQL expressions), whatever address they were emailed at: a probe of the list's

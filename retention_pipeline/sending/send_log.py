@@ -42,8 +42,8 @@ from retention_pipeline.email.message import OutgoingEmail, SendResult
 from retention_pipeline.recipients.addresses import mailbox_sql
 from retention_pipeline.recipients.delivery import link_early_events
 from retention_pipeline.recipients.suppressions import (
+    hashed_suppression_reason_sql,
     personal_suppression_sql,
-    suppressed_by_hash_sql,
 )
 from retention_pipeline.sending.compose import compose_emails, send_key, treatment_rows
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, row_in_shard
@@ -306,7 +306,7 @@ def start_batch(
     # One statement, one snapshot: what is withheld and what is sent are decided together.
     # `log.status = 'claimed'` again in each UPDATE: a row settled by another sender meanwhile is
     # re-read after its lock and left alone.
-    hashed = suppressed_by_hash_sql(s, mailbox_sql("log.email"), "log.loop_name")
+    hashed = hashed_suppression_reason_sql(s, mailbox_sql("log.email"), "log.loop_name")
     rows = connection.execute(
         text(f"""
             WITH members AS (
@@ -318,7 +318,7 @@ def start_batch(
                             WHERE sup.email = {mailbox_sql("log.email")}
                               AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
                             ORDER BY sup.loop_name NULLS FIRST LIMIT 1),
-                           CASE WHEN {hashed} THEN 'unsubscribed' END,
+                           {hashed},
                            {personal_suppression_sql(s, "log.user_id", "log.loop_name")})
                            AS suppressed,
                        log.first_attempt_at IS NULL AND EXISTS (
