@@ -549,64 +549,32 @@ def test_a_day_built_late_is_capped_by_the_emails_of_the_days_after_it(world):
         assert fake.delivered_to() == ["user1@example.com"]
 
     assert loop_1_is_capped_on(engine, config, D)
+    # A backfill of D once it is past the send window sends nothing: it gives what D's own run
+    # would have, uncapped by the days after it.
+    loop = config.loops[1]
+    candidates = condition_user_ids(engine, "retention", loop, D)
+    with engine.begin() as connection:
+        simulated = build_audience(
+            connection,
+            config=config,
+            loop=loop,
+            day=D,
+            candidates=candidates,
+            now=datetime(2026, 12, 1, 9, tzinfo=UTC),
+        )
+    assert simulated.simulated and simulated.treatment == 1
 
 
-def test_the_frequency_cap_counts_an_email_sent_whose_audience_row_a_rebuild_took_back(world):
+def test_a_rebuild_of_an_emailed_day_keeps_its_rows_and_the_frequency_cap(world):
     """Loop_0 emails user 1 on D, who then unsubscribes from loop_0 alone, and D is built
-    again: loop_0's rebuild drops them (suppressed), and with them its audience row of D. The
-    email went out all the same, so the cap holds loop_1 off them on D and on the cap's days
-    after; a loop's own sent emails never cap its own rebuild of their day."""
+    again: the day's emails began going out, so its assignments stay (intention to treat) and
+    keep capping loop_1, on D and on the cap's days after."""
     engine, url = world
     config = config_for(url, loops=2)
     email_user_1_from_loop_0(engine, config)
     sent = audience(engine, D)
-    candidates = {
-        loop.name: condition_user_ids(engine, "retention", loop, D) for loop in config.loops
-    }
-
-    def build_both() -> dict:
-        with engine.begin() as connection:
-            return build_audiences(
-                connection, config=config, loops=config.loops, day=D, candidates=candidates
-            )
-
-    again = build_both()
-    assert again["loop_0"].treatment == 1 and audience(engine, D) == sent
-    assert again["loop_1"].excluded["frequency_cap"] == 1
     with engine.begin() as connection:
         unsubscribe_user(connection, schema="retention", user_id="1", loop_name="loop_0")
-
-    rebuilt = build_both()
-
-    assert rebuilt["loop_0"].excluded["suppressed"] == 1 and audience(engine, D) == []
-    assert rebuilt["loop_1"].treatment == 0 and rebuilt["loop_1"].excluded["frequency_cap"] == 1
-    assert audience(engine, D, "loop_1") == []
-    # Failed after its request went out (no answer within the idempotency window, say), the
-    # email may have been delivered: it still counts.
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "UPDATE retention.email_send_log SET status = 'failed', "
-                "error = 'no answer: may have been delivered'"
-            )
-        )
-    assert build_both()["loop_1"].excluded["frequency_cap"] == 1
-    assert loop_1_is_capped_on(engine, config, D + timedelta(days=1))
-    # Past the cap (3 days), loop_1, which never emailed them, may.
-    assert run_day(engine, config, D + timedelta(days=3), loop_index=1).treatment == 1
-
-
-def test_the_frequency_cap_counts_an_email_of_a_day_first_built_again_after_it_was_sent(world):
-    """As above, but the day's first rebuild is the one that drops user 1: the build had read
-    no email of it from the send log (only days built again are read there), so loop_0's
-    rebuild records the day and adds its emails before loop_1 is judged; and the next day's
-    build reads them because the day is recorded."""
-    engine, url = world
-    config = config_for(url, loops=2)
-    email_user_1_from_loop_0(engine, config)
-    with engine.begin() as connection:
-        unsubscribe_user(connection, schema="retention", user_id="1", loop_name="loop_0")
-    assert days_rebuilt(engine) == []
     candidates = {
         loop.name: condition_user_ids(engine, "retention", loop, D) for loop in config.loops
     }
@@ -616,10 +584,38 @@ def test_the_frequency_cap_counts_an_email_of_a_day_first_built_again_after_it_w
             connection, config=config, loops=config.loops, day=D, candidates=candidates
         )
 
-    assert rebuilt["loop_0"].excluded["suppressed"] == 1 and audience(engine, D) == []
+    assert rebuilt["loop_0"].treatment == 1 and audience(engine, D) == sent
     assert rebuilt["loop_1"].treatment == 0 and rebuilt["loop_1"].excluded["frequency_cap"] == 1
-    assert days_rebuilt(engine) == [("loop_0", D)]
+    assert audience(engine, D, "loop_1") == [] and days_rebuilt(engine) == []
     assert loop_1_is_capped_on(engine, config, D + timedelta(days=1))
+    # Past the cap (3 days), loop_1, which never emailed them, may.
+    assert run_day(engine, config, D + timedelta(days=3), loop_index=1).treatment == 1
+
+
+def test_a_rebuild_of_an_emailed_day_keeps_both_arms_of_those_who_came_back_since(world):
+    """Users of both arms come back the day after D and D + 1 ends their episodes; then D is
+    re-materialized (late rows, say). Taking its rows back dropped the emailed ones who came
+    back (their episode, kept for the email, ended: a cooldown), and no held-out one: the
+    treatment lost its successes. Users new to D are added."""
+    engine, url = world
+    config = config_for(url, holdout=0.5)
+    add_users(engine, range(1, 41), last_seen=LONG_AGO)
+    run_day(engine, config, D)
+    with serve_fake_resend():
+        send_day(engine, config, D)
+    before = audience(engine, D)
+    arms = {row[3] for row in before}
+    assert arms == {"treatment", "holdout"}
+    come_back(engine, range(1, 21), datetime(2026, 11, 11, 12, tzinfo=UTC))
+    run_day(engine, config, D + timedelta(days=1))
+    add_users(engine, [41], last_seen=LONG_AGO)  # a user the first build of D did not have
+
+    again = run_day(engine, config, D)
+
+    after = audience(engine, D)
+    assert [row for row in after if row[0] != "41"] == before
+    assert [row[:2] for row in after if row[0] == "41"] == [("41", 0)]
+    assert again.treatment + again.holdout == 41
 
 
 def test_upgrading_to_recorded_rebuilds_records_every_day_that_has_emails(world):

@@ -33,7 +33,7 @@ def test_a_healthy_installation_plans_every_statement(app_database_url):
     # built again among them; its temporary tables are made, not planned), 2 outcome and 4
     # performance statements (the episodes, the counts, the revenue per currency, the variants
     # per day), the condition query.
-    assert report.planned == 31
+    assert report.planned == 46
 
 
 def test_a_missing_pipeline_table_fails_the_audience_plan(app_database_url):

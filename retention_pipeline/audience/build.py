@@ -122,9 +122,11 @@ STEP_HOLDOUT_BUCKET_SQL = HOLDOUT_BUCKET_SQL.format(
 
 
 def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
-    """Take back what a previous run of this day did, so the day can be built again. A day
-    whose audience rows are taken back is recorded (`audience_days_rebuilt`): its emails may
-    now lack their rows, and the frequency cap reads them from the send log."""
+    """Take back what a previous run of this day did, so the day can be built again: a day
+    none of whose emails was claimed when the build began (`_emails_began`). A day whose
+    audience rows are taken back is recorded (`audience_days_rebuilt`): a send run's claim
+    committing meanwhile leaves its emails without their rows, and the frequency cap then
+    reads them from the send log."""
     params = {"loop": loop, "day": day}
     # The episodes whose steps of the day are taken back no longer know their next step.
     connection.execute(
@@ -165,6 +167,42 @@ def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
 
 # The due fields of an audience member (see `record_due_times`) and what send runs made of them.
 DUE_FIELDS = ("due_at", "first_due_at", "stale_at", "skipped_at", "send_timezone", "send_time_arm")
+
+
+# A candidate of a kept day (`_emails_began`) not assigned on it yet (`c`: the candidates).
+_NOT_ASSIGNED_YET = """AND NOT EXISTS (
+            SELECT FROM {s}.reengagement_audience AS assigned
+            WHERE assigned.partition_date = :day AND assigned.loop_name = :loop
+              AND assigned.user_id = c.user_id)"""
+
+
+def _assignment_counts(
+    connection: Connection, s: str, loop: str, day: date
+) -> list[tuple[str, int]]:
+    """The loop's assignments of `day` per arm and per step, keyed as the build counts them."""
+    return [
+        tuple(row)
+        for row in connection.execute(
+            text(f"""
+                SELECT 'arm:' || arm, count(*) FROM {s}.reengagement_audience
+                WHERE partition_date = :day AND loop_name = :loop GROUP BY arm
+                UNION ALL
+                SELECT 'step:' || step, count(*) FROM {s}.reengagement_audience
+                WHERE partition_date = :day AND loop_name = :loop GROUP BY step"""),
+            {"loop": loop, "day": day},
+        )
+    ]
+
+
+def _emails_began(connection: Connection, s: str, loop: str, day: date) -> bool:
+    """Whether any email of the loop's audience of `day` was claimed (its send began)."""
+    return bool(
+        connection.execute(
+            text(f"""SELECT EXISTS (SELECT FROM {s}.email_send_log
+                     WHERE loop_name = :loop AND partition_date = :day)"""),
+            {"loop": loop, "day": day},
+        ).scalar()
+    )
 
 
 def _keep_due_times(connection: Connection, s: str, loop: str, day: date) -> None:
@@ -589,13 +627,14 @@ def _read_recent_audiences(
     Each loop's build takes its audience rows of the day out of `audience_recent` when it takes
     the day back and puts the new ones in (`_build_loop`), so the next loop judges by what the
     database then holds. Reading them, mailboxes made, and finding each one once again for every
-    loop took a third of a second per loop at 1M users. The emails that went out stay (`sent`),
-    whatever a rebuild takes back: those of erased users, and on the days built again
-    (`audience_days_rebuilt`: the only days whose audience rows may lack an email's) every
-    email claimed, sent, or failed once its request was made (unanswered ones may have been
-    delivered; those Resend refused count too). The send log is read for those days alone: its
-    rows carry the rendered email, and reading every email of the cap's days cost 0.3-0.9 s at
-    1M users."""
+    loop took a third of a second per loop at 1M users. The emails that went out stay (`sent`):
+    those of erased users, and on the days recorded in `audience_days_rebuilt` (the only days
+    whose audience rows may lack an email's: built again before a rebuild kept the rows of a
+    day that had emails, restored by a reinstall, or with an erased user's email that may have
+    been delivered) every email claimed, sent, or failed once its request was made (unanswered
+    ones may have been delivered; those Resend refused count too). The send log is read for
+    those days alone: its rows carry the rendered email, and reading every email of the cap's
+    days cost 0.3-0.9 s at 1M users."""
     cap_days = config.email.frequency_cap_days
     connection.execute(
         text(f"""
@@ -654,24 +693,21 @@ def _build_loop(
         # The loop's claims of due members wait for this build's due times (`sending.due`).
         take_claim_turn(connection, schema, loop.name)
         _keep_due_times(connection, s, loop.name, day)
-    _undo_day(connection, s, loop.name, day)
-    connection.execute(
-        text(
-            "DELETE FROM audience_recent "
-            "WHERE partition_date = :day AND loop_name = :loop AND NOT sent"
-        ),
-        {"day": day, "loop": loop.name},
-    )
-    # The emails of the day, if this build took it back for the first time, were not read as
-    # a day built again (read again otherwise: a row twice caps no one more).
-    connection.execute(
-        text(f"""
-            INSERT INTO audience_recent (partition_date, loop_name, user_id, mailbox, sent)
-            {_emails_of_days_rebuilt(s)}
-              AND rebuilt.loop_name = :loop AND rebuilt.partition_date = :day
-              AND CAST(:cap AS integer) > 0"""),
-        {"day": day, "loop": loop.name, "cap": config.email.frequency_cap_days},
-    )
+    # Once the day's emails began going out, its assignments are what is measured, in both
+    # arms (intention to treat): a rebuild keeps every one and adds the users new to the day.
+    # Taking them back dropped emailed users who had since returned or unsubscribed (their
+    # episode kept for the email), and no held-out one.
+    kept = _emails_began(connection, s, loop.name, day)
+    if not kept:
+        _undo_day(connection, s, loop.name, day)
+        connection.execute(
+            text(
+                "DELETE FROM audience_recent "
+                "WHERE partition_date = :day AND loop_name = :loop AND NOT sent"
+            ),
+            {"day": day, "loop": loop.name},
+        )
+    kept_counts = _assignment_counts(connection, s, loop.name, day) if kept else []
     # Open episodes follow the design of the period they started in.
     followed = {p.number: p for p in open_periods(connection, schema, loop.name)}
     followed[period.number] = period
@@ -715,7 +751,8 @@ def _build_loop(
         LEFT JOIN audience_people AS snap ON snap.user_id = c.user_id
         WHERE c.loop_name = :loop AND NOT EXISTS (
             SELECT FROM {s}.episodes AS e
-            WHERE e.loop_name = :loop AND e.user_id = c.user_id AND e.ended_on IS NULL)"""),
+            WHERE e.loop_name = :loop AND e.user_id = c.user_id AND e.ended_on IS NULL)
+        {_NOT_ASSIGNED_YET.format(s=s) if kept else ""}"""),
         params,
     )
     connection.execute(text("ANALYZE audience_pending"))
@@ -772,6 +809,16 @@ def _build_loop(
     holdout_bucket = HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt)
     step_bucket = STEP_HOLDOUT_BUCKET_SQL.format(mailbox="d.mailbox", salt=salt, step="d.step")
     _open_episodes_due(connection, s, params)
+    if kept:
+        # Its members keep their step of the day: none is judged again (a later step of theirs
+        # may have fallen due since, for a catch-up step given that day).
+        connection.execute(
+            text(f"""DELETE FROM audience_due AS due WHERE EXISTS (
+                         SELECT FROM {s}.reengagement_audience AS assigned
+                         WHERE assigned.partition_date = :day AND assigned.loop_name = :loop
+                           AND assigned.user_id = due.user_id)"""),
+            params,
+        )
     # A bound FALSE folds the hash probe away when the statement is planned; the text stays the
     # same, for `check` to plan.
     hashed = suppressed_by_hash_sql(s, "snap.mailbox", ":loop")
@@ -879,6 +926,7 @@ def _build_loop(
                     AND unread.next_step_on > :day"""),
         {**params, "any_hashed": any_hashed},
     ).all()
+    counts = [*counts, *kept_counts]
     if config.sends_on_due_times(loop) and not simulated:
         built_at = now if now is not None else day_end(day, config.timezone)
         record_due_times(connection, s, config, loop, day, built_at)

@@ -1,7 +1,9 @@
-"""The days whose audience of a loop was built again (`audience_days_rebuilt`): their audience
-rows may lack an email that went out, so the frequency cap reads their emails from the send log
-(`audience.build`). A rebuild records the day it takes rows back from; what else may leave an
-email without its row records the days of those emails here."""
+"""The days of a loop whose audience rows may lack an email that went out
+(`audience_days_rebuilt`), so the frequency cap reads their emails from the send log
+(`audience.build`). A rebuild keeps the rows of a day whose emails began going out; what may
+still leave an email without its row (an erasure, a reinstall's restored send log, and rebuilds
+made before they kept them: revision 0027 records those) records the days of those emails
+here."""
 
 from __future__ import annotations
 
