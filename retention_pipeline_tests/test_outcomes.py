@@ -148,6 +148,29 @@ def test_arms_where_nobody_returns_still_get_an_interval(engine, app_database_ur
     assert later.verdict == "not enough data yet (0 of 10 outcomes)"
 
 
+def test_a_days_performance_built_again_later_counts_only_the_windows_over_by_then(
+    engine, app_database_url
+):
+    """The performance (and its decisions) of D + 3, re-materialized once D + 7's outcomes are
+    in, is what that day's run gave: the 7-day windows of D were not over then."""
+    from retention_pipeline.outcomes.decisions import decide_day
+
+    config = config_for(app_database_url, holdout=0.5)
+    add_users(engine, range(1, 61), last_seen=LONG_AGO)
+    run_day(engine, config, D)
+    visit(engine, [str(user) for user in range(1, 31)], D + timedelta(days=2))
+    evaluate(engine, config, D + timedelta(days=7))
+
+    def seven_day_windows_finished(day: date) -> int:
+        with engine.begin() as connection:
+            rows, _ = decide_day(connection, "retention", config.loops[0], day)
+        (overall,) = [row for row in rows if row.step is None and row.window_days == 7]
+        return overall.treatment.finished + overall.holdout.finished
+
+    assert seven_day_windows_finished(D + timedelta(days=3)) == 0
+    assert seven_day_windows_finished(D + timedelta(days=7)) == 60
+
+
 def test_a_loop_without_a_holdout_reports_the_lift_as_unavailable(engine, app_database_url):
     config = config_for(app_database_url, holdout=0.0)
     add_users(engine, range(1, 31), last_seen=LONG_AGO)

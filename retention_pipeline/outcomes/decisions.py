@@ -255,7 +255,12 @@ def decide_day(
     period = period_in_force(connection, schema, loop.name, day)
     measured = loop if period is None else period_loop(loop, period)
     rows = performance_rows(
-        connection, schema, measured, through=day, period=None if period is None else period.number
+        connection,
+        schema,
+        measured,
+        through=day,
+        period=None if period is None else period.number,
+        as_of=day,
     )
     if not loop.adjust:
         return rows, []

@@ -271,6 +271,7 @@ def _episode_rows(
     since: date | None,
     through: date | None,
     period: int | None,
+    as_of: date | None,
 ) -> list[PerformanceRow]:
     """The loop's lines: one row per episode whose first assignment was made from `since`
     through `through`, each window counted from that first assignment, the treated episodes
@@ -298,6 +299,7 @@ def _episode_rows(
             "through": through,
             "since": None,
             "episodes_since": since,
+            "as_of": as_of,
             "period": period,
         },
     ).all()
@@ -337,13 +339,21 @@ def performance_rows(
     since: date | None = None,
     through: date | None = None,
     period: int | None = None,
+    as_of: date | None = None,
 ) -> list[PerformanceRow]:
     """The performance of the loop's assignments of one experiment period (default: the latest)
-    made from `since` through `through` (default: all), as their outcomes stand: the loop per
-    episode, each step, each variant, each window. `loop` has the period's steps
+    made from `since` through `through` (default: all), as their outcomes stand (on `as_of`
+    when given: a window over later counts as not over yet): the loop per episode, each step,
+    each variant, each window. `loop` has the period's steps
     (`audience.experiment.period_loop`)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    params = {"loop": loop.name, "through": through, "since": since, "period": period}
+    params = {
+        "loop": loop.name,
+        "through": through,
+        "since": since,
+        "period": period,
+        "as_of": as_of,
+    }
     rows = connection.execute(
         text(f"""
         SELECT step, variant, window_days, arm, GROUPING(variant) = 1 AS all_variants,
@@ -367,7 +377,7 @@ def performance_rows(
         },
         key=lambda scope: (scope[0], scope[1] or ""),
     )
-    table = _episode_rows(connection, s, loop, since, through, period)
+    table = _episode_rows(connection, s, loop, since, through, period, as_of)
     for step, variant in scopes:
         for window in loop.window_days:
             treatment = counts.get((step, variant, window, "treatment"), ArmCounts())
@@ -412,8 +422,10 @@ def _outcomes_sql(s: str) -> str:
         SELECT o.*,
                -- A return is known as soon as it happens, but a rate counts only windows that
                -- are over: early returns alone would inflate it.
+               -- As of `:as_of` when given: a day's performance built again after later
+               -- days' outcomes must not count windows that were not over on that day.
                coalesce(o.window_ends_on, o.partition_date + o.window_days)
-                   <= o.evaluated_through AS over,
+                   <= least(o.evaluated_through, CAST(:as_of AS date)) AS over,
                EXISTS (SELECT FROM {s}.email_send_log AS sent
                        WHERE sent.loop_name = o.loop_name AND sent.user_id = o.user_id
                          AND sent.episode_start = o.episode_start AND sent.step = o.step
