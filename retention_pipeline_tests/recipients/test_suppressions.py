@@ -298,27 +298,16 @@ def test_a_downgrade_past_loop_suppressions_widens_them_to_every_loop(
     with emailed.engine.begin() as connection:
         # Ada's rows of two loops; Bob's of two loops and of every loop.
         unsubscribe_with_token(connection, make_token(SECRET, "u1", LOOP))
-        suppress(
-            connection,
-            schema=SCHEMA,
-            email="ada@example.com",
-            reason="unsubscribed",
-            source="x",
-            loop_name="another_loop",
-        )
-        suppress(
-            connection,
-            schema=SCHEMA,
-            email="bob@example.com",
-            reason="unsubscribed",
-            source="x",
-            loop_name=LOOP,
-        )
-        for loop_name in ("another_loop", None):
+        for email, loop_name in (
+            ("ada@example.com", "another_loop"),
+            ("bob@example.com", LOOP),
+            ("bob@example.com", "another_loop"),
+            ("bob@example.com", None),
+        ):
             suppress(
                 connection,
                 schema=SCHEMA,
-                email="bob@example.com",
+                email=email,
                 reason="unsubscribed",
                 source="x",
                 loop_name=loop_name,
