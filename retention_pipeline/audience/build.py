@@ -629,9 +629,10 @@ def _read_recent_audiences(
     database then holds. Reading them, mailboxes made, and finding each one once again for every
     loop took a third of a second per loop at 1M users. The emails that went out stay (`sent`):
     those of erased users, and on the days recorded in `audience_days_rebuilt` (the only days
-    whose audience rows may lack an email's: built again before a rebuild kept the rows of a
-    day that had emails, restored by a reinstall, or with an erased user's email that may have
-    been delivered) every email claimed, sent, or failed once its request was made (unanswered
+    whose audience rows may lack an email's: taken back by a rebuild while a send run's claim
+    committed, built again before rebuilds kept the days that had emails, restored by a
+    reinstall, or with an erased user's email that may have been delivered) every email
+    claimed, sent, or failed once its request was made (unanswered
     ones may have been delivered; those Resend refused count too). The send log is read for
     those days alone: its rows carry the rendered email, and reading every email of the cap's
     days cost 0.3-0.9 s at 1M users."""
