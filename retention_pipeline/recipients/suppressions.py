@@ -80,13 +80,27 @@ def suppressed_by_hash_sql(schema_sql: str, mailbox: str, loop_name: str) -> str
                          AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name}))"""
 
 
+def _suppression_reason_sql(schema_sql: str, alias: str, match: str, loop_name: str) -> str:
+    """SQL: the reason (NULL for none) of the list's row `alias` matching `match` that covers
+    the loop `loop_name` (an SQL expression), an every-loop row first."""
+    return f"""(SELECT {alias}.reason FROM {schema_sql}.email_suppressions AS {alias}
+                WHERE {match}
+                  AND ({alias}.loop_name IS NULL OR {alias}.loop_name = {loop_name})
+                ORDER BY {alias}.loop_name NULLS FIRST LIMIT 1)"""
+
+
+def mailbox_suppression_reason_sql(schema_sql: str, mailbox: str, loop_name: str) -> str:
+    """SQL: the reason (NULL for none) the mailbox `mailbox` is suppressed by its address for
+    the loop `loop_name` (SQL expressions)."""
+    return _suppression_reason_sql(schema_sql, "sup", f"sup.email = {mailbox}", loop_name)
+
+
 def hashed_suppression_reason_sql(schema_sql: str, mailbox: str, loop_name: str) -> str:
     """SQL: the reason (NULL for none) the mailbox `mailbox` is suppressed by its hash for the
     loop `loop_name` (SQL expressions), as `suppressed_by_hash_sql` finds it."""
-    return f"""(SELECT hashed.reason FROM {schema_sql}.email_suppressions AS hashed
-                WHERE hashed.mailbox_sha256 = {sha256_sql(mailbox)}
-                  AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name})
-                ORDER BY hashed.loop_name NULLS FIRST LIMIT 1)"""
+    return _suppression_reason_sql(
+        schema_sql, "hashed", f"hashed.mailbox_sha256 = {sha256_sql(mailbox)}", loop_name
+    )
 
 
 def personal_suppression_sql(schema_sql: str, user_id: str, loop_name: str) -> str:
@@ -94,10 +108,12 @@ def personal_suppression_sql(schema_sql: str, user_id: str, loop_name: str) -> s
     `loop_name` (SQL expressions), whatever address they were emailed at: a probe of the list's
     user index."""
     reasons = ", ".join(f"'{reason}'" for reason in PERSONAL_REASONS)
-    return f"""(SELECT personal.reason FROM {schema_sql}.email_suppressions AS personal
-                WHERE personal.user_id = {user_id} AND personal.reason IN ({reasons})
-                  AND (personal.loop_name IS NULL OR personal.loop_name = {loop_name})
-                ORDER BY personal.loop_name NULLS FIRST LIMIT 1)"""
+    return _suppression_reason_sql(
+        schema_sql,
+        "personal",
+        f"personal.user_id = {user_id} AND personal.reason IN ({reasons})",
+        loop_name,
+    )
 
 
 def any_suppressed_by_hash(connection: Connection, schema: str) -> bool:

@@ -43,6 +43,7 @@ from retention_pipeline.recipients.addresses import mailbox_sql
 from retention_pipeline.recipients.delivery import link_early_events
 from retention_pipeline.recipients.suppressions import (
     hashed_suppression_reason_sql,
+    mailbox_suppression_reason_sql,
     personal_suppression_sql,
 )
 from retention_pipeline.sending.compose import compose_emails, send_key, treatment_rows
@@ -306,7 +307,7 @@ def start_batch(
     # One statement, one snapshot: what is withheld and what is sent are decided together.
     # `log.status = 'claimed'` again in each UPDATE: a row settled by another sender meanwhile is
     # re-read after its lock and left alone.
-    hashed = hashed_suppression_reason_sql(s, mailbox_sql("log.email"), "log.loop_name")
+    mailbox = mailbox_sql("log.email")
     rows = connection.execute(
         text(f"""
             WITH members AS (
@@ -314,11 +315,8 @@ def start_batch(
                        EXISTS (SELECT FROM {s}.erased_users AS erased
                                WHERE erased.user_id = log.user_id) AS erased,
                        coalesce(
-                           (SELECT sup.reason FROM {s}.email_suppressions AS sup
-                            WHERE sup.email = {mailbox_sql("log.email")}
-                              AND (sup.loop_name IS NULL OR sup.loop_name = log.loop_name)
-                            ORDER BY sup.loop_name NULLS FIRST LIMIT 1),
-                           {hashed},
+                           {mailbox_suppression_reason_sql(s, mailbox, "log.loop_name")},
+                           {hashed_suppression_reason_sql(s, mailbox, "log.loop_name")},
                            {personal_suppression_sql(s, "log.user_id", "log.loop_name")})
                            AS suppressed,
                        log.first_attempt_at IS NULL AND EXISTS (
