@@ -169,11 +169,12 @@ def _undo_day(connection: Connection, s: str, loop: str, day: date) -> None:
 DUE_FIELDS = ("due_at", "first_due_at", "stale_at", "skipped_at", "send_timezone", "send_time_arm")
 
 
-# A candidate of a kept day (`_emails_began`) not assigned on it yet (`c`: the candidates).
-_NOT_ASSIGNED_YET = """AND NOT EXISTS (
-            SELECT FROM {s}.reengagement_audience AS assigned
-            WHERE assigned.partition_date = :day AND assigned.loop_name = :loop
-              AND assigned.user_id = c.user_id)"""
+def _assigned_on_the_day_sql(s: str, user_id: str) -> str:
+    """SQL: whether the user `user_id` (an SQL expression) has the loop's row of the day, on a
+    day kept (`_emails_began`)."""
+    return f"""EXISTS (SELECT FROM {s}.reengagement_audience AS assigned
+                       WHERE assigned.partition_date = :day AND assigned.loop_name = :loop
+                         AND assigned.user_id = {user_id})"""
 
 
 def _assignment_counts(
@@ -753,7 +754,7 @@ def _build_loop(
         WHERE c.loop_name = :loop AND NOT EXISTS (
             SELECT FROM {s}.episodes AS e
             WHERE e.loop_name = :loop AND e.user_id = c.user_id AND e.ended_on IS NULL)
-        {_NOT_ASSIGNED_YET.format(s=s) if kept else ""}"""),
+        {f"AND NOT {_assigned_on_the_day_sql(s, 'c.user_id')}" if kept else ""}"""),
         params,
     )
     connection.execute(text("ANALYZE audience_pending"))
@@ -814,10 +815,10 @@ def _build_loop(
         # Its members keep their step of the day: none is judged again (a later step of theirs
         # may have fallen due since, for a catch-up step given that day).
         connection.execute(
-            text(f"""DELETE FROM audience_due AS due WHERE EXISTS (
-                         SELECT FROM {s}.reengagement_audience AS assigned
-                         WHERE assigned.partition_date = :day AND assigned.loop_name = :loop
-                           AND assigned.user_id = due.user_id)"""),
+            text(
+                "DELETE FROM audience_due AS due "
+                f"WHERE {_assigned_on_the_day_sql(s, 'due.user_id')}"
+            ),
             params,
         )
     # A bound FALSE folds the hash probe away when the statement is planned; the text stays the
