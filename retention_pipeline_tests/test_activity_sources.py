@@ -5,7 +5,6 @@ installed databases upgrade in place, and every bad key is one line naming it.""
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 
 import pytest
@@ -26,7 +25,7 @@ from retention_pipeline_tests.helpers import (
     make_config,
     write_config,
 )
-from retention_pipeline_tests.test_tracking import insert_users, wait_for_a_drain_waiting_on
+from retention_pipeline_tests.test_tracking import behind_an_open_app_insert, insert_users
 
 APP_TABLES = """
     CREATE TABLE audit_log (
@@ -656,20 +655,13 @@ def test_a_row_committed_while_a_switch_to_polling_waits_for_the_table_counts_on
 ):
     triggered = sources_config(app_database_url, [COMMENTS])
     install(engine, triggered)
-    app = engine.connect()
-    try:
-        app.execute(
-            text("INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 hour')")
-        )
-        polled = sources_config(app_database_url, [{**COMMENTS, "capture": "polling"}])
-        with ThreadPoolExecutor(1) as pool:
-            upgrade = pool.submit(install, engine, polled)
-            # It waits to drop the table's triggers (each try gives up after a brief wait).
-            wait_for_a_drain_waiting_on(engine, "relation")
-            app.commit()
-            upgrade.result(timeout=60)
-    finally:
-        app.close()
+    polled = sources_config(app_database_url, [{**COMMENTS, "capture": "polling"}])
+    # It waits to drop the table's triggers (each try gives up after a brief wait).
+    behind_an_open_app_insert(
+        engine,
+        "INSERT INTO comments (author, created_at) VALUES (1, now() - interval '1 hour')",
+        lambda: install(engine, polled),
+    )
     update_rollup(engine, polled)
     update_rollup(engine, polled)
     with engine.connect() as connection:

@@ -502,24 +502,36 @@ def wait_for_a_drain_waiting_on(engine, lock: str, drains: int = 1) -> None:
     raise AssertionError(f"no drain waits on a {lock} lock")
 
 
+def behind_an_open_app_insert(engine, insert: str, work, meanwhile=lambda: None):
+    """`work()` in a thread while an app transaction that ran `insert` stays open, until `work`
+    waits on a table lock it holds; then `meanwhile()`, the app's commit, and `work`'s result."""
+    app = engine.connect()
+    try:
+        app.execute(text(insert))
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(work)
+            wait_for_a_drain_waiting_on(engine, "relation")
+            meanwhile()
+            app.commit()
+            return running.result(timeout=60)
+    finally:
+        app.close()
+
+
+HELD_EVENT = "INSERT INTO events (user_id, name, created_at) VALUES (1, 'held', now())"
+
+
 def test_a_drain_counts_what_its_lock_waited_for_whatever_the_default_isolation(
     engine, installed, app_database_url
 ):
     # A database whose sessions default to REPEATABLE READ (`default_transaction_isolation`).
     repeatable_read = create_engine(app_database_url, isolation_level="REPEATABLE READ")
-    app = engine.connect()
     try:
-        app.execute(
-            text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'held', now())")
+        # It waits to lock the capture table the app's open transaction wrote to.
+        behind_an_open_app_insert(
+            engine, HELD_EVENT, lambda: update_rollup(repeatable_read, installed)
         )
-        with ThreadPoolExecutor(1) as pool:
-            drain = pool.submit(update_rollup, repeatable_read, installed)
-            # It waits to lock the capture table the app's open transaction wrote to.
-            wait_for_a_drain_waiting_on(engine, "relation")
-            app.commit()
-            drain.result(timeout=60)
     finally:
-        app.close()
         repeatable_read.dispose()
     assert rollup(engine) == truth(engine)
     assert capture_rows(engine) == 0
@@ -529,22 +541,17 @@ def test_a_user_deleted_while_a_drain_runs_is_not_brought_back_by_the_next(engin
     """User 2 acts and is deleted after the drain switched capture tables, before it erases
     them: the row the capture took must not bring them back into the rollup. It still counts
     for its source (the reconciliation compares the app's rows with the rows counted)."""
-    app = engine.connect()
-    try:
-        app.execute(
-            text("INSERT INTO events (user_id, name, created_at) VALUES (1, 'held', now())")
-        )
-        with ThreadPoolExecutor(1) as pool:
-            drain = pool.submit(update_rollup, engine, installed)
-            # Switched, it waits to lock the capture table the app's open transaction wrote to.
-            wait_for_a_drain_waiting_on(engine, "relation")
-            insert_events(engine, [(2, "last", "2026-11-02T10:00Z")])
-            with engine.begin() as connection:
-                connection.execute(text("DELETE FROM users WHERE id = 2"))
-            app.commit()
-            assert drain.result(timeout=60).erased_users == 1
-    finally:
-        app.close()
+
+    def act_then_leave():
+        insert_events(engine, [(2, "last", "2026-11-02T10:00Z")])
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM users WHERE id = 2"))
+
+    # Switched, it waits to lock the capture table the app's open transaction wrote to.
+    drained = behind_an_open_app_insert(
+        engine, HELD_EVENT, lambda: update_rollup(engine, installed), act_then_leave
+    )
+    assert drained.erased_users == 1
 
     update_rollup(engine, installed)
 
