@@ -2,8 +2,11 @@
 delivery id against the send-log row they belong to, and the suppressions they call for.
 
 A hard bounce (Resend's bounce type `Permanent`) or a complaint suppresses the address for every
-loop at once. Opens are stored and counted, never taken as success: Apple Mail Privacy
-Protection and image proxies open every email they receive.
+loop at once; so does an email Resend suppressed (it did not send it, since the address is on the
+account's own suppression list, after a hard bounce or a complaint from any of the account's
+emails, or added by hand), as a bounce: the mailbox's, not the person's. Opens are stored and
+counted, never taken as success: Apple Mail Privacy Protection and image proxies open every
+email they receive.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ EVENT_TYPES = (
     "opened",
     "clicked",
     "failed",
+    "suppressed",
 )
 """Resend's `email.*` events the pipeline keeps, without the `email.` prefix."""
 
-REPORTED_EVENTS = ("delivered", "bounced", "complained", "opened", "clicked")
+REPORTED_EVENTS = ("delivered", "bounced", "complained", "suppressed", "opened", "clicked")
 """What the send log's metadata counts per day: emails with at least one such event."""
 
 
@@ -48,13 +52,16 @@ class DeliveryEvent:
     occurred_at: datetime
     recipients: tuple[str, ...]
     detail: dict[str, str] = field(default_factory=dict)
-    """Bounce type and message, failure reason, clicked link; never the clicker's IP or agent."""
+    """Bounce type and message, failure reason, Resend's suppression type and message, clicked
+    link; never the clicker's IP or agent."""
 
     @property
     def suppression_reason(self) -> str | None:
         if self.event_type == "complained":
             return "complained"
         if self.event_type == "bounced" and self.detail.get("bounce_type") == "Permanent":
+            return "bounced"
+        if self.event_type == "suppressed":
             return "bounced"
         return None
 
@@ -229,6 +236,7 @@ def _detail(data: Mapping[str, Any]) -> dict[str, str]:
     for section, fields in (
         ("bounce", {"type": "bounce_type", "subType": "bounce_subtype", "message": "bounce"}),
         ("failed", {"reason": "failure"}),
+        ("suppressed", {"type": "suppressed_type", "message": "suppressed"}),
         ("click", {"link": "link"}),
     ):
         values = data.get(section)

@@ -1,12 +1,15 @@
-"""Delivery events without HTTP: parsing, storing once, and events that beat the send run."""
+"""Delivery events without HTTP: parsing, storing once, events that beat the send run, and
+emails Resend did not send."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 import pytest
+from alembic import command
 from sqlalchemy import text
 
+from retention_pipeline.database import migrate
 from retention_pipeline.email.message import SendResult
 from retention_pipeline.recipients.delivery import InvalidEventError, parse_event, store_event
 from retention_pipeline.sending import record
@@ -69,3 +72,40 @@ def test_events_the_pipeline_does_not_keep_and_malformed_ones() -> None:
     )
     assert bounce.suppression_reason is None
     assert bounce.detail == {"bounce_type": "Transient", "bounce_subtype": "MailboxFull"}
+
+
+def test_an_email_resend_suppressed_holds_back_its_mailbox_and_survives_a_downgrade_as_failed(
+    sending_db: SendingDatabase,
+) -> None:
+    """Resend accepts an email to an address on the account's suppression list, then does not
+    send it: the list may hold it after a complaint about another email of the account."""
+    add_users(sending_db.engine, [User("u1", "Ada@Example.com")])
+    compose_and_claim(sending_db)
+    suppressed = event(
+        "email.suppressed",
+        suppressed={"type": "OnAccountSuppressionList", "message": "on the account's list"},
+    )
+    with sending_db.engine.begin() as connection:
+        record(
+            connection,
+            schema=SCHEMA,
+            results=[SendResult(KEY, "sent", "re-1")],
+            provider="resend",
+        )
+        stored = store_event(connection, schema=SCHEMA, event=parse_event("msg_1", suppressed))
+
+    assert stored.suppressed == ("ada@example.com",)
+    with sending_db.engine.begin() as connection:
+        assert connection.execute(
+            text("SELECT user_id, reason, loop_name FROM retention.email_suppressions")
+        ).one() == ("u1", "bounced", None)
+        command.downgrade(migrate._alembic_config(connection, SCHEMA), "0028")
+    with sending_db.engine.begin() as connection:
+        assert connection.execute(
+            text(
+                "SELECT log.last_event, event.event_type, event.detail->>'suppressed_type' "
+                "FROM retention.email_send_log AS log "
+                "JOIN retention.email_events AS event ON event.send_log_id = log.id"
+            )
+        ).one() == ("failed", "failed", "OnAccountSuppressionList")
+        command.upgrade(migrate._alembic_config(connection, SCHEMA), "head")

@@ -1,7 +1,8 @@
 """Delivery feedback end to end: Dagster sends a day's emails through (a local stand-in for)
-Resend, Resend reports on them to `serve` over HTTP, a reader unsubscribes with the link in their
-email, and the suppression list and the send log's metadata show it; the emailed day, built
-again, keeps its assignments."""
+Resend, Resend reports on them to `serve` over HTTP (one bounced, one it did not send since the
+address is on its own suppression list), a reader unsubscribes with the link in their email, and
+the suppression list and the send log's metadata show it; the emailed day, built again, keeps
+its assignments."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def send_log_materializations(result: dg.ExecuteInProcessResult, day: str) -> li
     ]
 
 
-def test_bounces_and_one_click_unsubscribes_are_suppressed_and_the_emailed_day_stays_as_built(
+def test_bounces_resends_refusals_and_unsubscribes_are_suppressed_and_the_emailed_day_stays_built(
     create_database, tmp_path: Path
 ) -> None:
     url = create_database()
@@ -76,20 +77,22 @@ def test_bounces_and_one_click_unsubscribes_are_suppressed_and_the_emailed_day_s
         unsubscribe_links = {
             email["to"][0]: email["headers"]["List-Unsubscribe"] for email in resend_api.delivered
         }
-        assert len(unsubscribe_links) == len(audience) > 2
+        assert len(unsubscribe_links) == len(audience) > 3
         for link in unsubscribe_links.values():
             assert link.startswith("<https://app.northwind-notes.com/unsubscribe?token=")
             assert link.endswith(">") and "=?" not in link
         with engine.connect() as connection:
-            (bouncer, bouncer_email, bouncer_id), (leaver, leaver_email, leaver_id) = (
-                connection.execute(
-                    text(
-                        "SELECT user_id, email, provider_id FROM retention.email_send_log "
-                        "ORDER BY user_id LIMIT 2"
-                    )
-                ).all()
-            )
-        assert {bouncer, leaver} <= audience
+            (
+                (bouncer, bouncer_email, bouncer_id),
+                (leaver, leaver_email, leaver_id),
+                (listed, listed_email, listed_id),
+            ) = connection.execute(
+                text(
+                    "SELECT user_id, email, provider_id FROM retention.email_send_log "
+                    "ORDER BY user_id LIMIT 3"
+                )
+            ).all()
+        assert {bouncer, leaver, listed} <= audience
 
         with serving(
             engine,
@@ -107,6 +110,18 @@ def test_bounces_and_one_click_unsubscribes_are_suppressed_and_the_emailed_day_s
                         bouncer_id,
                         bouncer_email,
                         bounce={"type": "Permanent", "subType": "General", "message": "550"},
+                    ),
+                ),
+                (
+                    "msg_4",
+                    resend_event(
+                        "email.suppressed",
+                        listed_id,
+                        listed_email,
+                        suppressed={
+                            "type": "OnAccountSuppressionList",
+                            "message": "Resend has suppressed sending to this address",
+                        },
                     ),
                 ),
             ]
@@ -132,9 +147,9 @@ def test_bounces_and_one_click_unsubscribes_are_suppressed_and_the_emailed_day_s
                     text("SELECT user_id, reason FROM retention.email_suppressions")
                 ).all()
             )
-        assert suppressed == {bouncer: "bounced", leaver: "unsubscribed"}
+        assert suppressed == {bouncer: "bounced", leaver: "unsubscribed", listed: "bounced"}
         # The day was emailed: built again, it keeps every assignment (intention to treat);
-        # the list keeps the two out of every audience and send from now on.
+        # the list keeps the three out of every audience and send from now on.
         rebuilt = dg.materialize(
             [reengagement_audience], partition_key=partition, instance=instance, resources=resources
         )
@@ -156,6 +171,7 @@ def test_bounces_and_one_click_unsubscribes_are_suppressed_and_the_emailed_day_s
             "delivered": 1,
             "bounced": 1,
             "complained": 0,
+            "suppressed": 1,
             "opened": 1,
             "clicked": 0,
         }
@@ -164,10 +180,17 @@ def test_bounces_and_one_click_unsubscribes_are_suppressed_and_the_emailed_day_s
                 connection.execute(
                     text(
                         "SELECT user_id, last_event FROM retention.email_send_log "
-                        "WHERE user_id IN (:a, :b)"
+                        "WHERE user_id IN (:a, :b, :c)"
                     ),
-                    {"a": bouncer, "b": leaver},
+                    {"a": bouncer, "b": leaver, "c": listed},
                 ).all()
             )
-        assert last == {bouncer: "bounced", leaver: "opened"}
+            suppression_detail = connection.execute(
+                text("SELECT detail FROM retention.email_events WHERE event_type = 'suppressed'")
+            ).scalar_one()
+        assert last == {bouncer: "bounced", leaver: "opened", listed: "suppressed"}
+        assert suppression_detail == {
+            "suppressed_type": "OnAccountSuppressionList",
+            "suppressed": "Resend has suppressed sending to this address",
+        }
     engine.dispose()
