@@ -15,6 +15,10 @@ Layouts (kept here only to be measured):
 - actions inline, day-first key: the same, keyed (day, user_id), no other index.
 - actions inline, rows sorted, day partitions: the table partitioned by day in place of a day
   index.
+- shipped tables, day partitions written whole: both tables partitioned by day, no day index.
+  A fold writes each day it touches into a new table without indexes (a day held: its rows
+  merged with the fold's), builds the table's primary key by one sort, and swaps it in for the
+  day's partition: a held day costs a read and a new write instead of an update per key.
 
 The captured rows are prepared once in a scratch database (schema `layouts`); each fold writes
 into empty tables of a schema of its own created for it, after a CHECKPOINT (so no fold pays for
@@ -241,6 +245,155 @@ def _day_partitioned_inline_layout(label: str) -> Layout:
     )
 
 
+# Each day a fold touches, written whole into a new table of its own: the fold's keys (a day
+# held: merged with the day's rows, as the upsert would) land in partitions of two staging
+# tables without indexes, each then gets its primary key by one sort, leaves the staging table,
+# and replaces the day's partition (DROP, then ATTACH, which scans it once for its bounds).
+WHOLE_DAYS_FOLD = """
+CREATE FUNCTION {s}.fold_whole(captured text)
+RETURNS TABLE (day date, user_days bigint, events bigint, sessions bigint)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    touched date[];
+    held date[];
+    d date;
+    tbl text;
+    part text;
+    t_days date[];
+    t_user_days bigint[];
+    t_events bigint[];
+    t_sessions bigint[];
+BEGIN
+    EXECUTE replace($q$SELECT array_agg(DISTINCT (at AT TIME ZONE {tz})::date) FROM {{captured}}$q$,
+                    '{{captured}}', captured) INTO touched;
+    SELECT coalesce(array_agg(x.d), '{{}}') INTO held FROM unnest(touched) AS x(d)
+    WHERE to_regclass(format('{s}.activity_daily_%s', to_char(x.d, 'YYYYMMDD'))) IS NOT NULL;
+    CREATE TABLE {s}.stage_activity_daily (LIKE {s}.activity_daily INCLUDING DEFAULTS)
+        PARTITION BY RANGE (day);
+    CREATE TABLE {s}.stage_action_daily (LIKE {s}.action_daily INCLUDING DEFAULTS)
+        PARTITION BY RANGE (day);
+    FOREACH d IN ARRAY touched LOOP
+        FOREACH tbl IN ARRAY ARRAY['activity_daily', 'action_daily'] LOOP
+            EXECUTE format('CREATE TABLE {s}.%I PARTITION OF {s}.%I FOR VALUES FROM (%L) TO (%L)',
+                           tbl || '_' || to_char(d, 'YYYYMMDD') || '_new', 'stage_' || tbl,
+                           d, d + 1);
+        END LOOP;
+    END LOOP;
+    EXECUTE replace($q$
+        WITH source AS (SELECT kind, user_id, at, event_name, 1 AS n FROM {{captured}}),
+        per_key AS (
+            SELECT kind, user_id, day, event_name, n, last_at,
+                   row_number() OVER user_day = 1 AS first_of_day,
+                   coalesce(sum(n) FILTER (WHERE kind = 'e') OVER user_day, 0) AS day_events,
+                   coalesce(sum(n) FILTER (WHERE kind = 's') OVER user_day, 0) AS day_sessions,
+                   max(last_at) FILTER (WHERE kind = 'e') OVER user_day AS day_last_event_at,
+                   max(last_at) FILTER (WHERE kind = 's') OVER user_day AS day_last_session_at,
+                   bit_or(slots) OVER user_day AS day_slots
+            FROM ({keys}) AS keys
+            WINDOW user_day AS (PARTITION BY user_id, day)
+        ),
+        day_totals AS (
+            SELECT day, count(*) FILTER (WHERE first_of_day) AS user_days,
+                   coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
+                   coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions
+            FROM per_key GROUP BY day
+        ),
+        actions_new AS (
+            INSERT INTO {s}.stage_action_daily (user_id, day, event_name, event_count, last_at)
+            SELECT user_id, day, event_name, n, last_at FROM per_key
+            WHERE kind = 'e' AND NOT (day = ANY ($1))
+            ORDER BY user_id, day, event_name
+        ),
+        actions_held AS (
+            INSERT INTO {s}.stage_action_daily (user_id, day, event_name, event_count, last_at)
+            SELECT user_id, day, event_name, sum(n), max(last_at)
+            FROM (SELECT user_id, day, event_name, n, last_at FROM per_key
+                  WHERE kind = 'e' AND day = ANY ($1)
+                  UNION ALL
+                  SELECT user_id COLLATE "C", day, event_name COLLATE "C", event_count, last_at
+                  FROM {s}.action_daily WHERE day = ANY ($1)) AS both_sides
+            GROUP BY user_id, day, event_name
+            ORDER BY user_id, day, event_name
+        ),
+        daily_new AS (
+            INSERT INTO {s}.stage_activity_daily
+                (user_id, day, event_count, session_count, last_event_at, last_session_at,
+                 active_slots, visit_count)
+            SELECT user_id, day, day_events, day_sessions, day_last_event_at,
+                   day_last_session_at, day_slots, {visits}
+            FROM per_key WHERE first_of_day AND NOT (day = ANY ($1))
+            ORDER BY user_id, day
+        ),
+        daily_held AS (
+            INSERT INTO {s}.stage_activity_daily
+                (user_id, day, event_count, session_count, last_event_at, last_session_at,
+                 active_slots, visit_count)
+            SELECT user_id, day, events, sessions, last_event_at, last_session_at, slots,
+                   {merged_visits}
+            FROM (SELECT user_id, day, sum(events) AS events, sum(sessions) AS sessions,
+                         max(last_event_at) AS last_event_at,
+                         max(last_session_at) AS last_session_at, bit_or(slots) AS slots
+                  FROM (SELECT user_id, day, day_events AS events, day_sessions AS sessions,
+                               day_last_event_at AS last_event_at,
+                               day_last_session_at AS last_session_at, day_slots AS slots
+                        FROM per_key WHERE first_of_day AND day = ANY ($1)
+                        UNION ALL
+                        SELECT user_id COLLATE "C", day, event_count, session_count,
+                               last_event_at, last_session_at, active_slots
+                        FROM {s}.activity_daily WHERE day = ANY ($1)) AS both_sides
+                  GROUP BY user_id, day) AS merged
+            ORDER BY user_id, day
+        )
+        SELECT array_agg(day), array_agg(user_days), array_agg(events), array_agg(sessions)
+        FROM day_totals$q$, '{{captured}}', captured)
+    INTO t_days, t_user_days, t_events, t_sessions USING held;
+    FOREACH d IN ARRAY touched LOOP
+        FOREACH tbl IN ARRAY ARRAY['activity_daily', 'action_daily'] LOOP
+            part := tbl || '_' || to_char(d, 'YYYYMMDD');
+            EXECUTE format('ALTER TABLE {s}.%I DETACH PARTITION {s}.%I', 'stage_' || tbl,
+                           part || '_new');
+            EXECUTE format('ALTER TABLE {s}.%I ADD PRIMARY KEY (%s)', part || '_new',
+                           CASE tbl WHEN 'activity_daily' THEN 'user_id, day'
+                                    ELSE 'user_id, day, event_name' END);
+            IF d = ANY (held) THEN
+                EXECUTE format('DROP TABLE {s}.%I', part);
+            END IF;
+            EXECUTE format('ALTER TABLE {s}.%I RENAME TO %I', part || '_new', part);
+            EXECUTE format('ALTER TABLE {s}.%I ATTACH PARTITION {s}.%I '
+                           'FOR VALUES FROM (%L) TO (%L)', tbl, part, d, d + 1);
+        END LOOP;
+    END LOOP;
+    DROP TABLE {s}.stage_activity_daily, {s}.stage_action_daily;
+    RETURN QUERY SELECT * FROM unnest(t_days, t_user_days, t_events, t_sessions);
+END
+$fn$"""
+
+
+def _whole_days_layout(label: str) -> Layout:
+    """The shipped tables partitioned by day, each day a fold touches written whole
+    (`WHOLE_DAYS_FOLD`)."""
+    s = SCHEMA
+    return Layout(
+        label,
+        (
+            f"""CREATE TABLE {s}.activity_daily (LIKE retention.activity_daily
+                INCLUDING DEFAULTS, PRIMARY KEY (user_id, day)) PARTITION BY RANGE (day)""",
+            f"""CREATE TABLE {s}.action_daily (LIKE retention.action_daily
+                INCLUDING DEFAULTS, PRIMARY KEY (user_id, day, event_name))
+                PARTITION BY RANGE (day)""",
+            WHOLE_DAYS_FOLD.format(
+                s=s,
+                tz=TZ,
+                keys=TrackingSql._keys(TZ),
+                visits=visit_count_sql("day_slots", GAP_MINUTES),
+                merged_visits=visit_count_sql("slots", GAP_MINUTES),
+            ),
+        ),
+        lambda relation: f"SELECT * FROM {s}.fold_whole('{relation}')",
+        inline=False,
+    )
+
+
 def layouts(sql: TrackingSql) -> list[Layout]:
     s = SCHEMA
     shipped = _shipped_fold(sql)
@@ -288,6 +441,7 @@ def layouts(sql: TrackingSql) -> list[Layout]:
             "actions inline, day-first key", sort_rows=False, day_first=True, day_index=False
         ),
         _day_partitioned_inline_layout("actions inline, rows sorted, day partitions"),
+        _whole_days_layout("shipped tables, day partitions written whole"),
     ]
 
 
