@@ -146,7 +146,9 @@ def create_app(
             )
         except ValueError as invalid:
             return _page(400, "Unsubscribe link not valid", f"{invalid}.")
-        if request.method == "GET":
+        # Only a POST unsubscribes: a HEAD, which Starlette answers for every GET route, is
+        # what link checkers send as often as a GET.
+        if request.method != "POST":
             return _confirmation(token, loop, make_token(unsubscribe_secret, user_id, None))
 
         def record():

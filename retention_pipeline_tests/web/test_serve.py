@@ -188,6 +188,8 @@ def test_the_unsubscribe_page_only_asks_and_offers_this_loop_or_every_loop(
 ) -> None:
     token = make_token(SECRET, "u1", LOOP)
 
+    # Link checkers and mail gateways fetch the links they find, with HEAD as often as GET.
+    assert call(server, "HEAD", f"/unsubscribe?token={token}").status == 200
     page = call(server, "GET", f"/unsubscribe?token={token}")
 
     assert page.status == 200
