@@ -36,9 +36,12 @@ def suppress(
     the caller's transaction. The address is not judged here: one the pipeline emailed must be
     suppressible whatever it looks like; a person's input is checked first (`normalize_address`).
 
-    Idempotent: suppressing an address again keeps its first reason, source and time, and only
-    fills in a user id that was missing; a loop's suppression is not added next to one for every
-    loop. Returns whether the address was newly suppressed.
+    Idempotent: suppressing an address again keeps its first time, fills in a user id that was
+    missing, and keeps its first reason and source, but for a person's own request (an
+    unsubscribe, a complaint, naming their user id) over a bounce: that holds them back at any
+    address they change to (`personal_suppression_sql`), which a bounce does not. A loop's
+    suppression is not added next to one for every loop that already holds as much. Returns
+    whether the address was newly suppressed.
     """
     if reason not in SUPPRESSION_REASONS:
         raise ValueError(
@@ -50,16 +53,30 @@ def suppress(
     # The mailbox is made by PostgreSQL, as the audience and the batch start make the mailboxes
     # they compare with it: Python lower-cases a few letters otherwise (a dotted capital I).
     mailbox = mailbox_sql("CAST(:email AS text)")
+    personal = ", ".join(f"'{personal_reason}'" for personal_reason in PERSONAL_REASONS)
+    # A person's request (it names them) over a bounce: the reason the list gives becomes theirs.
+    over_a_bounce = (
+        f"sup.reason NOT IN ({personal}) AND EXCLUDED.reason IN ({personal}) "
+        "AND EXCLUDED.user_id IS NOT NULL"
+    )
     # `xmax = 0` holds for a row this statement inserted, not for one its DO UPDATE touched.
     inserted = connection.execute(
         text(f"""
             INSERT INTO {s}.email_suppressions AS sup (email, user_id, reason, source, loop_name)
             SELECT {mailbox}, :user_id, :reason, :source, :loop
-            WHERE NOT EXISTS (SELECT FROM {s}.email_suppressions
-                              WHERE email = {mailbox} AND loop_name IS NULL
-                                AND CAST(:loop AS text) IS NOT NULL)
+            WHERE NOT EXISTS (
+                SELECT FROM {s}.email_suppressions AS everywhere
+                WHERE everywhere.email = {mailbox} AND everywhere.loop_name IS NULL
+                  AND CAST(:loop AS text) IS NOT NULL
+                  AND (CAST(:user_id AS text) IS NULL OR CAST(:reason AS text) NOT IN ({personal})
+                       OR (everywhere.reason IN ({personal})
+                           AND everywhere.user_id = CAST(:user_id AS text))))
             ON CONFLICT (email, (coalesce(loop_name, '')))
-            DO UPDATE SET user_id = coalesce(sup.user_id, EXCLUDED.user_id)
+            DO UPDATE SET user_id = coalesce(sup.user_id, EXCLUDED.user_id),
+                          reason = CASE WHEN {over_a_bounce} THEN EXCLUDED.reason
+                                        ELSE sup.reason END,
+                          source = CASE WHEN {over_a_bounce} THEN EXCLUDED.source
+                                        ELSE sup.source END
             RETURNING xmax = 0"""),
         {
             "email": email,

@@ -14,6 +14,7 @@ from retention_pipeline.recipients.addresses import normalize_address
 from retention_pipeline.recipients.delivery import parse_event, store_event
 from retention_pipeline.recipients.suppressions import (
     NothingToUnsubscribe,
+    personal_suppression_sql,
     suppress,
     unsubscribe_user,
 )
@@ -72,8 +73,8 @@ def test_suppress_lowercases_and_is_idempotent(sending_db: SendingDatabase) -> N
         )
 
     assert (first, again) == (True, False)
-    # The first reason stands; a user id learnt later is filled in.
-    assert suppressions(sending_db) == [("bob@example.com", "u9", "bounced", "resend")]
+    # A user id learnt later is filled in; the person's complaint stands over the bounce.
+    assert suppressions(sending_db) == [("bob@example.com", "u9", "complained", "resend")]
     with (
         sending_db.engine.begin() as connection,
         pytest.raises(ValueError, match="unknown suppression reason 'spam'"),
@@ -151,6 +152,65 @@ def test_a_loops_suppression_leaves_the_other_loops_and_every_loop_covers_all(
         ("ada@example.com", None, "unsubscribed", "test"),
         ("bob@example.com", None, "bounced", "test"),
     ]
+
+
+def held_back_personally(connection, user_id: str, loop_name: str) -> str | None:
+    return connection.execute(
+        text(f"SELECT {personal_suppression_sql('retention', ':user', ':loop')}"),
+        {"user": user_id, "loop": loop_name},
+    ).scalar_one()
+
+
+def test_a_persons_request_holds_them_back_where_their_mailbox_was_suppressed_already(
+    sending_db: SendingDatabase,
+) -> None:
+    """A mailbox suppressed for every loop as a bounce (Resend would not send to it), or by the
+    `suppress` command without a user: the person's own unsubscribe or complaint from it must
+    still hold them back at the address they change to."""
+    with sending_db.engine.begin() as connection:
+        for email, user_id in (("ada@example.com", "u1"), ("bob@example.com", None)):
+            suppress(
+                connection,
+                schema=SCHEMA,
+                email=email,
+                reason="bounced" if user_id else "unsubscribed",
+                source="before",
+                user_id=user_id,
+            )
+        # One-click unsubscribes (the loop's) by Ada and Bob; a complaint by Cem after a bounce.
+        for email, user_id in (("ada@example.com", "u1"), ("bob@example.com", "u2")):
+            suppress(
+                connection,
+                schema=SCHEMA,
+                email=email,
+                reason="unsubscribed",
+                source="unsubscribe_link",
+                user_id=user_id,
+                loop_name=LOOP,
+            )
+        for reason in ("bounced", "complained"):
+            suppress(
+                connection,
+                schema=SCHEMA,
+                email="cem@example.com",
+                reason=reason,
+                source=f"resend_webhook:{reason}",
+                user_id="u3",
+            )
+
+        held = {
+            (user_id, loop_name): held_back_personally(connection, user_id, loop_name)
+            for user_id in ("u1", "u2", "u3")
+            for loop_name in (LOOP, "another_loop")
+        }
+    assert held == {
+        ("u1", LOOP): "unsubscribed",
+        ("u1", "another_loop"): None,
+        ("u2", LOOP): "unsubscribed",
+        ("u2", "another_loop"): None,
+        ("u3", LOOP): "complained",
+        ("u3", "another_loop"): "complained",
+    }
 
 
 @pytest.mark.parametrize(
