@@ -159,7 +159,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     engine = _engine(config)
     read_url = config.database.read_url
     read_engine = (
-        create_app_engine(read_url, config.database.statement_timeout) if read_url else None
+        create_app_engine(read_url, config.database.statement_timeout, "database.read_url")
+        if read_url
+        else None
     )
     try:
         report = preflight(engine, config, read_engine)

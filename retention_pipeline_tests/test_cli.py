@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from retention_pipeline.cli import main
 from retention_pipeline.config.loader import project_root
+from retention_pipeline.database.connection import redact
 from retention_pipeline.database.migrate import head_revision
 from retention_pipeline_tests.helpers import write_config
 
@@ -80,13 +81,44 @@ def test_bad_configuration_is_one_line_on_stderr(tmp_path):
     )
 
 
-def test_the_password_never_appears_in_output(tmp_path):
+@pytest.mark.parametrize(
+    ("url", "read_url", "error"),
+    [
+        ("postgresql://app:s3cr3t-pw@127.0.0.1:1/app", None, None),
+        ("postgresql://app@127.0.0.1:1/app?password=s3cr3t-pw", None, None),
+        # Unencoded, the password's tail would be taken for the host and printed with it.
+        (
+            "postgresql://app:s3cr3t@pw@127.0.0.1:1/app",
+            None,
+            "error: database.url: the password holds an '@': write it as %40 in the URL\n",
+        ),
+        (
+            "postgresql://app:s3cr3t@pw:x@127.0.0.1:1/app",
+            None,
+            "error: database.url: not a database URL (postgresql://user:password@host/db; write "
+            "an '@' or ':' in the password as %40 or %3A)\n",
+        ),
+        (
+            "postgresql://app@127.0.0.1:1/app",
+            "mysql://r:s3cr3t-pw@replica/app",
+            "error: database.read_url: expected a PostgreSQL URL, got 'mysql'\n",
+        ),
+    ],
+)
+def test_the_password_never_appears_in_output(tmp_path, url, read_url, error):
     config = tmp_path / "retention.yaml"
-    url = "postgresql://app:s3cr3t-pw@127.0.0.1:1/app"
-    write_config(tmp_path, url)
+    write_config(tmp_path, url, **({"read_url": read_url} if read_url else {}))
     result = run("--config", str(config), "check")
     assert result.returncode != 0
-    assert "s3cr3t-pw" not in result.stdout + result.stderr
+    assert "s3cr3t" not in result.stdout + result.stderr
+    if error is not None:
+        assert result.stderr == error
+
+
+def test_a_redacted_url_hides_a_password_in_its_query_too():
+    assert redact("postgresql+psycopg://app:pw@db/app?password=s3cr3t&sslpassword=key&x=1") == (
+        "postgresql+psycopg://app:***@db/app?password=redacted&sslpassword=redacted&x=1"
+    )
 
 
 def test_more_bad_input_is_one_line_not_a_traceback(app_database_url, tmp_path):
@@ -126,7 +158,8 @@ def test_more_bad_input_is_one_line_not_a_traceback(app_database_url, tmp_path):
     bad_url.write_text(Path(config).read_text().replace(app_database_url, "not a url"))
     result = run("--config", str(bad_url), "check")
     assert result.stderr == (
-        "error: database.url: not a database URL (postgresql://user@host/db)\n"
+        "error: database.url: not a database URL (postgresql://user:password@host/db; write an "
+        "'@' or ':' in the password as %40 or %3A)\n"
     )
 
     bad_date = tmp_path / "bad_date.yaml"

@@ -12,14 +12,21 @@ from retention_pipeline.config.loader import DATABASE_URL_ENV_VAR, ConfigError
 from retention_pipeline.config.models import RetentionConfig, parse_duration
 
 
-def normalize_url(url: str) -> str:
-    """Our own code speaks psycopg 3: accept plain `postgresql://` URLs and say so explicitly."""
+def normalize_url(url: str, key: str = "database.url") -> str:
+    """Our own code speaks psycopg 3: accept plain `postgresql://` URLs and say so explicitly.
+    Errors name the configuration `key` the URL came from."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise ValueError("database.url: not a database URL (postgresql://user@host/db)") from None
+    except (ArgumentError, ValueError):  # ValueError: a port that is not one (`:r@h`)
+        raise ValueError(
+            f"{key}: not a database URL (postgresql://user:password@host/db; write an '@' or "
+            "':' in the password as %40 or %3A)"
+        ) from None
     if parsed.get_backend_name() != "postgresql":
-        raise ValueError(f"database.url: expected a PostgreSQL URL, got {parsed.drivername!r}")
+        raise ValueError(f"{key}: expected a PostgreSQL URL, got {parsed.drivername!r}")
+    # The rest of such a password would be taken for the host, and shown in every error.
+    if "@" in (parsed.host or ""):
+        raise ValueError(f"{key}: the password holds an '@': write it as %40 in the URL")
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
@@ -56,11 +63,14 @@ def resolve_database_url(config: RetentionConfig) -> str:
     return normalize_url(url)
 
 
-def create_app_engine(url: str, statement_timeout: str | int = "10m") -> Engine:
-    """An engine whose every connection carries the statement timeout."""
+def create_app_engine(
+    url: str, statement_timeout: str | int = "10m", key: str = "database.url"
+) -> Engine:
+    """An engine whose every connection carries the statement timeout; the URL's errors name
+    the configuration `key` it came from."""
     timeout_ms = int(parse_duration(statement_timeout).total_seconds() * 1000)
     # hide_parameters: a failed statement's message, logged by Dagster, never holds an address.
-    engine = create_engine(normalize_url(url), pool_pre_ping=True, hide_parameters=True)
+    engine = create_engine(normalize_url(url, key), pool_pre_ping=True, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _set_timeout(dbapi_connection, _record) -> None:
@@ -71,6 +81,13 @@ def create_app_engine(url: str, statement_timeout: str | int = "10m") -> Engine:
     return engine
 
 
+# libpq's parameters that hold a secret, which a URL may carry in its query.
+SECRET_PARAMETERS = ("password", "sslpassword")
+
+
 def redact(url: str) -> str:
-    """The URL with its password hidden, for logs and metadata."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL with its password hidden, in its user part or its query, for logs and
+    metadata."""
+    parsed = make_url(url)
+    hidden = {name: "redacted" for name in SECRET_PARAMETERS if name in parsed.query}
+    return parsed.update_query_dict(hidden).render_as_string(hide_password=True)

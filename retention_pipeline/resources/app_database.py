@@ -46,8 +46,8 @@ class AppDatabase(dg.ConfigurableResource):
     def url(self) -> str:
         try:
             return resolve_database_url(self.config)
-        except ConfigError as missing:  # no URL: one line, and no retry can find one
-            raise dg.Failure(description=str(missing), allow_retries=False) from None
+        except (ConfigError, ValueError) as wrong:  # one line, and no retry can mend it
+            raise dg.Failure(description=str(wrong), allow_retries=False) from None
 
     @cached_property
     def engine(self) -> Engine:
@@ -59,7 +59,12 @@ class AppDatabase(dg.ConfigurableResource):
         read_url = self.config.database.read_url
         if read_url is None:
             return None
-        return create_app_engine(read_url, self.config.database.statement_timeout)
+        try:
+            return create_app_engine(
+                read_url, self.config.database.statement_timeout, "database.read_url"
+            )
+        except ValueError as wrong:
+            raise dg.Failure(description=str(wrong), allow_retries=False) from None
 
     @property
     def schema(self) -> str:
