@@ -60,6 +60,7 @@ from retention_pipeline.tracking.sources import (
     trigger_right_problems,
 )
 from retention_pipeline.tracking.sql import TrackingSql
+from retention_pipeline.tracking.state import rollup_problem
 
 
 @dataclass
@@ -102,7 +103,9 @@ def preflight(
             installed = None if not_installed else installed_sources(connection, tracking)
             upgrade_problems = trigger_right_problems(connection, tracking, installed)
             if installed is not None:
-                not_upgraded = sources_problem(connection, tracking)
+                not_upgraded = rollup_problem(
+                    connection, schema, config.timezone
+                ) or sources_problem(connection, tracking)
                 upgrade_problems.extend([not_upgraded] if not_upgraded else [])
         connection.rollback()
     report.problems.extend(mapping.problems)

@@ -104,3 +104,31 @@ def test_the_demo_keeps_its_placeholders_and_its_own_secret_and_nothing_else_doe
         "email.unsubscribe_secret",
         "RESEND_API_KEY is not set",
     ]
+
+
+def test_a_rollup_of_another_timezone_or_still_rebuilding_is_what_every_run_would_stop_at(
+    app_database_url,
+):
+    config = make_config(app_database_url)
+    engine = create_app_engine(app_database_url)
+    install(engine, config)
+    reports = []
+    for change in (
+        "UPDATE retention.tracking_state SET timezone = 'Europe/Berlin'",
+        "UPDATE retention.tracking_state SET timezone = 'UTC', rebuild_pending = true",
+    ):
+        with engine.begin() as connection:
+            connection.execute(text(change))
+        reports.append(preflight(engine, config).problems)
+    engine.dispose()
+    assert config.timezone == "UTC"
+    assert reports == [
+        [
+            "schema 'retention' buckets days in Europe/Berlin, the loops use UTC: "
+            "run `retention-pipeline db upgrade`"
+        ],
+        [
+            "the activity rollup is being rebuilt (0 of ? day ranges done): wait for the "
+            "running `retention-pipeline db upgrade`, or run it again if it stopped"
+        ],
+    ]

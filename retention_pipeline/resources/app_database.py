@@ -17,7 +17,7 @@ from retention_pipeline.database.connection import (
     resolve_database_url,
 )
 from retention_pipeline.tracking.sources import sources_problem
-from retention_pipeline.tracking.state import rebuild_problem, tracked_timezone, tracking_sql
+from retention_pipeline.tracking.state import rollup_problem, tracking_sql
 
 
 class AppDatabase(dg.ConfigurableResource):
@@ -81,14 +81,7 @@ class AppDatabase(dg.ConfigurableResource):
         with self.engine.connect() as connection:
             problem = migrate.installation_problem(connection, self.schema)
             if problem is None:
-                timezone = tracked_timezone(connection, self.schema)
-                if timezone != self.config.timezone:
-                    problem = (
-                        f"schema {self.schema!r} buckets days in {timezone}, the loops use "
-                        f"{self.config.timezone}: run `retention-pipeline db upgrade`"
-                    )
-                else:
-                    problem = rebuild_problem(connection, self.schema)
+                problem = rollup_problem(connection, self.schema, self.config.timezone)
             if problem is None:
                 try:
                     problem = sources_problem(connection, tracking_sql(connection, self.config))

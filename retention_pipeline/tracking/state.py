@@ -101,6 +101,18 @@ def tracked_timezone(connection: Connection, schema: str) -> str | None:
     return connection.execute(text(f"SELECT timezone FROM {s}.tracking_state")).scalar()
 
 
+def rollup_problem(connection: Connection, schema: str, timezone: str) -> str | None:
+    """Why the installed rollup cannot serve loops in `timezone`, in one line: its days are
+    bucketed in another, or its rebuild is not finished; None when it can."""
+    tracked = tracked_timezone(connection, schema)
+    if tracked != timezone:
+        return (
+            f"schema {schema!r} buckets days in {tracked}, the loops use {timezone}: "
+            "run `retention-pipeline db upgrade`"
+        )
+    return rebuild_problem(connection, schema)
+
+
 def rebuild_problem(connection: Connection, schema: str) -> str | None:
     """Why the rollup is incomplete (a rebuild not finished), or None."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
