@@ -43,6 +43,7 @@ from retention_pipeline.database.day_partitions import ensure_day_partition
 from retention_pipeline.database.migrate import upgrade
 from retention_pipeline.email.resend_sender import ResendSender
 from retention_pipeline.sending import send_loop_day
+from retention_pipeline.sending.compose import loop_templates
 from retention_pipeline.sending.due import due_members_sql, oldest_due_day
 from retention_pipeline.sending.shards import WHOLE_LOOP
 from retention_pipeline_tests.email.fake_resend import serve_fake_resend
@@ -256,6 +257,7 @@ def claim_plan(engine: Engine, config: RetentionConfig, now: datetime) -> str:
         "now": now,
         "after": now - timedelta(hours=1),
         "oldest": oldest_due_day(config, now),
+        "templates": loop_templates(config.loop(LOOP)),
         **WHOLE_LOOP.params,
     }
     with engine.connect() as connection:
@@ -264,7 +266,7 @@ def claim_plan(engine: Engine, config: RetentionConfig, now: datetime) -> str:
             text(
                 "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) SELECT a.user_id "
                 f"FROM {s}.reengagement_audience AS a "
-                f"WHERE {due_members_sql(s, params['after'])}"
+                f"WHERE {due_members_sql(s)}"
             ),
             params,
         ).scalars()

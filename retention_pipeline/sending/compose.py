@@ -39,6 +39,11 @@ def day_end(day: date, timezone: str) -> datetime:
     return datetime.combine(day + timedelta(days=1), time.min, tzinfo=ZoneInfo(timezone))
 
 
+def loop_templates(loop: Loop) -> list[str]:
+    """The templates of the loop's steps as configured: what its audience rows may be sent."""
+    return [step.action.template for step in loop.steps]
+
+
 def treatment_rows(
     connection: Connection,
     *,
@@ -48,11 +53,14 @@ def treatment_rows(
     unclaimed_only: bool = False,
     shard: Shard = WHOLE_LOOP,
     limit: int | None = None,
+    templates: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The loop's treatment rows of `reengagement_audience` for `day` whose users are in
     `shard`, with what the snapshot of that day knows about each user, ordered by user id (the
     first `limit` of them, when given). Also the rows `claim` pairs emails with.
     `unclaimed_only` leaves out rows already in the send log, whose content is fixed there.
+    `templates`, the loop's steps as configured, leaves out the rows of a step taken out of the
+    configuration since the day was built: it is sent to nobody any more.
 
     Members an hourly send skipped as stale (`sending.due`) are left out: the loop may send
     after its run again, with no quiet hours, but they stay unsent. Members due later (a
@@ -74,9 +82,16 @@ def treatment_rows(
             WHERE a.partition_date = :day AND a.loop_name = :loop AND a.arm = 'treatment'
               AND a.skipped_at IS NULL AND {user_in_shard("a.user_id")}
               {unclaimed if unclaimed_only else ""}
+              {"AND a.template = ANY(CAST(:templates AS text[]))" if templates is not None else ""}
             ORDER BY a.user_id
             LIMIT :limit"""),
-        {"day": day, "loop": loop_name, "limit": limit, **shard.params},
+        {
+            "day": day,
+            "loop": loop_name,
+            "limit": limit,
+            "templates": list(templates or ()),
+            **shard.params,
+        },
     )
     return [dict(row) for row in result.mappings()]
 
@@ -112,6 +127,7 @@ def compose_emails(
             day=day,
             unclaimed_only=unclaimed_only,
             shard=shard,
+            templates=loop_templates(loop),
         )
     # A row's step is an index into its experiment period's steps, which may be ordered
     # otherwise than the configuration's now: the row's template is the step.

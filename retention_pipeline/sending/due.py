@@ -37,7 +37,7 @@ from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
-from retention_pipeline.sending.compose import day_end
+from retention_pipeline.sending.compose import day_end, loop_templates
 from retention_pipeline.sending.send_log import claim_rows, take_claim_turn
 from retention_pipeline.sending.shards import WHOLE_LOOP, Shard, user_in_shard
 
@@ -128,6 +128,7 @@ def claim_due(
             "now": now,
             "after": claim_floor(config, after=after, now=now),
             "oldest": oldest_due_day(config, now),
+            "templates": loop_templates(loop),
             **shard.params,
         }
         due = due_members_sql(s)
@@ -188,11 +189,13 @@ def claim_due(
 
 def due_members_sql(s: str) -> str:
     """The condition on `a` (the audience) of a treated member of the loop's shard, due after
-    `:after` and by `:now`, not claimed nor skipped yet; written so the partial index on
+    `:after` and by `:now`, at a step of `:templates` (the loop's as configured: a step taken
+    out since is sent to nobody), not claimed nor skipped yet; written so the partial index on
     (loop, due time) answers it."""
     return f"""a.loop_name = :loop AND a.arm = 'treatment' AND a.due_at IS NOT NULL
               AND a.due_at <= :now AND a.due_at > :after
               AND a.partition_date >= :oldest AND a.skipped_at IS NULL
+              AND a.template = ANY(CAST(:templates AS text[]))
               AND {user_in_shard("a.user_id")}
               AND NOT EXISTS (
                   SELECT FROM {s}.email_send_log AS log

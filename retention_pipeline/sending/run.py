@@ -18,7 +18,7 @@ from retention_pipeline.config.models import Loop, RetentionConfig
 from retention_pipeline.email.message import EmailSender
 from retention_pipeline.recipients.delivery import delivery_counts
 from retention_pipeline.segments.calendar import send_window
-from retention_pipeline.sending.compose import treatment_rows
+from retention_pipeline.sending.compose import loop_templates, treatment_rows
 from retention_pipeline.sending.dispatch import DispatchReport, send_pending
 from retention_pipeline.sending.due import (
     DueClaim,
@@ -205,6 +205,7 @@ def send_loop_day(
                     unclaimed_only=True,
                     shard=shard,
                     limit=limit,
+                    templates=loop_templates(loop),
                 )
                 new = claim_rows(
                     connection,

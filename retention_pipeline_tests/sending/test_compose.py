@@ -24,7 +24,7 @@ from retention_pipeline_tests.sending.support import (
 )
 
 
-def compose(db: SendingDatabase, **config_changes: object) -> list:
+def compose(db: SendingDatabase, rows: list | None = None, **config_changes: object) -> list:
     config = db.config.model_copy(update=config_changes) if config_changes else db.config
     with db.engine.connect() as connection:
         return compose_emails(
@@ -34,6 +34,7 @@ def compose(db: SendingDatabase, **config_changes: object) -> list:
             loop=config.loop(LOOP),
             day=DAY,
             unsubscribe_secret=SECRET,
+            rows=rows,
         )
 
 
@@ -194,15 +195,20 @@ def test_the_audience_rows_are_the_treatment_arm_with_the_snapshot(
     assert rows[0]["name"] == "Ada Lovelace"
 
 
-def test_a_step_the_loop_no_longer_has_is_a_one_line_error(sending_db: SendingDatabase) -> None:
-    add_users(sending_db.engine, [User("u1", "a@example.com", step=2)])
+def test_a_step_the_loop_no_longer_has_is_left_out_and_given_anyway_a_one_line_error(
+    sending_db: SendingDatabase,
+) -> None:
+    add_users(sending_db.engine, [User("u1", "a@example.com", step=2), User("u2", "b@x.com")])
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["url"] = sending_db.url
     document["loops"][0]["steps"] = document["loops"][0]["steps"][:1]
     shortened = parse_config(document, environ={})
 
+    assert [email.to for email in compose(sending_db, loops=shortened.loops)] == ["b@x.com"]
+    with sending_db.engine.connect() as connection:
+        every_row = treatment_rows(connection, schema=SCHEMA, loop_name=LOOP, day=DAY)
     with pytest.raises(
         ValueError,
         match="no step 're_engagement_last_call' any more, but the audience of 2026-11-20",
     ):
-        compose(sending_db, loops=shortened.loops)
+        compose(sending_db, every_row, loops=shortened.loops)

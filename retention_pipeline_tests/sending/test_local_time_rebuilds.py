@@ -17,6 +17,7 @@ from sqlalchemy import text
 from retention_pipeline.audience.build import build_audiences
 from retention_pipeline.config import parse_config
 from retention_pipeline.sending import SendRunReport
+from retention_pipeline.sending.compose import loop_templates
 from retention_pipeline.sending.due import (
     claim_due,
     claim_floor,
@@ -217,6 +218,7 @@ def test_a_shards_first_claim_reads_a_range_of_the_due_index(
         "now": now,
         "after": claim_floor(config, after=None, now=now),
         "oldest": oldest_due_day(config, now),
+        "templates": loop_templates(config.loop(LOOP)),
         **WHOLE_LOOP.params,
     }
     with sending_db.engine.connect() as connection:
@@ -337,3 +339,31 @@ def test_two_local_time_loops_built_together_and_rebuilt_each_keep_their_due_tim
         assert due_at.astimezone(ZoneInfo(zone)).time() == expected, (loop, zone, due_at)
     # Built again three hours later, in one transaction as before: nobody's due time moves.
     assert build(BUILT_AT + 3 * HOUR) == due
+
+
+def test_a_step_taken_out_after_the_build_is_sent_to_nobody_and_the_rest_still_goes_out(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    """Members already due at a step the configuration no longer has: each hourly claim read
+    them, failed on their template, and rolled back, so nobody of the loop was emailed."""
+    people = people_in(ZONES, per_zone=2)
+    build_day(sending_db, local_time_config(sending_db.url), people, DAY, BUILT_AT)
+    last_call = {person.email for person in people[::3]}
+    with sending_db.engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE retention.reengagement_audience "
+                "SET step = 2, template = 're_engagement_last_call' "
+                "WHERE email = ANY(CAST(:emails AS text[]))"
+            ),
+            {"emails": sorted(last_call)},
+        )
+    document = local_time_document(sending_db.url)
+    document["loops"][0]["steps"] = document["loops"][0]["steps"][:2]
+    ticks = HourlyTicks(sending_db, parse_config(document, environ={}), fake_resend, DAY)
+
+    ticks.every_hour(BUILT_AT.replace(minute=0), 48)
+
+    assert sorted(fake_resend.delivered_to()) == sorted(
+        person.email for person in people if person.email not in last_call
+    )

@@ -3,13 +3,16 @@ and one sender per loop at a time."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import Counter
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
 
+from retention_pipeline.config import parse_config
 from retention_pipeline.sending import SenderBusy, SendRunReport, send_loop_day, send_pending
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT
 from retention_pipeline_tests.sending.support import (
     DAY,
     LOOP,
@@ -75,6 +78,31 @@ def test_a_send_run_claims_only_days_within_the_window_and_its_counts_add_up(
     late = send_run(sending_db, now=MORNING + timedelta(days=5))
     assert late.audience_days == ()
     assert "older than the send window" in str(late)
+
+
+def test_a_step_taken_out_after_the_build_is_sent_to_nobody_and_the_rest_still_goes_out(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    add_users(sending_db.engine, [*users(3), *users(2, start=10, step=2)])
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = sending_db.url
+    document["loops"][0]["steps"] = document["loops"][0]["steps"][:2]
+    shortened = parse_config(document, environ={})
+
+    report = send_loop_day(
+        sending_db.engine,
+        config=shortened,
+        loop=shortened.loop(LOOP),
+        day=DAY,
+        now=MORNING,
+        sender=make_sender(),
+        provider="resend",
+        unsubscribe_secret=SECRET,
+        holder="test sender",
+    )
+
+    assert sorted(fake_resend.delivered_to()) == [f"user{n}@example.com" for n in range(3)]
+    assert report.metadata_for(DAY)["sent_this_run"] == 3
 
 
 def test_two_dispatches_at_once_count_each_email_once(
