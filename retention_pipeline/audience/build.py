@@ -930,8 +930,11 @@ def _build_loop(
     ).all()
     counts = [*counts, *kept_counts]
     if config.sends_on_due_times(loop) and not simulated:
-        built_at = now if now is not None else day_end(day, config.timezone)
-        record_due_times(connection, s, config, loop, day, built_at)
+        # A day built again after its send window stays an experiment, but its newcomers are
+        # history, never due: due times are stamped only within the window.
+        if now is None or within_send_window(day, now, config.timezone):
+            built_at = now if now is not None else day_end(day, config.timezone)
+            record_due_times(connection, s, config, loop, day, built_at)
         _restore_due_times(connection, s, loop.name, day)
     # The next loop makes tables of these names of its own.
     connection.execute(text("DROP TABLE audience_pending, audience_due"))

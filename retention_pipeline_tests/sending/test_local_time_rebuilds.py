@@ -367,3 +367,30 @@ def test_a_step_taken_out_after_the_build_is_sent_to_nobody_and_the_rest_still_g
     assert sorted(fake_resend.delivered_to()) == sorted(
         person.email for person in people if person.email not in last_call
     )
+
+
+def test_a_day_rebuilt_after_its_send_window_gives_its_newcomers_no_due_time(
+    sending_db: SendingDatabase, fake_resend
+) -> None:
+    """Re-materialized days later (late rows), the day stays an experiment, but its newcomers
+    are history: they were stamped due at the next 09:00 and emailed days late."""
+    config = local_time_config(sending_db.url)
+    people = people_in(["Asia/Tokyo", "UTC"], per_zone=1)
+    build_day(sending_db, config, people, DAY, BUILT_AT)
+    ticks = HourlyTicks(sending_db, config, fake_resend, DAY)
+    ticks.every_hour(BUILT_AT.replace(minute=0), 30)
+    assert sorted(ticks.sent_at) == sorted(person.email for person in people)
+    before = _due_fields(sending_db)
+
+    newcomer = User(user_id="u09999", email="newcomer@example.com", timezone="Europe/Berlin")
+    add_users(sending_db.engine, [newcomer], day=DAY)
+    rebuilt_at = BUILT_AT + timedelta(days=3)
+    with sending_db.engine.begin() as connection:
+        build_loop_audience(connection, config, [*people, newcomer], DAY, rebuilt_at)
+    after = _due_fields(sending_db)
+    assert {address: after[address] for address in before} == before
+    assert after[newcomer.email][0] is None
+
+    ticks.every_hour(rebuilt_at.replace(minute=0), 48)
+    assert newcomer.email not in ticks.sent_at
+    assert Counter(fake_resend.delivered_to()).most_common(1)[0][1] == 1
