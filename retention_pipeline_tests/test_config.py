@@ -120,6 +120,15 @@ def _mutated(document: dict, path: str, value) -> dict:
         ("email.from", "Acme <hello@acme.test", "email.from: 'Acme <hello@acme.test' is not"),
         ("email.from", "a@b.c junk", "email.from: 'a@b.c junk' is not an email address"),
         ("email.from", "a@b.c, d@e.f", "email.from: 'a@b.c, d@e.f' is not an email address"),
+        # Resend refuses each email with a bad reply-to; a relative link leads nowhere.
+        (
+            "email.reply_to",
+            "support at acme.com",
+            "email.reply_to: 'support at acme.com' is not an email address",
+        ),
+        ("email.reply_to", "Support <help@", "email.reply_to: 'Support <help@' is not an"),
+        ("email.app_url", "app.realco.io", "email.app_url: 'app.realco.io' must be a URL like"),
+        ("email.app_url", "/dashboard", "email.app_url: '/dashboard' must be a URL like"),
         ("loops.0.unknown_key", 1, "loops.0.unknown_key: Extra inputs are not permitted"),
         ("start_date", "yesterday", "start_date: Input should be a valid date"),
     ],
@@ -392,3 +401,11 @@ def test_each_placeholder_domain_is_refused_naming_its_key(document, key, value,
 def test_a_real_domain_that_merely_looks_like_one_is_accepted(document, app_url):
     own = {**document, "email": {**OWN_EMAIL_SETTINGS, "app_url": app_url}}
     assert parse_config(own, environ={}).email.placeholder_problems() == []
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_reply_to_is_none(document, blank):
+    """The shipped pattern `${REPLY_TO:-}` left unset."""
+    assert (
+        parse_config(_mutated(document, "email.reply_to", blank), environ={}).email.reply_to is None
+    )

@@ -968,9 +968,17 @@ class EmailSettings(StrictModel):
     def max_delay_interval(self) -> timedelta:
         return parse_duration(self.max_delay)
 
-    @field_validator("from_address")
+    @field_validator("reply_to", mode="before")
     @classmethod
-    def _an_address(cls, value: str) -> str:
+    def _blank_reply_to_is_none(cls, value: object) -> object:
+        # `${REPLY_TO:-}` left unset: no Reply-To, as before it was checked.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("from_address", "reply_to")
+    @classmethod
+    def _an_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         # parseaddr never fails: it drops an unclosed "<" and glues trailing words onto the
         # address, so the address must also be the whole value or its "<...>" part.
         _name, address = parseaddr(value)
@@ -983,6 +991,16 @@ class EmailSettings(StrictModel):
                 f"{value!r} is not an email address like 'Acme <hello@acme.test>' or "
                 "'hello@acme.test'"
             )
+        return value
+
+    @field_validator("app_url")
+    @classmethod
+    def _a_web_address(cls, value: str) -> str:
+        # A relative or schemeless URL makes every email's button a dead link. A blank one is
+        # the demo's, or `placeholder_problems`' to name.
+        parsed = urlsplit(value.strip())
+        if value.strip() and (parsed.scheme not in ("https", "http") or not parsed.hostname):
+            raise ValueError(f"{value!r} must be a URL like 'https://app.acme.com'")
         return value
 
     @field_validator("unsubscribe_url")
