@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from retention_pipeline.audience.build import build_audience, build_audiences
 from retention_pipeline.config import parse_config
 from retention_pipeline.database import migrate
-from retention_pipeline.recipients.suppressions import unsubscribe_user
+from retention_pipeline.recipients.suppressions import suppress, unsubscribe_user
 from retention_pipeline.segments.conditions import condition_user_ids
 from retention_pipeline.segments.rules import build_day_segments
 from retention_pipeline.segments.snapshot import build_snapshot
@@ -513,6 +513,30 @@ def test_a_user_who_unsubscribed_is_not_emailed_at_the_address_they_changed_to(w
     with serve_fake_resend() as fake:
         send_day(engine, config, D + timedelta(days=3))
         assert fake.delivered_to() == ["new.bob@example.com"]
+
+
+def test_an_unsubscribe_from_a_loop_no_longer_configured_holds_for_every_loop(world):
+    """A loop renamed keeps its readers' unsubscribes under its old name: read as the new
+    loop's, or any loop's, they would hold back nobody."""
+    engine, url = world
+    config = config_for(url, cooldown=0)
+    add_user(engine, 1, "ada@example.com", last_seen=LONG_AGO)
+    add_user(engine, 2, "bob@example.com", last_seen=LONG_AGO)
+    with engine.begin() as connection:
+        suppress(
+            connection,
+            schema="retention",
+            email="ada@example.com",
+            reason="unsubscribed",
+            source="unsubscribe_link:old_name",
+            user_id="1",
+            loop_name="old_name",
+        )
+
+    summary = run_day(engine, config, D)
+
+    assert [row[:2] for row in audience(engine, D)] == [("2", 0)]
+    assert summary.excluded["suppressed"] == 1
 
 
 def email_user_1_from_loop_0(engine, config) -> None:

@@ -61,6 +61,7 @@ from retention_pipeline.recipients.addresses import (
 )
 from retention_pipeline.recipients.suppressions import (
     any_suppressed_by_hash,
+    covers_loop_sql,
     personal_suppression_sql,
     suppressed_by_hash_sql,
 )
@@ -726,6 +727,7 @@ def _build_loop(
             }
         ),
         "simulated": simulated,
+        "configured_loops": [configured.name for configured in config.loops],
     }
     returned = connection.execute(
         text(f"""
@@ -823,14 +825,15 @@ def _build_loop(
         )
     # A bound FALSE folds the hash probe away when the statement is planned; the text stays the
     # same, for `check` to plan.
-    hashed = suppressed_by_hash_sql(s, "snap.mailbox", ":loop")
+    configured = "CAST(:configured_loops AS text[])"
+    hashed = suppressed_by_hash_sql(s, "snap.mailbox", ":loop", configured)
     # The loop's own emails of the day are what this build decides again, not a cap on it.
     others_sent = "NOT (recent.sent AND recent.loop_name = :loop AND recent.partition_date = :day)"
     counts = connection.execute(
         text(f"""
         WITH suppressed AS (
             SELECT DISTINCT sup.email AS mailbox FROM {s}.email_suppressions AS sup
-            WHERE sup.email IS NOT NULL AND (sup.loop_name IS NULL OR sup.loop_name = :loop)
+            WHERE sup.email IS NOT NULL AND {covers_loop_sql("sup", ":loop", configured)}
         ),
         judged AS (
             SELECT due.*, snap.address AS email, snap.mailbox,
@@ -838,7 +841,8 @@ def _build_loop(
                     WHEN snap.usable IS NOT TRUE THEN 'no_email'
                     WHEN sup.mailbox IS NOT NULL
                         OR (CAST(:any_hashed AS boolean) AND {hashed})
-                        OR {personal_suppression_sql(s, "due.user_id", ":loop")} IS NOT NULL
+                        OR {personal_suppression_sql(s, "due.user_id", ":loop", configured)}
+                            IS NOT NULL
                         THEN 'suppressed'
                     WHEN EXISTS (SELECT FROM audience_recent AS recent
                                  WHERE recent.user_id = due.user_id AND {others_sent})

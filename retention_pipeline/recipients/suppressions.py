@@ -89,47 +89,72 @@ def suppress(
     return bool(inserted)
 
 
-def suppressed_by_hash_sql(schema_sql: str, mailbox: str, loop_name: str) -> str:
+def covers_loop_sql(alias: str, loop_name: str, loops_configured: str | None = None) -> str:
+    """SQL: whether the list's row `alias` covers the loop `loop_name` (an SQL expression): it
+    covers every loop, or that one. With `loops_configured` (an SQL text[] of the loops the
+    configuration has), a row of a loop it no longer has covers every loop: a loop renamed
+    would otherwise email again everyone who unsubscribed from it under its old name."""
+    others = f" OR NOT ({alias}.loop_name = ANY({loops_configured}))" if loops_configured else ""
+    return f"({alias}.loop_name IS NULL OR {alias}.loop_name = {loop_name}{others})"
+
+
+def suppressed_by_hash_sql(
+    schema_sql: str, mailbox: str, loop_name: str, loops_configured: str | None = None
+) -> str:
     """SQL: whether the mailbox `mailbox` (an SQL expression) is suppressed by its hash for the
-    loop `loop_name` (an SQL expression): a probe of the hashes' own index."""
+    loop `loop_name` (`covers_loop_sql`): a probe of the hashes' own index."""
     return f"""EXISTS (SELECT FROM {schema_sql}.email_suppressions AS hashed
                        WHERE hashed.mailbox_sha256 = {sha256_sql(mailbox)}
-                         AND (hashed.loop_name IS NULL OR hashed.loop_name = {loop_name}))"""
+                         AND {covers_loop_sql("hashed", loop_name, loops_configured)})"""
 
 
-def _suppression_reason_sql(schema_sql: str, alias: str, match: str, loop_name: str) -> str:
+def _suppression_reason_sql(
+    schema_sql: str, alias: str, match: str, loop_name: str, loops_configured: str | None
+) -> str:
     """SQL: the reason (NULL for none) of the list's row `alias` matching `match` that covers
-    the loop `loop_name` (an SQL expression), an every-loop row first."""
+    the loop `loop_name` (`covers_loop_sql`), an every-loop row first."""
     return f"""(SELECT {alias}.reason FROM {schema_sql}.email_suppressions AS {alias}
-                WHERE {match}
-                  AND ({alias}.loop_name IS NULL OR {alias}.loop_name = {loop_name})
+                WHERE {match} AND {covers_loop_sql(alias, loop_name, loops_configured)}
                 ORDER BY {alias}.loop_name NULLS FIRST LIMIT 1)"""
 
 
-def mailbox_suppression_reason_sql(schema_sql: str, mailbox: str, loop_name: str) -> str:
+def mailbox_suppression_reason_sql(
+    schema_sql: str, mailbox: str, loop_name: str, loops_configured: str | None = None
+) -> str:
     """SQL: the reason (NULL for none) the mailbox `mailbox` is suppressed by its address for
-    the loop `loop_name` (SQL expressions)."""
-    return _suppression_reason_sql(schema_sql, "sup", f"sup.email = {mailbox}", loop_name)
-
-
-def hashed_suppression_reason_sql(schema_sql: str, mailbox: str, loop_name: str) -> str:
-    """SQL: the reason (NULL for none) the mailbox `mailbox` is suppressed by its hash for the
-    loop `loop_name` (SQL expressions), as `suppressed_by_hash_sql` finds it."""
+    the loop `loop_name` (`covers_loop_sql`)."""
     return _suppression_reason_sql(
-        schema_sql, "hashed", f"hashed.mailbox_sha256 = {sha256_sql(mailbox)}", loop_name
+        schema_sql, "sup", f"sup.email = {mailbox}", loop_name, loops_configured
     )
 
 
-def personal_suppression_sql(schema_sql: str, user_id: str, loop_name: str) -> str:
+def hashed_suppression_reason_sql(
+    schema_sql: str, mailbox: str, loop_name: str, loops_configured: str | None = None
+) -> str:
+    """SQL: the reason (NULL for none) the mailbox `mailbox` is suppressed by its hash for the
+    loop `loop_name` (`covers_loop_sql`), as `suppressed_by_hash_sql` finds it."""
+    return _suppression_reason_sql(
+        schema_sql,
+        "hashed",
+        f"hashed.mailbox_sha256 = {sha256_sql(mailbox)}",
+        loop_name,
+        loops_configured,
+    )
+
+
+def personal_suppression_sql(
+    schema_sql: str, user_id: str, loop_name: str, loops_configured: str | None = None
+) -> str:
     """SQL: the reason (NULL for none) the user `user_id` asked not to be emailed by the loop
-    `loop_name` (SQL expressions), whatever address they were emailed at: a probe of the list's
-    user index."""
+    `loop_name` (`covers_loop_sql`), whatever address they were emailed at: a probe of the
+    list's user index."""
     reasons = ", ".join(f"'{reason}'" for reason in PERSONAL_REASONS)
     return _suppression_reason_sql(
         schema_sql,
         "personal",
         f"personal.user_id = {user_id} AND personal.reason IN ({reasons})",
         loop_name,
+        loops_configured,
     )
 
 

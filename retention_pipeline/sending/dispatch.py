@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
@@ -93,6 +93,7 @@ def send_pending(
     *,
     schema: str,
     loop_name: str,
+    loops_configured: Sequence[str],
     sender: EmailSender,
     provider: str,
     log: logging.Logger = logger,
@@ -109,7 +110,8 @@ def send_pending(
     what the provider accepted before the crash is not delivered twice. Two dispatches of one loop
     at once deliver nothing twice for the same reason, and count nothing twice because `record`
     never changes a row that is no longer claimed (`send_loop_day` also keeps them apart with a
-    lock). Progress goes to `log`, a line per batch.
+    lock). Progress goes to `log`, a line per batch. `loops_configured`, the configuration's
+    loops: an unsubscribe from a loop not among them holds for every loop (`start_batch`).
 
     `keep_going` is asked before each batch: when it answers False, or raises, the dispatch stops
     there and the batches not started stay claimed.
@@ -159,7 +161,12 @@ def send_pending(
             if record_gone is not None:
                 record_gone(connection, key)
             batch = start_batch(
-                connection, schema=schema, loop_name=loop_name, batch_key=key, now=now
+                connection,
+                schema=schema,
+                loop_name=loop_name,
+                batch_key=key,
+                loops_configured=loops_configured,
+                now=now,
             )
         for (day, reason), count in batch.withheld.items():
             by_day.setdefault(day, Counter())["failed"] += count

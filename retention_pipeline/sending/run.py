@@ -179,6 +179,7 @@ def send_loop_day(
                 engine,
                 schema=schema,
                 loop_name=loop.name,
+                loops_configured=[configured.name for configured in config.loops],
                 sender=sender,
                 provider=provider,
                 log=log,

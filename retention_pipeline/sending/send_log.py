@@ -290,14 +290,16 @@ def start_batch(
     schema: str,
     loop_name: str,
     batch_key: str,
+    loops_configured: Sequence[str],
     now: datetime | None = None,
 ) -> StartedBatch:
     """Move the batch's claimed rows towards the provider, in one statement in the caller's
-    transaction: fail those whose address is suppressed (for this loop or every loop) or whose user
-    is waiting to be erased, and, in a batch never attempted, those stale at `now` (default: the
-    database's clock): claimed by an hourly send that never got to send them, their audience
-    row's `stale_at` has passed (`sending.due`; a batch attempted before keeps its members, as
-    the provider may have them). Mark the others attempted and return them to send.
+    transaction: fail those whose address is suppressed (for this loop, every loop, or a loop
+    not among `loops_configured`: `covers_loop_sql`) or whose user is waiting to be erased,
+    and, in a batch never attempted, those stale at `now` (default: the database's clock):
+    claimed by an hourly send that never got to send them, their audience row's `stale_at` has
+    passed (`sending.due`; a batch attempted before keeps its members, as the provider may have
+    them). Mark the others attempted and return them to send.
 
     From the first attempt on, the provider may have the batch, and after its idempotency window
     `expire_unanswered` stops re-sending it. `headers` and `tags` come back with their keys
@@ -308,6 +310,7 @@ def start_batch(
     # `log.status = 'claimed'` again in each UPDATE: a row settled by another sender meanwhile is
     # re-read after its lock and left alone.
     mailbox = mailbox_sql("log.email")
+    loops = "CAST(:configured_loops AS text[])"
     rows = connection.execute(
         text(f"""
             WITH members AS (
@@ -315,9 +318,9 @@ def start_batch(
                        EXISTS (SELECT FROM {s}.erased_users AS erased
                                WHERE erased.user_id = log.user_id) AS erased,
                        coalesce(
-                           {mailbox_suppression_reason_sql(s, mailbox, "log.loop_name")},
-                           {hashed_suppression_reason_sql(s, mailbox, "log.loop_name")},
-                           {personal_suppression_sql(s, "log.user_id", "log.loop_name")})
+                           {mailbox_suppression_reason_sql(s, mailbox, "log.loop_name", loops)},
+                           {hashed_suppression_reason_sql(s, mailbox, "log.loop_name", loops)},
+                           {personal_suppression_sql(s, "log.user_id", "log.loop_name", loops)})
                            AS suppressed,
                        log.first_attempt_at IS NULL AND EXISTS (
                            SELECT FROM {s}.reengagement_audience AS a
@@ -367,7 +370,12 @@ def start_batch(
             SELECT NULL, NULL, send_key, email, subject, html, body_text, headers, tags,
                    idempotency_key
             FROM started"""),
-        {"loop": loop_name, "batch": batch_key, "now": now},
+        {
+            "loop": loop_name,
+            "batch": batch_key,
+            "now": now,
+            "configured_loops": list(loops_configured),
+        },
     ).mappings()
     withheld: Counter[tuple[date, str]] = Counter()
     emails: list[OutgoingEmail] = []

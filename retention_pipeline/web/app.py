@@ -81,13 +81,16 @@ def create_app(
     unsubscribe_secret: str,
     webhook_secret: str,
     product_name: str,
+    loop_names: Sequence[str],
     journal: UnsubscribeJournal,
     previous_unsubscribe_secrets: Sequence[str] = (),
     replay_seconds: float = 30.0,
 ) -> ASGIApp:
     """The web service over the pipeline's schema in `engine`'s database; unsubscribes the
     database cannot take wait in `journal`. Links signed with `previous_unsubscribe_secrets`
-    (rotated out) still unsubscribe."""
+    (rotated out) still unsubscribe. A link of a loop not among `loop_names` (the configured
+    loops: it was renamed or removed since the email) unsubscribes from every loop: scoped to
+    a name no loop has, it would hold back nobody."""
 
     async def resend_webhook(request: Request) -> Response:
         body = await _body(request)
@@ -146,6 +149,9 @@ def create_app(
             )
         except ValueError as invalid:
             return _page(400, "Unsubscribe link not valid", f"{invalid}.")
+        if loop is not None and loop not in loop_names:
+            loop = None
+            token = make_token(unsubscribe_secret, user_id, None)
         # Only a POST unsubscribes: a HEAD, which Starlette answers for every GET route, is
         # what link checkers send as often as a GET.
         if request.method != "POST":

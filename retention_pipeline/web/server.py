@@ -51,6 +51,7 @@ def serve(
     previous_unsubscribe_secrets: Sequence[str],
     webhook_secret: str,
     product_name: str,
+    loop_names: Sequence[str],
     host: str,
     port: int,
 ) -> None:
@@ -68,6 +69,7 @@ def serve(
         previous_unsubscribe_secrets=previous_unsubscribe_secrets,
         webhook_secret=webhook_secret,
         product_name=product_name,
+        loop_names=loop_names,
         journal=UnsubscribeJournal(retention_home() / f"unsubscribe_journal_{schema}.jsonl"),
     )
     logging.getLogger(__name__).info(

@@ -34,7 +34,14 @@ from retention_pipeline_tests.sending.support import API_KEY, FROM, LOOP, SCHEMA
 def dispatch(url: str) -> None:
     engine = create_engine(url)
     sender = ResendSender(API_KEY, FROM, requests_per_second=1000)
-    report = send_pending(engine, schema=SCHEMA, loop_name=LOOP, sender=sender, provider="resend")
+    report = send_pending(
+        engine,
+        schema=SCHEMA,
+        loop_name=LOOP,
+        loops_configured=[LOOP],
+        sender=sender,
+        provider="resend",
+    )
     counts = {name: value for name, value in dataclasses.asdict(report).items() if name != "by_day"}
     print(json.dumps(counts), flush=True)
 

@@ -34,6 +34,7 @@ def dispatch(db: SendingDatabase, clock: FakeClock | None = None, **sender_optio
         db.engine,
         schema=SCHEMA,
         loop_name=LOOP,
+        loops_configured=[LOOP],
         sender=make_sender(clock, **sender_options),
         provider="resend",
     )
@@ -176,7 +177,12 @@ def test_the_api_key_appears_in_no_log_record_send_log_error_or_exception(
 
     # Delivery failures raise nothing that could carry the key: they are recorded.
     report = send_pending(
-        sending_db.engine, schema=SCHEMA, loop_name=LOOP, sender=sender, provider="resend"
+        sending_db.engine,
+        schema=SCHEMA,
+        loop_name=LOOP,
+        loops_configured=[LOOP],
+        sender=sender,
+        provider="resend",
     )
 
     # Batch 1 is rejected for good; batch 2 gives up on the 502s, which stops the dispatch.

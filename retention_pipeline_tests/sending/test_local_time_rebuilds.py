@@ -273,6 +273,7 @@ def test_a_claimed_batch_never_attempted_is_not_sent_after_its_members_went_stal
             schema="retention",
             loop_name=LOOP,
             batch_key=berlin_batch,
+            loops_configured=[LOOP],
             now=datetime(2026, 11, 22, 8, 5, tzinfo=UTC),
         )
         assert [email.to for email in started.emails] == [berlin]

@@ -50,7 +50,9 @@ def pending(db: SendingDatabase) -> list:
     with db.engine.connect() as connection:
         keys = pending_batch_keys(connection, schema=SCHEMA, loop_name=LOOP)
         batches = [
-            start_batch(connection, schema=SCHEMA, loop_name=LOOP, batch_key=key).emails
+            start_batch(
+                connection, schema=SCHEMA, loop_name=LOOP, batch_key=key, loops_configured=[LOOP]
+            ).emails
             for key in keys
         ]
         connection.rollback()
@@ -307,7 +309,12 @@ def test_one_mailbox_gets_one_email_of_a_day_whatever_the_audience_holds(
     assert compose_and_claim(sending_db) == 2
     assert compose_and_claim(sending_db) == 0
     report = send_pending(
-        sending_db.engine, schema=SCHEMA, loop_name=LOOP, sender=make_sender(), provider="resend"
+        sending_db.engine,
+        schema=SCHEMA,
+        loop_name=LOOP,
+        loops_configured=[LOOP],
+        sender=make_sender(),
+        provider="resend",
     )
 
     assert sorted(fake_resend.delivered_to()) == [

@@ -123,6 +123,7 @@ def test_two_dispatches_at_once_count_each_email_once(
                 sending_db.engine,
                 schema=SCHEMA,
                 loop_name=LOOP,
+                loops_configured=[LOOP],
                 sender=make_sender(),
                 provider="resend",
             )

@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from retention_pipeline.web.app import create_app
 from retention_pipeline.web.journal import UnsubscribeJournal
 from retention_pipeline.web.server import uvicorn_config
+from retention_pipeline_tests.sending.support import LOOP
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"resend-signing-key-for-tests").decode()
 OTHER_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"somebody-else's-signing-key").decode()
@@ -44,6 +45,7 @@ def serving(
     journal: Path,
     previous_unsubscribe_secrets: tuple[str, ...] = (),
     replay_seconds: float = 30.0,
+    loop_names: tuple[str, ...] = (LOOP,),
 ) -> Iterator[str]:
     """`retention-pipeline serve`'s app under uvicorn on a free loopback port, its unsubscribe
     journal at `journal`; yields its URL."""
@@ -54,6 +56,7 @@ def serving(
         previous_unsubscribe_secrets=previous_unsubscribe_secrets,
         webhook_secret=WEBHOOK_SECRET,
         product_name="Acme",
+        loop_names=loop_names,
         journal=UnsubscribeJournal(journal),
         replay_seconds=replay_seconds,
     )

@@ -223,6 +223,23 @@ def test_one_click_post_unsubscribes_from_the_loop_and_repeating_it_is_harmless(
     assert ("ada@example.com", "u1", "unsubscribed", None) in suppressions(emailed)
 
 
+def test_a_link_of_a_loop_renamed_since_unsubscribes_from_every_loop(
+    server: str, emailed: SendingDatabase
+) -> None:
+    """Scoped to a name no loop has any more, the unsubscribe would hold back nobody: the loop,
+    renamed, would email the reader again."""
+    token = make_token(SECRET, "u1", "old_name")
+    one_click = {"content-type": "application/x-www-form-urlencoded"}
+
+    page = call(server, "GET", f"/unsubscribe?token={token}")
+    answer = call(server, "POST", f"/unsubscribe?token={token}", b"", one_click)
+
+    assert "Unsubscribe from these emails" not in page.body
+    assert answer.status == 200
+    assert "You will not receive any email from Acme any more." in answer.body
+    assert suppressions(emailed) == [("ada@example.com", "u1", "unsubscribed", None)]
+
+
 def test_links_signed_before_the_secret_was_rotated_still_unsubscribe(
     emailed: SendingDatabase, tmp_path: Path
 ) -> None:
