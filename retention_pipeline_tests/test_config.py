@@ -130,6 +130,22 @@ def _mutated(document: dict, path: str, value) -> dict:
         ("email.app_url", "app.realco.io", "email.app_url: 'app.realco.io' must be a URL like"),
         ("email.app_url", "/dashboard", "email.app_url: '/dashboard' must be a URL like"),
         ("loops.0.unknown_key", 1, "loops.0.unknown_key: Extra inputs are not permitted"),
+        (
+            "database.tables.subscriptions",
+            {"stripe": [{"customer": "email"}]},
+            "database.tables.subscriptions: stripe: give its keys (customer, schema)",
+        ),
+        # PostgreSQL takes timeouts up to 2^31 - 1 milliseconds; timedelta, to a billion days.
+        (
+            "database.statement_timeout",
+            "25d",
+            "database.statement_timeout: '25d' is longer than PostgreSQL's longest",
+        ),
+        (
+            "database.statement_timeout",
+            "99999999999d",
+            "database.statement_timeout: '99999999999d' is longer than any duration",
+        ),
         ("start_date", "yesterday", "start_date: Input should be a valid date"),
     ],
 )

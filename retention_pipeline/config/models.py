@@ -63,10 +63,24 @@ def parse_duration(value: str | int | float, *, allow_zero: bool = False) -> tim
         seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"{value!r} must be a positive duration")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"{value!r} is longer than any duration can be") from None
 
 
 Duration = Annotated[str | int, Field(description="30s, 10m, 2h, 1d or seconds")]
+
+# PostgreSQL's timeouts are a number of milliseconds in an int4.
+LONGEST_TIMEOUT = timedelta(milliseconds=2**31 - 1)
+
+
+def parse_timeout(value: str | int) -> timedelta:
+    """A duration PostgreSQL takes as a statement timeout (24 days at most)."""
+    duration = parse_duration(value)
+    if duration > LONGEST_TIMEOUT:
+        raise ValueError(f"{value!r} is longer than PostgreSQL's longest timeout (24 days)")
+    return duration
 
 
 def _check_identifier(value: str) -> str:
@@ -393,6 +407,8 @@ AmountMapping = Annotated[
 def _stripe_mapping(stripe: dict[str, Any]) -> dict[str, Any]:
     """The mapping of the tables supabase/stripe-sync-engine writes (migrations 0002-0041:
     customers, prices, subscriptions, subscription_items), by how customers map to users."""
+    if not isinstance(stripe, dict):
+        raise ValueError("stripe: give its keys (customer, schema), not a list or a value")
     unknown = sorted(set(stripe) - {"schema", "customer"})
     if unknown:
         raise ValueError(f"stripe.{unknown[0]}: unknown key (known: customer, schema)")
@@ -766,7 +782,7 @@ class DatabaseSettings(StrictModel):
     @field_validator("statement_timeout")
     @classmethod
     def _duration(cls, value: str | int) -> str | int:
-        parse_duration(value)
+        parse_timeout(value)
         return value
 
     @field_validator("url", "read_url")
@@ -1100,7 +1116,7 @@ class TimedQuery(StrictModel):
     @field_validator("timeout")
     @classmethod
     def _duration(cls, value: str | int) -> str | int:
-        parse_duration(value)
+        parse_timeout(value)
         return value
 
 
