@@ -26,7 +26,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import TextClause
 
 from retention_pipeline.audience.build import build_audience
-from retention_pipeline.config.models import SHORTHAND_SOURCES, QueryCondition, RetentionConfig
+from retention_pipeline.config.models import (
+    SHORTHAND_SOURCES,
+    QueryCondition,
+    QuerySuccess,
+    RetentionConfig,
+)
 from retention_pipeline.database.activity_sources import inspect_sources
 from retention_pipeline.database.app_tables import (
     ResolvedTable,
@@ -41,12 +46,13 @@ from retention_pipeline.database.replica import (
     copy_source_sql,
     subscriptions_source_sql,
 )
-from retention_pipeline.outcomes.evaluate import evaluate_outcomes
+from retention_pipeline.outcomes.evaluate import check_success_query, evaluate_outcomes
 from retention_pipeline.outcomes.performance import performance_rows
 from retention_pipeline.segments.conditions import (
     ConditionError,
     condition_statement,
     explain_condition,
+    single_select,
 )
 from retention_pipeline.segments.rules import classify_day
 from retention_pipeline.segments.snapshot.billing import billing_parameters, meaning_problems
@@ -197,10 +203,19 @@ def preflight(
                     report.planned += 1
             except ConditionError as error:
                 report.problems.append(str(error))
-        elif isinstance(loop.condition, QueryCondition):
-            # Without the schema its views are missing; the parser still judges the query.
+            if isinstance(loop.success, QuerySuccess):
+                try:
+                    check_success_query(engine, schema, loop, loop.success, day)
+                    report.planned += 1
+                except ConditionError as error:
+                    report.problems.append(str(error))
+        else:
+            # Without the schema its views are missing; the parser still judges the queries.
             try:
-                condition_statement(loop, loop.condition)
+                if isinstance(loop.condition, QueryCondition):
+                    condition_statement(loop, loop.condition)
+                if isinstance(loop.success, QuerySuccess):
+                    single_select(loop.success.query, f"{where}.success.query")
             except ConditionError as error:
                 report.problems.append(str(error))
     if not_installed is not None:

@@ -312,7 +312,7 @@ def test_check_reports_every_problem_the_run_would_hit_one_line_each(app_databas
         "user_id)",
         'error: loops.re_engagement.condition.query: syntax error at or near "users" '
         "(at character 16)",
-        "error: loops.deleting.condition.query: a condition must be a single SELECT (got DELETE)",
+        "error: loops.deleting.condition.query: the query must be a single SELECT (got DELETE)",
         'error: loops.unknown_column.condition.query: column "plan_name" does not exist',
     ]
 
@@ -336,8 +336,7 @@ def test_check_says_what_it_cannot_check_before_the_schema_is_installed(app_data
         "outcomes and condition queries cannot be planned\n"
     )
     assert errors(result) == [
-        "error: loops.re_engagement.condition.query: a condition must be a single SELECT "
-        "(got UPDATE)"
+        "error: loops.re_engagement.condition.query: the query must be a single SELECT (got UPDATE)"
     ]
 
 

@@ -299,7 +299,7 @@ def test_anything_but_one_select_is_refused_plainly(demo, query, got):
     with pytest.raises(ConditionError) as raised:
         condition_user_ids(engine, "retention", loop, day)
     assert str(raised.value) == (
-        f"loops.re_engagement.condition.query: a condition must be a single SELECT (got {got})"
+        f"loops.re_engagement.condition.query: the query must be a single SELECT (got {got})"
     )
 
 

@@ -3,12 +3,16 @@ not show: a table the pipeline's role may not read, a pipeline table gone missin
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 from sqlalchemy import create_engine, text
 
+from retention_pipeline.config import parse_config
 from retention_pipeline.database.connection import create_app_engine
 from retention_pipeline.preflight import preflight
 from retention_pipeline.tracking.install import install
-from retention_pipeline_tests.helpers import login_role, make_config
+from retention_pipeline_tests.helpers import SHIPPED_DOCUMENT, login_role, make_config
 
 
 def test_a_healthy_installation_plans_every_statement(app_database_url):
@@ -132,3 +136,35 @@ def test_a_rollup_of_another_timezone_or_still_rebuilding_is_what_every_run_woul
             "running `retention-pipeline db upgrade`, or run it again if it stopped"
         ],
     ]
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        (
+            "SELECT user_id FROM public.events",
+            "loops.re_engagement.success.query: returns no at column",
+        ),
+        (
+            "DELETE FROM public.events RETURNING user_id, created_at AS at",
+            "loops.re_engagement.success.query: the query must be a single SELECT (got DELETE)",
+        ),
+        (
+            "SELECT user_id, created_at AS at FROM public.purchases",
+            'loops.re_engagement.success.query: relation "public.purchases" does not exist',
+        ),
+    ],
+)
+def test_a_success_query_every_evaluation_would_fail_on_is_a_problem_line(
+    app_database_url, query, problem
+):
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = app_database_url
+    document["loops"][0]["success"] = {"type": "query", "query": query}
+    config = parse_config(document, environ={})
+    engine = create_app_engine(app_database_url)
+    install(engine, config)
+    report = preflight(engine, config)
+    engine.dispose()
+    (found,) = report.problems
+    assert found.startswith(problem), found

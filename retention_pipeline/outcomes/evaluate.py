@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+import psycopg
 from sqlalchemy import Connection, Engine, text
 
 from retention_pipeline.config.models import (
@@ -72,8 +73,7 @@ def success_days(
     """(user id, day) pairs on which the loop's success query says a user succeeded, among the
     days an evaluation of `day` looks at (`lag_days` more for a loop with due times:
     `evaluation_lag_days`); read-only, under the query's timeout."""
-    where = f"loops.{loop.name}.success.query"
-    subquery = f"(\n{single_select(success.query, where)}\n) AS success"
+    where, subquery = _success_subquery(loop, success)
     zone = ZoneInfo(timezone)
     since = datetime.combine(
         day - timedelta(days=max(loop.window_days) - 1 + lag_days), time(), zone
@@ -83,14 +83,7 @@ def success_days(
         engine.connect() as connection,
         read_only_cursor(connection, schema, loop, day, success.timeout, where) as cursor,
     ):
-        cursor.execute(f"SELECT * FROM {subquery} LIMIT 0")
-        columns = [column.name for column in cursor.description]
-        missing = [name for name in SUCCESS_QUERY_COLUMNS if name not in columns]
-        if missing:
-            raise ConditionError(
-                f"{where}: returns no {missing[0]} column (it must return user_id and at, "
-                f"when the user succeeded; got {', '.join(columns) or 'none'})"
-            )
+        _require_success_columns(cursor, subquery, where)
         # The bounds travel as settings: the user's SQL goes to the driver without parameters.
         cursor.execute(
             "SELECT set_config('retention.success_since', %s, true),"
@@ -106,6 +99,37 @@ def success_days(
               AND success.at >= current_setting('retention.success_since')::timestamptz
               AND success.at < current_setting('retention.success_until')::timestamptz""")
         return [(user, success_day) for user, success_day in cursor.fetchall()]
+
+
+def check_success_query(
+    engine: Engine, schema: str, loop: Loop, success: QuerySuccess, day: date
+) -> None:
+    """Run the loop's success query as an evaluation of `day` would, reading no row: a
+    ConditionError naming the loop's `success.query` when it is not one SELECT, fails, or
+    lacks a column the evaluation reads."""
+    where, subquery = _success_subquery(loop, success)
+    with (
+        engine.connect() as connection,
+        read_only_cursor(connection, schema, loop, day, success.timeout, where) as cursor,
+    ):
+        _require_success_columns(cursor, subquery, where)
+
+
+def _success_subquery(loop: Loop, success: QuerySuccess) -> tuple[str, str]:
+    """The configuration key of the loop's success query, and the query as a subquery."""
+    where = f"loops.{loop.name}.success.query"
+    return where, f"(\n{single_select(success.query, where)}\n) AS success"
+
+
+def _require_success_columns(cursor: psycopg.Cursor, subquery: str, where: str) -> None:
+    cursor.execute(f"SELECT * FROM {subquery} LIMIT 0")
+    columns = [column.name for column in cursor.description]
+    missing = [name for name in SUCCESS_QUERY_COLUMNS if name not in columns]
+    if missing:
+        raise ConditionError(
+            f"{where}: returns no {missing[0]} column (it must return user_id and at, "
+            f"when the user succeeded; got {', '.join(columns) or 'none'})"
+        )
 
 
 def evaluation_lag_days(config: RetentionConfig, loop: Loop) -> int:

@@ -67,12 +67,12 @@ def single_select(query: str, where: str) -> str:
         raise ConditionError(f"{where}: {message}{at}") from None
     if len(statements) != 1:
         raise ConditionError(
-            f"{where}: a condition must be a single SELECT (got {len(statements)} statements)"
+            f"{where}: the query must be a single SELECT (got {len(statements)} statements)"
         )
     (raw,) = statements
     refusal = _not_a_read_only_select(raw.stmt)
     if refusal:
-        raise ConditionError(f"{where}: a condition must be a single SELECT (got {refusal})")
+        raise ConditionError(f"{where}: the query must be a single SELECT (got {refusal})")
     end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(query)
     return query[raw.stmt_location : end]
 
