@@ -219,7 +219,12 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from retention_pipeline.tracking.install import install
 
     config = load_config(args.config)
-    report = install(_engine(config), config, progress=lambda line: print(line, flush=True))
+    report = install(
+        _engine(config),
+        config,
+        progress=lambda line: print(line, flush=True),
+        rebuild_history=args.rebuild_history,
+    )
     for line in report.sources:
         print(line)
     print(
@@ -581,9 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
         "db", parents=[config_option], help="the pipeline's schema in the app database"
     )
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser(
+    upgrade = db_commands.add_parser(
         "upgrade", parents=[config_option], help="apply migrations, install triggers, backfill"
-    ).set_defaults(handler=cmd_db_upgrade)
+    )
+    upgrade.add_argument(
+        "--rebuild-history",
+        action="store_true",
+        help="after a change of the loops' timezone, rebuild the rollup from the app tables even "
+        "where a source captured by `updates` or polled loses what it counted",
+    )
+    upgrade.set_defaults(handler=cmd_db_upgrade)
     refresh = db_commands.add_parser(
         "refresh",
         parents=[config_option],

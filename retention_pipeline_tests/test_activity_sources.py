@@ -56,12 +56,15 @@ COMMENTS = {"table": "comments", "user": "author", "at": "created_at", "action":
 SESSIONS = {"table": "Session", "user": "userId", "at": "updatedAt", "login": True}
 
 
-def sources_config(url, activity, schema="retention", **database):
-    """The shipped configuration with `activity` as its only sources (no shorthand)."""
+def sources_config(url, activity, schema="retention", timezone="UTC", **database):
+    """The shipped configuration with `activity` as its only sources (no shorthand), its loops
+    in `timezone`."""
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["tables"].pop("events")
     document["database"]["tables"].pop("sessions")
     document["database"].update(activity=activity, schema=schema, url=url, **database)
+    for loop in document["loops"]:
+        loop["steps"][0]["trigger"]["timezone"] = timezone
     from retention_pipeline.config.loader import parse_config
 
     return parse_config(document, environ={})
@@ -1228,3 +1231,36 @@ def test_an_upgrade_leaves_the_triggers_of_unchanged_sources_in_place(engine, ap
     }
     run(engine, "INSERT INTO comments (author, created_at) VALUES (1, now())")
     assert update_rollup(engine, changed).events == 1
+
+
+def test_a_timezone_change_rebuilds_no_history_the_app_tables_lost_unless_asked(
+    engine, app_database_url
+):
+    """A last-seen column holds only its latest value: rebuilt in another timezone, every
+    earlier visit it counted would be gone."""
+    captured = [{**SESSIONS, "capture": "updates"}]
+    run(
+        engine,
+        """INSERT INTO "Session" ("userId", token, "updatedAt") VALUES (1, 'a', '2026-11-19')""",
+    )
+    install(engine, sources_config(app_database_url, captured))
+    run(engine, """UPDATE "Session" SET "updatedAt" = '2026-11-20 10:00+00'""")
+    update_rollup(engine, sources_config(app_database_url, captured))
+    counted = rollup(engine)
+    berlin = sources_config(app_database_url, captured, timezone="Europe/Berlin")
+
+    with pytest.raises(
+        TrackingError,
+        match=r"^db upgrade: the loops' timezone is now Europe/Berlin, the rollup counts days "
+        r"in UTC: rebuilding it from your tables loses what source `Session` \(captured by "
+        r"`updates`\)",
+    ):
+        install(engine, berlin)
+    # A source taken out of the configuration: what it counted stays, until a rebuild.
+    with pytest.raises(TrackingError, match=r"source `Session` \(no longer configured\)"):
+        install(engine, sources_config(app_database_url, [COMMENTS], timezone="Europe/Berlin"))
+    assert rollup(engine) == counted
+
+    install(engine, berlin, rebuild_history=True)
+    daily, _actions = rollup(engine)
+    assert [(user, day) for user, day, _events, _sessions in daily] == [("1", date(2026, 11, 20))]

@@ -32,6 +32,7 @@ from retention_pipeline.database.reinstall import keep_for_reinstall, restore_ke
 from retention_pipeline.tracking.erasure import record_users_gone
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
 from retention_pipeline.tracking.sources import (
+    InstalledSource,
     adopt_legacy_sources,
     drop_source_triggers,
     hand_over_to_triggers,
@@ -119,12 +120,38 @@ def _has_trigger(connection: Connection, table: str, name: str) -> bool:
     ).scalar_one()
 
 
+def _history_a_rebuild_loses(
+    sql: TrackingSql, installed: dict[str, InstalledSource], mode: str
+) -> str | None:
+    """What the rollup holds that a rebuild from the configured sources' tables would not give
+    back, said as a source: one captured by `updates` or polled (their tables keep only the
+    latest times), or one no longer configured (what it counted stays until a rebuild); None
+    when a rebuild gives back everything."""
+    configured = {source.name for source in sql.sources}
+    for old in installed.values():
+        if old.name not in configured:
+            return f"source `{old.name}` (no longer configured)"
+        if old.capture != "inserts":
+            return f"source `{old.name}` (captured by `{old.capture}`)"
+    if not installed and mode == "incremental":  # installed before sources were recorded
+        return "the polled sources"
+    return None
+
+
 def install(
-    engine: Engine, config: RetentionConfig, progress: Progress | None = None
+    engine: Engine,
+    config: RetentionConfig,
+    progress: Progress | None = None,
+    *,
+    rebuild_history: bool = False,
 ) -> InstallReport:
     """Bring the pipeline's schema, triggers and rollup up to date with the configuration,
     without holding up the app's writes for more than a moment. Idempotent, and resumes a
-    rebuild an earlier install left unfinished."""
+    rebuild an earlier install left unfinished.
+
+    A change of the loops' timezone rebuilds the rollup from the app's tables: refused, in one
+    line, while a source holds history those tables no longer have (a time updated in place,
+    a polled source), unless `rebuild_history` accepts losing it."""
     schema, mode, timezone = config.database.schema_, config.database.tracking, config.timezone
     notes: list[str] = []
 
@@ -143,6 +170,15 @@ def install(
         installed = installed_sources(connection, sql)
         # Day buckets depend on the timezone: rebuild everything when it changes.
         rebuild = state is None or state["timezone"] != timezone
+        if state is not None and rebuild and not rebuild_history:
+            lost = _history_a_rebuild_loses(sql, installed, state["mode"])
+            if lost:
+                raise TrackingError(
+                    f"db upgrade: the loops' timezone is now {timezone}, the rollup counts days "
+                    f"in {state['timezone']}: rebuilding it from your tables loses what {lost} "
+                    "counted, which they no longer hold; set the timezone back, or accept the "
+                    "loss with `retention-pipeline db upgrade --rebuild-history`"
+                )
         connection.execute(
             text(f"""
                 INSERT INTO {sql.q_schema}.tracking_state (timezone, mode) VALUES (:tz, :mode)
