@@ -440,7 +440,8 @@ def record_due_times(
             FROM {s}.reengagement_audience AS a
             LEFT JOIN {s}.user_activity_snapshot AS snap
                 ON snap.partition_date = a.partition_date AND snap.user_id = a.user_id
-            LEFT JOIN known_zones AS known ON known.name = snap.timezone
+            -- PostgreSQL reads zone names in any case ('europe/paris'); stored as it spells them.
+            LEFT JOIN known_zones AS known ON lower(known.name) = lower(snap.timezone)
             CROSS JOIN claimed
             WHERE a.partition_date = :day AND a.loop_name = :loop
         ),
