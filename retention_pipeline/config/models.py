@@ -1159,6 +1159,11 @@ KNOWN_TEMPLATES = tuple(TEMPLATE_VARIANTS)
 # What `{{user.FIELD}}` may name in a step's personalization, as the seed writes it.
 USER_FIELDS = ("id", "email", "name", "timezone", "last_activity_at")
 USER_FIELD_REFERENCE = re.compile(r"^\s*\{\{\s*user\.([A-Za-z_]\w*)\s*\}\}\s*$")
+# What the shipped templates read of a step's personalization: the name they greet (a user
+# field or words), and the time the days away count from (the last activity, the one time
+# the user record has).
+PERSONALIZATION_KEYS = ("name", "lastActivity")
+LAST_ACTIVITY_REFERENCE = "{{user.last_activity_at}}"
 
 
 class EmailAction(StrictModel):
@@ -1176,6 +1181,16 @@ class EmailAction(StrictModel):
     @classmethod
     def _user_fields(cls, value: dict[str, str]) -> dict[str, str]:
         for name, reference in value.items():
+            if name not in PERSONALIZATION_KEYS:
+                raise ValueError(
+                    f"{name}: the templates read no such key (they read: "
+                    f"{', '.join(PERSONALIZATION_KEYS)})"
+                )
+            if name == "lastActivity" and reference.replace(" ", "") != LAST_ACTIVITY_REFERENCE:
+                raise ValueError(
+                    f"lastActivity: {reference!r}: the days away count from the last activity, "
+                    f"{LAST_ACTIVITY_REFERENCE}, the one time the user record has"
+                )
             match = USER_FIELD_REFERENCE.match(reference)
             if match and match.group(1) not in USER_FIELDS:
                 raise ValueError(

@@ -183,9 +183,11 @@ def email_context(
         "timezone": row["timezone"],
         "last_activity_at": row["last_activity_at"],
     }
+    personalization = _personalization(step, user)
     return {
-        "user": user,
-        "personalization": _personalization(step, user),
+        # The greeting's name is the step's personalization's, when it gives one.
+        "user": {**user, "name": personalization.get("name", user["name"])},
+        "personalization": personalization,
         "variant": row["variant"],
         "product_name": config.email.product_name,
         "app_url": config.email.app_url,

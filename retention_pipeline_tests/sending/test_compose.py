@@ -167,19 +167,30 @@ def test_every_email_carries_a_verifiable_one_click_unsubscribe(
     assert url in email.text
 
 
-def test_the_template_context_carries_the_loops_personalization(
+def test_the_loops_personalization_names_who_is_greeted_and_nothing_the_templates_ignore(
     sending_db: SendingDatabase,
 ) -> None:
     add_users(sending_db.engine, [User("u1", "ada@example.com")])
     document = copy.deepcopy(SHIPPED_DOCUMENT)
     document["database"]["url"] = sending_db.url
-    document["loops"][0]["steps"][0]["action"]["personalization"] = {"nick": "{{user.nickname}}"}
+    action = document["loops"][0]["steps"][0]["action"]
 
-    # A field the user record lacks is refused when the configuration loads, not at send time.
-    with pytest.raises(ValueError, match=r"personalization: nick: unknown user field 'nickname'"):
-        parse_config(document, environ={})
-    # The shipped loop asks for the name and the last activity, which the user record holds.
-    assert compose(sending_db)
+    # What no template reads, or a field the user record lacks, is refused when the
+    # configuration loads, not ignored at send time.
+    for personalization, refused in (
+        ({"nick": "{{user.name}}"}, "personalization: nick: the templates read no such key"),
+        ({"name": "{{user.nickname}}"}, "personalization: name: unknown user field 'nickname'"),
+        ({"lastActivity": "{{user.email}}"}, "lastActivity: '{{user.email}}': the days away"),
+    ):
+        action["personalization"] = personalization
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            parse_config(document, environ={})
+    # The shipped loop greets by the name and counts from the last activity.
+    (shipped,) = compose(sending_db)
+    assert "Hi Ada," in shipped.text
+    action["personalization"] = {"name": "Captain Lovelace"}
+    (greeted,) = compose(sending_db, loops=parse_config(document, environ={}).loops)
+    assert "Hi Captain," in greeted.text
 
 
 def test_the_audience_rows_are_the_treatment_arm_with_the_snapshot(
