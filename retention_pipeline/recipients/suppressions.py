@@ -72,7 +72,8 @@ def suppress(
                        OR (everywhere.reason IN ({personal})
                            AND everywhere.user_id = CAST(:user_id AS text))))
             ON CONFLICT (email, (coalesce(loop_name, '')))
-            DO UPDATE SET user_id = coalesce(sup.user_id, EXCLUDED.user_id),
+            DO UPDATE SET user_id = CASE WHEN {over_a_bounce} THEN EXCLUDED.user_id
+                                         ELSE coalesce(sup.user_id, EXCLUDED.user_id) END,
                           reason = CASE WHEN {over_a_bounce} THEN EXCLUDED.reason
                                         ELSE sup.reason END,
                           source = CASE WHEN {over_a_bounce} THEN EXCLUDED.source

@@ -197,10 +197,20 @@ def test_a_persons_request_holds_them_back_where_their_mailbox_was_suppressed_al
                 source=f"resend_webhook:{reason}",
                 user_id="u3",
             )
+        # Two users of one mailbox: Dee's email bounced, then Eli unsubscribes from every loop.
+        for reason, user_id in (("bounced", "u4"), ("unsubscribed", "u5")):
+            suppress(
+                connection,
+                schema=SCHEMA,
+                email="family@example.com",
+                reason=reason,
+                source="test",
+                user_id=user_id,
+            )
 
         held = {
             (user_id, loop_name): held_back_personally(connection, user_id, loop_name)
-            for user_id in ("u1", "u2", "u3")
+            for user_id in ("u1", "u2", "u3", "u4", "u5")
             for loop_name in (LOOP, "another_loop")
         }
     assert held == {
@@ -210,6 +220,10 @@ def test_a_persons_request_holds_them_back_where_their_mailbox_was_suppressed_al
         ("u2", "another_loop"): None,
         ("u3", LOOP): "complained",
         ("u3", "another_loop"): "complained",
+        ("u4", LOOP): None,
+        ("u4", "another_loop"): None,
+        ("u5", LOOP): "unsubscribed",
+        ("u5", "another_loop"): "unsubscribed",
     }
 
 
