@@ -281,23 +281,7 @@ BEGIN
     END LOOP;
     EXECUTE replace($q$
         WITH source AS (SELECT kind, user_id, at, event_name, 1 AS n FROM {{captured}}),
-        per_key AS (
-            SELECT kind, user_id, day, event_name, n, last_at,
-                   row_number() OVER user_day = 1 AS first_of_day,
-                   coalesce(sum(n) FILTER (WHERE kind = 'e') OVER user_day, 0) AS day_events,
-                   coalesce(sum(n) FILTER (WHERE kind = 's') OVER user_day, 0) AS day_sessions,
-                   max(last_at) FILTER (WHERE kind = 'e') OVER user_day AS day_last_event_at,
-                   max(last_at) FILTER (WHERE kind = 's') OVER user_day AS day_last_session_at,
-                   bit_or(slots) OVER user_day AS day_slots
-            FROM ({keys}) AS keys
-            WINDOW user_day AS (PARTITION BY user_id, day)
-        ),
-        day_totals AS (
-            SELECT day, count(*) FILTER (WHERE first_of_day) AS user_days,
-                   coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
-                   coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions
-            FROM per_key GROUP BY day
-        ),
+        {keyed_days},
         actions_new AS (
             INSERT INTO {s}.stage_action_daily (user_id, day, event_name, event_count, last_at)
             SELECT user_id, day, event_name, n, last_at FROM per_key
@@ -384,7 +368,7 @@ def _whole_days_layout(label: str) -> Layout:
             WHOLE_DAYS_FOLD.format(
                 s=s,
                 tz=TZ,
-                keys=TrackingSql._keys(TZ),
+                keyed_days=TrackingSql.keyed_days(TZ),
                 visits=visit_count_sql("day_slots", GAP_MINUTES),
                 merged_visits=visit_count_sql("slots", GAP_MINUTES),
             ),

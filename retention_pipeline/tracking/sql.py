@@ -195,11 +195,21 @@ class TrackingSql:
                     visit_count = {merged_visits}""",
             into_emptied_days,
         )
-        # The keys are sorted once, and each user-day's totals are a window over them in that
-        # order (no second aggregate, no join back to the days).
         return f"""
             WITH source AS ({source}),
-            per_key AS (
+            {self.keyed_days(tz)},
+            days AS (SELECT day, {held} AS held FROM day_totals AS days),
+            {", ".join(f"actions_{n} AS ({statement})" for n, statement in enumerate(actions))},
+            {", ".join(f"daily_{n} AS ({statement})" for n, statement in enumerate(daily))}
+            SELECT day, user_days, events, sessions FROM day_totals"""
+
+    @classmethod
+    def keyed_days(cls, tz: str) -> str:
+        """Two CTEs over a CTE `source` (kind, user_id, at, event_name, n): `per_key`, its keys
+        (`_keys`) with each user-day's totals, and `day_totals`, per day the user-days, events
+        and sessions they add. The keys are sorted once, and each user-day's totals are a window
+        over them in that order (no second aggregate, no join back to the days)."""
+        return f"""per_key AS (
                 SELECT kind, user_id, day, event_name, n, last_at,
                        row_number() OVER user_day = 1 AS first_of_day,
                        coalesce(sum(n) FILTER (WHERE kind = 'e') OVER user_day, 0) AS day_events,
@@ -209,7 +219,7 @@ class TrackingSql:
                        max(last_at) FILTER (WHERE kind = 's') OVER user_day
                            AS day_last_session_at,
                        bit_or(slots) OVER user_day AS day_slots
-                FROM ({self._keys(tz)}) AS keys
+                FROM ({cls._keys(tz)}) AS keys
                 WINDOW user_day AS (PARTITION BY user_id, day)
             ),
             day_totals AS (
@@ -217,11 +227,7 @@ class TrackingSql:
                        coalesce(sum(n) FILTER (WHERE kind = 'e'), 0) AS events,
                        coalesce(sum(n) FILTER (WHERE kind = 's'), 0) AS sessions
                 FROM per_key GROUP BY day
-            ),
-            days AS (SELECT day, {held} AS held FROM day_totals AS days),
-            {", ".join(f"actions_{n} AS ({statement})" for n, statement in enumerate(actions))},
-            {", ".join(f"daily_{n} AS ({statement})" for n, statement in enumerate(daily))}
-            SELECT day, user_days, events, sessions FROM day_totals"""
+            )"""
 
     @staticmethod
     def _keys(tz: str) -> str:
