@@ -408,7 +408,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             previous_unsubscribe_secrets=config.email.previous_unsubscribe_secrets,
             webhook_secret=event_secret,
             product_name=config.email.product_name,
-            loop_names=[loop.name for loop in config.loops],
+            loop_names=config.loop_names,
             host=args.host,
             port=args.port,
         )

@@ -728,7 +728,7 @@ def _build_loop(
             }
         ),
         "simulated": simulated,
-        "configured_loops": [configured.name for configured in config.loops],
+        "configured_loops": config.loop_names,
     }
     returned = connection.execute(
         text(f"""

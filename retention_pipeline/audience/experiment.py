@@ -154,7 +154,7 @@ def record_period(
         {"loop": loop.name},
     )
     design = design_of(loop)
-    key = f"loops.{[configured.name for configured in config.loops].index(loop.name)}"
+    key = f"loops.{config.loop_names.index(loop.name)}"
     recorded = periods(connection, schema, loop.name)
     if not recorded:
         # Assignments made before periods were recorded (an upgraded database) are period 1's.

@@ -1522,6 +1522,11 @@ class RetentionConfig(StrictModel):
     def timezone(self) -> str:
         return self.loops[0].trigger.timezone
 
+    @property
+    def loop_names(self) -> list[str]:
+        """The configured loops' names, in configuration order."""
+        return [loop.name for loop in self.loops]
+
     def sends_on_due_times(self, loop: Loop) -> bool:
         """Whether each member of the loop's audience has a due time of their own, which the
         hourly send keeps to: the loop sends at a local time, or quiet hours hold some back."""
@@ -1531,5 +1536,5 @@ class RetentionConfig(StrictModel):
         for loop in self.loops:
             if loop.name == name:
                 return loop
-        known = ", ".join(loop.name for loop in self.loops)
+        known = ", ".join(self.loop_names)
         raise ValueError(f"no loop named {name!r} (known: {known})")

@@ -35,7 +35,7 @@ def loops_picked(
     """The loops an audience materialization picked users for, as its `loops` metadata says."""
     picked = materialization.metadata.get(LOOPS_METADATA) if materialization else None
     if picked is None:  # reported without the pipeline's metadata: it stands for every loop
-        return [loop.name for loop in config.loops]
+        return config.loop_names
     return [name for name in picked.value.split(",") if name]
 
 

@@ -179,7 +179,7 @@ def send_loop_day(
                 engine,
                 schema=schema,
                 loop_name=loop.name,
-                loops_configured=[configured.name for configured in config.loops],
+                loops_configured=config.loop_names,
                 sender=sender,
                 provider=provider,
                 log=log,
