@@ -635,10 +635,10 @@ def _read_recent_audiences(
     whose audience rows may lack an email's: taken back by a rebuild while a send run's claim
     committed, built again before rebuilds kept the days that had emails, restored by a
     reinstall, or with an erased user's email that may have been delivered) every email
-    claimed, sent, or failed once its request was made (unanswered
-    ones may have been delivered; those Resend refused count too). The send log is read for
-    those days alone: its rows carry the rendered email, and reading every email of the cap's
-    days cost 0.3-0.9 s at 1M users."""
+    claimed, sent, or failed once its request was made (unanswered ones may have been
+    delivered; those Resend refused count too). The send log is read for those days alone: its
+    rows carry the rendered email, and reading every email of the cap's days cost 0.3-0.9 s at
+    1M users."""
     cap_days = config.email.frequency_cap_days
     connection.execute(
         text(f"""
