@@ -380,24 +380,21 @@ def sync_sources(
                 "definition": sql.definition(source),
             },
         )
-        if (
-            definition_changed
-            and old.capture == "polling"
-            and _backfill_pending(connection, sql, name)
-        ):
-            # Its rebuild, still to finish, counts up to the watermark less the lookback, and
-            # no poll has counted anything since the watermark was set: it stays.
-            seed_counted(connection, sql, source, old.watermark)
-        elif definition_changed and old.capture == "polling":
-            # The rows written since its last poll count by the old definition, as every row
-            # before them did; then those the new one reads count as counted, so the change
-            # applies to rows written from now on.
-            notes.extend(
-                _poll_by_installed_definition(
-                    connection, sql, source, old, timezone, visit_gap_minutes
+        if definition_changed and old.capture == "polling":
+            if _backfill_pending(connection, sql, name):
+                # Its rebuild, still to finish, counts up to the watermark less the lookback,
+                # and no poll has counted anything since the watermark was set: it stays.
+                seed_counted(connection, sql, source, old.watermark)
+            else:
+                # The rows written since its last poll count by the old definition, as every
+                # row before them did; then those the new one reads count as counted, so the
+                # change applies to rows written from now on.
+                notes.extend(
+                    _poll_by_installed_definition(
+                        connection, sql, source, old, timezone, visit_gap_minutes
+                    )
                 )
-            )
-            seed_counted(connection, sql, source, None)
+                seed_counted(connection, sql, source, None)
         if old.capture == source.capture:
             continue
         if source.capture == "polling":
