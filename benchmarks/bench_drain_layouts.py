@@ -19,12 +19,15 @@ Layouts (kept here only to be measured):
   A fold writes each day it touches into a new table without indexes (a day held: its rows
   merged with the fold's), builds the table's primary key by one sort, and swaps it in for the
   day's partition: a held day costs a read and a new write instead of an update per key.
+- append-only deltas: each fold's user-days (actions inline, rows sorted) inserted as new rows
+  of a table partitioned by day, held day or not; readers read views summing each key's rows.
+  Without or with a (user_id, day) index, not unique.
 
 The captured rows are prepared once in a scratch database (schema `layouts`); each fold writes
 into empty tables of a schema of its own created for it, after a CHECKPOINT (so no fold pays for
 writing out another's pages), and is rolled back. A later drain's rollup is folded and committed
 first. Every fold must leave the same user-days and the same (user, day, action) triples, which
-are hashed after it. The readers run on each layout's rollup of the worst case.
+are hashed after it. The readers run on each layout's rollup of the worst case folded twice.
 
     python -m benchmarks drain-layouts [--url URL] [--rows N] [--users N] [--active N]
         [--repeats R] [--held]
@@ -88,6 +91,8 @@ class Layout:
     # The fold of the rows of a relation (kind, user_id, at, event_name) into this layout.
     fold: Callable[[str], str]
     inline: bool
+    # The tables the fold writes, where the readers read views over them instead.
+    stored: tuple[str, ...] = ()
 
 
 def _shipped_fold(sql: TrackingSql) -> Callable[[str], str]:
@@ -129,13 +134,21 @@ MERGED_ACTIONS = """(action_names, action_counts, action_last_at) = (
           GROUP BY 1) AS m)"""
 
 
-def _inline_fold(*, sort_rows: bool, day_first: bool, day_index: bool) -> Callable[[str], str]:
+def _inline_fold(
+    *,
+    sort_rows: bool,
+    day_first: bool,
+    day_index: bool,
+    append_only: bool = False,
+    into: str = "activity_daily",
+) -> Callable[[str], str]:
     """The fold into `activity_daily` with its actions inline: the keys as shipped (hashed, or
     with `sort_rows` the captured rows sorted and adjacent ones aggregated), then one row per
     user-day from the sorted keys, its actions' arrays in name order. Days held are probed
     through the day index, or the primary key's first column. Without either, the probe here reads
     the table (cheap only on the benchmark's small rollups): a layout without a day index would
-    need the days held recorded elsewhere."""
+    need the days held recorded elsewhere. `append_only`: every row a plain insert into `into`,
+    held days or not (deltas the readers sum)."""
     keys = TrackingSql._keys(TZ)
     order = "day, user_id" if day_first else "user_id, day"
     if day_first:
@@ -165,6 +178,26 @@ def _inline_fold(*, sort_rows: bool, day_first: bool, day_index: bool) -> Callab
     merged_visits = visit_count_sql("(t.active_slots | EXCLUDED.active_slots)", GAP_MINUTES)
 
     def fold(relation: str) -> str:
+        if append_only:
+            writes = f"""daily AS (INSERT INTO {SCHEMA}.{into} ({columns}) {rows})"""
+        else:
+            writes = f"""days AS (SELECT day, {held} AS held FROM day_totals AS days),
+            daily_0 AS (
+                INSERT INTO {SCHEMA}.{into} AS t ({columns})
+                {rows} WHERE NOT (day = ANY (SELECT day FROM days WHERE held))
+            ),
+            daily_1 AS (
+                INSERT INTO {SCHEMA}.{into} AS t ({columns})
+                {rows} WHERE day = ANY (SELECT day FROM days WHERE held)
+                ON CONFLICT (user_id, day) DO UPDATE
+                SET event_count = t.event_count + EXCLUDED.event_count,
+                    session_count = t.session_count + EXCLUDED.session_count,
+                    last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
+                    last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
+                    active_slots = t.active_slots | EXCLUDED.active_slots,
+                    visit_count = {merged_visits},
+                    {MERGED_ACTIONS}
+            )"""
         return f"""
             WITH source AS (SELECT kind, user_id, at, event_name, 1 AS n FROM {relation}),
             per_day AS (
@@ -185,23 +218,7 @@ def _inline_fold(*, sort_rows: bool, day_first: bool, day_index: bool) -> Callab
                        sum(day_sessions) AS sessions
                 FROM per_day GROUP BY day
             ),
-            days AS (SELECT day, {held} AS held FROM day_totals AS days),
-            daily_0 AS (
-                INSERT INTO {SCHEMA}.activity_daily AS t ({columns})
-                {rows} WHERE NOT (day = ANY (SELECT day FROM days WHERE held))
-            ),
-            daily_1 AS (
-                INSERT INTO {SCHEMA}.activity_daily AS t ({columns})
-                {rows} WHERE day = ANY (SELECT day FROM days WHERE held)
-                ON CONFLICT (user_id, day) DO UPDATE
-                SET event_count = t.event_count + EXCLUDED.event_count,
-                    session_count = t.session_count + EXCLUDED.session_count,
-                    last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
-                    last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
-                    active_slots = t.active_slots | EXCLUDED.active_slots,
-                    visit_count = {merged_visits},
-                    {MERGED_ACTIONS}
-            )
+            {writes}
             SELECT day, user_days, events, sessions FROM day_totals"""
 
     return fold
@@ -231,17 +248,66 @@ def _day_partitioned_inline_layout(label: str) -> Layout:
         (
             f"""CREATE TABLE {SCHEMA}.activity_daily ({INLINE_COLUMNS},
                     PRIMARY KEY (user_id, day)) PARTITION BY RANGE (day)""",
-            f"""DO $$ BEGIN
-                    FOR back IN -1..45 LOOP
-                        EXECUTE format('CREATE TABLE {SCHEMA}.activity_daily_%s
-                                        PARTITION OF {SCHEMA}.activity_daily
-                                        FOR VALUES FROM (%L) TO (%L)',
-                                       back + 1, current_date - back, current_date - back + 1);
-                    END LOOP;
-                END $$""",
+            _day_partitions("activity_daily"),
         ),
         _inline_fold(sort_rows=True, day_first=False, day_index=False),
         inline=True,
+    )
+
+
+def _day_partitions(table: str) -> str:
+    """A partition of `table` per day of the captured rows' range, made beforehand."""
+    return f"""DO $$ BEGIN
+                   FOR back IN -1..45 LOOP
+                       EXECUTE format('CREATE TABLE {SCHEMA}.{table}_%s
+                                       PARTITION OF {SCHEMA}.{table}
+                                       FOR VALUES FROM (%L) TO (%L)',
+                                      back + 1, current_date - back, current_date - back + 1);
+                   END LOOP;
+               END $$"""
+
+
+def _deltas_layout(label: str, *, user_index: bool) -> Layout:
+    """Append-only deltas: each fold's user-days (actions inline, rows sorted) inserted as new
+    rows of `activity_delta`, partitioned by day, whether the day is held or not; no key, so a
+    held day costs what a new one does. The readers read `activity_daily` and `action_daily`,
+    views summing a user-day's deltas (and a name's, unnested); something must fold the deltas
+    together later, off the drain. `user_index`: a (user_id, day) index, not unique, for the
+    readers by user."""
+    s = SCHEMA
+    grouped = f"""SELECT user_id, day, sum(event_count)::integer AS event_count,
+                         sum(session_count)::integer AS session_count,
+                         max(last_event_at) AS last_event_at,
+                         max(last_session_at) AS last_session_at,
+                         bit_or(active_slots) AS active_slots
+                  FROM {s}.activity_delta GROUP BY user_id, day"""
+    ddl = (
+        f"CREATE TABLE {s}.activity_delta ({INLINE_COLUMNS}) PARTITION BY RANGE (day)",
+        _day_partitions("activity_delta"),
+        *([f"CREATE INDEX ON {s}.activity_delta (user_id, day)"] if user_index else []),
+        f"""CREATE VIEW {s}.activity_daily AS
+            SELECT grouped.*, {visit_count_sql("active_slots", GAP_MINUTES)} AS visit_count
+            FROM ({grouped}) AS grouped""",
+        f"""CREATE VIEW {s}.action_daily AS
+            SELECT user_id, day, x.event_name, sum(x.event_count)::integer AS event_count,
+                   max(x.last_at) AS last_at
+            FROM {s}.activity_delta,
+                 unnest(action_names, action_counts, action_last_at)
+                     AS x(event_name, event_count, last_at)
+            GROUP BY 1, 2, 3""",
+    )
+    return Layout(
+        label,
+        ddl,
+        _inline_fold(
+            sort_rows=True,
+            day_first=False,
+            day_index=False,
+            append_only=True,
+            into="activity_delta",
+        ),
+        inline=False,
+        stored=("activity_delta",),
     )
 
 
@@ -426,6 +492,8 @@ def layouts(sql: TrackingSql) -> list[Layout]:
         ),
         _day_partitioned_inline_layout("actions inline, rows sorted, day partitions"),
         _whole_days_layout("shipped tables, day partitions written whole"),
+        _deltas_layout("append-only deltas, day partitions", user_index=False),
+        _deltas_layout("append-only deltas, day partitions, user index", user_index=True),
     ]
 
 
@@ -453,6 +521,9 @@ def _clock(pid: int) -> float:
 
 
 def _tables(layout: Layout) -> tuple[str, ...]:
+    """The tables a layout stores its rollup in."""
+    if layout.stored:
+        return layout.stored
     return ("activity_daily",) if layout.inline else ("activity_daily", "action_daily")
 
 
@@ -510,10 +581,10 @@ def _prepare(url: str, rows: int, users: int, active: int) -> None:
         connection.execute("VACUUM ANALYZE")
 
 
-# What the readers of the rollup read, on a layout's rollup of the worst case, as of the 10th of
-# its 30 days back: the rolled-forward snapshot's actions of the day, the full snapshot's latest
-# actions over its lookback (of everyone, and of users listed one by one), an event success's
-# days, and an erasure.
+# What the readers of the rollup read, on a layout's rollup of the worst case folded twice, as
+# of the 10th of its 30 days back: the rolled-forward snapshot's actions of the day, the full
+# snapshot's latest actions over its lookback (of everyone, and of users listed one by one), an
+# event success's days, and an erasure.
 DAY = "(current_date - 10)"
 LISTED = "(SELECT (1 + g * 97)::text AS user_id FROM generate_series(0, 99) AS g) AS listed"
 ERASED = "ARRAY(SELECT (7 + g * 991)::text FROM generate_series(0, 99) AS g)"
@@ -549,8 +620,7 @@ def reads(layout: Layout) -> dict[str, list[str]]:
         actions = f"(SELECT * FROM {s}.action_daily AS a {{where}}) AS x"
         success = f"SELECT user_id, day FROM {s}.action_daily WHERE event_name = 'invite.sent'"
         erase = [
-            f"DELETE FROM {s}.{table} WHERE user_id = ANY({ERASED})"
-            for table in ("activity_daily", "action_daily")
+            f"DELETE FROM {s}.{table} WHERE user_id = ANY({ERASED})" for table in _tables(layout)
         ]
     window = f"a.day <= {DAY} AND a.day > {DAY} - 90"
     return {
@@ -586,13 +656,15 @@ def reads(layout: Layout) -> dict[str, list[str]]:
 def measure_readers(
     connection: psycopg.Connection, all_layouts: list[Layout], repeats: int
 ) -> dict[str, dict[str, list[float]]]:
-    """Each layout's readers on its rollup of the worst case, interleaved; CPU seconds (wall
-    seconds where the server is not on this machine)."""
+    """Each layout's readers on its rollup of the worst case folded twice, interleaved; CPU
+    seconds (wall seconds where the server is not on this machine)."""
     pid = connection.info.backend_pid
     connection.execute(f"SET work_mem = '{BATCH_WORK_MEM}'")
     connection.execute("SET jit = off")
     for index, layout in enumerate(all_layouts):
         _fresh_schema(connection, layout)
+        # Folded twice: two drains' deltas of each key where a layout keeps deltas.
+        connection.execute(layout.fold("layouts.worst")).fetchall()
         connection.execute(layout.fold("layouts.worst")).fetchall()
         for table in _tables(layout):
             connection.execute(f"VACUUM ANALYZE {SCHEMA}.{table}")
@@ -683,7 +755,11 @@ def render(
             rate = f"{case.rows / cpu:,.0f}" if cpu > 0 else "–"
             cells.append(f"{rate} ({cpu:.2f} s)")
         lines.append(f"| {case.label} | " + " | ".join(cells) + " |")
-    lines += ["", f"Readers on the worst case's rollup: CPU seconds, median of {repeats}.", ""]
+    lines += [
+        "",
+        f"Readers on the rollup of the worst case folded twice: CPU seconds, median of {repeats}.",
+        "",
+    ]
     lines += [header, rule]
     for reader, per_layout in readers.items():
         lines.append(
