@@ -224,6 +224,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         config,
         progress=lambda line: print(line, flush=True),
         rebuild_history=args.rebuild_history,
+        second_install=args.second_install,
     )
     for line in report.sources:
         print(line)
@@ -594,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after a change of the loops' timezone, rebuild the rollup from the app tables even "
         "where a source captured by `updates` or polled loses what it counted",
+    )
+    upgrade.add_argument(
+        "--second-install",
+        action="store_true",
+        help="install in `database.schema` even though another schema of this database holds "
+        "the pipeline's install, whose suppressions and send log the new one does not read",
     )
     upgrade.set_defaults(handler=cmd_db_upgrade)
     refresh = db_commands.add_parser(

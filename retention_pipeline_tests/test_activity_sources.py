@@ -149,7 +149,7 @@ def test_captured_sources_agree_with_a_rebuild_row_for_row(engine, app_database_
     )
     update_rollup(engine, captured)
     rebuilt = sources_config(app_database_url, activity, schema="retention_rebuilt")
-    install(engine, rebuilt)
+    install(engine, rebuilt, second_install=True)
     assert rollup(engine) == rollup(engine, "retention_rebuilt")
     daily, actions = rollup(engine)
     assert ("1", date(2026, 11, 20), "audit.DOCUMENT_CREATED", 1) in actions
@@ -168,7 +168,7 @@ def test_captured_sources_agree_with_a_rebuild_row_for_row(engine, app_database_
         ],
         schema="retention_polled",
     )
-    install(engine, polled)
+    install(engine, polled, second_install=True)
     update_rollup(engine, polled)
     assert rollup(engine, "retention_polled") == rollup(engine)
 

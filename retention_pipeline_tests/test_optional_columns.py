@@ -139,7 +139,8 @@ def test_a_day_materializes_without_optional_columns(database, tmp_path, omitted
                 )
             columns = {key: key for key in kept if key != "id" or table == "users"}
             tables[table] = {"table": table, "schema": app_schema, "columns": columns}
-    install(engine, make_config(url, schema=pipeline_schema, tables=tables))
+    # Each case installs beside the others in the module's database.
+    install(engine, make_config(url, schema=pipeline_schema, tables=tables), second_install=True)
     config_path = write_config(tmp_path, url, schema=pipeline_schema, tables=tables)
 
     result = dg.materialize(

@@ -4,6 +4,7 @@ re-run of a day emails nobody twice and the frequency cap still holds across loo
 from __future__ import annotations
 
 import copy
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -255,4 +256,51 @@ def test_users_the_app_deleted_while_uninstalled_are_erased_from_the_kept_histor
             connection.execute(text("SELECT user_id, email FROM retention.email_send_log")).all()
         )
     assert emails == {"1": "user1@example.com", "2": ""}
+    engine.dispose()
+
+
+def test_a_new_schema_beside_an_install_is_refused_until_moved_or_meant(
+    app_database_url: str,
+) -> None:
+    """A new `database.schema` would start an install that reads none of the old one's
+    unsubscribes: refused, naming the old schema, both live and after `db uninstall`; the
+    README's move (uninstall, rename the schema, upgrade) keeps them; `second_install` installs
+    beside it on purpose."""
+    from retention_pipeline.database.migrate import installation_problem
+    from retention_pipeline.recipients.suppressions import suppress
+    from retention_pipeline.tracking.state import TrackingError
+
+    config = make_config(app_database_url)
+    moved = make_config(app_database_url, schema="retention_app")
+    engine = create_engine(app_database_url)
+    install(engine, config)
+    with engine.begin() as connection:
+        suppress(
+            connection,
+            schema="retention",
+            email="ada@example.com",
+            reason="unsubscribed",
+            source="cli",
+        )
+
+    refusal = "the pipeline's install in this database is in schema 'retention' (1 suppressed"
+    with pytest.raises(TrackingError, match="--second-install") as refused:
+        install(engine, moved)
+    assert refusal in str(refused.value) and "\n" not in str(refused.value)
+    with engine.connect() as connection:
+        assert refusal in installation_problem(connection, "retention_app")
+    uninstall(engine, config)
+    with pytest.raises(TrackingError, match=re.escape(refusal)):
+        install(engine, moved)
+    assert count(engine, "SELECT count(*) FROM pg_namespace WHERE nspname = 'retention_app'") == 0
+
+    with engine.begin() as connection:
+        connection.execute(text("ALTER SCHEMA retention RENAME TO retention_app"))
+    install(engine, moved)
+    assert count(engine, "SELECT count(*) FROM retention_app.email_suppressions") == 1
+
+    with pytest.raises(TrackingError, match="schema 'retention_app' \\(1 suppressed"):
+        install(engine, config)
+    install(engine, config, second_install=True)
+    assert count(engine, "SELECT count(*) FROM retention.email_suppressions") == 0
     engine.dispose()

@@ -144,6 +144,7 @@ def install(
     progress: Progress | None = None,
     *,
     rebuild_history: bool = False,
+    second_install: bool = False,
 ) -> InstallReport:
     """Bring the pipeline's schema, triggers and rollup up to date with the configuration,
     without holding up the app's writes for more than a moment. Idempotent, and resumes a
@@ -151,7 +152,12 @@ def install(
 
     A change of the loops' timezone rebuilds the rollup from the app's tables: refused, in one
     line, while a source holds history those tables no longer have (a time updated in place,
-    a polled source), unless `rebuild_history` accepts losing it."""
+    a polled source), unless `rebuild_history` accepts losing it.
+
+    A first install is refused while another schema of the database holds the pipeline's
+    install (or what `db uninstall` kept of one): a new schema would not read its suppressions
+    or send log, so everyone who unsubscribed there would be emailed. `second_install` installs
+    beside it on purpose."""
     schema, mode, timezone = config.database.schema_, config.database.tracking, config.timezone
     notes: list[str] = []
 
@@ -159,6 +165,14 @@ def install(
         sql = tracking_sql(connection, config)
         lock(connection, schema)
         _brief_lock_timeout(connection)
+        other = None if second_install else migrate.other_install(connection, schema)
+        if other and migrate.current_revision(connection, schema) is None:
+            raise TrackingError(
+                f"db upgrade: database.schema is {schema!r}, but the pipeline's install in "
+                f"this database is in {other}, whose unsubscribes and send log a new "
+                f"install would not read: {migrate.MOVE_HINT}; or install a second pipeline "
+                "beside it with `retention-pipeline db upgrade --second-install`"
+            )
         migrate.upgrade(connection, schema)
         restored = restore_kept(connection, schema, (*SUPPRESSION_TABLES, *SEND_HISTORY_TABLES))
         if restored:
