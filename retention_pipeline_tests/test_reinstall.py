@@ -304,3 +304,76 @@ def test_a_new_schema_beside_an_install_is_refused_until_moved_or_meant(
     install(engine, config, second_install=True)
     assert count(engine, "SELECT count(*) FROM retention.email_suppressions") == 0
     engine.dispose()
+
+
+def test_an_unsubscribe_while_uninstalling_is_kept_or_fails_never_lost(
+    app_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unsubscribe written while `db uninstall` copies the send history either lands in
+    what it keeps or fails where its writer sees it (`serve` then journals it): never
+    acknowledged and dropped with the schema."""
+    import threading
+
+    from retention_pipeline.database import reinstall
+    from retention_pipeline.recipients.suppressions import suppress
+
+    config = make_config(app_database_url)
+    engine = create_engine(app_database_url)
+    install(engine, config)
+    insert_sent_email(engine, "u1", "key-1")
+    written: list[bool] = []
+
+    def unsubscribe() -> None:
+        try:
+            with engine.begin() as connection:
+                suppress(
+                    connection,
+                    schema="retention",
+                    email="late@example.com",
+                    reason="unsubscribed",
+                    source="unsubscribe_link",
+                )
+        except Exception:  # the writer learns its write did not land
+            written.append(False)
+        else:
+            written.append(True)
+
+    writer = threading.Thread(target=unsubscribe)
+    copy_count = reinstall._count
+
+    def count_while_a_reader_unsubscribes(connection, table: str) -> int:
+        if table.endswith("email_send_log") and not writer.is_alive() and not written:
+            writer.start()
+            writer.join(timeout=2)  # without the lock it commits here, between copies
+        return copy_count(connection, table)
+
+    monkeypatch.setattr(reinstall, "_count", count_while_a_reader_unsubscribes)
+    uninstall(engine, config)
+    writer.join(timeout=30)
+    monkeypatch.undo()
+    install(engine, config)
+
+    kept = count(
+        engine,
+        "SELECT count(*) FROM retention.email_suppressions WHERE email = 'late@example.com'",
+    )
+    assert written == [bool(kept)]
+    engine.dispose()
+
+
+def test_uninstall_is_refused_while_a_send_run_sends(app_database_url: str) -> None:
+    from retention_pipeline.sending.sender_lock import sender_lock
+    from retention_pipeline.tracking.install import is_installed
+    from retention_pipeline.tracking.state import TrackingError
+
+    config = make_config(app_database_url)
+    engine = create_engine(app_database_url)
+    install(engine, config)
+    sending = sender_lock(engine, schema="retention", loop_name=LOOP, holder="send-run-42")
+    refused = pytest.raises(TrackingError, match="a send run is sending \\('send-run-42'")
+    with sending, refused:
+        uninstall(engine, config)
+    assert is_installed(engine, config)
+    assert count(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'retention%'") > 0
+    assert uninstall(engine, config) == {}
+    engine.dispose()

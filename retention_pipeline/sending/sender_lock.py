@@ -140,7 +140,19 @@ def _first_line(error: DBAPIError) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def running_sender(connection: Connection) -> str | None:
+    """A sender of this database holding its lock, named as `SenderBusy` names one, or None."""
+    return _holder(connection, _SENDER_LOCK_SPACE, None)
+
+
 def _describe_holder(connection: Connection, space: int, key: int) -> str:
+    # None: it let go between our attempt and this look.
+    return _holder(connection, space, key) or "another sender that has just finished"
+
+
+def _holder(connection: Connection, space: int, key: int | None) -> str | None:
+    """The holder of the advisory lock (space, key), or of any lock of `space` when `key` is
+    None."""
     holder = (
         connection.execute(
             text("""
@@ -152,15 +164,17 @@ def _describe_holder(connection: Connection, space: int, key: int) -> str:
                   AND lock.database = (SELECT oid FROM pg_database
                                        WHERE datname = current_database())
                   AND lock.classid = CAST(CAST(:space AS bigint) AS oid)
-                  AND lock.objid = CAST(CAST(:key AS bigint) AS oid)
-                  AND lock.objsubid = 2"""),
+                  AND (lock.objid = CAST(CAST(:key AS bigint) AS oid)
+                       OR CAST(:key AS bigint) IS NULL)
+                  AND lock.objsubid = 2
+                ORDER BY activity.pid LIMIT 1"""),
             {"space": space, "key": key},
         )
         .mappings()
         .first()
     )
-    if holder is None:  # it let go between our attempt and this look
-        return "another sender that has just finished"
+    if holder is None:
+        return None
     name = holder["application_name"] or "an unnamed client"
     # The lock is the last statement its connection ran, so its last state change is when it
     # was taken.

@@ -29,6 +29,7 @@ from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
 from retention_pipeline.database.activity_sources import ResolvedSource
 from retention_pipeline.database.reinstall import keep_for_reinstall, restore_kept
+from retention_pipeline.sending.sender_lock import running_sender
 from retention_pipeline.tracking.erasure import record_users_gone
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
 from retention_pipeline.tracking.sources import (
@@ -583,8 +584,15 @@ def uninstall(
     )
 
     def remove_triggers(connection: Connection) -> None:
-        """Every trigger calling a function of the schema: each source's, and the erasure's."""
+        """Every trigger calling a function of the schema: each source's, and the erasure's.
+        Refused while a sender runs: what it sends could not be recorded."""
         lock(connection, schema)
+        sender = running_sender(connection)
+        if sender:
+            raise TrackingError(
+                f"db uninstall: a send run is sending ({sender}); nothing was changed: "
+                "run it again once the send runs are done"
+            )
         _brief_lock_timeout(connection)
         preparer = connection.dialect.identifier_preparer
         triggers = connection.execute(
