@@ -88,6 +88,11 @@ def _mutated(document: dict, path: str, value) -> dict:
             "loops.0.steps.0.trigger.timezone: 'Mars/Olympus' is not a known IANA timezone",
         ),
         (
+            "loops.0.steps.0.trigger.timezone",
+            "America",
+            "loops.0.steps.0.trigger.timezone: 'America' is not a known IANA timezone",
+        ),
+        (
             "loops.0.steps.0.action.template",
             "win_back",
             "loops.0.steps.0.action.template: unknown template 'win_back'",

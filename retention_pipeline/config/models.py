@@ -1097,7 +1097,7 @@ class ScheduleTrigger(StrictModel):
     def _timezone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # `America`: a directory
             raise ValueError(f"{value!r} is not a known IANA timezone") from None
         return value
 

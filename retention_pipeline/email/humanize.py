@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, tzinfo
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from functools import cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 GENERIC_ACTION = "used the app"
 
@@ -137,12 +138,21 @@ def describe_action(event_name: str) -> str:
 
 
 def _zone(tz: str | None) -> tzinfo:
+    """The zone named `tz` in any case, as PostgreSQL reads it (the send time follows it), or
+    UTC. A name the zone database holds as a directory (`America`) or too long for a file name
+    raises an OSError, not a ZoneInfoNotFoundError."""
     if not tz:
         return UTC
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        return UTC
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        canonical = _zone_names().get(tz.lower())
+        return ZoneInfo(canonical) if canonical else UTC
+
+
+@cache
+def _zone_names() -> dict[str, str]:
+    return {name.lower(): name for name in available_timezones()}
 
 
 def _aware(moment: datetime) -> datetime:

@@ -24,6 +24,16 @@ def test_naive_times_and_unknown_zones_mean_utc() -> None:
     naive_then = datetime(2026, 11, 18, 15, 0)
     assert calendar_days(naive_then, NOW, "Not/AZone") == 2
     assert calendar_days(naive_then, NOW, "") == 2
+    # Names the zone database holds as a directory, or too long for a file name.
+    assert calendar_days(naive_then, NOW, "America") == 2
+    assert calendar_days(naive_then, NOW, "x" * 300) == 2
+
+
+def test_a_zone_in_other_case_is_the_readers_own() -> None:
+    """PostgreSQL reads `europe/paris` as Europe/Paris, and sends at its 09:00."""
+    then = datetime(2026, 11, 19, 23, 30, tzinfo=UTC)  # 00:30 on the 20th in Paris
+    assert calendar_days(then, NOW, "europe/paris") == 0
+    assert calendar_days(then, NOW, "Not/AZone") == 1
 
 
 @pytest.mark.parametrize(
