@@ -1192,6 +1192,13 @@ class EmailAction(StrictModel):
                     f"{LAST_ACTIVITY_REFERENCE}, the one time the user record has"
                 )
             match = USER_FIELD_REFERENCE.match(reference)
+            if not match and any(mark in reference for mark in ("{", "}")):
+                # Words are greeted as written: a reference with a filter or extra words would
+                # reach every reader as braces.
+                raise ValueError(
+                    f"{name}: {reference!r} is neither words nor a reference like "
+                    "{{user.name}} (no filters, nothing around it)"
+                )
             if match and match.group(1) not in USER_FIELDS:
                 raise ValueError(
                     f"{name}: unknown user field {match.group(1)!r} "

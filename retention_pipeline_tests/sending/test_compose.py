@@ -181,6 +181,9 @@ def test_the_loops_personalization_names_who_is_greeted_and_nothing_the_template
         ({"nick": "{{user.name}}"}, "personalization: nick: the templates read no such key"),
         ({"name": "{{user.nickname}}"}, "personalization: name: unknown user field 'nickname'"),
         ({"lastActivity": "{{user.email}}"}, "lastActivity: '{{user.email}}': the days away"),
+        ({"name": "{{ user.name | title }}"}, "name: '{{ user.name | title }}' is neither"),
+        ({"name": "{{user.name}}!"}, "name: '{{user.name}}!' is neither words nor a reference"),
+        ({"name": "{user.name}"}, "name: '{user.name}' is neither words nor a reference"),
     ):
         action["personalization"] = personalization
         with pytest.raises(ValueError, match=re.escape(refused)):
