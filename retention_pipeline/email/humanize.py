@@ -24,6 +24,7 @@ _IRREGULAR_PAST = {
     "pay": "paid",
     "plan": "planned",
     "read": "read",
+    "reset": "reset",
     "run": "ran",
     "see": "saw",
     "send": "sent",
@@ -36,16 +37,15 @@ _IRREGULAR_PAST = {
 }
 # fmt: off
 _REGULAR_VERBS = (
-    "accept", "add", "apply", "approve", "archive", "assign", "attach", "book", "browse",
-    "cancel", "change", "click", "close", "comment", "complete", "configure", "connect", "copy",
-    "create", "customize", "delete", "deploy", "disable", "download", "downgrade", "duplicate",
+    "accept", "add", "apply", "approve", "archive", "assign", "attach", "book", "browse", "cancel",
+    "change", "click", "close", "comment", "complete", "configure", "connect", "copy", "create",
+    "customize", "deactivate", "delete", "deploy", "disable", "downgrade", "download", "duplicate",
     "edit", "enable", "explore", "export", "filter", "finish", "follow", "generate", "import",
     "install", "integrate", "invite", "join", "launch", "like", "link", "merge", "move", "open",
-    "order", "play", "post", "preview", "print", "publish", "purchase", "reach", "record",
-    "redeem", "remove", "rename", "reopen", "reply", "request", "reset", "resolve", "restore",
-    "review", "save", "schedule", "search", "share", "sort", "start", "subscribe", "sync",
-    "test", "try", "unsubscribe", "update", "upgrade", "upload", "use", "verify", "view",
-    "visit", "watch",
+    "order", "play", "post", "preview", "print", "publish", "purchase", "reach", "record", "redeem",
+    "remove", "rename", "reopen", "reply", "request", "resolve", "restore", "review", "save",
+    "schedule", "search", "share", "sort", "start", "subscribe", "sync", "test", "try", "uninstall",
+    "unsubscribe", "update", "upgrade", "upload", "use", "verify", "view", "visit", "watch",
 )
 # fmt: on
 
@@ -100,6 +100,19 @@ def _regular_past(verb: str) -> str:
 
 _PAST = {verb: _regular_past(verb) for verb in _REGULAR_VERBS} | _IRREGULAR_PAST
 _BASE_OF_PAST = {past: base for base, past in _PAST.items()}
+# Leaving or undoing: the emails say the reader's work is all still there, so an action like
+# these is never named to them ("Last time you deleted a project ... nothing was lost").
+_DEPARTURES = (
+    "cancel",
+    "deactivate",
+    "delete",
+    "disable",
+    "downgrade",
+    "remove",
+    "uninstall",
+    "unsubscribe",
+)
+_DEPARTED = {_PAST[verb] for verb in _DEPARTURES} | {"cancelled", "left"}
 
 
 def calendar_days(then: datetime, now: datetime, tz: str | None = None) -> int:
@@ -127,6 +140,8 @@ def describe_action(event_name: str) -> str:
         return GENERIC_ACTION
     verb = words[verb_index]
     past = _PAST.get(verb, verb)
+    if past in _DEPARTED:
+        return GENERIC_ACTION
     thing = words[:verb_index] + words[verb_index + 1 :]
     if len(thing) > 1 and thing[0] in _NAMESPACES:
         thing = thing[1:]
@@ -180,15 +195,16 @@ def _words(event_name: str) -> list[str]:
 def _verb_index(words: list[str]) -> int | None:
     # A past tense names what happened ("invite_sent": sent, not invite); look from the end,
     # where `object.verbed` names put it.
+    # So does a trailing word in -ed the lists lack ("order_placed": placed, not order).
     for index in range(len(words) - 1, -1, -1):
         if words[index] in _BASE_OF_PAST:
-            return index
-    for index, word in enumerate(words):
-        if word in _PAST:
             return index
     last = words[-1] if words else ""
     if len(last) >= 5 and last.endswith("ed") and not last.endswith("eed"):
         return len(words) - 1
+    for index, word in enumerate(words):
+        if word in _PAST:
+            return index
     return None
 
 

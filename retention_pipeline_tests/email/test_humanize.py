@@ -60,6 +60,8 @@ def test_a_zone_in_other_case_is_the_readers_own() -> None:
         ("invoice.paid", "paid an invoice"),
         ("milestone_reached", "reached a milestone"),
         ("widget.frobnicated", "frobnicated a widget"),
+        ("password_reset", "reset your password"),
+        ("Order Placed", "placed an order"),
     ],
 )
 def test_describe_action(event_name: str, expected: str) -> None:
@@ -71,6 +73,23 @@ def test_describe_action(event_name: str, expected: str) -> None:
     ["", "___", "evt_123_xyz", "$$$", "payment_failed", "trial.expired", "a.b.c.d.e_created", "🙂"],
 )
 def test_unreadable_or_non_action_names_fall_back(event_name: str) -> None:
+    assert describe_action(event_name) == GENERIC_ACTION
+
+
+@pytest.mark.parametrize(
+    "event_name",
+    [
+        "project.deleted",
+        "subscription_cancelled",
+        "plan_downgraded",
+        "app.uninstalled",
+        "user.unsubscribed",
+        "account_deactivated",
+        "delete_workspace",
+    ],
+)
+def test_leaving_or_undoing_is_never_named(event_name: str) -> None:
+    """The emails follow the actions with "all of it is still there" and "nothing was lost"."""
     assert describe_action(event_name) == GENERIC_ACTION
 
 
