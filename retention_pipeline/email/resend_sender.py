@@ -296,12 +296,16 @@ class ResendSender:
         # In permissive mode `data` lists only the accepted emails, in input order.
         ids = [entry.get("id") for entry in response.get("data") or []]
         if len(ids) != len(batch) - len(errors):
+            # Which id is whose is unknown: one handed to the wrong email would file its
+            # reader's bounces and complaints under another reader.
             self._log.warning(
-                "%s: Resend returned %d ids for %d accepted emails; some results have no id",
+                "%s: Resend returned %d ids for %d accepted emails; stored without ids, so "
+                "their delivery events cannot be matched",
                 label,
                 len(ids),
                 len(batch) - len(errors),
             )
+            ids = []
         accepted_ids = iter(ids)
         results = []
         for index, email in enumerate(batch):

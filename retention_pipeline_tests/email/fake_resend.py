@@ -84,6 +84,7 @@ class FakeResend:
         self.delivered: list[dict[str, Any]] = []
         self._scripted: deque[_Scripted] = deque()
         self._answers_to_drop = 0
+        self._ids_to_leave_out = 0
         self._stored: dict[str, tuple[str, _Answer]] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -140,6 +141,12 @@ class FakeResend:
         connection without answering: the emails went out, the client cannot know."""
         with self._lock:
             self._answers_to_drop += count
+
+    def leave_out_an_id_next(self, count: int = 1) -> None:
+        """Deliver the next `count` requests' emails, answering each without its first email's
+        id: an answer that does not add up."""
+        with self._lock:
+            self._ids_to_leave_out += count
 
     def delivered_to(self) -> list[str]:
         with self._lock:
@@ -235,6 +242,9 @@ class FakeResend:
             email_id = str(uuid.uuid4())
             self.delivered.append({**email, "id": email_id, "idempotency_key": key})
             data.append({"id": email_id})
+        if self._ids_to_leave_out > 0:
+            self._ids_to_leave_out -= 1
+            data = data[1:]
         answer = _Answer(200, {"data": data, "errors": errors} if permissive else {"data": data})
         if key is not None:
             self._stored[key] = (fingerprint, answer)

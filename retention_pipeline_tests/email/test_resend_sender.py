@@ -178,6 +178,20 @@ def test_an_invalid_address_fails_alone(fake_resend: FakeResend, fake_clock: Fak
     }
 
 
+def test_an_answer_whose_ids_do_not_add_up_gives_no_email_another_ones_id(
+    fake_resend: FakeResend, fake_clock: FakeClock
+) -> None:
+    """Ids handed out in order past a missing one would name the wrong rows, and a complaint
+    about one reader would then suppress another."""
+    fake_resend.leave_out_an_id_next()
+
+    results = make_sender(fake_clock).send(make_emails(3))
+
+    assert [result.status for result in results] == ["sent", "sent", "sent"]
+    assert [result.provider_id for result in results] == [None, None, None]
+    assert fake_resend.delivered_count == 3
+
+
 def test_requests_are_paced_to_two_per_second(
     fake_resend: FakeResend, fake_clock: FakeClock
 ) -> None:
