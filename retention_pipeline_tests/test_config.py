@@ -179,6 +179,21 @@ def test_missing_environment_variable_names_key_and_variable(document):
         parse_config(document, environ={})
 
 
+def test_keep_days_must_cover_the_longest_outcome_window(document):
+    """Outcomes are rewritten as far back as the longest window reaches, reading the snapshot
+    of each window's last day: a day dropped sooner would lose its revenue."""
+    document["loops"][0]["windows"] = ["7d", "30d", "90d"]
+    document["database"]["keep_days"] = 94
+    with pytest.raises(ConfigError) as refused:
+        parse_config(document, environ={})
+    assert str(refused.value).endswith(
+        "database.keep_days: 94 days of snapshots are fewer than loops.0.windows reach back "
+        "(90 days, and 5 for late sends): keep at least 95, or shorten the windows"
+    )
+    document["database"]["keep_days"] = 95
+    assert parse_config(document, environ={}).database.keep_days == 95
+
+
 def test_loops_must_share_one_timezone(document):
     second = copy.deepcopy(document["loops"][0])
     second["name"] = "second"

@@ -31,6 +31,7 @@ from typing_extensions import TypedDict
 
 from retention_pipeline.config.cron import fires_at_most_once_a_day, is_valid_cron
 from retention_pipeline.recipients.addresses import EMAIL_ADDRESS_PATTERN
+from retention_pipeline.segments.calendar import DUE_LAG_DAYS
 
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 DURATION_PATTERN = re.compile(r"^(\d+)(ms|s|m|h|d)$")
@@ -1503,6 +1504,17 @@ class RetentionConfig(StrictModel):
                     f"loops.{index}.steps.0.trigger.timezone: all loops share one timezone, "
                     f"because daily partitions and the activity rollup use it "
                     f"({first.timezone!r} vs {loop.trigger.timezone!r})"
+                )
+        for index, loop in enumerate(self.loops):
+            # Each evaluation rewrites the outcomes this far back, reading the snapshot of each
+            # window's last day: dropped, the outcome loses its revenue.
+            reach = max(loop.window_days) + DUE_LAG_DAYS
+            if self.database.keep_days < reach:
+                raise ValueError(
+                    f"database.keep_days: {self.database.keep_days} days of snapshots are fewer "
+                    f"than loops.{index}.windows reach back ({max(loop.window_days)} days, and "
+                    f"{DUE_LAG_DAYS} for late sends): keep at least {reach}, or shorten the "
+                    "windows"
                 )
         if self.activity.baseline == "logins" and not self.has_login_source:
             raise ValueError(

@@ -36,17 +36,12 @@ from retention_pipeline.config.models import (
     QuerySuccess,
     RetentionConfig,
 )
-from retention_pipeline.segments.calendar import SEND_WINDOW_DAYS
+from retention_pipeline.segments.calendar import DUE_LAG_DAYS
 from retention_pipeline.segments.conditions import (
     ConditionError,
     read_only_cursor,
     single_select,
 )
-
-# A member's due time falls at most this many days after its audience's day (a day built as late
-# as the send window allows, its local time up to a day later, quiet hours up to another): the
-# evaluation of a loop with due times re-reads its assignments this much further back.
-DUE_LAG_DAYS = SEND_WINDOW_DAYS + 2
 
 # Subscription statuses Stripe still bills: the revenue "still active" after a window.
 BILLED_STATUSES = ("active", "past_due")

@@ -11,6 +11,10 @@ def day_just_ended(scheduled: datetime, timezone: str) -> date:
 
 # An audience this many days old or older is history (a backfill), not a reason to email today.
 SEND_WINDOW_DAYS = 3
+# A member's due time falls at most this many days after its audience's day (a day built as late
+# as the send window allows, its local time up to a day later, quiet hours up to another): the
+# evaluation of a loop with due times re-reads its assignments this much further back.
+DUE_LAG_DAYS = SEND_WINDOW_DAYS + 2
 
 
 def within_send_window(day: date, now: datetime, timezone: str) -> bool:
