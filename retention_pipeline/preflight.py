@@ -117,6 +117,10 @@ def preflight(
     report.problems.extend(mapping.problems)
     report.problems.extend(sources.problems)
     report.problems.extend(upgrade_problems)
+    if not_installed is None:
+        with engine.connect() as connection:
+            unowned = _ownership_problem(connection, schema)
+        report.problems.extend([unowned] if unowned else [])
     billing = config.database.tables.subscriptions
     if (
         billing is not None
@@ -224,6 +228,37 @@ def preflight(
             "outcomes and condition queries cannot be planned"
         )
     return report
+
+
+def _ownership_problem(connection: Connection, schema: str) -> str | None:
+    """What every run alters that only its owner may, where the role is not (a member of) the
+    owner: a daily table, each day a new partition of it; a capture (trigger) function, which
+    the drain replaces. No right granted stands in for owning them, and no plan shows it."""
+    role, unowned = connection.execute(
+        text("""
+            SELECT current_user,
+                   array_agg(what ORDER BY kind, what) FILTER (WHERE NOT owned)
+            FROM (
+                SELECT 1 AS kind, format('table %I.%I', n.nspname, c.relname) AS what,
+                       pg_has_role(c.relowner, 'USAGE') AS owned
+                FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                WHERE n.nspname = :schema AND c.relkind = 'p'
+                UNION ALL
+                SELECT 2, format('function %I.%I', n.nspname, p.proname),
+                       pg_has_role(p.proowner, 'USAGE')
+                FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+                WHERE n.nspname = :schema AND p.prorettype = CAST('trigger' AS regtype)
+            ) AS altered"""),
+        {"schema": schema},
+    ).one()
+    if not unowned:
+        return None
+    more = f" and {len(unowned) - 1} more" if len(unowned) > 1 else ""
+    return (
+        f"database.schema: role {role} does not own {unowned[0]}{more}, which the runs alter "
+        "(a day's partitions, the drain's capture functions) and only the owner may: run the "
+        "pipeline as the role that ran `db upgrade`, or grant that role to this one"
+    )
 
 
 def _exclusions(

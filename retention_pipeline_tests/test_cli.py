@@ -420,6 +420,10 @@ def test_a_role_without_rights_gets_one_line_naming_the_right_and_the_object(
             "on table public.events",
             f"error: database.tables.sessions: reading its last days would fail: {lacks} SELECT "
             "on table public.sessions",
+            f"error: database.schema: role {role_without_rights} does not own table "
+            "retention.classified_segments and 4 more, which the runs alter (a day's "
+            "partitions, the drain's capture functions) and only the owner may: run the "
+            "pipeline as the role that ran `db upgrade`, or grant that role to this one",
             f"error: database.tables.users: the snapshot's read would fail: {lacks} SELECT on "
             "table public.users",
             f"error: database.tables.subscriptions: the snapshot's read would fail: {lacks} "
