@@ -75,10 +75,10 @@ def test_day_zero_names_the_last_actions() -> None:
 @pytest.mark.parametrize("template", ["re_engagement", "re_engagement_last_call"])
 def test_a_reader_seen_today_is_not_told_zero_days(template: str) -> None:
     """A dormant reader whose sessions fell off may have been in on the day itself."""
-    for days, said in ((0, "We haven't seen much of you in Acme Analytics lately"), (1, "1 day,")):
+    for days, said in ((0, "We haven't seen much of you in Acme Analytics lately"), (1, "1 day")):
         email = render_email(template, context(days_inactive=days))
         assert "0 days" not in email.text and "0 days" not in email.html
-        assert said.rstrip(",") in email.text and said.rstrip(",") in email.html
+        assert said in email.text and said in email.html
     assert "8 days" in render_email(template, context()).text
 
 
