@@ -13,7 +13,13 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import ConfigError, parse_config
-from retention_pipeline.outcomes.decisions import Decision, decide, store_decisions
+from retention_pipeline.outcomes.decisions import (
+    Decision,
+    decide,
+    decide_day,
+    decisions_in_force,
+    store_decisions,
+)
 from retention_pipeline.outcomes.evaluate import evaluate_outcomes
 from retention_pipeline.outcomes.performance import performance_metadata, performance_rows
 from retention_pipeline.tracking.drain import update_rollup
@@ -215,6 +221,43 @@ def test_a_harmful_step_is_paused_and_not_sent_the_next_day(engine, app_database
     unadjusted = config_for(app_database_url, holdout=0.5, adjust=False)
     assert run_day(engine, unadjusted, next_day).excluded["step_paused"] == 0
     assert {row[1] for row in audience(engine, next_day) if int(row[0]) > 1000} == {0}
+
+
+def test_a_paused_step_stays_paused_for_the_period_when_its_interval_moves_back(
+    engine, app_database_url
+):
+    """The pause rule's error bound holds for a rule that stops at its first crossing: a pause
+    taken back when outcomes still pending nudge the interval over zero would send a harmful
+    step again."""
+    config = config_for(app_database_url, holdout=0.5)
+    loop = config.loops[0]
+    add_users(engine, range(1, 301), last_seen=LONG_AGO)
+    run_day(engine, config, D)
+    decided_on = D + timedelta(days=7)
+    evaluate(engine, config, decided_on)  # nobody came back in either arm: not harmful
+
+    def first_step_paused_on(connection, day: date) -> None:
+        pause = Decision(0, day, {"a": 1.0}, True, "paused: ...", {})
+        store_decisions(connection, "retention", loop, day, [pause])
+
+    with engine.begin() as connection:
+        first_step_paused_on(connection, decided_on - timedelta(days=1))
+        _, decisions = decide_day(connection, "retention", loop, decided_on)
+    (first,) = [decision for decision in decisions if decision.step == 0]
+    assert first.paused
+    assert first.reason.startswith(
+        f"paused since {decided_on - timedelta(days=1)}, for the rest of the period; today: "
+    )
+    with engine.connect() as connection:
+        assert decisions_in_force(connection, "retention", loop, decided_on + timedelta(days=1), 1)[
+            0
+        ].paused
+    # A day decided again before a later pause decides from its own outcomes.
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM retention.campaign_decisions"))
+        first_step_paused_on(connection, decided_on + timedelta(days=1))
+        _, again = decide_day(connection, "retention", loop, decided_on)
+    assert [decision.paused for decision in again if decision.step == 0] == [False]
 
 
 def test_the_audience_follows_the_decided_variant_shares(engine, app_database_url):

@@ -9,7 +9,8 @@ window, stored with the numbers behind it, and followed by the audiences of the 
   MINIMUM_VARIANT_SHARE. The holdout is drawn before and apart from the variants, so the shares
   never bias the lift. Simulated assignments have no outcomes, so they never move the shares.
 - A step whose always-valid interval of the lift lies below zero, once both arms have at least
-  MINIMUM_OUTCOMES_TO_PAUSE known outcomes, is paused: it is sent to nobody from the next day on.
+  MINIMUM_OUTCOMES_TO_PAUSE known outcomes, is paused: it is sent to nobody from the next day on,
+  for the rest of the experiment period (`keep_pauses`).
   The lift is the step's own randomized comparison (see `performance`): the first step against
   the holdout, a later step's recipients against the users withheld from it, never a later step
   against the holdout, which the earlier emails made unlike the treated users still dormant.
@@ -177,14 +178,7 @@ def store_decisions(
     first, before any), each under its step's id: `loop` has the steps the decisions' indexes
     count (the period's, `audience.experiment.period_loop`)."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
-    period = connection.execute(
-        text(f"""
-            SELECT coalesce(
-                (SELECT period FROM {s}.experiment_periods
-                 WHERE loop_name = :loop AND started_on <= :day
-                 ORDER BY started_on DESC LIMIT 1), 1)"""),
-        {"loop": loop.name, "day": day},
-    ).scalar_one()
+    period = _period_number(connection, schema, loop, day)
     connection.execute(
         text(
             f"DELETE FROM {s}.campaign_decisions "
@@ -211,6 +205,63 @@ def store_decisions(
                 "evidence": json.dumps(decision.evidence),
             },
         )
+
+
+def _period_number(connection: Connection, schema: str, loop: Loop, day: date) -> int:
+    """The experiment period in force on `day` (the first, before any)."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    return connection.execute(
+        text(f"""
+            SELECT coalesce(
+                (SELECT period FROM {s}.experiment_periods
+                 WHERE loop_name = :loop AND started_on <= :day
+                 ORDER BY started_on DESC LIMIT 1), 1)"""),
+        {"loop": loop.name, "day": day},
+    ).scalar_one()
+
+
+def keep_pauses(decisions: list[Decision], paused_since: dict[int, date]) -> list[Decision]:
+    """`decisions` with each step paused on an earlier day of the period (`paused_since`, by
+    step) still paused. The always-valid interval bounds wrong pauses for a rule that stops at
+    its first crossing: taken back when the outcomes still pending nudge the interval over zero
+    again, a harmful step went back out in about half the runs that paused it, and the pause
+    no longer meant anything. A new period (a change of the loop's design) decides afresh."""
+    kept = []
+    for decision in decisions:
+        since = paused_since.get(decision.step)
+        if since is not None and not decision.paused:
+            decision = Decision(
+                step=decision.step,
+                decided_on=decision.decided_on,
+                variant_shares=decision.variant_shares,
+                paused=True,
+                reason=f"paused since {since.isoformat()}, for the rest of the period; today: "
+                + decision.reason,
+                evidence={**decision.evidence, "paused_since": since.isoformat()},
+            )
+        kept.append(decision)
+    return kept
+
+
+def _pauses_before(connection: Connection, schema: str, loop: Loop, day: date) -> dict[int, date]:
+    """Per step of `loop` (the period's steps), the first day before `day` it was paused on in
+    the period in force on `day`."""
+    s = connection.dialect.identifier_preparer.quote_schema(schema)
+    step_ids = [step.action.template for step in loop.steps]
+    rows = connection.execute(
+        text(f"""
+            SELECT step_id, min(decided_on) FROM {s}.campaign_decisions
+            WHERE loop_name = :loop AND period = :period AND decided_on < :day AND paused
+              AND step_id = ANY(CAST(:step_ids AS text[]))
+            GROUP BY step_id"""),
+        {
+            "loop": loop.name,
+            "period": _period_number(connection, schema, loop, day),
+            "day": day,
+            "step_ids": step_ids,
+        },
+    ).all()
+    return {step_ids.index(step_id): since for step_id, since in rows}
 
 
 def decisions_in_force(
@@ -269,8 +320,9 @@ def decide_day(
         for row in rows
         if row.step is not None and (row.treatment.finished or row.holdout.finished)
     }
-    decisions = [
-        decision for decision in decide(measured, rows, day) if decision.step in measured_steps
-    ]
+    decided = keep_pauses(
+        decide(measured, rows, day), _pauses_before(connection, schema, measured, day)
+    )
+    decisions = [decision for decision in decided if decision.step in measured_steps]
     store_decisions(connection, schema, measured, day, decisions)
     return rows, decisions
