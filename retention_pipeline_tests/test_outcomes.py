@@ -148,7 +148,7 @@ def test_arms_where_nobody_returns_still_get_an_interval(engine, app_database_ur
     lift, lower, upper = overall.lift
     assert lift == 0 and -0.25 < lower < 0 < upper < 0.25
     assert overall.verdict.startswith("+0.0 points, 95% CI -")
-    assert overall.evidence == "undecided"
+    assert overall.evidence == "undecided (30 of 100 outcomes)"
     # The 30-day window is not over: nothing to say yet.
     (later,) = [row for row in rows if row.step is None and row.window_days == 30]
     assert later.verdict == "not enough data yet (0 of 10 outcomes)"
@@ -221,6 +221,31 @@ def test_a_harmful_step_is_paused_and_not_sent_the_next_day(engine, app_database
     unadjusted = config_for(app_database_url, holdout=0.5, adjust=False)
     assert run_day(engine, unadjusted, next_day).excluded["step_paused"] == 0
     assert {row[1] for row in audience(engine, next_day) if int(row[0]) > 1000} == {0}
+
+
+def test_the_decision_evidence_reads_as_the_pause_rule_decides():
+    """`report` shows the evidence the pause acts on: not "worse than no email" where both arms
+    are short of the pause rule's outcomes and the step is left alone."""
+    from retention_pipeline.outcomes.decisions import harmful
+    from retention_pipeline.outcomes.performance import ArmCounts, PerformanceRow
+
+    def row(treated_returned: int, control_returned: int, each: int) -> PerformanceRow:
+        return PerformanceRow(
+            loop="loop_0",
+            step=0,
+            template="re_engagement",
+            variant=None,
+            window_days=7,
+            treatment=ArmCounts(assigned=each, finished=each, returned=treated_returned),
+            holdout=ArmCounts(assigned=each, finished=each, returned=control_returned),
+        )
+
+    few = row(5, 30, 60)
+    assert few.always_valid[1] < 0 and not harmful(5, 60, 30, 60)
+    assert few.evidence == "undecided (60 of 100 outcomes)"
+    many = row(17, 100, 200)
+    assert harmful(17, 200, 100, 200)
+    assert many.evidence == "worse than no email"
 
 
 def test_a_paused_step_stays_paused_for_the_period_when_its_interval_moves_back(

@@ -29,11 +29,14 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.audience.experiment import period_in_force, period_loop
 from retention_pipeline.config.models import Loop
-from retention_pipeline.outcomes.performance import PerformanceRow, performance_rows
+from retention_pipeline.outcomes.performance import (
+    MINIMUM_OUTCOMES_TO_PAUSE,
+    PerformanceRow,
+    performance_rows,
+)
 from retention_pipeline.outcomes.stats import always_valid_difference, thompson_shares
 
 MINIMUM_VARIANT_SHARE = 0.1
-MINIMUM_OUTCOMES_TO_PAUSE = 100
 
 
 @dataclass(frozen=True)

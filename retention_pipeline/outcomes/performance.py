@@ -49,6 +49,8 @@ from retention_pipeline.outcomes.stats import (
 
 # Below this many known outcomes in an arm, a row says "not enough data yet" instead of a lift.
 MINIMUM_OUTCOMES_PER_ARM = 10
+# Known outcomes each arm needs before the always-valid interval decides anything (a pause).
+MINIMUM_OUTCOMES_TO_PAUSE = 100
 
 
 @dataclass(frozen=True)
@@ -217,9 +219,13 @@ class PerformanceRow:
 
     @property
     def evidence(self) -> str:
-        """What the always-valid interval says, which stays right however often it is read."""
+        """What the always-valid interval says, which stays right however often it is read,
+        once both arms have as many outcomes as the pause rule asks (`decisions.harmful`)."""
         if not self.holdout.assigned or not self.measurable:
             return "-"
+        known = min(self.treatment.finished, self.holdout.finished)
+        if known < MINIMUM_OUTCOMES_TO_PAUSE:
+            return f"undecided ({known} of {MINIMUM_OUTCOMES_TO_PAUSE} outcomes)"
         lower, upper = self.always_valid
         without = "no email" if self.compared_with == "holdout" else "skipping the step"
         if lower > 0:
