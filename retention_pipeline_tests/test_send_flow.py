@@ -28,6 +28,7 @@ from retention_pipeline_tests.helpers import (
     SHIPPED_DOCUMENT,
     demo_until_yesterday,
     shipped_asset,
+    shipped_definitions,
     shipped_job,
     shipped_sensor,
     treated,
@@ -419,6 +420,25 @@ def test_a_send_run_launched_by_partition_alone_carries_its_loop_and_shard_tags(
     tags = instance.get_run_by_id(run.run_id).tags
     assert tags["retention/loop"] == "re_engagement"
     assert tags["retention/send_shard"] == "re_engagement/0"
+
+
+def test_an_audience_of_a_loop_no_longer_configured_does_not_stop_the_others():
+    """A loop renamed or removed while its audience waited for the sensor: a request for its
+    job would fail the tick, and every later tick on the same record, for every loop."""
+    yesterday = datetime.now(ZoneInfo(SHIPPED_CONFIG.timezone)).date() - timedelta(days=1)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=AUDIENCE,
+                partition=yesterday.isoformat(),
+                metadata={"loops": "old_name,re_engagement"},
+            )
+        )
+        context = dg.build_sensor_context(instance=instance, definitions=shipped_definitions())
+        tick = send_on_new_audience.evaluate_tick(context)
+    (request,) = tick.run_requests
+    assert request.job_name == "send_re_engagement"
+    assert tick.cursor is not None
 
 
 def test_the_sensor_sends_the_loops_an_audience_picked_through_their_jobs():

@@ -215,6 +215,14 @@ def build_send_sensor(
                 context.log.info(f"audience {partition} is history: not emailed")
                 continue
             for loop_name in loops_picked(record.asset_materialization, config):
+                if loop_name not in config.loop_names:
+                    # Renamed or removed since: a request for its job would fail the tick, and
+                    # every tick after it, for every loop.
+                    context.log.warning(
+                        f"audience {partition} picked loop {loop_name}, which is no longer "
+                        "configured: not sent"
+                    )
+                    continue
                 for shard in range(config.email.send_shards):
                     yield dg.RunRequest(
                         job_name=send_job_name(loop_name),
