@@ -88,6 +88,12 @@ def _mutated(document: dict, path: str, value) -> dict:
             "loops.0.steps.0.trigger.timezone: 'Mars/Olympus' is not a known IANA timezone",
         ),
         (
+            "loops.0.name",
+            "re$engagement",
+            "loops.0.name: 're$engagement': Dagster names the loop's jobs and schedules after it "
+            "(send_<name>), and its names take letters, digits and _ only",
+        ),
+        (
             "loops.0.steps.0.trigger.timezone",
             "America",
             "loops.0.steps.0.trigger.timezone: 'America' is not a known IANA timezone",

@@ -1376,7 +1376,13 @@ class Loop(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _check_identifier(value)
+        _check_identifier(value)
+        if "$" in value:
+            raise ValueError(
+                f"{value!r}: Dagster names the loop's jobs and schedules after it (send_<name>), "
+                "and its names take letters, digits and _ only"
+            )
+        return value
 
     @property
     def trigger(self) -> ScheduleTrigger:
