@@ -120,6 +120,14 @@ def test_the_daily_job_drains_before_the_snapshot_and_a_schedule_drains_hourly()
     schedule = defs.resolve_schedule_def("drain_activity_hourly")
     assert schedule.cron_schedule == "30 * * * *"
     assert schedule.job_name == "drain_activity"
+    # The reconciliation reads a whole day of every source for the last complete day: once a
+    # day, in the daily run, not with each hourly drain.
+    reconciliation = dg.AssetCheckKey(
+        dg.AssetKey(["retention", "activity_rollup"]), "reconciles_with_app_tables"
+    )
+    assert reconciliation in job.asset_layer.asset_graph.asset_check_keys
+    drain = defs.resolve_job_def("drain_activity")
+    assert reconciliation not in drain.asset_layer.asset_graph.asset_check_keys
 
 
 def test_rollup_asset_folds_the_capture_and_reconciles_the_last_day(app_database_url, tmp_path):
