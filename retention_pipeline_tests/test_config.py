@@ -260,6 +260,51 @@ def test_a_cron_that_fires_at_most_once_a_day_is_accepted_and_dagster_schedules_
 @pytest.mark.parametrize(
     "cron",
     [
+        "30 6 * * *",
+        "0 9 * * 1",
+        "0 09 1,15 * *",
+        "0 9 */2 * *",
+        "0 9 ? JAN mon-fri",
+        "0 9 1,15 * 1-5",
+        "0 9 5/10 * *",
+        "0 9 * * 7",
+        "0 9 ? * sun,wed",
+        "0 9 * * sat-sun",
+        "0 9 * * fri-mon",
+        "0 9 * * 1/2",
+        "0 9 * * 5-7",
+        "0 9 * * 1-7",
+        "0 9 * nov-feb *",
+        "0 9 25-5 * *",
+        "@daily",
+        "@weekly",
+        "@monthly",
+        "@yearly",
+    ],
+)
+def test_the_days_and_time_a_cron_fires_on_are_the_ones_dagster_schedules(cron):
+    """The daily schedules pick the loops due on a day by `fires_on`; Dagster fires them."""
+    from datetime import date, datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    from dagster._utils.schedules import cron_string_iterator
+
+    from retention_pipeline.config.cron import fires_on, time_of_day
+
+    start = datetime(2026, 1, 1, tzinfo=ZoneInfo("Europe/Berlin"))
+    fired = []
+    for tick in cron_string_iterator(start.timestamp(), cron, "Europe/Berlin"):
+        if tick.year > 2026:
+            break
+        fired.append(tick)
+    days = [date(2026, 1, 1) + timedelta(days=n) for n in range(365)]
+    assert [day for day in days if fires_on(cron, day)] == [tick.date() for tick in fired]
+    assert {(tick.hour, tick.minute) for tick in fired} == {time_of_day(cron)}
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
         "0 25 * * *",
         "60 9 * * *",
         "0 9 0 * *",

@@ -411,6 +411,26 @@ def test_each_loop_runs_at_its_own_cron_and_sends_with_its_own_job(morning, tmp_
     assert (shipped.max_retries, shipped.backoff) == (3, dg.Backoff.EXPONENTIAL)
 
 
+def test_loops_due_at_the_same_time_share_one_daily_run_on_the_days_both_fire():
+    """A daily loop and a Monday loop at 09:00: two schedules would build Monday's snapshot
+    twice at once; one schedule picks the loops due that day."""
+    document = two_loop_document()
+    document["loops"][1]["steps"][0]["trigger"]["cron"] = "0 9 * * 1"
+    config = parse_config(document, environ={})
+
+    (schedule,) = build_daily_schedules(config, daily_retention_job)
+    assert schedule.name == "daily_retention_schedule"
+    assert list(schedule.cron_schedule) == ["0 9 * * *", "0 9 * * 1"]
+    picked = {}
+    for day in (date(2026, 12, 7), date(2026, 12, 8)):  # a Monday, a Tuesday
+        tick = datetime.combine(day, time(9), ZoneInfo(config.timezone))
+        request = schedule(dg.build_schedule_context(scheduled_execution_time=tick))
+        picked[day.strftime("%A")] = request.run_config["ops"]["retention__reengagement_audience"][
+            "config"
+        ]["loops"]
+    assert picked == {"Monday": ["re_engagement", "win_back"], "Tuesday": ["re_engagement"]}
+
+
 def test_a_send_run_launched_by_partition_alone_carries_its_loop_and_shard_tags(morning):
     _engine, instance, resources, day, _outbox = morning
     run = send_re_engagement.execute_in_process(

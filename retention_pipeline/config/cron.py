@@ -6,6 +6,8 @@ passes here, Dagster schedules."""
 
 from __future__ import annotations
 
+from datetime import date
+
 AT_MOST_DAILY_MACROS = ("@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
 MACROS = (*AT_MOST_DAILY_MACROS, "@hourly")
 MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -62,3 +64,65 @@ def fires_at_most_once_a_day(cron: str) -> bool:
         return fields[0].lower() in AT_MOST_DAILY_MACROS
     minute, hour = fields[:2]
     return minute.isdigit() and hour.isdigit()
+
+
+# The macros that fire at most daily, as the five fields they stand for.
+MACRO_FIELDS = {
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+}
+
+
+def _fields(cron: str) -> list[str]:
+    return MACRO_FIELDS.get(cron.strip().lower(), cron).split()
+
+
+def time_of_day(cron: str) -> tuple[int, int]:
+    """(hour, minute) of a cron expression that fires at most once a day."""
+    minute, hour = _fields(cron)[:2]
+    return int(hour), int(minute)
+
+
+def _values(
+    field: str, lowest: int, highest: int, names: tuple[str, ...], *, sunday_is_7: bool = False
+) -> set[int]:
+    """The values a valid cron field stands for. A range whose end comes before its start wraps
+    around (`sat-sun`, `nov-feb`, `25-5`), as Dagster reads it; a day of week given as 7 is
+    Sunday, 0."""
+    span = highest - lowest + 1
+
+    def number(text: str) -> int:
+        value = int(text) if text.isdigit() else names.index(text.lower()) + lowest
+        return lowest if sunday_is_7 and value == 7 else value
+
+    values = set()
+    for item in field.split(","):
+        body, _, step = item.partition("/")
+        if body in ("*", "?"):
+            start, end = lowest, highest
+        else:
+            first, has_range, last = body.partition("-")
+            start = number(first)
+            # `a/n` runs from a to the field's end, as cron reads it.
+            end = number(last) if has_range else (highest if step else start)
+        for offset in range(0, (end - start) % span + 1, int(step or 1)):
+            values.add(lowest + (start - lowest + offset) % span)
+    return values
+
+
+def fires_on(cron: str, day: date) -> bool:
+    """Whether a valid cron expression fires on `day`: its month, and its day of month or day
+    of week (either, where both are restricted, as cron reads them)."""
+    _, _, day_of_month, month, day_of_week = _fields(cron)
+    if day.month not in _values(month, 1, 12, MONTH_NAMES):
+        return False
+    by_month_day = day.day in _values(day_of_month, 1, 31, ())
+    weekday = (day.weekday() + 1) % 7  # cron counts from Sunday, 0
+    by_week_day = weekday in _values(day_of_week, 0, 6, DAY_NAMES, sunday_is_7=True)
+    if day_of_month in ("*", "?") or day_of_week in ("*", "?"):
+        return by_month_day and by_week_day
+    return by_month_day or by_week_day
