@@ -105,8 +105,15 @@ class SendRunReport:
             "claimed_this_run": self.claimed.get(day, 0),
             "sent_this_run": changes["sent"],
             "failed_this_run": changes["failed"],
-            **{f"status/{status}": count for status, count in self.ledger[day].items()},
-            **{f"delivery/{event}": count for event, count in self.delivery[day].items()},
+            # The day's counts of every loop share the send log's partition: each under its loop.
+            **{
+                f"{self.loop_name}/status/{status}": count
+                for status, count in self.ledger[day].items()
+            },
+            **{
+                f"{self.loop_name}/delivery/{event}": count
+                for event, count in self.delivery[day].items()
+            },
             **due,
         }
 

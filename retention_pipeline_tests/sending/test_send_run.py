@@ -67,7 +67,7 @@ def test_a_send_run_claims_only_days_within_the_window_and_its_counts_add_up(
     for day, sent in ((DAY - timedelta(days=1), 2), (DAY, 5)):
         metadata = report.metadata_for(day)
         assert metadata["claimed_this_run"] == metadata["sent_this_run"] == sent
-        assert metadata["status/sent"] == sent
+        assert metadata["re_engagement/status/sent"] == sent
         assert metadata["send_run_audience_days"] == "2026-11-19, 2026-11-20"
     assert str(report) == (
         "re_engagement 2026-11-20: claimed 7 new emails from audience days 2026-11-19, "

@@ -162,10 +162,11 @@ def test_bounces_resends_refusals_and_unsubscribes_are_suppressed_and_the_emaile
         )
         assert again.success
         (report,) = send_log_materializations(again, partition)
+        # Under its loop's name: every loop's counts share the partition.
         delivery = {
-            key.removeprefix("delivery/"): value.value
+            key.removeprefix("re_engagement/delivery/"): value.value
             for key, value in report.metadata.items()
-            if key.startswith("delivery/")
+            if key.startswith("re_engagement/delivery/")
         }
         assert delivery == {
             "delivered": 1,
