@@ -7,7 +7,8 @@ shares of the same treated users, and the comparison is randomized like every ot
 episode counts once, by its first email (step 0): later steps of an episode are not independent
 of it. Intention to treat: a learned user with no activity to learn from (sent at the fixed time
 after all), an email skipped as stale or bounced, stay in their group. Rates count windows that
-are over; the difference has the same hybrid score interval as the lifts (`stats`).
+are over; the difference has the same hybrid score interval as the lifts (`stats`), and the
+verdict reads the always-valid one, as the decisions do.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import date
 from sqlalchemy import Connection, text
 
 from retention_pipeline.outcomes.performance import MINIMUM_OUTCOMES_PER_ARM
-from retention_pipeline.outcomes.stats import newcombe_difference
+from retention_pipeline.outcomes.stats import always_valid_difference, newcombe_difference
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,13 @@ class SendTimeRow:
 
     @property
     def verdict(self) -> str:
+        """From the always-valid interval, as the decisions: this is read every morning, and a
+        fixed-sample interval read daily would find a difference where there is none."""
         if not self.measurable:
             return f"not enough data yet (fewer than {MINIMUM_OUTCOMES_PER_ARM} outcomes a group)"
-        _difference, lower, upper = self.difference
+        lower, upper = always_valid_difference(
+            self.learned_returned, self.learned_finished, self.fixed_returned, self.fixed_finished
+        )
         if lower > 0:
             return "learned times bring more users back"
         if upper < 0:
@@ -60,7 +65,7 @@ def send_time_rows(
     connection: Connection, *, schema: str, loop_name: str, day: date
 ) -> list[SendTimeRow]:
     """Per window, the loop's treated first emails of the days up to `day`, by send-time group,
-    with their outcomes."""
+    with their outcomes whose windows were over by `day`."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     rows = connection.execute(
         text(f"""
@@ -76,8 +81,9 @@ def send_time_rows(
                AND a.user_id = o.user_id
             WHERE o.loop_name = :loop AND o.arm = 'treatment' AND o.step = 0
               AND o.partition_date <= :day AND a.send_time_arm IS NOT NULL
-              -- Windows that are over only: early returns alone would inflate a rate.
-              AND o.window_ends_on <= o.evaluated_through
+              -- Windows over by `day` only: early returns alone would inflate a rate, and a
+              -- day built again later must not count what it could not have known.
+              AND o.window_ends_on <= least(o.evaluated_through, CAST(:day AS date))
             GROUP BY o.window_days
             ORDER BY o.window_days"""),
         {"loop": loop_name, "day": day},
