@@ -22,7 +22,10 @@ recorded with the arm `withheld`, not emailed. A withheld step counts as passed,
 does: the user's next step comes at its delay, and the frequency cap counts it, so recipients and
 withheld users of a step go on alike but for that one email. Each user also gets a template
 variant. The exclusions (suppressed address, no usable address, shared address, frequency cap)
-apply to every arm alike, so the holdout and the withheld stay comparable.
+apply to every arm alike, so the holdout and the withheld stay comparable on the day; but the
+suppressions and the cap come partly from the loop's own earlier emails, which only treated
+mailboxes got, so a mailbox's later episodes keep fewer of the treated who left (README,
+Suppressions).
 
 Each episode belongs to the experiment period its loop was in on the day it started
 (`audience.experiment`): its steps (delays, templates, variants) and its holdout draw are that
