@@ -20,6 +20,7 @@ from retention_pipeline.defs.partitions import daily_partitions
 from retention_pipeline.defs.segments import SEGMENTS, SNAPSHOT
 from retention_pipeline.defs.sending import build_send_job
 from retention_pipeline.demo import seed_demo
+from retention_pipeline.recipients.suppressions import suppress
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.tracking.drain import update_rollup
@@ -57,6 +58,18 @@ def users_of(engine: Engine, loop: str, day: str, *, arm: str | None = None) -> 
                       AND (arm = :arm OR CAST(:arm AS text) IS NULL)"""),
                 {"loop": loop, "day": day, "arm": arm},
             ).scalars()
+        )
+
+
+def unsubscribe(engine: Engine, address: str) -> None:
+    """`address` unsubscribes from every loop, as its link would record it."""
+    with engine.begin() as connection:
+        suppress(
+            connection,
+            schema="retention",
+            email=address,
+            reason="unsubscribed",
+            source="unsubscribe_link",
         )
 
 
@@ -267,21 +280,13 @@ def test_a_new_schema_beside_an_install_is_refused_until_moved_or_meant(
     README's move (uninstall, rename the schema, upgrade) keeps them; `second_install` installs
     beside it on purpose."""
     from retention_pipeline.database.migrate import installation_problem
-    from retention_pipeline.recipients.suppressions import suppress
     from retention_pipeline.tracking.state import TrackingError
 
     config = make_config(app_database_url)
     moved = make_config(app_database_url, schema="retention_app")
     engine = create_engine(app_database_url)
     install(engine, config)
-    with engine.begin() as connection:
-        suppress(
-            connection,
-            schema="retention",
-            email="ada@example.com",
-            reason="unsubscribed",
-            source="cli",
-        )
+    unsubscribe(engine, "ada@example.com")
 
     refusal = "the pipeline's install in this database is in schema 'retention' (1 suppressed"
     with pytest.raises(TrackingError, match="--second-install") as refused:
@@ -315,7 +320,6 @@ def test_an_unsubscribe_while_uninstalling_is_kept_or_fails_never_lost(
     import threading
 
     from retention_pipeline.database import reinstall
-    from retention_pipeline.recipients.suppressions import suppress
 
     config = make_config(app_database_url)
     engine = create_engine(app_database_url)
@@ -323,22 +327,15 @@ def test_an_unsubscribe_while_uninstalling_is_kept_or_fails_never_lost(
     insert_sent_email(engine, "u1", "key-1")
     written: list[bool] = []
 
-    def unsubscribe() -> None:
+    def late_unsubscribe() -> None:
         try:
-            with engine.begin() as connection:
-                suppress(
-                    connection,
-                    schema="retention",
-                    email="late@example.com",
-                    reason="unsubscribed",
-                    source="unsubscribe_link",
-                )
+            unsubscribe(engine, "late@example.com")
         except Exception:  # the writer learns its write did not land
             written.append(False)
         else:
             written.append(True)
 
-    writer = threading.Thread(target=unsubscribe)
+    writer = threading.Thread(target=late_unsubscribe)
     copy_count = reinstall._count
 
     def count_while_a_reader_unsubscribes(connection, table: str) -> int:
