@@ -297,6 +297,31 @@ def test_reordered_steps_start_a_period_and_a_pause_stays_with_its_step(world):
     assert summary.excluded["step_paused"] == 80 and not rows_of(engine, D + timedelta(days=8))
 
 
+def test_a_pause_the_new_period_decides_holds_for_the_open_episodes_of_the_old(world):
+    """Period 1's episodes keep period 1's steps until they end; a follow-up that period 2's
+    outcomes find harmful is not sent to them meanwhile."""
+    engine, url = world
+    add_users(engine, range(1, 41), last_seen=LONG_AGO)
+    config = config_for(url)
+    run_day(engine, config, D)
+    add_users(engine, range(101, 141), last_seen=DORMANT_FROM_TOMORROW)
+    reordered = config_for(url, templates=(FIRST, LAST_CALL, FOLLOW_UP))
+    run_day(engine, reordered, D + timedelta(days=1))
+    period_2 = period_loop(reordered.loops[0], loop_periods(engine)[1])
+    with engine.begin() as connection:
+        store_decisions(
+            connection,
+            "retention",
+            period_2,
+            D + timedelta(days=2),
+            [Decision(2, D + timedelta(days=2), {"a": 1.0}, True, "paused: harmful", {})],
+        )
+
+    # Period 1's follow-up is its step 1, due three days in.
+    summary = run_day(engine, reordered, D + timedelta(days=3))
+    assert summary.excluded["step_paused"] == 40 and not rows_of(engine, D + timedelta(days=3))
+
+
 def test_a_step_taken_out_is_sent_to_nobody_even_in_episodes_that_started_with_it(world):
     engine, url = world
     add_users(engine, range(1, 21), last_seen=LONG_AGO)

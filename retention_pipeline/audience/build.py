@@ -240,15 +240,33 @@ def _restore_due_times(connection: Connection, s: str, loop: str, day: date) -> 
 
 
 def _variant_plan(
-    connection: Connection, schema: str, loop: Loop, period: ExperimentPeriod, day: date
+    connection: Connection,
+    schema: str,
+    loop: Loop,
+    period: ExperimentPeriod,
+    day: date,
+    current: int,
 ) -> dict:
     """What the episodes of `period` follow on `day`: its holdout, and per step of its design
     its template and delay, whether it is paused, the variants with the upper end of each one's
-    share of [0, 1), and the day of the decision that set the shares (None for an even split)."""
+    share of [0, 1), and the day of the decision that set the shares (None for an even split).
+    A step paused by the period in force (`current`) is paused for an earlier period's open
+    episodes too: they would get it until they end, and only the new period measures it."""
     measured = period_loop(loop, period)
     configured = {step.action.template for step in loop.steps}
     decisions = (
         decisions_in_force(connection, schema, measured, day, period.number) if loop.adjust else {}
+    )
+    paused_later = (
+        {
+            index
+            for index, decision in decisions_in_force(
+                connection, schema, measured, day, current
+            ).items()
+            if decision.paused
+        }
+        if loop.adjust and current > period.number
+        else set()
     )
     plan = []
     for index, step in enumerate(measured.steps):
@@ -270,6 +288,7 @@ def _variant_plan(
                 "delay_days": step.delay_days,
                 # A step taken out of the configuration is sent to nobody any more.
                 "paused": bool(decision and decision.paused)
+                or index in paused_later
                 or step.action.template not in configured,
                 "bounds": bounds,
                 "decided_on": decided_on,
@@ -726,7 +745,9 @@ def _build_loop(
         "period": period.number,
         "plans": json.dumps(
             {
-                str(number): _variant_plan(connection, schema, loop, followed[number], day)
+                str(number): _variant_plan(
+                    connection, schema, loop, followed[number], day, period.number
+                )
                 for number in followed
             }
         ),
