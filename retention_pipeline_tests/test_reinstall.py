@@ -372,5 +372,40 @@ def test_uninstall_is_refused_while_a_send_run_sends(app_database_url: str) -> N
         uninstall(engine, config)
     assert is_installed(engine, config)
     assert count(engine, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'retention%'") > 0
-    assert uninstall(engine, config) == {}
+    # Another install's sender is not this one's.
+    with sender_lock(engine, schema="retention_other", loop_name=LOOP, holder="other-install"):
+        assert uninstall(engine, config) == {}
+    engine.dispose()
+
+
+def test_a_sender_that_starts_while_uninstalling_is_caught_under_the_lock(
+    app_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An hourly send run that takes its lock between the triggers' removal and the copy: it may
+    have sent what it claimed, whose outcomes the dropped log could not record."""
+    from contextlib import ExitStack
+
+    from retention_pipeline.sending.sender_lock import sender_lock
+    from retention_pipeline.tracking import install as installing
+    from retention_pipeline.tracking.state import TrackingError
+
+    config = make_config(app_database_url)
+    engine = create_engine(app_database_url)
+    install(engine, config)
+    insert_sent_email(engine, "u1", "key-1")
+    senders = ExitStack()
+    lock_tables = installing.lock_against_writes
+
+    def a_sender_starts_first(connection, schema, tables) -> None:
+        senders.enter_context(
+            sender_lock(engine, schema="retention", loop_name=LOOP, holder="hourly-send")
+        )
+        lock_tables(connection, schema, tables)
+
+    monkeypatch.setattr(installing, "lock_against_writes", a_sender_starts_first)
+    with senders, pytest.raises(TrackingError, match="the triggers are gone, the schema is still"):
+        uninstall(engine, config)
+    monkeypatch.undo()
+    assert count(engine, "SELECT count(*) FROM retention.email_send_log") == 1
+    assert uninstall(engine, config) == {"email_send_log": 1}
     engine.dispose()

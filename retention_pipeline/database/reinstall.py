@@ -23,22 +23,11 @@ def keep_for_reinstall(
     """Drop the schema but the rows of `tables`, each copied into `<table>_kept` in a schema that
     then takes the dropped one's name; return how many rows each kept table holds (tables
     without rows are not kept). A schema uninstalled before keeps what it kept of `tables` and
-    loses the rest. Without anything to keep, the schema is dropped whole.
-
-    The tables kept are locked against writes (reads go on) before the first is copied: an
-    unsubscribe, a webhook's event or a send's outcome committed between a copy and the drop
-    would be lost, and the copies would disagree (an event naming an email the kept log lacks).
-    A writer waits, then fails on the dropped table, which tells it its write did not land."""
+    loses the rest. Without anything to keep, the schema is dropped whole. The caller has locked
+    `tables` against writes (`lock_against_writes`)."""
     preparer = connection.dialect.identifier_preparer
     s = preparer.quote_schema(schema)
     holder = preparer.quote_schema(f"{schema}_uninstalling")
-    live_tables = [
-        f"{s}.{preparer.quote(table)}"
-        for table in tables
-        if _exists(connection, f"{s}.{preparer.quote(table)}")
-    ]
-    if live_tables:
-        connection.execute(text(f"LOCK TABLE {', '.join(live_tables)} IN EXCLUSIVE MODE"))
     connection.execute(text(f"CREATE SCHEMA {holder}"))
     kept: dict[str, int] = {}
     for table in tables:
@@ -60,6 +49,23 @@ def keep_for_reinstall(
     else:
         connection.execute(text(f"DROP SCHEMA {holder}"))
     return kept
+
+
+def lock_against_writes(connection: Connection, schema: str, tables: Sequence[str]) -> None:
+    """Lock the schema's `tables` against writes until the transaction ends (reads go on), before
+    `keep_for_reinstall` copies the first: an unsubscribe, a webhook's event or a send's outcome
+    committed between a copy and the drop would be lost, and the copies would disagree (an event
+    naming an email the kept log lacks). A writer waits, then fails on the dropped table, which
+    tells it its write did not land."""
+    preparer = connection.dialect.identifier_preparer
+    s = preparer.quote_schema(schema)
+    live = [
+        f"{s}.{preparer.quote(table)}"
+        for table in tables
+        if _exists(connection, f"{s}.{preparer.quote(table)}")
+    ]
+    if live:
+        connection.execute(text(f"LOCK TABLE {', '.join(live)} IN EXCLUSIVE MODE"))
 
 
 def restore_kept(connection: Connection, schema: str, tables: Sequence[str]) -> dict[str, int]:

@@ -140,19 +140,26 @@ def _first_line(error: DBAPIError) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def running_sender(connection: Connection) -> str | None:
-    """A sender of this database holding its lock, named as `SenderBusy` names one, or None."""
-    return _holder(connection, _SENDER_LOCK_SPACE, None)
+def running_sender(
+    connection: Connection, *, schema: str, loop_names: list[str], shards: int
+) -> str | None:
+    """A sender of one of `loop_names` (any of its `shards`) in `schema` holding its lock, named
+    as `SenderBusy` names one, or None. Another install's senders are not this one's."""
+    keys = [
+        sender_lock_keys(schema, loop_name, Shard(index, shards))[1]
+        for loop_name in loop_names
+        for index in range(shards)
+    ]
+    return _holder(connection, _SENDER_LOCK_SPACE, keys)
 
 
 def _describe_holder(connection: Connection, space: int, key: int) -> str:
     # None: it let go between our attempt and this look.
-    return _holder(connection, space, key) or "another sender that has just finished"
+    return _holder(connection, space, [key]) or "another sender that has just finished"
 
 
-def _holder(connection: Connection, space: int, key: int | None) -> str | None:
-    """The holder of the advisory lock (space, key), or of any lock of `space` when `key` is
-    None."""
+def _holder(connection: Connection, space: int, keys: list[int]) -> str | None:
+    """The holder of one of the advisory locks (space, key) of `keys`."""
     holder = (
         connection.execute(
             text("""
@@ -164,11 +171,10 @@ def _holder(connection: Connection, space: int, key: int | None) -> str | None:
                   AND lock.database = (SELECT oid FROM pg_database
                                        WHERE datname = current_database())
                   AND lock.classid = CAST(CAST(:space AS bigint) AS oid)
-                  AND (lock.objid = CAST(CAST(:key AS bigint) AS oid)
-                       OR CAST(:key AS bigint) IS NULL)
+                  AND CAST(lock.objid AS bigint) = ANY (CAST(:keys AS bigint[]))
                   AND lock.objsubid = 2
                 ORDER BY activity.pid LIMIT 1"""),
-            {"space": space, "key": key},
+            {"space": space, "keys": keys},
         )
         .mappings()
         .first()

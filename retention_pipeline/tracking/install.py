@@ -28,7 +28,11 @@ from retention_pipeline.audience.days_rebuilt import record_emailed_days_as_rebu
 from retention_pipeline.config.models import RetentionConfig
 from retention_pipeline.database import migrate
 from retention_pipeline.database.activity_sources import ResolvedSource
-from retention_pipeline.database.reinstall import keep_for_reinstall, restore_kept
+from retention_pipeline.database.reinstall import (
+    keep_for_reinstall,
+    lock_against_writes,
+    restore_kept,
+)
 from retention_pipeline.sending.sender_lock import running_sender
 from retention_pipeline.tracking.erasure import record_users_gone
 from retention_pipeline.tracking.fold import Added, recompute_days, record_late_days
@@ -103,8 +107,9 @@ def with_brief_locks(engine: Engine, work: Callable[[Connection], T], what: str)
                 raise
             time.sleep(min(2.0, 0.05 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0))
     raise TrackingError(
-        f"{what}: gave up after {BRIEF_LOCK_ATTEMPTS} tries to take a brief lock on the app "
-        "tables; a long-running transaction holds one (see pg_stat_activity)"
+        f"{what}: gave up after {BRIEF_LOCK_ATTEMPTS} tries to take a brief lock on the tables "
+        "it changes (the app's, or the pipeline's own); a long-running transaction holds one "
+        "(see pg_stat_activity)"
     )
 
 
@@ -583,16 +588,24 @@ def uninstall(
         *(() if forget_send_history else SEND_HISTORY_TABLES),
     )
 
-    def remove_triggers(connection: Connection) -> None:
-        """Every trigger calling a function of the schema: each source's, and the erasure's.
-        Refused while a sender runs: what it sends could not be recorded."""
-        lock(connection, schema)
-        sender = running_sender(connection)
+    def refuse_while_sending(connection: Connection, changed: str) -> None:
+        """What a send run sends while the schema goes could not be recorded."""
+        sender = running_sender(
+            connection,
+            schema=schema,
+            loop_names=config.loop_names,
+            shards=config.email.send_shards,
+        )
         if sender:
             raise TrackingError(
-                f"db uninstall: a send run is sending ({sender}); nothing was changed: "
-                "run it again once the send runs are done"
+                f"db uninstall: a send run is sending ({sender}); {changed}: run it again once "
+                "the send runs are done"
             )
+
+    def remove_triggers(connection: Connection) -> None:
+        """Every trigger calling a function of the schema: each source's, and the erasure's."""
+        lock(connection, schema)
+        refuse_while_sending(connection, "nothing was changed")
         _brief_lock_timeout(connection)
         preparer = connection.dialect.identifier_preparer
         triggers = connection.execute(
@@ -613,6 +626,10 @@ def uninstall(
     def drop_schema(connection: Connection) -> dict[str, int]:
         lock(connection, schema)
         _brief_lock_timeout(connection)  # in case a trigger of an unmapped table depends on it
+        lock_against_writes(connection, schema, tables)
+        # Again, under the lock: a sender that started since the first look may have sent what
+        # it claimed, and its outcomes could not be recorded.
+        refuse_while_sending(connection, "the triggers are gone, the schema is still there")
         return keep_for_reinstall(connection, schema, tables)
 
     with_brief_locks(engine, remove_triggers, "db uninstall")
