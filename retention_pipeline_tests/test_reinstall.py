@@ -311,6 +311,18 @@ def test_a_new_schema_beside_an_install_is_refused_until_moved_or_meant(
     engine.dispose()
 
 
+def test_an_apps_own_suppression_table_and_alembic_are_not_an_install(
+    app_database_url: str,
+) -> None:
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE public.alembic_version (version_num text)"))
+        connection.execute(text("CREATE TABLE public.email_suppressions (email text)"))
+    install(engine, make_config(app_database_url))
+    assert count(engine, "SELECT count(*) FROM retention.email_suppressions") == 0
+    engine.dispose()
+
+
 def test_an_unsubscribe_while_uninstalling_is_kept_or_fails_never_lost(
     app_database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

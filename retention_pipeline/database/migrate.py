@@ -45,10 +45,12 @@ def other_install(connection: Connection, schema: str) -> str | None:
             FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
             WHERE n.nspname <> :schema AND c.relkind IN ('r', 'p')
               AND (c.relname IN ('email_suppressions_kept', 'email_send_log_kept')
+                   -- An app may have an `email_suppressions` and Alembic of its own.
                    OR (c.relname = 'email_suppressions'
-                       AND EXISTS (SELECT FROM pg_class AS version
-                                   WHERE version.relnamespace = n.oid
-                                     AND version.relname = 'alembic_version')))
+                       AND (SELECT count(*) FROM pg_class AS ours
+                            WHERE ours.relnamespace = n.oid
+                              AND ours.relname IN ('alembic_version', 'email_send_log',
+                                                   'tracking_state')) = 3))
             ORDER BY n.nspname LIMIT 1"""),
         {"schema": schema},
     ).scalar_one_or_none()
