@@ -93,9 +93,9 @@ class SendRunReport:
             due["deferred_this_run"] = self.due.deferred[day]
         if day in self.hours:
             hours = self.hours[day]
-            due["due/waiting"] = sum(each.waiting for each in hours)
-            due["due/skipped"] = sum(each.skipped for each in hours)
-            due["due/hours"] = Markdown(due_hours_markdown(hours))
+            due[f"{self.loop_name}/due/waiting"] = sum(each.waiting for each in hours)
+            due[f"{self.loop_name}/due/skipped"] = sum(each.skipped for each in hours)
+            due[f"{self.loop_name}/due/hours"] = Markdown(due_hours_markdown(hours))
         return {
             "loop": self.loop_name,
             "send_run_day": self.day.isoformat(),
@@ -105,7 +105,7 @@ class SendRunReport:
             "claimed_this_run": self.claimed.get(day, 0),
             "sent_this_run": changes["sent"],
             "failed_this_run": changes["failed"],
-            # The day's counts of every loop share the send log's partition: each under its loop.
+            # The day's totals of every loop share the send log's partition: each under its loop.
             **{
                 f"{self.loop_name}/status/{status}": count
                 for status, count in self.ledger[day].items()

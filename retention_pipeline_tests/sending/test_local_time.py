@@ -121,8 +121,8 @@ def test_the_send_runs_metadata_shows_per_hour_who_was_sent_and_who_waits(
     assert report.due is not None and report.due.claimed == Counter({DAY: 2})
     metadata = report.metadata_for(DAY)
     assert metadata["claimed_this_run"] == metadata["sent_this_run"] == 2
-    assert metadata["due/waiting"] == 4
-    assert metadata["due/hours"].splitlines()[2:] == [
+    assert metadata[f"{LOOP}/due/waiting"] == 4
+    assert metadata[f"{LOOP}/due/hours"].splitlines()[2:] == [
         "| 2026-11-21 17:00 | 2 | 0 | 0 | 0 | 0 |",
         "| 2026-11-21 19:00 | 0 | 0 | 0 | 2 | 0 |",
         "| 2026-11-22 00:00 | 0 | 0 | 0 | 2 | 0 |",
@@ -219,7 +219,7 @@ def test_a_late_send_keeps_quiet_hours_and_skips_what_is_too_late(
         datetime(2026, 11, 22, 23, tzinfo=UTC),
         datetime(2026, 11, 22, 0, tzinfo=UTC),
     )
-    assert metadata["due/skipped"] == 1
+    assert metadata[f"{LOOP}/due/skipped"] == 1
 
     ticks.every_hour(resumed + HOUR, 36)
     # Kiritimati's quiet hours end at 08:00 there (18:00 UTC), Tokyo's at 23:00 UTC.

@@ -104,8 +104,8 @@ def test_a_send_run_at_the_real_hour_sends_the_members_due_and_reports_each_hour
     ]
     metadata = materialization.metadata
     assert metadata["sent_this_run"].value == len(due)
-    assert metadata["due/waiting"].value == waiting
-    table = metadata["due/hours"]
+    assert metadata["re_engagement/due/waiting"].value == waiting
+    table = metadata["re_engagement/due/hours"]
     assert isinstance(table, dg.MarkdownMetadataValue)
     rows = [line.split(" | ") for line in table.value.splitlines()[2:]]
     assert sum(int(row[1]) for row in rows) == len(due)  # sent, by hour of due time
