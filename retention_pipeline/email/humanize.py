@@ -152,17 +152,23 @@ def describe_action(event_name: str) -> str:
     return f"{past} {_noun_phrase(thing)}"
 
 
-def _zone(tz: str | None) -> tzinfo:
-    """The zone named `tz` in any case, as PostgreSQL reads it (the send time follows it), or
-    UTC. A name the zone database holds as a directory (`America`) or too long for a file name
-    raises an OSError, not a ZoneInfoNotFoundError."""
+def known_zone(tz: str | None) -> str | None:
+    """The zone database's name for `tz` in any case, as PostgreSQL reads it (the send time
+    follows it), or None for no zone or an unknown one. A name the zone database holds as a
+    directory (`America`) or too long for a file name raises an OSError, not a
+    ZoneInfoNotFoundError."""
     if not tz:
-        return UTC
+        return None
     try:
-        return ZoneInfo(tz)
+        ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        canonical = _zone_names().get(tz.lower())
-        return ZoneInfo(canonical) if canonical else UTC
+        return _zone_names().get(tz.lower())
+    return tz
+
+
+def _zone(tz: str | None) -> tzinfo:
+    known = known_zone(tz)
+    return ZoneInfo(known) if known else UTC
 
 
 @cache

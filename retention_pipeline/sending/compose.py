@@ -19,6 +19,7 @@ from retention_pipeline.email.humanize import (
     GENERIC_ACTION,
     calendar_days,
     describe_action,
+    known_zone,
 )
 from retention_pipeline.email.message import OutgoingEmail
 from retention_pipeline.email.render import render_email
@@ -175,7 +176,8 @@ def email_context(
     # Days away are counted from within the day, not from the next midnight: at the end of the
     # 20th, a user last seen on the 11th has been away 9 days, not 10.
     said_at = as_of - timedelta(microseconds=1)
-    reader_timezone = row["timezone"] or config.timezone
+    # An unknown zone is the loops', as the due time's (in SQL) is.
+    reader_timezone = known_zone(row["timezone"]) or config.timezone
     user = {
         "id": row["user_id"],
         "email": row["email"],

@@ -6,7 +6,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from retention_pipeline.email.humanize import GENERIC_ACTION, calendar_days, describe_action
+from retention_pipeline.email.humanize import (
+    GENERIC_ACTION,
+    calendar_days,
+    describe_action,
+    known_zone,
+)
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
 
@@ -27,6 +32,16 @@ def test_naive_times_and_unknown_zones_mean_utc() -> None:
     # Names the zone database holds as a directory, or too long for a file name.
     assert calendar_days(naive_then, NOW, "America") == 2
     assert calendar_days(naive_then, NOW, "x" * 300) == 2
+
+
+def test_a_readers_zone_is_known_as_postgresql_knows_it() -> None:
+    """The email's days and its send time (in SQL) follow one zone: an unknown one is the
+    loops' in both (`compose`)."""
+    assert known_zone("Asia/Kolkata") == "Asia/Kolkata"
+    assert known_zone("europe/paris") == "Europe/Paris"
+    assert known_zone("America") is None
+    assert known_zone("Not/AZone") is None
+    assert known_zone(None) is None
 
 
 def test_a_zone_in_other_case_is_the_readers_own() -> None:
