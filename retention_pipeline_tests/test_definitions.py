@@ -242,6 +242,54 @@ def test_the_daily_assets_refuse_a_half_rebuilt_rollup(app_database_url, tmp_pat
         database.ensure_installed()
 
 
+def test_every_daily_asset_retries_a_transient_failure(app_database_url, tmp_path, monkeypatch):
+    """A database that drops the connection at 09:00 does not leave the day unbuilt: each daily
+    asset retries (here without the shipped minute's delay), rebuilding its day whole."""
+    from dagster._core.definitions.dependency import NodeHandle
+    from sqlalchemy.exc import OperationalError
+
+    from retention_pipeline.config import load_config
+    from retention_pipeline.definitions import defs
+    from retention_pipeline.defs import segments
+    from retention_pipeline.defs.partitions import daily_partitions
+    from retention_pipeline.defs.retries import DAILY_ASSET_RETRIES
+
+    daily_job = defs.resolve_job_def("daily_retention")
+    assets = daily_job.asset_layer.executable_asset_keys
+    assert len(assets) == 6
+    for key in assets:
+        node = NodeHandle("__".join(key.path), None)
+        assert daily_job.get_retry_policy_for_handle(node) == DAILY_ASSET_RETRIES, key
+
+    engine = create_engine(app_database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO users (id, email, created_at) VALUES (1, 'a@example.com', now())")
+        )
+    install(engine, make_config(app_database_url))
+    engine.dispose()
+    config_path = write_config(tmp_path, app_database_url)
+    monkeypatch.setattr(segments, "DAILY_ASSET_RETRIES", dg.RetryPolicy(max_retries=1))
+    snapshot, _ = segments.build_segment_assets(daily_partitions(load_config(config_path)))
+    built = segments._snapshot_day
+    attempts = []
+
+    def connection_lost_once(context, app_database, day):
+        attempts.append(day)
+        if len(attempts) == 1:
+            raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+        return built(context, app_database, day)
+
+    monkeypatch.setattr(segments, "_snapshot_day", connection_lost_once)
+    result = dg.materialize(
+        [snapshot],
+        partition_key="2026-11-20",
+        resources={"app_database": AppDatabase(config_path=str(config_path))},
+    )
+    assert result.success and len(attempts) == 2
+    assert result.asset_materializations_for_node("retention__user_activity_snapshot")
+
+
 def test_a_failing_integrity_check_keeps_the_snapshot_from_the_segments(app_database_url, tmp_path):
     engine = create_engine(app_database_url)
     with engine.begin() as connection:

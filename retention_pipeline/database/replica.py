@@ -43,7 +43,8 @@ class ReplicaError(RuntimeError):
 
 
 class ReplicaDataError(ValueError):
-    """The replica's subscriptions hold a value the snapshot cannot read (one line)."""
+    """The replica's tables do not match the mapping, or its subscriptions hold a value the
+    snapshot cannot read (one line): nothing a second try would change."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,11 @@ class ReplicaReads:
 
 
 def replica_tables(replica: Connection, tables: AppTables) -> dict[str, ResolvedTable]:
-    """The mapping resolved on the replica; ReplicaError names the first problem."""
+    """The mapping resolved on the replica; ReplicaDataError names the first problem."""
     try:
         return resolve_app_tables(replica, tables)
     except MappingError as error:
-        raise ReplicaError(f"database.read_url: {error}") from None
+        raise ReplicaDataError(f"database.read_url: {error}") from None
 
 
 def subscriptions_source_sql(replica: Connection, tables: dict[str, ResolvedTable]) -> str:

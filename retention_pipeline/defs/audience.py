@@ -14,6 +14,7 @@ from retention_pipeline.defs.partitions import (
     day_by_day,
     previous_day_of,
 )
+from retention_pipeline.defs.retries import DAILY_ASSET_RETRIES
 from retention_pipeline.defs.segments import SEGMENTS
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.conditions import condition_user_ids
@@ -46,6 +47,7 @@ def build_audience_asset(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         key=AUDIENCE,
         partitions_def=daily,
         backfill_policy=daily_backfill_policy,
+        retry_policy=DAILY_ASSET_RETRIES,
         # Episodes carry over from day to day: backfills run the days in order.
         deps=[
             SEGMENTS,
@@ -69,7 +71,7 @@ def build_audience_asset(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 settings.loops if config.loops is None else [settings.loop(n) for n in config.loops]
             )
         except ValueError as unknown:
-            raise dg.Failure(description=f"config.loops: {unknown}") from None
+            raise dg.Failure(description=f"config.loops: {unknown}", allow_retries=False) from None
         yield from day_by_day(context, lambda day: _audience_day(context, app_database, loops, day))
 
     return reengagement_audience

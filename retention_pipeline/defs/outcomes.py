@@ -15,6 +15,7 @@ from retention_pipeline.defs.partitions import (
     daily_backfill_policy,
     day_by_day,
 )
+from retention_pipeline.defs.retries import DAILY_ASSET_RETRIES
 from retention_pipeline.defs.segments import SNAPSHOT
 from retention_pipeline.defs.sending import SEND_LOG
 from retention_pipeline.defs.tracking import ROLLUP
@@ -42,6 +43,7 @@ def build_outcome_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefini
         key=OUTCOMES,
         partitions_def=daily,
         backfill_policy=daily_backfill_policy,
+        retry_policy=DAILY_ASSET_RETRIES,
         # The snapshots give the subscription billed at the end of each window.
         deps=[AUDIENCE, SEND_LOG, ROLLUP, SNAPSHOT],
         group_name="retention",
@@ -74,6 +76,7 @@ def build_outcome_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefini
         key=PERFORMANCE,
         partitions_def=daily,
         backfill_policy=daily_backfill_policy,
+        retry_policy=DAILY_ASSET_RETRIES,
         deps=[OUTCOMES],
         group_name="retention",
         kinds={"postgres"},

@@ -14,3 +14,11 @@ def retry_policy(recovery: Recovery) -> dg.RetryPolicy:
         delay=parse_duration(recovery.delay).total_seconds(),
         backoff=BACKOFFS[recovery.backoff],
     )
+
+
+# The daily assets' own retries: a database failover, a deadlock or a statement timeout at 09:00
+# would otherwise leave the day's audience unbuilt until someone runs it again. Every one of them
+# rebuilds its day whole (a retry of a backfill starts its range over), and what cannot succeed
+# on a second try (the configuration, the mapping) fails at once (`dg.Failure(allow_retries=
+# False)`). Checks that fail are not op failures: they are never retried.
+DAILY_ASSET_RETRIES = dg.RetryPolicy(max_retries=2, delay=60, backoff=dg.Backoff.EXPONENTIAL)

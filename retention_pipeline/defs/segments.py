@@ -12,6 +12,7 @@ from retention_pipeline.defs.partitions import (
     day_by_day,
     previous_day_of,
 )
+from retention_pipeline.defs.retries import DAILY_ASSET_RETRIES
 from retention_pipeline.defs.tracking import ROLLUP
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.segments.rules import (
@@ -40,6 +41,7 @@ def build_segment_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefini
         key=SNAPSHOT,
         partitions_def=daily,
         backfill_policy=daily_backfill_policy,
+        retry_policy=DAILY_ASSET_RETRIES,
         # The day before's snapshot is rolled forward when it can be: backfills run the days in
         # order.
         deps=[
@@ -84,6 +86,7 @@ def build_segment_assets(daily: dg.PartitionsDefinition) -> list[dg.AssetsDefini
         key=SEGMENTS,
         partitions_def=daily,
         backfill_policy=daily_backfill_policy,
+        retry_policy=DAILY_ASSET_RETRIES,
         # Yesterday's segments give `entered_on`: backfills run the days in order.
         deps=[
             SNAPSHOT,

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from retention_pipeline.defs.retries import DAILY_ASSET_RETRIES
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import EmailResource
 from retention_pipeline.tracking.drain import update_rollup
@@ -12,6 +13,7 @@ ROLLUP = dg.AssetKey(["retention", "activity_rollup"])
 
 @dg.asset(
     key=ROLLUP,
+    retry_policy=DAILY_ASSET_RETRIES,
     group_name="retention",
     kinds={"postgres"},
     description=(
