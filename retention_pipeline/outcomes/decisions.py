@@ -246,9 +246,11 @@ def keep_pauses(decisions: list[Decision], paused_since: dict[int, date]) -> lis
     return kept
 
 
-def _pauses_before(connection: Connection, schema: str, loop: Loop, day: date) -> dict[int, date]:
+def _pauses_before(
+    connection: Connection, schema: str, loop: Loop, period: int, day: date
+) -> dict[int, date]:
     """Per step of `loop` (the period's steps), the first day before `day` it was paused on in
-    the period in force on `day`."""
+    `period`."""
     s = connection.dialect.identifier_preparer.quote_schema(schema)
     step_ids = [step.action.template for step in loop.steps]
     rows = connection.execute(
@@ -259,7 +261,7 @@ def _pauses_before(connection: Connection, schema: str, loop: Loop, day: date) -
             GROUP BY step_id"""),
         {
             "loop": loop.name,
-            "period": _period_number(connection, schema, loop, day),
+            "period": period,
             "day": day,
             "step_ids": step_ids,
         },
@@ -323,8 +325,10 @@ def decide_day(
         for row in rows
         if row.step is not None and (row.treatment.finished or row.holdout.finished)
     }
+    # The first period, before any was recorded, as `store_decisions` files them.
+    number = 1 if period is None else period.number
     decided = keep_pauses(
-        decide(measured, rows, day), _pauses_before(connection, schema, measured, day)
+        decide(measured, rows, day), _pauses_before(connection, schema, measured, number, day)
     )
     decisions = [decision for decision in decided if decision.step in measured_steps]
     store_decisions(connection, schema, measured, day, decisions)
