@@ -113,14 +113,12 @@ def preflight(
                     connection, schema, config.timezone
                 ) or sources_problem(connection, tracking)
                 upgrade_problems.extend([not_upgraded] if not_upgraded else [])
+        unowned = None if not_installed else _ownership_problem(connection, schema)
         connection.rollback()
     report.problems.extend(mapping.problems)
     report.problems.extend(sources.problems)
     report.problems.extend(upgrade_problems)
-    if not_installed is None:
-        with engine.connect() as connection:
-            unowned = _ownership_problem(connection, schema)
-        report.problems.extend([unowned] if unowned else [])
+    report.problems.extend([unowned] if unowned else [])
     billing = config.database.tables.subscriptions
     if (
         billing is not None
