@@ -207,9 +207,15 @@ def test_the_sensor_launches_every_recent_day_once_and_skips_history(morning):
     assert [item for item in send_on_new_audience(later) if isinstance(item, dg.RunRequest)] == []
 
 
-def audience_landed(instance: dg.DagsterInstance, day: date) -> None:
+def audience_landed(instance: dg.DagsterInstance, day: date, loops: str | None = None) -> None:
+    """An audience of `day` materialized, picking `loops` (its metadata), or reported without it
+    (every loop)."""
     instance.report_runless_asset_event(
-        dg.AssetMaterialization(asset_key=AUDIENCE, partition=day.isoformat())
+        dg.AssetMaterialization(
+            asset_key=AUDIENCE,
+            partition=day.isoformat(),
+            metadata={} if loops is None else {"loops": loops},
+        )
     )
 
 
@@ -447,13 +453,7 @@ def test_an_audience_of_a_loop_no_longer_configured_does_not_stop_the_others():
     job would fail the tick, and every later tick on the same record, for every loop."""
     yesterday = datetime.now(ZoneInfo(SHIPPED_CONFIG.timezone)).date() - timedelta(days=1)
     with dg.DagsterInstance.ephemeral() as instance:
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(
-                asset_key=AUDIENCE,
-                partition=yesterday.isoformat(),
-                metadata={"loops": "old_name,re_engagement"},
-            )
-        )
+        audience_landed(instance, yesterday, loops="old_name,re_engagement")
         context = dg.build_sensor_context(instance=instance, definitions=shipped_definitions())
         tick = send_on_new_audience.evaluate_tick(context)
     (request,) = tick.run_requests
@@ -464,18 +464,8 @@ def test_an_audience_of_a_loop_no_longer_configured_does_not_stop_the_others():
 def test_the_sensor_sends_the_loops_an_audience_picked_through_their_jobs():
     today = datetime.now(ZoneInfo(SHIPPED_CONFIG.timezone)).date()
     with dg.DagsterInstance.ephemeral() as instance:
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(
-                asset_key=AUDIENCE, partition=today.isoformat(), metadata={"loops": ""}
-            )
-        )
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(
-                asset_key=AUDIENCE,
-                partition=today.isoformat(),
-                metadata={"loops": "re_engagement"},
-            )
-        )
+        audience_landed(instance, today, loops="")
+        audience_landed(instance, today, loops="re_engagement")
         (request,) = run_requests(dg.build_sensor_context(instance=instance))
     assert request.job_name == "send_re_engagement"
     assert request.partition_key == f"{today.isoformat()}|0"
