@@ -39,7 +39,7 @@ from retention_pipeline.database.app_tables import (
     subscription_parts,
 )
 from retention_pipeline.database.excluded_users import count_excluded, describe
-from retention_pipeline.database.migrate import installation_problem
+from retention_pipeline.database.migrate import current_revision, installation_problem
 from retention_pipeline.database.privileges import lacking_right
 from retention_pipeline.database.replica import (
     COPIED_TABLES,
@@ -97,6 +97,7 @@ def preflight(
         mapping = inspect_app_tables(connection, config.database.tables)
         sources = inspect_sources(connection, config.database, mapping.resolved.get("users"))
         not_installed = installation_problem(connection, schema)
+        ever_installed = current_revision(connection, schema) is not None
         if "users" in mapping.resolved and not sources.problems:
             tracking = TrackingSql(
                 connection.dialect, schema, mapping.resolved["users"], tuple(sources.resolved)
@@ -221,10 +222,16 @@ def preflight(
             except ConditionError as error:
                 report.problems.append(str(error))
     if not_installed is not None:
-        report.unchecked = (
+        unplanned = (
             f"database.schema: {not_installed}; until then the snapshot, segments, audience, "
             "outcomes and condition queries cannot be planned"
         )
+        # Before the first install, `check` is how a mapping is tried out; an install the code
+        # has moved past is what stops every run after a deploy.
+        if ever_installed:
+            report.problems.append(unplanned)
+        else:
+            report.unchecked = unplanned
     return report
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+from alembic import command
 from sqlalchemy import create_engine, text
 
 from retention_pipeline.config import parse_config
+from retention_pipeline.database import migrate
 from retention_pipeline.database.connection import create_app_engine
 from retention_pipeline.preflight import preflight
 from retention_pipeline.tracking.install import install
@@ -52,6 +54,23 @@ def test_a_missing_pipeline_table_fails_the_audience_plan(app_database_url):
         "loops.re_engagement: the audience would fail: "
         'relation "retention.email_suppressions" does not exist'
     ]
+
+
+def test_an_install_the_code_has_moved_past_is_what_every_run_would_stop_at(app_database_url):
+    config = make_config(app_database_url)
+    engine = create_app_engine(app_database_url)
+    install(engine, config)
+    with engine.begin() as connection:
+        command.downgrade(migrate._alembic_config(connection, "retention"), "-1")
+        behind = migrate.current_revision(connection, "retention")
+    report = preflight(engine, config)
+    engine.dispose()
+    assert report.problems == [
+        f"database.schema: schema 'retention' is at revision {behind}, expected "
+        f"{migrate.head_revision()}: run `retention-pipeline db upgrade`; until then the "
+        "snapshot, segments, audience, outcomes and condition queries cannot be planned"
+    ]
+    assert report.unchecked is None
 
 
 def test_a_table_the_role_may_not_read_is_one_line(app_database_url):
