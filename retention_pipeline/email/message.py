@@ -32,6 +32,10 @@ class SendResult:
     `retryable` marks a failure a later attempt may fix (the sender gave up on a transient error:
     rate limiting, a server error, the connection): the send log keeps such an email claimed, to
     be re-sent in the same batch. Any other failure is final.
+
+    `undelivered` marks a retryable failure the provider certainly did not deliver: every request
+    for it was refused whole (a bad key, a spent quota) or none was made. Whether an email was
+    delivered decides whether it may still be sent after the provider forgets its idempotency key.
     """
 
     key: str
@@ -39,6 +43,7 @@ class SendResult:
     provider_id: str | None = None
     error: str | None = None
     retryable: bool = False
+    undelivered: bool = False
 
 
 class EmailSender(Protocol):

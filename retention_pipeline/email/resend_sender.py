@@ -58,6 +58,7 @@ class _Failure:
     retry_after: float | None = None
     stops_run: bool = False
     already_sent: bool = False
+    maybe_delivered: bool = False
 
 
 class Pacer(Protocol):
@@ -177,7 +178,7 @@ class ResendSender:
             if stop_reason is not None:
                 # An invalid key or a spent quota fails every request alike; don't hammer the
                 # API. Nothing was sent, so these stay retryable for when it is fixed.
-                results.extend(_failed(batch, stop_reason, retryable=True))
+                results.extend(_failed(batch, stop_reason, retryable=True, undelivered=True))
                 continue
             batch_results, stop_reason = self._send_batch(
                 batch, number, len(batches), idempotency_key
@@ -204,12 +205,16 @@ class ResendSender:
         }
         label = f"Resend batch {number}/{total} ({len(batch)} emails)"
         attempt = 0
+        # Whether a request so far may have delivered the batch: one that timed out, lost its
+        # connection or met a server error may have; one refused with a 4xx status did not.
+        maybe_delivered = False
         while True:
             attempt += 1
             try:
                 response = self._post(params, options)
             except (ResendError, NoContentError) as exc:
                 failure = self._classify(exc)
+                maybe_delivered = maybe_delivered or failure.maybe_delivered
             else:
                 by_key = {result.key: result for result in self._results(ordered, response, label)}
                 return [by_key[email.key] for email in batch], None
@@ -229,7 +234,9 @@ class ResendSender:
                 self._log.error("%s failed: %s", label, failure.description)
                 error = f"rejected by Resend: {failure.description}"
                 if failure.stops_run:
-                    return _failed(batch, error, retryable=True), error
+                    return _failed(
+                        batch, error, retryable=True, undelivered=not maybe_delivered
+                    ), error
                 return _failed(batch, error), None
             if attempt == self.max_attempts:
                 self._log.error(
@@ -321,11 +328,13 @@ class ResendSender:
 
     def _classify(self, exc: ResendError | NoContentError) -> _Failure:
         if isinstance(exc, NoContentError):
-            return _Failure("Resend returned an empty response", retryable=True)
+            return _Failure(
+                "Resend returned an empty response", retryable=True, maybe_delivered=True
+            )
         message = self._scrub(str(exc.message))
         error_type = self._scrub(str(exc.error_type))
         if error_type == "HttpClientError":
-            return _Failure(f"connection error: {message}", retryable=True)
+            return _Failure(f"connection error: {message}", retryable=True, maybe_delivered=True)
         try:
             status = int(exc.code)
         except (TypeError, ValueError):
@@ -336,11 +345,11 @@ class ResendSender:
                 return _Failure(description, retryable=False, stops_run=True)
             return _Failure(description, retryable=True, retry_after=_retry_after(exc.headers))
         if status == 409 and error_type == "concurrent_idempotent_requests":
-            return _Failure(description, retryable=True)
+            return _Failure(description, retryable=True, maybe_delivered=True)
         if status == 409 and error_type == "invalid_idempotent_request":
             return _Failure(description, retryable=False, already_sent=True)
         if status >= 500:
-            return _Failure(description, retryable=True)
+            return _Failure(description, retryable=True, maybe_delivered=True)
         return _Failure(description, retryable=False, stops_run=status in _AUTH_STATUSES)
 
     def _backoff(self, attempt: int) -> float:
@@ -354,9 +363,13 @@ class ResendSender:
 
 
 def _failed(
-    batch: Sequence[OutgoingEmail], error: str, *, retryable: bool = False
+    batch: Sequence[OutgoingEmail],
+    error: str,
+    *,
+    retryable: bool = False,
+    undelivered: bool = False,
 ) -> list[SendResult]:
-    return [SendResult(email.key, "failed", None, error, retryable) for email in batch]
+    return [SendResult(email.key, "failed", None, error, retryable, undelivered) for email in batch]
 
 
 def _tag_part(value: str) -> str:

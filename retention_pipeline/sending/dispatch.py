@@ -175,7 +175,13 @@ def send_pending(
             continue
         results = sender.send(batch.emails, idempotency_key=batch.idempotency_key)
         with engine.begin() as connection:
-            changed = record(connection, schema=schema, results=results, provider=provider)
+            changed = record(
+                connection,
+                schema=schema,
+                results=results,
+                provider=provider,
+                first_attempt=batch.first_attempt,
+            )
         batch_sent = batch_failed = 0
         for (day, status), count in changed.items():
             if status in ("sent", "failed"):

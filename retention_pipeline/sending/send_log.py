@@ -282,6 +282,8 @@ class StartedBatch:
     """In send-key order, rebuilt from the stored content."""
     withheld: Counter[tuple[date, str]] = field(default_factory=Counter)
     """Members failed instead of sent, by partition day and reason: 'suppressed' or 'erased'."""
+    first_attempt: bool = True
+    """No request for the batch was made before this one (`first_attempt_at` was unset)."""
 
 
 def start_batch(
@@ -322,6 +324,7 @@ def start_batch(
                            {hashed_suppression_reason_sql(s, mailbox, "log.loop_name", loops)},
                            {personal_suppression_sql(s, "log.user_id", "log.loop_name", loops)})
                            AS suppressed,
+                       log.first_attempt_at IS NULL AS never_attempted,
                        log.first_attempt_at IS NULL AND EXISTS (
                            SELECT FROM {s}.reengagement_audience AS a
                            WHERE a.partition_date = log.partition_date
@@ -360,15 +363,15 @@ def start_batch(
                 WHERE log.id = m.id AND log.status = 'claimed'
                   AND NOT m.erased AND m.suppressed IS NULL AND NOT m.stale
                 RETURNING log.send_key, log.email, log.subject, log.html, log.body_text,
-                          log.headers, log.tags, log.idempotency_key
+                          log.headers, log.tags, log.idempotency_key, m.never_attempted
             )
             SELECT partition_date, withheld, NULL AS send_key, NULL AS email, NULL AS subject,
                    NULL AS html, NULL AS body_text, NULL::jsonb AS headers, NULL::jsonb AS tags,
-                   NULL AS idempotency_key
+                   NULL AS idempotency_key, NULL AS never_attempted
             FROM withheld
             UNION ALL
             SELECT NULL, NULL, send_key, email, subject, html, body_text, headers, tags,
-                   idempotency_key
+                   idempotency_key, never_attempted
             FROM started"""),
         {
             "loop": loop_name,
@@ -380,11 +383,13 @@ def start_batch(
     withheld: Counter[tuple[date, str]] = Counter()
     emails: list[OutgoingEmail] = []
     idempotency_key: str | None = None
+    first_attempt = True
     for row in rows:
         if row["withheld"] is not None:
             withheld[(row["partition_date"], row["withheld"])] += 1
             continue
         idempotency_key = row["idempotency_key"]
+        first_attempt = first_attempt and row["never_attempted"]
         emails.append(
             OutgoingEmail(
                 key=row["send_key"],
@@ -401,20 +406,28 @@ def start_batch(
         idempotency_key=idempotency_key,
         emails=sorted(emails, key=lambda email: email.key),
         withheld=withheld,
+        first_attempt=first_attempt,
     )
 
 
 def record(
-    connection: Connection, *, schema: str, results: Sequence[SendResult], provider: str
+    connection: Connection,
+    *,
+    schema: str,
+    results: Sequence[SendResult],
+    provider: str,
+    first_attempt: bool = False,
 ) -> Counter[tuple[date, str]]:
     """Record what the sender said, in the caller's transaction; return how many rows this call
     changed, by partition day and new status.
 
     Sent: status 'sent' with the provider's id and `sent_at`. Failed: status 'failed' with the
     error, final. Failed but retryable: still 'claimed', with the error, to be re-sent in its batch.
-    Every result counts an attempt. Rows no longer claimed are left alone, so a late or repeated
-    result never undoes an outcome, and is not counted: a batch another sender settled first
-    counts once, for that sender.
+    When the batch's `first_attempt` was certainly not delivered (`SendResult.undelivered`), it
+    is unset again: the batch is as never sent, so `expire_unanswered` does not fail it as perhaps
+    delivered, and `start_batch` withholds it once stale. Every result counts an attempt. Rows no
+    longer claimed are left alone, so a late or repeated result never undoes an outcome, and is
+    not counted: a batch another sender settled first counts once, for that sender.
     """
     if not results:
         return Counter()
@@ -428,10 +441,12 @@ def record(
                 error = r.error,
                 attempts = log.attempts + 1,
                 sent_at = CASE WHEN r.status = 'sent' THEN now() END,
+                first_attempt_at = CASE WHEN r.never_sent THEN NULL ELSE log.first_attempt_at END,
                 updated_at = now()
             FROM unnest(CAST(:keys AS text[]), CAST(:statuses AS text[]),
-                        CAST(:provider_ids AS text[]), CAST(:errors AS text[]))
-                AS r(send_key, status, provider_id, error)
+                        CAST(:provider_ids AS text[]), CAST(:errors AS text[]),
+                        CAST(:never_sent AS boolean[]))
+                AS r(send_key, status, provider_id, error, never_sent)
             WHERE log.send_key = r.send_key AND log.status = 'claimed'
             RETURNING log.partition_date, log.status"""),
         {
@@ -440,6 +455,9 @@ def record(
             "statuses": [_status(result) for result in results],
             "provider_ids": [result.provider_id for result in results],
             "errors": [result.error for result in results],
+            "never_sent": [
+                first_attempt and result.retryable and result.undelivered for result in results
+            ],
         },
     )
     counts = Counter((day, status) for day, status in changed.all())

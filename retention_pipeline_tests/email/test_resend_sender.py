@@ -306,6 +306,22 @@ def test_a_rejected_api_key_fails_every_batch_after_one_request(fake_clock: Fake
     # Nothing was sent: once the key is fixed, a retry sends all of them.
     assert all(result.status == "failed" and result.retryable for result in results)
     assert "HTTP 403 invalid_api_key" in results[-1].error
+    assert all(result.undelivered for result in results)
+
+
+def test_a_refusal_after_a_server_error_may_still_have_been_delivered(
+    fake_resend: FakeResend, fake_clock: FakeClock
+) -> None:
+    # The first request's outcome is unknown (Resend may have taken the batch before failing);
+    # the key revoked meanwhile refuses the second.
+    fake_resend.fail_next(1, status=503, name="service_unavailable")
+    fake_resend.fail_next(1, status=403, name="invalid_api_key", message="API key is invalid")
+
+    results = make_sender(fake_clock, **UNPACED).send(make_emails(3))
+
+    assert len(fake_resend.requests) == 2
+    assert all(result.retryable and not result.undelivered for result in results)
+    assert "HTTP 403 invalid_api_key" in results[0].error
 
 
 def test_the_api_key_never_appears_in_errors_logs_or_repr(

@@ -324,3 +324,57 @@ def test_a_rejected_api_key_keeps_every_email_claimed_for_a_retry_with_the_right
         report = dispatch(sending_db)
         assert fake.delivered_count == 150
     assert report.sent == 150 and report.still_pending == 0
+
+
+def test_a_batch_refused_for_its_api_key_is_as_never_sent_and_skipped_once_late(
+    sending_db: SendingDatabase,
+) -> None:
+    from retention_pipeline_tests.email.fake_resend import serve_fake_resend
+
+    add_users(sending_db.engine, users(150))
+    compose_and_claim(sending_db)
+    with serve_fake_resend(api_key="re_another_key") as fake:
+        dispatch(sending_db)
+        assert len(fake.requests) == 1
+    assert all(row["first_attempt_at"] is None for row in log_rows(sending_db).values())
+    # The key is fixed a day and more later, past every email's send window: Resend refused the
+    # batch, so its emails are skipped as late, not failed as perhaps delivered.
+    with sending_db.engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE retention.email_send_log "
+                "SET first_attempt_at = first_attempt_at - interval '30 hours'"
+            )
+        )
+        connection.execute(
+            text("UPDATE retention.reengagement_audience SET stale_at = now() - interval '1 hour'")
+        )
+    with serve_fake_resend(api_key=API_KEY) as fake:
+        report = dispatch(sending_db)
+        assert fake.delivered_count == 0
+    assert (report.expired, report.stale, report.sent) == (0, 150, 0)
+    assert all("never sent late" in row["error"] for row in log_rows(sending_db).values())
+
+
+def test_a_refused_batch_whose_earlier_request_went_unanswered_still_expires(
+    sending_db: SendingDatabase, fake_resend: FakeResend
+) -> None:
+    from retention_pipeline_tests.email.fake_resend import serve_fake_resend
+
+    add_users(sending_db.engine, users(10))
+    compose_and_claim(sending_db)
+    fake_resend.drop_answer_next(1)  # delivered, the answer lost
+    assert dispatch(sending_db, max_attempts=1).still_pending == 10
+    with serve_fake_resend(api_key="re_another_key"):
+        assert dispatch(sending_db).still_pending == 10
+    assert all(row["first_attempt_at"] is not None for row in log_rows(sending_db).values())
+    with sending_db.engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE retention.email_send_log "
+                "SET first_attempt_at = first_attempt_at - interval '30 hours'"
+            )
+        )
+    report = dispatch(sending_db)
+    assert (report.expired, report.sent) == (10, 0)
+    assert fake_resend.delivered_count == 10
