@@ -19,8 +19,9 @@ drain's worst case and app-shaped drains alone, the shipped fold beside the one 
 Markdown table on stdout (`sources` measures them too).
 
 python -m benchmarks drain-layouts [--url URL] [--rows N] [--users N] [--active N] [--repeats R]
-[--held]: storage layouts of the rollup the drain could write, each fold beside the shipped one
-and what the rollup's readers pay, at statement level, as Markdown tables on stdout.
+[--held] [--layout LABEL ...]: storage layouts of the rollup the drain could write, each fold
+beside the shipped one, what the rollup's readers pay and what a compaction costs, at statement
+level, as Markdown tables on stdout.
 
 python -m benchmarks audience --users N [N ...] [--url URL] [--repeats R]: the audience step of
 three loops at each size, next to the snapshot step of as many users, on scratch databases of its
@@ -134,6 +135,13 @@ def main() -> None:
     layouts.add_argument(
         "--held", action="store_true", help="also the worst case into held days (minutes)"
     )
+    layouts.add_argument(
+        "--layout",
+        action="append",
+        default=[],
+        help="measure this layout (by its label) beside the shipped one; repeat for several; "
+        "default: every layout",
+    )
     audience = commands.add_parser(
         "audience",
         help="the audience step of three loops against the snapshot step, one scratch database "
@@ -182,7 +190,13 @@ def main() -> None:
         return
     if args.command == "drain-layouts":
         bench_drain_layouts.main(
-            normalize_url(args.url), args.rows, args.users, args.active, args.repeats, args.held
+            normalize_url(args.url),
+            args.rows,
+            args.users,
+            args.active,
+            args.repeats,
+            args.held,
+            args.layout,
         )
         return
     if args.command == "polling":

@@ -22,6 +22,9 @@ Layouts (kept here only to be measured):
 - append-only deltas: each fold's user-days (actions inline, rows sorted) inserted as new rows
   of a table partitioned by day, held day or not; readers read views summing each key's rows.
   Without or with a (user_id, day) index, not unique.
+- recent deltas unindexed, compacted days: each fold's user-days appended to a table with no
+  index at all; a compaction off the drain moves them into a table keyed (user_id, day) with a
+  day index; readers read views summing both. The compaction is measured too.
 
 The captured rows are prepared once in a scratch database (schema `layouts`); each fold writes
 into empty tables of a schema of its own created for it, after a CHECKPOINT (so no fold pays for
@@ -30,7 +33,7 @@ first. Every fold must leave the same user-days and the same (user, day, action)
 are hashed after it. The readers run on each layout's rollup of the worst case folded twice.
 
     python -m benchmarks drain-layouts [--url URL] [--rows N] [--users N] [--active N]
-        [--repeats R] [--held]
+        [--repeats R] [--held] [--layout LABEL ...]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import dataclasses
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -93,6 +96,8 @@ class Layout:
     inline: bool
     # The tables the fold writes, where the readers read views over them instead.
     stored: tuple[str, ...] = ()
+    # The statement that folds what the drains appended into the indexed days, off the drain.
+    compact: str | None = None
 
 
 def _shipped_fold(sql: TrackingSql) -> Callable[[str], str]:
@@ -267,6 +272,34 @@ def _day_partitions(table: str) -> str:
                END $$"""
 
 
+ROW_COLUMNS = """user_id, day, event_count, session_count, last_event_at, last_session_at,
+                 active_slots, action_names, action_counts, action_last_at"""
+
+
+def _summing_views(rows: str) -> tuple[str, str]:
+    """`activity_daily` and `action_daily` as views summing the rows of `rows` (a FROM item with
+    `ROW_COLUMNS`) per user-day, and per user-day and action name."""
+    s = SCHEMA
+    grouped = f"""SELECT user_id, day, sum(event_count)::integer AS event_count,
+                         sum(session_count)::integer AS session_count,
+                         max(last_event_at) AS last_event_at,
+                         max(last_session_at) AS last_session_at,
+                         bit_or(active_slots) AS active_slots
+                  FROM {rows} AS rows GROUP BY user_id, day"""
+    return (
+        f"""CREATE VIEW {s}.activity_daily AS
+            SELECT grouped.*, {visit_count_sql("active_slots", GAP_MINUTES)} AS visit_count
+            FROM ({grouped}) AS grouped""",
+        f"""CREATE VIEW {s}.action_daily AS
+            SELECT user_id, day, x.event_name, sum(x.event_count)::integer AS event_count,
+                   max(x.last_at) AS last_at
+            FROM {rows} AS rows,
+                 unnest(action_names, action_counts, action_last_at)
+                     AS x(event_name, event_count, last_at)
+            GROUP BY 1, 2, 3""",
+    )
+
+
 def _deltas_layout(label: str, *, user_index: bool) -> Layout:
     """Append-only deltas: each fold's user-days (actions inline, rows sorted) inserted as new
     rows of `activity_delta`, partitioned by day, whether the day is held or not; no key, so a
@@ -275,26 +308,11 @@ def _deltas_layout(label: str, *, user_index: bool) -> Layout:
     together later, off the drain. `user_index`: a (user_id, day) index, not unique, for the
     readers by user."""
     s = SCHEMA
-    grouped = f"""SELECT user_id, day, sum(event_count)::integer AS event_count,
-                         sum(session_count)::integer AS session_count,
-                         max(last_event_at) AS last_event_at,
-                         max(last_session_at) AS last_session_at,
-                         bit_or(active_slots) AS active_slots
-                  FROM {s}.activity_delta GROUP BY user_id, day"""
     ddl = (
         f"CREATE TABLE {s}.activity_delta ({INLINE_COLUMNS}) PARTITION BY RANGE (day)",
         _day_partitions("activity_delta"),
         *([f"CREATE INDEX ON {s}.activity_delta (user_id, day)"] if user_index else []),
-        f"""CREATE VIEW {s}.activity_daily AS
-            SELECT grouped.*, {visit_count_sql("active_slots", GAP_MINUTES)} AS visit_count
-            FROM ({grouped}) AS grouped""",
-        f"""CREATE VIEW {s}.action_daily AS
-            SELECT user_id, day, x.event_name, sum(x.event_count)::integer AS event_count,
-                   max(x.last_at) AS last_at
-            FROM {s}.activity_delta,
-                 unnest(action_names, action_counts, action_last_at)
-                     AS x(event_name, event_count, last_at)
-            GROUP BY 1, 2, 3""",
+        *_summing_views(f"{s}.activity_delta"),
     )
     return Layout(
         label,
@@ -308,6 +326,87 @@ def _deltas_layout(label: str, *, user_index: bool) -> Layout:
         ),
         inline=False,
         stored=("activity_delta",),
+    )
+
+
+def _recent_deltas_layout(label: str) -> Layout:
+    """Recent deltas, compacted days: each drain appends its user-days (actions inline, rows
+    sorted) to `activity_recent`, which has no index at all; a compaction off the drain moves
+    them into `activity_days`, keyed (user_id, day) with a day index, one row per user-day. The
+    readers read views summing both, so a reader by user finds the compacted days through the
+    key and scans only what the drains appended since the last compaction."""
+    s = SCHEMA
+    merged_visits = visit_count_sql("(t.active_slots | EXCLUDED.active_slots)", GAP_MINUTES)
+    columns = """user_id, day, event_count, session_count, last_event_at, last_session_at,
+                 active_slots, visit_count, action_names, action_counts, action_last_at"""
+    compact = f"""
+        WITH moved AS (DELETE FROM {s}.activity_recent RETURNING *),
+        keys AS (
+            SELECT user_id, day, sum(event_count)::integer AS event_count,
+                   sum(session_count)::integer AS session_count,
+                   max(last_event_at) AS last_event_at, max(last_session_at) AS last_session_at,
+                   bit_or(active_slots) AS active_slots
+            FROM moved GROUP BY user_id, day
+        ),
+        actions AS (
+            SELECT user_id, day, array_agg(name ORDER BY name) AS names,
+                   array_agg(n ORDER BY name) AS counts, array_agg(last_at ORDER BY name) AS lasts
+            FROM (SELECT m.user_id, m.day, x.name COLLATE "C" AS name, sum(x.n)::integer AS n,
+                         max(x.last_at) AS last_at
+                  FROM moved AS m,
+                       unnest(m.action_names, m.action_counts, m.action_last_at)
+                           AS x(name, n, last_at)
+                  GROUP BY 1, 2, 3) AS per_name
+            GROUP BY user_id, day
+        ),
+        held AS (
+            SELECT days.day
+            FROM (SELECT DISTINCT day FROM keys) AS days
+            WHERE EXISTS (SELECT FROM {s}.activity_days AS r WHERE r.day = days.day)
+        ),
+        rows AS (
+            SELECT k.user_id, k.day, k.event_count, k.session_count, k.last_event_at,
+                   k.last_session_at, k.active_slots,
+                   {visit_count_sql("k.active_slots", GAP_MINUTES)} AS visit_count,
+                   a.names, a.counts, a.lasts
+            FROM keys AS k LEFT JOIN actions AS a USING (user_id, day)
+        ),
+        new_days AS (
+            INSERT INTO {s}.activity_days ({columns})
+            SELECT * FROM rows WHERE day <> ALL (SELECT day FROM held)
+            ORDER BY user_id, day
+        )
+        INSERT INTO {s}.activity_days AS t ({columns})
+        SELECT * FROM rows WHERE day = ANY (SELECT day FROM held)
+        ORDER BY user_id, day
+        ON CONFLICT (user_id, day) DO UPDATE
+        SET event_count = t.event_count + EXCLUDED.event_count,
+            session_count = t.session_count + EXCLUDED.session_count,
+            last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
+            last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
+            active_slots = t.active_slots | EXCLUDED.active_slots,
+            visit_count = {merged_visits},
+            {MERGED_ACTIONS}"""
+    both = f"""(SELECT {ROW_COLUMNS} FROM {s}.activity_days
+                UNION ALL SELECT {ROW_COLUMNS} FROM {s}.activity_recent)"""
+    return Layout(
+        label,
+        (
+            f"CREATE TABLE {s}.activity_days ({INLINE_COLUMNS}, PRIMARY KEY (user_id, day))",
+            f"CREATE INDEX ON {s}.activity_days (day)",
+            f"CREATE TABLE {s}.activity_recent ({INLINE_COLUMNS})",
+            *_summing_views(both),
+        ),
+        _inline_fold(
+            sort_rows=True,
+            day_first=False,
+            day_index=False,
+            append_only=True,
+            into="activity_recent",
+        ),
+        inline=False,
+        stored=("activity_days", "activity_recent"),
+        compact=compact,
     )
 
 
@@ -494,6 +593,7 @@ def layouts(sql: TrackingSql) -> list[Layout]:
         _whole_days_layout("shipped tables, day partitions written whole"),
         _deltas_layout("append-only deltas, day partitions", user_index=False),
         _deltas_layout("append-only deltas, day partitions, user index", user_index=True),
+        _recent_deltas_layout("recent deltas unindexed, compacted days"),
     ]
 
 
@@ -542,6 +642,8 @@ def _fold_once(connection: psycopg.Connection, layout: Layout, case: Case) -> No
     connection.execute("SET jit = off")
     if case.before is not None:
         connection.execute(layout.fold(f"layouts.{case.before}")).fetchall()
+        if layout.compact is not None:
+            connection.execute(layout.compact)
         for table in _tables(layout):
             connection.execute(f"VACUUM ANALYZE {SCHEMA}.{table}")
     connection.execute("CHECKPOINT")
@@ -663,8 +765,11 @@ def measure_readers(
     connection.execute("SET jit = off")
     for index, layout in enumerate(all_layouts):
         _fresh_schema(connection, layout)
-        # Folded twice: two drains' deltas of each key where a layout keeps deltas.
+        # Folded twice: two drains' deltas of each key where a layout keeps deltas (the first
+        # compacted, where a layout compacts: the second is what the drains appended since).
         connection.execute(layout.fold("layouts.worst")).fetchall()
+        if layout.compact is not None:
+            connection.execute(layout.compact)
         connection.execute(layout.fold("layouts.worst")).fetchall()
         for table in _tables(layout):
             connection.execute(f"VACUUM ANALYZE {SCHEMA}.{table}")
@@ -685,7 +790,59 @@ def measure_readers(
     return seconds
 
 
-def main(server_url: str, rows: int, users: int, active: int, repeats: int, held: bool) -> None:
+def measure_compactions(
+    connection: psycopg.Connection, all_layouts: list[Layout], cases: list[Case], repeats: int
+) -> list[Case]:
+    """Each compacting layout's compaction of the worst case's deltas, as `cases` has them (into
+    days not held yet, or into days holding every key), rolled back; CPU seconds. A compaction
+    must leave the rollup its case's folds left."""
+    pid = connection.info.backend_pid
+    worst = [case for case in cases if case.captured == "worst"]
+    compactions = [
+        Case(f"compaction of the {case.label}", case.captured, case.rows, case.before)
+        for case in worst
+    ]
+    for _repeat in range(repeats):
+        for layout in all_layouts:
+            if layout.compact is None:
+                continue
+            for compaction in compactions:
+                _fresh_schema(connection, layout)
+                connection.execute(f"SET work_mem = '{BATCH_WORK_MEM}'")
+                connection.execute("SET jit = off")
+                if compaction.before is not None:
+                    connection.execute(layout.fold(f"layouts.{compaction.before}")).fetchall()
+                    connection.execute(layout.compact)
+                connection.execute(layout.fold(f"layouts.{compaction.captured}")).fetchall()
+                for table in _tables(layout):
+                    connection.execute(f"VACUUM ANALYZE {SCHEMA}.{table}")
+                connection.execute("CHECKPOINT")
+                connection.execute("BEGIN")
+                before = _clock(pid)
+                connection.execute(layout.compact)
+                compaction.seconds.setdefault(layout.label, []).append(_clock(pid) - before)
+                compaction.contents.setdefault(layout.label, set()).add(
+                    _contents(connection, layout)
+                )
+                connection.execute("ROLLBACK")
+                connection.execute(f"DROP SCHEMA {SCHEMA} CASCADE")
+    for compaction, case in zip(compactions, worst, strict=True):
+        expected = next(iter(case.contents.values()))
+        for label, contents in compaction.contents.items():
+            if contents != expected:
+                raise AssertionError(f"{compaction.label}: {label} left another rollup")
+    return compactions
+
+
+def main(
+    server_url: str,
+    rows: int,
+    users: int,
+    active: int,
+    repeats: int,
+    held: bool,
+    only: Sequence[str] = (),
+) -> None:
     """`python -m benchmarks drain-layouts`: each layout's folds and reads, as Markdown."""
     scratch = Scratch(server_url)
     load_before = os.getloadavg()[0]
@@ -696,6 +853,12 @@ def main(server_url: str, rows: int, users: int, active: int, repeats: int, held
         with engine.connect() as connection:
             all_layouts = layouts(tracking_sql(connection, make_config(url)))
         engine.dispose()
+        if only:
+            unknown = sorted(set(only) - {layout.label for layout in all_layouts})
+            if unknown:
+                raise SystemExit(f"--layout: no layout is called {unknown[0]!r}")
+            # The shipped fold stays: every other figure is read against it.
+            all_layouts = [layout for layout in all_layouts if layout.label in {"shipped", *only}]
         cases = [
             Case(f"worst case, new days ({rows:,} rows, 30 days x {users:,} users)", "worst", rows),
             *(
@@ -721,9 +884,10 @@ def main(server_url: str, rows: int, users: int, active: int, repeats: int, held
                     raise AssertionError(f"{case.label}: the layouts differ: {case.contents}")
                 print(f"  {case.label}: measured", flush=True)
             readers = measure_readers(connection, all_layouts, repeats)
+            compactions = measure_compactions(connection, all_layouts, cases, repeats)
     finally:
         scratch.drop_all()
-    print("\n".join(render(cases, readers, all_layouts, repeats)))
+    print("\n".join(render(cases, readers, all_layouts, repeats, compactions)))
     print(
         f"\nLoad average (1 minute) of the machine ({os.cpu_count()} cores) when this benchmark "
         f"started and ended: {load_before:.2f}, {os.getloadavg()[0]:.2f}."
@@ -735,6 +899,7 @@ def render(
     readers: dict[str, dict[str, list[float]]],
     all_layouts: list[Layout],
     repeats: int,
+    compactions: list[Case] = (),
 ) -> list[str]:
     labels = [layout.label for layout in all_layouts]
     header = "| | " + " | ".join(labels) + " |"
@@ -767,4 +932,21 @@ def render(
             + " | ".join(f"{statistics.median(per_layout[label]):.2f} s" for label in labels)
             + " |"
         )
+    compacting = [layout.label for layout in all_layouts if layout.compact is not None]
+    if compacting:
+        lines += [
+            "",
+            "Compactions, off the drain (what the drains appended moved into the keyed days): "
+            f"CPU seconds, median of {repeats}; each left the rollup its case's folds left.",
+            "",
+            "| | " + " | ".join(compacting) + " |",
+            "|---|" + "---|" * len(compacting),
+        ]
+        for compaction in compactions:
+            cells = []
+            for label in compacting:
+                cpu = statistics.median(compaction.seconds[label])
+                rate = f"{compaction.rows / cpu:,.0f}" if cpu > 0 else "–"
+                cells.append(f"{rate} ({cpu:.2f} s)")
+            lines.append(f"| {compaction.label} | " + " | ".join(cells) + " |")
     return lines

@@ -17,10 +17,44 @@ def test_every_layout_folds_the_same_rollup_and_is_reported(
     )
     report = capsys.readouterr().out
 
-    header = next(line for line in report.splitlines() if line.startswith("| | shipped |"))
-    assert header.count("|") == 13
-    rows = [line for line in report.splitlines() if line.startswith("| ") and "---" not in line]
-    # Four folds and five readers, each under both headers' eleven layouts.
+    lines = report.splitlines()
+    compacting = lines.index("| | recent deltas unindexed, compacted days |")
+    header = next(line for line in lines if line.startswith("| | shipped |"))
+    assert header.count("|") == 14
+    rows = [line for line in lines[:compacting] if line.startswith("| ") and "---" not in line]
+    # Four folds and five readers, each under both headers' twelve layouts.
     assert len(rows) == 2 + 4 + 5
     for row in rows:
-        assert row.count("|") == 13, row
+        assert row.count("|") == 14, row
+    # The compacting layout's compaction of the worst case, into new days and into held ones.
+    compactions = [line for line in lines[compacting + 2 :] if line.startswith("| compaction")]
+    assert len(compactions) == 2
+    assert all(line.count("|") == 3 and " s)" in line for line in compactions), compactions
+
+
+def test_a_layout_list_keeps_the_shipped_fold_and_names_an_unknown_label(
+    postgres_server_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_drain_layouts.main(
+        postgres_server_url,
+        rows=300,
+        users=30,
+        active=5,
+        repeats=1,
+        held=False,
+        only=["append-only deltas, day partitions"],
+    )
+    header = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| | shipped")
+    )
+    assert header == "| | shipped | append-only deltas, day partitions |"
+    with pytest.raises(SystemExit, match="--layout: no layout is called 'deltas'"):
+        bench_drain_layouts.main(
+            postgres_server_url,
+            rows=300,
+            users=30,
+            active=5,
+            repeats=1,
+            held=False,
+            only=["deltas"],
+        )
