@@ -148,6 +148,34 @@ def test_each_boundary_gives_exactly_the_expected_segment(world):
     assert amount == 4900
 
 
+def test_no_sessions_against_no_baseline_is_no_drop_even_without_a_minimum(world):
+    engine, config = world
+    without_minimum = {"minimum_baseline_sessions_per_week": 0}
+    config = config.model_copy(
+        update={
+            "loops": [
+                loop.model_copy(
+                    update={"segments": loop.segments.model_copy(update=without_minimum)}
+                )
+                for loop in config.loops
+            ]
+        }
+    )
+    with engine.begin() as connection:
+        add_user(connection, 1, LONG_AGO)  # events every day, never a session
+        for back in range(30):
+            add_event(connection, 1, "report.exported", DAY_END - timedelta(days=back, hours=3))
+        add_user(connection, 2, LONG_AGO)  # a baseline under the shipped minimum, then none
+        add_sessions(connection, 2, weekly_sessions(1))
+        add_event(connection, 2, "report.exported", DAY_END - timedelta(days=2))
+    segments = segments_of(engine, config)
+    assert segments[1][0] == "active"
+    assert segments[2] == (
+        "dormant",
+        "auth sessions down 100% (0 in the last 7 days vs 1.00 a week before)",
+    )
+
+
 def test_the_partition_boundary_is_local_midnight(world):
     engine, config = world
     with engine.begin() as connection:

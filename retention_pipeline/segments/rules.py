@@ -59,7 +59,10 @@ CLASSIFY = """
                    >= make_interval(days => CAST(:dormant_days AS integer)) AS inactive_long,
                b.day_start - snap.previous_activity_at
                    >= make_interval(days => CAST(:dormant_days AS integer)) AS was_away,
-               snap.baseline_sessions_per_week >= CAST(:minimum_baseline AS numeric)
+               -- Above zero whatever the minimum: none in the last 7 days against none before
+               -- is no drop.
+               snap.baseline_sessions_per_week > 0
+                   AND snap.baseline_sessions_per_week >= CAST(:minimum_baseline AS numeric)
                    AS has_baseline,
                CASE WHEN snap.baseline_sessions_per_week > 0
                     THEN round(100 * (1 - snap.sessions_7d / snap.baseline_sessions_per_week))
