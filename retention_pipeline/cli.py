@@ -440,6 +440,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # Absolute, so that the code servers and run workers read this very file from any folder.
     config_path = Path(args.config or default_config_path()).resolve()
     config = load_config(config_path)
+    configured = configured_database_url(config)
+    if configured and not args.demo and not embedded.is_embedded_url(configured) and not args.live:
+        raise ConfigError(
+            f"dev: database.url is set (or ${DATABASE_URL_ENV_VAR}): dev would install the "
+            "pipeline in that database and run its schedules and send sensor from this machine, "
+            "emailing its users; unset it for the demo, or pass --live to run on it"
+        )
     home = embedded.retention_home()
     url = f"http://{args.host}:{args.port}"
     with single_dev(home, url), stopping_the_embedded_server_at_the_end(config):
@@ -576,6 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument(
+        "--live",
+        action="store_true",
+        help="run on the configured database: install the pipeline there and run its "
+        "schedules and send sensor, emailing its users",
+    )
     dev.set_defaults(handler=cmd_dev)
 
     check = commands.add_parser(

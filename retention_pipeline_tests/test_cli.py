@@ -604,3 +604,47 @@ def test_a_run_without_a_database_url_fails_in_one_line_and_starts_nothing(
         "database.url: not set: give your app database's URL"
     )
     assert not (embedded_home / "pgdata").exists()
+
+
+def test_dev_on_a_configured_database_is_refused_unless_live(app_database_url, tmp_path):
+    import socket
+
+    config = str(write_config(tmp_path, app_database_url))
+    environment = {**without_database_url(tmp_path / "home"), "RETENTION_CONFIG": config}
+    refused = subprocess.run(
+        [sys.executable, "-m", "retention_pipeline.cli", "dev", "--port", "1"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (refused.returncode, refused.stderr) == (
+        2,
+        "error: dev: database.url is set (or $RETENTION_DATABASE_URL): dev would install the "
+        "pipeline in that database and run its schedules and send sensor from this machine, "
+        "emailing its users; unset it for the demo, or pass --live to run on it\n",
+    )
+    engine = create_engine(app_database_url)
+    with engine.connect() as connection:
+        installed = connection.execute(
+            text("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'retention')")
+        ).scalar_one()
+    engine.dispose()
+    assert not installed
+    # With --live it goes on, to the first thing it checks: the port.
+    with socket.socket() as occupant:
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        port = occupant.getsockname()[1]
+        live = subprocess.run(
+            [sys.executable, "-m", "retention_pipeline.cli", "dev", "--live", "--port", str(port)],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert (live.returncode, live.stderr) == (
+        2,
+        f"error: port {port} on 127.0.0.1 is already in use: stop what listens there, or start "
+        "dev on another one (--port)\n",
+    )
