@@ -218,6 +218,28 @@ def test_missing_file_and_bad_yaml(tmp_path: Path):
         load_config(bad)
 
 
+def test_yes_no_on_and_off_are_words_not_booleans(document, tmp_path: Path):
+    document["database"]["tables"]["users"]["exclude"] = [
+        {"column": "status", "in": ["ON_HOLD", "OFF"]},
+        {"column": "opted_in", "equals": "no"},
+        {"column": "raw_app_meta_data.is_anonymous", "equals": True},
+    ]
+    document["loops"][0]["adjust"] = "no"
+    # Written unquoted, as a user would: YAML 1.1 reads OFF, no and on as booleans.
+    text = yaml.safe_dump(document).replace("'OFF'", "OFF").replace("'no'", "no")
+    assert "- OFF" in text and "equals: no" in text and "adjust: no" in text
+    path = tmp_path / "retention.yaml"
+    path.write_text(text)
+    config = load_config(path, environ={})
+    exclusions = config.database.tables.users.exclude
+    assert [exclusion.in_ or exclusion.equals for exclusion in exclusions] == [
+        ["ON_HOLD", "OFF"],
+        "no",
+        True,
+    ]
+    assert config.loops[0].adjust is False  # a flag still takes no
+
+
 @pytest.mark.parametrize(("delay", "days"), [("0d", 0), (0, 0), ("0s", 0), ("3d", 3), ("72h", 3)])
 def test_step_delays_are_whole_days(document, delay, days):
     document["loops"][0]["steps"][1]["delay"] = delay

@@ -23,6 +23,22 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line naming the key path."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as 1.2 reads booleans: only true and false. YAML 1.1 also reads yes, no, on and off
+    as booleans, so `in: [ON_HOLD, OFF]` would compare a status with 'false', and match nobody."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
 def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
@@ -105,7 +121,7 @@ def load_config(
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the configuration: {error.strerror}") from None
     try:
-        document = yaml.safe_load(text) or {}
+        document = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
