@@ -1,7 +1,7 @@
 """cal.com's history, written as the app writes it (see schema.sql): no "Session" rows (NextAuth's
 JWT strategy), users."lastActiveAt" refreshed in place once a day, "Booking" rows INSERTed for
-the organizer, accounts locked by an admin; teams with "Membership" rows, billed through the
-Stripe ids in "Team".metadata."""
+the organizer, accounts locked by an admin, a platform customer's users made through the API;
+teams with "Membership" rows, billed through the Stripe ids in "Team".metadata."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from retention_pipeline_tests.apps.cohorts import (
 )
 
 SCHEMA = Path(__file__).with_name("schema.sql")
-EXCLUSION_KINDS = ["locked"]
+# A platform customer's end user, made through cal.com's API v2 with "isPlatformManaged" set: the
+# customer's person, not cal.com's.
+EXCLUSION_KINDS = ["locked", "platform_managed"]
 USERS = app_users(EXCLUSION_KINDS)
 TEAM_SIZE = 5
 TEAMS = 20  # users 0..99, five to a team; the first member owns it
@@ -99,8 +101,8 @@ def _sign_up(connection: Connection, run_day: date) -> None:
         text(
             'INSERT INTO "users" ("id", "username", "name", "email", "emailVerified", '
             '"timeZone", "created", "completedOnboarding", "identityProvider", "metadata", '
-            '"creationSource") VALUES (:id, :username, :name, :email, :at, :tz, :at, true, '
-            "'CAL', '{}', 'webapp')"
+            '"creationSource", "isPlatformManaged") VALUES (:id, :username, :name, :email, :at, '
+            ":tz, :at, true, 'CAL', '{}', :source, :managed)"
         ),
         [
             {
@@ -110,6 +112,8 @@ def _sign_up(connection: Connection, run_day: date) -> None:
                 "email": user.email,
                 "at": naive(signed_up_at(user, run_day)),
                 "tz": "Europe/London" if user.index % 2 else "America/New_York",
+                "source": "api_v2" if user.exclusion == "platform_managed" else "webapp",
+                "managed": user.exclusion == "platform_managed",
             }
             for user in USERS
         ],
