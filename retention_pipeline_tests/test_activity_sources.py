@@ -807,6 +807,22 @@ def test_check_reads_each_source_and_refuses_free_text_and_foreign_ids(engine, a
     assert report.sources[0].startswith("source `comments` (public.comments, inserts): ")
 
 
+def test_a_source_whose_rows_are_mostly_of_excluded_users_is_mapped_right(engine, app_database_url):
+    # A guest account (excluded) comments the most; the run reads the mapping as it is.
+    run(
+        engine,
+        "INSERT INTO comments (author, body, created_at) "
+        "SELECT CASE WHEN g % 10 = 0 THEN 1 ELSE 2 END, 'c', "
+        "       (now() AT TIME ZONE 'UTC') - g * interval '1 minute' "
+        "FROM generate_series(1, 100) AS g",
+    )
+    users = copy.deepcopy(SHIPPED_DOCUMENT["database"]["tables"]["users"])
+    users["exclude"] = [{"column": "email", "equals": "user2@example.com"}]
+    tables = {"users": users}
+    report = preflight(engine, sources_config(app_database_url, [COMMENTS], tables=tables))
+    assert not [problem for problem in report.problems if "a user id?" in problem], report.problems
+
+
 def test_check_counts_the_last_day_whole_and_says_so_where_it_stops(
     engine, app_database_url, monkeypatch
 ):

@@ -31,14 +31,22 @@ def kept_sql(users: ResolvedTable, alias: str, dialect: Dialect) -> str:
     return f"(({excluded_sql(users, alias, dialect)}) IS NOT TRUE)"
 
 
-def known_user_sql(users: ResolvedTable, user_id: str, dialect: Dialect, *, probe_key: bool) -> str:
-    """Whether the text `user_id` is a user of the app the pipeline may read (not excluded);
-    `probe_key` for a few users (`ResolvedTable.id_equals_sql`)."""
+def known_user_sql(
+    users: ResolvedTable,
+    user_id: str,
+    dialect: Dialect,
+    *,
+    probe_key: bool,
+    excluded_too: bool = False,
+) -> str:
+    """Whether the text `user_id` is a user of the app the pipeline may read (not excluded, or
+    any user at all with `excluded_too`); `probe_key` for a few users
+    (`ResolvedTable.id_equals_sql`)."""
     preparer = dialect.identifier_preparer
+    kept = "" if excluded_too else f" AND {kept_sql(users, 'u', dialect)}"
     return (
         f"EXISTS (SELECT FROM {users.sql_name(preparer)} AS u "
-        f"WHERE {users.id_equals_sql('u', user_id, preparer, probe_key=probe_key)} "
-        f"AND {kept_sql(users, 'u', dialect)})"
+        f"WHERE {users.id_equals_sql('u', user_id, preparer, probe_key=probe_key)}{kept})"
     )
 
 

@@ -42,12 +42,17 @@ def read_sources(
     connection: Connection, sql: TrackingSql, users: ResolvedTable, timezone: str
 ) -> SourceReading:
     reading = SourceReading()
-    # A sample of each source's rows: a few users, each looked up by the key.
+    # A sample of each source's rows: a few users, each looked up by the key. Whether the mapped
+    # column holds user ids is asked of every user: an app whose rows are mostly of accounts
+    # it excludes (guests, say) maps them right.
     known = known_user_sql(users, "r.user_id", connection.dialect, probe_key=True)
+    a_user = known_user_sql(
+        users, "r.user_id", connection.dialect, probe_key=True, excluded_too=True
+    )
     for source in sql.sources:
         try:
             with connection.begin_nested():
-                _read_source(connection, sql, source, known, timezone, reading)
+                _read_source(connection, sql, source, known, a_user, timezone, reading)
         except DBAPIError as error:
             statement = " ".join((error.statement or "").split())
             lacking = lacking_right(error, connection.engine.url.username, statement)
@@ -63,6 +68,7 @@ def _read_source(
     sql: TrackingSql,
     source: ResolvedSource,
     known: str,
+    a_user: str,
     timezone: str,
     reading: SourceReading,
 ) -> None:
@@ -74,7 +80,7 @@ def _read_source(
         text(f"""
             WITH r AS (SELECT * FROM ({rows}) AS app_rows LIMIT :limit)
             SELECT count(*) AS rows,
-                   count(*) FILTER (WHERE {known}) AS reaching,
+                   count(*) FILTER (WHERE {a_user}) AS reaching,
                    count(DISTINCT event_name) AS names,
                    count(DISTINCT (user_id, event_name)) AS user_names,
                    count(DISTINCT user_id) AS users
