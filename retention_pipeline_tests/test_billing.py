@@ -172,6 +172,21 @@ def test_an_unmapped_status_is_one_line_naming_the_value_and_the_key(app):
     assert line in preflight(engine, config).problems
 
 
+def test_an_update_time_in_json_that_no_timestamp_reads_is_one_line_naming_the_key(app):
+    url, engine = app
+    columns = {**ORG_OWNED["columns"], "updated_at": "data.plan.amount"}  # numbers, not times
+    config = _config(url, {**ORG_OWNED, "columns": columns}, "retention_h4_updated")
+    install(engine, config, second_install=True)  # beside the module's other cases
+    with engine.begin() as connection, pytest.raises(SnapshotError) as raised:
+        build_snapshot(connection, config, DAY)
+
+    assert str(raised.value).startswith(
+        "database.tables.subscriptions.columns.updated_at: invalid input syntax for type "
+        'timestamp with time zone: "'
+    ), raised.value
+    assert str(raised.value) in preflight(engine, config).problems
+
+
 def test_an_amount_in_json_with_its_interval_in_json(app):
     columns = {**ORG_OWNED["columns"], "billing_interval": "data.plan.interval"}
     snapshot = _snapshot(

@@ -12,8 +12,13 @@ from __future__ import annotations
 import json
 
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DataError
 
-from retention_pipeline.config.models import LIVE_STATUSES, SubscriptionsMapping
+from retention_pipeline.config.models import (
+    LIVE_STATUSES,
+    SubscriptionsMapping,
+    parse_column_reference,
+)
 from retention_pipeline.currencies import minor_units_sql
 from retention_pipeline.database.app_tables import SUBSCRIPTIONS_KEY, RelatedTable
 from retention_pipeline.database.predicates import all_of_sql
@@ -357,6 +362,9 @@ def billing_problem(connection: Connection, names: AppNames) -> str | None:
                 f"{SUBSCRIPTIONS_KEY}.status: {value} of {mapping.qualified_name}."
                 f"{mapping.columns['status']} is not mapped (mapped: {', '.join(mapping.status)})"
             )
+    unreadable_time = _unreadable_update_time(connection, names, reads)
+    if unreadable_time is not None:
+        return unreadable_time
     price = mapping.stored_amount.price if mapping.stored_amount else None
     if mapping.maps("billing_interval"):
         checked = (
@@ -403,6 +411,30 @@ def billing_problem(connection: Connection, names: AppNames) -> str | None:
         f"{SUBSCRIPTIONS_KEY}.{key}: unknown billing interval {value} (known: "
         f"{', '.join(INTERVAL_MONTHLY_FACTORS)})"
     )
+
+
+def _unreadable_update_time(connection: Connection, names: AppNames, reads: _Reads) -> str | None:
+    """Why `columns.updated_at`, a path into a JSON column, holds a value no timestamp reads (a
+    Unix time, say), as one line; None when every one reads. A column's type is checked with
+    the mapping; a path's values only show when cast."""
+    mapping = reads.mapping
+    if (
+        not mapping.maps("updated_at")
+        or not parse_column_reference(mapping.columns["updated_at"])[1]
+    ):
+        return None
+    try:
+        with connection.begin_nested():
+            connection.execute(
+                text(f"""
+                    SELECT count({reads.updated_at()}) FROM {names.table("subscriptions")} AS sub
+                    WHERE {reads.selected()}"""),
+                billing_parameters(mapping),
+            )
+    except DataError as error:
+        first_line = (str(error.orig).strip().splitlines() or [""])[0]
+        return f"{SUBSCRIPTIONS_KEY}.columns.updated_at: {first_line}"
+    return None
 
 
 def meaning_problems(connection: Connection, names: AppNames) -> list[str]:
