@@ -5,6 +5,7 @@ user, late activity and last actions that age out of the lookback."""
 from __future__ import annotations
 
 import re
+import threading
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -27,6 +28,7 @@ from retention_pipeline.segments.snapshot.statement import (
 )
 from retention_pipeline.tracking.drain import update_rollup
 from retention_pipeline.tracking.install import install
+from retention_pipeline.tracking.state import holding_lock
 from retention_pipeline_tests.helpers import make_config
 
 TIMEZONE = "America/New_York"  # daylight saving ends on 2026-11-01: a 25-hour day
@@ -187,6 +189,48 @@ def test_late_activity_and_a_changed_configuration_build_in_full(month):
         f"the snapshot of {LAST + timedelta(days=2)} counted logins, and activity.baseline now "
         "counts visits",
     )
+
+
+def test_late_activity_of_a_day_never_built_before_a_built_one_builds_in_full(month):
+    engine, config = month
+    # The daemon was down: the day before last was never built, the last one was, in full.
+    build(engine, config, LAST - timedelta(days=1))
+    late_day = LAST - timedelta(days=2)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) VALUES (7, 'report.exported', :at)"
+            ),
+            {
+                "at": datetime.combine(late_day, datetime.min.time(), ZoneInfo(TIMEZONE))
+                + timedelta(hours=12)
+            },
+        )
+    assert update_rollup(engine, config).late_days == (late_day,)
+    summary = build(engine, config, LAST)
+    before = LAST - timedelta(days=1)
+    assert (summary.path, summary.path_reason) == (
+        "full",
+        f"activity of {late_day} arrived after the snapshot of {before} was built",
+    )
+
+
+def test_a_snapshot_build_waits_for_a_drain_under_way(month):
+    engine, config = month
+    build(engine, config, LAST - timedelta(days=1))
+    finished = threading.Event()
+
+    def build_last_day() -> None:
+        build(engine, config, LAST)
+        finished.set()
+
+    with engine.connect() as draining, holding_lock(draining, "retention"):
+        builder = threading.Thread(target=build_last_day)
+        builder.start()
+        # What the drain folds meanwhile is in the build, or noted late after it: never lost.
+        assert not finished.wait(3)
+    builder.join(60)
+    assert finished.is_set()
 
 
 def test_reconciliation_names_the_users_a_snapshot_lost(month):

@@ -89,20 +89,18 @@ def recompute_days(
 
 
 def record_late_days(connection: Connection, sql: TrackingSql, days: set[date]) -> tuple[date, ...]:
-    """The days among `days` that already have a snapshot, noted as changed now: a snapshot
-    built before that cannot be rolled forward into the next day."""
+    """The days among `days` on or before a day with a snapshot build, noted as changed now: a
+    snapshot built before that, which sums every day before its own, cannot be rolled forward
+    into the next day. A day with no snapshot of its own counts too (never built, dropped by
+    `keep_days`, before `start_date`): a later day's snapshot summed it."""
     if not days:
         return ()
     rows = connection.execute(
         text(f"""
             INSERT INTO {sql.q_schema}.late_activity AS late (day, noticed_at)
             SELECT day, now() FROM unnest(CAST(:days AS date[])) AS day
-            -- One row looked up per day, in that day's partition alone: as an EXISTS, PostgreSQL
-            -- makes it a semi-join that reads every kept day's snapshot (4 s at 1M users and 11
-            -- days, on every drain).
-            CROSS JOIN LATERAL (
-                SELECT FROM {sql.q_schema}.user_activity_snapshot AS snap
-                WHERE snap.partition_date = day LIMIT 1) AS built
+            WHERE EXISTS (SELECT FROM {sql.q_schema}.snapshot_builds AS build
+                          WHERE build.partition_date >= day)
             ON CONFLICT (day) DO UPDATE SET noticed_at = excluded.noticed_at
             RETURNING late.day"""),
         {"days": sorted(days)},

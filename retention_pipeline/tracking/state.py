@@ -34,11 +34,21 @@ def tracking_sql(connection: Connection, config: RetentionConfig) -> TrackingSql
     )
 
 
+def _lock_key(schema: str) -> dict[str, str]:
+    return {"key": f"retention-pipeline:{schema}"}
+
+
 def lock(connection: Connection, schema: str) -> None:
     """Take turns with every other install, rebuild and drain of this schema."""
+    connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), _lock_key(schema))
+
+
+def lock_shared(connection: Connection, schema: str) -> None:
+    """Wait for an install, rebuild or drain of this schema under way, and keep the next one
+    waiting until this transaction ends; other holders of this shared lock go on alongside.
+    Taken before its transaction locks anything a drain needs, so that it waits holding none."""
     connection.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-        {"key": f"retention-pipeline:{schema}"},
+        text("SELECT pg_advisory_xact_lock_shared(hashtext(:key))"), _lock_key(schema)
     )
 
 
@@ -57,7 +67,7 @@ def locking_transaction(engine: Engine) -> Iterator[Connection]:
 def holding_lock(connection: Connection, schema: str) -> Iterator[None]:
     """Hold the lock `lock` takes, across every transaction this connection makes inside: no
     install, rebuild or other drain runs between them."""
-    key = {"key": f"retention-pipeline:{schema}"}
+    key = _lock_key(schema)
     with connection.begin():
         connection.execute(text("SELECT pg_advisory_lock(hashtext(:key))"), key)
     try:

@@ -27,6 +27,7 @@ from retention_pipeline.segments.snapshot.statement import (
     SnapshotError,
     snapshot_parameters,
 )
+from retention_pipeline.tracking.state import lock_shared
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ def build_snapshot(
     before anything is written."""
     schema = config.database.schema_
     s = connection.dialect.identifier_preparer.quote_schema(schema)
+    # No drain between reading the rollup and committing: one folding rows of a day already
+    # built would find the old snapshot, note the day late at a time before this build's, and
+    # the next day would roll forward from a snapshot without them.
+    lock_shared(connection, schema)
     tables = tables or resolve_app_tables(connection, config.database.tables)
     problem = billing_problem(connection, AppNames(connection, tables))
     if problem:
