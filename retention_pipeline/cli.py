@@ -273,6 +273,31 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_erase_gone(args: argparse.Namespace) -> int:
+    from retention_pipeline.tracking.erasure import users_gone_from_app
+    from retention_pipeline.tracking.state import lock, locking_transaction
+
+    config = load_config(args.config)
+    if not args.yes:
+        print(
+            "error: this erases, at the next drain, the history of every user your app deleted "
+            "or now excludes, however many; pass --yes",
+            file=sys.stderr,
+        )
+        return 2
+    engine = _engine(config)
+    with engine.connect() as connection:
+        _require_installed(connection, config)
+    with locking_transaction(engine) as connection:
+        lock(connection, config.database.schema_)
+        recorded = users_gone_from_app(connection, config, all_at_once=True)
+    print(
+        f"recorded {recorded:,} user(s) deleted from the app or now excluded: the next drain "
+        "erases them"
+    )
+    return 0
+
+
 def cmd_db_uninstall(args: argparse.Namespace) -> int:
     from retention_pipeline.database.reinstall import kept_name
     from retention_pipeline.tracking.install import is_installed, uninstall
@@ -630,6 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the polled sources",
     )
     refresh.set_defaults(handler=cmd_db_refresh)
+    erase_gone = db_commands.add_parser(
+        "erase-gone",
+        parents=[config_option],
+        help="record for erasure every user the app deleted or now excludes, however many (a "
+        "drain stops instead when most of the users it knows are gone at once)",
+    )
+    erase_gone.add_argument("--yes", action="store_true", help="they did go: erase them")
+    erase_gone.set_defaults(handler=cmd_db_erase_gone)
     uninstall = db_commands.add_parser(
         "uninstall", parents=[config_option], help="remove everything the pipeline added"
     )

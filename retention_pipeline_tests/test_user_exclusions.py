@@ -24,6 +24,7 @@ from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.segments.snapshot.build import build_snapshot
 from retention_pipeline.segments.snapshot.checks import reconcile_with_users
 from retention_pipeline.tracking.drain import update_rollup
+from retention_pipeline.tracking.erasure import MassErasure
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import (
     SHIPPED_DOCUMENT,
@@ -167,6 +168,45 @@ def test_an_account_that_becomes_excluded_is_erased_by_the_next_drain(app_databa
     assert user_ids(engine, "SELECT user_id FROM retention.erased_users") == set()
     # Nothing new is excluded: the next drain erases nobody.
     assert update_rollup(engine, config).erased_users == 0
+    engine.dispose()
+
+
+def test_an_inverted_exclusion_stops_the_drain_before_it_erases_anyone(
+    app_database_url, tmp_path: Path, capsys
+):
+    day = date(2026, 11, 20)
+    engine = _app_with_users(app_database_url, 120, day - timedelta(days=30))
+    mark(engine, ["1", "2"], "disabled = true")
+    tables = copy.deepcopy(SHIPPED_DOCUMENT["database"]["tables"])
+    tables["users"]["exclude"] = [{"column": "disabled", "is": True}]
+    config = make_config(app_database_url, tables=tables)
+    install(engine, config)
+    with engine.begin() as connection:
+        build_snapshot(connection, config, day)
+    everyone = {str(user) for user in range(3, 121)}
+    assert snapshot_users(engine, day) == everyone
+
+    tables["users"]["exclude"] = [{"column": "disabled", "is": False}]  # `is: true` meant
+    with pytest.raises(MassErasure) as raised:
+        update_rollup(engine, make_config(app_database_url, tables=tables))
+    assert str(raised.value) == (
+        "database.tables.users: 118 of 118 users the pipeline knows are gone from public.users "
+        "or excluded by database.tables.users.exclude at once; erasing them would lose their "
+        "history for good, so none is erased: fix the mapping or an inverted exclusion, or, if "
+        "they did go, run `retention-pipeline db erase-gone --yes`"
+    )
+    assert snapshot_users(engine, day) == everyone
+    assert user_ids(engine, "SELECT user_id FROM retention.erased_users") == set()
+
+    # They did go (say): erased at the next drain once said so.
+    path = write_config(tmp_path, app_database_url, tables=tables)
+    capsys.readouterr()
+    assert main(["--config", str(path), "db", "erase-gone", "--yes"]) == 0
+    assert capsys.readouterr().out == (
+        "recorded 118 user(s) deleted from the app or now excluded: the next drain erases them\n"
+    )
+    assert update_rollup(engine, make_config(app_database_url, tables=tables)).erased_users == 118
+    assert snapshot_users(engine, day) == set()
     engine.dispose()
 
 

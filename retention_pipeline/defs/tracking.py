@@ -6,6 +6,7 @@ from retention_pipeline.defs.retries import DAILY_ASSET_RETRIES
 from retention_pipeline.resources.app_database import AppDatabase
 from retention_pipeline.resources.email import EmailResource
 from retention_pipeline.tracking.drain import update_rollup
+from retention_pipeline.tracking.erasure import MassErasure
 from retention_pipeline.tracking.status import reconcile_last_day, rollup_status
 
 ROLLUP = dg.AssetKey(["retention", "activity_rollup"])
@@ -28,7 +29,10 @@ def activity_rollup(
 ):
     app_database.ensure_installed()
     config = app_database.config
-    update = update_rollup(app_database.engine, config)
+    try:
+        update = update_rollup(app_database.engine, config)
+    except MassErasure as mass:
+        raise dg.Failure(description=str(mass), allow_retries=False) from None
     forgotten = email.forget(update.erased_send_keys)
     if update.late_days:
         context.log.warning(

@@ -20,6 +20,18 @@ from retention_pipeline.database.app_tables import resolve_app_tables
 from retention_pipeline.database.excluded_users import kept_sql
 from retention_pipeline.recipients.addresses import mailbox_sql, sha256_sql
 from retention_pipeline.tracking.sql import CAPTURE_TABLES, TrackingSql
+from retention_pipeline.tracking.state import TrackingError
+
+# Beyond this share of the users looked at, and this many, users gone at once stop the pipeline
+# instead of being erased: a mapping pointed at the wrong table, or an inverted exclusion, looks
+# like that, and erasure cannot be undone; an app rarely loses half its users in an hour.
+MASS_ERASURE_SHARE = 0.5
+MASS_ERASURE_MINIMUM = 50
+
+
+class MassErasure(TrackingError):
+    """Most of the users looked at are gone from the app at once; nothing was recorded."""
+
 
 PER_USER_TABLES = (
     "activity_daily",
@@ -136,12 +148,15 @@ def forget_captured_rows(
         )
 
 
-def users_gone_from_app(connection: Connection, config: RetentionConfig) -> None:
+def users_gone_from_app(
+    connection: Connection, config: RetentionConfig, *, all_at_once: bool = False
+) -> int:
     """Find the users the pipeline knows that the app deleted (without triggers nothing else
     sees a delete) or now excludes, and record them for erasure: the latest snapshot's users,
-    those in an open episode or in the latest audience, and those with an email still claimed."""
+    those in an open episode or in the latest audience, and those with an email still claimed.
+    Returns how many were newly recorded; `all_at_once`: however many (`record_users_gone`)."""
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
-    record_users_gone(
+    return record_users_gone(
         connection,
         config,
         f"""SELECT user_id FROM {s}.user_activity_snapshot
@@ -151,6 +166,7 @@ def users_gone_from_app(connection: Connection, config: RetentionConfig) -> None
             WHERE partition_date = (SELECT max(partition_date) FROM {s}.reengagement_audience)
             UNION SELECT user_id FROM {s}.email_send_log WHERE status = 'claimed'""",
         probe_key=False,
+        all_at_once=all_at_once,
     )
 
 
@@ -161,15 +177,20 @@ def record_users_gone(
     parameters: dict[str, object] | None = None,
     *,
     probe_key: bool,
+    all_at_once: bool = False,
 ) -> int:
     """Record for erasure the users of `known_users` (SQL selecting a `user_id` column, with its
     `parameters`) that the app's users table no longer has (what the delete trigger would have
     recorded) or now excludes (`database.tables.users.exclude`: treated as deleted); return how
-    many were newly recorded. `probe_key` for a few known users (`ResolvedTable.id_equals_sql`)."""
+    many were newly recorded. `probe_key` for a few known users (`ResolvedTable.id_equals_sql`).
+
+    Where more than `MASS_ERASURE_SHARE` of them (and `MASS_ERASURE_MINIMUM` or more) would be,
+    raises `MassErasure` instead, the caller's transaction to be rolled back, unless
+    `all_at_once` (`retention-pipeline db erase-gone`) says they did go."""
     users = resolve_app_tables(connection, config.database.tables)["users"]
     preparer = connection.dialect.identifier_preparer
     s = preparer.quote_schema(config.database.schema_)
-    return connection.execute(
+    recorded = connection.execute(
         text(f"""
             INSERT INTO {s}.erased_users (user_id)
             SELECT known.user_id FROM ({known_users}) AS known
@@ -181,3 +202,17 @@ def record_users_gone(
                 SELECT FROM {s}.erased_users AS erased WHERE erased.user_id = known.user_id)"""),
         parameters or {},
     ).rowcount
+    if all_at_once or recorded < MASS_ERASURE_MINIMUM:
+        return recorded
+    looked_at = connection.execute(
+        text(f"SELECT count(DISTINCT user_id) FROM ({known_users}) AS known"), parameters or {}
+    ).scalar_one()
+    if recorded > MASS_ERASURE_SHARE * looked_at:
+        raise MassErasure(
+            f"database.tables.users: {recorded:,} of {looked_at:,} users the pipeline knows are "
+            f"gone from {users.mapping.qualified_name} or excluded by "
+            "database.tables.users.exclude at once; erasing them would lose their history for "
+            "good, so none is erased: fix the mapping or an inverted exclusion, or, if they did "
+            "go, run `retention-pipeline db erase-gone --yes`"
+        )
+    return recorded
