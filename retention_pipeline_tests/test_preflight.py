@@ -108,6 +108,7 @@ def test_the_demo_keeps_its_placeholders_and_its_own_secret_and_nothing_else_doe
     from retention_pipeline.config import load_config
     from retention_pipeline.config.loader import project_root
     from retention_pipeline.database import embedded
+    from retention_pipeline.email.secrets import unsubscribe_secret
     from retention_pipeline.resources.email import email_resource, send_run_problems
 
     monkeypatch.setenv("RETENTION_HOME", str(tmp_path))
@@ -120,6 +121,12 @@ def test_the_demo_keeps_its_placeholders_and_its_own_secret_and_nothing_else_doe
     monkeypatch.setenv("RETENTION_DATABASE_URL", demo_url)
     demo = load_config(shipped)
     assert send_run_problems(demo, email_resource(demo)) == []
+    # A production secret left exported never signs the demo's links.
+    monkeypatch.setenv("RETENTION_UNSUBSCRIBE_SECRET", "the-production-secret")
+    demo_secret = unsubscribe_secret(load_config(shipped))
+    assert demo_secret == (tmp_path / "unsubscribe_secret").read_text().strip()
+    assert demo_secret != "the-production-secret"
+    monkeypatch.delenv("RETENTION_UNSUBSCRIBE_SECRET")
 
     monkeypatch.setenv("RETENTION_DATABASE_URL", "postgresql://app@db.internal/app")
     production = load_config(shipped)

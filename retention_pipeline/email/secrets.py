@@ -30,12 +30,14 @@ class MissingSecretError(ValueError):
 
 
 def unsubscribe_secret(config: RetentionConfig) -> str:
-    """The HMAC secret of the unsubscribe links: `email.unsubscribe_secret`, or in the demo its
-    own random one."""
-    if config.email.unsubscribe_secret:
-        return config.email.unsubscribe_secret
+    """The HMAC secret of the unsubscribe links: in the demo its own random one, whatever the
+    environment holds (a production secret left exported would sign made-up users' links that
+    production's `serve` accepts, in outbox files anyone may read); else
+    `email.unsubscribe_secret`."""
     if uses_embedded_database(config):
         return _demo_secret(retention_home() / DEMO_SECRET_FILE)
+    if config.email.unsubscribe_secret:
+        return config.email.unsubscribe_secret
     raise MissingSecretError(
         "email.unsubscribe_secret: required to sign and check unsubscribe links "
         f"(set ${UNSUBSCRIBE_SECRET_VARIABLE})"
