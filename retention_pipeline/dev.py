@@ -168,13 +168,14 @@ def _restore_default_signals() -> None:
     # then never stops. Give it default handling and its own process group.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     os.setsid()
 
 
 def run_until_signalled(command: list[str], environment: dict[str, str], cwd: Path) -> int:
-    """Run `dagster dev` in its own process group until Ctrl-C or SIGTERM, then stop the whole
-    group and return 0. Should it end by itself, stop what is left of its group, say so in one
-    line and return 1."""
+    """Run `dagster dev` in its own process group until Ctrl-C, SIGTERM or SIGHUP, then stop the
+    whole group and return 0. Should it end by itself, stop what is left of its group, say so in
+    one line and return 1."""
     process = subprocess.Popen(
         command, env=environment, cwd=cwd, preexec_fn=_restore_default_signals
     )
@@ -182,18 +183,22 @@ def run_until_signalled(command: list[str], environment: dict[str, str], cwd: Pa
     def forward(_signum, _frame) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    # SIGHUP: the terminal closed (or the SSH session dropped), which would otherwise end `dev`
+    # alone and leave its own session of Dagster processes sending.
+    stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for signum in stopping:
+        signal.signal(signum, forward)
     try:
         status = process.wait()
     except KeyboardInterrupt:
-        print("stopping dagster dev ...", flush=True)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in stopping:
+            signal.signal(signum, signal.SIG_IGN)
+        with contextlib.suppress(OSError):  # no terminal left to say it to
+            print("stopping dagster dev ...", flush=True)
         stop_group(process)
         return 0
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in stopping:
+        signal.signal(signum, signal.SIG_IGN)
     stop_group(process)
     print(
         f"error: dagster dev stopped by itself (exit status {status}; its output above says "

@@ -78,7 +78,9 @@ def dev_process(embedded_home: Path):
         process.wait()
 
 
-def test_dev_serves_the_asset_graph_refuses_a_second_dev_and_stops_cleanly(dev_process):
+# SIGHUP: the terminal `dev` ran in closed.
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_dev_serves_the_asset_graph_refuses_a_second_dev_and_stops_cleanly(dev_process, stop):
     process, port, home = dev_process
     deadline = time.monotonic() + 240
     paths = None
@@ -110,7 +112,7 @@ def test_dev_serves_the_asset_graph_refuses_a_second_dev_and_stops_cleanly(dev_p
     assert asset_paths(port) == paths
 
     started = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     output, _ = process.communicate(timeout=90)
     assert process.returncode == 0, output
     assert "demo data seeded" in output
