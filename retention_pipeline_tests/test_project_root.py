@@ -64,3 +64,24 @@ def test_the_production_instance_lives_in_deploy_and_validates(monkeypatch: pyte
     assert storage.value["postgres_db"]["hostname"] == "db.internal"
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["run_monitoring"]["enabled"] is True
+
+
+def test_installed_as_a_package_the_project_is_the_folder_the_command_starts_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from retention_pipeline.config import loader
+    from retention_pipeline.database import embedded
+
+    # `pip install .` puts the package in site-packages, with no pyproject.toml beside it.
+    monkeypatch.setattr(loader, "SOURCE_ROOT", tmp_path / "site-packages")
+    deployment = tmp_path / "srv" / "retention"
+    deployment.mkdir(parents=True)
+    monkeypatch.chdir(deployment)
+    monkeypatch.delenv("RETENTION_CONFIG", raising=False)
+    monkeypatch.delenv("RETENTION_HOME", raising=False)
+    assert loader.project_root() == deployment
+    assert loader.default_config_path() == deployment / "retention.yaml"
+    assert embedded.retention_home() == deployment / ".retention"
+    # A relative home is made absolute: Dagster refuses a relative DAGSTER_HOME under it.
+    monkeypatch.setenv("RETENTION_HOME", "state")
+    assert embedded.retention_home() == deployment / "state"

@@ -39,8 +39,18 @@ _Loader.add_implicit_resolver(
 )
 
 
+# The checkout this code runs from, when it runs from one (an editable install, the tests).
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
 def project_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    """Where `retention.yaml`, `workspace.yaml` and `.retention` are looked for: the source
+    checkout this code runs from, or, installed as a package (`pip install .` puts it in
+    site-packages), the folder the command starts in (Dagster's code servers start in the
+    folder the webserver or daemon started in)."""
+    if (SOURCE_ROOT / "pyproject.toml").is_file():
+        return SOURCE_ROOT
+    return Path.cwd()
 
 
 def default_config_path() -> Path:

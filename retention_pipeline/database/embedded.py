@@ -41,7 +41,8 @@ def _embedded_postgres():
 
 def retention_home() -> Path:
     """The project-local folder for the embedded server, the dev Dagster home and the outbox."""
-    return Path(os.environ.get(HOME_ENV_VAR) or project_root() / ".retention")
+    # Absolute: Dagster refuses a relative DAGSTER_HOME, which `dev` makes under it.
+    return Path(os.environ.get(HOME_ENV_VAR) or project_root() / ".retention").absolute()
 
 
 def data_directory(home: Path | None = None) -> Path:
