@@ -61,6 +61,7 @@ from retention_pipeline.segments.snapshot.names import AppNames
 from retention_pipeline.segments.snapshot.statement import snapshot_parameters
 from retention_pipeline.tracking.source_checks import read_sources
 from retention_pipeline.tracking.sources import (
+    erasure_trigger_problem,
     installed_sources,
     sources_problem,
     trigger_right_problems,
@@ -109,6 +110,8 @@ def preflight(
             # neither keeps the statements below from being planned.
             installed = None if not_installed else installed_sources(connection, tracking)
             upgrade_problems = trigger_right_problems(connection, tracking, installed)
+            erasure = erasure_trigger_problem(connection, tracking, config.database.tracking)
+            upgrade_problems.extend([erasure] if erasure else [])
             if installed is not None:
                 not_upgraded = rollup_problem(
                     connection, schema, config.timezone

@@ -1148,15 +1148,22 @@ def test_check_names_each_trigger_captured_table_the_role_may_not_give_a_trigger
     app = create_app_engine(make_url(app_database_url).set(username=role).render_as_string())
 
     def trigger_lines():
-        return [p for p in preflight(app, config).problems if ".capture: role" in p]
+        return [
+            p
+            for p in preflight(app, config).problems
+            if "lacks TRIGGER on table" in p or "is not the owner of table" in p
+        ]
 
     try:
         assert trigger_lines() == [
             f"database.activity.0.capture: role {role} lacks TRIGGER on table public.comments: "
             "`db upgrade` creates the source's capture trigger there (grant it, or use "
-            "`capture: polling`)"
+            "`capture: polling`)",
+            f"database.tables.users: role {role} lacks TRIGGER on table public.users: `db "
+            "upgrade` creates the trigger there that records the users your app deletes, to "
+            "erase them (grant it, or use `database.tracking: incremental`)",
         ]
-        run(engine, f"GRANT TRIGGER ON comments TO {role}")
+        run(engine, f"GRANT TRIGGER ON comments, users TO {role}")
         assert trigger_lines() == []
         install(engine, config)  # as the owner: the trigger is there now
         run(engine, f"REVOKE TRIGGER ON comments FROM {role}")

@@ -169,6 +169,30 @@ def trigger_right_problems(
     return problems
 
 
+def erasure_trigger_problem(connection: Connection, sql: TrackingSql, tracking: str) -> str | None:
+    """Why `db upgrade` could not put the trigger that records deleted users on the users table
+    (`database.tracking: triggers`), the role lacking TRIGGER there, as one line; None when it
+    can, or the trigger is there already."""
+    if tracking != "triggers":
+        return None
+    role, may_create, present = connection.execute(
+        text("""
+            SELECT current_user, has_table_privilege(c.oid, 'TRIGGER'),
+                   EXISTS (SELECT FROM pg_catalog.pg_trigger AS t
+                           WHERE t.tgrelid = c.oid AND t.tgname = :trigger)
+            FROM pg_catalog.pg_class AS c WHERE c.oid = CAST(:relation AS regclass)"""),
+        {"relation": sql.table_name(sql.users), "trigger": legacy_trigger_name(sql.schema)},
+    ).one()
+    if may_create or present:
+        return None
+    return (
+        f"database.tables.users: role {role} lacks TRIGGER on table "
+        f"{sql.users.mapping.qualified_name}: `db upgrade` creates the trigger there that records "
+        "the users your app deletes, to erase them (grant it, or use `database.tracking: "
+        "incremental`)"
+    )
+
+
 def triggers_in_place(connection: Connection, sql: TrackingSql, source: ResolvedSource) -> bool:
     """Whether every capture trigger of `source` is on its table (`db upgrade` leaves them be)."""
     expected = ["inserts", *(["updates"] if source.capture == "updates" else [])]
