@@ -144,8 +144,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             decisions = decisions_in_force(connection, schema, measured, date.max, number)
             if not loop.adjust:
                 print("adjust: false; variants share traffic evenly, no step is paused")
+            # Decided while the loop adjusted, or measured since: the audience follows none.
+            unapplied = "" if loop.adjust else " (not applied: adjust: false)"
             for decision in decisions.values():
-                print(f"decided {decision.decided_on}: {decision}")
+                print(f"decided {decision.decided_on}{unapplied}: {decision}")
             print(not_counted)
     return 0
 

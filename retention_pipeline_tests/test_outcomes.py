@@ -194,7 +194,9 @@ def test_a_loop_without_a_holdout_reports_the_lift_as_unavailable(engine, app_da
     assert not any("lift" in key for key in metadata)
 
 
-def test_a_harmful_step_is_paused_and_not_sent_the_next_day(engine, app_database_url):
+def test_a_harmful_step_is_paused_and_not_sent_the_next_day(
+    engine, app_database_url, tmp_path, capsys
+):
     config = config_for(app_database_url, holdout=0.5)
     add_users(engine, range(1, 301), last_seen=LONG_AGO)
     run_day(engine, config, D)
@@ -221,6 +223,19 @@ def test_a_harmful_step_is_paused_and_not_sent_the_next_day(engine, app_database
     unadjusted = config_for(app_database_url, holdout=0.5, adjust=False)
     assert run_day(engine, unadjusted, next_day).excluded["step_paused"] == 0
     assert {row[1] for row in audience(engine, next_day) if int(row[0]) > 1000} == {0}
+    # `report` says so of the pause it keeps on record.
+    from retention_pipeline.cli import main
+
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = app_database_url
+    document["loops"][0].update(name="loop_0", adjust=False)
+    path = tmp_path / "retention.yaml"
+    path.write_text(yaml.safe_dump(document))
+    capsys.readouterr()
+    assert main(["report", "--config", str(path)]) == 0
+    reported = capsys.readouterr().out
+    assert "adjust: false; variants share traffic evenly, no step is paused" in reported
+    assert f"decided {decided_on} (not applied: adjust: false): " in reported, reported
 
 
 def test_the_decision_evidence_reads_as_the_pause_rule_decides():
