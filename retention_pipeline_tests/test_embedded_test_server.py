@@ -1,4 +1,5 @@
-"""The tests' embedded server keeps working while other pytest sessions start on the machine."""
+"""The embedded server: the tests' keeps working while other pytest sessions start on the
+machine, and a home of any depth is still the demo's."""
 
 from __future__ import annotations
 
@@ -43,3 +44,18 @@ def test_the_embedded_test_server_outlives_another_pytest_session(
             connection.execute(text("CREATE DATABASE after_another_session"))
         engine.dispose()
     assert not data_directory.exists()
+
+
+def test_a_home_too_deep_for_a_socket_path_is_still_the_demos(embedded_home: Path):
+    """PostgreSQL's socket path has a length limit (about 107 bytes on Linux): under a deep
+    home the embedded server puts its socket elsewhere, and its URL is still the demo's."""
+    from retention_pipeline.database import embedded
+
+    home = embedded_home / ("deep-" * 16)
+    url = embedded.start(home)
+    try:
+        assert f"host={embedded.data_directory(home)}" not in url
+        assert embedded.is_embedded_url(url, home)
+        assert not embedded.is_embedded_url(url, embedded_home / "another")
+    finally:
+        embedded.stop(home)

@@ -50,11 +50,26 @@ def data_directory(home: Path | None = None) -> Path:
 
 
 def is_embedded_url(url: str, home: Path | None = None) -> bool:
-    """Whether `url` points at this home's embedded server (through its socket folder)."""
+    """Whether `url` points at this home's embedded server (through its socket folder: the data
+    directory, or the folder the server chose instead, which it records in postmaster.pid, where
+    the data directory's path is too long for a socket's)."""
     socket_folder = make_url(url).query.get("host")
-    return isinstance(socket_folder, str) and (
-        Path(socket_folder).resolve() == data_directory(home).resolve()
-    )
+    if not isinstance(socket_folder, str):
+        return False
+    directory = data_directory(home)
+    return Path(socket_folder).resolve() in {
+        directory.resolve(),
+        *_recorded_socket_folder(directory),
+    }
+
+
+def _recorded_socket_folder(directory: Path) -> list[Path]:
+    """The socket folder the server of `directory` recorded (the fifth line of postmaster.pid)."""
+    try:
+        recorded = (directory / "postmaster.pid").read_text().splitlines()[4].strip()
+    except (OSError, IndexError):
+        return []
+    return [Path(recorded).resolve()] if recorded else []
 
 
 def _server(home: Path | None):
