@@ -130,13 +130,22 @@ def cmd_report(args: argparse.Namespace) -> int:
                 print(f"{loop.name}: no assignments{since} yet\n{not_counted}")
                 continue
             print(f"{loop.name}: outcomes of the assignments{since}")
-            headline = next((row for row in rows if row.step is None), None)
-            if headline is not None:
-                print(
-                    f"the loop, per episode, within {headline.window_days} days: "
-                    f"{headline.verdict} ({headline.treatment.finished} treated and "
-                    f"{headline.holdout.finished} held-out episodes known)"
+            for first_episodes in (False, True):
+                headline = next(
+                    (
+                        row
+                        for row in rows
+                        if row.step is None and row.first_episodes == first_episodes
+                    ),
+                    None,
                 )
+                if headline is not None:
+                    print(
+                        f"the {headline.scope}, within {headline.window_days} days: "
+                        f"{headline.verdict} "
+                        f"({headline.treatment.finished} treated and "
+                        f"{headline.holdout.finished} held-out episodes known)"
+                    )
             if period is not None:
                 others = "" if len(recorded) == 1 else f" of {len(recorded)}: see --period"
                 print(f"experiment {period}{others}")

@@ -142,7 +142,9 @@ def test_arms_where_nobody_returns_still_get_an_interval(engine, app_database_ur
     evaluate(engine, config, D + timedelta(days=7))
     with engine.connect() as connection:
         rows = performance_rows(connection, "retention", config.loops[0], through=D)
-    (overall,) = [row for row in rows if row.step is None and row.window_days == 7]
+    (overall,) = [
+        row for row in rows if row.step is None and not row.first_episodes and row.window_days == 7
+    ]
     assert overall.treatment.returned == overall.holdout.returned == 0
     assert overall.treatment.finished + overall.holdout.finished == 60
     lift, lower, upper = overall.lift
@@ -150,8 +152,44 @@ def test_arms_where_nobody_returns_still_get_an_interval(engine, app_database_ur
     assert overall.verdict.startswith("+0.0 points, 95% CI -")
     assert overall.evidence == "undecided (30 of 100 outcomes)"
     # The 30-day window is not over: nothing to say yet.
-    (later,) = [row for row in rows if row.step is None and row.window_days == 30]
+    (later,) = [
+        row for row in rows if row.step is None and not row.first_episodes and row.window_days == 30
+    ]
     assert later.verdict == "not enough data yet (0 of 10 outcomes)"
+
+
+def test_first_episodes_are_measured_apart_from_repeat_ones(engine, app_database_url):
+    """A user keeps their arm into later episodes, where the treated who unsubscribed are gone
+    and their held-out counterparts are not: the loop's line of first episodes alone is the one
+    the loop's own emails cannot bias."""
+    document = copy.deepcopy(SHIPPED_DOCUMENT)
+    document["database"]["url"] = app_database_url
+    loop = document["loops"][0]
+    loop.update(name="loop_0", holdout={"fraction": 0.5}, cooldown_days=0)
+    loop["steps"][0]["condition"] = {"type": "segment", "segment": "dormant"}
+    config = parse_config(document, environ={})
+    users = [str(user) for user in range(1, 101)]
+    add_users(engine, range(1, 101), last_seen=LONG_AGO)
+    run_day(engine, config, D)  # every user's first episode
+    visit(engine, users, D + timedelta(days=1))  # all back: the episodes end
+    later = D + timedelta(days=9)  # away 7 days again: a second episode each
+    run_day(engine, config, later)
+    evaluate(engine, config, later + timedelta(days=7))
+    with engine.connect() as connection:
+        rows = performance_rows(connection, "retention", config.loops[0])
+    (every,) = [
+        row for row in rows if row.step is None and not row.first_episodes and row.window_days == 7
+    ]
+    (first,) = [
+        row for row in rows if row.step is None and row.first_episodes and row.window_days == 7
+    ]
+    assert every.treatment.assigned + every.holdout.assigned == 200
+    assert first.treatment.assigned + first.holdout.assigned == 100
+    assert first.scope == "loop, first episodes"
+    # Everyone came back within the first episodes' window, nobody within the second's.
+    assert first.treatment.rate == first.holdout.rate == 1.0
+    assert every.treatment.rate == every.holdout.rate == 0.5
+    assert "loop_0/loop_first_episodes/7d/treated_outcomes" in performance_metadata(rows)
 
 
 def test_a_days_performance_built_again_later_counts_only_the_windows_over_by_then(
@@ -170,7 +208,11 @@ def test_a_days_performance_built_again_later_counts_only_the_windows_over_by_th
     def seven_day_windows_finished(day: date) -> int:
         with engine.begin() as connection:
             rows, _ = decide_day(connection, "retention", config.loops[0], day)
-        (overall,) = [row for row in rows if row.step is None and row.window_days == 7]
+        (overall,) = [
+            row
+            for row in rows
+            if row.step is None and not row.first_episodes and row.window_days == 7
+        ]
         return overall.treatment.finished + overall.holdout.finished
 
     assert seven_day_windows_finished(D + timedelta(days=3)) == 0
@@ -185,7 +227,9 @@ def test_a_loop_without_a_holdout_reports_the_lift_as_unavailable(engine, app_da
     evaluate(engine, config, D + timedelta(days=7))
     with engine.connect() as connection:
         rows = performance_rows(connection, "retention", config.loops[0], through=D)
-    (overall,) = [row for row in rows if row.step is None and row.window_days == 7]
+    (overall,) = [
+        row for row in rows if row.step is None and not row.first_episodes and row.window_days == 7
+    ]
     assert overall.holdout.assigned == 0 and overall.treatment.returned == 1
     assert overall.lift is None and overall.relative_lift is None
     assert overall.verdict == "no holdout: lift unavailable"

@@ -6,7 +6,11 @@ Every line is a randomized comparison:
 
 - the loop, per episode: one row per episode (intention to treat from its first assignment, its
   start day unless the first step was capped or paused), the treated episodes against the
-  holdout's: what running the loop, every step as sent, does to the share who come back;
+  holdout's: what running the loop, every step as sent, does to the share who come back; and
+  the same of first episodes alone (a user's first with an email possible), which the loop's
+  own earlier emails cannot bias: a user keeps their arm from one episode to the next, and only
+  the treated got the emails that lead to an unsubscribe, so later episodes lack the treated who
+  left while the held-out who would have left are still counted;
 - the first step: its treated users against the holdout (nobody got an email before it);
 - a later step: its recipients against the users withheld from it (`step_holdout`), both from
   treated episodes, due the step, not back yet and drawn by a hash of the step's own: the
@@ -108,6 +112,8 @@ class PerformanceRow:
     holdout: ArmCounts
     days: tuple[DayCounts, ...] = ()
     """A variant row's counts per assignment day, which its lift is stratified by."""
+    first_episodes: bool = False
+    """A loop row of users' first episodes alone (`step` None)."""
 
     @property
     def compared_with(self) -> str:
@@ -116,7 +122,7 @@ class PerformanceRow:
     @property
     def scope(self) -> str:
         if self.step is None:
-            return "loop, per episode"
+            return "loop, first episodes" if self.first_episodes else "loop, per episode"
         return f"step {self.step} {self.template}" + (f" / {self.variant}" if self.variant else "")
 
     @property
@@ -278,10 +284,13 @@ def _episode_rows(
     through: date | None,
     period: int | None,
     as_of: date | None,
+    first_episodes: bool,
 ) -> list[PerformanceRow]:
     """The loop's lines: one row per episode whose first assignment was made from `since`
     through `through`, each window counted from that first assignment, the treated episodes
-    against the holdout's; an episode counts as emailed when any of its steps was."""
+    against the holdout's; an episode counts as emailed when any of its steps was. With
+    `first_episodes`, only episodes of users with no earlier one an email could reach (an
+    assignment not simulated)."""
     rows = connection.execute(
         text(f"""
         SELECT window_days, arm, revenue_currency AS currency,
@@ -291,13 +300,18 @@ def _episode_rows(
             -- An episode keeps the arm of its first assignment: a later step withheld from it
             -- is still a step of a treated episode.
             SELECT DISTINCT ON (user_id, episode_start, window_days)
+                   user_id, episode_start,
                    window_days, partition_date, status, active_revenue_cents, revenue_currency,
                    CASE WHEN arm = 'holdout' THEN 'holdout' ELSE 'treatment' END AS arm, over,
                    bool_or(sent) OVER (PARTITION BY user_id, episode_start, window_days) AS sent
             FROM ({_outcomes_sql(s)}) AS outcome
             ORDER BY user_id, episode_start, window_days, partition_date
         ) AS episode
-        WHERE CAST(:episodes_since AS date) IS NULL OR partition_date >= :episodes_since
+        WHERE (CAST(:episodes_since AS date) IS NULL OR partition_date >= :episodes_since)
+          AND NOT (CAST(:first_episodes AS boolean) AND EXISTS (
+              SELECT FROM {s}.reengagement_audience AS earlier
+              WHERE earlier.loop_name = :loop AND earlier.user_id = episode.user_id
+                AND earlier.episode_start < episode.episode_start AND NOT earlier.simulated))
         GROUP BY GROUPING SETS ((window_days, arm), (window_days, arm, revenue_currency))"""),
         # The first assignment is looked for in the whole history up to `through`.
         {
@@ -307,6 +321,7 @@ def _episode_rows(
             "episodes_since": since,
             "as_of": as_of,
             "period": period,
+            "first_episodes": first_episodes,
         },
     ).all()
     revenue: dict[tuple, dict[str | None, int]] = defaultdict(dict)
@@ -332,6 +347,7 @@ def _episode_rows(
                     window_days=window,
                     treatment=treatment,
                     holdout=holdout,
+                    first_episodes=first_episodes,
                 )
             )
     return table
@@ -383,7 +399,11 @@ def performance_rows(
         },
         key=lambda scope: (scope[0], scope[1] or ""),
     )
-    table = _episode_rows(connection, s, loop, since, through, period, as_of)
+    table = [
+        row
+        for first_episodes in (False, True)
+        for row in _episode_rows(connection, s, loop, since, through, period, as_of, first_episodes)
+    ]
     for step, variant in scopes:
         for window in loop.window_days:
             treatment = counts.get((step, variant, window, "treatment"), ArmCounts())
@@ -550,11 +570,15 @@ def performance_frame(rows: list[PerformanceRow]) -> pd.DataFrame:
 
 def performance_metadata(rows: list[PerformanceRow]) -> dict[str, float | int]:
     """Numbers for the UI's plots, per loop, scope and window: rates, lift and its bounds (in
-    points), sample sizes and the revenue difference. The loop's scope is `loop` (per episode);
-    the control's numbers are named after its arm (`holdout_...`, `withheld_...`)."""
+    points), sample sizes and the revenue difference. The loop's scopes are `loop` (per episode)
+    and `loop_first_episodes`; the control's numbers are named after its arm (`holdout_...`,
+    `withheld_...`)."""
     metadata: dict[str, float | int] = {}
     for row in rows:
-        scope = "loop" if row.step is None else f"step_{row.step}"
+        if row.step is None:
+            scope = "loop_first_episodes" if row.first_episodes else "loop"
+        else:
+            scope = f"step_{row.step}"
         if row.variant:
             scope += f"_{row.variant}"
         prefix = f"{row.loop}/{scope}/{row.window_days}d"
