@@ -503,6 +503,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         environment = {
             **os.environ,
             "DAGSTER_HOME": str(dagster_home),
+            # Dagster's processes start in the Dagster home: from there, an installed package
+            # would look for .retention under it (`project_root`).
+            embedded.HOME_ENV_VAR: str(home),
             "RETENTION_DATABASE_URL": prepared.url,
             CONFIG_ENV_VAR: str(config_path),
             # Without start_date, the partitions start at the first day of the data prepared.
