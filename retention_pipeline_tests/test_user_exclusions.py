@@ -331,6 +331,8 @@ def test_each_bad_exclusion_is_one_line_naming_it(app_database_url, tmp_path: Pa
         {"column": "status", "is": True},
         {"column": "status", "is": "future"},
         {"column": "disabled", "is": "future"},
+        {"column": "disabled", "in": [True, "no"]},  # `no`: a word since YAML 1.2
+        {"column": "disabled", "equals": False},
         *EXCLUDE,
     ]
     config = write_config(tmp_path, app_database_url, tables=tables)
@@ -351,4 +353,6 @@ def test_each_bad_exclusion_is_one_line_naming_it(app_database_url, tmp_path: Pa
         "error: database.tables.users.exclude.3.is: public.users.status is text, not a timestamp",
         "error: database.tables.users.exclude.4.is: public.users.disabled is boolean, not a "
         "timestamp",
+        "error: database.tables.users.exclude.5.in: public.users.disabled is a boolean, and "
+        "'no' is neither true nor false: use `is: true` or `is: false`",
     ]

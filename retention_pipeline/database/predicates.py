@@ -168,4 +168,13 @@ def predicate_problem(
         )
     if predicate.is_ in ("future", "past") and column.type_name not in TIMESTAMP_TYPES:
         return f"{where}.is: {table}.{predicate.column} is {column.display}, not a timestamp"
+    if column.type_name == "bool":
+        # A boolean reads as the text true or false: any other value would match no row.
+        for key, values in (("equals", [predicate.equals]), ("in", predicate.in_ or [])):
+            for value in values:
+                if value is not None and str(value).lower() not in ("true", "false"):
+                    return (
+                        f"{where}.{key}: {table}.{predicate.column} is a boolean, and "
+                        f"{value!r} is neither true nor false: use `is: true` or `is: false`"
+                    )
     return None
