@@ -180,7 +180,7 @@ def send_pending(
                 schema=schema,
                 results=results,
                 provider=provider,
-                first_attempt=batch.first_attempt,
+                first_attempt_at=batch.first_attempt_at,
             )
         batch_sent = batch_failed = 0
         for (day, status), count in changed.items():

@@ -285,8 +285,9 @@ class StartedBatch:
     """In send-key order, rebuilt from the stored content."""
     withheld: Counter[tuple[date, str]] = field(default_factory=Counter)
     """Members failed instead of sent, by partition day and reason: 'suppressed' or 'erased'."""
-    first_attempt: bool = True
-    """No request for the batch was made before this one (`first_attempt_at` was unset)."""
+    first_attempt_at: datetime | None = None
+    """When this start stamped the batch attempted, where no request for it was made before;
+    None otherwise."""
 
 
 def start_batch(
@@ -366,15 +367,17 @@ def start_batch(
                 WHERE log.id = m.id AND log.status = 'claimed'
                   AND NOT m.erased AND m.suppressed IS NULL AND NOT m.stale
                 RETURNING log.send_key, log.email, log.subject, log.html, log.body_text,
-                          log.headers, log.tags, log.idempotency_key, m.never_attempted
+                          log.headers, log.tags, log.idempotency_key,
+                          CASE WHEN m.never_attempted THEN log.first_attempt_at END
+                              AS stamped_at
             )
             SELECT partition_date, withheld, NULL AS send_key, NULL AS email, NULL AS subject,
                    NULL AS html, NULL AS body_text, NULL::jsonb AS headers, NULL::jsonb AS tags,
-                   NULL AS idempotency_key, NULL AS never_attempted
+                   NULL AS idempotency_key, NULL::timestamptz AS stamped_at
             FROM withheld
             UNION ALL
             SELECT NULL, NULL, send_key, email, subject, html, body_text, headers, tags,
-                   idempotency_key, never_attempted
+                   idempotency_key, stamped_at
             FROM started"""),
         {
             "loop": loop_name,
@@ -386,13 +389,13 @@ def start_batch(
     withheld: Counter[tuple[date, str]] = Counter()
     emails: list[OutgoingEmail] = []
     idempotency_key: str | None = None
-    first_attempt = True
+    stamps = set()
     for row in rows:
         if row["withheld"] is not None:
             withheld[(row["partition_date"], row["withheld"])] += 1
             continue
         idempotency_key = row["idempotency_key"]
-        first_attempt = first_attempt and row["never_attempted"]
+        stamps.add(row["stamped_at"])
         emails.append(
             OutgoingEmail(
                 key=row["send_key"],
@@ -409,7 +412,8 @@ def start_batch(
         idempotency_key=idempotency_key,
         emails=sorted(emails, key=lambda email: email.key),
         withheld=withheld,
-        first_attempt=first_attempt,
+        # One stamp for every member, or a member attempted before: then the batch was.
+        first_attempt_at=next(iter(stamps)) if len(stamps) == 1 else None,
     )
 
 
@@ -419,18 +423,20 @@ def record(
     schema: str,
     results: Sequence[SendResult],
     provider: str,
-    first_attempt: bool = False,
+    first_attempt_at: datetime | None = None,
 ) -> Counter[tuple[date, str]]:
     """Record what the sender said, in the caller's transaction; return how many rows this call
     changed, by partition day and new status.
 
     Sent: status 'sent' with the provider's id and `sent_at`. Failed: status 'failed' with the
     error, final. Failed but retryable: still 'claimed', with the error, to be re-sent in its batch.
-    When the batch's `first_attempt` was certainly not delivered (`SendResult.undelivered`), it
-    is unset again: the batch is as never sent, so `expire_unanswered` does not fail it as perhaps
-    delivered, and `start_batch` withholds it once stale. Every result counts an attempt. Rows no
-    longer claimed are left alone, so a late or repeated result never undoes an outcome, and is
-    not counted: a batch another sender settled first counts once, for that sender.
+    Where the batch's first attempt (stamped at `first_attempt_at` by `start_batch`) was
+    certainly not delivered (`SendResult.undelivered`), its stamp is unset again, unless another
+    sender started the batch since (which sets `updated_at`): the batch is as never sent, so
+    `expire_unanswered` does not fail it as perhaps delivered, and `start_batch` withholds it
+    once stale. Every result counts an attempt. Rows no longer claimed are left alone, so a late
+    or repeated result never undoes an outcome, and is not counted: a batch another sender
+    settled first counts once, for that sender.
     """
     if not results:
         return Counter()
@@ -444,7 +450,10 @@ def record(
                 error = r.error,
                 attempts = log.attempts + 1,
                 sent_at = CASE WHEN r.status = 'sent' THEN now() END,
-                first_attempt_at = CASE WHEN r.never_sent THEN NULL ELSE log.first_attempt_at END,
+                -- `updated_at` still the start's: no other sender started the batch since.
+                first_attempt_at = CASE
+                    WHEN r.never_sent AND log.updated_at = CAST(:stamped_at AS timestamptz)
+                    THEN NULL ELSE log.first_attempt_at END,
                 updated_at = now()
             FROM unnest(CAST(:keys AS text[]), CAST(:statuses AS text[]),
                         CAST(:provider_ids AS text[]), CAST(:errors AS text[]),
@@ -458,9 +467,8 @@ def record(
             "statuses": [_status(result) for result in results],
             "provider_ids": [result.provider_id for result in results],
             "errors": [result.error for result in results],
-            "never_sent": [
-                first_attempt and result.retryable and result.undelivered for result in results
-            ],
+            "never_sent": [result.retryable and result.undelivered for result in results],
+            "stamped_at": first_attempt_at,
         },
     )
     counts = Counter((day, status) for day, status in changed.all())

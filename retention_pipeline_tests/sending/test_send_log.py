@@ -335,3 +335,53 @@ def test_one_mailbox_gets_one_email_of_a_day_whatever_the_audience_holds(
         ("u2", "not sent: the address already has this loop's email of the day, as user u1"),
         ("u5", "not sent: the address already has this loop's email of the day, as user u4"),
     ]
+
+
+def test_a_refusal_leaves_the_attempt_mark_of_a_batch_another_sender_started_since(
+    sending_db: SendingDatabase,
+) -> None:
+    """A sender whose request was refused whole unsets the batch's attempt mark only if no other
+    sender started the batch since: that one's request may have gone out."""
+    add_users(sending_db.engine, users(3))
+    compose_and_claim(sending_db)
+    with sending_db.engine.connect() as connection:
+        (key,) = pending_batch_keys(connection, schema=SCHEMA, loop_name=LOOP)
+
+    def start():
+        with sending_db.engine.begin() as connection:
+            return start_batch(
+                connection, schema=SCHEMA, loop_name=LOOP, batch_key=key, loops_configured=[LOOP]
+            )
+
+    def refuse(batch) -> None:
+        refused = [
+            SendResult(email.key, "failed", None, "rejected by Resend: HTTP 403", True, True)
+            for email in batch.emails
+        ]
+        with sending_db.engine.begin() as connection:
+            record(
+                connection,
+                schema=SCHEMA,
+                results=refused,
+                provider="resend",
+                first_attempt_at=batch.first_attempt_at,
+            )
+
+    def marks() -> set:
+        with sending_db.engine.connect() as connection:
+            return set(
+                connection.execute(
+                    text("SELECT first_attempt_at FROM retention.email_send_log")
+                ).scalars()
+            )
+
+    first = start()
+    assert first.first_attempt_at is not None
+    refuse(first)
+    assert marks() == {None}  # refused whole, and nobody else tried: as never sent
+
+    first = start()
+    second = start()  # another sender, whose request's outcome is not known yet
+    assert second.first_attempt_at is None
+    refuse(first)
+    assert marks() == {first.first_attempt_at}
