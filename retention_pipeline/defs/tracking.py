@@ -36,9 +36,9 @@ def activity_rollup(
     forgotten = email.forget(update.erased_send_keys)
     if update.late_days:
         context.log.warning(
-            f"rows arrived for days whose snapshot was already taken: "
+            f"rows arrived for days a snapshot already covers: "
             f"{', '.join(map(str, update.late_days))}; re-materialize the daily assets from "
-            f"{update.late_days[0]} to include them"
+            f"{update.late_days[0]} (or your first partition, if later) to include them"
         )
     context.log.info(
         f"folded {update.events:,} event(s) and {update.sessions:,} session(s) into "
