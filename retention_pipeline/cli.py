@@ -276,6 +276,7 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
         )
         return 0
     update = update_rollup(engine, config)
+    _forget_erased_emails(config, update.erased_send_keys)
     print(
         f"rollup updated: folded {update.events:,} event(s) and {update.sessions:,} session(s)"
         + (f" (polled: {', '.join(update.polled_sources)})" if update.polled_sources else "")
@@ -285,28 +286,33 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_db_erase_gone(args: argparse.Namespace) -> int:
-    from retention_pipeline.tracking.erasure import users_gone_from_app
-    from retention_pipeline.tracking.state import lock, locking_transaction
+    from retention_pipeline.tracking.drain import update_rollup
 
     config = load_config(args.config)
     if not args.yes:
         print(
-            "error: this erases, at the next drain, the history of every user your app deleted "
-            "or now excludes, however many; pass --yes",
+            "error: this erases the history of every user your app deleted or now excludes, "
+            "however many; pass --yes",
             file=sys.stderr,
         )
         return 2
     engine = _engine(config)
     with engine.connect() as connection:
         _require_installed(connection, config)
-    with locking_transaction(engine) as connection:
-        lock(connection, config.database.schema_)
-        recorded = users_gone_from_app(connection, config, all_at_once=True)
+    update = update_rollup(engine, config, all_at_once=True)
+    _forget_erased_emails(config, update.erased_send_keys)
     print(
-        f"recorded {recorded:,} user(s) deleted from the app or now excluded: the next drain "
-        "erases them"
+        f"drained, and erased {update.erased_users:,} user(s) deleted from the app or now excluded"
     )
     return 0
+
+
+def _forget_erased_emails(config, send_keys) -> None:
+    """What the email provider keeps on this machine of the erased users' emails (the outbox's
+    files) goes with them, as the drain asset does."""
+    from retention_pipeline.resources.email import email_resource
+
+    email_resource(config).forget(send_keys)
 
 
 def cmd_db_uninstall(args: argparse.Namespace) -> int:
@@ -672,8 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     erase_gone = db_commands.add_parser(
         "erase-gone",
         parents=[config_option],
-        help="record for erasure every user the app deleted or now excludes, however many (a "
-        "drain stops instead when most of the users it knows are gone at once)",
+        help="drain, erasing every user the app deleted or now excludes however many (a drain "
+        "stops instead when most of the users it knows are to be erased at once)",
     )
     erase_gone.add_argument("--yes", action="store_true", help="they did go: erase them")
     erase_gone.set_defaults(handler=cmd_db_erase_gone)

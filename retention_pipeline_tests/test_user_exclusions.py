@@ -24,7 +24,7 @@ from retention_pipeline.resources.email import OutboxEmail
 from retention_pipeline.segments.snapshot.build import build_snapshot
 from retention_pipeline.segments.snapshot.checks import reconcile_with_users
 from retention_pipeline.tracking.drain import update_rollup
-from retention_pipeline.tracking.erasure import MassErasure
+from retention_pipeline.tracking.erasure import MassErasure, record_users_gone
 from retention_pipeline.tracking.install import install
 from retention_pipeline_tests.helpers import (
     SHIPPED_DOCUMENT,
@@ -186,9 +186,11 @@ def test_an_inverted_exclusion_stops_the_drain_before_it_erases_anyone(
     everyone = {str(user) for user in range(3, 121)}
     assert snapshot_users(engine, day) == everyone
 
-    tables["users"]["exclude"] = [{"column": "disabled", "is": False}]  # `is: true` meant
+    inverted_tables = copy.deepcopy(tables)
+    inverted_tables["users"]["exclude"] = [{"column": "disabled", "is": False}]  # `true` meant
+    inverted = make_config(app_database_url, tables=inverted_tables)
     with pytest.raises(MassErasure) as raised:
-        update_rollup(engine, make_config(app_database_url, tables=tables))
+        update_rollup(engine, inverted)
     assert str(raised.value) == (
         "database.tables.users: 118 of 118 users the pipeline knows are gone from public.users "
         "or excluded by database.tables.users.exclude at once; erasing them would lose their "
@@ -198,15 +200,51 @@ def test_an_inverted_exclusion_stops_the_drain_before_it_erases_anyone(
     assert snapshot_users(engine, day) == everyone
     assert user_ids(engine, "SELECT user_id FROM retention.erased_users") == set()
 
-    # They did go (say): erased at the next drain once said so.
-    path = write_config(tmp_path, app_database_url, tables=tables)
+    # Send batches (or a reinstall) record under the same mapping, and commit: once the mapping
+    # is fixed, the next drain forgets them rather than erasing them.
+    snapshot_of_the_day = "SELECT user_id FROM retention.user_activity_snapshot"
+    with engine.begin() as connection:
+        assert record_users_gone(connection, inverted, snapshot_of_the_day, probe_key=False) == 118
+    with pytest.raises(MassErasure):
+        update_rollup(engine, inverted)
+    assert update_rollup(engine, config).erased_users == 0
+    assert snapshot_users(engine, day) == everyone
+    assert user_ids(engine, "SELECT user_id FROM retention.erased_users") == set()
+
+    # They did go (say): erased once said so.
+    path = write_config(tmp_path, app_database_url, tables=inverted_tables)
     capsys.readouterr()
     assert main(["--config", str(path), "db", "erase-gone", "--yes"]) == 0
     assert capsys.readouterr().out == (
-        "recorded 118 user(s) deleted from the app or now excluded: the next drain erases them\n"
+        "drained, and erased 118 user(s) deleted from the app or now excluded\n"
     )
-    assert update_rollup(engine, make_config(app_database_url, tables=tables)).erased_users == 118
     assert snapshot_users(engine, day) == set()
+    engine.dispose()
+
+
+def test_a_deletion_the_trigger_saw_is_erased_though_the_id_comes_back(app_database_url):
+    day = date(2026, 11, 20)
+    engine = _app_with_users(app_database_url, 120, day - timedelta(days=30))
+    tables = copy.deepcopy(SHIPPED_DOCUMENT["database"]["tables"])
+    tables["users"]["exclude"] = [{"column": "disabled", "is": True}]
+    config = make_config(app_database_url, tables=tables)
+    install(engine, config)
+    # 60 users deleted before the first snapshot: none has a history yet, so no mass erasure.
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM users WHERE id > 60"))
+    assert update_rollup(engine, config).erased_users == 60
+    with engine.begin() as connection:
+        build_snapshot(connection, config, day)
+        connection.execute(text("DELETE FROM users WHERE id = 5"))
+        # The same id again (an id the app takes from outside: an e-mail, an auth provider's).
+        connection.execute(
+            text(
+                "INSERT INTO users (id, email, name, created_at) VALUES (5, 'new@x.com', 'N', :at)"
+            ),
+            {"at": day},
+        )
+    assert update_rollup(engine, config).erased_users == 1
+    assert "5" not in snapshot_users(engine, day)
     engine.dispose()
 
 
@@ -332,6 +370,7 @@ def test_each_bad_exclusion_is_one_line_naming_it(app_database_url, tmp_path: Pa
         {"column": "status", "is": "future"},
         {"column": "disabled", "is": "future"},
         {"column": "disabled", "in": [True, "no"]},  # `no`: a word since YAML 1.2
+        {"column": "disabled", "equals": "True"},  # the column reads as `true`
         {"column": "disabled", "equals": False},
         *EXCLUDE,
     ]
@@ -355,4 +394,6 @@ def test_each_bad_exclusion_is_one_line_naming_it(app_database_url, tmp_path: Pa
         "timestamp",
         "error: database.tables.users.exclude.5.in: public.users.disabled is a boolean, and "
         "'no' is neither true nor false: use `is: true` or `is: false`",
+        "error: database.tables.users.exclude.6.equals: public.users.disabled is a boolean, and "
+        "'True' is neither true nor false: use `is: true` or `is: false`",
     ]

@@ -170,9 +170,11 @@ def predicate_problem(
         return f"{where}.is: {table}.{predicate.column} is {column.display}, not a timestamp"
     if column.type_name == "bool":
         # A boolean reads as the text true or false: any other value would match no row.
-        for key, values in (("equals", [predicate.equals]), ("in", predicate.in_ or [])):
+        given = [predicate.equals] if predicate.equals is not None else []
+        for key, values in (("equals", given), ("in", predicate.in_ or [])):
             for value in values:
-                if value is not None and str(value).lower() not in ("true", "false"):
+                # Text as the column reads it: `True` would match no row either.
+                if not (isinstance(value, bool) or value in ("true", "false")):
                     return (
                         f"{where}.{key}: {table}.{predicate.column} is a boolean, and "
                         f"{value!r} is neither true nor false: use `is: true` or `is: false`"

@@ -268,9 +268,6 @@ def record_members_gone(
             WHERE loop_name = :loop AND batch_key = :batch AND status = 'claimed'""",
         {"loop": loop_name, "batch": batch_key},
         probe_key=True,
-        # However many: a batch is a few members, and an app may well ban a wave of the dormant
-        # accounts it holds; the drain guards the history of everyone else.
-        all_at_once=True,
     )
 
 

@@ -28,6 +28,7 @@ from retention_pipeline.database.batch import tune_for_batch
 from retention_pipeline.tracking.erasure import (
     erase_users,
     forget_captured_rows,
+    stop_mass_erasure,
     users_gone_from_app,
 )
 from retention_pipeline.tracking.fold import Added, added_by, record_late_days
@@ -89,17 +90,23 @@ def _fold_capture(
     return added
 
 
-def update_rollup(engine: Engine, config: RetentionConfig) -> RollupUpdate:
+def update_rollup(
+    engine: Engine, config: RetentionConfig, *, all_at_once: bool = False
+) -> RollupUpdate:
     """Bring the rollup up to date: drain the capture, poll the sources no trigger captures,
-    and erase users deleted from the app or now excluded from it."""
+    and erase users deleted from the app or now excluded from it; where most of the users the
+    pipeline knows are to be erased at once, stop instead (`MassErasure`), unless
+    `all_at_once`."""
     started = time.monotonic()
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="READ COMMITTED")
         with holding_lock(connection, config.database.schema_):
-            return _drain(connection, config, started)
+            return _drain(connection, config, started, all_at_once)
 
 
-def _drain(connection: Connection, config: RetentionConfig, started: float) -> RollupUpdate:
+def _drain(
+    connection: Connection, config: RetentionConfig, started: float, all_at_once: bool
+) -> RollupUpdate:
     timezone = config.timezone
     folds: list[Added] = []
     with connection.begin():
@@ -109,6 +116,8 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
         # that read the slot just before the switch.
         gap = state["visit_gap_minutes"]
         folds.append(_fold_capture(connection, sql, 1 - state["capture_slot"], timezone, gap))
+        # Noted with the fold it comes from: a later transaction of this drain may not commit.
+        late = set(record_late_days(connection, sql, set(folds[0].days)))
     with connection.begin():
         active = connection.execute(
             text(f"""
@@ -130,17 +139,20 @@ def _drain(connection: Connection, config: RetentionConfig, started: float) -> R
         # UPDATE the app makes): both are found by reading the users the pipeline knows.
         if config.database.tracking == "incremental" or config.database.tables.users.exclude:
             users_gone_from_app(connection, config)
+        stop_mass_erasure(connection, config, all_at_once=all_at_once)
         connection.execute(
             text(f"UPDATE {sql.q_schema}.tracking_state SET last_drained_at = now()")
         )
         erased, erased_keys = erase_users(connection, sql.schema)
         forget_captured_rows(connection, sql, erased, timezone)
-        late = record_late_days(connection, sql, {day for fold in folds for day in fold.days})
+        late.update(
+            record_late_days(connection, sql, {day for fold in folds[1:] for day in fold.days})
+        )
     return RollupUpdate(
         events=sum(fold.events for fold in folds),
         sessions=sum(fold.sessions for fold in folds),
         user_days=sum(fold.user_days for fold in folds),
-        late_days=late,
+        late_days=tuple(sorted(late)),
         polled_sources=tuple(source.name for source in polled),
         erased_users=len(erased),
         erased_send_keys=tuple(erased_keys),

@@ -30,7 +30,7 @@ MASS_ERASURE_MINIMUM = 50
 
 
 class MassErasure(TrackingError):
-    """Most of the users looked at are gone from the app at once; nothing was recorded."""
+    """Most of the users the pipeline knows are to be erased at once; nothing was erased."""
 
 
 PER_USER_TABLES = (
@@ -148,26 +148,35 @@ def forget_captured_rows(
         )
 
 
-def users_gone_from_app(
-    connection: Connection, config: RetentionConfig, *, all_at_once: bool = False
-) -> int:
-    """Find the users the pipeline knows that the app deleted (without triggers nothing else
-    sees a delete) or now excludes, and record them for erasure: the latest snapshot's users,
-    those in an open episode or in the latest audience, and those with an email still claimed.
-    Returns how many were newly recorded; `all_at_once`: however many (`record_users_gone`)."""
-    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
-    return record_users_gone(
-        connection,
-        config,
-        f"""SELECT user_id FROM {s}.user_activity_snapshot
+def _known_users_sql(s: str) -> str:
+    """The users the pipeline knows: the latest snapshot's, those in an open episode or in the
+    latest audience, and those with an email still claimed."""
+    return f"""SELECT user_id FROM {s}.user_activity_snapshot
             WHERE partition_date = (SELECT max(partition_date) FROM {s}.user_activity_snapshot)
             UNION SELECT user_id FROM {s}.episodes WHERE ended_on IS NULL
             UNION SELECT user_id FROM {s}.reengagement_audience
             WHERE partition_date = (SELECT max(partition_date) FROM {s}.reengagement_audience)
-            UNION SELECT user_id FROM {s}.email_send_log WHERE status = 'claimed'""",
-        probe_key=False,
-        all_at_once=all_at_once,
-    )
+            UNION SELECT user_id FROM {s}.email_send_log WHERE status = 'claimed'"""
+
+
+def users_gone_from_app(connection: Connection, config: RetentionConfig) -> int:
+    """Find the users the pipeline knows (`_known_users_sql`) that the app deleted (without
+    triggers nothing else sees a delete) or now excludes, and record them for erasure; return
+    how many were newly recorded."""
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    return record_users_gone(connection, config, _known_users_sql(s), probe_key=False)
+
+
+def _gone_sql(
+    connection: Connection, config: RetentionConfig, user_id: str, probe_key: bool
+) -> str:
+    """Whether the text `user_id` is no user the app's users table has and keeps."""
+    users = resolve_app_tables(connection, config.database.tables)["users"]
+    preparer = connection.dialect.identifier_preparer
+    return f"""NOT EXISTS (
+                SELECT FROM {users.sql_name(preparer)} AS u
+                WHERE {users.id_equals_sql("u", user_id, preparer, probe_key=probe_key)}
+                  AND {kept_sql(users, "u", connection.dialect)})"""
 
 
 def record_users_gone(
@@ -177,42 +186,63 @@ def record_users_gone(
     parameters: dict[str, object] | None = None,
     *,
     probe_key: bool,
-    all_at_once: bool = False,
 ) -> int:
     """Record for erasure the users of `known_users` (SQL selecting a `user_id` column, with its
     `parameters`) that the app's users table no longer has (what the delete trigger would have
     recorded) or now excludes (`database.tables.users.exclude`: treated as deleted); return how
     many were newly recorded. `probe_key` for a few known users (`ResolvedTable.id_equals_sql`).
-
-    Where more than `MASS_ERASURE_SHARE` of them (and `MASS_ERASURE_MINIMUM` or more) would be,
-    raises `MassErasure` instead, the caller's transaction to be rolled back, unless
-    `all_at_once` (`retention-pipeline db erase-gone`) says they did go."""
-    users = resolve_app_tables(connection, config.database.tables)["users"]
-    preparer = connection.dialect.identifier_preparer
-    s = preparer.quote_schema(config.database.schema_)
-    recorded = connection.execute(
+    The drain erases them, after `stop_mass_erasure`."""
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    return connection.execute(
         text(f"""
-            INSERT INTO {s}.erased_users (user_id)
-            SELECT known.user_id FROM ({known_users}) AS known
-            WHERE NOT EXISTS (
-                SELECT FROM {users.sql_name(preparer)} AS u
-                WHERE {users.id_equals_sql("u", "known.user_id", preparer, probe_key=probe_key)}
-                  AND {kept_sql(users, "u", connection.dialect)})
+            INSERT INTO {s}.erased_users (user_id, seen_deleted)
+            SELECT known.user_id, FALSE FROM ({known_users}) AS known
+            WHERE {_gone_sql(connection, config, "known.user_id", probe_key)}
               AND NOT EXISTS (
                 SELECT FROM {s}.erased_users AS erased WHERE erased.user_id = known.user_id)"""),
         parameters or {},
     ).rowcount
-    if all_at_once or recorded < MASS_ERASURE_MINIMUM:
-        return recorded
-    looked_at = connection.execute(
-        text(f"SELECT count(DISTINCT user_id) FROM ({known_users}) AS known"), parameters or {}
+
+
+def stop_mass_erasure(
+    connection: Connection, config: RetentionConfig, *, all_at_once: bool
+) -> None:
+    """Before a drain erases: forget the erasures a read of the users table recorded of users
+    it has and keeps again (an exclusion that ended; a send batch or a reinstall that read it
+    under a mapping fixed since), never one the delete trigger saw, whatever row took the id
+    since. Then raise `MassErasure` where more than `MASS_ERASURE_SHARE` of the users the
+    pipeline knows, and `MASS_ERASURE_MINIMUM` or more, are to be erased at once, whoever
+    recorded them: the caller's transaction is to be rolled back. `all_at_once`
+    (`retention-pipeline db erase-gone`) says they did go."""
+    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    connection.execute(
+        text(f"""
+            DELETE FROM {s}.erased_users AS erased
+            WHERE NOT erased.seen_deleted
+              AND NOT ({_gone_sql(connection, config, "erased.user_id", probe_key=True)})""")
+    )
+    if all_at_once:
+        return
+    pending = connection.execute(
+        text(f"SELECT count(DISTINCT user_id) FROM {s}.erased_users")
     ).scalar_one()
-    if recorded > MASS_ERASURE_SHARE * looked_at:
+    if pending < MASS_ERASURE_MINIMUM:
+        return
+    # Of the users with a history to lose: deletions before a first snapshot, or users erased
+    # before and recorded again by a reinstall, have none.
+    known, to_erase = connection.execute(
+        text(f"""
+            SELECT count(*), count(*) FILTER (WHERE EXISTS (
+                       SELECT FROM {s}.erased_users AS erased
+                       WHERE erased.user_id = known.user_id))
+            FROM ({_known_users_sql(s)}) AS known""")
+    ).one()
+    if to_erase >= MASS_ERASURE_MINIMUM and to_erase > MASS_ERASURE_SHARE * known:
+        users = resolve_app_tables(connection, config.database.tables)["users"]
         raise MassErasure(
-            f"database.tables.users: {recorded:,} of {looked_at:,} users the pipeline knows are "
+            f"database.tables.users: {to_erase:,} of {known:,} users the pipeline knows are "
             f"gone from {users.mapping.qualified_name} or excluded by "
             "database.tables.users.exclude at once; erasing them would lose their history for "
             "good, so none is erased: fix the mapping or an inverted exclusion, or, if they did "
             "go, run `retention-pipeline db erase-gone --yes`"
         )
-    return recorded

@@ -547,8 +547,6 @@ def _record_users_gone_while_uninstalled(connection: Connection, config: Retenti
             UNION SELECT user_id FROM {s}.reengagement_audience
             UNION SELECT user_id FROM {s}.email_suppressions WHERE user_id IS NOT NULL""",
         probe_key=False,
-        # However many: `db erase-gone` cannot run before the upgrade it would have to follow.
-        all_at_once=True,
     )
 
 
