@@ -72,6 +72,9 @@ DAILY_COLUMNS = """
     visit_count integer NOT NULL DEFAULT 0"""
 INLINE_COLUMNS = f"""{DAILY_COLUMNS},
     action_names text[], action_counts integer[], action_last_at timestamptz[]"""
+# What a fold writes of a user-day with its actions inline, in this order.
+INLINE_WRITTEN = """user_id, day, event_count, session_count, last_event_at, last_session_at,
+                 active_slots, visit_count, action_names, action_counts, action_last_at"""
 # Every fold leaves these the same: each user-day's figures, and each (user, day, action).
 DAILY_HASH = f"""
 SELECT count(*) || ':' || coalesce(sum(hashtextextended(row(user_id, day, event_count,
@@ -137,6 +140,15 @@ MERGED_ACTIONS = """(action_names, action_counts, action_last_at) = (
                 SELECT * FROM unnest(EXCLUDED.action_names, EXCLUDED.action_counts,
                                      EXCLUDED.action_last_at)) AS u(name, n, last_at)
           GROUP BY 1) AS m)"""
+# The upsert of a held user-day (`t`) with the fold's or the compaction's (`EXCLUDED`).
+MERGED_DAY = f"""ON CONFLICT (user_id, day) DO UPDATE
+    SET event_count = t.event_count + EXCLUDED.event_count,
+        session_count = t.session_count + EXCLUDED.session_count,
+        last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
+        last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
+        active_slots = t.active_slots | EXCLUDED.active_slots,
+        visit_count = {visit_count_sql("(t.active_slots | EXCLUDED.active_slots)", GAP_MINUTES)},
+        {MERGED_ACTIONS}"""
 
 
 def _inline_fold(
@@ -174,13 +186,11 @@ def _inline_fold(
         if day_index or day_first
         else f"EXISTS (SELECT FROM {SCHEMA}.activity_daily AS r WHERE r.day = days.day)"
     )
-    columns = """user_id, day, event_count, session_count, last_event_at, last_session_at,
-                 active_slots, visit_count, action_names, action_counts, action_last_at"""
+    columns = INLINE_WRITTEN
     rows = f"""SELECT user_id, day, day_events, day_sessions, day_last_event_at,
                       day_last_session_at, day_slots, {visit_count_sql("day_slots", GAP_MINUTES)},
                       names, counts, lasts
                FROM per_day"""
-    merged_visits = visit_count_sql("(t.active_slots | EXCLUDED.active_slots)", GAP_MINUTES)
 
     def fold(relation: str) -> str:
         if append_only:
@@ -194,14 +204,7 @@ def _inline_fold(
             daily_1 AS (
                 INSERT INTO {SCHEMA}.{into} AS t ({columns})
                 {rows} WHERE day = ANY (SELECT day FROM days WHERE held)
-                ON CONFLICT (user_id, day) DO UPDATE
-                SET event_count = t.event_count + EXCLUDED.event_count,
-                    session_count = t.session_count + EXCLUDED.session_count,
-                    last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
-                    last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
-                    active_slots = t.active_slots | EXCLUDED.active_slots,
-                    visit_count = {merged_visits},
-                    {MERGED_ACTIONS}
+                {MERGED_DAY}
             )"""
         return f"""
             WITH source AS (SELECT kind, user_id, at, event_name, 1 AS n FROM {relation}),
@@ -336,9 +339,7 @@ def _recent_deltas_layout(label: str) -> Layout:
     readers read views summing both, so a reader by user finds the compacted days through the
     key and scans only what the drains appended since the last compaction."""
     s = SCHEMA
-    merged_visits = visit_count_sql("(t.active_slots | EXCLUDED.active_slots)", GAP_MINUTES)
-    columns = """user_id, day, event_count, session_count, last_event_at, last_session_at,
-                 active_slots, visit_count, action_names, action_counts, action_last_at"""
+    columns = INLINE_WRITTEN
     compact = f"""
         WITH moved AS (DELETE FROM {s}.activity_recent RETURNING *),
         keys AS (
@@ -379,14 +380,7 @@ def _recent_deltas_layout(label: str) -> Layout:
         INSERT INTO {s}.activity_days AS t ({columns})
         SELECT * FROM rows WHERE day = ANY (SELECT day FROM held)
         ORDER BY user_id, day
-        ON CONFLICT (user_id, day) DO UPDATE
-        SET event_count = t.event_count + EXCLUDED.event_count,
-            session_count = t.session_count + EXCLUDED.session_count,
-            last_event_at = greatest(t.last_event_at, EXCLUDED.last_event_at),
-            last_session_at = greatest(t.last_session_at, EXCLUDED.last_session_at),
-            active_slots = t.active_slots | EXCLUDED.active_slots,
-            visit_count = {merged_visits},
-            {MERGED_ACTIONS}"""
+        {MERGED_DAY}"""
     both = f"""(SELECT {ROW_COLUMNS} FROM {s}.activity_days
                 UNION ALL SELECT {ROW_COLUMNS} FROM {s}.activity_recent)"""
     return Layout(

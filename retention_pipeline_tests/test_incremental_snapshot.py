@@ -146,6 +146,20 @@ def test_rolled_forward_snapshots_equal_full_builds_over_a_month(month, counted)
         assert differences(full, still_in_the_app) == [], day
 
 
+def add_event_at_noon(engine, day: date) -> None:
+    """An event of user 7 at noon of `day`, inserted now."""
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO events (user_id, name, created_at) VALUES (7, 'report.exported', :at)"
+            ),
+            {
+                "at": datetime.combine(day, datetime.min.time(), ZoneInfo(TIMEZONE))
+                + timedelta(hours=12)
+            },
+        )
+
+
 def test_late_activity_and_a_changed_configuration_build_in_full(month):
     engine, config = month
     for day in days(LAST - timedelta(days=3), LAST - timedelta(days=1)):
@@ -153,16 +167,7 @@ def test_late_activity_and_a_changed_configuration_build_in_full(month):
 
     # An event of three days back arrives after that day's snapshot.
     late_day = LAST - timedelta(days=3)
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) VALUES (7, 'report.exported', :at)"
-            ),
-            {
-                "at": datetime.combine(late_day, datetime.min.time(), ZoneInfo(TIMEZONE))
-                + timedelta(hours=12)
-            },
-        )
+    add_event_at_noon(engine, late_day)
     assert update_rollup(engine, config).late_days == (late_day,)
     summary = build(engine, config, LAST)
     assert summary.path == "full"
@@ -196,16 +201,7 @@ def test_late_activity_of_a_day_never_built_before_a_built_one_builds_in_full(mo
     # The daemon was down: the day before last was never built, the last one was, in full.
     build(engine, config, LAST - timedelta(days=1))
     late_day = LAST - timedelta(days=2)
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO events (user_id, name, created_at) VALUES (7, 'report.exported', :at)"
-            ),
-            {
-                "at": datetime.combine(late_day, datetime.min.time(), ZoneInfo(TIMEZONE))
-                + timedelta(hours=12)
-            },
-        )
+    add_event_at_noon(engine, late_day)
     assert update_rollup(engine, config).late_days == (late_day,)
     summary = build(engine, config, LAST)
     before = LAST - timedelta(days=1)
