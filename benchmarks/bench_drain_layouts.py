@@ -232,6 +232,13 @@ def _inline_fold(
     return fold
 
 
+def _appending_fold(into: str) -> Callable[[str], str]:
+    """Each fold's user-days (actions inline, rows sorted) appended to `into`, held or not."""
+    return _inline_fold(
+        sort_rows=True, day_first=False, day_index=False, append_only=True, into=into
+    )
+
+
 def _inline_layout(label: str, *, sort_rows: bool, day_first: bool, day_index: bool) -> Layout:
     """A layout with each user-day's actions inside its `activity_daily` row: its table and its
     fold from the same choices."""
@@ -320,13 +327,7 @@ def _deltas_layout(label: str, *, user_index: bool) -> Layout:
     return Layout(
         label,
         ddl,
-        _inline_fold(
-            sort_rows=True,
-            day_first=False,
-            day_index=False,
-            append_only=True,
-            into="activity_delta",
-        ),
+        _appending_fold("activity_delta"),
         inline=False,
         stored=("activity_delta",),
     )
@@ -391,13 +392,7 @@ def _recent_deltas_layout(label: str) -> Layout:
             f"CREATE TABLE {s}.activity_recent ({INLINE_COLUMNS})",
             *_summing_views(both),
         ),
-        _inline_fold(
-            sort_rows=True,
-            day_first=False,
-            day_index=False,
-            append_only=True,
-            into="activity_recent",
-        ),
+        _appending_fold("activity_recent"),
         inline=False,
         stored=("activity_days", "activity_recent"),
         compact=compact,

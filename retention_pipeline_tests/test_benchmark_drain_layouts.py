@@ -35,26 +35,13 @@ def test_every_layout_folds_the_same_rollup_and_is_reported(
 def test_a_layout_list_keeps_the_shipped_fold_and_names_an_unknown_label(
     postgres_server_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    tiny = {"rows": 300, "users": 30, "active": 5, "repeats": 1, "held": False}
     bench_drain_layouts.main(
-        postgres_server_url,
-        rows=300,
-        users=30,
-        active=5,
-        repeats=1,
-        held=False,
-        only=["append-only deltas, day partitions"],
+        postgres_server_url, **tiny, only=["append-only deltas, day partitions"]
     )
     header = next(
         line for line in capsys.readouterr().out.splitlines() if line.startswith("| | shipped")
     )
     assert header == "| | shipped | append-only deltas, day partitions |"
     with pytest.raises(SystemExit, match="--layout: no layout is called 'deltas'"):
-        bench_drain_layouts.main(
-            postgres_server_url,
-            rows=300,
-            users=30,
-            active=5,
-            repeats=1,
-            held=False,
-            only=["deltas"],
-        )
+        bench_drain_layouts.main(postgres_server_url, **tiny, only=["deltas"])
