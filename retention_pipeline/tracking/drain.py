@@ -139,7 +139,7 @@ def _drain(
         # UPDATE the app makes): both are found by reading the users the pipeline knows.
         if config.database.tracking == "incremental" or config.database.tables.users.exclude:
             users_gone_from_app(connection, config)
-        stop_mass_erasure(connection, config, all_at_once=all_at_once)
+        stop_mass_erasure(connection, sql, all_at_once=all_at_once)
         connection.execute(
             text(f"UPDATE {sql.q_schema}.tracking_state SET last_drained_at = now()")
         )

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, text
 
 from retention_pipeline.audience.days_rebuilt import record_emailed_days_as_rebuilt
 from retention_pipeline.config.models import RetentionConfig
-from retention_pipeline.database.app_tables import resolve_app_tables
+from retention_pipeline.database.app_tables import ResolvedTable, resolve_app_tables
 from retention_pipeline.database.excluded_users import kept_sql
 from retention_pipeline.recipients.addresses import mailbox_sql, sha256_sql
 from retention_pipeline.tracking.sql import CAPTURE_TABLES, TrackingSql
@@ -167,11 +167,8 @@ def users_gone_from_app(connection: Connection, config: RetentionConfig) -> int:
     return record_users_gone(connection, config, _known_users_sql(s), probe_key=False)
 
 
-def _gone_sql(
-    connection: Connection, config: RetentionConfig, user_id: str, probe_key: bool
-) -> str:
+def _gone_sql(connection: Connection, users: ResolvedTable, user_id: str, probe_key: bool) -> str:
     """Whether the text `user_id` is no user the app's users table has and keeps."""
-    users = resolve_app_tables(connection, config.database.tables)["users"]
     preparer = connection.dialect.identifier_preparer
     return f"""NOT EXISTS (
                 SELECT FROM {users.sql_name(preparer)} AS u
@@ -192,34 +189,33 @@ def record_users_gone(
     recorded) or now excludes (`database.tables.users.exclude`: treated as deleted); return how
     many were newly recorded. `probe_key` for a few known users (`ResolvedTable.id_equals_sql`).
     The drain erases them, after `stop_mass_erasure`."""
+    users = resolve_app_tables(connection, config.database.tables)["users"]
     s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
     return connection.execute(
         text(f"""
             INSERT INTO {s}.erased_users (user_id, seen_deleted)
             SELECT known.user_id, FALSE FROM ({known_users}) AS known
-            WHERE {_gone_sql(connection, config, "known.user_id", probe_key)}
+            WHERE {_gone_sql(connection, users, "known.user_id", probe_key)}
               AND NOT EXISTS (
                 SELECT FROM {s}.erased_users AS erased WHERE erased.user_id = known.user_id)"""),
         parameters or {},
     ).rowcount
 
 
-def stop_mass_erasure(
-    connection: Connection, config: RetentionConfig, *, all_at_once: bool
-) -> None:
+def stop_mass_erasure(connection: Connection, sql: TrackingSql, *, all_at_once: bool) -> None:
     """Before a drain erases: forget the erasures a read of the users table recorded of users
     it has and keeps again (an exclusion that ended; a send batch or a reinstall that read it
     under a mapping fixed since), never one the delete trigger saw, whatever row took the id
     since. Then raise `MassErasure` where more than `MASS_ERASURE_SHARE` of the users the
     pipeline knows, and `MASS_ERASURE_MINIMUM` or more, are to be erased at once, whoever
     recorded them: the caller's transaction is to be rolled back. `all_at_once`
-    (`retention-pipeline db erase-gone`) says they did go."""
-    s = connection.dialect.identifier_preparer.quote_schema(config.database.schema_)
+    (`retention-pipeline db erase-gone`) says they did go. `sql` has the drain's users table."""
+    s = sql.q_schema
     connection.execute(
         text(f"""
             DELETE FROM {s}.erased_users AS erased
             WHERE NOT erased.seen_deleted
-              AND NOT ({_gone_sql(connection, config, "erased.user_id", probe_key=True)})""")
+              AND NOT ({_gone_sql(connection, sql.users, "erased.user_id", probe_key=True)})""")
     )
     if all_at_once:
         return
@@ -238,10 +234,9 @@ def stop_mass_erasure(
             FROM ({_known_users_sql(s)}) AS known""")
     ).one()
     if to_erase >= MASS_ERASURE_MINIMUM and to_erase > MASS_ERASURE_SHARE * known:
-        users = resolve_app_tables(connection, config.database.tables)["users"]
         raise MassErasure(
             f"database.tables.users: {to_erase:,} of {known:,} users the pipeline knows are "
-            f"gone from {users.mapping.qualified_name} or excluded by "
+            f"gone from {sql.users.mapping.qualified_name} or excluded by "
             "database.tables.users.exclude at once; erasing them would lose their history for "
             "good, so none is erased: fix the mapping or an inverted exclusion, or, if they did "
             "go, run `retention-pipeline db erase-gone --yes`"
