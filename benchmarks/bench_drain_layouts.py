@@ -902,13 +902,7 @@ def render(
         rule,
     ]
     for case in cases:
-        cells = []
-        for label in labels:
-            cpu = statistics.median(case.seconds[label])
-            # Below the clock's tick (tiny runs) there is no rate to give.
-            rate = f"{case.rows / cpu:,.0f}" if cpu > 0 else "–"
-            cells.append(f"{rate} ({cpu:.2f} s)")
-        lines.append(f"| {case.label} | " + " | ".join(cells) + " |")
+        lines.append(_case_line(case, labels))
     lines += [
         "",
         f"Readers on the rollup of the worst case folded twice: CPU seconds, median of {repeats}.",
@@ -931,11 +925,16 @@ def render(
             "| | " + " | ".join(compacting) + " |",
             "|---|" + "---|" * len(compacting),
         ]
-        for compaction in compactions:
-            cells = []
-            for label in compacting:
-                cpu = statistics.median(compaction.seconds[label])
-                rate = f"{compaction.rows / cpu:,.0f}" if cpu > 0 else "–"
-                cells.append(f"{rate} ({cpu:.2f} s)")
-            lines.append(f"| {compaction.label} | " + " | ".join(cells) + " |")
+        lines += [_case_line(compaction, compacting) for compaction in compactions]
     return lines
+
+
+def _case_line(case: Case, labels: list[str]) -> str:
+    """A case's row: each layout's rows/s by CPU time, and its CPU seconds, median."""
+    cells = []
+    for label in labels:
+        cpu = statistics.median(case.seconds[label])
+        # Below the clock's tick (tiny runs) there is no rate to give.
+        rate = f"{case.rows / cpu:,.0f}" if cpu > 0 else "–"
+        cells.append(f"{rate} ({cpu:.2f} s)")
+    return f"| {case.label} | " + " | ".join(cells) + " |"
