@@ -24,9 +24,10 @@ from retention_pipeline_tests.helpers import write_config
 HEAD = head_revision()
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "retention_pipeline.cli", *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -611,13 +612,7 @@ def test_dev_on_a_configured_database_is_refused_unless_live(app_database_url, t
 
     config = str(write_config(tmp_path, app_database_url))
     environment = {**without_database_url(tmp_path / "home"), "RETENTION_CONFIG": config}
-    refused = subprocess.run(
-        [sys.executable, "-m", "retention_pipeline.cli", "dev", "--port", "1"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    refused = run("dev", "--port", "1", env=environment)
     assert (refused.returncode, refused.stderr) == (
         2,
         "error: dev: database.url is set (or $RETENTION_DATABASE_URL): dev would install the "
@@ -636,13 +631,7 @@ def test_dev_on_a_configured_database_is_refused_unless_live(app_database_url, t
         occupant.bind(("127.0.0.1", 0))
         occupant.listen()
         port = occupant.getsockname()[1]
-        live = subprocess.run(
-            [sys.executable, "-m", "retention_pipeline.cli", "dev", "--live", "--port", str(port)],
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        live = run("dev", "--live", "--port", str(port), env=environment)
     assert (live.returncode, live.stderr) == (
         2,
         f"error: port {port} on 127.0.0.1 is already in use: stop what listens there, or start "
