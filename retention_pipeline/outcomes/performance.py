@@ -284,35 +284,42 @@ def _episode_rows(
     through: date | None,
     period: int | None,
     as_of: date | None,
-    first_episodes: bool,
 ) -> list[PerformanceRow]:
     """The loop's lines: one row per episode whose first assignment was made from `since`
     through `through`, each window counted from that first assignment, the treated episodes
-    against the holdout's; an episode counts as emailed when any of its steps was. With
-    `first_episodes`, only episodes of users with no earlier one an email could reach (an
-    assignment not simulated)."""
+    against the holdout's; an episode counts as emailed when any of its steps was. Each window
+    twice, in one read: every episode, then first episodes alone (of users with no earlier one
+    an email could reach: an assignment not simulated)."""
     rows = connection.execute(
         text(f"""
         SELECT window_days, arm, revenue_currency AS currency,
-               GROUPING(revenue_currency) = 1 AS all_currencies, {ARM_COUNTS_SQL},
+               GROUPING(revenue_currency) = 1 AS all_currencies,
+               GROUPING(first_episode) = 0 AS by_first, first_episode, {ARM_COUNTS_SQL},
                coalesce(sum(active_revenue_cents) FILTER (WHERE over), 0) AS revenue_cents
         FROM (
-            -- An episode keeps the arm of its first assignment: a later step withheld from it
-            -- is still a step of a treated episode.
-            SELECT DISTINCT ON (user_id, episode_start, window_days)
-                   user_id, episode_start,
-                   window_days, partition_date, status, active_revenue_cents, revenue_currency,
-                   CASE WHEN arm = 'holdout' THEN 'holdout' ELSE 'treatment' END AS arm, over,
-                   bool_or(sent) OVER (PARTITION BY user_id, episode_start, window_days) AS sent
-            FROM ({_outcomes_sql(s)}) AS outcome
-            ORDER BY user_id, episode_start, window_days, partition_date
+            SELECT episode.*, NOT EXISTS (
+                       SELECT FROM {s}.reengagement_audience AS earlier
+                       WHERE earlier.loop_name = :loop AND earlier.user_id = episode.user_id
+                         AND earlier.episode_start < episode.episode_start
+                         AND NOT earlier.simulated) AS first_episode
+            FROM (
+                -- An episode keeps the arm of its first assignment: a later step withheld from
+                -- it is still a step of a treated episode.
+                SELECT DISTINCT ON (user_id, episode_start, window_days)
+                       user_id, episode_start,
+                       window_days, partition_date, status, active_revenue_cents,
+                       revenue_currency,
+                       CASE WHEN arm = 'holdout' THEN 'holdout' ELSE 'treatment' END AS arm, over,
+                       bool_or(sent) OVER (PARTITION BY user_id, episode_start, window_days)
+                           AS sent
+                FROM ({_outcomes_sql(s)}) AS outcome
+                ORDER BY user_id, episode_start, window_days, partition_date
+            ) AS episode
+            WHERE CAST(:episodes_since AS date) IS NULL OR partition_date >= :episodes_since
         ) AS episode
-        WHERE (CAST(:episodes_since AS date) IS NULL OR partition_date >= :episodes_since)
-          AND NOT (CAST(:first_episodes AS boolean) AND EXISTS (
-              SELECT FROM {s}.reengagement_audience AS earlier
-              WHERE earlier.loop_name = :loop AND earlier.user_id = episode.user_id
-                AND earlier.episode_start < episode.episode_start AND NOT earlier.simulated))
-        GROUP BY GROUPING SETS ((window_days, arm), (window_days, arm, revenue_currency))"""),
+        GROUP BY GROUPING SETS ((window_days, arm), (window_days, arm, revenue_currency),
+                                (window_days, arm, first_episode),
+                                (window_days, arm, revenue_currency, first_episode))"""),
         # The first assignment is looked for in the whole history up to `through`.
         {
             "loop": loop.name,
@@ -321,35 +328,39 @@ def _episode_rows(
             "episodes_since": since,
             "as_of": as_of,
             "period": period,
-            "first_episodes": first_episodes,
         },
     ).all()
+    # Keyed (window, arm, of first episodes alone); the groups of later episodes are no line.
+    kept = [row for row in rows if not row.by_first or row.first_episode]
     revenue: dict[tuple, dict[str | None, int]] = defaultdict(dict)
-    for row in rows:
+    for row in kept:
         if not row.all_currencies and row.revenue_cents:
-            revenue[(row.window_days, row.arm)][row.currency] = int(row.revenue_cents)
+            revenue[(row.window_days, row.arm, row.by_first)][row.currency] = int(row.revenue_cents)
     counts = {
-        (row.window_days, row.arm): _arm_counts(row, revenue[(row.window_days, row.arm)])
-        for row in rows
+        (row.window_days, row.arm, row.by_first): _arm_counts(
+            row, revenue[(row.window_days, row.arm, row.by_first)]
+        )
+        for row in kept
         if row.all_currencies
     }
     table = []
-    for window in loop.window_days:
-        treatment = counts.get((window, "treatment"), ArmCounts())
-        holdout = counts.get((window, "holdout"), ArmCounts())
-        if treatment.assigned or holdout.assigned:
-            table.append(
-                PerformanceRow(
-                    loop=loop.name,
-                    step=None,
-                    template=None,
-                    variant=None,
-                    window_days=window,
-                    treatment=treatment,
-                    holdout=holdout,
-                    first_episodes=first_episodes,
+    for first_episodes in (False, True):
+        for window in loop.window_days:
+            treatment = counts.get((window, "treatment", first_episodes), ArmCounts())
+            holdout = counts.get((window, "holdout", first_episodes), ArmCounts())
+            if treatment.assigned or holdout.assigned:
+                table.append(
+                    PerformanceRow(
+                        loop=loop.name,
+                        step=None,
+                        template=None,
+                        variant=None,
+                        window_days=window,
+                        treatment=treatment,
+                        holdout=holdout,
+                        first_episodes=first_episodes,
+                    )
                 )
-            )
     return table
 
 
@@ -399,11 +410,7 @@ def performance_rows(
         },
         key=lambda scope: (scope[0], scope[1] or ""),
     )
-    table = [
-        row
-        for first_episodes in (False, True)
-        for row in _episode_rows(connection, s, loop, since, through, period, as_of, first_episodes)
-    ]
+    table = _episode_rows(connection, s, loop, since, through, period, as_of)
     for step, variant in scopes:
         for window in loop.window_days:
             treatment = counts.get((step, variant, window, "treatment"), ArmCounts())
